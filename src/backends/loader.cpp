@@ -1,0 +1,294 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "backends/loader.hpp"
+
+#include "core/error.hpp"
+#include "core/log.hpp"
+
+#include <dlfcn.h>
+#include <fmt/ranges.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <set>
+
+namespace fs = std::filesystem;
+
+namespace fedl::backends {
+
+namespace {
+
+fs::path
+executable_dir()
+{
+  std::array<char, 4096> buf{};
+  const auto n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
+  if (n <= 0) {
+    return {};
+  }
+  return fs::path(std::string(buf.data(), static_cast<std::size_t>(n))).parent_path();
+}
+
+fedl_dataset
+as_c_dataset(const core::Dataset& data)
+{
+  return fedl_dataset{data.features.data(), data.labels.data(), data.size(),
+                      static_cast<std::int32_t>(data.sample_shape.size()), data.sample_shape.data()};
+}
+
+core::ExitCode
+exit_code_of(int status)
+{
+  switch (status) {
+  case FEDL_STATUS_USAGE:
+    return core::ExitCode::usage;
+  case FEDL_STATUS_VERIFY:
+    return core::ExitCode::verify;
+  case FEDL_STATUS_INTERRUPTED:
+    return core::ExitCode::interrupted;
+  default:
+    return core::ExitCode::failure;
+  }
+}
+
+} // namespace
+
+std::string
+search_path_text()
+{
+  std::string out;
+  for (const auto& d : search_path()) {
+    out += (out.empty() ? "" : ":") + d.string();
+  }
+  return out;
+}
+
+std::vector<fs::path>
+search_path()
+{
+  std::vector<fs::path> dirs;
+  if (const char* env = std::getenv("FEDL_BACKEND_PATH"); env != nullptr) {
+    std::string_view rest(env);
+    while (!rest.empty()) {
+      const auto colon = rest.find(':');
+      const auto item = rest.substr(0, colon);
+      if (!item.empty()) {
+        dirs.emplace_back(item);
+      }
+      rest = colon == std::string_view::npos ? std::string_view{} : rest.substr(colon + 1);
+    }
+  }
+  const auto exe = executable_dir();
+  if (!exe.empty()) {
+    dirs.push_back((exe / ".." / "lib" / "fedl" / "backends").lexically_normal());
+    dirs.push_back(exe);
+  }
+  return dirs;
+}
+
+const std::vector<Backend>&
+all_backends(std::vector<LoadFailure>* failures)
+{
+  static std::vector<LoadFailure> s_failures;
+  static const std::vector<Backend> s_backends = [] {
+    std::vector<Backend> found;
+    std::set<std::string> names;
+    for (const auto& dir : search_path()) {
+      std::error_code ec;
+      std::vector<fs::path> files;
+      for (const auto& entry : fs::directory_iterator(dir, ec)) {
+        const auto name = entry.path().filename().string();
+        if (name.rfind("libfedl-backend-", 0) == 0 && entry.path().extension() == ".so") {
+          files.push_back(entry.path());
+        }
+      }
+      std::sort(files.begin(), files.end());
+      for (const auto& file : files) {
+        void* handle = ::dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (handle == nullptr) {
+          s_failures.push_back({file, ::dlerror()});
+          continue;
+        }
+        auto entry = reinterpret_cast<fedl_backend_entry_fn>(::dlsym(handle, FEDL_BACKEND_ENTRY_SYMBOL));
+        const fedl_backend_v1* api = entry != nullptr ? entry(FEDL_BACKEND_ABI_VERSION) : nullptr;
+        if (api == nullptr) {
+          s_failures.push_back({file, fmt::format("no {} for interface version {}", FEDL_BACKEND_ENTRY_SYMBOL,
+                                                  FEDL_BACKEND_ABI_VERSION)});
+          ::dlclose(handle);
+          continue;
+        }
+        if (!names.insert(api->name).second) {
+          continue; // an earlier folder in the search path wins
+        }
+        Backend b{file, api, {}};
+        for (std::size_t i = 0; i < api->device_count(); ++i) {
+          b.devices.emplace_back(api->device_name(i));
+        }
+        FEDL_LOG_DEBUG("loaded backend {} ({}) from {}: devices {}", api->name, api->runtime, file.string(),
+                       fmt::join(b.devices, ", "));
+        found.push_back(std::move(b)); // the handle stays open for the life of the process
+      }
+    }
+    return found;
+  }();
+  if (failures != nullptr) {
+    *failures = s_failures;
+  }
+  return s_backends;
+}
+
+std::pair<const Backend*, std::string>
+resolve_device(const std::string& device)
+{
+  std::vector<LoadFailure> failures;
+  const auto& backends = all_backends(&failures);
+  if (backends.empty()) {
+    std::string why;
+    for (const auto& f : failures) {
+      why += fmt::format("\n  {}: {}", f.path.string(), f.reason);
+    }
+    throw core::Error("no compute backend could be loaded (searched {}); install fedl's backend "
+                      "libfedl-backend-torch.so or set FEDL_BACKEND_PATH{}",
+                      search_path_text(), why);
+  }
+  std::vector<std::string> present;
+  for (const auto& b : backends) {
+    present.insert(present.end(), b.devices.begin(), b.devices.end());
+  }
+  auto find = [&](auto&& match) -> std::pair<const Backend*, std::string> {
+    for (const auto& b : backends) {
+      for (const auto& d : b.devices) {
+        if (match(b, d)) {
+          return {&b, d};
+        }
+      }
+    }
+    return {nullptr, {}};
+  };
+  std::pair<const Backend*, std::string> hit;
+  if (device == "auto") {
+    hit = find([](const Backend&, const std::string& d) { return d != "cpu"; });
+    if (hit.first == nullptr) {
+      hit = find([](const Backend&, const std::string&) { return true; });
+    }
+  } else if (device == "cuda") {
+    hit = find([](const Backend&, const std::string& d) { return d.rfind("cuda:", 0) == 0; });
+  } else {
+    hit = find([&](const Backend& b, const std::string& d) { return d == device || b.api->name == device; });
+  }
+  if (hit.first == nullptr) {
+    throw core::UsageError("device '{}' is not available on this machine; present: {} (or auto)", device,
+                           fmt::join(present, ", "));
+  }
+  return hit;
+}
+
+Model::Model(Model&& other) noexcept : m_backend(other.m_backend), m_handle(std::exchange(other.m_handle, nullptr))
+{
+}
+
+Model::~Model()
+{
+  if (m_handle != nullptr) {
+    m_backend->api->model_free(m_handle);
+  }
+}
+
+void
+Model::check(int status, const std::string& context) const
+{
+  if (status != FEDL_STATUS_OK) {
+    throw core::Error(exit_code_of(status), "{}{}", context, m_backend->api->last_error());
+  }
+}
+
+Model
+Model::create(const Backend& backend, const std::string& device, const std::string& spec,
+              const std::vector<std::int64_t>& input_shape, std::int64_t classes, std::uint64_t seed)
+{
+  fedl_model* handle = nullptr;
+  const int rc = backend.api->model_create(spec.c_str(), static_cast<std::int32_t>(input_shape.size()),
+                                           input_shape.data(), classes, seed, device.c_str(), &handle);
+  if (rc != FEDL_STATUS_OK) {
+    throw core::Error(exit_code_of(rc), "cannot create model {}: {}", spec, backend.api->last_error());
+  }
+  return Model(backend, handle);
+}
+
+Model
+Model::load_torchscript(const Backend& backend, const std::string& device, const fs::path& path)
+{
+  if (!fs::exists(path)) {
+    throw core::Error("cannot open {}: No such file or directory", path.string());
+  }
+  fedl_model* handle = nullptr;
+  const int rc = backend.api->model_load_torchscript(path.c_str(), device.c_str(), &handle);
+  if (rc != FEDL_STATUS_OK) {
+    throw core::Error(exit_code_of(rc), "{}", backend.api->last_error());
+  }
+  return Model(backend, handle);
+}
+
+std::vector<core::TensorView>
+Model::weights()
+{
+  const fedl_tensor* tensors = nullptr;
+  std::size_t count = 0;
+  check(m_backend->api->model_get_weights(m_handle, &tensors, &count), "reading the model's weights: ");
+  std::vector<core::TensorView> out;
+  out.reserve(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto& t = tensors[i];
+    out.push_back(core::TensorView{t.name, t.dtype == FEDL_F64 ? core::DType::f64 : core::DType::f32,
+                                   std::vector<std::int64_t>(t.shape, t.shape + t.ndim),
+                                   {static_cast<const std::byte*>(t.data), t.nbytes}});
+  }
+  return out;
+}
+
+void
+Model::set_weights(const core::Safetensors& weights, const std::string& what)
+{
+  std::vector<fedl_tensor> tensors;
+  tensors.reserve(weights.tensors.size());
+  for (const auto& t : weights.tensors) {
+    if (t.dtype != core::DType::f32 && t.dtype != core::DType::f64) {
+      throw core::VerifyError("{}: tensor {} has dtype {}; fedl models hold F32 or F64 weights", what, t.name,
+                              core::dtype_name(t.dtype));
+    }
+    tensors.push_back(fedl_tensor{t.name.c_str(), t.dtype == core::DType::f64 ? FEDL_F64 : FEDL_F32,
+                                  static_cast<std::int32_t>(t.shape.size()), t.shape.data(),
+                                  const_cast<std::byte*>(t.data.data()), t.data.size()});
+  }
+  check(m_backend->api->model_set_weights(m_handle, tensors.data(), tensors.size()),
+        fmt::format("{} does not fit the model: ", what));
+}
+
+fedl_train_result
+Model::train(const core::Dataset& data, const fedl_train_config& config, const Progress& progress)
+{
+  const auto c_data = as_c_dataset(data);
+  fedl_train_result result{};
+  auto trampoline = [](void* user, std::uint32_t epoch, std::uint64_t step, std::uint64_t steps, double loss,
+                       int done) {
+    const auto* fn = static_cast<const Progress*>(user);
+    return (*fn)(epoch, step, steps, loss, done != 0) ? 0 : 1;
+  };
+  const int rc = m_backend->api->model_train(m_handle, &c_data, &config, progress ? +trampoline : nullptr,
+                                             const_cast<Progress*>(&progress), &result);
+  check(rc, fmt::format("training on {}: ", data.source.string()));
+  return result;
+}
+
+fedl_eval_result
+Model::evaluate(const core::Dataset& data, std::uint32_t batch_size)
+{
+  const auto c_data = as_c_dataset(data);
+  fedl_eval_result result{};
+  check(m_backend->api->model_evaluate(m_handle, &c_data, batch_size, &result),
+        fmt::format("evaluating on {}: ", data.source.string()));
+  return result;
+}
+
+} // namespace fedl::backends

@@ -1,0 +1,378 @@
+// SPDX-License-Identifier: Apache-2.0
+// libfedl-backend-torch.so: the LibTorch compute backend behind the C interface of
+// backends/backend.h. Everything here is ordinary LibTorch C++; nothing of it crosses the
+// interface but C types.
+#include "backends/backend.h"
+
+#include "backends/torch/zoo.hpp"
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace tb = fedl::backends::torch_backend;
+
+struct fedl_model
+{
+  std::unique_ptr<tb::Model> model;
+  // Storage behind the fedl_tensor views that model_get_weights hands out.
+  std::vector<std::string> names;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<torch::Tensor> host;
+  std::vector<fedl_tensor> views;
+};
+
+namespace {
+
+thread_local std::string t_last_error;
+
+class StatusError : public std::runtime_error
+{
+public:
+  StatusError(int status, const std::string& message) : std::runtime_error(message), m_status(status) {}
+  int status() const { return m_status; }
+
+private:
+  int m_status;
+};
+
+// Runs `fn`, turning every exception into a status and a last_error message.
+template<typename Fn>
+int
+guarded(Fn&& fn)
+{
+  try {
+    fn();
+    return FEDL_STATUS_OK;
+  } catch (const StatusError& e) {
+    t_last_error = e.what();
+    return e.status();
+  } catch (const c10::Error& e) {
+    t_last_error = e.what_without_backtrace();
+    return FEDL_STATUS_FAILURE;
+  } catch (const std::exception& e) {
+    t_last_error = e.what();
+    return FEDL_STATUS_FAILURE;
+  }
+}
+
+std::vector<std::string>&
+devices()
+{
+  static std::vector<std::string> list = [] {
+    std::vector<std::string> d;
+    if (torch::cuda::is_available()) {
+      for (size_t i = 0; i < torch::cuda::device_count(); ++i) {
+        d.push_back("cuda:" + std::to_string(i));
+      }
+    }
+    d.emplace_back("cpu");
+    return d;
+  }();
+  return list;
+}
+
+torch::Device
+parse_device(const char* name)
+{
+  const std::string s = name != nullptr ? name : "cpu";
+  for (const auto& d : devices()) {
+    if (d == s) {
+      return torch::Device(s);
+    }
+  }
+  throw StatusError(FEDL_STATUS_USAGE, "device " + s + " is not available to the torch backend");
+}
+
+torch::Tensor
+features_tensor(const fedl_dataset& data)
+{
+  std::vector<int64_t> shape{static_cast<int64_t>(data.count)};
+  shape.insert(shape.end(), data.sample_shape, data.sample_shape + data.sample_ndim);
+  // from_blob does not copy; the caller keeps the buffer alive for the whole call.
+  return torch::from_blob(const_cast<float*>(data.features), shape, torch::kFloat32);
+}
+
+torch::Tensor
+labels_tensor(const fedl_dataset& data)
+{
+  return torch::from_blob(const_cast<int64_t*>(data.labels), {static_cast<int64_t>(data.count)}, torch::kInt64);
+}
+
+void
+check_outputs(const torch::Tensor& logits, const torch::Tensor& labels, int64_t offset)
+{
+  if (logits.dim() != 2) {
+    throw StatusError(FEDL_STATUS_DATA,
+                      "the model's output has " + std::to_string(logits.dim()) +
+                        " dimensions; fedl needs [batch, classes] logits");
+  }
+  const auto classes = logits.size(1);
+  const auto bad = (labels >= classes).nonzero();
+  if (bad.numel() > 0) {
+    const auto i = bad[0][0].item<int64_t>();
+    throw StatusError(FEDL_STATUS_DATA, "sample " + std::to_string(offset + i) + " has label " +
+                                          std::to_string(labels[i].item<int64_t>()) + " but the model has only " +
+                                          std::to_string(classes) + " classes");
+  }
+}
+
+size_t
+b_device_count()
+{
+  return devices().size();
+}
+
+const char*
+b_device_name(size_t i)
+{
+  return i < devices().size() ? devices()[i].c_str() : nullptr;
+}
+
+const char*
+b_last_error()
+{
+  return t_last_error.c_str();
+}
+
+void
+b_set_threads(int32_t threads)
+{
+  if (threads > 0) {
+    torch::set_num_threads(threads);
+  }
+}
+
+int
+b_model_create(const char* spec, int32_t ndim, const int64_t* shape, int64_t classes, uint64_t seed,
+               const char* device, fedl_model** out)
+{
+  return guarded([&] {
+    const auto dev = parse_device(device);
+    auto m = std::make_unique<fedl_model>();
+    try {
+      m->model = tb::Model::create(spec, std::vector<int64_t>(shape, shape + ndim), classes, seed, dev);
+    } catch (const std::invalid_argument& e) {
+      throw StatusError(FEDL_STATUS_USAGE, e.what());
+    }
+    *out = m.release();
+  });
+}
+
+int
+b_model_load_torchscript(const char* path, const char* device, fedl_model** out)
+{
+  return guarded([&] {
+    const auto dev = parse_device(device);
+    auto m = std::make_unique<fedl_model>();
+    try {
+      m->model = tb::Model::load_torchscript(path, dev);
+    } catch (const c10::Error& e) {
+      throw StatusError(FEDL_STATUS_VERIFY, std::string(path) + " is not a TorchScript module that " +
+                                              "torch.jit.load can read: " + e.what_without_backtrace());
+    }
+    *out = m.release();
+  });
+}
+
+void
+b_model_free(fedl_model* m)
+{
+  delete m;
+}
+
+int
+b_model_get_weights(fedl_model* m, const fedl_tensor** tensors, size_t* count)
+{
+  return guarded([&] {
+    m->names.clear();
+    m->shapes.clear();
+    m->host.clear();
+    m->views.clear();
+    for (const auto& [name, t] : m->model->named_weights()) {
+      auto host = t.detach().to(torch::kCPU).contiguous();
+      if (host.scalar_type() != torch::kFloat32 && host.scalar_type() != torch::kFloat64) {
+        host = host.to(torch::kFloat32);
+      }
+      m->names.push_back(name);
+      m->shapes.push_back(host.sizes().vec());
+      m->host.push_back(host);
+    }
+    for (size_t i = 0; i < m->host.size(); ++i) {
+      const auto& h = m->host[i];
+      m->views.push_back(fedl_tensor{m->names[i].c_str(), h.scalar_type() == torch::kFloat64 ? FEDL_F64 : FEDL_F32,
+                                     static_cast<int32_t>(m->shapes[i].size()), m->shapes[i].data(), h.data_ptr(),
+                                     static_cast<size_t>(h.nbytes())});
+    }
+    *tensors = m->views.data();
+    *count = m->views.size();
+  });
+}
+
+int
+b_model_set_weights(fedl_model* m, const fedl_tensor* tensors, size_t count)
+{
+  return guarded([&] {
+    auto weights = m->model->named_weights();
+    if (count != weights.size()) {
+      throw StatusError(FEDL_STATUS_DATA, "the model has " + std::to_string(weights.size()) +
+                                            " tensors but the weights file has " + std::to_string(count));
+    }
+    torch::NoGradGuard no_grad;
+    for (auto& [name, target] : weights) {
+      const fedl_tensor* src = nullptr;
+      for (size_t i = 0; i < count; ++i) {
+        if (name == tensors[i].name) {
+          src = &tensors[i];
+        }
+      }
+      if (src == nullptr) {
+        throw StatusError(FEDL_STATUS_DATA, "the weights have no tensor " + name + " that the model needs");
+      }
+      const std::vector<int64_t> shape(src->shape, src->shape + src->ndim);
+      if (shape != target.sizes().vec()) {
+        throw StatusError(FEDL_STATUS_DATA, "tensor " + name + " has shape " + c10::str(c10::IntArrayRef(shape)) +
+                                              " but the model needs " + c10::str(target.sizes()));
+      }
+      const auto dtype = src->dtype == FEDL_F64 ? torch::kFloat64 : torch::kFloat32;
+      target.copy_(torch::from_blob(src->data, shape, dtype));
+    }
+  });
+}
+
+int
+b_model_train(fedl_model* m, const fedl_dataset* data, const fedl_train_config* cfg, fedl_progress_fn progress,
+              void* user, fedl_train_result* result)
+{
+  return guarded([&] {
+    auto& model = *m->model;
+    const auto& dev = model.device();
+    torch::manual_seed(cfg->seed);
+    const auto x_all = features_tensor(*data);
+    const auto y_all = labels_tensor(*data);
+    const auto params = model.parameters();
+    std::unique_ptr<torch::optim::Optimizer> opt;
+    if (cfg->optimizer == FEDL_OPT_ADAM) {
+      opt = std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(cfg->lr));
+    } else {
+      opt = std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(cfg->lr).momentum(cfg->momentum));
+    }
+    std::vector<torch::Tensor> start;
+    if (cfg->prox_mu > 0) {
+      for (const auto& p : params) {
+        start.push_back(p.detach().clone());
+      }
+    }
+    const auto n = static_cast<int64_t>(data->count);
+    const auto bs = static_cast<int64_t>(std::max<uint32_t>(cfg->batch_size, 1));
+    const auto steps_per_epoch = static_cast<uint64_t>((n + bs - 1) / bs);
+    auto gen = at::detail::createCPUGenerator(cfg->seed);
+    model.train_mode(true);
+    uint64_t steps = 0;
+    double epoch_loss = 0;
+    bool checked = false;
+    for (uint32_t epoch = 1; epoch <= cfg->epochs; ++epoch) {
+      const auto perm = torch::randperm(n, gen, torch::TensorOptions().dtype(torch::kInt64));
+      double loss_sum = 0;
+      for (int64_t begin = 0; begin < n; begin += bs) {
+        const auto idx = perm.slice(0, begin, std::min(begin + bs, n));
+        auto x = x_all.index_select(0, idx).to(dev, /*non_blocking=*/true);
+        auto y = y_all.index_select(0, idx).to(dev, /*non_blocking=*/true);
+        opt->zero_grad();
+        auto logits = model.forward(x);
+        if (!checked) {
+          check_outputs(logits, y_all, 0);
+          checked = true;
+        }
+        auto loss = torch::nn::functional::cross_entropy(logits, y);
+        if (cfg->prox_mu > 0) {
+          auto prox = torch::zeros({}, loss.options());
+          for (size_t i = 0; i < params.size(); ++i) {
+            prox = prox + (params[i] - start[i]).pow(2).sum();
+          }
+          loss = loss + 0.5 * cfg->prox_mu * prox;
+        }
+        loss.backward();
+        opt->step();
+        const double l = loss.item<double>();
+        if (!std::isfinite(l)) {
+          throw StatusError(FEDL_STATUS_DATA, "training diverged (loss is " + std::to_string(l) +
+                                                " at epoch " + std::to_string(epoch) +
+                                                "); lower --lr or scale the features");
+        }
+        loss_sum += l * static_cast<double>(idx.size(0));
+        ++steps;
+        const auto step_in_epoch = static_cast<uint64_t>(begin / bs) + 1;
+        if (progress != nullptr && (steps == 1 || step_in_epoch % 50 == 0) &&
+            progress(user, epoch, step_in_epoch, steps_per_epoch, l, 0) != 0) {
+          throw StatusError(FEDL_STATUS_INTERRUPTED, "training interrupted");
+        }
+      }
+      epoch_loss = loss_sum / static_cast<double>(n);
+      if (progress != nullptr && progress(user, epoch, steps_per_epoch, steps_per_epoch, epoch_loss, 1) != 0) {
+        throw StatusError(FEDL_STATUS_INTERRUPTED, "training interrupted");
+      }
+    }
+    result->loss = epoch_loss;
+    result->samples = data->count;
+    result->steps = steps;
+  });
+}
+
+int
+b_model_evaluate(fedl_model* m, const fedl_dataset* data, uint32_t batch_size, fedl_eval_result* result)
+{
+  return guarded([&] {
+    auto& model = *m->model;
+    torch::NoGradGuard no_grad;
+    model.train_mode(false);
+    const auto x_all = features_tensor(*data);
+    const auto y_all = labels_tensor(*data);
+    const auto n = static_cast<int64_t>(data->count);
+    const auto bs = static_cast<int64_t>(std::max<uint32_t>(batch_size, 1));
+    double loss_sum = 0;
+    int64_t correct = 0;
+    for (int64_t begin = 0; begin < n; begin += bs) {
+      const auto end = std::min(begin + bs, n);
+      auto x = x_all.slice(0, begin, end).to(model.device());
+      auto y = y_all.slice(0, begin, end).to(model.device());
+      auto logits = model.forward(x);
+      check_outputs(logits, y, begin);
+      loss_sum += torch::nn::functional::cross_entropy(
+                    logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                    .item<double>();
+      correct += logits.argmax(1).eq(y).sum().item<int64_t>();
+    }
+    result->loss = loss_sum / static_cast<double>(n);
+    result->accuracy = static_cast<double>(correct) / static_cast<double>(n);
+    result->samples = data->count;
+  });
+}
+
+std::string
+runtime_name()
+{
+  std::string s = "LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                  "." + std::to_string(TORCH_VERSION_PATCH);
+  return s;
+}
+
+} // namespace
+
+extern "C" __attribute__((visibility("default"))) const fedl_backend_v1*
+fedl_backend_entry(uint32_t abi_version)
+{
+  static const std::string runtime = runtime_name();
+  static const fedl_backend_v1 table{
+    FEDL_BACKEND_ABI_VERSION, "torch", runtime.c_str(), b_device_count, b_device_name, b_last_error,
+    b_set_threads, b_model_create, b_model_load_torchscript, b_model_free, b_model_get_weights,
+    b_model_set_weights, b_model_train, b_model_evaluate,
+  };
+  return abi_version == FEDL_BACKEND_ABI_VERSION ? &table : nullptr;
+}

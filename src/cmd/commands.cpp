@@ -1,0 +1,19 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "cmd/commands.hpp"
+
+#include <CLI/CLI.hpp>
+
+namespace fedl::cmd {
+
+std::vector<Command>
+add_all(CLI::App& app)
+{
+  return {
+    add_train(app),
+    add_eval(app),
+    add_completion(app),
+    add_doc(app),
+  };
+}
+
+} // namespace fedl::cmd

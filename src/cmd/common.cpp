@@ -1,0 +1,113 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "cmd/common.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <map>
+#include <thread>
+
+namespace fedl::cmd {
+
+namespace {
+
+std::chrono::steady_clock::time_point g_start = std::chrono::steady_clock::now();
+
+std::map<const CLI::Option*, std::vector<std::string>>&
+choice_registry()
+{
+  static std::map<const CLI::Option*, std::vector<std::string>> registry;
+  return registry;
+}
+
+} // namespace
+
+CLI::Option*
+with_choices(CLI::Option* option, std::vector<std::string> choices)
+{
+  option->check(CLI::IsMember(choices));
+  choice_registry()[option] = std::move(choices);
+  return option;
+}
+
+const std::vector<std::string>&
+choices_of(const CLI::Option* option)
+{
+  static const std::vector<std::string> none;
+  const auto it = choice_registry().find(option);
+  return it == choice_registry().end() ? none : it->second;
+}
+
+GlobalOptions&
+globals()
+{
+  static GlobalOptions options;
+  return options;
+}
+
+void
+add_global_options(CLI::App& app, GlobalOptions& o)
+{
+  app.add_flag("--json", o.json, "Print the result as one JSON document on stdout");
+  app.add_flag("-q,--quiet", o.quiet, "Print only errors on stderr");
+  app.add_flag("-v,--verbose", o.verbose, "Print debug messages on stderr");
+  with_choices(app.add_option("--log-format", o.log_format, "Format of messages on stderr"), {"text", "json"});
+  app.add_flag("-V,--version", o.version, "Print the version, the backends and their devices");
+}
+
+void
+add_compute_options(CLI::App& app, ComputeOptions& o)
+{
+  app.add_option("--device", o.device, "Compute device: auto, cpu, cuda, cuda:N or a backend name")
+    ->capture_default_str();
+  app.add_option("--threads", o.threads, "CPU threads for compute (default: the number of cores)")
+    ->check(CLI::Range(1U, 1024U));
+}
+
+void
+add_data_options(CLI::App& app, DataFlags& f)
+{
+  app.add_option("--data", f.data, "Data file: .csv[.gz], IDX images (-ubyte[.gz]) or .npy features")
+    ->required()
+    ->type_name("PATH");
+  app.add_option("--labels", f.labels, "Labels file for IDX or NPY data (default: found beside --data)")
+    ->type_name("PATH");
+  app.add_option("--label-column", f.label_column, "CSV label column, by header name or 0-based index "
+                                                   "(default: the last)")
+    ->type_name("NAME|INDEX");
+  app.add_flag("--no-header", f.no_header, "The CSV file has no header row");
+  app.add_option("--limit-samples", f.limit, "Use only the first N samples")->check(CLI::PositiveNumber)->type_name("N");
+}
+
+core::DataOptions
+DataFlags::to_options() const
+{
+  return {data, labels, label_column, !no_header, limit};
+}
+
+void
+print_result(const nlohmann::json& result, const std::string& text)
+{
+  if (globals().json) {
+    fmt::print("{}\n", result.dump(2));
+  } else if (!text.empty()) {
+    fmt::print("{}", text);
+  }
+  std::fflush(stdout);
+}
+
+void
+mark_process_start()
+{
+  g_start = std::chrono::steady_clock::now();
+}
+
+double
+uptime_seconds()
+{
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - g_start).count();
+}
+
+} // namespace fedl::cmd

@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: Apache-2.0
+// Option groups shared by several subcommands (added once here, so a flag means the same
+// everywhere) and the output helpers for stdout.
+#pragma once
+
+#include "core/dataset.hpp"
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+class Option;
+} // namespace CLI
+
+namespace fedl::cmd {
+
+struct GlobalOptions
+{
+  bool json = false;
+  bool quiet = false;
+  bool verbose = false;
+  std::string log_format = "text";
+  bool version = false;
+};
+
+// Adds CLI::IsMember(`choices`) to `option` and records the choices for completions.
+CLI::Option* with_choices(CLI::Option* option, std::vector<std::string> choices);
+// The choices recorded for `option` (empty if none).
+const std::vector<std::string>& choices_of(const CLI::Option* option);
+
+// The process's global options, filled in by main's parse.
+GlobalOptions& globals();
+void add_global_options(CLI::App& app, GlobalOptions& options);
+
+struct ComputeOptions
+{
+  std::string device = "auto";
+  std::uint32_t threads = 0; // 0: the number of cores
+};
+void add_compute_options(CLI::App& app, ComputeOptions& options);
+
+struct DataFlags
+{
+  std::filesystem::path data;
+  std::optional<std::filesystem::path> labels;
+  std::optional<std::string> label_column;
+  bool no_header = false;
+  std::optional<std::size_t> limit;
+
+  core::DataOptions to_options() const;
+};
+void add_data_options(CLI::App& app, DataFlags& flags);
+
+// Prints `result` as one JSON document with --json, else `text` (if not empty), on stdout.
+void print_result(const nlohmann::json& result, const std::string& text);
+
+// Seconds since the process started (main's first line).
+double uptime_seconds();
+void mark_process_start();
+
+} // namespace fedl::cmd

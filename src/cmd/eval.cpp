@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl eval: accuracy and loss of a model on a data file.
+#include "cmd/commands.hpp"
+
+#include "backends/loader.hpp"
+#include "cmd/common.hpp"
+#include "cmd/model_io.hpp"
+#include "core/error.hpp"
+#include "core/log.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <thread>
+
+namespace fedl::cmd {
+
+namespace {
+
+struct EvalOptions
+{
+  DataFlags data;
+  ComputeOptions compute;
+  ModelSource model;
+  std::uint32_t batch_size = 1024;
+};
+
+int
+run_eval(const EvalOptions& opt)
+{
+  const auto data = core::load_dataset(opt.data.to_options());
+  const auto [backend, device] = backends::resolve_device(opt.compute.device);
+  const auto threads = opt.compute.threads > 0 ? opt.compute.threads : std::max(1U, std::thread::hardware_concurrency());
+  backend->api->set_threads(static_cast<std::int32_t>(threads));
+  auto m = open_model(*backend, device, opt.model, data);
+  const auto r = m.model.evaluate(data, opt.batch_size);
+  nlohmann::json j = {{"accuracy", r.accuracy}, {"loss", r.loss}, {"samples", r.samples}};
+  print_result(j, fmt::format("accuracy {:.4f}  loss {:.4f}  samples {}\n", r.accuracy, r.loss, r.samples));
+  return 0;
+}
+
+} // namespace
+
+Command
+add_eval(CLI::App& parent)
+{
+  auto opt = std::make_shared<EvalOptions>();
+  auto* app = parent.add_subcommand("eval", "Evaluate a model on a data file: accuracy, loss, samples");
+  add_data_options(*app, opt->data);
+  app->add_option("--model", opt->model.model, "Model file (safetensors written by fedl)")
+    ->required()
+    ->type_name("FILE");
+  app->add_option("--torchscript", opt->model.torchscript, "TorchScript module whose weights --model holds")
+    ->type_name("FILE");
+  app->add_option("-b,--batch-size", opt->batch_size, "Samples per forward pass")
+    ->capture_default_str()
+    ->check(CLI::Range(1U, 1U << 24));
+  add_compute_options(*app, opt->compute);
+  return {app, [opt] { return run_eval(*opt); }};
+}
+
+} // namespace fedl::cmd

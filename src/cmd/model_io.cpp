@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "cmd/model_io.hpp"
+
+#include "core/error.hpp"
+#include "core/model_spec.hpp"
+
+#include <fmt/format.h>
+
+namespace fs = std::filesystem;
+
+namespace fedl::cmd {
+
+namespace {
+
+std::int64_t
+numel(const std::vector<std::int64_t>& shape)
+{
+  std::int64_t n = 1;
+  for (const auto d : shape) {
+    n *= d;
+  }
+  return n;
+}
+
+std::string
+required_meta(const core::Safetensors& st, const std::string& key, const fs::path& path)
+{
+  auto v = st.meta(key);
+  if (!v) {
+    throw core::VerifyError("{}: no {} in its metadata; is it a model written by fedl?", path.string(), key);
+  }
+  return *v;
+}
+
+void
+check_fits(const OpenedModel& m, const core::Dataset& data)
+{
+  if (numel(data.sample_shape) != numel(m.input_shape)) {
+    throw core::Error("{} has samples of {} features (shape {}), but the model takes {} (shape {})",
+                      data.source.string(), numel(data.sample_shape), data.shape_string(), numel(m.input_shape),
+                      core::shape_to_string(m.input_shape));
+  }
+  if (m.classes > 0) {
+    for (std::size_t i = 0; i < data.size(); ++i) {
+      if (data.labels[i] >= m.classes) {
+        throw core::Error("{}: label {} is outside the model's {} classes (0..{})", data.where(i), data.labels[i],
+                          m.classes, m.classes - 1);
+      }
+    }
+  }
+}
+
+} // namespace
+
+OpenedModel
+open_model(const backends::Backend& backend,
+           const std::string& device,
+           const ModelSource& src,
+           const core::Dataset& data)
+{
+  if (src.model && src.arch) {
+    throw core::UsageError("--model and --arch both name the model; give one (a model file knows its architecture)");
+  }
+  if (!src.model && !src.arch && !src.torchscript) {
+    throw core::UsageError("no model: give --model FILE, --arch SPEC or --torchscript FILE");
+  }
+  if (src.classes && !src.arch) {
+    throw core::UsageError("--classes applies to --arch only (other models know their classes)");
+  }
+  if (src.torchscript && src.arch) {
+    throw core::UsageError("--torchscript and --arch both name the model; give one");
+  }
+  if (src.arch) {
+    const auto spec = core::parse_model_spec(*src.arch);
+    spec.check_input(data.sample_shape);
+    const auto classes = src.classes.value_or(data.num_classes());
+    if (classes < 2 && !src.classes) {
+      throw core::Error("{}: all labels are {}; a classifier needs at least two classes (or give --classes K)",
+                        data.source.string(), classes - 1);
+    }
+    OpenedModel m{backends::Model::create(backend, device, spec.text, data.sample_shape, classes, src.seed),
+                  spec.text, data.sample_shape, classes, std::nullopt};
+    check_fits(m, data);
+    return m;
+  }
+
+  std::optional<core::SafetensorsFile> file;
+  if (src.model) {
+    file.emplace(*src.model);
+    const auto& st = file->content();
+    const auto kind = st.meta("fedl.kind");
+    if (kind && *kind != "model") {
+      throw core::UsageError("{} is a fedl {}, not a model; give a model file (fedl train --save-model, "
+                             "fedl aggregate --out)",
+                             src.model->string(), *kind);
+    }
+  }
+
+  if (src.torchscript) {
+    auto ts = backends::Model::load_torchscript(backend, device, *src.torchscript);
+    OpenedModel m{std::move(ts), "torchscript", data.sample_shape, 0, std::nullopt};
+    if (file) {
+      m.model.set_weights(file->content(), src.model->string());
+      m.file_sha256 = file->sha256();
+      if (auto c = file->content().meta("fedl.classes")) {
+        m.classes = std::stoll(*c);
+      }
+    }
+    check_fits(m, data);
+    return m;
+  }
+
+  const auto& st = file->content();
+  const auto arch = required_meta(st, "fedl.arch", *src.model);
+  if (arch == "torchscript") {
+    throw core::UsageError("{} holds the weights of a TorchScript model: give the module with --torchscript FILE",
+                           src.model->string());
+  }
+  const auto input_shape = core::parse_shape(required_meta(st, "fedl.input_shape", *src.model),
+                                             src.model->string() + ": fedl.input_shape");
+  std::int64_t classes = 0;
+  try {
+    classes = std::stoll(required_meta(st, "fedl.classes", *src.model));
+  } catch (const std::logic_error&) {
+    throw core::VerifyError("{}: fedl.classes is not a number", src.model->string());
+  }
+  if (classes < 1) {
+    throw core::VerifyError("{}: fedl.classes must be positive", src.model->string());
+  }
+  OpenedModel m{backends::Model::create(backend, device, arch, input_shape, classes, src.seed), arch, input_shape,
+                classes, file->sha256()};
+  check_fits(m, data);
+  m.model.set_weights(st, src.model->string());
+  return m;
+}
+
+core::Metadata
+model_metadata(const OpenedModel& m, const std::string& kind)
+{
+  core::Metadata meta{{"fedl.kind", kind}, {"fedl.arch", m.arch}, {"fedl.input_shape", core::shape_to_string(m.input_shape)}};
+  if (m.classes > 0) {
+    meta["fedl.classes"] = std::to_string(m.classes);
+  }
+  return meta;
+}
+
+} // namespace fedl::cmd

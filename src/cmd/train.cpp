@@ -1,0 +1,166 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl train: one local training job on files, no network: model in, update and/or model out.
+#include "cmd/commands.hpp"
+
+#include "backends/loader.hpp"
+#include "cmd/common.hpp"
+#include "cmd/model_io.hpp"
+#include "core/error.hpp"
+#include "core/log.hpp"
+#include "core/update.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <csignal>
+#include <thread>
+#include <unistd.h>
+
+namespace fedl::cmd {
+
+namespace {
+
+volatile std::sig_atomic_t g_interrupted = 0;
+
+struct TrainOptions
+{
+  DataFlags data;
+  ComputeOptions compute;
+  ModelSource model;
+  std::optional<std::filesystem::path> out;
+  std::optional<std::filesystem::path> save_model;
+  std::uint32_t epochs = 1;
+  std::uint32_t batch_size = 32;
+  double lr = 0.01;
+  std::string optimizer = "sgd";
+  double momentum = 0.0;
+  double prox_mu = 0.0;
+};
+
+int
+run_train(const TrainOptions& opt)
+{
+  if (!opt.out && !opt.save_model) {
+    throw core::UsageError("nothing to write: give --out UPDATE (needs a starting model) and/or --save-model FILE");
+  }
+  if (opt.out && !opt.model.model && !opt.model.arch) {
+    throw core::UsageError("--out writes an update against a starting model file: give --model FILE "
+                           "(create one with fedl train --arch SPEC --epochs 0 --save-model FILE)");
+  }
+  const double started = uptime_seconds();
+  const auto data = core::load_dataset(opt.data.to_options());
+  FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), data.size(), data.shape_string());
+
+  const auto [backend, device] = backends::resolve_device(opt.compute.device);
+  const auto threads = opt.compute.threads > 0 ? opt.compute.threads : std::max(1U, std::thread::hardware_concurrency());
+  backend->api->set_threads(static_cast<std::int32_t>(threads));
+
+  auto m = open_model(*backend, device, opt.model, data);
+  // The base of the update: the model file's bytes, or the fresh model as --save-model with
+  // --epochs 0 would write it (the same seed makes the same bytes).
+  std::vector<core::OwnedTensor> base;
+  std::string base_sha;
+  if (opt.out) {
+    base = core::copy_tensors(m.model.weights());
+    const auto views = core::views_of(base);
+    base_sha = m.file_sha256 ? *m.file_sha256 : core::safetensors_sha256(views, model_metadata(m, "model"));
+  }
+
+  const bool tty = ::isatty(STDERR_FILENO) != 0 && !globals().quiet && globals().log_format == "text";
+  double first_batch = -1;
+  const auto t0 = uptime_seconds();
+  g_interrupted = 0;
+  auto* old_int = std::signal(SIGINT, [](int) { g_interrupted = 1; });
+  auto* old_term = std::signal(SIGTERM, [](int) { g_interrupted = 1; });
+  fedl_train_config cfg{opt.epochs, opt.batch_size, opt.lr, opt.optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD,
+                        opt.momentum, opt.prox_mu, opt.model.seed};
+  fedl_train_result result{0.0, data.size(), 0, 0.0};
+  if (opt.epochs > 0) {
+    result = m.model.train(data, cfg, [&](std::uint32_t epoch, std::uint64_t step, std::uint64_t per_epoch, double loss, bool epoch_end) {
+      if (first_batch < 0) {
+        first_batch = uptime_seconds();
+      }
+      if (tty) {
+        fmt::print(stderr, "\rfedl: epoch {}/{} step {}/{} loss {:.4f}{}", epoch, opt.epochs, step, per_epoch, loss,
+                   epoch_end ? "\x1b[K\n" : "\x1b[K");
+      } else if (epoch_end) {
+        FEDL_LOG_INFO("epoch {}/{}: loss {:.4f} ({:.1f} s)", epoch, opt.epochs, loss, uptime_seconds() - t0);
+      }
+      return g_interrupted == 0;
+    });
+  }
+  std::signal(SIGINT, old_int);
+  std::signal(SIGTERM, old_term);
+  const double train_seconds = uptime_seconds() - t0;
+
+  nlohmann::json j = {{"samples", data.size()},      {"epochs", opt.epochs},
+                      {"steps", result.steps},       {"loss", result.loss},
+                      {"device", device},            {"seconds", train_seconds},
+                      {"arch", m.arch}};
+  if (first_batch >= 0) {
+    j["first_batch_seconds"] = first_batch;
+  }
+  std::string text = fmt::format("trained {} for {} epochs on {} samples ({}): loss {:.4f}, {:.1f} s\n", m.arch,
+                                 opt.epochs, data.size(), device, result.loss, train_seconds);
+  const auto trained = m.model.weights();
+  if (opt.save_model) {
+    core::write_safetensors(*opt.save_model, trained, model_metadata(m, "model"));
+    j["model"] = opt.save_model->string();
+    text += fmt::format("model: {}\n", opt.save_model->string());
+  }
+  if (opt.out) {
+    const auto delta = core::weight_delta(trained, core::views_of(base));
+    auto meta = model_metadata(m, "update");
+    meta["fedl.base_sha256"] = base_sha;
+    meta["fedl.num_samples"] = std::to_string(data.size());
+    meta["fedl.epochs"] = std::to_string(opt.epochs);
+    meta["fedl.loss"] = fmt::format("{}", result.loss);
+    core::write_safetensors(*opt.out, core::views_of(delta), meta);
+    j["update"] = opt.out->string();
+    j["base_sha256"] = base_sha;
+    text += fmt::format("update: {} (base {})\n", opt.out->string(), base_sha);
+  }
+  j["total_seconds"] = uptime_seconds() - started;
+  print_result(j, globals().quiet ? "" : text);
+  return 0;
+}
+
+} // namespace
+
+Command
+add_train(CLI::App& parent)
+{
+  auto opt = std::make_shared<TrainOptions>();
+  auto* app = parent.add_subcommand("train", "Train a model on local data files; write an update and/or the model");
+  add_data_options(*app, opt->data);
+  auto* model = app->add_option("--model", opt->model.model, "Starting model (safetensors written by fedl)")
+                  ->type_name("FILE");
+  auto* arch = app->add_option("--arch", opt->model.arch, "Start from a fresh zoo model: logreg, mlp:H1[,H2...], cnn")
+                 ->type_name("SPEC");
+  app->add_option("--torchscript", opt->model.torchscript, "A TorchScript module (torch.jit.save) to train")
+    ->type_name("FILE");
+  arch->excludes(model);
+  app->add_option("--classes", opt->model.classes, "Number of classes for --arch (default: largest label + 1)")
+    ->check(CLI::Range(1, 1 << 20))
+    ->type_name("K");
+  app->add_option("--out", opt->out, "Write the update (trained minus starting weights) here")->type_name("UPDATE");
+  app->add_option("--save-model", opt->save_model, "Write the trained model here")->type_name("FILE");
+  app->add_option("-e,--epochs", opt->epochs, "Passes over the data (0 writes the starting model)")
+    ->capture_default_str()
+    ->check(CLI::Range(0U, 100000U));
+  app->add_option("-b,--batch-size", opt->batch_size, "Samples per step")
+    ->capture_default_str()
+    ->check(CLI::Range(1U, 1U << 24));
+  app->add_option("--lr", opt->lr, "Learning rate")->capture_default_str()->check(CLI::PositiveNumber);
+  with_choices(app->add_option("--optimizer", opt->optimizer, "Optimizer")->capture_default_str(), {"sgd", "adam"});
+  app->add_option("--momentum", opt->momentum, "SGD momentum")->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  app->add_option("--prox-mu", opt->prox_mu, "FedProx proximal term weight (0: off)")
+    ->capture_default_str()
+    ->check(CLI::NonNegativeNumber);
+  app->add_option("--seed", opt->model.seed, "Seed for initialisation and shuffling")->capture_default_str();
+  add_compute_options(*app, opt->compute);
+  return {app, [opt] { return run_train(*opt); }};
+}
+
+} // namespace fedl::cmd

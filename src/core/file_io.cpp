@@ -1,0 +1,256 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/file_io.hpp"
+
+#include "core/error.hpp"
+
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <random>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core {
+
+namespace {
+
+std::string
+errno_text(int err)
+{
+  return std::strerror(err);
+}
+
+class Fd
+{
+public:
+  explicit Fd(int fd) : m_fd(fd) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd()
+  {
+    if (m_fd >= 0) {
+      ::close(m_fd);
+    }
+  }
+  int get() const { return m_fd; }
+  int release()
+  {
+    const int fd = m_fd;
+    m_fd = -1;
+    return fd;
+  }
+
+private:
+  int m_fd;
+};
+
+} // namespace
+
+MappedFile::MappedFile(const fs::path& path) : m_path(path)
+{
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    throw Error("cannot open {}: {}", path.string(), errno_text(errno));
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) {
+    throw Error("cannot stat {}: {}", path.string(), errno_text(errno));
+  }
+  if (S_ISDIR(st.st_mode)) {
+    throw Error("{} is a directory, not a file", path.string());
+  }
+  m_size = static_cast<std::size_t>(st.st_size);
+  if (m_size == 0) {
+    return;
+  }
+  void* p = ::mmap(nullptr, m_size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  if (p == MAP_FAILED) {
+    throw Error("cannot read {}: {}", path.string(), errno_text(errno));
+  }
+  m_data = static_cast<const std::byte*>(p);
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept
+  : m_path(std::move(other.m_path)),
+    m_data(std::exchange(other.m_data, nullptr)),
+    m_size(std::exchange(other.m_size, 0))
+{
+}
+
+MappedFile&
+MappedFile::operator=(MappedFile&& other) noexcept
+{
+  if (this != &other) {
+    if (m_data != nullptr) {
+      ::munmap(const_cast<std::byte*>(m_data), m_size);
+    }
+    m_path = std::move(other.m_path);
+    m_data = std::exchange(other.m_data, nullptr);
+    m_size = std::exchange(other.m_size, 0);
+  }
+  return *this;
+}
+
+MappedFile::~MappedFile()
+{
+  if (m_data != nullptr) {
+    ::munmap(const_cast<std::byte*>(m_data), m_size);
+  }
+}
+
+bool
+is_gzip(std::span<const std::byte> bytes) noexcept
+{
+  return bytes.size() >= 2 && bytes[0] == std::byte{0x1f} && bytes[1] == std::byte{0x8b};
+}
+
+std::vector<std::byte>
+read_maybe_gzip(const fs::path& path, std::size_t max_size)
+{
+  const MappedFile file(path);
+  const auto in = file.bytes();
+  if (!is_gzip(in)) {
+    return {in.begin(), in.end()};
+  }
+  z_stream zs{};
+  // 16 + MAX_WBITS: gzip wrapper only. Concatenated members are handled by the loop below.
+  if (inflateInit2(&zs, 16 + MAX_WBITS) != Z_OK) {
+    throw Error("cannot start gzip decoder for {}", path.string());
+  }
+  std::vector<std::byte> out;
+  out.resize(std::min<std::size_t>(std::max<std::size_t>(in.size() * 4, 1 << 16), max_size));
+  zs.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
+  std::size_t remaining_in = in.size();
+  std::size_t produced = 0;
+  int rc = Z_OK;
+  for (;;) {
+    if (produced == out.size()) {
+      if (out.size() >= max_size) {
+        inflateEnd(&zs);
+        throw VerifyError("{}: gzip content is larger than the limit of {} bytes", path.string(), max_size);
+      }
+      out.resize(std::min(out.size() * 2, max_size));
+    }
+    const auto in_chunk = static_cast<uInt>(std::min<std::size_t>(remaining_in, 1U << 30));
+    const auto out_chunk = static_cast<uInt>(std::min<std::size_t>(out.size() - produced, 1U << 30));
+    zs.avail_in = in_chunk;
+    zs.next_out = reinterpret_cast<Bytef*>(out.data() + produced);
+    zs.avail_out = out_chunk;
+    rc = inflate(&zs, Z_NO_FLUSH);
+    remaining_in -= in_chunk - zs.avail_in;
+    produced += out_chunk - zs.avail_out;
+    if (rc == Z_STREAM_END) {
+      if (remaining_in == 0) {
+        break;
+      }
+      // Another gzip member follows (as `cat a.gz b.gz` makes).
+      if (inflateReset(&zs) != Z_OK) {
+        break;
+      }
+      continue;
+    }
+    if (rc == Z_BUF_ERROR && remaining_in == 0) {
+      inflateEnd(&zs);
+      throw VerifyError("{}: gzip data is truncated (the file ends mid-stream); fetch or copy it again",
+                        path.string());
+    }
+    if (rc != Z_OK && rc != Z_BUF_ERROR) {
+      const std::string msg = zs.msg != nullptr ? zs.msg : "unknown error";
+      inflateEnd(&zs);
+      throw VerifyError("{}: corrupt gzip data ({})", path.string(), msg);
+    }
+  }
+  inflateEnd(&zs);
+  out.resize(produced);
+  return out;
+}
+
+void
+atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> parts)
+{
+  const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  std::random_device rd;
+  const fs::path tmp = dir / fmt::format(".{}.tmp-{:08x}", path.filename().string(), rd());
+  Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  if (fd.get() < 0) {
+    throw Error("cannot write {}: {}", path.string(), errno_text(errno));
+  }
+  auto fail = [&](const char* what, int err) {
+    ::unlink(tmp.c_str());
+    throw Error("cannot write {}: {} ({})", path.string(), errno_text(err), what);
+  };
+  for (const auto part : parts) {
+    const std::byte* p = part.data();
+    std::size_t left = part.size();
+    while (left > 0) {
+      const ssize_t n = ::write(fd.get(), p, left);
+      if (n < 0) {
+        if (errno == EINTR) {
+          continue;
+        }
+        fail("write", errno);
+      }
+      p += n;
+      left -= static_cast<std::size_t>(n);
+    }
+  }
+  if (::fsync(fd.get()) != 0) {
+    fail("fsync", errno);
+  }
+  if (::close(fd.release()) != 0) {
+    fail("close", errno);
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    fail("rename", errno);
+  }
+  Fd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dfd.get() >= 0) {
+    ::fsync(dfd.get());
+  }
+}
+
+void
+atomic_write(const fs::path& path, std::string_view contents)
+{
+  const std::array<std::span<const std::byte>, 1> parts{as_bytes(contents)};
+  atomic_write(path, parts);
+}
+
+std::string
+sha256_hex(std::span<const std::span<const std::byte>> parts)
+{
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  if (ctx == nullptr || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) {
+    EVP_MD_CTX_free(ctx);
+    throw Error("OpenSSL: cannot start SHA-256");
+  }
+  for (const auto part : parts) {
+    EVP_DigestUpdate(ctx, part.data(), part.size());
+  }
+  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx, md.data(), &len);
+  EVP_MD_CTX_free(ctx);
+  std::string hex;
+  hex.reserve(len * 2);
+  for (unsigned int i = 0; i < len; ++i) {
+    hex += fmt::format("{:02x}", md[i]);
+  }
+  return hex;
+}
+
+std::string
+sha256_hex(std::span<const std::byte> bytes)
+{
+  const std::array<std::span<const std::byte>, 1> parts{bytes};
+  return sha256_hex(parts);
+}
+
+} // namespace fedl::core

@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/log.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <mutex>
+
+namespace fedl::core::log {
+
+namespace {
+
+Level g_level = Level::info;
+Format g_format = Format::text;
+std::mutex g_mutex;
+
+const char*
+level_name(Level level)
+{
+  switch (level) {
+  case Level::error:
+    return "error";
+  case Level::warning:
+    return "warning";
+  case Level::info:
+    return "info";
+  case Level::debug:
+    return "debug";
+  }
+  return "info";
+}
+
+std::string
+timestamp()
+{
+  const auto now = std::chrono::system_clock::now();
+  const auto ms =
+    std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+  const std::time_t t = std::chrono::system_clock::to_time_t(now);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  return fmt::format("{}.{:03}Z", buf, ms);
+}
+
+} // namespace
+
+void
+configure(Level level, Format format) noexcept
+{
+  g_level = level;
+  g_format = format;
+}
+
+Level
+level() noexcept
+{
+  return g_level;
+}
+
+bool
+enabled(Level lvl) noexcept
+{
+  return static_cast<int>(lvl) <= static_cast<int>(g_level);
+}
+
+void
+write(Level lvl, std::string_view message)
+{
+  std::string line;
+  if (g_format == Format::json) {
+    nlohmann::json j = {{"time", timestamp()}, {"level", level_name(lvl)}, {"msg", message}};
+    line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  } else if (lvl == Level::error || lvl == Level::warning) {
+    line = fmt::format("fedl: {}: {}\n", level_name(lvl), message);
+  } else {
+    line = fmt::format("fedl: {}\n", message);
+  }
+  const std::lock_guard lock(g_mutex);
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+} // namespace fedl::core::log

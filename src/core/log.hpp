@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: Apache-2.0
+// Logging to stderr: human text or JSON lines (--log-format), levels set by -q / -v.
+// Messages are formatted only when their level is enabled.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <string_view>
+
+namespace fedl::core::log {
+
+enum class Level { error = 0, warning = 1, info = 2, debug = 3 };
+enum class Format { text, json };
+
+void configure(Level level, Format format) noexcept;
+Level level() noexcept;
+bool enabled(Level level) noexcept;
+void write(Level level, std::string_view message);
+
+template<typename... Args>
+void
+emit(Level lvl, fmt::format_string<Args...> f, Args&&... args)
+{
+  if (enabled(lvl)) {
+    write(lvl, fmt::format(f, std::forward<Args>(args)...));
+  }
+}
+
+} // namespace fedl::core::log
+
+#define FEDL_LOG_ERROR(...) ::fedl::core::log::emit(::fedl::core::log::Level::error, __VA_ARGS__)
+#define FEDL_LOG_WARN(...) ::fedl::core::log::emit(::fedl::core::log::Level::warning, __VA_ARGS__)
+#define FEDL_LOG_INFO(...) ::fedl::core::log::emit(::fedl::core::log::Level::info, __VA_ARGS__)
+#define FEDL_LOG_DEBUG(...) ::fedl::core::log::emit(::fedl::core::log::Level::debug, __VA_ARGS__)

@@ -40,7 +40,7 @@ describe(const CLI::Option* o)
   OptionDoc d;
   d.longs = o->get_lnames();
   d.shorts = o->get_snames();
-  d.takes_value = o->get_type_size() != 0;
+  d.takes_value = o->get_expected_max() > 0;
   d.value_name = o->get_type_name();
   d.choices = choices_of(o);
   d.help = o->get_description();

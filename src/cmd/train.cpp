@@ -44,10 +44,6 @@ run_train(const TrainOptions& opt)
   if (!opt.out && !opt.save_model) {
     throw core::UsageError("nothing to write: give --out UPDATE (needs a starting model) and/or --save-model FILE");
   }
-  if (opt.out && !opt.model.model && !opt.model.arch) {
-    throw core::UsageError("--out writes an update against a starting model file: give --model FILE "
-                           "(create one with fedl train --arch SPEC --epochs 0 --save-model FILE)");
-  }
   const double started = uptime_seconds();
   const auto data = core::load_dataset(opt.data.to_options());
   FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), data.size(), data.shape_string());

@@ -1,0 +1,53 @@
+# SPDX-License-Identifier: Apache-2.0
+# A thin layer over CMake and CTest. Each entry point installs the Debian packages it needs
+# first (scripts/setup-debian.sh: idempotent, quiet when they are there).
+BUILD ?= build
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+PREFIX ?= /usr/local
+FEDL = $(BUILD)/src/fedl
+
+.PHONY: all setup configure build test unit e2e docs demo bench install completions clean
+
+all: build
+
+setup:
+	@./scripts/setup-debian.sh
+
+configure: setup
+	@test -f $(BUILD)/build.ninja || cmake -S . -B $(BUILD) -G Ninja -DCMAKE_INSTALL_PREFIX=$(PREFIX) $(CMAKE_FLAGS) >/dev/null
+
+build: configure
+	@cmake --build $(BUILD) -j $(JOBS)
+
+# Every test: unit (doctest), e2e (the real binary on real data), docs (man pages, completions).
+test: build
+	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+unit: build
+	@cd $(BUILD) && ctest --output-on-failure -L unit
+
+e2e: build
+	@cd $(BUILD) && ctest --output-on-failure -L e2e
+
+docs: build
+	@cd $(BUILD) && ctest --output-on-failure -L docs
+
+# fedl's main job on a built-in default: see examples/demo/run.
+demo: build
+	@FEDL=$(FEDL) ./examples/demo/run
+
+bench: build
+	@FEDL=$(FEDL) ./bench/train_vs_pytorch.sh
+
+install: build
+	@cmake --install $(BUILD)
+
+# Regenerates the committed completion scripts from the CLI definition.
+completions: build
+	@$(FEDL) completion bash > completions/fedl.bash
+	@$(FEDL) completion zsh > completions/_fedl
+	@$(FEDL) completion fish > completions/fedl.fish
+
+clean:
+	rm -rf $(BUILD)

@@ -118,7 +118,7 @@ run_train(const TrainOptions& opt)
     text += fmt::format("update: {} (base {})\n", opt.out->string(), base_sha);
   }
   j["total_seconds"] = uptime_seconds() - started;
-  print_result(j, globals().quiet ? "" : text);
+  print_result(j, text);
   return 0;
 }
 

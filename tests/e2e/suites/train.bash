@@ -211,3 +211,21 @@ test_interrupt_and_kill_leave_no_output()
   wait $pid 2>/dev/null
   expect_no_file int.st kill.st
 }
+
+test_prox_mu_keeps_the_update_near_the_start()
+{
+  # FedProx adds mu/2 * ||w - w_start||^2 to the loss: a large mu must shrink the update.
+  fedl_expect 0 -q train --data "$DATA/digits.csv.gz" --no-header --arch logreg --epochs 0 --save-model base.st || return
+  fedl_expect 0 -q train --data "$DATA/digits.csv.gz" --no-header --model base.st --epochs 3 --out free.st || return
+  fedl_expect 0 -q train --data "$DATA/digits.csv.gz" --no-header --model base.st --epochs 3 --prox-mu 10 \
+    --out prox.st || return
+  "$PY" - <<'PY' || fail "--prox-mu did not shrink the update"
+import os, sys
+sys.path.insert(0, os.environ["FEDL_SOURCE_DIR"] + "/tests/e2e")
+import numpy as np, st_read
+norm = lambda f: np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in st_read.read(f)[0].values()))
+free, prox = norm("free.st"), norm("prox.st")
+print(f"update norm without prox: {free:.4f}, with mu=10: {prox:.4f}")
+assert prox < 0.5 * free, (free, prox)
+PY
+}

@@ -68,7 +68,6 @@ typedef struct fedl_train_result {
   double loss;            /* mean training loss of the last epoch */
   uint64_t samples;       /* samples seen per epoch */
   uint64_t steps;
-  double first_batch_seconds; /* from the start of train() to the end of the first step */
 } fedl_train_result;
 
 typedef struct fedl_eval_result {

@@ -116,8 +116,17 @@ open_model(const backends::Backend& backend,
     throw core::UsageError("{} holds the weights of a TorchScript model: give the module with --torchscript FILE",
                            src.model->string());
   }
-  const auto input_shape = core::parse_shape(required_meta(st, "fedl.input_shape", *src.model),
-                                             src.model->string() + ": fedl.input_shape");
+  try {
+    (void)core::parse_model_spec(arch);
+  } catch (const core::UsageError& e) {
+    throw core::VerifyError("{}: fedl.arch is not a valid architecture: {}", src.model->string(), e.what());
+  }
+  std::vector<std::int64_t> input_shape;
+  try {
+    input_shape = core::parse_shape(required_meta(st, "fedl.input_shape", *src.model), "fedl.input_shape");
+  } catch (const core::UsageError& e) {
+    throw core::VerifyError("{}: {}", src.model->string(), e.what());
+  }
   std::int64_t classes = 0;
   try {
     classes = std::stoll(required_meta(st, "fedl.classes", *src.model));

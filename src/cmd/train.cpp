@@ -71,7 +71,7 @@ run_train(const TrainOptions& opt)
   auto* old_term = std::signal(SIGTERM, [](int) { g_interrupted = 1; });
   fedl_train_config cfg{opt.epochs, opt.batch_size, opt.lr, opt.optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD,
                         opt.momentum, opt.prox_mu, opt.model.seed};
-  fedl_train_result result{0.0, data.size(), 0, 0.0};
+  fedl_train_result result{0.0, data.size(), 0};
   if (opt.epochs > 0) {
     result = m.model.train(data, cfg, [&](std::uint32_t epoch, std::uint64_t step, std::uint64_t per_epoch, double loss, bool epoch_end) {
       if (first_batch < 0) {

@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # An independent safetensors reader (NumPy and the standard library only), written from the
 # format's published description, used by the tests to check fedl's files from outside.
-# Usage as a module: tensors, metadata = read(path)
+# Usage as a module: tensors, metadata = read(path); write(path, tensors, metadata)
 import json
 import struct
 import sys
@@ -31,6 +31,23 @@ def read(path):
         tensors[name] = arr
     assert end == len(buf), "trailing bytes"
     return tensors, meta
+
+
+def write(path, tensors, metadata):
+    """Writes `tensors` (name -> NumPy array) and `metadata` (str -> str) as safetensors."""
+    codes = {np.dtype(v): k for k, v in DTYPES.items()}
+    header = {"__metadata__": metadata} if metadata else {}
+    body = b""
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        raw = arr.tobytes()
+        header[name] = {"dtype": codes[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [len(body), len(body) + len(raw)]}
+        body += raw
+    text = json.dumps(header).encode("utf-8")
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + body)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,18 @@ test_corrupt_or_truncated_safetensors_is_exit_3()
   head -c 4096 /dev/urandom > garbage.st
   fedl_expect 3 eval --data "$DATA/iris.csv" --no-header --model garbage.st || return
   expect_in err "garbage.st"
+  # A well-formed file whose fedl metadata lies is not what it claims either.
+  "$PY" - <<'PY'
+import os, sys
+sys.path.insert(0, os.environ["FEDL_SOURCE_DIR"] + "/tests/e2e")
+import st_read
+t, m = st_read.read("m.st")
+st_read.write("arch.st", t, dict(m, **{"fedl.arch": "resnet"}))
+st_read.write("shape.st", t, dict(m, **{"fedl.input_shape": "four"}))
+PY
+  fedl_expect 3 eval --data "$DATA/iris.csv" --no-header --model arch.st || return
+  expect_in err "arch.st: fedl.arch is not a valid architecture"
+  fedl_expect 3 eval --data "$DATA/iris.csv" --no-header --model shape.st
   expect_no_file u.st
 }
 

@@ -1,1 +1,240 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "core/config.hpp"
+
+#include "core/dataset.hpp"
+#include "core/error.hpp"
+#include "core/file_io.hpp"
+
+#include <fmt/ranges.h>
+
+#include <set>
+
+namespace fedl::core {
+
+namespace {
+
+using nlohmann::json;
+
+// Reads the fields of one JSON object, tracking which keys were used, so that the leftovers can
+// be reported by name.
+class ObjectReader
+{
+public:
+  ObjectReader(const json& j, std::string path, const std::string& what) : m_j(j), m_path(std::move(path)), m_what(what)
+  {
+    if (!j.is_object()) {
+      throw UsageError("{}: {} must be an object, found {}", what, m_path.empty() ? "the top level" : m_path,
+                       j.type_name());
+    }
+  }
+
+  std::string field(const std::string& key) const { return m_path.empty() ? key : m_path + "." + key; }
+
+  const json* find(const std::string& key)
+  {
+    m_used.insert(key);
+    const auto it = m_j.find(key);
+    return it == m_j.end() ? nullptr : &*it;
+  }
+
+  const json& require(const std::string& key)
+  {
+    const auto* v = find(key);
+    if (v == nullptr) {
+      throw UsageError("{}: {} is missing", m_what, field(key));
+    }
+    return *v;
+  }
+
+  [[noreturn]] void type_error(const std::string& key, const char* expected, const json& v) const
+  {
+    throw UsageError("{}: {} must be {}, found {} {}", m_what, field(key), expected, v.type_name(), v.dump());
+  }
+
+  void get(const std::string& key, std::string& out)
+  {
+    if (const auto* v = find(key)) {
+      if (!v->is_string()) {
+        type_error(key, "a string", *v);
+      }
+      out = v->get<std::string>();
+    }
+  }
+
+  void get(const std::string& key, double& out)
+  {
+    if (const auto* v = find(key)) {
+      if (!v->is_number()) {
+        type_error(key, "a number", *v);
+      }
+      out = v->get<double>();
+    }
+  }
+
+  template<typename T>
+    requires std::is_integral_v<T>
+  void get(const std::string& key, T& out)
+  {
+    if (const auto* v = find(key)) {
+      if (!v->is_number_integer() || (std::is_unsigned_v<T> && v->get<std::int64_t>() < 0)) {
+        type_error(key, std::is_unsigned_v<T> ? "a non-negative integer" : "an integer", *v);
+      }
+      out = v->get<T>();
+    }
+  }
+
+  void get(const std::string& key, std::vector<std::string>& out)
+  {
+    if (const auto* v = find(key)) {
+      if (!v->is_array()) {
+        type_error(key, "an array of strings", *v);
+      }
+      out.clear();
+      for (const auto& item : *v) {
+        if (!item.is_string()) {
+          type_error(key, "an array of strings", *v);
+        }
+        out.push_back(item.get<std::string>());
+      }
+    }
+  }
+
+  // Throws for keys present in the object that nobody asked for.
+  void finish() const
+  {
+    for (const auto& [k, v] : m_j.items()) {
+      if (m_used.count(k) == 0) {
+        std::vector<std::string> known(m_used.begin(), m_used.end());
+        throw UsageError("{}: unknown key {} (known keys here: {})", m_what, field(k), fmt::join(known, ", "));
+      }
+    }
+  }
+
+private:
+  const json& m_j;
+  std::string m_path;
+  const std::string& m_what;
+  std::set<std::string> m_used;
+};
+
+} // namespace
+
+nlohmann::json
+to_json(const FederationConfig& c)
+{
+  json model = {{"arch", c.model.arch}, {"input_shape", shape_to_string(c.model.input_shape)}, {"classes", c.model.classes}};
+  if (c.model.torchscript) {
+    model["torchscript"] = *c.model.torchscript;
+  }
+  return {
+    {"version", c.version},
+    {"model", model},
+    {"clients", c.clients},
+    {"server", {{"listen", c.listen}, {"names", c.server_names}}},
+    {"rounds", c.rounds},
+    {"strategy", c.strategy},
+    {"server_optimizer",
+     {{"lr", c.server_optimizer.lr},
+      {"momentum", c.server_optimizer.momentum},
+      {"beta1", c.server_optimizer.beta1},
+      {"beta2", c.server_optimizer.beta2},
+      {"tau", c.server_optimizer.tau}}},
+    {"training",
+     {{"epochs", c.training.epochs},
+      {"batch_size", c.training.batch_size},
+      {"lr", c.training.lr},
+      {"optimizer", c.training.optimizer},
+      {"momentum", c.training.momentum},
+      {"prox_mu", c.training.prox_mu}}},
+    {"seed", c.seed},
+    {"pki", {{"valid_days", c.valid_days}}},
+  };
+}
+
+FederationConfig
+config_from_json(const nlohmann::json& j, const std::string& what)
+{
+  FederationConfig c;
+  ObjectReader top(j, "", what);
+  top.get("version", c.version);
+  if (c.version != 1) {
+    throw UsageError("{}: version {} is not supported by this fedl (it reads version 1)", what, c.version);
+  }
+  {
+    ObjectReader m(top.require("model"), "model", what);
+    m.get("arch", c.model.arch);
+    std::string shape;
+    m.get("input_shape", shape);
+    c.model.input_shape = parse_shape(shape, what + ": model.input_shape");
+    m.get("classes", c.model.classes);
+    if (const auto* ts = m.find("torchscript")) {
+      if (!ts->is_string()) {
+        m.type_error("torchscript", "a string", *ts);
+      }
+      c.model.torchscript = ts->get<std::string>();
+    }
+    m.finish();
+    if (c.model.arch.empty() || c.model.classes < 1) {
+      throw UsageError("{}: model.arch and a positive model.classes are required", what);
+    }
+  }
+  top.get("clients", c.clients);
+  if (const auto* s = top.find("server")) {
+    ObjectReader r(*s, "server", what);
+    r.get("listen", c.listen);
+    r.get("names", c.server_names);
+    r.finish();
+  }
+  top.get("rounds", c.rounds);
+  top.get("strategy", c.strategy);
+  if (const auto* s = top.find("server_optimizer")) {
+    ObjectReader r(*s, "server_optimizer", what);
+    r.get("lr", c.server_optimizer.lr);
+    r.get("momentum", c.server_optimizer.momentum);
+    r.get("beta1", c.server_optimizer.beta1);
+    r.get("beta2", c.server_optimizer.beta2);
+    r.get("tau", c.server_optimizer.tau);
+    r.finish();
+  }
+  if (const auto* t = top.find("training")) {
+    ObjectReader r(*t, "training", what);
+    r.get("epochs", c.training.epochs);
+    r.get("batch_size", c.training.batch_size);
+    r.get("lr", c.training.lr);
+    r.get("optimizer", c.training.optimizer);
+    r.get("momentum", c.training.momentum);
+    r.get("prox_mu", c.training.prox_mu);
+    r.finish();
+  }
+  top.get("seed", c.seed);
+  if (const auto* p = top.find("pki")) {
+    ObjectReader r(*p, "pki", what);
+    r.get("valid_days", c.valid_days);
+    r.finish();
+  }
+  top.finish();
+  return c;
+}
+
+FederationConfig
+load_config(const std::filesystem::path& path)
+{
+  const MappedFile file(path);
+  const auto bytes = file.bytes();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(reinterpret_cast<const char*>(bytes.data()),
+                              reinterpret_cast<const char*>(bytes.data()) + bytes.size());
+  } catch (const nlohmann::json::exception& e) {
+    throw UsageError("{}: not valid JSON: {}", path.string(), e.what());
+  }
+  return config_from_json(j, path.string());
+}
+
+std::string
+config_text(const FederationConfig& config)
+{
+  return to_json(config).dump(2) + "\n";
+}
+
+} // namespace fedl::core

@@ -1,1 +1,187 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "core/ledger.hpp"
+
+#include "core/error.hpp"
+#include "core/file_io.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <ctime>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core {
+
+namespace {
+
+const std::string k_genesis_prev(64, '0');
+
+std::string
+read_text(const fs::path& path)
+{
+  if (!fs::exists(path)) {
+    return {};
+  }
+  const MappedFile f(path);
+  return {reinterpret_cast<const char*>(f.bytes().data()), f.bytes().size()};
+}
+
+std::vector<std::string_view>
+split_lines(std::string_view text)
+{
+  std::vector<std::string_view> lines;
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    auto nl = text.find('\n', pos);
+    if (nl == std::string_view::npos) {
+      nl = text.size();
+    }
+    lines.push_back(text.substr(pos, nl - pos));
+    pos = nl + 1;
+  }
+  return lines;
+}
+
+} // namespace
+
+std::string
+utc_now()
+{
+  const auto now = std::chrono::system_clock::now();
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+  const std::time_t t = std::chrono::system_clock::to_time_t(now);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  return fmt::format("{}.{:03}Z", buf, ms);
+}
+
+std::string
+ledger_signed_payload(const nlohmann::json& entry_without_sig)
+{
+  return entry_without_sig.dump();
+}
+
+LedgerEntry
+append_ledger(const fs::path& path, const std::string& kind, const nlohmann::json& body, const Signer& sign)
+{
+  const auto text = read_text(path);
+  if (!text.empty() && text.back() != '\n') {
+    throw VerifyError("{}: the last line is incomplete (an append was interrupted?); run fedl audit and "
+                      "restore the ledger from a backup",
+                      path.string());
+  }
+  const auto lines = split_lines(text);
+  LedgerEntry e;
+  e.kind = kind;
+  e.body = body;
+  e.time = utc_now();
+  e.prev = k_genesis_prev;
+  e.seq = 0;
+  if (!lines.empty()) {
+    const auto last = lines.back();
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(last);
+      e.seq = j.at("seq").get<std::uint64_t>() + 1;
+    } catch (const nlohmann::json::exception&) {
+      throw VerifyError("{}: line {} is not a ledger entry; run fedl audit", path.string(), lines.size());
+    }
+    e.prev = sha256_hex(as_bytes(last));
+  }
+  nlohmann::json j = {{"seq", e.seq}, {"time", e.time}, {"kind", e.kind}, {"body", e.body}, {"prev", e.prev}};
+  e.sig = sign(ledger_signed_payload(j));
+  j["sig"] = e.sig;
+  const std::string line = j.dump() + "\n";
+  e.line = lines.size() + 1;
+
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    throw Error("cannot append to {}: {}", path.string(), std::strerror(errno));
+  }
+  const auto n = ::write(fd, line.data(), line.size());
+  const int write_errno = errno;
+  if (n != static_cast<ssize_t>(line.size())) {
+    if (n > 0) {
+      // Take the partial line back so that the ledger stays a sequence of whole entries.
+      (void)::ftruncate(fd, static_cast<off_t>(text.size()));
+    }
+    ::close(fd);
+    throw Error("cannot append to {}: {}", path.string(), n < 0 ? std::strerror(write_errno) : "short write");
+  }
+  if (::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw Error("cannot append to {}: fsync: {}", path.string(), std::strerror(err));
+  }
+  ::close(fd);
+  return e;
+}
+
+std::vector<LedgerEntry>
+read_ledger(const fs::path& path, const Verifier& verify)
+{
+  if (!fs::exists(path)) {
+    throw VerifyError("{} does not exist: this is not a fedl workspace or its ledger was deleted", path.string());
+  }
+  const auto text = read_text(path);
+  if (text.empty()) {
+    throw VerifyError("{} is empty: its genesis entry is missing", path.string());
+  }
+  if (text.back() != '\n') {
+    throw VerifyError("{}: line {} is incomplete (no final newline)", path.string(), split_lines(text).size());
+  }
+  std::vector<LedgerEntry> entries;
+  std::string prev_hash = k_genesis_prev;
+  const auto lines = split_lines(text);
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const auto where = fmt::format("{}: line {}", path.string(), i + 1);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(lines[i]);
+    } catch (const nlohmann::json::exception&) {
+      throw VerifyError("{}: not valid JSON (the line was altered)", where);
+    }
+    LedgerEntry e;
+    e.line = i + 1;
+    try {
+      e.seq = j.at("seq").get<std::uint64_t>();
+      e.time = j.at("time").get<std::string>();
+      e.kind = j.at("kind").get<std::string>();
+      e.body = j.at("body");
+      e.prev = j.at("prev").get<std::string>();
+      e.sig = j.at("sig").get<std::string>();
+    } catch (const nlohmann::json::exception&) {
+      throw VerifyError("{}: missing or mistyped ledger fields (seq, time, kind, body, prev, sig)", where);
+    }
+    if (j.size() != 6) {
+      throw VerifyError("{}: unexpected fields in a ledger entry", where);
+    }
+    if (e.seq != i) {
+      throw VerifyError("{}: sequence number {} where {} was expected (a line was deleted, inserted or moved)",
+                        where, e.seq, i);
+    }
+    if (e.prev != prev_hash) {
+      throw VerifyError("{}: prev does not match the SHA-256 of the line before (the chain is broken: a line "
+                        "was altered, deleted or moved)",
+                        where);
+    }
+    j.erase("sig");
+    if (!verify(ledger_signed_payload(j), e.sig)) {
+      throw VerifyError("{}: the signature does not verify against the coordinator's certificate", where);
+    }
+    prev_hash = sha256_hex(as_bytes(lines[i]));
+    entries.push_back(std::move(e));
+  }
+  if (entries.front().kind != "genesis") {
+    throw VerifyError("{}: line 1 is a {} entry, not the genesis entry", path.string(), entries.front().kind);
+  }
+  return entries;
+}
+
+} // namespace fedl::core

@@ -3,6 +3,8 @@
 
 #include "core/error.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <cstring>
 
 namespace fedl::core {
@@ -48,6 +50,18 @@ views_of(std::span<const OwnedTensor> tensors)
     out.push_back(t.view());
   }
   return out;
+}
+
+std::string
+update_signed_payload(std::span<const TensorView> tensors, const Metadata& metadata)
+{
+  nlohmann::json meta(metadata);
+  meta.erase("fedl.signature");
+  nlohmann::json list = nlohmann::json::object();
+  for (const auto& t : tensors) {
+    list[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"sha256", sha256_hex(t.data)}};
+  }
+  return nlohmann::json{{"fedl", "update-signature-v1"}, {"metadata", meta}, {"tensors", list}}.dump();
 }
 
 std::vector<OwnedTensor>

@@ -23,6 +23,11 @@ struct OwnedTensor
 std::vector<OwnedTensor> copy_tensors(std::span<const TensorView> tensors);
 std::vector<TensorView> views_of(std::span<const OwnedTensor> tensors);
 
+// The bytes a site's signature on an update covers (fedl train --identity): the metadata without
+// fedl.signature, and each tensor's name, dtype, shape and data SHA-256, as compact JSON with
+// sorted keys. It depends on the content only, not on the file's layout.
+std::string update_signed_payload(std::span<const TensorView> tensors, const Metadata& metadata);
+
 // `after - before`, tensor by tensor (F32 or F64). Throws VerifyError if the two do not have the
 // same names, dtypes and shapes.
 std::vector<OwnedTensor> weight_delta(std::span<const TensorView> after, std::span<const TensorView> before);

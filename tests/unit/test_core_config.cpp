@@ -1,2 +1,87 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "core/config.hpp"
+#include "core/error.hpp"
+
 #include <doctest/doctest.h>
+
+using namespace fedl::core;
+
+namespace {
+
+std::string
+error_of(const nlohmann::json& j)
+{
+  try {
+    (void)config_from_json(j, "fedl.json");
+  } catch (const UsageError& e) {
+    return e.what();
+  }
+  return "(accepted)";
+}
+
+FederationConfig
+sample()
+{
+  FederationConfig c;
+  c.model = {"mlp:64", {64}, 10, std::nullopt};
+  c.clients = {"site-1", "site-2"};
+  c.rounds = 5;
+  c.strategy = "fedadam";
+  c.training.lr = 0.05;
+  return c;
+}
+
+} // namespace
+
+TEST_SUITE_BEGIN("config");
+
+TEST_CASE("core::config round-trips through JSON")
+{
+  const auto c = sample();
+  const auto back = config_from_json(to_json(c), "fedl.json");
+  CHECK(to_json(back) == to_json(c));
+  CHECK(back.model.input_shape == std::vector<std::int64_t>{64});
+  CHECK(back.clients == c.clients);
+  CHECK(back.training.lr == 0.05);
+  CHECK(config_text(c).back() == '\n');
+}
+
+TEST_CASE("core::config rejects unknown keys by their path")
+{
+  auto j = to_json(sample());
+  j["roudns"] = 3;
+  CHECK(error_of(j).find("unknown key roudns") != std::string::npos);
+  j = to_json(sample());
+  j["training"]["learning_rate"] = 0.1;
+  CHECK(error_of(j).find("unknown key training.learning_rate") != std::string::npos);
+  j = to_json(sample());
+  j["model"]["dropout"] = 0.5;
+  CHECK(error_of(j).find("unknown key model.dropout") != std::string::npos);
+}
+
+TEST_CASE("core::config rejects wrong types with the field path")
+{
+  auto j = to_json(sample());
+  j["rounds"] = "ten";
+  CHECK(error_of(j).find("rounds must be a non-negative integer, found string \"ten\"") != std::string::npos);
+  j = to_json(sample());
+  j["training"]["lr"] = "fast";
+  CHECK(error_of(j).find("training.lr must be a number") != std::string::npos);
+  j = to_json(sample());
+  j["clients"] = {"a", 3};
+  CHECK(error_of(j).find("clients must be an array of strings") != std::string::npos);
+  j = to_json(sample());
+  j["server"] = 1;
+  CHECK(error_of(j).find("server must be an object") != std::string::npos);
+  j = to_json(sample());
+  j.erase("model");
+  CHECK(error_of(j).find("model is missing") != std::string::npos);
+  j = to_json(sample());
+  j["version"] = 2;
+  CHECK(error_of(j).find("version 2 is not supported") != std::string::npos);
+  j = to_json(sample());
+  j["rounds"] = -1;
+  CHECK(error_of(j).find("rounds must be a non-negative integer") != std::string::npos);
+}
+
+TEST_SUITE_END();

@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: Apache-2.0
+// The ledger: a hash-chained, signed record of everything that happened in a federation, as
+// JSON Lines (DESIGN §3, §9). Each line is one object
+//   {"seq": N, "time": "...Z", "kind": "genesis|round|client-added|revoked|...", "body": {...},
+//    "prev": "<SHA-256 of the previous line's bytes without its newline; 64 zeros for seq 0>",
+//    "sig": "<signature>"}
+// whose signature covers the object without "sig", serialized compactly with sorted keys.
+// Appends are one write of the whole line followed by fsync.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace fedl::core {
+
+// Signs the bytes of an entry; returns the signature text.
+using Signer = std::function<std::string(std::string_view payload)>;
+// True if `signature` is a valid signature of `payload`.
+using Verifier = std::function<bool(std::string_view payload, const std::string& signature)>;
+
+struct LedgerEntry
+{
+  std::uint64_t seq = 0;
+  std::string time;
+  std::string kind;
+  nlohmann::json body;
+  std::string prev;
+  std::string sig;
+  std::size_t line = 0; // 1-based line number in the file
+};
+
+// The bytes that an entry's signature covers.
+std::string ledger_signed_payload(const nlohmann::json& entry_without_sig);
+
+// Appends a new entry of `kind` with `body`, chained to the last line, and returns it. Creates
+// the file for the first (genesis) entry. Throws VerifyError if the last line is incomplete or
+// not JSON (run fedl audit), Error for I/O.
+LedgerEntry append_ledger(const std::filesystem::path& path,
+                          const std::string& kind,
+                          const nlohmann::json& body,
+                          const Signer& sign);
+
+// Reads and verifies the whole ledger: every line is JSON with the fields above, seq counts
+// from 0 without gaps, prev chains each line to the one before, and every signature verifies.
+// Throws VerifyError naming the first broken line and what is wrong with it.
+std::vector<LedgerEntry> read_ledger(const std::filesystem::path& path, const Verifier& verify);
+
+// The current UTC time as ISO 8601 with milliseconds, e.g. 2026-11-27T19:20:00.123Z.
+std::string utc_now();
+
+} // namespace fedl::core

@@ -1,1 +1,2073 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "core/aggregate.hpp"
+
+#include "core/error.hpp"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <numeric>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include <type_traits>
+
+// On x86-64 the hot loops are compiled twice, for the baseline (SSE2) and for AVX2, and the
+// better one is chosen at load time (GCC function multiversioning); both do the same IEEE
+// operations in the same order, so results do not depend on the machine.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FEDL_X86_64 1
+#define FEDL_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FEDL_X86_64 0
+#define FEDL_CLONES
+#endif
+
+namespace fedl::core {
+
+namespace {
+
+// Inner loops run over this many values at a time: a constant trip count that GCC vectorizes
+// even at -O2 (whose cost model refuses loops that need a scalar epilogue).
+constexpr std::size_t k_lanes = 16;
+// Coordinates per block of the weighted mean: 64 KiB of double accumulators, resident in L2.
+constexpr std::size_t k_mean_block = 8192;
+// Bytes of one thread's copy of a robust block (N updates × B coordinates): about L2's size.
+constexpr std::size_t k_robust_bytes = std::size_t{1} << 20;
+// Columns that one compare-exchange of the sorting network handles (a multiple of k_lanes).
+constexpr std::size_t k_tile = 64;
+// Past this many updates the columns are sorted one at a time (the network grows as N log² N).
+constexpr std::size_t k_network_max = 4096;
+// A thread gets at least this many coordinates; smaller models run on fewer threads.
+constexpr std::size_t k_min_per_thread = std::size_t{1} << 16;
+// Resident mapped bytes of the update files that all threads together keep, at most (roughly).
+constexpr std::size_t k_resident_budget = std::size_t{16} << 20;
+// The largest page-cache folio that a read fault maps at once (a PMD on x86-64).
+constexpr std::size_t k_folio_bytes = std::size_t{2} << 20;
+// Updates are read in place while their expected resident pages stay below 2 × model + this.
+constexpr std::size_t k_mapped_slack = std::size_t{32} << 20;
+
+constexpr std::string_view k_forms =
+  "fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean:BETA (0 <= BETA < 0.5), "
+  "krum:F, multi-krum:F,M (F >= 0 updates tolerated as faulty, M >= 1 updates averaged)";
+
+struct NamedStrategy
+{
+  Strategy kind;
+  std::string_view name;
+};
+
+constexpr std::array<NamedStrategy, 9> k_strategies{{
+  {Strategy::fedavg, "fedavg"},
+  {Strategy::fedavgm, "fedavgm"},
+  {Strategy::fedadam, "fedadam"},
+  {Strategy::fedyogi, "fedyogi"},
+  {Strategy::fedadagrad, "fedadagrad"},
+  {Strategy::median, "median"},
+  {Strategy::trimmed_mean, "trimmed-mean"},
+  {Strategy::krum, "krum"},
+  {Strategy::multi_krum, "multi-krum"},
+}};
+
+bool
+adaptive(Strategy s) noexcept
+{
+  return s == Strategy::fedadam || s == Strategy::fedyogi || s == Strategy::fedadagrad;
+}
+
+// Unaligned-safe loads and stores: mapped tensor data is aligned only as the file lays it out.
+// GCC turns these memcpy calls into plain (vectorizable) loads and stores.
+template<typename T>
+inline T
+load(const std::byte* p) noexcept
+{
+  T v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template<typename T>
+inline void
+store(std::byte* p, T v) noexcept
+{
+  std::memcpy(p, &v, sizeof v);
+}
+
+bool
+has_avx2() noexcept
+{
+#if FEDL_X86_64
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// A zero-filled buffer of `size` bytes. A large one is backed by transparent huge pages where the
+// kernel offers them (MADV_HUGEPAGE before the first touch): faulting the new model in by 2 MiB
+// instead of 4 KiB pages makes allocating it about three times faster (measured: 256 MB in 58
+// instead of 170 ms).
+std::vector<std::byte>
+zeroed_buffer(std::size_t size)
+{
+  std::vector<std::byte> v;
+  v.reserve(size);
+  constexpr std::uintptr_t huge = std::uintptr_t{2} << 20;
+  if (size >= 2 * huge) {
+    const auto a = reinterpret_cast<std::uintptr_t>(v.data());
+    const auto lo = (a + huge - 1) / huge * huge;
+    const auto hi = (a + size) / huge * huge;
+    if (hi > lo) {
+      // Only a hint: without it the pages are simply 4 KiB ones.
+      ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+    }
+  }
+  v.resize(size);
+  return v;
+}
+
+std::string
+shape_text(const std::vector<std::int64_t>& shape)
+{
+  return fmt::format("[{}]", fmt::join(shape, ","));
+}
+
+bool
+is_float(DType d) noexcept
+{
+  return d == DType::f32 || d == DType::f64;
+}
+
+template<typename U>
+std::optional<U>
+parse_unsigned(std::string_view text)
+{
+  U value{};
+  const auto* end = text.data() + text.size();
+  const auto [p, ec] = std::from_chars(text.data(), end, value);
+  if (text.empty() || ec != std::errc() || p != end) {
+    return std::nullopt;
+  }
+  return value;
+}
+
+std::optional<double>
+parse_double(std::string_view text)
+{
+  double value = 0;
+  const auto* end = text.data() + text.size();
+  const auto [p, ec] = std::from_chars(text.data(), end, value);
+  if (text.empty() || ec != std::errc() || p != end || !std::isfinite(value)) {
+    return std::nullopt;
+  }
+  return value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sorting columns: Batcher's merge exchange (Knuth, TAOCP vol. 3, §5.2.2, Algorithm M), a
+// comparator network for any n. Applied to k_tile columns at once, each comparator is a
+// vectorized min and max of two rows: no branches, no data-dependent memory access.
+
+using Network = std::vector<std::pair<std::uint32_t, std::uint32_t>>;
+
+Network
+merge_exchange_network(std::size_t n)
+{
+  Network net;
+  if (n < 2) {
+    return net;
+  }
+  std::size_t t = 0;
+  while ((std::size_t{1} << t) < n) {
+    ++t;
+  }
+  for (std::size_t p = std::size_t{1} << (t - 1); p > 0; p >>= 1) {
+    std::size_t q = std::size_t{1} << (t - 1);
+    std::size_t r = 0;
+    std::size_t d = p;
+    for (;;) {
+      for (std::size_t i = 0; i + d < n; ++i) {
+        if ((i & p) == r) {
+          net.emplace_back(static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(i + d));
+        }
+      }
+      if (q == p) {
+        break;
+      }
+      d = q - p;
+      q >>= 1;
+      r = p;
+    }
+  }
+  return net;
+}
+
+// Runs the comparators of `network` on `tiles` tiles of k_tile columns of the matrix `rows`
+// (row stride `stride`): each comparator (a, b) puts the smaller of rows a and b, column by
+// column, in row a and the larger in row b. For finite values (the only ones aggregation sees)
+// the min and max instructions and a compare-and-swap agree.
+template<typename T>
+void
+network_tiles_generic(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
+{
+  for (std::size_t c0 = 0; c0 < tiles * k_tile; c0 += k_tile) {
+    for (const auto& [a, b] : network) {
+      T* ra = rows + a * stride + c0;
+      T* rb = rows + b * stride + c0;
+      for (std::size_t j = 0; j < k_tile; ++j) {
+        const T x = ra[j];
+        const T y = rb[j];
+        ra[j] = std::min(x, y);
+        rb[j] = std::max(x, y);
+      }
+    }
+  }
+}
+
+#if FEDL_X86_64
+
+template<typename T>
+void
+network_tiles_sse2(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
+{
+  for (std::size_t c0 = 0; c0 < tiles * k_tile; c0 += k_tile) {
+    for (const auto& [a, b] : network) {
+      T* ra = rows + a * stride + c0;
+      T* rb = rows + b * stride + c0;
+      if constexpr (std::is_same_v<T, float>) {
+        for (std::size_t j = 0; j < k_tile; j += 4) {
+          const __m128 x = _mm_loadu_ps(ra + j);
+          const __m128 y = _mm_loadu_ps(rb + j);
+          _mm_storeu_ps(ra + j, _mm_min_ps(x, y));
+          _mm_storeu_ps(rb + j, _mm_max_ps(x, y));
+        }
+      } else {
+        for (std::size_t j = 0; j < k_tile; j += 2) {
+          const __m128d x = _mm_loadu_pd(ra + j);
+          const __m128d y = _mm_loadu_pd(rb + j);
+          _mm_storeu_pd(ra + j, _mm_min_pd(x, y));
+          _mm_storeu_pd(rb + j, _mm_max_pd(x, y));
+        }
+      }
+    }
+  }
+}
+
+template<typename T>
+__attribute__((target("avx2"))) void
+network_tiles_avx2(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
+{
+  for (std::size_t c0 = 0; c0 < tiles * k_tile; c0 += k_tile) {
+    for (const auto& [a, b] : network) {
+      T* ra = rows + a * stride + c0;
+      T* rb = rows + b * stride + c0;
+      if constexpr (std::is_same_v<T, float>) {
+        for (std::size_t j = 0; j < k_tile; j += 8) {
+          const __m256 x = _mm256_loadu_ps(ra + j);
+          const __m256 y = _mm256_loadu_ps(rb + j);
+          _mm256_storeu_ps(ra + j, _mm256_min_ps(x, y));
+          _mm256_storeu_ps(rb + j, _mm256_max_ps(x, y));
+        }
+      } else {
+        for (std::size_t j = 0; j < k_tile; j += 4) {
+          const __m256d x = _mm256_loadu_pd(ra + j);
+          const __m256d y = _mm256_loadu_pd(rb + j);
+          _mm256_storeu_pd(ra + j, _mm256_min_pd(x, y));
+          _mm256_storeu_pd(rb + j, _mm256_max_pd(x, y));
+        }
+      }
+    }
+  }
+}
+
+#endif
+
+template<typename T>
+void
+network_tiles(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
+{
+#if FEDL_X86_64
+  if (has_avx2()) {
+    network_tiles_avx2(rows, stride, tiles, network);
+  } else {
+    network_tiles_sse2(rows, stride, tiles, network);
+  }
+#else
+  network_tiles_generic(rows, stride, tiles, network);
+#endif
+}
+
+// What to run on each column of a block: a comparator network, or (past k_network_max, where a
+// network would be too long) a plain sort of each column.
+struct Selection
+{
+  Network network;
+  bool sort_each = false;
+};
+
+// Sorts each column completely.
+Selection
+full_sort(std::size_t n)
+{
+  Selection s;
+  if (n <= k_network_max) {
+    s.network = merge_exchange_network(n);
+  } else {
+    s.sort_each = true;
+  }
+  return s;
+}
+
+// Leaves in rows [lo, hi) of each column the values that sorted rows [lo, hi) would hold, in some
+// order, with the fewer comparators of two networks: Batcher's network pruned to the comparators
+// those rows depend on (walking back from the output, a comparator matters if it touches a row
+// that matters, and then both of its rows matter); or, when as many rows are dropped below as
+// above, lo passes that move the minimum of the remaining rows to the top and lo that move the
+// maximum to the bottom (2·lo·(n − lo) comparators: fewer when lo is small, as in a trimmed mean).
+Selection
+middle_rows(std::size_t n, std::size_t lo, std::size_t hi)
+{
+  Selection best;
+  bool have = false;
+  if (n <= k_network_max) {
+    const auto full = merge_exchange_network(n);
+    std::vector<bool> live(n, false);
+    for (std::size_t r = lo; r < hi; ++r) {
+      live[r] = true;
+    }
+    for (auto it = full.rbegin(); it != full.rend(); ++it) {
+      if (live[it->first] || live[it->second]) {
+        best.network.push_back(*it);
+        live[it->first] = true;
+        live[it->second] = true;
+      }
+    }
+    std::reverse(best.network.begin(), best.network.end());
+    have = true;
+  }
+  if (hi == n - lo && (!have || 2 * lo * (n - lo) < best.network.size())) {
+    Network extract;
+    for (std::size_t r = 0; r < lo; ++r) {
+      for (std::size_t i = r + 1; i < n; ++i) {
+        extract.emplace_back(static_cast<std::uint32_t>(r), static_cast<std::uint32_t>(i));
+      }
+    }
+    for (std::size_t r = 0; r < lo; ++r) {
+      const std::size_t bottom = n - 1 - r;
+      for (std::size_t i = lo; i < bottom; ++i) {
+        extract.emplace_back(static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(bottom));
+      }
+    }
+    best.network = std::move(extract);
+    best.sort_each = false;
+    have = true;
+  }
+  if (!have) {
+    best.sort_each = true;
+  }
+  return best;
+}
+
+// Runs `selection` on `width` columns of the n × stride matrix `rows`. `column` is scratch for n
+// values, used only when sorting column by column.
+template<typename T>
+void
+select_columns_with(T* rows, std::size_t n, std::size_t stride, std::size_t width, const Selection& selection,
+                    T* column) noexcept
+{
+  if (n < 2) {
+    return;
+  }
+  if (selection.sort_each) {
+    for (std::size_t c = 0; c < width; ++c) {
+      for (std::size_t i = 0; i < n; ++i) {
+        column[i] = rows[i * stride + c];
+      }
+      std::sort(column, column + n);
+      for (std::size_t i = 0; i < n; ++i) {
+        rows[i * stride + c] = column[i];
+      }
+    }
+    return;
+  }
+  const auto& network = selection.network;
+  const std::size_t tiles = width / k_tile;
+  network_tiles(rows, stride, tiles, network);
+  const std::size_t c0 = tiles * k_tile;
+  if (c0 < width) {
+    for (const auto& [a, b] : network) {
+      T* ra = rows + a * stride;
+      T* rb = rows + b * stride;
+      for (std::size_t c = c0; c < width; ++c) {
+        const T x = ra[c];
+        const T y = rb[c];
+        ra[c] = std::min(x, y);
+        rb[c] = std::max(x, y);
+      }
+    }
+  }
+}
+
+template<typename T>
+void
+select_columns_alloc(T* rows, std::size_t n, std::size_t stride, std::size_t width, const Selection& selection)
+{
+  std::vector<T> column(selection.sort_each ? n : 0);
+  select_columns_with(rows, n, stride, width, selection, column.data());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan: every base tensor with its bytes in each update, its output and its state, laid out
+// one after another as one flat coordinate space that threads split.
+
+struct TensorPlan
+{
+  std::string_view name;
+  DType dtype = DType::f32;
+  std::size_t numel = 0;
+  std::size_t flat = 0;  // index of its first coordinate in the flat space
+  const std::byte* base = nullptr;
+  std::vector<const std::byte*> upd;
+  std::byte* out = nullptr;
+  std::byte* m = nullptr;
+  std::byte* v = nullptr;
+};
+
+struct Plan
+{
+  std::vector<TensorPlan> tensors;
+  std::size_t total = 0;
+  std::size_t n = 0;
+  bool has_f32 = false;
+  bool has_f64 = false;
+};
+
+Plan
+make_plan(const Safetensors& base, std::span<const Safetensors> updates)
+{
+  Plan plan;
+  plan.n = updates.size();
+  for (const auto& bt : base.tensors) {
+    if (!is_float(bt.dtype)) {
+      throw VerifyError("base model tensor {} is {}: fedl aggregates F32 and F64 tensors only", bt.name,
+                        dtype_name(bt.dtype));
+    }
+    TensorPlan tp;
+    tp.name = bt.name;
+    tp.dtype = bt.dtype;
+    tp.numel = bt.numel();
+    tp.flat = plan.total;
+    tp.base = bt.data.data();
+    plan.total += tp.numel;
+    plan.has_f32 = plan.has_f32 || bt.dtype == DType::f32;
+    plan.has_f64 = plan.has_f64 || bt.dtype == DType::f64;
+    plan.tensors.push_back(std::move(tp));
+  }
+  for (std::size_t i = 0; i < updates.size(); ++i) {
+    const auto& u = updates[i];
+    if (u.tensors.size() != base.tensors.size()) {
+      throw VerifyError("update {} has {} tensors, the base model {}", i + 1, u.tensors.size(),
+                        base.tensors.size());
+    }
+    for (std::size_t k = 0; k < base.tensors.size(); ++k) {
+      const auto& bt = base.tensors[k];
+      const auto* ut = u.find(bt.name);
+      if (ut == nullptr || ut->dtype != bt.dtype || ut->shape != bt.shape ||
+          ut->data.size() != bt.data.size()) {
+        throw VerifyError("update {}: tensor {} is missing or differs in dtype or shape from the base model",
+                          i + 1, bt.name);
+      }
+      plan.tensors[k].upd.push_back(ut->data.data());
+    }
+  }
+  return plan;
+}
+
+// Calls f(tensor, offset, count) for the pieces of the flat range [begin, end), each within one
+// tensor and at most `block` coordinates long.
+template<typename F>
+void
+for_each_piece(const Plan& plan, std::size_t begin, std::size_t end, std::size_t block, F&& f)
+{
+  std::size_t k = 0;
+  while (begin < end && k < plan.tensors.size()) {
+    const auto& tp = plan.tensors[k];
+    const std::size_t tend = tp.flat + tp.numel;
+    if (begin >= tend) {
+      ++k;
+      continue;
+    }
+    const std::size_t count = std::min({block, end - begin, tend - begin});
+    f(tp, begin - tp.flat, count);
+    begin += count;
+  }
+}
+
+// Runs body(t, begin, end) for each thread t over an even split of [0, total), the cuts at
+// multiples of k_lanes. Thread t = 0 is the caller. If a thread cannot be started its share runs
+// on the caller, so the work is always done once. Rethrows the first exception of a body.
+template<typename Body>
+void
+run_split(std::size_t total, unsigned threads, Body&& body)
+{
+  std::vector<std::size_t> cut(threads + 1);
+  for (unsigned t = 0; t < threads; ++t) {
+    cut[t] = std::min(total, total / threads * t / k_lanes * k_lanes);
+  }
+  cut[threads] = total;
+  std::vector<std::exception_ptr> errors(threads);
+  auto run = [&](unsigned t) {
+    try {
+      body(t, cut[t], cut[t + 1]);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  std::vector<unsigned> inline_shares;
+  inline_shares.reserve(threads);
+  for (unsigned t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(run, t);
+    } catch (const std::system_error&) {
+      inline_shares.push_back(t);
+    }
+  }
+  run(0);
+  for (const auto t : inline_shares) {
+    run(t);
+  }
+  for (auto& th : pool) {
+    th.join();
+  }
+  for (const auto& e : errors) {
+    if (e) {
+      std::rethrow_exception(e);
+    }
+  }
+}
+
+unsigned
+thread_count(const ServerOptions& options, std::size_t total)
+{
+  unsigned want = options.threads;
+  if (want == 0) {
+    want = std::max(1U, std::thread::hardware_concurrency());
+  }
+  const std::size_t cap = std::max<std::size_t>(1, total / k_min_per_thread);
+  return static_cast<unsigned>(std::min<std::size_t>({want, cap, 256}));
+}
+
+// Drops the pages of read-only file mappings that one thread has finished reading from the
+// process's resident set (madvise MADV_DONTNEED: the kernel maps them again from the page cache
+// if they are touched later). Only pages entirely inside what this thread consumed are dropped;
+// pages shared with another thread's range stay. A no-op when disabled.
+class PageReleaser
+{
+public:
+  PageReleaser(bool enabled, std::size_t sources, std::size_t window)
+    : m_enabled(enabled), m_window(window), m_spans(enabled ? sources : 0)
+  {
+  }
+  PageReleaser(const PageReleaser&) = delete;
+  PageReleaser& operator=(const PageReleaser&) = delete;
+  PageReleaser(PageReleaser&&) = default;
+  PageReleaser& operator=(PageReleaser&&) = default;
+  ~PageReleaser() { flush_all(); }
+
+  // Asks the kernel to map [p, p + size) with small pages only, not a 2 MiB page-cache folio as
+  // one huge page: with the pages dropped piece by piece, that keeps measurably fewer resident.
+  static void small_pages(const std::byte* p, std::size_t size) noexcept
+  {
+    const auto ps = page_size();
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    const auto lo = (a + ps - 1) / ps * ps;
+    const auto hi = (a + size) / ps * ps;
+    if (hi > lo) {
+      // A failure only costs memory; nothing to report.
+      ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_NOHUGEPAGE);
+    }
+  }
+
+  // Records that bytes [p, p + size) of source `s` have been read for the last time.
+  void consumed(std::size_t s, const std::byte* p, std::size_t size) noexcept
+  {
+    if (!m_enabled || size == 0) {
+      return;
+    }
+    auto& span = m_spans[s];
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    if (a != span.hi) {
+      release(span, false);
+      span.lo = a;
+    }
+    span.hi = a + size;
+    if (span.hi - span.lo >= m_window) {
+      release(span, false);
+    }
+  }
+
+  void flush_all() noexcept
+  {
+    for (auto& span : m_spans) {
+      release(span, true);
+    }
+  }
+
+private:
+  struct Span
+  {
+    std::uintptr_t lo = 0;
+    std::uintptr_t hi = 0;
+  };
+
+  static std::uintptr_t page_size() noexcept
+  {
+    static const auto size = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    return size;
+  }
+
+  static void release(Span& span, bool all) noexcept
+  {
+    const auto ps = page_size();
+    const auto lo = (span.lo + ps - 1) / ps * ps;
+    const auto hi = span.hi / ps * ps;
+    if (hi > lo) {
+      // A failure only means the pages stay resident; nothing to report.
+      ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+      span.lo = hi;
+    }
+    if (all) {
+      span = {};
+    }
+  }
+
+  bool m_enabled = false;
+  std::size_t m_window = 0;
+  std::vector<Span> m_spans;
+};
+
+// How the passes reach the updates' bytes. A caller's buffers are read in place. For mapped
+// files, the kernel maps a whole page-cache folio (up to 2 MiB on Linux 6.x) at a read fault, so
+// reading N files in place keeps about N × threads × 2 MiB resident however soon pages are
+// dropped. Updates are therefore read with pread() into small per-thread buffers, from a
+// descriptor opened on the very file that is mapped (same device and inode), and only the base
+// (one file, read once) and any update without such a descriptor are read in place, their pages
+// dropped as they are consumed.
+struct Access
+{
+  bool mapped = false;                    // the bytes are read-only file mappings
+  std::vector<int> fds;                   // per update: a descriptor to pread from, or -1
+  std::vector<const std::byte*> origin;   // per update: the byte at file offset 0 of its mapping
+  std::size_t window = 0;                 // of the PageReleaser
+};
+
+// One thread's access to the updates (sources 0..n-1) and the base (source n).
+class Reader
+{
+public:
+  Reader(const Access& access, std::size_t sources, std::size_t slot_bytes, std::size_t slots)
+    : m_access(&access),
+      m_releaser(access.mapped, sources, access.window),
+      m_slots(slot_bytes * slots),
+      m_slot_bytes(slot_bytes)
+  {
+  }
+
+  // Bytes [p, p + size) of update i, where p points into its data: p itself, or a copy in buffer
+  // `slot`, valid until that slot is used again. Call consumed() once they have been used.
+  const std::byte* fetch(std::size_t i, const std::byte* p, std::size_t size, std::size_t slot) noexcept
+  {
+    if (!preads(i)) {
+      return p;
+    }
+    std::byte* dest = m_slots.data() + slot * m_slot_bytes;
+    read(i, p, size, dest);
+    return dest;
+  }
+
+  // Copies bytes [p, p + size) of update i to `dest` (and counts them as consumed).
+  void copy(std::size_t i, const std::byte* p, std::size_t size, std::byte* dest) noexcept
+  {
+    if (preads(i)) {
+      read(i, p, size, dest);
+    } else {
+      std::memcpy(dest, p, size);
+      m_releaser.consumed(i, p, size);
+    }
+  }
+
+  // Records that bytes [p, p + size) of source s have been read for the last time.
+  void consumed(std::size_t s, const std::byte* p, std::size_t size) noexcept
+  {
+    if (!preads(s)) {
+      m_releaser.consumed(s, p, size);
+    }
+  }
+
+  void finish() noexcept { m_releaser.flush_all(); }
+
+private:
+  bool preads(std::size_t i) const noexcept { return i < m_access->fds.size() && m_access->fds[i] >= 0; }
+
+  void read(std::size_t i, const std::byte* p, std::size_t size, std::byte* dest) noexcept
+  {
+    const auto offset = static_cast<off_t>(p - m_access->origin[i]);
+    std::size_t done = 0;
+    while (done < size) {
+      const auto got = ::pread(m_access->fds[i], dest + done, size - done, offset + static_cast<off_t>(done));
+      if (got > 0) {
+        done += static_cast<std::size_t>(got);
+      } else if (got < 0 && errno == EINTR) {
+        continue;
+      } else {
+        break;
+      }
+    }
+    if (done < size) {
+      // The file cannot be read or has shrunk since it was mapped: take the rest from the
+      // mapping, as a caller without descriptors would (a shrunk file then faults there).
+      std::memcpy(dest + done, p + done, size - done);
+    }
+  }
+
+  const Access* m_access;
+  PageReleaser m_releaser;
+  std::vector<std::byte> m_slots;
+  std::size_t m_slot_bytes = 0;
+};
+
+std::size_t
+release_window(std::size_t sources, unsigned threads)
+{
+  const std::size_t w = k_resident_budget / (sources * threads);
+  return std::clamp<std::size_t>(w, std::size_t{64} << 10, std::size_t{4} << 20);
+}
+
+// A descriptor for each update file that is the very file mapped (same device, inode and size,
+// as /proc/self/maps lists the mapping), or -1 where that cannot be established. Closed on
+// destruction.
+class Descriptors
+{
+public:
+  // Opens descriptors for the files with wanted[i] set.
+  Descriptors(std::span<const SafetensorsFile* const> files, const std::vector<bool>& wanted);
+  Descriptors(const Descriptors&) = delete;
+  Descriptors& operator=(const Descriptors&) = delete;
+  ~Descriptors()
+  {
+    for (const int fd : m_fds) {
+      if (fd >= 0) {
+        ::close(fd);
+      }
+    }
+  }
+  const std::vector<int>& fds() const noexcept { return m_fds; }
+
+private:
+  std::vector<int> m_fds;
+};
+
+struct MapEntry
+{
+  std::uintptr_t lo = 0;
+  std::uintptr_t hi = 0;
+  unsigned major = 0;
+  unsigned minor = 0;
+  unsigned long inode = 0;
+};
+
+std::vector<MapEntry>
+read_maps()
+{
+  std::vector<MapEntry> out;
+  FILE* f = std::fopen("/proc/self/maps", "re");
+  if (f == nullptr) {
+    return out;
+  }
+  std::array<char, 4096> line{};
+  while (std::fgets(line.data(), static_cast<int>(line.size()), f) != nullptr) {
+    MapEntry e;
+    unsigned long lo = 0;
+    unsigned long hi = 0;
+    unsigned long offset = 0;
+    char perms[8] = {};
+    if (std::sscanf(line.data(), "%lx-%lx %7s %lx %x:%x %lu", &lo, &hi, perms, &offset, &e.major, &e.minor,
+                    &e.inode) == 7) {
+      e.lo = lo;
+      e.hi = hi;
+      out.push_back(e);
+    }
+  }
+  std::fclose(f);
+  return out;
+}
+
+Descriptors::Descriptors(std::span<const SafetensorsFile* const> files, const std::vector<bool>& wanted)
+  : m_fds(files.size(), -1)
+{
+  if (std::none_of(wanted.begin(), wanted.end(), [](bool w) { return w; })) {
+    return;
+  }
+  const auto maps = read_maps();
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const auto bytes = files[i]->bytes();
+    if (!wanted[i] || bytes.empty()) {
+      continue;
+    }
+    const auto a = reinterpret_cast<std::uintptr_t>(bytes.data());
+    const auto it = std::find_if(maps.begin(), maps.end(), [&](const MapEntry& e) { return e.lo <= a && a < e.hi; });
+    if (it == maps.end()) {
+      continue;
+    }
+    const int fd = ::open(files[i]->path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      continue;
+    }
+    struct stat st {};
+    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && static_cast<std::size_t>(st.st_size) == bytes.size() &&
+        st.st_ino == it->inode && major(st.st_dev) == it->major && minor(st.st_dev) == it->minor) {
+      m_fds[i] = fd;
+    } else {
+      ::close(fd);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+
+// acc[j] += Σ_k c_k · x_k[j] for four updates; the hot loop of the mean-type strategies.
+template<typename T>
+FEDL_CLONES void
+axpy4(double* __restrict acc,
+      const std::byte* __restrict x0,
+      const std::byte* __restrict x1,
+      const std::byte* __restrict x2,
+      const std::byte* __restrict x3,
+      const double* c,
+      std::size_t count) noexcept
+{
+  const double c0 = c[0];
+  const double c1 = c[1];
+  const double c2 = c[2];
+  const double c3 = c[3];
+  std::size_t j = 0;
+  for (; j + k_lanes <= count; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      const std::size_t o = (j + k) * sizeof(T);
+      acc[j + k] += c0 * static_cast<double>(load<T>(x0 + o)) + c1 * static_cast<double>(load<T>(x1 + o)) +
+                    c2 * static_cast<double>(load<T>(x2 + o)) + c3 * static_cast<double>(load<T>(x3 + o));
+    }
+  }
+  for (; j < count; ++j) {
+    const std::size_t o = j * sizeof(T);
+    acc[j] += c0 * static_cast<double>(load<T>(x0 + o)) + c1 * static_cast<double>(load<T>(x1 + o)) +
+              c2 * static_cast<double>(load<T>(x2 + o)) + c3 * static_cast<double>(load<T>(x3 + o));
+  }
+}
+
+template<typename T>
+FEDL_CLONES void
+axpy1(double* __restrict acc, const std::byte* __restrict x, double c, std::size_t count) noexcept
+{
+  std::size_t j = 0;
+  for (; j + k_lanes <= count; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      acc[j + k] += c * static_cast<double>(load<T>(x + (j + k) * sizeof(T)));
+    }
+  }
+  for (; j < count; ++j) {
+    acc[j] += c * static_cast<double>(load<T>(x + j * sizeof(T)));
+  }
+}
+
+template<typename T>
+FEDL_CLONES double
+sum_squares(const std::byte* x, std::size_t count) noexcept
+{
+  std::array<double, k_lanes> acc{};
+  std::size_t j = 0;
+  for (; j + k_lanes <= count; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      const auto v = static_cast<double>(load<T>(x + (j + k) * sizeof(T)));
+      acc[k] += v * v;
+    }
+  }
+  double s = 0;
+  for (; j < count; ++j) {
+    const auto v = static_cast<double>(load<T>(x + j * sizeof(T)));
+    s += v * v;
+  }
+  return std::accumulate(acc.begin(), acc.end(), s);
+}
+
+template<typename T>
+FEDL_CLONES double
+squared_distance(const T* __restrict a, const T* __restrict b, std::size_t count) noexcept
+{
+  std::array<double, k_lanes> acc{};
+  std::size_t j = 0;
+  for (; j + k_lanes <= count; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      const double d = static_cast<double>(a[j + k]) - static_cast<double>(b[j + k]);
+      acc[k] += d * d;
+    }
+  }
+  double s = 0;
+  for (; j < count; ++j) {
+    const double d = static_cast<double>(a[j]) - static_cast<double>(b[j]);
+    s += d * d;
+  }
+  return std::accumulate(acc.begin(), acc.end(), s);
+}
+
+// acc[j] += row[j] for j < count, count a multiple of k_lanes.
+template<typename T>
+FEDL_CLONES void
+add_row(double* __restrict acc, const T* __restrict row, std::size_t count) noexcept
+{
+  for (std::size_t j = 0; j < count; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      acc[j + k] += static_cast<double>(row[j + k]);
+    }
+  }
+}
+
+// The server step for one piece: the aggregated update of coordinate off + j is
+// acc[j] / denominator.
+struct Step
+{
+  Strategy kind = Strategy::fedavg;
+  double lr = 1.0;
+  double momentum = 0.9;
+  double beta1 = 0.9;
+  double beta2 = 0.99;
+  double tau = 1e-3;
+};
+
+// out[j] = base[j] + lr · acc[j] / denominator: every strategy without optimizer state.
+template<typename T>
+FEDL_CLONES void
+step_plain(std::byte* __restrict out, const std::byte* __restrict base, const double* __restrict acc,
+           double denominator, double lr, std::size_t count) noexcept
+{
+  std::size_t j = 0;
+  for (; j + k_lanes <= count; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      const std::size_t o = (j + k) * sizeof(T);
+      store<T>(out + o, static_cast<T>(static_cast<double>(load<T>(base + o)) + lr * (acc[j + k] / denominator)));
+    }
+  }
+  for (; j < count; ++j) {
+    const std::size_t o = j * sizeof(T);
+    store<T>(out + o, static_cast<T>(static_cast<double>(load<T>(base + o)) + lr * (acc[j] / denominator)));
+  }
+}
+
+template<typename T>
+void
+apply_step(const Step& s, const TensorPlan& tp, std::size_t off, const double* acc, double denominator,
+           std::size_t count) noexcept
+{
+  const std::size_t o0 = off * sizeof(T);
+  const std::byte* base = tp.base + o0;
+  std::byte* out = tp.out + o0;
+  switch (s.kind) {
+  case Strategy::fedavgm:
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::size_t o = j * sizeof(T);
+      const double m = s.momentum * static_cast<double>(load<T>(tp.m + o0 + o)) + acc[j] / denominator;
+      store<T>(tp.m + o0 + o, static_cast<T>(m));
+      store<T>(out + o, static_cast<T>(static_cast<double>(load<T>(base + o)) + s.lr * m));
+    }
+    break;
+  case Strategy::fedadam:
+  case Strategy::fedyogi:
+  case Strategy::fedadagrad:
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::size_t o = j * sizeof(T);
+      const double d = acc[j] / denominator;
+      const double d2 = d * d;
+      const double m = s.beta1 * static_cast<double>(load<T>(tp.m + o0 + o)) + (1.0 - s.beta1) * d;
+      const double v_old = static_cast<double>(load<T>(tp.v + o0 + o));
+      double v = 0;
+      if (s.kind == Strategy::fedadam) {
+        v = s.beta2 * v_old + (1.0 - s.beta2) * d2;
+      } else if (s.kind == Strategy::fedyogi) {
+        const double diff = v_old - d2;
+        const double sign = diff > 0 ? 1.0 : (diff < 0 ? -1.0 : 0.0);
+        v = v_old - (1.0 - s.beta2) * d2 * sign;
+      } else {
+        v = v_old + d2;
+      }
+      store<T>(tp.m + o0 + o, static_cast<T>(m));
+      store<T>(tp.v + o0 + o, static_cast<T>(v));
+      const double x = static_cast<double>(load<T>(base + o)) + s.lr * m / (std::sqrt(v) + s.tau);
+      store<T>(out + o, static_cast<T>(x));
+    }
+    break;
+  default:
+    step_plain<T>(out, base, acc, denominator, s.lr, count);
+    break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passes over the updates. Each thread owns its scratch, allocated before any thread starts, so
+// that a pass cannot fail once it has begun to write.
+
+struct Pass
+{
+  const Plan& plan;
+  unsigned threads;
+  const Access& access;
+};
+
+std::vector<Reader>
+make_readers(const Pass& pass, std::size_t slot_bytes, std::size_t slots)
+{
+  std::vector<Reader> readers;
+  readers.reserve(pass.threads);
+  for (unsigned t = 0; t < pass.threads; ++t) {
+    readers.emplace_back(pass.access, pass.plan.n + 1, slot_bytes, slots);
+  }
+  return readers;
+}
+
+// ‖Δᵢ‖₂ of every update, streaming once over all of them.
+std::vector<double>
+norms_pass(const Pass& pass)
+{
+  const auto n = pass.plan.n;
+  std::vector<std::vector<double>> partial(pass.threads, std::vector<double>(n, 0.0));
+  auto readers = make_readers(pass, k_mean_block * sizeof(double), 1);
+  run_split(pass.plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
+    auto& sums = partial[t];
+    auto& reader = readers[t];
+    for_each_piece(pass.plan, begin, end, k_mean_block, [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
+      const std::size_t es = dtype_size(tp.dtype);
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::byte* p = tp.upd[i] + off * es;
+        const std::byte* x = reader.fetch(i, p, count * es, 0);
+        sums[i] += tp.dtype == DType::f32 ? sum_squares<float>(x, count) : sum_squares<double>(x, count);
+        reader.consumed(i, p, count * es);
+      }
+    });
+    reader.finish();
+  });
+  std::vector<double> norms(n, 0.0);
+  for (const auto& p : partial) {
+    for (std::size_t i = 0; i < n; ++i) {
+      norms[i] += p[i];
+    }
+  }
+  for (auto& x : norms) {
+    x = std::sqrt(x);
+  }
+  return norms;
+}
+
+// out = the server step applied to Σ_k coef[k]·Δ_{which[k]} / denominator.
+void
+mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const double> coef, double denominator,
+          const Step& step)
+{
+  const auto& plan = pass.plan;
+  std::vector<std::vector<double>> acc(pass.threads, std::vector<double>(k_mean_block));
+  auto readers = make_readers(pass, k_mean_block * sizeof(double), 4);
+  run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
+    double* a = acc[t].data();
+    auto& reader = readers[t];
+    for_each_piece(plan, begin, end, k_mean_block, [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
+      const std::size_t es = dtype_size(tp.dtype);
+      const std::size_t bytes = count * es;
+      std::fill(a, a + count, 0.0);
+      std::size_t k = 0;
+      for (; k + 4 <= which.size(); k += 4) {
+        std::array<const std::byte*, 4> p{};
+        std::array<const std::byte*, 4> x{};
+        for (std::size_t g = 0; g < 4; ++g) {
+          p[g] = tp.upd[which[k + g]] + off * es;
+          x[g] = reader.fetch(which[k + g], p[g], bytes, g);
+        }
+        if (tp.dtype == DType::f32) {
+          axpy4<float>(a, x[0], x[1], x[2], x[3], coef.data() + k, count);
+        } else {
+          axpy4<double>(a, x[0], x[1], x[2], x[3], coef.data() + k, count);
+        }
+        for (std::size_t g = 0; g < 4; ++g) {
+          reader.consumed(which[k + g], p[g], bytes);
+        }
+      }
+      for (; k < which.size(); ++k) {
+        const std::byte* p = tp.upd[which[k]] + off * es;
+        const std::byte* x = reader.fetch(which[k], p, bytes, 0);
+        if (tp.dtype == DType::f32) {
+          axpy1<float>(a, x, coef[k], count);
+        } else {
+          axpy1<double>(a, x, coef[k], count);
+        }
+        reader.consumed(which[k], p, bytes);
+      }
+      if (tp.dtype == DType::f32) {
+        apply_step<float>(step, tp, off, a, denominator, count);
+      } else {
+        apply_step<double>(step, tp, off, a, denominator, count);
+      }
+      reader.consumed(plan.n, tp.base + off * es, bytes);
+    });
+    reader.finish();
+  });
+}
+
+// Per-thread scratch of the passes that copy a block of every update: an n × B matrix.
+struct BlockScratch
+{
+  std::vector<float> f32;
+  std::vector<double> f64;
+  std::vector<float> column_f32;   // for n > k_network_max
+  std::vector<double> column_f64;
+  std::vector<double> acc;
+};
+
+// Coordinates per block so that n rows of B values of `elem` bytes take about k_robust_bytes.
+std::size_t
+block_columns(std::size_t n, std::size_t elem)
+{
+  const std::size_t b = k_robust_bytes / (n * elem) / k_tile * k_tile;
+  return std::max(b, k_tile);
+}
+
+// The distance between rows of a block: B plus one line of k_lanes values, so that the rows'
+// tiles (B·4 bytes apart, often a multiple of 4 KiB) do not all fall into the same L1 cache sets.
+std::size_t
+row_stride(std::size_t n, std::size_t elem)
+{
+  return block_columns(n, elem) + k_lanes;
+}
+
+BlockScratch
+make_block_scratch(const Plan& plan, bool sorts_each_column)
+{
+  BlockScratch s;
+  const auto n = plan.n;
+  if (plan.has_f32) {
+    s.f32.resize(n * row_stride(n, sizeof(float)));
+    if (sorts_each_column) {
+      s.column_f32.resize(n);
+    }
+  }
+  if (plan.has_f64) {
+    s.f64.resize(n * row_stride(n, sizeof(double)));
+    if (sorts_each_column) {
+      s.column_f64.resize(n);
+    }
+  }
+  s.acc.resize(std::max(plan.has_f32 ? block_columns(n, sizeof(float)) : 0,
+                        plan.has_f64 ? block_columns(n, sizeof(double)) : 0));
+  return s;
+}
+
+// Copies coordinates [off, off + count) of every update into rows of `buf` (row stride B),
+// scaled by scale[i], and zeroes the columns from count up to the next multiple of k_tile.
+template<typename T>
+void
+gather(const TensorPlan& tp, std::size_t off, std::size_t count, std::size_t stride, std::span<const double> scale,
+       T* buf, Reader& reader) noexcept
+{
+  const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
+  for (std::size_t i = 0; i < tp.upd.size(); ++i) {
+    T* row = buf + i * stride;
+    reader.copy(i, tp.upd[i] + off * sizeof(T), count * sizeof(T), reinterpret_cast<std::byte*>(row));
+    if (scale[i] != 1.0) {
+      const double s = scale[i];
+      for (std::size_t j = 0; j < count; ++j) {
+        row[j] = static_cast<T>(static_cast<double>(row[j]) * s);
+      }
+    }
+    std::fill(row + count, row + padded, T{0});
+  }
+}
+
+// Runs block(buffer, column, stride, tensor, offset, count) over the thread's range in pieces of
+// at most B coordinates, B chosen per dtype so that the n × B block fills the thread's buffer.
+template<typename Block>
+void
+for_each_block(const Plan& plan, std::size_t begin, std::size_t end, BlockScratch& s, Block&& block)
+{
+  const std::size_t b32 = block_columns(plan.n, sizeof(float));
+  const std::size_t b64 = block_columns(plan.n, sizeof(double));
+  for_each_piece(plan, begin, end, std::max(b32, b64), [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
+    if (tp.dtype == DType::f32) {
+      for (std::size_t o = 0; o < count; o += b32) {
+        block(s.f32.data(), s.column_f32.data(), row_stride(plan.n, sizeof(float)), tp, off + o,
+              std::min(b32, count - o));
+      }
+    } else {
+      for (std::size_t o = 0; o < count; o += b64) {
+        block(s.f64.data(), s.column_f64.data(), row_stride(plan.n, sizeof(double)), tp, off + o,
+              std::min(b64, count - o));
+      }
+    }
+  });
+}
+
+// Coordinate-wise median or trimmed mean: out = the server step applied to the mean of sorted
+// rows [lo_row, hi_row) of each column (for the median, the one or two middle rows).
+void
+robust_pass(const Pass& pass, std::span<const double> scale, std::size_t lo_row, std::size_t hi_row,
+            const Step& step)
+{
+  const auto& plan = pass.plan;
+  const auto n = plan.n;
+  const auto selection = middle_rows(n, lo_row, hi_row);
+  std::vector<BlockScratch> scratch;
+  scratch.reserve(pass.threads);
+  for (unsigned t = 0; t < pass.threads; ++t) {
+    scratch.push_back(make_block_scratch(plan, selection.sort_each));
+  }
+  auto readers = make_readers(pass, 0, 0);
+  const double rows = static_cast<double>(hi_row - lo_row);
+  run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
+    auto& s = scratch[t];
+    auto& reader = readers[t];
+    for_each_block(plan, begin, end, s,
+                   [&]<typename T>(T* buf, T* column, std::size_t stride, const TensorPlan& tp, std::size_t off,
+                                   std::size_t count) {
+                     gather<T>(tp, off, count, stride, scale, buf, reader);
+                     const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
+                     select_columns_with(buf, n, stride, padded, selection, column);
+                     double* a = s.acc.data();
+                     std::fill(a, a + padded, 0.0);
+                     for (std::size_t r = lo_row; r < hi_row; ++r) {
+                       add_row(a, buf + r * stride, padded);
+                     }
+                     apply_step<T>(step, tp, off, a, rows, count);
+                     reader.consumed(n, tp.base + off * sizeof(T), count * sizeof(T));
+                   });
+    reader.finish();
+  });
+}
+
+// The n × n matrix of squared L2 distances between the (scaled) updates, row-major.
+std::vector<double>
+distance_pass(const Pass& pass, std::span<const double> scale)
+{
+  const auto& plan = pass.plan;
+  const auto n = plan.n;
+  std::vector<BlockScratch> scratch;
+  std::vector<std::vector<double>> partial;
+  scratch.reserve(pass.threads);
+  partial.reserve(pass.threads);
+  for (unsigned t = 0; t < pass.threads; ++t) {
+    scratch.push_back(make_block_scratch(plan, false));
+    partial.emplace_back(n * n, 0.0);
+  }
+  auto readers = make_readers(pass, 0, 0);
+  run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
+    auto& d = partial[t];
+    auto& reader = readers[t];
+    for_each_block(plan, begin, end, scratch[t],
+                   [&]<typename T>(T* buf, T*, std::size_t stride, const TensorPlan& tp, std::size_t off,
+                                   std::size_t count) {
+                     gather<T>(tp, off, count, stride, scale, buf, reader);
+                     const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
+                     for (std::size_t i = 0; i < n; ++i) {
+                       for (std::size_t j = i + 1; j < n; ++j) {
+                         d[i * n + j] += squared_distance(buf + i * stride, buf + j * stride, padded);
+                       }
+                     }
+                   });
+    reader.finish();
+  });
+  std::vector<double> dist(n * n, 0.0);
+  for (const auto& p : partial) {
+    for (std::size_t i = 0; i < n; ++i) {
+      for (std::size_t j = i + 1; j < n; ++j) {
+        dist[i * n + j] += p[i * n + j];
+      }
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    for (std::size_t j = i + 1; j < n; ++j) {
+      dist[j * n + i] = dist[i * n + j];
+    }
+  }
+  return dist;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server state.
+
+std::vector<OwnedTensor>
+filled_like(const Safetensors& base, double value)
+{
+  std::vector<OwnedTensor> out;
+  out.reserve(base.tensors.size());
+  for (const auto& t : base.tensors) {
+    OwnedTensor o{t.name, t.dtype, t.shape, zeroed_buffer(t.data.size())};
+    const std::size_t es = dtype_size(t.dtype);
+    if (value != 0.0) {
+      for (std::size_t j = 0; j < t.numel(); ++j) {
+        if (t.dtype == DType::f32) {
+          store<float>(o.bytes.data() + j * es, static_cast<float>(value));
+        } else {
+          store<double>(o.bytes.data() + j * es, value);
+        }
+      }
+    }
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+// Throws VerifyError unless `tensors` are exactly one per parameter, in the same order, with the
+// same names, dtypes and shapes.
+void
+check_state_tensors(const std::vector<OwnedTensor>& tensors, std::string_view which, const Safetensors& base)
+{
+  if (tensors.size() != base.tensors.size()) {
+    throw VerifyError("the server state has {} {} tensors but the model has {} parameters: it belongs to another "
+                      "model",
+                      tensors.size(), which, base.tensors.size());
+  }
+  for (std::size_t k = 0; k < tensors.size(); ++k) {
+    const auto& s = tensors[k];
+    const auto& p = base.tensors[k];
+    if (s.name != p.name || s.dtype != p.dtype || s.shape != p.shape || s.bytes.size() != p.data.size()) {
+      throw VerifyError("the server state's {} tensor {} ({} {}) does not match the model's parameter {} ({} {})",
+                        which, s.name, dtype_name(s.dtype), shape_text(s.shape), p.name, dtype_name(p.dtype),
+                        shape_text(p.shape));
+    }
+  }
+}
+
+} // namespace
+
+// -------------------------------------------------------------------------------------------------
+// Strategy specs.
+
+std::string_view
+StrategySpec::name() const noexcept
+{
+  for (const auto& s : k_strategies) {
+    if (s.kind == kind) {
+      return s.name;
+    }
+  }
+  return "fedavg";
+}
+
+std::string
+StrategySpec::to_string() const
+{
+  switch (kind) {
+  case Strategy::trimmed_mean:
+    return fmt::format("trimmed-mean:{}", trim);
+  case Strategy::krum:
+    return fmt::format("krum:{}", byzantine);
+  case Strategy::multi_krum:
+    return fmt::format("multi-krum:{},{}", byzantine, select);
+  default:
+    return std::string(name());
+  }
+}
+
+bool
+StrategySpec::stateful() const noexcept
+{
+  return kind == Strategy::fedavgm || adaptive(kind);
+}
+
+bool
+StrategySpec::weighted() const noexcept
+{
+  return kind == Strategy::fedavg || stateful() || kind == Strategy::multi_krum;
+}
+
+StrategySpec
+parse_strategy(const std::string& spec)
+{
+  const auto fail = [&](std::string_view why) {
+    return UsageError("invalid strategy '{}': {}; valid forms: {}", spec, why, k_forms);
+  };
+  const auto colon = spec.find(':');
+  const std::string_view text(spec);
+  const auto head = text.substr(0, colon);
+  const std::optional<std::string_view> arg =
+    colon == std::string::npos ? std::nullopt : std::optional<std::string_view>(text.substr(colon + 1));
+  const auto it = std::find_if(k_strategies.begin(), k_strategies.end(), [&](const auto& s) { return s.name == head; });
+  if (it == k_strategies.end()) {
+    throw fail(head.empty() ? "no strategy name" : "unknown strategy name");
+  }
+  StrategySpec out;
+  out.kind = it->kind;
+  switch (out.kind) {
+  case Strategy::trimmed_mean: {
+    if (!arg) {
+      throw fail("trimmed-mean needs BETA, the fraction trimmed at each end (e.g. trimmed-mean:0.1)");
+    }
+    const auto beta = parse_double(*arg);
+    if (!beta || *beta < 0.0 || *beta >= 0.5) {
+      throw fail("BETA must be a number with 0 <= BETA < 0.5");
+    }
+    out.trim = *beta;
+    break;
+  }
+  case Strategy::krum: {
+    const auto f = arg ? parse_unsigned<std::size_t>(*arg) : std::nullopt;
+    if (!f) {
+      throw fail("krum needs F, the number of faulty updates tolerated, a non-negative integer (e.g. krum:1)");
+    }
+    out.byzantine = *f;
+    break;
+  }
+  case Strategy::multi_krum: {
+    const auto comma = arg ? arg->find(',') : std::string_view::npos;
+    const auto f = comma != std::string_view::npos ? parse_unsigned<std::size_t>(arg->substr(0, comma)) : std::nullopt;
+    const auto m = comma != std::string_view::npos ? parse_unsigned<std::size_t>(arg->substr(comma + 1)) : std::nullopt;
+    if (!f || !m || *m == 0) {
+      throw fail("multi-krum needs F,M: non-negative integer F and positive integer M (e.g. multi-krum:1,3)");
+    }
+    out.byzantine = *f;
+    out.select = *m;
+    break;
+  }
+  default:
+    if (arg) {
+      throw fail(fmt::format("{} takes no parameter", head));
+    }
+    break;
+  }
+  return out;
+}
+
+void
+validate_server_options(const ServerOptions& o)
+{
+  const auto unit = [](double x) { return std::isfinite(x) && x >= 0.0 && x < 1.0; };
+  if (!std::isfinite(o.server_lr) || o.server_lr <= 0.0) {
+    throw UsageError("--server-lr must be a positive number, not {}", o.server_lr);
+  }
+  if (!unit(o.momentum)) {
+    throw UsageError("--server-momentum must be in [0, 1), not {}", o.momentum);
+  }
+  if (!unit(o.beta1)) {
+    throw UsageError("--beta1 must be in [0, 1), not {}", o.beta1);
+  }
+  if (!unit(o.beta2)) {
+    throw UsageError("--beta2 must be in [0, 1), not {}", o.beta2);
+  }
+  if (!std::isfinite(o.tau) || o.tau <= 0.0) {
+    throw UsageError("--tau must be a positive number, not {}", o.tau);
+  }
+  if (o.clip_norm && (!std::isfinite(*o.clip_norm) || *o.clip_norm <= 0.0)) {
+    throw UsageError("--clip-norm must be a positive number, not {}", *o.clip_norm);
+  }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Update validation.
+
+std::optional<std::uint64_t>
+update_num_samples(const Safetensors& update)
+{
+  const auto text = update.meta("fedl.num_samples");
+  if (!text || text->empty() ||
+      !std::all_of(text->begin(), text->end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return std::nullopt;
+  }
+  const auto n = parse_unsigned<std::uint64_t>(*text);
+  if (!n || *n == 0 || *n > (std::uint64_t{1} << 53)) {
+    return std::nullopt;
+  }
+  return n;
+}
+
+namespace {
+
+// How many of the n values at p have all exponent bits set (NaN or infinite).
+template<typename Bits, Bits ExponentMask>
+FEDL_CLONES std::size_t
+count_exponent_all_ones(const std::byte* p, std::size_t n) noexcept
+{
+  std::array<Bits, k_lanes> acc{};
+  std::size_t j = 0;
+  for (; j + k_lanes <= n; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      acc[k] += (load<Bits>(p + (j + k) * sizeof(Bits)) & ExponentMask) == ExponentMask ? 1 : 0;
+    }
+  }
+  std::size_t count = 0;
+  for (; j < n; ++j) {
+    count += (load<Bits>(p + j * sizeof(Bits)) & ExponentMask) == ExponentMask ? 1 : 0;
+  }
+  for (const auto c : acc) {
+    count += static_cast<std::size_t>(c);
+  }
+  return count;
+}
+
+// How many values of a tensor are NaN or infinite, and the index of the first. Reads the tensor
+// in chunks of 1 MiB; `rel` may drop each chunk's pages once read.
+template<typename T, typename Bits, Bits ExponentMask>
+std::pair<std::size_t, std::size_t>
+count_non_finite(const TensorView& t, PageReleaser& rel) noexcept
+{
+  constexpr std::size_t chunk = (std::size_t{1} << 20) / sizeof(T);
+  const std::size_t n = t.numel();
+  const std::byte* p = t.data.data();
+  std::size_t count = 0;
+  std::size_t first = n;
+  for (std::size_t b = 0; b < n; b += chunk) {
+    const std::size_t len = std::min(chunk, n - b);
+    const std::byte* q = p + b * sizeof(T);
+    const std::size_t c = count_exponent_all_ones<Bits, ExponentMask>(q, len);
+    if (c > 0 && count == 0) {
+      for (std::size_t j = 0; j < len; ++j) {
+        if (!std::isfinite(load<T>(q + j * sizeof(T)))) {
+          first = b + j;
+          break;
+        }
+      }
+    }
+    count += c;
+    rel.consumed(0, q, len * sizeof(T));
+  }
+  return {count, first};
+}
+
+std::optional<std::string>
+validate_impl(const Safetensors& base, std::string_view base_sha256, const Safetensors& update, bool release)
+{
+  try {
+    const auto kind = update.meta("fedl.kind");
+    if (!kind) {
+      return std::string("it has no fedl.kind metadata: it is not a fedl update");
+    }
+    if (*kind != "update") {
+      return fmt::format("fedl.kind is '{}', not 'update'", *kind);
+    }
+    const auto hash = update.meta("fedl.base_sha256");
+    if (!hash) {
+      return std::string("it has no fedl.base_sha256 metadata, so its base model is unknown");
+    }
+    if (*hash != base_sha256) {
+      return fmt::format("fedl.base_sha256 is {}, but the base model's SHA-256 is {}: it was trained from "
+                         "another model",
+                         *hash, base_sha256);
+    }
+    const auto samples = update.meta("fedl.num_samples");
+    if (!samples) {
+      return std::string("it has no fedl.num_samples metadata");
+    }
+    if (!update_num_samples(update)) {
+      return fmt::format("fedl.num_samples is '{}', not a positive integer", *samples);
+    }
+    for (const auto& bt : base.tensors) {
+      const auto* ut = update.find(bt.name);
+      if (ut == nullptr) {
+        return fmt::format("tensor {} of the base model is missing", bt.name);
+      }
+      if (ut->dtype != bt.dtype) {
+        return fmt::format("tensor {} is {}, but the base model's is {}", bt.name, dtype_name(ut->dtype),
+                           dtype_name(bt.dtype));
+      }
+      if (ut->shape != bt.shape) {
+        return fmt::format("tensor {} has shape {}, but the base model's has {}", bt.name, shape_text(ut->shape),
+                           shape_text(bt.shape));
+      }
+      if (!is_float(ut->dtype)) {
+        return fmt::format("tensor {} is {}: updates are defined for F32 and F64 tensors only", bt.name,
+                           dtype_name(ut->dtype));
+      }
+    }
+    for (const auto& ut : update.tensors) {
+      if (base.find(ut.name) == nullptr) {
+        return fmt::format("tensor {} is not in the base model", ut.name);
+      }
+    }
+    PageReleaser rel(release, 1, std::size_t{1} << 20);
+    for (const auto& ut : update.tensors) {
+      const auto [count, first] = ut.dtype == DType::f32
+                                    ? count_non_finite<float, std::uint32_t, 0x7f800000U>(ut, rel)
+                                    : count_non_finite<double, std::uint64_t, 0x7ff0000000000000ULL>(ut, rel);
+      if (count > 0) {
+        const bool nan = ut.dtype == DType::f32 ? std::isnan(load<float>(ut.data.data() + first * 4))
+                                                : std::isnan(load<double>(ut.data.data() + first * 8));
+        return fmt::format("tensor {} has {} non-finite value{} (the first, at flat index {}, is {})", ut.name, count,
+                           count == 1 ? "" : "s", first, nan ? "NaN" : "infinite");
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    throw;
+  } catch (const std::exception& e) {
+    return fmt::format("it cannot be checked: {}", e.what());
+  }
+  return std::nullopt;
+}
+
+} // namespace
+
+std::optional<std::string>
+validate_update(const Safetensors& base, std::string_view base_sha256, const Safetensors& update)
+{
+  return validate_impl(base, base_sha256, update, false);
+}
+
+std::optional<std::string>
+validate_update(const Safetensors& base, std::string_view base_sha256, const SafetensorsFile& update)
+{
+  return validate_impl(base, base_sha256, update.content(), true);
+}
+
+double
+update_norm(const Safetensors& update)
+{
+  double s = 0;
+  for (const auto& t : update.tensors) {
+    if (t.dtype == DType::f32) {
+      s += sum_squares<float>(t.data.data(), t.numel());
+    } else if (t.dtype == DType::f64) {
+      s += sum_squares<double>(t.data.data(), t.numel());
+    }
+  }
+  return std::sqrt(s);
+}
+
+// -------------------------------------------------------------------------------------------------
+// Server state files.
+
+void
+save_server_state(const std::filesystem::path& path, const ServerState& state)
+{
+  std::vector<std::string> names;
+  names.reserve(state.m.size() + state.v.size());
+  for (const auto& t : state.m) {
+    names.push_back("m." + t.name);
+  }
+  for (const auto& t : state.v) {
+    names.push_back("v." + t.name);
+  }
+  std::vector<TensorView> views;
+  views.reserve(names.size());
+  std::size_t k = 0;
+  for (const auto* set : {&state.m, &state.v}) {
+    for (const auto& t : *set) {
+      views.push_back({names[k++], t.dtype, t.shape, t.bytes});
+    }
+  }
+  const Metadata meta{{"fedl.kind", "server-state"},
+                      {"fedl.strategy", state.strategy},
+                      {"fedl.round", std::to_string(state.round)}};
+  write_safetensors(path, views, meta);
+}
+
+ServerState
+load_server_state(const std::filesystem::path& path, const StrategySpec& spec, std::span<const TensorView> params)
+{
+  if (!spec.stateful()) {
+    throw UsageError("strategy {} keeps no server state", spec.name());
+  }
+  const SafetensorsFile file(path);
+  const auto& c = file.content();
+  const auto where = path.string();
+  const auto kind = c.meta("fedl.kind");
+  if (kind != "server-state") {
+    throw VerifyError("{}: not a fedl server state file (fedl.kind is '{}', not 'server-state')", where,
+                      kind.value_or(""));
+  }
+  const auto strategy = c.meta("fedl.strategy").value_or("");
+  if (strategy != spec.name()) {
+    throw VerifyError("{}: server state saved by strategy '{}', but this round uses {}: use the matching "
+                      "strategy or start without state",
+                      where, strategy, spec.name());
+  }
+  const auto round_text = c.meta("fedl.round").value_or("");
+  const auto round = parse_unsigned<std::uint64_t>(round_text);
+  if (!round) {
+    throw VerifyError("{}: fedl.round is '{}', not a round number", where, round_text);
+  }
+  ServerState state;
+  state.strategy = strategy;
+  state.round = *round;
+  const bool with_v = adaptive(spec.kind);
+  for (const auto& p : params) {
+    for (const char prefix : {'m', 'v'}) {
+      if (prefix == 'v' && !with_v) {
+        continue;
+      }
+      const auto name = fmt::format("{}.{}", prefix, p.name);
+      const auto* t = c.find(name);
+      if (t == nullptr) {
+        throw VerifyError("{}: no tensor {} for parameter {}: the state belongs to another model", where, name,
+                          p.name);
+      }
+      if (t->dtype != p.dtype || t->shape != p.shape) {
+        throw VerifyError("{}: tensor {} is {} {}, but parameter {} is {} {}: the state belongs to another model",
+                          where, name, dtype_name(t->dtype), shape_text(t->shape), p.name, dtype_name(p.dtype),
+                          shape_text(p.shape));
+      }
+      OwnedTensor o{p.name, t->dtype, t->shape, {t->data.begin(), t->data.end()}};
+      (prefix == 'm' ? state.m : state.v).push_back(std::move(o));
+    }
+  }
+  const std::size_t expected = params.size() * (with_v ? 2 : 1);
+  if (c.tensors.size() != expected) {
+    for (const auto& t : c.tensors) {
+      const bool known = std::any_of(params.begin(), params.end(), [&](const TensorView& p) {
+        return t.name == "m." + p.name || (with_v && t.name == "v." + p.name);
+      });
+      if (!known) {
+        throw VerifyError("{}: tensor {} matches no parameter of the model: the state belongs to another model",
+                          where, t.name);
+      }
+    }
+  }
+  return state;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Aggregation.
+
+namespace {
+
+std::vector<OwnedTensor>
+aggregate_impl(const Safetensors& base,
+               std::span<const Safetensors> updates,
+               std::span<const double> weights,
+               const StrategySpec& spec,
+               const ServerOptions& options,
+               ServerState& state,
+               AggregateInfo* info,
+               Access& access)
+{
+  validate_server_options(options);
+  const std::size_t n = updates.size();
+  if (n == 0) {
+    throw Error("no updates to aggregate");
+  }
+  if (weights.size() != n) {
+    throw Error("{} weights for {} updates", weights.size(), n);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(weights[i]) || weights[i] <= 0.0) {
+      throw Error("update {}: weight {} is not a positive number", i + 1, weights[i]);
+    }
+  }
+  const bool krum = spec.kind == Strategy::krum || spec.kind == Strategy::multi_krum;
+  if (krum && n < spec.byzantine + 3) {
+    throw Error("{} needs at least F + 3 = {} updates (each is scored by its N - F - 2 nearest neighbours); got {}",
+                spec.to_string(), spec.byzantine + 3, n);
+  }
+  if (spec.kind == Strategy::multi_krum && spec.select > n - spec.byzantine) {
+    throw Error("{} averages M = {} updates, but at most N - F = {} of the {} updates can be trusted",
+                spec.to_string(), spec.select, n - spec.byzantine, n);
+  }
+  if (spec.kind == Strategy::trimmed_mean && !(spec.trim >= 0.0 && spec.trim < 0.5)) {
+    throw UsageError("trimmed-mean: BETA must satisfy 0 <= BETA < 0.5, not {}", spec.trim);
+  }
+
+  Plan plan = make_plan(base, updates);
+
+  // State: validated if carried over, created if this is the first round. Nothing is modified
+  // before the passes, which cannot fail.
+  ServerState fresh;
+  ServerState* st = nullptr;
+  if (spec.stateful()) {
+    if (state.empty()) {
+      fresh.strategy = std::string(spec.name());
+      fresh.m = filled_like(base, 0.0);
+      if (adaptive(spec.kind)) {
+        fresh.v = filled_like(base, options.tau * options.tau);
+      }
+      st = &fresh;
+    } else {
+      if (state.strategy != spec.name()) {
+        throw VerifyError("the server state belongs to strategy '{}', but this round uses {}", state.strategy,
+                          spec.name());
+      }
+      check_state_tensors(state.m, "m", base);
+      if (adaptive(spec.kind)) {
+        check_state_tensors(state.v, "v", base);
+      } else if (!state.v.empty()) {
+        throw VerifyError("the server state of {} has v tensors, which {} does not use", state.strategy, spec.name());
+      }
+      st = &state;
+    }
+    for (std::size_t k = 0; k < plan.tensors.size(); ++k) {
+      plan.tensors[k].m = st->m[k].bytes.data();
+      if (adaptive(spec.kind)) {
+        plan.tensors[k].v = st->v[k].bytes.data();
+      }
+    }
+  }
+
+  std::vector<OwnedTensor> out;
+  out.reserve(base.tensors.size());
+  for (std::size_t k = 0; k < base.tensors.size(); ++k) {
+    const auto& t = base.tensors[k];
+    out.push_back({t.name, t.dtype, t.shape, zeroed_buffer(t.data.size())});
+    plan.tensors[k].out = out.back().bytes.data();
+  }
+
+  const unsigned threads = thread_count(options, plan.total);
+  if (access.mapped) {
+    for (std::size_t i = 0; i < n; ++i) {
+      if (access.fds[i] < 0) {
+        for (const auto& t : updates[i].tensors) {
+          PageReleaser::small_pages(t.data.data(), t.data.size());
+        }
+      }
+    }
+    for (const auto& t : base.tensors) {
+      PageReleaser::small_pages(t.data.data(), t.data.size());
+    }
+    access.window = release_window(n + 1, threads);
+  }
+  const Pass pass{plan, threads, access};
+  Step step{spec.kind, options.server_lr, options.momentum, options.beta1, options.beta2, options.tau};
+
+  AggregateInfo local;
+  std::vector<double> scale(n, 1.0);
+  if (options.clip_norm) {
+    local.norms = norms_pass(pass);
+    local.clipped.assign(n, false);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (local.norms[i] > *options.clip_norm) {
+        scale[i] = *options.clip_norm / local.norms[i];
+        local.clipped[i] = true;
+      }
+    }
+  }
+
+  switch (spec.kind) {
+  case Strategy::median:
+  case Strategy::trimmed_mean: {
+    std::size_t lo = 0;
+    std::size_t hi = n;
+    if (spec.kind == Strategy::median) {
+      lo = (n - 1) / 2;
+      hi = n / 2 + 1;
+    } else {
+      // floor(BETA·N), with a little slack so that 0.29·100 drops 29 although 0.29·100 < 29 in
+      // binary floating point; never so many that nothing is left.
+      auto drop = static_cast<std::size_t>(std::floor(spec.trim * static_cast<double>(n) + 1e-9));
+      drop = std::min(drop, (n - 1) / 2);
+      lo = drop;
+      hi = n - drop;
+    }
+    robust_pass(pass, scale, lo, hi, step);
+    break;
+  }
+  case Strategy::krum:
+  case Strategy::multi_krum: {
+    const auto dist = distance_pass(pass, scale);
+    const std::size_t neighbours = n - spec.byzantine - 2;
+    local.krum_scores.assign(n, 0.0);
+    std::vector<double> row;
+    for (std::size_t i = 0; i < n; ++i) {
+      row.clear();
+      for (std::size_t j = 0; j < n; ++j) {
+        if (j != i) {
+          row.push_back(dist[i * n + j]);
+        }
+      }
+      std::partial_sort(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(neighbours), row.end());
+      local.krum_scores[i] = std::accumulate(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(neighbours), 0.0);
+    }
+    std::vector<std::size_t> order(n);
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::size_t a, std::size_t b) { return local.krum_scores[a] < local.krum_scores[b]; });
+    const std::size_t m = spec.kind == Strategy::krum ? 1 : spec.select;
+    local.selected.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(m));
+    std::vector<double> coef(m);
+    double denominator = 0;
+    for (std::size_t k = 0; k < m; ++k) {
+      const auto i = local.selected[k];
+      const double w = spec.kind == Strategy::krum ? 1.0 : weights[i];
+      coef[k] = w * scale[i];
+      denominator += w;
+    }
+    mean_pass(pass, local.selected, coef, denominator, step);
+    break;
+  }
+  default: {
+    std::vector<std::size_t> all(n);
+    std::iota(all.begin(), all.end(), std::size_t{0});
+    std::vector<double> coef(n);
+    double denominator = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      coef[i] = weights[i] * scale[i];
+      denominator += weights[i];
+    }
+    mean_pass(pass, all, coef, denominator, step);
+    break;
+  }
+  }
+
+  if (st != nullptr) {
+    st->round += 1;
+    if (st == &fresh) {
+      state = std::move(fresh);
+    }
+  }
+  if (info != nullptr) {
+    *info = std::move(local);
+  }
+  return out;
+}
+
+} // namespace
+
+std::vector<OwnedTensor>
+aggregate(const Safetensors& base,
+          std::span<const Safetensors> updates,
+          std::span<const double> weights,
+          const StrategySpec& spec,
+          const ServerOptions& options,
+          ServerState& state,
+          AggregateInfo* info)
+{
+  Access access;
+  return aggregate_impl(base, updates, weights, spec, options, state, info, access);
+}
+
+namespace {
+
+std::vector<OwnedTensor>
+aggregate_files(const SafetensorsFile& base,
+                std::span<const SafetensorsFile* const> updates,
+                std::span<const double> weights,
+                const StrategySpec& spec,
+                const ServerOptions& options,
+                ServerState& state,
+                AggregateInfo* info,
+                std::optional<std::size_t> in_place_budget)
+{
+  std::vector<Safetensors> contents;
+  contents.reserve(updates.size());
+  Access access;
+  access.mapped = true;
+  for (const auto* u : updates) {
+    contents.push_back(u->content());
+    access.origin.push_back(u->bytes().data());
+  }
+  // Read updates in place while what that keeps resident fits in 2 × model + 32 MiB, so that
+  // with the new model's own copy peak RSS stays within about 3 × model + 50 MB; read the others
+  // with pread(). In place, each thread keeps up to a page-cache folio of each file mapped, plus
+  // what it has read but not yet released; and since all files are read at the same offsets, the
+  // threads cross folio boundaries in every file at once, so this worst case is reached.
+  std::size_t model_bytes = 0;
+  std::size_t coordinates = 0;
+  for (const auto& t : base.content().tensors) {
+    model_bytes += t.data.size();
+    coordinates += t.numel();
+  }
+  const unsigned threads = thread_count(options, coordinates);
+  const std::size_t per_file = threads * k_folio_bytes + release_window(updates.size() + 1, threads);
+  const std::size_t budget = in_place_budget.value_or(2 * model_bytes + k_mapped_slack);
+  std::size_t resident = std::min(model_bytes, per_file);
+  std::vector<bool> use_pread(updates.size(), false);
+  for (std::size_t i = 0; i < updates.size(); ++i) {
+    const std::size_t cost = std::min(updates[i]->bytes().size(), per_file);
+    if (resident + cost <= budget) {
+      resident += cost;
+    } else {
+      use_pread[i] = true;
+    }
+  }
+  const Descriptors fds(updates, use_pread);
+  access.fds = fds.fds();
+  return aggregate_impl(base.content(), contents, weights, spec, options, state, info, access);
+}
+
+} // namespace
+
+std::vector<OwnedTensor>
+aggregate(const SafetensorsFile& base,
+          std::span<const SafetensorsFile* const> updates,
+          std::span<const double> weights,
+          const StrategySpec& spec,
+          const ServerOptions& options,
+          ServerState& state,
+          AggregateInfo* info)
+{
+  return aggregate_files(base, updates, weights, spec, options, state, info, std::nullopt);
+}
+
+std::vector<OwnedTensor>
+aggregate(const SafetensorsFile& base,
+          std::span<const SafetensorsFile> updates,
+          std::span<const double> weights,
+          const StrategySpec& spec,
+          const ServerOptions& options,
+          ServerState& state,
+          AggregateInfo* info)
+{
+  std::vector<const SafetensorsFile*> pointers;
+  pointers.reserve(updates.size());
+  for (const auto& u : updates) {
+    pointers.push_back(&u);
+  }
+  return aggregate_files(base, pointers, weights, spec, options, state, info, std::nullopt);
+}
+
+namespace detail {
+
+std::vector<OwnedTensor>
+aggregate_reading(const SafetensorsFile& base,
+                  std::span<const SafetensorsFile* const> updates,
+                  std::span<const double> weights,
+                  const StrategySpec& spec,
+                  const ServerOptions& options,
+                  ServerState& state,
+                  std::size_t in_place_budget)
+{
+  return aggregate_files(base, updates, weights, spec, options, state, nullptr, in_place_budget);
+}
+
+void
+sort_columns(float* rows, std::size_t n, std::size_t stride, std::size_t width)
+{
+  select_columns_alloc(rows, n, stride, width, full_sort(n));
+}
+
+void
+sort_columns(double* rows, std::size_t n, std::size_t stride, std::size_t width)
+{
+  select_columns_alloc(rows, n, stride, width, full_sort(n));
+}
+
+void
+select_middle(float* rows, std::size_t n, std::size_t stride, std::size_t width, std::size_t lo, std::size_t hi)
+{
+  select_columns_alloc(rows, n, stride, width, middle_rows(n, lo, hi));
+}
+
+} // namespace detail
+
+} // namespace fedl::core

@@ -33,9 +33,10 @@ e2e: build
 docs: build
 	@cd $(BUILD) && ctest --output-on-failure -L docs
 
-# fedl's main job on a built-in default: see examples/demo/run.
+# fedl's main job on a built-in default: offline federated rounds on bundled real data
+# (examples/offline-rounds/run: init, train at 4 sites, aggregate, 10 rounds, audit).
 demo: build
-	@FEDL=$(FEDL) ./examples/demo/run
+	@FEDL=$(FEDL) ./examples/offline-rounds/run
 
 bench: build
 	@FEDL=$(FEDL) ./bench/train_vs_pytorch.sh

@@ -7,11 +7,33 @@ _fedl()
   cmd=""
   for ((i = 1; i < COMP_CWORD; i++)); do
     case "${COMP_WORDS[i]}" in
-      train|eval|completion) cmd="${COMP_WORDS[i]}"; break ;;
+      init|train|eval|aggregate|audit|completion) cmd="${COMP_WORDS[i]}"; break ;;
     esac
   done
   case "$prev" in
     --log-format) [[ $cmd == "" || -z "" ]] && { COMPREPLY=($(compgen -W "text json" -- "$cur")); return; } ;;
+    --clients) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --arch) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --torchscript) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --input-dim) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --classes) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --server-name) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --listen) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --rounds) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --strategy) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --seed) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --valid-days) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --add-client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --revoke) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --partition) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
+    --labels) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
+    --label-column) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --limit-samples) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --split) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --holdout) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --device) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
+    --threads) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
     --data) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
     --labels) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
     --label-column) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
@@ -22,6 +44,7 @@ _fedl()
     --classes) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
     --out) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
     --save-model) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
+    --identity) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
     --epochs|-e) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
     --batch-size|-b) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
     --lr) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
@@ -40,12 +63,27 @@ _fedl()
     --batch-size|-b) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
     --device) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
     --threads) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
+    --base) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
+    --out) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
+    --workspace) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
+    --strategy) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
+    --state) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
+    --clip-norm) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
+    --server-lr) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
+    --server-momentum) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
+    --beta1) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
+    --beta2) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
+    --tau) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
+    --on-bad-update) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -W "fail skip" -- "$cur")); return; } ;;
   esac
   local words
   case "$cmd" in
-    "") words="train eval completion --help --json --quiet --verbose --log-format --version" ;;
-    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --epochs --batch-size --lr --optimizer --momentum --prox-mu --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "") words="init train eval aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
+    "audit") words="--help --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))

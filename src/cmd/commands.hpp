@@ -24,7 +24,10 @@ struct Command
   std::function<int()> run;
 };
 
+Command add_init(CLI::App& parent);
 Command add_train(CLI::App& parent);
+Command add_aggregate(CLI::App& parent);
+Command add_audit(CLI::App& parent);
 Command add_eval(CLI::App& parent);
 Command add_completion(CLI::App& parent);
 Command add_doc(CLI::App& parent);

@@ -72,7 +72,13 @@ add_data_options(CLI::App& app, DataFlags& f)
   app.add_option("--data", f.data, "Data file: .csv[.gz], IDX images (-ubyte[.gz]) or .npy features")
     ->required()
     ->type_name("PATH");
-  app.add_option("--labels", f.labels, "Labels file for IDX or NPY data (default: found beside --data)")
+  add_data_format_options(app, f);
+}
+
+void
+add_data_format_options(CLI::App& app, DataFlags& f)
+{
+  app.add_option("--labels", f.labels, "Labels file for IDX or NPY data (default: found beside the data)")
     ->type_name("PATH");
   app.add_option("--label-column", f.label_column, "CSV label column, by header name or 0-based index "
                                                    "(default: the last)")

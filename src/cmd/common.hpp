@@ -55,7 +55,10 @@ struct DataFlags
 
   core::DataOptions to_options() const;
 };
+// --data (required) and the format options below.
 void add_data_options(CLI::App& app, DataFlags& flags);
+// --labels, --label-column, --no-header, --limit-samples.
+void add_data_format_options(CLI::App& app, DataFlags& flags);
 
 // Prints `result` as one JSON document with --json, else `text` (if not empty), on stdout.
 void print_result(const nlohmann::json& result, const std::string& text);

@@ -7,6 +7,7 @@
 #include "cmd/model_io.hpp"
 #include "core/error.hpp"
 #include "core/log.hpp"
+#include "core/pki.hpp"
 #include "core/update.hpp"
 
 #include <CLI/CLI.hpp>
@@ -30,6 +31,7 @@ struct TrainOptions
   ModelSource model;
   std::optional<std::filesystem::path> out;
   std::optional<std::filesystem::path> save_model;
+  std::optional<std::filesystem::path> identity;
   std::uint32_t epochs = 1;
   std::uint32_t batch_size = 32;
   double lr = 0.01;
@@ -42,7 +44,15 @@ int
 run_train(const TrainOptions& opt)
 {
   if (!opt.out && !opt.save_model) {
-    throw core::UsageError("nothing to write: give --out UPDATE (needs a starting model) and/or --save-model FILE");
+    throw core::UsageError("nothing to write: give --out UPDATE and/or --save-model FILE");
+  }
+  if (opt.identity && !opt.out) {
+    throw core::UsageError("--identity signs an update: give --out UPDATE too");
+  }
+  // Read the site's identity first: a bad bundle should fail before minutes of training.
+  std::optional<core::Identity> identity;
+  if (opt.identity) {
+    identity = core::read_identity(*opt.identity / "client.crt", *opt.identity / "client.key");
   }
   const double started = uptime_seconds();
   const auto data = core::load_dataset(opt.data.to_options());
@@ -112,7 +122,16 @@ run_train(const TrainOptions& opt)
     meta["fedl.num_samples"] = std::to_string(data.size());
     meta["fedl.epochs"] = std::to_string(opt.epochs);
     meta["fedl.loss"] = fmt::format("{}", result.loss);
-    core::write_safetensors(*opt.out, core::views_of(delta), meta);
+    const auto views = core::views_of(delta);
+    if (identity) {
+      const auto info = core::certificate_info(identity->cert);
+      meta["fedl.site"] = info.common_name;
+      meta["fedl.cert_sha256"] = info.fingerprint;
+      meta["fedl.certificate"] = core::to_pem(identity->cert);
+      meta["fedl.signature"] = core::sign(identity->key, core::as_bytes(core::update_signed_payload(views, meta)));
+      j["site"] = info.common_name;
+    }
+    core::write_safetensors(*opt.out, views, meta);
     j["update"] = opt.out->string();
     j["base_sha256"] = base_sha;
     text += fmt::format("update: {} (base {})\n", opt.out->string(), base_sha);
@@ -142,6 +161,8 @@ add_train(CLI::App& parent)
     ->type_name("K");
   app->add_option("--out", opt->out, "Write the update (trained minus starting weights) here")->type_name("UPDATE");
   app->add_option("--save-model", opt->save_model, "Write the trained model here")->type_name("FILE");
+  app->add_option("--identity", opt->identity, "Sign the update with this site bundle (clients/NAME from fedl init)")
+    ->type_name("DIR");
   app->add_option("-e,--epochs", opt->epochs, "Passes over the data (0 writes the starting model)")
     ->capture_default_str()
     ->check(CLI::Range(0U, 100000U));

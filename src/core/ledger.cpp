@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/ledger.hpp"
 
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
 
@@ -8,9 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cstring>
-#include <ctime>
 
 namespace fs = std::filesystem;
 
@@ -47,19 +46,6 @@ split_lines(std::string_view text)
 }
 
 } // namespace
-
-std::string
-utc_now()
-{
-  const auto now = std::chrono::system_clock::now();
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
-  const std::time_t t = std::chrono::system_clock::to_time_t(now);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-  return fmt::format("{}.{:03}Z", buf, ms);
-}
 
 std::string
 ledger_signed_payload(const nlohmann::json& entry_without_sig)

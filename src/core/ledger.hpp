@@ -51,7 +51,4 @@ LedgerEntry append_ledger(const std::filesystem::path& path,
 // Throws VerifyError naming the first broken line and what is wrong with it.
 std::vector<LedgerEntry> read_ledger(const std::filesystem::path& path, const Verifier& verify);
 
-// The current UTC time as ISO 8601 with milliseconds, e.g. 2026-11-27T19:20:00.123Z.
-std::string utc_now();
-
 } // namespace fedl::core

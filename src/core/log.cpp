@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/log.hpp"
 
+#include "core/clock.hpp"
+
 #include <nlohmann/json.hpp>
 
-#include <chrono>
 #include <cstdio>
-#include <ctime>
 #include <mutex>
 
 namespace fedl::core::log {
@@ -30,20 +30,6 @@ level_name(Level level)
     return "debug";
   }
   return "info";
-}
-
-std::string
-timestamp()
-{
-  const auto now = std::chrono::system_clock::now();
-  const auto ms =
-    std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
-  const std::time_t t = std::chrono::system_clock::to_time_t(now);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-  return fmt::format("{}.{:03}Z", buf, ms);
 }
 
 } // namespace
@@ -72,7 +58,7 @@ write(Level lvl, std::string_view message)
 {
   std::string line;
   if (g_format == Format::json) {
-    nlohmann::json j = {{"time", timestamp()}, {"level", level_name(lvl)}, {"msg", message}};
+    nlohmann::json j = {{"time", utc_now()}, {"level", level_name(lvl)}, {"msg", message}};
     line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
   } else if (lvl == Level::error || lvl == Level::warning) {
     line = fmt::format("fedl: {}: {}\n", level_name(lvl), message);

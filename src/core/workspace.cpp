@@ -1,9 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/workspace.hpp"
 
+#include "core/dataset.hpp"
 #include "core/error.hpp"
+#include "core/file_io.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
 
 namespace fedl::core {
 
@@ -35,6 +40,174 @@ check_site_name(const std::string& name)
                      "'.' or '-'",
                      name);
   }
+}
+
+} // namespace fedl::core
+
+namespace fedl::core {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+void
+make_private_dir(const fs::path& dir)
+{
+  fs::create_directories(dir);
+  fs::permissions(dir, fs::perms::owner_all, fs::perm_options::replace);
+}
+
+std::string
+file_sha256(const fs::path& path)
+{
+  const MappedFile f(path);
+  return sha256_hex(f.bytes());
+}
+
+// The server address a site dials: the listen address, with a wildcard host replaced by the
+// first server name.
+std::string
+dial_address(const FederationConfig& c)
+{
+  const auto colon = c.listen.rfind(':');
+  const auto host = c.listen.substr(0, colon);
+  const auto port = colon == std::string::npos ? std::string("7443") : c.listen.substr(colon + 1);
+  if ((host.empty() || host == "0.0.0.0" || host == "::" || host == "[::]") && !c.server_names.empty()) {
+    const auto& name = c.server_names.front();
+    return (name.find(':') != std::string::npos && name.front() != '[' ? "[" + name + "]" : name) + ":" + port;
+  }
+  return c.listen;
+}
+
+nlohmann::json
+write_bundle(const Workspace& ws, const FederationConfig& config, const Identity& ca, const std::string& name)
+{
+  check_site_name(name);
+  const auto dir = ws.client(name);
+  make_private_dir(dir);
+  const auto id = issue_client_certificate(ca, name, Validity{static_cast<int>(config.valid_days)});
+  write_private_key(dir / "client.key", id.key);
+  write_certificate(dir / "client.crt", id.cert);
+  write_certificate(dir / "ca.crt", ca.cert);
+  nlohmann::json model = {{"arch", config.model.arch},
+                          {"input_shape", shape_to_string(config.model.input_shape)},
+                          {"classes", config.model.classes}};
+  if (config.model.torchscript) {
+    fs::copy_file(ws.root() / *config.model.torchscript, dir / *config.model.torchscript,
+                  fs::copy_options::overwrite_existing);
+    model["torchscript"] = *config.model.torchscript;
+  }
+  const nlohmann::json join = {{"site", name},
+                               {"server", dial_address(config)},
+                               {"server_name", config.server_names.empty() ? "" : config.server_names.front()},
+                               {"model", model}};
+  atomic_write(dir / "join.json", join.dump(2) + "\n");
+  const auto info = certificate_info(id.cert);
+  return {{"name", name}, {"fingerprint", info.fingerprint}, {"serial", info.serial}};
+}
+
+} // namespace
+
+Signer
+ledger_signer(const Workspace& ws)
+{
+  auto key = std::make_shared<PKey>(read_private_key(ws.server_key()));
+  return [key](std::string_view payload) { return sign(*key, as_bytes(payload)); };
+}
+
+Verifier
+ledger_verifier(const Cert& cert)
+{
+  return [&cert](std::string_view payload, const std::string& sig) {
+    return verify_signature(cert, as_bytes(payload), sig);
+  };
+}
+
+LedgerEntry
+append_signed(const Workspace& ws, const std::string& kind, const nlohmann::json& body)
+{
+  return append_ledger(ws.ledger(), kind, body, ledger_signer(ws));
+}
+
+nlohmann::json
+provision_workspace(const Workspace& ws, const FederationConfig& config, const std::string& name)
+{
+  make_private_dir(ws.pki());
+  fs::create_directories(ws.clients());
+  fs::create_directories(ws.state());
+  const Validity validity{static_cast<int>(config.valid_days)};
+  const auto ca = create_ca(fmt::format("fedl federation CA {}", name).substr(0, 64), validity);
+  write_private_key(ws.ca_key(), ca.key);
+  write_certificate(ws.ca_cert(), ca.cert);
+  const auto server = issue_server_certificate(ca, config.server_names, validity);
+  write_private_key(ws.server_key(), server.key);
+  write_certificate(ws.server_cert(), server.cert);
+  write_crl(ws.crl(), create_crl(ca, {}, 1, validity));
+
+  nlohmann::json clients = nlohmann::json::array();
+  for (const auto& name : config.clients) {
+    clients.push_back(write_bundle(ws, config, ca, name));
+  }
+  const auto text = config_text(config);
+  atomic_write(ws.config(), text);
+  const auto model = Workspace::model_name(0);
+  nlohmann::json body = {
+    {"config_sha256", sha256_hex(as_bytes(text))},
+    {"ca_fingerprint", certificate_fingerprint(ca.cert)},
+    {"server_fingerprint", certificate_fingerprint(server.cert)},
+    {"crl_sha256", file_sha256(ws.crl())},
+    {"model", {{"file", model}, {"sha256", file_sha256(ws.root() / model)}}},
+    {"arch", config.model.arch},
+    {"strategy", config.strategy},
+    {"rounds", config.rounds},
+    {"clients", clients},
+  };
+  append_signed(ws, "genesis", body);
+  return body;
+}
+
+nlohmann::json
+add_client(const Workspace& ws, const std::string& name)
+{
+  check_site_name(name);
+  auto config = load_config(ws.config());
+  if (std::find(config.clients.begin(), config.clients.end(), name) != config.clients.end() ||
+      fs::exists(ws.client(name))) {
+    throw UsageError("{}: a site named {} already exists", ws.root().string(), name);
+  }
+  const auto ca = read_identity(ws.ca_cert(), ws.ca_key());
+  auto body = write_bundle(ws, config, ca, name);
+  config.clients.push_back(name);
+  const auto text = config_text(config);
+  atomic_write(ws.config(), text);
+  body["config_sha256"] = sha256_hex(as_bytes(text));
+  append_signed(ws, "client-added", body);
+  return body;
+}
+
+nlohmann::json
+revoke_client(const Workspace& ws, const std::string& name)
+{
+  const auto config = load_config(ws.config());
+  if (std::find(config.clients.begin(), config.clients.end(), name) == config.clients.end()) {
+    throw UsageError("{}: there is no site named {} (sites: {})", ws.root().string(), name,
+                     fmt::join(config.clients, ", "));
+  }
+  const auto ca = read_identity(ws.ca_cert(), ws.ca_key());
+  const auto cert = read_certificate(ws.client(name) / "client.crt");
+  const auto previous = read_crl(ws.crl());
+  if (is_revoked(previous, cert)) {
+    throw UsageError("site {} is already revoked", name);
+  }
+  const auto info = certificate_info(cert);
+  const std::vector<Revocation> add{{info.serial, std::chrono::system_clock::now()}};
+  write_crl(ws.crl(), update_crl(ca, previous, add, Validity{static_cast<int>(config.valid_days)}));
+  const nlohmann::json body = {{"name", name},
+                               {"serial", info.serial},
+                               {"fingerprint", info.fingerprint},
+                               {"crl_sha256", file_sha256(ws.crl())}};
+  append_signed(ws, "revoked", body);
+  return body;
 }
 
 } // namespace fedl::core

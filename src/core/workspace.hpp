@@ -2,9 +2,16 @@
 // The layout of a federation workspace (DESIGN §3) and the facts derived from it.
 #pragma once
 
+#include "core/config.hpp"
+#include "core/ledger.hpp"
+#include "core/pki.hpp"
+
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 namespace fedl::core {
 
@@ -37,6 +44,28 @@ public:
 private:
   std::filesystem::path m_root;
 };
+
+// Provisions the PKI, the client bundles, fedl.json and the ledger's genesis entry in `ws`,
+// whose folder exists and already holds the initial model (models/global-000000.safetensors)
+// and, for a TorchScript model, model.pt. `name` names the federation in its CA certificate.
+// Returns the genesis entry's body.
+nlohmann::json provision_workspace(const Workspace& ws, const FederationConfig& config, const std::string& name);
+
+// Issues a certificate for a new site, writes its bundle (clients/NAME: client.crt, client.key,
+// ca.crt, join.json, and model.pt for TorchScript models), adds it to fedl.json and records a
+// client-added entry. Throws UsageError if the name is invalid or taken.
+nlohmann::json add_client(const Workspace& ws, const std::string& name);
+
+// Revokes a site's certificate: adds it to pki/crl.pem and records a revoked entry. Throws
+// UsageError if there is no such site or it is already revoked.
+nlohmann::json revoke_client(const Workspace& ws, const std::string& name);
+
+// Signs ledger entries with the coordinator's key (pki/server.key).
+Signer ledger_signer(const Workspace& ws);
+// Verifies ledger entries against a certificate's public key.
+Verifier ledger_verifier(const Cert& cert);
+// Appends an entry signed with the coordinator's key.
+LedgerEntry append_signed(const Workspace& ws, const std::string& kind, const nlohmann::json& body);
 
 // A site name must be usable as a folder name and a certificate CN: 1-64 characters of
 // [A-Za-z0-9._-], not starting with '.' or '-'. Throws UsageError naming it.

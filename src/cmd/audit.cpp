@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl audit WS: verify a workspace's history. The ledger's chain and every signature against
+// the coordinator's certificate, that certificate against the federation CA, the CA, the
+// coordinator certificate, fedl.json and the CRL against what the ledger recorded, and every
+// model file against its recorded hash. Any mismatch is exit 3 naming the first broken entry
+// or file; otherwise it prints the rounds, their participants, rejected updates and strategy.
+#include "cmd/commands.hpp"
+
+#include "cmd/common.hpp"
+#include "core/clock.hpp"
+#include "core/error.hpp"
+#include "core/file_io.hpp"
+#include "core/ledger.hpp"
+#include "core/pki.hpp"
+#include "core/workspace.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include <set>
+
+namespace fs = std::filesystem;
+
+namespace fedl::cmd {
+
+namespace {
+
+std::string
+file_sha256(const fs::path& path)
+{
+  if (!fs::exists(path)) {
+    throw core::VerifyError("{} is missing", path.string());
+  }
+  const core::MappedFile f(path);
+  return core::sha256_hex(f.bytes());
+}
+
+void
+expect_hash(const fs::path& path, const std::string& recorded, const core::LedgerEntry& e)
+{
+  const auto actual = file_sha256(path);
+  if (actual != recorded) {
+    throw core::VerifyError("{} does not match the ledger (line {}, {} entry records SHA-256 {}, the file has {}): "
+                            "it was replaced or altered",
+                            path.string(), e.line, e.kind, recorded, actual);
+  }
+}
+
+int
+run_audit(const fs::path& root)
+{
+  const core::Workspace ws(root);
+  ws.require_exists();
+  const auto ca = core::read_certificate(ws.ca_cert());
+  const auto server = core::read_certificate(ws.server_cert());
+  // First the chain alone (at a moment the certificate was surely valid), then the ledger.
+  const auto issued = core::certificate_info(server).not_before + std::chrono::minutes(10);
+  if (const auto v = core::verify_certificate(server, ca, nullptr, core::CertPurpose::server, issued); !v) {
+    throw core::VerifyError("{}: {}", ws.server_cert().string(), v.reason);
+  }
+  const auto entries = core::read_ledger(ws.ledger(), core::ledger_verifier(server));
+  // The coordinator's certificate must have been valid when it signed the last entry; it may
+  // have expired since without making the history false.
+  if (const auto v = core::verify_certificate(server, ca, nullptr, core::CertPurpose::server,
+                                              core::parse_utc(entries.back().time));
+      !v) {
+    throw core::VerifyError("{}: {}", ws.server_cert().string(), v.reason);
+  }
+  const auto& genesis = entries.front();
+  if (genesis.body.value("ca_fingerprint", "") != core::certificate_fingerprint(ca)) {
+    throw core::VerifyError("{} is not the CA recorded in the ledger's genesis entry", ws.ca_cert().string());
+  }
+  if (genesis.body.value("server_fingerprint", "") != core::certificate_fingerprint(server)) {
+    throw core::VerifyError("{} is not the coordinator certificate recorded in the genesis entry",
+                            ws.server_cert().string());
+  }
+
+  std::string config_sha;
+  const core::LedgerEntry* config_entry = nullptr;
+  std::string crl_sha;
+  const core::LedgerEntry* crl_entry = nullptr;
+  std::string model = genesis.body.at("model").at("file").get<std::string>();
+  expect_hash(ws.root() / model, genesis.body.at("model").at("sha256").get<std::string>(), genesis);
+  std::string model_sha = genesis.body.at("model").at("sha256").get<std::string>();
+  std::set<std::string> recorded_models{model};
+  nlohmann::json rounds = nlohmann::json::array();
+  std::string text;
+  std::size_t rejected_total = 0;
+  std::uint64_t expected_round = 1;
+  for (const auto& e : entries) {
+    if (e.body.contains("config_sha256")) {
+      config_sha = e.body["config_sha256"].get<std::string>();
+      config_entry = &e;
+    }
+    if (e.body.contains("crl_sha256")) {
+      crl_sha = e.body["crl_sha256"].get<std::string>();
+      crl_entry = &e;
+    }
+    if (e.kind == "client-added") {
+      text += fmt::format("site added: {}\n", e.body.value("name", "?"));
+    } else if (e.kind == "revoked") {
+      text += fmt::format("site revoked: {} (serial {})\n", e.body.value("name", "?"), e.body.value("serial", "?"));
+    }
+    if (e.kind != "round") {
+      continue;
+    }
+    const auto r = e.body.at("round").get<std::uint64_t>();
+    if (r != expected_round) {
+      throw core::VerifyError("{}: line {} records round {} where round {} was expected", ws.ledger().string(), e.line,
+                              r, expected_round);
+    }
+    ++expected_round;
+    if (e.body.at("base").at("sha256").get<std::string>() != model_sha) {
+      throw core::VerifyError("{}: line {}: round {} starts from a model other than the one before it",
+                              ws.ledger().string(), e.line, r);
+    }
+    model = e.body.at("model").at("file").get<std::string>();
+    model_sha = e.body.at("model").at("sha256").get<std::string>();
+    expect_hash(ws.root() / model, model_sha, e);
+    recorded_models.insert(model);
+    std::vector<std::string> sites;
+    for (const auto& p : e.body.at("participants")) {
+      const auto site = p.value("site", "");
+      sites.push_back(site.empty() ? p.value("file", "?") : site);
+    }
+    const auto& rej = e.body.at("rejected");
+    rejected_total += rej.size();
+    text += fmt::format("round {:>4}: {} ({} participants: {}){}\n", r, e.body.value("strategy", "?"), sites.size(),
+                        fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()));
+    for (const auto& x : rej) {
+      text += fmt::format("            rejected {}: {}\n", x.value("file", "?"), x.value("reason", "?"));
+    }
+    rounds.push_back({{"round", r},
+                      {"strategy", e.body.value("strategy", "")},
+                      {"participants", sites},
+                      {"rejected", rej},
+                      {"model", model},
+                      {"time", e.time}});
+  }
+  if (config_entry != nullptr) {
+    expect_hash(ws.config(), config_sha, *config_entry);
+  }
+  if (crl_entry != nullptr) {
+    expect_hash(ws.crl(), crl_sha, *crl_entry);
+  }
+  // A model the ledger does not know is either a truncated ledger or an interrupted round;
+  // both need a person (re-running the round's fedl aggregate records it).
+  std::error_code ec;
+  for (const auto& f : fs::directory_iterator(ws.models(), ec)) {
+    const auto rel = "models/" + f.path().filename().string();
+    if (recorded_models.count(rel) == 0) {
+      throw core::VerifyError("{} is not recorded in the ledger: the ledger was truncated, or a round was "
+                              "interrupted (run its fedl aggregate again)",
+                              (ws.root() / rel).string());
+    }
+  }
+  const nlohmann::json j = {{"ok", true},
+                            {"entries", entries.size()},
+                            {"rounds", rounds},
+                            {"latest_model", model},
+                            {"rejected_updates", rejected_total},
+                            {"ca_fingerprint", genesis.body["ca_fingerprint"]}};
+  text = fmt::format("ledger: {} entries, chain and signatures verified; CA {}\n", entries.size(),
+                     genesis.body["ca_fingerprint"].get<std::string>().substr(0, 16)) +
+         text +
+         fmt::format("{} rounds, latest model {}, {} rejected updates; every model file matches the ledger\n",
+                     rounds.size(), model, rejected_total);
+  print_result(j, text);
+  return 0;
+}
+
+} // namespace
+
+Command
+add_audit(CLI::App& parent)
+{
+  auto ws = std::make_shared<fs::path>();
+  auto* app = parent.add_subcommand("audit", "Verify a workspace's ledger, signatures, certificates and model files");
+  app->add_option("workspace", *ws, "The workspace folder")->required()->type_name("WS");
+  return {app, [ws] { return run_audit(*ws); }};
+}
+
+} // namespace fedl::cmd

@@ -1,0 +1,296 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl init: provision a federation workspace (PKI, client bundles, fedl.json, the initial
+// global model, the ledger's genesis entry), optionally with per-site shards of a data set;
+// on an existing workspace, --add-client and --revoke.
+#include "cmd/commands.hpp"
+
+#include "backends/loader.hpp"
+#include "cmd/common.hpp"
+#include "core/aggregate.hpp"
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "core/log.hpp"
+#include "core/model_spec.hpp"
+#include "core/partition.hpp"
+#include "core/workspace.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include <random>
+#include <thread>
+
+namespace fs = std::filesystem;
+
+namespace fedl::cmd {
+
+namespace {
+
+struct InitOptions
+{
+  fs::path ws;
+  std::optional<std::uint32_t> clients;
+  std::vector<std::string> client_names;
+  std::optional<std::string> arch;
+  std::optional<fs::path> torchscript;
+  std::optional<std::string> input_dim;
+  std::optional<std::int64_t> classes;
+  std::vector<std::string> server_names;
+  std::string listen = "0.0.0.0:7443";
+  std::uint32_t rounds = 10;
+  std::string strategy = "fedavg";
+  std::uint64_t seed = 0;
+  std::uint32_t valid_days = 365;
+  bool force = false;
+  std::optional<std::string> add_client;
+  std::optional<std::string> revoke;
+  DataFlags partition;
+  std::string split = "iid";
+  double holdout = 0.0;
+  ComputeOptions compute;
+};
+
+// Writes models/global-000000.safetensors (and model.pt) into `dir` from the model options.
+void
+write_initial_model(const InitOptions& opt, core::FederationConfig& config, const fs::path& dir)
+{
+  const auto [backend, device] = backends::resolve_device(opt.compute.device);
+  if (opt.compute.threads > 0) {
+    backend->api->set_threads(static_cast<std::int32_t>(opt.compute.threads));
+  }
+  fs::create_directories(dir / "models");
+  std::optional<backends::Model> model;
+  if (opt.torchscript) {
+    fs::copy_file(*opt.torchscript, dir / "model.pt");
+    config.model.arch = "torchscript";
+    config.model.torchscript = "model.pt";
+    model.emplace(backends::Model::load_torchscript(*backend, device, dir / "model.pt"));
+  } else {
+    model.emplace(backends::Model::create(*backend, device, config.model.arch, config.model.input_shape,
+                                          config.model.classes, opt.seed));
+  }
+  const core::Metadata meta{{"fedl.kind", "model"},
+                            {"fedl.arch", config.model.arch},
+                            {"fedl.input_shape", core::shape_to_string(config.model.input_shape)},
+                            {"fedl.classes", std::to_string(config.model.classes)},
+                            {"fedl.round", "0"}};
+  core::write_safetensors(dir / core::Workspace::model_name(0), model->weights(), meta);
+}
+
+nlohmann::json
+write_partition(const InitOptions& opt, const core::Dataset& data, const core::Workspace& ws, std::size_t sites,
+                const std::vector<std::string>& names)
+{
+  const auto spec = core::parse_split(opt.split);
+  const auto part = core::make_partition(data.labels, sites, spec, opt.holdout, opt.seed);
+  const core::SubsetWriter writer(data, opt.partition.to_options());
+  nlohmann::json out = nlohmann::json::object();
+  for (std::size_t i = 0; i < sites; ++i) {
+    writer.write(part.sites[i], ws.client(names[i]) / "data", core::SubsetRole::train);
+    const auto summary = core::summarize(data.labels, part.sites[i]);
+    out[names[i]] = summary.samples;
+    FEDL_LOG_INFO("{}: {}", names[i], core::format_summary(summary));
+  }
+  if (!part.holdout.empty()) {
+    writer.write(part.holdout, ws.data(), core::SubsetRole::test);
+    out["holdout"] = part.holdout.size();
+    FEDL_LOG_INFO("holdout: {}", core::format_summary(core::summarize(data.labels, part.holdout)));
+  }
+  return out;
+}
+
+int
+run_create(const InitOptions& opt)
+{
+  if (opt.arch.has_value() == opt.torchscript.has_value()) {
+    throw core::UsageError("give the model with exactly one of --arch SPEC or --torchscript FILE");
+  }
+  if (opt.clients && !opt.client_names.empty()) {
+    throw core::UsageError("give the sites with --clients N or with --client NAME, not both");
+  }
+  std::vector<std::string> names = opt.client_names;
+  if (opt.clients) {
+    for (std::uint32_t i = 1; i <= *opt.clients; ++i) {
+      names.push_back(fmt::format("site-{}", i));
+    }
+  }
+  if (names.empty()) {
+    throw core::UsageError("a federation needs sites: give --clients N or --client NAME ...");
+  }
+  for (const auto& n : names) {
+    core::check_site_name(n);
+    if (std::count(names.begin(), names.end(), n) > 1) {
+      throw core::UsageError("site {} is named twice", n);
+    }
+  }
+  if (!opt.partition.data.empty() && opt.holdout >= 1.0) {
+    throw core::UsageError("--holdout must be below 1");
+  }
+  (void)core::parse_strategy(opt.strategy);
+  if (fs::exists(opt.ws) && !(fs::is_directory(opt.ws) && fs::is_empty(opt.ws)) && !opt.force) {
+    throw core::UsageError("{} already exists; give --force to replace it, or use --add-client / --revoke to change "
+                           "a workspace",
+                           opt.ws.string());
+  }
+
+  core::FederationConfig config;
+  config.clients = names;
+  config.listen = opt.listen;
+  if (!opt.server_names.empty()) {
+    config.server_names = opt.server_names;
+  }
+  config.rounds = opt.rounds;
+  config.strategy = opt.strategy;
+  config.seed = opt.seed;
+  config.valid_days = opt.valid_days;
+
+  std::optional<core::Dataset> data;
+  if (!opt.partition.data.empty()) {
+    core::require_partitionable(opt.partition.data);
+    data = core::load_dataset(opt.partition.to_options());
+  }
+  if (opt.input_dim) {
+    config.model.input_shape = core::parse_shape(*opt.input_dim, "--input-dim");
+  } else if (data) {
+    config.model.input_shape = data->sample_shape;
+  } else {
+    throw core::UsageError("the model's input size is unknown: give --input-dim D (or 1,28,28) or --partition DATA");
+  }
+  config.model.classes = opt.classes.value_or(data ? data->num_classes() : 0);
+  if (config.model.classes < 2) {
+    throw core::UsageError("the number of classes is unknown: give --classes K (or --partition DATA)");
+  }
+  if (opt.arch) {
+    const auto spec = core::parse_model_spec(*opt.arch);
+    spec.check_input(config.model.input_shape);
+    config.model.arch = spec.text;
+  }
+
+  // Build everything in a sibling folder, then move it into place: no half-made workspace.
+  const auto parent = opt.ws.has_parent_path() ? opt.ws.parent_path() : fs::path(".");
+  if (!fs::is_directory(parent)) {
+    throw core::Error("cannot create {}: the folder {} does not exist", opt.ws.string(), parent.string());
+  }
+  std::random_device rd;
+  const auto tmp = parent / fmt::format(".{}.init-{:08x}", opt.ws.filename().string(), rd());
+  struct Cleanup
+  {
+    fs::path path;
+    ~Cleanup()
+    {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  } cleanup{tmp};
+  std::error_code ec;
+  if (!fs::create_directory(tmp, ec)) {
+    throw core::Error("cannot create a workspace in {}: {}", parent.string(), ec ? ec.message() : "exists");
+  }
+  const core::Workspace staging(tmp);
+  write_initial_model(opt, config, tmp);
+  const auto genesis = core::provision_workspace(staging, config, fs::absolute(opt.ws).lexically_normal().filename().string());
+  nlohmann::json shards;
+  if (data) {
+    shards = write_partition(opt, *data, staging, names.size(), names);
+  }
+
+  if (fs::exists(opt.ws)) {
+    const auto old = parent / fmt::format(".{}.old-{:08x}", opt.ws.filename().string(), rd());
+    fs::rename(opt.ws, old);
+    fs::rename(tmp, opt.ws);
+    fs::remove_all(old, ec);
+  } else {
+    fs::rename(tmp, opt.ws);
+  }
+  cleanup.path.clear();
+
+  nlohmann::json j = {{"workspace", opt.ws.string()},
+                      {"clients", names},
+                      {"model", (opt.ws / core::Workspace::model_name(0)).string()},
+                      {"arch", config.model.arch},
+                      {"ca_fingerprint", genesis["ca_fingerprint"]}};
+  if (data) {
+    j["partition"] = shards;
+  }
+  print_result(j, fmt::format("created federation workspace {}: {} sites ({}), model {}, CA {}\n", opt.ws.string(),
+                              names.size(), fmt::join(names, ", "), config.model.arch,
+                              genesis["ca_fingerprint"].get<std::string>().substr(0, 16)));
+  return 0;
+}
+
+int
+run_init(const InitOptions& opt)
+{
+  if (opt.add_client && opt.revoke) {
+    throw core::UsageError("--add-client and --revoke are separate changes; run fedl init twice");
+  }
+  if (!opt.add_client && !opt.revoke) {
+    return run_create(opt);
+  }
+  const core::Workspace ws(opt.ws);
+  ws.require_exists();
+  if (opt.add_client) {
+    const auto body = core::add_client(ws, *opt.add_client);
+    print_result(body, fmt::format("added site {} (bundle {})\n", *opt.add_client, ws.client(*opt.add_client).string()));
+  } else {
+    const auto body = core::revoke_client(ws, *opt.revoke);
+    print_result(body, fmt::format("revoked site {} (serial {})\n", *opt.revoke, body["serial"].get<std::string>()));
+  }
+  return 0;
+}
+
+} // namespace
+
+Command
+add_init(CLI::App& parent)
+{
+  auto opt = std::make_shared<InitOptions>();
+  auto* app = parent.add_subcommand("init", "Create a federation workspace: CA, certificates, config, initial model, ledger");
+  app->add_option("workspace", opt->ws, "The workspace folder")->required()->type_name("WS");
+  auto* clients = app->add_option("--clients", opt->clients, "Number of sites, named site-1 ... site-N")
+                    ->check(CLI::Range(1U, 100000U))
+                    ->type_name("N");
+  app->add_option("--client", opt->client_names, "A site by name (repeat for each site)")
+    ->type_name("NAME")
+    ->excludes(clients);
+  app->add_option("--arch", opt->arch, "Zoo model: logreg, mlp:H1[,H2...], cnn")->type_name("SPEC");
+  app->add_option("--torchscript", opt->torchscript, "A TorchScript module (torch.jit.save) as the model")
+    ->type_name("FILE")
+    ->check(CLI::ExistingFile);
+  app->add_option("--input-dim", opt->input_dim, "Input size or shape, e.g. 64 or 1,28,28 (default: from --partition)")
+    ->type_name("D");
+  app->add_option("--classes", opt->classes, "Number of classes (default: from --partition)")
+    ->check(CLI::Range(2, 1 << 20))
+    ->type_name("K");
+  app->add_option("--server-name", opt->server_names, "Coordinator host name or IP for its certificate (repeat; "
+                                                      "default: localhost and 127.0.0.1)")
+    ->type_name("HOST");
+  app->add_option("--listen", opt->listen, "Address the coordinator listens on")->capture_default_str()->type_name(
+    "HOST:PORT");
+  app->add_option("--rounds", opt->rounds, "Rounds to run")->capture_default_str()->check(CLI::Range(1U, 1000000U));
+  app->add_option("--strategy", opt->strategy, "Aggregation strategy (see fedl-aggregate(1))")
+    ->capture_default_str()
+    ->type_name("S");
+  app->add_option("--seed", opt->seed, "Seed for the initial model and the partition")->capture_default_str();
+  app->add_option("--valid-days", opt->valid_days, "Validity of the certificates in days")
+    ->capture_default_str()
+    ->check(CLI::Range(1U, 36500U));
+  app->add_flag("--force", opt->force, "Replace an existing workspace");
+  app->add_option("--add-client", opt->add_client, "Add a site to an existing workspace")->type_name("NAME");
+  app->add_option("--revoke", opt->revoke, "Revoke a site's certificate in an existing workspace")->type_name("NAME");
+  app->add_option("--partition", opt->partition.data, "Split this data set into per-site shards (CSV or IDX)")
+    ->type_name("PATH");
+  add_data_format_options(*app, opt->partition);
+  app->add_option("--split", opt->split, "How --partition splits: iid, dirichlet:ALPHA or shards:K")
+    ->capture_default_str()
+    ->type_name("S");
+  app->add_option("--holdout", opt->holdout, "Fraction of --partition kept as a test set in WS/data/")
+    ->capture_default_str()
+    ->check(CLI::Range(0.0, 0.99));
+  add_compute_options(*app, opt->compute);
+  return {app, [opt] { return run_init(*opt); }};
+}
+
+} // namespace fedl::cmd

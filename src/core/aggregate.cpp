@@ -28,14 +28,18 @@
 #include <type_traits>
 
 // On x86-64 the hot loops are compiled twice, for the baseline (SSE2) and for AVX2, and the
-// better one is chosen at load time (GCC function multiversioning); both do the same IEEE
+// better one is chosen at load time (GCC function multiversioning; clang 14 cannot clone
+// templates, so there only the sorting network has an AVX2 version); both do the same IEEE
 // operations in the same order, so results do not depend on the machine.
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define FEDL_X86_64 1
-#define FEDL_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define FEDL_X86_64 0
+#endif
+#if FEDL_X86_64 && !defined(__clang__)
+#define FEDL_CLONES __attribute__((target_clones("avx2", "default")))
+#else
 #define FEDL_CLONES
 #endif
 

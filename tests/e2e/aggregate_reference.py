@@ -258,6 +258,10 @@ def self_check():
     _check(float(reference("median", zero, col, [1] * 5)[0]["p"][0]) == 7.0, "median odd")
     _check(float(reference("median", zero, col[:4], [1, 99, 1, 1])[0]["p"][0]) == 5.0, "median even")
     _check(reference("trimmed-mean:0.2", zero, col, [1] * 5)[0]["p"][0] == np.float32(19.0 / 3.0), "trimmed mean")
+    vals = [float(i) if i < 71 else 1000.0 + i for i in range(100)]
+    many = [{"p": np.array([v], np.float32)} for v in rng.permutation(vals)]
+    _check(float(reference("trimmed-mean:0.29", zero, many, [1] * 100)[0]["p"][0]) == 49.5,
+           "trimmed-mean:0.29 of 100 drops 29 at each end")
     t0, _ = reference("trimmed-mean:0", base, ups, w)
     _check(all(np.allclose(t0[k], base[k] + np.mean([u[k] for u in ups], axis=0), atol=1e-6) for k in shapes),
            "trimmed-mean:0 is the plain mean")

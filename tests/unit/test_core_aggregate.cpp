@@ -423,6 +423,27 @@ TEST_CASE("aggregate: trimmed mean drops floor(BETA·N) values at each end per c
   CHECK(r.run("trimmed-mean:0.4", {1, 1, 1, 1, 1}) == r.run("median", {1, 1, 1, 1, 1}));
 }
 
+TEST_CASE("aggregate: trimmed-mean:0.29 of 100 updates drops 29 at each end (binary rounding of 0.29·100 aside)")
+{
+  // In memory, without files: one coordinate, values 0..70 and 29 huge ones, shuffled.
+  std::vector<float> values;
+  for (int i = 0; i < 100; ++i) {
+    values.push_back(i < 71 ? static_cast<float>(i) : 1000.0F + static_cast<float>(i));
+  }
+  std::shuffle(values.begin(), values.end(), std::mt19937(9));
+  const std::vector<float> zero{0.0F};
+  Safetensors base;
+  base.tensors.push_back({"p", DType::f32, {1}, bytes_of(zero)});
+  std::vector<Safetensors> updates(100);
+  for (std::size_t i = 0; i < 100; ++i) {
+    updates[i].tensors.push_back({"p", DType::f32, {1}, std::as_bytes(std::span(&values[i], 1))});
+  }
+  ServerState state;
+  const auto out = aggregate(base, updates, std::vector<double>(100, 1.0), parse_strategy("trimmed-mean:0.29"), {}, state);
+  // Kept: 29..70, mean 49.5 (dropping only 28 would keep 28 and 1071).
+  CHECK(floats(out[0])[0] == 49.5F);
+}
+
 TEST_CASE("aggregate: krum takes the update closest to its neighbours and multi-krum averages the best M")
 {
   // Honest updates 10, 11, 12, 13 in every coordinate, one attacker at 100. F = 1: each update
@@ -928,3 +949,5 @@ TEST_CASE("aggregate: large mixed F32/F64 models on several threads match a dire
   CHECK(c1[0].bytes == c2[0].bytes);
   CHECK(c1[1].bytes == c2[1].bytes);
 }
+
+TEST_SUITE_END();

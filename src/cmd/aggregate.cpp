@@ -173,7 +173,7 @@ run_aggregate(const AggregateOptions& opt)
     }
     if (!reason) {
       const auto& st = c.file->content();
-      reason = core::validate_update(base.content(), base_sha, st);
+      reason = core::validate_update(base.content(), base_sha, *c.file);
       if (!reason) {
         reason = check_identity(st, trust ? &*trust : nullptr);
       }

@@ -43,10 +43,11 @@
 // tensor's dtype). Ties in Krum scores go to the update listed first.
 //
 // Arithmetic is in double precision and the new model is rounded once to each tensor's dtype, so
-// fedavg with η = 1 is base + Σ nᵢΔᵢ / Σ nᵢ rounded once to F32 (the double sums err far less than
-// that rounding; exact values stay exact). Optimizer state is stored in the parameters' dtype between rounds. Results do not
-// depend on the number of threads or on the CPU's vector width, except through clipping norms and
-// Krum distances, which are summed per thread (differences in the last bits of a double).
+// fedavg with η = 1 is base + Σ nᵢΔᵢ / Σ nᵢ rounded once to F32 (the double sums err far less
+// than that rounding; exact values stay exact). Optimizer state is stored in the parameters'
+// dtype between rounds. Results do not depend on the number of threads or on the CPU's vector
+// width, except through clipping norms and Krum distances, which are summed per thread
+// (differences in the last bits of a double).
 //
 // Memory and speed: work is split by coordinates across threads (one per core) and streams over
 // the updates in blocks, reading each once (Krum reads the chosen ones again; clipping adds a pass

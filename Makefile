@@ -38,8 +38,11 @@ docs: build
 demo: build
 	@FEDL=$(FEDL) ./examples/offline-rounds/run
 
+# Benchmark programs that print figures (docs/PERFORMANCE.md): fedl train against PyTorch
+# Python, and aggregation against memory bandwidth and NumPy.
 bench: build
 	@FEDL=$(FEDL) ./bench/train_vs_pytorch.sh
+	@$(BUILD)/bench/fedl_aggregate_bench --n 16 --params 4000000 --repeat 5 --numpy bench/aggregate_numpy.py
 
 install: build
 	@cmake --install $(BUILD)

@@ -65,6 +65,16 @@ test_init_layout_modes_and_certificates()
   fedl_expect 0 audit ws
 }
 
+test_aggregate_and_audit_need_no_compute_backend()
+{
+  # The coordinator's commands never load LibTorch: they run with no backend installed at all.
+  make_ws || { fail "init failed"; return; }
+  site_update site-1 a.st || { fail "training failed"; return; }
+  mkdir -p alone && cp "$FEDL" alone/fedl
+  FEDL_BACKEND_PATH= alone/fedl -q aggregate --workspace ws a.st >/dev/null || fail "aggregate needs a backend"
+  FEDL_BACKEND_PATH= alone/fedl audit ws >/dev/null || fail "audit needs a backend"
+}
+
 test_init_refuses_an_existing_workspace_and_force_replaces_it()
 {
   make_ws || { fail "init failed"; return; }

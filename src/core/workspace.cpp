@@ -145,8 +145,8 @@ provision_workspace(const Workspace& ws, const FederationConfig& config, const s
   write_crl(ws.crl(), create_crl(ca, {}, 1, validity));
 
   nlohmann::json clients = nlohmann::json::array();
-  for (const auto& name : config.clients) {
-    clients.push_back(write_bundle(ws, config, ca, name));
+  for (const auto& site : config.clients) {
+    clients.push_back(write_bundle(ws, config, ca, site));
   }
   const auto text = config_text(config);
   atomic_write(ws.config(), text);

@@ -6,7 +6,7 @@
 // peak RSS of a fedavg run in a fresh child process, against 3 × model size + 50 MB.
 //
 // Usage: fedl_aggregate_bench [--n 16] [--params 4000000] [--repeat 5] [--dir DIR] [--tensors 4]
-//                             [--rss-n 16,64] [--numpy PATH | --no-numpy] [--keep]
+//                             [--rss-n 16,64] [--pread-kb 256,2048] [--numpy PATH | --no-numpy] [--keep]
 // Files are written with write_safetensors into DIR (default: a new folder under $TMPDIR), read
 // once so that they are in the page cache, and removed at the end unless --keep.
 #include "core/aggregate.hpp"
@@ -14,6 +14,8 @@
 #include "core/safetensors.hpp"
 
 #include <fmt/format.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,6 +28,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -50,6 +53,7 @@ struct Args
   std::size_t tensors = 4;
   std::string dir;
   std::vector<std::size_t> rss_n{16, 64};
+  std::vector<std::size_t> pread_kb{256, 2048};
   std::string numpy = std::string(FEDL_BENCH_SOURCE_DIR) + "/aggregate_numpy.py";
   bool keep = false;
 };
@@ -60,7 +64,8 @@ usage(const std::string& why)
   std::fprintf(stderr,
                "fedl_aggregate_bench: %s\n"
                "usage: fedl_aggregate_bench [--n N] [--params P] [--repeat R] [--dir DIR] [--tensors K]\n"
-               "                            [--rss-n N1,N2|none] [--numpy PATH | --no-numpy] [--keep]\n",
+               "                            [--rss-n N1,N2|none] [--pread-kb K1,K2] [--numpy PATH | --no-numpy]\n"
+               "                            [--keep]\n",
                why.c_str());
   std::exit(2);
 }
@@ -111,6 +116,14 @@ parse_args(int argc, char** argv)
         while (std::getline(ss, item, ',')) {
           a.rss_n.push_back(to_size(flag, item));
         }
+      }
+    } else if (flag == "--pread-kb") {
+      const auto text = value();
+      a.pread_kb.clear();
+      std::stringstream ss(text);
+      std::string item;
+      while (std::getline(ss, item, ',')) {
+        a.pread_kb.push_back(to_size(flag, item));
       }
     } else if (flag == "--numpy") {
       a.numpy = value();
@@ -270,6 +283,91 @@ read_sum(const std::vector<const SafetensorsFile*>& files, unsigned threads)
   work(0);
   for (auto& th : pool) {
     th.join();
+  }
+  float s = 0;
+  for (const auto v : sums) {
+    s += v;
+  }
+  return s;
+}
+
+// The same read-sum through the other route from the page cache: each thread pread()s its part of
+// every tensor of every file, in chunks of `chunk` bytes, into its own 2 MiB-aligned buffer
+// (madvise MADV_HUGEPAGE) and sums it there. The kernel copies through its direct map, so this is
+// not bound by the TLB misses of a user mapping of 4 KB pages; the buffer stays cache-resident.
+float
+read_sum_pread(const std::vector<const SafetensorsFile*>& files, unsigned threads, std::size_t chunk)
+{
+  std::vector<int> fds;
+  for (const auto* f : files) {
+    const int fd = ::open(f->path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      throw Error("cannot open {}", f->path().string());
+    }
+    fds.push_back(fd);
+  }
+  std::vector<float> sums(threads, 0.0F);
+  auto work = [&](unsigned t) {
+    constexpr std::size_t huge = std::size_t{2} << 20;
+    const std::size_t cap = (chunk + huge - 1) / huge * huge;
+    void* mem = std::aligned_alloc(huge, cap);
+    if (mem == nullptr) {
+      return;
+    }
+    ::madvise(mem, cap, MADV_HUGEPAGE);
+    auto* buf = static_cast<std::byte*>(mem);
+    std::array<float, 16> acc{};
+    for (std::size_t fi = 0; fi < files.size(); ++fi) {
+      const std::byte* origin = files[fi]->bytes().data();
+      for (const auto& tensor : files[fi]->content().tensors) {
+        const std::size_t n = tensor.numel();
+        const std::size_t b = n * t / threads;
+        const std::size_t e = n * (t + 1) / threads;
+        auto offset = static_cast<off_t>(tensor.data.data() - origin) + static_cast<off_t>(b * 4);
+        std::size_t left = (e - b) * 4;
+        while (left > 0) {
+          const std::size_t want = std::min(left, chunk / 64 * 64);
+          const auto got = ::pread(fds[fi], buf, want, offset);
+          if (got <= 0) {
+            left = 0;
+            break;
+          }
+          const std::size_t m = static_cast<std::size_t>(got) / 4;
+          std::size_t j = 0;
+          for (; j + 16 <= m; j += 16) {
+            for (std::size_t k = 0; k < 16; ++k) {
+              float v;
+              std::memcpy(&v, buf + (j + k) * 4, 4);
+              acc[k] += v;
+            }
+          }
+          for (; j < m; ++j) {
+            float v;
+            std::memcpy(&v, buf + j * 4, 4);
+            acc[0] += v;
+          }
+          offset += got;
+          left -= static_cast<std::size_t>(got);
+        }
+      }
+    }
+    std::free(mem);
+    float s = 0;
+    for (const auto v : acc) {
+      s += v;
+    }
+    sums[t] = s;
+  };
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads; ++t) {
+    pool.emplace_back(work, t);
+  }
+  work(0);
+  for (auto& th : pool) {
+    th.join();
+  }
+  for (const int fd : fds) {
+    ::close(fd);
   }
   float s = 0;
   for (const auto v : sums) {
@@ -449,6 +547,14 @@ try {
     sink = sink + read_sum(o.ptrs, threads);
     t_read_warm = time_runs([&] { sink = sink + read_sum(o.ptrs, threads); });
   }
+  // (1b) the read-sum through pread() into a huge-page buffer, for several chunk sizes.
+  std::vector<std::pair<std::size_t, double>> t_pread;
+  for (const std::size_t kb : args.pread_kb) {
+    t_pread.emplace_back(kb, time_runs([&] {
+      auto o = open_files(dir, args.n);
+      sink = sink + read_sum_pread(o.ptrs, threads, kb << 10);
+    }));
+  }
   // (2), (3) the strategies through fedl's API, opening the files each time as fedl does.
   struct Row
   {
@@ -465,6 +571,17 @@ try {
       sink = sink + static_cast<float>(out.size());
     });
     rows.push_back({spec, t});
+    if (std::getenv("FEDL_BENCH_AB") != nullptr) {
+      for (const std::size_t budget : {std::size_t{0}, std::numeric_limits<std::size_t>::max()}) {
+        const double t2 = time_runs([&] {
+          auto o = open_files(dir, args.n);
+          ServerState state;
+          const auto out = detail::aggregate_reading(*o.base, o.ptrs, o.weights, s, {}, state, budget);
+          sink = sink + static_cast<float>(out.size());
+        });
+        rows.push_back({std::string(spec) + (budget == 0 ? " [all pread]" : " [all in place]"), t2});
+      }
+    }
   }
   // (4) peak RSS of fedavg in a fresh process.
   std::vector<std::pair<std::size_t, std::optional<RssResult>>> rss;
@@ -497,6 +614,10 @@ try {
               gbs(t_read_warm), 100.0 * t_base / t_read_warm);
   std::printf("%-62s %9.1f %8.2f %7.0f%%\n", "    read-sum through fresh mappings (page faults included)", t_read * 1e3,
               gbs(t_read), 100.0 * t_base / t_read);
+  for (const auto& [kb, t] : t_pread) {
+    const auto label = fmt::format("(1b) read-sum via pread into a huge-page buffer, {} KB chunks", kb);
+    std::printf("%-62s %9.1f %8.2f %7.0f%%\n", label.c_str(), t * 1e3, gbs(t), 100.0 * t_base / t);
+  }
   for (const auto& r : rows) {
     const auto label = r.spec == "fedavg" ? "(2) fedavg via fedl::core::aggregate"
                                           : (r.spec == "krum:1" ? "    krum:1 (N^2/2 distances; for information)"

@@ -19,12 +19,12 @@
 #   -w WARMUP  untimed runs of each side per case first (default 1)
 #   -c CASES   comma-separated cases to run: mlp,cnn (default: both)
 #   -k         keep the temporary directory (raw JSON and stderr of every run)
-# Environment: FEDL (default /work/main/build/src/fedl), PYTHON (default /usr/bin/python3),
+# Environment: FEDL (default build/src/fedl of this checkout), PYTHON (default /usr/bin/python3),
 #   THREADS (default 2), DIGITS_CSV, FASHION_IMAGES (the data files).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-FEDL="${FEDL:-/work/main/build/src/fedl}"
+FEDL="${FEDL:-$(dirname "$here")/build/src/fedl}"
 PYTHON="${PYTHON:-/usr/bin/python3}"
 THREADS="${THREADS:-2}"
 DIGITS_CSV="${DIGITS_CSV:-$(dirname "$here")/data/digits.csv.gz}"

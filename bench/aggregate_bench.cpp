@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // fedl_aggregate_bench: how fast fedl's aggregation strategies run against what the machine can
 // do, measured in the same run (DESIGN §8): a plain read-sum over the same mapped update files
-// (the memory read bandwidth the page cache delivers) and NumPy's weighted average of the same
+// (the memory read bandwidth the page cache delivers; also the same read-sum through pread() into
+// a huge-page buffer, the other route out of the page cache) and NumPy's weighted average of the same
 // files (bench/aggregate_numpy.py, the way a Python framework loads and sums updates). Also the
 // peak RSS of a fedavg run in a fresh child process, against 3 × model size + 50 MB.
 //
@@ -28,7 +29,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -571,17 +571,6 @@ try {
       sink = sink + static_cast<float>(out.size());
     });
     rows.push_back({spec, t});
-    if (std::getenv("FEDL_BENCH_AB") != nullptr) {
-      for (const std::size_t budget : {std::size_t{0}, std::numeric_limits<std::size_t>::max()}) {
-        const double t2 = time_runs([&] {
-          auto o = open_files(dir, args.n);
-          ServerState state;
-          const auto out = detail::aggregate_reading(*o.base, o.ptrs, o.weights, s, {}, state, budget);
-          sink = sink + static_cast<float>(out.size());
-        });
-        rows.push_back({std::string(spec) + (budget == 0 ? " [all pread]" : " [all in place]"), t2});
-      }
-    }
   }
   // (4) peak RSS of fedavg in a fresh process.
   std::vector<std::pair<std::size_t, std::optional<RssResult>>> rss;
@@ -615,7 +604,7 @@ try {
   std::printf("%-62s %9.1f %8.2f %7.0f%%\n", "    read-sum through fresh mappings (page faults included)", t_read * 1e3,
               gbs(t_read), 100.0 * t_base / t_read);
   for (const auto& [kb, t] : t_pread) {
-    const auto label = fmt::format("(1b) read-sum via pread into a huge-page buffer, {} KB chunks", kb);
+    const auto label = fmt::format("(1b) read-sum, pread {} KB chunks into a huge-page buffer", kb);
     std::printf("%-62s %9.1f %8.2f %7.0f%%\n", label.c_str(), t * 1e3, gbs(t), 100.0 * t_base / t);
   }
   for (const auto& r : rows) {

@@ -57,3 +57,24 @@ test_corrupt_torchscript_is_exit_3()
   expect_in err "bad.pt"
   expect_no_file x.st
 }
+
+test_torchscript_federation_offline_round()
+{
+  export_module || { fail "cannot export the module"; return; }
+  fedl_expect 0 -q init ws --clients 2 --torchscript net.pt --partition "$DATA/digits.csv.gz" --no-header \
+    --split iid --seed 2 || return
+  cmp -s net.pt ws/model.pt || fail "the workspace's model.pt is not the given module"
+  cmp -s net.pt ws/clients/site-1/model.pt || fail "the site bundle lacks the module"
+  [[ $(json_get ws/clients/site-1/join.json "j['model']['torchscript']") == model.pt ]] || fail "join.json model"
+  local s
+  for s in site-1 site-2; do
+    "$FEDL" -q train --identity "ws/clients/$s" --torchscript "ws/clients/$s/model.pt" \
+      --model ws/models/global-000000.safetensors --data "ws/clients/$s/data/train.csv" --no-header \
+      --lr 0.1 --epochs 5 --out "$s.st" >/dev/null || { fail "training at $s failed"; return; }
+  done
+  fedl_expect 0 -q aggregate --workspace ws site-1.st site-2.st || return
+  fedl_expect 0 --json eval --torchscript ws/model.pt --model ws/models/global-000001.safetensors \
+    --data "$DATA/digits.csv.gz" --no-header || return
+  check_py "$(json_get out "j['accuracy']") > 0.8" "one round of the TorchScript federation: $(cat out)"
+  fedl_expect 0 audit ws
+}

@@ -17,12 +17,9 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <memory>
-#include <new>
 #include <numeric>
 #include <system_error>
 #include <thread>
@@ -55,10 +52,6 @@ namespace {
 constexpr std::size_t k_lanes = 16;
 // Coordinates per block of the weighted mean: 64 KiB of double accumulators, resident in L2.
 constexpr std::size_t k_mean_block = 8192;
-// The same when every update is read with pread(): larger blocks make fewer, larger reads (a
-// read of 256 KiB costs about as much per byte as one of 2 MiB, and much less than 32 KiB), and
-// four F64 slots of this many coordinates fill one 2 MiB huge page.
-constexpr std::size_t k_pread_block = std::size_t{1} << 16;
 // Bytes of one thread's copy of a robust block (N updates × B coordinates): about L2's size.
 constexpr std::size_t k_robust_bytes = std::size_t{1} << 20;
 // Columns that one compare-exchange of the sorting network handles (a multiple of k_lanes).
@@ -590,37 +583,6 @@ thread_count(const ServerOptions& options, std::size_t total)
   return static_cast<unsigned>(std::min<std::size_t>({want, cap, 256}));
 }
 
-// A buffer for pread() to copy into: 2 MiB-aligned and backed by transparent huge pages where
-// the kernel offers them (MADV_HUGEPAGE before the first touch), so that reading it back takes no
-// TLB misses. Uninitialized.
-class ReadBuffer
-{
-public:
-  ReadBuffer() = default;
-  explicit ReadBuffer(std::size_t size)
-  {
-    if (size == 0) {
-      return;
-    }
-    constexpr std::size_t huge = std::size_t{2} << 20;
-    const std::size_t cap = (size + huge - 1) / huge * huge;
-    m_data.reset(static_cast<std::byte*>(std::aligned_alloc(huge, cap)));
-    if (!m_data) {
-      throw std::bad_alloc();
-    }
-    // Only a hint: without it the pages are simply 4 KiB ones.
-    ::madvise(m_data.get(), cap, MADV_HUGEPAGE);
-  }
-  std::byte* data() const noexcept { return m_data.get(); }
-
-private:
-  struct Free
-  {
-    void operator()(std::byte* p) const noexcept { std::free(p); }
-  };
-  std::unique_ptr<std::byte, Free> m_data;
-};
-
 // Drops the pages of read-only file mappings that one thread has finished reading from the
 // process's resident set (madvise MADV_DONTNEED: the kernel maps them again from the page cache
 // if they are touched later). Only pages entirely inside what this thread consumed are dropped;
@@ -723,12 +685,6 @@ struct Access
   std::vector<int> fds;                   // per update: a descriptor to pread from, or -1
   std::vector<const std::byte*> origin;   // per update: the byte at file offset 0 of its mapping
   std::size_t window = 0;                 // of the PageReleaser
-
-  // Whether all of the updates `which` are read with pread().
-  bool all_pread(std::span<const std::size_t> which) const noexcept
-  {
-    return std::all_of(which.begin(), which.end(), [&](std::size_t i) { return i < fds.size() && fds[i] >= 0; });
-  }
 };
 
 // One thread's access to the updates (sources 0..n-1) and the base (source n).
@@ -802,7 +758,7 @@ private:
 
   const Access* m_access;
   PageReleaser m_releaser;
-  ReadBuffer m_slots;
+  std::vector<std::byte> m_slots;
   std::size_t m_slot_bytes = 0;
 };
 
@@ -1143,16 +1099,12 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
           const Step& step)
 {
   const auto& plan = pass.plan;
-  // Each coordinate is summed in the same order whatever the block, so the result does not
-  // depend on it.
-  static const std::size_t tuned = std::getenv("FEDL_PB") ? std::strtoull(std::getenv("FEDL_PB"), nullptr, 10) : k_pread_block; // TEMP
-  const std::size_t block = std::getenv("FEDL_PB_ALL") ? tuned : (pass.access.all_pread(which) ? tuned : k_mean_block);
-  std::vector<std::vector<double>> acc(pass.threads, std::vector<double>(block));
-  auto readers = make_readers(pass, block * sizeof(double), 4);
+  std::vector<std::vector<double>> acc(pass.threads, std::vector<double>(k_mean_block));
+  auto readers = make_readers(pass, k_mean_block * sizeof(double), 4);
   run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
     double* a = acc[t].data();
     auto& reader = readers[t];
-    for_each_piece(plan, begin, end, block, [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
+    for_each_piece(plan, begin, end, k_mean_block, [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
       const std::size_t es = dtype_size(tp.dtype);
       const std::size_t bytes = count * es;
       std::fill(a, a + count, 0.0);

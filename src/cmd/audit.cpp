@@ -27,20 +27,13 @@ namespace fedl::cmd {
 
 namespace {
 
-std::string
-file_sha256(const fs::path& path)
-{
-  if (!fs::exists(path)) {
-    throw core::VerifyError("{} is missing", path.string());
-  }
-  const core::MappedFile f(path);
-  return core::sha256_hex(f.bytes());
-}
-
 void
 expect_hash(const fs::path& path, const std::string& recorded, const core::LedgerEntry& e)
 {
-  const auto actual = file_sha256(path);
+  if (!fs::exists(path)) {
+    throw core::VerifyError("{} is missing (line {} of the ledger records it)", path.string(), e.line);
+  }
+  const auto actual = core::file_sha256(path);
   if (actual != recorded) {
     throw core::VerifyError("{} does not match the ledger (line {}, {} entry records SHA-256 {}, the file has {}): "
                             "it was replaced or altered",

@@ -66,6 +66,15 @@ add_compute_options(CLI::App& app, ComputeOptions& o)
     ->check(CLI::Range(1U, 1024U));
 }
 
+std::pair<const backends::Backend*, std::string>
+open_backend(const ComputeOptions& options)
+{
+  auto resolved = backends::resolve_device(options.device);
+  const auto threads = options.threads > 0 ? options.threads : std::max(1U, std::thread::hardware_concurrency());
+  resolved.first->api->set_threads(static_cast<std::int32_t>(threads));
+  return resolved;
+}
+
 void
 add_data_options(CLI::App& app, DataFlags& f)
 {

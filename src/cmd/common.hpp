@@ -3,6 +3,7 @@
 // everywhere) and the output helpers for stdout.
 #pragma once
 
+#include "backends/loader.hpp"
 #include "core/dataset.hpp"
 
 #include <nlohmann/json_fwd.hpp>
@@ -44,6 +45,9 @@ struct ComputeOptions
   std::uint32_t threads = 0; // 0: the number of cores
 };
 void add_compute_options(CLI::App& app, ComputeOptions& options);
+// Loads the backend for `--device` and sets its thread count (--threads, default the number of
+// cores). Throws as backends::resolve_device does.
+std::pair<const backends::Backend*, std::string> open_backend(const ComputeOptions& options);
 
 struct DataFlags
 {

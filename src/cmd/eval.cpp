@@ -30,9 +30,7 @@ int
 run_eval(const EvalOptions& opt)
 {
   const auto data = core::load_dataset(opt.data.to_options());
-  const auto [backend, device] = backends::resolve_device(opt.compute.device);
-  const auto threads = opt.compute.threads > 0 ? opt.compute.threads : std::max(1U, std::thread::hardware_concurrency());
-  backend->api->set_threads(static_cast<std::int32_t>(threads));
+  const auto [backend, device] = open_backend(opt.compute);
   auto m = open_model(*backend, device, opt.model, data);
   const auto r = m.model.evaluate(data, opt.batch_size);
   nlohmann::json j = {{"accuracy", r.accuracy}, {"loss", r.loss}, {"samples", r.samples}};

@@ -56,10 +56,7 @@ struct InitOptions
 void
 write_initial_model(const InitOptions& opt, core::FederationConfig& config, const fs::path& dir)
 {
-  const auto [backend, device] = backends::resolve_device(opt.compute.device);
-  if (opt.compute.threads > 0) {
-    backend->api->set_threads(static_cast<std::int32_t>(opt.compute.threads));
-  }
+  const auto [backend, device] = open_backend(opt.compute);
   fs::create_directories(dir / "models");
   std::optional<backends::Model> model;
   if (opt.torchscript) {

@@ -58,9 +58,7 @@ run_train(const TrainOptions& opt)
   const auto data = core::load_dataset(opt.data.to_options());
   FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), data.size(), data.shape_string());
 
-  const auto [backend, device] = backends::resolve_device(opt.compute.device);
-  const auto threads = opt.compute.threads > 0 ? opt.compute.threads : std::max(1U, std::thread::hardware_concurrency());
-  backend->api->set_threads(static_cast<std::int32_t>(threads));
+  const auto [backend, device] = open_backend(opt.compute);
 
   auto m = open_model(*backend, device, opt.model, data);
   // The base of the update: the model file's bytes, or the fresh model as --save-model with

@@ -253,4 +253,11 @@ sha256_hex(std::span<const std::byte> bytes)
   return sha256_hex(parts);
 }
 
+std::string
+file_sha256(const fs::path& path)
+{
+  const MappedFile file(path);
+  return sha256_hex(file.bytes());
+}
+
 } // namespace fedl::core

@@ -52,6 +52,8 @@ void atomic_write(const std::filesystem::path& path, std::string_view contents);
 // Lower-case hex SHA-256, as sha256sum prints it.
 std::string sha256_hex(std::span<const std::byte> bytes);
 std::string sha256_hex(std::span<const std::span<const std::byte>> parts);
+// SHA-256 of a file's contents. Throws Error naming the file if it cannot be read.
+std::string file_sha256(const std::filesystem::path& path);
 
 inline std::span<const std::byte>
 as_bytes(std::string_view s) noexcept

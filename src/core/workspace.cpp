@@ -57,13 +57,6 @@ make_private_dir(const fs::path& dir)
   fs::permissions(dir, fs::perms::owner_all, fs::perm_options::replace);
 }
 
-std::string
-file_sha256(const fs::path& path)
-{
-  const MappedFile f(path);
-  return sha256_hex(f.bytes());
-}
-
 // The server address a site dials: the listen address, with a wildcard host replaced by the
 // first server name.
 std::string

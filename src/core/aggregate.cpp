@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/aggregate.hpp"
 
+#include "core/aggregate_detail.hpp"
 #include "core/error.hpp"
 
 #include <fcntl.h>
@@ -47,6 +48,8 @@ namespace fedl::core {
 
 namespace {
 
+using namespace aggregate_detail;
+
 // Inner loops run over this many values at a time: a constant trip count that GCC vectorizes
 // even at -O2 (whose cost model refuses loops that need a scalar epilogue).
 constexpr std::size_t k_lanes = 16;
@@ -60,8 +63,6 @@ constexpr std::size_t k_tile = 64;
 constexpr std::size_t k_network_max = 4096;
 // A thread gets at least this many coordinates; smaller models run on fewer threads.
 constexpr std::size_t k_min_per_thread = std::size_t{1} << 16;
-// Resident mapped bytes of the update files that all threads together keep, at most (roughly).
-constexpr std::size_t k_resident_budget = std::size_t{16} << 20;
 // The largest page-cache folio that a read fault maps at once (a PMD on x86-64).
 constexpr std::size_t k_folio_bytes = std::size_t{2} << 20;
 // Updates are read in place while their expected resident pages stay below 2 × model + this.
@@ -581,282 +582,6 @@ thread_count(const ServerOptions& options, std::size_t total)
   }
   const std::size_t cap = std::max<std::size_t>(1, total / k_min_per_thread);
   return static_cast<unsigned>(std::min<std::size_t>({want, cap, 256}));
-}
-
-// Drops the pages of read-only file mappings that one thread has finished reading from the
-// process's resident set (madvise MADV_DONTNEED: the kernel maps them again from the page cache
-// if they are touched later). Only pages entirely inside what this thread consumed are dropped;
-// pages shared with another thread's range stay. A no-op when disabled.
-class PageReleaser
-{
-public:
-  PageReleaser(bool enabled, std::size_t sources, std::size_t window)
-    : m_enabled(enabled), m_window(window), m_spans(enabled ? sources : 0)
-  {
-  }
-  PageReleaser(const PageReleaser&) = delete;
-  PageReleaser& operator=(const PageReleaser&) = delete;
-  PageReleaser(PageReleaser&&) = default;
-  PageReleaser& operator=(PageReleaser&&) = default;
-  ~PageReleaser() { flush_all(); }
-
-  // Asks the kernel to map [p, p + size) with small pages only, not a 2 MiB page-cache folio as
-  // one huge page: with the pages dropped piece by piece, that keeps measurably fewer resident.
-  static void small_pages(const std::byte* p, std::size_t size) noexcept
-  {
-    const auto ps = page_size();
-    const auto a = reinterpret_cast<std::uintptr_t>(p);
-    const auto lo = (a + ps - 1) / ps * ps;
-    const auto hi = (a + size) / ps * ps;
-    if (hi > lo) {
-      // A failure only costs memory; nothing to report.
-      ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_NOHUGEPAGE);
-    }
-  }
-
-  // Records that bytes [p, p + size) of source `s` have been read for the last time.
-  void consumed(std::size_t s, const std::byte* p, std::size_t size) noexcept
-  {
-    if (!m_enabled || size == 0) {
-      return;
-    }
-    auto& span = m_spans[s];
-    const auto a = reinterpret_cast<std::uintptr_t>(p);
-    if (a != span.hi) {
-      release(span, false);
-      span.lo = a;
-    }
-    span.hi = a + size;
-    if (span.hi - span.lo >= m_window) {
-      release(span, false);
-    }
-  }
-
-  void flush_all() noexcept
-  {
-    for (auto& span : m_spans) {
-      release(span, true);
-    }
-  }
-
-private:
-  struct Span
-  {
-    std::uintptr_t lo = 0;
-    std::uintptr_t hi = 0;
-  };
-
-  static std::uintptr_t page_size() noexcept
-  {
-    static const auto size = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-    return size;
-  }
-
-  static void release(Span& span, bool all) noexcept
-  {
-    const auto ps = page_size();
-    const auto lo = (span.lo + ps - 1) / ps * ps;
-    const auto hi = span.hi / ps * ps;
-    if (hi > lo) {
-      // A failure only means the pages stay resident; nothing to report.
-      ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
-      span.lo = hi;
-    }
-    if (all) {
-      span = {};
-    }
-  }
-
-  bool m_enabled = false;
-  std::size_t m_window = 0;
-  std::vector<Span> m_spans;
-};
-
-// How the passes reach the updates' bytes. A caller's buffers are read in place. For mapped
-// files, the kernel maps a whole page-cache folio (up to 2 MiB on Linux 6.x) at a read fault, so
-// reading N files in place keeps about N × threads × 2 MiB resident however soon pages are
-// dropped. Updates are therefore read with pread() into small per-thread buffers, from a
-// descriptor opened on the very file that is mapped (same device and inode), and only the base
-// (one file, read once) and any update without such a descriptor are read in place, their pages
-// dropped as they are consumed.
-struct Access
-{
-  bool mapped = false;                    // the bytes are read-only file mappings
-  std::vector<int> fds;                   // per update: a descriptor to pread from, or -1
-  std::vector<const std::byte*> origin;   // per update: the byte at file offset 0 of its mapping
-  std::size_t window = 0;                 // of the PageReleaser
-};
-
-// One thread's access to the updates (sources 0..n-1) and the base (source n).
-class Reader
-{
-public:
-  Reader(const Access& access, std::size_t sources, std::size_t slot_bytes, std::size_t slots)
-    : m_access(&access),
-      m_releaser(access.mapped, sources, access.window),
-      m_slots(slot_bytes * slots),
-      m_slot_bytes(slot_bytes)
-  {
-  }
-
-  // Bytes [p, p + size) of update i, where p points into its data: p itself, or a copy in buffer
-  // `slot`, valid until that slot is used again. Call consumed() once they have been used.
-  const std::byte* fetch(std::size_t i, const std::byte* p, std::size_t size, std::size_t slot) noexcept
-  {
-    if (!preads(i)) {
-      return p;
-    }
-    std::byte* dest = m_slots.data() + slot * m_slot_bytes;
-    read(i, p, size, dest);
-    return dest;
-  }
-
-  // Copies bytes [p, p + size) of update i to `dest` (and counts them as consumed).
-  void copy(std::size_t i, const std::byte* p, std::size_t size, std::byte* dest) noexcept
-  {
-    if (preads(i)) {
-      read(i, p, size, dest);
-    } else {
-      std::memcpy(dest, p, size);
-      m_releaser.consumed(i, p, size);
-    }
-  }
-
-  // Records that bytes [p, p + size) of source s have been read for the last time.
-  void consumed(std::size_t s, const std::byte* p, std::size_t size) noexcept
-  {
-    if (!preads(s)) {
-      m_releaser.consumed(s, p, size);
-    }
-  }
-
-  void finish() noexcept { m_releaser.flush_all(); }
-
-private:
-  bool preads(std::size_t i) const noexcept { return i < m_access->fds.size() && m_access->fds[i] >= 0; }
-
-  void read(std::size_t i, const std::byte* p, std::size_t size, std::byte* dest) noexcept
-  {
-    const auto offset = static_cast<off_t>(p - m_access->origin[i]);
-    std::size_t done = 0;
-    while (done < size) {
-      const auto got = ::pread(m_access->fds[i], dest + done, size - done, offset + static_cast<off_t>(done));
-      if (got > 0) {
-        done += static_cast<std::size_t>(got);
-      } else if (got < 0 && errno == EINTR) {
-        continue;
-      } else {
-        break;
-      }
-    }
-    if (done < size) {
-      // The file cannot be read or has shrunk since it was mapped: take the rest from the
-      // mapping, as a caller without descriptors would (a shrunk file then faults there).
-      std::memcpy(dest + done, p + done, size - done);
-    }
-  }
-
-  const Access* m_access;
-  PageReleaser m_releaser;
-  std::vector<std::byte> m_slots;
-  std::size_t m_slot_bytes = 0;
-};
-
-std::size_t
-release_window(std::size_t sources, unsigned threads)
-{
-  const std::size_t w = k_resident_budget / (sources * threads);
-  return std::clamp<std::size_t>(w, std::size_t{64} << 10, std::size_t{4} << 20);
-}
-
-// A descriptor for each update file that is the very file mapped (same device, inode and size,
-// as /proc/self/maps lists the mapping), or -1 where that cannot be established. Closed on
-// destruction.
-class Descriptors
-{
-public:
-  // Opens descriptors for the files with wanted[i] set.
-  Descriptors(std::span<const SafetensorsFile* const> files, const std::vector<bool>& wanted);
-  Descriptors(const Descriptors&) = delete;
-  Descriptors& operator=(const Descriptors&) = delete;
-  ~Descriptors()
-  {
-    for (const int fd : m_fds) {
-      if (fd >= 0) {
-        ::close(fd);
-      }
-    }
-  }
-  const std::vector<int>& fds() const noexcept { return m_fds; }
-
-private:
-  std::vector<int> m_fds;
-};
-
-struct MapEntry
-{
-  std::uintptr_t lo = 0;
-  std::uintptr_t hi = 0;
-  unsigned major = 0;
-  unsigned minor = 0;
-  unsigned long inode = 0;
-};
-
-std::vector<MapEntry>
-read_maps()
-{
-  std::vector<MapEntry> out;
-  FILE* f = std::fopen("/proc/self/maps", "re");
-  if (f == nullptr) {
-    return out;
-  }
-  std::array<char, 4096> line{};
-  while (std::fgets(line.data(), static_cast<int>(line.size()), f) != nullptr) {
-    MapEntry e;
-    unsigned long lo = 0;
-    unsigned long hi = 0;
-    unsigned long offset = 0;
-    char perms[8] = {};
-    if (std::sscanf(line.data(), "%lx-%lx %7s %lx %x:%x %lu", &lo, &hi, perms, &offset, &e.major, &e.minor,
-                    &e.inode) == 7) {
-      e.lo = lo;
-      e.hi = hi;
-      out.push_back(e);
-    }
-  }
-  std::fclose(f);
-  return out;
-}
-
-Descriptors::Descriptors(std::span<const SafetensorsFile* const> files, const std::vector<bool>& wanted)
-  : m_fds(files.size(), -1)
-{
-  if (std::none_of(wanted.begin(), wanted.end(), [](bool w) { return w; })) {
-    return;
-  }
-  const auto maps = read_maps();
-  for (std::size_t i = 0; i < files.size(); ++i) {
-    const auto bytes = files[i]->bytes();
-    if (!wanted[i] || bytes.empty()) {
-      continue;
-    }
-    const auto a = reinterpret_cast<std::uintptr_t>(bytes.data());
-    const auto it = std::find_if(maps.begin(), maps.end(), [&](const MapEntry& e) { return e.lo <= a && a < e.hi; });
-    if (it == maps.end()) {
-      continue;
-    }
-    const int fd = ::open(files[i]->path().c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      continue;
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && static_cast<std::size_t>(st.st_size) == bytes.size() &&
-        st.st_ino == it->inode && major(st.st_dev) == it->major && minor(st.st_dev) == it->minor) {
-      m_fds[i] = fd;
-    } else {
-      ::close(fd);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ run_create(const InitOptions& opt)
   }
   const core::Workspace staging(tmp);
   write_initial_model(opt, config, tmp);
-  const auto genesis = core::provision_workspace(staging, config, fs::absolute(opt.ws).lexically_normal().filename().string());
+  const auto genesis = core::provision_workspace(staging, config, fs::absolute(opt.ws).filename().string());
   nlohmann::json shards;
   if (data) {
     shards = write_partition(opt, *data, staging, names.size(), names);
@@ -218,8 +218,13 @@ run_create(const InitOptions& opt)
 }
 
 int
-run_init(const InitOptions& opt)
+run_init(InitOptions opt)
 {
+  // "ws/" and "ws" name the same folder; the staging folder goes beside it, not inside it.
+  opt.ws = opt.ws.lexically_normal();
+  if (!opt.ws.has_filename() && opt.ws.has_parent_path()) {
+    opt.ws = opt.ws.parent_path();
+  }
   if (opt.add_client && opt.revoke) {
     throw core::UsageError("--add-client and --revoke are separate changes; run fedl init twice");
   }

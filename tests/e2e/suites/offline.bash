@@ -83,7 +83,7 @@ test_init_refuses_an_existing_workspace_and_force_replaces_it()
   fedl_expect 2 init ws --clients 2 --arch logreg --input-dim 64 --classes 10 || return
   expect_in err "already exists"
   [[ $(sha256sum ws/pki/ca.crt) == "$ca" ]] || fail "a refused init changed the workspace"
-  fedl_expect 0 -q init ws --clients 2 --arch logreg --input-dim 64 --classes 10 --force || return
+  fedl_expect 0 -q init ws/ --clients 2 --arch logreg --input-dim 64 --classes 10 --force || return
   [[ $(sha256sum ws/pki/ca.crt) != "$ca" ]] || fail "--force did not replace the workspace"
   [[ ! -d ws/clients/site-3 ]] || fail "--force left the old workspace's files"
   ls -a | grep -q '^\.ws\.' && fail "init left a temporary folder"

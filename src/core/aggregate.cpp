@@ -28,39 +28,16 @@
 
 #include <type_traits>
 
-// On x86-64 the hot loops are compiled twice, for the baseline (SSE2) and for AVX2, and the
-// better one is chosen at load time (GCC function multiversioning; clang 14 cannot clone
-// templates, so there only the sorting network has an AVX2 version); both do the same IEEE
-// operations in the same order, so results do not depend on the machine.
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define FEDL_X86_64 1
-#else
-#define FEDL_X86_64 0
-#endif
-#if FEDL_X86_64 && !defined(__clang__)
-#define FEDL_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FEDL_CLONES
-#endif
-
 namespace fedl::core {
 
 namespace {
 
 using namespace aggregate_detail;
 
-// Inner loops run over this many values at a time: a constant trip count that GCC vectorizes
-// even at -O2 (whose cost model refuses loops that need a scalar epilogue).
-constexpr std::size_t k_lanes = 16;
 // Coordinates per block of the weighted mean: 64 KiB of double accumulators, resident in L2.
 constexpr std::size_t k_mean_block = 8192;
 // Bytes of one thread's copy of a robust block (N updates × B coordinates): about L2's size.
 constexpr std::size_t k_robust_bytes = std::size_t{1} << 20;
-// Columns that one compare-exchange of the sorting network handles (a multiple of k_lanes).
-constexpr std::size_t k_tile = 64;
-// Past this many updates the columns are sorted one at a time (the network grows as N log² N).
-constexpr std::size_t k_network_max = 4096;
 // A thread gets at least this many coordinates; smaller models run on fewer threads.
 constexpr std::size_t k_min_per_thread = std::size_t{1} << 16;
 // The largest page-cache folio that a read fault maps at once (a PMD on x86-64).
@@ -112,20 +89,6 @@ inline void
 store(std::byte* p, T v) noexcept
 {
   std::memcpy(p, &v, sizeof v);
-}
-
-bool
-has_avx2() noexcept
-{
-#if FEDL_X86_64
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return yes;
-#else
-  return false;
-#endif
 }
 
 // A zero-filled buffer of `size` bytes. A large one is backed by transparent huge pages where the
@@ -186,259 +149,6 @@ parse_double(std::string_view text)
     return std::nullopt;
   }
   return value;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Sorting columns: Batcher's merge exchange (Knuth, TAOCP vol. 3, §5.2.2, Algorithm M), a
-// comparator network for any n. Applied to k_tile columns at once, each comparator is a
-// vectorized min and max of two rows: no branches, no data-dependent memory access.
-
-using Network = std::vector<std::pair<std::uint32_t, std::uint32_t>>;
-
-Network
-merge_exchange_network(std::size_t n)
-{
-  Network net;
-  if (n < 2) {
-    return net;
-  }
-  std::size_t t = 0;
-  while ((std::size_t{1} << t) < n) {
-    ++t;
-  }
-  for (std::size_t p = std::size_t{1} << (t - 1); p > 0; p >>= 1) {
-    std::size_t q = std::size_t{1} << (t - 1);
-    std::size_t r = 0;
-    std::size_t d = p;
-    for (;;) {
-      for (std::size_t i = 0; i + d < n; ++i) {
-        if ((i & p) == r) {
-          net.emplace_back(static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(i + d));
-        }
-      }
-      if (q == p) {
-        break;
-      }
-      d = q - p;
-      q >>= 1;
-      r = p;
-    }
-  }
-  return net;
-}
-
-// Runs the comparators of `network` on `tiles` tiles of k_tile columns of the matrix `rows`
-// (row stride `stride`): each comparator (a, b) puts the smaller of rows a and b, column by
-// column, in row a and the larger in row b. For finite values (the only ones aggregation sees)
-// the min and max instructions and a compare-and-swap agree.
-template<typename T>
-void
-network_tiles_generic(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
-{
-  for (std::size_t c0 = 0; c0 < tiles * k_tile; c0 += k_tile) {
-    for (const auto& [a, b] : network) {
-      T* ra = rows + a * stride + c0;
-      T* rb = rows + b * stride + c0;
-      for (std::size_t j = 0; j < k_tile; ++j) {
-        const T x = ra[j];
-        const T y = rb[j];
-        ra[j] = std::min(x, y);
-        rb[j] = std::max(x, y);
-      }
-    }
-  }
-}
-
-#if FEDL_X86_64
-
-template<typename T>
-void
-network_tiles_sse2(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
-{
-  for (std::size_t c0 = 0; c0 < tiles * k_tile; c0 += k_tile) {
-    for (const auto& [a, b] : network) {
-      T* ra = rows + a * stride + c0;
-      T* rb = rows + b * stride + c0;
-      if constexpr (std::is_same_v<T, float>) {
-        for (std::size_t j = 0; j < k_tile; j += 4) {
-          const __m128 x = _mm_loadu_ps(ra + j);
-          const __m128 y = _mm_loadu_ps(rb + j);
-          _mm_storeu_ps(ra + j, _mm_min_ps(x, y));
-          _mm_storeu_ps(rb + j, _mm_max_ps(x, y));
-        }
-      } else {
-        for (std::size_t j = 0; j < k_tile; j += 2) {
-          const __m128d x = _mm_loadu_pd(ra + j);
-          const __m128d y = _mm_loadu_pd(rb + j);
-          _mm_storeu_pd(ra + j, _mm_min_pd(x, y));
-          _mm_storeu_pd(rb + j, _mm_max_pd(x, y));
-        }
-      }
-    }
-  }
-}
-
-template<typename T>
-__attribute__((target("avx2"))) void
-network_tiles_avx2(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
-{
-  for (std::size_t c0 = 0; c0 < tiles * k_tile; c0 += k_tile) {
-    for (const auto& [a, b] : network) {
-      T* ra = rows + a * stride + c0;
-      T* rb = rows + b * stride + c0;
-      if constexpr (std::is_same_v<T, float>) {
-        for (std::size_t j = 0; j < k_tile; j += 8) {
-          const __m256 x = _mm256_loadu_ps(ra + j);
-          const __m256 y = _mm256_loadu_ps(rb + j);
-          _mm256_storeu_ps(ra + j, _mm256_min_ps(x, y));
-          _mm256_storeu_ps(rb + j, _mm256_max_ps(x, y));
-        }
-      } else {
-        for (std::size_t j = 0; j < k_tile; j += 4) {
-          const __m256d x = _mm256_loadu_pd(ra + j);
-          const __m256d y = _mm256_loadu_pd(rb + j);
-          _mm256_storeu_pd(ra + j, _mm256_min_pd(x, y));
-          _mm256_storeu_pd(rb + j, _mm256_max_pd(x, y));
-        }
-      }
-    }
-  }
-}
-
-#endif
-
-template<typename T>
-void
-network_tiles(T* rows, std::size_t stride, std::size_t tiles, const Network& network) noexcept
-{
-#if FEDL_X86_64
-  if (has_avx2()) {
-    network_tiles_avx2(rows, stride, tiles, network);
-  } else {
-    network_tiles_sse2(rows, stride, tiles, network);
-  }
-#else
-  network_tiles_generic(rows, stride, tiles, network);
-#endif
-}
-
-// What to run on each column of a block: a comparator network, or (past k_network_max, where a
-// network would be too long) a plain sort of each column.
-struct Selection
-{
-  Network network;
-  bool sort_each = false;
-};
-
-// Sorts each column completely.
-Selection
-full_sort(std::size_t n)
-{
-  Selection s;
-  if (n <= k_network_max) {
-    s.network = merge_exchange_network(n);
-  } else {
-    s.sort_each = true;
-  }
-  return s;
-}
-
-// Leaves in rows [lo, hi) of each column the values that sorted rows [lo, hi) would hold, in some
-// order, with the fewer comparators of two networks: Batcher's network pruned to the comparators
-// those rows depend on (walking back from the output, a comparator matters if it touches a row
-// that matters, and then both of its rows matter); or, when as many rows are dropped below as
-// above, lo passes that move the minimum of the remaining rows to the top and lo that move the
-// maximum to the bottom (2·lo·(n − lo) comparators: fewer when lo is small, as in a trimmed mean).
-Selection
-middle_rows(std::size_t n, std::size_t lo, std::size_t hi)
-{
-  Selection best;
-  bool have = false;
-  if (n <= k_network_max) {
-    const auto full = merge_exchange_network(n);
-    std::vector<bool> live(n, false);
-    for (std::size_t r = lo; r < hi; ++r) {
-      live[r] = true;
-    }
-    for (auto it = full.rbegin(); it != full.rend(); ++it) {
-      if (live[it->first] || live[it->second]) {
-        best.network.push_back(*it);
-        live[it->first] = true;
-        live[it->second] = true;
-      }
-    }
-    std::reverse(best.network.begin(), best.network.end());
-    have = true;
-  }
-  if (hi == n - lo && (!have || 2 * lo * (n - lo) < best.network.size())) {
-    Network extract;
-    for (std::size_t r = 0; r < lo; ++r) {
-      for (std::size_t i = r + 1; i < n; ++i) {
-        extract.emplace_back(static_cast<std::uint32_t>(r), static_cast<std::uint32_t>(i));
-      }
-    }
-    for (std::size_t r = 0; r < lo; ++r) {
-      const std::size_t bottom = n - 1 - r;
-      for (std::size_t i = lo; i < bottom; ++i) {
-        extract.emplace_back(static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(bottom));
-      }
-    }
-    best.network = std::move(extract);
-    best.sort_each = false;
-    have = true;
-  }
-  if (!have) {
-    best.sort_each = true;
-  }
-  return best;
-}
-
-// Runs `selection` on `width` columns of the n × stride matrix `rows`. `column` is scratch for n
-// values, used only when sorting column by column.
-template<typename T>
-void
-select_columns_with(T* rows, std::size_t n, std::size_t stride, std::size_t width, const Selection& selection,
-                    T* column) noexcept
-{
-  if (n < 2) {
-    return;
-  }
-  if (selection.sort_each) {
-    for (std::size_t c = 0; c < width; ++c) {
-      for (std::size_t i = 0; i < n; ++i) {
-        column[i] = rows[i * stride + c];
-      }
-      std::sort(column, column + n);
-      for (std::size_t i = 0; i < n; ++i) {
-        rows[i * stride + c] = column[i];
-      }
-    }
-    return;
-  }
-  const auto& network = selection.network;
-  const std::size_t tiles = width / k_tile;
-  network_tiles(rows, stride, tiles, network);
-  const std::size_t c0 = tiles * k_tile;
-  if (c0 < width) {
-    for (const auto& [a, b] : network) {
-      T* ra = rows + a * stride;
-      T* rb = rows + b * stride;
-      for (std::size_t c = c0; c < width; ++c) {
-        const T x = ra[c];
-        const T y = rb[c];
-        ra[c] = std::min(x, y);
-        rb[c] = std::max(x, y);
-      }
-    }
-  }
-}
-
-template<typename T>
-void
-select_columns_alloc(T* rows, std::size_t n, std::size_t stride, std::size_t width, const Selection& selection)
-{
-  std::vector<T> column(selection.sort_each ? n : 0);
-  select_columns_with(rows, n, stride, width, selection, column.data());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1777,24 +1487,6 @@ aggregate_reading(const SafetensorsFile& base,
                   std::size_t in_place_budget)
 {
   return aggregate_files(base, updates, weights, spec, options, state, nullptr, in_place_budget);
-}
-
-void
-sort_columns(float* rows, std::size_t n, std::size_t stride, std::size_t width)
-{
-  select_columns_alloc(rows, n, stride, width, full_sort(n));
-}
-
-void
-sort_columns(double* rows, std::size_t n, std::size_t stride, std::size_t width)
-{
-  select_columns_alloc(rows, n, stride, width, full_sort(n));
-}
-
-void
-select_middle(float* rows, std::size_t n, std::size_t stride, std::size_t width, std::size_t lo, std::size_t hi)
-{
-  select_columns_alloc(rows, n, stride, width, middle_rows(n, lo, hi));
 }
 
 } // namespace detail

@@ -13,9 +13,63 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <utility>
 #include <vector>
 
+// On x86-64 the hot loops are compiled twice, for the baseline (SSE2) and for AVX2, and the
+// better one is chosen at load time (GCC function multiversioning; clang 14 cannot clone
+// templates, so there only the sorting network has an AVX2 version); both do the same IEEE
+// operations in the same order, so results do not depend on the machine.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FEDL_X86_64 1
+#else
+#define FEDL_X86_64 0
+#endif
+#if FEDL_X86_64 && !defined(__clang__)
+#define FEDL_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FEDL_CLONES
+#endif
+
 namespace fedl::core::aggregate_detail {
+
+// Inner loops run over this many values at a time: a constant trip count that GCC vectorizes
+// even at -O2 (whose cost model refuses loops that need a scalar epilogue).
+constexpr std::size_t k_lanes = 16;
+// Columns that one compare-exchange of the sorting network handles (a multiple of k_lanes).
+constexpr std::size_t k_tile = 64;
+// Past this many updates the columns are sorted one at a time (the network grows as N log² N).
+constexpr std::size_t k_network_max = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Sorting columns (aggregate_kernels.cpp).
+
+using Network = std::vector<std::pair<std::uint32_t, std::uint32_t>>;
+
+// What to run on each column of a block: a comparator network, or (past k_network_max, where a
+// network would be too long) a plain sort of each column.
+struct Selection
+{
+  Network network;
+  bool sort_each = false;
+};
+
+// Sorts each column completely.
+Selection full_sort(std::size_t n);
+
+// Leaves in rows [lo, hi) of each column the values that sorted rows [lo, hi) would hold, in some
+// order.
+Selection middle_rows(std::size_t n, std::size_t lo, std::size_t hi);
+
+// Runs `selection` on `width` columns of the n × stride matrix `rows`. `column` is scratch for n
+// values, used only when sorting column by column. For float and double.
+template<typename T>
+void select_columns_with(T* rows, std::size_t n, std::size_t stride, std::size_t width, const Selection& selection,
+                         T* column) noexcept;
+
+// ---------------------------------------------------------------------------------------------
+// Reading the updates (aggregate_stream.cpp).
 
 // Drops the pages of read-only file mappings that one thread has finished reading from the
 // process's resident set (madvise MADV_DONTNEED: the kernel maps them again from the page cache

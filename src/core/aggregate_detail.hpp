@@ -3,6 +3,7 @@
 // their bytes, in place or with pread() from the files that are mapped.
 #pragma once
 
+#include "core/aggregate.hpp"
 #include "core/safetensors.hpp"
 
 #include <sys/mman.h>
@@ -41,6 +42,30 @@ constexpr std::size_t k_lanes = 16;
 constexpr std::size_t k_tile = 64;
 // Past this many updates the columns are sorted one at a time (the network grows as N log² N).
 constexpr std::size_t k_network_max = 4096;
+
+// Unaligned-safe loads and stores: mapped tensor data is aligned only as the file lays it out.
+// GCC turns these memcpy calls into plain (vectorizable) loads and stores.
+template<typename T>
+inline T
+load(const std::byte* p) noexcept
+{
+  T v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template<typename T>
+inline void
+store(std::byte* p, T v) noexcept
+{
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline bool
+is_float(DType d) noexcept
+{
+  return d == DType::f32 || d == DType::f64;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Sorting columns (aggregate_kernels.cpp).
@@ -276,5 +301,68 @@ public:
 private:
   std::vector<int> m_fds;
 };
+
+// ---------------------------------------------------------------------------------------------
+// The passes over the updates (aggregate_passes.cpp).
+
+struct TensorPlan
+{
+  std::string_view name;
+  DType dtype = DType::f32;
+  std::size_t numel = 0;
+  std::size_t flat = 0;  // index of its first coordinate in the flat space
+  const std::byte* base = nullptr;
+  std::vector<const std::byte*> upd;
+  std::byte* out = nullptr;
+  std::byte* m = nullptr;
+  std::byte* v = nullptr;
+};
+
+struct Plan
+{
+  std::vector<TensorPlan> tensors;
+  std::size_t total = 0;
+  std::size_t n = 0;
+  bool has_f32 = false;
+  bool has_f64 = false;
+};
+
+// The server step for one piece: the aggregated update of coordinate off + j is
+// acc[j] / denominator.
+struct Step
+{
+  Strategy kind = Strategy::fedavg;
+  double lr = 1.0;
+  double momentum = 0.9;
+  double beta1 = 0.9;
+  double beta2 = 0.99;
+  double tau = 1e-3;
+};
+
+struct Pass
+{
+  const Plan& plan;
+  unsigned threads;
+  const Access& access;
+};
+
+Plan make_plan(const Safetensors& base, std::span<const Safetensors> updates);
+
+unsigned thread_count(const ServerOptions& options, std::size_t total);
+
+// ‖Δᵢ‖₂ of every update, streaming once over all of them.
+std::vector<double> norms_pass(const Pass& pass);
+
+// out = the server step applied to Σ_k coef[k]·Δ_{which[k]} / denominator.
+void mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const double> coef, double denominator,
+               const Step& step);
+
+// Coordinate-wise median or trimmed mean: out = the server step applied to the mean of sorted
+// rows [lo_row, hi_row) of each column (for the median, the one or two middle rows).
+void robust_pass(const Pass& pass, std::span<const double> scale, std::size_t lo_row, std::size_t hi_row,
+                 const Step& step);
+
+// The n × n matrix of squared L2 distances between the (scaled) updates, row-major.
+std::vector<double> distance_pass(const Pass& pass, std::span<const double> scale);
 
 } // namespace fedl::core::aggregate_detail

@@ -210,6 +210,11 @@ run_aggregate(const AggregateOptions& opt)
   } else if (opt.state) {
     state_in = state_out = *opt.state;
   }
+  if (spec.stateful() && !state_in) {
+    FEDL_LOG_WARN("{} keeps server optimizer state between rounds; without --state (or --workspace) each run "
+                  "starts it afresh",
+                  spec.to_string());
+  }
   if (spec.stateful() && state_in && fs::exists(*state_in)) {
     state = core::load_server_state(*state_in, spec, base.content().tensors);
   }

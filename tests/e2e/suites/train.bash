@@ -208,8 +208,9 @@ test_interrupt_and_kill_leave_no_output()
   # Long enough to be stopped mid-training: SIGINT exits 130, kill -9 leaves nothing either.
   "$FEDL" train --data "$DATA/digits.csv.gz" --no-header --arch mlp:512,512 --epochs 2000 --save-model int.st \
     >out 2>err &
-  local pid=$!
-  sleep 2
+  local pid=$! i
+  # Wait until training runs (the first epoch is logged), so that SIGINT meets fedl's handler.
+  for ((i = 0; i < 300; i++)); do grep -q "epoch 1/" err 2>/dev/null && break; sleep 0.1; done
   kill -INT $pid
   wait $pid
   local rc=$?
@@ -218,7 +219,7 @@ test_interrupt_and_kill_leave_no_output()
   "$FEDL" train --data "$DATA/digits.csv.gz" --no-header --arch mlp:512,512 --epochs 2000 --save-model kill.st \
     >/dev/null 2>&1 &
   pid=$!
-  sleep 2
+  sleep 1
   kill -9 $pid
   wait $pid 2>/dev/null
   expect_no_file int.st kill.st

@@ -8,6 +8,7 @@
 #include "core/aggregate.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "core/file_io.hpp"
 #include "core/log.hpp"
 #include "core/pki.hpp"
 #include "core/workspace.hpp"
@@ -44,6 +45,7 @@ struct Candidate
   std::string site;
   std::string fingerprint;
   std::uint64_t samples = 0;
+  std::string sha256; // of the file's bytes when it was checked
 };
 
 // The federation's trust anchors, for checking site signatures.
@@ -119,6 +121,8 @@ run_aggregate(const AggregateOptions& opt)
   std::optional<core::Workspace> ws;
   std::optional<core::FederationConfig> config;
   std::optional<Trust> trust;
+  std::optional<core::WorkspaceLock> lock;
+  std::string latest_sha; // the latest model's SHA-256 as the ledger records it
   std::uint64_t round = 0;
   fs::path base_path;
   fs::path out_path;
@@ -130,13 +134,16 @@ run_aggregate(const AggregateOptions& opt)
       throw core::UsageError("with --workspace the new model goes to models/ and the server state to state/; "
                              "--out and --state are for aggregating outside a workspace");
     }
+    lock.emplace(*ws);
     const auto server = core::read_certificate(ws->server_cert());
     const auto entries = core::read_ledger(ws->ledger(), core::ledger_verifier(server));
     std::string latest = entries.front().body.at("model").at("file").get<std::string>();
+    latest_sha = entries.front().body.at("model").at("sha256").get<std::string>();
     for (const auto& e : entries) {
       if (e.kind == "round") {
         round = e.body.at("round").get<std::uint64_t>();
         latest = e.body.at("model").at("file").get<std::string>();
+        latest_sha = e.body.at("model").at("sha256").get<std::string>();
       }
     }
     ++round;
@@ -160,20 +167,32 @@ run_aggregate(const AggregateOptions& opt)
 
   const core::SafetensorsFile base(base_path);
   const auto base_sha = base.sha256();
+  if (ws && base_sha != latest_sha) {
+    throw core::VerifyError("{} does not match the ledger (SHA-256 {}, recorded {}): it was replaced or altered; "
+                            "run fedl audit",
+                            base_path.string(), base_sha, latest_sha);
+  }
   std::vector<Candidate> accepted;
   nlohmann::json rejected = nlohmann::json::array();
   std::set<std::string> sites;
+  std::set<std::string> contents;
   for (const auto& path : opt.updates) {
-    Candidate c{path, std::nullopt, {}, {}, 0};
+    Candidate c{path, std::nullopt, {}, {}, 0, {}};
     std::optional<std::string> reason;
     try {
       c.file.emplace(path);
+      c.sha256 = core::file_sha256(path);
+      if (!contents.insert(c.sha256).second) {
+        reason = "the same update file is given twice";
+      }
     } catch (const core::Error& e) {
       reason = e.what();
     }
-    if (!reason) {
+    if (c.file) {
       const auto& st = c.file->content();
-      reason = core::validate_update(base.content(), base_sha, *c.file);
+      if (!reason) {
+        reason = core::validate_update(base.content(), base_sha, *c.file);
+      }
       if (!reason) {
         reason = check_identity(st, trust ? &*trust : nullptr);
       }
@@ -227,6 +246,14 @@ run_aggregate(const AggregateOptions& opt)
   }
   core::AggregateInfo info;
   const auto model = core::aggregate(base, files, weights, spec, options, state, &info);
+  // The files are read through their mappings: one changed on disk after its signature was
+  // checked must not pass unnoticed.
+  for (const auto& c : accepted) {
+    if (core::file_sha256(c.path) != c.sha256) {
+      throw core::VerifyError("update {} changed while it was being aggregated; nothing was written",
+                              c.path.string());
+    }
+  }
   core::Metadata meta = base.content().metadata;
   meta["fedl.kind"] = "model";
   meta["fedl.round"] = std::to_string(round);
@@ -245,7 +272,7 @@ run_aggregate(const AggregateOptions& opt)
                             {"site", c.site},
                             {"fingerprint", c.fingerprint},
                             {"num_samples", c.samples},
-                            {"update_sha256", c.file->sha256()}});
+                            {"update_sha256", c.sha256}});
   }
   const core::SafetensorsFile written(out_path);
   nlohmann::json j = {{"model", out_path.string()},

@@ -19,6 +19,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <numeric>
 #include <random>
 #include <thread>
 
@@ -126,10 +127,17 @@ run_create(const InitOptions& opt)
     throw core::UsageError("--holdout must be below 1");
   }
   (void)core::parse_strategy(opt.strategy);
-  if (fs::exists(opt.ws) && !(fs::is_directory(opt.ws) && fs::is_empty(opt.ws)) && !opt.force) {
-    throw core::UsageError("{} already exists; give --force to replace it, or use --add-client / --revoke to change "
-                           "a workspace",
-                           opt.ws.string());
+  if (fs::exists(opt.ws) && !(fs::is_directory(opt.ws) && fs::is_empty(opt.ws))) {
+    if (!opt.force) {
+      throw core::UsageError("{} already exists; give --force to replace it, or use --add-client / --revoke to "
+                             "change a workspace",
+                             opt.ws.string());
+    }
+    // --force replaces a workspace, never an arbitrary folder (a mistyped path must not be wiped).
+    if (!fs::exists(opt.ws / "fedl.json") || !fs::exists(opt.ws / "ledger.jsonl")) {
+      throw core::UsageError("{} is not empty and not a fedl workspace; --force only replaces a workspace",
+                             opt.ws.string());
+    }
   }
 
   core::FederationConfig config;
@@ -158,6 +166,20 @@ run_create(const InitOptions& opt)
   config.model.classes = opt.classes.value_or(data ? data->num_classes() : 0);
   if (config.model.classes < 2) {
     throw core::UsageError("the number of classes is unknown: give --classes K (or --partition DATA)");
+  }
+  if (data) {
+    if (static_cast<std::size_t>(std::accumulate(config.model.input_shape.begin(), config.model.input_shape.end(),
+                                                 std::int64_t{1}, std::multiplies<>())) != data->sample_numel()) {
+      throw core::UsageError("--input-dim {} does not fit {}, whose samples have shape {}",
+                             core::shape_to_string(config.model.input_shape), data->source.string(),
+                             data->shape_string());
+    }
+    for (std::size_t i = 0; i < data->size(); ++i) {
+      if (data->labels[i] >= config.model.classes) {
+        throw core::Error("{}: label {} is outside the model's {} classes (--classes)", data->where(i),
+                          data->labels[i], config.model.classes);
+      }
+    }
   }
   if (opt.arch) {
     const auto spec = core::parse_model_spec(*opt.arch);

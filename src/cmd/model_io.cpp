@@ -6,6 +6,8 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
+
 namespace fs = std::filesystem;
 
 namespace fedl::cmd {
@@ -30,6 +32,19 @@ required_meta(const core::Safetensors& st, const std::string& key, const fs::pat
     throw core::VerifyError("{}: no {} in its metadata; is it a model written by fedl?", path.string(), key);
   }
   return *v;
+}
+
+// fedl.classes of a model file: a positive integer, else VerifyError.
+std::int64_t
+classes_of(const core::Safetensors& st, const fs::path& path)
+{
+  const auto text = required_meta(st, "fedl.classes", path);
+  std::int64_t classes = 0;
+  const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), classes);
+  if (ec != std::errc{} || p != text.data() + text.size() || classes < 1) {
+    throw core::VerifyError("{}: fedl.classes is not a positive integer: {}", path.string(), text);
+  }
+  return classes;
 }
 
 void
@@ -102,8 +117,8 @@ open_model(const backends::Backend& backend,
     if (file) {
       m.model.set_weights(file->content(), src.model->string());
       m.file_sha256 = file->sha256();
-      if (auto c = file->content().meta("fedl.classes")) {
-        m.classes = std::stoll(*c);
+      if (file->content().meta("fedl.classes")) {
+        m.classes = classes_of(file->content(), *src.model);
       }
     }
     check_fits(m, data);
@@ -127,15 +142,7 @@ open_model(const backends::Backend& backend,
   } catch (const core::UsageError& e) {
     throw core::VerifyError("{}: {}", src.model->string(), e.what());
   }
-  std::int64_t classes = 0;
-  try {
-    classes = std::stoll(required_meta(st, "fedl.classes", *src.model));
-  } catch (const std::logic_error&) {
-    throw core::VerifyError("{}: fedl.classes is not a number", src.model->string());
-  }
-  if (classes < 1) {
-    throw core::VerifyError("{}: fedl.classes must be positive", src.model->string());
-  }
+  const auto classes = classes_of(st, *src.model);
   OpenedModel m{backends::Model::create(backend, device, arch, input_shape, classes, src.seed), arch, input_shape,
                 classes, file->sha256()};
   check_fits(m, data);

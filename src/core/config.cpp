@@ -4,6 +4,7 @@
 #include "core/dataset.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
+#include "core/workspace.hpp"
 
 #include <fmt/ranges.h>
 
@@ -172,6 +173,11 @@ config_from_json(const nlohmann::json& j, const std::string& what)
         m.type_error("torchscript", "a string", *ts);
       }
       c.model.torchscript = ts->get<std::string>();
+      const std::filesystem::path name(*c.model.torchscript);
+      if (name.empty() || name != name.filename() || name == "." || name == "..") {
+        throw UsageError("{}: model.torchscript must be a file name inside the workspace, not {}", what,
+                         *c.model.torchscript);
+      }
     }
     m.finish();
     if (c.model.arch.empty() || c.model.classes < 1) {
@@ -179,6 +185,13 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     }
   }
   top.get("clients", c.clients);
+  for (const auto& client : c.clients) {
+    try {
+      check_site_name(client);
+    } catch (const UsageError& e) {
+      throw UsageError("{}: clients: {}", what, e.what());
+    }
+  }
   if (const auto* s = top.find("server")) {
     ObjectReader r(*s, "server", what);
     r.get("listen", c.listen);

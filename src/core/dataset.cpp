@@ -220,6 +220,9 @@ read_idx(const fs::path& path)
   for (std::size_t i = 0; i < ndims; ++i) {
     const auto d = read_be32(b, 4 + 4 * i);
     idx.dims.push_back(d);
+    if (d != 0 && total > b.size() / d) {
+      throw VerifyError("{}: IDX header announces more data than the file has: truncated or corrupt", path.string());
+    }
     total *= d;
   }
   idx.offset = 4 + 4 * ndims;
@@ -385,6 +388,10 @@ read_npy(const fs::path& path)
       throw VerifyError("{}: bad NPY shape ({})", path.string(), shape);
     }
     npy.shape.push_back(d);
+    if (d != 0 && total > b.size() / static_cast<std::uint64_t>(d)) {
+      throw VerifyError("{}: NPY shape ({}) needs more data than the file has: truncated or corrupt", path.string(),
+                        shape);
+    }
     total *= static_cast<std::uint64_t>(d);
   }
   std::size_t elem = 0;

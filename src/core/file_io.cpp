@@ -51,6 +51,22 @@ private:
   int m_fd;
 };
 
+// Finishes and frees `ctx`; the digest as lowercase hex.
+std::string
+finish_hex(EVP_MD_CTX* ctx)
+{
+  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx, md.data(), &len);
+  EVP_MD_CTX_free(ctx);
+  std::string hex;
+  hex.reserve(len * 2);
+  for (unsigned int i = 0; i < len; ++i) {
+    hex += fmt::format("{:02x}", md[i]);
+  }
+  return hex;
+}
+
 } // namespace
 
 MappedFile::MappedFile(const fs::path& path) : m_path(path)
@@ -234,16 +250,7 @@ sha256_hex(std::span<const std::span<const std::byte>> parts)
   for (const auto part : parts) {
     EVP_DigestUpdate(ctx, part.data(), part.size());
   }
-  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx, md.data(), &len);
-  EVP_MD_CTX_free(ctx);
-  std::string hex;
-  hex.reserve(len * 2);
-  for (unsigned int i = 0; i < len; ++i) {
-    hex += fmt::format("{:02x}", md[i]);
-  }
-  return hex;
+  return finish_hex(ctx);
 }
 
 std::string
@@ -256,8 +263,33 @@ sha256_hex(std::span<const std::byte> bytes)
 std::string
 file_sha256(const fs::path& path)
 {
-  const MappedFile file(path);
-  return sha256_hex(file.bytes());
+  // read() rather than mmap: hashing a large file must not leave it resident in this process.
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    throw Error("cannot open {}: {}", path.string(), errno_text(errno));
+  }
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  if (ctx == nullptr || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) {
+    EVP_MD_CTX_free(ctx);
+    throw Error("OpenSSL: cannot start SHA-256");
+  }
+  std::vector<std::byte> buf(std::size_t{1} << 20);
+  for (;;) {
+    const auto n = ::read(fd.get(), buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      const int err = errno;
+      EVP_MD_CTX_free(ctx);
+      throw Error("cannot read {}: {}", path.string(), errno_text(err));
+    }
+    if (n == 0) {
+      break;
+    }
+    EVP_DigestUpdate(ctx, buf.data(), static_cast<std::size_t>(n));
+  }
+  return finish_hex(ctx);
 }
 
 } // namespace fedl::core

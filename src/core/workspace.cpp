@@ -5,8 +5,14 @@
 #include "core/error.hpp"
 #include "core/file_io.hpp"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <algorithm>
 
@@ -27,6 +33,25 @@ Workspace::require_exists() const
   if (!std::filesystem::exists(config()) || !std::filesystem::exists(ledger())) {
     throw UsageError("{} is not a fedl workspace (fedl.json or ledger.jsonl is missing)", m_root.string());
   }
+}
+
+WorkspaceLock::WorkspaceLock(const Workspace& ws)
+{
+  const auto path = ws.root() / ".lock";
+  m_fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (m_fd < 0) {
+    throw Error("cannot lock {}: {}", path.string(), std::strerror(errno));
+  }
+  if (::flock(m_fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(m_fd);
+    throw Error("{} is being changed by another fedl command (it holds {}); try again when it has finished",
+                ws.root().string(), path.string());
+  }
+}
+
+WorkspaceLock::~WorkspaceLock()
+{
+  ::close(m_fd); // releases the lock
 }
 
 void
@@ -159,10 +184,24 @@ provision_workspace(const Workspace& ws, const FederationConfig& config, const s
   return body;
 }
 
+namespace {
+
+// Before changing a workspace: its ledger must verify, so that the change can be recorded.
+void
+require_intact_ledger(const Workspace& ws)
+{
+  const auto server = read_certificate(ws.server_cert());
+  (void)read_ledger(ws.ledger(), ledger_verifier(server));
+}
+
+} // namespace
+
 nlohmann::json
 add_client(const Workspace& ws, const std::string& name)
 {
   check_site_name(name);
+  const WorkspaceLock lock(ws);
+  require_intact_ledger(ws);
   auto config = load_config(ws.config());
   if (std::find(config.clients.begin(), config.clients.end(), name) != config.clients.end() ||
       fs::exists(ws.client(name))) {
@@ -181,6 +220,9 @@ add_client(const Workspace& ws, const std::string& name)
 nlohmann::json
 revoke_client(const Workspace& ws, const std::string& name)
 {
+  check_site_name(name);
+  const WorkspaceLock lock(ws);
+  require_intact_ledger(ws);
   const auto config = load_config(ws.config());
   if (std::find(config.clients.begin(), config.clients.end(), name) == config.clients.end()) {
     throw UsageError("{}: there is no site named {} (sites: {})", ws.root().string(), name,

@@ -67,6 +67,21 @@ Verifier ledger_verifier(const Cert& cert);
 // Appends an entry signed with the coordinator's key.
 LedgerEntry append_signed(const Workspace& ws, const std::string& kind, const nlohmann::json& body);
 
+// An exclusive lock on the workspace (flock on WS/.lock) for a command that changes it, so that
+// two commands cannot both write round N or interleave ledger appends. Throws Error (exit 1) at
+// once if another fedl command holds it.
+class WorkspaceLock
+{
+public:
+  explicit WorkspaceLock(const Workspace& ws);
+  WorkspaceLock(const WorkspaceLock&) = delete;
+  WorkspaceLock& operator=(const WorkspaceLock&) = delete;
+  ~WorkspaceLock();
+
+private:
+  int m_fd = -1;
+};
+
 // A site name must be usable as a folder name and a certificate CN: 1-64 characters of
 // [A-Za-z0-9._-], not starting with '.' or '-'. Throws UsageError naming it.
 void check_site_name(const std::string& name);

@@ -152,7 +152,9 @@ test_bad_updates_fail_or_are_skipped_and_recorded()
 {
   make_ws || { fail "init failed"; return; }
   site_update site-1 good.st && site_update site-2 s2.st && site_update site-3 s3.st || { fail "training failed"; return; }
-  cp good.st twice.st
+  # Another update of site-1 (another seed): the same site twice.
+  "$FEDL" -q train --identity ws/clients/site-1 --model ws/models/global-000000.safetensors \
+    --data ws/clients/site-1/data/train.csv --no-header --seed 7 --out twice.st >/dev/null
   head -c 3000 s2.st > truncated.st
   py '
 t, m = st_read.read("s3.st")
@@ -277,4 +279,49 @@ json.dump(j, open("ws/fedl.json", "w"))
 '
   site_update site-1 a.st || { fail "training failed"; return; }
   fedl_expect 2 aggregate --workspace ws a.st && expect_in err "unknown key training.learnig_rate"
+}
+
+test_review_findings_stay_fixed()
+{
+  make_ws || { fail "init failed"; return; }
+  site_update site-1 a.st || { fail "training failed"; return; }
+  local before
+  before=$(sha256sum ws/ledger.jsonl)
+  # A replaced latest model is refused before anything is written.
+  cp ws/models/global-000000.safetensors saved.st
+  "$FEDL" -q train --data "$DATA/digits.csv.gz" --no-header --arch logreg --epochs 0 --seed 99 \
+    --save-model ws/models/global-000000.safetensors >/dev/null
+  fedl_expect 3 aggregate --workspace ws a.st && expect_in err "does not match the ledger"
+  cp saved.st ws/models/global-000000.safetensors
+  # Another fedl command holding the workspace lock: refused at once, nothing written.
+  flock ws/.lock sleep 3 &
+  sleep 0.5
+  fedl_expect 1 aggregate --workspace ws a.st && expect_in err "being changed by another fedl command"
+  fedl_expect 1 init ws --add-client late && expect_in err "being changed"
+  wait
+  [[ $(sha256sum ws/ledger.jsonl) == "$before" ]] || fail "a refused command changed the ledger"
+  # The same unsigned update twice is not double weight.
+  "$FEDL" -q train --data "$DATA/digits.csv.gz" --no-header --model ws/models/global-000000.safetensors \
+    --out plain.st >/dev/null
+  fedl_expect 3 aggregate --base ws/models/global-000000.safetensors --out x.st plain.st plain.st &&
+    expect_in err "the same update file is given twice"
+  # --force never wipes a folder that is not a workspace.
+  mkdir keep && echo x > keep/file
+  fedl_expect 2 init keep --clients 2 --arch logreg --input-dim 4 --classes 3 --force && expect_in err "not a fedl workspace"
+  [[ -f keep/file ]] || fail "--force deleted a folder that is not a workspace"
+  # The model must fit the partitioned data.
+  fedl_expect 1 init w1 --clients 2 --arch logreg --partition "$DATA/iris.csv" --no-header --classes 2 &&
+    expect_in err "label 2 is outside the model's 2 classes"
+  fedl_expect 2 init w2 --clients 2 --arch logreg --partition "$DATA/iris.csv" --no-header --input-dim 7 &&
+    expect_in err "does not fit"
+  # fedl.json cannot point outside the workspace.
+  py '
+import json
+j = json.load(open("ws/fedl.json"))
+j["model"]["torchscript"] = "../../escape.txt"
+json.dump(j, open("ws/fedl.json", "w"))
+'
+  fedl_expect 2 init ws --add-client evil && expect_in err "model.torchscript must be a file name"
+  [[ -e escape.txt || -e ../escape.txt ]] && fail "a file was written outside the workspace"
+  return 0
 }

@@ -135,19 +135,10 @@ run_aggregate(const AggregateOptions& opt)
                              "--out and --state are for aggregating outside a workspace");
     }
     lock.emplace(*ws);
-    const auto server = core::read_certificate(ws->server_cert());
-    const auto entries = core::read_ledger(ws->ledger(), core::ledger_verifier(server));
-    std::string latest = entries.front().body.at("model").at("file").get<std::string>();
-    latest_sha = entries.front().body.at("model").at("sha256").get<std::string>();
-    for (const auto& e : entries) {
-      if (e.kind == "round") {
-        round = e.body.at("round").get<std::uint64_t>();
-        latest = e.body.at("model").at("file").get<std::string>();
-        latest_sha = e.body.at("model").at("sha256").get<std::string>();
-      }
-    }
-    ++round;
-    base_path = ws->root() / latest;
+    const auto latest = core::latest_model(core::read_workspace_ledger(*ws));
+    round = latest.round + 1;
+    latest_sha = latest.sha256;
+    base_path = ws->root() / latest.file;
     if (opt.base && fs::weakly_canonical(*opt.base) != fs::weakly_canonical(base_path)) {
       throw core::UsageError("--base {} is not the workspace's latest model {}; leave --base out", opt.base->string(),
                              base_path.string());

@@ -186,22 +186,40 @@ provision_workspace(const Workspace& ws, const FederationConfig& config, const s
 
 namespace {
 
-// Before changing a workspace: its ledger must verify, so that the change can be recorded.
-void
-require_intact_ledger(const Workspace& ws)
+} // namespace
+
+std::vector<LedgerEntry>
+read_workspace_ledger(const Workspace& ws)
 {
   const auto server = read_certificate(ws.server_cert());
-  (void)read_ledger(ws.ledger(), ledger_verifier(server));
+  return read_ledger(ws.ledger(), ledger_verifier(server));
 }
 
-} // namespace
+LatestModel
+latest_model(const std::vector<LedgerEntry>& entries)
+{
+  LatestModel latest;
+  for (const auto& e : entries) {
+    if (e.kind != "genesis" && e.kind != "round") {
+      continue;
+    }
+    try {
+      latest.round = e.kind == "round" ? e.body.at("round").get<std::uint64_t>() : 0;
+      latest.file = e.body.at("model").at("file").get<std::string>();
+      latest.sha256 = e.body.at("model").at("sha256").get<std::string>();
+    } catch (const nlohmann::json::exception&) {
+      throw VerifyError("ledger line {}: the {} entry does not record its model", e.line, e.kind);
+    }
+  }
+  return latest;
+}
 
 nlohmann::json
 add_client(const Workspace& ws, const std::string& name)
 {
   check_site_name(name);
   const WorkspaceLock lock(ws);
-  require_intact_ledger(ws);
+  (void)read_workspace_ledger(ws); // the change must be recordable
   auto config = load_config(ws.config());
   if (std::find(config.clients.begin(), config.clients.end(), name) != config.clients.end() ||
       fs::exists(ws.client(name))) {
@@ -222,7 +240,7 @@ revoke_client(const Workspace& ws, const std::string& name)
 {
   check_site_name(name);
   const WorkspaceLock lock(ws);
-  require_intact_ledger(ws);
+  (void)read_workspace_ledger(ws); // the change must be recordable
   const auto config = load_config(ws.config());
   if (std::find(config.clients.begin(), config.clients.end(), name) == config.clients.end()) {
     throw UsageError("{}: there is no site named {} (sites: {})", ws.root().string(), name,

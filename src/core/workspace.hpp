@@ -60,6 +60,19 @@ nlohmann::json add_client(const Workspace& ws, const std::string& name);
 // UsageError if there is no such site or it is already revoked.
 nlohmann::json revoke_client(const Workspace& ws, const std::string& name);
 
+// The workspace's ledger, read and verified against pki/server.crt (see read_ledger).
+std::vector<LedgerEntry> read_workspace_ledger(const Workspace& ws);
+
+// The latest global model the ledger records: the genesis model or the last round's.
+struct LatestModel
+{
+  std::uint64_t round = 0; // 0: the initial model
+  std::string file;        // relative to the workspace root
+  std::string sha256;
+};
+// Throws VerifyError if an entry lacks the fields.
+LatestModel latest_model(const std::vector<LedgerEntry>& entries);
+
 // Signs ledger entries with the coordinator's key (pki/server.key).
 Signer ledger_signer(const Workspace& ws);
 // Verifies ledger entries against a certificate's public key.

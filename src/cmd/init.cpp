@@ -78,9 +78,10 @@ write_initial_model(const InitOptions& opt, core::FederationConfig& config, cons
 }
 
 nlohmann::json
-write_partition(const InitOptions& opt, const core::Dataset& data, const core::Workspace& ws, std::size_t sites,
+write_partition(const InitOptions& opt, const core::Dataset& data, const core::Workspace& ws,
                 const std::vector<std::string>& names)
 {
+  const auto sites = names.size();
   const auto spec = core::parse_split(opt.split);
   const auto part = core::make_partition(data.labels, sites, spec, opt.holdout, opt.seed);
   const core::SubsetWriter writer(data, opt.partition.to_options());
@@ -212,7 +213,7 @@ run_create(const InitOptions& opt)
   const auto genesis = core::provision_workspace(staging, config, fs::absolute(opt.ws).filename().string());
   nlohmann::json shards;
   if (data) {
-    shards = write_partition(opt, *data, staging, names.size(), names);
+    shards = write_partition(opt, *data, staging, names);
   }
 
   if (fs::exists(opt.ws)) {

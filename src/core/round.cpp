@@ -1,0 +1,309 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/round.hpp"
+
+#include "core/file_io.hpp"
+#include "core/log.hpp"
+#include "core/pki.hpp"
+#include "core/update.hpp"
+
+#include <fmt/format.h>
+
+#include <set>
+#include <system_error>
+#include <utility>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core {
+
+namespace {
+
+// The federation's trust anchors, for checking site signatures.
+struct Trust
+{
+  Cert ca;
+  Crl crl;
+};
+
+std::string
+state_name(std::uint64_t round)
+{
+  return fmt::format("server-{:06}.safetensors", round);
+}
+
+// Why a signed update cannot be trusted, or nothing. Without `trust` (no workspace) an unsigned
+// update is fine and a signed one is checked against its own certificate only.
+std::optional<std::string>
+check_identity(const Safetensors& st, const Trust* trust)
+{
+  const auto sig = st.meta("fedl.signature");
+  const auto pem = st.meta("fedl.certificate");
+  if (!sig || !pem) {
+    if (trust != nullptr) {
+      return "it is not signed by a site of this federation (make it with fedl train --identity clients/NAME)";
+    }
+    return std::nullopt;
+  }
+  Cert cert;
+  try {
+    cert = certificate_from_pem(*pem, "fedl.certificate");
+  } catch (const Error& e) {
+    return std::string("its certificate is unreadable: ") + e.what();
+  }
+  const auto info = certificate_info(cert);
+  if (st.meta("fedl.site") != info.common_name) {
+    return fmt::format("fedl.site does not match its certificate's name {}", info.common_name);
+  }
+  if (st.meta("fedl.cert_sha256") != info.fingerprint) {
+    return "fedl.cert_sha256 does not match its certificate";
+  }
+  if (!verify_signature(cert, as_bytes(update_signed_payload(st.tensors, st.metadata)), *sig)) {
+    return fmt::format("the signature of site {} does not verify (the file was changed after signing)",
+                       info.common_name);
+  }
+  if (trust != nullptr) {
+    const auto verdict = verify_certificate(cert, trust->ca, &trust->crl, CertPurpose::client);
+    if (!verdict) {
+      return fmt::format("the certificate of site {} is not valid here: {}", info.common_name, verdict.reason);
+    }
+  }
+  return std::nullopt;
+}
+
+// The keys of a round entry's body that caller-supplied fields must not replace: an auditor
+// relies on them meaning what commit_round wrote.
+constexpr const char* reserved_body_keys[] = {"round", "strategy", "options",  "base",
+                                               "model", "participants", "rejected", "evaluation"};
+
+void
+check_extra(const nlohmann::json& extra)
+{
+  if (extra.is_null()) {
+    return;
+  }
+  if (!extra.is_object()) {
+    throw Error("the extra fields of a round's ledger entry must be a JSON object, not {}", extra.dump());
+  }
+  for (const auto* key : reserved_body_keys) {
+    if (extra.contains(key)) {
+      throw Error("the extra ledger field \"{}\" would replace the round entry's own; give it another name", key);
+    }
+  }
+}
+
+} // namespace
+
+BadUpdateError::BadUpdateError(std::filesystem::path path, std::string reason)
+  : VerifyError("update {}: {}", path.string(), reason), m_path(std::move(path)), m_reason(std::move(reason))
+{
+}
+
+RoundPlan
+plan_workspace_round(const Workspace& ws)
+{
+  const auto latest = latest_model(read_workspace_ledger(ws));
+  RoundPlan plan;
+  plan.workspace = ws;
+  plan.round = latest.round + 1;
+  plan.base = ws.root() / latest.file;
+  plan.recorded_base_sha256 = latest.sha256;
+  plan.out = ws.model(plan.round);
+  // Per round, so that re-running an interrupted round starts again from the same state.
+  plan.state_in = ws.state() / state_name(plan.round - 1);
+  plan.state_out = ws.state() / state_name(plan.round);
+  return plan;
+}
+
+RoundPlan
+plan_standalone_round(const std::filesystem::path& base,
+                      const std::filesystem::path& out,
+                      const std::optional<std::filesystem::path>& state)
+{
+  RoundPlan plan;
+  plan.base = base;
+  plan.out = out;
+  plan.state_in = state;
+  plan.state_out = state;
+  return plan;
+}
+
+ValidatedRound
+validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates, OnBadUpdate on_bad)
+{
+  std::optional<Trust> trust;
+  if (plan.workspace) {
+    trust = Trust{read_certificate(plan.workspace->ca_cert()), read_crl(plan.workspace->crl())};
+  }
+  SafetensorsFile base(plan.base);
+  auto base_sha = base.sha256();
+  if (plan.workspace && base_sha != plan.recorded_base_sha256) {
+    throw VerifyError("{} does not match the ledger (SHA-256 {}, recorded {}): it was replaced or altered; "
+                      "run fedl audit",
+                      plan.base.string(), base_sha, plan.recorded_base_sha256);
+  }
+  std::vector<AcceptedUpdate> accepted;
+  nlohmann::json rejected = nlohmann::json::array();
+  std::set<std::string> sites;
+  std::set<std::string> contents;
+  for (const auto& candidate : candidates) {
+    const auto& path = candidate.path;
+    std::optional<SafetensorsFile> file;
+    std::string site, fingerprint, sha256;
+    std::uint64_t samples = 0;
+    std::optional<std::string> reason;
+    try {
+      file.emplace(path);
+      sha256 = file_sha256(path);
+      if (!contents.insert(sha256).second) {
+        reason = "the same update file is given twice";
+      }
+    } catch (const Error& e) {
+      reason = e.what();
+    }
+    if (file) {
+      const auto& st = file->content();
+      if (!reason) {
+        reason = validate_update(base.content(), base_sha, *file);
+      }
+      if (!reason) {
+        reason = check_identity(st, trust ? &*trust : nullptr);
+      }
+      site = st.meta("fedl.site").value_or("");
+      fingerprint = st.meta("fedl.cert_sha256").value_or("");
+      // After the signature check, so that in a workspace `site` is what the certificate says.
+      if (!reason && !candidate.expected_site.empty() && site != candidate.expected_site) {
+        reason = site.empty() ? fmt::format("it names no site (fedl.site) but was delivered by site {}",
+                                            candidate.expected_site)
+                              : fmt::format("it was made by site {} (fedl.site) but delivered by site {}", site,
+                                            candidate.expected_site);
+      }
+      if (!reason && !site.empty() && !sites.insert(site).second) {
+        reason = fmt::format("site {} sent more than one update this round", site);
+      }
+      samples = update_num_samples(st).value_or(0);
+    }
+    if (reason) {
+      if (on_bad == OnBadUpdate::fail) {
+        throw BadUpdateError(path, *reason);
+      }
+      FEDL_LOG_WARN("leaving out {}: {}", path.string(), *reason);
+      rejected.push_back({{"file", path.filename().string()}, {"site", site}, {"reason", *reason}});
+      continue;
+    }
+    accepted.push_back(AcceptedUpdate{path, std::move(site), std::move(fingerprint), samples, std::move(sha256),
+                                      std::move(*file)});
+  }
+  return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected)};
+}
+
+ServerOptions
+configured_server_options(const FederationConfig& config)
+{
+  ServerOptions o;
+  o.server_lr = config.server_optimizer.lr;
+  o.momentum = config.server_optimizer.momentum;
+  o.beta1 = config.server_optimizer.beta1;
+  o.beta2 = config.server_optimizer.beta2;
+  o.tau = config.server_optimizer.tau;
+  return o;
+}
+
+RoundResult
+commit_round(const ValidatedRound& validated, const RoundSettings& settings)
+{
+  const auto& plan = validated.plan;
+  const auto& spec = settings.strategy;
+  const auto& options = settings.options;
+  const auto& accepted = validated.accepted;
+  check_extra(settings.extra);
+  validate_server_options(options);
+  if (accepted.empty()) {
+    throw VerifyError("no update left to aggregate ({} rejected)", validated.rejected.size());
+  }
+
+  ServerState state;
+  if (spec.stateful() && !plan.state_in) {
+    FEDL_LOG_WARN("{} keeps server optimizer state between rounds; without --state (or --workspace) each run "
+                  "starts it afresh",
+                  spec.to_string());
+  }
+  if (spec.stateful() && plan.state_in && fs::exists(*plan.state_in)) {
+    state = load_server_state(*plan.state_in, spec, validated.base.content().tensors);
+  }
+
+  std::vector<const SafetensorsFile*> files;
+  std::vector<double> weights;
+  for (const auto& c : accepted) {
+    files.push_back(&c.file);
+    weights.push_back(static_cast<double>(c.samples));
+  }
+  RoundResult result;
+  const auto model = aggregate(validated.base, files, weights, spec, options, state, &result.info);
+  // The files are read through their mappings: one changed on disk after its signature was
+  // checked must not pass unnoticed.
+  for (const auto& c : accepted) {
+    if (file_sha256(c.path) != c.sha256) {
+      throw VerifyError("update {} changed while it was being aggregated; nothing was written", c.path.string());
+    }
+  }
+  Metadata meta = validated.base.content().metadata;
+  meta["fedl.kind"] = "model";
+  meta["fedl.round"] = std::to_string(plan.round);
+  if (!plan.workspace) {
+    meta.erase("fedl.round");
+  }
+  write_safetensors(plan.out, views_of(model), meta);
+  if (spec.stateful() && plan.state_out) {
+    save_server_state(*plan.state_out, state);
+  }
+
+  for (const auto& c : accepted) {
+    result.participants.push_back({{"file", c.path.filename().string()},
+                                   {"site", c.site},
+                                   {"fingerprint", c.fingerprint},
+                                   {"num_samples", c.samples},
+                                   {"update_sha256", c.sha256}});
+  }
+  // Hashed as read back from disk: the ledger vouches for the file that is there.
+  result.model = plan.out;
+  result.sha256 = SafetensorsFile(plan.out).sha256();
+  result.strategy = spec.to_string();
+  result.rejected = validated.rejected;
+  result.round = plan.round;
+  if (settings.evaluate) {
+    result.evaluation = settings.evaluate(plan.out);
+  }
+  if (!plan.workspace) {
+    return result;
+  }
+  const auto& ws = *plan.workspace;
+  nlohmann::json opts = {{"server_lr", options.server_lr}, {"server_momentum", options.momentum},
+                         {"beta1", options.beta1},         {"beta2", options.beta2},
+                         {"tau", options.tau}};
+  if (options.clip_norm) {
+    opts["clip_norm"] = *options.clip_norm;
+  }
+  nlohmann::json body = {{"round", plan.round},
+                         {"strategy", result.strategy},
+                         {"options", opts},
+                         {"base", {{"file", fs::relative(plan.base, ws.root()).string()}, {"sha256", validated.base_sha256}}},
+                         {"model", {{"file", Workspace::model_name(plan.round)}, {"sha256", result.sha256}}},
+                         {"participants", result.participants},
+                         {"rejected", result.rejected}};
+  if (!result.evaluation.is_null()) {
+    body["evaluation"] = result.evaluation;
+  }
+  if (settings.extra.is_object()) {
+    body.update(settings.extra);
+  }
+  append_signed(ws, "round", body);
+  result.ledger_body = std::move(body);
+  // The state two rounds back can no longer be needed for a re-run.
+  if (plan.round >= 2) {
+    std::error_code ec;
+    fs::remove(ws.state() / state_name(plan.round - 2), ec);
+  }
+  return result;
+}
+
+} // namespace fedl::core

@@ -1,0 +1,396 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/error.hpp"
+#include "core/file_io.hpp"
+#include "core/pki.hpp"
+#include "core/round.hpp"
+#include "core/update.hpp"
+#include "core/workspace.hpp"
+#include "testutil.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+
+using namespace fedl::core;
+using fedl::test::TempDir;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The test model: "w" [2,2] and "b" [2], written with these values.
+const std::vector<float> k_base{1, 2, 3, 4, 5, 6};
+
+std::vector<TensorView>
+model_views(const std::vector<float>& flat)
+{
+  const auto bytes = std::as_bytes(std::span(flat));
+  return {{"w", DType::f32, {2, 2}, bytes.subspan(0, 4 * sizeof(float))},
+          {"b", DType::f32, {2}, bytes.subspan(4 * sizeof(float))}};
+}
+
+// The model's values as one flat vector, w then b.
+std::vector<float>
+read_flat(const fs::path& path)
+{
+  const SafetensorsFile file(path);
+  std::vector<float> out;
+  for (const char* name : {"w", "b"}) {
+    const auto* t = file.content().find(name);
+    REQUIRE(t != nullptr);
+    std::vector<float> v(t->data.size() / sizeof(float));
+    std::memcpy(v.data(), t->data.data(), t->data.size());
+    out.insert(out.end(), v.begin(), v.end());
+  }
+  return out;
+}
+
+// A provisioned workspace with the sites alice and bob, whose initial model is k_base.
+class TestWorkspace
+{
+public:
+  TestWorkspace() : m_ws(m_dir / "ws")
+  {
+    fs::create_directories(m_ws.models());
+    write_safetensors(m_ws.model(0), model_views(k_base), {{"fedl.kind", "model"}});
+    FederationConfig config;
+    config.model.arch = "mlp";
+    config.model.input_shape = {4};
+    config.model.classes = 2;
+    config.clients = {"alice", "bob"};
+    provision_workspace(m_ws, config, "unit");
+    fs::create_directories(m_dir / "in");
+  }
+
+  const Workspace& ws() const { return m_ws; }
+  fs::path in_dir() const { return m_dir / "in"; }
+  fs::path in(const std::string& name) const { return in_dir() / name; }
+
+  // Writes an update of the latest model, adding `delta` to every value, signed by `site` (or
+  // unsigned if empty), claiming `samples` samples.
+  fs::path update(const std::string& name, float delta, const std::string& site, std::uint64_t samples = 10) const
+  {
+    const auto plan = plan_workspace_round(m_ws);
+    const std::vector<float> d(k_base.size(), delta);
+    const auto views = model_views(d);
+    Metadata meta{{"fedl.kind", "update"},
+                  {"fedl.base_sha256", file_sha256(plan.base)},
+                  {"fedl.num_samples", std::to_string(samples)}};
+    if (!site.empty()) {
+      const auto id = read_identity(m_ws.client(site) / "client.crt", m_ws.client(site) / "client.key");
+      const auto info = certificate_info(id.cert);
+      meta["fedl.site"] = info.common_name;
+      meta["fedl.cert_sha256"] = info.fingerprint;
+      meta["fedl.certificate"] = to_pem(id.cert);
+      meta["fedl.signature"] = sign(id.key, as_bytes(update_signed_payload(views, meta)));
+    }
+    const auto path = in(name);
+    write_safetensors(path, views, meta);
+    return path;
+  }
+
+private:
+  TempDir m_dir;
+  Workspace m_ws;
+};
+
+// Every file under `root` with its SHA-256, to tell whether anything was written.
+std::map<std::string, std::string>
+snapshot(const fs::path& root)
+{
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::recursive_directory_iterator(root)) {
+    out[fs::relative(e.path(), root).string()] = e.is_regular_file() ? file_sha256(e.path()) : "dir";
+  }
+  return out;
+}
+
+std::string
+message_of(const std::function<void()>& f)
+{
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
+}
+
+} // namespace
+
+TEST_CASE("round: validate_round rejects an update that another site than the one that delivered it made")
+{
+  const TestWorkspace t;
+  const auto plan = plan_workspace_round(t.ws());
+  const auto from_alice = t.update("alice.st", 1.0F, "alice");
+
+  SUBCASE("skipped: listed with its site and a reason naming both sites")
+  {
+    const std::vector<RoundCandidate> candidates{{from_alice, "bob"}};
+    const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+    CHECK(v.accepted.empty());
+    REQUIRE(v.rejected.size() == 1);
+    CHECK(v.rejected[0]["file"] == "alice.st");
+    CHECK(v.rejected[0]["site"] == "alice");
+    const auto reason = v.rejected[0]["reason"].get<std::string>();
+    CHECK(reason.find("alice") != std::string::npos);
+    CHECK(reason.find("bob") != std::string::npos);
+  }
+  SUBCASE("failing: BadUpdateError names the file and both sites")
+  {
+    const std::vector<RoundCandidate> candidates{{from_alice, "bob"}};
+    try {
+      (void)validate_round(plan, candidates, OnBadUpdate::fail);
+      FAIL("no exception");
+    } catch (const BadUpdateError& e) {
+      CHECK(e.code() == ExitCode::verify);
+      CHECK(e.path() == from_alice);
+      CHECK(std::string(e.what()).find(from_alice.string()) != std::string::npos);
+      CHECK(e.reason().find("alice") != std::string::npos);
+      CHECK(e.reason().find("bob") != std::string::npos);
+    }
+  }
+  SUBCASE("accepted when the sites agree, or when no site is expected")
+  {
+    const std::vector<RoundCandidate> candidates{{from_alice, "alice"}, {t.update("bob.st", 2.0F, "bob"), ""}};
+    const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+    REQUIRE(v.accepted.size() == 2);
+    CHECK(v.accepted[0].site == "alice");
+    CHECK(v.accepted[1].site == "bob");
+    CHECK(v.accepted[0].sha256 == file_sha256(from_alice));
+    CHECK(v.accepted[0].samples == 10);
+    CHECK(v.rejected.empty());
+  }
+}
+
+TEST_CASE("round: validate_round writes nothing, whatever it accepts or rejects")
+{
+  const TestWorkspace t;
+  const auto a = t.update("a.st", 1.0F, "alice");
+  const auto a2 = t.update("a2.st", 3.0F, "alice");
+  const auto b = t.update("b.st", 2.0F, "bob");
+  const auto unsigned_update = t.update("u.st", 2.0F, "");
+  fedl::test::write_file(t.in("junk.st"), "not safetensors");
+  const auto before_ws = snapshot(t.ws().root());
+  const auto before_in = snapshot(t.in_dir());
+
+  const auto plan = plan_workspace_round(t.ws());
+  CHECK(plan.round == 1);
+  CHECK(plan.base == t.ws().model(0));
+  CHECK(plan.out == t.ws().model(1));
+  const std::vector<RoundCandidate> candidates{
+    {a, ""}, {a, ""}, {a2, ""}, {b, "bob"}, {unsigned_update, ""}, {t.in("junk.st"), ""}, {t.in("missing.st"), ""}};
+  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  REQUIRE(v.accepted.size() == 2);
+  CHECK(v.accepted[0].path == a);
+  CHECK(v.accepted[1].path == b);
+  REQUIRE(v.rejected.size() == 5);
+  CHECK(v.rejected[0]["reason"] == "the same update file is given twice");
+  CHECK(v.rejected[1]["reason"] == "site alice sent more than one update this round");
+  CHECK(v.rejected[2]["reason"].get<std::string>().find("not signed by a site of this federation") !=
+        std::string::npos);
+
+  CHECK(snapshot(t.ws().root()) == before_ws);
+  CHECK(snapshot(t.in_dir()) == before_in);
+  CHECK_FALSE(fs::exists(t.ws().model(1)));
+}
+
+TEST_CASE("round: validate_round refuses a base model that is not the one the ledger records")
+{
+  const TestWorkspace t;
+  const auto plan = plan_workspace_round(t.ws());
+  write_safetensors(t.ws().model(0), model_views({9, 9, 9, 9, 9, 9}), {{"fedl.kind", "model"}});
+  const std::vector<RoundCandidate> none;
+  try {
+    (void)validate_round(plan, none, OnBadUpdate::skip);
+    FAIL("no exception");
+  } catch (const VerifyError& e) {
+    CHECK(std::string(e.what()).find("does not match the ledger") != std::string::npos);
+  }
+}
+
+TEST_CASE("round: commit_round writes the model and a signed ledger entry with the extra fields and the evaluation")
+{
+  const TestWorkspace t;
+  const auto a = t.update("a.st", 1.0F, "alice", 10);
+  const auto b = t.update("b.st", 5.0F, "bob", 30);
+  const auto bad = t.update("bad.st", 1.0F, "alice", 10); // delivered by bob
+  const auto plan = plan_workspace_round(t.ws());
+  const std::vector<RoundCandidate> candidates{{a, "alice"}, {b, "bob"}, {bad, "bob"}};
+  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  REQUIRE(v.accepted.size() == 2);
+
+  RoundSettings settings;
+  settings.strategy = parse_strategy("fedavg");
+  std::string evaluated_sha;
+  settings.evaluate = [&](const fs::path& model) {
+    CHECK(model == t.ws().model(1));
+    evaluated_sha = file_sha256(model); // the model is written before it is evaluated
+    return nlohmann::json{{"accuracy", 0.75}};
+  };
+  settings.extra = {{"attempt", 2}, {"late", nlohmann::json::array({"carol"})}, {"settings", {{"quorum", 2}}}};
+  const auto r = commit_round(v, settings);
+
+  // fedavg with η = 1: base + (10·1 + 30·5) / 40 = base + 4.
+  CHECK(read_flat(t.ws().model(1)) == std::vector<float>{5, 6, 7, 8, 9, 10});
+  const auto model_sha = file_sha256(t.ws().model(1));
+  CHECK(r.model == t.ws().model(1));
+  CHECK(r.sha256 == model_sha);
+  CHECK(evaluated_sha == model_sha);
+  CHECK(r.round == 1);
+  CHECK(r.strategy == "fedavg");
+  CHECK(r.evaluation["accuracy"] == 0.75);
+  CHECK(SafetensorsFile(r.model).content().meta("fedl.round") == "1");
+  CHECK(SafetensorsFile(r.model).content().meta("fedl.kind") == "model");
+
+  const auto entries = read_workspace_ledger(t.ws());
+  const auto& last = entries.back();
+  CHECK(last.kind == "round");
+  CHECK(last.body == r.ledger_body);
+  const auto& body = last.body;
+  CHECK(body["round"] == 1);
+  CHECK(body["strategy"] == "fedavg");
+  CHECK(body["options"]["server_lr"] == 1.0);
+  CHECK(body["base"]["file"] == "models/global-000000.safetensors");
+  CHECK(body["base"]["sha256"] == file_sha256(t.ws().model(0)));
+  CHECK(body["model"]["file"] == "models/global-000001.safetensors");
+  CHECK(body["model"]["sha256"] == model_sha);
+  REQUIRE(body["participants"].size() == 2);
+  CHECK(body["participants"][0]["site"] == "alice");
+  CHECK(body["participants"][0]["num_samples"] == 10);
+  CHECK(body["participants"][0]["update_sha256"] == file_sha256(a));
+  CHECK(body["participants"][0]["fingerprint"] ==
+        certificate_fingerprint(read_certificate(t.ws().client("alice") / "client.crt")));
+  CHECK(body["participants"][1]["site"] == "bob");
+  REQUIRE(body["rejected"].size() == 1);
+  CHECK(body["rejected"][0]["file"] == "bad.st");
+  CHECK(body["evaluation"]["accuracy"] == 0.75);
+  CHECK(body["attempt"] == 2);
+  CHECK(body["late"] == nlohmann::json::array({"carol"}));
+  CHECK(body["settings"]["quorum"] == 2);
+
+  // The next round starts from the model just written.
+  const auto next = plan_workspace_round(t.ws());
+  CHECK(next.round == 2);
+  CHECK(next.base == t.ws().model(1));
+  CHECK(next.recorded_base_sha256 == model_sha);
+}
+
+TEST_CASE("round: commit_round without an evaluation or extra fields records the usual body only")
+{
+  const TestWorkspace t;
+  const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), ""}};
+  const auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
+  RoundSettings settings;
+  const auto r = commit_round(v, settings);
+  CHECK(r.evaluation.is_null());
+  std::vector<std::string> keys;
+  for (const auto& [key, value] : read_workspace_ledger(t.ws()).back().body.items()) {
+    keys.push_back(key);
+  }
+  CHECK(keys == std::vector<std::string>{"base", "model", "options", "participants", "rejected", "round", "strategy"});
+}
+
+TEST_CASE("round: commit_round refuses extra fields that would replace the body's own, before writing anything")
+{
+  const TestWorkspace t;
+  const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), ""}};
+  const auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
+  const auto before = snapshot(t.ws().root());
+  for (const char* key : {"model", "base", "participants", "evaluation"}) {
+    CAPTURE(key);
+    RoundSettings settings;
+    settings.extra = {{key, "x"}};
+    CHECK_THROWS_AS(commit_round(v, settings), Error);
+    CHECK(snapshot(t.ws().root()) == before);
+  }
+  RoundSettings settings;
+  settings.extra = nlohmann::json::array({1});
+  CHECK_THROWS_AS(commit_round(v, settings), Error);
+  CHECK(snapshot(t.ws().root()) == before);
+}
+
+TEST_CASE("round: commit_round refuses an empty round and an update changed since it was checked")
+{
+  const TestWorkspace t;
+  const auto a = t.update("a.st", 1.0F, "alice");
+  const auto plan = plan_workspace_round(t.ws());
+
+  const std::vector<RoundCandidate> bad{{a, "bob"}};
+  const auto empty = validate_round(plan, bad, OnBadUpdate::skip);
+  const auto msg = message_of([&] { (void)commit_round(empty, RoundSettings{}); });
+  CHECK(msg == "no update left to aggregate (1 rejected)");
+
+  const std::vector<RoundCandidate> good{{a, ""}};
+  const auto v = validate_round(plan, good, OnBadUpdate::fail);
+  // Changed in place (same size, same mapping): the re-hash catches it.
+  auto bytes = fedl::test::read_file(a);
+  bytes.back() = static_cast<char>(bytes.back() ^ 1);
+  {
+    std::fstream f(a, std::ios::in | std::ios::out | std::ios::binary);
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const auto before = snapshot(t.ws().root());
+  CHECK_THROWS_AS(commit_round(v, RoundSettings{}), VerifyError);
+  CHECK(snapshot(t.ws().root()) == before);
+}
+
+TEST_CASE("round: stateful strategies keep per-round server state and drop the state two rounds back")
+{
+  const TestWorkspace t;
+  RoundSettings settings;
+  settings.strategy = parse_strategy("fedavgm");
+  for (std::uint64_t round = 1; round <= 3; ++round) {
+    CAPTURE(round);
+    const std::vector<RoundCandidate> candidates{{t.update("r" + std::to_string(round) + ".st", 1.0F, "alice"), ""}};
+    const auto r = commit_round(validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail), settings);
+    CHECK(r.round == round);
+    CHECK(fs::exists(t.ws().state() / fmt::format("server-{:06}.safetensors", round)));
+  }
+  CHECK_FALSE(fs::exists(t.ws().state() / "server-000001.safetensors"));
+  CHECK(fs::exists(t.ws().state() / "server-000002.safetensors"));
+  // Momentum 0.9 over three rounds of Δ = 1: m = 1, 1.9, 2.71; x = base + 1 + 1.9 + 2.71.
+  const auto x = read_flat(t.ws().model(3));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    CHECK(x[i] == doctest::Approx(k_base[i] + 5.61F).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("round: outside a workspace unsigned updates are fine, there is no ledger and the state file is rewritten")
+{
+  TempDir dir;
+  write_safetensors(dir / "base.st", model_views(k_base), {{"fedl.kind", "model"}});
+  const std::vector<float> d(k_base.size(), 2.0F);
+  write_safetensors(dir / "u.st", model_views(d),
+                    {{"fedl.kind", "update"}, {"fedl.base_sha256", file_sha256(dir / "base.st")}, {"fedl.num_samples", "3"}});
+  const auto plan = plan_standalone_round(dir / "base.st", dir / "out.st", dir / "state.st");
+  CHECK_FALSE(plan.workspace);
+  const std::vector<RoundCandidate> candidates{{dir / "u.st", ""}};
+  const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+  REQUIRE(v.accepted.size() == 1);
+  CHECK(v.accepted[0].site.empty());
+  RoundSettings settings;
+  settings.strategy = parse_strategy("fedavgm");
+  bool evaluated = false;
+  settings.evaluate = [&](const fs::path&) {
+    evaluated = true;
+    return nlohmann::json();
+  };
+  const auto r = commit_round(v, settings);
+  CHECK(evaluated);
+  CHECK(r.round == 0);
+  CHECK(r.ledger_body.is_null());
+  CHECK(r.evaluation.is_null());
+  CHECK(read_flat(dir / "out.st") == std::vector<float>{3, 4, 5, 6, 7, 8});
+  CHECK_FALSE(SafetensorsFile(dir / "out.st").content().meta("fedl.round"));
+  CHECK(fs::exists(dir / "state.st"));
+  CHECK_FALSE(fs::exists(dir / "ledger.jsonl"));
+
+  // An update that names a site must come from the site expected, signed or not.
+  const std::vector<RoundCandidate> expecting{{dir / "u.st", "alice"}};
+  const auto rejected = validate_round(plan, expecting, OnBadUpdate::skip);
+  REQUIRE(rejected.rejected.size() == 1);
+  CHECK(rejected.rejected[0]["reason"].get<std::string>().find("delivered by site alice") != std::string::npos);
+}

@@ -16,6 +16,7 @@ add_all(CLI::App& app)
     add_audit(app),
     add_completion(app),
     add_doc(app),
+    add_worker(app),
   };
 }
 

@@ -31,6 +31,7 @@ Command add_audit(CLI::App& parent);
 Command add_eval(CLI::App& parent);
 Command add_completion(CLI::App& parent);
 Command add_doc(CLI::App& parent);
+Command add_worker(CLI::App& parent);
 
 // Registers every subcommand on `app`, in the order `fedl --help` lists them.
 std::vector<Command> add_all(CLI::App& app);

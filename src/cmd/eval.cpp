@@ -23,7 +23,7 @@ struct EvalOptions
   DataFlags data;
   ComputeOptions compute;
   ModelSource model;
-  std::uint32_t batch_size = 1024;
+  std::uint32_t batch_size = default_eval_batch_size;
 };
 
 int

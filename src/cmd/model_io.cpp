@@ -7,8 +7,7 @@
 #include <fmt/format.h>
 
 #include <charconv>
-
-namespace fs = std::filesystem;
+#include <cmath>
 
 namespace fedl::cmd {
 
@@ -25,24 +24,24 @@ numel(const std::vector<std::int64_t>& shape)
 }
 
 std::string
-required_meta(const core::Safetensors& st, const std::string& key, const fs::path& path)
+required_meta(const core::Safetensors& st, const std::string& key, const std::string& what)
 {
   auto v = st.meta(key);
   if (!v) {
-    throw core::VerifyError("{}: no {} in its metadata; is it a model written by fedl?", path.string(), key);
+    throw core::VerifyError("{}: no {} in its metadata; is it a model written by fedl?", what, key);
   }
   return *v;
 }
 
 // fedl.classes of a model file: a positive integer, else VerifyError.
 std::int64_t
-classes_of(const core::Safetensors& st, const fs::path& path)
+classes_of(const core::Safetensors& st, const std::string& what)
 {
-  const auto text = required_meta(st, "fedl.classes", path);
+  const auto text = required_meta(st, "fedl.classes", what);
   std::int64_t classes = 0;
   const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), classes);
   if (ec != std::errc{} || p != text.data() + text.size() || classes < 1) {
-    throw core::VerifyError("{}: fedl.classes is not a positive integer: {}", path.string(), text);
+    throw core::VerifyError("{}: fedl.classes is not a positive integer: {}", what, text);
   }
   return classes;
 }
@@ -71,12 +70,17 @@ OpenedModel
 open_model(const backends::Backend& backend,
            const std::string& device,
            const ModelSource& src,
-           const core::Dataset& data)
+           const core::Dataset& data,
+           OpenedModel* previous)
 {
-  if (src.model && src.arch) {
+  if (src.model && src.model_bytes) {
+    throw core::UsageError("internal: a model source has both a file and bytes");
+  }
+  const bool has_file = src.model || src.model_bytes;
+  if (has_file && src.arch) {
     throw core::UsageError("--model and --arch both name the model; give one (a model file knows its architecture)");
   }
-  if (!src.model && !src.arch && !src.torchscript) {
+  if (!has_file && !src.arch && !src.torchscript) {
     throw core::UsageError("no model: give --model FILE, --arch SPEC or --torchscript FILE");
   }
   if (src.classes && !src.arch) {
@@ -93,60 +97,79 @@ open_model(const backends::Backend& backend,
       throw core::Error("{}: all labels are {}; a classifier needs at least two classes (or give --classes K)",
                         data.source.string(), classes - 1);
     }
+    // Never reused: a fresh model's weights come from the seed, which `previous` has spent.
     OpenedModel m{backends::Model::create(backend, device, spec.text, data.sample_shape, classes, src.seed),
                   spec.text, data.sample_shape, classes, std::nullopt};
     check_fits(m, data);
     return m;
   }
 
+  // The model file: mapped from disk, or parsed in place from the caller's bytes.
   std::optional<core::SafetensorsFile> file;
+  std::optional<core::Safetensors> parsed;
+  std::string what;
+  std::string sha256;
   if (src.model) {
     file.emplace(*src.model);
-    const auto& st = file->content();
-    const auto kind = st.meta("fedl.kind");
+    what = src.model->string();
+    sha256 = file->sha256();
+  } else if (src.model_bytes) {
+    what = src.model_bytes->what;
+    parsed = core::parse_safetensors(src.model_bytes->bytes, what);
+    sha256 = core::sha256_hex(src.model_bytes->bytes);
+  }
+  const core::Safetensors* st = file ? &file->content() : parsed ? &*parsed : nullptr;
+  if (st != nullptr) {
+    const auto kind = st->meta("fedl.kind");
     if (kind && *kind != "model") {
       throw core::UsageError("{} is a fedl {}, not a model; give a model file (fedl train --save-model, "
                              "fedl aggregate --out)",
-                             src.model->string(), *kind);
+                             what, *kind);
     }
   }
 
   if (src.torchscript) {
-    auto ts = backends::Model::load_torchscript(backend, device, *src.torchscript);
-    OpenedModel m{std::move(ts), "torchscript", data.sample_shape, 0, std::nullopt};
-    if (file) {
-      m.model.set_weights(file->content(), src.model->string());
-      m.file_sha256 = file->sha256();
-      if (file->content().meta("fedl.classes")) {
-        m.classes = classes_of(file->content(), *src.model);
+    // Never reused: the TorchScript executor optimises a graph after its first runs, and the
+    // optimised graph rounds differently, so a module trained twice in one process would not
+    // give the update that fedl train gives.
+    OpenedModel m{backends::Model::load_torchscript(backend, device, *src.torchscript), "torchscript",
+                  data.sample_shape, 0, std::nullopt};
+    if (st != nullptr) {
+      m.model.set_weights(*st, what);
+      m.file_sha256 = sha256;
+      if (st->meta("fedl.classes")) {
+        m.classes = classes_of(*st, what);
       }
     }
     check_fits(m, data);
     return m;
   }
 
-  const auto& st = file->content();
-  const auto arch = required_meta(st, "fedl.arch", *src.model);
+  const auto arch = required_meta(*st, "fedl.arch", what);
   if (arch == "torchscript") {
     throw core::UsageError("{} holds the weights of a TorchScript model: give the module with --torchscript FILE",
-                           src.model->string());
+                           what);
   }
   try {
     (void)core::parse_model_spec(arch);
   } catch (const core::UsageError& e) {
-    throw core::VerifyError("{}: fedl.arch is not a valid architecture: {}", src.model->string(), e.what());
+    throw core::VerifyError("{}: fedl.arch is not a valid architecture: {}", what, e.what());
   }
   std::vector<std::int64_t> input_shape;
   try {
-    input_shape = core::parse_shape(required_meta(st, "fedl.input_shape", *src.model), "fedl.input_shape");
+    input_shape = core::parse_shape(required_meta(*st, "fedl.input_shape", what), "fedl.input_shape");
   } catch (const core::UsageError& e) {
-    throw core::VerifyError("{}: {}", src.model->string(), e.what());
+    throw core::VerifyError("{}: {}", what, e.what());
   }
-  const auto classes = classes_of(st, *src.model);
-  OpenedModel m{backends::Model::create(backend, device, arch, input_shape, classes, src.seed), arch, input_shape,
-                classes, file->sha256()};
+  const auto classes = classes_of(*st, what);
+  // All its weights and buffers are overwritten below, so a model built the same way will do.
+  const bool reuse = previous != nullptr && previous->arch == arch && previous->input_shape == input_shape &&
+                     previous->classes == classes;
+  OpenedModel m{reuse ? std::move(previous->model)
+                      : backends::Model::create(backend, device, arch, input_shape, classes, src.seed),
+                arch, input_shape, classes, sha256};
   check_fits(m, data);
-  m.model.set_weights(st, src.model->string());
+  m.model.set_weights(*st, what);
   return m;
 }
 
@@ -158,6 +181,72 @@ model_metadata(const OpenedModel& m, const std::string& kind)
     meta["fedl.classes"] = std::to_string(m.classes);
   }
   return meta;
+}
+
+} // namespace fedl::cmd
+
+namespace fedl::cmd {
+
+void
+TrainingSettings::check() const
+{
+  if (epochs > max_epochs) {
+    throw core::UsageError("epochs {} is over the limit of {}", epochs, max_epochs);
+  }
+  if (batch_size < 1 || batch_size > max_batch_size) {
+    throw core::UsageError("batch_size {} is outside 1..{}", batch_size, max_batch_size);
+  }
+  if (!(lr > 0) || !std::isfinite(lr)) {
+    throw core::UsageError("lr {} is not a positive number", lr);
+  }
+  if (optimizer != "sgd" && optimizer != "adam") {
+    throw core::UsageError("optimizer '{}' is not one of sgd, adam", optimizer);
+  }
+  if (!(momentum >= 0 && momentum <= 1)) {
+    throw core::UsageError("momentum {} is outside 0..1", momentum);
+  }
+  if (!(prox_mu >= 0) || !std::isfinite(prox_mu)) {
+    throw core::UsageError("prox_mu {} is not a non-negative number", prox_mu);
+  }
+}
+
+fedl_train_config
+TrainingSettings::config(std::uint64_t seed) const
+{
+  return {epochs, batch_size, lr, optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD, momentum, prox_mu, seed};
+}
+
+UpdateBase
+update_base(OpenedModel& m)
+{
+  UpdateBase base{core::copy_tensors(m.model.weights()), {}};
+  base.sha256 = m.file_sha256 ? *m.file_sha256
+                              : core::safetensors_sha256(core::views_of(base.weights), model_metadata(m, "model"));
+  return base;
+}
+
+fedl_train_result
+train_model(OpenedModel& m,
+            const core::Dataset& data,
+            const TrainingSettings& settings,
+            std::uint64_t seed,
+            const backends::Model::Progress& progress)
+{
+  if (settings.epochs == 0) {
+    return {0.0, data.size(), 0};
+  }
+  return m.model.train(data, settings.config(seed), progress);
+}
+
+Update
+make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, std::uint32_t epochs, double loss)
+{
+  Update u{core::weight_delta(m.model.weights(), core::views_of(base.weights)), model_metadata(m, "update")};
+  u.metadata["fedl.base_sha256"] = base.sha256;
+  u.metadata["fedl.num_samples"] = std::to_string(num_samples);
+  u.metadata["fedl.epochs"] = std::to_string(epochs);
+  u.metadata["fedl.loss"] = fmt::format("{}", loss);
+  return u;
 }
 
 } // namespace fedl::cmd

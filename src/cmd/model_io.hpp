@@ -1,23 +1,35 @@
 // SPDX-License-Identifier: Apache-2.0
-// Where `train` and `eval` get their model: a fedl model file (safetensors carrying fedl.arch,
-// fedl.input_shape and fedl.classes), a zoo spec, or a TorchScript module (with or without
-// weights from a model file); and how a model file is written.
+// Where `train`, `eval` and the `__worker` child get their model: a fedl model file (safetensors
+// carrying fedl.arch, fedl.input_shape and fedl.classes) on disk or received in memory, a zoo
+// spec, or a TorchScript module (with or without weights from a model file); how a model file is
+// written; and the training run and update that `train` and `__worker` share.
 #pragma once
 
 #include "backends/loader.hpp"
 #include "core/dataset.hpp"
 #include "core/safetensors.hpp"
+#include "core/update.hpp"
 
+#include <cstdint>
 #include <filesystem>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
 namespace fedl::cmd {
 
+// A fedl model file's bytes held in memory (a frame's body) instead of a --model path.
+struct ModelBytes
+{
+  std::span<const std::byte> bytes; // must outlive the opened model's use of it
+  std::string what;                 // names it in errors, e.g. "the round 3 model"
+};
+
 struct ModelSource
 {
   std::optional<std::filesystem::path> model;       // --model
+  std::optional<ModelBytes> model_bytes;            // in place of --model
   std::optional<std::string> arch;                  // --arch
   std::optional<std::filesystem::path> torchscript; // --torchscript
   std::optional<std::int64_t> classes;              // --classes (with --arch)
@@ -30,18 +42,79 @@ struct OpenedModel
   std::string arch;                       // zoo spec, or "torchscript"
   std::vector<std::int64_t> input_shape;
   std::int64_t classes = 0;               // 0: unknown (TorchScript without a model file)
-  std::optional<std::string> file_sha256; // of --model's bytes
+  std::optional<std::string> file_sha256; // of the model file's bytes (--model or model_bytes)
 };
 
 // Opens the model on `device` of `backend` and checks that `data` fits it (feature count,
 // labels below the class count, naming the first offending line). Throws UsageError for
 // contradictory sources, VerifyError for a model file that is not a fedl model.
+//
+// `previous`, a model opened before on the same backend and device, is taken over (left
+// moved-from) when the new one is a zoo model from a model file with the same architecture, input
+// shape and classes, so a process that trains round after round loads only the weights instead
+// of building the model again (its weights and buffers are all overwritten, so the result is the
+// same as a fresh model's). The caller drops `previous` afterwards either way.
 OpenedModel open_model(const backends::Backend& backend,
                        const std::string& device,
                        const ModelSource& source,
-                       const core::Dataset& data);
+                       const core::Dataset& data,
+                       OpenedModel* previous = nullptr);
 
 // The metadata every fedl model and update carries.
 core::Metadata model_metadata(const OpenedModel& m, const std::string& kind);
+
+// Hyperparameters of one local training run (fedl train's options, a round's "training").
+struct TrainingSettings
+{
+  static constexpr std::uint32_t max_epochs = 100000;
+  static constexpr std::uint32_t max_batch_size = 1U << 24;
+
+  std::uint32_t epochs = 1;
+  std::uint32_t batch_size = 32;
+  double lr = 0.01;
+  std::string optimizer = "sgd"; // "sgd" or "adam"
+  double momentum = 0.0;
+  double prox_mu = 0.0;
+
+  // Throws UsageError naming the first value out of the range fedl train's options accept (for
+  // settings that did not come through the command line).
+  void check() const;
+  fedl_train_config config(std::uint64_t seed) const;
+};
+
+// Forward passes per batch when evaluating (fedl eval's default --batch-size).
+inline constexpr std::uint32_t default_eval_batch_size = 1024;
+
+// The weights an update is taken against: a copy of the model's weights before training, and the
+// SHA-256 that names them: the model file's bytes, or for a fresh model the file that
+// --save-model with --epochs 0 would write (the same seed makes the same bytes).
+struct UpdateBase
+{
+  std::vector<core::OwnedTensor> weights;
+  std::string sha256;
+};
+UpdateBase update_base(OpenedModel& m);
+
+// Trains `m` on `data` (nothing with 0 epochs: loss 0, 0 steps). `progress` as Model::train.
+fedl_train_result train_model(OpenedModel& m,
+                              const core::Dataset& data,
+                              const TrainingSettings& settings,
+                              std::uint64_t seed,
+                              const backends::Model::Progress& progress);
+
+// An update: trained minus base weights, with the metadata fedl train --out writes before it
+// signs (kind, arch, input shape, classes, base_sha256, num_samples, epochs, loss).
+struct Update
+{
+  std::vector<core::OwnedTensor> tensors;
+  core::Metadata metadata;
+
+  std::vector<core::TensorView> views() const { return core::views_of(tensors); }
+};
+Update make_update(OpenedModel& m,
+                   const UpdateBase& base,
+                   std::uint64_t num_samples,
+                   std::uint32_t epochs,
+                   double loss);
 
 } // namespace fedl::cmd

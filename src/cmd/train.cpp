@@ -32,12 +32,7 @@ struct TrainOptions
   std::optional<std::filesystem::path> out;
   std::optional<std::filesystem::path> save_model;
   std::optional<std::filesystem::path> identity;
-  std::uint32_t epochs = 1;
-  std::uint32_t batch_size = 32;
-  double lr = 0.01;
-  std::string optimizer = "sgd";
-  double momentum = 0.0;
-  double prox_mu = 0.0;
+  TrainingSettings training;
 };
 
 int
@@ -61,14 +56,9 @@ run_train(const TrainOptions& opt)
   const auto [backend, device] = open_backend(opt.compute);
 
   auto m = open_model(*backend, device, opt.model, data);
-  // The base of the update: the model file's bytes, or the fresh model as --save-model with
-  // --epochs 0 would write it (the same seed makes the same bytes).
-  std::vector<core::OwnedTensor> base;
-  std::string base_sha;
+  std::optional<UpdateBase> base;
   if (opt.out) {
-    base = core::copy_tensors(m.model.weights());
-    const auto views = core::views_of(base);
-    base_sha = m.file_sha256 ? *m.file_sha256 : core::safetensors_sha256(views, model_metadata(m, "model"));
+    base = update_base(m);
   }
 
   const bool tty = ::isatty(STDERR_FILENO) != 0 && !globals().quiet && globals().log_format == "text";
@@ -77,28 +67,26 @@ run_train(const TrainOptions& opt)
   g_interrupted = 0;
   auto* old_int = std::signal(SIGINT, [](int) { g_interrupted = 1; });
   auto* old_term = std::signal(SIGTERM, [](int) { g_interrupted = 1; });
-  fedl_train_config cfg{opt.epochs, opt.batch_size, opt.lr, opt.optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD,
-                        opt.momentum, opt.prox_mu, opt.model.seed};
-  fedl_train_result result{0.0, data.size(), 0};
-  if (opt.epochs > 0) {
-    result = m.model.train(data, cfg, [&](std::uint32_t epoch, std::uint64_t step, std::uint64_t per_epoch, double loss, bool epoch_end) {
-      if (first_batch < 0) {
-        first_batch = uptime_seconds();
-      }
-      if (tty) {
-        fmt::print(stderr, "\rfedl: epoch {}/{} step {}/{} loss {:.4f}{}", epoch, opt.epochs, step, per_epoch, loss,
-                   epoch_end ? "\x1b[K\n" : "\x1b[K");
-      } else if (epoch_end) {
-        FEDL_LOG_INFO("epoch {}/{}: loss {:.4f} ({:.1f} s)", epoch, opt.epochs, loss, uptime_seconds() - t0);
-      }
-      return g_interrupted == 0;
-    });
-  }
+  const auto epochs = opt.training.epochs;
+  const auto progress = [&](std::uint32_t epoch, std::uint64_t step, std::uint64_t per_epoch, double loss,
+                            bool epoch_end) {
+    if (first_batch < 0) {
+      first_batch = uptime_seconds();
+    }
+    if (tty) {
+      fmt::print(stderr, "\rfedl: epoch {}/{} step {}/{} loss {:.4f}{}", epoch, epochs, step, per_epoch, loss,
+                 epoch_end ? "\x1b[K\n" : "\x1b[K");
+    } else if (epoch_end) {
+      FEDL_LOG_INFO("epoch {}/{}: loss {:.4f} ({:.1f} s)", epoch, epochs, loss, uptime_seconds() - t0);
+    }
+    return g_interrupted == 0;
+  };
+  const auto result = train_model(m, data, opt.training, opt.model.seed, progress);
   std::signal(SIGINT, old_int);
   std::signal(SIGTERM, old_term);
   const double train_seconds = uptime_seconds() - t0;
 
-  nlohmann::json j = {{"samples", data.size()},      {"epochs", opt.epochs},
+  nlohmann::json j = {{"samples", data.size()},      {"epochs", epochs},
                       {"steps", result.steps},       {"loss", result.loss},
                       {"device", device},            {"seconds", train_seconds},
                       {"arch", m.arch}};
@@ -106,21 +94,16 @@ run_train(const TrainOptions& opt)
     j["first_batch_seconds"] = first_batch;
   }
   std::string text = fmt::format("trained {} for {} epochs on {} samples ({}): loss {:.4f}, {:.1f} s\n", m.arch,
-                                 opt.epochs, data.size(), device, result.loss, train_seconds);
-  const auto trained = m.model.weights();
+                                 epochs, data.size(), device, result.loss, train_seconds);
   if (opt.save_model) {
-    core::write_safetensors(*opt.save_model, trained, model_metadata(m, "model"));
+    core::write_safetensors(*opt.save_model, m.model.weights(), model_metadata(m, "model"));
     j["model"] = opt.save_model->string();
     text += fmt::format("model: {}\n", opt.save_model->string());
   }
   if (opt.out) {
-    const auto delta = core::weight_delta(trained, core::views_of(base));
-    auto meta = model_metadata(m, "update");
-    meta["fedl.base_sha256"] = base_sha;
-    meta["fedl.num_samples"] = std::to_string(data.size());
-    meta["fedl.epochs"] = std::to_string(opt.epochs);
-    meta["fedl.loss"] = fmt::format("{}", result.loss);
-    const auto views = core::views_of(delta);
+    auto update = make_update(m, *base, data.size(), epochs, result.loss);
+    auto& meta = update.metadata;
+    const auto views = update.views();
     if (identity) {
       const auto info = core::certificate_info(identity->cert);
       meta["fedl.site"] = info.common_name;
@@ -131,8 +114,8 @@ run_train(const TrainOptions& opt)
     }
     core::write_safetensors(*opt.out, views, meta);
     j["update"] = opt.out->string();
-    j["base_sha256"] = base_sha;
-    text += fmt::format("update: {} (base {})\n", opt.out->string(), base_sha);
+    j["base_sha256"] = base->sha256;
+    text += fmt::format("update: {} (base {})\n", opt.out->string(), base->sha256);
   }
   j["total_seconds"] = uptime_seconds() - started;
   print_result(j, text);
@@ -161,16 +144,19 @@ add_train(CLI::App& parent)
   app->add_option("--save-model", opt->save_model, "Write the trained model here")->type_name("FILE");
   app->add_option("--identity", opt->identity, "Sign the update with this site bundle (clients/NAME from fedl init)")
     ->type_name("DIR");
-  app->add_option("-e,--epochs", opt->epochs, "Passes over the data (0 writes the starting model)")
+  app->add_option("-e,--epochs", opt->training.epochs, "Passes over the data (0 writes the starting model)")
     ->capture_default_str()
-    ->check(CLI::Range(0U, 100000U));
-  app->add_option("-b,--batch-size", opt->batch_size, "Samples per step")
+    ->check(CLI::Range(0U, TrainingSettings::max_epochs));
+  app->add_option("-b,--batch-size", opt->training.batch_size, "Samples per step")
     ->capture_default_str()
-    ->check(CLI::Range(1U, 1U << 24));
-  app->add_option("--lr", opt->lr, "Learning rate")->capture_default_str()->check(CLI::PositiveNumber);
-  with_choices(app->add_option("--optimizer", opt->optimizer, "Optimizer")->capture_default_str(), {"sgd", "adam"});
-  app->add_option("--momentum", opt->momentum, "SGD momentum")->capture_default_str()->check(CLI::Range(0.0, 1.0));
-  app->add_option("--prox-mu", opt->prox_mu, "FedProx proximal term weight (0: off)")
+    ->check(CLI::Range(1U, TrainingSettings::max_batch_size));
+  app->add_option("--lr", opt->training.lr, "Learning rate")->capture_default_str()->check(CLI::PositiveNumber);
+  with_choices(app->add_option("--optimizer", opt->training.optimizer, "Optimizer")->capture_default_str(),
+               {"sgd", "adam"});
+  app->add_option("--momentum", opt->training.momentum, "SGD momentum")
+    ->capture_default_str()
+    ->check(CLI::Range(0.0, 1.0));
+  app->add_option("--prox-mu", opt->training.prox_mu, "FedProx proximal term weight (0: off)")
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber);
   app->add_option("--seed", opt->model.seed, "Seed for initialisation and shuffling")->capture_default_str();

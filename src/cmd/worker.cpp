@@ -1,0 +1,310 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl __worker (hidden): the trainer and evaluator child of `fedl join` and `fedl serve`, so that
+// the network process never loads LibTorch. It reads frames (core/frame.hpp) on stdin and answers
+// each on stdout; its log goes to stderr, which it shares with its parent.
+//
+//   TASK   {"round": N, "seed": S, "training": {"epochs", "batch_size", "lr", "optimizer",
+//           "momentum", "prox_mu"}}, body: a fedl model file
+//     ->   UPDATE {"round": N, "num_samples", "loss", "steps", "seconds"}, body: the update file,
+//          as `fedl train --model M --out U --seed S` writes it plus fedl.round=N, unsigned
+//   EVAL   {}, body: a fedl model file
+//     ->   RESULT {"accuracy", "loss", "samples", "seconds"}, as `fedl eval` computes them
+//   a task that fails -> ERROR {"message", "code": the exit code fedl would give}; it goes on
+//
+// End of file on stdin ends it (exit 0); a bad frame (ProtocolError) or a parent that stopped
+// reading ends it with exit 1. The data is loaded once; the backend and the model are kept from
+// task to task, since the process lives for the whole federation and LibTorch takes 0.3 s to start.
+#include "cmd/commands.hpp"
+
+#include "backends/loader.hpp"
+#include "cmd/common.hpp"
+#include "cmd/model_io.hpp"
+#include "core/error.hpp"
+#include "core/frame.hpp"
+#include "core/log.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fcntl.h>
+#include <limits>
+#include <new>
+#include <tuple>
+#include <unistd.h>
+#include <utility>
+
+namespace fedl::cmd {
+
+namespace {
+
+// Model files larger than this are refused before any memory is allocated for them.
+constexpr std::uint64_t default_max_model_bytes = std::uint64_t{2} << 30;
+
+struct WorkerOptions
+{
+  DataFlags data;
+  ComputeOptions compute;
+  std::optional<std::filesystem::path> torchscript;
+  std::uint64_t max_model_bytes = default_max_model_bytes;
+};
+
+// The parent stopped reading: nothing more can be said to it.
+struct OutputGone
+{
+  std::string message;
+};
+
+// An unsigned integer field of a frame header; the parent is fedl itself, so a missing or
+// mistyped field is a protocol violation, not a task that failed.
+std::uint64_t
+header_uint(const nlohmann::json& header, const char* key, core::FrameType type)
+{
+  const auto it = header.find(key);
+  if (it == header.end() || !it->is_number_unsigned()) {
+    throw core::ProtocolError(
+      fmt::format("{} frame header has no unsigned integer \"{}\": {}", core::frame_type_name(type), key, header.dump()));
+  }
+  return it->get<std::uint64_t>();
+}
+
+// A task's "training" object. Unknown keys are refused: a setting silently ignored would train
+// differently from what the coordinator asked for.
+TrainingSettings
+training_settings(const nlohmann::json& j)
+{
+  if (!j.is_object()) {
+    throw core::UsageError("the task's \"training\" is not a JSON object: {}", j.dump());
+  }
+  TrainingSettings s;
+  const auto number = [](const std::string& key, const nlohmann::json& v) {
+    if (!v.is_number()) {
+      throw core::UsageError("training setting {} is not a number: {}", key, v.dump());
+    }
+    return v.get<double>();
+  };
+  const auto count = [](const std::string& key, const nlohmann::json& v) {
+    if (!v.is_number_unsigned() || v.get<std::uint64_t>() > std::numeric_limits<std::uint32_t>::max()) {
+      throw core::UsageError("training setting {} is not an unsigned 32-bit integer: {}", key, v.dump());
+    }
+    return v.get<std::uint32_t>();
+  };
+  for (const auto& [key, v] : j.items()) {
+    if (key == "epochs") {
+      s.epochs = count(key, v);
+    } else if (key == "batch_size") {
+      s.batch_size = count(key, v);
+    } else if (key == "lr") {
+      s.lr = number(key, v);
+    } else if (key == "optimizer") {
+      if (!v.is_string()) {
+        throw core::UsageError("training setting optimizer is not a string: {}", v.dump());
+      }
+      s.optimizer = v.get<std::string>();
+    } else if (key == "momentum") {
+      s.momentum = number(key, v);
+    } else if (key == "prox_mu") {
+      s.prox_mu = number(key, v);
+    } else {
+      throw core::UsageError("unknown training setting \"{}\" (known: epochs, batch_size, lr, optimizer, momentum, "
+                             "prox_mu)",
+                             key);
+    }
+  }
+  s.check();
+  return s;
+}
+
+class Worker
+{
+public:
+  Worker(const WorkerOptions& opt, int out_fd)
+    : m_opt(opt), m_out(out_fd), m_data(core::load_dataset(opt.data.to_options()))
+  {
+    FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), m_data.size(), m_data.shape_string());
+  }
+
+  int serve()
+  {
+    core::FrameLimits limits;
+    limits.allow(core::FrameType::task, m_opt.max_model_bytes).allow(core::FrameType::eval, m_opt.max_model_bytes);
+    for (;;) {
+      std::optional<core::Frame> frame;
+      try {
+        frame = core::read_frame(STDIN_FILENO, limits);
+      } catch (const core::ProtocolError& e) {
+        FEDL_LOG_ERROR("worker: bad frame from the parent process: {}", e.what());
+        return static_cast<int>(core::ExitCode::failure);
+      }
+      if (!frame) {
+        FEDL_LOG_DEBUG("worker: end of input; exiting");
+        return 0;
+      }
+      try {
+        handle(*frame);
+      } catch (const OutputGone& e) {
+        FEDL_LOG_ERROR("worker: cannot answer the parent process ({}); exiting", e.message);
+        return static_cast<int>(core::ExitCode::failure);
+      } catch (const core::ProtocolError& e) {
+        FEDL_LOG_ERROR("worker: bad frame from the parent process: {}", e.what());
+        return static_cast<int>(core::ExitCode::failure);
+      }
+    }
+  }
+
+private:
+  // Runs one frame's task; a failure becomes an ERROR frame and the worker goes on.
+  void handle(const core::Frame& frame)
+  {
+    std::string message;
+    auto code = core::ExitCode::failure;
+    try {
+      if (frame.type == core::FrameType::task) {
+        train(frame);
+      } else {
+        evaluate(frame);
+      }
+      return;
+    } catch (const OutputGone&) {
+      throw;
+    } catch (const core::ProtocolError&) {
+      throw;
+    } catch (const core::Error& e) {
+      message = e.what();
+      code = e.code();
+    } catch (const std::bad_alloc&) {
+      message = "out of memory";
+    } catch (const std::exception& e) {
+      message = e.what();
+    }
+    // A warning: the parent reports the failure; this process carries on.
+    FEDL_LOG_WARN("worker: {} failed: {}", core::frame_type_name(frame.type), message);
+    reply(core::FrameType::error, {{"message", message}, {"code", static_cast<int>(code)}});
+  }
+
+  void train(const core::Frame& frame)
+  {
+    const auto round = header_uint(frame.header, "round", frame.type);
+    const auto seed = header_uint(frame.header, "seed", frame.type);
+    const auto settings = training_settings(frame.header.value("training", nlohmann::json::object()));
+    auto m = open(frame.body, fmt::format("the round {} model", round), seed);
+    const auto base = update_base(m);
+    const auto t0 = uptime_seconds();
+    const auto result = train_model(m, m_data, settings, seed,
+                                    [&](std::uint32_t epoch, std::uint64_t, std::uint64_t, double loss, bool end) {
+                                      if (end) {
+                                        FEDL_LOG_DEBUG("round {}: epoch {}/{}: loss {:.4f}", round, epoch,
+                                                       settings.epochs, loss);
+                                      }
+                                      return true;
+                                    });
+    const double seconds = uptime_seconds() - t0;
+    auto update = make_update(m, base, m_data.size(), settings.epochs, result.loss);
+    update.metadata["fedl.round"] = std::to_string(round);
+
+    // The update file's bytes go straight into the frame body, as write_safetensors lays them out.
+    const auto views = update.views();
+    const auto order = core::serialize_order(views);
+    const auto head = core::safetensors_header(order, update.metadata);
+    std::vector<std::span<const std::byte>> body{core::as_bytes(head)};
+    for (const auto* t : order) {
+      body.push_back(t->data);
+    }
+    FEDL_LOG_INFO("round {}: trained {} for {} epochs on {} samples: loss {:.4f}, {:.1f} s", round, m.arch,
+                  settings.epochs, m_data.size(), result.loss, seconds);
+    m_model.emplace(std::move(m));
+    reply(core::FrameType::update,
+          {{"round", round},
+           {"num_samples", m_data.size()},
+           {"loss", result.loss},
+           {"steps", result.steps},
+           {"seconds", seconds}},
+          body);
+  }
+
+  void evaluate(const core::Frame& frame)
+  {
+    auto m = open(frame.body, "the model to evaluate", 0);
+    const auto t0 = uptime_seconds();
+    const auto r = m.model.evaluate(m_data, default_eval_batch_size);
+    const double seconds = uptime_seconds() - t0;
+    FEDL_LOG_INFO("evaluated {} on {} samples: accuracy {:.4f}, loss {:.4f}", m.arch, r.samples, r.accuracy, r.loss);
+    m_model.emplace(std::move(m));
+    reply(core::FrameType::result,
+          {{"accuracy", r.accuracy}, {"loss", r.loss}, {"samples", r.samples}, {"seconds", seconds}});
+  }
+
+  // Opens the model in `bytes` on the backend (loaded on first use), reusing the last model.
+  OpenedModel open(std::span<const std::byte> bytes, std::string what, std::uint64_t seed)
+  {
+    if (m_backend == nullptr) {
+      std::tie(m_backend, m_device) = open_backend(m_opt.compute);
+      FEDL_LOG_DEBUG("worker: computing on {}", m_device);
+    }
+    ModelSource src;
+    src.model_bytes = ModelBytes{bytes, std::move(what)};
+    src.torchscript = m_opt.torchscript;
+    src.seed = seed;
+    // The kept model is taken over or dropped whatever happens: after a failure half-way its
+    // weights are in no known state.
+    std::optional<OpenedModel> previous = std::exchange(m_model, std::nullopt);
+    return open_model(*m_backend, m_device, src, m_data, previous ? &*previous : nullptr);
+  }
+
+  void reply(core::FrameType type, const nlohmann::json& header, std::span<const std::span<const std::byte>> body = {})
+  {
+    try {
+      core::write_frame(m_out, type, header, body);
+    } catch (const core::Error& e) {
+      throw OutputGone{e.what()};
+    }
+  }
+
+  const WorkerOptions& m_opt;
+  int m_out;
+  core::Dataset m_data;
+  const backends::Backend* m_backend = nullptr;
+  std::string m_device;
+  std::optional<OpenedModel> m_model;
+};
+
+int
+run_worker(const WorkerOptions& opt)
+{
+  // A parent that has gone must be a write error (exit 1), not a silent death by SIGPIPE.
+  std::signal(SIGPIPE, SIG_IGN);
+  // Frames go to a private copy of stdout, and fd 1 becomes stderr: a stray print from a library
+  // cannot then corrupt the frame stream.
+  const int out = ::fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3);
+  if (out < 0 || ::dup2(STDERR_FILENO, STDOUT_FILENO) < 0) {
+    throw core::Error("fedl __worker needs a pipe on stdout to answer on: {}", std::strerror(errno));
+  }
+  Worker worker(opt, out);
+  const int rc = worker.serve();
+  ::close(out);
+  return rc;
+}
+
+} // namespace
+
+Command
+add_worker(CLI::App& parent)
+{
+  auto opt = std::make_shared<WorkerOptions>();
+  auto* app = parent.add_subcommand("__worker", "Train and evaluate models sent as frames on stdin (for join/serve)");
+  app->group(""); // hidden: started by fedl itself
+  add_data_options(*app, opt->data);
+  app->add_option("--torchscript", opt->torchscript, "TorchScript module whose weights the tasks' models hold")
+    ->type_name("FILE");
+  app->add_option("--max-model-bytes", opt->max_model_bytes, "Largest model file accepted in a frame")
+    ->capture_default_str()
+    ->check(CLI::PositiveNumber)
+    ->type_name("N");
+  add_compute_options(*app, opt->compute);
+  return {app, [opt] { return run_worker(*opt); }};
+}
+
+} // namespace fedl::cmd

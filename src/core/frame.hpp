@@ -1,0 +1,107 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl's message framing (DESIGN §4), used on the TLS connection between coordinator and site
+// and on the pipes between a process and its trainer or evaluator child.
+//
+// A frame is a 20-byte prefix, a JSON header and a binary body:
+//
+//   offset 0   4 bytes  magic "FEDL"
+//          4   1 byte   protocol version (1)
+//          5   1 byte   frame type (FrameType)
+//          6   2 bytes  flags, zero in version 1
+//          8   4 bytes  header length, little-endian (UTF-8 JSON object, at most 64 KiB)
+//         12   8 bytes  body length, little-endian
+//         20            header, then body
+//
+// A receiver checks the prefix (magic, version, type, flags, both lengths against its limits)
+// before it allocates anything for the header or the body, so a claimed size never costs memory.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace fedl::core {
+
+inline constexpr std::uint8_t protocol_version = 1;
+inline constexpr std::size_t frame_prefix_size = 20;
+inline constexpr std::uint32_t max_frame_header = 64 * 1024;
+
+enum class FrameType : std::uint8_t {
+  hello = 1,     // site -> coordinator: {"site", "version", "round"}; no body
+  welcome = 2,   // coordinator -> site: {"federation", "round", "rounds", "heartbeat"}; no body
+  task = 3,      // train: {"round", "attempt", "deadline", "training", "base_sha256"}; body: the model
+  update = 4,    // {"round", "attempt", "num_samples", "metrics"}; body: the update (safetensors)
+  heartbeat = 5, // either way, no body; keeps an idle connection known to be alive
+  done = 6,      // coordinator -> site: the federation is finished {"rounds", "reason"}
+  error = 7,     // {"message", "code"}: the sender closes the connection after it; from a site with
+                 // a "task" field it reports a failed task and the connection stays
+  eval = 8,      // evaluator pipe: {}; body: the model
+  result = 9,    // evaluator pipe: {"accuracy", "loss", "samples"}
+};
+inline constexpr std::uint8_t max_frame_type = 9;
+
+// "hello", "task", ...
+std::string_view frame_type_name(FrameType type) noexcept;
+
+// A peer broke the protocol: bad magic, version or type, a size over a limit, bad JSON, a frame
+// it must not send. The connection (or pipe) is closed; the message says why, for the log.
+class ProtocolError : public std::runtime_error
+{
+public:
+  using std::runtime_error::runtime_error;
+};
+
+struct FramePrefix
+{
+  FrameType type = FrameType::heartbeat;
+  std::uint32_t header_size = 0;
+  std::uint64_t body_size = 0;
+};
+
+// What a receiver accepts: the largest body per frame type (0: no body; a type that is absent
+// from `allowed` is refused outright).
+struct FrameLimits
+{
+  std::array<std::uint64_t, max_frame_type + 1> max_body{};
+  std::array<bool, max_frame_type + 1> allowed{};
+
+  FrameLimits& allow(FrameType type, std::uint64_t body_limit = 0)
+  {
+    allowed[static_cast<std::size_t>(type)] = true;
+    max_body[static_cast<std::size_t>(type)] = body_limit;
+    return *this;
+  }
+};
+
+std::array<std::byte, frame_prefix_size> encode_prefix(FrameType type, std::uint32_t header_size, std::uint64_t body_size);
+// Throws ProtocolError saying what is wrong.
+FramePrefix decode_prefix(std::span<const std::byte, frame_prefix_size> bytes, const FrameLimits& limits);
+// Parses a frame header; throws ProtocolError unless it is a JSON object.
+nlohmann::json decode_header(std::string_view text);
+
+// The prefix and header of a frame, ready to be followed by `body_size` body bytes.
+std::string frame_head(FrameType type, const nlohmann::json& header, std::uint64_t body_size);
+
+// A whole frame read from a pipe.
+struct Frame
+{
+  FrameType type = FrameType::heartbeat;
+  nlohmann::json header;
+  std::vector<std::byte> body;
+};
+
+// Blocking frame I/O on a file descriptor (a pipe), retrying on EINTR. write_frame throws Error on
+// a write failure (EPIPE included: the peer is gone). read_frame returns nullopt on end of file
+// at a frame boundary, throws ProtocolError for a bad frame or end of file inside one.
+void write_frame(int fd, FrameType type, const nlohmann::json& header, std::span<const std::span<const std::byte>> body = {});
+std::optional<Frame> read_frame(int fd, const FrameLimits& limits);
+
+} // namespace fedl::core

@@ -33,16 +33,22 @@ e2e: build
 docs: build
 	@cd $(BUILD) && ctest --output-on-failure -L docs
 
-# fedl's main job on a built-in default: offline federated rounds on bundled real data
-# (examples/offline-rounds/run: init, train at 4 sites, aggregate, 10 rounds, audit).
+# fedl's main job on a built-in default: a networked federation on bundled real data
+# (examples/networked/run: init, serve and 4 x join over mTLS on 127.0.0.1, 15 rounds, audit).
+# examples/offline-rounds/run does the same with train and aggregate in a shell loop.
 demo: build
-	@FEDL=$(FEDL) ./examples/offline-rounds/run
+	@FEDL=$(FEDL) ./examples/networked/run
 
 # Benchmark programs that print figures (docs/PERFORMANCE.md): fedl train against PyTorch
-# Python, and aggregation against memory bandwidth and NumPy.
+# Python, aggregation against memory bandwidth and NumPy, and networked rounds (fedl serve and
+# N fedl join on 127.0.0.1) against one mutual-TLS push of the same bytes.
 bench: build
 	@FEDL=$(FEDL) ./bench/train_vs_pytorch.sh
 	@$(BUILD)/bench/fedl_aggregate_bench --n 16 --params 4000000 --repeat 5 --numpy bench/aggregate_numpy.py
+	@$(BUILD)/bench/fedl_tls_push_bench --n 10 --params 1000000 --repeat 15
+	@FEDL=$(FEDL) ./bench/round_bench.sh -n 10 -p 1000000 -r 12
+	@FEDL=$(FEDL) ./bench/round_bench.sh -n 10 -p 10000000 -r 12 -t 7
+	@FEDL=$(FEDL) ./bench/round_bench.sh -n 200 -p 100000 -c 20 -i 1 -r 12
 
 install: build
 	@cmake --install $(BUILD)

@@ -7,81 +7,117 @@ _fedl()
   cmd=""
   for ((i = 1; i < COMP_CWORD; i++)); do
     case "${COMP_WORDS[i]}" in
-      init|train|eval|aggregate|audit|completion) cmd="${COMP_WORDS[i]}"; break ;;
+      init|train|eval|serve|join|aggregate|audit|completion) cmd="${COMP_WORDS[i]}"; break ;;
     esac
   done
   case "$prev" in
-    --log-format) [[ $cmd == "" || -z "" ]] && { COMPREPLY=($(compgen -W "text json" -- "$cur")); return; } ;;
-    --clients) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --arch) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --torchscript) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --input-dim) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --classes) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --server-name) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --listen) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --rounds) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --strategy) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --seed) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --valid-days) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --add-client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --revoke) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --partition) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --labels) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --label-column) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --limit-samples) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --split) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --holdout) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --device) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --threads) [[ $cmd == "init" || -z "init" ]] && { return; } ;;
-    --data) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --labels) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --label-column) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --limit-samples) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --model) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --arch) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --torchscript) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --classes) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --out) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --save-model) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --identity) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --epochs|-e) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --batch-size|-b) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --lr) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --optimizer) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "sgd adam" -- "$cur")); return; } ;;
-    --momentum) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --prox-mu) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --seed) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --device) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --threads) [[ $cmd == "train" || -z "train" ]] && { return; } ;;
-    --data) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --labels) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --label-column) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
-    --limit-samples) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
-    --model) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --torchscript) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --batch-size|-b) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
-    --device) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
-    --threads) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;
-    --base) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --out) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --workspace) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --strategy) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
-    --state) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;
-    --clip-norm) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
-    --server-lr) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
-    --server-momentum) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
-    --beta1) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
-    --beta2) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
-    --tau) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;
-    --on-bad-update) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -W "fail skip" -- "$cur")); return; } ;;
+    --log-format) [[ $cmd == "" || -z "" ]] && { COMPREPLY=($(compgen -W "text json" -- "$cur")); return; } ;;&
+    --clients) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --arch) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --torchscript) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --input-dim) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --classes) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --server-name) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --listen) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --rounds) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --strategy) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --seed) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --valid-days) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --min-clients) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --epochs|-e) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --batch-size|-b) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --lr) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --optimizer) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -W "sgd adam" -- "$cur")); return; } ;;&
+    --momentum) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --prox-mu) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --add-client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --revoke) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --partition) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --labels) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --label-column) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --limit-samples) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --split) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --holdout) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --device) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --threads) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --data) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --labels) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --label-column) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --limit-samples) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --model) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --arch) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --torchscript) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --classes) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --out) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --save-model) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --identity) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --epochs|-e) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --batch-size|-b) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --lr) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --optimizer) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "sgd adam" -- "$cur")); return; } ;;&
+    --momentum) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --prox-mu) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --seed) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --device) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --threads) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --data) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --labels) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --label-column) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
+    --limit-samples) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
+    --model) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --torchscript) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --batch-size|-b) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
+    --device) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
+    --threads) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
+    --listen) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --rounds) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --min-clients) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --clients-per-round) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --fraction) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --round-timeout) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --wait-timeout) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --strategy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --clip-norm) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --eval-data) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --target-accuracy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --metrics) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --seed) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --heartbeat) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --device) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --threads) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --data) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --labels) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --label-column) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --limit-samples) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --server) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --server-name) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --retry-max) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --retry-for) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --trainer-idle) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --device) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --threads) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --base) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --out) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --workspace) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --strategy) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --state) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --clip-norm) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --server-lr) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --server-momentum) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --beta1) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --beta2) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --tau) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --on-bad-update) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -W "fail skip" -- "$cur")); return; } ;;&
   esac
   local words
   case "$cmd" in
-    "") words="init train eval aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
-    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "") words="init train eval serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;

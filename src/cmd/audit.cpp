@@ -120,8 +120,13 @@ run_audit(const fs::path& root)
     }
     const auto& rej = e.body.at("rejected");
     rejected_total += rej.size();
-    text += fmt::format("round {:>4}: {} ({} participants: {}){}\n", r, e.body.value("strategy", "?"), sites.size(),
-                        fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()));
+    std::string accuracy;
+    if (const auto ev = e.body.find("evaluation"); ev != e.body.end() && ev->is_object() && ev->contains("accuracy") &&
+                                                   (*ev)["accuracy"].is_number()) {
+      accuracy = fmt::format(", accuracy {:.2f}%", (*ev)["accuracy"].get<double>() * 100);
+    }
+    text += fmt::format("round {:>4}: {} ({} participants: {}){}{}\n", r, e.body.value("strategy", "?"), sites.size(),
+                        fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy);
     for (const auto& x : rej) {
       text += fmt::format("            rejected {}: {}\n", x.value("file", "?"), x.value("reason", "?"));
     }

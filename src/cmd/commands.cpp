@@ -12,6 +12,8 @@ add_all(CLI::App& app)
     add_init(app),
     add_train(app),
     add_eval(app),
+    add_serve(app),
+    add_join(app),
     add_aggregate(app),
     add_audit(app),
     add_completion(app),

@@ -32,6 +32,8 @@ Command add_eval(CLI::App& parent);
 Command add_completion(CLI::App& parent);
 Command add_doc(CLI::App& parent);
 Command add_worker(CLI::App& parent);
+Command add_serve(CLI::App& parent);
+Command add_join(CLI::App& parent);
 
 // Registers every subcommand on `app`, in the order `fedl --help` lists them.
 std::vector<Command> add_all(CLI::App& app);

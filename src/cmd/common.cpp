@@ -125,4 +125,23 @@ uptime_seconds()
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - g_start).count();
 }
 
+std::vector<std::string>
+DataFlags::to_args() const
+{
+  std::vector<std::string> args{"--data", data.string()};
+  if (labels) {
+    args.insert(args.end(), {"--labels", labels->string()});
+  }
+  if (label_column) {
+    args.insert(args.end(), {"--label-column", *label_column});
+  }
+  if (no_header) {
+    args.push_back("--no-header");
+  }
+  if (limit) {
+    args.insert(args.end(), {"--limit-samples", std::to_string(*limit)});
+  }
+  return args;
+}
+
 } // namespace fedl::cmd

@@ -58,6 +58,8 @@ struct DataFlags
   std::optional<std::size_t> limit;
 
   core::DataOptions to_options() const;
+  // The same flags as command-line arguments, for a child process (fedl __worker).
+  std::vector<std::string> to_args() const;
 };
 // --data (required) and the format options below.
 void add_data_options(CLI::App& app, DataFlags& flags);

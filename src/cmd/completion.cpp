@@ -123,7 +123,8 @@ bash(const std::vector<CommandDoc>& cmds)
       } else {
         action = "return";
       }
-      s += fmt::format("    {}) [[ $cmd == \"{}\" || -z \"{}\" ]] && {{ {}; }} ;;\n", pat, c.name, c.name, action);
+      // ";;&" goes on to the next pattern: another command may have an option of the same name.
+      s += fmt::format("    {}) [[ $cmd == \"{}\" || -z \"{}\" ]] && {{ {}; }} ;;&\n", pat, c.name, c.name, action);
     }
   }
   s += "  esac\n";

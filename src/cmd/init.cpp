@@ -50,6 +50,8 @@ struct InitOptions
   DataFlags partition;
   std::string split = "iid";
   double holdout = 0.0;
+  core::TrainingConfig training; // the sites' local training, sent with each task
+  std::optional<std::uint32_t> min_clients;
   ComputeOptions compute;
 };
 
@@ -151,6 +153,8 @@ run_create(const InitOptions& opt)
   config.strategy = opt.strategy;
   config.seed = opt.seed;
   config.valid_days = opt.valid_days;
+  config.training = opt.training;
+  config.min_clients = opt.min_clients.value_or(0);
 
   std::optional<core::Dataset> data;
   if (!opt.partition.data.empty()) {
@@ -302,6 +306,24 @@ add_init(CLI::App& parent)
   app->add_option("--valid-days", opt->valid_days, "Validity of the certificates in days")
     ->capture_default_str()
     ->check(CLI::Range(1U, 36500U));
+  app->add_option("--min-clients", opt->min_clients, "Quorum of updates per round for fedl serve (default 2)")
+    ->check(CLI::Range(1U, 1000000U))
+    ->type_name("K");
+  app->add_option("-e,--epochs", opt->training.epochs, "Local epochs per round at each site")
+    ->capture_default_str()
+    ->check(CLI::Range(1U, 100000U));
+  app->add_option("-b,--batch-size", opt->training.batch_size, "Local batch size")
+    ->capture_default_str()
+    ->check(CLI::Range(1U, 1U << 24));
+  app->add_option("--lr", opt->training.lr, "Local learning rate")->capture_default_str()->check(CLI::PositiveNumber);
+  with_choices(app->add_option("--optimizer", opt->training.optimizer, "Local optimizer")->capture_default_str(),
+               {"sgd", "adam"});
+  app->add_option("--momentum", opt->training.momentum, "Local SGD momentum")
+    ->capture_default_str()
+    ->check(CLI::Range(0.0, 1.0));
+  app->add_option("--prox-mu", opt->training.prox_mu, "FedProx proximal term weight for the sites (0: off)")
+    ->capture_default_str()
+    ->check(CLI::NonNegativeNumber);
   app->add_flag("--force", opt->force, "Replace an existing workspace");
   app->add_option("--add-client", opt->add_client, "Add a site to an existing workspace")->type_name("NAME");
   app->add_option("--revoke", opt->revoke, "Revoke a site's certificate in an existing workspace")->type_name("NAME");

@@ -131,7 +131,13 @@ to_json(const FederationConfig& c)
     {"version", c.version},
     {"model", model},
     {"clients", c.clients},
-    {"server", {{"listen", c.listen}, {"names", c.server_names}}},
+    {"server",
+     {{"listen", c.listen},
+      {"names", c.server_names},
+      {"min_clients", c.min_clients},
+      {"clients_per_round", c.clients_per_round},
+      {"round_timeout", c.round_timeout},
+      {"wait_timeout", c.wait_timeout}}},
     {"rounds", c.rounds},
     {"strategy", c.strategy},
     {"server_optimizer",
@@ -196,7 +202,14 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     ObjectReader r(*s, "server", what);
     r.get("listen", c.listen);
     r.get("names", c.server_names);
+    r.get("min_clients", c.min_clients);
+    r.get("clients_per_round", c.clients_per_round);
+    r.get("round_timeout", c.round_timeout);
+    r.get("wait_timeout", c.wait_timeout);
     r.finish();
+    if (!(c.round_timeout > 0) || !(c.wait_timeout >= 0)) {
+      throw UsageError("{}: server.round_timeout must be positive and server.wait_timeout not negative", what);
+    }
   }
   top.get("rounds", c.rounds);
   top.get("strategy", c.strategy);

@@ -47,6 +47,13 @@ struct FederationConfig
   std::vector<std::string> clients;
   std::string listen = "0.0.0.0:7443";
   std::vector<std::string> server_names{"localhost", "127.0.0.1"};
+  // fedl serve's round policy (flags override them): the quorum of updates a round needs (0: two,
+  // or one in a federation of one site), the sites asked per round (0: all connected), the
+  // seconds a round may take, and how long to wait for a quorum of sites to connect (0: forever).
+  std::uint32_t min_clients = 0;
+  std::uint32_t clients_per_round = 0;
+  double round_timeout = 600;
+  double wait_timeout = 0;
   std::uint32_t rounds = 10;
   std::string strategy = "fedavg";
   ServerOptimizerConfig server_optimizer;

@@ -15,6 +15,8 @@
 #include <cstring>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 
 namespace fedl::core {
 
@@ -35,17 +37,25 @@ Workspace::require_exists() const
   }
 }
 
-WorkspaceLock::WorkspaceLock(const Workspace& ws)
+WorkspaceLock::WorkspaceLock(const Workspace& ws, Kind kind, double wait_seconds)
 {
-  const auto path = ws.root() / ".lock";
+  const auto path = ws.root() / (kind == Kind::serve ? ".serve.lock" : ".lock");
   m_fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (m_fd < 0) {
     throw Error("cannot lock {}: {}", path.string(), std::strerror(errno));
   }
-  if (::flock(m_fd, LOCK_EX | LOCK_NB) != 0) {
-    ::close(m_fd);
-    throw Error("{} is being changed by another fedl command (it holds {}); try again when it has finished",
-                ws.root().string(), path.string());
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(wait_seconds);
+  while (::flock(m_fd, LOCK_EX | LOCK_NB) != 0) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      ::close(m_fd);
+      if (kind == Kind::serve) {
+        throw Error("another fedl serve is running on {} (it holds {}); one coordinator per workspace",
+                    ws.root().string(), path.string());
+      }
+      throw Error("{} is being changed by another fedl command (it holds {}); try again when it has finished",
+                  ws.root().string(), path.string());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
 

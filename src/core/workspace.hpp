@@ -81,12 +81,15 @@ Verifier ledger_verifier(const Cert& cert);
 LedgerEntry append_signed(const Workspace& ws, const std::string& kind, const nlohmann::json& body);
 
 // An exclusive lock on the workspace (flock on WS/.lock) for a command that changes it, so that
-// two commands cannot both write round N or interleave ledger appends. Throws Error (exit 1) at
-// once if another fedl command holds it.
+// two commands cannot both write round N or interleave ledger appends. `fedl serve` holds the
+// change lock only while it writes a round (so that `init --add-client` or `--revoke` can run
+// beside a live coordinator) and the serve lock (WS/.serve.lock) for its whole run. Throws Error
+// (exit 1) if another process still holds it after `wait_seconds`.
 class WorkspaceLock
 {
 public:
-  explicit WorkspaceLock(const Workspace& ws);
+  enum class Kind { change, serve };
+  explicit WorkspaceLock(const Workspace& ws, Kind kind = Kind::change, double wait_seconds = 0);
   WorkspaceLock(const WorkspaceLock&) = delete;
   WorkspaceLock& operator=(const WorkspaceLock&) = delete;
   ~WorkspaceLock();

@@ -71,3 +71,22 @@ digits_split()
   gzip -dc "$DATA/digits.csv.gz" | awk 'NR % 5 != 0' > digits-train.csv
   gzip -dc "$DATA/digits.csv.gz" | awk 'NR % 5 == 0' > digits-test.csv
 }
+
+# free_port: prints a TCP port that is free on 127.0.0.1 (the kernel's choice for port 0).
+free_port()
+{
+  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_for SECONDS COMMAND...: runs COMMAND every 0.1 s until it succeeds; fails (status 1) if it
+# has not within SECONDS.
+wait_for()
+{
+  local end=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS >= end)) && return 1
+    sleep 0.1
+  done
+  return 0
+}

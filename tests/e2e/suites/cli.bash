@@ -9,8 +9,8 @@ iris_model()
 test_help_lists_only_working_commands()
 {
   fedl_expect 0 --help || return
-  for c in init train eval aggregate audit completion; do expect_in out "  $c "; done
-  for c in serve join __doc; do expect_not_in out "  $c "; done
+  for c in init serve join train eval aggregate audit completion; do expect_in out "  $c "; done
+  for c in __doc __worker; do expect_not_in out "  $c "; done
   fedl_expect 0 train --help && expect_in out "--prox-mu"
 }
 

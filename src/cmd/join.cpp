@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl join: run a site. Reads the client bundle made by fedl init; the network session is in
+// core/session and the training in a child process (fedl __worker), started at the first task.
+#include "cmd/commands.hpp"
+
+#include "cmd/common.hpp"
+#include "core/child.hpp"
+#include "core/error.hpp"
+#include "core/file_io.hpp"
+#include "core/session.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+namespace fs = std::filesystem;
+
+namespace fedl::cmd {
+
+namespace {
+
+struct JoinOptions
+{
+  fs::path bundle;
+  DataFlags data;
+  std::optional<std::string> server;
+  std::optional<std::string> server_name;
+  double retry_max = 30;
+  double retry_for = 0;
+  double trainer_idle = 0;
+  ComputeOptions compute;
+};
+
+// join.json: {"site", "server", "server_name", "model"}, written by fedl init.
+nlohmann::json
+read_join_json(const fs::path& bundle)
+{
+  const auto path = bundle / "join.json";
+  if (!fs::exists(path)) {
+    throw core::UsageError("{} is not a client bundle (no join.json); give the folder clients/NAME that fedl init made",
+                           bundle.string());
+  }
+  const auto bytes = core::read_maybe_gzip(path, 1 << 20);
+  auto j = nlohmann::json::parse(reinterpret_cast<const char*>(bytes.data()),
+                                 reinterpret_cast<const char*>(bytes.data()) + bytes.size(), nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.value("server", nlohmann::json()).is_string() ||
+      !j.value("server_name", nlohmann::json()).is_string()) {
+    throw core::UsageError("{}: not valid JSON with string fields server and server_name", path.string());
+  }
+  return j;
+}
+
+int
+run_join(const JoinOptions& opt)
+{
+  const auto j = read_join_json(opt.bundle);
+  for (const char* f : {"client.crt", "client.key", "ca.crt"}) {
+    if (!fs::exists(opt.bundle / f)) {
+      throw core::UsageError("{}: {} is missing from the client bundle", opt.bundle.string(), f);
+    }
+  }
+  if (!fs::exists(opt.data.data)) {
+    throw core::UsageError("--data {}: no such file", opt.data.data.string());
+  }
+  core::JoinSettings s;
+  s.bundle = opt.bundle;
+  s.server = core::parse_host_port(opt.server.value_or(j["server"].get<std::string>()),
+                                   opt.server ? "--server" : (opt.bundle / "join.json").string() + " server");
+  s.server_name = opt.server_name.value_or(j["server_name"].get<std::string>());
+  s.retry_max = opt.retry_max;
+  s.retry_for = opt.retry_for;
+  s.trainer_idle = opt.trainer_idle;
+  s.trainer_argv = {core::self_executable().string(), "__worker", "--log-format", globals().log_format};
+  if (globals().quiet) {
+    s.trainer_argv.push_back("--quiet");
+  }
+  const auto data_args = opt.data.to_args();
+  s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
+  if (fs::exists(opt.bundle / "model.pt")) {
+    s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
+  }
+  s.trainer_argv.insert(s.trainer_argv.end(), {"--device", opt.compute.device});
+  if (opt.compute.threads > 0) {
+    s.trainer_argv.insert(s.trainer_argv.end(), {"--threads", std::to_string(opt.compute.threads)});
+  }
+  const auto summary = core::run_site(s);
+  print_result(summary, fmt::format("site {}: {} after round {}, trained {} rounds\n", summary["site"].get<std::string>(),
+                                    summary["reason"].get<std::string>() == "done" ? "federation finished" : "stopped",
+                                    summary["last_round"].get<std::uint64_t>(),
+                                    summary["rounds_trained"].get<std::uint64_t>()));
+  return summary.value("interrupted", false) ? static_cast<int>(core::ExitCode::interrupted) : 0;
+}
+
+} // namespace
+
+Command
+add_join(CLI::App& parent)
+{
+  auto opt = std::make_shared<JoinOptions>();
+  auto* app = parent.add_subcommand("join", "Run a site: connect to the coordinator, train each task, send updates");
+  app->add_option("bundle", opt->bundle, "The site's client bundle (clients/NAME from fedl init)")
+    ->required()
+    ->type_name("DIR");
+  add_data_options(*app, opt->data);
+  app->add_option("--server", opt->server, "Coordinator address (default: the bundle's join.json)")
+    ->type_name("HOST:PORT");
+  app->add_option("--server-name", opt->server_name, "Name the coordinator's certificate must carry (default: join.json)")
+    ->type_name("NAME");
+  app->add_option("--retry-max", opt->retry_max, "Longest wait between reconnection attempts, seconds")
+    ->capture_default_str()
+    ->check(CLI::Range(0.1, 86400.0))
+    ->type_name("SEC");
+  app->add_option("--retry-for", opt->retry_for, "Give up (exit 1) after this long without the coordinator (0: never)")
+    ->capture_default_str()
+    ->check(CLI::NonNegativeNumber)
+    ->type_name("SEC");
+  app->add_option("--trainer-idle", opt->trainer_idle,
+                  "Stop the trainer (and free its memory) after this long without a task (0: keep it)")
+    ->capture_default_str()
+    ->check(CLI::NonNegativeNumber)
+    ->type_name("SEC");
+  add_compute_options(*app, opt->compute);
+  return {app, [opt] { return run_join(*opt); }};
+}
+
+} // namespace fedl::cmd

@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl serve: the coordinator. Options and their defaults from fedl.json; the work is in
+// core/coordinator. Model evaluation runs in a child process (fedl __worker), so that this
+// process never loads LibTorch.
+#include "cmd/commands.hpp"
+
+#include "cmd/common.hpp"
+#include "core/child.hpp"
+#include "core/coordinator.hpp"
+#include "core/error.hpp"
+#include "core/file_io.hpp"
+#include "core/log.hpp"
+#include "core/round.hpp"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <mutex>
+
+namespace fs = std::filesystem;
+
+namespace fedl::cmd {
+
+namespace {
+
+struct ServeOptions
+{
+  fs::path workspace;
+  std::optional<std::string> listen;
+  std::optional<std::uint32_t> rounds;
+  std::optional<std::uint32_t> min_clients;
+  std::optional<std::uint32_t> clients_per_round;
+  std::optional<double> fraction;
+  std::optional<double> round_timeout;
+  std::optional<double> wait_timeout;
+  std::optional<std::string> strategy;
+  std::optional<double> clip_norm;
+  std::optional<fs::path> eval_data;
+  std::optional<double> target_accuracy;
+  std::optional<std::string> metrics;
+  std::optional<std::uint64_t> seed;
+  double heartbeat = 5;
+  ComputeOptions compute;
+};
+
+// The held-out data `fedl init --holdout` wrote, if any.
+std::optional<fs::path>
+default_eval_data(const core::Workspace& ws)
+{
+  for (const char* name : {"test.csv", "test-images-idx3-ubyte.gz"}) {
+    if (fs::exists(ws.data() / name)) {
+      return ws.data() / name;
+    }
+  }
+  return std::nullopt;
+}
+
+// Evaluates each new model in a long-lived `fedl __worker` child, started at the first round.
+// A failed evaluation is logged and recorded, never fatal to the federation.
+class ChildEvaluator
+{
+public:
+  explicit ChildEvaluator(std::vector<std::string> argv) : m_argv(std::move(argv)) {}
+
+  nlohmann::json operator()(const fs::path& model)
+  {
+    const std::lock_guard lock(m_mutex);
+    try {
+      if (!m_child || !m_child->running()) {
+        m_child.emplace(m_argv);
+      }
+      const core::MappedFile file(model);
+      const auto bytes = file.bytes();
+      m_child->send(core::FrameType::eval, nlohmann::json::object(), std::span(&bytes, 1));
+      core::FrameLimits limits;
+      limits.allow(core::FrameType::result).allow(core::FrameType::error);
+      auto reply = m_child->receive(limits);
+      if (reply.type == core::FrameType::error) {
+        throw core::Error("{}", reply.header.value("message", std::string("evaluation failed")));
+      }
+      return reply.header;
+    } catch (const std::exception& e) {
+      FEDL_LOG_WARN("evaluating {} failed: {}", model.string(), e.what());
+      if (m_child) {
+        m_child->kill();
+        m_child.reset();
+      }
+      return {{"error", e.what()}};
+    }
+  }
+
+private:
+  std::vector<std::string> m_argv;
+  std::optional<core::WorkerProcess> m_child;
+  std::mutex m_mutex;
+};
+
+int
+run_serve(const ServeOptions& opt)
+{
+  const core::Workspace ws(opt.workspace);
+  ws.require_exists();
+  const auto config = core::load_config(ws.config());
+  core::ServeSettings s;
+  s.listen = core::parse_host_port(opt.listen.value_or(config.listen), opt.listen ? "--listen" : "fedl.json server.listen");
+  s.rounds = opt.rounds.value_or(config.rounds);
+  const std::uint32_t default_quorum = config.clients.size() <= 1 ? 1 : 2;
+  s.min_clients = opt.min_clients.value_or(config.min_clients > 0 ? config.min_clients : default_quorum);
+  s.clients_per_round = opt.clients_per_round.value_or(config.clients_per_round);
+  s.fraction = opt.fraction.value_or(0);
+  s.round_timeout = opt.round_timeout.value_or(config.round_timeout);
+  s.wait_timeout = opt.wait_timeout.value_or(config.wait_timeout);
+  s.strategy = core::parse_strategy(opt.strategy.value_or(config.strategy));
+  s.server = core::configured_server_options(config);
+  s.server.clip_norm = opt.clip_norm;
+  core::validate_server_options(s.server);
+  s.training = config.training;
+  s.target_accuracy = opt.target_accuracy;
+  s.seed = opt.seed.value_or(config.seed);
+  s.heartbeat = opt.heartbeat;
+  s.dead_after = 4 * opt.heartbeat;
+  if (opt.metrics) {
+    s.metrics = core::parse_host_port(*opt.metrics, "--metrics");
+  }
+  if (s.min_clients < 1) {
+    throw core::UsageError("--min-clients must be at least 1");
+  }
+  if (s.clients_per_round > 0 && s.clients_per_round < s.min_clients) {
+    throw core::UsageError("--clients-per-round {} is below --min-clients {}: no round could reach its quorum",
+                           s.clients_per_round, s.min_clients);
+  }
+  s.eval_data = opt.eval_data ? opt.eval_data : default_eval_data(ws);
+  if (opt.target_accuracy && !s.eval_data) {
+    throw core::UsageError("--target-accuracy needs evaluation data: give --eval-data PATH (or init with --holdout)");
+  }
+  if (s.eval_data && !fs::exists(*s.eval_data)) {
+    throw core::UsageError("--eval-data {}: no such file", s.eval_data->string());
+  }
+
+  // One coordinator per workspace, for its whole run.
+  const core::WorkspaceLock serving(ws, core::WorkspaceLock::Kind::serve);
+  std::optional<ChildEvaluator> evaluator;
+  core::Evaluator evaluate;
+  if (s.eval_data) {
+    std::vector<std::string> argv{core::self_executable().string(), "__worker", "--data", s.eval_data->string(),
+                                  "--log-format", globals().log_format};
+    if (config.model.torchscript) {
+      argv.insert(argv.end(), {"--torchscript", (ws.root() / *config.model.torchscript).string()});
+    }
+    if (globals().quiet) {
+      argv.push_back("--quiet");
+    }
+    argv.insert(argv.end(), {"--device", opt.compute.device});
+    if (opt.compute.threads > 0) {
+      argv.insert(argv.end(), {"--threads", std::to_string(opt.compute.threads)});
+    }
+    evaluator.emplace(argv);
+    evaluate = [&evaluator](const fs::path& model) { return (*evaluator)(model); };
+  }
+  const auto summary = core::run_coordinator(ws, s, evaluate);
+  std::string text;
+  const auto reason = summary.value("reason", std::string());
+  const auto acc = summary["accuracy"].is_number() ? fmt::format(", accuracy {:.2f}%", summary["accuracy"].get<double>() * 100)
+                                                   : std::string();
+  if (reason == "already-complete") {
+    text = fmt::format("the federation is already complete: {} rounds, latest model {}{}\n",
+                       summary["rounds_completed"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
+  } else {
+    text = fmt::format("{} after round {}: ran {} rounds ({} retried), latest model {}{}\n",
+                       reason == "interrupted" ? "stopped" : "finished", summary["rounds_completed"].get<std::uint64_t>(),
+                       summary["rounds_run"].get<std::uint64_t>(), summary["retries"].get<std::uint64_t>(),
+                       summary["model"].get<std::string>(), acc);
+  }
+  print_result(summary, text);
+  return summary.value("interrupted", false) ? static_cast<int>(core::ExitCode::interrupted) : 0;
+}
+
+} // namespace
+
+Command
+add_serve(CLI::App& parent)
+{
+  auto opt = std::make_shared<ServeOptions>();
+  auto* app = parent.add_subcommand("serve", "Run the coordinator: accept sites over mutual TLS and drive rounds");
+  app->add_option("workspace", opt->workspace, "The workspace folder (from fedl init)")->required()->type_name("WS");
+  app->add_option("--listen", opt->listen, "Address to listen on (default: fedl.json server.listen)")
+    ->type_name("HOST:PORT");
+  app->add_option("--rounds", opt->rounds, "Last round of the federation (default: fedl.json rounds)")
+    ->check(CLI::Range(1U, 100000000U))
+    ->type_name("R");
+  app->add_option("--min-clients", opt->min_clients, "Quorum: valid updates a round needs (default 2, or fedl.json)")
+    ->check(CLI::Range(1U, 1000000U))
+    ->type_name("K");
+  auto* per_round = app->add_option("--clients-per-round", opt->clients_per_round,
+                                    "Sites asked per round, sampled with the seed (default: all connected)")
+                      ->check(CLI::Range(1U, 1000000U))
+                      ->type_name("K");
+  app->add_option("--fraction", opt->fraction, "Share of the connected sites asked per round")
+    ->check(CLI::Range(0.0, 1.0))
+    ->excludes(per_round)
+    ->type_name("F");
+  app->add_option("--round-timeout", opt->round_timeout, "Seconds a round may take before late updates are dropped")
+    ->check(CLI::PositiveNumber)
+    ->type_name("SEC");
+  app->add_option("--wait-timeout", opt->wait_timeout, "Give up (exit 1) if no quorum connects in this time (0: wait)")
+    ->check(CLI::NonNegativeNumber)
+    ->type_name("SEC");
+  app->add_option("--strategy", opt->strategy, "Aggregation strategy (as fedl aggregate; default: fedl.json)")
+    ->type_name("S");
+  app->add_option("--clip-norm", opt->clip_norm, "Scale each update down to this L2 norm first")
+    ->check(CLI::PositiveNumber)
+    ->type_name("C");
+  app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
+    ->type_name("PATH");
+  app->add_option("--target-accuracy", opt->target_accuracy, "Stop once the evaluated accuracy reaches this")
+    ->check(CLI::Range(0.0, 1.0))
+    ->type_name("A");
+  app->add_option("--metrics", opt->metrics, "Serve Prometheus metrics over HTTP here")->type_name("HOST:PORT");
+  app->add_option("--seed", opt->seed, "Seed for sampling sites and for the sites' training (default: fedl.json)")
+    ->type_name("S");
+  app->add_option("--heartbeat", opt->heartbeat, "Seconds between heartbeats; a peer silent 4x as long is dropped")
+    ->capture_default_str()
+    ->check(CLI::Range(0.05, 3600.0))
+    ->type_name("SEC");
+  add_compute_options(*app, opt->compute);
+  return {app, [opt] { return run_serve(*opt); }};
+}
+
+} // namespace fedl::cmd

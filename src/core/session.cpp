@@ -1,0 +1,479 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/session.hpp"
+
+#include "core/child.hpp"
+#include "core/connection.hpp"
+#include "core/error.hpp"
+#include "core/log.hpp"
+#include "core/pki.hpp"
+#include "core/safetensors.hpp"
+#include "core/update.hpp"
+
+#include <asio/connect.hpp>
+#include <asio/ip/tcp.hpp>
+#include <asio/post.hpp>
+#include <asio/signal_set.hpp>
+#include <asio/steady_timer.hpp>
+
+#include <condition_variable>
+#include <csignal>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <thread>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core {
+
+namespace {
+
+using tcp = asio::ip::tcp;
+using json = nlohmann::json;
+
+// What the trainer thread is asked to do.
+struct Job
+{
+  std::uint64_t task = 0;
+  std::uint64_t round = 0;
+  json header;
+  std::shared_ptr<std::vector<std::byte>> model;
+};
+
+// An update signed with the site's key, kept alive until it is sent: the trainer's bytes, the
+// new safetensors header with the signature in its metadata, and the views into the bytes.
+struct SignedUpdate
+{
+  std::vector<std::byte> bytes;
+  Safetensors parsed;
+  std::string header;
+};
+
+// TLS alerts and verification failures that retrying cannot fix.
+bool
+is_certificate_refusal(const std::string& reason)
+{
+  for (const char* word : {"certificate", "unknown ca", "bad certificate", "access denied"}) {
+    if (reason.find(word) != std::string::npos) {
+      return true;
+    }
+  }
+  return false;
+}
+
+class Site
+{
+public:
+  explicit Site(const JoinSettings& s) : m_s(s), m_retry(m_io), m_tick(m_io), m_signals(m_io, SIGINT, SIGTERM) {}
+  ~Site() { stop_trainer(); }
+
+  json run();
+
+private:
+  void connect();
+  void schedule_reconnect(const std::string& why);
+  void on_frame(FrameType type, json& header, const FramedConnection::BodySink& sink);
+  void on_close(const std::string& reason);
+  void on_trained(const Job& job, std::optional<Frame> reply, const std::string& failure);
+  void on_tick();
+  void stop(const std::string& reason);
+  void trainer_loop();
+  void stop_trainer();
+  std::shared_ptr<SignedUpdate> sign(std::vector<std::byte> bytes);
+
+  const JoinSettings& m_s;
+  asio::io_context m_io;
+  asio::steady_timer m_retry;
+  asio::steady_timer m_tick;
+  asio::signal_set m_signals;
+  Identity m_identity;
+  std::string m_site;
+  std::string m_fingerprint;
+  std::string m_certificate_pem;
+  std::shared_ptr<TlsContext> m_tls;
+  std::shared_ptr<FramedConnection> m_conn;
+  bool m_welcomed = false;
+  double m_heartbeat = 5;
+  double m_dead_after = 20;
+  std::uint32_t m_failures = 0;
+  double m_unreachable_since = 0;
+  std::string m_last_error;
+  std::mt19937_64 m_rng{std::random_device{}()};
+
+  std::uint64_t m_current_task = 0;
+  std::uint64_t m_rounds_trained = 0;
+  std::uint64_t m_last_round = 0;
+  std::string m_reason;
+  std::string m_fatal;
+  ExitCode m_fatal_code = ExitCode::failure;
+
+  std::thread m_trainer;
+  std::mutex m_mutex;
+  std::condition_variable m_cv;
+  std::optional<Job> m_next_job; // the latest task; an older one not yet started is replaced
+  bool m_stopping = false;
+};
+
+void
+Site::connect()
+{
+  if (!m_reason.empty()) {
+    return;
+  }
+  m_welcomed = false;
+  auto socket = std::make_shared<tcp::socket>(m_io);
+  auto resolver = std::make_shared<tcp::resolver>(m_io);
+  resolver->async_resolve(
+    m_s.server.host, std::to_string(m_s.server.port),
+    [this, socket, resolver](const std::error_code& ec, const tcp::resolver::results_type& results) {
+      if (ec) {
+        schedule_reconnect(fmt::format("cannot resolve {}: {}", m_s.server.host, ec.message()));
+        return;
+      }
+      asio::async_connect(*socket, results, [this, socket](const std::error_code& error, const tcp::endpoint&) {
+        if (error) {
+          schedule_reconnect(fmt::format("cannot connect to {}: {}", m_s.server.to_string(), error.message()));
+          return;
+        }
+        FrameLimits limits;
+        limits.allow(FrameType::welcome)
+          .allow(FrameType::task, m_s.max_model_bytes)
+          .allow(FrameType::heartbeat)
+          .allow(FrameType::done)
+          .allow(FrameType::error);
+        FramedConnection::Callbacks cb;
+        cb.on_ready = [this] {
+          m_conn->send(FrameType::hello, {{"site", m_site}, {"version", protocol_version}});
+        };
+        cb.on_head = [](const FramePrefix&, const json&) {
+          return FramedConnection::BodySink{std::make_shared<std::vector<std::byte>>(), -1};
+        };
+        cb.on_frame = [this](FrameType type, json& header, const FramedConnection::BodySink& sink) {
+          on_frame(type, header, sink);
+        };
+        cb.on_close = [this](const std::string& reason) { on_close(reason); };
+        try {
+          m_conn = std::make_shared<FramedConnection>(std::make_unique<TlsStream>(std::move(*socket), m_tls), limits, cb);
+          m_conn->start();
+        } catch (const Error& e) {
+          schedule_reconnect(e.what());
+        }
+      });
+    });
+}
+
+void
+Site::schedule_reconnect(const std::string& why)
+{
+  if (!m_reason.empty()) {
+    return;
+  }
+  const double now = FramedConnection::now();
+  if (m_unreachable_since == 0) {
+    m_unreachable_since = now;
+  }
+  m_last_error = why;
+  if (m_s.retry_for > 0 && now - m_unreachable_since > m_s.retry_for) {
+    m_fatal = fmt::format("gave up after {:.0f} s without the coordinator at {} (--retry-for): {}",
+                          now - m_unreachable_since, m_s.server.to_string(), why);
+    stop("failed");
+    return;
+  }
+  // Exponential backoff, capped, with "equal jitter": half fixed, half random, so that sites
+  // cut off together do not all come back at the same instant.
+  const double cap = std::min(m_s.retry_max, m_s.retry_initial * std::pow(2.0, std::min(m_failures, 30U)));
+  ++m_failures;
+  const double delay = cap / 2 + std::uniform_real_distribution<double>(0, cap / 2)(m_rng);
+  FEDL_LOG_WARN("{}; retrying in {:.1f} s", why, delay);
+  m_retry.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(delay)));
+  m_retry.async_wait([this](const std::error_code& ec) {
+    if (!ec) {
+      connect();
+    }
+  });
+}
+
+void
+Site::on_close(const std::string& reason)
+{
+  const bool was_welcomed = m_welcomed;
+  m_welcomed = false;
+  if (!m_reason.empty()) {
+    return;
+  }
+  if (!was_welcomed && is_certificate_refusal(reason)) {
+    m_fatal_code = ExitCode::verify;
+    m_fatal = fmt::format("the coordinator at {} refused this site's certificate, or presented one that is not "
+                          "valid for {}: {}",
+                          m_s.server.to_string(), m_s.server_name, reason);
+    stop("failed");
+    return;
+  }
+  schedule_reconnect(was_welcomed ? fmt::format("lost the coordinator: {}", reason)
+                                  : fmt::format("connection to {} failed: {}", m_s.server.to_string(), reason));
+}
+
+void
+Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& sink)
+{
+  switch (type) {
+  case FrameType::welcome:
+    m_welcomed = true;
+    m_failures = 0;
+    // A task from before this connection is void: the coordinator sends it again if it still wants it.
+    m_current_task = 0;
+    m_unreachable_since = 0;
+    m_heartbeat = std::clamp(header.value("heartbeat", 5.0), 0.1, 3600.0);
+    m_dead_after = 4 * m_heartbeat;
+    FEDL_LOG_INFO("connected to {} as {}; the federation is at round {} of {}", m_s.server.to_string(), m_site,
+                  header.value("round", 0), header.value("rounds", 0));
+    return;
+  case FrameType::task: {
+    Job job{header.value("task", std::uint64_t{0}), header.value("round", std::uint64_t{0}), header, sink.memory};
+    if (!job.model || job.task == 0) {
+      m_conn->send_error_and_close("protocol error: a task without a model or task id", 1);
+      return;
+    }
+    m_current_task = job.task;
+    FEDL_LOG_INFO("round {}: training", job.round);
+    {
+      const std::lock_guard lock(m_mutex);
+      m_next_job = std::move(job);
+    }
+    m_cv.notify_one();
+    return;
+  }
+  case FrameType::heartbeat:
+    return;
+  case FrameType::done:
+    m_last_round = header.value("rounds", m_last_round);
+    FEDL_LOG_INFO("the federation is finished after round {} ({})", m_last_round, header.value("reason", "done"));
+    stop("done");
+    return;
+  case FrameType::error: {
+    const auto message = header.value("message", std::string("(no message)"));
+    if (header.value("code", 1) == static_cast<int>(ExitCode::verify)) {
+      m_fatal_code = ExitCode::verify;
+      m_fatal = fmt::format("the coordinator refused this site: {}", message);
+      stop("failed");
+      return;
+    }
+    if (header.value("replaced", false)) {
+      // Only another live process with this site's key can take over its connection: two
+      // fedl join for one site would otherwise replace each other for ever.
+      m_fatal = fmt::format("another fedl join for site {} connected to the coordinator; this one stops", m_site);
+      stop("failed");
+      return;
+    }
+    FEDL_LOG_WARN("the coordinator says: {}", message);
+    return;
+  }
+  default:
+    return;
+  }
+}
+
+std::shared_ptr<SignedUpdate>
+Site::sign(std::vector<std::byte> bytes)
+{
+  auto u = std::make_shared<SignedUpdate>();
+  u->bytes = std::move(bytes);
+  u->parsed = parse_safetensors(u->bytes, "the trainer's update");
+  auto& meta = u->parsed.metadata;
+  meta["fedl.site"] = m_site;
+  meta["fedl.cert_sha256"] = m_fingerprint;
+  meta["fedl.certificate"] = m_certificate_pem;
+  meta.erase("fedl.signature");
+  meta["fedl.signature"] = core::sign(m_identity.key, as_bytes(update_signed_payload(u->parsed.tensors, meta)));
+  u->header = safetensors_header(serialize_order(u->parsed.tensors), meta);
+  return u;
+}
+
+void
+Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& failure)
+{
+  if (job.task != m_current_task || !m_conn || !m_conn->is_open() || !m_welcomed) {
+    FEDL_LOG_INFO("round {}: the coordinator has moved on; this update is not sent", job.round);
+    return;
+  }
+  if (!reply || reply->type != FrameType::update) {
+    const auto message = reply ? reply->header.value("message", std::string("the trainer failed")) : failure;
+    FEDL_LOG_ERROR("round {}: training failed: {}", job.round, message);
+    m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", message}});
+    return;
+  }
+  std::shared_ptr<SignedUpdate> u;
+  try {
+    u = sign(std::move(reply->body));
+  } catch (const Error& e) {
+    m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", e.what()}});
+    return;
+  }
+  std::vector<std::span<const std::byte>> parts{as_bytes(u->header)};
+  for (const auto* t : serialize_order(u->parsed.tensors)) {
+    parts.push_back(t->data);
+  }
+  const json metrics = {{"num_samples", reply->header.value("num_samples", 0)},
+                        {"loss", reply->header.value("loss", 0.0)},
+                        {"steps", reply->header.value("steps", 0)},
+                        {"seconds", reply->header.value("seconds", 0.0)}};
+  m_conn->send(FrameType::update,
+               {{"round", job.round}, {"task", job.task}, {"attempt", job.header.value("attempt", 0)}, {"metrics", metrics}},
+               std::move(parts), u);
+  ++m_rounds_trained;
+  m_last_round = job.round;
+  FEDL_LOG_INFO("round {}: update sent (loss {:.4f}, {} samples, {:.1f} s)", job.round, metrics["loss"].get<double>(),
+                metrics["num_samples"].get<std::uint64_t>(), metrics["seconds"].get<double>());
+}
+
+// The trainer thread: owns the trainer child, started with the first task and restarted if it
+// dies, and runs one task at a time.
+void
+Site::trainer_loop()
+{
+  std::unique_ptr<WorkerProcess> worker;
+  FrameLimits limits;
+  limits.allow(FrameType::update, m_s.max_model_bytes + (std::uint64_t{4} << 20)).allow(FrameType::error);
+  for (;;) {
+    Job job;
+    {
+      std::unique_lock lock(m_mutex);
+      const auto ready = [&] { return m_stopping || m_next_job.has_value(); };
+      if (worker && m_s.trainer_idle > 0) {
+        // An idle trainer gives its memory back after a while (edge boxes, many sites per host).
+        if (!m_cv.wait_for(lock, std::chrono::duration<double>(m_s.trainer_idle), ready)) {
+          lock.unlock();
+          FEDL_LOG_DEBUG("stopping the idle trainer ({} s without a task)", m_s.trainer_idle);
+          worker.reset();
+          continue;
+        }
+      } else {
+        m_cv.wait(lock, ready);
+      }
+      if (m_stopping) {
+        return;
+      }
+      job = std::move(*m_next_job);
+      m_next_job.reset();
+    }
+    std::optional<Frame> reply;
+    std::string failure;
+    try {
+      if (!worker || !worker->running()) {
+        if (worker) {
+          FEDL_LOG_WARN("the trainer ended ({}); starting it again", worker->exit_description().value_or("?"));
+        }
+        worker = std::make_unique<WorkerProcess>(m_s.trainer_argv);
+      }
+      const json header = {{"round", job.round},
+                           {"seed", job.header.value("seed", std::uint64_t{0})},
+                           {"training", job.header.value("training", json::object())}};
+      const std::span<const std::byte> body(*job.model);
+      worker->send(FrameType::task, header, std::span(&body, 1));
+      job.model.reset();
+      reply = worker->receive(limits);
+    } catch (const std::exception& e) {
+      failure = fmt::format("the trainer failed: {}", e.what());
+      if (worker) {
+        worker->kill();
+      }
+    }
+    asio::post(m_io, [this, job = std::move(job), reply = std::move(reply), failure]() mutable {
+      on_trained(job, std::move(reply), failure);
+    });
+  }
+}
+
+void
+Site::stop_trainer()
+{
+  {
+    const std::lock_guard lock(m_mutex);
+    m_stopping = true;
+  }
+  m_cv.notify_all();
+  if (m_trainer.joinable()) {
+    m_trainer.join();
+  }
+}
+
+void
+Site::stop(const std::string& reason)
+{
+  if (!m_reason.empty()) {
+    return;
+  }
+  m_reason = reason;
+  m_retry.cancel();
+  m_tick.cancel();
+  m_signals.cancel();
+  if (m_conn) {
+    m_conn->close("the site is stopping");
+  }
+  m_io.stop();
+}
+
+void
+Site::on_tick()
+{
+  const double now = FramedConnection::now();
+  if (m_conn && m_conn->is_open() && m_conn->ready()) {
+    if (now - m_conn->last_received() > m_dead_after) {
+      m_conn->close(fmt::format("nothing from the coordinator for {:.0f} s", now - m_conn->last_received()));
+    } else if (m_conn->queued() == 0 && now - m_conn->last_sent() >= m_heartbeat) {
+      m_conn->send(FrameType::heartbeat, json::object());
+    }
+  }
+  m_tick.expires_after(std::chrono::milliseconds(200));
+  m_tick.async_wait([this](const std::error_code& ec) {
+    if (!ec) {
+      on_tick();
+    }
+  });
+}
+
+json
+Site::run()
+{
+  m_identity = read_identity(m_s.bundle / "client.crt", m_s.bundle / "client.key");
+  const auto ca = read_certificate(m_s.bundle / "ca.crt");
+  const auto info = certificate_info(m_identity.cert);
+  m_site = info.common_name;
+  m_fingerprint = info.fingerprint;
+  m_certificate_pem = to_pem(m_identity.cert);
+  m_tls = TlsContext::client(m_identity, ca, m_s.server_name);
+  m_signals.async_wait([this](const std::error_code& ec, int sig) {
+    if (!ec) {
+      FEDL_LOG_WARN("{}: leaving the federation", sig == SIGINT ? "interrupted" : "terminated");
+      stop("interrupted");
+    }
+  });
+  m_trainer = std::thread([this] { trainer_loop(); });
+  FEDL_LOG_INFO("site {} joining {} (server name {})", m_site, m_s.server.to_string(), m_s.server_name);
+  connect();
+  on_tick();
+  m_io.run();
+  stop_trainer();
+  if (!m_fatal.empty()) {
+    throw Error(m_fatal_code, "{}", m_fatal);
+  }
+  return {{"site", m_site},
+          {"rounds_trained", m_rounds_trained},
+          {"last_round", m_last_round},
+          {"reason", m_reason},
+          {"interrupted", m_reason == "interrupted"}};
+}
+
+} // namespace
+
+json
+run_site(const JoinSettings& settings)
+{
+  // A peer that resets its connection while OpenSSL writes to it (with write(2)) must be a send
+  // error on that connection, not the death of this process by SIGPIPE.
+  std::signal(SIGPIPE, SIG_IGN);
+  Site site(settings);
+  return site.run();
+}
+
+} // namespace fedl::core

@@ -56,6 +56,7 @@ int
 run_aggregate(const AggregateOptions& opt)
 {
   std::optional<core::FederationConfig> config;
+  std::optional<core::WorkspaceLock> serving;
   std::optional<core::WorkspaceLock> lock;
   core::RoundPlan plan;
   if (opt.workspace) {
@@ -66,6 +67,9 @@ run_aggregate(const AggregateOptions& opt)
       throw core::UsageError("with --workspace the new model goes to models/ and the server state to state/; "
                              "--out and --state are for aggregating outside a workspace");
     }
+    // A live coordinator writes this workspace's rounds itself: a round aggregated beside it
+    // would stop it at its next one.
+    serving.emplace(ws, core::WorkspaceLock::Kind::serve);
     lock.emplace(ws);
     plan = core::plan_workspace_round(ws);
     if (opt.base && fs::weakly_canonical(*opt.base) != fs::weakly_canonical(plan.base)) {

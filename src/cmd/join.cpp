@@ -70,7 +70,8 @@ run_join(const JoinOptions& opt)
   s.retry_max = opt.retry_max;
   s.retry_for = opt.retry_for;
   s.trainer_idle = opt.trainer_idle;
-  s.trainer_argv = {core::self_executable().string(), "__worker", "--log-format", globals().log_format};
+  s.trainer_argv = {core::self_executable().string(), "__worker", "--log-format", globals().log_format,
+                    "--max-model-bytes", std::to_string(s.max_model_bytes)};
   if (globals().quiet) {
     s.trainer_argv.push_back("--quiet");
   }

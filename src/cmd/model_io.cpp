@@ -116,7 +116,7 @@ open_model(const backends::Backend& backend,
   } else if (src.model_bytes) {
     what = src.model_bytes->what;
     parsed = core::parse_safetensors(src.model_bytes->bytes, what);
-    sha256 = core::sha256_hex(src.model_bytes->bytes);
+    sha256 = src.model_bytes->sha256 ? *src.model_bytes->sha256 : core::sha256_hex(src.model_bytes->bytes);
   }
   const core::Safetensors* st = file ? &file->content() : parsed ? &*parsed : nullptr;
   if (st != nullptr) {

@@ -24,6 +24,10 @@ struct ModelBytes
 {
   std::span<const std::byte> bytes; // must outlive the opened model's use of it
   std::string what;                 // names it in errors, e.g. "the round 3 model"
+  // The bytes' SHA-256 if the sender already knows it (the coordinator sends it with a task), so
+  // that a large model is not hashed again at every site. A wrong one only makes the update's
+  // fedl.base_sha256 wrong, which the coordinator then rejects.
+  std::optional<std::string> sha256;
 };
 
 struct ModelSource

@@ -5,6 +5,7 @@
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
+#include "cmd/model_io.hpp"
 #include "core/child.hpp"
 #include "core/coordinator.hpp"
 #include "core/error.hpp"
@@ -116,6 +117,19 @@ run_serve(const ServeOptions& opt)
   s.server.clip_norm = opt.clip_norm;
   core::validate_server_options(s.server);
   s.training = config.training;
+  // The sites check these too, but a bad value found there would fail every attempt of every
+  // round; say so now, naming the file.
+  try {
+    const auto& t = config.training;
+    TrainingSettings{t.epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.prox_mu}.check();
+  } catch (const core::UsageError& e) {
+    throw core::UsageError("{}: training: {}", ws.config().string(), e.what());
+  }
+  if (s.min_clients > config.clients.size()) {
+    FEDL_LOG_WARN("--min-clients {} is more than the {} sites of this federation: no round can start until sites are "
+                  "added (fedl init {} --add-client NAME)",
+                  s.min_clients, config.clients.size(), ws.root().string());
+  }
   s.target_accuracy = opt.target_accuracy;
   s.seed = opt.seed.value_or(config.seed);
   s.heartbeat = opt.heartbeat;
@@ -143,8 +157,11 @@ run_serve(const ServeOptions& opt)
   std::optional<ChildEvaluator> evaluator;
   core::Evaluator evaluate;
   if (s.eval_data) {
+    // The evaluator gets this workspace's own models: as large as the model file may grow.
+    const auto model_bytes = fs::file_size(ws.model(0)) * 2 + (std::uint64_t{4} << 20);
     std::vector<std::string> argv{core::self_executable().string(), "__worker", "--data", s.eval_data->string(),
-                                  "--log-format", globals().log_format};
+                                  "--log-format", globals().log_format, "--max-model-bytes",
+                                  std::to_string(model_bytes)};
     if (config.model.torchscript) {
       argv.insert(argv.end(), {"--torchscript", (ws.root() / *config.model.torchscript).string()});
     }

@@ -190,7 +190,12 @@ private:
     const auto round = header_uint(frame.header, "round", frame.type);
     const auto seed = header_uint(frame.header, "seed", frame.type);
     const auto settings = training_settings(frame.header.value("training", nlohmann::json::object()));
-    auto m = open(frame.body, fmt::format("the round {} model", round), seed);
+    std::optional<std::string> base_sha256;
+    if (const auto it = frame.header.find("base_sha256"); it != frame.header.end() && it->is_string() &&
+                                                          it->get<std::string>().size() == 64) {
+      base_sha256 = it->get<std::string>();
+    }
+    auto m = open(frame.body, fmt::format("the round {} model", round), seed, base_sha256);
     const auto base = update_base(m);
     const auto t0 = uptime_seconds();
     const auto result = train_model(m, m_data, settings, seed,
@@ -238,14 +243,15 @@ private:
   }
 
   // Opens the model in `bytes` on the backend (loaded on first use), reusing the last model.
-  OpenedModel open(std::span<const std::byte> bytes, std::string what, std::uint64_t seed)
+  OpenedModel open(std::span<const std::byte> bytes, std::string what, std::uint64_t seed,
+                   std::optional<std::string> sha256 = std::nullopt)
   {
     if (m_backend == nullptr) {
       std::tie(m_backend, m_device) = open_backend(m_opt.compute);
       FEDL_LOG_DEBUG("worker: computing on {}", m_device);
     }
     ModelSource src;
-    src.model_bytes = ModelBytes{bytes, std::move(what)};
+    src.model_bytes = ModelBytes{bytes, std::move(what), std::move(sha256)};
     src.torchscript = m_opt.torchscript;
     src.seed = seed;
     // The kept model is taken over or dropped whatever happens: after a failure half-way its

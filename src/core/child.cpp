@@ -185,6 +185,12 @@ WorkerProcess::WorkerProcess(std::vector<std::string> argv) : m_argv(std::move(a
       const int raised = above_stdio(std::exchange(*fd, -1));
       *fd = raised;
     }
+    // Models and updates of megabytes cross these pipes every round: a 1 MiB pipe buffer (the
+    // default maximum of /proc/sys/fs/pipe-max-size) instead of 64 KiB cuts the switches between
+    // the two processes sixteen-fold. Best effort: a smaller limit only costs speed.
+    for (const int fd : {to_child[1], from_child[1]}) {
+      (void)::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
+    }
     m_pid = spawn(m_argv, to_child[0], from_child[1]);
   } catch (...) {
     for (int* fd : {&to_child[0], &to_child[1], &from_child[0], &from_child[1]}) {

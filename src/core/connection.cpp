@@ -106,13 +106,29 @@ FramedConnection::read_prefix()
         }
       }
       if (m_sink.memory) {
-        m_sink.memory->resize(m_prefix.body_size);
-        read_exact(m_sink.memory->data(), m_sink.memory->size(), [this] { frame_done(); });
+        m_sink.memory->clear();
+        read_memory_body();
       } else {
         read_body(m_prefix.body_size);
       }
     });
   });
+}
+
+// A body that goes to memory: the buffer grows with the bytes that arrive (doubling, from 1 MiB),
+// never to the size the peer claims before it has sent it.
+void
+FramedConnection::read_memory_body()
+{
+  auto& buf = *m_sink.memory;
+  const auto have = buf.size();
+  if (have == m_prefix.body_size) {
+    frame_done();
+    return;
+  }
+  const auto want = std::min<std::uint64_t>(m_prefix.body_size, std::max<std::uint64_t>(2 * have, std::uint64_t{1} << 20));
+  buf.resize(want);
+  read_exact(buf.data() + have, want - have, [this] { read_memory_body(); });
 }
 
 // A body that goes to a file or nowhere, through a fixed-size buffer.
@@ -160,7 +176,8 @@ FramedConnection::read_body(std::uint64_t remaining)
 void
 FramedConnection::frame_done()
 {
-  if (m_cb.on_frame) {
+  // After an error frame is queued, what the peer still sends is read and ignored.
+  if (m_cb.on_frame && m_closing_since == 0) {
     try {
       m_cb.on_frame(m_prefix.type, m_header, m_sink);
     } catch (const nlohmann::json::exception& e) {
@@ -239,6 +256,7 @@ FramedConnection::send_error_and_close(const std::string& message, int code, nlo
     return;
   }
   m_close_reason = message;
+  m_closing_since = now();
   extra["message"] = message;
   extra["code"] = code;
   send(FrameType::error, extra);

@@ -51,6 +51,8 @@ public:
   // `extra` adds fields to the error frame's header.
   void send_error_and_close(const std::string& message, int code, nlohmann::json extra = nlohmann::json::object());
   void close(const std::string& reason);
+  // The rest of the body being received goes nowhere (its file was closed by the owner).
+  void drop_body() noexcept { m_sink.fd = -1; }
 
   bool is_open() const noexcept { return !m_closed; }
   bool ready() const noexcept { return m_ready; }
@@ -59,6 +61,9 @@ public:
   double last_received() const noexcept { return m_last_rx; }
   double last_sent() const noexcept { return m_last_tx; }
   std::size_t queued() const noexcept { return m_queue.size(); }
+  // When an error frame was queued to end this connection (0: not closing). The owner forces the
+  // close if the peer does not take it in time.
+  double closing_since() const noexcept { return m_closing_since; }
   std::uint64_t bytes_in() const noexcept { return m_bytes_in; }
   std::uint64_t bytes_out() const noexcept { return m_bytes_out; }
 
@@ -77,6 +82,7 @@ private:
   void read_prefix();
   void read_exact(std::byte* out, std::size_t size, std::function<void()> then);
   void read_body(std::uint64_t remaining);
+  void read_memory_body();
   void frame_done();
   void bad_header(const nlohmann::json::exception& e);
   void write_next();
@@ -89,6 +95,7 @@ private:
   bool m_writing = false;
   bool m_close_when_sent = false;
   std::string m_close_reason; // set by send_error_and_close: what the log says when it closes
+  double m_closing_since = 0; // when send_error_and_close was called
   double m_last_rx = 0;
   double m_last_tx = 0;
   std::uint64_t m_bytes_in = 0;

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <csignal>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <map>
 #include <random>
 #include <set>
@@ -36,6 +37,8 @@ using tcp = asio::ip::tcp;
 using json = nlohmann::json;
 
 constexpr double hello_timeout = 10;     // seconds from accept to HELLO
+constexpr std::size_t max_unadmitted = 256; // connections still in the handshake or before HELLO
+constexpr int max_unexpected_updates = 3;   // per connection, before it is closed
 constexpr double finish_linger = 3;      // seconds to let DONE frames reach the sites
 constexpr std::uint64_t update_slack = 4 << 20; // metadata, certificate and signature beyond the tensors
 
@@ -49,6 +52,8 @@ struct Peer
   Cert cert;
   bool admitted = false;
   bool replaced = false; // a newer connection of the same site took over
+  bool removed = false;  // revoked or removed from fedl.json while connected
+  int unexpected = 0;    // updates it sent that answered no task
   double accepted_at = 0;
   // The update being received, if any.
   int fd = -1;
@@ -63,6 +68,7 @@ struct Participant
   fs::path file;
   json metrics = json::object();
   std::string note; // why it was dropped
+  double disconnected_at = 0; // pending but disconnected since then (it may come back)
 };
 
 json
@@ -86,7 +92,7 @@ class Coordinator
 {
 public:
   Coordinator(const Workspace& ws, const ServeSettings& s, const Evaluator& evaluate)
-    : m_ws(ws), m_s(s), m_evaluate(evaluate), m_acceptor(m_io), m_metrics_acceptor(m_io), m_tick(m_io),
+    : m_ws(ws), m_s(s), m_evaluate(evaluate), m_acceptor(m_io), m_metrics_acceptor(m_io), m_tick(m_io), m_accept_pause(m_io),
       m_signals(m_io, SIGINT, SIGTERM)
   {
   }
@@ -123,6 +129,8 @@ private:
   void start_round();
   void send_task(Peer& p);
   void check_round_complete();
+  // How long a participant that disconnected mid-round may take to come back for its task.
+  double reconnect_grace() const { return 2 * m_s.heartbeat; }
   void finish_attempt(const std::string& why);
   void round_done(json result);
   void round_failed(const std::string& why);
@@ -140,6 +148,7 @@ private:
   tcp::acceptor m_acceptor;
   tcp::acceptor m_metrics_acceptor;
   asio::steady_timer m_tick;
+  asio::steady_timer m_accept_pause;
   asio::signal_set m_signals;
   std::thread m_round_thread;
 
@@ -170,10 +179,14 @@ private:
   double m_quorum_since = 0;
   double m_waiting_since = 0;
   double m_finish_at = 0;
+  double m_not_before = 0;
+  double m_trust_checked = 0;     // last look at fedl.json and the CRL        // no attempt starts before this (backoff after a failed one)
+  std::uint32_t m_failed_in_a_row = 0;
   std::shared_ptr<MappedFile> m_model;
   std::string m_model_sha;
   std::uint64_t m_max_update = 0;
   json m_late = json::array(); // updates that arrived too late, for the next attempt's ledger entry
+  std::set<std::pair<std::string, std::uint64_t>> m_late_recorded; // (site, task) already in m_late
   std::mt19937_64 m_task_rng{std::random_device{}()};
 
   // Outcome and metrics.
@@ -231,6 +244,16 @@ Coordinator::refresh_trust()
   for (const auto& [name, p] : std::map(m_sites)) {
     const bool revoked = m_crl && is_revoked(m_crl, p->cert);
     if (revoked || m_clients.count(name) == 0) {
+      // Out of the federation now: not counted for a quorum, not waited for in this round.
+      m_sites.erase(name);
+      p->admitted = false;
+      p->removed = true;
+      discard_part(*p);
+      if (const auto it = m_participants.find(name);
+          it != m_participants.end() && it->second.state == Participant::State::pending) {
+        it->second.state = Participant::State::dropped;
+        it->second.note = revoked ? "revoked" : "no longer a client";
+      }
       p->conn->send_error_and_close(
         fmt::format("site {} {}", name, revoked ? "has been revoked" : "is no longer a client of this federation"), 3);
     }
@@ -271,10 +294,30 @@ Coordinator::accept()
 {
   m_acceptor.async_accept([this](const std::error_code& ec, tcp::socket socket) {
     if (ec) {
-      if (ec != asio::error::operation_aborted) {
-        FEDL_LOG_WARN("accept failed: {}", ec.message());
-        accept();
+      if (ec != asio::error::operation_aborted && m_phase != Phase::stopped) {
+        // Out of descriptors (EMFILE) or memory: retrying at once would spin; pause a little.
+        FEDL_LOG_WARN("accept failed: {} (if it says too many open files, raise the limit: ulimit -n)", ec.message());
+        m_accept_pause.expires_after(std::chrono::milliseconds(200));
+        m_accept_pause.async_wait([this](const std::error_code& e) {
+          if (!e) {
+            accept();
+          }
+        });
       }
+      return;
+    }
+    // Connections that have not said hello yet cost a descriptor and a TLS state each, and
+    // anyone can open them: past a bound, new ones are closed at once.
+    std::size_t unadmitted = 0;
+    for (const auto& [id, peer] : m_peers) {
+      unadmitted += peer->admitted ? 0 : 1;
+    }
+    if (unadmitted >= max_unadmitted) {
+      ++m_refused;
+      std::error_code ignored;
+      socket.close(ignored);
+      FEDL_LOG_DEBUG("refused a connection: {} connections have not said hello yet", unadmitted);
+      accept();
       return;
     }
     refresh_trust();
@@ -365,9 +408,15 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
     why = fmt::format("the site was dropped from this round ({})", it->second.note);
   }
   if (!why.empty()) {
+    // Bounded: one record per site and task in the ledger, and a site that keeps sending updates
+    // nobody asked for is disconnected rather than allowed to fill the log.
+    if (++p->unexpected > max_unexpected_updates) {
+      p->conn->send_error_and_close("protocol error: too many updates that answer no task", 1);
+      return {};
+    }
     FEDL_LOG_WARN("update from {} dropped: {}", p->site, why);
     ++m_rejected[late ? "late" : "unexpected"];
-    if (late) {
+    if (late && m_late_recorded.insert({p->site, task}).second) {
       m_late.push_back({{"site", p->site}, {"round", round}, {"reason", why}});
     }
     return {};
@@ -376,7 +425,12 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
   p->part = dir / fmt::format("round-{:06}-{}.part", m_round, p->site);
   p->fd = ::open(p->part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (p->fd < 0) {
-    fail(fmt::format("cannot store an update in {}: {}", p->part.string(), std::strerror(errno)));
+    // The coordinator's problem (descriptors, disk), not the site's: this update is lost and the
+    // site recorded as dropped; the round goes on with the others.
+    FEDL_LOG_ERROR("cannot store the update of {} in {}: {}", p->site, p->part.string(), std::strerror(errno));
+    it->second.state = Participant::State::dropped;
+    it->second.note = fmt::format("the coordinator could not store its update: {}", std::strerror(errno));
+    check_round_complete();
     return {};
   }
   return {nullptr, p->fd};
@@ -386,6 +440,9 @@ void
 Coordinator::discard_part(Peer& p)
 {
   if (p.fd >= 0) {
+    // The connection may still be receiving this body: it must stop writing to the descriptor
+    // before the number can be reused by the next open() or accept().
+    p.conn->drop_body();
     ::close(p.fd);
     p.fd = -1;
     std::error_code ec;
@@ -405,16 +462,19 @@ Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& head
     return;
   case FrameType::heartbeat:
     return;
-  case FrameType::error:
-    FEDL_LOG_WARN("site {} reports: {}", p->site, header.value("message", "(no message)"));
+  case FrameType::error: {
+    // A site's words go into the log and the ledger: cut to a sane length.
+    auto message = header.value("message", std::string("(no message)")).substr(0, 500);
+    FEDL_LOG_WARN("site {} reports: {}", p->site, message);
     if (const auto it = m_participants.find(p->site); it != m_participants.end() &&
                                                       it->second.state == Participant::State::pending &&
                                                       header.value("task", std::uint64_t{0}) == m_task) {
       it->second.state = Participant::State::dropped;
-      it->second.note = header.value("message", "failed");
+      it->second.note = std::move(message);
       check_round_complete();
     }
     return;
+  }
   default:
     p->conn->send_error_and_close(fmt::format("protocol error: unexpected {} frame", frame_type_name(type)), 1);
   }
@@ -456,6 +516,7 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
   if (m_phase == Phase::running) {
     if (const auto it = m_participants.find(p->site);
         it != m_participants.end() && it->second.state == Participant::State::pending) {
+      it->second.disconnected_at = 0;
       send_task(*p);
     }
   }
@@ -503,7 +564,7 @@ Coordinator::on_close(const std::shared_ptr<Peer>& p, const std::string& reason)
     return;
   }
   if (!p->admitted) {
-    if (m_phase != Phase::stopped && !p->replaced) {
+    if (m_phase != Phase::stopped && !p->replaced && !p->removed) {
       FEDL_LOG_WARN("connection from {} ({}) closed before it was admitted: {}", p->conn->stream().remote(), p->site,
                     reason);
     }
@@ -522,9 +583,10 @@ Coordinator::on_close(const std::shared_ptr<Peer>& p, const std::string& reason)
   if (m_phase == Phase::running) {
     if (const auto pit = m_participants.find(p->site);
         pit != m_participants.end() && pit->second.state == Participant::State::pending) {
-      pit->second.state = Participant::State::dropped;
+      // Not dropped at once: a site that comes back within the grace gets its task again (a
+      // network blip must not cost it the round, or the round its quorum).
+      pit->second.disconnected_at = FramedConnection::now();
       pit->second.note = "disconnected: " + reason;
-      check_round_complete();
     }
   }
 }
@@ -536,6 +598,9 @@ Coordinator::maybe_start_round()
     return;
   }
   const double now = FramedConnection::now();
+  if (now < m_not_before) {
+    return;
+  }
   if (m_sites.size() < m_s.min_clients) {
     m_quorum_since = 0;
     if (m_s.wait_timeout > 0 && now - m_waiting_since > m_s.wait_timeout) {
@@ -620,12 +685,20 @@ Coordinator::check_round_complete()
   if (m_phase != Phase::running) {
     return;
   }
-  for (const auto& [name, part] : m_participants) {
-    if (part.state == Participant::State::pending) {
-      return;
+  const double now = FramedConnection::now();
+  bool pending = false;
+  for (auto& [name, part] : m_participants) {
+    if (part.state == Participant::State::pending && part.disconnected_at > 0 &&
+        now - part.disconnected_at >= reconnect_grace()) {
+      FEDL_LOG_WARN("round {}: {} did not come back within {:.0f} s; going on without it", m_round, name,
+                    reconnect_grace());
+      part.state = Participant::State::dropped;
     }
+    pending = pending || part.state == Participant::State::pending;
   }
-  finish_attempt("every site answered");
+  if (!pending) {
+    finish_attempt("every site answered");
+  }
 }
 
 void
@@ -639,7 +712,7 @@ Coordinator::finish_attempt(const std::string& why)
   for (auto& [name, part] : m_participants) {
     switch (part.state) {
     case Participant::State::received:
-      candidates.push_back({part.file, name});
+      candidates.push_back({part.file, name, true});
       site_metrics[name] = part.metrics;
       break;
     case Participant::State::pending:
@@ -710,9 +783,13 @@ Coordinator::round_failed(const std::string& why)
 {
   clean_incoming();
   ++m_retries;
-  FEDL_LOG_WARN("round {} attempt {} is not counted: {}; it will be run again", m_round, m_attempt, why);
+  // Back off before the next attempt (1, 2, 4 ... 30 s): a cause that persists (bad settings at
+  // every site, a site that always fails) must not spin attempts and ledger entries.
+  const double delay = std::min(30.0, std::pow(2.0, std::min<double>(m_failed_in_a_row++, 5)));
+  FEDL_LOG_WARN("round {} attempt {} is not counted: {}; it will be run again in {:.0f} s", m_round, m_attempt, why, delay);
   m_phase = Phase::waiting;
-  m_waiting_since = FramedConnection::now();
+  m_waiting_since = FramedConnection::now() + delay;
+  m_not_before = m_waiting_since;
   m_quorum_since = 0;
   if (m_interrupted) {
     stop_now();
@@ -752,6 +829,8 @@ Coordinator::round_done(json result)
   }
   ++m_round;
   m_attempt = 0;
+  m_failed_in_a_row = 0;
+  m_late_recorded.clear();
   m_participants.clear();
   std::erase_if(m_issued, [this](const auto& task) { return task.second + 1 < m_round; });
   if (m_round > m_s.rounds) {
@@ -838,12 +917,19 @@ void
 Coordinator::on_tick()
 {
   const double now = FramedConnection::now();
+  if (now - m_trust_checked >= 1) {
+    m_trust_checked = now;
+    refresh_trust();
+    check_round_complete();
+  }
   for (const auto& [id, p] : std::map(m_peers)) {
     auto& c = *p->conn;
     if (!c.is_open()) {
       continue;
     }
-    if (!p->admitted && now - p->accepted_at > hello_timeout) {
+    if (c.closing_since() > 0 && now - c.closing_since() > hello_timeout) {
+      c.close("it did not take its error message in time");
+    } else if (!p->admitted && now - p->accepted_at > hello_timeout) {
       c.close(fmt::format("no hello within {} s", hello_timeout));
     } else if (c.ready() && now - c.last_received() > m_s.dead_after) {
       c.close(fmt::format("nothing received for {:.0f} s", now - c.last_received()));
@@ -931,17 +1017,34 @@ Coordinator::accept_metrics()
 {
   m_metrics_acceptor.async_accept([this](const std::error_code& ec, tcp::socket socket) {
     if (ec) {
+      if (ec != asio::error::operation_aborted && m_phase != Phase::stopped) {
+        m_accept_pause.expires_after(std::chrono::milliseconds(200));
+        m_accept_pause.async_wait([this](const std::error_code& e) {
+          if (!e) {
+            accept_metrics();
+          }
+        });
+      }
       return;
     }
     // A minimal HTTP/1.0 responder: read the request head (at most 8 KiB), answer, close.
     struct Exchange
     {
       tcp::socket socket;
+      asio::steady_timer timeout;
       std::array<char, 8192> buf{};
       std::size_t used = 0;
       std::string reply;
     };
-    auto ex = std::make_shared<Exchange>(Exchange{std::move(socket), {}, 0, {}});
+    auto ex = std::make_shared<Exchange>(Exchange{std::move(socket), asio::steady_timer(m_io), {}, 0, {}});
+    // A scraper that connects and says nothing must not hold a descriptor for ever.
+    ex->timeout.expires_after(std::chrono::seconds(5));
+    ex->timeout.async_wait([ex](const std::error_code& e) {
+      if (!e) {
+        std::error_code ignored;
+        ex->socket.close(ignored);
+      }
+    });
     auto read = std::make_shared<std::function<void()>>();
     *read = [this, ex, read] {
       ex->socket.async_read_some(asio::buffer(ex->buf.data() + ex->used, ex->buf.size() - ex->used),
@@ -966,6 +1069,7 @@ Coordinator::accept_metrics()
                                    asio::async_write(ex->socket, asio::buffer(ex->reply),
                                                      [ex](const std::error_code&, std::size_t) {
                                                        std::error_code ignored;
+                                                       ex->timeout.cancel();
                                                        ex->socket.shutdown(tcp::socket::shutdown_both, ignored);
                                                      });
                                  });
@@ -1015,6 +1119,12 @@ Coordinator::run()
     return summary("already-complete");
   }
   m_max_update = m_model->bytes().size() + update_slack;
+  // Each site holds a socket (and an update file while it uploads): take every descriptor the
+  // hard limit allows rather than the soft default of 1024.
+  if (rlimit lim{}; ::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &lim);
+  }
   fs::create_directories(m_ws.state() / "incoming");
   clean_incoming();
   load_trust(true);

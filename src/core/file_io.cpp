@@ -114,6 +114,14 @@ MappedFile::operator=(MappedFile&& other) noexcept
   return *this;
 }
 
+void
+MappedFile::release() const noexcept
+{
+  if (m_data != nullptr && m_size > 0) {
+    ::madvise(const_cast<std::byte*>(m_data), m_size, MADV_DONTNEED);
+  }
+}
+
 MappedFile::~MappedFile()
 {
   if (m_data != nullptr) {

@@ -27,6 +27,9 @@ public:
 
   std::span<const std::byte> bytes() const noexcept { return {m_data, m_size}; }
   const std::filesystem::path& path() const noexcept { return m_path; }
+  // Drops the mapped pages from this process's resident set (MADV_DONTNEED); they stay in the
+  // page cache and a later access maps them again.
+  void release() const noexcept;
 
 private:
   std::filesystem::path m_path;

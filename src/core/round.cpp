@@ -8,7 +8,10 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <atomic>
 #include <set>
+#include <thread>
 #include <system_error>
 #include <utility>
 
@@ -141,57 +144,94 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
                       "run fedl audit",
                       plan.base.string(), base_sha, plan.recorded_base_sha256);
   }
+  // The checks of one update read all of it two or three times (hash, values, signature); they
+  // are independent, so they run on a few threads. What depends on the order (the same bytes or
+  // the same site twice: the later one is bad) is decided afterwards, in candidate order.
+  struct Checked
+  {
+    std::optional<SafetensorsFile> file;
+    std::string sha256, site, fingerprint;
+    std::uint64_t samples = 0;
+    std::optional<std::string> unreadable; // why it could not be opened or hashed
+    std::optional<std::string> invalid;    // why its content or signature is bad
+  };
+  std::vector<Checked> checked(candidates.size());
+  const auto check_one = [&](std::size_t i) {
+    auto& c = checked[i];
+    try {
+      c.file.emplace(candidates[i].path);
+      c.sha256 = file_sha256(candidates[i].path);
+    } catch (const Error& e) {
+      c.unreadable = e.what();
+    }
+    if (c.file) {
+      const auto& st = c.file->content();
+      c.invalid = validate_update(base.content(), base_sha, *c.file);
+      if (!c.invalid) {
+        c.invalid = check_identity(st, trust ? &*trust : nullptr);
+      }
+      c.site = st.meta("fedl.site").value_or("");
+      c.fingerprint = st.meta("fedl.cert_sha256").value_or("");
+      c.samples = update_num_samples(st).value_or(0);
+      // Checked: its pages need not stay resident while the others are (N updates would
+      // otherwise hold N × model bytes until the round is committed).
+      c.file->release();
+    }
+  };
+  {
+    const std::size_t threads = std::min<std::size_t>(
+      candidates.size(), std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
+    std::atomic<std::size_t> next{0};
+    const auto work = [&] {
+      for (std::size_t i = next++; i < candidates.size(); i = next++) {
+        check_one(i);
+      }
+    };
+    std::vector<std::thread> pool;
+    for (std::size_t t = 1; t < threads; ++t) {
+      pool.emplace_back(work);
+    }
+    work();
+    for (auto& t : pool) {
+      t.join();
+    }
+  }
+
   std::vector<AcceptedUpdate> accepted;
   nlohmann::json rejected = nlohmann::json::array();
   std::set<std::string> sites;
   std::set<std::string> contents;
-  for (const auto& candidate : candidates) {
+  for (std::size_t i = 0; i < candidates.size(); ++i) {
+    const auto& candidate = candidates[i];
     const auto& path = candidate.path;
-    std::optional<SafetensorsFile> file;
-    std::string site, fingerprint, sha256;
-    std::uint64_t samples = 0;
-    std::optional<std::string> reason;
-    try {
-      file.emplace(path);
-      sha256 = file_sha256(path);
-      if (!contents.insert(sha256).second) {
-        reason = "the same update file is given twice";
-      }
-    } catch (const Error& e) {
-      reason = e.what();
+    auto& c = checked[i];
+    std::optional<std::string> reason = c.unreadable;
+    if (!reason && !contents.insert(c.sha256).second) {
+      reason = "the same update file is given twice";
     }
-    if (file) {
-      const auto& st = file->content();
-      if (!reason) {
-        reason = validate_update(base.content(), base_sha, *file);
-      }
-      if (!reason) {
-        reason = check_identity(st, trust ? &*trust : nullptr);
-      }
-      site = st.meta("fedl.site").value_or("");
-      fingerprint = st.meta("fedl.cert_sha256").value_or("");
-      // After the signature check, so that in a workspace `site` is what the certificate says.
-      if (!reason && !candidate.expected_site.empty() && site != candidate.expected_site) {
-        reason = site.empty() ? fmt::format("it names no site (fedl.site) but was delivered by site {}",
+    if (!reason) {
+      reason = c.invalid;
+    }
+    // After the signature check, so that in a workspace `site` is what the certificate says.
+    if (!reason && !candidate.expected_site.empty() && c.site != candidate.expected_site) {
+      reason = c.site.empty() ? fmt::format("it names no site (fedl.site) but was delivered by site {}",
                                             candidate.expected_site)
-                              : fmt::format("it was made by site {} (fedl.site) but delivered by site {}", site,
+                              : fmt::format("it was made by site {} (fedl.site) but delivered by site {}", c.site,
                                             candidate.expected_site);
-      }
-      if (!reason && !site.empty() && !sites.insert(site).second) {
-        reason = fmt::format("site {} sent more than one update this round", site);
-      }
-      samples = update_num_samples(st).value_or(0);
+    }
+    if (!reason && !c.site.empty() && !sites.insert(c.site).second) {
+      reason = fmt::format("site {} sent more than one update this round", c.site);
     }
     if (reason) {
       if (on_bad == OnBadUpdate::fail) {
         throw BadUpdateError(path, *reason);
       }
       FEDL_LOG_WARN("leaving out {}: {}", path.string(), *reason);
-      rejected.push_back({{"file", path.filename().string()}, {"site", site}, {"reason", *reason}});
+      rejected.push_back({{"file", path.filename().string()}, {"site", c.site}, {"reason", *reason}});
       continue;
     }
-    accepted.push_back(AcceptedUpdate{path, std::move(site), std::move(fingerprint), samples, std::move(sha256),
-                                      std::move(*file)});
+    accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples,
+                                      std::move(c.sha256), std::move(*c.file), candidate.owned});
   }
   return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected)};
 }
@@ -242,7 +282,7 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
   // The files are read through their mappings: one changed on disk after its signature was
   // checked must not pass unnoticed.
   for (const auto& c : accepted) {
-    if (file_sha256(c.path) != c.sha256) {
+    if (!c.owned && file_sha256(c.path) != c.sha256) {
       throw VerifyError("update {} changed while it was being aggregated; nothing was written", c.path.string());
     }
   }

@@ -67,6 +67,10 @@ struct RoundCandidate
   // Non-empty: the site that delivered the file (authenticated by TLS); the update's fedl.site
   // must be this site, else it is rejected. Empty: any site (files named on a command line).
   std::string expected_site;
+  // The caller wrote the file itself in a folder only it writes to (fedl serve's
+  // state/incoming/): nobody can change it under the mapping, so commit_round skips the second
+  // hash that guards files named on a command line.
+  bool owned = false;
 };
 
 // What to do with an update that cannot be accepted.
@@ -96,6 +100,7 @@ struct AcceptedUpdate
   std::uint64_t samples = 0;
   std::string sha256;       // of the file's bytes when it was checked
   SafetensorsFile file;
+  bool owned = false;       // RoundCandidate::owned
 };
 
 struct ValidatedRound

@@ -71,6 +71,7 @@ public:
   const std::filesystem::path& path() const noexcept { return m_file.path(); }
   std::span<const std::byte> bytes() const noexcept { return m_file.bytes(); }
   std::string sha256() const { return sha256_hex(m_file.bytes()); }
+  void release() const noexcept { m_file.release(); }
 
 private:
   MappedFile m_file;

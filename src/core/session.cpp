@@ -112,6 +112,7 @@ private:
   std::condition_variable m_cv;
   std::optional<Job> m_next_job; // the latest task; an older one not yet started is replaced
   bool m_stopping = false;
+  pid_t m_trainer_pid = -1; // the trainer while it works on a task; under m_mutex
 };
 
 void
@@ -332,8 +333,6 @@ void
 Site::trainer_loop()
 {
   std::unique_ptr<WorkerProcess> worker;
-  FrameLimits limits;
-  limits.allow(FrameType::update, m_s.max_model_bytes + (std::uint64_t{4} << 20)).allow(FrameType::error);
   for (;;) {
     Job job;
     {
@@ -365,14 +364,36 @@ Site::trainer_loop()
         }
         worker = std::make_unique<WorkerProcess>(m_s.trainer_argv);
       }
-      const json header = {{"round", job.round},
-                           {"seed", job.header.value("seed", std::uint64_t{0})},
-                           {"training", job.header.value("training", json::object())}};
+      {
+        // Busy from here to the reply: stop_trainer() may kill it (it is not reaped meanwhile,
+        // except by receive() finding it dead, so the pid is ours).
+        const std::lock_guard lock(m_mutex);
+        if (m_stopping) {
+          return;
+        }
+        m_trainer_pid = worker->pid();
+      }
+      json header = {{"round", job.round},
+                     {"seed", job.header.value("seed", std::uint64_t{0})},
+                     {"training", job.header.value("training", json::object())}};
+      if (job.header.contains("base_sha256")) {
+        header["base_sha256"] = job.header["base_sha256"];
+      }
+      // An update is the model's size plus its metadata: the trainer cannot make this process
+      // allocate more than that, whatever it claims.
+      FrameLimits limits;
+      limits.allow(FrameType::update, job.model->size() + (std::uint64_t{4} << 20)).allow(FrameType::error);
       const std::span<const std::byte> body(*job.model);
       worker->send(FrameType::task, header, std::span(&body, 1));
       job.model.reset();
       reply = worker->receive(limits);
+      const std::lock_guard lock(m_mutex);
+      m_trainer_pid = -1;
     } catch (const std::exception& e) {
+      {
+        const std::lock_guard lock(m_mutex);
+        m_trainer_pid = -1;
+      }
       failure = fmt::format("the trainer failed: {}", e.what());
       if (worker) {
         worker->kill();
@@ -390,6 +411,11 @@ Site::stop_trainer()
   {
     const std::lock_guard lock(m_mutex);
     m_stopping = true;
+    // A task in progress would hold the exit until it finished: end the trainer now (its
+    // thread then sees the broken pipe, and the WorkerProcess reaps it).
+    if (m_trainer_pid > 0) {
+      ::kill(m_trainer_pid, SIGKILL);
+    }
   }
   m_cv.notify_all();
   if (m_trainer.joinable()) {

@@ -4,6 +4,7 @@
 #include "core/error.hpp"
 
 #include <asio/ip/address.hpp>
+#include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -159,7 +160,10 @@ TlsStream::drive(Op op, Done done)
   ERR_clear_error();
   const int ret = op();
   if (ret > 0) {
-    done(ret, SSL_ERROR_NONE);
+    // Posted, not called: a peer whose frames OpenSSL already holds would otherwise make every
+    // completion call the next read recursively until the stack runs out, and would starve the
+    // other connections and the timers meanwhile.
+    asio::post(m_socket.get_executor(), [done, ret]() mutable { done(ret, SSL_ERROR_NONE); });
     return;
   }
   const int err = SSL_get_error(m_ssl, ret);

@@ -369,7 +369,8 @@ stall_site()
 test_a_site_killed_mid_round_is_dropped_and_the_round_completes()
 {
   trap net_cleanup EXIT
-  net_init 3 8 || return
+  local rounds=30 # many: the trainer must be stopped while some rounds are still to come
+  net_init 3 $rounds || return
   serve_bg --min-clients 2 --heartbeat 1
   local k
   for k in 1 2 3; do join_bg "site-$k"; done
@@ -384,7 +385,7 @@ test_a_site_killed_mid_round_is_dropped_and_the_round_completes()
   expect_exit "${JOIN[site-1]}" 30 0 "fedl join site-1"
   expect_exit "${JOIN[site-2]}" 30 0 "fedl join site-2"
   expect_in serve.log "site site-3 disconnected"
-  expect_rounds 8
+  expect_rounds $rounds
   expect_ledger "[sites(b) for b in R if b['round'] == $round] == [['site-1', 'site-2']]" \
     "round $round's participants are not site-1 and site-2"
   expect_ledger "[[d['site'] for d in b['dropped']] for b in R if b['round'] == $round] == [['site-3']]" \
@@ -398,7 +399,10 @@ test_a_site_killed_mid_round_is_dropped_and_the_round_completes()
 test_a_coordinator_killed_mid_round_resumes_where_it_was()
 {
   trap net_cleanup EXIT
-  net_init 3 6 || return
+  # Many rounds: rounds of this small model take a fraction of a second, and the trainer must be
+  # stopped while some are still to come.
+  local rounds=40
+  net_init 3 $rounds || return
   serve_bg --min-clients 2 --heartbeat 1
   local k
   for k in 1 2 3; do join_bg "site-$k"; done
@@ -418,12 +422,12 @@ test_a_coordinator_killed_mid_round_resumes_where_it_was()
   expect_exit "$SERVE" 90 0 "the restarted fedl serve"
   for k in 1 2 3; do expect_exit "${JOIN[site-$k]}" 30 0 "fedl join site-$k"; done
   [[ $FAILED == 0 ]] || { tail -20 serve2.log; return; }
-  [[ $(json_get serve2.json "j['first_round'], j['rounds_completed']") == "($round, 6)" ]] ||
+  [[ $(json_get serve2.json "j['first_round'], j['rounds_completed']") == "($round, $rounds)" ]] ||
     fail "the restarted coordinator: $(cat serve2.json)"
-  expect_rounds 6
+  expect_rounds $rounds
   expect_ledger "[e['body']['resume_round'] for e in L if e['kind'] == 'serve'] == [1, $round]" \
     "the serve entries do not resume at round $round"
-  expect_ledger "[e['body']['round'] for e in L if e['kind'] == 'finished'] == [6]" "no finished entry for round 6"
+  expect_ledger "[e['body']['round'] for e in L if e['kind'] == 'finished'] == [$rounds]" "no finished entry for round $rounds"
   expect_in site-1.log "lost the coordinator"
   [[ -z $(ls -A ws/state/incoming) ]] || fail "files left in ws/state/incoming: $(ls ws/state/incoming)"
 }

@@ -105,12 +105,7 @@ run_train(const TrainOptions& opt)
     auto& meta = update.metadata;
     const auto views = update.views();
     if (identity) {
-      const auto info = core::certificate_info(identity->cert);
-      meta["fedl.site"] = info.common_name;
-      meta["fedl.cert_sha256"] = info.fingerprint;
-      meta["fedl.certificate"] = core::to_pem(identity->cert);
-      meta["fedl.signature"] = core::sign(identity->key, core::as_bytes(core::update_signed_payload(views, meta)));
-      j["site"] = info.common_name;
+      j["site"] = core::sign_update(views, meta, *identity);
     }
     core::write_safetensors(*opt.out, views, meta);
     j["update"] = opt.out->string();

@@ -88,8 +88,6 @@ private:
   asio::signal_set m_signals;
   Identity m_identity;
   std::string m_site;
-  std::string m_fingerprint;
-  std::string m_certificate_pem;
   std::shared_ptr<TlsContext> m_tls;
   std::shared_ptr<FramedConnection> m_conn;
   bool m_welcomed = false;
@@ -281,11 +279,7 @@ Site::sign(std::vector<std::byte> bytes)
   u->bytes = std::move(bytes);
   u->parsed = parse_safetensors(u->bytes, "the trainer's update");
   auto& meta = u->parsed.metadata;
-  meta["fedl.site"] = m_site;
-  meta["fedl.cert_sha256"] = m_fingerprint;
-  meta["fedl.certificate"] = m_certificate_pem;
-  meta.erase("fedl.signature");
-  meta["fedl.signature"] = core::sign(m_identity.key, as_bytes(update_signed_payload(u->parsed.tensors, meta)));
+  sign_update(u->parsed.tensors, meta, m_identity);
   u->header = safetensors_header(serialize_order(u->parsed.tensors), meta);
   return u;
 }
@@ -465,8 +459,6 @@ Site::run()
   const auto ca = read_certificate(m_s.bundle / "ca.crt");
   const auto info = certificate_info(m_identity.cert);
   m_site = info.common_name;
-  m_fingerprint = info.fingerprint;
-  m_certificate_pem = to_pem(m_identity.cert);
   m_tls = TlsContext::client(m_identity, ca, m_s.server_name);
   m_signals.async_wait([this](const std::error_code& ec, int sig) {
     if (!ec) {

@@ -95,4 +95,16 @@ weight_delta(std::span<const TensorView> after, std::span<const TensorView> befo
   return out;
 }
 
+std::string
+sign_update(std::span<const TensorView> tensors, Metadata& metadata, const Identity& identity)
+{
+  const auto info = certificate_info(identity.cert);
+  metadata.erase("fedl.signature");
+  metadata["fedl.site"] = info.common_name;
+  metadata["fedl.cert_sha256"] = info.fingerprint;
+  metadata["fedl.certificate"] = to_pem(identity.cert);
+  metadata["fedl.signature"] = sign(identity.key, as_bytes(update_signed_payload(tensors, metadata)));
+  return info.common_name;
+}
+
 } // namespace fedl::core

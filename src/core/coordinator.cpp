@@ -136,6 +136,7 @@ private:
   void round_failed(const std::string& why);
   void finish(const std::string& reason);
   void stop_now();
+  void wait_for_signal();
   void fail(const std::string& message);
   std::string metrics_text() const;
   void clean_incoming();
@@ -870,6 +871,32 @@ Coordinator::finish(const std::string& reason)
   m_finish_at = FramedConnection::now() + finish_linger;
 }
 
+// The first SIGINT/SIGTERM lets a round being written finish; a second one stops at once (the
+// round is then run again on the next start, as after a crash).
+void
+Coordinator::wait_for_signal()
+{
+  m_signals.async_wait([this](const std::error_code& ec, int sig) {
+    if (ec) {
+      return;
+    }
+    const char* what = sig == SIGINT ? "interrupted" : "terminated";
+    if (m_interrupted) {
+      FEDL_LOG_WARN("{} again: stopping now", what);
+      stop_now();
+      return;
+    }
+    FEDL_LOG_WARN("{}: stopping{}", what,
+                  m_phase == Phase::aggregating ? " once this round is written (again to stop now)" : "");
+    m_interrupted = true;
+    if (m_phase != Phase::aggregating) {
+      stop_now();
+    } else {
+      wait_for_signal();
+    }
+  });
+}
+
 void
 Coordinator::stop_now()
 {
@@ -1141,17 +1168,7 @@ Coordinator::run()
     FEDL_LOG_INFO("metrics at http://{}/metrics", m_s.metrics->to_string());
     accept_metrics();
   }
-  m_signals.async_wait([this](const std::error_code& ec, int sig) {
-    if (ec) {
-      return;
-    }
-    FEDL_LOG_WARN("{}: stopping{}", sig == SIGINT ? "interrupted" : "terminated",
-                  m_phase == Phase::aggregating ? " once this round is written" : "");
-    m_interrupted = true;
-    if (m_phase != Phase::aggregating) {
-      stop_now();
-    }
-  });
+  wait_for_signal();
   m_waiting_since = FramedConnection::now();
   accept();
   on_tick();

@@ -109,6 +109,10 @@ _fedl()
     --beta2) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
     --tau) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
     --on-bad-update) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -W "fail skip" -- "$cur")); return; } ;;&
+    --sample-rate) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
+    --noise-multiplier) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
+    --steps) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
+    --delta) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
   esac
   local words
   case "$cmd" in
@@ -119,7 +123,7 @@ _fedl()
     "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
-    "audit") words="--help --help --json --quiet --verbose --log-format --version" ;;
+    "audit") words="--help --privacy-calc --sample-rate --noise-multiplier --steps --delta --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))

@@ -9,9 +9,9 @@ build_pkgs="cmake ninja-build g++ make pkg-config libtorch-dev libcli11-dev nloh
   libasio-dev libssl-dev libfmt-dev doctest-dev libexpected-dev libseccomp-dev libcap-dev zlib1g-dev"
 # Run time: OpenBLAS instead of the reference BLAS (14x faster training, see docs/PERFORMANCE.md).
 run_pkgs="libopenblas0-openmp"
-# Tests, demo and benchmarks: the openssl CLI, man page lint, PyTorch and NumPy as independent
+# Tests, demo and benchmarks: the openssl CLI, man page lint, PyTorch, NumPy and mpmath as independent
 # references, the full Fashion-MNIST, and GNU time for peak memory.
-test_pkgs="openssl mandoc python3 python3-torch python3-numpy dataset-fashion-mnist time"
+test_pkgs="openssl mandoc python3 python3-torch python3-numpy python3-mpmath dataset-fashion-mnist time"
 
 missing=""
 for p in $build_pkgs $run_pkgs $test_pkgs; do

@@ -4,9 +4,12 @@
 // coordinator certificate, fedl.json and the CRL against what the ledger recorded, and every
 // model file against its recorded hash. Any mismatch is exit 3 naming the first broken entry
 // or file; otherwise it prints the rounds, their participants, rejected updates and strategy.
+// fedl audit --privacy-calc: no workspace; the (ε, δ) that DP-SGD with the given sampling rate,
+// noise multiplier and steps spends (core/accountant.hpp).
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
+#include "core/accountant.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
@@ -19,6 +22,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <optional>
 #include <set>
 
 namespace fs = std::filesystem;
@@ -169,15 +173,90 @@ run_audit(const fs::path& root)
   return 0;
 }
 
+struct PrivacyCalc
+{
+  bool enabled = false;
+  std::optional<double> sample_rate;
+  std::optional<double> noise_multiplier;
+  std::optional<std::uint64_t> steps;
+  std::optional<double> delta;
+};
+
+int
+run_privacy_calc(const PrivacyCalc& p)
+{
+  const auto spent = core::compute_epsilon(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.delta);
+  const nlohmann::json j = {{"epsilon", spent.epsilon},
+                            {"delta", *p.delta},
+                            {"order", spent.order},
+                            {"steps", *p.steps},
+                            {"sample_rate", *p.sample_rate},
+                            {"noise_multiplier", *p.noise_multiplier}};
+  print_result(j, fmt::format("epsilon {:.4f} (delta {}, best order {}) for {} steps at sample rate {}, "
+                              "noise multiplier {}\n",
+                              spent.epsilon, *p.delta, spent.order, *p.steps, *p.sample_rate, *p.noise_multiplier));
+  return 0;
+}
+
+// The workspace is optional to CLI11 because --privacy-calc needs none; the two modes' flags
+// are checked here so that each mistake gets a message saying what to add or drop.
+int
+dispatch(const std::optional<fs::path>& ws, const PrivacyCalc& p)
+{
+  const std::vector<std::pair<const char*, bool>> calc_flags = {{"--sample-rate", p.sample_rate.has_value()},
+                                                                {"--noise-multiplier", p.noise_multiplier.has_value()},
+                                                                {"--steps", p.steps.has_value()},
+                                                                {"--delta", p.delta.has_value()}};
+  if (!p.enabled) {
+    for (const auto& [flag, given] : calc_flags) {
+      if (given) {
+        throw core::UsageError("{} is only for --privacy-calc (fedl audit --privacy-calc --sample-rate Q "
+                               "--noise-multiplier S --steps T --delta D)",
+                               flag);
+      }
+    }
+    if (!ws) {
+      throw core::UsageError("fedl audit needs a workspace folder WS (or --privacy-calc to compute epsilon)");
+    }
+    return run_audit(*ws);
+  }
+  if (ws) {
+    throw core::UsageError("--privacy-calc takes no workspace (got {}): drop it, or drop --privacy-calc to audit it",
+                           ws->string());
+  }
+  std::vector<std::string> missing;
+  for (const auto& [flag, given] : calc_flags) {
+    if (!given) {
+      missing.emplace_back(flag);
+    }
+  }
+  if (!missing.empty()) {
+    throw core::UsageError("--privacy-calc needs {} (fedl audit --privacy-calc --sample-rate Q --noise-multiplier S "
+                           "--steps T --delta D)",
+                           fmt::join(missing, ", "));
+  }
+  return run_privacy_calc(p);
+}
+
 } // namespace
 
 Command
 add_audit(CLI::App& parent)
 {
-  auto ws = std::make_shared<fs::path>();
+  auto ws = std::make_shared<std::optional<fs::path>>();
+  auto calc = std::make_shared<PrivacyCalc>();
   auto* app = parent.add_subcommand("audit", "Verify a workspace's ledger, signatures, certificates and model files");
-  app->add_option("workspace", *ws, "The workspace folder")->required()->type_name("WS");
-  return {app, [ws] { return run_audit(*ws); }};
+  app->add_option("workspace", *ws, "The workspace folder (required unless --privacy-calc)")->type_name("WS");
+  app->add_flag("--privacy-calc", calc->enabled,
+                "Compute the (epsilon, delta) that DP-SGD spends instead of auditing a workspace");
+  app->add_option("--sample-rate", calc->sample_rate, "With --privacy-calc: Poisson sampling rate, batch / samples")
+    ->type_name("Q");
+  app->add_option("--noise-multiplier", calc->noise_multiplier,
+                  "With --privacy-calc: noise standard deviation over the clipping norm")
+    ->type_name("S");
+  app->add_option("--steps", calc->steps, "With --privacy-calc: number of noisy gradient steps")->type_name("T");
+  app->add_option("--delta", calc->delta, "With --privacy-calc: the delta of (epsilon, delta)")->type_name("D");
+  return {app, [ws, calc] { return dispatch(*ws, *calc); }};
 }
 
 } // namespace fedl::cmd

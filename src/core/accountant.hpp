@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: Apache-2.0
+// Differential-privacy accounting for DP-SGD: the Rényi DP (RDP) of the Poisson-subsampled
+// Gaussian mechanism, composed over steps and converted to (ε, δ).
+//
+// RDP of one step: Mironov, Talwar, Zhang 2019, "Rényi Differential Privacy of the Sampled
+// Gaussian Mechanism" (arXiv:1908.10530), add/remove-one neighbours, sampling rate q, noise
+// multiplier σ (noise standard deviation over the clipping norm). RDP composes by addition
+// over steps. Conversion: Balle, Barthe, Gaboardi, Hsu, Sato 2020, "Hypothesis Testing
+// Interpretations and Rényi Differential Privacy" (AISTATS), Theorem 21.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+namespace fedl::core {
+
+// The RDP of order `alpha` (> 1) of one step of the sampled Gaussian mechanism with sampling
+// rate `q` in (0, 1] and noise multiplier `sigma` > 0. Integer orders: the exact finite sum;
+// fractional orders: numerical integration (see accountant.cpp); q = 1: α / (2σ²).
+// Throws UsageError for values outside those ranges.
+double rdp_sampled_gaussian(double q, double sigma, double alpha);
+
+struct PrivacySpent
+{
+  double epsilon = 0; // the smallest ε over the orders (never negative)
+  double order = 0;   // the order that gives it
+};
+
+// (ε, δ) from the total RDP `rdp[i]` at `orders[i]` (Balle et al. 2020, Theorem 21), minimised
+// over the orders. `delta` in (0, 1); the spans must have the same non-zero length, orders > 1.
+PrivacySpent epsilon_from_rdp(std::span<const double> orders, std::span<const double> rdp, double delta);
+
+// The orders TF Privacy uses: 1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 4.5, 5 ... 63, 128,
+// 256, 512.
+std::span<const double> default_orders();
+
+// ε at `delta` after `steps` steps of DP-SGD with Poisson sampling rate `q` and noise
+// multiplier `sigma`. Errors name the fedl audit flags (--sample-rate, --noise-multiplier,
+// --steps, --delta).
+PrivacySpent compute_epsilon(double q, double sigma, std::uint64_t steps, double delta,
+                             std::span<const double> orders = default_orders());
+
+namespace detail {
+// log A_α for any order α > 1 (q < 1) by the quadrature that fractional orders use; exposed so
+// tests can check it against the exact sum at integer orders.
+double log_a_integral(double q, double sigma, double alpha);
+// log A_α for an integer order α ≥ 2 by the finite sum.
+double log_a_integer(double q, double sigma, std::uint64_t alpha);
+} // namespace detail
+
+} // namespace fedl::core

@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: Apache-2.0
+# fedl audit --privacy-calc: the DP-SGD accountant from the command line, checked against TF
+# Privacy's published vectors and an independent mpmath computation (rdp_reference.py).
+
+test_tf_privacy_vector_json()
+{
+  # TF Privacy 0.9.0 compute_dp_sgd_privacy_test.py: n 60000, batch 150, sigma 1.3, 15 epochs.
+  fedl_expect 0 --json audit --privacy-calc --sample-rate 0.0025 --noise-multiplier 1.3 --steps 6000 \
+    --delta 1e-5 || return
+  [[ $(json_get out "sorted(j.keys())") == "['delta', 'epsilon', 'noise_multiplier', 'order', 'sample_rate', 'steps']" ]] ||
+    fail "keys: $(cat out)"
+  check_py "abs($(json_get out "j['epsilon']") - 0.7242234026109595) <= 1e-3 * 0.7242234026109595" \
+    "epsilon $(json_get out "j['epsilon']"), expected 0.7242234026109595"
+  [[ $(json_get out "(j['order'], j['steps'], j['delta'])") == "(19.0, 6000, 1e-05)" ]] || fail "fields: $(cat out)"
+}
+
+test_text_output()
+{
+  fedl_expect 0 audit --privacy-calc --sample-rate 0.0025 --noise-multiplier 1.3 --steps 6000 --delta 1e-5 || return
+  expect_in out "epsilon 0.7242 (delta 1e-05, best order 19) for 6000 steps at sample rate 0.0025, noise multiplier 1.3"
+}
+
+test_agrees_with_mpmath_reference()
+{
+  # A spread of rates, noise and steps, including cases whose best order is fractional.
+  local q s t d want got
+  while read -r q s t d; do
+    fedl_expect 0 --json audit --privacy-calc --sample-rate "$q" --noise-multiplier "$s" --steps "$t" --delta "$d" ||
+      continue
+    want=$("$PY" "$FEDL_SOURCE_DIR/tests/e2e/rdp_reference.py" "$q" "$s" "$t" "$d") || { fail "reference failed"; continue; }
+    got=$(cat out)
+    check_py "abs(${got}['epsilon'] - ${want}['epsilon']) <= 1e-6 * ${want}['epsilon'] and ${got}['order'] == ${want}['order']" \
+      "q $q sigma $s steps $t delta $d: fedl $got, reference $want"
+  done <<'END'
+0.01 1.1 1000 1e-5
+0.1 0.8 100 1e-5
+0.004 0.6 5000 1e-6
+0.02 2.0 20000 1e-5
+0.5 0.7 10 1e-3
+0.001 5.0 100000 1e-8
+1 1.3 10 1e-5
+END
+}
+
+test_bad_input_exits_2()
+{
+  fedl_expect 2 audit --privacy-calc --sample-rate 0.01 --noise-multiplier 0 --steps 10 --delta 1e-5
+  expect_in err "--noise-multiplier 0: must be > 0"
+  fedl_expect 2 audit --privacy-calc --sample-rate 2 --noise-multiplier 1 --steps 10 --delta 1e-5
+  expect_in err "--sample-rate 2: must be in (0, 1]"
+  fedl_expect 2 audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1 --steps 0 --delta 1e-5
+  expect_in err "--steps 0: must be at least 1"
+  fedl_expect 2 audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1 --steps 10 --delta 1
+  expect_in err "--delta 1: must be in (0, 1)"
+  fedl_expect 2 audit --privacy-calc --sample-rate 0.01 --steps 10
+  expect_in err "--privacy-calc needs --noise-multiplier, --delta"
+  fedl_expect 2 audit --sample-rate 0.01
+  expect_in err "--sample-rate is only for --privacy-calc"
+  fedl_expect 2 audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1 --steps 10 --delta 1e-5 ws
+  expect_in err "--privacy-calc takes no workspace"
+  fedl_expect 2 audit
+  expect_in err "needs a workspace folder WS"
+}

@@ -614,14 +614,9 @@ Coordinator::maybe_start_round()
     m_quorum_since = now;
   }
   // Give sites that are connecting at the same moment a chance to be in this round.
-  std::size_t expected = 0;
-  for (const auto& name : m_clients) {
-    expected += m_sites.count(name);
-  }
   if (m_sites.size() < m_clients.size() && now - m_quorum_since < m_s.settle) {
     return;
   }
-  (void)expected;
   start_round();
 }
 

@@ -187,33 +187,11 @@ model_metadata(const OpenedModel& m, const std::string& kind)
 
 namespace fedl::cmd {
 
-void
-TrainingSettings::check() const
-{
-  if (epochs > max_epochs) {
-    throw core::UsageError("epochs {} is over the limit of {}", epochs, max_epochs);
-  }
-  if (batch_size < 1 || batch_size > max_batch_size) {
-    throw core::UsageError("batch_size {} is outside 1..{}", batch_size, max_batch_size);
-  }
-  if (!(lr > 0) || !std::isfinite(lr)) {
-    throw core::UsageError("lr {} is not a positive number", lr);
-  }
-  if (optimizer != "sgd" && optimizer != "adam") {
-    throw core::UsageError("optimizer '{}' is not one of sgd, adam", optimizer);
-  }
-  if (!(momentum >= 0 && momentum <= 1)) {
-    throw core::UsageError("momentum {} is outside 0..1", momentum);
-  }
-  if (!(prox_mu >= 0) || !std::isfinite(prox_mu)) {
-    throw core::UsageError("prox_mu {} is not a non-negative number", prox_mu);
-  }
-}
-
 fedl_train_config
-TrainingSettings::config(std::uint64_t seed) const
+train_config(const TrainingSettings& s, std::uint64_t seed)
 {
-  return {epochs, batch_size, lr, optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD, momentum, prox_mu, seed};
+  return {s.epochs, s.batch_size, s.lr, s.optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD, s.momentum, s.prox_mu,
+          seed};
 }
 
 UpdateBase
@@ -235,7 +213,7 @@ train_model(OpenedModel& m,
   if (settings.epochs == 0) {
     return {0.0, data.size(), 0};
   }
-  return m.model.train(data, settings.config(seed), progress);
+  return m.model.train(data, train_config(settings, seed), progress);
 }
 
 Update

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "backends/loader.hpp"
+#include "core/config.hpp"
 #include "core/dataset.hpp"
 #include "core/safetensors.hpp"
 #include "core/update.hpp"
@@ -68,23 +69,9 @@ OpenedModel open_model(const backends::Backend& backend,
 core::Metadata model_metadata(const OpenedModel& m, const std::string& kind);
 
 // Hyperparameters of one local training run (fedl train's options, a round's "training").
-struct TrainingSettings
-{
-  static constexpr std::uint32_t max_epochs = 100000;
-  static constexpr std::uint32_t max_batch_size = 1U << 24;
-
-  std::uint32_t epochs = 1;
-  std::uint32_t batch_size = 32;
-  double lr = 0.01;
-  std::string optimizer = "sgd"; // "sgd" or "adam"
-  double momentum = 0.0;
-  double prox_mu = 0.0;
-
-  // Throws UsageError naming the first value out of the range fedl train's options accept (for
-  // settings that did not come through the command line).
-  void check() const;
-  fedl_train_config config(std::uint64_t seed) const;
-};
+using TrainingSettings = core::TrainingConfig;
+// The backend's form of them.
+fedl_train_config train_config(const TrainingSettings& settings, std::uint64_t seed);
 
 // Forward passes per batch when evaluating (fedl eval's default --batch-size).
 inline constexpr std::uint32_t default_eval_batch_size = 1024;

@@ -5,7 +5,6 @@
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
-#include "cmd/model_io.hpp"
 #include "core/child.hpp"
 #include "core/coordinator.hpp"
 #include "core/error.hpp"
@@ -117,14 +116,6 @@ run_serve(const ServeOptions& opt)
   s.server.clip_norm = opt.clip_norm;
   core::validate_server_options(s.server);
   s.training = config.training;
-  // The sites check these too, but a bad value found there would fail every attempt of every
-  // round; say so now, naming the file.
-  try {
-    const auto& t = config.training;
-    TrainingSettings{t.epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.prox_mu}.check();
-  } catch (const core::UsageError& e) {
-    throw core::UsageError("{}: training: {}", ws.config().string(), e.what());
-  }
   if (s.min_clients > config.clients.size()) {
     FEDL_LOG_WARN("--min-clients {} is more than the {} sites of this federation: no round can start until sites are "
                   "added (fedl init {} --add-client NAME)",

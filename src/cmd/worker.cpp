@@ -114,7 +114,7 @@ training_settings(const nlohmann::json& j)
                              key);
     }
   }
-  s.check();
+  core::check_training(s);
   return s;
 }
 

@@ -8,6 +8,7 @@
 
 #include <fmt/ranges.h>
 
+#include <cmath>
 #include <set>
 
 namespace fedl::core {
@@ -121,6 +122,36 @@ private:
 } // namespace
 
 nlohmann::json
+to_json(const TrainingConfig& t)
+{
+  return {{"epochs", t.epochs},       {"batch_size", t.batch_size}, {"lr", t.lr},
+          {"optimizer", t.optimizer}, {"momentum", t.momentum},     {"prox_mu", t.prox_mu}};
+}
+
+void
+check_training(const TrainingConfig& t)
+{
+  if (t.epochs > TrainingConfig::max_epochs) {
+    throw UsageError("epochs {} is over the limit of {}", t.epochs, TrainingConfig::max_epochs);
+  }
+  if (t.batch_size < 1 || t.batch_size > TrainingConfig::max_batch_size) {
+    throw UsageError("batch_size {} is outside 1..{}", t.batch_size, TrainingConfig::max_batch_size);
+  }
+  if (!(t.lr > 0) || !std::isfinite(t.lr)) {
+    throw UsageError("lr {} is not a positive number", t.lr);
+  }
+  if (t.optimizer != "sgd" && t.optimizer != "adam") {
+    throw UsageError("optimizer '{}' is not one of sgd, adam", t.optimizer);
+  }
+  if (!(t.momentum >= 0 && t.momentum <= 1)) {
+    throw UsageError("momentum {} is outside 0..1", t.momentum);
+  }
+  if (!(t.prox_mu >= 0) || !std::isfinite(t.prox_mu)) {
+    throw UsageError("prox_mu {} is not a non-negative number", t.prox_mu);
+  }
+}
+
+nlohmann::json
 to_json(const FederationConfig& c)
 {
   json model = {{"arch", c.model.arch}, {"input_shape", shape_to_string(c.model.input_shape)}, {"classes", c.model.classes}};
@@ -146,13 +177,7 @@ to_json(const FederationConfig& c)
       {"beta1", c.server_optimizer.beta1},
       {"beta2", c.server_optimizer.beta2},
       {"tau", c.server_optimizer.tau}}},
-    {"training",
-     {{"epochs", c.training.epochs},
-      {"batch_size", c.training.batch_size},
-      {"lr", c.training.lr},
-      {"optimizer", c.training.optimizer},
-      {"momentum", c.training.momentum},
-      {"prox_mu", c.training.prox_mu}}},
+    {"training", to_json(c.training)},
     {"seed", c.seed},
     {"pki", {{"valid_days", c.valid_days}}},
   };
@@ -231,6 +256,12 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     r.get("momentum", c.training.momentum);
     r.get("prox_mu", c.training.prox_mu);
     r.finish();
+    // Checked here, not where a site trains: a bad value would fail every attempt of every round.
+    try {
+      check_training(c.training);
+    } catch (const UsageError& e) {
+      throw UsageError("{}: training: {}", what, e.what());
+    }
   }
   top.get("seed", c.seed);
   if (const auto* p = top.find("pki")) {

@@ -21,8 +21,13 @@ struct ModelConfig
   std::optional<std::string> torchscript; // file name inside the workspace (model.pt)
 };
 
+// Hyperparameters of one local training run: fedl train's options, fedl.json's "training",
+// a round's task.
 struct TrainingConfig
 {
+  static constexpr std::uint32_t max_epochs = 100000;
+  static constexpr std::uint32_t max_batch_size = 1U << 24;
+
   std::uint32_t epochs = 1;
   std::uint32_t batch_size = 32;
   double lr = 0.01;
@@ -63,6 +68,9 @@ struct FederationConfig
 };
 
 nlohmann::json to_json(const FederationConfig& config);
+nlohmann::json to_json(const TrainingConfig& training);
+// Throws UsageError naming the first value out of the range fedl train's options accept.
+void check_training(const TrainingConfig& training);
 // Throws UsageError (exit 2) naming `what` (the file) and the field path for unknown keys,
 // missing required fields and wrong types.
 FederationConfig config_from_json(const nlohmann::json& j, const std::string& what);

@@ -71,13 +71,6 @@ struct Participant
   double disconnected_at = 0; // pending but disconnected since then (it may come back)
 };
 
-json
-training_json(const TrainingConfig& t)
-{
-  return {{"epochs", t.epochs},     {"batch_size", t.batch_size}, {"lr", t.lr},
-          {"optimizer", t.optimizer}, {"momentum", t.momentum},     {"prox_mu", t.prox_mu}};
-}
-
 // SplitMix64 (Steele, Lea, Flood 2014) to derive a per-attempt seed from (seed, round, attempt).
 std::uint64_t
 mix(std::uint64_t x)
@@ -670,7 +663,7 @@ Coordinator::send_task(Peer& p)
                 {"task", m_task},
                 {"deadline", std::max(0.0, m_deadline - FramedConnection::now())},
                 {"seed", m_s.seed + m_round},
-                {"training", training_json(m_s.training)},
+                {"training", to_json(m_s.training)},
                 {"base_sha256", m_model_sha}},
                {bytes}, m_model);
 }
@@ -1200,7 +1193,7 @@ ServeSettings::to_json() const
               {"beta1", server.beta1},
               {"beta2", server.beta2},
               {"tau", server.tau}}},
-            {"training", training_json(training)},
+            {"training", core::to_json(training)},
             {"seed", seed},
             {"heartbeat", heartbeat}};
   if (server.clip_norm) {

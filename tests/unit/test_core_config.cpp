@@ -59,6 +59,19 @@ TEST_CASE("core::config rejects unknown keys by their path")
   CHECK(error_of(j).find("unknown key model.dropout") != std::string::npos);
 }
 
+TEST_CASE("core::config rejects training settings no site could train with")
+{
+  auto j = to_json(sample());
+  j["training"]["optimizer"] = "Adam";
+  CHECK(error_of(j) == "fedl.json: training: optimizer 'Adam' is not one of sgd, adam");
+  j = to_json(sample());
+  j["training"]["batch_size"] = 0;
+  CHECK(error_of(j) == "fedl.json: training: batch_size 0 is outside 1..16777216");
+  j = to_json(sample());
+  j["training"]["momentum"] = 1.5;
+  CHECK(error_of(j) == "fedl.json: training: momentum 1.5 is outside 0..1");
+}
+
 TEST_CASE("core::config rejects wrong types with the field path")
 {
   auto j = to_json(sample());

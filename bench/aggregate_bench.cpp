@@ -10,6 +10,7 @@
 //                             [--rss-n 16,64] [--pread-kb 256,2048] [--numpy PATH | --no-numpy] [--keep]
 // Files are written with write_safetensors into DIR (default: a new folder under $TMPDIR), read
 // once so that they are in the page cache, and removed at the end unless --keep.
+#include "bench_util.hpp"
 #include "core/aggregate.hpp"
 #include "core/error.hpp"
 #include "core/safetensors.hpp"
@@ -73,16 +74,10 @@ usage(const std::string& why)
 std::size_t
 to_size(const std::string& flag, const std::string& text)
 {
-  try {
-    std::size_t pos = 0;
-    const auto v = std::stoull(text, &pos);
-    if (pos != text.size() || v == 0) {
-      throw std::invalid_argument(text);
-    }
-    return v;
-  } catch (const std::exception&) {
-    usage(fmt::format("{} needs a positive integer, not '{}'", flag, text));
+  if (const auto v = fedl::bench::parse_count(text)) {
+    return *v;
   }
+  usage(fmt::format("{} needs a positive integer, not '{}'", flag, text));
 }
 
 Args
@@ -147,13 +142,7 @@ seconds_since(std::chrono::steady_clock::time_point t0)
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-double
-median(std::vector<double> v)
-{
-  std::sort(v.begin(), v.end());
-  const auto k = v.size() / 2;
-  return v.size() % 2 == 1 ? v[k] : (v[k - 1] + v[k]) / 2;
-}
+using fedl::bench::median;
 
 std::string
 cpu_model()

@@ -25,6 +25,7 @@
 // to core/tls.cpp before making it: OpenSSL read-ahead with a K KiB read buffer (one read()
 // takes many records instead of two reads per 16 KiB record), and the TLS 1.3 suites offered
 // (OpenSSL's default order negotiates TLS_AES_256_GCM_SHA384).
+#include "bench_util.hpp"
 #include "core/connection.hpp"
 #include "core/error.hpp"
 #include "core/pki.hpp"
@@ -91,16 +92,10 @@ usage(const std::string& why)
 std::size_t
 to_size(const std::string& flag, const std::string& text, bool zero_ok = false)
 {
-  try {
-    std::size_t pos = 0;
-    const auto v = std::stoull(text, &pos);
-    if (pos != text.size() || (v == 0 && !zero_ok)) {
-      throw std::invalid_argument(text);
-    }
-    return v;
-  } catch (const std::exception&) {
-    usage(fmt::format("{} needs a {} integer, not '{}'", flag, zero_ok ? "non-negative" : "positive", text));
+  if (const auto v = fedl::bench::parse_count(text, zero_ok)) {
+    return *v;
   }
+  usage(fmt::format("{} needs a {} integer, not '{}'", flag, zero_ok ? "non-negative" : "positive", text));
 }
 
 Args
@@ -148,16 +143,7 @@ now()
   return FramedConnection::now();
 }
 
-double
-median(std::vector<double> v)
-{
-  if (v.empty()) {
-    return 0;
-  }
-  std::sort(v.begin(), v.end());
-  const auto m = v.size() / 2;
-  return v.size() % 2 == 1 ? v[m] : (v[m - 1] + v[m]) / 2;
-}
+using fedl::bench::median;
 
 // State shared by the two threads; guarded by `mutex` where both touch it.
 struct Bench

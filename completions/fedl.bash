@@ -31,6 +31,9 @@ _fedl()
     --optimizer) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -W "sgd adam" -- "$cur")); return; } ;;&
     --momentum) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --prox-mu) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --dp-noise-multiplier) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --dp-max-grad-norm) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --dp-delta) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --add-client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --revoke) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --partition) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
@@ -58,6 +61,9 @@ _fedl()
     --optimizer) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "sgd adam" -- "$cur")); return; } ;;&
     --momentum) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --prox-mu) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --dp-noise-multiplier) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --dp-max-grad-norm) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --dp-delta) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --seed) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --device) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --threads) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
@@ -79,6 +85,10 @@ _fedl()
     --wait-timeout) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --strategy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --clip-norm) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --dp-clip-norm) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --dp-noise-multiplier) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --max-epsilon) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --delta) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --eval-data) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --target-accuracy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --metrics) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -95,6 +105,8 @@ _fedl()
     --retry-max) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --retry-for) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --trainer-idle) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --max-epsilon) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --delta) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --device) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --threads) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --base) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
@@ -117,11 +129,11 @@ _fedl()
   local words
   case "$cmd" in
     "") words="init train eval serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
-    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --max-epsilon --delta --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --privacy-calc --sample-rate --noise-multiplier --steps --delta --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define FEDL_BACKEND_ABI_VERSION 1u
+#define FEDL_BACKEND_ABI_VERSION 2u
 
 enum fedl_status {
   FEDL_STATUS_OK = 0,
@@ -62,6 +62,17 @@ typedef struct fedl_train_config {
   double momentum;
   double prox_mu;         /* FedProx: mu/2 * ||w - w_start||^2 added to the loss; 0 = off */
   uint64_t seed;
+  /* DP-SGD (ABI 2; Abadi et al. 2016, "Deep Learning with Differential Privacy"). Off when
+   * dp_max_grad_norm is 0. When on, each step draws its batch by Poisson sampling: every
+   * example independently with probability q = batch_size / count (batch sizes vary; an empty
+   * batch still takes a step of noise); each example's gradient (over all parameters) is clipped
+   * to L2 norm dp_max_grad_norm; Gaussian noise of standard deviation dp_noise_multiplier *
+   * dp_max_grad_norm is added to the sum of clipped gradients, which is then divided by
+   * batch_size (the expected batch size). ceil(count / batch_size) steps per epoch.
+   * batch_size > count is FEDL_STATUS_USAGE (q would exceed 1). */
+  double dp_noise_multiplier;  /* >= 0 */
+  double dp_max_grad_norm;     /* > 0 to enable */
+  uint64_t dp_noise_seed;      /* 0: seed the noise from the OS (getrandom/std::random_device): nobody, not even the coordinator that chose `seed`, can predict it; non-zero: fixed, for tests */
 } fedl_train_config;
 
 typedef struct fedl_train_result {

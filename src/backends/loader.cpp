@@ -52,6 +52,22 @@ exit_code_of(int status)
   }
 }
 
+// Why a backend whose entry point refused FEDL_BACKEND_ABI_VERSION cannot be used: an older
+// build (interface 1 had no DP-SGD settings in fedl_train_config) or something else entirely.
+// Asking an entry point for a version it lacks is harmless: it returns NULL.
+std::string
+interface_mismatch(fedl_backend_entry_fn entry)
+{
+  for (std::uint32_t v = FEDL_BACKEND_ABI_VERSION - 1; v >= 1; --v) {
+    if (entry(v) != nullptr) {
+      return fmt::format("it implements backend interface version {} but this fedl needs version {}; install the "
+                         "backend built with this fedl",
+                         v, FEDL_BACKEND_ABI_VERSION);
+    }
+  }
+  return fmt::format("its {} offers no interface version {}", FEDL_BACKEND_ENTRY_SYMBOL, FEDL_BACKEND_ABI_VERSION);
+}
+
 } // namespace
 
 std::string
@@ -59,7 +75,11 @@ search_path_text()
 {
   std::string out;
   for (const auto& d : search_path()) {
-    out += (out.empty() ? "" : ":") + d.string();
+    // Not `(sep) + d.string()`: GCC 12 at -O3 warns (-Wrestrict, a false positive) on that.
+    if (!out.empty()) {
+      out += ':';
+    }
+    out += d.string();
   }
   return out;
 }
@@ -113,8 +133,8 @@ all_backends(std::vector<LoadFailure>* failures)
         auto entry = reinterpret_cast<fedl_backend_entry_fn>(::dlsym(handle, FEDL_BACKEND_ENTRY_SYMBOL));
         const fedl_backend_v1* api = entry != nullptr ? entry(FEDL_BACKEND_ABI_VERSION) : nullptr;
         if (api == nullptr) {
-          s_failures.push_back({file, fmt::format("no {} for interface version {}", FEDL_BACKEND_ENTRY_SYMBOL,
-                                                  FEDL_BACKEND_ABI_VERSION)});
+          s_failures.push_back({file, entry == nullptr ? fmt::format("no symbol {}", FEDL_BACKEND_ENTRY_SYMBOL)
+                                                       : interface_mismatch(entry)});
           ::dlclose(handle);
           continue;
         }

@@ -4,6 +4,8 @@
 // coordinator certificate, fedl.json and the CRL against what the ledger recorded, and every
 // model file against its recorded hash. Any mismatch is exit 3 naming the first broken entry
 // or file; otherwise it prints the rounds, their participants, rejected updates and strategy.
+// Privacy: every epsilon a round records (client-level and each site's) is recomputed from the
+// recorded DP parameters of it and the rounds before; a disagreement is exit 3.
 // fedl audit --privacy-calc: no workspace; the (ε, δ) that DP-SGD with the given sampling rate,
 // noise multiplier and steps spends (core/accountant.hpp).
 #include "cmd/commands.hpp"
@@ -15,6 +17,7 @@
 #include "core/file_io.hpp"
 #include "core/ledger.hpp"
 #include "core/pki.hpp"
+#include "core/privacy.hpp"
 #include "core/workspace.hpp"
 
 #include <CLI/CLI.hpp>
@@ -86,6 +89,9 @@ run_audit(const fs::path& root)
   std::string text;
   std::size_t rejected_total = 0;
   std::uint64_t expected_round = 1;
+  core::FederationPrivacy privacy;
+  std::optional<double> client_delta;
+  nlohmann::json budget_stop;
   for (const auto& e : entries) {
     if (e.body.contains("config_sha256")) {
       config_sha = e.body["config_sha256"].get<std::string>();
@@ -94,6 +100,9 @@ run_audit(const fs::path& root)
     if (e.body.contains("crl_sha256")) {
       crl_sha = e.body["crl_sha256"].get<std::string>();
       crl_entry = &e;
+    }
+    if (e.kind == "finished" && e.body.value("reason", "") == "privacy-budget") {
+      budget_stop = e.body;
     }
     if (e.kind == "client-added") {
       text += fmt::format("site added: {}\n", e.body.value("name", "?"));
@@ -122,6 +131,25 @@ run_audit(const fs::path& root)
       const auto site = p.value("site", "");
       sites.push_back(site.empty() ? p.value("file", "?") : site);
     }
+    try {
+      privacy.replay(e.body, /*verify=*/true);
+    } catch (const core::VerifyError& err) {
+      throw core::VerifyError("{}: line {}: {}", ws.ledger().string(), e.line, err.what());
+    }
+    std::string privacy_text;
+    if (const auto p = e.body.find("privacy"); p != e.body.end() && p->is_object()) {
+      if (const auto c = p->find("client"); c != p->end()) {
+        client_delta = c->value("delta", 1e-5);
+        privacy_text += fmt::format(", epsilon {:.4g}", c->value("epsilon", 0.0));
+      }
+      if (const auto st = p->find("sites"); st != p->end()) {
+        double most = 0;
+        for (const auto& [name, x] : st->items()) {
+          most = std::max(most, x.value("total_epsilon", 0.0));
+        }
+        privacy_text += fmt::format(", site epsilon up to {:.4g}", most);
+      }
+    }
     const auto& rej = e.body.at("rejected");
     rejected_total += rej.size();
     std::string accuracy;
@@ -129,8 +157,9 @@ run_audit(const fs::path& root)
                                                    (*ev)["accuracy"].is_number()) {
       accuracy = fmt::format(", accuracy {:.2f}%", (*ev)["accuracy"].get<double>() * 100);
     }
-    text += fmt::format("round {:>4}: {} ({} participants: {}){}{}\n", r, e.body.value("strategy", "?"), sites.size(),
-                        fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy);
+    text += fmt::format("round {:>4}: {} ({} participants: {}){}{}{}\n", r, e.body.value("strategy", "?"), sites.size(),
+                        fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
+                        privacy_text);
     for (const auto& x : rej) {
       text += fmt::format("            rejected {}: {}\n", x.value("file", "?"), x.value("reason", "?"));
     }
@@ -158,15 +187,36 @@ run_audit(const fs::path& root)
                               (ws.root() / rel).string());
     }
   }
-  const nlohmann::json j = {{"ok", true},
-                            {"entries", entries.size()},
-                            {"rounds", rounds},
-                            {"latest_model", model},
-                            {"rejected_updates", rejected_total},
-                            {"ca_fingerprint", genesis.body["ca_fingerprint"]}};
+  nlohmann::json j = {{"ok", true},
+                      {"entries", entries.size()},
+                      {"rounds", rounds},
+                      {"latest_model", model},
+                      {"rejected_updates", rejected_total},
+                      {"ca_fingerprint", genesis.body["ca_fingerprint"]}};
+  // The client-level total, recomputed at the delta the rounds recorded (each site's totals were
+  // checked round by round above).
+  nlohmann::json privacy_json = nlohmann::json::object();
+  std::string privacy_summary;
+  if (client_delta) {
+    const auto spent = privacy.client().epsilon(*client_delta);
+    privacy_json["client"] = {{"epsilon", spent.epsilon}, {"delta", *client_delta}, {"rounds", privacy.client_rounds()}};
+    privacy_summary += fmt::format("privacy: client-level epsilon {:.4g} at delta {:g} over {} rounds (recomputed)\n",
+                                   spent.epsilon, *client_delta, privacy.client_rounds());
+  }
+  if (!budget_stop.is_null()) {
+    privacy_json["stopped"] = budget_stop;
+    privacy_summary += fmt::format("privacy: stopped after round {}: the next round would have reached epsilon {:.4g}, "
+                                   "past the budget of {:g}\n",
+                                   budget_stop.value("round", 0), budget_stop.value("next_round_epsilon", 0.0),
+                                   budget_stop.value("max_epsilon", 0.0));
+  }
+  if (!privacy_json.empty()) {
+    j["privacy"] = privacy_json;
+  }
   text = fmt::format("ledger: {} entries, chain and signatures verified; CA {}\n", entries.size(),
                      genesis.body["ca_fingerprint"].get<std::string>().substr(0, 16)) +
          text +
+         privacy_summary +
          fmt::format("{} rounds, latest model {}, {} rejected updates; every model file matches the ledger\n",
                      rounds.size(), model, rejected_total);
   print_result(j, text);

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "cmd/common.hpp"
 
+#include "core/error.hpp"
+
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -73,6 +75,36 @@ open_backend(const ComputeOptions& options)
   const auto threads = options.threads > 0 ? options.threads : std::max(1U, std::thread::hardware_concurrency());
   resolved.first->api->set_threads(static_cast<std::int32_t>(threads));
   return resolved;
+}
+
+std::optional<core::DpSgdConfig>
+DpSgdFlags::resolve() const
+{
+  if (!noise_multiplier && !max_grad_norm) {
+    if (delta) {
+      throw core::UsageError("--dp-delta is the delta of DP-SGD: give --dp-noise-multiplier and --dp-max-grad-norm too");
+    }
+    return std::nullopt;
+  }
+  if (!noise_multiplier || !max_grad_norm) {
+    throw core::UsageError("DP-SGD needs both --dp-noise-multiplier S and --dp-max-grad-norm C");
+  }
+  const core::DpSgdConfig dp{*noise_multiplier, *max_grad_norm, delta.value_or(1e-5)};
+  core::check_dp(dp.noise_multiplier, dp.max_grad_norm, dp.delta,
+                 {"--dp-noise-multiplier", "--dp-max-grad-norm", "--dp-delta"});
+  return dp;
+}
+
+void
+add_dp_sgd_options(CLI::App& app, DpSgdFlags& f)
+{
+  app.add_option("--dp-noise-multiplier", f.noise_multiplier,
+                 "DP-SGD: noise standard deviation over the clip norm (with --dp-max-grad-norm)")
+    ->type_name("S");
+  app.add_option("--dp-max-grad-norm", f.max_grad_norm, "DP-SGD: clip each example's gradient to this L2 norm")
+    ->type_name("C");
+  app.add_option("--dp-delta", f.delta, "DP-SGD: the delta that epsilon is reported at (default 1e-5)")
+    ->type_name("D");
 }
 
 void

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "backends/loader.hpp"
+#include "core/config.hpp"
 #include "core/dataset.hpp"
 
 #include <nlohmann/json_fwd.hpp>
@@ -48,6 +49,19 @@ void add_compute_options(CLI::App& app, ComputeOptions& options);
 // Loads the backend for `--device` and sets its thread count (--threads, default the number of
 // cores). Throws as backends::resolve_device does.
 std::pair<const backends::Backend*, std::string> open_backend(const ComputeOptions& options);
+
+// --dp-noise-multiplier, --dp-max-grad-norm, --dp-delta: sample-level DP-SGD (fedl train; fedl
+// init, for the sites' training in every task).
+struct DpSgdFlags
+{
+  std::optional<double> noise_multiplier;
+  std::optional<double> max_grad_norm;
+  std::optional<double> delta;
+
+  // None if no flag is given; UsageError (naming the flag) for half a setting or a bad value.
+  std::optional<core::DpSgdConfig> resolve() const;
+};
+void add_dp_sgd_options(CLI::App& app, DpSgdFlags& flags);
 
 struct DataFlags
 {

@@ -51,6 +51,7 @@ struct InitOptions
   std::string split = "iid";
   double holdout = 0.0;
   core::TrainingConfig training; // the sites' local training, sent with each task
+  DpSgdFlags dp;                 // ... and its DP-SGD
   std::optional<std::uint32_t> min_clients;
   ComputeOptions compute;
 };
@@ -154,6 +155,7 @@ run_create(const InitOptions& opt)
   config.seed = opt.seed;
   config.valid_days = opt.valid_days;
   config.training = opt.training;
+  config.training.dp = opt.dp.resolve();
   config.min_clients = opt.min_clients.value_or(0);
 
   std::optional<core::Dataset> data;
@@ -324,6 +326,7 @@ add_init(CLI::App& parent)
   app->add_option("--prox-mu", opt->training.prox_mu, "FedProx proximal term weight for the sites (0: off)")
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber);
+  add_dp_sgd_options(*app, opt->dp);
   app->add_flag("--force", opt->force, "Replace an existing workspace");
   app->add_option("--add-client", opt->add_client, "Add a site to an existing workspace")->type_name("NAME");
   app->add_option("--revoke", opt->revoke, "Revoke a site's certificate in an existing workspace")->type_name("NAME");

@@ -13,6 +13,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+
 namespace fs = std::filesystem;
 
 namespace fedl::cmd {
@@ -28,6 +30,8 @@ struct JoinOptions
   double retry_max = 30;
   double retry_for = 0;
   double trainer_idle = 0;
+  std::optional<double> max_epsilon;
+  std::optional<double> delta;
   ComputeOptions compute;
 };
 
@@ -70,6 +74,19 @@ run_join(const JoinOptions& opt)
   s.retry_max = opt.retry_max;
   s.retry_for = opt.retry_for;
   s.trainer_idle = opt.trainer_idle;
+  if (opt.delta && !opt.max_epsilon) {
+    throw core::UsageError("--delta is the delta of the site's budget: give --max-epsilon E too");
+  }
+  if (opt.max_epsilon) {
+    if (!(*opt.max_epsilon > 0) || !std::isfinite(*opt.max_epsilon)) {
+      throw core::UsageError("--max-epsilon must be a positive number, not {}", *opt.max_epsilon);
+    }
+    s.max_epsilon = opt.max_epsilon;
+    s.delta = opt.delta.value_or(1e-5);
+    if (!(s.delta > 0 && s.delta < 1)) {
+      throw core::UsageError("--delta must be between 0 and 1 (exclusive), not {}", s.delta);
+    }
+  }
   s.trainer_argv = {core::self_executable().string(), "__worker", "--log-format", globals().log_format,
                     "--max-model-bytes", std::to_string(s.max_model_bytes)};
   if (globals().quiet) {
@@ -120,6 +137,10 @@ add_join(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber)
     ->type_name("SEC");
+  app->add_option("--max-epsilon", opt->max_epsilon,
+                  "The site's own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this")
+    ->type_name("E");
+  app->add_option("--delta", opt->delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
   add_compute_options(*app, opt->compute);
   return {app, [opt] { return run_join(*opt); }};
 }

@@ -190,8 +190,20 @@ namespace fedl::cmd {
 fedl_train_config
 train_config(const TrainingSettings& s, std::uint64_t seed)
 {
-  return {s.epochs, s.batch_size, s.lr, s.optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD, s.momentum, s.prox_mu,
-          seed};
+  fedl_train_config c{};
+  c.epochs = s.epochs;
+  c.batch_size = s.batch_size;
+  c.lr = s.lr;
+  c.optimizer = s.optimizer == "adam" ? FEDL_OPT_ADAM : FEDL_OPT_SGD;
+  c.momentum = s.momentum;
+  c.prox_mu = s.prox_mu;
+  c.seed = seed;
+  if (s.dp) {
+    c.dp_noise_multiplier = s.dp->noise_multiplier;
+    c.dp_max_grad_norm = s.dp->max_grad_norm;
+    c.dp_noise_seed = 0; // from the OS: the seed a coordinator sends must not predict the noise
+  }
+  return c;
 }
 
 UpdateBase
@@ -201,6 +213,17 @@ update_base(OpenedModel& m)
   base.sha256 = m.file_sha256 ? *m.file_sha256
                               : core::safetensors_sha256(core::views_of(base.weights), model_metadata(m, "model"));
   return base;
+}
+
+std::optional<core::DpSgdReport>
+dp_plan(const TrainingSettings& settings, std::uint64_t samples)
+{
+  if (!settings.dp) {
+    return std::nullopt;
+  }
+  const auto bs = std::max<std::uint64_t>(settings.batch_size, 1);
+  const auto steps = static_cast<std::uint64_t>(settings.epochs) * ((samples + bs - 1) / bs);
+  return core::dp_sgd_report(*settings.dp, samples, settings.batch_size, steps);
 }
 
 fedl_train_result
@@ -217,13 +240,21 @@ train_model(OpenedModel& m,
 }
 
 Update
-make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, std::uint32_t epochs, double loss)
+make_update(OpenedModel& m,
+            const UpdateBase& base,
+            std::uint64_t num_samples,
+            std::uint32_t epochs,
+            double loss,
+            const std::optional<core::DpSgdReport>& dp)
 {
   Update u{core::weight_delta(m.model.weights(), core::views_of(base.weights)), model_metadata(m, "update")};
   u.metadata["fedl.base_sha256"] = base.sha256;
   u.metadata["fedl.num_samples"] = std::to_string(num_samples);
   u.metadata["fedl.epochs"] = std::to_string(epochs);
   u.metadata["fedl.loss"] = fmt::format("{}", loss);
+  if (dp) {
+    u.metadata["fedl.dp"] = dp->to_json().dump();
+  }
   return u;
 }
 

@@ -8,6 +8,7 @@
 #include "backends/loader.hpp"
 #include "core/config.hpp"
 #include "core/dataset.hpp"
+#include "core/privacy.hpp"
 #include "core/safetensors.hpp"
 #include "core/update.hpp"
 
@@ -86,6 +87,11 @@ struct UpdateBase
 };
 UpdateBase update_base(OpenedModel& m);
 
+// With DP-SGD in `settings`: what training on `samples` examples will spend (q = batch size /
+// samples, epochs × ceil(samples / batch size) steps). UsageError if the batch size exceeds the
+// samples. Without: nullopt.
+std::optional<core::DpSgdReport> dp_plan(const TrainingSettings& settings, std::uint64_t samples);
+
 // Trains `m` on `data` (nothing with 0 epochs: loss 0, 0 steps). `progress` as Model::train.
 fedl_train_result train_model(OpenedModel& m,
                               const core::Dataset& data,
@@ -94,7 +100,8 @@ fedl_train_result train_model(OpenedModel& m,
                               const backends::Model::Progress& progress);
 
 // An update: trained minus base weights, with the metadata fedl train --out writes before it
-// signs (kind, arch, input shape, classes, base_sha256, num_samples, epochs, loss).
+// signs (kind, arch, input shape, classes, base_sha256, num_samples, epochs, loss, and fedl.dp,
+// the DP-SGD report as JSON, when trained with DP-SGD).
 struct Update
 {
   std::vector<core::OwnedTensor> tensors;
@@ -106,6 +113,7 @@ Update make_update(OpenedModel& m,
                    const UpdateBase& base,
                    std::uint64_t num_samples,
                    std::uint32_t epochs,
-                   double loss);
+                   double loss,
+                   const std::optional<core::DpSgdReport>& dp);
 
 } // namespace fedl::cmd

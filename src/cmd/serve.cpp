@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <mutex>
 
 namespace fs = std::filesystem;
@@ -36,6 +37,10 @@ struct ServeOptions
   std::optional<double> wait_timeout;
   std::optional<std::string> strategy;
   std::optional<double> clip_norm;
+  std::optional<double> dp_clip_norm;
+  std::optional<double> dp_noise_multiplier;
+  std::optional<double> max_epsilon;
+  std::optional<double> delta;
   std::optional<fs::path> eval_data;
   std::optional<double> target_accuracy;
   std::optional<std::string> metrics;
@@ -96,6 +101,35 @@ private:
   std::mutex m_mutex;
 };
 
+// Client-level DP and the budget: fedl.json's "privacy", each value replaced by its flag.
+core::PrivacyConfig
+privacy_settings(const ServeOptions& opt, core::PrivacyConfig p)
+{
+  if (opt.dp_clip_norm.has_value() != opt.dp_noise_multiplier.has_value()) {
+    throw core::UsageError("client-level DP needs both --dp-clip-norm C and --dp-noise-multiplier S");
+  }
+  if (opt.dp_clip_norm) {
+    p.clip_norm = *opt.dp_clip_norm;
+    p.noise_multiplier = *opt.dp_noise_multiplier;
+    core::check_dp(p.noise_multiplier, p.clip_norm, opt.delta.value_or(p.delta),
+                   {"--dp-noise-multiplier", "--dp-clip-norm", "--delta"});
+  }
+  p.max_epsilon = opt.max_epsilon.value_or(p.max_epsilon);
+  p.delta = opt.delta.value_or(p.delta);
+  if (!(p.delta > 0 && p.delta < 1)) {
+    throw core::UsageError("--delta must be between 0 and 1 (exclusive), not {}", p.delta);
+  }
+  if (opt.max_epsilon && (!(p.max_epsilon > 0) || !std::isfinite(p.max_epsilon))) {
+    throw core::UsageError("--max-epsilon must be a positive number, not {}", p.max_epsilon);
+  }
+  if (p.max_epsilon > 0 && p.noise_multiplier <= 0) {
+    throw core::UsageError("--max-epsilon budgets the federation's client-level DP: give --dp-clip-norm C and "
+                           "--dp-noise-multiplier S (or set privacy in fedl.json); a site budgets its own sample-level "
+                           "DP-SGD with fedl join --max-epsilon");
+  }
+  return p;
+}
+
 int
 run_serve(const ServeOptions& opt)
 {
@@ -116,6 +150,12 @@ run_serve(const ServeOptions& opt)
   s.server.clip_norm = opt.clip_norm;
   core::validate_server_options(s.server);
   s.training = config.training;
+  s.privacy = privacy_settings(opt, config.privacy);
+  if (s.privacy.noise_multiplier > 0 && !(s.strategy.kind == core::Strategy::fedavg || s.strategy.stateful())) {
+    throw core::UsageError("client-level DP adds noise to a mean, so it needs a mean-type strategy (fedavg, fedavgm, "
+                           "fedadam, fedyogi, fedadagrad), not {}",
+                           s.strategy.to_string());
+  }
   if (s.min_clients > config.clients.size()) {
     FEDL_LOG_WARN("--min-clients {} is more than the {} sites of this federation: no round can start until sites are "
                   "added (fedl init {} --add-client NAME)",
@@ -171,7 +211,10 @@ run_serve(const ServeOptions& opt)
   const auto reason = summary.value("reason", std::string());
   const auto acc = summary["accuracy"].is_number() ? fmt::format(", accuracy {:.2f}%", summary["accuracy"].get<double>() * 100)
                                                    : std::string();
-  if (reason == "already-complete") {
+  if (reason == "privacy-budget") {
+    text = fmt::format("stopped after round {}: the privacy budget allows no further round; latest model {}{}\n",
+                       summary["rounds_completed"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
+  } else if (reason == "already-complete") {
     text = fmt::format("the federation is already complete: {} rounds, latest model {}{}\n",
                        summary["rounds_completed"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
   } else {
@@ -181,6 +224,9 @@ run_serve(const ServeOptions& opt)
                        summary["model"].get<std::string>(), acc);
   }
   print_result(summary, text);
+  if (reason == "privacy-budget") {
+    return static_cast<int>(core::ExitCode::budget);
+  }
   return summary.value("interrupted", false) ? static_cast<int>(core::ExitCode::interrupted) : 0;
 }
 
@@ -219,6 +265,17 @@ add_serve(CLI::App& parent)
   app->add_option("--clip-norm", opt->clip_norm, "Scale each update down to this L2 norm first")
     ->check(CLI::PositiveNumber)
     ->type_name("C");
+  app->add_option("--dp-clip-norm", opt->dp_clip_norm,
+                  "Client-level DP: clip each update to this L2 norm (with --dp-noise-multiplier)")
+    ->type_name("C");
+  app->add_option("--dp-noise-multiplier", opt->dp_noise_multiplier,
+                  "Client-level DP: noise standard deviation on the sum of updates, over --dp-clip-norm")
+    ->type_name("S");
+  app->add_option("--max-epsilon", opt->max_epsilon,
+                  "Federation budget: start no round that would take client-level epsilon past this (exit 4)")
+    ->type_name("E");
+  app->add_option("--delta", opt->delta, "The delta of client-level epsilon (default 1e-5, or fedl.json)")
+    ->type_name("D");
   app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
     ->type_name("PATH");
   app->add_option("--target-accuracy", opt->target_accuracy, "Stop once the evaluated accuracy reaches this")

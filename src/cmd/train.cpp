@@ -33,11 +33,13 @@ struct TrainOptions
   std::optional<std::filesystem::path> save_model;
   std::optional<std::filesystem::path> identity;
   TrainingSettings training;
+  DpSgdFlags dp;
 };
 
 int
-run_train(const TrainOptions& opt)
+run_train(TrainOptions opt)
 {
+  opt.training.dp = opt.dp.resolve();
   if (!opt.out && !opt.save_model) {
     throw core::UsageError("nothing to write: give --out UPDATE and/or --save-model FILE");
   }
@@ -53,6 +55,8 @@ run_train(const TrainOptions& opt)
   const auto data = core::load_dataset(opt.data.to_options());
   FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), data.size(), data.shape_string());
 
+  // Before the backend loads: a batch larger than the data is a usage error under DP-SGD.
+  const auto dp = dp_plan(opt.training, data.size());
   const auto [backend, device] = open_backend(opt.compute);
 
   auto m = open_model(*backend, device, opt.model, data);
@@ -95,13 +99,22 @@ run_train(const TrainOptions& opt)
   }
   std::string text = fmt::format("trained {} for {} epochs on {} samples ({}): loss {:.4f}, {:.1f} s\n", m.arch,
                                  epochs, data.size(), device, result.loss, train_seconds);
+  if (dp) {
+    if (dp->steps != result.steps) {
+      throw core::Error("internal: the backend took {} DP-SGD steps where {} were accounted", result.steps, dp->steps);
+    }
+    j["dp"] = dp->to_json();
+    text += fmt::format("DP-SGD: epsilon {:.4g} at delta {:g} (sample rate {:.4g}, noise multiplier {:g}, clip {:g}, "
+                        "{} steps)\n",
+                        dp->epsilon, dp->delta, dp->sample_rate, dp->noise_multiplier, dp->max_grad_norm, dp->steps);
+  }
   if (opt.save_model) {
     core::write_safetensors(*opt.save_model, m.model.weights(), model_metadata(m, "model"));
     j["model"] = opt.save_model->string();
     text += fmt::format("model: {}\n", opt.save_model->string());
   }
   if (opt.out) {
-    auto update = make_update(m, *base, data.size(), epochs, result.loss);
+    auto update = make_update(m, *base, data.size(), epochs, result.loss, dp);
     auto& meta = update.metadata;
     const auto views = update.views();
     if (identity) {
@@ -154,6 +167,7 @@ add_train(CLI::App& parent)
   app->add_option("--prox-mu", opt->training.prox_mu, "FedProx proximal term weight (0: off)")
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber);
+  add_dp_sgd_options(*app, opt->dp);
   app->add_option("--seed", opt->model.seed, "Seed for initialisation and shuffling")->capture_default_str();
   add_compute_options(*app, opt->compute);
   return {app, [opt] { return run_train(*opt); }};

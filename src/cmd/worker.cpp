@@ -4,9 +4,12 @@
 // each on stdout; its log goes to stderr, which it shares with its parent.
 //
 //   TASK   {"round": N, "seed": S, "training": {"epochs", "batch_size", "lr", "optimizer",
-//           "momentum", "prox_mu"}}, body: a fedl model file
-//     ->   UPDATE {"round": N, "num_samples", "loss", "steps", "seconds"}, body: the update file,
-//          as `fedl train --model M --out U --seed S` writes it plus fedl.round=N, unsigned
+//           "momentum", "prox_mu", ["dp": {"noise_multiplier", "max_grad_norm", "delta"}]},
+//           ["budget": {"max_epsilon": E, "delta": D, "spent": RDP account}]}, body: a fedl model
+//     ->   UPDATE {"round": N, "num_samples", "loss", "steps", "seconds", ["dp": DP-SGD report]},
+//          body: the update file, as `fedl train --model M --out U --seed S` writes it plus
+//          fedl.round=N, unsigned. With a budget, a task whose DP-SGD would take the site's
+//          account (spent + this run) past E at D is refused before training (ERROR, code 4).
 //   EVAL   {}, body: a fedl model file
 //     ->   RESULT {"accuracy", "loss", "samples", "seconds"}, as `fedl eval` computes them
 //   a task that fails -> ERROR {"message", "code": the exit code fedl would give}; it goes on
@@ -108,9 +111,27 @@ training_settings(const nlohmann::json& j)
       s.momentum = number(key, v);
     } else if (key == "prox_mu") {
       s.prox_mu = number(key, v);
+    } else if (key == "dp") {
+      if (!v.is_object()) {
+        throw core::UsageError("training setting dp is not a JSON object: {}", v.dump());
+      }
+      core::DpSgdConfig dp;
+      for (const auto& [k, x] : v.items()) {
+        if (k == "noise_multiplier") {
+          dp.noise_multiplier = number("dp." + k, x);
+        } else if (k == "max_grad_norm") {
+          dp.max_grad_norm = number("dp." + k, x);
+        } else if (k == "delta") {
+          dp.delta = number("dp." + k, x);
+        } else {
+          throw core::UsageError("unknown training setting \"dp.{}\" (known: noise_multiplier, max_grad_norm, delta)",
+                                 k);
+        }
+      }
+      s.dp = dp;
     } else {
       throw core::UsageError("unknown training setting \"{}\" (known: epochs, batch_size, lr, optimizer, momentum, "
-                             "prox_mu)",
+                             "prox_mu, dp)",
                              key);
     }
   }
@@ -195,6 +216,8 @@ private:
                                                           it->get<std::string>().size() == 64) {
       base_sha256 = it->get<std::string>();
     }
+    const auto dp = dp_plan(settings, m_data.size());
+    check_budget(frame.header, dp);
     auto m = open(frame.body, fmt::format("the round {} model", round), seed, base_sha256);
     const auto base = update_base(m);
     const auto t0 = uptime_seconds();
@@ -207,7 +230,7 @@ private:
                                       return true;
                                     });
     const double seconds = uptime_seconds() - t0;
-    auto update = make_update(m, base, m_data.size(), settings.epochs, result.loss);
+    auto update = make_update(m, base, m_data.size(), settings.epochs, result.loss, dp);
     update.metadata["fedl.round"] = std::to_string(round);
 
     // The update file's bytes go straight into the frame body, as write_safetensors lays them out.
@@ -221,13 +244,45 @@ private:
     FEDL_LOG_INFO("round {}: trained {} for {} epochs on {} samples: loss {:.4f}, {:.1f} s", round, m.arch,
                   settings.epochs, m_data.size(), result.loss, seconds);
     m_model.emplace(std::move(m));
-    reply(core::FrameType::update,
-          {{"round", round},
-           {"num_samples", m_data.size()},
-           {"loss", result.loss},
-           {"steps", result.steps},
-           {"seconds", seconds}},
-          body);
+    nlohmann::json header = {
+      {"round", round}, {"num_samples", m_data.size()}, {"loss", result.loss}, {"steps", result.steps},
+      {"seconds", seconds}};
+    if (dp) {
+      header["dp"] = dp->to_json();
+    }
+    reply(core::FrameType::update, header, body);
+  }
+
+  // A task's "budget" (the site's --max-epsilon): refuses, before training, a run that would take
+  // the site's account past it. The parent writes the account; this only projects.
+  static void check_budget(const nlohmann::json& header, const std::optional<core::DpSgdReport>& dp)
+  {
+    const auto it = header.find("budget");
+    if (it == header.end()) {
+      return;
+    }
+    const auto& b = *it;
+    if (!b.is_object() || !b.contains("max_epsilon") || !b["max_epsilon"].is_number() || !b.contains("delta") ||
+        !b["delta"].is_number() || !b.contains("spent")) {
+      throw core::ProtocolError(fmt::format("TASK frame has a malformed budget: {}", b.dump()));
+    }
+    const double max_epsilon = b["max_epsilon"].get<double>();
+    const double delta = b["delta"].get<double>();
+    if (!dp) {
+      throw core::Error(core::ExitCode::budget,
+                        "the task asks for training without DP-SGD, which this site's --max-epsilon {} does not allow",
+                        max_epsilon);
+    }
+    auto account = core::RdpAccount::from_json(b["spent"], "the task's budget");
+    const double before = account.epsilon(delta).epsilon;
+    dp->add_to(account);
+    const double after = account.epsilon(delta).epsilon;
+    if (after > max_epsilon) {
+      throw core::Error(core::ExitCode::budget,
+                        "this task's DP-SGD ({} steps at sample rate {:.4g}, noise multiplier {:g}) would take the site's "
+                        "epsilon from {:.4g} to {:.4g} at delta {:g}, past its --max-epsilon {:g}",
+                        dp->steps, dp->sample_rate, dp->noise_multiplier, before, after, delta, max_epsilon);
+    }
   }
 
   void evaluate(const core::Frame& frame)

@@ -289,6 +289,18 @@ validate_server_options(const ServerOptions& o)
   if (o.clip_norm && (!std::isfinite(*o.clip_norm) || *o.clip_norm <= 0.0)) {
     throw UsageError("--clip-norm must be a positive number, not {}", *o.clip_norm);
   }
+  if (o.client_dp) {
+    if (!o.clip_norm) {
+      throw UsageError("client-level DP needs a clip norm (--dp-clip-norm)");
+    }
+    if (!(o.client_dp->noise_std > 0) || !std::isfinite(o.client_dp->noise_std)) {
+      throw UsageError("client-level DP: the noise standard deviation must be a positive number, not {}",
+                       o.client_dp->noise_std);
+    }
+    if (!(o.client_dp->denominator >= 1) || !std::isfinite(o.client_dp->denominator)) {
+      throw UsageError("client-level DP: the denominator must be at least 1, not {}", o.client_dp->denominator);
+    }
+  }
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -578,6 +590,11 @@ aggregate_impl(const Safetensors& base,
   if (spec.kind == Strategy::trimmed_mean && !(spec.trim >= 0.0 && spec.trim < 0.5)) {
     throw UsageError("trimmed-mean: BETA must satisfy 0 <= BETA < 0.5, not {}", spec.trim);
   }
+  if (options.client_dp && !(spec.kind == Strategy::fedavg || spec.stateful())) {
+    throw UsageError("client-level DP adds noise to a mean, so it needs a mean-type strategy (fedavg, fedavgm, "
+                     "fedadam, fedyogi, fedadagrad), not {}",
+                     spec.to_string());
+  }
 
   Plan plan = make_plan(base, updates);
 
@@ -712,6 +729,14 @@ aggregate_impl(const Safetensors& base,
     for (std::size_t i = 0; i < n; ++i) {
       coef[i] = weights[i] * scale[i];
       denominator += weights[i];
+    }
+    if (options.client_dp) {
+      for (std::size_t i = 0; i < n; ++i) {
+        coef[i] = scale[i];
+      }
+      denominator = options.client_dp->denominator;
+      step.noise_std = options.client_dp->noise_std;
+      step.noise_seed = options.client_dp->seed;
     }
     mean_pass(pass, all, coef, denominator, step);
     break;

@@ -113,6 +113,22 @@ struct ServerOptions
   double tau = 1e-3;        // τ, --tau; > 0 (also v's initial value is τ², as Reddi et al. allow)
   std::optional<double> clip_norm;  // C, --clip-norm; > 0
   unsigned threads = 0;     // worker threads; 0 means one per core
+
+  // Client-level DP (DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private Recurrent
+  // Language Models", Algorithm 1 with the fixed denominator): needs clip_norm and a mean-type
+  // strategy. Every clipped update counts once (weights are ignored: a sample count would let
+  // one site's update outweigh the clip), Gaussian noise of standard deviation noise_std is
+  // added to each coordinate of their sum, and the sum is divided by `denominator` (the number
+  // of sites asked, so that a site's presence changes the mean by at most clip / denominator)
+  // instead of the number of updates. The noise comes from the OS's entropy unless `seed` is
+  // non-zero (tests), and then also depends on the number of threads.
+  struct ClientDp
+  {
+    double noise_std = 0;
+    double denominator = 1;
+    std::uint64_t seed = 0;
+  };
+  std::optional<ClientDp> client_dp;
 };
 
 // Throws UsageError naming the flag if an option is out of its range.

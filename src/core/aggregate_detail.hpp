@@ -337,6 +337,11 @@ struct Step
   double beta1 = 0.9;
   double beta2 = 0.99;
   double tau = 1e-3;
+  // Client-level DP: Gaussian noise of this standard deviation added to each coordinate of the
+  // weighted sum before it is divided (mean_pass only); 0: none. Seeded from noise_seed (plus
+  // the thread's index), or from the OS if 0.
+  double noise_std = 0;
+  std::uint64_t noise_seed = 0;
 };
 
 struct Pass

@@ -4,6 +4,7 @@
 #include "core/aggregate.hpp"
 #include "core/aggregate_detail.hpp"
 #include "core/error.hpp"
+#include "core/noise.hpp"
 
 #include <algorithm>
 #include <array>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <exception>
 #include <numeric>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -385,6 +387,12 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
   run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
     double* a = acc[t].data();
     auto& reader = readers[t];
+    std::optional<GaussianNoise> noise;
+    std::vector<double> draws;
+    if (step.noise_std > 0) {
+      noise.emplace(step.noise_seed != 0 ? step.noise_seed + t : 0);
+      draws.resize(k_mean_block);
+    }
     for_each_piece(plan, begin, end, k_mean_block, [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
       const std::size_t es = dtype_size(tp.dtype);
       const std::size_t bytes = count * es;
@@ -415,6 +423,12 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
           axpy1<double>(a, x, coef[k], count);
         }
         reader.consumed(which[k], p, bytes);
+      }
+      if (noise) {
+        noise->fill(std::span(draws.data(), count), step.noise_std);
+        for (std::size_t j = 0; j < count; ++j) {
+          a[j] += draws[j];
+        }
       }
       if (tp.dtype == DType::f32) {
         apply_step<float>(step, tp, off, a, denominator, count);

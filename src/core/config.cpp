@@ -124,8 +124,42 @@ private:
 nlohmann::json
 to_json(const TrainingConfig& t)
 {
-  return {{"epochs", t.epochs},       {"batch_size", t.batch_size}, {"lr", t.lr},
-          {"optimizer", t.optimizer}, {"momentum", t.momentum},     {"prox_mu", t.prox_mu}};
+  json j = {{"epochs", t.epochs},       {"batch_size", t.batch_size}, {"lr", t.lr},
+            {"optimizer", t.optimizer}, {"momentum", t.momentum},     {"prox_mu", t.prox_mu}};
+  if (t.dp) {
+    j["dp"] = {{"noise_multiplier", t.dp->noise_multiplier},
+               {"max_grad_norm", t.dp->max_grad_norm},
+               {"delta", t.dp->delta}};
+  }
+  return j;
+}
+
+void
+check_dp(double noise_multiplier, double clip, double delta, const DpFlagNames& names)
+{
+  if (!(noise_multiplier > 0) || !std::isfinite(noise_multiplier)) {
+    throw UsageError("{} must be a positive number, not {}", names.noise_multiplier, noise_multiplier);
+  }
+  if (!(clip > 0) || !std::isfinite(clip)) {
+    throw UsageError("{} must be a positive number, not {}", names.clip, clip);
+  }
+  if (!(delta > 0 && delta < 1)) {
+    throw UsageError("{} must be between 0 and 1 (exclusive), not {}", names.delta, delta);
+  }
+}
+
+void
+check_privacy(const PrivacyConfig& p)
+{
+  if (!(p.delta > 0 && p.delta < 1)) {
+    throw UsageError("delta must be between 0 and 1 (exclusive), not {}", p.delta);
+  }
+  if (p.clip_norm != 0 || p.noise_multiplier != 0) {
+    check_dp(p.noise_multiplier, p.clip_norm, p.delta, {"noise_multiplier", "clip_norm", "delta"});
+  }
+  if (p.max_epsilon != 0 && (!(p.max_epsilon > 0) || !std::isfinite(p.max_epsilon))) {
+    throw UsageError("max_epsilon must be a positive number, not {}", p.max_epsilon);
+  }
 }
 
 void
@@ -149,6 +183,10 @@ check_training(const TrainingConfig& t)
   if (!(t.prox_mu >= 0) || !std::isfinite(t.prox_mu)) {
     throw UsageError("prox_mu {} is not a non-negative number", t.prox_mu);
   }
+  if (t.dp) {
+    check_dp(t.dp->noise_multiplier, t.dp->max_grad_norm, t.dp->delta,
+             {"dp.noise_multiplier", "dp.max_grad_norm", "dp.delta"});
+  }
 }
 
 nlohmann::json
@@ -158,7 +196,7 @@ to_json(const FederationConfig& c)
   if (c.model.torchscript) {
     model["torchscript"] = *c.model.torchscript;
   }
-  return {
+  json j = {
     {"version", c.version},
     {"model", model},
     {"clients", c.clients},
@@ -181,6 +219,14 @@ to_json(const FederationConfig& c)
     {"seed", c.seed},
     {"pki", {{"valid_days", c.valid_days}}},
   };
+  // Written only when set, so that the files of federations without it stay as they were.
+  if (c.privacy != PrivacyConfig{}) {
+    j["privacy"] = {{"clip_norm", c.privacy.clip_norm},
+                    {"noise_multiplier", c.privacy.noise_multiplier},
+                    {"max_epsilon", c.privacy.max_epsilon},
+                    {"delta", c.privacy.delta}};
+  }
+  return j;
 }
 
 FederationConfig
@@ -255,12 +301,34 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     r.get("optimizer", c.training.optimizer);
     r.get("momentum", c.training.momentum);
     r.get("prox_mu", c.training.prox_mu);
+    if (const auto* dp = r.find("dp")) {
+      ObjectReader d(*dp, "training.dp", what);
+      DpSgdConfig cfg;
+      d.get("noise_multiplier", cfg.noise_multiplier);
+      d.get("max_grad_norm", cfg.max_grad_norm);
+      d.get("delta", cfg.delta);
+      d.finish();
+      c.training.dp = cfg;
+    }
     r.finish();
     // Checked here, not where a site trains: a bad value would fail every attempt of every round.
     try {
       check_training(c.training);
     } catch (const UsageError& e) {
       throw UsageError("{}: training: {}", what, e.what());
+    }
+  }
+  if (const auto* p = top.find("privacy")) {
+    ObjectReader r(*p, "privacy", what);
+    r.get("clip_norm", c.privacy.clip_norm);
+    r.get("noise_multiplier", c.privacy.noise_multiplier);
+    r.get("max_epsilon", c.privacy.max_epsilon);
+    r.get("delta", c.privacy.delta);
+    r.finish();
+    try {
+      check_privacy(c.privacy);
+    } catch (const UsageError& e) {
+      throw UsageError("{}: privacy: {}", what, e.what());
     }
   }
   top.get("seed", c.seed);

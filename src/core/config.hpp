@@ -21,6 +21,18 @@ struct ModelConfig
   std::optional<std::string> torchscript; // file name inside the workspace (model.pt)
 };
 
+// Sample-level DP-SGD of a local training run (Abadi et al. 2016): Poisson sampling with rate
+// batch_size / samples, each example's gradient clipped to max_grad_norm, Gaussian noise of
+// standard deviation noise_multiplier × max_grad_norm on the sum; epsilon is reported at delta.
+struct DpSgdConfig
+{
+  double noise_multiplier = 0;
+  double max_grad_norm = 0;
+  double delta = 1e-5;
+
+  bool operator==(const DpSgdConfig&) const = default;
+};
+
 // Hyperparameters of one local training run: fedl train's options, fedl.json's "training",
 // a round's task.
 struct TrainingConfig
@@ -34,6 +46,20 @@ struct TrainingConfig
   std::string optimizer = "sgd";
   double momentum = 0.0;
   double prox_mu = 0.0;
+  std::optional<DpSgdConfig> dp;  // "dp" in JSON; absent: no DP-SGD
+};
+
+// fedl.json's "privacy": client-level DP at the coordinator (DP-FedAvg: each update clipped to
+// clip_norm, Gaussian noise of noise_multiplier × clip_norm on their sum) and the federation's
+// budget (max_epsilon at delta), which fedl serve never lets a round exceed. 0: off / none.
+struct PrivacyConfig
+{
+  double clip_norm = 0;
+  double noise_multiplier = 0;
+  double max_epsilon = 0;
+  double delta = 1e-5;
+
+  bool operator==(const PrivacyConfig&) const = default;
 };
 
 struct ServerOptimizerConfig
@@ -63,6 +89,7 @@ struct FederationConfig
   std::string strategy = "fedavg";
   ServerOptimizerConfig server_optimizer;
   TrainingConfig training;
+  PrivacyConfig privacy;
   std::uint64_t seed = 0;
   std::uint32_t valid_days = 365;
 };
@@ -71,6 +98,19 @@ nlohmann::json to_json(const FederationConfig& config);
 nlohmann::json to_json(const TrainingConfig& training);
 // Throws UsageError naming the first value out of the range fedl train's options accept.
 void check_training(const TrainingConfig& training);
+// Throws UsageError unless noise multiplier and clip norm are positive and finite and delta is
+// in (0, 1); `flags` names them in the message as the caller's user knows them, e.g.
+// {"--dp-noise-multiplier", "--dp-max-grad-norm", "--dp-delta"}.
+struct DpFlagNames
+{
+  const char* noise_multiplier;
+  const char* clip;
+  const char* delta;
+};
+void check_dp(double noise_multiplier, double clip, double delta, const DpFlagNames& names);
+// The same for fedl.json's "privacy" (every field 0 is "off"; clip_norm and noise_multiplier
+// come together; max_epsilon positive if set).
+void check_privacy(const PrivacyConfig& privacy);
 // Throws UsageError (exit 2) naming `what` (the file) and the field path for unknown keys,
 // missing required fields and wrong types.
 FederationConfig config_from_json(const nlohmann::json& j, const std::string& what);

@@ -6,6 +6,7 @@
 #include "core/error.hpp"
 #include "core/file_io.hpp"
 #include "core/log.hpp"
+#include "core/privacy.hpp"
 #include "core/round.hpp"
 
 #include <asio/ip/tcp.hpp>
@@ -72,6 +73,32 @@ struct Participant
 };
 
 // SplitMix64 (Steele, Lea, Flood 2014) to derive a per-attempt seed from (seed, round, attempt).
+// ", epsilon E" for a round's progress line: the federation's client-level total, and the largest
+// total any site reported for its sample-level DP-SGD.
+std::string
+privacy_text(const nlohmann::json& body)
+{
+  const auto it = body.find("privacy");
+  if (it == body.end() || !it->is_object()) {
+    return {};
+  }
+  std::string t;
+  if (const auto c = it->find("client"); c != it->end()) {
+    t += fmt::format(", epsilon {:.3g}", c->value("epsilon", 0.0));
+    if (const auto m = it->find("max_epsilon"); m != it->end()) {
+      t += fmt::format(" of {:g}", m->get<double>());
+    }
+  }
+  if (const auto s = it->find("sites"); s != it->end() && s->is_object() && !s->empty()) {
+    double most = 0;
+    for (const auto& [name, r] : s->items()) {
+      most = std::max(most, r.value("total_epsilon", 0.0));
+    }
+    t += fmt::format(", site epsilon up to {:.3g}", most);
+  }
+  return t;
+}
+
 std::uint64_t
 mix(std::uint64_t x)
 {
@@ -127,7 +154,9 @@ private:
   void finish_attempt(const std::string& why);
   void round_done(json result);
   void round_failed(const std::string& why);
-  void finish(const std::string& reason);
+  void finish(const std::string& reason, json details = json::object());
+  // With a budget: the epsilon after one more round at client sampling rate q.
+  double projected_epsilon(double q) const;
   void stop_now();
   void wait_for_signal();
   void fail(const std::string& message);
@@ -176,6 +205,9 @@ private:
   double m_not_before = 0;
   double m_trust_checked = 0;     // last look at fedl.json and the CRL        // no attempt starts before this (backoff after a failed one)
   std::uint32_t m_failed_in_a_row = 0;
+  FederationPrivacy m_privacy;                // replayed from the ledger, advanced with each round
+  std::optional<ClientDpRound> m_client_dp;   // the current attempt's client-level DP
+  std::uint32_t m_client_dp_asked = 0;        // the current attempt's denominator
   std::shared_ptr<MappedFile> m_model;
   std::string m_model_sha;
   std::uint64_t m_max_update = 0;
@@ -502,10 +534,16 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
   p->admitted = true;
   m_sites[p->site] = p;
   FEDL_LOG_INFO("site {} connected from {} ({} connected)", p->site, p->conn->stream().remote(), m_sites.size());
-  p->conn->send(FrameType::welcome, {{"round", m_round},
-                                     {"rounds", m_s.rounds},
-                                     {"heartbeat", m_s.heartbeat},
-                                     {"ca_fingerprint", certificate_fingerprint(m_ca)}});
+  json welcome = {{"round", m_round},
+                  {"rounds", m_s.rounds},
+                  {"heartbeat", m_s.heartbeat},
+                  {"ca_fingerprint", certificate_fingerprint(m_ca)}};
+  // What the ledger says this site spent: a site with a budget counts the larger of this and its
+  // own account, and refuses to go on if its account is missing or shorter.
+  if (auto spent = m_privacy.site_report(p->site); !spent.is_null()) {
+    welcome["privacy"] = std::move(spent);
+  }
+  p->conn->send(FrameType::welcome, welcome);
   // A site that reconnects during a round it was asked to train gets its task again.
   if (m_phase == Phase::running) {
     if (const auto it = m_participants.find(p->site);
@@ -620,6 +658,35 @@ Coordinator::start_round()
   if (m_sites.size() < m_s.min_clients) {
     return;
   }
+  const auto& privacy = m_s.privacy;
+  std::size_t asked = m_sites.size();
+  if (m_s.clients_per_round > 0) {
+    asked = std::min<std::size_t>(m_s.clients_per_round, m_sites.size());
+  } else if (m_s.fraction > 0) {
+    asked = static_cast<std::size_t>(std::ceil(m_s.fraction * static_cast<double>(m_sites.size())));
+  }
+  asked = std::clamp<std::size_t>(asked, std::min<std::size_t>(m_s.min_clients, m_sites.size()), m_sites.size());
+  m_client_dp.reset();
+  if (privacy.noise_multiplier > 0) {
+    // Each site is in the round with probability asked / connected (the rate the accountant
+    // composes; a site not connected is in no round).
+    const double q = static_cast<double>(asked) / static_cast<double>(m_sites.size());
+    if (privacy.max_epsilon > 0) {
+      const double next = projected_epsilon(q);
+      if (next > privacy.max_epsilon) {
+        FEDL_LOG_WARN("round {} would take the federation's epsilon to {:.4g} (delta {:g}), past --max-epsilon {:g}: "
+                      "stopping",
+                      m_round, next, privacy.delta, privacy.max_epsilon);
+        finish("privacy-budget", {{"epsilon", m_privacy.client().epsilon(privacy.delta).epsilon},
+                                  {"next_round_epsilon", next},
+                                  {"max_epsilon", privacy.max_epsilon},
+                                  {"delta", privacy.delta}});
+        return;
+      }
+    }
+    m_client_dp = ClientDpRound{privacy.clip_norm, privacy.noise_multiplier, q, privacy.delta};
+    m_client_dp_asked = static_cast<std::uint32_t>(asked);
+  }
   ++m_attempt;
   m_task = m_task_rng() | 1;
   m_issued[m_task] = m_round;
@@ -627,13 +694,7 @@ Coordinator::start_round()
   for (const auto& [name, p] : m_sites) {
     names.push_back(name);
   }
-  std::size_t k = names.size();
-  if (m_s.clients_per_round > 0) {
-    k = std::min<std::size_t>(m_s.clients_per_round, names.size());
-  } else if (m_s.fraction > 0) {
-    k = static_cast<std::size_t>(std::ceil(m_s.fraction * static_cast<double>(names.size())));
-  }
-  k = std::clamp<std::size_t>(k, std::min<std::size_t>(m_s.min_clients, names.size()), names.size());
+  const std::size_t k = asked;
   // Seeded: the same seed, round, attempt and connected sites choose the same participants.
   std::mt19937_64 rng(mix(m_s.seed ^ mix(m_round ^ mix(m_attempt))));
   std::shuffle(names.begin(), names.end(), rng);
@@ -749,7 +810,15 @@ Coordinator::finish_attempt(const std::string& why)
         body["rejected"] = validated.rejected;
         append_signed(m_ws, "round-failed", body);
       } else {
-        RoundSettings settings{m_s.strategy, m_s.server, m_evaluate, extra};
+        RoundSettings settings{m_s.strategy, m_s.server, m_evaluate, extra, m_client_dp, std::nullopt};
+        if (m_client_dp) {
+          settings.options.client_dp =
+            ServerOptions::ClientDp{m_client_dp->noise_multiplier * m_client_dp->clip_norm, double(m_client_dp_asked), 0};
+          settings.options.clip_norm = m_client_dp->clip_norm;
+        }
+        if (m_s.privacy.max_epsilon > 0) {
+          settings.max_epsilon = m_s.privacy.max_epsilon;
+        }
         result = commit_round(validated, settings).ledger_body;
       }
     } catch (const std::exception& e) {
@@ -806,6 +875,8 @@ Coordinator::round_done(json result)
     m_accuracy = body["evaluation"]["accuracy"].get<double>();
     acc_text = fmt::format(", accuracy {:.2f}%", *m_accuracy * 100);
   }
+  m_privacy.replay(body, /*verify=*/false);
+  acc_text += privacy_text(body);
   FEDL_LOG_INFO("round {}/{} done: {} updates{}{}, {:.2f} s", m_round, m_s.rounds, body.at("participants").size(),
                 body.at("rejected").empty() ? "" : fmt::format(" ({} rejected)", body.at("rejected").size()), acc_text,
                 seconds);
@@ -840,16 +911,29 @@ Coordinator::round_done(json result)
   maybe_start_round();
 }
 
+double
+Coordinator::projected_epsilon(double q) const
+{
+  auto next = m_privacy.client();
+  next.add(q, m_s.privacy.noise_multiplier, 1);
+  return next.epsilon(m_s.privacy.delta).epsilon;
+}
+
 void
-Coordinator::finish(const std::string& reason)
+Coordinator::finish(const std::string& reason, json details)
 {
   m_reason = reason;
   m_phase = Phase::finishing;
   FEDL_LOG_INFO("federation finished after round {} ({}); telling {} sites", m_round - 1,
-                reason == "rounds" ? "all rounds done" : "target accuracy reached", m_sites.size());
+                reason == "rounds"             ? "all rounds done"
+                : reason == "privacy-budget" ? "privacy budget spent"
+                                               : "target accuracy reached",
+                m_sites.size());
   try {
     const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
-    append_signed(m_ws, "finished", {{"round", m_round - 1}, {"reason", reason}});
+    details["round"] = m_round - 1;
+    details["reason"] = reason;
+    append_signed(m_ws, "finished", details);
   } catch (const Error& e) {
     FEDL_LOG_WARN("could not record the end in the ledger: {}", e.what());
   }
@@ -1110,6 +1194,11 @@ Coordinator::run()
     }
   }
   m_first_round = m_round;
+  for (const auto& e : entries) {
+    if (e.kind == "round") {
+      m_privacy.replay(e.body, /*verify=*/false);
+    }
+  }
   const auto summary = [&](const std::string& reason) {
     json j = {{"rounds_completed", m_round - 1},
               {"rounds_run", m_rounds_done},
@@ -1132,6 +1221,34 @@ Coordinator::run()
   if (m_round > m_s.rounds || (m_s.target_accuracy && m_accuracy && *m_accuracy >= *m_s.target_accuracy)) {
     FEDL_LOG_INFO("the federation is already complete ({} rounds in the ledger); nothing to do", m_round - 1);
     return summary("already-complete");
+  }
+  if (const auto& p = m_s.privacy; p.max_epsilon > 0) {
+    // The smallest sampling rate a round can have: the quorum out of every enrolled site.
+    const auto enrolled = std::max<std::size_t>(load_config(m_ws.config()).clients.size(), 1);
+    const double q = std::min(1.0, std::max<double>(m_s.min_clients, 1) / static_cast<double>(enrolled));
+    const double spent = m_privacy.client().epsilon(p.delta).epsilon;
+    const double next = projected_epsilon(q);
+    if (next > p.max_epsilon) {
+      const bool recorded = !entries.empty() && entries.back().kind == "finished" &&
+                            entries.back().body.value("reason", "") == "privacy-budget";
+      if (!recorded) {
+        const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
+        append_signed(m_ws, "finished",
+                      {{"round", m_round - 1},
+                       {"reason", "privacy-budget"},
+                       {"epsilon", spent},
+                       {"next_round_epsilon", next},
+                       {"max_epsilon", p.max_epsilon},
+                       {"delta", p.delta}});
+      }
+      throw Error(ExitCode::budget,
+                  "the federation's privacy budget is spent: epsilon {:.4g} after {} rounds with client-level DP, and one "
+                  "more round (at the lowest sampling rate, {:.3g}) would make it {:.4g}, past --max-epsilon {:g} at "
+                  "delta {:g}",
+                  spent, m_privacy.client_rounds(), q, next, p.max_epsilon, p.delta);
+    }
+    FEDL_LOG_INFO("privacy: epsilon {:.4g} of {:g} spent at delta {:g} ({} rounds with client-level DP)", spent,
+                  p.max_epsilon, p.delta, m_privacy.client_rounds());
   }
   m_max_update = m_model->bytes().size() + update_slack;
   // Each site holds a socket (and an update file while it uploads): take every descriptor the
@@ -1198,6 +1315,12 @@ ServeSettings::to_json() const
             {"heartbeat", heartbeat}};
   if (server.clip_norm) {
     j["clip_norm"] = *server.clip_norm;
+  }
+  if (privacy != PrivacyConfig{}) {
+    j["privacy"] = {{"clip_norm", privacy.clip_norm},
+                    {"noise_multiplier", privacy.noise_multiplier},
+                    {"max_epsilon", privacy.max_epsilon},
+                    {"delta", privacy.delta}};
   }
   if (eval_data) {
     j["eval_data"] = eval_data->string();

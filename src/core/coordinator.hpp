@@ -34,6 +34,10 @@ struct ServeSettings
   StrategySpec strategy;
   ServerOptions server;
   TrainingConfig training;
+  // Client-level DP (clip_norm, noise_multiplier) and the federation's budget (max_epsilon at
+  // delta, on the client-level epsilon): a round whose sampling would take the federation past
+  // it is not started; the coordinator records "finished" with reason "privacy-budget" instead.
+  PrivacyConfig privacy;
   std::optional<std::filesystem::path> eval_data;
   std::optional<double> target_accuracy;
   std::optional<HostPort> metrics;
@@ -51,7 +55,8 @@ struct ServeSettings
 using Evaluator = std::function<nlohmann::json(const std::filesystem::path& model)>;
 
 // Runs the federation until round `settings.rounds` is done, the target accuracy is reached,
-// or SIGINT/SIGTERM; returns the summary (`"interrupted": true` in the last case). Throws Error
+// the privacy budget allows no further round (reason "privacy-budget"), or SIGINT/SIGTERM;
+// returns the summary (`"interrupted": true` in the last case). Throws Error
 // for failures that stop the coordinator (cannot listen, disk full, no quorum in wait_timeout).
 nlohmann::json run_coordinator(const Workspace& ws, const ServeSettings& settings, const Evaluator& evaluate);
 

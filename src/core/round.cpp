@@ -7,9 +7,11 @@
 #include "core/update.hpp"
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <atomic>
+#include <map>
 #include <set>
 #include <thread>
 #include <system_error>
@@ -76,7 +78,35 @@ check_identity(const Safetensors& st, const Trust* trust)
 // The keys of a round entry's body that caller-supplied fields must not replace: an auditor
 // relies on them meaning what commit_round wrote.
 constexpr const char* reserved_body_keys[] = {"round", "strategy", "options",  "base",
-                                               "model", "participants", "rejected", "evaluation"};
+                                               "model", "participants", "rejected", "evaluation", "privacy"};
+
+// An update's fedl.dp (parsed into `dp`) against what the federation requires; the reason it is
+// not fit, or nothing.
+std::optional<std::string>
+check_dp(const Safetensors& st, const std::optional<DpSgdConfig>& required, std::optional<DpSgdReport>& dp)
+{
+  if (const auto text = st.meta("fedl.dp")) {
+    try {
+      dp = DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp");
+    } catch (const std::exception& e) {
+      return fmt::format("its fedl.dp is not a DP-SGD report: {}", e.what());
+    }
+  }
+  if (!required) {
+    return std::nullopt;
+  }
+  if (!dp) {
+    return fmt::format("it was trained without DP-SGD (no fedl.dp), but fedl.json's training asks for noise multiplier "
+                       "{:g} and clip {:g}",
+                       required->noise_multiplier, required->max_grad_norm);
+  }
+  if (dp->noise_multiplier < required->noise_multiplier || dp->max_grad_norm > required->max_grad_norm) {
+    return fmt::format("it was trained with DP-SGD noise multiplier {:g} and clip {:g}, weaker than fedl.json's {:g} "
+                       "and {:g}",
+                       dp->noise_multiplier, dp->max_grad_norm, required->noise_multiplier, required->max_grad_norm);
+  }
+  return std::nullopt;
+}
 
 void
 check_extra(const nlohmann::json& extra)
@@ -104,8 +134,15 @@ BadUpdateError::BadUpdateError(std::filesystem::path path, std::string reason)
 RoundPlan
 plan_workspace_round(const Workspace& ws)
 {
-  const auto latest = latest_model(read_workspace_ledger(ws));
+  const auto entries = read_workspace_ledger(ws);
+  const auto latest = latest_model(entries);
   RoundPlan plan;
+  for (const auto& e : entries) {
+    if (e.kind == "round") {
+      plan.privacy.replay(e.body, /*verify=*/false);
+    }
+  }
+  plan.required_dp = load_config(ws.config()).training.dp;
   plan.workspace = ws;
   plan.round = latest.round + 1;
   plan.base = ws.root() / latest.file;
@@ -154,6 +191,7 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
     std::uint64_t samples = 0;
     std::optional<std::string> unreadable; // why it could not be opened or hashed
     std::optional<std::string> invalid;    // why its content or signature is bad
+    std::optional<DpSgdReport> dp;
   };
   std::vector<Checked> checked(candidates.size());
   const auto check_one = [&](std::size_t i) {
@@ -173,6 +211,9 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
       c.site = st.meta("fedl.site").value_or("");
       c.fingerprint = st.meta("fedl.cert_sha256").value_or("");
       c.samples = update_num_samples(st).value_or(0);
+      if (!c.invalid) {
+        c.invalid = check_dp(st, plan.required_dp, c.dp);
+      }
       // Checked: its pages need not stay resident while the others are (N updates would
       // otherwise hold N × model bytes until the round is committed).
       c.file->release();
@@ -231,7 +272,7 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
       continue;
     }
     accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples,
-                                      std::move(c.sha256), std::move(*c.file), candidate.owned});
+                                      std::move(c.sha256), std::move(*c.file), candidate.owned, c.dp});
   }
   return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected)};
 }
@@ -332,6 +373,18 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
                          {"rejected", result.rejected}};
   if (!result.evaluation.is_null()) {
     body["evaluation"] = result.evaluation;
+  }
+  {
+    std::map<std::string, DpSgdReport> sites;
+    for (const auto& c : accepted) {
+      if (c.dp) {
+        sites.emplace(c.site.empty() ? c.path.filename().string() : c.site, *c.dp);
+      }
+    }
+    auto history = plan.privacy;
+    if (auto privacy = history.record_round(settings.client_dp, sites, settings.max_epsilon); !privacy.is_null()) {
+      body["privacy"] = std::move(privacy);
+    }
   }
   if (settings.extra.is_object()) {
     body.update(settings.extra);

@@ -21,6 +21,7 @@
 #include "core/aggregate.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "core/privacy.hpp"
 #include "core/safetensors.hpp"
 #include "core/workspace.hpp"
 
@@ -46,6 +47,11 @@ struct RoundPlan
   std::filesystem::path out;           // where the new model goes
   std::optional<std::filesystem::path> state_in;   // server optimizer state to start from, if it exists
   std::optional<std::filesystem::path> state_out;  // where the advanced state goes
+  // In a workspace: the privacy spent in the rounds before (replayed from the ledger), and the
+  // DP-SGD that fedl.json's training asks of every update (an update without it, or with less
+  // noise or a larger clip norm, is rejected).
+  FederationPrivacy privacy;
+  std::optional<DpSgdConfig> required_dp;
 };
 
 // The next round of `ws`: reads and verifies its ledger (VerifyError if it is broken), takes the
@@ -101,6 +107,7 @@ struct AcceptedUpdate
   std::string sha256;       // of the file's bytes when it was checked
   SafetensorsFile file;
   bool owned = false;       // RoundCandidate::owned
+  std::optional<DpSgdReport> dp; // fedl.dp: how it was trained with DP-SGD, if it says so
 };
 
 struct ValidatedRound
@@ -138,6 +145,10 @@ struct RoundSettings
   // A JSON object merged into the ledger body (e.g. {"attempt": 2, "late": [...]}); its keys must
   // not be those of the body itself (Error otherwise, before anything is written).
   nlohmann::json extra = nlohmann::json::object();
+  // Recorded in the entry's "privacy" with the sites' DP-SGD reports (see FederationPrivacy):
+  // the round's client-level DP (options.client_dp must match it) and the federation's budget.
+  std::optional<ClientDpRound> client_dp;
+  std::optional<double> max_epsilon;
 };
 
 struct RoundResult
@@ -157,7 +168,7 @@ struct RoundResult
 // re-hashes them (VerifyError if one changed on disk since it was checked: nothing is written),
 // writes the model atomically and the advanced server state, and in a workspace appends the
 // signed "round" entry {round, strategy, options, base, model, participants, rejected,
-// [evaluation], extra...} and removes the state two rounds back, which a re-run can no longer
+// [evaluation], [privacy], extra...} and removes the state two rounds back, which a re-run can no longer
 // need. Call it with the workspace locked.
 RoundResult commit_round(const ValidatedRound& validated, const RoundSettings& settings);
 

@@ -6,6 +6,7 @@
 #include "core/error.hpp"
 #include "core/log.hpp"
 #include "core/pki.hpp"
+#include "core/privacy.hpp"
 #include "core/safetensors.hpp"
 #include "core/update.hpp"
 
@@ -38,6 +39,7 @@ struct Job
   std::uint64_t round = 0;
   json header;
   std::shared_ptr<std::vector<std::byte>> model;
+  std::optional<json> budget; // the site's --max-epsilon and spending, for the trainer to check
 };
 
 // An update signed with the site's key, kept alive until it is sent: the trainer's bytes, the
@@ -80,6 +82,12 @@ private:
   void trainer_loop();
   void stop_trainer();
   std::shared_ptr<SignedUpdate> sign(std::vector<std::byte> bytes);
+  // --max-epsilon: what the site has spent (the larger of its account and the coordinator's
+  // record), checked against the coordinator's report in the welcome frame.
+  RdpAccount budget_spent() const;
+  void check_coordinator_record(const json& report);
+  // Tells the coordinator why this site stops, then stops with `code` once that is sent.
+  void stop_after_telling(const std::string& message, ExitCode code, const json& extra);
 
   const JoinSettings& m_s;
   asio::io_context m_io;
@@ -104,6 +112,9 @@ private:
   std::string m_reason;
   std::string m_fatal;
   ExitCode m_fatal_code = ExitCode::failure;
+  bool m_stop_when_closed = false;
+  std::optional<SiteAccount> m_account; // with --max-epsilon
+  RdpAccount m_coordinator_record;      // what the coordinator's ledger says this site spent
 
   std::thread m_trainer;
   std::mutex m_mutex;
@@ -200,6 +211,10 @@ Site::on_close(const std::string& reason)
   if (!m_reason.empty()) {
     return;
   }
+  if (m_stop_when_closed) {
+    stop("failed");
+    return;
+  }
   if (!was_welcomed && is_certificate_refusal(reason)) {
     m_fatal_code = ExitCode::verify;
     m_fatal = fmt::format("the coordinator at {} refused this site's certificate, or presented one that is not "
@@ -226,14 +241,20 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     m_dead_after = 4 * m_heartbeat;
     FEDL_LOG_INFO("connected to {} as {}; the federation is at round {} of {}", m_s.server.to_string(), m_site,
                   header.value("round", 0), header.value("rounds", 0));
+    if (m_account) {
+      check_coordinator_record(header.value("privacy", json()));
+    }
     return;
   case FrameType::task: {
-    Job job{header.value("task", std::uint64_t{0}), header.value("round", std::uint64_t{0}), header, sink.memory};
+    Job job{header.value("task", std::uint64_t{0}), header.value("round", std::uint64_t{0}), header, sink.memory, std::nullopt};
     if (!job.model || job.task == 0) {
       m_conn->send_error_and_close("protocol error: a task without a model or task id", 1);
       return;
     }
     m_current_task = job.task;
+    if (m_account) {
+      job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
+    }
     FEDL_LOG_INFO("round {}: training", job.round);
     {
       const std::lock_guard lock(m_mutex);
@@ -293,12 +314,25 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
   }
   if (!reply || reply->type != FrameType::update) {
     const auto message = reply ? reply->header.value("message", std::string("the trainer failed")) : failure;
+    if (reply && reply->header.value("code", 1) == static_cast<int>(ExitCode::budget)) {
+      FEDL_LOG_ERROR("round {}: refusing the task: {}", job.round, message);
+      stop_after_telling(fmt::format("site {} refuses: {}", m_site, message), ExitCode::budget,
+                         {{"task", job.task}, {"round", job.round}});
+      return;
+    }
     FEDL_LOG_ERROR("round {}: training failed: {}", job.round, message);
     m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", message}});
     return;
   }
   std::shared_ptr<SignedUpdate> u;
   try {
+    if (m_account) {
+      // Written (and synced) before the update leaves: a crash from here on over-counts.
+      const auto report = DpSgdReport::from_json(reply->header.value("dp", json()), "the trainer's DP-SGD report");
+      m_account->append(report, {{"round", job.round}, {"task", job.task}, {"server", m_s.server.to_string()}});
+      FEDL_LOG_INFO("round {}: privacy account: epsilon {:.4g} of {:g} at delta {:g}", job.round,
+                    budget_spent().epsilon(m_s.delta).epsilon, *m_s.max_epsilon, m_s.delta);
+    }
     u = sign(std::move(reply->body));
   } catch (const Error& e) {
     m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", e.what()}});
@@ -373,6 +407,9 @@ Site::trainer_loop()
       if (job.header.contains("base_sha256")) {
         header["base_sha256"] = job.header["base_sha256"];
       }
+      if (job.budget) {
+        header["budget"] = *job.budget;
+      }
       // An update is the model's size plus its metadata: the trainer cannot make this process
       // allocate more than that, whatever it claims.
       FrameLimits limits;
@@ -433,10 +470,72 @@ Site::stop(const std::string& reason)
   m_io.stop();
 }
 
+RdpAccount
+Site::budget_spent() const
+{
+  auto spent = m_account->spent();
+  spent.merge_max(m_coordinator_record);
+  return spent;
+}
+
+void
+Site::check_coordinator_record(const json& report)
+{
+  const auto path = m_s.bundle / "privacy.jsonl";
+  if (report.is_null()) {
+    return;
+  }
+  RdpAccount record;
+  std::uint64_t runs = 0;
+  try {
+    record = RdpAccount::from_json(report, "the coordinator's record of this site's privacy spending");
+    runs = report.value("runs", std::uint64_t{0});
+  } catch (const std::exception& e) {
+    FEDL_LOG_WARN("{}; ignoring it", e.what());
+    return;
+  }
+  const double theirs = record.epsilon(m_s.delta).epsilon;
+  if (!m_account->existed() || m_account->runs() < runs) {
+    stop_after_telling(
+      fmt::format("site {} refuses to train: {} {}, but the coordinator's ledger records {} DP-SGD runs of this site "
+                  "(epsilon {:.4g} at delta {:g}): the site's privacy account was deleted or cut short; restore it "
+                  "from a backup",
+                  m_site, path.string(),
+                  m_account->existed() ? fmt::format("records {} runs", m_account->runs()) : std::string("is missing"),
+                  runs, theirs, m_s.delta),
+      ExitCode::verify, json::object());
+    return;
+  }
+  m_coordinator_record = record;
+  const double ours = m_account->spent().epsilon(m_s.delta).epsilon;
+  if (theirs > ours) {
+    FEDL_LOG_WARN("the coordinator's ledger says this site spent epsilon {:.4g}, more than its own account's {:.4g}; "
+                  "counting the larger",
+                  theirs, ours);
+  }
+}
+
+void
+Site::stop_after_telling(const std::string& message, ExitCode code, const json& extra)
+{
+  m_fatal = message;
+  m_fatal_code = code;
+  if (!m_conn || !m_conn->is_open()) {
+    stop("failed");
+    return;
+  }
+  m_stop_when_closed = true;
+  m_conn->send_error_and_close(message, static_cast<int>(code), extra);
+}
+
 void
 Site::on_tick()
 {
   const double now = FramedConnection::now();
+  if (m_stop_when_closed && m_conn && m_conn->is_open() && m_conn->closing_since() > 0 &&
+      now - m_conn->closing_since() > 5) {
+    m_conn->close("the coordinator did not take the last message in time");
+  }
   if (m_conn && m_conn->is_open() && m_conn->ready()) {
     if (now - m_conn->last_received() > m_dead_after) {
       m_conn->close(fmt::format("nothing from the coordinator for {:.0f} s", now - m_conn->last_received()));
@@ -459,6 +558,18 @@ Site::run()
   const auto ca = read_certificate(m_s.bundle / "ca.crt");
   const auto info = certificate_info(m_identity.cert);
   m_site = info.common_name;
+  if (m_s.max_epsilon) {
+    m_account = SiteAccount::open(m_s.bundle / "privacy.jsonl", m_identity);
+    const auto spent = m_account->spent().epsilon(m_s.delta).epsilon;
+    if (spent >= *m_s.max_epsilon) {
+      throw Error(ExitCode::budget,
+                  "site {} has spent its privacy budget: epsilon {:.4g} of --max-epsilon {:g} at delta {:g} ({} DP-SGD "
+                  "runs in {})",
+                  m_site, spent, *m_s.max_epsilon, m_s.delta, m_account->runs(), (m_s.bundle / "privacy.jsonl").string());
+    }
+    FEDL_LOG_INFO("privacy account {}: epsilon {:.4g} of {:g} spent at delta {:g} ({} runs)",
+                  (m_s.bundle / "privacy.jsonl").string(), spent, *m_s.max_epsilon, m_s.delta, m_account->runs());
+  }
   m_tls = TlsContext::client(m_identity, ca, m_s.server_name);
   m_signals.async_wait([this](const std::error_code& ec, int sig) {
     if (!ec) {

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,12 +27,19 @@ struct JoinSettings
   double retry_for = 0;                  // give up after this long without a connection; 0: never
   double trainer_idle = 0;               // stop the trainer after this long without a task; 0: keep it
   std::uint64_t max_model_bytes = std::uint64_t{16} << 30;
+  // The site's own privacy budget (--max-epsilon, --delta): kept in bundle/privacy.jsonl; a task
+  // whose DP-SGD would take the account past it is refused (the coordinator is told why) and
+  // the site stops with exit 4.
+  std::optional<double> max_epsilon;
+  double delta = 1e-5;
 };
 
 // Runs the site until the coordinator says the federation is finished (returns the summary),
 // SIGINT/SIGTERM (the summary has "interrupted": true), or a failure that retrying cannot fix:
 // the coordinator refuses this site's certificate or presents a wrong one (VerifyError, exit 3),
-// or --retry-for ran out (Error, exit 1).
+// or --retry-for ran out (Error, exit 1). With a budget: the account file was altered, or deleted
+// while the coordinator's ledger records spending (VerifyError, exit 3); the budget is spent or a
+// task would overspend it (Error, exit 4).
 nlohmann::json run_site(const JoinSettings& settings);
 
 } // namespace fedl::core

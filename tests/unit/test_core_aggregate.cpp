@@ -951,3 +951,59 @@ TEST_CASE("aggregate: large mixed F32/F64 models on several threads match a dire
 }
 
 TEST_SUITE_END();
+
+TEST_CASE("aggregate: client-level DP clips, counts every update once, divides by the sites asked and adds noise")
+{
+  Round r(k_base);
+  r.add(constant(10.0F), "1");
+  r.add(constant(10.0F), "1000"); // its sample count must not weigh it more
+  ServerOptions o;
+  o.clip_norm = 1.0;
+  o.threads = 1;
+  o.client_dp = ServerOptions::ClientDp{1e-12, 4.0, 7};
+  // Each update scaled to norm 1 (10/‖Δ‖ = 1/√8 per coordinate), summed, over the 4 sites asked.
+  const double each = 10.0 / std::sqrt(8.0 * 100.0);
+  std::vector<double> want;
+  for (const float b : k_base) {
+    want.push_back(b + 2 * each / 4);
+  }
+  check_close(r.run("fedavg", {1, 1000}, o), want);
+
+  SUBCASE("the noise has the standard deviation asked for, over the denominator")
+  {
+    Round zero(k_base);
+    zero.add(constant(0.0F));
+    zero.add(constant(0.0F));
+    o.client_dp = ServerOptions::ClientDp{2.0, 4.0, 0};
+    double sum = 0, sq = 0;
+    std::size_t n = 0;
+    for (int i = 0; i < 1500; ++i) {
+      o.client_dp->seed = static_cast<std::uint64_t>(i + 1);
+      const auto got = zero.run("fedavg", {1, 1}, o);
+      for (std::size_t k = 0; k < got.size(); ++k) {
+        const double x = got[k] - k_base[k];
+        sum += x;
+        sq += x * x;
+        ++n;
+      }
+    }
+    const double mean = sum / static_cast<double>(n);
+    const double sd = std::sqrt(sq / static_cast<double>(n) - mean * mean);
+    // 12000 draws of N(0, 0.5²): the sample sd is within 2% with overwhelming probability.
+    CHECK(sd == doctest::Approx(0.5).epsilon(0.02));
+    CHECK(std::abs(mean) < 0.02);
+    // A fixed seed repeats itself; different seeds differ.
+    o.client_dp->seed = 5;
+    const auto a = zero.run("fedavg", {1, 1}, o);
+    CHECK(zero.run("fedavg", {1, 1}, o) == a);
+    o.client_dp->seed = 6;
+    CHECK(zero.run("fedavg", {1, 1}, o) != a);
+  }
+
+  SUBCASE("robust strategies and a missing clip norm are refused")
+  {
+    CHECK_THROWS_AS(r.run("median", {1, 1}, o), UsageError);
+    o.clip_norm.reset();
+    CHECK_THROWS_AS(validate_server_options(o), UsageError);
+  }
+}

@@ -72,6 +72,38 @@ TEST_CASE("core::config rejects training settings no site could train with")
   CHECK(error_of(j) == "fedl.json: training: momentum 1.5 is outside 0..1");
 }
 
+TEST_CASE("core::config reads DP-SGD in training and the federation's privacy, and checks their ranges")
+{
+  auto c = sample();
+  CHECK_FALSE(to_json(c).contains("privacy")); // absent unless set: older files stay as they were
+  CHECK_FALSE(to_json(c)["training"].contains("dp"));
+  c.training.dp = DpSgdConfig{1.1, 0.5, 1e-6};
+  c.privacy = PrivacyConfig{2.0, 1.3, 8.0, 1e-5};
+  const auto back = config_from_json(to_json(c), "fedl.json");
+  REQUIRE(back.training.dp);
+  CHECK(*back.training.dp == *c.training.dp);
+  CHECK(back.privacy == c.privacy);
+
+  auto j = to_json(c);
+  j["training"]["dp"]["noise_multiplier"] = 0;
+  CHECK(error_of(j) == "fedl.json: training: dp.noise_multiplier must be a positive number, not 0");
+  j = to_json(c);
+  j["training"]["dp"]["delta"] = 1;
+  CHECK(error_of(j) == "fedl.json: training: dp.delta must be between 0 and 1 (exclusive), not 1");
+  j = to_json(c);
+  j["training"]["dp"]["sigma"] = 1;
+  CHECK(error_of(j).find("unknown key training.dp.sigma") != std::string::npos);
+  j = to_json(c);
+  j["privacy"]["clip_norm"] = -1;
+  CHECK(error_of(j) == "fedl.json: privacy: clip_norm must be a positive number, not -1");
+  j = to_json(c);
+  j["privacy"]["max_epsilon"] = -2;
+  CHECK(error_of(j) == "fedl.json: privacy: max_epsilon must be a positive number, not -2");
+  j = to_json(c);
+  j["privacy"]["delta"] = 0;
+  CHECK(error_of(j) == "fedl.json: privacy: delta must be between 0 and 1 (exclusive), not 0");
+}
+
 TEST_CASE("core::config rejects wrong types with the field path")
 {
   auto j = to_json(sample());

@@ -4,6 +4,7 @@
 // interface but C types.
 #include "backends/backend.h"
 
+#include "backends/torch/dp_sgd.hpp"
 #include "backends/torch/zoo.hpp"
 
 #include <torch/torch.h>
@@ -11,8 +12,10 @@
 #include <malloc.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <exception>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -248,23 +251,156 @@ b_model_set_weights(fedl_model* m, const fedl_tensor* tensors, size_t count)
   });
 }
 
+std::unique_ptr<torch::optim::Optimizer>
+make_optimizer(const std::vector<torch::Tensor>& params, const fedl_train_config& cfg)
+{
+  if (cfg.optimizer == FEDL_OPT_ADAM) {
+    return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(cfg.lr));
+  }
+  return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum));
+}
+
+[[noreturn]] void
+diverged(double loss, uint32_t epoch)
+{
+  throw StatusError(FEDL_STATUS_DATA, "training diverged (loss is " + std::to_string(loss) + " at epoch " +
+                                        std::to_string(epoch) + "); lower --lr or scale the features");
+}
+
+// `v` as written by hand: 1, 0.5, -1, nan, inf.
+std::string
+number(double v)
+{
+  std::ostringstream out;
+  out << v;
+  return out.str();
+}
+
+// The DP-SGD settings of `cfg` (backend.h): USAGE for values that make no sense, and for noise
+// without clipping, which would silently train without privacy.
+void
+check_dp_config(const fedl_train_config& cfg, uint64_t count)
+{
+  const double c = cfg.dp_max_grad_norm;
+  const double sigma = cfg.dp_noise_multiplier;
+  if (!std::isfinite(c) || c < 0) {
+    throw StatusError(FEDL_STATUS_USAGE, "DP-SGD: the clipping norm (dp_max_grad_norm) must be a finite number "
+                                         "> 0, or 0 for no DP-SGD; got " + number(c));
+  }
+  if (!std::isfinite(sigma) || sigma < 0) {
+    throw StatusError(FEDL_STATUS_USAGE, "DP-SGD: the noise multiplier (dp_noise_multiplier) must be a finite "
+                                         "number >= 0; got " + number(sigma));
+  }
+  if (c == 0) {
+    throw StatusError(FEDL_STATUS_USAGE, "DP-SGD: a noise multiplier (" + number(sigma) +
+                                           ") needs a clipping norm (dp_max_grad_norm > 0); without one "
+                                           "training would not be private");
+  }
+  if (cfg.batch_size == 0) {
+    throw StatusError(FEDL_STATUS_USAGE, "DP-SGD needs a batch size of at least 1");
+  }
+  if (cfg.batch_size > count) {
+    throw StatusError(FEDL_STATUS_USAGE, "DP-SGD samples each example with probability batch size / examples, so "
+                                         "the batch size (" + std::to_string(cfg.batch_size) +
+                                           ") cannot exceed the number of training examples (" +
+                                           std::to_string(count) + ")");
+  }
+}
+
+// DP-SGD (dp_sgd.hpp): ceil(count / batch_size) steps per epoch, each on a Poisson-sampled batch
+// with clipped per-example gradients and Gaussian noise. A separate loop so that the ordinary
+// one below stays as it was.
+void
+train_dp(tb::Model& model, const fedl_dataset& data, const fedl_train_config& cfg, fedl_progress_fn progress,
+         void* user, fedl_train_result& result)
+{
+  check_dp_config(cfg, data.count);
+  const auto& dev = model.device();
+  torch::manual_seed(cfg.seed);
+  const auto x_all = features_tensor(data);
+  const auto y_all = labels_tensor(data);
+  const auto params = model.parameters();
+  auto opt = make_optimizer(params, cfg);
+  std::vector<torch::Tensor> start;
+  if (cfg.prox_mu > 0) {
+    for (const auto& p : params) {
+      start.push_back(p.detach().clone());
+    }
+  }
+  const auto n = static_cast<int64_t>(data.count);
+  const auto bs = static_cast<int64_t>(cfg.batch_size);
+  const double q = static_cast<double>(bs) / static_cast<double>(n);
+  const auto steps_per_epoch = static_cast<uint64_t>((n + bs - 1) / bs);
+  auto sampler = at::detail::createCPUGenerator(cfg.seed);
+  tb::dp::GaussianNoise noise(cfg.dp_noise_seed);
+  const tb::dp::Settings settings{cfg.dp_noise_multiplier, cfg.dp_max_grad_norm, static_cast<double>(bs)};
+  model.train_mode(true);
+  {
+    // Batches may be empty: check the output shape and the labels once, up front.
+    torch::NoGradGuard no_grad;
+    check_outputs(model.forward(x_all.narrow(0, 0, 1).to(dev)), y_all, 0);
+  }
+  uint64_t steps = 0;
+  double epoch_loss = 0;
+  for (uint32_t epoch = 1; epoch <= cfg.epochs; ++epoch) {
+    double loss_sum = 0;
+    int64_t sampled = 0;
+    for (uint64_t step = 1; step <= steps_per_epoch; ++step) {
+      const auto idx = tb::dp::poisson_sample(n, q, sampler);
+      const auto x = x_all.index_select(0, idx).to(dev, /*non_blocking=*/true);
+      const auto y = y_all.index_select(0, idx).to(dev, /*non_blocking=*/true);
+      const double batch_loss = tb::dp::private_gradient(model, x, y, settings, noise);
+      if (cfg.prox_mu > 0) {
+        // FedProx's term does not depend on the data: added after the noise, not clipped.
+        torch::NoGradGuard no_grad;
+        for (size_t i = 0; i < params.size(); ++i) {
+          if (params[i].grad().defined()) {
+            params[i].mutable_grad().add_(params[i] - start[i], cfg.prox_mu);
+          }
+        }
+      }
+      opt->step();
+      const auto b = idx.size(0);
+      // The step's mean loss; an empty batch reports the epoch's mean so far.
+      const double l = b > 0 ? batch_loss / static_cast<double>(b)
+                             : (sampled > 0 ? loss_sum / static_cast<double>(sampled) : 0.0);
+      if (!std::isfinite(l)) {
+        diverged(l, epoch);
+      }
+      loss_sum += batch_loss;
+      sampled += b;
+      ++steps;
+      if (progress != nullptr && (steps == 1 || step % 50 == 0) &&
+          progress(user, epoch, step, steps_per_epoch, l, 0) != 0) {
+        throw StatusError(FEDL_STATUS_INTERRUPTED, "training interrupted");
+      }
+    }
+    epoch_loss = sampled > 0 ? loss_sum / static_cast<double>(sampled) : 0.0;
+    if (progress != nullptr && progress(user, epoch, steps_per_epoch, steps_per_epoch, epoch_loss, 1) != 0) {
+      throw StatusError(FEDL_STATUS_INTERRUPTED, "training interrupted");
+    }
+  }
+  result.loss = epoch_loss;
+  result.samples = data.count;
+  result.steps = steps;
+}
+
 int
 b_model_train(fedl_model* m, const fedl_dataset* data, const fedl_train_config* cfg, fedl_progress_fn progress,
               void* user, fedl_train_result* result)
 {
   return guarded([&] {
+    if (cfg->dp_max_grad_norm != 0 || cfg->dp_noise_multiplier != 0) {
+      train_dp(*m->model, *data, *cfg, progress, user, *result);
+      return;
+    }
     auto& model = *m->model;
     const auto& dev = model.device();
     torch::manual_seed(cfg->seed);
     const auto x_all = features_tensor(*data);
     const auto y_all = labels_tensor(*data);
     const auto params = model.parameters();
-    std::unique_ptr<torch::optim::Optimizer> opt;
-    if (cfg->optimizer == FEDL_OPT_ADAM) {
-      opt = std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(cfg->lr));
-    } else {
-      opt = std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(cfg->lr).momentum(cfg->momentum));
-    }
+    auto opt = make_optimizer(params, *cfg);
     std::vector<torch::Tensor> start;
     if (cfg->prox_mu > 0) {
       for (const auto& p : params) {
@@ -304,9 +440,7 @@ b_model_train(fedl_model* m, const fedl_dataset* data, const fedl_train_config* 
         opt->step();
         const double l = loss.item<double>();
         if (!std::isfinite(l)) {
-          throw StatusError(FEDL_STATUS_DATA, "training diverged (loss is " + std::to_string(l) +
-                                                " at epoch " + std::to_string(epoch) +
-                                                "); lower --lr or scale the features");
+          diverged(l, epoch);
         }
         loss_sum += l * static_cast<double>(idx.size(0));
         ++steps;

@@ -18,11 +18,38 @@ numel_of(const std::vector<int64_t>& shape)
   return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
 }
 
+// A Linear layer's forward, recorded on `tape` if there is one.
+torch::Tensor
+linear(torch::nn::LinearImpl& fc, const torch::Tensor& x, Tape* tape)
+{
+  auto out = fc.forward(x);
+  if (tape != nullptr) {
+    tape->layers.push_back(TapeEntry{fc.weight, fc.bias, x.detach(), out, false, {}, {}, {}, {}});
+  }
+  return out;
+}
+
+// A Conv2d layer's forward, recorded if it has one group (Conv2dOptions keeps the padding in a
+// variant whose type differs between LibTorch 1.13 and 2.x, so the zoo passes the zero padding
+// it set). A layer not recorded makes DP-SGD fall back to one example at a time.
+torch::Tensor
+conv2d(torch::nn::Conv2dImpl& conv, const torch::Tensor& x, int64_t padding, Tape* tape)
+{
+  auto out = conv.forward(x);
+  if (tape != nullptr && conv.options.groups() == 1) {
+    const auto& o = conv.options;
+    auto vec = [](const torch::ExpandingArray<2>& a) { return std::vector<int64_t>{(*a)[0], (*a)[1]}; };
+    tape->layers.push_back(TapeEntry{conv.weight, conv.bias, x.detach(), out, true, vec(o.kernel_size()),
+                                     vec(o.stride()), {padding, padding}, vec(o.dilation())});
+  }
+  return out;
+}
+
 // class LogReg(nn.Module): fc = nn.Linear(in, classes); forward(x) = fc(x.flatten(1))
 struct LogRegImpl : torch::nn::Module
 {
   LogRegImpl(int64_t in, int64_t classes) : fc(register_module("fc", torch::nn::Linear(in, classes))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return fc->forward(x.flatten(1)); }
+  torch::Tensor forward(const torch::Tensor& x, Tape* tape) { return linear(*fc, x.flatten(1), tape); }
   torch::nn::Linear fc;
 };
 
@@ -41,7 +68,21 @@ struct MlpImpl : torch::nn::Module
     seq->push_back(torch::nn::Linear(prev, classes));
     layers = register_module("layers", seq);
   }
-  torch::Tensor forward(const torch::Tensor& x) { return layers->forward(x.flatten(1)); }
+  torch::Tensor forward(const torch::Tensor& x, Tape* tape)
+  {
+    if (tape == nullptr) {
+      return layers->forward(x.flatten(1));
+    }
+    auto h = x.flatten(1);
+    for (auto& layer : *layers) {
+      if (auto* fc = layer.ptr()->as<torch::nn::LinearImpl>(); fc != nullptr) {
+        h = linear(*fc, h, tape);
+      } else {
+        h = layer.forward(h);
+      }
+    }
+    return h;
+  }
   torch::nn::Sequential layers{nullptr};
 };
 
@@ -51,29 +92,30 @@ struct MlpImpl : torch::nn::Module
 struct CnnImpl : torch::nn::Module
 {
   explicit CnnImpl(int64_t classes)
-    : conv1(register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)))),
-      conv2(register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)))),
+    : conv1(register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(kPadding)))),
+      conv2(register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(kPadding)))),
       fc1(register_module("fc1", torch::nn::Linear(64 * 7 * 7, 128))),
       fc2(register_module("fc2", torch::nn::Linear(128, classes)))
   {
   }
-  torch::Tensor forward(const torch::Tensor& input)
+  static constexpr int64_t kPadding = 1;
+  torch::Tensor forward(const torch::Tensor& input, Tape* tape)
   {
     auto x = input.reshape({-1, 1, 28, 28});
-    x = torch::max_pool2d(torch::relu(conv1->forward(x)), 2);
-    x = torch::max_pool2d(torch::relu(conv2->forward(x)), 2);
-    x = torch::relu(fc1->forward(x.flatten(1)));
-    return fc2->forward(x);
+    x = torch::max_pool2d(torch::relu(conv2d(*conv1, x, kPadding, tape)), 2);
+    x = torch::max_pool2d(torch::relu(conv2d(*conv2, x, kPadding, tape)), 2);
+    x = torch::relu(linear(*fc1, x.flatten(1), tape));
+    return linear(*fc2, x, tape);
   }
   torch::nn::Conv2d conv1, conv2;
   torch::nn::Linear fc1, fc2;
 };
 
 template<typename Impl>
-std::function<torch::Tensor(const torch::Tensor&)>
+std::function<torch::Tensor(const torch::Tensor&, Tape*)>
 forward_of(const std::shared_ptr<Impl>& m)
 {
-  return [m](const torch::Tensor& x) { return m->forward(x); };
+  return [m](const torch::Tensor& x, Tape* tape) { return m->forward(x, tape); };
 }
 
 } // namespace
@@ -126,12 +168,12 @@ Model::load_torchscript(const std::string& path, const torch::Device& device)
 }
 
 torch::Tensor
-Model::forward(const torch::Tensor& x)
+Model::forward(const torch::Tensor& x, Tape* tape)
 {
   if (m_script) {
     return m_script->forward({x}).toTensor();
   }
-  return m_zoo_forward(x);
+  return m_zoo_forward(x, tape);
 }
 
 void

@@ -1,0 +1,35 @@
+// SPDX-License-Identifier: Apache-2.0
+// Gaussian noise for differential privacy, from a cryptographic key stream: AES-256-CTR keyed
+// from getrandom(2) (or, for tests, from SHA-256 of a fixed seed), turned into normals by the
+// Box-Muller transform (Box and Muller 1958). Nobody who sees some of the noise, or who chose
+// the training seed, can predict the rest. Like every floating-point sampler it is not hardened
+// against the attacks on floating-point noise (Mironov 2012, "On Significance of the Least
+// Significant Bits for Differential Privacy").
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+namespace fedl::core {
+
+class GaussianNoise
+{
+public:
+  // seed 0: a fresh key from the operating system; otherwise a fixed key derived from `seed`.
+  explicit GaussianNoise(std::uint64_t seed = 0);
+  ~GaussianNoise();
+  GaussianNoise(const GaussianNoise&) = delete;
+  GaussianNoise& operator=(const GaussianNoise&) = delete;
+
+  // Fills `out` with independent draws of N(0, stddev²).
+  void fill(std::span<float> out, double stddev);
+  void fill(std::span<double> out, double stddev);
+
+private:
+  template<typename T>
+  void fill_impl(std::span<T> out, double stddev);
+  void key_stream(unsigned char* bytes, std::size_t n);
+  void* m_ctx;
+};
+
+} // namespace fedl::core

@@ -1,0 +1,191 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/error.hpp"
+#include "core/noise.hpp"
+#include "core/pki.hpp"
+#include "core/privacy.hpp"
+#include "testutil.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <fstream>
+#include <span>
+
+using namespace fedl::core;
+using fedl::test::TempDir;
+using nlohmann::json;
+
+TEST_CASE("core::RdpAccount composes steps and rounds as compute_epsilon does")
+{
+  RdpAccount a;
+  CHECK(a.empty());
+  CHECK(a.epsilon(1e-5).epsilon == 0.0);
+  a.add(0.01, 1.1, 600);
+  a.add(0.01, 1.1, 400);
+  const auto direct = compute_epsilon(0.01, 1.1, 1000, 1e-5);
+  CHECK(a.epsilon(1e-5).epsilon == doctest::Approx(direct.epsilon).epsilon(1e-12));
+  // Round trip through JSON, and the larger of two accounts bounds both.
+  const auto back = RdpAccount::from_json(a.to_json(), "test");
+  CHECK(back.epsilon(1e-5).epsilon == a.epsilon(1e-5).epsilon);
+  RdpAccount small;
+  small.add(0.01, 1.1, 10);
+  small.merge_max(a);
+  CHECK(small.epsilon(1e-5).epsilon == a.epsilon(1e-5).epsilon);
+  auto bad = a.to_json();
+  bad["orders"][0] = 1.3;
+  CHECK_THROWS_AS(RdpAccount::from_json(bad, "test"), Error);
+  bad = a.to_json();
+  bad["rdp"][3] = -1;
+  CHECK_THROWS_AS(RdpAccount::from_json(bad, "test"), Error);
+}
+
+TEST_CASE("core::dp_sgd_report: q = batch / samples, refusing q > 1; DpSgdReport reads back and recomputes epsilon")
+{
+  const DpSgdConfig dp{1.1, 1.0, 1e-5};
+  const auto r = dp_sgd_report(dp, 60000, 256, 60 * 235);
+  CHECK(r.sample_rate == doctest::Approx(256.0 / 60000));
+  CHECK(r.epsilon == doctest::Approx(compute_epsilon(256.0 / 60000, 1.1, 60 * 235, 1e-5).epsilon));
+  CHECK_THROWS_AS(dp_sgd_report(dp, 100, 101, 1), UsageError);
+  CHECK_THROWS_AS(dp_sgd_report(dp, 0, 1, 1), UsageError);
+  auto j = r.to_json();
+  j["epsilon"] = 0.001; // a claim: recomputed, not read
+  CHECK(DpSgdReport::from_json(j, "test").epsilon == doctest::Approx(r.epsilon));
+  for (const char* key : {"noise_multiplier", "max_grad_norm", "sample_rate", "delta"}) {
+    auto k = r.to_json();
+    k[key] = 0;
+    CHECK_THROWS_AS(DpSgdReport::from_json(k, "test"), VerifyError);
+  }
+  auto q = r.to_json();
+  q["sample_rate"] = 1.5;
+  CHECK_THROWS_AS(DpSgdReport::from_json(q, "test"), VerifyError);
+}
+
+TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and catches a wrong epsilon")
+{
+  FederationPrivacy coordinator;
+  const DpSgdConfig dp{1.0, 1.0, 1e-5};
+  std::vector<json> bodies;
+  for (int round = 1; round <= 3; ++round) {
+    const ClientDpRound client{0.5, 1.2, 0.5, 1e-5};
+    const std::map<std::string, DpSgdReport> sites{{"site-1", dp_sgd_report(dp, 500, 50, 10)},
+                                                   {"site-2", dp_sgd_report(dp, 1000, 50, 20)}};
+    json body = {{"round", round}, {"privacy", coordinator.record_round(client, sites, 20.0)}};
+    bodies.push_back(body);
+  }
+  // Three client-level rounds at q = 0.5.
+  RdpAccount c;
+  c.add(0.5, 1.2, 3);
+  CHECK(bodies[2]["privacy"]["client"]["epsilon"].get<double>() == doctest::Approx(c.epsilon(1e-5).epsilon));
+  RdpAccount s1;
+  s1.add(0.1, 1.0, 30);
+  CHECK(bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"].get<double>() ==
+        doctest::Approx(s1.epsilon(1e-5).epsilon));
+
+  FederationPrivacy audit;
+  for (const auto& b : bodies) {
+    CHECK_NOTHROW(audit.replay(b, true));
+  }
+  CHECK(audit.site_report("site-2")["runs"] == 3);
+  CHECK(audit.site_report("site-3").is_null());
+
+  SUBCASE("an altered client epsilon")
+  {
+    bodies[1]["privacy"]["client"]["epsilon"] = bodies[1]["privacy"]["client"]["epsilon"].get<double>() * 0.9;
+    FederationPrivacy a;
+    a.replay(bodies[0], true);
+    CHECK_THROWS_WITH_AS(a.replay(bodies[1], true), doctest::Contains("round 2: privacy.client"), VerifyError);
+  }
+  SUBCASE("an altered site total")
+  {
+    bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"] = 0.5;
+    FederationPrivacy a;
+    a.replay(bodies[0], true);
+    a.replay(bodies[1], true);
+    CHECK_THROWS_WITH_AS(a.replay(bodies[2], true), doctest::Contains("sites.site-1"), VerifyError);
+  }
+  SUBCASE("a round past its recorded budget")
+  {
+    FederationPrivacy over;
+    const ClientDpRound client{0.5, 0.5, 1.0, 1e-5};
+    json body = {{"round", 1}, {"privacy", over.record_round(client, {}, 1.0)}};
+    FederationPrivacy a;
+    CHECK_THROWS_WITH_AS(a.replay(body, true), doctest::Contains("past the budget"), VerifyError);
+  }
+}
+
+TEST_CASE("core::SiteAccount keeps a signed account that refuses alterations")
+{
+  TempDir dir;
+  const auto ca = create_ca("test CA", Validity{30});
+  const auto site = issue_client_certificate(ca, "site-1", Validity{30});
+  const auto other = issue_client_certificate(ca, "site-2", Validity{30});
+  const auto path = dir / "privacy.jsonl";
+  const DpSgdConfig dp{1.0, 1.0, 1e-5};
+  {
+    auto a = SiteAccount::open(path, site);
+    CHECK_FALSE(a.existed());
+    a.append(dp_sgd_report(dp, 500, 50, 10), {{"round", 1}});
+    a.append(dp_sgd_report(dp, 500, 50, 10), {{"round", 2}});
+    CHECK(a.runs() == 2);
+  }
+  const auto a = SiteAccount::open(path, site);
+  CHECK(a.existed());
+  CHECK(a.runs() == 2);
+  CHECK(a.spent().epsilon(1e-5).epsilon == doctest::Approx(compute_epsilon(0.1, 1.0, 20, 1e-5).epsilon));
+  const auto text = fedl::test::read_file(path);
+
+  SUBCASE("a changed number")
+  {
+    auto t = text;
+    const auto at = t.rfind("\"steps\":10");
+    REQUIRE(at != std::string::npos);
+    t.replace(at, 10, "\"steps\":1 ");
+    fedl::test::write_file(path, t);
+    CHECK_THROWS_WITH_AS(SiteAccount::open(path, site), doctest::Contains("altered or damaged"), VerifyError);
+  }
+  SUBCASE("a line removed from the middle")
+  {
+    const auto first = text.find('\n');
+    const auto second = text.find('\n', first + 1);
+    fedl::test::write_file(path, text.substr(0, first + 1) + text.substr(second + 1));
+    CHECK_THROWS_AS(SiteAccount::open(path, site), VerifyError);
+  }
+  SUBCASE("an empty file")
+  {
+    fedl::test::write_file(path, "");
+    CHECK_THROWS_WITH_AS(SiteAccount::open(path, site), doctest::Contains("privacy.jsonl"), VerifyError);
+  }
+  SUBCASE("another site's key")
+  {
+    CHECK_THROWS_AS(SiteAccount::open(path, other), VerifyError);
+  }
+}
+
+TEST_CASE("core::GaussianNoise draws N(0, sd²) from a key stream: fixed seeds repeat, the OS's do not")
+{
+  std::vector<double> x(200001);
+  GaussianNoise(7).fill(std::span(x), 1.7);
+  double sum = 0, sq = 0, fourth = 0;
+  for (const double v : x) {
+    REQUIRE(std::isfinite(v));
+    sum += v;
+  }
+  const double mean = sum / static_cast<double>(x.size());
+  for (const double v : x) {
+    sq += (v - mean) * (v - mean);
+    fourth += std::pow(v - mean, 4);
+  }
+  const double var = sq / static_cast<double>(x.size());
+  CHECK(std::abs(mean) < 0.02);                            // sd of the mean: 1.7 / 447 = 0.004
+  CHECK(std::sqrt(var) == doctest::Approx(1.7).epsilon(0.01));
+  CHECK(fourth / static_cast<double>(x.size()) / (var * var) == doctest::Approx(3.0).epsilon(0.05)); // Gaussian kurtosis
+  std::vector<float> a(9), b(9), c(9), d(9);
+  GaussianNoise(7).fill(std::span(a), 1.0);
+  GaussianNoise(7).fill(std::span(b), 1.0);
+  GaussianNoise(8).fill(std::span(c), 1.0);
+  GaussianNoise().fill(std::span(d), 1.0);
+  CHECK(a == b);
+  CHECK(a != c);
+  CHECK(a != d);
+  CHECK(static_cast<double>(a[0]) == doctest::Approx(x[0] / 1.7).epsilon(1e-6)); // the same stream in float
+}

@@ -49,6 +49,8 @@ bench: build
 	@FEDL=$(FEDL) ./bench/round_bench.sh -n 10 -p 1000000 -r 12
 	@FEDL=$(FEDL) ./bench/round_bench.sh -n 10 -p 10000000 -r 12 -t 7
 	@FEDL=$(FEDL) ./bench/round_bench.sh -n 200 -p 100000 -c 20 -i 1 -r 12
+	@$(BUILD)/bench/fedl_dp_sgd_bench
+	@FEDL=$(FEDL) ./bench/dp_utility.sh
 
 install: build
 	@cmake --install $(BUILD)

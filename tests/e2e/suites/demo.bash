@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 # make demo: the networked example (examples/networked/run) runs to the end, reaches the accuracy
-# the README promises and leaves a workspace that passes audit.
+# the README promises (with DP-SGD at the sites, whose epsilon each round shows) and leaves a
+# workspace that passes audit.
 
-test_networked_demo_reaches_93_percent_in_15_rounds_and_audits()
+test_networked_demo_reaches_88_percent_with_dp_sgd_in_15_rounds_and_audits()
 {
   timeout 300 "$FEDL_SOURCE_DIR/examples/networked/run" -r 15 -k 4 -s dirichlet:0.5 -w "$PWD/ws" >run.log 2>&1 ||
     { fail "the example failed"; cat run.log; return; }
@@ -11,7 +12,10 @@ test_networked_demo_reaches_93_percent_in_15_rounds_and_audits()
   local acc
   acc=$(sed -n 's/^final test accuracy: \([0-9.]*\) after 15 rounds$/\1/p' run.log)
   [[ -n $acc ]] || { fail "no final accuracy line"; return; }
-  check_py "$acc >= 0.93" "final accuracy $acc is below 0.93"
+  # About 0.91 with DP-SGD (0.96 without); the noise is drawn from the OS, so it varies a little.
+  check_py "$acc >= 0.88" "final accuracy $acc is below 0.88"
+  expect_in run.log "round 15/15 done: 4 updates"
+  expect_in run.log "site epsilon up to"
   "$FEDL" audit ws >audit.log 2>&1 || fail "fedl audit failed on the demo's workspace"
   # Every round ran once, with all four sites, each evaluated by the coordinator.
   "$PY" - ws/ledger.jsonl <<'PY' || fail "the ledger does not record 15 rounds of 4 sites each"
@@ -20,5 +24,9 @@ rounds = [json.loads(l)["body"] for l in open(sys.argv[1]) if json.loads(l)["kin
 assert [r["round"] for r in rounds] == list(range(1, 16)), [r["round"] for r in rounds]
 assert all(len(r["participants"]) == 4 for r in rounds)
 assert all(0 < r["evaluation"]["accuracy"] <= 1 for r in rounds)
+# Each round records every site's DP-SGD and its growing epsilon.
+assert all(sorted(r["privacy"]["sites"]) == ["site-%d" % k for k in range(1, 5)] for r in rounds)
+totals = [r["privacy"]["sites"]["site-1"]["total_epsilon"] for r in rounds]
+assert all(a < b for a, b in zip(totals, totals[1:])) and totals[-1] < 30, totals
 PY
 }

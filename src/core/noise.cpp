@@ -60,8 +60,10 @@ GaussianNoise::~GaussianNoise()
 }
 
 void
-GaussianNoise::key_stream(unsigned char* bytes, std::size_t n)
+GaussianNoise::key_stream(std::span<std::byte> out)
 {
+  auto* bytes = reinterpret_cast<unsigned char*>(out.data());
+  const std::size_t n = out.size();
   std::memset(bytes, 0, n);
   auto* ctx = static_cast<EVP_CIPHER_CTX*>(m_ctx);
   for (std::size_t done = 0; done < n;) {
@@ -86,7 +88,7 @@ GaussianNoise::fill_impl(std::span<T> out, double stddev)
   std::vector<std::uint32_t> words(3 * block);
   for (std::size_t begin = 0; begin < out.size(); begin += 2 * block) {
     const std::size_t pairs = std::min(block, (out.size() - begin + 1) / 2);
-    key_stream(reinterpret_cast<unsigned char*>(words.data()), 3 * pairs * sizeof(std::uint32_t));
+    key_stream(std::as_writable_bytes(std::span(words.data(), 3 * pairs)));
     for (std::size_t i = 0; i < pairs; ++i) {
       const double u =
         (static_cast<double>(words[3 * i]) + (static_cast<double>(words[3 * i + 1]) + 0.5) * 0x1p-32) * 0x1p-32;

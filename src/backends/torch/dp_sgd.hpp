@@ -54,6 +54,8 @@ ClippedSum clipped_sum(Model& model, const torch::Tensor& x, const torch::Tensor
 // LibTorch's generators, which are Mersenne twisters seeded with 32 bits: whoever sees the noised
 // update could search all 2^32 seeds, which a DP guarantee must not allow.
 using GaussianNoise = core::GaussianNoise;
+// `n` draws of N(0, stddev^2) from `noise`'s key stream, as a CPU float32 tensor.
+torch::Tensor gaussian(GaussianNoise& noise, int64_t n, double stddev);
 
 struct Settings
 {

@@ -34,6 +34,10 @@ _fedl()
     --dp-noise-multiplier) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --dp-max-grad-norm) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --dp-delta) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --client-dp-clip-norm) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --client-dp-noise-multiplier) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --max-epsilon) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --delta) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --add-client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --revoke) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --partition) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
@@ -129,7 +133,7 @@ _fedl()
   local words
   case "$cmd" in
     "") words="init train eval serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
-    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;

@@ -52,6 +52,7 @@ struct InitOptions
   double holdout = 0.0;
   core::TrainingConfig training; // the sites' local training, sent with each task
   DpSgdFlags dp;                 // ... and its DP-SGD
+  core::PrivacyConfig privacy;   // client-level DP and the federation's budget, for fedl serve
   std::optional<std::uint32_t> min_clients;
   ComputeOptions compute;
 };
@@ -157,6 +158,16 @@ run_create(const InitOptions& opt)
   config.training = opt.training;
   config.training.dp = opt.dp.resolve();
   config.min_clients = opt.min_clients.value_or(0);
+  config.privacy = opt.privacy;
+  try {
+    core::check_privacy(config.privacy);
+  } catch (const core::UsageError& e) {
+    throw core::UsageError("--client-dp-clip-norm, --client-dp-noise-multiplier, --max-epsilon, --delta: {}", e.what());
+  }
+  if (config.privacy.max_epsilon > 0 && config.privacy.noise_multiplier <= 0) {
+    throw core::UsageError("--max-epsilon budgets the federation's client-level DP: give --client-dp-clip-norm C and "
+                           "--client-dp-noise-multiplier S too");
+  }
 
   std::optional<core::Dataset> data;
   if (!opt.partition.data.empty()) {
@@ -327,6 +338,16 @@ add_init(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber);
   add_dp_sgd_options(*app, opt->dp);
+  app->add_option("--client-dp-clip-norm", opt->privacy.clip_norm,
+                  "Client-level DP for fedl serve: clip each update to this L2 norm (fedl.json privacy)")
+    ->type_name("C");
+  app->add_option("--client-dp-noise-multiplier", opt->privacy.noise_multiplier,
+                  "Client-level DP for fedl serve: noise over the clip norm (fedl.json privacy)")
+    ->type_name("S");
+  app->add_option("--max-epsilon", opt->privacy.max_epsilon,
+                  "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
+    ->type_name("E");
+  app->add_option("--delta", opt->privacy.delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
   app->add_flag("--force", opt->force, "Replace an existing workspace");
   app->add_option("--add-client", opt->add_client, "Add a site to an existing workspace")->type_name("NAME");
   app->add_option("--revoke", opt->revoke, "Revoke a site's certificate in an existing workspace")->type_name("NAME");

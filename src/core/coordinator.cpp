@@ -1242,9 +1242,9 @@ Coordinator::run()
                        {"delta", p.delta}});
       }
       throw Error(ExitCode::budget,
-                  "the federation's privacy budget is spent: epsilon {:.4g} after {} rounds with client-level DP, and one "
-                  "more round (at the lowest sampling rate, {:.3g}) would make it {:.4g}, past --max-epsilon {:g} at "
-                  "delta {:g}",
+                  "the federation's privacy budget allows no further round: epsilon {:.4g} after {} rounds with "
+                  "client-level DP, and one more round (at the lowest sampling rate, {:.3g}) would make it {:.4g}, past "
+                  "--max-epsilon {:g} at delta {:g}",
                   spent, m_privacy.client_rounds(), q, next, p.max_epsilon, p.delta);
     }
     FEDL_LOG_INFO("privacy: epsilon {:.4g} of {:g} spent at delta {:g} ({} rounds with client-level DP)", spent,

@@ -148,7 +148,7 @@ test_client_level_budget_stops_the_federation_with_exit_4_and_audit_recomputes()
 
   # Started again: the budget is already spent; exit 4 at once, and the stop is not recorded twice.
   fedl_expect 4 serve ws --threads 1 --dp-clip-norm 1 --dp-noise-multiplier 2 --max-epsilon "$budget"
-  expect_in err "privacy budget is spent: epsilon"
+  expect_in err "privacy budget allows no further round: epsilon"
   expect_ledger "[e['kind'] for e in L].count('finished') == 1" "the stop was recorded twice"
 
   # A re-signed ledger whose chain and signatures verify, but whose epsilon lies: exit 3.
@@ -159,6 +159,24 @@ test_client_level_budget_stops_the_federation_with_exit_4_and_audit_recomputes()
     "[e for e in L if e['kind'] == 'round'][1]['body']['privacy']['client']['epsilon'] *= 0.5" || return
   fedl_expect 3 audit ws
   expect_in err "round 2: privacy.client: records epsilon"
+}
+
+test_the_budget_from_fedl_json_is_refused_at_start()
+{
+  # fedl init records client-level DP and the budget in fedl.json; a budget below one round's
+  # epsilon stops fedl serve at once (exit 4), before it listens, and the ledger says so.
+  fedl_expect 0 -q init ws --clients 2 --arch logreg --input-dim 64 --classes 10 --client-dp-clip-norm 1 \
+    --client-dp-noise-multiplier 1 --max-epsilon 0.01 || return
+  [[ $(json_get ws/fedl.json "j['privacy']") == "{'clip_norm': 1.0, 'delta': 1e-05, 'max_epsilon': 0.01, 'noise_multiplier': 1.0}" ]] ||
+    fail "fedl.json privacy: $(cat ws/fedl.json)"
+  fedl_expect 4 serve ws --listen 127.0.0.1:0
+  expect_in err "would make it $("$PY" -c "print('%.4g' % $(calc 1 1 1))"), past --max-epsilon 0.01"
+  expect_ledger "L[-1]['kind'] == 'finished' and L[-1]['body']['reason'] == 'privacy-budget'" "no privacy-budget entry"
+  fedl_expect 0 audit ws || return
+  fedl_expect 2 init ws2 --clients 1 --arch logreg --input-dim 64 --classes 10 --max-epsilon 3
+  expect_in err "--max-epsilon budgets the federation's client-level DP"
+  fedl_expect 2 init ws2 --clients 1 --arch logreg --input-dim 64 --classes 10 --client-dp-clip-norm 1
+  expect_in err "noise_multiplier must be a positive number, not 0"
 }
 
 test_client_level_dp_refuses_bad_settings()

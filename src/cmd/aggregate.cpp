@@ -72,6 +72,13 @@ run_aggregate(const AggregateOptions& opt)
     serving.emplace(ws, core::WorkspaceLock::Kind::serve);
     lock.emplace(ws);
     plan = core::plan_workspace_round(ws);
+    // Client-level DP (noise on the aggregate, a budget on it) is fedl serve's: a round made here
+    // would be released without the noise or the budget the federation promises.
+    if (config->privacy.noise_multiplier > 0 || config->privacy.max_epsilon > 0 || plan.privacy.client_rounds() > 0) {
+      throw core::UsageError("this federation uses client-level DP (fedl.json privacy, or rounds that recorded it): its "
+                             "rounds are made by fedl serve, which adds the noise and keeps the budget; fedl aggregate "
+                             "--workspace does neither");
+    }
     if (opt.base && fs::weakly_canonical(*opt.base) != fs::weakly_canonical(plan.base)) {
       throw core::UsageError("--base {} is not the workspace's latest model {}; leave --base out", opt.base->string(),
                              plan.base.string());

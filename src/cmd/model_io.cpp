@@ -251,9 +251,12 @@ make_update(OpenedModel& m,
   u.metadata["fedl.base_sha256"] = base.sha256;
   u.metadata["fedl.num_samples"] = std::to_string(num_samples);
   u.metadata["fedl.epochs"] = std::to_string(epochs);
-  u.metadata["fedl.loss"] = fmt::format("{}", loss);
   if (dp) {
+    // The training loss is computed on the private data without noise: under DP-SGD it stays
+    // at the site.
     u.metadata["fedl.dp"] = dp->to_json().dump();
+  } else {
+    u.metadata["fedl.loss"] = fmt::format("{}", loss);
   }
   return u;
 }

@@ -100,8 +100,9 @@ fedl_train_result train_model(OpenedModel& m,
                               const backends::Model::Progress& progress);
 
 // An update: trained minus base weights, with the metadata fedl train --out writes before it
-// signs (kind, arch, input shape, classes, base_sha256, num_samples, epochs, loss, and fedl.dp,
-// the DP-SGD report as JSON, when trained with DP-SGD).
+// signs (kind, arch, input shape, classes, base_sha256, num_samples, epochs, and loss; or, when
+// trained with DP-SGD, fedl.dp, the DP-SGD report as JSON, in place of the loss, which was
+// computed on the private data without noise).
 struct Update
 {
   std::vector<core::OwnedTensor> tensors;

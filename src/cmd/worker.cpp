@@ -6,7 +6,8 @@
 //   TASK   {"round": N, "seed": S, "training": {"epochs", "batch_size", "lr", "optimizer",
 //           "momentum", "prox_mu", ["dp": {"noise_multiplier", "max_grad_norm", "delta"}]},
 //           ["budget": {"max_epsilon": E, "delta": D, "spent": RDP account}]}, body: a fedl model
-//     ->   UPDATE {"round": N, "num_samples", "loss", "steps", "seconds", ["dp": DP-SGD report]},
+//     ->   UPDATE {"round": N, "num_samples", "steps", "seconds", and "loss", or with DP-SGD "dp":
+//          its report in place of the loss},
 //          body: the update file, as `fedl train --model M --out U --seed S` writes it plus
 //          fedl.round=N, unsigned. With a budget, a task whose DP-SGD would take the site's
 //          account (spent + this run) past E at D is refused before training (ERROR, code 4).
@@ -244,11 +245,11 @@ private:
     FEDL_LOG_INFO("round {}: trained {} for {} epochs on {} samples: loss {:.4f}, {:.1f} s", round, m.arch,
                   settings.epochs, m_data.size(), result.loss, seconds);
     m_model.emplace(std::move(m));
-    nlohmann::json header = {
-      {"round", round}, {"num_samples", m_data.size()}, {"loss", result.loss}, {"steps", result.steps},
-      {"seconds", seconds}};
+    nlohmann::json header = {{"round", round}, {"num_samples", m_data.size()}, {"steps", result.steps}, {"seconds", seconds}};
     if (dp) {
-      header["dp"] = dp->to_json();
+      header["dp"] = dp->to_json(); // and no loss: it was computed on the private data without noise
+    } else {
+      header["loss"] = result.loss;
     }
     reply(core::FrameType::update, header, body);
   }

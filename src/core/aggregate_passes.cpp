@@ -384,15 +384,18 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
   const auto& plan = pass.plan;
   std::vector<std::vector<double>> acc(pass.threads, std::vector<double>(k_mean_block));
   auto readers = make_readers(pass, k_mean_block * sizeof(double), 4);
+  // Set up before the pass, which must not fail half-way (it writes the optimizer state).
+  std::vector<std::optional<GaussianNoise>> noises(pass.threads);
+  if (step.noise_std > 0) {
+    for (unsigned t = 0; t < pass.threads; ++t) {
+      noises[t].emplace(step.noise_seed != 0 ? step.noise_seed + t : 0);
+    }
+  }
   run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
     double* a = acc[t].data();
     auto& reader = readers[t];
-    std::optional<GaussianNoise> noise;
-    std::vector<double> draws;
-    if (step.noise_std > 0) {
-      noise.emplace(step.noise_seed != 0 ? step.noise_seed + t : 0);
-      draws.resize(k_mean_block);
-    }
+    auto& noise = noises[t];
+    std::vector<double> draws(noise ? k_mean_block : 0);
     for_each_piece(plan, begin, end, k_mean_block, [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
       const std::size_t es = dtype_size(tp.dtype);
       const std::size_t bytes = count * es;

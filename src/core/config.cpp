@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/config.hpp"
 
+#include "core/accountant.hpp"
 #include "core/dataset.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
@@ -145,6 +146,11 @@ check_dp(double noise_multiplier, double clip, double delta, const DpFlagNames& 
   }
   if (!(delta > 0 && delta < 1)) {
     throw UsageError("{} must be between 0 and 1 (exclusive), not {}", names.delta, delta);
+  }
+  // An epsilon that does not fit a double could be neither recorded nor audited.
+  if (!std::isfinite(compute_epsilon(1.0, noise_multiplier, 1, delta).epsilon)) {
+    throw UsageError("{} {} is too small: one step would spend an infinite epsilon", names.noise_multiplier,
+                     noise_multiplier);
   }
 }
 

@@ -1194,9 +1194,34 @@ Coordinator::run()
     }
   }
   m_first_round = m_round;
+  json last_dp; // the latest round's privacy, if it had client-level DP
   for (const auto& e : entries) {
     if (e.kind == "round") {
       m_privacy.replay(e.body, /*verify=*/false);
+      if (const auto p = e.body.find("privacy"); p != e.body.end() && p->is_object() && p->contains("client")) {
+        last_dp = *p;
+      }
+    }
+  }
+  // A restart must not quietly weaken what the rounds so far promised: no client-level DP, less
+  // noise, a larger clip, or a budget dropped or raised.
+  if (!last_dp.is_null()) {
+    const auto& c = last_dp["client"];
+    const auto& p = m_s.privacy;
+    const double noise = c.value("noise_multiplier", 0.0);
+    const double clip = c.value("clip_norm", 0.0);
+    const bool weaker = p.noise_multiplier < noise || p.clip_norm > clip ||
+                        (last_dp.contains("max_epsilon") &&
+                         (p.max_epsilon <= 0 || p.max_epsilon > last_dp.value("max_epsilon", 0.0)));
+    if (weaker) {
+      throw UsageError("rounds up to {} ran with client-level DP (clip {:g}, noise multiplier {:g}{}); serve them on "
+                       "with at least that (--dp-clip-norm, --dp-noise-multiplier{}), not clip {:g}, noise multiplier "
+                       "{:g}{}",
+                       m_round - 1, clip, noise,
+                       last_dp.contains("max_epsilon") ? fmt::format(", budget {:g}", last_dp.value("max_epsilon", 0.0))
+                                                       : std::string(),
+                       last_dp.contains("max_epsilon") ? ", --max-epsilon" : "", p.clip_norm, p.noise_multiplier,
+                       p.max_epsilon > 0 ? fmt::format(", budget {:g}", p.max_epsilon) : std::string(", no budget"));
     }
   }
   const auto summary = [&](const std::string& reason) {

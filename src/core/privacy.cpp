@@ -4,6 +4,7 @@
 #include "core/error.hpp"
 #include "core/file_io.hpp"
 #include "core/ledger.hpp"
+#include "core/log.hpp"
 
 #include <fmt/format.h>
 
@@ -169,6 +170,9 @@ DpSgdReport::from_json(const json& j, const std::string& what)
     throw VerifyError("{}: DP-SGD parameters out of range: {}", what, j.dump());
   }
   r.epsilon = r.steps == 0 ? 0.0 : compute_epsilon(r.sample_rate, r.noise_multiplier, r.steps, r.delta).epsilon;
+  if (!std::isfinite(r.epsilon)) {
+    throw VerifyError("{}: these DP-SGD parameters spend an infinite epsilon: {}", what, j.dump());
+  }
   return r;
 }
 
@@ -305,6 +309,37 @@ SiteAccount::open(const fs::path& path, const Identity& identity)
   std::error_code ec;
   if (!fs::exists(path, ec)) {
     return a;
+  }
+  // A last line without its newline is an append that a crash cut short. Runs are appended before
+  // their update leaves, so that run was never sent: drop the fragment (a file that was only a
+  // fragment had recorded nothing).
+  if (const auto size = fs::file_size(path, ec); !ec && size > 0) {
+    std::size_t keep = 0;
+    std::size_t total = 0;
+    {
+      const MappedFile file(path);
+      const auto bytes = file.bytes();
+      total = bytes.size();
+      keep = total;
+      while (keep > 0 && bytes[keep - 1] != std::byte{'\n'}) {
+        --keep;
+      }
+    }
+    if (keep != total) {
+      FEDL_LOG_WARN("{}: dropping an incomplete last line ({} bytes) that an interrupted write left", path.string(),
+                    total - keep);
+      if (keep == 0) {
+        fs::remove(path, ec);
+      } else {
+        fs::resize_file(path, keep, ec);
+      }
+      if (ec) {
+        throw Error("cannot repair {}: {}", path.string(), ec.message());
+      }
+      if (keep == 0) {
+        return a;
+      }
+    }
   }
   a.m_existed = true;
   // `detail` names the file.

@@ -113,7 +113,9 @@ private:
   std::string m_fatal;
   ExitCode m_fatal_code = ExitCode::failure;
   bool m_stop_when_closed = false;
-  std::optional<SiteAccount> m_account; // with --max-epsilon
+  // The site's own account of its DP-SGD runs, kept whether or not it has a budget (so that a
+  // budget added later starts from the truth); none only if it could not be read without one.
+  std::optional<SiteAccount> m_account;
   RdpAccount m_coordinator_record;      // what the coordinator's ledger says this site spent
 
   std::thread m_trainer;
@@ -241,7 +243,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     m_dead_after = 4 * m_heartbeat;
     FEDL_LOG_INFO("connected to {} as {}; the federation is at round {} of {}", m_s.server.to_string(), m_site,
                   header.value("round", 0), header.value("rounds", 0));
-    if (m_account) {
+    if (m_s.max_epsilon) {
       check_coordinator_record(header.value("privacy", json()));
     }
     return;
@@ -252,7 +254,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
       return;
     }
     m_current_task = job.task;
-    if (m_account) {
+    if (m_s.max_epsilon) {
       job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
     }
     FEDL_LOG_INFO("round {}: training", job.round);
@@ -326,12 +328,16 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
   }
   std::shared_ptr<SignedUpdate> u;
   try {
-    if (m_account) {
+    if (m_account && reply->header.contains("dp")) {
       // Written (and synced) before the update leaves: a crash from here on over-counts.
-      const auto report = DpSgdReport::from_json(reply->header.value("dp", json()), "the trainer's DP-SGD report");
+      const auto report = DpSgdReport::from_json(reply->header["dp"], "the trainer's DP-SGD report");
       m_account->append(report, {{"round", job.round}, {"task", job.task}, {"server", m_s.server.to_string()}});
-      FEDL_LOG_INFO("round {}: privacy account: epsilon {:.4g} of {:g} at delta {:g}", job.round,
-                    budget_spent().epsilon(m_s.delta).epsilon, *m_s.max_epsilon, m_s.delta);
+      if (m_s.max_epsilon) {
+        FEDL_LOG_INFO("round {}: privacy account: epsilon {:.4g} of {:g} at delta {:g}", job.round,
+                      budget_spent().epsilon(m_s.delta).epsilon, *m_s.max_epsilon, m_s.delta);
+      }
+    } else if (m_s.max_epsilon) {
+      throw Error("the trainer sent no DP-SGD report for a task under this site's budget");
     }
     u = sign(std::move(reply->body));
   } catch (const Error& e) {
@@ -342,16 +348,20 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
   for (const auto* t : serialize_order(u->parsed.tensors)) {
     parts.push_back(t->data);
   }
-  const json metrics = {{"num_samples", reply->header.value("num_samples", 0)},
-                        {"loss", reply->header.value("loss", 0.0)},
-                        {"steps", reply->header.value("steps", 0)},
-                        {"seconds", reply->header.value("seconds", 0.0)}};
+  json metrics = {{"num_samples", reply->header.value("num_samples", 0)},
+                  {"steps", reply->header.value("steps", 0)},
+                  {"seconds", reply->header.value("seconds", 0.0)}};
+  // Absent under DP-SGD: the trainer keeps the loss of private data to itself.
+  if (reply->header.contains("loss")) {
+    metrics["loss"] = reply->header.value("loss", 0.0);
+  }
   m_conn->send(FrameType::update,
                {{"round", job.round}, {"task", job.task}, {"attempt", job.header.value("attempt", 0)}, {"metrics", metrics}},
                std::move(parts), u);
   ++m_rounds_trained;
   m_last_round = job.round;
-  FEDL_LOG_INFO("round {}: update sent (loss {:.4f}, {} samples, {:.1f} s)", job.round, metrics["loss"].get<double>(),
+  FEDL_LOG_INFO("round {}: update sent ({}{} samples, {:.1f} s)", job.round,
+                metrics.contains("loss") ? fmt::format("loss {:.4f}, ", metrics["loss"].get<double>()) : std::string(),
                 metrics["num_samples"].get<std::uint64_t>(), metrics["seconds"].get<double>());
 }
 
@@ -558,8 +568,15 @@ Site::run()
   const auto ca = read_certificate(m_s.bundle / "ca.crt");
   const auto info = certificate_info(m_identity.cert);
   m_site = info.common_name;
-  if (m_s.max_epsilon) {
+  try {
     m_account = SiteAccount::open(m_s.bundle / "privacy.jsonl", m_identity);
+  } catch (const VerifyError& e) {
+    if (m_s.max_epsilon) {
+      throw;
+    }
+    FEDL_LOG_WARN("{}; without --max-epsilon this site goes on, but keeps no account of its DP-SGD runs", e.what());
+  }
+  if (m_s.max_epsilon) {
     const auto spent = m_account->spent().epsilon(m_s.delta).epsilon;
     if (spent >= *m_s.max_epsilon) {
       throw Error(ExitCode::budget,

@@ -94,6 +94,9 @@ TEST_CASE("core::config reads DP-SGD in training and the federation's privacy, a
   j["training"]["dp"]["sigma"] = 1;
   CHECK(error_of(j).find("unknown key training.dp.sigma") != std::string::npos);
   j = to_json(c);
+  j["training"]["dp"]["noise_multiplier"] = 1e-200; // epsilon would be infinite: nothing could record it
+  CHECK(error_of(j).find("is too small: one step would spend an infinite epsilon") != std::string::npos);
+  j = to_json(c);
   j["privacy"]["clip_norm"] = -1;
   CHECK(error_of(j) == "fedl.json: privacy: clip_norm must be a positive number, not -1");
   j = to_json(c);

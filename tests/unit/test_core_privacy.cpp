@@ -155,6 +155,13 @@ TEST_CASE("core::SiteAccount keeps a signed account that refuses alterations")
     fedl::test::write_file(path, "");
     CHECK_THROWS_WITH_AS(SiteAccount::open(path, site), doctest::Contains("privacy.jsonl"), VerifyError);
   }
+  SUBCASE("a last line cut short by a crash is dropped: that run was never sent")
+  {
+    fedl::test::write_file(path, text + "{\"body\":{\"rep");
+    const auto b = SiteAccount::open(path, site);
+    CHECK(b.runs() == 2);
+    CHECK(fedl::test::read_file(path) == text);
+  }
   SUBCASE("another site's key")
   {
     CHECK_THROWS_AS(SiteAccount::open(path, other), VerifyError);

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -315,6 +316,13 @@ train_dp(tb::Model& model, const fedl_dataset& data, const fedl_train_config& cf
          void* user, fedl_train_result& result)
 {
   check_dp_config(cfg, data.count);
+  if (model.named_weights().size() != model.parameters().size()) {
+    // Buffers (BatchNorm's running statistics) go into the update but are neither clipped nor
+    // noised: DP-SGD would not cover them.
+    throw StatusError(FEDL_STATUS_USAGE, "DP-SGD cannot protect this model: it has floating-point buffers (such as "
+                                         "BatchNorm running statistics) that are sent with the update but neither "
+                                         "clipped nor noised; remove them or train without DP-SGD");
+  }
   const auto& dev = model.device();
   torch::manual_seed(cfg.seed);
   const auto x_all = features_tensor(data);
@@ -331,8 +339,15 @@ train_dp(tb::Model& model, const fedl_dataset& data, const fedl_train_config& cf
   const auto bs = static_cast<int64_t>(cfg.batch_size);
   const double q = static_cast<double>(bs) / static_cast<double>(n);
   const auto steps_per_epoch = static_cast<uint64_t>((n + bs - 1) / bs);
-  auto sampler = at::detail::createCPUGenerator(cfg.seed);
   tb::dp::GaussianNoise noise(cfg.dp_noise_seed);
+  // The batches are secret too: amplification by sampling assumes nobody knows which examples a
+  // step used, and the coordinator chose cfg.seed. With OS noise, the sampler's seed comes from
+  // the same key stream; a fixed noise seed (tests) keeps cfg.seed's reproducible batches.
+  uint64_t sampler_seed = cfg.seed;
+  if (cfg.dp_noise_seed == 0) {
+    noise.key_stream(std::as_writable_bytes(std::span(&sampler_seed, 1)));
+  }
+  auto sampler = at::detail::createCPUGenerator(sampler_seed);
   const tb::dp::Settings settings{cfg.dp_noise_multiplier, cfg.dp_max_grad_norm, static_cast<double>(bs)};
   model.train_mode(true);
   {

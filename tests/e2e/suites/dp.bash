@@ -38,6 +38,7 @@ import st_read
 _, meta = st_read.read('u.st')
 dp = json.loads(meta['fedl.dp'])
 assert dp['steps'] == 40 and dp['sample_rate'] == 0.05, dp
+assert 'fedl.loss' not in meta, 'the loss of private data left the site'
 " || fail "fedl.dp metadata missing or wrong"
   fedl_expect 0 train --data d.csv --no-header --arch mlp:32 --epochs 1 --batch-size 50 --threads 1 \
     --dp-noise-multiplier 1.1 --dp-max-grad-norm 1.0 --dp-delta 1e-6 --save-model m.st || return
@@ -145,6 +146,14 @@ test_client_level_budget_stops_the_federation_with_exit_4_and_audit_recomputes()
   fedl_expect 0 audit ws || return
   expect_in out "client-level epsilon"
   expect_in out "stopped after round 3"
+
+  # Started again without client-level DP, or with less noise: refused, the rounds so far had it.
+  fedl_expect 2 serve ws --threads 1
+  expect_in err "rounds up to 3 ran with client-level DP (clip 1, noise multiplier 2, budget"
+  fedl_expect 2 serve ws --threads 1 --dp-clip-norm 1 --dp-noise-multiplier 1 --max-epsilon "$budget"
+  # Nor may fedl aggregate --workspace make a round without the noise.
+  fedl_expect 2 aggregate --workspace ws nothing.st
+  expect_in err "its rounds are made by fedl serve, which adds the noise and keeps the budget"
 
   # Started again: the budget is already spent; exit 4 at once, and the stop is not recorded twice.
   fedl_expect 4 serve ws --threads 1 --dp-clip-norm 1 --dp-noise-multiplier 2 --max-epsilon "$budget"

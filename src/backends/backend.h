@@ -79,6 +79,9 @@ typedef struct fedl_train_result {
   double loss;            /* mean training loss of the last epoch */
   uint64_t samples;       /* samples seen per epoch */
   uint64_t steps;
+  uint64_t dp_steps;      /* (ABI 2) the steps taken with DP-SGD: all of them when it was asked for,
+                           * else 0; fedl checks it, so a backend that ignores the DP fields is
+                           * caught rather than trusted */
 } fedl_train_result;
 
 typedef struct fedl_eval_result {

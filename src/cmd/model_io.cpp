@@ -234,9 +234,16 @@ train_model(OpenedModel& m,
             const backends::Model::Progress& progress)
 {
   if (settings.epochs == 0) {
-    return {0.0, data.size(), 0};
+    return {0.0, data.size(), 0, 0};
   }
-  return m.model.train(data, train_config(settings, seed), progress);
+  const auto result = m.model.train(data, train_config(settings, seed), progress);
+  // The privacy accounted is only true if the backend really took every step with DP-SGD.
+  if (const auto dp = dp_plan(settings, data.size()); dp && result.dp_steps != dp->steps) {
+    throw core::Error("the compute backend took {} of its {} steps with DP-SGD where {} were asked for and accounted; "
+                      "it does not implement DP-SGD: train without DP or use a backend that does",
+                      result.dp_steps, result.steps, dp->steps);
+  }
+  return result;
 }
 
 Update

@@ -398,6 +398,7 @@ train_dp(tb::Model& model, const fedl_dataset& data, const fedl_train_config& cf
   result.loss = epoch_loss;
   result.samples = data.count;
   result.steps = steps;
+  result.dp_steps = steps;
 }
 
 int
@@ -473,6 +474,7 @@ b_model_train(fedl_model* m, const fedl_dataset* data, const fedl_train_config* 
     result->loss = epoch_loss;
     result->samples = data->count;
     result->steps = steps;
+    result->dp_steps = 0;
   });
 }
 

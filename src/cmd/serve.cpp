@@ -151,7 +151,7 @@ run_serve(const ServeOptions& opt)
   core::validate_server_options(s.server);
   s.training = config.training;
   s.privacy = privacy_settings(opt, config.privacy);
-  if (s.privacy.noise_multiplier > 0 && !(s.strategy.kind == core::Strategy::fedavg || s.strategy.stateful())) {
+  if (s.privacy.noise_multiplier > 0 && !s.strategy.mean_type()) {
     throw core::UsageError("client-level DP adds noise to a mean, so it needs a mean-type strategy (fedavg, fedavgm, "
                            "fedadam, fedyogi, fedadagrad), not {}",
                            s.strategy.to_string());

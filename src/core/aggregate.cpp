@@ -207,7 +207,13 @@ StrategySpec::stateful() const noexcept
 bool
 StrategySpec::weighted() const noexcept
 {
-  return kind == Strategy::fedavg || stateful() || kind == Strategy::multi_krum;
+  return mean_type() || kind == Strategy::multi_krum;
+}
+
+bool
+StrategySpec::mean_type() const noexcept
+{
+  return kind == Strategy::fedavg || stateful();
 }
 
 StrategySpec
@@ -590,7 +596,7 @@ aggregate_impl(const Safetensors& base,
   if (spec.kind == Strategy::trimmed_mean && !(spec.trim >= 0.0 && spec.trim < 0.5)) {
     throw UsageError("trimmed-mean: BETA must satisfy 0 <= BETA < 0.5, not {}", spec.trim);
   }
-  if (options.client_dp && !(spec.kind == Strategy::fedavg || spec.stateful())) {
+  if (options.client_dp && !spec.mean_type()) {
     throw UsageError("client-level DP adds noise to a mean, so it needs a mean-type strategy (fedavg, fedavgm, "
                      "fedadam, fedyogi, fedadagrad), not {}",
                      spec.to_string());

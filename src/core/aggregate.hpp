@@ -91,6 +91,9 @@ struct StrategySpec
   bool stateful() const noexcept;
   // True if the caller's weights matter: the mean-type strategies and multi-krum.
   bool weighted() const noexcept;
+  // True for the mean-type strategies (fedavg and the stateful ones), the only ones client-level
+  // DP can add its noise to.
+  bool mean_type() const noexcept;
 
   bool operator==(const StrategySpec&) const = default;
 };

@@ -136,19 +136,8 @@ run_audit(const fs::path& root)
     } catch (const core::VerifyError& err) {
       throw core::VerifyError("{}: line {}: {}", ws.ledger().string(), e.line, err.what());
     }
-    std::string privacy_text;
-    if (const auto p = e.body.find("privacy"); p != e.body.end() && p->is_object()) {
-      if (const auto c = p->find("client"); c != p->end()) {
-        client_delta = c->value("delta", 1e-5);
-        privacy_text += fmt::format(", epsilon {:.4g}", c->value("epsilon", 0.0));
-      }
-      if (const auto st = p->find("sites"); st != p->end()) {
-        double most = 0;
-        for (const auto& [name, x] : st->items()) {
-          most = std::max(most, x.value("total_epsilon", 0.0));
-        }
-        privacy_text += fmt::format(", site epsilon up to {:.4g}", most);
-      }
+    if (const auto p = e.body.find("privacy"); p != e.body.end() && p->is_object() && p->contains("client")) {
+      client_delta = (*p)["client"].value("delta", 1e-5);
     }
     const auto& rej = e.body.at("rejected");
     rejected_total += rej.size();
@@ -159,7 +148,7 @@ run_audit(const fs::path& root)
     }
     text += fmt::format("round {:>4}: {} ({} participants: {}){}{}{}\n", r, e.body.value("strategy", "?"), sites.size(),
                         fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
-                        privacy_text);
+                        core::round_privacy_text(e.body));
     for (const auto& x : rej) {
       text += fmt::format("            rejected {}: {}\n", x.value("file", "?"), x.value("reason", "?"));
     }

@@ -73,32 +73,6 @@ struct Participant
 };
 
 // SplitMix64 (Steele, Lea, Flood 2014) to derive a per-attempt seed from (seed, round, attempt).
-// ", epsilon E" for a round's progress line: the federation's client-level total, and the largest
-// total any site reported for its sample-level DP-SGD.
-std::string
-privacy_text(const nlohmann::json& body)
-{
-  const auto it = body.find("privacy");
-  if (it == body.end() || !it->is_object()) {
-    return {};
-  }
-  std::string t;
-  if (const auto c = it->find("client"); c != it->end()) {
-    t += fmt::format(", epsilon {:.3g}", c->value("epsilon", 0.0));
-    if (const auto m = it->find("max_epsilon"); m != it->end()) {
-      t += fmt::format(" of {:g}", m->get<double>());
-    }
-  }
-  if (const auto s = it->find("sites"); s != it->end() && s->is_object() && !s->empty()) {
-    double most = 0;
-    for (const auto& [name, r] : s->items()) {
-      most = std::max(most, r.value("total_epsilon", 0.0));
-    }
-    t += fmt::format(", site epsilon up to {:.3g}", most);
-  }
-  return t;
-}
-
 std::uint64_t
 mix(std::uint64_t x)
 {
@@ -876,7 +850,7 @@ Coordinator::round_done(json result)
     acc_text = fmt::format(", accuracy {:.2f}%", *m_accuracy * 100);
   }
   m_privacy.replay(body, /*verify=*/false);
-  acc_text += privacy_text(body);
+  acc_text += round_privacy_text(body);
   FEDL_LOG_INFO("round {}/{} done: {} updates{}{}, {:.2f} s", m_round, m_s.rounds, body.at("participants").size(),
                 body.at("rejected").empty() ? "" : fmt::format(" ({} rejected)", body.at("rejected").size()), acc_text,
                 seconds);

@@ -46,6 +46,16 @@ step_curve(double q, double sigma)
   return curve;
 }
 
+// A run's epsilon alone, through the cached step curve (an audit recomputes one per site and
+// round; compute_epsilon would integrate the fractional orders again every time).
+double
+run_epsilon(const DpSgdReport& r)
+{
+  RdpAccount a;
+  r.add_to(a);
+  return a.epsilon(r.delta).epsilon;
+}
+
 bool
 same(double recorded, double computed)
 {
@@ -169,7 +179,7 @@ DpSgdReport::from_json(const json& j, const std::string& what)
       !(r.delta > 0 && r.delta < 1)) {
     throw VerifyError("{}: DP-SGD parameters out of range: {}", what, j.dump());
   }
-  r.epsilon = r.steps == 0 ? 0.0 : compute_epsilon(r.sample_rate, r.noise_multiplier, r.steps, r.delta).epsilon;
+  r.epsilon = run_epsilon(r);
   if (!std::isfinite(r.epsilon)) {
     throw VerifyError("{}: these DP-SGD parameters spend an infinite epsilon: {}", what, j.dump());
   }
@@ -190,7 +200,7 @@ dp_sgd_report(const DpSgdConfig& dp, std::uint64_t samples, std::uint32_t batch_
   r.sample_rate = static_cast<double>(batch_size) / static_cast<double>(samples);
   r.steps = steps;
   r.delta = dp.delta;
-  r.epsilon = steps == 0 ? 0.0 : compute_epsilon(r.sample_rate, r.noise_multiplier, steps, r.delta).epsilon;
+  r.epsilon = run_epsilon(r);
   return r;
 }
 
@@ -300,6 +310,30 @@ FederationPrivacy::site_report(const std::string& name) const
   auto j = it->second.rdp.to_json();
   j["runs"] = it->second.runs;
   return j;
+}
+
+std::string
+round_privacy_text(const json& body)
+{
+  const auto it = body.find("privacy");
+  if (it == body.end() || !it->is_object()) {
+    return {};
+  }
+  std::string t;
+  if (const auto c = it->find("client"); c != it->end() && c->is_object()) {
+    t += fmt::format(", epsilon {:.4g}", c->value("epsilon", 0.0));
+    if (const auto m = it->find("max_epsilon"); m != it->end() && m->is_number()) {
+      t += fmt::format(" of {:g}", m->get<double>());
+    }
+  }
+  if (const auto s = it->find("sites"); s != it->end() && s->is_object() && !s->empty()) {
+    double most = 0;
+    for (const auto& [name, r] : s->items()) {
+      most = std::max(most, r.value("total_epsilon", 0.0));
+    }
+    t += fmt::format(", site epsilon up to {:.4g}", most);
+  }
+  return t;
 }
 
 SiteAccount

@@ -125,6 +125,11 @@ private:
   std::map<std::string, Site> m_sites;
 };
 
+// For a round's line in serve's progress and the audit: ", epsilon E[ of MAX]" (the federation's
+// client-level total after the round) and ", site epsilon up to S" (the largest site total), from
+// a round entry's body; empty without "privacy".
+std::string round_privacy_text(const nlohmann::json& round_body);
+
 // A site's own account of its sample-level spending (DIR/privacy.jsonl).
 class SiteAccount
 {

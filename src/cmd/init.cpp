@@ -159,15 +159,8 @@ run_create(const InitOptions& opt)
   config.training.dp = opt.dp.resolve();
   config.min_clients = opt.min_clients.value_or(0);
   config.privacy = opt.privacy;
-  try {
-    core::check_privacy(config.privacy);
-  } catch (const core::UsageError& e) {
-    throw core::UsageError("--client-dp-clip-norm, --client-dp-noise-multiplier, --max-epsilon, --delta: {}", e.what());
-  }
-  if (config.privacy.max_epsilon > 0 && config.privacy.noise_multiplier <= 0) {
-    throw core::UsageError("--max-epsilon budgets the federation's client-level DP: give --client-dp-clip-norm C and "
-                           "--client-dp-noise-multiplier S too");
-  }
+  core::check_privacy(config.privacy,
+                      {"--client-dp-clip-norm", "--client-dp-noise-multiplier", "--max-epsilon", "--delta"});
 
   std::optional<core::Dataset> data;
   if (!opt.partition.data.empty()) {

@@ -16,7 +16,6 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include <cmath>
 #include <mutex>
 
 namespace fs = std::filesystem;
@@ -111,22 +110,11 @@ privacy_settings(const ServeOptions& opt, core::PrivacyConfig p)
   if (opt.dp_clip_norm) {
     p.clip_norm = *opt.dp_clip_norm;
     p.noise_multiplier = *opt.dp_noise_multiplier;
-    core::check_dp(p.noise_multiplier, p.clip_norm, opt.delta.value_or(p.delta),
-                   {"--dp-noise-multiplier", "--dp-clip-norm", "--delta"});
   }
   p.max_epsilon = opt.max_epsilon.value_or(p.max_epsilon);
   p.delta = opt.delta.value_or(p.delta);
-  if (!(p.delta > 0 && p.delta < 1)) {
-    throw core::UsageError("--delta must be between 0 and 1 (exclusive), not {}", p.delta);
-  }
-  if (opt.max_epsilon && (!(p.max_epsilon > 0) || !std::isfinite(p.max_epsilon))) {
-    throw core::UsageError("--max-epsilon must be a positive number, not {}", p.max_epsilon);
-  }
-  if (p.max_epsilon > 0 && p.noise_multiplier <= 0) {
-    throw core::UsageError("--max-epsilon budgets the federation's client-level DP: give --dp-clip-norm C and "
-                           "--dp-noise-multiplier S (or set privacy in fedl.json); a site budgets its own sample-level "
-                           "DP-SGD with fedl join --max-epsilon");
-  }
+  // fedl.json's values were checked where it was read: what fails here came from a flag.
+  core::check_privacy(p, {"--dp-clip-norm", "--dp-noise-multiplier", "--max-epsilon", "--delta"});
   return p;
 }
 

@@ -155,16 +155,21 @@ check_dp(double noise_multiplier, double clip, double delta, const DpFlagNames& 
 }
 
 void
-check_privacy(const PrivacyConfig& p)
+check_privacy(const PrivacyConfig& p, const PrivacyNames& names)
 {
   if (!(p.delta > 0 && p.delta < 1)) {
-    throw UsageError("delta must be between 0 and 1 (exclusive), not {}", p.delta);
+    throw UsageError("{} must be between 0 and 1 (exclusive), not {}", names.delta, p.delta);
   }
   if (p.clip_norm != 0 || p.noise_multiplier != 0) {
-    check_dp(p.noise_multiplier, p.clip_norm, p.delta, {"noise_multiplier", "clip_norm", "delta"});
+    check_dp(p.noise_multiplier, p.clip_norm, p.delta, {names.noise_multiplier, names.clip_norm, names.delta});
   }
   if (p.max_epsilon != 0 && (!(p.max_epsilon > 0) || !std::isfinite(p.max_epsilon))) {
-    throw UsageError("max_epsilon must be a positive number, not {}", p.max_epsilon);
+    throw UsageError("{} must be a positive number, not {}", names.max_epsilon, p.max_epsilon);
+  }
+  if (p.max_epsilon > 0 && p.noise_multiplier <= 0) {
+    throw UsageError("{} budgets the federation's client-level DP: give {} C and {} S too (a site budgets its own "
+                     "sample-level DP-SGD with fedl join --max-epsilon)",
+                     names.max_epsilon, names.clip_norm, names.noise_multiplier);
   }
 }
 

@@ -108,9 +108,18 @@ struct DpFlagNames
   const char* delta;
 };
 void check_dp(double noise_multiplier, double clip, double delta, const DpFlagNames& names);
-// The same for fedl.json's "privacy" (every field 0 is "off"; clip_norm and noise_multiplier
-// come together; max_epsilon positive if set).
-void check_privacy(const PrivacyConfig& privacy);
+// The same for fedl.json's "privacy": every field 0 is "off"; clip_norm and noise_multiplier
+// come together (check_dp); max_epsilon is positive if set, and needs them (it budgets
+// client-level DP). `names` name the fields as the caller's user set them: fedl.json's keys by
+// default, or the flags of fedl init or fedl serve.
+struct PrivacyNames
+{
+  const char* clip_norm = "clip_norm";
+  const char* noise_multiplier = "noise_multiplier";
+  const char* max_epsilon = "max_epsilon";
+  const char* delta = "delta";
+};
+void check_privacy(const PrivacyConfig& privacy, const PrivacyNames& names = {});
 // Throws UsageError (exit 2) naming `what` (the file) and the field path for unknown keys,
 // missing required fields and wrong types.
 FederationConfig config_from_json(const nlohmann::json& j, const std::string& what);

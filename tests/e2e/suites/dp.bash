@@ -185,7 +185,7 @@ test_the_budget_from_fedl_json_is_refused_at_start()
   fedl_expect 2 init ws2 --clients 1 --arch logreg --input-dim 64 --classes 10 --max-epsilon 3
   expect_in err "--max-epsilon budgets the federation's client-level DP"
   fedl_expect 2 init ws2 --clients 1 --arch logreg --input-dim 64 --classes 10 --client-dp-clip-norm 1
-  expect_in err "noise_multiplier must be a positive number, not 0"
+  expect_in err "--client-dp-noise-multiplier must be a positive number, not 0"
 }
 
 test_client_level_dp_refuses_bad_settings()

@@ -2,6 +2,14 @@
 # Helpers of the suites that run fedl serve and fedl join on 127.0.0.1 (network, dp): background
 # processes and their cleanup, waits with deadlines, the ledger, tests/e2e/fedl_peer.py.
 
+# What these suites need beyond fedl (the runner skips a suite whose probe fails).
+suite_probe()
+{
+  "$PY" -c 'import ssl; assert ssl.HAS_TLSv1_3' 2>/dev/null || { echo "python3's ssl module lacks TLS 1.3"; return 1; }
+  command -v openssl >/dev/null || { echo "the openssl command is not installed"; return 1; }
+  command -v pgrep >/dev/null || { echo "pgrep (procps) is not installed"; return 1; }
+}
+
 PEER=("$PY" "$FEDL_SOURCE_DIR/tests/e2e/fedl_peer.py")
 BG=()        # processes this test started in the background
 PEER_RUNS=0

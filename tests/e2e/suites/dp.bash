@@ -4,13 +4,6 @@
 # in DIR/privacy.jsonl (exit 4; deleted or altered: refused), and fedl audit recomputing every
 # recorded epsilon (exit 3 when a re-signed ledger lies).
 
-suite_probe()
-{
-  "$PY" -c 'import ssl; assert ssl.HAS_TLSv1_3' 2>/dev/null || { echo "python3's ssl module lacks TLS 1.3"; return 1; }
-  command -v openssl >/dev/null || { echo "the openssl command is not installed"; return 1; }
-  command -v pgrep >/dev/null || { echo "pgrep (procps) is not installed"; return 1; }
-}
-
 # shellcheck source=../net_lib.bash
 source "$FEDL_SOURCE_DIR/tests/e2e/net_lib.bash"
 

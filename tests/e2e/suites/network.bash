@@ -3,13 +3,6 @@
 # tests/e2e/fedl_peer.py as a raw (and hostile) peer. Every wait has a deadline, and each test
 # kills what it started when it ends.
 
-suite_probe()
-{
-  "$PY" -c 'import ssl; assert ssl.HAS_TLSv1_3' 2>/dev/null || { echo "python3's ssl module lacks TLS 1.3"; return 1; }
-  command -v openssl >/dev/null || { echo "the openssl command is not installed"; return 1; }
-  command -v pgrep >/dev/null || { echo "pgrep (procps) is not installed"; return 1; }
-}
-
 # shellcheck source=../net_lib.bash
 source "$FEDL_SOURCE_DIR/tests/e2e/net_lib.bash"
 

@@ -59,77 +59,40 @@ struct Args
   bool keep = false;
 };
 
-[[noreturn]] void
-usage(const std::string& why)
-{
-  std::fprintf(stderr,
-               "fedl_aggregate_bench: %s\n"
-               "usage: fedl_aggregate_bench [--n N] [--params P] [--repeat R] [--dir DIR] [--tensors K]\n"
-               "                            [--rss-n N1,N2|none] [--pread-kb K1,K2] [--numpy PATH | --no-numpy]\n"
-               "                            [--keep]\n",
-               why.c_str());
-  std::exit(2);
-}
-
-std::size_t
-to_size(const std::string& flag, const std::string& text)
-{
-  if (const auto v = fedl::bench::parse_count(text)) {
-    return *v;
-  }
-  usage(fmt::format("{} needs a positive integer, not '{}'", flag, text));
-}
-
 Args
 parse_args(int argc, char** argv)
 {
+  fedl::bench::CommandLine cl(
+    argc, argv, "fedl_aggregate_bench",
+    "usage: fedl_aggregate_bench [--n N] [--params P] [--repeat R] [--dir DIR] [--tensors K]\n"
+    "                            [--rss-n N1,N2|none] [--pread-kb K1,K2] [--numpy PATH | --no-numpy]\n"
+    "                            [--keep]\n");
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        usage(flag + " needs a value");
-      }
-      return argv[++i];
-    };
+  while (cl.next()) {
+    const auto& flag = cl.flag();
     if (flag == "--n") {
-      a.n = to_size(flag, value());
+      a.n = cl.count();
     } else if (flag == "--params") {
-      a.params = to_size(flag, value());
+      a.params = cl.count();
     } else if (flag == "--repeat") {
-      a.repeat = to_size(flag, value());
+      a.repeat = cl.count();
     } else if (flag == "--tensors") {
-      a.tensors = to_size(flag, value());
+      a.tensors = cl.count();
     } else if (flag == "--dir") {
-      a.dir = value();
+      a.dir = cl.value();
     } else if (flag == "--rss-n") {
-      const auto text = value();
-      a.rss_n.clear();
-      if (text != "none") {
-        std::stringstream ss(text);
-        std::string item;
-        while (std::getline(ss, item, ',')) {
-          a.rss_n.push_back(to_size(flag, item));
-        }
-      }
+      const auto text = cl.value();
+      a.rss_n = text == "none" ? std::vector<std::size_t>{} : cl.counts_of(text);
     } else if (flag == "--pread-kb") {
-      const auto text = value();
-      a.pread_kb.clear();
-      std::stringstream ss(text);
-      std::string item;
-      while (std::getline(ss, item, ',')) {
-        a.pread_kb.push_back(to_size(flag, item));
-      }
+      a.pread_kb = cl.counts_of(cl.value());
     } else if (flag == "--numpy") {
-      a.numpy = value();
+      a.numpy = cl.value();
     } else if (flag == "--no-numpy") {
       a.numpy.clear();
     } else if (flag == "--keep") {
       a.keep = true;
-    } else if (flag == "--help" || flag == "-h") {
-      usage("help");
     } else {
-      usage("unknown argument " + flag);
+      cl.fail("unknown argument " + flag);
     }
   }
   a.tensors = std::min(a.tensors, a.params);

@@ -40,77 +40,39 @@ struct Args
   std::string images = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz";
 };
 
-[[noreturn]] void
-usage(const std::string& why)
-{
-  std::fprintf(stderr,
-               "fedl_dp_sgd_bench: %s\n"
-               "usage: fedl_dp_sgd_bench [--models \"mlp:128;cnn\"] [--limit N] [--runs R] [--threads T]\n"
-               "                         [--batch B] [--sigma S] [--clip C] [--images PATH]\n",
-               why.c_str());
-  std::exit(2);
-}
-
-std::size_t
-to_size(const std::string& flag, const std::string& text)
-{
-  if (const auto v = fedl::bench::parse_count(text)) {
-    return *v;
-  }
-  usage(fmt::format("{} needs a positive integer, not '{}'", flag, text));
-}
-
-double
-to_double(const std::string& flag, const std::string& text)
-{
-  try {
-    std::size_t pos = 0;
-    const double v = std::stod(text, &pos);
-    if (pos == text.size() && v > 0) {
-      return v;
-    }
-  } catch (const std::exception&) {
-  }
-  usage(fmt::format("{} needs a positive number, not '{}'", flag, text));
-}
-
 Args
 parse_args(int argc, char** argv)
 {
+  fedl::bench::CommandLine cl(
+    argc, argv, "fedl_dp_sgd_bench",
+    "usage: fedl_dp_sgd_bench [--models \"mlp:128;cnn\"] [--limit N] [--runs R] [--threads T]\n"
+    "                         [--batch B] [--sigma S] [--clip C] [--images PATH]\n");
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        usage(flag + " needs a value");
-      }
-      return argv[++i];
-    };
+  while (cl.next()) {
+    const auto& flag = cl.flag();
     if (flag == "--models") {
       a.models.clear();
-      std::stringstream ss(value());
+      std::stringstream ss(cl.value());
       std::string item;
       while (std::getline(ss, item, ';')) {
         a.models.push_back(item);
       }
     } else if (flag == "--limit") {
-      a.limit = to_size(flag, value());
+      a.limit = cl.count();
     } else if (flag == "--runs") {
-      a.runs = to_size(flag, value());
+      a.runs = cl.count();
     } else if (flag == "--threads") {
-      a.threads = to_size(flag, value());
+      a.threads = cl.count();
     } else if (flag == "--batch") {
-      a.batch = to_size(flag, value());
+      a.batch = cl.count();
     } else if (flag == "--sigma") {
-      a.sigma = to_double(flag, value());
+      a.sigma = cl.positive();
     } else if (flag == "--clip") {
-      a.clip = to_double(flag, value());
+      a.clip = cl.positive();
     } else if (flag == "--images") {
-      a.images = value();
-    } else if (flag == "--help" || flag == "-h") {
-      usage("help");
+      a.images = cl.value();
     } else {
-      usage("unknown argument " + flag);
+      cl.fail("unknown argument " + flag);
     }
   }
   return a;

@@ -78,60 +78,35 @@ struct Args
   std::string ciphersuites;
 };
 
-[[noreturn]] void
-usage(const std::string& why)
-{
-  std::fprintf(stderr,
-               "fedl_tls_push_bench: %s\n"
-               "usage: fedl_tls_push_bench [--n N] [--params P] [--repeat R] [--warmup W] [--dir DIR] [--json]\n"
-               "                           [--read-ahead-kb K] [--ciphersuites LIST]\n",
-               why.c_str());
-  std::exit(2);
-}
-
-std::size_t
-to_size(const std::string& flag, const std::string& text, bool zero_ok = false)
-{
-  if (const auto v = fedl::bench::parse_count(text, zero_ok)) {
-    return *v;
-  }
-  usage(fmt::format("{} needs a {} integer, not '{}'", flag, zero_ok ? "non-negative" : "positive", text));
-}
+const char* const k_usage =
+  "usage: fedl_tls_push_bench [--n N] [--params P] [--repeat R] [--warmup W] [--dir DIR] [--json]\n"
+  "                           [--read-ahead-kb K] [--ciphersuites LIST]\n";
 
 Args
 parse_args(int argc, char** argv)
 {
+  fedl::bench::CommandLine cl(argc, argv, "fedl_tls_push_bench", k_usage);
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        usage(flag + " needs a value");
-      }
-      return argv[++i];
-    };
+  while (cl.next()) {
+    const auto& flag = cl.flag();
     if (flag == "--n") {
-      a.n = to_size(flag, value());
+      a.n = cl.count();
     } else if (flag == "--params") {
-      a.params = to_size(flag, value());
+      a.params = cl.count();
     } else if (flag == "--repeat") {
-      a.repeat = to_size(flag, value());
+      a.repeat = cl.count();
     } else if (flag == "--warmup") {
-      a.warmup = to_size(flag, value(), true);
+      a.warmup = cl.count(true);
     } else if (flag == "--dir") {
-      a.dir = value();
+      a.dir = cl.value();
     } else if (flag == "--read-ahead-kb") {
-      a.read_ahead_kb = to_size(flag, value(), true);
+      a.read_ahead_kb = cl.count(true);
     } else if (flag == "--ciphersuites") {
-      a.ciphersuites = value();
+      a.ciphersuites = cl.value();
     } else if (flag == "--json") {
       a.json_out = true;
-    } else if (flag == "-h" || flag == "--help") {
-      std::printf("usage: fedl_tls_push_bench [--n N] [--params P] [--repeat R] [--warmup W] [--dir DIR] [--json]\n"
-                  "                           [--read-ahead-kb K] [--ciphersuites LIST]\n");
-      std::exit(0);
     } else {
-      usage("unknown option " + flag);
+      cl.fail("unknown option " + flag);
     }
   }
   return a;
@@ -367,7 +342,9 @@ main(int argc, char** argv)
         SSL_CTX_set_default_read_buffer_len(ctx, a.read_ahead_kb * 1024);
       }
       if (!a.ciphersuites.empty() && SSL_CTX_set_ciphersuites(ctx, a.ciphersuites.c_str()) != 1) {
-        usage(fmt::format("--ciphersuites {}: not a TLS 1.3 cipher suite list OpenSSL accepts", a.ciphersuites));
+        fedl::bench::usage_error("fedl_tls_push_bench", k_usage,
+                                 fmt::format("--ciphersuites {}: not a TLS 1.3 cipher suite list OpenSSL accepts",
+                                             a.ciphersuites));
       }
     }
 

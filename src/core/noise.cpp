@@ -77,9 +77,8 @@ GaussianNoise::key_stream(std::span<std::byte> out)
   }
 }
 
-template<typename T>
 void
-GaussianNoise::fill_impl(std::span<T> out, double stddev)
+GaussianNoise::fill(std::span<double> out, double stddev)
 {
   // Box-Muller: for u in (0, 1] and an angle t uniform in [0, 2π), √(−2 ln u)·(cos t, sin t) are
   // two independent standard normals. Per pair: 64 bits of key stream for u, 32 for t; u as
@@ -94,24 +93,12 @@ GaussianNoise::fill_impl(std::span<T> out, double stddev)
         (static_cast<double>(words[3 * i]) + (static_cast<double>(words[3 * i + 1]) + 0.5) * 0x1p-32) * 0x1p-32;
       const double t = static_cast<double>(words[3 * i + 2]) * (2.0 * std::numbers::pi * 0x1p-32);
       const double r = stddev * std::sqrt(-2.0 * std::log(u));
-      out[begin + 2 * i] = static_cast<T>(r * std::cos(t));
+      out[begin + 2 * i] = r * std::cos(t);
       if (begin + 2 * i + 1 < out.size()) {
-        out[begin + 2 * i + 1] = static_cast<T>(r * std::sin(t));
+        out[begin + 2 * i + 1] = r * std::sin(t);
       }
     }
   }
-}
-
-void
-GaussianNoise::fill(std::span<float> out, double stddev)
-{
-  fill_impl(out, stddev);
-}
-
-void
-GaussianNoise::fill(std::span<double> out, double stddev)
-{
-  fill_impl(out, stddev);
 }
 
 } // namespace fedl::core

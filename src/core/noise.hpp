@@ -22,15 +22,12 @@ public:
   GaussianNoise& operator=(const GaussianNoise&) = delete;
 
   // Fills `out` with independent draws of N(0, stddev²).
-  void fill(std::span<float> out, double stddev);
   void fill(std::span<double> out, double stddev);
   // The raw key stream (uniform bytes), for a caller that vectorizes Box-Muller itself, as the
   // torch backend does: per normal pair, 64 bits for the radius and 32 for the angle.
   void key_stream(std::span<std::byte> out);
 
 private:
-  template<typename T>
-  void fill_impl(std::span<T> out, double stddev);
   void* m_ctx;
 };
 

@@ -100,15 +100,6 @@ RdpAccount::add(double q, double sigma, std::uint64_t steps)
 }
 
 void
-RdpAccount::add(const RdpAccount& other)
-{
-  for (std::size_t i = 0; i < m_rdp.size(); ++i) {
-    m_rdp[i] += other.m_rdp[i];
-  }
-  m_any = m_any || other.m_any;
-}
-
-void
 RdpAccount::merge_max(const RdpAccount& other)
 {
   for (std::size_t i = 0; i < m_rdp.size(); ++i) {
@@ -291,13 +282,6 @@ FederationPrivacy::record_round(const std::optional<ClientDpRound>& client,
     p["sites"] = std::move(s);
   }
   return p.empty() ? json(nullptr) : p;
-}
-
-const RdpAccount*
-FederationPrivacy::site(const std::string& name) const
-{
-  const auto it = m_sites.find(name);
-  return it == m_sites.end() ? nullptr : &it->second.rdp;
 }
 
 json

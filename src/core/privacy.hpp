@@ -26,7 +26,6 @@
 #include <filesystem>
 #include <map>
 #include <optional>
-#include <span>
 #include <string>
 #include <vector>
 
@@ -41,12 +40,9 @@ public:
   void add(double q, double sigma, std::uint64_t steps);
   // Makes each order's value the larger of this account's and `other`'s (both bound the loss).
   void merge_max(const RdpAccount& other);
-  // Adds another account (composition).
-  void add(const RdpAccount& other);
   // ε at `delta` (0 for an empty account).
   PrivacySpent epsilon(double delta) const;
   bool empty() const noexcept { return !m_any; }
-  std::span<const double> rdp() const noexcept { return m_rdp; }
 
   // {"orders": [...], "rdp": [...]}, and back: Error naming `what` unless the orders are
   // default_orders() and every value is finite and not negative.
@@ -105,9 +101,8 @@ public:
                               const std::map<std::string, DpSgdReport>& sites,
                               std::optional<double> max_epsilon);
 
-  // The federation's client-level account and each site's sample-level one.
+  // The federation's client-level account.
   const RdpAccount& client() const noexcept { return m_client; }
-  const RdpAccount* site(const std::string& name) const;
   // What the ledger says `site` spent, for the welcome frame: {"orders": ..., "rdp": ...,
   // "runs": N}; null if it spent nothing.
   nlohmann::json site_report(const std::string& name) const;

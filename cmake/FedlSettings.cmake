@@ -21,3 +21,21 @@ foreach(linker lld gold)
     break()
   endif()
 endforeach()
+
+# Sanitizer builds for developers (make asan, make tsan; never CI): every first-party target,
+# the torch backend and the test programs included, since they all link fedl_settings.
+#   address: AddressSanitizer, LeakSanitizer and UndefinedBehaviorSanitizer; any UB report is fatal.
+#   thread:  ThreadSanitizer.
+set(FEDL_SANITIZE "" CACHE STRING "Build with sanitizers: address (ASan+UBSan) or thread (TSan); empty for none")
+set_property(CACHE FEDL_SANITIZE PROPERTY STRINGS "" address thread)
+if(FEDL_SANITIZE STREQUAL "address")
+  set(fedl_sanitize_flags -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
+elseif(FEDL_SANITIZE STREQUAL "thread")
+  set(fedl_sanitize_flags -fsanitize=thread -fno-omit-frame-pointer)
+elseif(NOT FEDL_SANITIZE STREQUAL "")
+  message(FATAL_ERROR "FEDL_SANITIZE is '${FEDL_SANITIZE}'; expected address, thread or nothing")
+endif()
+if(fedl_sanitize_flags)
+  target_compile_options(fedl_settings INTERFACE ${fedl_sanitize_flags})
+  target_link_options(fedl_settings INTERFACE ${fedl_sanitize_flags})
+endif()

@@ -78,11 +78,29 @@ free_port()
   "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# FEDL_E2E_TIME_SCALE (a whole number, default 1): the factor by which the suites' own waits are
+# longer in a slow build (tests/sanitizers/run sets it for make asan and make tsan). It scales
+# wait_for's SECONDS (so every wait_log, wait_exit and expect_exit) and the DURATION of
+# `timeout DURATION COMMAND...` in the suites; the deadlines that a test gives fedl itself
+# (--round-timeout, --heartbeat, ...) stay as they are.
+TIME_SCALE=${FEDL_E2E_TIME_SCALE:-1}
+[[ $TIME_SCALE =~ ^[1-9][0-9]*$ ]] || { echo "FEDL_E2E_TIME_SCALE must be a whole number >= 1" >&2; exit 2; }
+if ((TIME_SCALE > 1)); then
+  timeout()
+  {
+    if [[ ${1:-} =~ ^[0-9]+$ ]]; then
+      command timeout "$(($1 * TIME_SCALE))" "${@:2}"
+    else
+      command timeout "$@"
+    fi
+  }
+fi
+
 # wait_for SECONDS COMMAND...: runs COMMAND every 0.1 s until it succeeds; fails (status 1) if it
-# has not within SECONDS.
+# has not within SECONDS (times FEDL_E2E_TIME_SCALE).
 wait_for()
 {
-  local end=$((SECONDS + $1))
+  local end=$((SECONDS + $1 * TIME_SCALE))
   shift
   until "$@"; do
     ((SECONDS >= end)) && return 1

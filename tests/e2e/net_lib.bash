@@ -131,7 +131,7 @@ expect_rounds()
 peer()
 {
   REPORT=peer-$1-$((++PEER_RUNS)).json
-  timeout 60 "${PEER[@]}" "$1" --server "127.0.0.1:$PORT" --timeout 10 "${@:2}" >"$REPORT" 2>>peer.err ||
+  timeout 60 "${PEER[@]}" "$1" --server "127.0.0.1:$PORT" --timeout $((10 * TIME_SCALE)) "${@:2}" >"$REPORT" 2>>peer.err ||
     { fail "fedl_peer.py $* failed"; cat peer.err; }
 }
 

@@ -38,6 +38,8 @@ _fedl()
     --client-dp-noise-multiplier) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --max-epsilon) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --delta) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --max-update-norm) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --max-num-samples) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --add-client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --revoke) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --partition) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
@@ -125,6 +127,7 @@ _fedl()
     --beta2) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
     --tau) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
     --on-bad-update) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -W "fail skip" -- "$cur")); return; } ;;&
+    --witness) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --sample-rate) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --noise-multiplier) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --steps) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
@@ -133,13 +136,13 @@ _fedl()
   local words
   case "$cmd" in
     "") words="init train eval serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
-    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --max-epsilon --delta --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
-    "audit") words="--help --privacy-calc --sample-rate --noise-multiplier --steps --delta --help --json --quiet --verbose --log-format --version" ;;
+    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))

@@ -6,6 +6,9 @@
 // or file; otherwise it prints the rounds, their participants, rejected updates and strategy.
 // Privacy: every epsilon a round records (client-level and each site's) is recomputed from the
 // recorded DP parameters of it and the rounds before; a disagreement is exit 3.
+// --witness DIR...: sites' receipts of the ledger heads the coordinator showed them; a ledger
+// shorter than, or diverging from, any of them is exit 3 (core/receipt.hpp). Sites the ledger
+// records as revoked must be in the CRL.
 // fedl audit --privacy-calc: no workspace; the (ε, δ) that DP-SGD with the given sampling rate,
 // noise multiplier and steps spends (core/accountant.hpp).
 #include "cmd/commands.hpp"
@@ -18,6 +21,7 @@
 #include "core/ledger.hpp"
 #include "core/pki.hpp"
 #include "core/privacy.hpp"
+#include "core/receipt.hpp"
 #include "core/workspace.hpp"
 
 #include <CLI/CLI.hpp>
@@ -49,7 +53,7 @@ expect_hash(const fs::path& path, const std::string& recorded, const core::Ledge
 }
 
 int
-run_audit(const fs::path& root)
+run_audit(const fs::path& root, const std::vector<fs::path>& witnesses)
 {
   const core::Workspace ws(root);
   ws.require_exists();
@@ -165,6 +169,19 @@ run_audit(const fs::path& root)
   if (crl_entry != nullptr) {
     expect_hash(ws.crl(), crl_sha, *crl_entry);
   }
+  core::check_revocations(ws, entries);
+  nlohmann::json witness_json = nlohmann::json::array();
+  std::string witness_text;
+  if (!witnesses.empty()) {
+    const auto last_sha = core::ledger_head(ws.ledger()).sha256;
+    const auto ca_fp = core::certificate_fingerprint(ca);
+    for (const auto& dir : witnesses) {
+      const auto w = core::check_witness(dir, entries, last_sha, server, ca_fp);
+      witness_json.push_back({{"dir", dir.string()}, {"receipts", w.receipts}, {"highest_seq", w.highest_seq}});
+      witness_text += fmt::format("witness {}: {} receipts agree with the ledger{}\n", dir.string(), w.receipts,
+                                  w.receipts > 0 ? fmt::format(" (up to entry {})", w.highest_seq) : std::string());
+    }
+  }
   // A model the ledger does not know is either a truncated ledger or an interrupted round;
   // both need a person (re-running the round's fedl aggregate records it).
   std::error_code ec;
@@ -182,6 +199,9 @@ run_audit(const fs::path& root)
                       {"latest_model", model},
                       {"rejected_updates", rejected_total},
                       {"ca_fingerprint", genesis.body["ca_fingerprint"]}};
+  if (!witnesses.empty()) {
+    j["witnesses"] = witness_json;
+  }
   // The client-level total, recomputed at the delta the rounds recorded (each site's totals were
   // checked round by round above).
   nlohmann::json privacy_json = nlohmann::json::object();
@@ -206,6 +226,7 @@ run_audit(const fs::path& root)
                      genesis.body["ca_fingerprint"].get<std::string>().substr(0, 16)) +
          text +
          privacy_summary +
+         witness_text +
          fmt::format("{} rounds, latest model {}, {} rejected updates; every model file matches the ledger\n",
                      rounds.size(), model, rejected_total);
   print_result(j, text);
@@ -240,7 +261,7 @@ run_privacy_calc(const PrivacyCalc& p)
 // The workspace is optional to CLI11 because --privacy-calc needs none; the two modes' flags
 // are checked here so that each mistake gets a message saying what to add or drop.
 int
-dispatch(const std::optional<fs::path>& ws, const PrivacyCalc& p)
+dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witnesses, const PrivacyCalc& p)
 {
   const std::vector<std::pair<const char*, bool>> calc_flags = {{"--sample-rate", p.sample_rate.has_value()},
                                                                 {"--noise-multiplier", p.noise_multiplier.has_value()},
@@ -257,7 +278,10 @@ dispatch(const std::optional<fs::path>& ws, const PrivacyCalc& p)
     if (!ws) {
       throw core::UsageError("fedl audit needs a workspace folder WS (or --privacy-calc to compute epsilon)");
     }
-    return run_audit(*ws);
+    return run_audit(*ws, witnesses);
+  }
+  if (!witnesses.empty()) {
+    throw core::UsageError("--witness is for auditing a workspace, not for --privacy-calc");
   }
   if (ws) {
     throw core::UsageError("--privacy-calc takes no workspace (got {}): drop it, or drop --privacy-calc to audit it",
@@ -284,8 +308,14 @@ add_audit(CLI::App& parent)
 {
   auto ws = std::make_shared<std::optional<fs::path>>();
   auto calc = std::make_shared<PrivacyCalc>();
+  auto witnesses = std::make_shared<std::vector<fs::path>>();
   auto* app = parent.add_subcommand("audit", "Verify a workspace's ledger, signatures, certificates and model files");
   app->add_option("workspace", *ws, "The workspace folder (required unless --privacy-calc)")->type_name("WS");
+  app->add_option("--witness", *witnesses,
+                  "Check the ledger against the signed heads a site kept (its bundle folder); repeatable")
+    ->type_name("DIR")
+    ->expected(1, -1)
+    ->check(CLI::ExistingDirectory);
   app->add_flag("--privacy-calc", calc->enabled,
                 "Compute the (epsilon, delta) that DP-SGD spends instead of auditing a workspace");
   app->add_option("--sample-rate", calc->sample_rate, "With --privacy-calc: Poisson sampling rate, batch / samples")
@@ -295,7 +325,7 @@ add_audit(CLI::App& parent)
     ->type_name("S");
   app->add_option("--steps", calc->steps, "With --privacy-calc: number of noisy gradient steps")->type_name("T");
   app->add_option("--delta", calc->delta, "With --privacy-calc: the delta of (epsilon, delta)")->type_name("D");
-  return {app, [ws, calc] { return dispatch(*ws, *calc); }};
+  return {app, [ws, witnesses, calc] { return dispatch(*ws, *witnesses, *calc); }};
 }
 
 } // namespace fedl::cmd

@@ -53,6 +53,8 @@ struct InitOptions
   core::TrainingConfig training; // the sites' local training, sent with each task
   DpSgdFlags dp;                 // ... and its DP-SGD
   core::PrivacyConfig privacy;   // client-level DP and the federation's budget, for fedl serve
+  std::optional<double> max_update_norm;          // fedl.json limits
+  std::optional<std::uint64_t> max_num_samples;
   std::optional<std::uint32_t> min_clients;
   ComputeOptions compute;
 };
@@ -167,6 +169,11 @@ run_create(const InitOptions& opt)
     core::require_partitionable(opt.partition.data);
     data = core::load_dataset(opt.partition.to_options());
   }
+  config.limits.max_update_norm = opt.max_update_norm.value_or(config.limits.max_update_norm);
+  // No site of a partitioned data set can honestly train on more samples than the whole of it.
+  config.limits.max_num_samples =
+    opt.max_num_samples.value_or(data ? std::max<std::uint64_t>(data->size(), 1) : config.limits.max_num_samples);
+  core::check_limits(config.limits, "--max-update-norm", "--max-num-samples");
   if (opt.input_dim) {
     config.model.input_shape = core::parse_shape(*opt.input_dim, "--input-dim");
   } else if (data) {
@@ -341,6 +348,13 @@ add_init(CLI::App& parent)
                   "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
     ->type_name("E");
   app->add_option("--delta", opt->privacy.delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
+  app->add_option("--max-update-norm", opt->max_update_norm,
+                  "fedl serve rejects an update whose L2 norm is larger (fedl.json limits; default 1e5)")
+    ->type_name("X");
+  app->add_option("--max-num-samples", opt->max_num_samples,
+                  "fedl serve rejects an update claiming more samples (fedl.json limits; default: the "
+                  "--partition data's size, else 10000000)")
+    ->type_name("N");
   app->add_flag("--force", opt->force, "Replace an existing workspace");
   app->add_option("--add-client", opt->add_client, "Add a site to an existing workspace")->type_name("NAME");
   app->add_option("--revoke", opt->revoke, "Revoke a site's certificate in an existing workspace")->type_name("NAME");

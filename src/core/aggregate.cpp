@@ -3,6 +3,7 @@
 
 #include "core/aggregate_detail.hpp"
 #include "core/error.hpp"
+#include "core/text.hpp"
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -389,7 +390,7 @@ validate_impl(const Safetensors& base, std::string_view base_sha256, const Safet
       return std::string("it has no fedl.kind metadata: it is not a fedl update");
     }
     if (*kind != "update") {
-      return fmt::format("fedl.kind is '{}', not 'update'", *kind);
+      return fmt::format("fedl.kind is {}, not 'update'", quote_text(*kind));
     }
     const auto hash = update.meta("fedl.base_sha256");
     if (!hash) {
@@ -398,14 +399,14 @@ validate_impl(const Safetensors& base, std::string_view base_sha256, const Safet
     if (*hash != base_sha256) {
       return fmt::format("fedl.base_sha256 is {}, but the base model's SHA-256 is {}: it was trained from "
                          "another model",
-                         *hash, base_sha256);
+                         quote_text(*hash, 80), base_sha256);
     }
     const auto samples = update.meta("fedl.num_samples");
     if (!samples) {
       return std::string("it has no fedl.num_samples metadata");
     }
     if (!update_num_samples(update)) {
-      return fmt::format("fedl.num_samples is '{}', not a positive integer", *samples);
+      return fmt::format("fedl.num_samples is {}, not a positive integer", quote_text(*samples));
     }
     for (const auto& bt : base.tensors) {
       const auto* ut = update.find(bt.name);

@@ -200,6 +200,17 @@ check_training(const TrainingConfig& t)
   }
 }
 
+void
+check_limits(const LimitsConfig& limits, const char* norm, const char* samples)
+{
+  if (!(limits.max_update_norm > 0) || !std::isfinite(limits.max_update_norm)) {
+    throw UsageError("{} must be a positive number, not {}", norm, limits.max_update_norm);
+  }
+  if (limits.max_num_samples == 0) {
+    throw UsageError("{} must be a positive integer", samples);
+  }
+}
+
 nlohmann::json
 to_json(const FederationConfig& c)
 {
@@ -229,6 +240,7 @@ to_json(const FederationConfig& c)
     {"training", to_json(c.training)},
     {"seed", c.seed},
     {"pki", {{"valid_days", c.valid_days}}},
+    {"limits", {{"max_update_norm", c.limits.max_update_norm}, {"max_num_samples", c.limits.max_num_samples}}},
   };
   // Written only when set, so that the files of federations without it stay as they were.
   if (c.privacy != PrivacyConfig{}) {
@@ -340,6 +352,17 @@ config_from_json(const nlohmann::json& j, const std::string& what)
       check_privacy(c.privacy);
     } catch (const UsageError& e) {
       throw UsageError("{}: privacy: {}", what, e.what());
+    }
+  }
+  if (const auto* l = top.find("limits")) {
+    ObjectReader r(*l, "limits", what);
+    r.get("max_update_norm", c.limits.max_update_norm);
+    r.get("max_num_samples", c.limits.max_num_samples);
+    r.finish();
+    try {
+      check_limits(c.limits);
+    } catch (const UsageError& e) {
+      throw UsageError("{}: limits: {}", what, e.what());
     }
   }
   top.get("seed", c.seed);

@@ -71,6 +71,26 @@ struct ServerOptimizerConfig
   double tau = 1e-3;
 };
 
+// fedl.json's "limits": what the coordinator accepts of one update, against sites that send
+// finite but huge values or claim a huge sample count to outweigh the others in fedavg.
+// max_update_norm bounds the update's L2 norm (over all tensors; honest updates are orders of
+// magnitude smaller); max_num_samples bounds fedl.num_samples (fedl init --partition sets it to
+// the largest shard). An update past either is rejected with the reason recorded.
+struct LimitsConfig
+{
+  static constexpr double default_max_update_norm = 1e5;
+  static constexpr std::uint64_t default_max_num_samples = 10'000'000;
+
+  double max_update_norm = default_max_update_norm;
+  std::uint64_t max_num_samples = default_max_num_samples;
+
+  bool operator==(const LimitsConfig&) const = default;
+};
+// Throws UsageError unless both limits are positive (and the norm finite); `norm` and `samples`
+// name them as the caller's user set them.
+void check_limits(const LimitsConfig& limits, const char* norm = "max_update_norm",
+                  const char* samples = "max_num_samples");
+
 struct FederationConfig
 {
   int version = 1;
@@ -90,6 +110,7 @@ struct FederationConfig
   ServerOptimizerConfig server_optimizer;
   TrainingConfig training;
   PrivacyConfig privacy;
+  LimitsConfig limits;
   std::uint64_t seed = 0;
   std::uint32_t valid_days = 365;
 };

@@ -7,7 +7,9 @@
 #include "core/file_io.hpp"
 #include "core/log.hpp"
 #include "core/privacy.hpp"
+#include "core/receipt.hpp"
 #include "core/round.hpp"
+#include "core/text.hpp"
 
 #include <asio/ip/tcp.hpp>
 #include <asio/post.hpp>
@@ -37,8 +39,16 @@ namespace {
 using tcp = asio::ip::tcp;
 using json = nlohmann::json;
 
-constexpr double hello_timeout = 10;     // seconds from accept to HELLO
-constexpr std::size_t max_unadmitted = 256; // connections still in the handshake or before HELLO
+constexpr double hello_timeout = 10;     // seconds a closing peer has to take its error message
+// Connections still in the handshake or before HELLO: anyone can open them, so they are bounded
+// per source address (a new one past the bound is closed at once) and in all (the oldest is
+// closed to make room, so that a flood from many addresses cannot keep a site from its turn),
+// and each has a short deadline. An enrolled site needs one such connection for a few ms.
+constexpr std::size_t max_unadmitted = 256;
+constexpr std::size_t max_unadmitted_per_address = 8;
+constexpr double admit_timeout = 5;      // seconds from accept to HELLO
+constexpr std::size_t max_error_text = 500; // bytes of a site's error report kept
+constexpr std::size_t max_metrics = 32;     // entries of a site's metrics kept
 constexpr int max_unexpected_updates = 3;   // per connection, before it is closed
 constexpr double finish_linger = 3;      // seconds to let DONE frames reach the sites
 constexpr std::uint64_t update_slack = 4 << 20; // metadata, certificate and signature beyond the tensors
@@ -48,6 +58,7 @@ struct Peer
 {
   std::uint64_t id = 0;
   std::shared_ptr<FramedConnection> conn;
+  std::string address;     // the source IP address
   std::string site;        // certificate CN, once the handshake is done
   std::string fingerprint; // certificate SHA-256
   Cert cert;
@@ -71,6 +82,31 @@ struct Participant
   std::string note; // why it was dropped
   double disconnected_at = 0; // pending but disconnected since then (it may come back)
 };
+
+// A site's metrics as the log and the ledger keep them: at most max_metrics entries of a number,
+// a boolean or a short string under a short name; anything else the site sent is left out.
+json
+bounded_metrics(const json& metrics)
+{
+  json out = json::object();
+  if (!metrics.is_object()) {
+    return out;
+  }
+  for (const auto& [key, value] : metrics.items()) {
+    if (out.size() >= max_metrics) {
+      break;
+    }
+    if (key.size() > 64) {
+      continue;
+    }
+    if (value.is_number() || value.is_boolean()) {
+      out[key] = value;
+    } else if (value.is_string()) {
+      out[key] = valid_utf8(value.get<std::string>(), 200);
+    }
+  }
+  return out;
+}
 
 // SplitMix64 (Steele, Lea, Flood 2014) to derive a per-attempt seed from (seed, round, attempt).
 std::uint64_t
@@ -136,6 +172,8 @@ private:
   void fail(const std::string& message);
   std::string metrics_text() const;
   void clean_incoming();
+  // Signs the ledger's current head into m_head (keeps the previous one if it cannot be read).
+  void update_head();
 
   const Workspace& m_ws;
   const ServeSettings& m_s;
@@ -184,9 +222,11 @@ private:
   std::uint32_t m_client_dp_asked = 0;        // the current attempt's denominator
   std::shared_ptr<MappedFile> m_model;
   std::string m_model_sha;
+  json m_head;                 // the ledger head, signed, that tasks and done frames carry
   std::uint64_t m_max_update = 0;
   json m_late = json::array(); // updates that arrived too late, for the next attempt's ledger entry
   std::set<std::pair<std::string, std::uint64_t>> m_late_recorded; // (site, task) already in m_late
+  std::set<std::pair<std::string, std::uint64_t>> m_answered;      // (site, task) whose update was received
   std::mt19937_64 m_task_rng{std::random_device{}()};
 
   // Outcome and metrics.
@@ -218,6 +258,7 @@ Coordinator::load_trust(bool initial)
   m_crl_time = fs::last_write_time(m_ws.crl(), ec);
   m_config_time = fs::last_write_time(m_ws.config(), ec);
   m_crl = fs::exists(m_ws.crl()) ? read_crl(m_ws.crl()) : Crl{};
+  check_revocations(m_ws, read_workspace_ledger(m_ws));
   const auto config = load_config(m_ws.config());
   m_clients = std::set<std::string>(config.clients.begin(), config.clients.end());
   m_tls = TlsContext::server(m_identity, m_ca, m_crl ? &m_crl : nullptr);
@@ -307,22 +348,36 @@ Coordinator::accept()
       return;
     }
     // Connections that have not said hello yet cost a descriptor and a TLS state each, and
-    // anyone can open them: past a bound, new ones are closed at once.
+    // anyone can open them (see max_unadmitted).
+    std::error_code ep_error;
+    const auto address = socket.remote_endpoint(ep_error).address().to_string();
     std::size_t unadmitted = 0;
+    std::size_t from_address = 0;
+    std::shared_ptr<Peer> oldest;
     for (const auto& [id, peer] : m_peers) {
-      unadmitted += peer->admitted ? 0 : 1;
+      if (!peer->admitted && peer->conn->is_open()) {
+        ++unadmitted;
+        from_address += peer->address == address ? 1 : 0;
+        oldest = oldest ? oldest : peer;
+      }
     }
-    if (unadmitted >= max_unadmitted) {
+    if (from_address >= max_unadmitted_per_address) {
       ++m_refused;
       std::error_code ignored;
       socket.close(ignored);
-      FEDL_LOG_DEBUG("refused a connection: {} connections have not said hello yet", unadmitted);
+      FEDL_LOG_DEBUG("refused a connection from {}: {} of its connections have not said hello yet", address,
+                     from_address);
       accept();
       return;
+    }
+    if (unadmitted >= max_unadmitted && oldest) {
+      FEDL_LOG_DEBUG("closing the oldest of {} connections that have not said hello yet", unadmitted);
+      oldest->conn->close("too many connections waiting for hello");
     }
     refresh_trust();
     auto p = std::make_shared<Peer>();
     p->id = m_next_id++;
+    p->address = address;
     p->accepted_at = FramedConnection::now();
     std::weak_ptr<Peer> weak = p;
     FrameLimits limits;
@@ -368,7 +423,13 @@ Coordinator::on_ready(const std::shared_ptr<Peer>& p)
     p->conn->close("no client certificate");
     return;
   }
-  const auto info = certificate_info(p->cert);
+  CertificateInfo info;
+  try {
+    info = certificate_info(p->cert);
+  } catch (const Error& e) {
+    p->conn->send_error_and_close(fmt::format("the client certificate cannot be read: {}", e.what()), 3);
+    return;
+  }
   p->site = info.common_name;
   p->fingerprint = info.fingerprint;
   if (m_clients.count(p->site) == 0) {
@@ -394,7 +455,10 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
   const auto it = m_participants.find(p->site);
   std::string why;
   bool late = false;
-  if (m_phase != Phase::running || task != m_task) {
+  if (m_answered.count({p->site, task}) > 0) {
+    // Not late: its first answer to this task was received (and is being, or was, aggregated).
+    why = "the site already sent one for this task";
+  } else if (m_phase != Phase::running || task != m_task) {
     const auto issued = m_issued.find(task);
     late = issued != m_issued.end() && issued->second == round;
     why = late               ? fmt::format("it came after the deadline of round {}", round)
@@ -464,7 +528,7 @@ Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& head
     return;
   case FrameType::error: {
     // A site's words go into the log and the ledger: cut to a sane length.
-    auto message = header.value("message", std::string("(no message)")).substr(0, 500);
+    auto message = valid_utf8(header.value("message", std::string("(no message)")), max_error_text);
     FEDL_LOG_WARN("site {} reports: {}", p->site, message);
     if (const auto it = m_participants.find(p->site); it != m_participants.end() &&
                                                       it->second.state == Participant::State::pending &&
@@ -493,7 +557,7 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
   const auto claimed = header.value("site", std::string());
   if (claimed != p->site) {
     p->conn->send_error_and_close(
-      fmt::format("hello names site '{}' but the certificate is for {}", claimed, p->site), 3);
+      fmt::format("hello names site {} but the certificate is for {}", quote_text(claimed), p->site), 3);
     return;
   }
   if (const auto old = m_sites.find(p->site); old != m_sites.end()) {
@@ -527,7 +591,7 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
     }
   }
   if (m_phase == Phase::finishing) {
-    p->conn->send(FrameType::done, {{"rounds", m_round - 1}, {"reason", m_reason}});
+    p->conn->send(FrameType::done, {{"rounds", m_round - 1}, {"reason", m_reason}, {"ledger_head", m_head}});
   }
   maybe_start_round();
 }
@@ -549,9 +613,10 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
   }
   auto& part = m_participants[p->site];
   part.state = Participant::State::received;
+  m_answered.insert({p->site, m_task});
   part.file = file;
-  if (header.contains("metrics") && header["metrics"].is_object()) {
-    part.metrics = header["metrics"];
+  if (const auto m = header.find("metrics"); m != header.end()) {
+    part.metrics = bounded_metrics(*m);
   }
   FEDL_LOG_DEBUG("round {}: update from {} ({} bytes)", m_round, p->site, fs::file_size(file, ec));
   check_round_complete();
@@ -662,6 +727,7 @@ Coordinator::start_round()
     m_client_dp_asked = static_cast<std::uint32_t>(asked);
   }
   ++m_attempt;
+  update_head();
   m_task = m_task_rng() | 1;
   m_issued[m_task] = m_round;
   std::vector<std::string> names;
@@ -699,7 +765,8 @@ Coordinator::send_task(Peer& p)
                 {"deadline", std::max(0.0, m_deadline - FramedConnection::now())},
                 {"seed", m_s.seed + m_round},
                 {"training", to_json(m_s.training)},
-                {"base_sha256", m_model_sha}},
+                {"base_sha256", m_model_sha},
+                {"ledger_head", m_head}},
                {bytes}, m_model);
 }
 
@@ -797,10 +864,16 @@ Coordinator::finish_attempt(const std::string& why)
       }
     } catch (const std::exception& e) {
       failure = e.what();
+    } catch (...) {
+      failure = "an unknown error";
     }
     asio::post(m_io, [this, result, failure, retry]() mutable {
       if (!failure.empty()) {
-        fail(fmt::format("round {} could not be completed: {}", m_round, failure));
+        // The round thread is done: stop now (fail() would wait for it while aggregating).
+        m_phase = Phase::waiting;
+        const auto message = fmt::format("round {} could not be completed: {}", m_round, failure);
+        FEDL_LOG_ERROR("{}; stopping (the round is run again when fedl serve starts)", message);
+        fail(message);
       } else if (!retry.empty()) {
         round_failed(retry);
       } else {
@@ -867,6 +940,7 @@ Coordinator::round_done(json result)
   m_late_recorded.clear();
   m_participants.clear();
   std::erase_if(m_issued, [this](const auto& task) { return task.second + 1 < m_round; });
+  std::erase_if(m_answered, [this](const auto& answer) { return m_issued.count(answer.second) == 0; });
   if (m_round > m_s.rounds) {
     finish("rounds");
     return;
@@ -911,8 +985,9 @@ Coordinator::finish(const std::string& reason, json details)
   } catch (const Error& e) {
     FEDL_LOG_WARN("could not record the end in the ledger: {}", e.what());
   }
+  update_head();
   for (const auto& [name, p] : m_sites) {
-    p->conn->send(FrameType::done, {{"rounds", m_round - 1}, {"reason", reason}});
+    p->conn->send(FrameType::done, {{"rounds", m_round - 1}, {"reason", reason}, {"ledger_head", m_head}});
   }
   m_finish_at = FramedConnection::now() + finish_linger;
 }
@@ -972,6 +1047,16 @@ Coordinator::fail(const std::string& message)
 }
 
 void
+Coordinator::update_head()
+{
+  try {
+    m_head = signed_head(m_identity, ledger_head(m_ws.ledger()), certificate_fingerprint(m_ca));
+  } catch (const Error& e) {
+    FEDL_LOG_WARN("cannot sign the ledger head for the sites' receipts: {}", e.what());
+  }
+}
+
+void
 Coordinator::clean_incoming()
 {
   std::error_code ec;
@@ -1002,8 +1087,8 @@ Coordinator::on_tick()
     }
     if (c.closing_since() > 0 && now - c.closing_since() > hello_timeout) {
       c.close("it did not take its error message in time");
-    } else if (!p->admitted && now - p->accepted_at > hello_timeout) {
-      c.close(fmt::format("no hello within {} s", hello_timeout));
+    } else if (!p->admitted && now - p->accepted_at > admit_timeout) {
+      c.close(fmt::format("no hello within {} s", admit_timeout));
     } else if (c.ready() && now - c.last_received() > m_s.dead_after) {
       c.close(fmt::format("nothing received for {:.0f} s", now - c.last_received()));
     } else if (c.ready() && c.queued() == 0 && now - c.last_sent() >= m_s.heartbeat) {

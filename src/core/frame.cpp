@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/frame.hpp"
 
+#include "core/text.hpp"
+
 #include "core/error.hpp"
 
 #include <fmt/format.h>
@@ -142,6 +144,11 @@ decode_header(std::string_view text)
 {
   if (text.empty()) {
     return nlohmann::json::object();
+  }
+  // fedl's own headers nest 4 deep at most; a parser handed a deeper one would build a tree of
+  // tens of bytes per level before anything could refuse it.
+  if (json_nesting(text) > max_header_nesting) {
+    throw ProtocolError(fmt::format("frame header nests deeper than {} levels", max_header_nesting));
   }
   auto j = nlohmann::json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {

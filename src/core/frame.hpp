@@ -33,6 +33,7 @@ namespace fedl::core {
 inline constexpr std::uint8_t protocol_version = 1;
 inline constexpr std::size_t frame_prefix_size = 20;
 inline constexpr std::uint32_t max_frame_header = 64 * 1024;
+inline constexpr std::size_t max_header_nesting = 8; // arrays and objects within a header
 
 enum class FrameType : std::uint8_t {
   hello = 1,     // site -> coordinator: {"site", "version", "round"}; no body
@@ -84,7 +85,8 @@ struct FrameLimits
 std::array<std::byte, frame_prefix_size> encode_prefix(FrameType type, std::uint32_t header_size, std::uint64_t body_size);
 // Throws ProtocolError saying what is wrong.
 FramePrefix decode_prefix(std::span<const std::byte, frame_prefix_size> bytes, const FrameLimits& limits);
-// Parses a frame header; throws ProtocolError unless it is a JSON object.
+// Parses a frame header; throws ProtocolError unless it is a JSON object nested at most
+// max_header_nesting deep.
 nlohmann::json decode_header(std::string_view text);
 
 // The prefix and header of a frame, ready to be followed by `body_size` body bytes.

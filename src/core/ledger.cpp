@@ -4,6 +4,7 @@
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
+#include "core/text.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@ namespace fedl::core {
 namespace {
 
 const std::string k_genesis_prev(64, '0');
+constexpr std::size_t max_ledger_nesting = 16;
 
 std::string
 read_text(const fs::path& path)
@@ -50,7 +52,33 @@ split_lines(std::string_view text)
 std::string
 ledger_signed_payload(const nlohmann::json& entry_without_sig)
 {
-  return entry_without_sig.dump();
+  return canonical_json(entry_without_sig);
+}
+
+std::string
+canonical_json(const nlohmann::json& j)
+{
+  // Invalid UTF-8 cannot reach here from a peer (its text is checked where it arrives); should
+  // any slip through, it is written as U+FFFD rather than losing the entry.
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+LedgerHead
+ledger_head(const std::filesystem::path& path)
+{
+  const auto text = read_text(path);
+  const auto lines = split_lines(text);
+  if (lines.empty() || text.back() != '\n') {
+    throw VerifyError("{}: no complete last line to take the head of; run fedl audit", path.string());
+  }
+  LedgerHead head;
+  try {
+    head.seq = nlohmann::json::parse(lines.back()).at("seq").get<std::uint64_t>();
+  } catch (const nlohmann::json::exception&) {
+    throw VerifyError("{}: line {} is not a ledger entry; run fedl audit", path.string(), lines.size());
+  }
+  head.sha256 = sha256_hex(as_bytes(lines.back()));
+  return head;
 }
 
 LedgerEntry
@@ -83,7 +111,7 @@ append_ledger(const fs::path& path, const std::string& kind, const nlohmann::jso
   nlohmann::json j = {{"seq", e.seq}, {"time", e.time}, {"kind", e.kind}, {"body", e.body}, {"prev", e.prev}};
   e.sig = sign(ledger_signed_payload(j));
   j["sig"] = e.sig;
-  const std::string line = j.dump() + "\n";
+  const std::string line = canonical_json(j) + "\n";
   e.line = lines.size() + 1;
 
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
@@ -128,10 +156,22 @@ read_ledger(const fs::path& path, const Verifier& verify)
   for (std::size_t i = 0; i < lines.size(); ++i) {
     const auto where = fmt::format("{}: line {}", path.string(), i + 1);
     nlohmann::json j;
+    if (json_nesting(lines[i]) > max_ledger_nesting) {
+      throw VerifyError("{}: nests deeper than the {} levels a ledger entry has (the line was altered)", where,
+                        max_ledger_nesting);
+    }
     try {
       j = nlohmann::json::parse(lines[i]);
     } catch (const nlohmann::json::exception&) {
       throw VerifyError("{}: not valid JSON (the line was altered)", where);
+    }
+    // The signature covers the canonical form; a line in any other form (keys reordered, \u
+    // escapes, spaces, a key twice) says the same to a JSON reader but is not the line that was
+    // signed and chained, so it is refused rather than silently read as if it were.
+    if (canonical_json(j) != lines[i]) {
+      throw VerifyError("{}: not in canonical form (compact JSON, keys sorted, UTF-8 unescaped, each key once): "
+                        "the line was rewritten",
+                        where);
     }
     LedgerEntry e;
     e.line = i + 1;

@@ -37,6 +37,20 @@ struct LedgerEntry
 
 // The bytes that an entry's signature covers.
 std::string ledger_signed_payload(const nlohmann::json& entry_without_sig);
+// The one serialization of a ledger object: compact, keys sorted (nlohmann's order), UTF-8
+// unescaped. Every line of a ledger is exactly canonical_json of its object; read_ledger refuses
+// any other form.
+std::string canonical_json(const nlohmann::json& j);
+
+// The head of a ledger: its last entry's sequence number and the SHA-256 of that line (without
+// its newline), which chains everything before it. Sites keep heads signed by the coordinator
+// as receipts (see receipt.hpp). Throws VerifyError if there is no complete last line.
+struct LedgerHead
+{
+  std::uint64_t seq = 0;
+  std::string sha256;
+};
+LedgerHead ledger_head(const std::filesystem::path& path);
 
 // Appends a new entry of `kind` with `body`, chained to the last line, and returns it. Creates
 // the file for the first (genesis) entry. Throws VerifyError if the last line is incomplete or
@@ -46,7 +60,7 @@ LedgerEntry append_ledger(const std::filesystem::path& path,
                           const nlohmann::json& body,
                           const Signer& sign);
 
-// Reads and verifies the whole ledger: every line is JSON with the fields above, seq counts
+// Reads and verifies the whole ledger: every line is canonical JSON with the fields above, seq counts
 // from 0 without gaps, prev chains each line to the one before, and every signature verifies.
 // Throws VerifyError naming the first broken line and what is wrong with it.
 std::vector<LedgerEntry> read_ledger(const std::filesystem::path& path, const Verifier& verify);

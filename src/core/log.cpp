@@ -2,6 +2,7 @@
 #include "core/log.hpp"
 
 #include "core/clock.hpp"
+#include "core/text.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -60,10 +61,12 @@ write(Level lvl, std::string_view message)
   if (g_format == Format::json) {
     nlohmann::json j = {{"time", utc_now()}, {"level", level_name(lvl)}, {"msg", message}};
     line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-  } else if (lvl == Level::error || lvl == Level::warning) {
-    line = fmt::format("fedl: {}: {}\n", level_name(lvl), message);
   } else {
-    line = fmt::format("fedl: {}\n", message);
+    // One entry, one line: text from peers is quoted in messages, and must not forge lines or
+    // send escape sequences to the operator's terminal.
+    const auto text = escape_controls(valid_utf8(message));
+    line = lvl == Level::error || lvl == Level::warning ? fmt::format("fedl: {}: {}\n", level_name(lvl), text)
+                                                       : fmt::format("fedl: {}\n", text);
   }
   const std::lock_guard lock(g_mutex);
   std::fwrite(line.data(), 1, line.size(), stderr);

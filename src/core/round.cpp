@@ -4,12 +4,15 @@
 #include "core/file_io.hpp"
 #include "core/log.hpp"
 #include "core/pki.hpp"
+#include "core/text.hpp"
 #include "core/update.hpp"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <atomic>
 #include <map>
 #include <set>
@@ -37,9 +40,12 @@ state_name(std::uint64_t round)
 }
 
 // Why a signed update cannot be trusted, or nothing. Without `trust` (no workspace) an unsigned
-// update is fine and a signed one is checked against its own certificate only.
+// update is fine and a signed one is checked against its own certificate only. `signer` is set
+// to the site whose key made the signature once that is known: the signature verifies with a
+// certificate that the federation's CA issued (revoked or not), or, outside a workspace, with
+// the update's own certificate.
 std::optional<std::string>
-check_identity(const Safetensors& st, const Trust* trust)
+check_identity(const Safetensors& st, const Trust* trust, std::string& signer)
 {
   const auto sig = st.meta("fedl.signature");
   const auto pem = st.meta("fedl.certificate");
@@ -50,12 +56,13 @@ check_identity(const Safetensors& st, const Trust* trust)
     return std::nullopt;
   }
   Cert cert;
+  CertificateInfo info;
   try {
     cert = certificate_from_pem(*pem, "fedl.certificate");
+    info = certificate_info(cert); // a malformed field that OpenSSL still parsed throws here
   } catch (const Error& e) {
     return std::string("its certificate is unreadable: ") + e.what();
   }
-  const auto info = certificate_info(cert);
   if (st.meta("fedl.site") != info.common_name) {
     return fmt::format("fedl.site does not match its certificate's name {}", info.common_name);
   }
@@ -65,6 +72,9 @@ check_identity(const Safetensors& st, const Trust* trust)
   if (!verify_signature(cert, as_bytes(update_signed_payload(st.tensors, st.metadata)), *sig)) {
     return fmt::format("the signature of site {} does not verify (the file was changed after signing)",
                        info.common_name);
+  }
+  if (trust == nullptr || static_cast<bool>(verify_certificate(cert, trust->ca, nullptr, CertPurpose::client))) {
+    signer = info.common_name;
   }
   if (trust != nullptr) {
     const auto verdict = verify_certificate(cert, trust->ca, &trust->crl, CertPurpose::client);
@@ -77,8 +87,45 @@ check_identity(const Safetensors& st, const Trust* trust)
 
 // The keys of a round entry's body that caller-supplied fields must not replace: an auditor
 // relies on them meaning what commit_round wrote.
-constexpr const char* reserved_body_keys[] = {"round", "strategy", "options",  "base",
-                                               "model", "participants", "rejected", "evaluation", "privacy"};
+constexpr const char* reserved_body_keys[] = {"round",    "strategy",   "options",    "base",   "model",
+                                               "participants", "rejected", "evaluation", "privacy", "limits"};
+
+// Whether every value of a float tensor is finite (other dtypes have no NaN).
+bool
+all_finite(const OwnedTensor& t)
+{
+  const auto scan = [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i + sizeof(T) <= t.bytes.size(); i += sizeof(T)) {
+      T v;
+      std::memcpy(&v, t.bytes.data() + i, sizeof(T));
+      if (!std::isfinite(v)) {
+        return false;
+      }
+    }
+    return true;
+  };
+  return t.dtype == DType::f32 ? scan(0.0F) : t.dtype == DType::f64 ? scan(0.0) : true;
+}
+
+// A rejection reason as the ledger and the log keep it: it may quote what a site chose.
+constexpr std::size_t max_reason_bytes = 1000;
+
+// Why an update is past the federation's limits, or nothing.
+std::optional<std::string>
+check_limits(const SafetensorsFile& file, std::uint64_t samples, const LimitsConfig& limits)
+{
+  if (samples > limits.max_num_samples) {
+    return fmt::format("fedl.num_samples {} is over the federation's limit of {} (fedl.json limits.max_num_samples)",
+                       samples, limits.max_num_samples);
+  }
+  const double norm = update_norm(file.content());
+  if (!(norm <= limits.max_update_norm)) {
+    return fmt::format("its L2 norm {:.6g} is over the federation's limit of {:g} (fedl.json limits.max_update_norm)",
+                       norm, limits.max_update_norm);
+  }
+  return std::nullopt;
+}
 
 // An update's fedl.dp (parsed into `dp`) against what the federation requires; the reason it is
 // not fit, or nothing.
@@ -142,7 +189,9 @@ plan_workspace_round(const Workspace& ws)
       plan.privacy.replay(e.body, /*verify=*/false);
     }
   }
-  plan.required_dp = load_config(ws.config()).training.dp;
+  const auto config = load_config(ws.config());
+  plan.required_dp = config.training.dp;
+  plan.limits = config.limits;
   plan.workspace = ws;
   plan.round = latest.round + 1;
   plan.base = ws.root() / latest.file;
@@ -192,9 +241,10 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
     std::optional<std::string> unreadable; // why it could not be opened or hashed
     std::optional<std::string> invalid;    // why its content or signature is bad
     std::optional<DpSgdReport> dp;
+    std::string signer; // the site whose key verifiably made it (see check_identity), or ""
   };
   std::vector<Checked> checked(candidates.size());
-  const auto check_one = [&](std::size_t i) {
+  const auto check_file = [&](std::size_t i) {
     auto& c = checked[i];
     try {
       c.file.emplace(candidates[i].path);
@@ -206,7 +256,7 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
       const auto& st = c.file->content();
       c.invalid = validate_update(base.content(), base_sha, *c.file);
       if (!c.invalid) {
-        c.invalid = check_identity(st, trust ? &*trust : nullptr);
+        c.invalid = check_identity(st, trust ? &*trust : nullptr, c.signer);
       }
       c.site = st.meta("fedl.site").value_or("");
       c.fingerprint = st.meta("fedl.cert_sha256").value_or("");
@@ -214,9 +264,23 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
       if (!c.invalid) {
         c.invalid = check_dp(st, plan.required_dp, c.dp);
       }
+      if (!c.invalid && plan.limits) {
+        c.invalid = check_limits(*c.file, c.samples, *plan.limits);
+      }
       // Checked: its pages need not stay resident while the others are (N updates would
       // otherwise hold N × model bytes until the round is committed).
       c.file->release();
+    }
+  };
+  // On a worker thread, where nothing may escape: whatever an update makes a check throw is a
+  // reason to reject that update, not the end of the process.
+  const auto check_one = [&](std::size_t i) {
+    try {
+      check_file(i);
+    } catch (const std::exception& e) {
+      checked[i].invalid = fmt::format("it cannot be checked: {}", e.what());
+    } catch (...) {
+      checked[i].invalid = "it cannot be checked";
     }
   };
   {
@@ -264,11 +328,14 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
       reason = fmt::format("site {} sent more than one update this round", c.site);
     }
     if (reason) {
+      *reason = valid_utf8(*reason, max_reason_bytes);
       if (on_bad == OnBadUpdate::fail) {
         throw BadUpdateError(path, *reason);
       }
       FEDL_LOG_WARN("leaving out {}: {}", path.string(), *reason);
-      rejected.push_back({{"file", path.filename().string()}, {"site", c.site}, {"reason", *reason}});
+      // Who delivered it, or whose key verifiably signed it; never merely what it claims.
+      const auto& site = !candidate.expected_site.empty() ? candidate.expected_site : c.signer;
+      rejected.push_back({{"file", path.filename().string()}, {"site", site}, {"reason", *reason}});
       continue;
     }
     accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples,
@@ -320,6 +387,15 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
   }
   RoundResult result;
   const auto model = aggregate(validated.base, files, weights, spec, options, state, &result.info);
+  // The last line of defence for the model every site trains next: bounded updates cannot make
+  // it infinite, but a strategy's arithmetic on extreme (finite) values still could.
+  for (const auto& t : model) {
+    if (!all_finite(t)) {
+      throw VerifyError("the aggregate of round {} has a value that is not finite in tensor {}; nothing was "
+                        "written (lower fedl.json limits.max_update_norm, or use a robust strategy)",
+                        plan.round, t.name);
+    }
+  }
   // The files are read through their mappings: one changed on disk after its signature was
   // checked must not pass unnoticed.
   for (const auto& c : accepted) {
@@ -371,6 +447,10 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
                          {"model", {{"file", Workspace::model_name(plan.round)}, {"sha256", result.sha256}}},
                          {"participants", result.participants},
                          {"rejected", result.rejected}};
+  if (plan.limits) {
+    body["limits"] = {{"max_update_norm", plan.limits->max_update_norm},
+                      {"max_num_samples", plan.limits->max_num_samples}};
+  }
   if (!result.evaluation.is_null()) {
     body["evaluation"] = result.evaluation;
   }

@@ -52,6 +52,9 @@ struct RoundPlan
   // noise or a larger clip norm, is rejected).
   FederationPrivacy privacy;
   std::optional<DpSgdConfig> required_dp;
+  // In a workspace: fedl.json's limits on one update (its norm, its sample count); an update past
+  // them is rejected. Outside a workspace: none.
+  std::optional<LimitsConfig> limits;
 };
 
 // The next round of `ws`: reads and verifies its ledger (VerifyError if it is broken), takes the
@@ -125,7 +128,10 @@ struct ValidatedRound
 // bytes as an earlier candidate, validate_update against the base, the site's signature (in a
 // workspace: required, and its certificate must be issued by the federation's CA and not be
 // revoked; outside: checked against its own certificate if signed), fedl.site equal to
-// expected_site if given, and no earlier accepted update from the same site. A candidate that
+// expected_site if given, within the plan's limits, and no earlier accepted update from the same
+// site. No check throws for anything an update holds: a reason is recorded instead, valid UTF-8
+// and bounded (a site chooses the values it quotes); a rejected update's "site" is the one that
+// delivered it (expected_site), else the one its verified signature names, else "". A candidate that
 // fails a check throws BadUpdateError with OnBadUpdate::fail; with skip it is logged and listed
 // in `rejected`. Writes nothing. Returns with no update accepted rather than throwing, so that a
 // caller can tell a missed quorum from an error; commit_round refuses an empty round.
@@ -164,11 +170,11 @@ struct RoundResult
   nlohmann::json ledger_body;  // the "round" entry's body; null outside a workspace
 };
 
-// Aggregates the accepted updates with the plan's server state (VerifyError if none was accepted),
-// re-hashes them (VerifyError if one changed on disk since it was checked: nothing is written),
+// Aggregates the accepted updates with the plan's server state (VerifyError if none was accepted,
+// or if the new model has a value that is not finite: nothing is written), re-hashes them (VerifyError if one changed on disk since it was checked: nothing is written),
 // writes the model atomically and the advanced server state, and in a workspace appends the
 // signed "round" entry {round, strategy, options, base, model, participants, rejected,
-// [evaluation], [privacy], extra...} and removes the state two rounds back, which a re-run can no longer
+// [limits], [evaluation], [privacy], extra...} and removes the state two rounds back, which a re-run can no longer
 // need. Call it with the workspace locked.
 RoundResult commit_round(const ValidatedRound& validated, const RoundSettings& settings);
 

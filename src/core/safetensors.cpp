@@ -2,6 +2,7 @@
 #include "core/safetensors.hpp"
 
 #include "core/error.hpp"
+#include "core/text.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -40,6 +41,7 @@ constexpr std::array<DTypeInfo, 13> k_dtypes{{
 
 // The reference implementation refuses headers over 100 MB; so does fedl, before allocating.
 constexpr std::uint64_t k_max_header = 100'000'000;
+constexpr std::size_t k_max_header_nesting = 4; // the root, a tensor, its shape; one spare level
 
 const DTypeInfo&
 info(DType dtype) noexcept
@@ -142,6 +144,13 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
                       what, n, bytes.size());
   }
   const auto* hp = reinterpret_cast<const char*>(bytes.data() + 8);
+  // A safetensors header nests 3 deep (tensor, shape); refused before a parser builds a tree of
+  // tens of bytes for each of a million levels.
+  if (const auto depth = json_nesting({hp, static_cast<std::size_t>(n)}); depth > k_max_header_nesting) {
+    throw VerifyError("{}: corrupt safetensors header: it nests {} levels deep, more than the {} a safetensors "
+                      "header has",
+                      what, depth, k_max_header_nesting);
+  }
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(hp, hp + n);
@@ -166,7 +175,7 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
       }
       for (const auto& [k, v] : entry.items()) {
         if (!v.is_string()) {
-          throw VerifyError("{}: metadata value of {} is not a string", what, k);
+          throw VerifyError("{}: metadata value of {} is not a string", what, quote_text(k));
         }
         out.metadata[k] = v.get<std::string>();
       }
@@ -176,29 +185,29 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
         !entry.contains("data_offsets") || !entry["dtype"].is_string() ||
         !entry["shape"].is_array() || !entry["data_offsets"].is_array() ||
         entry["data_offsets"].size() != 2) {
-      throw VerifyError("{}: tensor {} has no valid dtype, shape and data_offsets", what, name);
+      throw VerifyError("{}: tensor {} has no valid dtype, shape and data_offsets", what, quote_text(name));
     }
     TensorView t;
     t.name = name;
     const auto dt = dtype_from_name(entry["dtype"].get<std::string>());
     if (!dt) {
-      throw VerifyError("{}: tensor {} has unknown dtype {}", what, name,
+      throw VerifyError("{}: tensor {} has unknown dtype {}", what, quote_text(name),
                         entry["dtype"].get<std::string>());
     }
     t.dtype = *dt;
     for (const auto& d : entry["shape"]) {
       if (!d.is_number_unsigned()) {
-        throw VerifyError("{}: tensor {} has an invalid shape", what, name);
+        throw VerifyError("{}: tensor {} has an invalid shape", what, quote_text(name));
       }
       const auto v = d.get<std::uint64_t>();
       if (v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
-        throw VerifyError("{}: tensor {} has an invalid shape", what, name);
+        throw VerifyError("{}: tensor {} has an invalid shape", what, quote_text(name));
       }
       t.shape.push_back(static_cast<std::int64_t>(v));
     }
     const auto& off = entry["data_offsets"];
     if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
-      throw VerifyError("{}: tensor {} has invalid data_offsets", what, name);
+      throw VerifyError("{}: tensor {} has invalid data_offsets", what, quote_text(name));
     }
     const auto b = off[0].get<std::uint64_t>();
     const auto e = off[1].get<std::uint64_t>();

@@ -7,6 +7,7 @@
 #include "core/log.hpp"
 #include "core/pki.hpp"
 #include "core/privacy.hpp"
+#include "core/receipt.hpp"
 #include "core/safetensors.hpp"
 #include "core/update.hpp"
 
@@ -86,6 +87,8 @@ private:
   // record), checked against the coordinator's report in the welcome frame.
   RdpAccount budget_spent() const;
   void check_coordinator_record(const json& report);
+  // Keeps the coordinator's signed ledger head of a task or done frame as a receipt.
+  void keep_receipt(const json& header);
   // Tells the coordinator why this site stops, then stops with `code` once that is sent.
   void stop_after_telling(const std::string& message, ExitCode code, const json& extra);
 
@@ -117,6 +120,8 @@ private:
   // budget added later starts from the truth); none only if it could not be read without one.
   std::optional<SiteAccount> m_account;
   RdpAccount m_coordinator_record;      // what the coordinator's ledger says this site spent
+  std::string m_ca_fingerprint;
+  std::optional<ReceiptLog> m_receipts; // DIR/receipts.jsonl; none if it could not be read
 
   std::thread m_trainer;
   std::mutex m_mutex;
@@ -257,6 +262,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     if (m_s.max_epsilon) {
       job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
     }
+    keep_receipt(header);
     FEDL_LOG_INFO("round {}: training", job.round);
     {
       const std::lock_guard lock(m_mutex);
@@ -268,6 +274,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
   case FrameType::heartbeat:
     return;
   case FrameType::done:
+    keep_receipt(header);
     m_last_round = header.value("rounds", m_last_round);
     FEDL_LOG_INFO("the federation is finished after round {} ({})", m_last_round, header.value("reason", "done"));
     stop("done");
@@ -292,6 +299,29 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
   }
   default:
     return;
+  }
+}
+
+void
+Site::keep_receipt(const json& header)
+{
+  const auto it = header.find("ledger_head");
+  if (it == header.end() || it->is_null() || !m_receipts) {
+    return;
+  }
+  const auto r = parse_receipt(*it);
+  const auto server = m_conn ? m_conn->stream().peer_certificate() : Cert{};
+  if (!r || r->ca != m_ca_fingerprint || !server || !verify_receipt(*r, server)) {
+    FEDL_LOG_WARN("the coordinator sent a ledger head that is malformed, of another federation, or not signed by "
+                  "its certificate; not kept as a receipt");
+    return;
+  }
+  try {
+    if (const auto warning = m_receipts->add(*r)) {
+      FEDL_LOG_ERROR("{}", *warning);
+    }
+  } catch (const Error& e) {
+    FEDL_LOG_WARN("cannot keep the coordinator's ledger head: {}", e.what());
   }
 }
 
@@ -568,6 +598,14 @@ Site::run()
   const auto ca = read_certificate(m_s.bundle / "ca.crt");
   const auto info = certificate_info(m_identity.cert);
   m_site = info.common_name;
+  m_ca_fingerprint = certificate_fingerprint(ca);
+  try {
+    m_receipts.emplace(m_s.bundle / "receipts.jsonl");
+  } catch (const Error& e) {
+    FEDL_LOG_WARN("{}; this site keeps no receipts of the coordinator's ledger this time (move the file away to "
+                  "start a new one)",
+                  e.what());
+  }
   try {
     m_account = SiteAccount::open(m_s.bundle / "privacy.jsonl", m_identity);
   } catch (const VerifyError& e) {

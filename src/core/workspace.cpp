@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include <algorithm>
+#include <set>
 #include <chrono>
 #include <thread>
 
@@ -203,6 +204,32 @@ read_workspace_ledger(const Workspace& ws)
 {
   const auto server = read_certificate(ws.server_cert());
   return read_ledger(ws.ledger(), ledger_verifier(server));
+}
+
+void
+check_revocations(const Workspace& ws, const std::vector<LedgerEntry>& entries)
+{
+  std::set<std::string> listed;
+  bool read = false;
+  for (const auto& e : entries) {
+    if (e.kind != "revoked") {
+      continue;
+    }
+    if (!read) {
+      if (fs::exists(ws.crl())) {
+        for (const auto& r : crl_info(read_crl(ws.crl())).revoked) {
+          listed.insert(r.serial);
+        }
+      }
+      read = true;
+    }
+    const auto serial = e.body.value("serial", std::string());
+    if (listed.count(serial) == 0) {
+      throw VerifyError("{} does not list site {} (serial {}), which line {} of the ledger records as revoked: an "
+                        "older CRL was put back; restore the current one or revoke the site again",
+                        ws.crl().string(), e.body.value("name", std::string("?")), serial, e.line);
+    }
+  }
 }
 
 LatestModel

@@ -63,6 +63,11 @@ nlohmann::json revoke_client(const Workspace& ws, const std::string& name);
 // The workspace's ledger, read and verified against pki/server.crt (see read_ledger).
 std::vector<LedgerEntry> read_workspace_ledger(const Workspace& ws);
 
+// Every site that `entries` (the workspace's ledger) records as revoked is listed in pki/crl.pem:
+// a CRL restored from before a revocation would quietly let the site back in. Throws VerifyError
+// naming the site and the ledger line.
+void check_revocations(const Workspace& ws, const std::vector<LedgerEntry>& entries);
+
 // The latest global model the ledger records: the genesis model or the last round's.
 struct LatestModel
 {

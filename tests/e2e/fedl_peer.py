@@ -230,6 +230,56 @@ def wrong_shape_update(model, base_sha256, site, cert_path, key_path):
     return st_build(tensors, meta), changed
 
 
+def st_build_raw(header_text, body=b""):
+    """A safetensors file with this exact header text (padded to 8 bytes)."""
+    text = header_text.encode("utf-8") if isinstance(header_text, str) else header_text
+    text += b" " * ((8 - len(text) % 8) % 8)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def bad_time_certificate(pem):
+    """The certificate with its notBefore month set to 13 (DER left parseable, signature now wrong)."""
+    der = bytearray(ssl.PEM_cert_to_DER_cert(pem))
+    i = der.find(b"\x17\x0d")  # the first UTCTime, notBefore: YYMMDDHHMMSSZ
+    der[i + 4:i + 6] = b"13"
+    return ssl.DER_cert_to_PEM_cert(bytes(der))
+
+
+def crafted_update(model, base_sha256, site, cert_path, key_path, case):
+    """A signed update of `model` made hostile in the way `case` says (see --case)."""
+    header, _, data = st_parse(model)
+    tensors = []
+    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        count = 1
+        for d in e["shape"]:
+            count *= d
+        value = 3e38 if case == "huge-values" else 0.001
+        raw = struct.pack("<%df" % count, *([value] * count)) if e["dtype"] == "F32" else \
+            struct.pack("<%dd" % count, *([value] * count))
+        tensors.append((name, e["dtype"], e["shape"], raw))
+    pem = open(cert_path).read()
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    meta = {"fedl.kind": "update", "fedl.base_sha256": base_sha256, "fedl.num_samples": "100",
+            "fedl.site": site, "fedl.cert_sha256": hashlib.sha256(der).hexdigest(), "fedl.certificate": pem}
+    if case == "bad-cert-time":
+        meta["fedl.certificate"] = bad_time_certificate(pem)
+    elif case == "many-samples":
+        meta["fedl.num_samples"] = str(2 ** 53)
+    elif case == "big-kind":
+        meta["fedl.kind"] = "x" * ((4 << 20) - 64 * 1024)  # within what the coordinator takes beyond the model
+    elif case == "utf8-kind":
+        meta["fedl.kind"] = "k" * 62 + "\u00e9" * 4  # quoted to 64 bytes: cut inside a character
+    meta["fedl.signature"] = sign_payload(tensors, meta, key_path)
+    if case == "deep-header":
+        nested = "[" * 1900000 + "]" * 1900000
+        return st_build_raw('{"__metadata__":{"fedl.kind":"update"},"x":' + nested + "}")
+    return st_build(tensors, meta)
+
+
+CASES = ["bad-cert-time", "huge-values", "many-samples", "big-kind", "utf8-kind", "deep-header", "deep-metrics",
+         "error-text", "twice"]
+
+
 # ---- scenarios: each runs after a successful handshake
 def scenario_hello(p):
     """hello, then hold the connection (answering nothing) until it is closed or --timeout."""
@@ -340,6 +390,87 @@ def scenario_wrong_shape(p):
     p.read_until({TASK, DONE}, p.args.hold)
 
 
+def scenario_hostile(p):
+    """As an enrolled site: wait for a task and answer it the way --case says, then stay until the
+    next task or done (so that nothing sent is lost to a reset)."""
+    if p.hello() is None:
+        return
+    f = p.read_until({TASK, DONE}, p.args.timeout)
+    if f is None or f[0] != TASK:
+        p.report["sent"] = "nothing (no task came)"
+        return
+    _, task, model = f
+    case = p.args.case
+    p.report["round"] = task["round"]
+    p.report["ledger_head"] = task.get("ledger_head")
+    head = {"round": task["round"], "task": task["task"], "attempt": task.get("attempt", 1)}
+    metrics = {"num_samples": 100, "loss": 0.0, "steps": 1, "seconds": 0.0}
+    if case == "error-text":
+        # A line break followed by a forged log line, then 499 bytes in all and characters of two
+        # bytes: the coordinator's 500-byte cut falls inside one.
+        message = "x" * 100 + "\nfedl: info: round 99/99 done: 9 updates"
+        message += "x" * (499 - len(message)) + "\u00e9" * 300
+        p.send_frame(ERROR, {**head, "message": message})
+        p.report["sent"] = f"an error report of {len(message.encode())} bytes with a forged log line"
+    else:
+        body = crafted_update(model, task["base_sha256"], p.args.site, p.args.cert, p.args.key, case)
+        if case == "deep-metrics":
+            # Built as text: Python's own json cannot nest this deep (which is the point).
+            text = (json.dumps(head)[:-1] + ', "metrics": {"deep": ' + "[" * 30000 + "]" * 30000 + "}}").encode()
+            p.send(prefix(UPDATE, len(text), len(body)) + text + body)
+        else:
+            p.send_frame(UPDATE, {**head, "metrics": metrics}, body)
+        if case == "twice":
+            # The same update again at once: the coordinator may be aggregating the first by now.
+            time.sleep(p.args.pause)
+            p.send_frame(UPDATE, {**head, "metrics": metrics}, body)
+        p.report["sent"] = f"update for round {task['round']} ({case}, {len(body)} bytes)"
+    f = p.read_until({TASK, DONE}, p.args.hold)
+    if f is not None:
+        p.report["next"] = {"type": NAMES[f[0]], "header": f[1]}
+
+
+def scenario_strangers(p):
+    """Not TLS at all: hold --count bare TCP connections from --source, re-opening each one the
+    coordinator closes, for --hold seconds; reports how many were opened and closed."""
+    host, port = p.args.server.rsplit(":", 1)
+    conns = []
+    opened = closed = 0
+    deadline = time.monotonic() + p.args.hold
+
+    def open_one():
+        nonlocal opened
+        try:
+            source = p.args.source if p.args.sources <= 1 else f"127.0.0.{2 + opened % p.args.sources}"
+            c = socket.create_connection((host, int(port)), timeout=2, source_address=(source, 0))
+            c.setblocking(False)
+            conns.append(c)
+            opened += 1
+        except OSError:
+            time.sleep(0.01)
+
+    while len(conns) < p.args.count and time.monotonic() < deadline:
+        open_one()
+    while time.monotonic() < deadline:
+        r, _, _ = select.select(conns, [], [], 0.1) if conns else ([], [], [])
+        for c in r:
+            try:
+                data = c.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                conns.remove(c)
+                c.close()
+                closed += 1
+        while len(conns) < p.args.count and time.monotonic() < deadline:
+            open_one()
+    for c in conns:
+        c.close()
+    p.report.update({"opened": opened, "closed_by_coordinator": closed, "handshake": "none"})
+
+
 SCENARIOS = {
     "hello": scenario_hello,
     "handshake": scenario_handshake,
@@ -351,6 +482,8 @@ SCENARIOS = {
     "bad-header": scenario_bad_header,
     "bad-hello": scenario_bad_hello,
     "wrong-shape": scenario_wrong_shape,
+    "hostile": scenario_hostile,
+    "strangers": scenario_strangers,
 }
 
 
@@ -369,7 +502,13 @@ def main():
     ap.add_argument("--timeout", type=float, default=10, help="seconds to wait for each answer")
     ap.add_argument("--hold", type=float, default=10, help="seconds to stay connected after the scenario")
     ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats sent")
-    ap.add_argument("--pause", type=float, default=0, help="huge: seconds to wait after the prefix")
+    ap.add_argument("--pause", type=float, default=0, help="huge: seconds to wait after the prefix; hostile "
+                    "--case twice: between the two updates")
+    ap.add_argument("--case", choices=CASES, default="huge-values", help="hostile: what to send")
+    ap.add_argument("--count", type=int, default=256, help="strangers: connections to hold")
+    ap.add_argument("--source", default="127.0.0.2", help="strangers: the local address to connect from")
+    ap.add_argument("--sources", type=int, default=1, help="strangers: connect from 127.0.0.2 ... 127.0.0.(N+1) "
+                    "in turn instead")
     a = ap.parse_args()
     if a.bundle:
         join = json.load(open(os.path.join(a.bundle, "join.json")))
@@ -387,7 +526,9 @@ def main():
     a.site = a.site or "nobody"
     p = Peer(a)
     try:
-        if p.connect():
+        if a.scenario == "strangers":
+            SCENARIOS[a.scenario](p)
+        elif p.connect():
             SCENARIOS[a.scenario](p)
     except (ConnectionError, socket.timeout) as e:
         p.report.setdefault("closed", str(e))

@@ -140,3 +140,9 @@ report_has()
 {
   [[ $(json_get "$REPORT" "bool($1)") == True ]] || { fail "peer: $2"; cat "$REPORT"; }
 }
+
+# VmHWM (peak resident memory) of a process, in KiB.
+peak_kib()
+{
+  awk '/^VmHWM:/ {print $2}' "/proc/$1/status"
+}

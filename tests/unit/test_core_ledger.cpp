@@ -126,3 +126,59 @@ TEST_CASE("core::ledger names the first broken line for every kind of tampering"
 }
 
 TEST_SUITE_END();
+
+TEST_CASE("ledger: a line in any other JSON form than the canonical one is refused, though it says the same")
+{
+  const TempDir dir;
+  const auto path = dir / "ledger.jsonl";
+  append_ledger(path, "genesis", {{"a", 1}}, k_sign);
+  append_ledger(path, "round", {{"site", "caf\xC3\xA9"}, {"n", 2}}, k_sign);
+  REQUIRE(verify_error(path) == "(verified)");
+  const auto lines = lines_of(path);
+  const auto entry = nlohmann::json::parse(lines[1]);
+  std::string rewritten;
+  SUBCASE("keys reordered")
+  {
+    nlohmann::ordered_json o;
+    for (const char* key : {"time", "sig", "seq", "prev", "kind", "body"}) {
+      o[key] = entry[key];
+    }
+    rewritten = o.dump();
+  }
+  SUBCASE("a \\u escape instead of UTF-8") { rewritten = entry.dump(-1, ' ', true); }
+  SUBCASE("a space") { rewritten = "{ " + lines[1].substr(1); }
+  SUBCASE("a key twice (a JSON reader keeps one of them)") { rewritten = "{\"kind\":\"round\"," + lines[1].substr(1); }
+  REQUIRE(rewritten != lines[1]);
+  // The signature covers the parsed object, so each of these verified before.
+  CHECK(k_verify(ledger_signed_payload([&] {
+                   auto j = nlohmann::json::parse(rewritten);
+                   j.erase("sig");
+                   return j;
+                 }()),
+                 entry["sig"].get<std::string>()));
+  write_lines(path, {lines[0], rewritten});
+  CHECK(verify_error(path).find("line 2: not in canonical form") != std::string::npos);
+}
+
+TEST_CASE("ledger: a line nested deeper than any entry is refused before it is parsed")
+{
+  const TempDir dir;
+  const auto path = dir / "ledger.jsonl";
+  append_ledger(path, "genesis", {{"a", 1}}, k_sign);
+  const auto lines = lines_of(path);
+  write_lines(path, {lines[0], std::string(100000, '[') + std::string(100000, ']')});
+  CHECK(verify_error(path).find("line 2: nests deeper than") != std::string::npos);
+}
+
+TEST_CASE("ledger: text that is not valid UTF-8 cannot make an append fail")
+{
+  const TempDir dir;
+  const auto path = dir / "ledger.jsonl";
+  append_ledger(path, "genesis", {{"a", 1}}, k_sign);
+  append_ledger(path, "round", {{"reason", std::string("cut \xC3")}}, k_sign);
+  const auto entries = read_ledger(path, k_verify);
+  CHECK(entries.back().body["reason"] == "cut \xEF\xBF\xBD");
+  const auto head = ledger_head(path);
+  CHECK(head.seq == 1);
+  CHECK(head.sha256 == sha256_hex(as_bytes(lines_of(path)[1])));
+}

@@ -2,14 +2,18 @@
 #include "core/error.hpp"
 #include "core/file_io.hpp"
 #include "core/pki.hpp"
+#include "core/receipt.hpp"
 #include "core/round.hpp"
+#include "core/text.hpp"
 #include "core/update.hpp"
 #include "core/workspace.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <openssl/evp.h>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -126,14 +130,15 @@ TEST_CASE("round: validate_round rejects an update that another site than the on
   const auto plan = plan_workspace_round(t.ws());
   const auto from_alice = t.update("alice.st", 1.0F, "alice");
 
-  SUBCASE("skipped: listed with its site and a reason naming both sites")
+  SUBCASE("skipped: listed under the site that delivered it, with a reason naming both sites")
   {
     const std::vector<RoundCandidate> candidates{{from_alice, "bob"}};
     const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
     CHECK(v.accepted.empty());
     REQUIRE(v.rejected.size() == 1);
     CHECK(v.rejected[0]["file"] == "alice.st");
-    CHECK(v.rejected[0]["site"] == "alice");
+    // The ledger names who is accountable (TLS authenticated bob), not what the file claims.
+    CHECK(v.rejected[0]["site"] == "bob");
     const auto reason = v.rejected[0]["reason"].get<std::string>();
     CHECK(reason.find("alice") != std::string::npos);
     CHECK(reason.find("bob") != std::string::npos);
@@ -290,7 +295,8 @@ TEST_CASE("round: commit_round without an evaluation or extra fields records the
   for (const auto& [key, value] : read_workspace_ledger(t.ws()).back().body.items()) {
     keys.push_back(key);
   }
-  CHECK(keys == std::vector<std::string>{"base", "model", "options", "participants", "rejected", "round", "strategy"});
+  CHECK(keys ==
+        std::vector<std::string>{"base", "limits", "model", "options", "participants", "rejected", "round", "strategy"});
 }
 
 TEST_CASE("round: commit_round refuses extra fields that would replace the body's own, before writing anything")
@@ -393,4 +399,194 @@ TEST_CASE("round: outside a workspace unsigned updates are fine, there is no led
   const auto rejected = validate_round(plan, expecting, OnBadUpdate::skip);
   REQUIRE(rejected.rejected.size() == 1);
   CHECK(rejected.rejected[0]["reason"].get<std::string>().find("delivered by site alice") != std::string::npos);
+}
+
+namespace {
+
+// `pem` with the month of its first UTCTime (notBefore) set to 13: OpenSSL still parses the
+// DER, but reading the time fails. The CA's signature no longer matches; that is checked later.
+std::string
+with_bad_time(const std::string& pem)
+{
+  const auto begin = pem.find('\n') + 1;
+  const auto end = pem.find("-----END");
+  std::string b64;
+  for (std::size_t i = begin; i < end; ++i) {
+    if (pem[i] != '\n') {
+      b64 += pem[i];
+    }
+  }
+  std::string der(b64.size(), '\0');
+  const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(der.data()),
+                                reinterpret_cast<const unsigned char*>(b64.data()), static_cast<int>(b64.size()));
+  REQUIRE(n > 0);
+  der.resize(static_cast<std::size_t>(n) - std::count(b64.end() - 2, b64.end(), '='));
+  const auto at = der.find("\x17\x0d");
+  REQUIRE(at != std::string::npos);
+  der[at + 4] = '1';
+  der[at + 5] = '3';
+  std::string out(4 * ((der.size() + 2) / 3) + 1, '\0');
+  const int m = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                reinterpret_cast<const unsigned char*>(der.data()), static_cast<int>(der.size()));
+  out.resize(static_cast<std::size_t>(m));
+  std::string wrapped = "-----BEGIN CERTIFICATE-----\n";
+  for (std::size_t i = 0; i < out.size(); i += 64) {
+    wrapped += out.substr(i, 64) + "\n";
+  }
+  return wrapped + "-----END CERTIFICATE-----\n";
+}
+
+} // namespace
+
+TEST_CASE("round: an update whose certificate has a malformed time field is rejected, not a crash")
+{
+  const TestWorkspace t;
+  const auto path = t.update("a.st", 1.0F, "alice");
+  const SafetensorsFile file(path);
+  const auto& st = file.content();
+  auto meta = st.metadata;
+  meta["fedl.certificate"] = with_bad_time(meta["fedl.certificate"]);
+  REQUIRE_THROWS_AS(certificate_info(certificate_from_pem(meta["fedl.certificate"], "test")), VerifyError);
+  const auto id = read_identity(t.ws().client("alice") / "client.crt", t.ws().client("alice") / "client.key");
+  meta.erase("fedl.signature");
+  meta["fedl.signature"] = sign(id.key, as_bytes(update_signed_payload(st.tensors, meta)));
+  write_safetensors(t.in("bad.st"), st.tensors, meta);
+  // Several candidates: the checks run on worker threads, where an exception was std::terminate.
+  const std::vector<RoundCandidate> candidates{
+    {t.in("bad.st"), "alice"}, {t.update("b.st", 1.0F, "bob"), "bob"}, {t.in("bad.st"), ""}};
+  const auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::skip);
+  REQUIRE(v.accepted.size() == 1);
+  CHECK(v.accepted[0].site == "bob");
+  REQUIRE(v.rejected.size() == 2);
+  CHECK(v.rejected[0]["site"] == "alice"); // who delivered it
+  CHECK(v.rejected[0]["reason"].get<std::string>().find("certificate is unreadable") != std::string::npos);
+  CHECK(v.rejected[1]["site"] == "");      // nobody delivered it, and its signature proves nothing
+}
+
+TEST_CASE("round: fedl.json's limits reject huge sample counts and huge updates, and are recorded")
+{
+  const TestWorkspace t;
+  const auto plan = plan_workspace_round(t.ws());
+  REQUIRE(plan.limits);
+  CHECK(plan.limits->max_num_samples == LimitsConfig::default_max_num_samples);
+  const std::vector<RoundCandidate> candidates{{t.update("many.st", 1.0F, "alice", std::uint64_t{1} << 53), "alice"},
+                                               {t.update("huge.st", 3e38F, "bob"), "bob"}};
+  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  CHECK(v.accepted.empty());
+  REQUIRE(v.rejected.size() == 2);
+  CHECK(v.rejected[0]["reason"].get<std::string>().find("fedl.num_samples 9007199254740992 is over the federation's "
+                                                        "limit of 10000000") != std::string::npos);
+  CHECK(v.rejected[1]["reason"].get<std::string>().find("L2 norm") != std::string::npos);
+
+  const std::vector<RoundCandidate> fine{{t.update("a.st", 1.0F, "alice", 10000000), "alice"}};
+  const auto r = commit_round(validate_round(plan, fine, OnBadUpdate::fail), RoundSettings{});
+  CHECK(read_workspace_ledger(t.ws()).back().body["limits"] ==
+        nlohmann::json{{"max_update_norm", 1e5}, {"max_num_samples", 10000000}});
+}
+
+TEST_CASE("round: an aggregate that is not finite is never written")
+{
+  const TestWorkspace t;
+  auto plan = plan_workspace_round(t.ws());
+  plan.limits.reset(); // as if fedl.json allowed anything
+  const std::vector<RoundCandidate> candidates{{t.update("a.st", 3e38F, "alice"), "alice"},
+                                               {t.update("b.st", 3e38F, "bob"), "bob"}};
+  const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+  RoundSettings settings;
+  settings.options.server_lr = 10; // 3e39 is past float's range
+  const auto before = snapshot(t.ws().root());
+  CHECK(message_of([&] { commit_round(v, settings); }).find("is not finite") != std::string::npos);
+  CHECK(snapshot(t.ws().root()) == before);
+}
+
+TEST_CASE("round: a rejection reason is valid UTF-8 and bounded, whatever the update quotes")
+{
+  const TestWorkspace t;
+  const auto path = t.update("a.st", 1.0F, "");
+  const SafetensorsFile file(path);
+  const auto& st = file.content();
+  auto meta = st.metadata;
+  meta["fedl.kind"] = std::string(62, 'k') + "\xC3\xA9\xC3\xA9" + std::string(1 << 20, 'x');
+  write_safetensors(t.in("kind.st"), st.tensors, meta);
+  const std::vector<RoundCandidate> candidates{{t.in("kind.st"), "alice"}, {t.update("b.st", 1.0F, "bob"), "bob"}};
+  auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::skip);
+  REQUIRE(v.rejected.size() == 1);
+  const auto reason = v.rejected[0]["reason"].get<std::string>();
+  CHECK(reason.size() < 200);
+  CHECK(reason.find("fedl.kind is 'kkkk") != std::string::npos);
+  CHECK(valid_utf8(reason) == reason);
+  RoundSettings settings;
+  (void)commit_round(v, settings); // the ledger takes it
+  CHECK(read_workspace_ledger(t.ws()).back().body["rejected"][0]["reason"] == reason);
+}
+
+// Receipts live with the rounds here because they need a provisioned workspace and its ledger.
+TEST_CASE("receipts: a site's signed heads catch a ledger rolled back or rewritten, and nothing else")
+{
+  const TestWorkspace t;
+  const auto& ws = t.ws();
+  const auto server = read_identity(ws.server_cert(), ws.server_key());
+  const auto ca = certificate_fingerprint(read_certificate(ws.ca_cert()));
+  const TempDir site;
+  ReceiptLog log(site.path() / "receipts.jsonl");
+  const auto take_head = [&] {
+    const auto r = parse_receipt(signed_head(server, ledger_head(ws.ledger()), ca));
+    REQUIRE(r);
+    CHECK(verify_receipt(*r, server.cert));
+    return *r;
+  };
+  CHECK_FALSE(log.add(take_head()));
+  CHECK_FALSE(log.add(take_head())); // the same head again is not kept twice
+  const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), "alice"}};
+  (void)commit_round(validate_round(plan_workspace_round(ws), candidates, OnBadUpdate::fail), RoundSettings{});
+  CHECK_FALSE(log.add(take_head()));
+  CHECK(read_receipts(site.path() / "receipts.jsonl").size() == 2);
+
+  const auto witness = [&] {
+    return message_of([&] {
+      const auto entries = read_workspace_ledger(ws);
+      const auto w = check_witness(site.path(), entries, ledger_head(ws.ledger()).sha256, server.cert, ca);
+      CHECK(w.receipts == 2);
+    });
+  };
+  CHECK(witness().empty());
+
+  const auto text = fedl::test::read_file(ws.ledger());
+  SUBCASE("rolled back: the last entry removed")
+  {
+    fedl::test::write_file(ws.ledger(), text.substr(0, text.rfind('\n', text.size() - 2) + 1));
+    CHECK(witness().find("entries were removed from the end of the ledger") != std::string::npos);
+  }
+  SUBCASE("a forged receipt proves nothing and fails the audit")
+  {
+    auto r = take_head();
+    r.sha256 = std::string(64, 'a');
+    ReceiptLog(site.path() / "receipts.jsonl").add(r);
+    CHECK(witness().find("signature does not verify") != std::string::npos);
+  }
+  SUBCASE("the coordinator showing a site an older head is reported to the site")
+  {
+    auto r = take_head();
+    r.seq = 0;
+    r.sha256 = std::string(64, 'b');
+    const auto warning = log.add(r);
+    REQUIRE(warning);
+    CHECK(warning->find("was rewritten") != std::string::npos);
+  }
+  SUBCASE("a receipts file that is not one")
+  {
+    fedl::test::write_file(site.path() / "receipts.jsonl", "{\"seq\": -1}\n");
+    CHECK(witness().find("line 1 is not a ledger receipt") != std::string::npos);
+  }
+}
+
+TEST_CASE("revocations: a CRL from before a revocation the ledger records is refused")
+{
+  const TestWorkspace t;
+  const auto old_crl = fedl::test::read_file(t.ws().crl());
+  (void)revoke_client(t.ws(), "bob");
+  CHECK_NOTHROW(check_revocations(t.ws(), read_workspace_ledger(t.ws())));
+  fedl::test::write_file(t.ws().crl(), old_crl);
+  CHECK(message_of([&] { check_revocations(t.ws(), read_workspace_ledger(t.ws())); })
+          .find("does not list site bob") != std::string::npos);
 }

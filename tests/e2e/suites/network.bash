@@ -112,11 +112,6 @@ EOF
   expect_ledger "all(sites(b) == ['site-1', 'site-2'] for b in R)" "a round with other sites than site-1 and site-2"
 }
 
-# VmHWM (peak resident memory) of a process, in KiB.
-peak_kib()
-{
-  awk '/^VmHWM:/ {print $2}' "/proc/$1/status"
-}
 
 test_bad_frames_drop_the_peer_and_the_federation_goes_on()
 {

@@ -39,7 +39,7 @@ namespace {
 using tcp = asio::ip::tcp;
 using json = nlohmann::json;
 
-constexpr double hello_timeout = 10;     // seconds a closing peer has to take its error message
+constexpr double close_linger = 10;     // seconds a closing peer has to take its error message
 // Connections still in the handshake or before HELLO: anyone can open them, so they are bounded
 // per source address (a new one past the bound is closed at once) and in all (the oldest is
 // closed to make room, so that a flood from many addresses cannot keep a site from its turn),
@@ -1085,7 +1085,7 @@ Coordinator::on_tick()
     if (!c.is_open()) {
       continue;
     }
-    if (c.closing_since() > 0 && now - c.closing_since() > hello_timeout) {
+    if (c.closing_since() > 0 && now - c.closing_since() > close_linger) {
       c.close("it did not take its error message in time");
     } else if (!p->admitted && now - p->accepted_at > admit_timeout) {
       c.close(fmt::format("no hello within {} s", admit_timeout));

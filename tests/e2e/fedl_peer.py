@@ -163,6 +163,16 @@ class Peer:
         while self.read_frame(deadline) is not None:
             pass
 
+    def first_task(self):
+        """hello, then the first task: (header, model bytes), or None when none came."""
+        if self.hello() is None:
+            return None
+        f = self.read_until({TASK, DONE}, self.args.timeout)
+        if f is None or f[0] != TASK:
+            self.report["sent"] = "nothing (no task came)"
+            return None
+        return f[1], f[2]
+
     def hello(self):
         self.send_frame(HELLO, {"site": self.args.site, "version": VERSION})
         f = self.read_until({WELCOME, ERROR}, self.args.timeout)
@@ -373,13 +383,10 @@ def scenario_wrong_round(p):
 
 
 def scenario_wrong_shape(p):
-    if p.hello() is None:
+    got = p.first_task()
+    if got is None:
         return
-    f = p.read_until({TASK, DONE}, p.args.timeout)
-    if f is None or f[0] != TASK:
-        p.report["sent"] = "nothing (no task came)"
-        return
-    _, task, model = f
+    task, model = got
     body, changed = wrong_shape_update(model, task["base_sha256"], p.args.site, p.args.cert, p.args.key)
     p.send_frame(UPDATE, {"round": task["round"], "task": task["task"], "attempt": task.get("attempt", 1),
                           "metrics": {"num_samples": 100, "loss": 0.0, "steps": 1, "seconds": 0.0}}, body)
@@ -393,13 +400,10 @@ def scenario_wrong_shape(p):
 def scenario_hostile(p):
     """As an enrolled site: wait for a task and answer it the way --case says, then stay until the
     next task or done (so that nothing sent is lost to a reset)."""
-    if p.hello() is None:
+    got = p.first_task()
+    if got is None:
         return
-    f = p.read_until({TASK, DONE}, p.args.timeout)
-    if f is None or f[0] != TASK:
-        p.report["sent"] = "nothing (no task came)"
-        return
-    _, task, model = f
+    task, model = got
     case = p.args.case
     p.report["round"] = task["round"]
     p.report["ledger_head"] = task.get("ledger_head")

@@ -95,6 +95,24 @@ public:
     return path;
   }
 
+  // Writes in/`name`: the update at `from` with its metadata changed by `edit`, signed again by
+  // `site` (its key, over whatever its certificate metadata now says) unless `site` is empty.
+  fs::path rewrite(const fs::path& from, const std::string& name, const std::string& site,
+                   const std::function<void(Metadata&)>& edit) const
+  {
+    const SafetensorsFile file(from);
+    const auto& st = file.content();
+    auto meta = st.metadata;
+    edit(meta);
+    if (!site.empty()) {
+      const auto id = read_identity(m_ws.client(site) / "client.crt", m_ws.client(site) / "client.key");
+      meta.erase("fedl.signature");
+      meta["fedl.signature"] = sign(id.key, as_bytes(update_signed_payload(st.tensors, meta)));
+    }
+    write_safetensors(in(name), st.tensors, meta);
+    return in(name);
+  }
+
 private:
   TempDir m_dir;
   Workspace m_ws;
@@ -292,7 +310,10 @@ TEST_CASE("round: commit_round without an evaluation or extra fields records the
   const auto r = commit_round(v, settings);
   CHECK(r.evaluation.is_null());
   std::vector<std::string> keys;
-  for (const auto& [key, value] : read_workspace_ledger(t.ws()).back().body.items()) {
+  // The ledger is held by name: a range-for keeps only the outermost temporary alive (before
+  // C++23), and items() refers into the vector's last entry.
+  const auto ledger = read_workspace_ledger(t.ws());
+  for (const auto& [key, value] : ledger.back().body.items()) {
     keys.push_back(key);
   }
   CHECK(keys ==
@@ -441,16 +462,10 @@ with_bad_time(const std::string& pem)
 TEST_CASE("round: an update whose certificate has a malformed time field is rejected, not a crash")
 {
   const TestWorkspace t;
-  const auto path = t.update("a.st", 1.0F, "alice");
-  const SafetensorsFile file(path);
-  const auto& st = file.content();
-  auto meta = st.metadata;
-  meta["fedl.certificate"] = with_bad_time(meta["fedl.certificate"]);
-  REQUIRE_THROWS_AS(certificate_info(certificate_from_pem(meta["fedl.certificate"], "test")), VerifyError);
-  const auto id = read_identity(t.ws().client("alice") / "client.crt", t.ws().client("alice") / "client.key");
-  meta.erase("fedl.signature");
-  meta["fedl.signature"] = sign(id.key, as_bytes(update_signed_payload(st.tensors, meta)));
-  write_safetensors(t.in("bad.st"), st.tensors, meta);
+  t.rewrite(t.update("a.st", 1.0F, "alice"), "bad.st", "alice", [](Metadata& meta) {
+    meta["fedl.certificate"] = with_bad_time(meta["fedl.certificate"]);
+    REQUIRE_THROWS_AS(certificate_info(certificate_from_pem(meta["fedl.certificate"], "test")), VerifyError);
+  });
   // Several candidates: the checks run on worker threads, where an exception was std::terminate.
   const std::vector<RoundCandidate> candidates{
     {t.in("bad.st"), "alice"}, {t.update("b.st", 1.0F, "bob"), "bob"}, {t.in("bad.st"), ""}};
@@ -502,12 +517,9 @@ TEST_CASE("round: an aggregate that is not finite is never written")
 TEST_CASE("round: a rejection reason is valid UTF-8 and bounded, whatever the update quotes")
 {
   const TestWorkspace t;
-  const auto path = t.update("a.st", 1.0F, "");
-  const SafetensorsFile file(path);
-  const auto& st = file.content();
-  auto meta = st.metadata;
-  meta["fedl.kind"] = std::string(62, 'k') + "\xC3\xA9\xC3\xA9" + std::string(1 << 20, 'x');
-  write_safetensors(t.in("kind.st"), st.tensors, meta);
+  t.rewrite(t.update("a.st", 1.0F, ""), "kind.st", "", [](Metadata& meta) {
+    meta["fedl.kind"] = std::string(62, 'k') + "\xC3\xA9\xC3\xA9" + std::string(1 << 20, 'x');
+  });
   const std::vector<RoundCandidate> candidates{{t.in("kind.st"), "alice"}, {t.update("b.st", 1.0F, "bob"), "bob"}};
   auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::skip);
   REQUIRE(v.rejected.size() == 1);

@@ -191,3 +191,19 @@ PY
   [[ $(json_get out "j['rejected'][0]['site']") == "" ]] || fail "a rejected update is recorded under a site it only claims"
   fedl_expect 0 audit ws
 }
+
+test_a_round_that_cannot_be_written_stops_the_coordinator_with_the_reason()
+{
+  trap net_cleanup EXIT
+  net_init 2 30 || return
+  serve_bg --min-clients 2 --heartbeat 1
+  join_bg site-1
+  join_bg site-2
+  wait_log serve.log "round 2/30 done" 60 || return
+  # The ledger's last line cut short under the running coordinator: the next round cannot be
+  # recorded. It used to leave the coordinator alive, silent, and never starting another round.
+  printf '{"seq":' >>ws/ledger.jsonl
+  expect_exit "$SERVE" 60 1 "fedl serve"
+  expect_in serve.log "could not be completed"
+  expect_in serve.log "incomplete"
+}

@@ -7,7 +7,7 @@ CMAKE_FLAGS ?=
 PREFIX ?= /usr/local
 FEDL = $(BUILD)/src/fedl
 
-.PHONY: all setup configure build test unit e2e docs demo bench install completions clean
+.PHONY: all setup configure build test unit e2e docs demo bench install completions clean asan tsan
 
 all: build
 
@@ -32,6 +32,27 @@ e2e: build
 
 docs: build
 	@cd $(BUILD) && ctest --output-on-failure -L docs
+
+# Sanitizer builds and their suites, for developers (not part of `make test`, nor of CI): each
+# configures its own build folder, builds everything in it and runs the suites through
+# tests/sanitizers/run, which fails on any report of any process. See the README's testing part.
+#   asan: ASan + LSan + UBSan; the unit tests and every e2e suite.
+#   tsan: TSan; the unit tests and the e2e suites that run fedl serve or fedl join (label net).
+# SAN_TESTS=REGEX narrows either to the tests whose names match (ctest -R).
+ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
+SAN_JOBS ?= 2
+SAN_TESTS ?=
+
+asan: setup
+	@test -f $(ASAN_BUILD)/build.ninja || cmake -S . -B $(ASAN_BUILD) -G Ninja -DFEDL_SANITIZE=address $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+	@tests/sanitizers/run address $(ASAN_BUILD) -j $(SAN_JOBS) -L 'unit|e2e' $(if $(SAN_TESTS),-R '$(SAN_TESTS)')
+
+tsan: setup
+	@test -f $(TSAN_BUILD)/build.ninja || cmake -S . -B $(TSAN_BUILD) -G Ninja -DFEDL_SANITIZE=thread $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(TSAN_BUILD) -j $(JOBS)
+	@tests/sanitizers/run thread $(TSAN_BUILD) -j $(SAN_JOBS) -L '^(unit|net)$$' $(if $(SAN_TESTS),-R '$(SAN_TESTS)')
 
 # fedl's main job on a built-in default: a networked federation on bundled real data
 # (examples/networked/run: init, serve and 4 x join over mTLS on 127.0.0.1, 15 rounds, audit).

@@ -49,6 +49,8 @@ constexpr std::size_t max_unadmitted_per_address = 8;
 constexpr double admit_timeout = 5;      // seconds from accept to HELLO
 constexpr std::size_t max_error_text = 500; // bytes of a site's error report kept
 constexpr std::size_t max_metrics = 32;     // entries of a site's metrics kept
+constexpr std::uint32_t refusal_burst = 20; // refused connections logged one by one per window
+constexpr double refusal_window = 10;       // seconds
 constexpr int max_unexpected_updates = 3;   // per connection, before it is closed
 constexpr double finish_linger = 3;      // seconds to let DONE frames reach the sites
 constexpr std::uint64_t update_slack = 4 << 20; // metadata, certificate and signature beyond the tensors
@@ -172,6 +174,10 @@ private:
   void fail(const std::string& message);
   std::string metrics_text() const;
   void clean_incoming();
+  // Logs a refused connection, or counts it once refusal_burst were logged in this window, so
+  // that a flood of strangers cannot flood the log; flush_refusals() says how many were not.
+  void log_refusal(const std::string& text);
+  void flush_refusals(double now);
   // Signs the ledger's current head into m_head (keeps the previous one if it cannot be read).
   void update_head();
 
@@ -242,6 +248,9 @@ private:
   std::uint64_t m_updates_accepted = 0;
   std::map<std::string, std::uint64_t> m_rejected; // by reason
   std::uint64_t m_refused = 0;                     // connections refused at the handshake or hello
+  double m_refusal_window = 0;                     // when the current window of refusal logs began
+  std::uint32_t m_refusals_logged = 0;             // ... and how many were logged in it
+  std::uint64_t m_refusals_unlogged = 0;           // ... and how many were only counted
   double m_last_round_seconds = 0;
   double m_round_seconds_sum = 0;
   double m_started = 0;
@@ -631,7 +640,7 @@ Coordinator::on_close(const std::shared_ptr<Peer>& p, const std::string& reason)
   m_peers.erase(p->id);
   if (!p->conn->ready() || (!p->admitted && p->site.empty())) {
     ++m_refused;
-    FEDL_LOG_WARN("refused a connection from {}: {}", p->conn->stream().remote(), reason);
+    log_refusal(fmt::format("refused a connection from {}: {}", p->conn->stream().remote(), reason));
     return;
   }
   if (!p->admitted) {
@@ -1047,6 +1056,34 @@ Coordinator::fail(const std::string& message)
 }
 
 void
+Coordinator::log_refusal(const std::string& text)
+{
+  flush_refusals(FramedConnection::now());
+  if (m_refusals_logged < refusal_burst) {
+    ++m_refusals_logged;
+    FEDL_LOG_WARN("{}", text);
+  } else {
+    ++m_refusals_unlogged;
+  }
+}
+
+void
+Coordinator::flush_refusals(double now)
+{
+  if (now - m_refusal_window < refusal_window) {
+    return;
+  }
+  if (m_refusals_unlogged > 0) {
+    FEDL_LOG_WARN("refused {} more connections in the last {:.0f} s without logging each (strangers that do not "
+                  "complete TLS with a site certificate, or do not say hello)",
+                  m_refusals_unlogged, now - m_refusal_window);
+  }
+  m_refusal_window = now;
+  m_refusals_logged = 0;
+  m_refusals_unlogged = 0;
+}
+
+void
 Coordinator::update_head()
 {
   try {
@@ -1075,6 +1112,7 @@ void
 Coordinator::on_tick()
 {
   const double now = FramedConnection::now();
+  flush_refusals(now);
   if (now - m_trust_checked >= 1) {
     m_trust_checked = now;
     refresh_trust();

@@ -105,22 +105,29 @@ test_strangers_cannot_keep_sites_out()
   wait_log serve.log "serving" 30 || return
   # 256 bare connections from one address, re-opened as they are closed: they held every slot
   # for connections before hello, and no site could join while they ran.
-  "${PEER[@]}" strangers --server "127.0.0.1:$PORT" --ca ws/pki/ca.crt --count 256 --hold 40 >strangers-1.json &
-  BG+=("$!")
+  "${PEER[@]}" strangers --server "127.0.0.1:$PORT" --ca ws/pki/ca.crt --count 256 --hold 60 >strangers-1.json &
+  local one=$!
+  BG+=("$one")
   # And 320 more from 40 other addresses (8 each): the global bound is full, so the oldest give way.
-  "${PEER[@]}" strangers --server "127.0.0.1:$PORT" --ca ws/pki/ca.crt --count 320 --sources 40 --hold 40 \
+  "${PEER[@]}" strangers --server "127.0.0.1:$PORT" --ca ws/pki/ca.crt --count 320 --sources 40 --hold 60 \
     >strangers-2.json &
-  BG+=("$!")
+  local many=$!
+  BG+=("$many")
   sleep 3
   join_bg site-1
   join_bg site-2
-  wait_log serve.log "round 3/3 done" 60
-  expect_exit "$SERVE" 60 0 "fedl serve"
+  # The whole federation, while the strangers keep at it (they hold on for 60 s).
+  wait_log serve.log "round 3/3 done" 30
+  kill -0 "$one" 2>/dev/null && kill -0 "$many" 2>/dev/null || fail "the strangers stopped before the federation ended"
+  expect_exit "$SERVE" 30 0 "fedl serve"
   expect_rounds 3
-  wait
+  wait "$one" "$many"
   json_get strangers-1.json "j"
   json_get strangers-2.json "j"
   check_py "$(json_get strangers-1.json "j['opened']") >= 256" "the strangers could not open their connections"
+  # Tens of thousands of refusals, but not a log line each.
+  expect_in serve.log "more connections in the last"
+  check_py "$(grep -c 'refused a connection' serve.log) < 1000" "a log line for each refused connection"
 }
 
 test_site_receipts_catch_a_rolled_back_or_rewritten_ledger()

@@ -54,6 +54,17 @@ tsan: setup
 	@cmake --build $(TSAN_BUILD) -j $(JOBS)
 	@tests/sanitizers/run thread $(TSAN_BUILD) -j $(SAN_JOBS) -L '^(unit|net)$$' $(if $(SAN_TESTS),-R '$(SAN_TESTS)')
 
+# libFuzzer targets for fedl_core's parsers (tests/fuzz/README.md): builds them with clang, ASan
+# and UBSan in build-fuzz, runs each for FUZZ_SECONDS over a copy of its seeds (new inputs stay
+# in build-fuzz/corpus), prints executions per second and coverage, and fails naming the
+# reproducer if any crashed. FUZZ_TARGETS narrows it, e.g. make fuzz FUZZ_TARGETS="wire ledger".
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+.PHONY: fuzz
+fuzz:
+	@./scripts/setup-debian.sh clang libclang-rt-14-dev
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_BUILD=build-fuzz JOBS=$(JOBS) scripts/fuzz.sh $(FUZZ_TARGETS)
+
 # fedl's main job on a built-in default: a networked federation on bundled real data
 # (examples/networked/run: init, serve and 4 x join over mTLS on 127.0.0.1, 15 rounds, audit).
 # examples/offline-rounds/run does the same with train and aggregate in a shell loop.

@@ -13,8 +13,11 @@ run_pkgs="libopenblas0-openmp"
 # references, the full Fashion-MNIST, and GNU time for peak memory.
 test_pkgs="openssl mandoc python3 python3-torch python3-numpy python3-mpmath dataset-fashion-mnist time"
 
+# What one make target needs besides, given as arguments (make fuzz: clang and its libFuzzer).
+extra_pkgs="$*"
+
 missing=""
-for p in $build_pkgs $run_pkgs $test_pkgs; do
+for p in $build_pkgs $run_pkgs $test_pkgs $extra_pkgs; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     missing="$missing $p"
   fi

@@ -1,0 +1,74 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fuzz target "safetensors": parse_safetensors (core/safetensors.hpp) on the bytes of a file,
+// the in-memory parser that SafetensorsFile runs on a mapped model or update. What it accepts
+// must be consistent (tensors packed without gaps, sizes matching shapes) and must survive
+// being written back the way fedl writes a file and parsed again unchanged.
+#include "fuzz.hpp"
+
+#include "core/error.hpp"
+#include "core/safetensors.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+using namespace fedl;
+
+namespace {
+
+bool
+same_bytes(std::span<const std::byte> a, std::span<const std::byte> b)
+{
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size()) == 0);
+}
+
+void
+check_accepted(const core::Safetensors& st, std::span<const std::byte> bytes)
+{
+  // Tensors in offset order, packed, ending where the file ends.
+  const std::byte* end = bytes.data() + bytes.size();
+  const std::byte* pos = nullptr;
+  for (const auto& t : st.tensors) {
+    FEDL_FUZZ_CHECK(t.data.data() >= bytes.data() && t.data.data() + t.data.size() <= end);
+    FEDL_FUZZ_CHECK(pos == nullptr || t.data.data() == pos);
+    FEDL_FUZZ_CHECK(t.data.size() == t.numel() * core::dtype_size(t.dtype));
+    pos = t.data.data() + t.data.size();
+    FEDL_FUZZ_CHECK(st.find(t.name) == &t);
+  }
+  if (pos != nullptr) {
+    FEDL_FUZZ_CHECK(pos == end);
+  }
+
+  // Written back as fedl writes a file, then parsed again: the same tensors and metadata.
+  const auto order = core::serialize_order(st.tensors);
+  std::string file = core::safetensors_header(order, st.metadata);
+  for (const auto* t : order) {
+    file.append(reinterpret_cast<const char*>(t->data.data()), t->data.size());
+  }
+  const auto again = core::parse_safetensors(core::as_bytes(file), "rewritten");
+  FEDL_FUZZ_CHECK(again.metadata == st.metadata);
+  FEDL_FUZZ_CHECK(again.tensors.size() == st.tensors.size());
+  for (const auto& t : st.tensors) {
+    const auto* u = again.find(t.name);
+    FEDL_FUZZ_CHECK(u != nullptr);
+    FEDL_FUZZ_CHECK(u->dtype == t.dtype && u->shape == t.shape && same_bytes(u->data, t.data));
+  }
+  FEDL_FUZZ_CHECK(core::safetensors_sha256(st.tensors, st.metadata) == core::sha256_hex(core::as_bytes(file)));
+}
+
+} // namespace
+
+extern "C" int
+LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
+{
+  fuzz::quiet();
+  const auto bytes = std::as_bytes(std::span(data, size));
+  core::Safetensors st;
+  try {
+    st = core::parse_safetensors(bytes, "input");
+  } catch (const core::VerifyError& e) {
+    fuzz::refused(e);
+    return 0;
+  }
+  check_accepted(st, bytes);
+  return 0;
+}

@@ -10,6 +10,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string_view>
 
 namespace fs = std::filesystem;
@@ -50,6 +51,22 @@ split_commas(std::string_view line)
     start = comma + 1;
   }
   return cells;
+}
+
+// Features become floats: a finite double past the range of float would be undefined to convert
+// (and would be inf if it were done anyway).
+bool
+fits_float(double v)
+{
+  return std::isfinite(v) && std::abs(v) <= std::numeric_limits<float>::max();
+}
+
+// Labels become int64 class indices; a billion classes is far past any model fedl builds, and
+// keeps the conversion defined (inf and 1e300 are not integers that fit).
+bool
+is_class_index(double v)
+{
+  return v >= 0 && v <= 1e9 && v == std::floor(v);
 }
 
 std::string_view
@@ -158,12 +175,12 @@ load_csv(const DataOptions& opt)
                     cell,
                     number == 1 && !opt.header ? " (if this row is a header, drop --no-header)" : "");
       }
-      if (!std::isfinite(v)) {
-        throw Error("{}: line {}, column {}: {} is not a finite number", opt.path.string(), number, c + 1,
-                    cell);
+      if (!fits_float(v)) {
+        throw Error("{}: line {}, column {}: {} is not a finite number in the range of a 32-bit float",
+                    opt.path.string(), number, c + 1, cell);
       }
       if (c == label_col) {
-        if (v < 0 || v != std::floor(v) || v > 1e9) {
+        if (!is_class_index(v)) {
           throw Error("{}: line {}, column {}: label {} is not a class index (0, 1, 2, ...)",
                       opt.path.string(), number, c + 1, cell);
         }
@@ -233,6 +250,15 @@ read_idx(const fs::path& path)
   return idx;
 }
 
+// A dimension of 0 after the first would make samples of no features, which no model takes.
+void
+check_sample_shape(const std::vector<std::int64_t>& shape, const fs::path& path)
+{
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) {
+    throw Error("{}: samples of shape ({}) have no features", path.string(), fmt::join(shape, ","));
+  }
+}
+
 fs::path
 sibling_labels(const fs::path& data, const std::vector<std::pair<std::string, std::string>>& swaps,
                const char* flag_hint)
@@ -290,6 +316,7 @@ load_idx(const DataOptions& opt)
       ds.sample_shape = {1};
     }
   }
+  check_sample_shape(ds.sample_shape, opt.path);
   const auto numel = ds.sample_numel();
   ds.features.resize(n * numel);
   const auto* src = images.bytes.data() + images.offset;
@@ -462,21 +489,22 @@ load_npy(const DataOptions& opt)
   if (ds.sample_shape.empty()) {
     ds.sample_shape = {1};
   }
+  check_sample_shape(ds.sample_shape, opt.path);
   const auto n = std::min<std::size_t>(static_cast<std::size_t>(x.shape[0]), opt.limit.value_or(SIZE_MAX));
   const auto numel = ds.sample_numel();
   ds.features.resize(n * numel);
   for (std::size_t i = 0; i < n * numel; ++i) {
     const double v = npy_value(x, i);
-    if (!std::isfinite(v)) {
-      throw Error("{}: sample {}, feature {}: {} is not a finite number", opt.path.string(), i / numel,
-                  i % numel, v);
+    if (!fits_float(v)) {
+      throw Error("{}: sample {}, feature {}: {} is not a finite number in the range of a 32-bit float",
+                  opt.path.string(), i / numel, i % numel, v);
     }
     ds.features[i] = static_cast<float>(v);
   }
   ds.labels.resize(n);
   for (std::size_t i = 0; i < n; ++i) {
     const double v = npy_value(y, i);
-    if (!(v >= 0) || v != std::floor(v)) {
+    if (!is_class_index(v)) {
       throw Error("{}: sample {}: label {} is not a class index (0, 1, 2, ...)", labels_path.string(), i, v);
     }
     ds.labels[i] = static_cast<std::int64_t>(v);

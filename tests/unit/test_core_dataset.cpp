@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <limits>
 
 using namespace fedl::core;
 using fedl::test::TempDir;
@@ -161,6 +162,35 @@ TEST_CASE("core::load_dataset reads NPY features and labels")
   write_file(dir / "nan_features.npy", npy("<f4", "1, 1", raw<float>({std::nanf("")})));
   write_file(dir / "nan_labels.npy", npy("<i8", "1,", raw<std::int64_t>({0})));
   CHECK(error_of(at(dir / "nan_features.npy")).find("not a finite number") != std::string::npos);
+}
+
+TEST_CASE("core::load_dataset refuses values a float or a class index cannot hold, and empty samples")
+{
+  TempDir dir;
+  // Finite doubles past FLT_MAX would convert to inf (the conversion is undefined in C++).
+  write_file(dir / "big.csv", "x,y\n1,0\n1e39,1\n");
+  CHECK(error_of(at(dir / "big.csv")).find("line 3, column 1: 1e39 is not a finite number in the range of a 32-bit float") !=
+        std::string::npos);
+  write_file(dir / "big_features.npy", npy("<f8", "1, 1", raw<double>({-1e300})));
+  write_file(dir / "big_labels.npy", npy("<i8", "1,", raw<std::int64_t>({0})));
+  CHECK(error_of(at(dir / "big_features.npy")).find("not a finite number in the range of a 32-bit float") !=
+        std::string::npos);
+  // Labels become int64: inf and 1e300 are no class index (converting them would be undefined).
+  write_file(dir / "f_features.npy", npy("<f4", "2, 1", raw<float>({1, 2})));
+  for (const double bad : {std::numeric_limits<double>::infinity(), 1e300, 0.5}) {
+    write_file(dir / "f_labels.npy", npy("<f8", "2,", raw<double>({0, bad})));
+    CHECK(error_of(at(dir / "f_features.npy")).find("sample 1: label") != std::string::npos);
+  }
+  // A zero dimension after the first: samples without features.
+  write_file(dir / "empty_features.npy", npy("<f4", "2, 0", ""));
+  write_file(dir / "empty_labels.npy", npy("<i8", "2,", raw<std::int64_t>({0, 1})));
+  CHECK(error_of(at(dir / "empty_features.npy")).find("samples of shape (0) have no features") != std::string::npos);
+  const std::string images = std::string("\0\0\x08\x03", 4) + be32(2) + be32(3) + be32(0);
+  const std::string labels = std::string("\0\0\x08\x01", 4) + be32(2) + std::string("\x01\x00", 2);
+  write_file(dir / "empty-images-idx3-ubyte", images);
+  write_file(dir / "empty-labels-idx1-ubyte", labels);
+  CHECK(error_of(at(dir / "empty-images-idx3-ubyte")).find("samples of shape (1,3,0) have no features") !=
+        std::string::npos);
 }
 
 TEST_CASE("core::parse_shape")

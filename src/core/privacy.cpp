@@ -202,9 +202,12 @@ FederationPrivacy::replay(const json& body, bool verify)
   if (it == body.end() || it->is_null()) {
     return;
   }
-  const auto round = body.value("round", std::uint64_t{0});
+  // Only for messages; read without converting, since a float or a string here would make
+  // value<std::uint64_t>() undefined behaviour or a json exception instead of a VerifyError.
+  const auto r = body.find("round");
+  const auto what = fmt::format("round {}: privacy",
+                                r != body.end() && r->is_number_integer() ? r->dump() : std::string("?"));
   const auto& p = *it;
-  const auto what = fmt::format("round {}: privacy", round);
   if (!p.is_object()) {
     throw VerifyError("{}: not a JSON object", what);
   }

@@ -111,6 +111,16 @@ TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and ca
     FederationPrivacy a;
     CHECK_THROWS_WITH_AS(a.replay(body, true), doctest::Contains("past the budget"), VerifyError);
   }
+  SUBCASE("a round number that is not one: a VerifyError, not a json error or undefined behaviour")
+  {
+    for (const json round : {json(1e300), json("one"), json(true)}) {
+      json body = bodies[0];
+      body["round"] = round;
+      body["privacy"]["client"]["epsilon"] = 0.0;
+      FederationPrivacy a;
+      CHECK_THROWS_WITH_AS(a.replay(body, true), doctest::Contains("round ?: privacy.client"), VerifyError);
+    }
+  }
 }
 
 TEST_CASE("core::SiteAccount keeps a signed account that refuses alterations")

@@ -5,6 +5,7 @@
 #include "core/dataset.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
+#include "core/text.hpp"
 #include "core/workspace.hpp"
 
 #include <fmt/ranges.h>
@@ -17,6 +18,8 @@ namespace fedl::core {
 namespace {
 
 using nlohmann::json;
+
+constexpr std::size_t max_config_nesting = 8;
 
 // Reads the fields of one JSON object, tracking which keys were used, so that the leftovers can
 // be reported by name.
@@ -380,10 +383,16 @@ load_config(const std::filesystem::path& path)
 {
   const MappedFile file(path);
   const auto bytes = file.bytes();
+  const std::string_view text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  // fedl.json nests 3 deep (server.names, training.dp). A deeper file is refused before it is
+  // parsed: printing a value of a deep tree in an error message recursed once per level, and a
+  // 400 KB file of brackets overflowed the stack.
+  if (const auto depth = json_nesting(text); depth > max_config_nesting) {
+    throw UsageError("{}: nests {} levels deep; fedl.json has 3", path.string(), depth);
+  }
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(reinterpret_cast<const char*>(bytes.data()),
-                              reinterpret_cast<const char*>(bytes.data()) + bytes.size());
+    j = nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
     throw UsageError("{}: not valid JSON: {}", path.string(), e.what());
   }

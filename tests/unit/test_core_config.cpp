@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "testutil.hpp"
 
 #include <doctest/doctest.h>
 
 using namespace fedl::core;
+using fedl::test::TempDir;
+using fedl::test::write_file;
 
 namespace {
 
@@ -130,6 +133,20 @@ TEST_CASE("core::config rejects wrong types with the field path")
   j = to_json(sample());
   j["rounds"] = -1;
   CHECK(error_of(j).find("rounds must be a non-negative integer") != std::string::npos);
+}
+
+TEST_CASE("core::load_config refuses a file nested deeper than fedl.json, before parsing it")
+{
+  TempDir dir;
+  // 200000 levels: printing the value in the type error used to recurse once per level and
+  // overflow the stack.
+  const std::size_t depth = 200000;
+  write_file(dir / "deep.json", "{\"version\":" + std::string(depth, '[') + std::string(depth, ']') + "}");
+  CHECK_THROWS_WITH_AS(load_config(dir / "deep.json"), doctest::Contains("nests 200001 levels deep"), UsageError);
+  write_file(dir / "nine.json", "{\"version\":[[[[[[[[1]]]]]]]]}");
+  CHECK_THROWS_WITH_AS(load_config(dir / "nine.json"), doctest::Contains("nests 9 levels deep"), UsageError);
+  write_file(dir / "fedl.json", config_text(sample()));
+  CHECK(config_text(load_config(dir / "fedl.json")) == config_text(sample()));
 }
 
 TEST_SUITE_END();

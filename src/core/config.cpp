@@ -11,7 +11,10 @@
 #include <fmt/ranges.h>
 
 #include <cmath>
+#include <limits>
 #include <set>
+#include <string_view>
+#include <utility>
 
 namespace fedl::core {
 
@@ -52,7 +55,7 @@ public:
     return *v;
   }
 
-  [[noreturn]] void type_error(const std::string& key, const char* expected, const json& v) const
+  [[noreturn]] void type_error(const std::string& key, std::string_view expected, const json& v) const
   {
     throw UsageError("{}: {} must be {}, found {} {}", m_what, field(key), expected, v.type_name(), v.dump());
   }
@@ -77,13 +80,22 @@ public:
     }
   }
 
+  // An integer that T holds: get<T>() alone would cut 4294967297 to 1 for a uint32_t.
   template<typename T>
     requires std::is_integral_v<T>
   void get(const std::string& key, T& out)
   {
     if (const auto* v = find(key)) {
-      if (!v->is_number_integer() || (std::is_unsigned_v<T> && v->get<std::int64_t>() < 0)) {
-        type_error(key, std::is_unsigned_v<T> ? "a non-negative integer" : "an integer", *v);
+      const char* kind = std::is_unsigned_v<T> ? "a non-negative integer" : "an integer";
+      const bool negative = v->is_number_integer() && !v->is_number_unsigned() && v->get<std::int64_t>() < 0;
+      if (!v->is_number_integer() || (std::is_unsigned_v<T> && negative)) {
+        type_error(key, kind, *v);
+      }
+      const bool fits = v->is_number_unsigned() ? std::in_range<T>(v->get<std::uint64_t>())
+                                                 : std::in_range<T>(v->get<std::int64_t>());
+      if (!fits) {
+        type_error(key, fmt::format("{} from {} to {}", kind, std::numeric_limits<T>::min(), std::numeric_limits<T>::max()),
+                   *v);
       }
       out = v->get<T>();
     }

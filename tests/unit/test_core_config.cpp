@@ -133,6 +133,17 @@ TEST_CASE("core::config rejects wrong types with the field path")
   j = to_json(sample());
   j["rounds"] = -1;
   CHECK(error_of(j).find("rounds must be a non-negative integer") != std::string::npos);
+  // Integers the field cannot hold are refused, not cut (4294967297 used to become 1).
+  j = to_json(sample());
+  j["rounds"] = 4294967297ULL;
+  CHECK(error_of(j).find("rounds must be a non-negative integer from 0 to 4294967295, found number 4294967297") !=
+        std::string::npos);
+  j = to_json(sample());
+  j["version"] = 4294967297LL;
+  CHECK(error_of(j).find("version must be an integer from -2147483648 to 2147483647") != std::string::npos);
+  j = to_json(sample());
+  j["seed"] = 18446744073709551615ULL;
+  CHECK(config_from_json(j, "fedl.json").seed == 18446744073709551615ULL);
 }
 
 TEST_CASE("core::load_config refuses a file nested deeper than fedl.json, before parsing it")

@@ -2,11 +2,13 @@
 // Fuzz target "safetensors": parse_safetensors (core/safetensors.hpp) on the bytes of a file,
 // the in-memory parser that SafetensorsFile runs on a mapped model or update. What it accepts
 // must be consistent (tensors packed without gaps, sizes matching shapes) and must survive
-// being written back the way fedl writes a file and parsed again unchanged.
+// being written back the way fedl writes a file and parsed again unchanged, with the same
+// update_signed_payload (what a site's signature covers, core/update.hpp).
 #include "fuzz.hpp"
 
 #include "core/error.hpp"
 #include "core/safetensors.hpp"
+#include "core/update.hpp"
 
 #include <algorithm>
 #include <cstring>
@@ -53,6 +55,9 @@ check_accepted(const core::Safetensors& st, std::span<const std::byte> bytes)
     FEDL_FUZZ_CHECK(u->dtype == t.dtype && u->shape == t.shape && same_bytes(u->data, t.data));
   }
   FEDL_FUZZ_CHECK(core::safetensors_sha256(st.tensors, st.metadata) == core::sha256_hex(core::as_bytes(file)));
+  // What a site's signature covers depends on the content only, not on the layout.
+  FEDL_FUZZ_CHECK(core::update_signed_payload(st.tensors, st.metadata) ==
+                  core::update_signed_payload(again.tensors, again.metadata));
 }
 
 } // namespace

@@ -84,6 +84,14 @@ bench: build
 	@$(BUILD)/bench/fedl_dp_sgd_bench
 	@FEDL=$(FEDL) ./bench/dp_utility.sh
 
+# A soak run, for developers (not part of `make test`; 10-25 minutes): ROUNDS (default 500) rounds
+# of fedl serve and 4 fedl join on 127.0.0.1 with sites killed and restarted, the coordinator
+# restarted every 100 rounds and a hostile site throughout; checks the ledger, fedl audit and the
+# coordinator's memory and descriptors (tests/soak/soak.sh; README's testing part).
+.PHONY: soak
+soak: build
+	@FEDL=$(FEDL) tests/soak/soak.sh
+
 install: build
 	@cmake --install $(BUILD)
 

@@ -137,8 +137,8 @@ append_ledger(const fs::path& path, const std::string& kind, const nlohmann::jso
   return e;
 }
 
-std::vector<LedgerEntry>
-read_ledger(const fs::path& path, const Verifier& verify)
+void
+for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit)
 {
   if (!fs::exists(path)) {
     throw VerifyError("{} does not exist: this is not a fedl workspace or its ledger was deleted", path.string());
@@ -150,7 +150,6 @@ read_ledger(const fs::path& path, const Verifier& verify)
   if (text.back() != '\n') {
     throw VerifyError("{}: line {} is incomplete (no final newline)", path.string(), split_lines(text).size());
   }
-  std::vector<LedgerEntry> entries;
   std::string prev_hash = k_genesis_prev;
   const auto lines = split_lines(text);
   for (std::size_t i = 0; i < lines.size(); ++i) {
@@ -201,12 +200,19 @@ read_ledger(const fs::path& path, const Verifier& verify)
     if (!verify(ledger_signed_payload(j), e.sig)) {
       throw VerifyError("{}: the signature does not verify against the coordinator's certificate", where);
     }
+    if (i == 0 && e.kind != "genesis") {
+      throw VerifyError("{}: line 1 is a {} entry, not the genesis entry", path.string(), e.kind);
+    }
     prev_hash = sha256_hex(as_bytes(lines[i]));
-    entries.push_back(std::move(e));
+    visit(std::move(e));
   }
-  if (entries.front().kind != "genesis") {
-    throw VerifyError("{}: line 1 is a {} entry, not the genesis entry", path.string(), entries.front().kind);
-  }
+}
+
+std::vector<LedgerEntry>
+read_ledger(const fs::path& path, const Verifier& verify)
+{
+  std::vector<LedgerEntry> entries;
+  for_each_ledger_entry(path, verify, [&](LedgerEntry&& e) { entries.push_back(std::move(e)); });
   return entries;
 }
 

@@ -64,5 +64,11 @@ LedgerEntry append_ledger(const std::filesystem::path& path,
 // from 0 without gaps, prev chains each line to the one before, and every signature verifies.
 // Throws VerifyError naming the first broken line and what is wrong with it.
 std::vector<LedgerEntry> read_ledger(const std::filesystem::path& path, const Verifier& verify);
+// The same, one entry at a time: each entry is checked (with the chain up to it) before `visit`
+// sees it, and only one is held in memory, so that a long ledger costs a round its file mapping,
+// not a parsed tree of every entry. An exception leaves `visit` having seen a verified prefix.
+void for_each_ledger_entry(const std::filesystem::path& path,
+                           const Verifier& verify,
+                           const std::function<void(LedgerEntry&&)>& visit);
 
 } // namespace fedl::core

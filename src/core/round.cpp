@@ -181,14 +181,15 @@ BadUpdateError::BadUpdateError(std::filesystem::path path, std::string reason)
 RoundPlan
 plan_workspace_round(const Workspace& ws)
 {
-  const auto entries = read_workspace_ledger(ws);
-  const auto latest = latest_model(entries);
+  // Entry by entry: a coordinator plans every round, and the ledger grows with them.
+  LatestModel latest;
   RoundPlan plan;
-  for (const auto& e : entries) {
+  for_each_workspace_entry(ws, [&](LedgerEntry&& e) {
+    latest.update(e);
     if (e.kind == "round") {
       plan.privacy.replay(e.body, /*verify=*/false);
     }
-  }
+  });
   const auto config = load_config(ws.config());
   plan.required_dp = config.training.dp;
   plan.limits = config.limits;

@@ -207,6 +207,12 @@ read_workspace_ledger(const Workspace& ws)
 }
 
 void
+for_each_workspace_entry(const Workspace& ws, const std::function<void(LedgerEntry&&)>& visit)
+{
+  for_each_ledger_entry(ws.ledger(), ledger_verifier(read_certificate(ws.server_cert())), visit);
+}
+
+void
 check_revocations(const Workspace& ws, const std::vector<LedgerEntry>& entries)
 {
   std::set<std::string> listed;
@@ -232,21 +238,27 @@ check_revocations(const Workspace& ws, const std::vector<LedgerEntry>& entries)
   }
 }
 
+void
+LatestModel::update(const LedgerEntry& e)
+{
+  if (e.kind != "genesis" && e.kind != "round") {
+    return;
+  }
+  try {
+    round = e.kind == "round" ? e.body.at("round").get<std::uint64_t>() : 0;
+    file = e.body.at("model").at("file").get<std::string>();
+    sha256 = e.body.at("model").at("sha256").get<std::string>();
+  } catch (const nlohmann::json::exception&) {
+    throw VerifyError("ledger line {}: the {} entry does not record its model", e.line, e.kind);
+  }
+}
+
 LatestModel
 latest_model(const std::vector<LedgerEntry>& entries)
 {
   LatestModel latest;
   for (const auto& e : entries) {
-    if (e.kind != "genesis" && e.kind != "round") {
-      continue;
-    }
-    try {
-      latest.round = e.kind == "round" ? e.body.at("round").get<std::uint64_t>() : 0;
-      latest.file = e.body.at("model").at("file").get<std::string>();
-      latest.sha256 = e.body.at("model").at("sha256").get<std::string>();
-    } catch (const nlohmann::json::exception&) {
-      throw VerifyError("ledger line {}: the {} entry does not record its model", e.line, e.kind);
-    }
+    latest.update(e);
   }
   return latest;
 }

@@ -62,6 +62,8 @@ nlohmann::json revoke_client(const Workspace& ws, const std::string& name);
 
 // The workspace's ledger, read and verified against pki/server.crt (see read_ledger).
 std::vector<LedgerEntry> read_workspace_ledger(const Workspace& ws);
+// The same one entry at a time (see for_each_ledger_entry).
+void for_each_workspace_entry(const Workspace& ws, const std::function<void(LedgerEntry&&)>& visit);
 
 // Every site that `entries` (the workspace's ledger) records as revoked is listed in pki/crl.pem:
 // a CRL restored from before a revocation would quietly let the site back in. Throws VerifyError
@@ -74,6 +76,10 @@ struct LatestModel
   std::uint64_t round = 0; // 0: the initial model
   std::string file;        // relative to the workspace root
   std::string sha256;
+
+  // Takes the model of a genesis or round entry (entries in ledger order); ignores other kinds.
+  // Throws VerifyError if such an entry lacks the fields.
+  void update(const LedgerEntry& e);
 };
 // Throws VerifyError if an entry lacks the fields.
 LatestModel latest_model(const std::vector<LedgerEntry>& entries);

@@ -267,7 +267,7 @@ Coordinator::load_trust(bool initial)
   m_crl_time = fs::last_write_time(m_ws.crl(), ec);
   m_config_time = fs::last_write_time(m_ws.config(), ec);
   m_crl = fs::exists(m_ws.crl()) ? read_crl(m_ws.crl()) : Crl{};
-  check_revocations(m_ws, read_workspace_ledger(m_ws));
+  check_revocations(m_ws);
   const auto config = load_config(m_ws.config());
   m_clients = std::set<std::string>(config.clients.begin(), config.clients.end());
   m_tls = TlsContext::server(m_identity, m_ca, m_crl ? &m_crl : nullptr);
@@ -1279,27 +1279,28 @@ json
 Coordinator::run()
 {
   m_started = FramedConnection::now();
-  const auto entries = read_workspace_ledger(m_ws);
-  const auto latest = latest_model(entries);
-  m_round = latest.round + 1;
-  for (auto it = entries.rbegin(); it != entries.rend(); ++it) {
-    if (it->kind == "round") {
-      if (it->body.contains("evaluation") && it->body["evaluation"].contains("accuracy")) {
-        m_accuracy = it->body["evaluation"]["accuracy"].get<double>();
-      }
-      break;
-    }
-  }
-  m_first_round = m_round;
-  json last_dp; // the latest round's privacy, if it had client-level DP
-  for (const auto& e : entries) {
+  // One entry at a time: a coordinator that resumes a long federation must not hold the parsed
+  // ledger (some 10 bytes per byte of it) for its whole run.
+  LatestModel latest;
+  json last_dp;     // the latest round's privacy, if it had client-level DP
+  json last_entry;  // {kind, body} of the ledger's last entry
+  for_each_workspace_entry(m_ws, [&](LedgerEntry&& e) {
+    latest.update(e);
     if (e.kind == "round") {
+      m_accuracy.reset();
+      if (const auto ev = e.body.find("evaluation");
+          ev != e.body.end() && ev->is_object() && ev->contains("accuracy") && (*ev)["accuracy"].is_number()) {
+        m_accuracy = (*ev)["accuracy"].get<double>();
+      }
       m_privacy.replay(e.body, /*verify=*/false);
       if (const auto p = e.body.find("privacy"); p != e.body.end() && p->is_object() && p->contains("client")) {
         last_dp = *p;
       }
     }
-  }
+    last_entry = {{"kind", e.kind}, {"body", std::move(e.body)}};
+  });
+  m_round = latest.round + 1;
+  m_first_round = m_round;
   // A restart must not quietly weaken what the rounds so far promised: no client-level DP, less
   // noise, a larger clip, or a budget dropped or raised.
   if (!last_dp.is_null()) {
@@ -1351,8 +1352,8 @@ Coordinator::run()
     const double spent = m_privacy.client().epsilon(p.delta).epsilon;
     const double next = projected_epsilon(q);
     if (next > p.max_epsilon) {
-      const bool recorded = !entries.empty() && entries.back().kind == "finished" &&
-                            entries.back().body.value("reason", "") == "privacy-budget";
+      const bool recorded = last_entry.value("kind", "") == "finished" &&
+                            last_entry["body"].value("reason", "") == "privacy-budget";
       if (!recorded) {
         const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
         append_signed(m_ws, "finished",

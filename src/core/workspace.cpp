@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include <algorithm>
+#include <optional>
 #include <set>
 #include <chrono>
 #include <thread>
@@ -212,30 +213,48 @@ for_each_workspace_entry(const Workspace& ws, const std::function<void(LedgerEnt
   for_each_ledger_entry(ws.ledger(), ledger_verifier(read_certificate(ws.server_cert())), visit);
 }
 
+namespace {
+
+// Throws unless `e`, if it is a revoked entry, names a serial that `listed` (read on first use
+// from the workspace's CRL) holds.
+void
+check_revoked_entry(const Workspace& ws, const LedgerEntry& e, std::optional<std::set<std::string>>& listed)
+{
+  if (e.kind != "revoked") {
+    return;
+  }
+  if (!listed) {
+    listed.emplace();
+    if (fs::exists(ws.crl())) {
+      for (const auto& r : crl_info(read_crl(ws.crl())).revoked) {
+        listed->insert(r.serial);
+      }
+    }
+  }
+  const auto serial = e.body.value("serial", std::string());
+  if (listed->count(serial) == 0) {
+    throw VerifyError("{} does not list site {} (serial {}), which line {} of the ledger records as revoked: an "
+                      "older CRL was put back; restore the current one or revoke the site again",
+                      ws.crl().string(), e.body.value("name", std::string("?")), serial, e.line);
+  }
+}
+
+} // namespace
+
 void
 check_revocations(const Workspace& ws, const std::vector<LedgerEntry>& entries)
 {
-  std::set<std::string> listed;
-  bool read = false;
+  std::optional<std::set<std::string>> listed;
   for (const auto& e : entries) {
-    if (e.kind != "revoked") {
-      continue;
-    }
-    if (!read) {
-      if (fs::exists(ws.crl())) {
-        for (const auto& r : crl_info(read_crl(ws.crl())).revoked) {
-          listed.insert(r.serial);
-        }
-      }
-      read = true;
-    }
-    const auto serial = e.body.value("serial", std::string());
-    if (listed.count(serial) == 0) {
-      throw VerifyError("{} does not list site {} (serial {}), which line {} of the ledger records as revoked: an "
-                        "older CRL was put back; restore the current one or revoke the site again",
-                        ws.crl().string(), e.body.value("name", std::string("?")), serial, e.line);
-    }
+    check_revoked_entry(ws, e, listed);
   }
+}
+
+void
+check_revocations(const Workspace& ws)
+{
+  std::optional<std::set<std::string>> listed;
+  for_each_workspace_entry(ws, [&](LedgerEntry&& e) { check_revoked_entry(ws, e, listed); });
 }
 
 void

@@ -69,6 +69,8 @@ void for_each_workspace_entry(const Workspace& ws, const std::function<void(Ledg
 // a CRL restored from before a revocation would quietly let the site back in. Throws VerifyError
 // naming the site and the ledger line.
 void check_revocations(const Workspace& ws, const std::vector<LedgerEntry>& entries);
+// The same, reading the workspace's ledger one entry at a time.
+void check_revocations(const Workspace& ws);
 
 // The latest global model the ledger records: the genesis model or the last round's.
 struct LatestModel

@@ -27,7 +27,9 @@
 #else
 #define FEDL_X86_64 0
 #endif
-#if FEDL_X86_64 && !defined(__clang__)
+// Not under ThreadSanitizer (make tsan): GCC instruments the clones' IFUNC resolver too, and the
+// dynamic loader runs it while relocating, before TSan's run time exists (a crash at start).
+#if FEDL_X86_64 && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define FEDL_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define FEDL_CLONES

@@ -10,6 +10,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <math.h> // lgamma_r (POSIX, not in <cmath>)
 #include <vector>
 
 namespace fedl::core {
@@ -32,11 +33,21 @@ log_add(double a, double b)
   return hi + std::log1p(std::exp(std::min(a, b) - hi));
 }
 
-// log of the binomial coefficient C(n, k), by lgamma so that n = 512 does not overflow.
+// log Γ(x) for x > 0. lgamma_r, not std::lgamma: lgamma stores the sign in the global signgam,
+// a data race when round validation checks several sites' DP-SGD reports in parallel
+// (ThreadSanitizer, make tsan).
+double
+log_gamma(double x)
+{
+  int sign = 0;
+  return ::lgamma_r(x, &sign);
+}
+
+// log of the binomial coefficient C(n, k), by log Γ so that n = 512 does not overflow.
 double
 log_binomial(double n, double k)
 {
-  return std::lgamma(n + 1) - std::lgamma(k + 1) - std::lgamma(n - k + 1);
+  return log_gamma(n + 1) - log_gamma(k + 1) - log_gamma(n - k + 1);
 }
 
 // 10-point Gauss–Legendre on [-1, 1]: the positive nodes and their weights.

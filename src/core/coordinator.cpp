@@ -459,8 +459,8 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
                                   1);
     return {};
   }
-  const auto task = header.value("task", std::uint64_t{0});
-  const auto round = header.value("round", std::uint64_t{0});
+  const auto task = header_uint(header, "task");
+  const auto round = header_uint(header, "round");
   const auto it = m_participants.find(p->site);
   std::string why;
   bool late = false;
@@ -541,7 +541,7 @@ Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& head
     FEDL_LOG_WARN("site {} reports: {}", p->site, message);
     if (const auto it = m_participants.find(p->site); it != m_participants.end() &&
                                                       it->second.state == Participant::State::pending &&
-                                                      header.value("task", std::uint64_t{0}) == m_task) {
+                                                      header_uint(header, "task") == m_task) {
       it->second.state = Participant::State::dropped;
       it->second.note = std::move(message);
       check_round_complete();

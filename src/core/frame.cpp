@@ -8,6 +8,8 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <unistd.h>
 
@@ -155,6 +157,48 @@ decode_header(std::string_view text)
     throw ProtocolError("frame header is not a JSON object");
   }
   return j;
+}
+
+std::uint64_t
+header_uint(const nlohmann::json& header, const char* key, std::uint64_t fallback)
+{
+  const auto it = header.find(key);
+  if (it == header.end()) {
+    return fallback;
+  }
+  if (!it->is_number_unsigned()) {
+    throw ProtocolError(fmt::format("frame header field {} is not an unsigned integer", key));
+  }
+  return it->get<std::uint64_t>();
+}
+
+std::int64_t
+header_int(const nlohmann::json& header, const char* key, std::int64_t fallback)
+{
+  const auto it = header.find(key);
+  if (it == header.end()) {
+    return fallback;
+  }
+  if (it->is_number_integer() && !it->is_number_unsigned()) {
+    return it->get<std::int64_t>();
+  }
+  if (it->is_number_unsigned() && it->get<std::uint64_t>() <= std::uint64_t{INT64_MAX}) {
+    return static_cast<std::int64_t>(it->get<std::uint64_t>());
+  }
+  throw ProtocolError(fmt::format("frame header field {} is not a 64-bit integer", key));
+}
+
+double
+header_number(const nlohmann::json& header, const char* key, double fallback)
+{
+  const auto it = header.find(key);
+  if (it == header.end()) {
+    return fallback;
+  }
+  if (!it->is_number() || !std::isfinite(it->get<double>())) {
+    throw ProtocolError(fmt::format("frame header field {} is not a finite number", key));
+  }
+  return it->get<double>();
 }
 
 std::string

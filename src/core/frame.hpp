@@ -89,6 +89,14 @@ FramePrefix decode_prefix(std::span<const std::byte, frame_prefix_size> bytes, c
 // max_header_nesting deep.
 nlohmann::json decode_header(std::string_view text);
 
+// Typed fields of a peer's header: the value of `key`, or `fallback` if it is absent. Throws
+// ProtocolError naming the field if it has another type or a value outside the type's range; a
+// float is not an integer here (nlohmann's value() converts one with a cast that is undefined
+// past the range). header_number accepts any finite number.
+std::uint64_t header_uint(const nlohmann::json& header, const char* key, std::uint64_t fallback = 0);
+std::int64_t header_int(const nlohmann::json& header, const char* key, std::int64_t fallback);
+double header_number(const nlohmann::json& header, const char* key, double fallback);
+
 // The prefix and header of a frame, ready to be followed by `body_size` body bytes.
 std::string frame_head(FrameType type, const nlohmann::json& header, std::uint64_t body_size);
 

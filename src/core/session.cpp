@@ -9,6 +9,7 @@
 #include "core/privacy.hpp"
 #include "core/receipt.hpp"
 #include "core/safetensors.hpp"
+#include "core/text.hpp"
 #include "core/update.hpp"
 
 #include <asio/connect.hpp>
@@ -247,13 +248,13 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     m_heartbeat = std::clamp(header.value("heartbeat", 5.0), 0.1, 3600.0);
     m_dead_after = 4 * m_heartbeat;
     FEDL_LOG_INFO("connected to {} as {}; the federation is at round {} of {}", m_s.server.to_string(), m_site,
-                  header.value("round", 0), header.value("rounds", 0));
+                  header_uint(header, "round"), header_uint(header, "rounds"));
     if (m_s.max_epsilon) {
       check_coordinator_record(header.value("privacy", json()));
     }
     return;
   case FrameType::task: {
-    Job job{header.value("task", std::uint64_t{0}), header.value("round", std::uint64_t{0}), header, sink.memory, std::nullopt};
+    Job job{header_uint(header, "task"), header_uint(header, "round"), header, sink.memory, std::nullopt};
     if (!job.model || job.task == 0) {
       m_conn->send_error_and_close("protocol error: a task without a model or task id", 1);
       return;
@@ -275,13 +276,13 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     return;
   case FrameType::done:
     keep_receipt(header);
-    m_last_round = header.value("rounds", m_last_round);
+    m_last_round = header_uint(header, "rounds", m_last_round);
     FEDL_LOG_INFO("the federation is finished after round {} ({})", m_last_round, header.value("reason", "done"));
     stop("done");
     return;
   case FrameType::error: {
     const auto message = header.value("message", std::string("(no message)"));
-    if (header.value("code", 1) == static_cast<int>(ExitCode::verify)) {
+    if (header_int(header, "code", 1) == static_cast<int>(ExitCode::verify)) {
       m_fatal_code = ExitCode::verify;
       m_fatal = fmt::format("the coordinator refused this site: {}", message);
       stop("failed");
@@ -344,20 +345,31 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
     FEDL_LOG_INFO("round {}: the coordinator has moved on; this update is not sent", job.round);
     return;
   }
-  if (!reply || reply->type != FrameType::update) {
-    const auto message = reply ? reply->header.value("message", std::string("the trainer failed")) : failure;
-    if (reply && reply->header.value("code", 1) == static_cast<int>(ExitCode::budget)) {
-      FEDL_LOG_ERROR("round {}: refusing the task: {}", job.round, message);
-      stop_after_telling(fmt::format("site {} refuses: {}", m_site, message), ExitCode::budget,
-                         {{"task", job.task}, {"round", job.round}});
-      return;
-    }
-    FEDL_LOG_ERROR("round {}: training failed: {}", job.round, message);
-    m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", message}});
-    return;
-  }
+  // The trainer's reply is read here, outside the connection's handler: a field of the wrong
+  // type is a failed task, never the end of the site.
   std::shared_ptr<SignedUpdate> u;
+  json metrics;
+  std::uint64_t attempt = 0;
   try {
+    attempt = header_uint(job.header, "attempt");
+    if (!reply || reply->type != FrameType::update) {
+      const auto message =
+        reply ? valid_utf8(reply->header.value("message", std::string("the trainer failed"))) : failure;
+      if (reply && header_int(reply->header, "code", 1) == static_cast<int>(ExitCode::budget)) {
+        FEDL_LOG_ERROR("round {}: refusing the task: {}", job.round, message);
+        stop_after_telling(fmt::format("site {} refuses: {}", m_site, message), ExitCode::budget,
+                           {{"task", job.task}, {"round", job.round}});
+        return;
+      }
+      throw Error("{}", message);
+    }
+    metrics = {{"num_samples", header_uint(reply->header, "num_samples")},
+               {"steps", header_uint(reply->header, "steps")},
+               {"seconds", header_number(reply->header, "seconds", 0.0)}};
+    // Absent under DP-SGD: the trainer keeps the loss of private data to itself.
+    if (reply->header.contains("loss")) {
+      metrics["loss"] = header_number(reply->header, "loss", 0.0);
+    }
     if (m_account && reply->header.contains("dp")) {
       // Written (and synced) before the update leaves: a crash from here on over-counts.
       const auto report = DpSgdReport::from_json(reply->header["dp"], "the trainer's DP-SGD report");
@@ -370,23 +382,17 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
       throw Error("the trainer sent no DP-SGD report for a task under this site's budget");
     }
     u = sign(std::move(reply->body));
-  } catch (const Error& e) {
-    m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", e.what()}});
+  } catch (const std::exception& e) {
+    FEDL_LOG_ERROR("round {}: training failed: {}", job.round, e.what());
+    m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", valid_utf8(e.what(), 500)}});
     return;
   }
   std::vector<std::span<const std::byte>> parts{as_bytes(u->header)};
   for (const auto* t : serialize_order(u->parsed.tensors)) {
     parts.push_back(t->data);
   }
-  json metrics = {{"num_samples", reply->header.value("num_samples", 0)},
-                  {"steps", reply->header.value("steps", 0)},
-                  {"seconds", reply->header.value("seconds", 0.0)}};
-  // Absent under DP-SGD: the trainer keeps the loss of private data to itself.
-  if (reply->header.contains("loss")) {
-    metrics["loss"] = reply->header.value("loss", 0.0);
-  }
   m_conn->send(FrameType::update,
-               {{"round", job.round}, {"task", job.task}, {"attempt", job.header.value("attempt", 0)}, {"metrics", metrics}},
+               {{"round", job.round}, {"task", job.task}, {"attempt", attempt}, {"metrics", metrics}},
                std::move(parts), u);
   ++m_rounds_trained;
   m_last_round = job.round;
@@ -442,7 +448,7 @@ Site::trainer_loop()
         m_trainer_pid = worker->pid();
       }
       json header = {{"round", job.round},
-                     {"seed", job.header.value("seed", std::uint64_t{0})},
+                     {"seed", header_uint(job.header, "seed")},
                      {"training", job.header.value("training", json::object())}};
       if (job.header.contains("base_sha256")) {
         header["base_sha256"] = job.header["base_sha256"];

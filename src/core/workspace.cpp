@@ -264,6 +264,10 @@ LatestModel::update(const LedgerEntry& e)
     return;
   }
   try {
+    // A float is no round number (converting one past 2^64 would be undefined).
+    if (e.kind == "round" && !e.body.at("round").is_number_unsigned()) {
+      throw VerifyError("ledger line {}: the round number is not an unsigned integer", e.line);
+    }
     round = e.kind == "round" ? e.body.at("round").get<std::uint64_t>() : 0;
     file = e.body.at("model").at("file").get<std::string>();
     sha256 = e.body.at("model").at("sha256").get<std::string>();

@@ -223,3 +223,22 @@ TEST_CASE("core::write_frame to a pipe nobody reads throws Error")
 }
 
 TEST_SUITE_END();
+
+TEST_CASE("frame: typed header fields refuse floats past the range instead of converting them")
+{
+  const auto h = nlohmann::json::parse(R"({"task": 7, "big": 1e300, "neg": -1, "text": "1", "half": 0.5,
+                                           "code": 4, "huge": 18446744073709551615, "x": 2.5})");
+  CHECK(header_uint(h, "task") == 7);
+  CHECK(header_uint(h, "absent", 9) == 9);
+  CHECK(header_uint(h, "huge") == 18446744073709551615ULL);
+  for (const char* key : {"big", "neg", "text", "half"}) {
+    CHECK_THROWS_AS(header_uint(h, key), ProtocolError);
+  }
+  CHECK(header_int(h, "code", 1) == 4);
+  CHECK(header_int(h, "neg", 1) == -1);
+  CHECK_THROWS_AS(header_int(h, "huge", 1), ProtocolError);
+  CHECK_THROWS_AS(header_int(h, "big", 1), ProtocolError);
+  CHECK(header_number(h, "x", 0) == 2.5);
+  CHECK(header_number(h, "task", 0) == 7);
+  CHECK_THROWS_AS(header_number(h, "text", 0), ProtocolError);
+}

@@ -100,6 +100,9 @@ FramedConnection::read_prefix()
         } catch (const nlohmann::json::exception& e) {
           bad_header(e);
           return;
+        } catch (const ProtocolError& e) {
+          bad_header(e);
+          return;
         }
         if (m_closed) {
           return;
@@ -184,6 +187,10 @@ FramedConnection::frame_done()
       m_sink = {};
       bad_header(e);
       return;
+    } catch (const ProtocolError& e) {
+      m_sink = {};
+      bad_header(e);
+      return;
     }
   }
   m_sink = {};
@@ -192,9 +199,10 @@ FramedConnection::frame_done()
   }
 }
 
-// A header field of the wrong type (a string for a number...), met by the owner's callback.
+// A header field of the wrong type (a string for a number...), met by the owner's callback
+// (nlohmann's type error, or a ProtocolError from header_uint and the like).
 void
-FramedConnection::bad_header(const nlohmann::json::exception& e)
+FramedConnection::bad_header(const std::exception& e)
 {
   send_error_and_close(fmt::format("protocol error: bad {} frame header: {}", frame_type_name(m_prefix.type), e.what()), 1);
 }

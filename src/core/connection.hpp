@@ -84,7 +84,7 @@ private:
   void read_body(std::uint64_t remaining);
   void read_memory_body();
   void frame_done();
-  void bad_header(const nlohmann::json::exception& e);
+  void bad_header(const std::exception& e);
   void write_next();
 
   std::unique_ptr<TlsStream> m_stream;

@@ -10,7 +10,8 @@
 #   FUZZ_SECONDS=600 scripts/fuzz.sh wire # longer, one target
 #
 # Environment: FUZZ_SECONDS (60 per target), FUZZ_BUILD (build-fuzz), JOBS (2; build only: the
-# targets run one after the other on one core), FUZZ_ARGS (more libFuzzer flags).
+# targets run one after the other on one core), FUZZ_STACK_KB (256), FUZZ_ARGS (more libFuzzer
+# flags).
 # New inputs go to $FUZZ_BUILD/corpus/TARGET and reproducers to $FUZZ_BUILD/crashes/TARGET, never
 # into the repository: a crash worth keeping is copied by hand to tests/fuzz/regressions/TARGET
 # under a name that says what it is (tests/fuzz/README.md).
@@ -23,6 +24,10 @@ JOBS=${JOBS:-2}
 FUZZ_ARGS=${FUZZ_ARGS:-}
 # A UBSan report with the stack that led to it (each is fatal: -fno-sanitize-recover).
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
+# A 256 KiB stack (fedl's threads have 8 MiB), so that recursion as deep as an input is nested
+# overflows within -max_len, as it would with a large enough input; fedl_fuzz_replay runs the
+# regressions on a stack of the same size. The targets' seeds need a fraction of it.
+FUZZ_STACK_KB=${FUZZ_STACK_KB:-256}
 
 # The largest input libFuzzer makes for each target: a little over its largest seed, and enough
 # for what the parser does with more (a frame header is at most 64 KiB, but nesting and every
@@ -73,9 +78,9 @@ for t in "${targets[@]}"; do
   echo "fuzz: $t for ${FUZZ_SECONDS} s (log: $log)"
   rc=0
   # shellcheck disable=SC2086 # FUZZ_ARGS is a list of flags
-  "$FUZZ_BUILD/tests/fuzz/fedl_fuzz_$t" -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 \
+  (ulimit -s "$FUZZ_STACK_KB" && exec "$FUZZ_BUILD/tests/fuzz/fedl_fuzz_$t" -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 \
     -max_len="${max_len[$t]}" -timeout=10 -print_final_stats=1 -print_funcs=0 -artifact_prefix="$crashes/" \
-    "${dict_args[@]}" $FUZZ_ARGS "$corpus" "${regressions[@]}" >"$log" 2>&1 || rc=$?
+    "${dict_args[@]}" $FUZZ_ARGS "$corpus" "${regressions[@]}") >"$log" 2>&1 || rc=$?
   # The last status line ("#N DONE cov: C ft: F corp: ...") and the final stats.
   status=$(grep -E '^#[0-9]+[[:space:]].*cov: ' "$log" | tail -n 1 || true)
   cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$status")

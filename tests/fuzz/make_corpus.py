@@ -169,6 +169,10 @@ def safetensors_seeds():
                                                       ("d", "BOOL", [3], b"\x01\x00\x01"),
                                                       ("e", "U8", [0], b"")]))
     write("safetensors", "empty", safetensors([]))
+    # A site's update: what the coordinator reads from its metadata (fedl.dp, a JSON text).
+    write("safetensors", "update-dp", safetensors([("linear.bias", "F32", [2], struct.pack("<2f", 0.01, -0.02))],
+                                                  {"fedl.format": "1", "fedl.num_samples": "120",
+                                                   "fedl.dp": compact(DP_REPORT)}))
 
 
 # --- fedl.json (core/config.hpp) ---------------------------------------------------------

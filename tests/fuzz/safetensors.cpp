@@ -3,10 +3,12 @@
 // the in-memory parser that SafetensorsFile runs on a mapped model or update. What it accepts
 // must be consistent (tensors packed without gaps, sizes matching shapes) and must survive
 // being written back the way fedl writes a file and parsed again unchanged, with the same
-// update_signed_payload (what a site's signature covers, core/update.hpp).
+// update_signed_payload (what a site's signature covers, core/update.hpp). A file's fedl.dp
+// metadata is then read as the coordinator reads a site's (round.cpp check_dp).
 #include "fuzz.hpp"
 
 #include "core/error.hpp"
+#include "core/privacy.hpp"
 #include "core/safetensors.hpp"
 #include "core/update.hpp"
 
@@ -60,6 +62,24 @@ check_accepted(const core::Safetensors& st, std::span<const std::byte> bytes)
                   core::update_signed_payload(again.tensors, again.metadata));
 }
 
+// What the coordinator does with a site's fedl.dp (round.cpp, check_dp): a DP-SGD report as JSON
+// text inside the metadata, read with DpSgdReport::from_json; any exception is a reason to
+// reject the update.
+void
+check_dp_metadata(const core::Safetensors& st)
+{
+  const auto text = st.meta("fedl.dp");
+  if (!text) {
+    return;
+  }
+  try {
+    const auto dp = core::DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp");
+    FEDL_FUZZ_CHECK(dp.epsilon >= 0);
+  } catch (const std::exception& e) {
+    fuzz::refused(e);
+  }
+}
+
 } // namespace
 
 extern "C" int
@@ -75,5 +95,6 @@ LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
     return 0;
   }
   check_accepted(st, bytes);
+  check_dp_metadata(st);
   return 0;
 }

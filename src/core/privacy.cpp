@@ -5,6 +5,7 @@
 #include "core/file_io.hpp"
 #include "core/ledger.hpp"
 #include "core/log.hpp"
+#include "core/text.hpp"
 
 #include <fmt/format.h>
 
@@ -54,6 +55,18 @@ run_epsilon(const DpSgdReport& r)
   RdpAccount a;
   r.add_to(a);
   return a.epsilon(r.delta).epsilon;
+}
+
+// A JSON value for a message: its text cut to 200 bytes, or only its type and size if it holds
+// arrays or objects. A site's fedl.dp is JSON text of any nesting, and dump() recurses once per
+// level: a 200 KB "[[[...]]]" overflowed the stack of the coordinator's validation thread.
+std::string
+brief(const json& j)
+{
+  if (j.is_structured() && std::any_of(j.begin(), j.end(), [](const json& v) { return v.is_structured(); })) {
+    return fmt::format("(an {} of {} entries, some nested)", j.type_name(), j.size());
+  }
+  return valid_utf8(j.dump(-1, ' ', false, json::error_handler_t::replace), 200);
 }
 
 bool
@@ -136,10 +149,10 @@ RdpAccount::from_json(const json& j, const std::string& what)
     const auto& o = j["orders"][i];
     const auto& r = j["rdp"][i];
     if (!o.is_number() || o.get<double>() != orders[i]) {
-      throw Error("{}: order {} is not {}, the order this fedl accounts at", what, o.dump(), orders[i]);
+      throw Error("{}: order {} is not {}, the order this fedl accounts at", what, brief(o), orders[i]);
     }
     if (!r.is_number() || !(r.get<double>() >= 0) || !std::isfinite(r.get<double>())) {
-      throw Error("{}: RDP value {} is not a finite non-negative number", what, r.dump());
+      throw Error("{}: RDP value {} is not a finite non-negative number", what, brief(r));
     }
     a.m_rdp[i] = r.get<double>();
     a.m_any = a.m_any || a.m_rdp[i] > 0;
@@ -158,7 +171,7 @@ DpSgdReport
 DpSgdReport::from_json(const json& j, const std::string& what)
 {
   if (!j.is_object()) {
-    throw VerifyError("{}: not a JSON object: {}", what, j.dump());
+    throw VerifyError("{}: not a JSON object: {}", what, brief(j));
   }
   DpSgdReport r;
   r.noise_multiplier = number(j, "noise_multiplier", what);
@@ -168,11 +181,11 @@ DpSgdReport::from_json(const json& j, const std::string& what)
   r.delta = number(j, "delta", what);
   if (!(r.noise_multiplier > 0) || !(r.max_grad_norm > 0) || !(r.sample_rate > 0 && r.sample_rate <= 1) ||
       !(r.delta > 0 && r.delta < 1)) {
-    throw VerifyError("{}: DP-SGD parameters out of range: {}", what, j.dump());
+    throw VerifyError("{}: DP-SGD parameters out of range: {}", what, brief(j));
   }
   r.epsilon = run_epsilon(r);
   if (!std::isfinite(r.epsilon)) {
-    throw VerifyError("{}: these DP-SGD parameters spend an infinite epsilon: {}", what, j.dump());
+    throw VerifyError("{}: these DP-SGD parameters spend an infinite epsilon: {}", what, brief(j));
   }
   return r;
 }
@@ -217,7 +230,7 @@ FederationPrivacy::replay(const json& body, bool verify)
     const double z = number(*c, "noise_multiplier", w);
     const double delta = number(*c, "delta", w);
     if (!(q > 0 && q <= 1) || !(z > 0) || !(delta > 0 && delta < 1) || !(number(*c, "clip_norm", w) > 0)) {
-      throw VerifyError("{}: parameters out of range: {}", w, c->dump());
+      throw VerifyError("{}: parameters out of range: {}", w, brief(*c));
     }
     m_client.add(q, z, 1);
     ++m_client_rounds;

@@ -60,6 +60,25 @@ TEST_CASE("core::dp_sgd_report: q = batch / samples, refusing q > 1; DpSgdReport
   CHECK_THROWS_AS(DpSgdReport::from_json(q, "test"), VerifyError);
 }
 
+TEST_CASE("core::DpSgdReport::from_json names a deeply nested value without printing it")
+{
+  // A site's fedl.dp is JSON text of any nesting: printing it whole recursed once per level and
+  // overflowed the stack of the coordinator's validation thread.
+  const std::size_t depth = 200000;
+  const auto deep = json::parse(std::string(depth, '[') + std::string(depth, ']'));
+  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(deep, "fedl.dp"),
+                       doctest::Contains("not a JSON object: (an array of 1 entries, some nested)"), VerifyError);
+  auto report = json::parse(R"({"noise_multiplier": -1, "max_grad_norm": 1, "sample_rate": 0.5, "steps": 1,
+                                 "delta": 1e-5})");
+  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(report, "fedl.dp"),
+                       doctest::Contains("out of range: {\"delta\":1e-05,\"max_grad_norm\":1,"), VerifyError);
+  // Parsed, not assigned: copying a json value recurses too.
+  const auto nested = json::parse(R"({"noise_multiplier": -1, "max_grad_norm": 1, "sample_rate": 0.5, "steps": 1,
+                                      "delta": 1e-5, "note": )" + std::string(depth, '[') + std::string(depth, ']') + "}");
+  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(nested, "fedl.dp"),
+                       doctest::Contains("out of range: (an object of 6 entries, some nested)"), VerifyError);
+}
+
 TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and catches a wrong epsilon")
 {
   FederationPrivacy coordinator;

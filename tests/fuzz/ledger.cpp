@@ -15,8 +15,6 @@
 #include "core/privacy.hpp"
 #include "core/workspace.hpp"
 
-#include <algorithm>
-
 using namespace fedl;
 
 namespace {
@@ -69,15 +67,8 @@ read(fuzz::Bytes in)
   for (std::size_t i = 0; i < entries.size(); ++i) {
     FEDL_FUZZ_CHECK(entries[i].seq == i && entries[i].line == i + 1);
   }
-  // Open bug 3: latest_model reads a round entry's "round" with get<std::uint64_t>().
-  const bool open_bug = std::any_of(entries.begin(), entries.end(), [](const core::LedgerEntry& e) {
-    return e.kind == "round" && e.body.is_object() && e.body.contains("round") &&
-           fuzz::float_past<std::uint64_t>(e.body["round"]);
-  });
   try {
-    if (!open_bug || fuzz::open_bugs_crash()) {
-      (void)core::latest_model(entries);
-    }
+    (void)core::latest_model(entries);
   } catch (const core::VerifyError& e) {
     fuzz::refused(e);
   }

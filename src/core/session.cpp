@@ -535,7 +535,7 @@ Site::check_coordinator_record(const json& report)
   std::uint64_t runs = 0;
   try {
     record = RdpAccount::from_json(report, "the coordinator's record of this site's privacy spending");
-    runs = report.value("runs", std::uint64_t{0});
+    runs = header_uint(report, "runs");
   } catch (const std::exception& e) {
     FEDL_LOG_WARN("{}; ignoring it", e.what());
     return;

@@ -177,7 +177,8 @@ private:
   // Logs a refused connection, or counts it once refusal_burst were logged in this window, so
   // that a flood of strangers cannot flood the log; flush_refusals() says how many were not.
   void log_refusal(const std::string& text);
-  void flush_refusals(double now);
+  // Called on every tick and before stopping (final = true), so that no count goes unsaid.
+  void flush_refusals(double now, bool final = false);
   // Signs the ledger's current head into m_head (keeps the previous one if it cannot be read).
   void update_head();
 
@@ -1031,6 +1032,7 @@ void
 Coordinator::stop_now()
 {
   m_phase = Phase::stopped;
+  flush_refusals(FramedConnection::now(), true);
   std::error_code ec;
   m_acceptor.close(ec);
   m_metrics_acceptor.close(ec);
@@ -1068,9 +1070,9 @@ Coordinator::log_refusal(const std::string& text)
 }
 
 void
-Coordinator::flush_refusals(double now)
+Coordinator::flush_refusals(double now, bool final)
 {
-  if (now - m_refusal_window < refusal_window) {
+  if (!final && now - m_refusal_window < refusal_window) {
     return;
   }
   if (m_refusals_unlogged > 0) {

@@ -125,6 +125,8 @@ complete -c fedl -n '__fish_seen_subcommand_from join' -l retry-for -x -d 'Give 
 complete -c fedl -n '__fish_seen_subcommand_from join' -l trainer-idle -x -d 'Stop the trainer (and free its memory) after this long without a task (0: keep it)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l max-epsilon -x -d 'The site\'s own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l delta -x -d 'The delta of --max-epsilon (default 1e-5)'
+complete -c fedl -n '__fish_seen_subcommand_from join' -l max-epochs -x -d 'Refuse tasks of more epochs than this (tightens the bundle\'s contract)'
+complete -c fedl -n '__fish_seen_subcommand_from join' -l min-noise-multiplier -x -d 'Refuse tasks without DP-SGD of at least this noise multiplier (tightens the contract)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l device -x -d 'Compute device: auto, cpu, cuda, cuda:N or a backend name'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l threads -x -d 'CPU threads for compute (default: the number of cores)'
 complete -c fedl -n '__fish_seen_subcommand_from aggregate' -s h -l help -d 'Print this help message and exit'

@@ -7,6 +7,8 @@
 #include "core/child.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
+#include "core/log.hpp"
+#include "core/pki.hpp"
 #include "core/session.hpp"
 
 #include <CLI/CLI.hpp>
@@ -32,42 +34,49 @@ struct JoinOptions
   double trainer_idle = 0;
   std::optional<double> max_epsilon;
   std::optional<double> delta;
+  std::optional<std::uint32_t> max_epochs;
+  std::optional<double> min_noise_multiplier;
   ComputeOptions compute;
 };
-
-// join.json: {"site", "server", "server_name", "model"}, written by fedl init.
-nlohmann::json
-read_join_json(const fs::path& bundle)
-{
-  const auto path = bundle / "join.json";
-  if (!fs::exists(path)) {
-    throw core::UsageError("{} is not a client bundle (no join.json); give the folder clients/NAME that fedl init made",
-                           bundle.string());
-  }
-  const auto bytes = core::read_maybe_gzip(path, 1 << 20);
-  auto j = nlohmann::json::parse(reinterpret_cast<const char*>(bytes.data()),
-                                 reinterpret_cast<const char*>(bytes.data()) + bytes.size(), nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j.value("server", nlohmann::json()).is_string() ||
-      !j.value("server_name", nlohmann::json()).is_string()) {
-    throw core::UsageError("{}: not valid JSON with string fields server and server_name", path.string());
-  }
-  return j;
-}
 
 int
 run_join(const JoinOptions& opt)
 {
-  const auto j = read_join_json(opt.bundle);
+  if (!fs::exists(opt.bundle / "join.json")) {
+    throw core::UsageError("{} is not a client bundle (no join.json); give the folder clients/NAME that fedl init made",
+                           opt.bundle.string());
+  }
   for (const char* f : {"client.crt", "client.key", "ca.crt"}) {
     if (!fs::exists(opt.bundle / f)) {
       throw core::UsageError("{}: {} is missing from the client bundle", opt.bundle.string(), f);
     }
   }
+  core::JoinSettings s;
+  bool is_signed = false;
+  const auto j = core::read_join(opt.bundle, core::read_certificate(opt.bundle / "ca.crt"), is_signed);
+  const auto join_path = (opt.bundle / "join.json").string();
+  if (j.contains("contract")) {
+    if (!is_signed) {
+      throw core::VerifyError("{}: has a contract but no signature: the bundle was altered after fedl init made it; "
+                              "ask the operator for a new one",
+                              join_path);
+    }
+    s.contract = core::SiteContract::from_json(j["contract"], join_path);
+    s.max_model_bytes = s.contract->max_model_bytes();
+  } else {
+    FEDL_LOG_WARN("{}: made by an older fedl, with no contract: this site holds tasks only to fedl's built-in limits "
+                  "(ask the operator for a new bundle)",
+                  join_path);
+  }
   if (!fs::exists(opt.data.data)) {
     throw core::UsageError("--data {}: no such file", opt.data.data.string());
   }
-  core::JoinSettings s;
   s.bundle = opt.bundle;
+  s.max_epochs = opt.max_epochs;
+  if (opt.min_noise_multiplier && !(*opt.min_noise_multiplier > 0 && std::isfinite(*opt.min_noise_multiplier))) {
+    throw core::UsageError("--min-noise-multiplier must be a positive number, not {}", *opt.min_noise_multiplier);
+  }
+  s.min_noise_multiplier = opt.min_noise_multiplier;
   s.server = core::parse_host_port(opt.server.value_or(j["server"].get<std::string>()),
                                    opt.server ? "--server" : (opt.bundle / "join.json").string() + " server");
   s.server_name = opt.server_name.value_or(j["server_name"].get<std::string>());
@@ -94,6 +103,12 @@ run_join(const JoinOptions& opt)
   }
   const auto data_args = opt.data.to_args();
   s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
+  if (s.contract && s.contract->torchscript_sha256 &&
+      (!fs::exists(opt.bundle / "model.pt") || core::file_sha256(opt.bundle / "model.pt") != *s.contract->torchscript_sha256)) {
+    throw core::VerifyError("{}: missing, or not the TorchScript module that {} names: the bundle was altered after "
+                            "fedl init made it; ask the operator for a new one",
+                            (opt.bundle / "model.pt").string(), join_path);
+  }
   if (fs::exists(opt.bundle / "model.pt")) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
   }
@@ -141,6 +156,13 @@ add_join(CLI::App& parent)
                   "The site's own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this")
     ->type_name("E");
   app->add_option("--delta", opt->delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
+  app->add_option("--max-epochs", opt->max_epochs,
+                  "Refuse tasks of more epochs than this (tightens the bundle's contract)")
+    ->check(CLI::Range(1U, 100000U))
+    ->type_name("N");
+  app->add_option("--min-noise-multiplier", opt->min_noise_multiplier,
+                  "Refuse tasks without DP-SGD of at least this noise multiplier (tightens the contract)")
+    ->type_name("S");
   add_compute_options(*app, opt->compute);
   return {app, [opt] { return run_join(*opt); }};
 }

@@ -13,7 +13,8 @@
 //          account (spent + this run) past E at D is refused before training (ERROR, code 4).
 //   EVAL   {}, body: a fedl model file
 //     ->   RESULT {"accuracy", "loss", "samples", "seconds"}, as `fedl eval` computes them
-//   a task that fails -> ERROR {"message", "code": the exit code fedl would give}; it goes on
+//   a task that fails -> ERROR {"message", "code": the exit code fedl would give, "class": the
+//          core/contract ReasonClass of the step that failed}; it goes on
 //
 // End of file on stdin ends it (exit 0); a bad frame (ProtocolError) or a parent that stopped
 // reading ends it with exit 1. The data is loaded once; the backend and the model are kept from
@@ -23,6 +24,7 @@
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
 #include "cmd/model_io.hpp"
+#include "core/contract.hpp"
 #include "core/error.hpp"
 #include "core/frame.hpp"
 #include "core/log.hpp"
@@ -75,71 +77,6 @@ header_uint(const nlohmann::json& header, const char* key, core::FrameType type)
   return it->get<std::uint64_t>();
 }
 
-// A task's "training" object. Unknown keys are refused: a setting silently ignored would train
-// differently from what the coordinator asked for.
-TrainingSettings
-training_settings(const nlohmann::json& j)
-{
-  if (!j.is_object()) {
-    throw core::UsageError("the task's \"training\" is not a JSON object: {}", j.dump());
-  }
-  TrainingSettings s;
-  const auto number = [](const std::string& key, const nlohmann::json& v) {
-    if (!v.is_number()) {
-      throw core::UsageError("training setting {} is not a number: {}", key, v.dump());
-    }
-    return v.get<double>();
-  };
-  const auto count = [](const std::string& key, const nlohmann::json& v) {
-    if (!v.is_number_unsigned() || v.get<std::uint64_t>() > std::numeric_limits<std::uint32_t>::max()) {
-      throw core::UsageError("training setting {} is not an unsigned 32-bit integer: {}", key, v.dump());
-    }
-    return v.get<std::uint32_t>();
-  };
-  for (const auto& [key, v] : j.items()) {
-    if (key == "epochs") {
-      s.epochs = count(key, v);
-    } else if (key == "batch_size") {
-      s.batch_size = count(key, v);
-    } else if (key == "lr") {
-      s.lr = number(key, v);
-    } else if (key == "optimizer") {
-      if (!v.is_string()) {
-        throw core::UsageError("training setting optimizer is not a string: {}", v.dump());
-      }
-      s.optimizer = v.get<std::string>();
-    } else if (key == "momentum") {
-      s.momentum = number(key, v);
-    } else if (key == "prox_mu") {
-      s.prox_mu = number(key, v);
-    } else if (key == "dp") {
-      if (!v.is_object()) {
-        throw core::UsageError("training setting dp is not a JSON object: {}", v.dump());
-      }
-      core::DpSgdConfig dp;
-      for (const auto& [k, x] : v.items()) {
-        if (k == "noise_multiplier") {
-          dp.noise_multiplier = number("dp." + k, x);
-        } else if (k == "max_grad_norm") {
-          dp.max_grad_norm = number("dp." + k, x);
-        } else if (k == "delta") {
-          dp.delta = number("dp." + k, x);
-        } else {
-          throw core::UsageError("unknown training setting \"dp.{}\" (known: noise_multiplier, max_grad_norm, delta)",
-                                 k);
-        }
-      }
-      s.dp = dp;
-    } else {
-      throw core::UsageError("unknown training setting \"{}\" (known: epochs, batch_size, lr, optimizer, momentum, "
-                             "prox_mu, dp)",
-                             key);
-    }
-  }
-  core::check_training(s);
-  return s;
-}
-
 class Worker
 {
 public:
@@ -178,11 +115,14 @@ public:
   }
 
 private:
-  // Runs one frame's task; a failure becomes an ERROR frame and the worker goes on.
+  // Runs one frame's task; a failure becomes an ERROR frame and the worker goes on. The frame
+  // names the failure's class (core/contract.hpp) by the step that failed: the parent sends the
+  // coordinator that class alone, and keeps the message, which may quote the site's data.
   void handle(const core::Frame& frame)
   {
     std::string message;
     auto code = core::ExitCode::failure;
+    m_step = core::ReasonClass::internal;
     try {
       if (frame.type == core::FrameType::task) {
         train(frame);
@@ -199,26 +139,39 @@ private:
       code = e.code();
     } catch (const std::bad_alloc&) {
       message = "out of memory";
+      m_step = core::ReasonClass::internal;
     } catch (const std::exception& e) {
       message = e.what();
     }
     // A warning: the parent reports the failure; this process carries on.
     FEDL_LOG_WARN("worker: {} failed: {}", core::frame_type_name(frame.type), message);
-    reply(core::FrameType::error, {{"message", message}, {"code", static_cast<int>(code)}});
+    const auto cls = code == core::ExitCode::budget ? core::ReasonClass::budget : m_step;
+    reply(core::FrameType::error,
+          {{"message", message}, {"code", static_cast<int>(code)}, {"class", core::reason_class_name(cls)}});
   }
 
   void train(const core::Frame& frame)
   {
     const auto round = header_uint(frame.header, "round", frame.type);
     const auto seed = header_uint(frame.header, "seed", frame.type);
-    const auto settings = training_settings(frame.header.value("training", nlohmann::json::object()));
+    m_step = core::ReasonClass::bad_settings;
+    const auto settings = core::training_from_json(frame.header.value("training", nlohmann::json::object()), "the task");
+    // The parent hashed the body it sends (fedl join); anyone else's hash is recomputed.
     std::optional<std::string> base_sha256;
     if (const auto it = frame.header.find("base_sha256"); it != frame.header.end() && it->is_string() &&
                                                           it->get<std::string>().size() == 64) {
       base_sha256 = it->get<std::string>();
     }
     const auto dp = dp_plan(settings, m_data.size());
+    if (dp && dp->delta * static_cast<double>(m_data.size()) >= 1) {
+      // Past 1/n, (epsilon, delta)-DP allows releasing a record outright: no epsilon means anything.
+      throw core::UsageError("DP-SGD delta {:g} is not below 1/{} (one over the number of samples)", dp->delta,
+                             m_data.size());
+    }
     check_budget(frame.header, dp);
+    // fedl join held the model to the site's contract already: what fails from here is the site's
+    // data against it (a label past the model's classes, another feature count).
+    m_step = core::ReasonClass::data_mismatch;
     auto m = open(frame.body, fmt::format("the round {} model", round), seed, base_sha256);
     const auto base = update_base(m);
     const auto t0 = uptime_seconds();
@@ -251,6 +204,7 @@ private:
     } else {
       header["loss"] = result.loss;
     }
+    m_step = core::ReasonClass::internal;
     reply(core::FrameType::update, header, body);
   }
 
@@ -331,6 +285,7 @@ private:
   const backends::Backend* m_backend = nullptr;
   std::string m_device;
   std::optional<OpenedModel> m_model;
+  core::ReasonClass m_step = core::ReasonClass::internal; // the class of a failure at this step
 };
 
 int

@@ -267,6 +267,35 @@ to_json(const FederationConfig& c)
   return j;
 }
 
+TrainingConfig
+training_from_json(const nlohmann::json& t, const std::string& what)
+{
+  TrainingConfig c;
+  ObjectReader r(t, "training", what);
+  r.get("epochs", c.epochs);
+  r.get("batch_size", c.batch_size);
+  r.get("lr", c.lr);
+  r.get("optimizer", c.optimizer);
+  r.get("momentum", c.momentum);
+  r.get("prox_mu", c.prox_mu);
+  if (const auto* dp = r.find("dp")) {
+    ObjectReader d(*dp, "training.dp", what);
+    DpSgdConfig cfg;
+    d.get("noise_multiplier", cfg.noise_multiplier);
+    d.get("max_grad_norm", cfg.max_grad_norm);
+    d.get("delta", cfg.delta);
+    d.finish();
+    c.dp = cfg;
+  }
+  r.finish();
+  try {
+    check_training(c);
+  } catch (const UsageError& e) {
+    throw UsageError("{}: training: {}", what, e.what());
+  }
+  return c;
+}
+
 FederationConfig
 config_from_json(const nlohmann::json& j, const std::string& what)
 {
@@ -332,29 +361,8 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     r.finish();
   }
   if (const auto* t = top.find("training")) {
-    ObjectReader r(*t, "training", what);
-    r.get("epochs", c.training.epochs);
-    r.get("batch_size", c.training.batch_size);
-    r.get("lr", c.training.lr);
-    r.get("optimizer", c.training.optimizer);
-    r.get("momentum", c.training.momentum);
-    r.get("prox_mu", c.training.prox_mu);
-    if (const auto* dp = r.find("dp")) {
-      ObjectReader d(*dp, "training.dp", what);
-      DpSgdConfig cfg;
-      d.get("noise_multiplier", cfg.noise_multiplier);
-      d.get("max_grad_norm", cfg.max_grad_norm);
-      d.get("delta", cfg.delta);
-      d.finish();
-      c.training.dp = cfg;
-    }
-    r.finish();
     // Checked here, not where a site trains: a bad value would fail every attempt of every round.
-    try {
-      check_training(c.training);
-    } catch (const UsageError& e) {
-      throw UsageError("{}: training: {}", what, e.what());
-    }
+    c.training = training_from_json(*t, what);
   }
   if (const auto* p = top.find("privacy")) {
     ObjectReader r(*p, "privacy", what);

@@ -119,6 +119,10 @@ nlohmann::json to_json(const FederationConfig& config);
 nlohmann::json to_json(const TrainingConfig& training);
 // Throws UsageError naming the first value out of the range fedl train's options accept.
 void check_training(const TrainingConfig& training);
+// A "training" object (fedl.json's, or a training task's), read strictly: unknown keys and wrong
+// types are a UsageError naming `what` and the field (a setting silently ignored would train
+// differently from what was asked), then check_training.
+TrainingConfig training_from_json(const nlohmann::json& training, const std::string& what);
 // Throws UsageError unless noise multiplier and clip norm are positive and finite and delta is
 // in (0, 1); `flags` names them in the message as the caller's user knows them, e.g.
 // {"--dp-noise-multiplier", "--dp-max-grad-norm", "--dp-delta"}.

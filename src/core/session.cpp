@@ -4,6 +4,7 @@
 #include "core/child.hpp"
 #include "core/connection.hpp"
 #include "core/error.hpp"
+#include "core/file_io.hpp"
 #include "core/log.hpp"
 #include "core/pki.hpp"
 #include "core/privacy.hpp"
@@ -34,14 +35,31 @@ namespace {
 using tcp = asio::ip::tcp;
 using json = nlohmann::json;
 
+// The most frames the site lets wait for a coordinator that does not read; past it the
+// connection is dropped (and made again), so a coordinator that stops reading cannot grow the
+// site's memory with updates and refusals.
+constexpr std::size_t max_queued_frames = 8;
+// What the trainer may run past a task's deadline before it is stopped.
+constexpr double deadline_grace = 5;
+
 // What the trainer thread is asked to do.
 struct Job
 {
+  std::uint64_t serial = 0; // this site's number for the job: a result for an older one is dropped
   std::uint64_t task = 0;
   std::uint64_t round = 0;
   json header;
   std::shared_ptr<std::vector<std::byte>> model;
+  TrainingConfig training;    // the task's settings, as checked against the contract
   std::optional<json> budget; // the site's --max-epsilon and spending, for the trainer to check
+};
+
+// Why a job ended without an update: its class and the full text (which stays at the site).
+struct Failure
+{
+  ReasonClass cls = ReasonClass::internal;
+  std::string text;
+  bool tell = false; // the text is about the task alone, and may go to the coordinator
 };
 
 // An update signed with the site's key, kept alive until it is sent: the trainer's bytes, the
@@ -51,6 +69,16 @@ struct SignedUpdate
   std::vector<std::byte> bytes;
   Safetensors parsed;
   std::string header;
+};
+
+// The last update sent, kept so that the same task asked again gets the same bytes: a task is
+// trained once, and sending the same output twice spends no more privacy than sending it once.
+struct SentUpdate
+{
+  std::uint64_t task = 0;
+  std::uint64_t round = 0;
+  json metrics;
+  std::shared_ptr<SignedUpdate> update;
 };
 
 // TLS alerts and verification failures that retrying cannot fix.
@@ -77,8 +105,19 @@ private:
   void connect();
   void schedule_reconnect(const std::string& why);
   void on_frame(FrameType type, json& header, const FramedConnection::BodySink& sink);
+  void on_task(Job job);
   void on_close(const std::string& reason);
-  void on_trained(const Job& job, std::optional<Frame> reply, const std::string& failure);
+  void on_trained(const Job& job, std::optional<Frame> reply, const std::optional<Failure>& failure);
+  // Tells the coordinator that this site sends no update for a task: the reason class, and the
+  // detail only if `tell_detail` (it says nothing of the site's data: a task setting, a contract).
+  void refuse(std::uint64_t task, std::uint64_t round, ReasonClass cls, const std::string& detail, bool tell_detail);
+  void send_update(const SentUpdate& sent, std::uint64_t attempt);
+  // Sends unless max_queued_frames already wait, in which case the coordinator is not reading
+  // and the connection is dropped instead.
+  bool can_queue();
+  // Ends the job in the trainer (a newer task, a lost connection, a deadline): drops it if it
+  // has not started, kills the trainer child if it has. True if it was still waiting.
+  bool cancel_job(const std::string& why);
   void on_tick();
   void stop(const std::string& reason);
   void trainer_loop();
@@ -92,6 +131,8 @@ private:
   void keep_receipt(const json& header);
   // Tells the coordinator why this site stops, then stops with `code` once that is sent.
   void stop_after_telling(const std::string& message, ExitCode code, const json& extra);
+  // Refuses `job` for the site's budget (the coordinator learns the class only) and stops, exit 4.
+  void stop_for_budget(const Job& job);
 
   const JoinSettings& m_s;
   asio::io_context m_io;
@@ -111,6 +152,16 @@ private:
   std::mt19937_64 m_rng{std::random_device{}()};
 
   std::uint64_t m_current_task = 0;
+  std::uint64_t m_job_serial = 0;     // the last job's serial
+  std::uint64_t m_busy_serial = 0;    // the job handed to the trainer and not answered yet (0: none)
+  std::uint64_t m_busy_task = 0;      // ... its task and round
+  std::uint64_t m_busy_round = 0;
+  double m_busy_deadline = 0;         // when that job must end (0: no deadline)
+  bool m_busy_past_deadline = false;  // ... and it was stopped for it
+  std::uint64_t m_round_floor = 0;    // the latest round this site sent an update for
+  std::optional<SentUpdate> m_last_sent;
+  std::uint64_t m_stall_bytes = 0;    // bytes the coordinator had taken at m_stall_since
+  double m_stall_since = 0;
   std::uint64_t m_rounds_trained = 0;
   std::uint64_t m_last_round = 0;
   std::string m_reason;
@@ -129,7 +180,8 @@ private:
   std::condition_variable m_cv;
   std::optional<Job> m_next_job; // the latest task; an older one not yet started is replaced
   bool m_stopping = false;
-  pid_t m_trainer_pid = -1; // the trainer while it works on a task; under m_mutex
+  pid_t m_trainer_pid = -1;        // the trainer while it works on a task; under m_mutex
+  std::uint64_t m_running_serial = 0; // ... and that task's job; under m_mutex
 };
 
 void
@@ -163,8 +215,14 @@ Site::connect()
         cb.on_ready = [this] {
           m_conn->send(FrameType::hello, {{"site", m_site}, {"version", protocol_version}});
         };
-        cb.on_head = [](const FramePrefix&, const json&) {
-          return FramedConnection::BodySink{std::make_shared<std::vector<std::byte>>(), -1};
+        cb.on_head = [this](const FramePrefix& prefix, const json&) {
+          auto buffer = std::make_shared<std::vector<std::byte>>();
+          if (m_s.contract && prefix.type == FrameType::task) {
+            // The contract bounds the body to the model's size: room for it at once, rather than
+            // a buffer that doubles as the bytes come (1.7 times the model at its peak).
+            buffer->reserve(prefix.body_size);
+          }
+          return FramedConnection::BodySink{std::move(buffer), -1};
         };
         cb.on_frame = [this](FrameType type, json& header, const FramedConnection::BodySink& sink) {
           on_frame(type, header, sink);
@@ -219,6 +277,11 @@ Site::on_close(const std::string& reason)
   if (!m_reason.empty()) {
     return;
   }
+  if (m_busy_serial != 0) {
+    // Its update could not be sent: the coordinator asks again when it wants it.
+    cancel_job("lost the coordinator");
+    m_busy_serial = 0;
+  }
   if (m_stop_when_closed) {
     stop("failed");
     return;
@@ -254,22 +317,17 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     }
     return;
   case FrameType::task: {
-    Job job{header_uint(header, "task"), header_uint(header, "round"), header, sink.memory, std::nullopt};
+    Job job;
+    job.task = header_uint(header, "task");
+    job.round = header_uint(header, "round");
+    job.model = sink.memory;
+    job.header = std::move(header);
     if (!job.model || job.task == 0) {
       m_conn->send_error_and_close("protocol error: a task without a model or task id", 1);
       return;
     }
-    m_current_task = job.task;
-    if (m_s.max_epsilon) {
-      job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
-    }
-    keep_receipt(header);
-    FEDL_LOG_INFO("round {}: training", job.round);
-    {
-      const std::lock_guard lock(m_mutex);
-      m_next_job = std::move(job);
-    }
-    m_cv.notify_one();
+    keep_receipt(job.header);
+    on_task(std::move(job));
     return;
   }
   case FrameType::heartbeat:
@@ -301,6 +359,140 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
   default:
     return;
   }
+}
+
+// A task is held against the contract and the site's own limits here, before anything is
+// allocated for its model or the trainer sees it.
+void
+Site::on_task(Job job)
+{
+  if (m_busy_serial != 0 && m_busy_task == job.task) {
+    FEDL_LOG_DEBUG("round {}: task {} asked again while it trains", job.round, job.task);
+    return;
+  }
+  if (m_last_sent && m_last_sent->task == job.task) {
+    // Trained once: the same bytes again, whatever the coordinator sends with the task this time.
+    FEDL_LOG_INFO("round {}: the coordinator asks again for the update this site sent; sending it again",
+                  m_last_sent->round);
+    if (can_queue()) {
+      send_update(*m_last_sent, header_uint(job.header, "attempt"));
+    }
+    return;
+  }
+  if (m_busy_serial != 0) {
+    cancel_job("the coordinator sent a newer task");
+    m_busy_serial = 0;
+  }
+  m_current_task = job.task;
+  ReasonClass cls = ReasonClass::bad_settings;
+  std::string part = "the task";
+  try {
+    if (job.round < m_round_floor) {
+      throw UsageError("the task is for round {}, but this site already sent its update for round {}", job.round,
+                       m_round_floor);
+    }
+    (void)header_uint(job.header, "seed");
+    (void)header_uint(job.header, "attempt");
+    job.training = training_from_json(job.header.value("training", json::object()), "the task");
+    part = "the task's training";
+    if (m_s.contract) {
+      check_task_training(*m_s.contract, job.training);
+    }
+    if (m_s.max_epochs && job.training.epochs > *m_s.max_epochs) {
+      throw UsageError("{} epochs, more than this site's --max-epochs {}", job.training.epochs, *m_s.max_epochs);
+    }
+    if (m_s.min_noise_multiplier && (!job.training.dp || job.training.dp->noise_multiplier < *m_s.min_noise_multiplier)) {
+      throw UsageError("DP-SGD noise multiplier {}, below this site's --min-noise-multiplier {:g}",
+                       job.training.dp ? fmt::format("{:g}", job.training.dp->noise_multiplier) : std::string("none"),
+                       *m_s.min_noise_multiplier);
+    }
+    if (m_s.max_epsilon && !job.training.dp) {
+      throw UsageError("training without DP-SGD, which this site's --max-epsilon does not allow");
+    }
+    if (job.header.contains("deadline") && !(header_number(job.header, "deadline", 0.0) >= 0)) {
+      throw UsageError("the task's deadline is not a number of seconds");
+    }
+    cls = ReasonClass::bad_model;
+    part = "the task's model";
+    const auto model = parse_safetensors(*job.model, part);
+    if (m_s.contract) {
+      check_task_model(*m_s.contract, model);
+    }
+  } catch (const std::exception& e) {
+    // About the coordinator's own task and this site's contract: the detail may go back.
+    const std::string text = e.what();
+    refuse(job.task, job.round, cls, text.starts_with(part) || text.starts_with("the task") ? text : part + ": " + text,
+           true);
+    return;
+  }
+  if (m_s.max_epsilon) {
+    job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
+  }
+  job.serial = ++m_job_serial;
+  m_busy_serial = job.serial;
+  m_busy_task = job.task;
+  m_busy_round = job.round;
+  m_busy_past_deadline = false;
+  m_busy_deadline = job.header.contains("deadline")
+                      ? FramedConnection::now() + header_number(job.header, "deadline", 0.0) + deadline_grace
+                      : 0;
+  FEDL_LOG_INFO("round {}: training", job.round);
+  {
+    const std::lock_guard lock(m_mutex);
+    m_next_job = std::move(job);
+  }
+  m_cv.notify_one();
+}
+
+void
+Site::refuse(std::uint64_t task, std::uint64_t round, ReasonClass cls, const std::string& detail, bool tell_detail)
+{
+  FEDL_LOG_ERROR("round {}: no update for this task ({}): {}", round, reason_class_name(cls), detail);
+  if (!m_conn || !m_conn->is_open() || !m_welcomed || !can_queue()) {
+    return;
+  }
+  const auto message = fmt::format("{}: {}", reason_class_name(cls), tell_detail ? detail : reason_class_text(cls));
+  m_conn->send(FrameType::error, {{"task", task},
+                                  {"round", round},
+                                  {"class", reason_class_name(cls)},
+                                  {"message", valid_utf8(message, 500)}});
+}
+
+bool
+Site::can_queue()
+{
+  if (m_conn->queued() < max_queued_frames) {
+    return true;
+  }
+  m_conn->close(fmt::format("the coordinator is not reading: {} frames wait to be sent", m_conn->queued()));
+  return false;
+}
+
+void
+Site::send_update(const SentUpdate& sent, std::uint64_t attempt)
+{
+  std::vector<std::span<const std::byte>> parts{as_bytes(sent.update->header)};
+  for (const auto* t : serialize_order(sent.update->parsed.tensors)) {
+    parts.push_back(t->data);
+  }
+  m_conn->send(FrameType::update,
+               {{"round", sent.round}, {"task", sent.task}, {"attempt", attempt}, {"metrics", sent.metrics}},
+               std::move(parts), sent.update);
+}
+
+bool
+Site::cancel_job(const std::string& why)
+{
+  const std::lock_guard lock(m_mutex);
+  if (m_next_job && m_next_job->serial == m_busy_serial) {
+    m_next_job.reset();
+    return true;
+  }
+  if (m_trainer_pid > 0 && m_running_serial == m_busy_serial) {
+    FEDL_LOG_WARN("stopping the trainer: {}", why);
+    ::kill(m_trainer_pid, SIGKILL);
+  }
+  return false;
 }
 
 void
@@ -339,10 +531,22 @@ Site::sign(std::vector<std::byte> bytes)
 }
 
 void
-Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& failure)
+Site::on_trained(const Job& job, std::optional<Frame> reply, const std::optional<Failure>& failure)
 {
+  if (job.serial != m_busy_serial) {
+    return; // cancelled: a newer task, or a lost connection (whose task is asked for again)
+  }
+  m_busy_serial = 0;
   if (job.task != m_current_task || !m_conn || !m_conn->is_open() || !m_welcomed) {
     FEDL_LOG_INFO("round {}: the coordinator has moved on; this update is not sent", job.round);
+    return;
+  }
+  if (!can_queue()) {
+    return; // the coordinator is not reading: nothing is spent on an update that cannot leave
+  }
+  if (m_busy_past_deadline) {
+    refuse(job.task, job.round, ReasonClass::internal,
+           "training did not end by the task's deadline; the trainer was stopped", true);
     return;
   }
   // The trainer's reply is read here, outside the connection's handler: a field of the wrong
@@ -352,16 +556,24 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
   std::uint64_t attempt = 0;
   try {
     attempt = header_uint(job.header, "attempt");
-    if (!reply || reply->type != FrameType::update) {
-      const auto message =
-        reply ? valid_utf8(reply->header.value("message", std::string("the trainer failed"))) : failure;
-      if (reply && header_int(reply->header, "code", 1) == static_cast<int>(ExitCode::budget)) {
+    if (failure || !reply) {
+      refuse(job.task, job.round, failure ? failure->cls : ReasonClass::internal,
+             failure ? failure->text : std::string("the trainer did not answer"), failure && failure->tell);
+      return;
+    }
+    if (reply->type != FrameType::update) {
+      const auto message = valid_utf8(reply->header.value("message", std::string("the trainer failed")));
+      const auto cls = header_int(reply->header, "code", 1) == static_cast<int>(ExitCode::budget)
+                         ? ReasonClass::budget
+                         : reason_class_from_name(reply->header.value("class", std::string()));
+      if (cls == ReasonClass::budget) {
         FEDL_LOG_ERROR("round {}: refusing the task: {}", job.round, message);
-        stop_after_telling(fmt::format("site {} refuses: {}", m_site, message), ExitCode::budget,
-                           {{"task", job.task}, {"round", job.round}});
+        stop_for_budget(job);
         return;
       }
-      throw Error("{}", message);
+      // The trainer's words may quote the site's data (a label, a path): they stay here.
+      refuse(job.task, job.round, cls, message, false);
+      return;
     }
     metrics = {{"num_samples", header_uint(reply->header, "num_samples")},
                {"steps", header_uint(reply->header, "steps")},
@@ -371,9 +583,27 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
       metrics["loss"] = header_number(reply->header, "loss", 0.0);
     }
     if (m_account && reply->header.contains("dp")) {
-      // Written (and synced) before the update leaves: a crash from here on over-counts.
       const auto report = DpSgdReport::from_json(reply->header["dp"], "the trainer's DP-SGD report");
-      m_account->append(report, {{"round", job.round}, {"task", job.task}, {"server", m_s.server.to_string()}});
+      if (m_s.max_epsilon) {
+        // Checked again now, as one step with the append and the send: the budget the trainer
+        // was given may predate an update sent since.
+        auto after = budget_spent();
+        const double before = after.epsilon(m_s.delta).epsilon;
+        report.add_to(after);
+        const double eps = after.epsilon(m_s.delta).epsilon;
+        if (eps > *m_s.max_epsilon) {
+          FEDL_LOG_ERROR("round {}: not sending this update: it would take the site's epsilon from {:.4g} to {:.4g} "
+                         "at delta {:g}, past its --max-epsilon {:g}",
+                         job.round, before, eps, m_s.delta, *m_s.max_epsilon);
+          stop_for_budget(job);
+          return;
+        }
+      }
+      // Written (and synced) before the update leaves: a crash from here on over-counts. A run of
+      // no steps spent nothing and is not written.
+      if (report.steps > 0) {
+        m_account->append(report, {{"round", job.round}, {"task", job.task}, {"server", m_s.server.to_string()}});
+      }
       if (m_s.max_epsilon) {
         FEDL_LOG_INFO("round {}: privacy account: epsilon {:.4g} of {:g} at delta {:g}", job.round,
                       budget_spent().epsilon(m_s.delta).epsilon, *m_s.max_epsilon, m_s.delta);
@@ -383,17 +613,12 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::string& 
     }
     u = sign(std::move(reply->body));
   } catch (const std::exception& e) {
-    FEDL_LOG_ERROR("round {}: training failed: {}", job.round, e.what());
-    m_conn->send(FrameType::error, {{"task", job.task}, {"round", job.round}, {"message", valid_utf8(e.what(), 500)}});
+    refuse(job.task, job.round, ReasonClass::internal, e.what(), false);
     return;
   }
-  std::vector<std::span<const std::byte>> parts{as_bytes(u->header)};
-  for (const auto* t : serialize_order(u->parsed.tensors)) {
-    parts.push_back(t->data);
-  }
-  m_conn->send(FrameType::update,
-               {{"round", job.round}, {"task", job.task}, {"attempt", attempt}, {"metrics", metrics}},
-               std::move(parts), u);
+  m_last_sent = SentUpdate{job.task, job.round, metrics, u};
+  send_update(*m_last_sent, attempt);
+  m_round_floor = std::max(m_round_floor, job.round);
   ++m_rounds_trained;
   m_last_round = job.round;
   FEDL_LOG_INFO("round {}: update sent ({}{} samples, {:.1f} s)", job.round,
@@ -430,8 +655,13 @@ Site::trainer_loop()
       m_next_job.reset();
     }
     std::optional<Frame> reply;
-    std::string failure;
+    std::optional<Failure> failure;
     try {
+      // The site hashes the model it was sent, always: the update it signs names that base.
+      const auto base_sha256 = sha256_hex(*job.model);
+      if (const auto it = job.header.find("base_sha256"); it != job.header.end() && *it != base_sha256) {
+        throw Failure{ReasonClass::bad_model, "the task's base_sha256 is not the SHA-256 of its model", true};
+      }
       if (!worker || !worker->running()) {
         if (worker) {
           FEDL_LOG_WARN("the trainer ended ({}); starting it again", worker->exit_description().value_or("?"));
@@ -446,13 +676,12 @@ Site::trainer_loop()
           return;
         }
         m_trainer_pid = worker->pid();
+        m_running_serial = job.serial;
       }
       json header = {{"round", job.round},
                      {"seed", header_uint(job.header, "seed")},
-                     {"training", job.header.value("training", json::object())}};
-      if (job.header.contains("base_sha256")) {
-        header["base_sha256"] = job.header["base_sha256"];
-      }
+                     {"training", to_json(job.training)},
+                     {"base_sha256", base_sha256}};
       if (job.budget) {
         header["budget"] = *job.budget;
       }
@@ -466,16 +695,21 @@ Site::trainer_loop()
       reply = worker->receive(limits);
       const std::lock_guard lock(m_mutex);
       m_trainer_pid = -1;
+      m_running_serial = 0;
+    } catch (const Failure& f) {
+      failure = f;
     } catch (const std::exception& e) {
       {
         const std::lock_guard lock(m_mutex);
         m_trainer_pid = -1;
+        m_running_serial = 0;
       }
-      failure = fmt::format("the trainer failed: {}", e.what());
+      failure = Failure{ReasonClass::internal, fmt::format("the trainer failed: {}", e.what())};
       if (worker) {
         worker->kill();
       }
     }
+    job.model.reset();
     asio::post(m_io, [this, job = std::move(job), reply = std::move(reply), failure]() mutable {
       on_trained(job, std::move(reply), failure);
     });
@@ -575,12 +809,42 @@ Site::stop_after_telling(const std::string& message, ExitCode code, const json& 
 }
 
 void
+Site::stop_for_budget(const Job& job)
+{
+  const auto cls = ReasonClass::budget;
+  stop_after_telling(fmt::format("site {} refuses: {}: {}", m_site, reason_class_name(cls), reason_class_text(cls)),
+                     ExitCode::budget, {{"task", job.task}, {"round", job.round}, {"class", reason_class_name(cls)}});
+}
+
+void
 Site::on_tick()
 {
   const double now = FramedConnection::now();
   if (m_stop_when_closed && m_conn && m_conn->is_open() && m_conn->closing_since() > 0 &&
       now - m_conn->closing_since() > 5) {
     m_conn->close("the coordinator did not take the last message in time");
+  }
+  if (m_busy_serial != 0 && m_busy_deadline > 0 && now > m_busy_deadline && !m_busy_past_deadline) {
+    m_busy_past_deadline = true;
+    if (cancel_job("the task's deadline has passed")) {
+      m_busy_serial = 0;
+      refuse(m_busy_task, m_busy_round, ReasonClass::internal, "the task's deadline passed before training began", true);
+    }
+  }
+  // A coordinator that takes nothing of what waits for it is dropped (and connected again):
+  // a peer that stops reading must not hold the site's memory.
+  if (m_conn && m_conn->is_open() && m_conn->queued() > 0 && m_conn->closing_since() == 0) {
+    const auto written = m_conn->stream().bytes_written();
+    if (written != m_stall_bytes) {
+      m_stall_bytes = written;
+      m_stall_since = now;
+    } else if (now - m_stall_since > std::max(m_dead_after, 5.0)) {
+      m_conn->close(fmt::format("the coordinator took nothing of the {} frames waiting for it for {:.0f} s",
+                                m_conn->queued(), now - m_stall_since));
+    }
+  } else {
+    m_stall_since = now;
+    m_stall_bytes = m_conn ? m_conn->stream().bytes_written() : 0;
   }
   if (m_conn && m_conn->is_open() && m_conn->ready()) {
     if (now - m_conn->last_received() > m_dead_after) {

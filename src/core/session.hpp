@@ -5,6 +5,7 @@
 // and sends it back. The trainer never touches the network; the session never runs LibTorch.
 #pragma once
 
+#include "core/contract.hpp"
 #include "core/tls.hpp"
 
 #include <nlohmann/json.hpp>
@@ -26,7 +27,14 @@ struct JoinSettings
   double retry_max = 30;                 // cap of the reconnect delay
   double retry_for = 0;                  // give up after this long without a connection; 0: never
   double trainer_idle = 0;               // stop the trainer after this long without a task; 0: keep it
+  // The largest task body accepted (the contract's max_model_bytes when there is one).
   std::uint64_t max_model_bytes = std::uint64_t{16} << 30;
+  // The bundle's contract (join.json, signed by the CA); none for a bundle of an older fedl. A
+  // task outside it, or outside the site's own tightening below, is refused before anything is
+  // allocated or trained, and the coordinator is told only the reason class.
+  std::optional<SiteContract> contract;
+  std::optional<std::uint32_t> max_epochs;    // --max-epochs
+  std::optional<double> min_noise_multiplier; // --min-noise-multiplier
   // The site's own privacy budget (--max-epsilon, --delta): kept in bundle/privacy.jsonl; a task
   // whose DP-SGD would take the account past it is refused (the coordinator is told why) and
   // the site stops with exit 4.

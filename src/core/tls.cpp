@@ -248,6 +248,7 @@ TlsStream::write_next(std::vector<std::span<const std::byte>> parts, std::size_t
             handler(failure(err, "send failed"));
             return;
           }
+          m_written += *written;
           write_next(std::move(parts), index, offset + *written, std::move(handler));
         });
 }

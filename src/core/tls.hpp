@@ -91,6 +91,9 @@ public:
   // Why the peer's certificate was refused, in words (empty if it was not).
   std::string verify_failure() const;
   std::string remote() const { return m_remote; }
+  // Bytes of application data the peer has taken so far (TLS records handed to the socket):
+  // an owner that sees it stand still while it has more to send knows the peer stopped reading.
+  std::uint64_t bytes_written() const noexcept { return m_written; }
 
 private:
   template<typename Op, typename Done>
@@ -101,6 +104,7 @@ private:
   std::shared_ptr<TlsContext> m_context;
   ssl_st* m_ssl = nullptr;
   std::string m_remote;
+  std::uint64_t m_written = 0;
 };
 
 // "HOST:PORT" (HOST may be a name, an IPv4 address, or [IPv6]); throws UsageError naming `what`.

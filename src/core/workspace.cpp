@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/workspace.hpp"
 
+#include "core/contract.hpp"
 #include "core/dataset.hpp"
 #include "core/error.hpp"
 #include "core/file_io.hpp"
@@ -122,15 +123,21 @@ write_bundle(const Workspace& ws, const FederationConfig& config, const Identity
   nlohmann::json model = {{"arch", config.model.arch},
                           {"input_shape", shape_to_string(config.model.input_shape)},
                           {"classes", config.model.classes}};
+  std::optional<std::string> torchscript_sha256;
   if (config.model.torchscript) {
     fs::copy_file(ws.root() / *config.model.torchscript, dir / *config.model.torchscript,
                   fs::copy_options::overwrite_existing);
     model["torchscript"] = *config.model.torchscript;
+    torchscript_sha256 = file_sha256(dir / *config.model.torchscript);
   }
-  const nlohmann::json join = {{"site", name},
+  // The site's contract is cut from the federation's first model, which every later one matches.
+  const SafetensorsFile initial(ws.root() / Workspace::model_name(0));
+  const auto join = sign_join({{"site", name},
                                {"server", dial_address(config)},
                                {"server_name", config.server_names.empty() ? "" : config.server_names.front()},
-                               {"model", model}};
+                               {"model", model},
+                               {"contract", make_contract(config, initial.content(), torchscript_sha256).to_json()}},
+                              ca);
   atomic_write(dir / "join.json", join.dump(2) + "\n");
   const auto info = certificate_info(id.cert);
   return {{"name", name}, {"fingerprint", info.fingerprint}, {"serial", info.serial}};

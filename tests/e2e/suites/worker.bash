@@ -81,9 +81,11 @@ assert header["code"] == 3 and "round 3 model" in header["message"], header
 w.send(TASK, {"round": 3, "seed": 11, "training": first}, open("U1.st", "rb").read())
 header, _ = w.expect(ERROR)
 assert header["code"] == 2 and "is a fedl update, not a model" in header["message"], header
+assert header["class"] == "data-mismatch", header  # fedl join held the model to its contract before
 w.send(TASK, {"round": 3, "seed": 11, "training": dict(first, epoch=3)}, model)
 header, _ = w.expect(ERROR)
-assert header["code"] == 2 and "unknown training setting \"epoch\"" in header["message"], header
+assert header["code"] == 2 and "unknown key training.epoch" in header["message"], header
+assert header["class"] == "bad-settings", header
 w.send(TASK, {"round": 3, "seed": 11, "training": dict(first, lr=-1)}, model)
 header, _ = w.expect(ERROR)
 assert header["code"] == 2 and "lr" in header["message"], header

@@ -2,10 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0
 # A hostile coordinator for tests/e2e/suites/site.bash: a TLS 1.3 server with the workspace's own
 # server key (what an operator who turns against the sites holds), speaking fedl's frames
-# (src/core/frame.hpp, through fedl_peer.py's reader) to one real `fedl join`, and sending it
+# (src/core/net/frame.hpp, through fedl_peer.py's reader) to one real `fedl join`, and sending it
 # the tasks a curious or malicious coordinator would.
 #
-# Usage: hostile_coordinator.py --ws WS --port-file F [--timeout SEC] SCENARIO
+# Usage: hostile_coordinator.py --ws WS --port-file F [--timeout SEC] [--settle SEC] [--rcvbuf N] SCENARIO
 # It writes its port to F once it listens, and prints one JSON report on stdout:
 #   frames       [{"type", "header", "body_size", "sha256" (of the body), "at" (s since start)}]
 #   connections  how many times the site connected
@@ -74,6 +74,8 @@ class Coordinator(fedl_peer.Peer):
             raise RuntimeError("the site sent no hello")
         self.send_frame(WELCOME, {"round": 1, "rounds": 100, "heartbeat": 1.0})
         self.note(f"welcomed {f[1].get('site')}")
+        # A moment for the test to read the site's memory before any task, heartbeats going.
+        self.read_until(set(), self.args.settle)
 
     def send_frame(self, kind, header, body=b""):
         data = encode(kind, header, body)
@@ -277,6 +279,7 @@ def main():
     p.add_argument("--port-file", required=True)
     p.add_argument("--timeout", type=float, default=60)
     p.add_argument("--rcvbuf", type=int, default=0)
+    p.add_argument("--settle", type=float, default=0, help="seconds between the welcome and the first task")
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     args = p.parse_args()
     args.heartbeat = 1.0

@@ -20,7 +20,8 @@ configure: setup
 build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
-# Every test: unit (doctest), e2e (the real binary on real data), docs (man pages, completions).
+# Every test: unit (doctest), e2e (the real binary on real data), docs (man pages, completions),
+# lint (the floors of src/core).
 test: build
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 

@@ -10,8 +10,8 @@
 // overrides where the backend is loaded from (default: this build's src/ folder).
 #include "backends/loader.hpp"
 #include "bench_util.hpp"
-#include "core/dataset.hpp"
-#include "core/error.hpp"
+#include "core/format/dataset.hpp"
+#include "core/util/error.hpp"
 
 #include <fmt/format.h>
 

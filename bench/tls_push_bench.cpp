@@ -2,7 +2,7 @@
 // fedl_tls_push_bench: the transport's own limit for a networked round (DESIGN §8): one mutual
 // TLS 1.3 push of the same bytes a round moves, over 127.0.0.1, through the same code the
 // coordinator and the sites use (core::TlsContext, TlsStream and FramedConnection), with
-// certificates made in code (core/pki.hpp). No files, no training, no aggregation, no ledger.
+// certificates made in code (core/trust/pki.hpp). No files, no training, no aggregation, no ledger.
 //
 // One process, two threads, each running one io_context as serve and join do: the "server"
 // thread holds N accepted connections (as `fedl serve`), the "client" thread the N sites' ends
@@ -22,14 +22,14 @@
 // Usage: fedl_tls_push_bench [--n 10] [--params 1000000] [--repeat 15] [--warmup 3]
 //                            [--dir DIR] [--json] [--read-ahead-kb K] [--ciphersuites LIST]
 // --read-ahead-kb and --ciphersuites set what-if options on both SSL_CTXs, to measure a change
-// to core/tls.cpp before making it: OpenSSL read-ahead with a K KiB read buffer (one read()
+// to core/net/tls.cpp before making it: OpenSSL read-ahead with a K KiB read buffer (one read()
 // takes many records instead of two reads per 16 KiB record), and the TLS 1.3 suites offered
 // (OpenSSL's default order negotiates TLS_AES_256_GCM_SHA384).
 #include "bench_util.hpp"
-#include "core/connection.hpp"
-#include "core/error.hpp"
-#include "core/pki.hpp"
-#include "core/tls.hpp"
+#include "core/net/connection.hpp"
+#include "core/util/error.hpp"
+#include "core/trust/pki.hpp"
+#include "core/net/tls.hpp"
 
 #include <asio/io_context.hpp>
 #include <asio/ip/tcp.hpp>
@@ -73,7 +73,7 @@ struct Args
   std::string dir;
   bool json_out = false;
   // What-if settings on both SSL_CTXs (not what fedl serve and join use today): OpenSSL read-ahead
-  // with a read buffer of this many KiB (0: off, as core/tls.cpp), and the TLS 1.3 cipher suites.
+  // with a read buffer of this many KiB (0: off, as core/net/tls.cpp), and the TLS 1.3 cipher suites.
   std::size_t read_ahead_kb = 0;
   std::string ciphersuites;
 };

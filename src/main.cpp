@@ -3,9 +3,9 @@
 #include "backends/loader.hpp"
 #include "cmd/commands.hpp"
 #include "cmd/common.hpp"
-#include "core/error.hpp"
-#include "core/log.hpp"
-#include "core/version.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
+#include "core/util/version.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "backends/loader.hpp"
 
-#include "core/error.hpp"
-#include "core/log.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
 
 #include <dlfcn.h>
 #include <fmt/ranges.h>

@@ -5,8 +5,8 @@
 #pragma once
 
 #include "backends/backend.h"
-#include "core/dataset.hpp"
-#include "core/safetensors.hpp"
+#include "core/format/dataset.hpp"
+#include "core/format/safetensors.hpp"
 
 #include <filesystem>
 #include <functional>

@@ -2,15 +2,15 @@
 // fedl aggregate: combine update files into the next global model with a strategy; with
 // --workspace, check each update's site signature against the federation's CA and CRL, write
 // models/global-NNNNNN.safetensors and append a signed ledger entry for the round. The round
-// itself is core/round.hpp, shared with fedl serve; this file is its command line.
+// itself is core/federation/round.hpp, shared with fedl serve; this file is its command line.
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
-#include "core/aggregate.hpp"
-#include "core/config.hpp"
-#include "core/error.hpp"
-#include "core/round.hpp"
-#include "core/workspace.hpp"
+#include "core/math/aggregate.hpp"
+#include "core/config/config.hpp"
+#include "core/util/error.hpp"
+#include "core/federation/round.hpp"
+#include "core/trust/workspace.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -7,22 +7,22 @@
 // Privacy: every epsilon a round records (client-level and each site's) is recomputed from the
 // recorded DP parameters of it and the rounds before; a disagreement is exit 3.
 // --witness DIR...: sites' receipts of the ledger heads the coordinator showed them; a ledger
-// shorter than, or diverging from, any of them is exit 3 (core/receipt.hpp). Sites the ledger
+// shorter than, or diverging from, any of them is exit 3 (core/trust/receipt.hpp). Sites the ledger
 // records as revoked must be in the CRL.
 // fedl audit --privacy-calc: no workspace; the (ε, δ) that DP-SGD with the given sampling rate,
-// noise multiplier and steps spends (core/accountant.hpp).
+// noise multiplier and steps spends (core/math/accountant.hpp).
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
-#include "core/accountant.hpp"
-#include "core/clock.hpp"
-#include "core/error.hpp"
-#include "core/file_io.hpp"
-#include "core/ledger.hpp"
-#include "core/pki.hpp"
-#include "core/privacy.hpp"
-#include "core/receipt.hpp"
-#include "core/workspace.hpp"
+#include "core/math/accountant.hpp"
+#include "core/util/clock.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/trust/ledger.hpp"
+#include "core/trust/pki.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/trust/receipt.hpp"
+#include "core/trust/workspace.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

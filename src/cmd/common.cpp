@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "cmd/common.hpp"
 
-#include "core/error.hpp"
+#include "core/util/error.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

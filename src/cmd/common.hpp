@@ -4,8 +4,8 @@
 #pragma once
 
 #include "backends/loader.hpp"
-#include "core/config.hpp"
-#include "core/dataset.hpp"
+#include "core/config/config.hpp"
+#include "core/format/dataset.hpp"
 
 #include <nlohmann/json_fwd.hpp>
 

@@ -5,8 +5,8 @@
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
 #include "cmd/model_io.hpp"
-#include "core/error.hpp"
-#include "core/log.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -6,11 +6,11 @@
 #pragma once
 
 #include "backends/loader.hpp"
-#include "core/config.hpp"
-#include "core/dataset.hpp"
-#include "core/privacy.hpp"
-#include "core/safetensors.hpp"
-#include "core/update.hpp"
+#include "core/config/config.hpp"
+#include "core/format/dataset.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/format/safetensors.hpp"
+#include "core/format/tensor.hpp"
 
 #include <cstdint>
 #include <filesystem>

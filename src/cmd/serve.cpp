@@ -5,12 +5,12 @@
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
-#include "core/child.hpp"
-#include "core/coordinator.hpp"
-#include "core/error.hpp"
-#include "core/file_io.hpp"
-#include "core/log.hpp"
-#include "core/round.hpp"
+#include "core/net/child.hpp"
+#include "core/federation/coordinator.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/util/log.hpp"
+#include "core/federation/round.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -5,10 +5,10 @@
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
 #include "cmd/model_io.hpp"
-#include "core/error.hpp"
-#include "core/log.hpp"
-#include "core/pki.hpp"
-#include "core/update.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
+#include "core/trust/pki.hpp"
+#include "core/trust/update.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // fedl __worker (hidden): the trainer and evaluator child of `fedl join` and `fedl serve`, so that
-// the network process never loads LibTorch. It reads frames (core/frame.hpp) on stdin and answers
+// the network process never loads LibTorch. It reads frames (core/net/frame.hpp) on stdin and answers
 // each on stdout; its log goes to stderr, which it shares with its parent.
 //
 //   TASK   {"round": N, "seed": S, "training": {"epochs", "batch_size", "lr", "optimizer",
@@ -24,10 +24,10 @@
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
 #include "cmd/model_io.hpp"
-#include "core/contract.hpp"
-#include "core/error.hpp"
-#include "core/frame.hpp"
-#include "core/log.hpp"
+#include "core/trust/contract.hpp"
+#include "core/util/error.hpp"
+#include "core/net/frame.hpp"
+#include "core/util/log.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -116,7 +116,7 @@ public:
 
 private:
   // Runs one frame's task; a failure becomes an ERROR frame and the worker goes on. The frame
-  // names the failure's class (core/contract.hpp) by the step that failed: the parent sends the
+  // names the failure's class (core/trust/contract.hpp) by the step that failed: the parent sends the
   // coordinator that class alone, and keeps the message, which may quote the site's data.
   void handle(const core::Frame& frame)
   {

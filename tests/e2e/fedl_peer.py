@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: Apache-2.0
 # A raw peer of `fedl serve` (the standard library and the openssl CLI only), written from the
-# frame layout in src/core/frame.hpp, used by tests/e2e/suites/network.bash to connect the way a
+# frame layout in src/core/net/frame.hpp, used by tests/e2e/suites/network.bash to connect the way a
 # misbehaving or hostile site would: without a certificate, with a foreign, revoked or expired
 # one, offering TLS 1.2 only, or, once authenticated, sending garbage, oversized, truncated,
 # unknown or wrong frames.
@@ -182,7 +182,7 @@ class Peer:
         return None
 
 
-# ---- safetensors and signatures (the layout of src/core/update.cpp's update_signed_payload)
+# ---- safetensors and signatures (the layout of src/core/trust/update.cpp's update_signed_payload)
 def st_parse(data):
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])

@@ -4,7 +4,7 @@
 
 usage: rdp_reference.py Q SIGMA STEPS DELTA   -> prints JSON {"epsilon": ..., "order": ...}
 
-Same definitions as src/core/accountant.cpp (Mironov, Talwar, Zhang 2019; Balle et al. 2020,
+Same definitions as src/core/math/accountant.cpp (Mironov, Talwar, Zhang 2019; Balle et al. 2020,
 Theorem 21) but another way of computing them: 50-digit arithmetic with mpmath (no log-space
 tricks needed), the finite binomial sum at integer orders and mpmath's tanh-sinh quadrature of
 the paper's integral at fractional orders, split where the integrand changes shape.

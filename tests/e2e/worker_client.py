@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: Apache-2.0
 # An independent client of `fedl __worker` (the standard library only), written from the frame
-# layout in src/core/frame.hpp, used by tests/e2e/suites/worker.bash to drive the worker over
+# layout in src/core/net/frame.hpp, used by tests/e2e/suites/worker.bash to drive the worker over
 # its stdin and stdout as `fedl join` and `fedl serve` do.
 # Usage as a module: w = Worker([fedl, "__worker", "--data", ...]); w.send(TASK, {...}, body);
 # kind, header, body = w.receive(); w.close() -> exit status

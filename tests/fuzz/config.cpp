@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fuzz target "config": load_config (core/config.hpp) on the bytes of a fedl.json. Anything it
+// Fuzz target "config": load_config (core/config/config.hpp) on the bytes of a fedl.json. Anything it
 // accepts holds every value the file gives as given, passes the checks that serve and init
 // apply, and its canonical text (config_text, what fedl init writes) loads back to the same
 // configuration.
 #include "fuzz.hpp"
 
-#include "core/config.hpp"
-#include "core/error.hpp"
+#include "core/config/config.hpp"
+#include "core/util/error.hpp"
 
 using namespace fedl;
 using nlohmann::json;

@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fuzz target "csv": load_dataset (core/dataset.hpp) on a CSV file, gzip-compressed or not (the
+// Fuzz target "csv": load_dataset (core/format/dataset.hpp) on a CSV file, gzip-compressed or not (the
 // loader looks at the bytes, not the name). The first input byte sets the options that fedl's
 // data flags give: bit 0 --no-header, bits 1-2 --label-column (none, "0", "label", "1"), bit 3
 // --limit-samples (1 + the high nibble). The rest is the file.
 #include "dataset.hpp"
 
-#include "core/error.hpp"
+#include "core/util/error.hpp"
 
 using namespace fedl;
 

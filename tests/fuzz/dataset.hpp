@@ -6,7 +6,7 @@
 
 #include "fuzz.hpp"
 
-#include "core/dataset.hpp"
+#include "core/format/dataset.hpp"
 
 #include <cmath>
 

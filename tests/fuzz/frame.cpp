@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fuzz target "frame": the frame prefix and header decoders (core/frame.hpp) as the coordinator,
+// Fuzz target "frame": the frame prefix and header decoders (core/net/frame.hpp) as the coordinator,
 // a site and a child pipe use them. The input is a byte stream off the wire: it is decoded
 // prefix + header under the coordinator's and the site's limits, then read as a sequence of
 // whole frames from a pipe with read_frame.
 #include "fuzz.hpp"
 
-#include "core/error.hpp"
-#include "core/frame.hpp"
+#include "core/util/error.hpp"
+#include "core/net/frame.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>

@@ -9,7 +9,7 @@
 // process and counts as a crash.
 #pragma once
 
-#include "core/log.hpp"
+#include "core/util/log.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -140,7 +140,7 @@ float_past(const nlohmann::json& v)
 }
 
 // True if `s` is well-formed UTF-8 (RFC 3629: no overlong forms, surrogates or code points
-// past U+10FFFF), checked independently of core/text.cpp.
+// past U+10FFFF), checked independently of core/util/text.cpp.
 inline bool
 is_utf8(std::string_view s)
 {

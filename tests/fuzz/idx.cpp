@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fuzz target "idx": load_dataset (core/dataset.hpp) on an IDX images file and its labels file,
+// Fuzz target "idx": load_dataset (core/format/dataset.hpp) on an IDX images file and its labels file,
 // each gzip-compressed or not. Input: one option byte (bit 0: find the labels beside the
 // images, as fedl does without --labels; bit 3: --limit-samples 1 + the high nibble), then the
 // two files as fuzz.hpp's split_two cuts them (images first).
 #include "dataset.hpp"
 
-#include "core/error.hpp"
+#include "core/util/error.hpp"
 
 using namespace fedl;
 

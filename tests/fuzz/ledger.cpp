@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fuzz target "ledger": read_ledger (core/ledger.hpp) on the bytes of a ledger.jsonl, with a
+// Fuzz target "ledger": read_ledger (core/trust/ledger.hpp) on the bytes of a ledger.jsonl, with a
 // verifier that accepts every signature so that the fuzzer gets past them to the chain and the
 // entries (and each input a second time with its hash chain repaired, see rechained); then what
 // every reader does with the entries: the latest model (latest_model, as serve, aggregate and
@@ -9,11 +9,11 @@
 // bad entry; anything else escapes and is a finding.
 #include "fuzz.hpp"
 
-#include "core/error.hpp"
-#include "core/file_io.hpp"
-#include "core/ledger.hpp"
-#include "core/privacy.hpp"
-#include "core/workspace.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/trust/ledger.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/trust/workspace.hpp"
 
 using namespace fedl;
 

@@ -37,7 +37,7 @@ def compact(obj):
     return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 
-# --- frames (core/frame.hpp) -------------------------------------------------------------
+# --- frames (core/net/frame.hpp) -------------------------------------------------------------
 FRAME_TYPES = {"hello": 1, "welcome": 2, "task": 3, "update": 4, "heartbeat": 5, "done": 6,
                "error": 7, "eval": 8, "result": 9}
 
@@ -100,7 +100,7 @@ def wire():
         write("wire", name, bytes([selector]) + compact(header).encode())
 
 
-# --- data sets (core/dataset.hpp) -------------------------------------------------------
+# --- data sets (core/format/dataset.hpp) -------------------------------------------------------
 CSV = "sepal_length,sepal_width,petal_length,petal_width,label\n5.1,3.5,1.4,0.2,0\n7.0,3.2,4.7,1.4,1\n" \
       "6.3,3.3,6.0,2.5,2\n4.9,3.0,1.4,0.2,0\n"
 CSV_NOHEADER = "1,0.5,1e-3,-2\n0,0.25,3,4.5\n"
@@ -143,7 +143,7 @@ def datasets():
         write("npy", name, bytes([flags]) + struct.pack("<H", len(y)) + x + y)
 
 
-# --- safetensors (core/safetensors.hpp) --------------------------------------------------
+# --- safetensors (core/format/safetensors.hpp) --------------------------------------------------
 def safetensors(tensors, metadata=None):
     header = {}
     if metadata:
@@ -175,7 +175,7 @@ def safetensors_seeds():
                                                    "fedl.dp": compact(DP_REPORT)}))
 
 
-# --- fedl.json (core/config.hpp) ---------------------------------------------------------
+# --- fedl.json (core/config/config.hpp) ---------------------------------------------------------
 def configs():
     base = {"version": 1, "model": {"arch": "mlp:32", "input_shape": "64", "classes": 10},
             "clients": ["site-1", "site-2"], "rounds": 5, "strategy": "fedavg", "seed": 1}

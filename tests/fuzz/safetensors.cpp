@@ -1,16 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fuzz target "safetensors": parse_safetensors (core/safetensors.hpp) on the bytes of a file,
+// Fuzz target "safetensors": parse_safetensors (core/format/safetensors.hpp) on the bytes of a file,
 // the in-memory parser that SafetensorsFile runs on a mapped model or update. What it accepts
 // must be consistent (tensors packed without gaps, sizes matching shapes) and must survive
 // being written back the way fedl writes a file and parsed again unchanged, with the same
-// update_signed_payload (what a site's signature covers, core/update.hpp). A file's fedl.dp
+// update_signed_payload (what a site's signature covers, core/trust/update.hpp). A file's fedl.dp
 // metadata is then read as the coordinator reads a site's (round.cpp check_dp).
 #include "fuzz.hpp"
 
-#include "core/error.hpp"
-#include "core/privacy.hpp"
-#include "core/safetensors.hpp"
-#include "core/update.hpp"
+#include "core/util/error.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/format/safetensors.hpp"
+#include "core/trust/update.hpp"
 
 #include <algorithm>
 #include <cstring>

@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 // Fuzz target "wire": the JSON headers of the frames that the coordinator and a site receive,
 // read the way they read them. The input is one selector byte (which receiver and frame type,
-// below) and a frame header's text. The text goes through decode_header (core/frame.hpp) as
+// below) and a frame header's text. The text goes through decode_header (core/net/frame.hpp) as
 // FramedConnection hands it over; then through the readers that the receiver calls on it:
-// header_uint, header_int and header_number (core/frame.hpp), RdpAccount::from_json and
-// DpSgdReport::from_json (core/privacy.hpp), parse_receipt for the ledger head of a task or done
-// frame (core/receipt.hpp), valid_utf8 and escape_controls for the peer text the coordinator
-// keeps (core/text.hpp), and for a task's "training" object the TrainingConfig reader of
-// fedl.json (config_from_json, core/config.hpp).
+// header_uint, header_int and header_number (core/net/frame.hpp), RdpAccount::from_json and
+// DpSgdReport::from_json (core/privacy/privacy.hpp), parse_receipt for the ledger head of a task or done
+// frame (core/trust/receipt.hpp), valid_utf8 and escape_controls for the peer text the coordinator
+// keeps (core/util/text.hpp), and for a task's "training" object the TrainingConfig reader of
+// fedl.json (config_from_json, core/config/config.hpp).
 //
 // The coordinator's and the site's handlers (on_head, on_frame, on_hello, on_update in
 // coordinator.cpp; on_frame, check_coordinator_record, keep_receipt, the trainer thread and
@@ -26,12 +26,12 @@
 //   undefined behaviour for a float past 2^64 (its try/catch cannot help).
 #include "fuzz.hpp"
 
-#include "core/config.hpp"
-#include "core/error.hpp"
-#include "core/frame.hpp"
-#include "core/privacy.hpp"
-#include "core/receipt.hpp"
-#include "core/text.hpp"
+#include "core/config/config.hpp"
+#include "core/util/error.hpp"
+#include "core/net/frame.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/trust/receipt.hpp"
+#include "core/util/text.hpp"
 
 #include <algorithm>
 
@@ -58,7 +58,7 @@ enum class Receiver : std::uint8_t {
 // A site's max-epsilon delta, for the epsilon of an account it reads.
 constexpr double site_delta = 1e-5;
 
-// Peer text as the coordinator keeps it (core/text.hpp): valid UTF-8 of at most `max` bytes.
+// Peer text as the coordinator keeps it (core/util/text.hpp): valid UTF-8 of at most `max` bytes.
 std::string
 bounded_text(const std::string& s, std::size_t max)
 {

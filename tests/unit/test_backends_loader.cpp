@@ -2,7 +2,7 @@
 // The loader against the fake backend that the build puts beside this test program (the
 // executable's own folder is on the search path, DESIGN §9).
 #include "backends/loader.hpp"
-#include "core/error.hpp"
+#include "core/util/error.hpp"
 
 #include <doctest/doctest.h>
 

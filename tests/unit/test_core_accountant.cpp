@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The RDP accountant against published reference values (/work/shared/data/dp-reference.md's
 // sources, copied here so the test stands alone).
-#include "core/accountant.hpp"
-#include "core/error.hpp"
+#include "core/math/accountant.hpp"
+#include "core/util/error.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/child.hpp"
-#include "core/error.hpp"
-#include "core/file_io.hpp"
+#include "core/net/child.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/config.hpp"
-#include "core/error.hpp"
+#include "core/config/config.hpp"
+#include "core/util/error.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // A site's contract (core/contract): cut from the federation's config and first model, written
 // into join.json and signed by the CA; tasks outside it refused with what differs.
-#include "core/contract.hpp"
+#include "core/trust/contract.hpp"
 
-#include "core/error.hpp"
-#include "core/file_io.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

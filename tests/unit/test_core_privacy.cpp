@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/error.hpp"
-#include "core/noise.hpp"
-#include "core/pki.hpp"
-#include "core/privacy.hpp"
+#include "core/util/error.hpp"
+#include "core/math/noise.hpp"
+#include "core/trust/pki.hpp"
+#include "core/privacy/privacy.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>
@@ -132,7 +132,7 @@ TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and ca
   }
   SUBCASE("a round number that is not one: a VerifyError, not a json error or undefined behaviour")
   {
-    for (const json round : {json(1e300), json("one"), json(true)}) {
+    for (const json& round : {json(1e300), json("one"), json(true)}) {
       json body = bodies[0];
       body["round"] = round;
       body["privacy"]["client"]["epsilon"] = 0.0;

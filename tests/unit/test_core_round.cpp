@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/error.hpp"
-#include "core/file_io.hpp"
-#include "core/pki.hpp"
-#include "core/receipt.hpp"
-#include "core/round.hpp"
-#include "core/text.hpp"
-#include "core/update.hpp"
-#include "core/workspace.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/trust/pki.hpp"
+#include "core/trust/receipt.hpp"
+#include "core/federation/round.hpp"
+#include "core/util/text.hpp"
+#include "core/trust/update.hpp"
+#include "core/trust/workspace.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

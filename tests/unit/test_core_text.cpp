@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Peer text made safe: UTF-8 repair and cutting (the well-formed sequences of RFC 3629 §4 and
 // the classic malformed cases), control characters in logs, JSON nesting counted unparsed.
-#include "core/text.hpp"
+#include "core/util/text.hpp"
 
 #include <doctest/doctest.h>
 

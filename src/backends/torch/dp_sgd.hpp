@@ -8,7 +8,7 @@
 
 #include "backends/torch/zoo.hpp"
 
-#include "core/noise.hpp"
+#include "core/math/noise.hpp"
 
 #include <torch/torch.h>
 

@@ -3,7 +3,7 @@
 // (documented in fedl-files(5)), so PyTorch users can load fedl's weights with load_state_dict.
 #include "backends/torch/zoo.hpp"
 
-#include "core/model_spec.hpp"
+#include "core/format/model_spec.hpp"
 
 #include <numeric>
 #include <stdexcept>

@@ -1,0 +1,483 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/federation/round.hpp"
+
+#include "core/util/file_io.hpp"
+#include "core/util/log.hpp"
+#include "core/trust/pki.hpp"
+#include "core/util/text.hpp"
+#include "core/trust/update.hpp"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <atomic>
+#include <map>
+#include <set>
+#include <thread>
+#include <system_error>
+#include <utility>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core {
+
+namespace {
+
+// The federation's trust anchors, for checking site signatures.
+struct Trust
+{
+  Cert ca;
+  Crl crl;
+};
+
+std::string
+state_name(std::uint64_t round)
+{
+  return fmt::format("server-{:06}.safetensors", round);
+}
+
+// Why a signed update cannot be trusted, or nothing. Without `trust` (no workspace) an unsigned
+// update is fine and a signed one is checked against its own certificate only. `signer` is set
+// to the site whose key made the signature once that is known: the signature verifies with a
+// certificate that the federation's CA issued (revoked or not), or, outside a workspace, with
+// the update's own certificate.
+std::optional<std::string>
+check_identity(const Safetensors& st, const Trust* trust, std::string& signer)
+{
+  const auto sig = st.meta("fedl.signature");
+  const auto pem = st.meta("fedl.certificate");
+  if (!sig || !pem) {
+    if (trust != nullptr) {
+      return "it is not signed by a site of this federation (make it with fedl train --identity clients/NAME)";
+    }
+    return std::nullopt;
+  }
+  Cert cert;
+  CertificateInfo info;
+  try {
+    cert = certificate_from_pem(*pem, "fedl.certificate");
+    info = certificate_info(cert); // a malformed field that OpenSSL still parsed throws here
+  } catch (const Error& e) {
+    return std::string("its certificate is unreadable: ") + e.what();
+  }
+  if (st.meta("fedl.site") != info.common_name) {
+    return fmt::format("fedl.site does not match its certificate's name {}", info.common_name);
+  }
+  if (st.meta("fedl.cert_sha256") != info.fingerprint) {
+    return "fedl.cert_sha256 does not match its certificate";
+  }
+  if (!verify_signature(cert, as_bytes(update_signed_payload(st.tensors, st.metadata)), *sig)) {
+    return fmt::format("the signature of site {} does not verify (the file was changed after signing)",
+                       info.common_name);
+  }
+  if (trust == nullptr || static_cast<bool>(verify_certificate(cert, trust->ca, nullptr, CertPurpose::client))) {
+    signer = info.common_name;
+  }
+  if (trust != nullptr) {
+    const auto verdict = verify_certificate(cert, trust->ca, &trust->crl, CertPurpose::client);
+    if (!verdict) {
+      return fmt::format("the certificate of site {} is not valid here: {}", info.common_name, verdict.reason);
+    }
+  }
+  return std::nullopt;
+}
+
+// The keys of a round entry's body that caller-supplied fields must not replace: an auditor
+// relies on them meaning what commit_round wrote.
+constexpr const char* reserved_body_keys[] = {"round",    "strategy",   "options",    "base",   "model",
+                                               "participants", "rejected", "evaluation", "privacy", "limits"};
+
+// Whether every value of a float tensor is finite (other dtypes have no NaN).
+bool
+all_finite(const OwnedTensor& t)
+{
+  const auto scan = [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i + sizeof(T) <= t.bytes.size(); i += sizeof(T)) {
+      T v;
+      std::memcpy(&v, t.bytes.data() + i, sizeof(T));
+      if (!std::isfinite(v)) {
+        return false;
+      }
+    }
+    return true;
+  };
+  return t.dtype == DType::f32 ? scan(0.0F) : t.dtype == DType::f64 ? scan(0.0) : true;
+}
+
+// A rejection reason as the ledger and the log keep it: it may quote what a site chose.
+constexpr std::size_t max_reason_bytes = 1000;
+
+// Why an update is past the federation's limits, or nothing.
+std::optional<std::string>
+check_limits(const SafetensorsFile& file, std::uint64_t samples, const LimitsConfig& limits)
+{
+  if (samples > limits.max_num_samples) {
+    return fmt::format("fedl.num_samples {} is over the federation's limit of {} (fedl.json limits.max_num_samples)",
+                       samples, limits.max_num_samples);
+  }
+  const double norm = update_norm(file.content());
+  if (!(norm <= limits.max_update_norm)) {
+    return fmt::format("its L2 norm {:.6g} is over the federation's limit of {:g} (fedl.json limits.max_update_norm)",
+                       norm, limits.max_update_norm);
+  }
+  return std::nullopt;
+}
+
+// An update's fedl.dp (parsed into `dp`) against what the federation requires; the reason it is
+// not fit, or nothing.
+std::optional<std::string>
+check_dp(const Safetensors& st, const std::optional<DpSgdConfig>& required, std::optional<DpSgdReport>& dp)
+{
+  if (const auto text = st.meta("fedl.dp")) {
+    try {
+      dp = DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp");
+    } catch (const std::exception& e) {
+      return fmt::format("its fedl.dp is not a DP-SGD report: {}", e.what());
+    }
+  }
+  if (!required) {
+    return std::nullopt;
+  }
+  if (!dp) {
+    return fmt::format("it was trained without DP-SGD (no fedl.dp), but fedl.json's training asks for noise multiplier "
+                       "{:g} and clip {:g}",
+                       required->noise_multiplier, required->max_grad_norm);
+  }
+  if (dp->noise_multiplier < required->noise_multiplier || dp->max_grad_norm > required->max_grad_norm) {
+    return fmt::format("it was trained with DP-SGD noise multiplier {:g} and clip {:g}, weaker than fedl.json's {:g} "
+                       "and {:g}",
+                       dp->noise_multiplier, dp->max_grad_norm, required->noise_multiplier, required->max_grad_norm);
+  }
+  return std::nullopt;
+}
+
+void
+check_extra(const nlohmann::json& extra)
+{
+  if (extra.is_null()) {
+    return;
+  }
+  if (!extra.is_object()) {
+    throw Error("the extra fields of a round's ledger entry must be a JSON object, not {}", extra.dump());
+  }
+  for (const auto* key : reserved_body_keys) {
+    if (extra.contains(key)) {
+      throw Error("the extra ledger field \"{}\" would replace the round entry's own; give it another name", key);
+    }
+  }
+}
+
+} // namespace
+
+BadUpdateError::BadUpdateError(std::filesystem::path path, std::string reason)
+  : VerifyError("update {}: {}", path.string(), reason), m_path(std::move(path)), m_reason(std::move(reason))
+{
+}
+
+RoundPlan
+plan_workspace_round(const Workspace& ws)
+{
+  // Entry by entry: a coordinator plans every round, and the ledger grows with them.
+  LatestModel latest;
+  RoundPlan plan;
+  for_each_workspace_entry(ws, [&](LedgerEntry&& e) {
+    latest.update(e);
+    if (e.kind == "round") {
+      plan.privacy.replay(e.body, /*verify=*/false);
+    }
+  });
+  const auto config = load_config(ws.config());
+  plan.required_dp = config.training.dp;
+  plan.limits = config.limits;
+  plan.workspace = ws;
+  plan.round = latest.round + 1;
+  plan.base = ws.root() / latest.file;
+  plan.recorded_base_sha256 = latest.sha256;
+  plan.out = ws.model(plan.round);
+  // Per round, so that re-running an interrupted round starts again from the same state.
+  plan.state_in = ws.state() / state_name(plan.round - 1);
+  plan.state_out = ws.state() / state_name(plan.round);
+  return plan;
+}
+
+RoundPlan
+plan_standalone_round(const std::filesystem::path& base,
+                      const std::filesystem::path& out,
+                      const std::optional<std::filesystem::path>& state)
+{
+  RoundPlan plan;
+  plan.base = base;
+  plan.out = out;
+  plan.state_in = state;
+  plan.state_out = state;
+  return plan;
+}
+
+ValidatedRound
+validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates, OnBadUpdate on_bad)
+{
+  std::optional<Trust> trust;
+  if (plan.workspace) {
+    trust = Trust{read_certificate(plan.workspace->ca_cert()), read_crl(plan.workspace->crl())};
+  }
+  SafetensorsFile base(plan.base);
+  auto base_sha = base.sha256();
+  if (plan.workspace && base_sha != plan.recorded_base_sha256) {
+    throw VerifyError("{} does not match the ledger (SHA-256 {}, recorded {}): it was replaced or altered; "
+                      "run fedl audit",
+                      plan.base.string(), base_sha, plan.recorded_base_sha256);
+  }
+  // The checks of one update read all of it two or three times (hash, values, signature); they
+  // are independent, so they run on a few threads. What depends on the order (the same bytes or
+  // the same site twice: the later one is bad) is decided afterwards, in candidate order.
+  struct Checked
+  {
+    std::optional<SafetensorsFile> file;
+    std::string sha256, site, fingerprint;
+    std::uint64_t samples = 0;
+    std::optional<std::string> unreadable; // why it could not be opened or hashed
+    std::optional<std::string> invalid;    // why its content or signature is bad
+    std::optional<DpSgdReport> dp;
+    std::string signer; // the site whose key verifiably made it (see check_identity), or ""
+  };
+  std::vector<Checked> checked(candidates.size());
+  const auto check_file = [&](std::size_t i) {
+    auto& c = checked[i];
+    try {
+      c.file.emplace(candidates[i].path);
+      c.sha256 = file_sha256(candidates[i].path);
+    } catch (const Error& e) {
+      c.unreadable = e.what();
+    }
+    if (c.file) {
+      const auto& st = c.file->content();
+      c.invalid = validate_update(base.content(), base_sha, *c.file);
+      if (!c.invalid) {
+        c.invalid = check_identity(st, trust ? &*trust : nullptr, c.signer);
+      }
+      c.site = st.meta("fedl.site").value_or("");
+      c.fingerprint = st.meta("fedl.cert_sha256").value_or("");
+      c.samples = update_num_samples(st).value_or(0);
+      if (!c.invalid) {
+        c.invalid = check_dp(st, plan.required_dp, c.dp);
+      }
+      if (!c.invalid && plan.limits) {
+        c.invalid = check_limits(*c.file, c.samples, *plan.limits);
+      }
+      // Checked: its pages need not stay resident while the others are (N updates would
+      // otherwise hold N × model bytes until the round is committed).
+      c.file->release();
+    }
+  };
+  // On a worker thread, where nothing may escape: whatever an update makes a check throw is a
+  // reason to reject that update, not the end of the process.
+  const auto check_one = [&](std::size_t i) {
+    try {
+      check_file(i);
+    } catch (const std::exception& e) {
+      checked[i].invalid = fmt::format("it cannot be checked: {}", e.what());
+    } catch (...) {
+      checked[i].invalid = "it cannot be checked";
+    }
+  };
+  {
+    const std::size_t threads = std::min<std::size_t>(
+      candidates.size(), std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
+    std::atomic<std::size_t> next{0};
+    const auto work = [&] {
+      for (std::size_t i = next++; i < candidates.size(); i = next++) {
+        check_one(i);
+      }
+    };
+    std::vector<std::thread> pool;
+    for (std::size_t t = 1; t < threads; ++t) {
+      pool.emplace_back(work);
+    }
+    work();
+    for (auto& t : pool) {
+      t.join();
+    }
+  }
+
+  std::vector<AcceptedUpdate> accepted;
+  nlohmann::json rejected = nlohmann::json::array();
+  std::set<std::string> sites;
+  std::set<std::string> contents;
+  for (std::size_t i = 0; i < candidates.size(); ++i) {
+    const auto& candidate = candidates[i];
+    const auto& path = candidate.path;
+    auto& c = checked[i];
+    std::optional<std::string> reason = c.unreadable;
+    if (!reason && !contents.insert(c.sha256).second) {
+      reason = "the same update file is given twice";
+    }
+    if (!reason) {
+      reason = c.invalid;
+    }
+    // After the signature check, so that in a workspace `site` is what the certificate says.
+    if (!reason && !candidate.expected_site.empty() && c.site != candidate.expected_site) {
+      reason = c.site.empty() ? fmt::format("it names no site (fedl.site) but was delivered by site {}",
+                                            candidate.expected_site)
+                              : fmt::format("it was made by site {} (fedl.site) but delivered by site {}", c.site,
+                                            candidate.expected_site);
+    }
+    if (!reason && !c.site.empty() && !sites.insert(c.site).second) {
+      reason = fmt::format("site {} sent more than one update this round", c.site);
+    }
+    if (reason) {
+      *reason = valid_utf8(*reason, max_reason_bytes);
+      if (on_bad == OnBadUpdate::fail) {
+        throw BadUpdateError(path, *reason);
+      }
+      FEDL_LOG_WARN("leaving out {}: {}", path.string(), *reason);
+      // Who delivered it, or whose key verifiably signed it; never merely what it claims.
+      const auto& site = !candidate.expected_site.empty() ? candidate.expected_site : c.signer;
+      rejected.push_back({{"file", path.filename().string()}, {"site", site}, {"reason", *reason}});
+      continue;
+    }
+    accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples,
+                                      std::move(c.sha256), std::move(*c.file), candidate.owned, c.dp});
+  }
+  return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected)};
+}
+
+ServerOptions
+configured_server_options(const FederationConfig& config)
+{
+  ServerOptions o;
+  o.server_lr = config.server_optimizer.lr;
+  o.momentum = config.server_optimizer.momentum;
+  o.beta1 = config.server_optimizer.beta1;
+  o.beta2 = config.server_optimizer.beta2;
+  o.tau = config.server_optimizer.tau;
+  return o;
+}
+
+RoundResult
+commit_round(const ValidatedRound& validated, const RoundSettings& settings)
+{
+  const auto& plan = validated.plan;
+  const auto& spec = settings.strategy;
+  const auto& options = settings.options;
+  const auto& accepted = validated.accepted;
+  check_extra(settings.extra);
+  validate_server_options(options);
+  if (accepted.empty()) {
+    throw VerifyError("no update left to aggregate ({} rejected)", validated.rejected.size());
+  }
+
+  ServerState state;
+  if (spec.stateful() && !plan.state_in) {
+    FEDL_LOG_WARN("{} keeps server optimizer state between rounds; without --state (or --workspace) each run "
+                  "starts it afresh",
+                  spec.to_string());
+  }
+  if (spec.stateful() && plan.state_in && fs::exists(*plan.state_in)) {
+    state = load_server_state(*plan.state_in, spec, validated.base.content().tensors);
+  }
+
+  std::vector<const SafetensorsFile*> files;
+  std::vector<double> weights;
+  for (const auto& c : accepted) {
+    files.push_back(&c.file);
+    weights.push_back(static_cast<double>(c.samples));
+  }
+  RoundResult result;
+  const auto model = aggregate(validated.base, files, weights, spec, options, state, &result.info);
+  // The last line of defence for the model every site trains next: bounded updates cannot make
+  // it infinite, but a strategy's arithmetic on extreme (finite) values still could.
+  for (const auto& t : model) {
+    if (!all_finite(t)) {
+      throw VerifyError("the aggregate of round {} has a value that is not finite in tensor {}; nothing was "
+                        "written (lower fedl.json limits.max_update_norm, or use a robust strategy)",
+                        plan.round, t.name);
+    }
+  }
+  // The files are read through their mappings: one changed on disk after its signature was
+  // checked must not pass unnoticed.
+  for (const auto& c : accepted) {
+    if (!c.owned && file_sha256(c.path) != c.sha256) {
+      throw VerifyError("update {} changed while it was being aggregated; nothing was written", c.path.string());
+    }
+  }
+  Metadata meta = validated.base.content().metadata;
+  meta["fedl.kind"] = "model";
+  meta["fedl.round"] = std::to_string(plan.round);
+  if (!plan.workspace) {
+    meta.erase("fedl.round");
+  }
+  write_safetensors(plan.out, views_of(model), meta);
+  if (spec.stateful() && plan.state_out) {
+    save_server_state(*plan.state_out, state);
+  }
+
+  for (const auto& c : accepted) {
+    result.participants.push_back({{"file", c.path.filename().string()},
+                                   {"site", c.site},
+                                   {"fingerprint", c.fingerprint},
+                                   {"num_samples", c.samples},
+                                   {"update_sha256", c.sha256}});
+  }
+  // Hashed as read back from disk: the ledger vouches for the file that is there.
+  result.model = plan.out;
+  result.sha256 = SafetensorsFile(plan.out).sha256();
+  result.strategy = spec.to_string();
+  result.rejected = validated.rejected;
+  result.round = plan.round;
+  if (settings.evaluate) {
+    result.evaluation = settings.evaluate(plan.out);
+  }
+  if (!plan.workspace) {
+    return result;
+  }
+  const auto& ws = *plan.workspace;
+  nlohmann::json opts = {{"server_lr", options.server_lr}, {"server_momentum", options.momentum},
+                         {"beta1", options.beta1},         {"beta2", options.beta2},
+                         {"tau", options.tau}};
+  if (options.clip_norm) {
+    opts["clip_norm"] = *options.clip_norm;
+  }
+  nlohmann::json body = {{"round", plan.round},
+                         {"strategy", result.strategy},
+                         {"options", opts},
+                         {"base", {{"file", fs::relative(plan.base, ws.root()).string()}, {"sha256", validated.base_sha256}}},
+                         {"model", {{"file", Workspace::model_name(plan.round)}, {"sha256", result.sha256}}},
+                         {"participants", result.participants},
+                         {"rejected", result.rejected}};
+  if (plan.limits) {
+    body["limits"] = {{"max_update_norm", plan.limits->max_update_norm},
+                      {"max_num_samples", plan.limits->max_num_samples}};
+  }
+  if (!result.evaluation.is_null()) {
+    body["evaluation"] = result.evaluation;
+  }
+  {
+    std::map<std::string, DpSgdReport> sites;
+    for (const auto& c : accepted) {
+      if (c.dp) {
+        sites.emplace(c.site.empty() ? c.path.filename().string() : c.site, *c.dp);
+      }
+    }
+    auto history = plan.privacy;
+    if (auto privacy = history.record_round(settings.client_dp, sites, settings.max_epsilon); !privacy.is_null()) {
+      body["privacy"] = std::move(privacy);
+    }
+  }
+  if (settings.extra.is_object()) {
+    body.update(settings.extra);
+  }
+  append_signed(ws, "round", body);
+  result.ledger_body = std::move(body);
+  // The state two rounds back can no longer be needed for a re-run.
+  if (plan.round >= 2) {
+    std::error_code ec;
+    fs::remove(ws.state() / state_name(plan.round - 2), ec);
+  }
+  return result;
+}
+
+} // namespace fedl::core

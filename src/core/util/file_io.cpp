@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/util/file_io.hpp"
+
+#include "core/util/error.hpp"
+
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <random>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core {
+
+namespace {
+
+std::string
+errno_text(int err)
+{
+  return std::strerror(err);
+}
+
+// Finishes and frees `ctx`; the digest as lowercase hex.
+std::string
+finish_hex(EVP_MD_CTX* ctx)
+{
+  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx, md.data(), &len);
+  EVP_MD_CTX_free(ctx);
+  std::string hex;
+  hex.reserve(len * 2);
+  for (unsigned int i = 0; i < len; ++i) {
+    hex += fmt::format("{:02x}", md[i]);
+  }
+  return hex;
+}
+
+} // namespace
+
+MappedFile::MappedFile(const fs::path& path) : m_path(path)
+{
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    throw Error("cannot open {}: {}", path.string(), errno_text(errno));
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) {
+    throw Error("cannot stat {}: {}", path.string(), errno_text(errno));
+  }
+  if (S_ISDIR(st.st_mode)) {
+    throw Error("{} is a directory, not a file", path.string());
+  }
+  m_size = static_cast<std::size_t>(st.st_size);
+  if (m_size == 0) {
+    return;
+  }
+  void* p = ::mmap(nullptr, m_size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  if (p == MAP_FAILED) {
+    throw Error("cannot read {}: {}", path.string(), errno_text(errno));
+  }
+  m_data = static_cast<const std::byte*>(p);
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept
+  : m_path(std::move(other.m_path)),
+    m_data(std::exchange(other.m_data, nullptr)),
+    m_size(std::exchange(other.m_size, 0))
+{
+}
+
+MappedFile&
+MappedFile::operator=(MappedFile&& other) noexcept
+{
+  if (this != &other) {
+    if (m_data != nullptr) {
+      ::munmap(const_cast<std::byte*>(m_data), m_size);
+    }
+    m_path = std::move(other.m_path);
+    m_data = std::exchange(other.m_data, nullptr);
+    m_size = std::exchange(other.m_size, 0);
+  }
+  return *this;
+}
+
+void
+MappedFile::release() const noexcept
+{
+  if (m_data != nullptr && m_size > 0) {
+    ::madvise(const_cast<std::byte*>(m_data), m_size, MADV_DONTNEED);
+  }
+}
+
+MappedFile::~MappedFile()
+{
+  if (m_data != nullptr) {
+    ::munmap(const_cast<std::byte*>(m_data), m_size);
+  }
+}
+
+bool
+is_gzip(std::span<const std::byte> bytes) noexcept
+{
+  return bytes.size() >= 2 && bytes[0] == std::byte{0x1f} && bytes[1] == std::byte{0x8b};
+}
+
+std::vector<std::byte>
+read_maybe_gzip(const fs::path& path, std::size_t max_size)
+{
+  const MappedFile file(path);
+  const auto in = file.bytes();
+  if (!is_gzip(in)) {
+    return {in.begin(), in.end()};
+  }
+  z_stream zs{};
+  // 16 + MAX_WBITS: gzip wrapper only. Concatenated members are handled by the loop below.
+  if (inflateInit2(&zs, 16 + MAX_WBITS) != Z_OK) {
+    throw Error("cannot start gzip decoder for {}", path.string());
+  }
+  std::vector<std::byte> out;
+  out.resize(std::min<std::size_t>(std::max<std::size_t>(in.size() * 4, 1 << 16), max_size));
+  zs.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
+  std::size_t remaining_in = in.size();
+  std::size_t produced = 0;
+  int rc = Z_OK;
+  for (;;) {
+    if (produced == out.size()) {
+      if (out.size() >= max_size) {
+        inflateEnd(&zs);
+        throw VerifyError("{}: gzip content is larger than the limit of {} bytes", path.string(), max_size);
+      }
+      out.resize(std::min(out.size() * 2, max_size));
+    }
+    const auto in_chunk = static_cast<uInt>(std::min<std::size_t>(remaining_in, 1U << 30));
+    const auto out_chunk = static_cast<uInt>(std::min<std::size_t>(out.size() - produced, 1U << 30));
+    zs.avail_in = in_chunk;
+    zs.next_out = reinterpret_cast<Bytef*>(out.data() + produced);
+    zs.avail_out = out_chunk;
+    rc = inflate(&zs, Z_NO_FLUSH);
+    remaining_in -= in_chunk - zs.avail_in;
+    produced += out_chunk - zs.avail_out;
+    if (rc == Z_STREAM_END) {
+      if (remaining_in == 0) {
+        break;
+      }
+      // Another gzip member follows (as `cat a.gz b.gz` makes).
+      if (inflateReset(&zs) != Z_OK) {
+        break;
+      }
+      continue;
+    }
+    if (rc == Z_BUF_ERROR && remaining_in == 0) {
+      inflateEnd(&zs);
+      throw VerifyError("{}: gzip data is truncated (the file ends mid-stream); fetch or copy it again",
+                        path.string());
+    }
+    if (rc != Z_OK && rc != Z_BUF_ERROR) {
+      const std::string msg = zs.msg != nullptr ? zs.msg : "unknown error";
+      inflateEnd(&zs);
+      throw VerifyError("{}: corrupt gzip data ({})", path.string(), msg);
+    }
+  }
+  inflateEnd(&zs);
+  out.resize(produced);
+  return out;
+}
+
+void
+atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> parts, FileMode mode)
+{
+  const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  std::random_device rd;
+  const fs::path tmp = dir / fmt::format(".{}.tmp-{:08x}", path.filename().string(), rd());
+  const bool secret = mode == FileMode::secret;
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (secret ? O_NOFOLLOW : 0),
+                     secret ? 0600 : 0644));
+  if (fd.get() < 0) {
+    throw Error("cannot write {}: {}", path.string(), errno_text(errno));
+  }
+  auto fail = [&](const char* what, int err) {
+    ::unlink(tmp.c_str());
+    throw Error("cannot write {}: {} ({})", path.string(), errno_text(err), what);
+  };
+  if (secret && ::fchmod(fd.get(), 0600) != 0) {
+    fail("chmod", errno);
+  }
+  for (const auto part : parts) {
+    const std::byte* p = part.data();
+    std::size_t left = part.size();
+    while (left > 0) {
+      const ssize_t n = ::write(fd.get(), p, left);
+      if (n < 0) {
+        if (errno == EINTR) {
+          continue;
+        }
+        fail("write", errno);
+      }
+      p += n;
+      left -= static_cast<std::size_t>(n);
+    }
+  }
+  if (::fsync(fd.get()) != 0) {
+    fail("fsync", errno);
+  }
+  if (::close(fd.release()) != 0) {
+    fail("close", errno);
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    fail("rename", errno);
+  }
+  UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dfd.get() >= 0) {
+    ::fsync(dfd.get());
+  }
+}
+
+void
+atomic_write(const fs::path& path, std::string_view contents, FileMode mode)
+{
+  const std::array<std::span<const std::byte>, 1> parts{as_bytes(contents)};
+  atomic_write(path, parts, mode);
+}
+
+UniqueFd&
+UniqueFd::operator=(UniqueFd&& other) noexcept
+{
+  if (this != &other) {
+    reset(other.release());
+  }
+  return *this;
+}
+
+void
+UniqueFd::reset(int fd) noexcept
+{
+  if (m_fd >= 0) {
+    ::close(m_fd);
+  }
+  m_fd = fd;
+}
+
+std::string
+sha256_hex(std::span<const std::span<const std::byte>> parts)
+{
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  if (ctx == nullptr || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) {
+    EVP_MD_CTX_free(ctx);
+    throw Error("OpenSSL: cannot start SHA-256");
+  }
+  for (const auto part : parts) {
+    EVP_DigestUpdate(ctx, part.data(), part.size());
+  }
+  return finish_hex(ctx);
+}
+
+std::string
+sha256_hex(std::span<const std::byte> bytes)
+{
+  const std::array<std::span<const std::byte>, 1> parts{bytes};
+  return sha256_hex(parts);
+}
+
+std::string
+file_sha256(const fs::path& path)
+{
+  // read() rather than mmap: hashing a large file must not leave it resident in this process.
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    throw Error("cannot open {}: {}", path.string(), errno_text(errno));
+  }
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  if (ctx == nullptr || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) {
+    EVP_MD_CTX_free(ctx);
+    throw Error("OpenSSL: cannot start SHA-256");
+  }
+  std::vector<std::byte> buf(std::size_t{1} << 20);
+  for (;;) {
+    const auto n = ::read(fd.get(), buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      const int err = errno;
+      EVP_MD_CTX_free(ctx);
+      throw Error("cannot read {}: {}", path.string(), errno_text(err));
+    }
+    if (n == 0) {
+      break;
+    }
+    EVP_DigestUpdate(ctx, buf.data(), static_cast<std::size_t>(n));
+  }
+  return finish_hex(ctx);
+}
+
+} // namespace fedl::core

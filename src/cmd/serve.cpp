@@ -6,6 +6,7 @@
 
 #include "cmd/common.hpp"
 #include "core/net/child.hpp"
+#include "core/net/trainer_protocol.hpp"
 #include "core/federation/coordinator.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
@@ -65,38 +66,27 @@ default_eval_data(const core::Workspace& ws)
 class ChildEvaluator
 {
 public:
-  explicit ChildEvaluator(std::vector<std::string> argv) : m_argv(std::move(argv)) {}
+  explicit ChildEvaluator(std::vector<std::string> argv) : m_trainer(std::move(argv)) {}
 
   nlohmann::json operator()(const fs::path& model)
   {
     const std::lock_guard lock(m_mutex);
     try {
-      if (!m_child || !m_child->running()) {
-        m_child.emplace(m_argv);
-      }
       const core::MappedFile file(model);
-      const auto bytes = file.bytes();
-      m_child->send(core::FrameType::eval, nlohmann::json::object(), std::span(&bytes, 1));
-      core::FrameLimits limits;
-      limits.allow(core::FrameType::result).allow(core::FrameType::error);
-      auto reply = m_child->receive(limits);
-      if (reply.type == core::FrameType::error) {
-        throw core::Error("{}", reply.header.value("message", std::string("evaluation failed")));
+      const auto answer = m_trainer.evaluate(file.bytes());
+      if (const auto* e = std::get_if<core::ChildError>(&answer)) {
+        throw core::Error("{}", e->message);
       }
-      return reply.header;
+      return std::get<core::EvalResult>(answer).to_header();
     } catch (const std::exception& e) {
       FEDL_LOG_WARN("evaluating {} failed: {}", model.string(), e.what());
-      if (m_child) {
-        m_child->kill();
-        m_child.reset();
-      }
+      m_trainer.kill();
       return {{"error", e.what()}};
     }
   }
 
 private:
-  std::vector<std::string> m_argv;
-  std::optional<core::WorkerProcess> m_child;
+  core::TrainerClient m_trainer;
   std::mutex m_mutex;
 };
 

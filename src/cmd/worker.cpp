@@ -3,18 +3,14 @@
 // the network process never loads LibTorch. It reads frames (core/net/frame.hpp) on stdin and answers
 // each on stdout; its log goes to stderr, which it shares with its parent.
 //
-//   TASK   {"round": N, "seed": S, "training": {"epochs", "batch_size", "lr", "optimizer",
-//           "momentum", "prox_mu", ["dp": {"noise_multiplier", "max_grad_norm", "delta"}]},
-//           ["budget": {"max_epsilon": E, "delta": D, "spent": RDP account}]}, body: a fedl model
-//     ->   UPDATE {"round": N, "num_samples", "steps", "seconds", and "loss", or with DP-SGD "dp":
-//          its report in place of the loss},
-//          body: the update file, as `fedl train --model M --out U --seed S` writes it plus
-//          fedl.round=N, unsigned. With a budget, a task whose DP-SGD would take the site's
-//          account (spent + this run) past E at D is refused before training (ERROR, code 4).
-//   EVAL   {}, body: a fedl model file
-//     ->   RESULT {"accuracy", "loss", "samples", "seconds"}, as `fedl eval` computes them
-//   a task that fails -> ERROR {"message", "code": the exit code fedl would give, "class": the
-//          core/contract ReasonClass of the step that failed}; it goes on
+// The messages are core/net/trainer_protocol.hpp's:
+//   TASK (TrainTask, body: a fedl model) -> UPDATE (TrainResult, body: the update file, as
+//          `fedl train --model M --out U --seed S` writes it plus fedl.round=N, unsigned). With
+//          a budget, a task whose DP-SGD would take the site's account (spent + this run) past
+//          its --max-epsilon is refused before training (ERROR, code 4).
+//   EVAL (body: a fedl model) -> RESULT (EvalResult), as `fedl eval` computes it
+//   a task that fails -> ERROR (ChildError: the message, the exit code fedl would give, and the
+//          ReasonClass of the step that failed); it goes on
 //
 // End of file on stdin ends it (exit 0); a bad frame (ProtocolError) or a parent that stopped
 // reading ends it with exit 1. The data is loaded once; the backend and the model are kept from
@@ -27,6 +23,7 @@
 #include "core/trust/contract.hpp"
 #include "core/util/error.hpp"
 #include "core/net/frame.hpp"
+#include "core/net/trainer_protocol.hpp"
 #include "core/util/log.hpp"
 
 #include <CLI/CLI.hpp>
@@ -63,19 +60,6 @@ struct OutputGone
 {
   std::string message;
 };
-
-// An unsigned integer field of a frame header; the parent is fedl itself, so a missing or
-// mistyped field is a protocol violation, not a task that failed.
-std::uint64_t
-header_uint(const nlohmann::json& header, const char* key, core::FrameType type)
-{
-  const auto it = header.find(key);
-  if (it == header.end() || !it->is_number_unsigned()) {
-    throw core::ProtocolError(
-      fmt::format("{} frame header has no unsigned integer \"{}\": {}", core::frame_type_name(type), key, header.dump()));
-  }
-  return it->get<std::uint64_t>();
-}
 
 class Worker
 {
@@ -146,33 +130,28 @@ private:
     // A warning: the parent reports the failure; this process carries on.
     FEDL_LOG_WARN("worker: {} failed: {}", core::frame_type_name(frame.type), message);
     const auto cls = code == core::ExitCode::budget ? core::ReasonClass::budget : m_step;
-    reply(core::FrameType::error,
-          {{"message", message}, {"code", static_cast<int>(code)}, {"class", core::reason_class_name(cls)}});
+    reply(core::FrameType::error, core::ChildError{message, static_cast<int>(code), cls}.to_header());
   }
 
   void train(const core::Frame& frame)
   {
-    const auto round = header_uint(frame.header, "round", frame.type);
-    const auto seed = header_uint(frame.header, "seed", frame.type);
     m_step = core::ReasonClass::bad_settings;
-    const auto settings = core::training_from_json(frame.header.value("training", nlohmann::json::object()), "the task");
-    // The parent hashed the body it sends (fedl join); anyone else's hash is recomputed.
-    std::optional<std::string> base_sha256;
-    if (const auto it = frame.header.find("base_sha256"); it != frame.header.end() && it->is_string() &&
-                                                          it->get<std::string>().size() == 64) {
-      base_sha256 = it->get<std::string>();
-    }
+    // The parent hashed the body it sends (fedl join); without a hash it is computed here.
+    const auto task = core::TrainTask::from_header(frame.header);
+    const auto round = task.round;
+    const auto seed = task.seed;
+    const auto& settings = task.training;
     const auto dp = dp_plan(settings, m_data.size());
     if (dp && dp->delta * static_cast<double>(m_data.size()) >= 1) {
       // Past 1/n, (epsilon, delta)-DP allows releasing a record outright: no epsilon means anything.
       throw core::UsageError("DP-SGD delta {:g} is not below 1/{} (one over the number of samples)", dp->delta,
                              m_data.size());
     }
-    check_budget(frame.header, dp);
+    check_budget(task.budget, dp);
     // fedl join held the model to the site's contract already: what fails from here is the site's
     // data against it (a label past the model's classes, another feature count).
     m_step = core::ReasonClass::data_mismatch;
-    auto m = open(frame.body, fmt::format("the round {} model", round), seed, base_sha256);
+    auto m = open(frame.body, fmt::format("the round {} model", round), seed, task.base_sha256);
     const auto base = update_base(m);
     const auto t0 = uptime_seconds();
     const auto result = train_model(m, m_data, settings, seed,
@@ -198,29 +177,24 @@ private:
     FEDL_LOG_INFO("round {}: trained {} for {} epochs on {} samples: loss {:.4f}, {:.1f} s", round, m.arch,
                   settings.epochs, m_data.size(), result.loss, seconds);
     m_model.emplace(std::move(m));
-    nlohmann::json header = {{"round", round}, {"num_samples", m_data.size()}, {"steps", result.steps}, {"seconds", seconds}};
+    core::TrainResult done{round, m_data.size(), result.steps, seconds, std::nullopt, std::nullopt};
     if (dp) {
-      header["dp"] = dp->to_json(); // and no loss: it was computed on the private data without noise
+      done.dp = dp->to_json(); // and no loss: it was computed on the private data without noise
     } else {
-      header["loss"] = result.loss;
+      done.loss = result.loss;
     }
     m_step = core::ReasonClass::internal;
-    reply(core::FrameType::update, header, body);
+    reply(core::FrameType::update, done.to_header(), body);
   }
 
   // A task's "budget" (the site's --max-epsilon): refuses, before training, a run that would take
   // the site's account past it. The parent writes the account; this only projects.
-  static void check_budget(const nlohmann::json& header, const std::optional<core::DpSgdReport>& dp)
+  static void check_budget(const std::optional<nlohmann::json>& budget, const std::optional<core::DpSgdReport>& dp)
   {
-    const auto it = header.find("budget");
-    if (it == header.end()) {
+    if (!budget) {
       return;
     }
-    const auto& b = *it;
-    if (!b.is_object() || !b.contains("max_epsilon") || !b["max_epsilon"].is_number() || !b.contains("delta") ||
-        !b["delta"].is_number() || !b.contains("spent")) {
-      throw core::ProtocolError(fmt::format("TASK frame has a malformed budget: {}", b.dump()));
-    }
+    const auto& b = *budget;
     const double max_epsilon = b["max_epsilon"].get<double>();
     const double delta = b["delta"].get<double>();
     if (!dp) {
@@ -248,8 +222,7 @@ private:
     const double seconds = uptime_seconds() - t0;
     FEDL_LOG_INFO("evaluated {} on {} samples: accuracy {:.4f}, loss {:.4f}", m.arch, r.samples, r.accuracy, r.loss);
     m_model.emplace(std::move(m));
-    reply(core::FrameType::result,
-          {{"accuracy", r.accuracy}, {"loss", r.loss}, {"samples", r.samples}, {"seconds", seconds}});
+    reply(core::FrameType::result, core::EvalResult{r.accuracy, r.loss, r.samples, seconds}.to_header());
   }
 
   // Opens the model in `bytes` on the backend (loaded on first use), reusing the last model.

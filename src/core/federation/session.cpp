@@ -3,6 +3,7 @@
 
 #include "core/net/child.hpp"
 #include "core/net/connection.hpp"
+#include "core/net/trainer_protocol.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
@@ -107,7 +108,9 @@ private:
   void on_frame(FrameType type, json& header, const FramedConnection::BodySink& sink);
   void on_task(Job job);
   void on_close(const std::string& reason);
-  void on_trained(const Job& job, std::optional<Frame> reply, const std::optional<Failure>& failure);
+  // The trainer's answer to `job`: its result and the update's bytes, or why there is none.
+  void on_trained(const Job& job, std::optional<TrainResult> result, std::vector<std::byte> body,
+                  const std::optional<Failure>& failure);
   // Tells the coordinator that this site sends no update for a task: the reason class, and the
   // detail only if `tell_detail` (it says nothing of the site's data: a task setting, a contract).
   void refuse(std::uint64_t task, std::uint64_t round, ReasonClass cls, const std::string& detail, bool tell_detail);
@@ -531,7 +534,8 @@ Site::sign(std::vector<std::byte> bytes)
 }
 
 void
-Site::on_trained(const Job& job, std::optional<Frame> reply, const std::optional<Failure>& failure)
+Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<std::byte> body,
+                 const std::optional<Failure>& failure)
 {
   if (job.serial != m_busy_serial) {
     return; // cancelled: a newer task, or a lost connection (whose task is asked for again)
@@ -556,34 +560,25 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::optional
   std::uint64_t attempt = 0;
   try {
     attempt = header_uint(job.header, "attempt");
-    if (failure || !reply) {
+    if (failure && failure->cls == ReasonClass::budget) {
+      FEDL_LOG_ERROR("round {}: refusing the task: {}", job.round, failure->text);
+      stop_for_budget(job);
+      return;
+    }
+    if (failure || !result) {
+      // The trainer's words may quote the site's data (a label, a path): they stay here, unless
+      // the failure is about the task alone.
       refuse(job.task, job.round, failure ? failure->cls : ReasonClass::internal,
              failure ? failure->text : std::string("the trainer did not answer"), failure && failure->tell);
       return;
     }
-    if (reply->type != FrameType::update) {
-      const auto message = valid_utf8(reply->header.value("message", std::string("the trainer failed")));
-      const auto cls = header_int(reply->header, "code", 1) == static_cast<int>(ExitCode::budget)
-                         ? ReasonClass::budget
-                         : reason_class_from_name(reply->header.value("class", std::string()));
-      if (cls == ReasonClass::budget) {
-        FEDL_LOG_ERROR("round {}: refusing the task: {}", job.round, message);
-        stop_for_budget(job);
-        return;
-      }
-      // The trainer's words may quote the site's data (a label, a path): they stay here.
-      refuse(job.task, job.round, cls, message, false);
-      return;
-    }
-    metrics = {{"num_samples", header_uint(reply->header, "num_samples")},
-               {"steps", header_uint(reply->header, "steps")},
-               {"seconds", header_number(reply->header, "seconds", 0.0)}};
+    metrics = {{"num_samples", result->num_samples}, {"steps", result->steps}, {"seconds", result->seconds}};
     // Absent under DP-SGD: the trainer keeps the loss of private data to itself.
-    if (reply->header.contains("loss")) {
-      metrics["loss"] = header_number(reply->header, "loss", 0.0);
+    if (result->loss) {
+      metrics["loss"] = *result->loss;
     }
-    if (m_account && reply->header.contains("dp")) {
-      const auto report = DpSgdReport::from_json(reply->header["dp"], "the trainer's DP-SGD report");
+    if (m_account && result->dp) {
+      const auto report = DpSgdReport::from_json(*result->dp, "the trainer's DP-SGD report");
       if (m_s.max_epsilon) {
         // Checked again now, as one step with the append and the send: the budget the trainer
         // was given may predate an update sent since.
@@ -611,7 +606,7 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::optional
     } else if (m_s.max_epsilon) {
       throw Error("the trainer sent no DP-SGD report for a task under this site's budget");
     }
-    u = sign(std::move(reply->body));
+    u = sign(std::move(body));
   } catch (const std::exception& e) {
     refuse(job.task, job.round, ReasonClass::internal, e.what(), false);
     return;
@@ -631,18 +626,20 @@ Site::on_trained(const Job& job, std::optional<Frame> reply, const std::optional
 void
 Site::trainer_loop()
 {
-  std::unique_ptr<WorkerProcess> worker;
+  TrainerClient trainer(m_s.trainer_argv);
+  bool started = false;
   for (;;) {
     Job job;
     {
       std::unique_lock lock(m_mutex);
       const auto ready = [&] { return m_stopping || m_next_job.has_value(); };
-      if (worker && m_s.trainer_idle > 0) {
+      if (started && m_s.trainer_idle > 0) {
         // An idle trainer gives its memory back after a while (edge boxes, many sites per host).
         if (!m_cv.wait_for(lock, std::chrono::duration<double>(m_s.trainer_idle), ready)) {
           lock.unlock();
           FEDL_LOG_DEBUG("stopping the idle trainer ({} s without a task)", m_s.trainer_idle);
-          worker.reset();
+          trainer.stop();
+          started = false;
           continue;
         }
       } else {
@@ -654,64 +651,50 @@ Site::trainer_loop()
       job = std::move(*m_next_job);
       m_next_job.reset();
     }
-    std::optional<Frame> reply;
+    std::optional<TrainResult> result;
+    std::vector<std::byte> body;
     std::optional<Failure> failure;
     try {
       // The site hashes the model it was sent, always: the update it signs names that base.
-      const auto base_sha256 = sha256_hex(*job.model);
-      if (const auto it = job.header.find("base_sha256"); it != job.header.end() && *it != base_sha256) {
+      TrainTask task{job.round, header_uint(job.header, "seed"), job.training, sha256_hex(*job.model), job.budget};
+      if (const auto it = job.header.find("base_sha256"); it != job.header.end() && *it != *task.base_sha256) {
         throw Failure{ReasonClass::bad_model, "the task's base_sha256 is not the SHA-256 of its model", true};
       }
-      if (!worker || !worker->running()) {
-        if (worker) {
-          FEDL_LOG_WARN("the trainer ended ({}); starting it again", worker->exit_description().value_or("?"));
-        }
-        worker = std::make_unique<WorkerProcess>(m_s.trainer_argv);
-      }
       {
-        // Busy from here to the reply: stop_trainer() may kill it (it is not reaped meanwhile,
-        // except by receive() finding it dead, so the pid is ours).
+        // Busy from here to the reply: cancel_job() and stop_trainer() may kill it (it is not
+        // reaped meanwhile, except by the client finding it dead, so the pid is ours).
         const std::lock_guard lock(m_mutex);
         if (m_stopping) {
           return;
         }
-        m_trainer_pid = worker->pid();
+        m_trainer_pid = trainer.start();
         m_running_serial = job.serial;
-      }
-      json header = {{"round", job.round},
-                     {"seed", header_uint(job.header, "seed")},
-                     {"training", to_json(job.training)},
-                     {"base_sha256", base_sha256}};
-      if (job.budget) {
-        header["budget"] = *job.budget;
+        started = true;
       }
       // An update is the model's size plus its metadata: the trainer cannot make this process
       // allocate more than that, whatever it claims.
-      FrameLimits limits;
-      limits.allow(FrameType::update, job.model->size() + (std::uint64_t{4} << 20)).allow(FrameType::error);
-      const std::span<const std::byte> body(*job.model);
-      worker->send(FrameType::task, header, std::span(&body, 1));
-      job.model.reset();
-      reply = worker->receive(limits);
-      const std::lock_guard lock(m_mutex);
-      m_trainer_pid = -1;
-      m_running_serial = 0;
+      const auto max_update = job.model->size() + (std::uint64_t{4} << 20);
+      auto answer = trainer.train(task, *job.model, max_update, [&] { job.model.reset(); });
+      if (auto* e = std::get_if<ChildError>(&answer)) {
+        failure = Failure{e->cls, valid_utf8(e->message), false};
+      } else {
+        auto& [r, bytes] = std::get<0>(answer);
+        result = r;
+        body = std::move(bytes);
+      }
     } catch (const Failure& f) {
       failure = f;
     } catch (const std::exception& e) {
-      {
-        const std::lock_guard lock(m_mutex);
-        m_trainer_pid = -1;
-        m_running_serial = 0;
-      }
       failure = Failure{ReasonClass::internal, fmt::format("the trainer failed: {}", e.what())};
-      if (worker) {
-        worker->kill();
-      }
+    }
+    {
+      const std::lock_guard lock(m_mutex);
+      m_trainer_pid = -1;
+      m_running_serial = 0;
     }
     job.model.reset();
-    asio::post(m_io, [this, job = std::move(job), reply = std::move(reply), failure]() mutable {
-      on_trained(job, std::move(reply), failure);
+    asio::post(m_io, [this, job = std::move(job), result, body = std::move(body), failure]() mutable {
+      on_trained(job, result, std::move(body), failure);
     });
   }
 }

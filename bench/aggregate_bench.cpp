@@ -11,9 +11,9 @@
 // Files are written with write_safetensors into DIR (default: a new folder under $TMPDIR), read
 // once so that they are in the page cache, and removed at the end unless --keep.
 #include "bench_util.hpp"
+#include "core/format/safetensors.hpp"
 #include "core/math/aggregate.hpp"
 #include "core/util/error.hpp"
-#include "core/format/safetensors.hpp"
 
 #include <fmt/format.h>
 #include <fcntl.h>

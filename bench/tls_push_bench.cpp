@@ -27,9 +27,9 @@
 // (OpenSSL's default order negotiates TLS_AES_256_GCM_SHA384).
 #include "bench_util.hpp"
 #include "core/net/connection.hpp"
-#include "core/util/error.hpp"
-#include "core/trust/pki.hpp"
 #include "core/net/tls.hpp"
+#include "core/trust/pki.hpp"
+#include "core/util/error.hpp"
 
 #include <asio/io_context.hpp>
 #include <asio/ip/tcp.hpp>

@@ -6,11 +6,11 @@
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
-#include "core/math/aggregate.hpp"
 #include "core/config/config.hpp"
-#include "core/util/error.hpp"
 #include "core/federation/round.hpp"
+#include "core/math/aggregate.hpp"
 #include "core/trust/workspace.hpp"
+#include "core/util/error.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -15,14 +15,14 @@
 
 #include "cmd/common.hpp"
 #include "core/math/accountant.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/trust/ledger.hpp"
+#include "core/trust/pki.hpp"
+#include "core/trust/receipt.hpp"
+#include "core/trust/workspace.hpp"
 #include "core/util/clock.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/trust/ledger.hpp"
-#include "core/trust/pki.hpp"
-#include "core/privacy/privacy.hpp"
-#include "core/trust/receipt.hpp"
-#include "core/trust/workspace.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -6,13 +6,13 @@
 
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
-#include "core/math/aggregate.hpp"
 #include "core/config/config.hpp"
-#include "core/util/error.hpp"
-#include "core/util/log.hpp"
 #include "core/format/model_spec.hpp"
 #include "core/format/partition.hpp"
+#include "core/math/aggregate.hpp"
 #include "core/trust/workspace.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

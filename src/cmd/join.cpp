@@ -4,12 +4,12 @@
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
+#include "core/federation/session.hpp"
 #include "core/net/child.hpp"
+#include "core/trust/pki.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
-#include "core/trust/pki.hpp"
-#include "core/federation/session.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "cmd/model_io.hpp"
 
-#include "core/util/error.hpp"
 #include "core/format/model_spec.hpp"
+#include "core/util/error.hpp"
 
 #include <fmt/format.h>
 

@@ -8,9 +8,9 @@
 #include "backends/loader.hpp"
 #include "core/config/config.hpp"
 #include "core/format/dataset.hpp"
-#include "core/privacy/privacy.hpp"
 #include "core/format/safetensors.hpp"
 #include "core/format/tensor.hpp"
+#include "core/privacy/privacy.hpp"
 
 #include <cstdint>
 #include <filesystem>

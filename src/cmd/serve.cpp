@@ -5,13 +5,13 @@
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
+#include "core/federation/coordinator.hpp"
+#include "core/federation/round.hpp"
 #include "core/net/child.hpp"
 #include "core/net/trainer_protocol.hpp"
-#include "core/federation/coordinator.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
-#include "core/federation/round.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

@@ -5,10 +5,10 @@
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
 #include "cmd/model_io.hpp"
-#include "core/util/error.hpp"
-#include "core/util/log.hpp"
 #include "core/trust/pki.hpp"
 #include "core/trust/update.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>

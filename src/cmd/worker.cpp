@@ -20,10 +20,10 @@
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
 #include "cmd/model_io.hpp"
-#include "core/trust/contract.hpp"
-#include "core/util/error.hpp"
 #include "core/net/frame.hpp"
 #include "core/net/trainer_protocol.hpp"
+#include "core/trust/contract.hpp"
+#include "core/util/error.hpp"
 #include "core/util/log.hpp"
 
 #include <CLI/CLI.hpp>

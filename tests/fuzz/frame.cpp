@@ -5,8 +5,8 @@
 // whole frames from a pipe with read_frame.
 #include "fuzz.hpp"
 
-#include "core/util/error.hpp"
 #include "core/net/frame.hpp"
+#include "core/util/error.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>

@@ -9,11 +9,11 @@
 // bad entry; anything else escapes and is a finding.
 #include "fuzz.hpp"
 
+#include "core/privacy/privacy.hpp"
+#include "core/trust/ledger.hpp"
+#include "core/trust/workspace.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/trust/ledger.hpp"
-#include "core/privacy/privacy.hpp"
-#include "core/trust/workspace.hpp"
 
 using namespace fedl;
 

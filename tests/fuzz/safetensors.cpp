@@ -7,10 +7,10 @@
 // metadata is then read as the coordinator reads a site's (round.cpp check_dp).
 #include "fuzz.hpp"
 
-#include "core/util/error.hpp"
-#include "core/privacy/privacy.hpp"
 #include "core/format/safetensors.hpp"
+#include "core/privacy/privacy.hpp"
 #include "core/trust/update.hpp"
+#include "core/util/error.hpp"
 
 #include <algorithm>
 #include <cstring>

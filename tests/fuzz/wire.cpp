@@ -27,10 +27,10 @@
 #include "fuzz.hpp"
 
 #include "core/config/config.hpp"
-#include "core/util/error.hpp"
 #include "core/net/frame.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/receipt.hpp"
+#include "core/util/error.hpp"
 #include "core/util/text.hpp"
 
 #include <algorithm>

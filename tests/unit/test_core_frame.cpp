@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "core/net/frame.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/net/frame.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // The ledger's chain and signature checks, with a keyed-hash stand-in for the signer (the
 // real Ed25519 signer is tested with the PKI and end to end with fedl audit).
+#include "core/trust/ledger.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/trust/ledger.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

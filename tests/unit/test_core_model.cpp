@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/util/error.hpp"
 #include "core/format/model_spec.hpp"
 #include "core/format/tensor.hpp"
+#include "core/util/error.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/format/dataset.hpp"
+#include "core/format/partition.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/format/partition.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "core/trust/pki.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/trust/pki.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/util/error.hpp"
 #include "core/math/noise.hpp"
-#include "core/trust/pki.hpp"
 #include "core/privacy/privacy.hpp"
+#include "core/trust/pki.hpp"
+#include "core/util/error.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

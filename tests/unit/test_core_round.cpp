@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/util/error.hpp"
-#include "core/util/file_io.hpp"
+#include "core/federation/round.hpp"
 #include "core/trust/pki.hpp"
 #include "core/trust/receipt.hpp"
-#include "core/federation/round.hpp"
-#include "core/util/text.hpp"
 #include "core/trust/update.hpp"
 #include "core/trust/workspace.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/util/text.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/util/error.hpp"
 #include "core/format/safetensors.hpp"
+#include "core/util/error.hpp"
 #include "testutil.hpp"
 
 #include <doctest/doctest.h>

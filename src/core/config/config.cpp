@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/config/config.hpp"
 
-#include "core/math/accountant.hpp"
 #include "core/format/dataset.hpp"
+#include "core/math/accountant.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/text.hpp"

@@ -1,14 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/coordinator.hpp"
 
-#include "core/util/clock.hpp"
+#include "core/federation/round.hpp"
 #include "core/net/connection.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/trust/receipt.hpp"
+#include "core/util/clock.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
-#include "core/privacy/privacy.hpp"
-#include "core/trust/receipt.hpp"
-#include "core/federation/round.hpp"
 #include "core/util/text.hpp"
 
 #include <asio/ip/tcp.hpp>

@@ -9,8 +9,8 @@
 // while a large model is aggregated.
 #pragma once
 
-#include "core/math/aggregate.hpp"
 #include "core/config/config.hpp"
+#include "core/math/aggregate.hpp"
 #include "core/net/tls.hpp"
 #include "core/trust/workspace.hpp"
 

@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/round.hpp"
 
+#include "core/trust/pki.hpp"
+#include "core/trust/update.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
-#include "core/trust/pki.hpp"
 #include "core/util/text.hpp"
-#include "core/trust/update.hpp"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>

@@ -18,12 +18,12 @@
 // round number and the base cannot change in between.
 #pragma once
 
-#include "core/math/aggregate.hpp"
 #include "core/config/config.hpp"
-#include "core/util/error.hpp"
-#include "core/privacy/privacy.hpp"
 #include "core/format/safetensors.hpp"
+#include "core/math/aggregate.hpp"
+#include "core/privacy/privacy.hpp"
 #include "core/trust/workspace.hpp"
+#include "core/util/error.hpp"
 
 #include <nlohmann/json.hpp>
 

@@ -1,18 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/session.hpp"
 
+#include "core/format/safetensors.hpp"
 #include "core/net/child.hpp"
 #include "core/net/connection.hpp"
 #include "core/net/trainer_protocol.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/trust/pki.hpp"
+#include "core/trust/receipt.hpp"
+#include "core/trust/update.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
-#include "core/trust/pki.hpp"
-#include "core/privacy/privacy.hpp"
-#include "core/trust/receipt.hpp"
-#include "core/format/safetensors.hpp"
 #include "core/util/text.hpp"
-#include "core/trust/update.hpp"
 
 #include <asio/connect.hpp>
 #include <asio/ip/tcp.hpp>

@@ -5,8 +5,8 @@
 // and sends it back. The trainer never touches the network; the session never runs LibTorch.
 #pragma once
 
-#include "core/trust/contract.hpp"
 #include "core/net/tls.hpp"
+#include "core/trust/contract.hpp"
 
 #include <nlohmann/json.hpp>
 

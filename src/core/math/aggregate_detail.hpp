@@ -3,8 +3,8 @@
 // their bytes, in place or with pread() from the files that are mapped.
 #pragma once
 
-#include "core/math/aggregate.hpp"
 #include "core/format/safetensors.hpp"
+#include "core/math/aggregate.hpp"
 
 #include <sys/mman.h>
 #include <unistd.h>

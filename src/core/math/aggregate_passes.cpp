@@ -3,8 +3,8 @@
 // space, its split among threads, the vectorized loops (with AVX2 clones) and the server step.
 #include "core/math/aggregate.hpp"
 #include "core/math/aggregate_detail.hpp"
-#include "core/util/error.hpp"
 #include "core/math/noise.hpp"
+#include "core/util/error.hpp"
 
 #include <algorithm>
 #include <array>

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/privacy/privacy.hpp"
 
+#include "core/trust/ledger.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/trust/ledger.hpp"
 #include "core/util/log.hpp"
 #include "core/util/text.hpp"
 

@@ -16,8 +16,8 @@
 //                      the larger of it and what the coordinator's ledger says it spent.
 #pragma once
 
-#include "core/math/accountant.hpp"
 #include "core/config/config.hpp"
+#include "core/math/accountant.hpp"
 #include "core/trust/pki.hpp"
 
 #include <nlohmann/json.hpp>

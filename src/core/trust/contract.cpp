@@ -2,9 +2,9 @@
 #include "core/trust/contract.hpp"
 
 #include "core/format/dataset.hpp"
+#include "core/trust/ledger.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
-#include "core/trust/ledger.hpp"
 #include "core/util/text.hpp"
 
 #include <fmt/format.h>
@@ -34,6 +34,18 @@ std::string
 tensor_text(const TensorSpec& t)
 {
   return fmt::format("{} {} [{}]", t.name, dtype_name(t.dtype), fmt::join(t.shape, ","));
+}
+
+// A model's tensors as a contract lists them: name, dtype and shape, in name order.
+std::vector<TensorSpec>
+specs_of(const Safetensors& model)
+{
+  std::vector<TensorSpec> out;
+  for (const auto& t : model.tensors) {
+    out.push_back({t.name, t.dtype, t.shape});
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  return out;
 }
 
 template<typename T>
@@ -218,10 +230,7 @@ make_contract(const FederationConfig& config, const Safetensors& initial, std::o
   c.arch = config.model.arch;
   c.input_shape = shape_to_string(config.model.input_shape);
   c.classes = config.model.classes;
-  for (const auto& t : initial.tensors) {
-    c.tensors.push_back({t.name, t.dtype, t.shape});
-  }
-  std::sort(c.tensors.begin(), c.tensors.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  c.tensors = specs_of(initial);
   c.max_epochs = config.training.epochs;
   c.max_batch_size = config.training.batch_size;
   c.min_dp = config.training.dp;
@@ -274,11 +283,7 @@ check_task_model(const SiteContract& c, const Safetensors& m)
   if (c.tensors.empty()) {
     return; // a contract that lists no tensors (none of fedl's) leaves them to the trainer
   }
-  std::vector<TensorSpec> have;
-  for (const auto& t : m.tensors) {
-    have.push_back({t.name, t.dtype, t.shape});
-  }
-  std::sort(have.begin(), have.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  const auto have = specs_of(m);
   if (have == c.tensors) {
     return;
   }

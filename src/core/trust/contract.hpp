@@ -9,8 +9,8 @@
 #pragma once
 
 #include "core/config/config.hpp"
-#include "core/trust/pki.hpp"
 #include "core/format/safetensors.hpp"
+#include "core/trust/pki.hpp"
 
 #include <nlohmann/json.hpp>
 

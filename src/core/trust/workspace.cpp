@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/trust/workspace.hpp"
 
-#include "core/trust/contract.hpp"
 #include "core/format/dataset.hpp"
+#include "core/trust/contract.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 

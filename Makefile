@@ -7,7 +7,8 @@ CMAKE_FLAGS ?=
 PREFIX ?= /usr/local
 FEDL = $(BUILD)/src/fedl
 
-.PHONY: all setup configure build test unit e2e docs demo bench install completions clean asan tsan
+.PHONY: all setup configure build test unit e2e docs demo bench install completions clean asan tsan format \
+	format-check
 
 all: build
 
@@ -95,6 +96,18 @@ soak: build
 
 install: build
 	@cmake --install $(BUILD)
+
+# The sources in the style of .clang-format (clang-format 14 from Debian): format rewrites them,
+# format-check lists the files that differ and fails.
+FORMAT_FILES = git ls-files 'src/*.cpp' 'src/*.hpp' 'src/*.h' 'tests/*.cpp' 'tests/*.hpp' 'bench/*.cpp' 'bench/*.hpp'
+format:
+	@./scripts/setup-debian.sh clang-format
+	@$(FORMAT_FILES) | xargs clang-format -i
+
+format-check:
+	@./scripts/setup-debian.sh clang-format
+	@bad=$$($(FORMAT_FILES) | while read -r f; do clang-format "$$f" | cmp -s "$$f" - || echo "$$f"; done); \
+	  if [ -n "$$bad" ]; then echo "not formatted (run make format):"; echo "$$bad"; exit 1; fi
 
 # Regenerates the committed completion scripts from the CLI definition.
 completions: build

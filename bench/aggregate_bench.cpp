@@ -15,8 +15,8 @@
 #include "core/math/aggregate.hpp"
 #include "core/util/error.hpp"
 
-#include <fmt/format.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -385,7 +385,8 @@ measure_rss(const fs::path& dir, std::size_t n)
     ::close(fds[1]);
     const auto nn = std::to_string(n);
     const auto d = dir.string();
-    ::execl("/proc/self/exe", "fedl_aggregate_bench", "--rss-child", d.c_str(), nn.c_str(), static_cast<char*>(nullptr));
+    ::execl("/proc/self/exe", "fedl_aggregate_bench", "--rss-child", d.c_str(), nn.c_str(),
+            static_cast<char*>(nullptr));
     std::_Exit(127);
   }
   ::close(fds[1]);
@@ -399,7 +400,8 @@ measure_rss(const fs::path& dir, std::size_t n)
   int status = 0;
   ::waitpid(pid, &status, 0);
   RssResult r;
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || std::sscanf(text.c_str(), "%ld %ld", &r.before_kb, &r.peak_kb) != 2) {
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 ||
+      std::sscanf(text.c_str(), "%ld %ld", &r.before_kb, &r.peak_kb) != 2) {
     return std::nullopt;
   }
   return r;
@@ -409,7 +411,8 @@ measure_rss(const fs::path& dir, std::size_t n)
 std::optional<double>
 run_numpy(const std::string& script, const fs::path& dir, std::size_t n, std::size_t repeat, std::string& note)
 {
-  const auto cmd = fmt::format("/usr/bin/python3 '{}' --dir '{}' --n {} --repeat {} 2>&1", script, dir.string(), n, repeat);
+  const auto cmd =
+    fmt::format("/usr/bin/python3 '{}' --dir '{}' --n {} --repeat {} 2>&1", script, dir.string(), n, repeat);
   FILE* p = ::popen(cmd.c_str(), "r");
   if (p == nullptr) {
     note = "could not start /usr/bin/python3";
@@ -465,10 +468,9 @@ try {
   write_file(dir / "base.safetensors", sizes, 999'999, 2.0F, {{"fedl.kind", "model"}});
   const auto base_sha = SafetensorsFile(dir / "base.safetensors").sha256();
   for (std::size_t i = 0; i < files_needed; ++i) {
-    write_file(update_path(dir, i), sizes, i + 1, 0.02F,
-               {{"fedl.kind", "update"},
-                {"fedl.base_sha256", base_sha},
-                {"fedl.num_samples", std::to_string(num_samples(i))}});
+    write_file(
+      update_path(dir, i), sizes, i + 1, 0.02F,
+      {{"fedl.kind", "update"}, {"fedl.base_sha256", base_sha}, {"fedl.num_samples", std::to_string(num_samples(i))}});
   }
   // Read every file once, so that all of them are in the page cache.
   {
@@ -503,9 +505,9 @@ try {
   std::vector<std::pair<std::size_t, double>> t_pread;
   for (const std::size_t kb : args.pread_kb) {
     t_pread.emplace_back(kb, time_runs([&] {
-      auto o = open_files(dir, args.n);
-      sink = sink + read_sum_pread(o.ptrs, threads, kb << 10);
-    }));
+                           auto o = open_files(dir, args.n);
+                           sink = sink + read_sum_pread(o.ptrs, threads, kb << 10);
+                         }));
   }
   // (2), (3) the strategies through fedl's API, opening the files each time as fedl does.
   struct Row
@@ -560,9 +562,9 @@ try {
     std::printf("%-62s %9.1f %8.2f %7.0f%%\n", label.c_str(), t * 1e3, gbs(t), 100.0 * t_base / t);
   }
   for (const auto& r : rows) {
-    const auto label = r.spec == "fedavg" ? "(2) fedavg via fedl::core::aggregate"
-                                          : (r.spec == "krum:1" ? "    krum:1 (N^2/2 distances; for information)"
-                                                                : "(3) " + r.spec);
+    const auto label = r.spec == "fedavg"
+                         ? "(2) fedavg via fedl::core::aggregate"
+                         : (r.spec == "krum:1" ? "    krum:1 (N^2/2 distances; for information)" : "(3) " + r.spec);
     std::printf("%-62s %9.1f %8.2f %7.0f%%\n", std::string(label).c_str(), r.seconds * 1e3, gbs(r.seconds),
                 100.0 * t_base / r.seconds);
   }
@@ -577,7 +579,8 @@ try {
     std::printf("; %.1fx faster than NumPy (target >= 3x)", *t_numpy / rows[0].seconds);
   }
   std::printf("\n\n");
-  std::printf("(4) peak RSS of one fedavg run in a fresh child process (P = %zu, model %.1f MB)\n", args.params, model_mb);
+  std::printf("(4) peak RSS of one fedavg run in a fresh child process (P = %zu, model %.1f MB)\n", args.params,
+              model_mb);
   std::printf("%6s %16s %16s %22s %6s\n", "N", "RSS open (MB)", "peak RSS (MB)", "limit 3*model+50 (MB)", "ok");
   for (const auto& [n, r] : rss) {
     const double limit = 3 * model_mb + 50;

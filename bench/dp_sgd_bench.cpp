@@ -126,8 +126,8 @@ main(int argc, char** argv)
 
     fmt::print("DP-SGD vs ordinary training: {} ({}), {} images of {}, 1 epoch, batch {}, SGD lr 0.05 "
                "momentum 0.9, sigma {} clip {}, {} threads, {} runs (alternating)\n",
-               backend->api->runtime, device, data.size(), args.images, args.batch, args.sigma, args.clip,
-               args.threads, args.runs);
+               backend->api->runtime, device, data.size(), args.images, args.batch, args.sigma, args.clip, args.threads,
+               args.runs);
     for (const auto& spec : args.models) {
       // One untimed run of each first: page faults, allocator and thread pool warm-up.
       (void)train_once(*backend, device, spec, data, plain);
@@ -146,8 +146,8 @@ main(int argc, char** argv)
       }
       const double mp = fedl::bench::median(t_plain);
       const double md = fedl::bench::median(t_priv);
-      fmt::print("{:<10} non-private {:7.3f} s (loss {:.3f})   DP-SGD {:7.3f} s (loss {:.3f})   ratio {:.2f}x\n",
-                 spec, mp, fedl::bench::median(l_plain), md, fedl::bench::median(l_priv), md / mp);
+      fmt::print("{:<10} non-private {:7.3f} s (loss {:.3f})   DP-SGD {:7.3f} s (loss {:.3f})   ratio {:.2f}x\n", spec,
+                 mp, fedl::bench::median(l_plain), md, fedl::bench::median(l_priv), md / mp);
     }
   } catch (const fedl::core::Error& e) {
     std::fprintf(stderr, "fedl_dp_sgd_bench: %s\n", e.what());

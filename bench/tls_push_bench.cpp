@@ -177,8 +177,11 @@ FrameLimits
 client_limits(std::uint64_t max_body)
 {
   FrameLimits l;
-  l.allow(FrameType::welcome).allow(FrameType::task, max_body).allow(FrameType::heartbeat).allow(FrameType::done).allow(
-    FrameType::error);
+  l.allow(FrameType::welcome)
+    .allow(FrameType::task, max_body)
+    .allow(FrameType::heartbeat)
+    .allow(FrameType::done)
+    .allow(FrameType::error);
   return l;
 }
 
@@ -259,11 +262,9 @@ connect_clients(Bench& b, const tcp::endpoint& where)
           b.last_task_in = now();
         }
         const std::span<const std::byte> body(b.update);
-        b.client_conns[i]->send(FrameType::update,
-                                {{"round", header.value("round", 0)},
-                                 {"task", header.value("task", 0)},
-                                 {"attempt", 1}},
-                                {body});
+        b.client_conns[i]->send(
+          FrameType::update, {{"round", header.value("round", 0)}, {"task", header.value("task", 0)}, {"attempt", 1}},
+          {body});
       };
       cb.on_close = [&b](const std::string& reason) {
         if (!b.stopping) {
@@ -287,14 +288,10 @@ start_round(Bench& b)
   b.round_started = now();
   const std::span<const std::byte> body(b.model);
   for (auto& c : b.server_conns) {
-    c->send(FrameType::task,
-            {{"round", b.round},
-             {"attempt", 1},
-             {"task", b.round},
-             {"deadline", 600.0},
-             {"seed", 1},
-             {"base_sha256", ""}},
-            {body});
+    c->send(
+      FrameType::task,
+      {{"round", b.round}, {"attempt", 1}, {"task", b.round}, {"deadline", 600.0}, {"seed", 1}, {"base_sha256", ""}},
+      {body});
   }
 }
 
@@ -342,9 +339,9 @@ main(int argc, char** argv)
         SSL_CTX_set_default_read_buffer_len(ctx, a.read_ahead_kb * 1024);
       }
       if (!a.ciphersuites.empty() && SSL_CTX_set_ciphersuites(ctx, a.ciphersuites.c_str()) != 1) {
-        fedl::bench::usage_error("fedl_tls_push_bench", k_usage,
-                                 fmt::format("--ciphersuites {}: not a TLS 1.3 cipher suite list OpenSSL accepts",
-                                             a.ciphersuites));
+        fedl::bench::usage_error(
+          "fedl_tls_push_bench", k_usage,
+          fmt::format("--ciphersuites {}: not a TLS 1.3 cipher suite list OpenSSL accepts", a.ciphersuites));
       }
     }
 
@@ -496,12 +493,13 @@ main(int argc, char** argv)
     } else {
       std::printf("mTLS 1.3 push over 127.0.0.1 (FramedConnection), N = %zu, P = %zu (%.1f MB model), "
                   "updates to %s, %zu rounds after %zu warm-up%s\n",
-                  a.n, a.params, static_cast<double>(bytes) / 1e6, a.dir.empty() ? "nowhere" : "files",
-                  a.repeat, a.warmup,
+                  a.n, a.params, static_cast<double>(bytes) / 1e6, a.dir.empty() ? "nowhere" : "files", a.repeat,
+                  a.warmup,
                   a.read_ahead_kb == 0 && a.ciphersuites.empty()
                     ? ""
                     : fmt::format(" (what-if: read-ahead {} KiB, suites {})", a.read_ahead_kb,
-                                  a.ciphersuites.empty() ? "default" : a.ciphersuites).c_str());
+                                  a.ciphersuites.empty() ? "default" : a.ciphersuites)
+                        .c_str());
       std::printf("  round (N models out, N updates in)  median %8.1f ms  (min %.1f, max %.1f)\n", round_med * 1e3,
                   *std::min_element(round_s.begin(), round_s.end()) * 1e3,
                   *std::max_element(round_s.begin(), round_s.end()) * 1e3);

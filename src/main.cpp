@@ -92,8 +92,8 @@ print_version()
   nlohmann::json j = {{"version", fedl::core::version_string()}, {"backends", nlohmann::json::array()}};
   std::string text = fmt::format("fedl {}\n", fedl::core::version_string());
   for (const auto& b : backends) {
-    j["backends"].push_back({{"name", b.api->name}, {"runtime", b.api->runtime}, {"path", b.path.string()},
-                             {"devices", b.devices}});
+    j["backends"].push_back(
+      {{"name", b.api->name}, {"runtime", b.api->runtime}, {"path", b.path.string()}, {"devices", b.devices}});
     text += fmt::format("backend {}: {} ({}); devices: {}\n", b.api->name, b.api->runtime, b.path.string(),
                         fmt::join(b.devices, ", "));
   }

@@ -204,9 +204,7 @@ resolve_device(const std::string& device)
   return hit;
 }
 
-Model::Model(Model&& other) noexcept : m_backend(other.m_backend), m_handle(std::exchange(other.m_handle, nullptr))
-{
-}
+Model::Model(Model&& other) noexcept : m_backend(other.m_backend), m_handle(std::exchange(other.m_handle, nullptr)) {}
 
 Model::~Model()
 {
@@ -260,7 +258,8 @@ Model::weights()
   out.reserve(count);
   for (std::size_t i = 0; i < count; ++i) {
     const auto& t = tensors[i];
-    out.push_back(core::TensorView{t.name, t.dtype == FEDL_F64 ? core::DType::f64 : core::DType::f32,
+    out.push_back(core::TensorView{t.name,
+                                   t.dtype == FEDL_F64 ? core::DType::f64 : core::DType::f32,
                                    std::vector<std::int64_t>(t.shape, t.shape + t.ndim),
                                    {static_cast<const std::byte*>(t.data), t.nbytes}});
   }

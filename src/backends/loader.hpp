@@ -58,8 +58,7 @@ public:
 
   static Model create(const Backend& backend, const std::string& device, const std::string& spec,
                       const std::vector<std::int64_t>& input_shape, std::int64_t classes, std::uint64_t seed);
-  static Model load_torchscript(const Backend& backend, const std::string& device,
-                                const std::filesystem::path& path);
+  static Model load_torchscript(const Backend& backend, const std::string& device, const std::filesystem::path& path);
 
   // Views of the model's current weights; valid until the next call on this model.
   std::vector<core::TensorView> weights();

@@ -75,9 +75,10 @@ run_aggregate(const AggregateOptions& opt)
     // Client-level DP (noise on the aggregate, a budget on it) is fedl serve's: a round made here
     // would be released without the noise or the budget the federation promises.
     if (config->privacy.noise_multiplier > 0 || config->privacy.max_epsilon > 0 || plan.privacy.client_rounds() > 0) {
-      throw core::UsageError("this federation uses client-level DP (fedl.json privacy, or rounds that recorded it): its "
-                             "rounds are made by fedl serve, which adds the noise and keeps the budget; fedl aggregate "
-                             "--workspace does neither");
+      throw core::UsageError(
+        "this federation uses client-level DP (fedl.json privacy, or rounds that recorded it): its "
+        "rounds are made by fedl serve, which adds the noise and keeps the budget; fedl aggregate "
+        "--workspace does neither");
     }
     if (opt.base && fs::weakly_canonical(*opt.base) != fs::weakly_canonical(plan.base)) {
       throw core::UsageError("--base {} is not the workspace's latest model {}; leave --base out", opt.base->string(),
@@ -138,8 +139,9 @@ add_aggregate(CLI::App& parent)
   app->add_option("--out", opt->out, "Where to write the new model (not with --workspace)")->type_name("FILE");
   app->add_option("--workspace", opt->workspace, "Aggregate a round of this workspace: signed updates, ledger entry")
     ->type_name("DIR");
-  app->add_option("--strategy", opt->strategy,
-                  "fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean:BETA, krum:F, multi-krum:F,M")
+  app
+    ->add_option("--strategy", opt->strategy,
+                 "fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean:BETA, krum:F, multi-krum:F,M")
     ->type_name("S");
   app->add_option("--state", opt->state, "Server optimizer state file, read and rewritten (not with --workspace)")
     ->type_name("FILE");
@@ -148,9 +150,9 @@ add_aggregate(CLI::App& parent)
     ->type_name("C");
   app->add_option("--server-lr", opt->server_lr, "Server learning rate (default 1, or fedl.json)")->type_name("LR");
   app->add_option("--server-momentum", opt->server_momentum, "fedavgm momentum (default 0.9)")->type_name("M");
-  app->add_option("--beta1", opt->beta1, "First-moment decay of fedadam/fedyogi/fedadagrad (default 0.9)")->type_name("B1");
-  app->add_option("--beta2", opt->beta2, "Second-moment decay of fedadam/fedyogi (default 0.99)")
-    ->type_name("B2");
+  app->add_option("--beta1", opt->beta1, "First-moment decay of fedadam/fedyogi/fedadagrad (default 0.9)")
+    ->type_name("B1");
+  app->add_option("--beta2", opt->beta2, "Second-moment decay of fedadam/fedyogi (default 0.99)")->type_name("B2");
   app->add_option("--tau", opt->tau, "Adaptivity of fedadam/fedyogi/fedadagrad (default 1e-3)")->type_name("TAU");
   with_choices(app->add_option("--on-bad-update", opt->on_bad_update, "Fail on a bad update, or skip it and report it")
                  ->capture_default_str(),

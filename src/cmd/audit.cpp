@@ -67,8 +67,8 @@ run_audit(const fs::path& root, const std::vector<fs::path>& witnesses)
   const auto entries = core::read_ledger(ws.ledger(), core::ledger_verifier(server));
   // The coordinator's certificate must have been valid when it signed the last entry; it may
   // have expired since without making the history false.
-  if (const auto v = core::verify_certificate(server, ca, nullptr, core::CertPurpose::server,
-                                              core::parse_utc(entries.back().time));
+  if (const auto v =
+        core::verify_certificate(server, ca, nullptr, core::CertPurpose::server, core::parse_utc(entries.back().time));
       !v) {
     throw core::VerifyError("{}: {}", ws.server_cert().string(), v.reason);
   }
@@ -146,8 +146,8 @@ run_audit(const fs::path& root, const std::vector<fs::path>& witnesses)
     const auto& rej = e.body.at("rejected");
     rejected_total += rej.size();
     std::string accuracy;
-    if (const auto ev = e.body.find("evaluation"); ev != e.body.end() && ev->is_object() && ev->contains("accuracy") &&
-                                                   (*ev)["accuracy"].is_number()) {
+    if (const auto ev = e.body.find("evaluation");
+        ev != e.body.end() && ev->is_object() && ev->contains("accuracy") && (*ev)["accuracy"].is_number()) {
       accuracy = fmt::format(", accuracy {:.2f}%", (*ev)["accuracy"].get<double>() * 100);
     }
     text += fmt::format("round {:>4}: {} ({} participants: {}){}{}{}\n", r, e.body.value("strategy", "?"), sites.size(),
@@ -208,7 +208,8 @@ run_audit(const fs::path& root, const std::vector<fs::path>& witnesses)
   std::string privacy_summary;
   if (client_delta) {
     const auto spent = privacy.client().epsilon(*client_delta);
-    privacy_json["client"] = {{"epsilon", spent.epsilon}, {"delta", *client_delta}, {"rounds", privacy.client_rounds()}};
+    privacy_json["client"] = {
+      {"epsilon", spent.epsilon}, {"delta", *client_delta}, {"rounds", privacy.client_rounds()}};
     privacy_summary += fmt::format("privacy: client-level epsilon {:.4g} at delta {:g} over {} rounds (recomputed)\n",
                                    spent.epsilon, *client_delta, privacy.client_rounds());
   }
@@ -224,9 +225,7 @@ run_audit(const fs::path& root, const std::vector<fs::path>& witnesses)
   }
   text = fmt::format("ledger: {} entries, chain and signatures verified; CA {}\n", entries.size(),
                      genesis.body["ca_fingerprint"].get<std::string>().substr(0, 16)) +
-         text +
-         privacy_summary +
-         witness_text +
+         text + privacy_summary + witness_text +
          fmt::format("{} rounds, latest model {}, {} rejected updates; every model file matches the ledger\n",
                      rounds.size(), model, rejected_total);
   print_result(j, text);
@@ -246,12 +245,9 @@ int
 run_privacy_calc(const PrivacyCalc& p)
 {
   const auto spent = core::compute_epsilon(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.delta);
-  const nlohmann::json j = {{"epsilon", spent.epsilon},
-                            {"delta", *p.delta},
-                            {"order", spent.order},
-                            {"steps", *p.steps},
-                            {"sample_rate", *p.sample_rate},
-                            {"noise_multiplier", *p.noise_multiplier}};
+  const nlohmann::json j = {{"epsilon", spent.epsilon},      {"delta", *p.delta},
+                            {"order", spent.order},          {"steps", *p.steps},
+                            {"sample_rate", *p.sample_rate}, {"noise_multiplier", *p.noise_multiplier}};
   print_result(j, fmt::format("epsilon {:.4f} (delta {}, best order {}) for {} steps at sample rate {}, "
                               "noise multiplier {}\n",
                               spent.epsilon, *p.delta, spent.order, *p.steps, *p.sample_rate, *p.noise_multiplier));
@@ -311,8 +307,9 @@ add_audit(CLI::App& parent)
   auto witnesses = std::make_shared<std::vector<fs::path>>();
   auto* app = parent.add_subcommand("audit", "Verify a workspace's ledger, signatures, certificates and model files");
   app->add_option("workspace", *ws, "The workspace folder (required unless --privacy-calc)")->type_name("WS");
-  app->add_option("--witness", *witnesses,
-                  "Check the ledger against the signed heads a site kept (its bundle folder); repeatable")
+  app
+    ->add_option("--witness", *witnesses,
+                 "Check the ledger against the signed heads a site kept (its bundle folder); repeatable")
     ->type_name("DIR")
     ->expected(1, -1)
     ->check(CLI::ExistingDirectory);
@@ -320,8 +317,9 @@ add_audit(CLI::App& parent)
                 "Compute the (epsilon, delta) that DP-SGD spends instead of auditing a workspace");
   app->add_option("--sample-rate", calc->sample_rate, "With --privacy-calc: Poisson sampling rate, batch / samples")
     ->type_name("Q");
-  app->add_option("--noise-multiplier", calc->noise_multiplier,
-                  "With --privacy-calc: noise standard deviation over the clipping norm")
+  app
+    ->add_option("--noise-multiplier", calc->noise_multiplier,
+                 "With --privacy-calc: noise standard deviation over the clipping norm")
     ->type_name("S");
   app->add_option("--steps", calc->steps, "With --privacy-calc: number of noisy gradient steps")->type_name("T");
   app->add_option("--delta", calc->delta, "With --privacy-calc: the delta of (epsilon, delta)")->type_name("D");

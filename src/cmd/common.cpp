@@ -82,7 +82,8 @@ DpSgdFlags::resolve() const
 {
   if (!noise_multiplier && !max_grad_norm) {
     if (delta) {
-      throw core::UsageError("--dp-delta is the delta of DP-SGD: give --dp-noise-multiplier and --dp-max-grad-norm too");
+      throw core::UsageError(
+        "--dp-delta is the delta of DP-SGD: give --dp-noise-multiplier and --dp-max-grad-norm too");
     }
     return std::nullopt;
   }
@@ -98,13 +99,13 @@ DpSgdFlags::resolve() const
 void
 add_dp_sgd_options(CLI::App& app, DpSgdFlags& f)
 {
-  app.add_option("--dp-noise-multiplier", f.noise_multiplier,
-                 "DP-SGD: noise standard deviation over the clip norm (with --dp-max-grad-norm)")
+  app
+    .add_option("--dp-noise-multiplier", f.noise_multiplier,
+                "DP-SGD: noise standard deviation over the clip norm (with --dp-max-grad-norm)")
     ->type_name("S");
   app.add_option("--dp-max-grad-norm", f.max_grad_norm, "DP-SGD: clip each example's gradient to this L2 norm")
     ->type_name("C");
-  app.add_option("--dp-delta", f.delta, "DP-SGD: the delta that epsilon is reported at (default 1e-5)")
-    ->type_name("D");
+  app.add_option("--dp-delta", f.delta, "DP-SGD: the delta that epsilon is reported at (default 1e-5)")->type_name("D");
 }
 
 void
@@ -121,11 +122,15 @@ add_data_format_options(CLI::App& app, DataFlags& f)
 {
   app.add_option("--labels", f.labels, "Labels file for IDX or NPY data (default: found beside the data)")
     ->type_name("PATH");
-  app.add_option("--label-column", f.label_column, "CSV label column, by header name or 0-based index "
-                                                   "(default: the last)")
+  app
+    .add_option("--label-column", f.label_column,
+                "CSV label column, by header name or 0-based index "
+                "(default: the last)")
     ->type_name("NAME|INDEX");
   app.add_flag("--no-header", f.no_header, "The CSV file has no header row");
-  app.add_option("--limit-samples", f.limit, "Use only the first N samples")->check(CLI::PositiveNumber)->type_name("N");
+  app.add_option("--limit-samples", f.limit, "Use only the first N samples")
+    ->check(CLI::PositiveNumber)
+    ->type_name("N");
 }
 
 core::DataOptions

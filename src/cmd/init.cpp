@@ -50,10 +50,10 @@ struct InitOptions
   DataFlags partition;
   std::string split = "iid";
   double holdout = 0.0;
-  core::TrainingConfig training; // the sites' local training, sent with each task
-  DpSgdFlags dp;                 // ... and its DP-SGD
-  core::PrivacyConfig privacy;   // client-level DP and the federation's budget, for fedl serve
-  std::optional<double> max_update_norm;          // fedl.json limits
+  core::TrainingConfig training;         // the sites' local training, sent with each task
+  DpSgdFlags dp;                         // ... and its DP-SGD
+  core::PrivacyConfig privacy;           // client-level DP and the federation's budget, for fedl serve
+  std::optional<double> max_update_norm; // fedl.json limits
   std::optional<std::uint64_t> max_num_samples;
   std::optional<std::uint32_t> min_clients;
   ComputeOptions compute;
@@ -194,8 +194,8 @@ run_create(const InitOptions& opt)
     }
     for (std::size_t i = 0; i < data->size(); ++i) {
       if (data->labels[i] >= config.model.classes) {
-        throw core::Error("{}: label {} is outside the model's {} classes (--classes)", data->where(i),
-                          data->labels[i], config.model.classes);
+        throw core::Error("{}: label {} is outside the model's {} classes (--classes)", data->where(i), data->labels[i],
+                          config.model.classes);
       }
     }
   }
@@ -275,7 +275,8 @@ run_init(InitOptions opt)
   ws.require_exists();
   if (opt.add_client) {
     const auto body = core::add_client(ws, *opt.add_client);
-    print_result(body, fmt::format("added site {} (bundle {})\n", *opt.add_client, ws.client(*opt.add_client).string()));
+    print_result(body,
+                 fmt::format("added site {} (bundle {})\n", *opt.add_client, ws.client(*opt.add_client).string()));
   } else {
     const auto body = core::revoke_client(ws, *opt.revoke);
     print_result(body, fmt::format("revoked site {} (serial {})\n", *opt.revoke, body["serial"].get<std::string>()));
@@ -289,7 +290,8 @@ Command
 add_init(CLI::App& parent)
 {
   auto opt = std::make_shared<InitOptions>();
-  auto* app = parent.add_subcommand("init", "Create a federation workspace: CA, certificates, config, initial model, ledger");
+  auto* app =
+    parent.add_subcommand("init", "Create a federation workspace: CA, certificates, config, initial model, ledger");
   app->add_option("workspace", opt->ws, "The workspace folder")->required()->type_name("WS");
   auto* clients = app->add_option("--clients", opt->clients, "Number of sites, named site-1 ... site-N")
                     ->check(CLI::Range(1U, 100000U))
@@ -306,11 +308,14 @@ add_init(CLI::App& parent)
   app->add_option("--classes", opt->classes, "Number of classes (default: from --partition)")
     ->check(CLI::Range(2, 1 << 20))
     ->type_name("K");
-  app->add_option("--server-name", opt->server_names, "Coordinator host name or IP for its certificate (repeat; "
-                                                      "default: localhost and 127.0.0.1)")
+  app
+    ->add_option("--server-name", opt->server_names,
+                 "Coordinator host name or IP for its certificate (repeat; "
+                 "default: localhost and 127.0.0.1)")
     ->type_name("HOST");
-  app->add_option("--listen", opt->listen, "Address the coordinator listens on")->capture_default_str()->type_name(
-    "HOST:PORT");
+  app->add_option("--listen", opt->listen, "Address the coordinator listens on")
+    ->capture_default_str()
+    ->type_name("HOST:PORT");
   app->add_option("--rounds", opt->rounds, "Rounds to run")->capture_default_str()->check(CLI::Range(1U, 1000000U));
   app->add_option("--strategy", opt->strategy, "Aggregation strategy (see fedl-aggregate(1))")
     ->capture_default_str()
@@ -338,22 +343,27 @@ add_init(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber);
   add_dp_sgd_options(*app, opt->dp);
-  app->add_option("--client-dp-clip-norm", opt->privacy.clip_norm,
-                  "Client-level DP for fedl serve: clip each update to this L2 norm (fedl.json privacy)")
+  app
+    ->add_option("--client-dp-clip-norm", opt->privacy.clip_norm,
+                 "Client-level DP for fedl serve: clip each update to this L2 norm (fedl.json privacy)")
     ->type_name("C");
-  app->add_option("--client-dp-noise-multiplier", opt->privacy.noise_multiplier,
-                  "Client-level DP for fedl serve: noise over the clip norm (fedl.json privacy)")
+  app
+    ->add_option("--client-dp-noise-multiplier", opt->privacy.noise_multiplier,
+                 "Client-level DP for fedl serve: noise over the clip norm (fedl.json privacy)")
     ->type_name("S");
-  app->add_option("--max-epsilon", opt->privacy.max_epsilon,
-                  "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
+  app
+    ->add_option("--max-epsilon", opt->privacy.max_epsilon,
+                 "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
     ->type_name("E");
   app->add_option("--delta", opt->privacy.delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
-  app->add_option("--max-update-norm", opt->max_update_norm,
-                  "fedl serve rejects an update whose L2 norm is larger (fedl.json limits; default 1e5)")
+  app
+    ->add_option("--max-update-norm", opt->max_update_norm,
+                 "fedl serve rejects an update whose L2 norm is larger (fedl.json limits; default 1e5)")
     ->type_name("X");
-  app->add_option("--max-num-samples", opt->max_num_samples,
-                  "fedl serve rejects an update claiming more samples (fedl.json limits; default: the "
-                  "--partition data's size, else 10000000)")
+  app
+    ->add_option("--max-num-samples", opt->max_num_samples,
+                 "fedl serve rejects an update claiming more samples (fedl.json limits; default: the "
+                 "--partition data's size, else 10000000)")
     ->type_name("N");
   app->add_flag("--force", opt->force, "Replace an existing workspace");
   app->add_option("--add-client", opt->add_client, "Add a site to an existing workspace")->type_name("NAME");

@@ -96,15 +96,17 @@ run_join(const JoinOptions& opt)
       throw core::UsageError("--delta must be between 0 and 1 (exclusive), not {}", s.delta);
     }
   }
-  s.trainer_argv = {core::self_executable().string(), "__worker", "--log-format", globals().log_format,
-                    "--max-model-bytes", std::to_string(s.max_model_bytes)};
+  s.trainer_argv = {
+    core::self_executable().string(), "__worker", "--log-format", globals().log_format, "--max-model-bytes",
+    std::to_string(s.max_model_bytes)};
   if (globals().quiet) {
     s.trainer_argv.push_back("--quiet");
   }
   const auto data_args = opt.data.to_args();
   s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
   if (s.contract && s.contract->torchscript_sha256 &&
-      (!fs::exists(opt.bundle / "model.pt") || core::file_sha256(opt.bundle / "model.pt") != *s.contract->torchscript_sha256)) {
+      (!fs::exists(opt.bundle / "model.pt") ||
+       core::file_sha256(opt.bundle / "model.pt") != *s.contract->torchscript_sha256)) {
     throw core::VerifyError("{}: missing, or not the TorchScript module that {} names: the bundle was altered after "
                             "fedl init made it; ask the operator for a new one",
                             (opt.bundle / "model.pt").string(), join_path);
@@ -117,10 +119,10 @@ run_join(const JoinOptions& opt)
     s.trainer_argv.insert(s.trainer_argv.end(), {"--threads", std::to_string(opt.compute.threads)});
   }
   const auto summary = core::run_site(s);
-  print_result(summary, fmt::format("site {}: {} after round {}, trained {} rounds\n", summary["site"].get<std::string>(),
-                                    summary["reason"].get<std::string>() == "done" ? "federation finished" : "stopped",
-                                    summary["last_round"].get<std::uint64_t>(),
-                                    summary["rounds_trained"].get<std::uint64_t>()));
+  print_result(summary,
+               fmt::format("site {}: {} after round {}, trained {} rounds\n", summary["site"].get<std::string>(),
+                           summary["reason"].get<std::string>() == "done" ? "federation finished" : "stopped",
+                           summary["last_round"].get<std::uint64_t>(), summary["rounds_trained"].get<std::uint64_t>()));
   return summary.value("interrupted", false) ? static_cast<int>(core::ExitCode::interrupted) : 0;
 }
 
@@ -137,7 +139,9 @@ add_join(CLI::App& parent)
   add_data_options(*app, opt->data);
   app->add_option("--server", opt->server, "Coordinator address (default: the bundle's join.json)")
     ->type_name("HOST:PORT");
-  app->add_option("--server-name", opt->server_name, "Name the coordinator's certificate must carry (default: join.json)")
+  app
+    ->add_option("--server-name", opt->server_name,
+                 "Name the coordinator's certificate must carry (default: join.json)")
     ->type_name("NAME");
   app->add_option("--retry-max", opt->retry_max, "Longest wait between reconnection attempts, seconds")
     ->capture_default_str()
@@ -147,21 +151,25 @@ add_join(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber)
     ->type_name("SEC");
-  app->add_option("--trainer-idle", opt->trainer_idle,
-                  "Stop the trainer (and free its memory) after this long without a task (0: keep it)")
+  app
+    ->add_option("--trainer-idle", opt->trainer_idle,
+                 "Stop the trainer (and free its memory) after this long without a task (0: keep it)")
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber)
     ->type_name("SEC");
-  app->add_option("--max-epsilon", opt->max_epsilon,
-                  "The site's own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this")
+  app
+    ->add_option("--max-epsilon", opt->max_epsilon,
+                 "The site's own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this")
     ->type_name("E");
   app->add_option("--delta", opt->delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
-  app->add_option("--max-epochs", opt->max_epochs,
-                  "Refuse tasks of more epochs than this (tightens the bundle's contract)")
+  app
+    ->add_option("--max-epochs", opt->max_epochs,
+                 "Refuse tasks of more epochs than this (tightens the bundle's contract)")
     ->check(CLI::Range(1U, 100000U))
     ->type_name("N");
-  app->add_option("--min-noise-multiplier", opt->min_noise_multiplier,
-                  "Refuse tasks without DP-SGD of at least this noise multiplier (tightens the contract)")
+  app
+    ->add_option("--min-noise-multiplier", opt->min_noise_multiplier,
+                 "Refuse tasks without DP-SGD of at least this noise multiplier (tightens the contract)")
     ->type_name("S");
   add_compute_options(*app, opt->compute);
   return {app, [opt] { return run_join(*opt); }};

@@ -67,11 +67,8 @@ check_fits(const OpenedModel& m, const core::Dataset& data)
 } // namespace
 
 OpenedModel
-open_model(const backends::Backend& backend,
-           const std::string& device,
-           const ModelSource& src,
-           const core::Dataset& data,
-           OpenedModel* previous)
+open_model(const backends::Backend& backend, const std::string& device, const ModelSource& src,
+           const core::Dataset& data, OpenedModel* previous)
 {
   if (src.model && src.model_bytes) {
     throw core::UsageError("internal: a model source has both a file and bytes");
@@ -98,8 +95,8 @@ open_model(const backends::Backend& backend,
                         data.source.string(), classes - 1);
     }
     // Never reused: a fresh model's weights come from the seed, which `previous` has spent.
-    OpenedModel m{backends::Model::create(backend, device, spec.text, data.sample_shape, classes, src.seed),
-                  spec.text, data.sample_shape, classes, std::nullopt};
+    OpenedModel m{backends::Model::create(backend, device, spec.text, data.sample_shape, classes, src.seed), spec.text,
+                  data.sample_shape, classes, std::nullopt};
     check_fits(m, data);
     return m;
   }
@@ -176,7 +173,8 @@ open_model(const backends::Backend& backend,
 core::Metadata
 model_metadata(const OpenedModel& m, const std::string& kind)
 {
-  core::Metadata meta{{"fedl.kind", kind}, {"fedl.arch", m.arch}, {"fedl.input_shape", core::shape_to_string(m.input_shape)}};
+  core::Metadata meta{
+    {"fedl.kind", kind}, {"fedl.arch", m.arch}, {"fedl.input_shape", core::shape_to_string(m.input_shape)}};
   if (m.classes > 0) {
     meta["fedl.classes"] = std::to_string(m.classes);
   }
@@ -210,8 +208,8 @@ UpdateBase
 update_base(OpenedModel& m)
 {
   UpdateBase base{core::copy_tensors(m.model.weights()), {}};
-  base.sha256 = m.file_sha256 ? *m.file_sha256
-                              : core::safetensors_sha256(core::views_of(base.weights), model_metadata(m, "model"));
+  base.sha256 =
+    m.file_sha256 ? *m.file_sha256 : core::safetensors_sha256(core::views_of(base.weights), model_metadata(m, "model"));
   return base;
 }
 
@@ -227,10 +225,7 @@ dp_plan(const TrainingSettings& settings, std::uint64_t samples)
 }
 
 fedl_train_result
-train_model(OpenedModel& m,
-            const core::Dataset& data,
-            const TrainingSettings& settings,
-            std::uint64_t seed,
+train_model(OpenedModel& m, const core::Dataset& data, const TrainingSettings& settings, std::uint64_t seed,
             const backends::Model::Progress& progress)
 {
   if (settings.epochs == 0) {
@@ -247,11 +242,7 @@ train_model(OpenedModel& m,
 }
 
 Update
-make_update(OpenedModel& m,
-            const UpdateBase& base,
-            std::uint64_t num_samples,
-            std::uint32_t epochs,
-            double loss,
+make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, std::uint32_t epochs, double loss,
             const std::optional<core::DpSgdReport>& dp)
 {
   Update u{core::weight_delta(m.model.weights(), core::views_of(base.weights)), model_metadata(m, "update")};

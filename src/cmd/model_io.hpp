@@ -45,7 +45,7 @@ struct ModelSource
 struct OpenedModel
 {
   backends::Model model;
-  std::string arch;                       // zoo spec, or "torchscript"
+  std::string arch; // zoo spec, or "torchscript"
   std::vector<std::int64_t> input_shape;
   std::int64_t classes = 0;               // 0: unknown (TorchScript without a model file)
   std::optional<std::string> file_sha256; // of the model file's bytes (--model or model_bytes)
@@ -60,11 +60,8 @@ struct OpenedModel
 // shape and classes, so a process that trains round after round loads only the weights instead
 // of building the model again (its weights and buffers are all overwritten, so the result is the
 // same as a fresh model's). The caller drops `previous` afterwards either way.
-OpenedModel open_model(const backends::Backend& backend,
-                       const std::string& device,
-                       const ModelSource& source,
-                       const core::Dataset& data,
-                       OpenedModel* previous = nullptr);
+OpenedModel open_model(const backends::Backend& backend, const std::string& device, const ModelSource& source,
+                       const core::Dataset& data, OpenedModel* previous = nullptr);
 
 // The metadata every fedl model and update carries.
 core::Metadata model_metadata(const OpenedModel& m, const std::string& kind);
@@ -93,11 +90,8 @@ UpdateBase update_base(OpenedModel& m);
 std::optional<core::DpSgdReport> dp_plan(const TrainingSettings& settings, std::uint64_t samples);
 
 // Trains `m` on `data` (nothing with 0 epochs: loss 0, 0 steps). `progress` as Model::train.
-fedl_train_result train_model(OpenedModel& m,
-                              const core::Dataset& data,
-                              const TrainingSettings& settings,
-                              std::uint64_t seed,
-                              const backends::Model::Progress& progress);
+fedl_train_result train_model(OpenedModel& m, const core::Dataset& data, const TrainingSettings& settings,
+                              std::uint64_t seed, const backends::Model::Progress& progress);
 
 // An update: trained minus base weights, with the metadata fedl train --out writes before it
 // signs (kind, arch, input shape, classes, base_sha256, num_samples, epochs, and loss; or, when
@@ -110,11 +104,7 @@ struct Update
 
   std::vector<core::TensorView> views() const { return core::views_of(tensors); }
 };
-Update make_update(OpenedModel& m,
-                   const UpdateBase& base,
-                   std::uint64_t num_samples,
-                   std::uint32_t epochs,
-                   double loss,
+Update make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, std::uint32_t epochs, double loss,
                    const std::optional<core::DpSgdReport>& dp);
 
 } // namespace fedl::cmd

@@ -115,7 +115,8 @@ run_serve(const ServeOptions& opt)
   ws.require_exists();
   const auto config = core::load_config(ws.config());
   core::ServeSettings s;
-  s.listen = core::parse_host_port(opt.listen.value_or(config.listen), opt.listen ? "--listen" : "fedl.json server.listen");
+  s.listen =
+    core::parse_host_port(opt.listen.value_or(config.listen), opt.listen ? "--listen" : "fedl.json server.listen");
   s.rounds = opt.rounds.value_or(config.rounds);
   const std::uint32_t default_quorum = config.clients.size() <= 1 ? 1 : 2;
   s.min_clients = opt.min_clients.value_or(config.min_clients > 0 ? config.min_clients : default_quorum);
@@ -168,8 +169,13 @@ run_serve(const ServeOptions& opt)
   if (s.eval_data) {
     // The evaluator gets this workspace's own models: as large as the model file may grow.
     const auto model_bytes = fs::file_size(ws.model(0)) * 2 + (std::uint64_t{4} << 20);
-    std::vector<std::string> argv{core::self_executable().string(), "__worker", "--data", s.eval_data->string(),
-                                  "--log-format", globals().log_format, "--max-model-bytes",
+    std::vector<std::string> argv{core::self_executable().string(),
+                                  "__worker",
+                                  "--data",
+                                  s.eval_data->string(),
+                                  "--log-format",
+                                  globals().log_format,
+                                  "--max-model-bytes",
                                   std::to_string(model_bytes)};
     if (config.model.torchscript) {
       argv.insert(argv.end(), {"--torchscript", (ws.root() / *config.model.torchscript).string()});
@@ -187,8 +193,9 @@ run_serve(const ServeOptions& opt)
   const auto summary = core::run_coordinator(ws, s, evaluate);
   std::string text;
   const auto reason = summary.value("reason", std::string());
-  const auto acc = summary["accuracy"].is_number() ? fmt::format(", accuracy {:.2f}%", summary["accuracy"].get<double>() * 100)
-                                                   : std::string();
+  const auto acc = summary["accuracy"].is_number()
+                     ? fmt::format(", accuracy {:.2f}%", summary["accuracy"].get<double>() * 100)
+                     : std::string();
   if (reason == "privacy-budget") {
     text = fmt::format("stopped after round {}: the privacy budget allows no further round; latest model {}{}\n",
                        summary["rounds_completed"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
@@ -197,9 +204,9 @@ run_serve(const ServeOptions& opt)
                        summary["rounds_completed"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
   } else {
     text = fmt::format("{} after round {}: ran {} rounds ({} retried), latest model {}{}\n",
-                       reason == "interrupted" ? "stopped" : "finished", summary["rounds_completed"].get<std::uint64_t>(),
-                       summary["rounds_run"].get<std::uint64_t>(), summary["retries"].get<std::uint64_t>(),
-                       summary["model"].get<std::string>(), acc);
+                       reason == "interrupted" ? "stopped" : "finished",
+                       summary["rounds_completed"].get<std::uint64_t>(), summary["rounds_run"].get<std::uint64_t>(),
+                       summary["retries"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
   }
   print_result(summary, text);
   if (reason == "privacy-budget") {
@@ -224,8 +231,9 @@ add_serve(CLI::App& parent)
   app->add_option("--min-clients", opt->min_clients, "Quorum: valid updates a round needs (default 2, or fedl.json)")
     ->check(CLI::Range(1U, 1000000U))
     ->type_name("K");
-  auto* per_round = app->add_option("--clients-per-round", opt->clients_per_round,
-                                    "Sites asked per round, sampled with the seed (default: all connected)")
+  auto* per_round = app
+                      ->add_option("--clients-per-round", opt->clients_per_round,
+                                   "Sites asked per round, sampled with the seed (default: all connected)")
                       ->check(CLI::Range(1U, 1000000U))
                       ->type_name("K");
   app->add_option("--fraction", opt->fraction, "Share of the connected sites asked per round")
@@ -243,14 +251,17 @@ add_serve(CLI::App& parent)
   app->add_option("--clip-norm", opt->clip_norm, "Scale each update down to this L2 norm first")
     ->check(CLI::PositiveNumber)
     ->type_name("C");
-  app->add_option("--dp-clip-norm", opt->dp_clip_norm,
-                  "Client-level DP: clip each update to this L2 norm (with --dp-noise-multiplier)")
+  app
+    ->add_option("--dp-clip-norm", opt->dp_clip_norm,
+                 "Client-level DP: clip each update to this L2 norm (with --dp-noise-multiplier)")
     ->type_name("C");
-  app->add_option("--dp-noise-multiplier", opt->dp_noise_multiplier,
-                  "Client-level DP: noise standard deviation on the sum of updates, over --dp-clip-norm")
+  app
+    ->add_option("--dp-noise-multiplier", opt->dp_noise_multiplier,
+                 "Client-level DP: noise standard deviation on the sum of updates, over --dp-clip-norm")
     ->type_name("S");
-  app->add_option("--max-epsilon", opt->max_epsilon,
-                  "Federation budget: start no round that would take client-level epsilon past this (exit 4)")
+  app
+    ->add_option("--max-epsilon", opt->max_epsilon,
+                 "Federation budget: start no round that would take client-level epsilon past this (exit 4)")
     ->type_name("E");
   app->add_option("--delta", opt->delta, "The delta of client-level epsilon (default 1e-5, or fedl.json)")
     ->type_name("D");

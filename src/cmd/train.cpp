@@ -90,15 +90,14 @@ run_train(TrainOptions opt)
   std::signal(SIGTERM, old_term);
   const double train_seconds = uptime_seconds() - t0;
 
-  nlohmann::json j = {{"samples", data.size()},      {"epochs", epochs},
-                      {"steps", result.steps},       {"loss", result.loss},
-                      {"device", device},            {"seconds", train_seconds},
+  nlohmann::json j = {{"samples", data.size()}, {"epochs", epochs}, {"steps", result.steps},
+                      {"loss", result.loss},    {"device", device}, {"seconds", train_seconds},
                       {"arch", m.arch}};
   if (first_batch >= 0) {
     j["first_batch_seconds"] = first_batch;
   }
-  std::string text = fmt::format("trained {} for {} epochs on {} samples ({}): loss {:.4f}, {:.1f} s\n", m.arch,
-                                 epochs, data.size(), device, result.loss, train_seconds);
+  std::string text = fmt::format("trained {} for {} epochs on {} samples ({}): loss {:.4f}, {:.1f} s\n", m.arch, epochs,
+                                 data.size(), device, result.loss, train_seconds);
   if (dp) {
     j["dp"] = dp->to_json();
     text += fmt::format("DP-SGD: epsilon {:.4g} at delta {:g} (sample rate {:.4g}, noise multiplier {:g}, clip {:g}, "
@@ -135,8 +134,8 @@ add_train(CLI::App& parent)
   auto opt = std::make_shared<TrainOptions>();
   auto* app = parent.add_subcommand("train", "Train a model on local data files; write an update and/or the model");
   add_data_options(*app, opt->data);
-  auto* model = app->add_option("--model", opt->model.model, "Starting model (safetensors written by fedl)")
-                  ->type_name("FILE");
+  auto* model =
+    app->add_option("--model", opt->model.model, "Starting model (safetensors written by fedl)")->type_name("FILE");
   auto* arch = app->add_option("--arch", opt->model.arch, "Start from a fresh zoo model: logreg, mlp:H1[,H2...], cnn")
                  ->type_name("SPEC");
   app->add_option("--torchscript", opt->model.torchscript, "A TorchScript module (torch.jit.save) to train")

@@ -154,14 +154,13 @@ private:
     auto m = open(frame.body, fmt::format("the round {} model", round), seed, task.base_sha256);
     const auto base = update_base(m);
     const auto t0 = uptime_seconds();
-    const auto result = train_model(m, m_data, settings, seed,
-                                    [&](std::uint32_t epoch, std::uint64_t, std::uint64_t, double loss, bool end) {
-                                      if (end) {
-                                        FEDL_LOG_DEBUG("round {}: epoch {}/{}: loss {:.4f}", round, epoch,
-                                                       settings.epochs, loss);
-                                      }
-                                      return true;
-                                    });
+    const auto result = train_model(
+      m, m_data, settings, seed, [&](std::uint32_t epoch, std::uint64_t, std::uint64_t, double loss, bool end) {
+        if (end) {
+          FEDL_LOG_DEBUG("round {}: epoch {}/{}: loss {:.4f}", round, epoch, settings.epochs, loss);
+        }
+        return true;
+      });
     const double seconds = uptime_seconds() - t0;
     auto update = make_update(m, base, m_data.size(), settings.epochs, result.loss, dp);
     update.metadata["fedl.round"] = std::to_string(round);
@@ -207,10 +206,11 @@ private:
     dp->add_to(account);
     const double after = account.epsilon(delta).epsilon;
     if (after > max_epsilon) {
-      throw core::Error(core::ExitCode::budget,
-                        "this task's DP-SGD ({} steps at sample rate {:.4g}, noise multiplier {:g}) would take the site's "
-                        "epsilon from {:.4g} to {:.4g} at delta {:g}, past its --max-epsilon {:g}",
-                        dp->steps, dp->sample_rate, dp->noise_multiplier, before, after, delta, max_epsilon);
+      throw core::Error(
+        core::ExitCode::budget,
+        "this task's DP-SGD ({} steps at sample rate {:.4g}, noise multiplier {:g}) would take the site's "
+        "epsilon from {:.4g} to {:.4g} at delta {:g}, past its --max-epsilon {:g}",
+        dp->steps, dp->sample_rate, dp->noise_multiplier, before, after, delta, max_epsilon);
     }
   }
 

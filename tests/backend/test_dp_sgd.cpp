@@ -211,10 +211,7 @@ struct Blobs
   std::vector<float> x;
   std::vector<int64_t> y;
   std::vector<int64_t> shape{2};
-  fedl_dataset data() const
-  {
-    return fedl_dataset{x.data(), y.data(), y.size(), 1, shape.data()};
-  }
+  fedl_dataset data() const { return fedl_dataset{x.data(), y.data(), y.size(), 1, shape.data()}; }
 };
 
 // Two separable Gaussian blobs around (-2, -2) and (2, 2).
@@ -335,11 +332,9 @@ TEST_CASE("a private training run through b_model_train still learns a separable
 TEST_CASE("a TorchScript model trains privately through the one-example-at-a-time fallback")
 {
   // tests/e2e/export_torchscript.py: Linear(64, 48), Tanh, Linear(48, 10), scripted by Python.
-  const auto pt = (std::filesystem::temp_directory_path() /
-                   ("fedl_test_dp_sgd_" + std::to_string(::getpid()) + ".pt"))
-                    .string();
-  const std::string cmd =
-    "/usr/bin/python3 " FEDL_SOURCE_DIR "/tests/e2e/export_torchscript.py " + pt + " 2>/dev/null";
+  const auto pt =
+    (std::filesystem::temp_directory_path() / ("fedl_test_dp_sgd_" + std::to_string(::getpid()) + ".pt")).string();
+  const std::string cmd = "/usr/bin/python3 " FEDL_SOURCE_DIR "/tests/e2e/export_torchscript.py " + pt + " 2>/dev/null";
   if (std::system(cmd.c_str()) != 0) {
     MESSAGE("skipped: /usr/bin/python3 with torch cannot script the model");
     return;

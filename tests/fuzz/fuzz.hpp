@@ -32,12 +32,12 @@ using Bytes = std::span<const std::uint8_t>;
 
 // Aborts with a message if `cond` is false: a parser accepted something it must not, or the
 // result contradicts itself.
-#define FEDL_FUZZ_CHECK(cond)                                                                        \
-  do {                                                                                               \
-    if (!(cond)) {                                                                                   \
-      std::fprintf(stderr, "%s:%d: fuzz invariant failed: %s\n", __FILE__, __LINE__, #cond);         \
-      std::abort();                                                                                  \
-    }                                                                                                \
+#define FEDL_FUZZ_CHECK(cond)                                                                                          \
+  do {                                                                                                                 \
+    if (!(cond)) {                                                                                                     \
+      std::fprintf(stderr, "%s:%d: fuzz invariant failed: %s\n", __FILE__, __LINE__, #cond);                           \
+      std::abort();                                                                                                    \
+    }                                                                                                                  \
   } while (0)
 
 // One folder per process, removed when the process exits normally: in /dev/shm where there is

@@ -10,7 +10,6 @@
 // repository.
 #include <algorithm>
 #include <csignal>
-#include <signal.h>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -19,6 +18,7 @@
 #include <fstream>
 #include <iterator>
 #include <pthread.h>
+#include <signal.h>
 #include <string>
 #include <string_view>
 #include <unistd.h>
@@ -146,14 +146,16 @@ main(int argc, char** argv)
     return 2;
   }
   const std::string_view name = argv[1];
-  const auto* target = std::find_if(std::begin(targets), std::end(targets), [&](const Target& t) { return t.name == name; });
+  const auto* target =
+    std::find_if(std::begin(targets), std::end(targets), [&](const Target& t) { return t.name == name; });
   if (target == std::end(targets)) {
     std::fprintf(stderr, "%s: no fuzz target named %s\n", argv[0], argv[1]);
     return 2;
   }
   std::set_terminate(on_terminate);
   for (const int sig : {SIGABRT, SIGSEGV, SIGBUS, SIGFPE, SIGILL}) {
-    struct sigaction sa{};
+    struct sigaction sa
+    {};
     sa.sa_handler = on_signal;
     sa.sa_flags = SA_ONSTACK | SA_RESETHAND;
     sigaction(sig, &sa, nullptr);

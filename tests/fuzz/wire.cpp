@@ -43,15 +43,16 @@ using nlohmann::json;
 
 namespace {
 
-enum class Receiver : std::uint8_t {
-  coordinator_hello,   // coordinator.cpp on_hello
-  coordinator_update,  // coordinator.cpp on_head, then on_update
-  coordinator_error,   // coordinator.cpp on_frame, FrameType::error
-  site_welcome,        // session.cpp on_frame, FrameType::welcome, with check_coordinator_record
-  site_task,           // session.cpp on_frame, FrameType::task, then the trainer thread
-  site_done,           // session.cpp on_frame, FrameType::done
-  site_error,          // session.cpp on_frame, FrameType::error
-  site_trainer_reply,  // session.cpp on_trained: the trainer child's update or error frame
+enum class Receiver : std::uint8_t
+{
+  coordinator_hello,  // coordinator.cpp on_hello
+  coordinator_update, // coordinator.cpp on_head, then on_update
+  coordinator_error,  // coordinator.cpp on_frame, FrameType::error
+  site_welcome,       // session.cpp on_frame, FrameType::welcome, with check_coordinator_record
+  site_task,          // session.cpp on_frame, FrameType::task, then the trainer thread
+  site_done,          // session.cpp on_frame, FrameType::done
+  site_error,         // session.cpp on_frame, FrameType::error
+  site_trainer_reply, // session.cpp on_trained: the trainer child's update or error frame
   count
 };
 
@@ -166,9 +167,8 @@ site_welcome(const json& header)
 void
 training(const json& t)
 {
-  const json config = {{"version", 1},
-                       {"model", {{"arch", "logreg"}, {"input_shape", "4"}, {"classes", 3}}},
-                       {"training", t}};
+  const json config = {
+    {"version", 1}, {"model", {{"arch", "logreg"}, {"input_shape", "4"}, {"classes", 3}}}, {"training", t}};
   try {
     const auto c = core::config_from_json(config, "the task");
     core::check_training(c.training);
@@ -186,9 +186,8 @@ site_task(const json& header)
   keep_receipt(header);
   // The trainer thread's task frame for the child, in a try that catches std::exception.
   try {
-    json child = {{"round", round},
-                  {"seed", header_uint(header, "seed")},
-                  {"training", header.value("training", json::object())}};
+    json child = {
+      {"round", round}, {"seed", header_uint(header, "seed")}, {"training", header.value("training", json::object())}};
     if (header.contains("base_sha256")) {
       child["base_sha256"] = header["base_sha256"];
     }
@@ -274,14 +273,29 @@ LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
   }
   try {
     switch (receiver) {
-    case Receiver::coordinator_hello: coordinator_hello(header); break;
-    case Receiver::coordinator_update: coordinator_update(header); break;
-    case Receiver::coordinator_error: coordinator_error(header); break;
-    case Receiver::site_welcome: site_welcome(header); break;
-    case Receiver::site_task: site_task(header); break;
-    case Receiver::site_done: site_done(header); break;
-    case Receiver::site_error: site_error(header); break;
-    default: break;
+    case Receiver::coordinator_hello:
+      coordinator_hello(header);
+      break;
+    case Receiver::coordinator_update:
+      coordinator_update(header);
+      break;
+    case Receiver::coordinator_error:
+      coordinator_error(header);
+      break;
+    case Receiver::site_welcome:
+      site_welcome(header);
+      break;
+    case Receiver::site_task:
+      site_task(header);
+      break;
+    case Receiver::site_done:
+      site_done(header);
+      break;
+    case Receiver::site_error:
+      site_error(header);
+      break;
+    default:
+      break;
     }
   } catch (const nlohmann::json::exception& e) {
     // FramedConnection::bad_header: the connection closes with a protocol error.

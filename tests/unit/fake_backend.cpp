@@ -49,8 +49,19 @@ model_load_torchscript(const char*, const char*, fedl_model**)
 extern "C" __attribute__((visibility("default"))) const fedl_backend_v1*
 fedl_backend_entry(uint32_t abi_version)
 {
-  static const fedl_backend_v1 table{FEDL_BACKEND_ABI_VERSION, "fake", "fake runtime 1.0", device_count,
-                                     device_name, last_error, set_threads, model_create, model_load_torchscript,
-                                     nullptr, nullptr, nullptr, nullptr, nullptr};
+  static const fedl_backend_v1 table{FEDL_BACKEND_ABI_VERSION,
+                                     "fake",
+                                     "fake runtime 1.0",
+                                     device_count,
+                                     device_name,
+                                     last_error,
+                                     set_threads,
+                                     model_create,
+                                     model_load_torchscript,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr};
   return abi_version == FEDL_BACKEND_ABI_VERSION ? &table : nullptr;
 }

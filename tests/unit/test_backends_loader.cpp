@@ -14,7 +14,8 @@ TEST_CASE("backends::all_backends finds the plugin beside the executable")
 {
   const auto& all = backends::all_backends();
   REQUIRE(all.size() >= 1);
-  const auto it = std::find_if(all.begin(), all.end(), [](const auto& b) { return std::string(b.api->name) == "fake"; });
+  const auto it =
+    std::find_if(all.begin(), all.end(), [](const auto& b) { return std::string(b.api->name) == "fake"; });
   REQUIRE(it != all.end());
   CHECK(it->devices == std::vector<std::string>{"npu:0"});
   CHECK(std::string(it->api->runtime) == "fake runtime 1.0");

@@ -38,9 +38,9 @@ TEST_CASE("core::rdp_sampled_gaussian matches the published per-step values at i
     double q, sigma, alpha, rdp;
   };
   const std::vector<Row> rows = {
-    {0.01, 1.1, 2, 1.2851008161e-04},  {0.01, 1.1, 8, 5.840703355e-04},  {0.01, 1.1, 16, 1.6998267278},
-    {0.004, 1.1, 4, 4.1736222431e-05}, {0.1, 0.8, 2, 0.0370137911},      {0.1, 0.8, 4, 0.3371327067},
-    {0.1, 0.8, 8, 3.6186574224},       {0.02, 2.0, 8, 4.718204433e-04},  {0.02, 2.0, 16, 9.967573471e-04},
+    {0.01, 1.1, 2, 1.2851008161e-04},  {0.01, 1.1, 8, 5.840703355e-04}, {0.01, 1.1, 16, 1.6998267278},
+    {0.004, 1.1, 4, 4.1736222431e-05}, {0.1, 0.8, 2, 0.0370137911},     {0.1, 0.8, 4, 0.3371327067},
+    {0.1, 0.8, 8, 3.6186574224},       {0.02, 2.0, 8, 4.718204433e-04}, {0.02, 2.0, 16, 9.967573471e-04},
   };
   for (const auto& r : rows) {
     CAPTURE(r.q);
@@ -100,14 +100,14 @@ TEST_CASE("core::compute_epsilon matches TF Privacy 0.9.0's end-to-end vectors")
     double delta, epsilon, order;
   };
   const std::vector<Vector> vectors = {
-    {150.0 / 60000, 1.3, 6000, 1e-5, 0.7242234026109595, 19},            // n 60000, batch 150, 15 epochs
-    {100.0 / 100000, 1.0, 30000, 1e-7, 1.4154988495444842, 13},          // n 1e5, batch 100, 30 epochs
-    {1024.0 / 100000000, 0.1, 976563, 1e-7, 5907982.3113984, 1.25},      // n 1e8, batch 1024, 10 epochs
+    {150.0 / 60000, 1.3, 6000, 1e-5, 0.7242234026109595, 19},       // n 60000, batch 150, 15 epochs
+    {100.0 / 100000, 1.0, 30000, 1e-7, 1.4154988495444842, 13},     // n 1e5, batch 100, 30 epochs
+    {1024.0 / 100000000, 0.1, 976563, 1e-7, 5907982.3113984, 1.25}, // n 1e8, batch 1024, 10 epochs
   };
   for (const auto& v : vectors) {
     const auto got = compute_epsilon(v.q, v.sigma, v.steps, v.delta);
-    MESSAGE("q ", v.q, " sigma ", v.sigma, " steps ", v.steps, " delta ", v.delta, ": expected epsilon ",
-            v.epsilon, " at order ", v.order, ", got ", got.epsilon, " at order ", got.order);
+    MESSAGE("q ", v.q, " sigma ", v.sigma, " steps ", v.steps, " delta ", v.delta, ": expected epsilon ", v.epsilon,
+            " at order ", v.order, ", got ", got.epsilon, " at order ", got.order);
     CHECK(std::abs(got.epsilon - v.epsilon) <= 1e-3 * v.epsilon);
     CHECK(got.order == v.order);
   }
@@ -129,7 +129,7 @@ TEST_CASE("core::epsilon_from_rdp is Balle et al.'s Theorem 21, minimised and ne
 TEST_CASE("core::compute_epsilon names the flag and the rule for bad input")
 {
   CHECK(error_of(0.01, 0, 100, 1e-5) == "--noise-multiplier 0: must be > 0 (the noise standard deviation over "
-                                         "the clipping norm)");
+                                        "the clipping norm)");
   CHECK(error_of(0.01, -1, 100, 1e-5).rfind("--noise-multiplier -1: must be > 0", 0) == 0);
   CHECK(error_of(0, 1, 100, 1e-5).rfind("--sample-rate 0: must be in (0, 1]", 0) == 0);
   CHECK(error_of(1.5, 1, 100, 1e-5).rfind("--sample-rate 1.5: must be in (0, 1]", 0) == 0);

@@ -102,11 +102,8 @@ public:
     return out;
   }
 
-  std::vector<float> run(const std::string& spec,
-                         const std::vector<double>& weights,
-                         const ServerOptions& options,
-                         ServerState& state,
-                         AggregateInfo* info = nullptr) const
+  std::vector<float> run(const std::string& spec, const std::vector<double>& weights, const ServerOptions& options,
+                         ServerState& state, AggregateInfo* info = nullptr) const
   {
     const auto files = this->files();
     return flat(aggregate(*m_base, files, weights, parse_strategy(spec), options, state, info));
@@ -288,7 +285,7 @@ TEST_CASE("aggregate: fedavgm carries its momentum buffer across rounds through 
   Round r1(k_base);
   r1.add(constant(1.0F), "1");
   r1.add(constant(3.0F), "1");
-  const auto x1 = r1.run("fedavgm", {1.0, 1.0}, o, state);  // Δ̄ = 2, m = 2
+  const auto x1 = r1.run("fedavgm", {1.0, 1.0}, o, state); // Δ̄ = 2, m = 2
   check_close(x1, plus(k_base, 2.0));
   CHECK(state.strategy == "fedavgm");
   CHECK(state.round == 1);
@@ -300,7 +297,7 @@ TEST_CASE("aggregate: fedavgm carries its momentum buffer across rounds through 
   std::vector<TensorView> params = r2.base().content().tensors;
   ServerState loaded = load_server_state(r1.dir() / "state.safetensors", parse_strategy("fedavgm"), params);
   CHECK(loaded.round == 1);
-  const auto x2 = r2.run("fedavgm", {5.0}, o, loaded);  // m = 0.9·2 − 1 = 0.8
+  const auto x2 = r2.run("fedavgm", {5.0}, o, loaded); // m = 0.9·2 − 1 = 0.8
   check_close(x2, plus(x1, 0.8));
   CHECK(loaded.round == 2);
   CHECK(floats(loaded.m[0])[0] == doctest::Approx(0.8));
@@ -355,7 +352,7 @@ TEST_CASE("aggregate: fedadam, fedyogi and fedadagrad follow Reddi et al. over t
 
     Round r1(k_base);
     r1.add(constant(1.0F), "1");
-    r1.add(constant(2.0F), "3");  // Δ̄ = 1.75
+    r1.add(constant(2.0F), "3"); // Δ̄ = 1.75
     const auto x1 = r1.run(kind, {1.0, 3.0}, o, state);
     const double step1 = ref.step(1.75);
     check_close(x1, plus(k_base, step1));
@@ -366,8 +363,8 @@ TEST_CASE("aggregate: fedadam, fedyogi and fedadagrad follow Reddi et al. over t
     // Round 2: a small update of the other sign. For fedyogi, v − Δ̄² > 0 now: v shrinks.
     Round r2(x1);
     r2.add(constant(-0.05F), "2");
-    ServerState loaded = load_server_state(r1.dir() / "state.safetensors", parse_strategy(kind),
-                                           r2.base().content().tensors);
+    ServerState loaded =
+      load_server_state(r1.dir() / "state.safetensors", parse_strategy(kind), r2.base().content().tensors);
     const auto x2 = r2.run(kind, {2.0}, o, loaded);
     const double step2 = ref.step(static_cast<double>(-0.05F));
     check_close(x2, plus(x1, step2));
@@ -439,7 +436,8 @@ TEST_CASE("aggregate: trimmed-mean:0.29 of 100 updates drops 29 at each end (bin
     updates[i].tensors.push_back({"p", DType::f32, {1}, std::as_bytes(std::span(&values[i], 1))});
   }
   ServerState state;
-  const auto out = aggregate(base, updates, std::vector<double>(100, 1.0), parse_strategy("trimmed-mean:0.29"), {}, state);
+  const auto out =
+    aggregate(base, updates, std::vector<double>(100, 1.0), parse_strategy("trimmed-mean:0.29"), {}, state);
   // Kept: 29..70, mean 49.5 (dropping only 28 would keep 28 and 1071).
   CHECK(floats(out[0])[0] == 49.5F);
 }
@@ -491,8 +489,8 @@ TEST_CASE("aggregate: krum takes the update closest to its neighbours and multi-
 TEST_CASE("aggregate: --clip-norm scales each update to L2 norm at most C before aggregating")
 {
   Round r(k_base);
-  r.add({3, 0, 0, 0, 0, 0, 0, 4});        // norm 5 (over both tensors): scaled by 1/5
-  r.add({0.5F, 0, 0, 0, 0, 0, 0, 0});     // norm 0.5: left alone
+  r.add({3, 0, 0, 0, 0, 0, 0, 4});    // norm 5 (over both tensors): scaled by 1/5
+  r.add({0.5F, 0, 0, 0, 0, 0, 0, 0}); // norm 0.5: left alone
   ServerOptions o;
   o.clip_norm = 1.0;
   ServerState state;
@@ -562,7 +560,8 @@ TEST_CASE("aggregate: validate_update says what is wrong with an update, without
       {"layer.weight", "[3,2]", "[2,3]"});
   has(check({{"layer.weight", DType::f32, k_weight_shape, bytes_of(w)}}, good), {"layer.bias", "missing"});
   std::vector<float> extra(1, 0.0F);
-  has(check({ok[0], ok[1], {"layer.extra", DType::f32, {1}, bytes_of(extra)}}, good), {"layer.extra", "not in the base"});
+  has(check({ok[0], ok[1], {"layer.extra", DType::f32, {1}, bytes_of(extra)}}, good),
+      {"layer.extra", "not in the base"});
   std::vector<double> b64(2, 0.25);
   has(check({ok[0], {"layer.bias", DType::f64, k_bias_shape, std::as_bytes(std::span(b64))}}, good),
       {"layer.bias", "F64", "F32"});
@@ -582,7 +581,8 @@ TEST_CASE("aggregate: validate_update says what is wrong with an update, without
   {
     const std::size_t big = 600'000;
     std::vector<float> base_big(big, 1.0F);
-    write_safetensors(dir / "big.safetensors", {{{"p", DType::f32, {static_cast<std::int64_t>(big)}, bytes_of(base_big)}}},
+    write_safetensors(dir / "big.safetensors",
+                      {{{"p", DType::f32, {static_cast<std::int64_t>(big)}, bytes_of(base_big)}}},
                       {{"fedl.kind", "model"}});
     const SafetensorsFile big_base(dir / "big.safetensors");
     auto d = std::vector<float>(big, 0.5F);
@@ -591,7 +591,8 @@ TEST_CASE("aggregate: validate_update says what is wrong with an update, without
     write_safetensors(dir / "bigu.safetensors", {{{"p", DType::f32, {static_cast<std::int64_t>(big)}, bytes_of(d)}}},
                       {{"fedl.kind", "update"}, {"fedl.base_sha256", big_base.sha256()}, {"fedl.num_samples", "3"}});
     const SafetensorsFile bigu(dir / "bigu.safetensors");
-    has(validate_update(big_base.content(), big_base.sha256(), bigu), {"tensor p", "2 non-finite values", "index 300001", "infinite"});
+    has(validate_update(big_base.content(), big_base.sha256(), bigu),
+        {"tensor p", "2 non-finite values", "index 300001", "infinite"});
     d[300'001] = 0.0F;
     d[599'999] = 0.0F;
     write_safetensors(dir / "bigu.safetensors", {{{"p", DType::f32, {static_cast<std::int64_t>(big)}, bytes_of(d)}}},
@@ -619,7 +620,7 @@ TEST_CASE("aggregate: num_samples is read as a positive integer")
   CHECK(update_num_samples(s) == 42U);
   s.metadata["fedl.num_samples"] = "+42";
   CHECK_FALSE(update_num_samples(s).has_value());
-  s.metadata["fedl.num_samples"] = "9007199254740993";  // 2^53 + 1: no longer exact as a weight
+  s.metadata["fedl.num_samples"] = "9007199254740993"; // 2^53 + 1: no longer exact as a weight
   CHECK_FALSE(update_num_samples(s).has_value());
   s.metadata.clear();
   CHECK_FALSE(update_num_samples(s).has_value());
@@ -693,16 +694,17 @@ TEST_CASE("aggregate: input errors")
   ServerState state;
   const auto files = r.files();
   const auto spec = parse_strategy("fedavg");
-  CHECK_THROWS_AS(aggregate(r.base(), std::span<const SafetensorsFile* const>(), std::vector<double>{}, spec, {}, state),
-                  Error);
+  CHECK_THROWS_AS(
+    aggregate(r.base(), std::span<const SafetensorsFile* const>(), std::vector<double>{}, spec, {}, state), Error);
   CHECK_THROWS_AS(aggregate(r.base(), files, std::vector<double>{1.0, 2.0}, spec, {}, state), Error);
   CHECK_THROWS_AS(aggregate(r.base(), files, std::vector<double>{0.0}, spec, {}, state), Error);
   // An update whose tensors differ from the base's (not validated first) is a verification error.
   std::vector<float> w(6);
   std::vector<float> b(3);
-  write_safetensors(r.dir() / "bad.safetensors",
-                    {{{"layer.weight", DType::f32, k_weight_shape, bytes_of(w)}, {"layer.bias", DType::f32, {3}, bytes_of(b)}}},
-                    {{"fedl.kind", "update"}});
+  write_safetensors(
+    r.dir() / "bad.safetensors",
+    {{{"layer.weight", DType::f32, k_weight_shape, bytes_of(w)}, {"layer.bias", DType::f32, {3}, bytes_of(b)}}},
+    {{"fedl.kind", "update"}});
   const SafetensorsFile bad(r.dir() / "bad.safetensors");
   const std::vector<const SafetensorsFile*> with_bad{files[0], &bad};
   CHECK_THROWS_AS(aggregate(r.base(), with_bad, std::vector<double>{1.0, 1.0}, spec, {}, state), VerifyError);
@@ -718,8 +720,8 @@ TEST_CASE("aggregate: an update file replaced after it was opened is read as it 
   write_model(path, constant(100.0F), {{"fedl.kind", "update"}});
   ServerState state;
   const auto files = r.files();
-  const auto out = flat(detail::aggregate_reading(r.base(), files, std::vector<double>{1, 1}, parse_strategy("fedavg"),
-                                                  {}, state, 0));
+  const auto out =
+    flat(detail::aggregate_reading(r.base(), files, std::vector<double>{1, 1}, parse_strategy("fedavg"), {}, state, 0));
   for (std::size_t j = 0; j < 8; ++j) {
     CHECK(out[j] == k_base[j] + 2.0F);
   }
@@ -731,11 +733,11 @@ TEST_CASE("aggregate: the column sort matches std::sort for every size, includin
   std::uniform_int_distribution<int> small(-5, 5);
   for (std::size_t n : {1U, 2U, 3U, 4U, 5U, 7U, 8U, 9U, 15U, 16U, 17U, 31U, 33U, 63U, 64U, 100U, 129U, 4097U}) {
     INFO("n = " << n);
-    const std::size_t width = n > 1000 ? 5 : 130;  // two full tiles and a partial one
+    const std::size_t width = n > 1000 ? 5 : 130; // two full tiles and a partial one
     const std::size_t stride = width + 3;
     std::vector<float> m(n * stride);
     for (auto& x : m) {
-      x = static_cast<float>(small(rng));  // many ties
+      x = static_cast<float>(small(rng)); // many ties
     }
     auto want = m;
     for (std::size_t c = 0; c < width; ++c) {
@@ -821,8 +823,9 @@ TEST_CASE("aggregate: large mixed F32/F64 models on several threads match a dire
   TempDir dir;
   const auto write = [&](const std::filesystem::path& path, const std::vector<float>& a, const std::vector<double>& d,
                          const Metadata& meta) {
-    write_safetensors(path, {{{"a", DType::f32, {static_cast<std::int64_t>(n32)}, bytes_of(a)},
-                              {"d", DType::f64, {static_cast<std::int64_t>(n64)}, std::as_bytes(std::span(d))}}},
+    write_safetensors(path,
+                      {{{"a", DType::f32, {static_cast<std::int64_t>(n32)}, bytes_of(a)},
+                        {"d", DType::f64, {static_cast<std::int64_t>(n64)}, std::as_bytes(std::span(d))}}},
                       meta);
   };
   std::vector<float> base_a(n32);
@@ -865,7 +868,7 @@ TEST_CASE("aggregate: large mixed F32/F64 models on several threads match a dire
   const auto result_value = [&](const std::vector<OwnedTensor>& out, std::size_t j) {
     if (j < n32) {
       float f = 0;
-      std::memcpy(&f, out[1].bytes.data() + j * 4, 4);  // base order: d (F64) first, then a
+      std::memcpy(&f, out[1].bytes.data() + j * 4, 4); // base order: d (F64) first, then a
       return static_cast<double>(f);
     }
     double d = 0;
@@ -937,7 +940,8 @@ TEST_CASE("aggregate: large mixed F32/F64 models on several threads match a dire
   const auto mk = aggregate(base, with_outlier, w8, parse_strategy("multi-krum:1,6"), o, state, &info);
   CHECK(info.selected.size() == 6);
   CHECK(std::find(info.selected.begin(), info.selected.end(), updates) == info.selected.end());
-  const auto mk_pread = detail::aggregate_reading(base, with_outlier, w8, parse_strategy("multi-krum:1,6"), o, state, 0);
+  const auto mk_pread =
+    detail::aggregate_reading(base, with_outlier, w8, parse_strategy("multi-krum:1,6"), o, state, 0);
   CHECK(mk_pread[0].bytes == mk[0].bytes);
   CHECK(mk_pread[1].bytes == mk[1].bytes);
   // With clipping, through pread as well.

@@ -129,7 +129,8 @@ TEST_CASE("contract: a model that differs in metadata or tensors is refused with
     change(x.st);
     CHECK_THROWS_WITH_AS(check_task_model(c, x.st), doctest::Contains(text), VerifyError);
   };
-  refused([](auto& st) { st.metadata["fedl.arch"] = "mlp:1024,1024"; }, "fedl.arch is 'mlp:1024,1024', this site's contract says mlp:4");
+  refused([](auto& st) { st.metadata["fedl.arch"] = "mlp:1024,1024"; },
+          "fedl.arch is 'mlp:1024,1024', this site's contract says mlp:4");
   refused([](auto& st) { st.metadata["fedl.classes"] = "16777216"; }, "fedl.classes is '16777216'");
   refused([](auto& st) { st.metadata.erase("fedl.input_shape"); }, "fedl.input_shape is missing");
   refused([](auto& st) { st.metadata["fedl.kind"] = "update"; }, "fedl.kind");
@@ -160,8 +161,8 @@ TEST_CASE("contract: join.json signed by the CA verifies, and any change to it d
   auto altered = sign_join(join, ca);
   altered["contract"]["max_epochs"] = 100000;
   write(altered);
-  CHECK_THROWS_WITH_AS(read_join(dir.path(), ca.cert, is_signed), doctest::Contains("not signed by the federation's CA"),
-                       VerifyError);
+  CHECK_THROWS_WITH_AS(read_join(dir.path(), ca.cert, is_signed),
+                       doctest::Contains("not signed by the federation's CA"), VerifyError);
 
   write(sign_join(join, other));
   CHECK_THROWS_AS(read_join(dir.path(), ca.cert, is_signed), VerifyError);
@@ -194,7 +195,7 @@ TEST_CASE("contract: a task's training object is read strictly")
                        UsageError);
   CHECK_THROWS_WITH_AS(training_from_json({{"epochs", 100001}}, "the task"), doctest::Contains("over the limit"),
                        UsageError);
-  CHECK_THROWS_AS(training_from_json({{"dp", {{"noise_multiplier", 1.0}, {"max_grad_norm", 1.0}, {"delta", 1.5}}}},
-                                     "the task"),
-                  UsageError);
+  CHECK_THROWS_AS(
+    training_from_json({{"dp", {{"noise_multiplier", 1.0}, {"max_grad_norm", 1.0}, {"delta", 1.5}}}}, "the task"),
+    UsageError);
 }

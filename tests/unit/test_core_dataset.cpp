@@ -169,8 +169,8 @@ TEST_CASE("core::load_dataset refuses values a float or a class index cannot hol
   TempDir dir;
   // Finite doubles past FLT_MAX would convert to inf (the conversion is undefined in C++).
   write_file(dir / "big.csv", "x,y\n1,0\n1e39,1\n");
-  CHECK(error_of(at(dir / "big.csv")).find("line 3, column 1: 1e39 is not a finite number in the range of a 32-bit float") !=
-        std::string::npos);
+  CHECK(error_of(at(dir / "big.csv"))
+          .find("line 3, column 1: 1e39 is not a finite number in the range of a 32-bit float") != std::string::npos);
   write_file(dir / "big_features.npy", npy("<f8", "1, 1", raw<double>({-1e300})));
   write_file(dir / "big_labels.npy", npy("<i8", "1,", raw<std::int64_t>({0})));
   CHECK(error_of(at(dir / "big_features.npy")).find("not a finite number in the range of a 32-bit float") !=

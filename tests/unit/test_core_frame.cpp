@@ -107,8 +107,8 @@ TEST_CASE("core::frame prefix: encode and decode round trip, little-endian at fi
   CHECK(p.body_size == 123456);
 
   const auto head = frame_head(FrameType::heartbeat, {{"round", 3}}, 0);
-  const auto hp = decode_prefix(std::span<const std::byte, frame_prefix_size>(as_bytes(head).first<frame_prefix_size>()),
-                                task_limits());
+  const auto hp = decode_prefix(
+    std::span<const std::byte, frame_prefix_size>(as_bytes(head).first<frame_prefix_size>()), task_limits());
   CHECK(hp.type == FrameType::heartbeat);
   CHECK(hp.header_size == head.size() - frame_prefix_size);
   CHECK(decode_header(std::string_view(head).substr(frame_prefix_size)) == nlohmann::json{{"round", 3}});

@@ -145,9 +145,18 @@ TEST_CASE("ledger: a line in any other JSON form than the canonical one is refus
     }
     rewritten = o.dump();
   }
-  SUBCASE("a \\u escape instead of UTF-8") { rewritten = entry.dump(-1, ' ', true); }
-  SUBCASE("a space") { rewritten = "{ " + lines[1].substr(1); }
-  SUBCASE("a key twice (a JSON reader keeps one of them)") { rewritten = "{\"kind\":\"round\"," + lines[1].substr(1); }
+  SUBCASE("a \\u escape instead of UTF-8")
+  {
+    rewritten = entry.dump(-1, ' ', true);
+  }
+  SUBCASE("a space")
+  {
+    rewritten = "{ " + lines[1].substr(1);
+  }
+  SUBCASE("a key twice (a JSON reader keeps one of them)")
+  {
+    rewritten = "{\"kind\":\"round\"," + lines[1].substr(1);
+  }
   REQUIRE(rewritten != lines[1]);
   // The signature covers the parsed object, so each of these verified before.
   CHECK(k_verify(ledger_signed_payload([&] {

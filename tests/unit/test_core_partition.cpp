@@ -159,10 +159,28 @@ TEST_CASE("core::parse_split reads iid, dirichlet:ALPHA and shards:K and spells 
 
 TEST_CASE("core::parse_split rejects bad specs, naming the spec and the valid forms")
 {
-  for (const std::string text :
-       {"", "IID", "iid:1", "random", "dirichlet", "dirichlet:", "dirichlet:0", "dirichlet:-1", "dirichlet:nan",
-        "dirichlet:inf", "dirichlet:0.5x", "dirichlet: 0.5", "dirichlet:1e999", "shards", "shards:", "shards:0",
-        "shards:-1", "shards:1.5", "shards:2x", "shards:99999999999999999999999", "label:2", ":2"}) {
+  for (const std::string text : {"",
+                                 "IID",
+                                 "iid:1",
+                                 "random",
+                                 "dirichlet",
+                                 "dirichlet:",
+                                 "dirichlet:0",
+                                 "dirichlet:-1",
+                                 "dirichlet:nan",
+                                 "dirichlet:inf",
+                                 "dirichlet:0.5x",
+                                 "dirichlet: 0.5",
+                                 "dirichlet:1e999",
+                                 "shards",
+                                 "shards:",
+                                 "shards:0",
+                                 "shards:-1",
+                                 "shards:1.5",
+                                 "shards:2x",
+                                 "shards:99999999999999999999999",
+                                 "label:2",
+                                 ":2"}) {
     CAPTURE(text);
     const auto message = usage_error_of([&] { (void)parse_split(text); });
     CHECK(message.find("--split '" + text + "'") != std::string::npos);
@@ -289,20 +307,18 @@ TEST_CASE("core::partition_indices shards: K equal shards of sorted data per sit
 TEST_CASE("core::partition_indices refuses what cannot give every site a sample")
 {
   const auto labels = sorted_labels(2, 5);
-  CHECK(usage_error_of([&] { (void)partition_indices(labels, 0, k_iid, 1); }).find("--clients") !=
-        std::string::npos);
+  CHECK(usage_error_of([&] { (void)partition_indices(labels, 0, k_iid, 1); }).find("--clients") != std::string::npos);
   CHECK(usage_error_of([&] { (void)partition_indices(labels, 11, k_iid, 1); }).find("only 10 samples") !=
         std::string::npos);
-  CHECK(usage_error_of([&] { (void)partition_indices(labels, 11, parse_split("dirichlet:1"), 1); })
-          .find("only 10 samples") != std::string::npos);
-  CHECK(usage_error_of([&] { (void)partition_indices(labels, 3, parse_split("shards:4"), 1); })
-          .find("shards:4") != std::string::npos);
-  CHECK(usage_error_of([&] { (void)partition_indices({}, 1, k_iid, 1); }).find("only 0 samples") !=
+  CHECK(usage_error_of([&] {
+          (void)partition_indices(labels, 11, parse_split("dirichlet:1"), 1);
+        }).find("only 10 samples") != std::string::npos);
+  CHECK(usage_error_of([&] { (void)partition_indices(labels, 3, parse_split("shards:4"), 1); }).find("shards:4") !=
         std::string::npos);
+  CHECK(usage_error_of([&] { (void)partition_indices({}, 1, k_iid, 1); }).find("only 0 samples") != std::string::npos);
   SplitSpec bad;
   bad.kind = SplitKind::dirichlet; // alpha 0
-  CHECK(usage_error_of([&] { (void)partition_indices(labels, 2, bad, 1); }).find("dirichlet") !=
-        std::string::npos);
+  CHECK(usage_error_of([&] { (void)partition_indices(labels, 2, bad, 1); }).find("dirichlet") != std::string::npos);
 }
 
 TEST_CASE("core::split_holdout takes a stratified, seeded fraction out before partitioning")

@@ -69,7 +69,8 @@ from_base64(const std::string& text)
 unsigned
 mode_of(const fs::path& path)
 {
-  struct stat st {};
+  struct stat st
+  {};
   REQUIRE(::stat(path.c_str(), &st) == 0);
   return st.st_mode & 07777;
 }
@@ -184,8 +185,8 @@ TEST_CASE("core::pki takes IPv4, IPv6 and DNS server names and refuses names no 
         std::vector<std::string>{"::1", "coord.example.org", "*.example.org", "10.0.0.1.nip.io", "fe80::1"});
 
   const std::vector<std::string> bad_names{
-    "", "a,b", "exa mple.org", "1.2.3.999", "-x.org", "a..b", "[127.0.0.1]", "x.*.org", "host.",
-    std::string(64, 'a') + ".org"};
+    "",     "a,b",         "exa mple.org", "1.2.3.999", "-x.org",
+    "a..b", "[127.0.0.1]", "x.*.org",      "host.",     std::string(64, 'a') + ".org"};
   for (const auto& bad : bad_names) {
     CAPTURE(bad);
     CHECK_THROWS_AS(issue_server_certificate(ca, std::vector<std::string>{bad}, {.days = 10}), UsageError);
@@ -484,9 +485,18 @@ TEST_CASE("core::pki Ed25519 signatures verify and fail on any change")
   std::string non_canonical = sig;
   non_canonical[85] = static_cast<char>(non_canonical[85] + 1); // the last digit carries 2 unused bits
   CHECK(from_base64(non_canonical) == raw);
-  const std::vector<std::string> bad_signatures{
-    "", "abc", "!!!!", sig + "=", sig + "====", sig.substr(0, 86), sig + "\n", " " + sig, std::string(88, '='),
-    non_canonical, "AAAA", to_base64(raw.substr(0, 63))};
+  const std::vector<std::string> bad_signatures{"",
+                                                "abc",
+                                                "!!!!",
+                                                sig + "=",
+                                                sig + "====",
+                                                sig.substr(0, 86),
+                                                sig + "\n",
+                                                " " + sig,
+                                                std::string(88, '='),
+                                                non_canonical,
+                                                "AAAA",
+                                                to_base64(raw.substr(0, 63))};
   for (const auto& bad : bad_signatures) {
     CAPTURE(bad);
     CHECK_FALSE(verify_signature(fed.server.cert, as_bytes(message), bad));

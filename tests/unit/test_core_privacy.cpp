@@ -74,7 +74,8 @@ TEST_CASE("core::DpSgdReport::from_json names a deeply nested value without prin
                        doctest::Contains("out of range: {\"delta\":1e-05,\"max_grad_norm\":1,"), VerifyError);
   // Parsed, not assigned: copying a json value recurses too.
   const auto nested = json::parse(R"({"noise_multiplier": -1, "max_grad_norm": 1, "sample_rate": 0.5, "steps": 1,
-                                      "delta": 1e-5, "note": )" + std::string(depth, '[') + std::string(depth, ']') + "}");
+                                      "delta": 1e-5, "note": )" +
+                                  std::string(depth, '[') + std::string(depth, ']') + "}");
   CHECK_THROWS_WITH_AS(DpSgdReport::from_json(nested, "fedl.dp"),
                        doctest::Contains("out of range: (an object of 6 entries, some nested)"), VerifyError);
 }
@@ -212,9 +213,10 @@ TEST_CASE("core::GaussianNoise draws N(0, sd²) from a key stream: fixed seeds r
     fourth += std::pow(v - mean, 4);
   }
   const double var = sq / static_cast<double>(x.size());
-  CHECK(std::abs(mean) < 0.02);                            // sd of the mean: 1.7 / 447 = 0.004
+  CHECK(std::abs(mean) < 0.02); // sd of the mean: 1.7 / 447 = 0.004
   CHECK(std::sqrt(var) == doctest::Approx(1.7).epsilon(0.01));
-  CHECK(fourth / static_cast<double>(x.size()) / (var * var) == doctest::Approx(3.0).epsilon(0.05)); // Gaussian kurtosis
+  CHECK(fourth / static_cast<double>(x.size()) / (var * var) ==
+        doctest::Approx(3.0).epsilon(0.05)); // Gaussian kurtosis
   std::vector<double> a(9), b(9), c(9), d(9);
   GaussianNoise(7).fill(std::span(a), 1.0);
   GaussianNoise(7).fill(std::span(b), 1.0);

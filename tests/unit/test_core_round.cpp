@@ -13,10 +13,10 @@
 
 #include <algorithm>
 #include <cstring>
-#include <openssl/evp.h>
 #include <fstream>
 #include <functional>
 #include <map>
+#include <openssl/evp.h>
 
 using namespace fedl::core;
 using fedl::test::TempDir;
@@ -316,8 +316,8 @@ TEST_CASE("round: commit_round without an evaluation or extra fields records the
   for (const auto& [key, value] : ledger.back().body.items()) {
     keys.push_back(key);
   }
-  CHECK(keys ==
-        std::vector<std::string>{"base", "limits", "model", "options", "participants", "rejected", "round", "strategy"});
+  CHECK(keys == std::vector<std::string>{"base", "limits", "model", "options", "participants", "rejected", "round",
+                                         "strategy"});
 }
 
 TEST_CASE("round: commit_round refuses extra fields that would replace the body's own, before writing anything")
@@ -390,8 +390,9 @@ TEST_CASE("round: outside a workspace unsigned updates are fine, there is no led
   TempDir dir;
   write_safetensors(dir / "base.st", model_views(k_base), {{"fedl.kind", "model"}});
   const std::vector<float> d(k_base.size(), 2.0F);
-  write_safetensors(dir / "u.st", model_views(d),
-                    {{"fedl.kind", "update"}, {"fedl.base_sha256", file_sha256(dir / "base.st")}, {"fedl.num_samples", "3"}});
+  write_safetensors(
+    dir / "u.st", model_views(d),
+    {{"fedl.kind", "update"}, {"fedl.base_sha256", file_sha256(dir / "base.st")}, {"fedl.num_samples", "3"}});
   const auto plan = plan_standalone_round(dir / "base.st", dir / "out.st", dir / "state.st");
   CHECK_FALSE(plan.workspace);
   const std::vector<RoundCandidate> candidates{{dir / "u.st", ""}};
@@ -475,7 +476,7 @@ TEST_CASE("round: an update whose certificate has a malformed time field is reje
   REQUIRE(v.rejected.size() == 2);
   CHECK(v.rejected[0]["site"] == "alice"); // who delivered it
   CHECK(v.rejected[0]["reason"].get<std::string>().find("certificate is unreadable") != std::string::npos);
-  CHECK(v.rejected[1]["site"] == "");      // nobody delivered it, and its signature proves nothing
+  CHECK(v.rejected[1]["site"] == ""); // nobody delivered it, and its signature proves nothing
 }
 
 TEST_CASE("round: fedl.json's limits reject huge sample counts and huge updates, and are recorded")
@@ -599,6 +600,6 @@ TEST_CASE("revocations: a CRL from before a revocation the ledger records is ref
   (void)revoke_client(t.ws(), "bob");
   CHECK_NOTHROW(check_revocations(t.ws(), read_workspace_ledger(t.ws())));
   fedl::test::write_file(t.ws().crl(), old_crl);
-  CHECK(message_of([&] { check_revocations(t.ws(), read_workspace_ledger(t.ws())); })
-          .find("does not list site bob") != std::string::npos);
+  CHECK(message_of([&] { check_revocations(t.ws(), read_workspace_ledger(t.ws())); }).find("does not list site bob") !=
+        std::string::npos);
 }

@@ -52,7 +52,8 @@ TEST_CASE("core::safetensors writes the published layout byte for byte")
   TempDir dir;
   write_safetensors(dir / "x.safetensors", tensors, {{"fedl.kind", "model"}});
   const auto file = fedl::test::read_file(dir / "x.safetensors");
-  const std::string json = R"({"__metadata__":{"fedl.kind":"model"},"b":{"dtype":"F64","shape":[1,1],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})";
+  const std::string json =
+    R"({"__metadata__":{"fedl.kind":"model"},"b":{"dtype":"F64","shape":[1,1],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})";
   const std::string padded = json + std::string((8 - json.size() % 8) % 8, ' ');
   std::string expected = le64(padded.size()) + padded;
   expected.append(reinterpret_cast<const char*>(b.data()), 8);

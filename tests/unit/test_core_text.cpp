@@ -14,8 +14,9 @@ TEST_SUITE_BEGIN("text");
 
 TEST_CASE("text: valid UTF-8 passes unchanged")
 {
-  for (const std::string s : std::vector<std::string>{"", "plain", "caf\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\xEF\xBF\xBF",
-                              "\xF4\x8F\xBF\xBF", std::string("nul\0inside", 10)}) {
+  for (const std::string s :
+       std::vector<std::string>{"", "plain", "caf\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\xEF\xBF\xBF",
+                                "\xF4\x8F\xBF\xBF", std::string("nul\0inside", 10)}) {
     CHECK(valid_utf8(s) == s);
   }
 }
@@ -23,14 +24,14 @@ TEST_CASE("text: valid UTF-8 passes unchanged")
 TEST_CASE("text: each ill-formed sequence becomes U+FFFD")
 {
   const std::string r = "\xEF\xBF\xBD";
-  CHECK(valid_utf8("a\xC3") == "a" + r);                 // cut short
-  CHECK(valid_utf8("\xE2\x82") == r + r);                // cut short: each byte on its own
-  CHECK(valid_utf8("\xC0\xAF") == r + r);                // overlong '/'
-  CHECK(valid_utf8("\xE0\x80\xAF") == r + r + r);        // overlong, three bytes
-  CHECK(valid_utf8("\xED\xA0\x80") == r + r + r);        // a surrogate
+  CHECK(valid_utf8("a\xC3") == "a" + r);                  // cut short
+  CHECK(valid_utf8("\xE2\x82") == r + r);                 // cut short: each byte on its own
+  CHECK(valid_utf8("\xC0\xAF") == r + r);                 // overlong '/'
+  CHECK(valid_utf8("\xE0\x80\xAF") == r + r + r);         // overlong, three bytes
+  CHECK(valid_utf8("\xED\xA0\x80") == r + r + r);         // a surrogate
   CHECK(valid_utf8("\xF4\x90\x80\x80") == r + r + r + r); // past U+10FFFF
   CHECK(valid_utf8("\xFF\xFE") == r + r);
-  CHECK(valid_utf8("\x80x") == r + "x");                 // a lone continuation byte
+  CHECK(valid_utf8("\x80x") == r + "x"); // a lone continuation byte
 }
 
 TEST_CASE("text: cutting keeps whole characters and says so")
@@ -50,7 +51,8 @@ TEST_CASE("text: control characters cannot start a log line or drive a terminal"
 {
   CHECK(escape_controls("a\nb") == "a\\nb");
   CHECK(escape_controls("\r\t\x1b[2J") == "\\r\\t\\x1b[2J");
-  CHECK(escape_controls("\xC2\x9B" "31m") == "\\u009b31m"); // CSI as a C1 control
+  CHECK(escape_controls("\xC2\x9B"
+                        "31m") == "\\u009b31m"); // CSI as a C1 control
   CHECK(escape_controls("back\\slash") == "back\\\\slash");
   CHECK(escape_controls("caf\xC3\xA9 \x7f") == "caf\xC3\xA9 \\x7f");
 }

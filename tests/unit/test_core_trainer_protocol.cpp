@@ -58,7 +58,8 @@ TEST_CASE("trainer protocol: every message reads back as written")
   CHECK(cb.code == 2);
   CHECK(cb.cls == ReasonClass::data_mismatch);
   // The budget's exit code is the budget class, whatever the class field says.
-  CHECK(ChildError::from_header(wire({{"message", "x"}, {"code", 4}, {"class", "internal"}})).cls == ReasonClass::budget);
+  CHECK(ChildError::from_header(wire({{"message", "x"}, {"code", 4}, {"class", "internal"}})).cls ==
+        ReasonClass::budget);
   CHECK(ChildError::from_header(wire({{"code", 1}, {"class", "no such class"}})).cls == ReasonClass::internal);
 }
 

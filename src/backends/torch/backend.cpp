@@ -115,9 +115,8 @@ void
 check_outputs(const torch::Tensor& logits, const torch::Tensor& labels, int64_t offset)
 {
   if (logits.dim() != 2) {
-    throw StatusError(FEDL_STATUS_DATA,
-                      "the model's output has " + std::to_string(logits.dim()) +
-                        " dimensions; fedl needs [batch, classes] logits");
+    throw StatusError(FEDL_STATUS_DATA, "the model's output has " + std::to_string(logits.dim()) +
+                                          " dimensions; fedl needs [batch, classes] logits");
   }
   const auto classes = logits.size(1);
   const auto bad = (labels >= classes).nonzero();
@@ -156,8 +155,8 @@ b_set_threads(int32_t threads)
 }
 
 int
-b_model_create(const char* spec, int32_t ndim, const int64_t* shape, int64_t classes, uint64_t seed,
-               const char* device, fedl_model** out)
+b_model_create(const char* spec, int32_t ndim, const int64_t* shape, int64_t classes, uint64_t seed, const char* device,
+               fedl_model** out)
 {
   return guarded([&] {
     const auto dev = parse_device(device);
@@ -286,11 +285,13 @@ check_dp_config(const fedl_train_config& cfg, uint64_t count)
   const double sigma = cfg.dp_noise_multiplier;
   if (!std::isfinite(c) || c < 0) {
     throw StatusError(FEDL_STATUS_USAGE, "DP-SGD: the clipping norm (dp_max_grad_norm) must be a finite number "
-                                         "> 0, or 0 for no DP-SGD; got " + number(c));
+                                         "> 0, or 0 for no DP-SGD; got " +
+                                           number(c));
   }
   if (!std::isfinite(sigma) || sigma < 0) {
     throw StatusError(FEDL_STATUS_USAGE, "DP-SGD: the noise multiplier (dp_noise_multiplier) must be a finite "
-                                         "number >= 0; got " + number(sigma));
+                                         "number >= 0; got " +
+                                           number(sigma));
   }
   if (c == 0) {
     throw StatusError(FEDL_STATUS_USAGE, "DP-SGD: a noise multiplier (" + number(sigma) +
@@ -302,9 +303,10 @@ check_dp_config(const fedl_train_config& cfg, uint64_t count)
   }
   if (cfg.batch_size > count) {
     throw StatusError(FEDL_STATUS_USAGE, "DP-SGD samples each example with probability batch size / examples, so "
-                                         "the batch size (" + std::to_string(cfg.batch_size) +
-                                           ") cannot exceed the number of training examples (" +
-                                           std::to_string(count) + ")");
+                                         "the batch size (" +
+                                           std::to_string(cfg.batch_size) +
+                                           ") cannot exceed the number of training examples (" + std::to_string(count) +
+                                           ")");
   }
 }
 
@@ -377,8 +379,8 @@ train_dp(tb::Model& model, const fedl_dataset& data, const fedl_train_config& cf
       opt->step();
       const auto b = idx.size(0);
       // The step's mean loss; an empty batch reports the epoch's mean so far.
-      const double l = b > 0 ? batch_loss / static_cast<double>(b)
-                             : (sampled > 0 ? loss_sum / static_cast<double>(sampled) : 0.0);
+      const double l =
+        b > 0 ? batch_loss / static_cast<double>(b) : (sampled > 0 ? loss_sum / static_cast<double>(sampled) : 0.0);
       if (!std::isfinite(l)) {
         diverged(l, epoch);
       }
@@ -511,8 +513,8 @@ b_model_evaluate(fedl_model* m, const fedl_dataset* data, uint32_t batch_size, f
 std::string
 runtime_name()
 {
-  std::string s = "LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
-                  "." + std::to_string(TORCH_VERSION_PATCH);
+  std::string s = "LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                  std::to_string(TORCH_VERSION_PATCH);
   return s;
 }
 
@@ -537,9 +539,20 @@ fedl_backend_entry(uint32_t abi_version)
   (void)tuned;
   static const std::string runtime = runtime_name();
   static const fedl_backend_v1 table{
-    FEDL_BACKEND_ABI_VERSION, "torch", runtime.c_str(), b_device_count, b_device_name, b_last_error,
-    b_set_threads, b_model_create, b_model_load_torchscript, b_model_free, b_model_get_weights,
-    b_model_set_weights, b_model_train, b_model_evaluate,
+    FEDL_BACKEND_ABI_VERSION,
+    "torch",
+    runtime.c_str(),
+    b_device_count,
+    b_device_name,
+    b_last_error,
+    b_set_threads,
+    b_model_create,
+    b_model_load_torchscript,
+    b_model_free,
+    b_model_get_weights,
+    b_model_set_weights,
+    b_model_train,
+    b_model_evaluate,
   };
   return abi_version == FEDL_BACKEND_ABI_VERSION ? &table : nullptr;
 }

@@ -5,7 +5,6 @@
 // papers; see dp_sgd.hpp for what each function promises.
 #include "backends/torch/dp_sgd.hpp"
 
-
 #include <algorithm>
 #include <cmath>
 #include <numbers>
@@ -214,9 +213,8 @@ clipped_sum_vectorized(Model& model, const torch::Tensor& x, const torch::Tensor
       // sum_i s_i grad W_i: [C, 1, O*kh*kw], then the weight's [O, C, kh, kw] layout.
       const auto in_ch = p.gw.size(0);
       const auto w = at::bmm(scale.view({1, 1, batch}).expand({in_ch, 1, batch}), p.gw);
-      out.grads[slot.weight] = w.view({in_ch, layer.weight.size(0), layer.weight.size(2), layer.weight.size(3)})
-                                 .transpose(0, 1)
-                                 .contiguous();
+      out.grads[slot.weight] =
+        w.view({in_ch, layer.weight.size(0), layer.weight.size(2), layer.weight.size(3)}).transpose(0, 1).contiguous();
       if (slot.bias) {
         out.grads[*slot.bias] = scale.unsqueeze(0).mm(p.gb).view(layer.bias.sizes());
       }
@@ -284,7 +282,8 @@ gaussian(GaussianNoise& noise, int64_t n, double stddev)
   // Per pair: 64 bits of key stream for u1, 32 for t.
   const int64_t pairs = (n + 1) / 2;
   auto bits = torch::empty({3 * pairs}, torch::kInt32);
-  noise.key_stream(std::span(reinterpret_cast<std::byte*>(bits.data_ptr<int32_t>()), static_cast<size_t>(bits.nbytes())));
+  noise.key_stream(
+    std::span(reinterpret_cast<std::byte*>(bits.data_ptr<int32_t>()), static_cast<size_t>(bits.nbytes())));
   auto radius = torch::empty({pairs}, torch::kFloat32);
   auto angle = torch::empty({pairs}, torch::kFloat32);
   float* __restrict r = radius.data_ptr<float>();

@@ -27,8 +27,8 @@ struct ClippedSum
   // Sum over the batch of the clipped per-example gradients, one per Model::parameters() entry
   // in that order; undefined for a parameter that does not require a gradient.
   std::vector<torch::Tensor> grads;
-  torch::Tensor norms;  // [batch] each example's gradient L2 norm before clipping (CPU, float64)
-  double loss_sum = 0;  // sum of the per-example cross-entropy losses
+  torch::Tensor norms; // [batch] each example's gradient L2 norm before clipping (CPU, float64)
+  double loss_sum = 0; // sum of the per-example cross-entropy losses
 };
 
 // Per-example gradients from one forward and one backward of the whole batch (Goodfellow 2015,
@@ -44,8 +44,7 @@ std::optional<ClippedSum> clipped_sum_vectorized(Model& model, const torch::Tens
 // The fallback for any model: one forward and one backward per example. Correct for every model
 // whose examples do not interact in forward (no batch norm in training mode), but much slower
 // than clipped_sum_vectorized: `batch` small passes instead of one large one.
-ClippedSum clipped_sum_per_example(Model& model, const torch::Tensor& x, const torch::Tensor& y,
-                                   double max_grad_norm);
+ClippedSum clipped_sum_per_example(Model& model, const torch::Tensor& x, const torch::Tensor& y, double max_grad_norm);
 
 // clipped_sum_vectorized where it covers the model, else clipped_sum_per_example.
 ClippedSum clipped_sum(Model& model, const torch::Tensor& x, const torch::Tensor& y, double max_grad_norm);

@@ -39,8 +39,15 @@ conv2d(torch::nn::Conv2dImpl& conv, const torch::Tensor& x, int64_t padding, Tap
   if (tape != nullptr && conv.options.groups() == 1) {
     const auto& o = conv.options;
     auto vec = [](const torch::ExpandingArray<2>& a) { return std::vector<int64_t>{(*a)[0], (*a)[1]}; };
-    tape->layers.push_back(TapeEntry{conv.weight, conv.bias, x.detach(), out, true, vec(o.kernel_size()),
-                                     vec(o.stride()), {padding, padding}, vec(o.dilation())});
+    tape->layers.push_back(TapeEntry{conv.weight,
+                                     conv.bias,
+                                     x.detach(),
+                                     out,
+                                     true,
+                                     vec(o.kernel_size()),
+                                     vec(o.stride()),
+                                     {padding, padding},
+                                     vec(o.dilation())});
   }
   return out;
 }
@@ -121,10 +128,7 @@ forward_of(const std::shared_ptr<Impl>& m)
 } // namespace
 
 std::unique_ptr<Model>
-Model::create(const std::string& spec_text,
-              const std::vector<int64_t>& input_shape,
-              int64_t classes,
-              uint64_t seed,
+Model::create(const std::string& spec_text, const std::vector<int64_t>& input_shape, int64_t classes, uint64_t seed,
               const torch::Device& device)
 {
   const auto spec = core::parse_model_spec(spec_text);

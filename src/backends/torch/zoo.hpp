@@ -36,11 +36,8 @@ class Model
 {
 public:
   // A zoo model (spec as core::parse_model_spec accepts) for samples of `input_shape`.
-  static std::unique_ptr<Model> create(const std::string& spec,
-                                       const std::vector<int64_t>& input_shape,
-                                       int64_t classes,
-                                       uint64_t seed,
-                                       const torch::Device& device);
+  static std::unique_ptr<Model> create(const std::string& spec, const std::vector<int64_t>& input_shape,
+                                       int64_t classes, uint64_t seed, const torch::Device& device);
   static std::unique_ptr<Model> load_torchscript(const std::string& path, const torch::Device& device);
 
   torch::Tensor forward(const torch::Tensor& x) { return forward(x, nullptr); }

@@ -81,7 +81,7 @@ public:
 
   // An integer that T holds: get<T>() alone would cut 4294967297 to 1 for a uint32_t.
   template<typename T>
-    requires std::is_integral_v<T>
+  requires std::is_integral_v<T>
   void get(const std::string& key, T& out)
   {
     if (const auto* v = find(key)) {
@@ -90,11 +90,11 @@ public:
       if (!v->is_number_integer() || (std::is_unsigned_v<T> && negative)) {
         type_error(key, kind, *v);
       }
-      const bool fits = v->is_number_unsigned() ? std::in_range<T>(v->get<std::uint64_t>())
-                                                 : std::in_range<T>(v->get<std::int64_t>());
+      const bool fits =
+        v->is_number_unsigned() ? std::in_range<T>(v->get<std::uint64_t>()) : std::in_range<T>(v->get<std::int64_t>());
       if (!fits) {
-        type_error(key, fmt::format("{} from {} to {}", kind, std::numeric_limits<T>::min(), std::numeric_limits<T>::max()),
-                   *v);
+        type_error(
+          key, fmt::format("{} from {} to {}", kind, std::numeric_limits<T>::min(), std::numeric_limits<T>::max()), *v);
       }
       out = v->get<T>();
     }
@@ -142,9 +142,8 @@ to_json(const TrainingConfig& t)
   json j = {{"epochs", t.epochs},       {"batch_size", t.batch_size}, {"lr", t.lr},
             {"optimizer", t.optimizer}, {"momentum", t.momentum},     {"prox_mu", t.prox_mu}};
   if (t.dp) {
-    j["dp"] = {{"noise_multiplier", t.dp->noise_multiplier},
-               {"max_grad_norm", t.dp->max_grad_norm},
-               {"delta", t.dp->delta}};
+    j["dp"] = {
+      {"noise_multiplier", t.dp->noise_multiplier}, {"max_grad_norm", t.dp->max_grad_norm}, {"delta", t.dp->delta}};
   }
   return j;
 }
@@ -228,14 +227,17 @@ check_limits(const LimitsConfig& limits, const char* norm, const char* samples)
 nlohmann::json
 to_json(const PrivacyConfig& p)
 {
-  return {{"clip_norm", p.clip_norm}, {"noise_multiplier", p.noise_multiplier}, {"max_epsilon", p.max_epsilon},
+  return {{"clip_norm", p.clip_norm},
+          {"noise_multiplier", p.noise_multiplier},
+          {"max_epsilon", p.max_epsilon},
           {"delta", p.delta}};
 }
 
 nlohmann::json
 to_json(const FederationConfig& c)
 {
-  json model = {{"arch", c.model.arch}, {"input_shape", shape_to_string(c.model.input_shape)}, {"classes", c.model.classes}};
+  json model = {
+    {"arch", c.model.arch}, {"input_shape", shape_to_string(c.model.input_shape)}, {"classes", c.model.classes}};
   if (c.model.torchscript) {
     model["torchscript"] = *c.model.torchscript;
   }
@@ -273,9 +275,9 @@ to_json(const FederationConfig& c)
 void
 check_site_name(const std::string& name)
 {
-  const bool ok = !name.empty() && name.size() <= 64 && name[0] != '.' && name[0] != '-' &&
-                  name.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") ==
-                    std::string::npos;
+  const bool ok =
+    !name.empty() && name.size() <= 64 && name[0] != '.' && name[0] != '-' &&
+    name.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") == std::string::npos;
   if (!ok) {
     throw UsageError("site name '{}' is not valid: use 1-64 letters, digits, '.', '_' or '-', not starting with "
                      "'.' or '-'",

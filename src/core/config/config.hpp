@@ -15,8 +15,8 @@ namespace fedl::core {
 
 struct ModelConfig
 {
-  std::string arch;                       // zoo spec, or "torchscript"
-  std::vector<std::int64_t> input_shape;  // e.g. {64} or {1, 28, 28}
+  std::string arch;                      // zoo spec, or "torchscript"
+  std::vector<std::int64_t> input_shape; // e.g. {64} or {1, 28, 28}
   std::int64_t classes = 0;
   std::optional<std::string> torchscript; // file name inside the workspace (model.pt)
 };
@@ -46,7 +46,7 @@ struct TrainingConfig
   std::string optimizer = "sgd";
   double momentum = 0.0;
   double prox_mu = 0.0;
-  std::optional<DpSgdConfig> dp;  // "dp" in JSON; absent: no DP-SGD
+  std::optional<DpSgdConfig> dp; // "dp" in JSON; absent: no DP-SGD
 };
 
 // fedl.json's "privacy": client-level DP at the coordinator (DP-FedAvg: each update clipped to

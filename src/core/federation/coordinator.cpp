@@ -23,10 +23,10 @@
 #include <cmath>
 #include <csignal>
 #include <fcntl.h>
-#include <sys/resource.h>
 #include <map>
 #include <random>
 #include <set>
+#include <sys/resource.h>
 #include <thread>
 #include <unistd.h>
 
@@ -39,20 +39,20 @@ namespace {
 using tcp = asio::ip::tcp;
 using json = nlohmann::json;
 
-constexpr double close_linger = 10;     // seconds a closing peer has to take its error message
+constexpr double close_linger = 10; // seconds a closing peer has to take its error message
 // Connections still in the handshake or before HELLO: anyone can open them, so they are bounded
 // per source address (a new one past the bound is closed at once) and in all (the oldest is
 // closed to make room, so that a flood from many addresses cannot keep a site from its turn),
 // and each has a short deadline. An enrolled site needs one such connection for a few ms.
 constexpr std::size_t max_unadmitted = 256;
 constexpr std::size_t max_unadmitted_per_address = 8;
-constexpr double admit_timeout = 5;      // seconds from accept to HELLO
-constexpr std::size_t max_error_text = 500; // bytes of a site's error report kept
-constexpr std::size_t max_metrics = 32;     // entries of a site's metrics kept
-constexpr std::uint32_t refusal_burst = 20; // refused connections logged one by one per window
-constexpr double refusal_window = 10;       // seconds
-constexpr int max_unexpected_updates = 3;   // per connection, before it is closed
-constexpr double finish_linger = 3;      // seconds to let DONE frames reach the sites
+constexpr double admit_timeout = 5;             // seconds from accept to HELLO
+constexpr std::size_t max_error_text = 500;     // bytes of a site's error report kept
+constexpr std::size_t max_metrics = 32;         // entries of a site's metrics kept
+constexpr std::uint32_t refusal_burst = 20;     // refused connections logged one by one per window
+constexpr double refusal_window = 10;           // seconds
+constexpr int max_unexpected_updates = 3;       // per connection, before it is closed
+constexpr double finish_linger = 3;             // seconds to let DONE frames reach the sites
 constexpr std::uint64_t update_slack = 4 << 20; // metadata, certificate and signature beyond the tensors
 
 // One TCP connection, before and after the site is admitted.
@@ -74,14 +74,26 @@ struct Peer
   fs::path part;
 };
 
-enum class Phase { waiting, running, aggregating, finishing, stopped };
+enum class Phase
+{
+  waiting,
+  running,
+  aggregating,
+  finishing,
+  stopped
+};
 
 struct Participant
 {
-  enum class State { pending, received, dropped } state = State::pending;
+  enum class State
+  {
+    pending,
+    received,
+    dropped
+  } state = State::pending;
   fs::path file;
   json metrics = json::object();
-  std::string note; // why it was dropped
+  std::string note;           // why it was dropped
   double disconnected_at = 0; // pending but disconnected since then (it may come back)
 };
 
@@ -124,7 +136,13 @@ class Coordinator
 {
 public:
   Coordinator(const Workspace& ws, const ServeSettings& s, const Evaluator& evaluate)
-    : m_ws(ws), m_s(s), m_evaluate(evaluate), m_acceptor(m_io), m_metrics_acceptor(m_io), m_tick(m_io), m_accept_pause(m_io),
+    : m_ws(ws),
+      m_s(s),
+      m_evaluate(evaluate),
+      m_acceptor(m_io),
+      m_metrics_acceptor(m_io),
+      m_tick(m_io),
+      m_accept_pause(m_io),
       m_signals(m_io, SIGINT, SIGTERM)
   {
   }
@@ -209,9 +227,9 @@ private:
 
   // Round state.
   Phase m_phase = Phase::waiting;
-  std::uint64_t m_round = 1;  // the round being run (or the next one)
+  std::uint64_t m_round = 1; // the round being run (or the next one)
   std::uint32_t m_attempt = 0;
-  std::uint64_t m_task = 0;   // random id of the current attempt's task
+  std::uint64_t m_task = 0; // random id of the current attempt's task
   // The tasks given in this round and the previous one (id -> round), which tell an update that
   // came too late from one that answers no task at all.
   std::map<std::uint64_t, std::uint64_t> m_issued;
@@ -222,14 +240,15 @@ private:
   double m_waiting_since = 0;
   double m_finish_at = 0;
   double m_not_before = 0;
-  double m_trust_checked = 0;     // last look at fedl.json and the CRL        // no attempt starts before this (backoff after a failed one)
+  double m_trust_checked =
+    0; // last look at fedl.json and the CRL        // no attempt starts before this (backoff after a failed one)
   std::uint32_t m_failed_in_a_row = 0;
-  FederationPrivacy m_privacy;                // replayed from the ledger, advanced with each round
-  std::optional<ClientDpRound> m_client_dp;   // the current attempt's client-level DP
-  std::uint32_t m_client_dp_asked = 0;        // the current attempt's denominator
+  FederationPrivacy m_privacy;              // replayed from the ledger, advanced with each round
+  std::optional<ClientDpRound> m_client_dp; // the current attempt's client-level DP
+  std::uint32_t m_client_dp_asked = 0;      // the current attempt's denominator
   std::shared_ptr<MappedFile> m_model;
   std::string m_model_sha;
-  json m_head;                 // the ledger head, signed, that tasks and done frames carry
+  json m_head; // the ledger head, signed, that tasks and done frames carry
   std::uint64_t m_max_update = 0;
   json m_late = json::array(); // updates that arrived too late, for the next attempt's ledger entry
   std::set<std::pair<std::string, std::uint64_t>> m_late_recorded; // (site, task) already in m_late
@@ -391,7 +410,10 @@ Coordinator::accept()
     p->accepted_at = FramedConnection::now();
     std::weak_ptr<Peer> weak = p;
     FrameLimits limits;
-    limits.allow(FrameType::hello).allow(FrameType::heartbeat).allow(FrameType::error).allow(FrameType::update, m_max_update);
+    limits.allow(FrameType::hello)
+      .allow(FrameType::heartbeat)
+      .allow(FrameType::error)
+      .allow(FrameType::update, m_max_update);
     FramedConnection::Callbacks cb;
     cb.on_ready = [this, weak] {
       if (auto peer = weak.lock()) {
@@ -685,8 +707,8 @@ Coordinator::maybe_start_round()
   if (m_sites.size() < m_s.min_clients) {
     m_quorum_since = 0;
     if (m_s.wait_timeout > 0 && now - m_waiting_since > m_s.wait_timeout) {
-      fail(fmt::format("only {} of the {} sites that round {} needs connected within --wait-timeout {} s", m_sites.size(),
-                       m_s.min_clients, m_round, m_s.wait_timeout));
+      fail(fmt::format("only {} of the {} sites that round {} needs connected within --wait-timeout {} s",
+                       m_sites.size(), m_s.min_clients, m_round, m_s.wait_timeout));
     }
     return;
   }
@@ -758,7 +780,8 @@ Coordinator::start_round()
   m_round_started = FramedConnection::now();
   m_deadline = m_round_started + m_s.round_timeout;
   FEDL_LOG_INFO("round {}/{}{}: training on {} of {} sites: {}", m_round, m_s.rounds,
-                m_attempt > 1 ? fmt::format(" (attempt {})", m_attempt) : "", k, m_sites.size(), fmt::join(names, ", "));
+                m_attempt > 1 ? fmt::format(" (attempt {})", m_attempt) : "", k, m_sites.size(),
+                fmt::join(names, ", "));
   for (const auto& name : names) {
     send_task(*m_sites[name]);
   }
@@ -830,12 +853,9 @@ Coordinator::finish_attempt(const std::string& why)
   }
   FEDL_LOG_DEBUG("round {}: closing the attempt ({}), {} updates", m_round, why, candidates.size());
   m_phase = Phase::aggregating;
-  const json extra = {{"attempt", m_attempt},
-                      {"asked", m_participants.size()},
-                      {"late", late},
-                      {"dropped", dropped},
-                      {"site_metrics", site_metrics},
-                      {"seconds", FramedConnection::now() - m_round_started}};
+  const json extra = {
+    {"attempt", m_attempt}, {"asked", m_participants.size()}, {"late", late},
+    {"dropped", dropped},   {"site_metrics", site_metrics},   {"seconds", FramedConnection::now() - m_round_started}};
   if (m_round_thread.joinable()) {
     m_round_thread.join();
   }
@@ -863,8 +883,8 @@ Coordinator::finish_attempt(const std::string& why)
       } else {
         RoundSettings settings{m_s.strategy, m_s.server, m_evaluate, extra, m_client_dp, std::nullopt};
         if (m_client_dp) {
-          settings.options.client_dp =
-            ServerOptions::ClientDp{m_client_dp->noise_multiplier * m_client_dp->clip_norm, double(m_client_dp_asked), 0};
+          settings.options.client_dp = ServerOptions::ClientDp{m_client_dp->noise_multiplier * m_client_dp->clip_norm,
+                                                               double(m_client_dp_asked), 0};
           settings.options.clip_norm = m_client_dp->clip_norm;
         }
         if (m_s.privacy.max_epsilon > 0) {
@@ -901,7 +921,8 @@ Coordinator::round_failed(const std::string& why)
   // Back off before the next attempt (1, 2, 4 ... 30 s): a cause that persists (bad settings at
   // every site, a site that always fails) must not spin attempts and ledger entries.
   const double delay = std::min(30.0, std::pow(2.0, std::min<double>(m_failed_in_a_row++, 5)));
-  FEDL_LOG_WARN("round {} attempt {} is not counted: {}; it will be run again in {:.0f} s", m_round, m_attempt, why, delay);
+  FEDL_LOG_WARN("round {} attempt {} is not counted: {}; it will be run again in {:.0f} s", m_round, m_attempt, why,
+                delay);
   m_phase = Phase::waiting;
   m_waiting_since = FramedConnection::now() + delay;
   m_not_before = m_waiting_since;
@@ -983,9 +1004,9 @@ Coordinator::finish(const std::string& reason, json details)
   m_reason = reason;
   m_phase = Phase::finishing;
   FEDL_LOG_INFO("federation finished after round {} ({}); telling {} sites", m_round - 1,
-                reason == "rounds"             ? "all rounds done"
+                reason == "rounds"           ? "all rounds done"
                 : reason == "privacy-budget" ? "privacy budget spent"
-                                               : "target accuracy reached",
+                                             : "target accuracy reached",
                 m_sites.size());
   try {
     const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
@@ -1197,8 +1218,8 @@ Coordinator::metrics_text() const
   std::string rejected;
   for (const char* reason : {"invalid", "late", "unexpected"}) {
     const auto it = m_rejected.find(reason);
-    rejected += fmt::format("fedl_updates_rejected_total{{reason=\"{}\"}} {}\n", reason,
-                            it == m_rejected.end() ? 0 : it->second);
+    rejected +=
+      fmt::format("fedl_updates_rejected_total{{reason=\"{}\"}} {}\n", reason, it == m_rejected.end() ? 0 : it->second);
   }
   metric("fedl_updates_rejected_total", "counter", "Updates left out, by reason.", rejected);
   metric("fedl_connections_refused_total", "counter", "Connections refused at the TLS handshake or at hello.",
@@ -1245,32 +1266,32 @@ Coordinator::accept_metrics()
     });
     auto read = std::make_shared<std::function<void()>>();
     *read = [this, ex, read] {
-      ex->socket.async_read_some(asio::buffer(ex->buf.data() + ex->used, ex->buf.size() - ex->used),
-                                 [this, ex, read](const std::error_code& error, std::size_t n) {
-                                   if (error) {
-                                     *read = nullptr;
-                                     return;
-                                   }
-                                   ex->used += n;
-                                   const std::string_view head(ex->buf.data(), ex->used);
-                                   if (head.find("\r\n\r\n") == std::string_view::npos &&
-                                       head.find("\n\n") == std::string_view::npos && ex->used < ex->buf.size()) {
-                                     (*read)();
-                                     return;
-                                   }
-                                   *read = nullptr;
-                                   const bool ok = head.starts_with("GET /metrics ") || head.starts_with("GET / ");
-                                   const auto body = ok ? metrics_text() : std::string("not found: try /metrics\n");
-                                   ex->reply = fmt::format("HTTP/1.0 {}\r\nContent-Type: text/plain; version=0.0.4; "
-                                                           "charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                                                           ok ? "200 OK" : "404 Not Found", body.size(), body);
-                                   asio::async_write(ex->socket, asio::buffer(ex->reply),
-                                                     [ex](const std::error_code&, std::size_t) {
-                                                       std::error_code ignored;
-                                                       ex->timeout.cancel();
-                                                       ex->socket.shutdown(tcp::socket::shutdown_both, ignored);
-                                                     });
-                                 });
+      ex->socket.async_read_some(
+        asio::buffer(ex->buf.data() + ex->used, ex->buf.size() - ex->used),
+        [this, ex, read](const std::error_code& error, std::size_t n) {
+          if (error) {
+            *read = nullptr;
+            return;
+          }
+          ex->used += n;
+          const std::string_view head(ex->buf.data(), ex->used);
+          if (head.find("\r\n\r\n") == std::string_view::npos && head.find("\n\n") == std::string_view::npos &&
+              ex->used < ex->buf.size()) {
+            (*read)();
+            return;
+          }
+          *read = nullptr;
+          const bool ok = head.starts_with("GET /metrics ") || head.starts_with("GET / ");
+          const auto body = ok ? metrics_text() : std::string("not found: try /metrics\n");
+          ex->reply = fmt::format("HTTP/1.0 {}\r\nContent-Type: text/plain; version=0.0.4; "
+                                  "charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                                  ok ? "200 OK" : "404 Not Found", body.size(), body);
+          asio::async_write(ex->socket, asio::buffer(ex->reply), [ex](const std::error_code&, std::size_t) {
+            std::error_code ignored;
+            ex->timeout.cancel();
+            ex->socket.shutdown(tcp::socket::shutdown_both, ignored);
+          });
+        });
     };
     (*read)();
     accept_metrics();
@@ -1284,8 +1305,8 @@ Coordinator::run()
   // One entry at a time: a coordinator that resumes a long federation must not hold the parsed
   // ledger (some 10 bytes per byte of it) for its whole run.
   LatestModel latest;
-  json last_dp;     // the latest round's privacy, if it had client-level DP
-  json last_entry;  // {kind, body} of the ledger's last entry
+  json last_dp;    // the latest round's privacy, if it had client-level DP
+  json last_entry; // {kind, body} of the ledger's last entry
   for_each_workspace_entry(m_ws, [&](LedgerEntry&& e) {
     latest.update(e);
     if (e.kind == "round") {
@@ -1310,9 +1331,9 @@ Coordinator::run()
     const auto& p = m_s.privacy;
     const double noise = c.value("noise_multiplier", 0.0);
     const double clip = c.value("clip_norm", 0.0);
-    const bool weaker = p.noise_multiplier < noise || p.clip_norm > clip ||
-                        (last_dp.contains("max_epsilon") &&
-                         (p.max_epsilon <= 0 || p.max_epsilon > last_dp.value("max_epsilon", 0.0)));
+    const bool weaker =
+      p.noise_multiplier < noise || p.clip_norm > clip ||
+      (last_dp.contains("max_epsilon") && (p.max_epsilon <= 0 || p.max_epsilon > last_dp.value("max_epsilon", 0.0)));
     if (weaker) {
       throw UsageError("rounds up to {} ran with client-level DP (clip {:g}, noise multiplier {:g}{}); serve them on "
                        "with at least that (--dp-clip-norm, --dp-noise-multiplier{}), not clip {:g}, noise multiplier "
@@ -1354,8 +1375,8 @@ Coordinator::run()
     const double spent = m_privacy.client().epsilon(p.delta).epsilon;
     const double next = projected_epsilon(q);
     if (next > p.max_epsilon) {
-      const bool recorded = last_entry.value("kind", "") == "finished" &&
-                            last_entry["body"].value("reason", "") == "privacy-budget";
+      const bool recorded =
+        last_entry.value("kind", "") == "finished" && last_entry["body"].value("reason", "") == "privacy-budget";
       if (!recorded) {
         const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
         append_signed(m_ws, "finished",
@@ -1366,11 +1387,12 @@ Coordinator::run()
                        {"max_epsilon", p.max_epsilon},
                        {"delta", p.delta}});
       }
-      throw Error(ExitCode::budget,
-                  "the federation's privacy budget allows no further round: epsilon {:.4g} after {} rounds with "
-                  "client-level DP, and one more round (at the lowest sampling rate, {:.3g}) would make it {:.4g}, past "
-                  "--max-epsilon {:g} at delta {:g}",
-                  spent, m_privacy.client_rounds(), q, next, p.max_epsilon, p.delta);
+      throw Error(
+        ExitCode::budget,
+        "the federation's privacy budget allows no further round: epsilon {:.4g} after {} rounds with "
+        "client-level DP, and one more round (at the lowest sampling rate, {:.3g}) would make it {:.4g}, past "
+        "--max-epsilon {:g} at delta {:g}",
+        spent, m_privacy.client_rounds(), q, next, p.max_epsilon, p.delta);
     }
     FEDL_LOG_INFO("privacy: epsilon {:.4g} of {:g} spent at delta {:g} ({} rounds with client-level DP)", spent,
                   p.max_epsilon, p.delta, m_privacy.client_rounds());

@@ -11,13 +11,13 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <atomic>
 #include <map>
 #include <set>
-#include <thread>
 #include <system_error>
+#include <thread>
 #include <utility>
 
 namespace fs = std::filesystem;
@@ -87,8 +87,8 @@ check_identity(const Safetensors& st, const Trust* trust, std::string& signer)
 
 // The keys of a round entry's body that caller-supplied fields must not replace: an auditor
 // relies on them meaning what commit_round wrote.
-constexpr const char* reserved_body_keys[] = {"round",    "strategy",   "options",    "base",   "model",
-                                               "participants", "rejected", "evaluation", "privacy", "limits"};
+constexpr const char* reserved_body_keys[] = {"round",        "strategy", "options",    "base",    "model",
+                                              "participants", "rejected", "evaluation", "privacy", "limits"};
 
 // Whether every value of a float tensor is finite (other dtypes have no NaN).
 bool
@@ -205,8 +205,7 @@ plan_workspace_round(const Workspace& ws)
 }
 
 RoundPlan
-plan_standalone_round(const std::filesystem::path& base,
-                      const std::filesystem::path& out,
+plan_standalone_round(const std::filesystem::path& base, const std::filesystem::path& out,
                       const std::optional<std::filesystem::path>& state)
 {
   RoundPlan plan;
@@ -285,8 +284,8 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
     }
   };
   {
-    const std::size_t threads = std::min<std::size_t>(
-      candidates.size(), std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
+    const std::size_t threads =
+      std::min<std::size_t>(candidates.size(), std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
     std::atomic<std::size_t> next{0};
     const auto work = [&] {
       for (std::size_t i = next++; i < candidates.size(); i = next++) {
@@ -320,10 +319,10 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
     }
     // After the signature check, so that in a workspace `site` is what the certificate says.
     if (!reason && !candidate.expected_site.empty() && c.site != candidate.expected_site) {
-      reason = c.site.empty() ? fmt::format("it names no site (fedl.site) but was delivered by site {}",
-                                            candidate.expected_site)
-                              : fmt::format("it was made by site {} (fedl.site) but delivered by site {}", c.site,
-                                            candidate.expected_site);
+      reason =
+        c.site.empty()
+          ? fmt::format("it names no site (fedl.site) but was delivered by site {}", candidate.expected_site)
+          : fmt::format("it was made by site {} (fedl.site) but delivered by site {}", c.site, candidate.expected_site);
     }
     if (!reason && !c.site.empty() && !sites.insert(c.site).second) {
       reason = fmt::format("site {} sent more than one update this round", c.site);
@@ -339,8 +338,8 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
       rejected.push_back({{"file", path.filename().string()}, {"site", site}, {"reason", *reason}});
       continue;
     }
-    accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples,
-                                      std::move(c.sha256), std::move(*c.file), candidate.owned, c.dp});
+    accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples, std::move(c.sha256),
+                                      std::move(*c.file), candidate.owned, c.dp});
   }
   return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected)};
 }
@@ -435,19 +434,22 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
     return result;
   }
   const auto& ws = *plan.workspace;
-  nlohmann::json opts = {{"server_lr", options.server_lr}, {"server_momentum", options.momentum},
-                         {"beta1", options.beta1},         {"beta2", options.beta2},
+  nlohmann::json opts = {{"server_lr", options.server_lr},
+                         {"server_momentum", options.momentum},
+                         {"beta1", options.beta1},
+                         {"beta2", options.beta2},
                          {"tau", options.tau}};
   if (options.clip_norm) {
     opts["clip_norm"] = *options.clip_norm;
   }
-  nlohmann::json body = {{"round", plan.round},
-                         {"strategy", result.strategy},
-                         {"options", opts},
-                         {"base", {{"file", fs::relative(plan.base, ws.root()).string()}, {"sha256", validated.base_sha256}}},
-                         {"model", {{"file", Workspace::model_name(plan.round)}, {"sha256", result.sha256}}},
-                         {"participants", result.participants},
-                         {"rejected", result.rejected}};
+  nlohmann::json body = {
+    {"round", plan.round},
+    {"strategy", result.strategy},
+    {"options", opts},
+    {"base", {{"file", fs::relative(plan.base, ws.root()).string()}, {"sha256", validated.base_sha256}}},
+    {"model", {{"file", Workspace::model_name(plan.round)}, {"sha256", result.sha256}}},
+    {"participants", result.participants},
+    {"rejected", result.rejected}};
   if (plan.limits) {
     body["limits"] = {{"max_update_norm", plan.limits->max_update_norm},
                       {"max_num_samples", plan.limits->max_num_samples}};

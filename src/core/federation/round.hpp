@@ -40,13 +40,13 @@ namespace fedl::core {
 // Where a round starts from and what it writes.
 struct RoundPlan
 {
-  std::optional<Workspace> workspace;  // none: a standalone aggregation (no signatures needed, no ledger)
-  std::uint64_t round = 0;             // the round being made; 0 outside a workspace
-  std::filesystem::path base;          // the model the updates were trained from
-  std::string recorded_base_sha256;    // the base's SHA-256 as the ledger records it; empty outside a workspace
-  std::filesystem::path out;           // where the new model goes
-  std::optional<std::filesystem::path> state_in;   // server optimizer state to start from, if it exists
-  std::optional<std::filesystem::path> state_out;  // where the advanced state goes
+  std::optional<Workspace> workspace; // none: a standalone aggregation (no signatures needed, no ledger)
+  std::uint64_t round = 0;            // the round being made; 0 outside a workspace
+  std::filesystem::path base;         // the model the updates were trained from
+  std::string recorded_base_sha256;   // the base's SHA-256 as the ledger records it; empty outside a workspace
+  std::filesystem::path out;          // where the new model goes
+  std::optional<std::filesystem::path> state_in;  // server optimizer state to start from, if it exists
+  std::optional<std::filesystem::path> state_out; // where the advanced state goes
   // In a workspace: the privacy spent in the rounds before (replayed from the ledger), and the
   // DP-SGD that fedl.json's training asks of every update (an update without it, or with less
   // noise or a larger clip norm, is rejected).
@@ -65,8 +65,7 @@ RoundPlan plan_workspace_round(const Workspace& ws);
 
 // A round outside a workspace: `base` to `out`, with the server state read from and written back
 // to `state` if given (without it the stateful strategies start afresh every run).
-RoundPlan plan_standalone_round(const std::filesystem::path& base,
-                                const std::filesystem::path& out,
+RoundPlan plan_standalone_round(const std::filesystem::path& base, const std::filesystem::path& out,
                                 const std::optional<std::filesystem::path>& state);
 
 // An update file offered for a round.
@@ -83,7 +82,11 @@ struct RoundCandidate
 };
 
 // What to do with an update that cannot be accepted.
-enum class OnBadUpdate { fail, skip };
+enum class OnBadUpdate
+{
+  fail,
+  skip
+};
 
 // Thrown by validate_round with OnBadUpdate::fail: the update `path` is not fit for the round
 // because of `reason`. what() is "update PATH: REASON"; a command adds how to skip bad updates.
@@ -104,12 +107,12 @@ private:
 struct AcceptedUpdate
 {
   std::filesystem::path path;
-  std::string site;         // fedl.site; empty for an unsigned update outside a workspace
-  std::string fingerprint;  // fedl.cert_sha256; empty if unsigned
+  std::string site;        // fedl.site; empty for an unsigned update outside a workspace
+  std::string fingerprint; // fedl.cert_sha256; empty if unsigned
   std::uint64_t samples = 0;
-  std::string sha256;       // of the file's bytes when it was checked
+  std::string sha256; // of the file's bytes when it was checked
   SafetensorsFile file;
-  bool owned = false;       // RoundCandidate::owned
+  bool owned = false;            // RoundCandidate::owned
   std::optional<DpSgdReport> dp; // fedl.dp: how it was trained with DP-SGD, if it says so
 };
 
@@ -118,7 +121,7 @@ struct ValidatedRound
   RoundPlan plan;
   SafetensorsFile base;
   std::string base_sha256;
-  std::vector<AcceptedUpdate> accepted;  // in the order of the candidates
+  std::vector<AcceptedUpdate> accepted; // in the order of the candidates
   // [{"file": file name, "site": fedl.site or "", "reason": sentence}], as the ledger records them
   nlohmann::json rejected = nlohmann::json::array();
 };
@@ -143,7 +146,7 @@ ServerOptions configured_server_options(const FederationConfig& config);
 struct RoundSettings
 {
   StrategySpec strategy;
-  ServerOptions options;  // validated with validate_server_options first
+  ServerOptions options; // validated with validate_server_options first
   // Optional: called with the new model's path once it is written; a non-null result is recorded
   // in the ledger body as "evaluation". If it throws, nothing is recorded and the round can be
   // run again.
@@ -160,20 +163,20 @@ struct RoundSettings
 struct RoundResult
 {
   std::filesystem::path model;
-  std::string sha256;        // of the model file as written
-  std::string strategy;      // canonical spec
-  nlohmann::json participants = nlohmann::json::array();  // [{file, site, fingerprint, num_samples, update_sha256}]
+  std::string sha256;                                    // of the model file as written
+  std::string strategy;                                  // canonical spec
+  nlohmann::json participants = nlohmann::json::array(); // [{file, site, fingerprint, num_samples, update_sha256}]
   nlohmann::json rejected = nlohmann::json::array();
-  AggregateInfo info;        // info.selected: krum's and multi-krum's choice
-  std::uint64_t round = 0;   // 0 outside a workspace
-  nlohmann::json evaluation; // the evaluate callback's result, or null
-  nlohmann::json ledger_body;  // the "round" entry's body; null outside a workspace
+  AggregateInfo info;         // info.selected: krum's and multi-krum's choice
+  std::uint64_t round = 0;    // 0 outside a workspace
+  nlohmann::json evaluation;  // the evaluate callback's result, or null
+  nlohmann::json ledger_body; // the "round" entry's body; null outside a workspace
 };
 
 // Aggregates the accepted updates with the plan's server state (VerifyError if none was accepted,
-// or if the new model has a value that is not finite: nothing is written), re-hashes them (VerifyError if one changed on disk since it was checked: nothing is written),
-// writes the model atomically and the advanced server state, and in a workspace appends the
-// signed "round" entry {round, strategy, options, base, model, participants, rejected,
+// or if the new model has a value that is not finite: nothing is written), re-hashes them (VerifyError if one changed
+// on disk since it was checked: nothing is written), writes the model atomically and the advanced server state, and in
+// a workspace appends the signed "round" entry {round, strategy, options, base, model, participants, rejected,
 // [limits], [evaluation], [privacy], extra...} and removes the state two rounds back, which a re-run can no longer
 // need. Call it with the workspace locked.
 RoundResult commit_round(const ValidatedRound& validated, const RoundSettings& settings);

@@ -155,15 +155,15 @@ private:
   std::mt19937_64 m_rng{std::random_device{}()};
 
   std::uint64_t m_current_task = 0;
-  std::uint64_t m_job_serial = 0;     // the last job's serial
-  std::uint64_t m_busy_serial = 0;    // the job handed to the trainer and not answered yet (0: none)
-  std::uint64_t m_busy_task = 0;      // ... its task and round
+  std::uint64_t m_job_serial = 0;  // the last job's serial
+  std::uint64_t m_busy_serial = 0; // the job handed to the trainer and not answered yet (0: none)
+  std::uint64_t m_busy_task = 0;   // ... its task and round
   std::uint64_t m_busy_round = 0;
-  double m_busy_deadline = 0;         // when that job must end (0: no deadline)
-  bool m_busy_past_deadline = false;  // ... and it was stopped for it
-  std::uint64_t m_round_floor = 0;    // the latest round this site sent an update for
+  double m_busy_deadline = 0;        // when that job must end (0: no deadline)
+  bool m_busy_past_deadline = false; // ... and it was stopped for it
+  std::uint64_t m_round_floor = 0;   // the latest round this site sent an update for
   std::optional<SentUpdate> m_last_sent;
-  std::uint64_t m_stall_bytes = 0;    // bytes the coordinator had taken at m_stall_since
+  std::uint64_t m_stall_bytes = 0; // bytes the coordinator had taken at m_stall_since
   double m_stall_since = 0;
   std::uint64_t m_rounds_trained = 0;
   std::uint64_t m_last_round = 0;
@@ -174,7 +174,7 @@ private:
   // The site's own account of its DP-SGD runs, kept whether or not it has a budget (so that a
   // budget added later starts from the truth); none only if it could not be read without one.
   std::optional<SiteAccount> m_account;
-  RdpAccount m_coordinator_record;      // what the coordinator's ledger says this site spent
+  RdpAccount m_coordinator_record; // what the coordinator's ledger says this site spent
   std::string m_ca_fingerprint;
   std::optional<ReceiptLog> m_receipts; // DIR/receipts.jsonl; none if it could not be read
 
@@ -183,7 +183,7 @@ private:
   std::condition_variable m_cv;
   std::optional<Job> m_next_job; // the latest task; an older one not yet started is replaced
   bool m_stopping = false;
-  pid_t m_trainer_pid = -1;        // the trainer while it works on a task; under m_mutex
+  pid_t m_trainer_pid = -1;           // the trainer while it works on a task; under m_mutex
   std::uint64_t m_running_serial = 0; // ... and that task's job; under m_mutex
 };
 
@@ -215,9 +215,7 @@ Site::connect()
           .allow(FrameType::done)
           .allow(FrameType::error);
         FramedConnection::Callbacks cb;
-        cb.on_ready = [this] {
-          m_conn->send(FrameType::hello, {{"site", m_site}, {"version", protocol_version}});
-        };
+        cb.on_ready = [this] { m_conn->send(FrameType::hello, {{"site", m_site}, {"version", protocol_version}}); };
         cb.on_head = [this](const FramePrefix& prefix, const json&) {
           auto buffer = std::make_shared<std::vector<std::byte>>();
           if (m_s.contract && prefix.type == FrameType::task) {
@@ -232,7 +230,8 @@ Site::connect()
         };
         cb.on_close = [this](const std::string& reason) { on_close(reason); };
         try {
-          m_conn = std::make_shared<FramedConnection>(std::make_unique<TlsStream>(std::move(*socket), m_tls), limits, cb);
+          m_conn =
+            std::make_shared<FramedConnection>(std::make_unique<TlsStream>(std::move(*socket), m_tls), limits, cb);
           m_conn->start();
         } catch (const Error& e) {
           schedule_reconnect(e.what());
@@ -264,7 +263,8 @@ Site::schedule_reconnect(const std::string& why)
   ++m_failures;
   const double delay = cap / 2 + std::uniform_real_distribution<double>(0, cap / 2)(m_rng);
   FEDL_LOG_WARN("{}; retrying in {:.1f} s", why, delay);
-  m_retry.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(delay)));
+  m_retry.expires_after(
+    std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(delay)));
   m_retry.async_wait([this](const std::error_code& ec) {
     if (!ec) {
       connect();
@@ -404,7 +404,8 @@ Site::on_task(Job job)
     if (m_s.max_epochs && job.training.epochs > *m_s.max_epochs) {
       throw UsageError("{} epochs, more than this site's --max-epochs {}", job.training.epochs, *m_s.max_epochs);
     }
-    if (m_s.min_noise_multiplier && (!job.training.dp || job.training.dp->noise_multiplier < *m_s.min_noise_multiplier)) {
+    if (m_s.min_noise_multiplier &&
+        (!job.training.dp || job.training.dp->noise_multiplier < *m_s.min_noise_multiplier)) {
       throw UsageError("DP-SGD noise multiplier {}, below this site's --min-noise-multiplier {:g}",
                        job.training.dp ? fmt::format("{:g}", job.training.dp->noise_multiplier) : std::string("none"),
                        *m_s.min_noise_multiplier);
@@ -455,10 +456,9 @@ Site::refuse(std::uint64_t task, std::uint64_t round, ReasonClass cls, const std
     return;
   }
   const auto message = fmt::format("{}: {}", reason_class_name(cls), tell_detail ? detail : reason_class_text(cls));
-  m_conn->send(FrameType::error, {{"task", task},
-                                  {"round", round},
-                                  {"class", reason_class_name(cls)},
-                                  {"message", valid_utf8(message, 500)}});
+  m_conn->send(
+    FrameType::error,
+    {{"task", task}, {"round", round}, {"class", reason_class_name(cls)}, {"message", valid_utf8(message, 500)}});
 }
 
 bool
@@ -811,7 +811,8 @@ Site::on_tick()
     m_busy_past_deadline = true;
     if (cancel_job("the task's deadline has passed")) {
       m_busy_serial = 0;
-      refuse(m_busy_task, m_busy_round, ReasonClass::internal, "the task's deadline passed before training began", true);
+      refuse(m_busy_task, m_busy_round, ReasonClass::internal, "the task's deadline passed before training began",
+             true);
     }
   }
   // A coordinator that takes nothing of what waits for it is dropped (and connected again):
@@ -873,7 +874,8 @@ Site::run()
       throw Error(ExitCode::budget,
                   "site {} has spent its privacy budget: epsilon {:.4g} of --max-epsilon {:g} at delta {:g} ({} DP-SGD "
                   "runs in {})",
-                  m_site, spent, *m_s.max_epsilon, m_s.delta, m_account->runs(), (m_s.bundle / "privacy.jsonl").string());
+                  m_site, spent, *m_s.max_epsilon, m_s.delta, m_account->runs(),
+                  (m_s.bundle / "privacy.jsonl").string());
     }
     FEDL_LOG_INFO("privacy account {}: epsilon {:.4g} of {:g} spent at delta {:g} ({} runs)",
                   (m_s.bundle / "privacy.jsonl").string(), spent, *m_s.max_epsilon, m_s.delta, m_account->runs());

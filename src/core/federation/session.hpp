@@ -19,7 +19,7 @@ namespace fedl::core {
 
 struct JoinSettings
 {
-  std::filesystem::path bundle;          // clients/NAME from fedl init
+  std::filesystem::path bundle; // clients/NAME from fedl init
   HostPort server;
   std::string server_name;               // the name the coordinator's certificate must carry
   std::vector<std::string> trainer_argv; // the trainer child: fedl __worker --data ...

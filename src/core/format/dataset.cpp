@@ -103,10 +103,8 @@ for_each_line(std::string_view text, Fn&& fn)
 }
 
 std::size_t
-resolve_label_column(const std::optional<std::string>& spec,
-                     const std::vector<std::string_view>& header,
-                     std::size_t columns,
-                     const fs::path& path)
+resolve_label_column(const std::optional<std::string>& spec, const std::vector<std::string_view>& header,
+                     std::size_t columns, const fs::path& path)
 {
   if (!spec) {
     return columns - 1;
@@ -116,8 +114,7 @@ resolve_label_column(const std::optional<std::string>& spec,
   const auto* e = b + spec->size();
   if (auto [p, ec] = std::from_chars(b, e, index); ec == std::errc{} && p == e) {
     if (index >= columns) {
-      throw UsageError("--label-column {}: {} has only {} columns (0-based index)", *spec, path.string(),
-                       columns);
+      throw UsageError("--label-column {}: {} has only {} columns (0-based index)", *spec, path.string(), columns);
     }
     return index;
   }
@@ -163,16 +160,15 @@ load_csv(const DataOptions& opt)
       return false;
     }
     if (cells.size() != columns) {
-      throw Error("{}: line {}: {} columns where the first row has {}", opt.path.string(), number,
-                  cells.size(), columns);
+      throw Error("{}: line {}: {} columns where the first row has {}", opt.path.string(), number, cells.size(),
+                  columns);
     }
     for (std::size_t c = 0; c < columns; ++c) {
       const auto cell = cells[c];
       double v = 0;
       const auto [p, ec] = std::from_chars(cell.data(), cell.data() + cell.size(), v);
       if (ec != std::errc{} || p != cell.data() + cell.size() || cell.empty()) {
-        throw Error("{}: line {}, column {}: '{}' is not a number{}", opt.path.string(), number, c + 1,
-                    cell,
+        throw Error("{}: line {}, column {}: '{}' is not a number{}", opt.path.string(), number, c + 1, cell,
                     number == 1 && !opt.header ? " (if this row is a header, drop --no-header)" : "");
       }
       if (!fits_float(v)) {
@@ -181,8 +177,8 @@ load_csv(const DataOptions& opt)
       }
       if (c == label_col) {
         if (!is_class_index(v)) {
-          throw Error("{}: line {}, column {}: label {} is not a class index (0, 1, 2, ...)",
-                      opt.path.string(), number, c + 1, cell);
+          throw Error("{}: line {}, column {}: label {} is not a class index (0, 1, 2, ...)", opt.path.string(), number,
+                      c + 1, cell);
         }
         ds.labels.push_back(static_cast<std::int64_t>(v));
       } else {
@@ -271,8 +267,8 @@ sibling_labels(const fs::path& data, const std::vector<std::pair<std::string, st
       if (fs::exists(candidate)) {
         return candidate;
       }
-      throw Error("{}: the labels file {} beside it does not exist; give it with {}", data.string(),
-                  candidate.string(), flag_hint);
+      throw Error("{}: the labels file {} beside it does not exist; give it with {}", data.string(), candidate.string(),
+                  flag_hint);
     }
   }
   throw UsageError("{}: cannot tell where its labels are; give them with {}", data.string(), flag_hint);
@@ -426,12 +422,12 @@ read_npy(const fs::path& path)
     elem = static_cast<std::size_t>(std::atoi(npy.descr.c_str() + 2));
   }
   if (elem == 0) {
-    throw Error("{}: NPY dtype {} is not supported (use little-endian float32/float64/int/uint)",
-                path.string(), npy.descr);
+    throw Error("{}: NPY dtype {} is not supported (use little-endian float32/float64/int/uint)", path.string(),
+                npy.descr);
   }
   if (b.size() - npy.offset != total * elem) {
-    throw VerifyError("{}: NPY data has {} bytes where the shape needs {}: truncated or corrupt",
-                      path.string(), b.size() - npy.offset, total * elem);
+    throw VerifyError("{}: NPY data has {} bytes where the shape needs {}: truncated or corrupt", path.string(),
+                      b.size() - npy.offset, total * elem);
   }
   return npy;
 }
@@ -453,16 +449,26 @@ npy_value(const Npy& npy, std::size_t i)
   const char kind = npy.descr[1];
   const auto size = static_cast<std::size_t>(std::atoi(npy.descr.c_str() + 2));
   const auto* p = base + i * size;
-  if (kind == 'f' && size == 4) return load_le<float>(p);
-  if (kind == 'f' && size == 8) return load_le<double>(p);
-  if (kind == 'i' && size == 1) return load_le<std::int8_t>(p);
-  if (kind == 'i' && size == 2) return load_le<std::int16_t>(p);
-  if (kind == 'i' && size == 4) return load_le<std::int32_t>(p);
-  if (kind == 'i' && size == 8) return static_cast<double>(load_le<std::int64_t>(p));
-  if ((kind == 'u' || kind == 'b') && size == 1) return load_le<std::uint8_t>(p);
-  if (kind == 'u' && size == 2) return load_le<std::uint16_t>(p);
-  if (kind == 'u' && size == 4) return load_le<std::uint32_t>(p);
-  if (kind == 'u' && size == 8) return static_cast<double>(load_le<std::uint64_t>(p));
+  if (kind == 'f' && size == 4)
+    return load_le<float>(p);
+  if (kind == 'f' && size == 8)
+    return load_le<double>(p);
+  if (kind == 'i' && size == 1)
+    return load_le<std::int8_t>(p);
+  if (kind == 'i' && size == 2)
+    return load_le<std::int16_t>(p);
+  if (kind == 'i' && size == 4)
+    return load_le<std::int32_t>(p);
+  if (kind == 'i' && size == 8)
+    return static_cast<double>(load_le<std::int64_t>(p));
+  if ((kind == 'u' || kind == 'b') && size == 1)
+    return load_le<std::uint8_t>(p);
+  if (kind == 'u' && size == 2)
+    return load_le<std::uint16_t>(p);
+  if (kind == 'u' && size == 4)
+    return load_le<std::uint32_t>(p);
+  if (kind == 'u' && size == 8)
+    return static_cast<double>(load_le<std::uint64_t>(p));
   throw Error("NPY dtype {} is not supported", npy.descr);
 }
 
@@ -470,9 +476,9 @@ Dataset
 load_npy(const DataOptions& opt)
 {
   const auto labels_path =
-    opt.labels ? *opt.labels
-               : sibling_labels(opt.path, {{"features", "labels"}, {"images", "labels"}, {"x", "y"}, {"X", "y"}},
-                                "--labels");
+    opt.labels
+      ? *opt.labels
+      : sibling_labels(opt.path, {{"features", "labels"}, {"images", "labels"}, {"x", "y"}, {"X", "y"}}, "--labels");
   const auto x = read_npy(opt.path);
   const auto y = read_npy(labels_path);
   if (x.shape.empty() || x.shape[0] == 0) {

@@ -15,7 +15,12 @@
 
 namespace fedl::core {
 
-enum class DataFormat { csv, idx, npy };
+enum class DataFormat
+{
+  csv,
+  idx,
+  npy
+};
 
 struct DataOptions
 {
@@ -28,12 +33,12 @@ struct DataOptions
 
 struct Dataset
 {
-  std::vector<float> features;             // size() * sample_numel(), row-major
-  std::vector<std::int64_t> labels;        // one per sample
-  std::vector<std::int64_t> sample_shape;  // e.g. {64} or {1, 28, 28}
+  std::vector<float> features;            // size() * sample_numel(), row-major
+  std::vector<std::int64_t> labels;       // one per sample
+  std::vector<std::int64_t> sample_shape; // e.g. {64} or {1, 28, 28}
   DataFormat format = DataFormat::csv;
   std::filesystem::path source;
-  std::vector<std::uint32_t> lines;        // CSV: the file line of each sample (1-based)
+  std::vector<std::uint32_t> lines; // CSV: the file line of each sample (1-based)
 
   std::size_t size() const noexcept { return labels.size(); }
   std::size_t sample_numel() const noexcept;

@@ -9,7 +9,12 @@
 
 namespace fedl::core {
 
-enum class ArchKind { logreg, mlp, cnn };
+enum class ArchKind
+{
+  logreg,
+  mlp,
+  cnn
+};
 
 struct ModelSpec
 {

@@ -109,8 +109,7 @@ apportion(const std::vector<double>& weights, std::size_t total)
   }
   std::vector<std::size_t> order(parts);
   std::iota(order.begin(), order.end(), std::size_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return fraction[a] > fraction[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return fraction[a] > fraction[b]; });
   for (std::size_t k = 0; given < total; k = (k + 1) % parts) {
     ++counts[order[k]];
     ++given;
@@ -152,10 +151,7 @@ split_iid(std::size_t samples, std::size_t sites, Rng& rng)
 using ClassCounts = std::vector<std::vector<std::size_t>>;
 
 ClassCounts
-draw_dirichlet_counts(const std::vector<std::vector<std::size_t>>& members,
-                      std::size_t sites,
-                      double alpha,
-                      Rng& rng)
+draw_dirichlet_counts(const std::vector<std::vector<std::size_t>>& members, std::size_t sites, double alpha, Rng& rng)
 {
   std::gamma_distribution<double> gamma(alpha, 1.0);
   ClassCounts counts;
@@ -260,8 +256,7 @@ split_shards(const std::vector<std::int64_t>& labels, std::size_t sites, std::si
   std::vector<std::size_t> order(samples);
   std::iota(order.begin(), order.end(), std::size_t{0});
   shuffle(order, rng);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return labels[a] < labels[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return labels[a] < labels[b]; });
 
   const std::size_t shards = sites * per_site;
   const std::size_t base = samples / shards;
@@ -414,8 +409,7 @@ parse_split(const std::string& text)
 }
 
 std::vector<std::vector<std::size_t>>
-partition_indices(const std::vector<std::int64_t>& labels, std::size_t sites, const SplitSpec& spec,
-                  std::uint64_t seed)
+partition_indices(const std::vector<std::int64_t>& labels, std::size_t sites, const SplitSpec& spec, std::uint64_t seed)
 {
   require_sites(sites, labels.size(), "samples");
   Rng rng(seed);
@@ -540,14 +534,13 @@ require_partitionable(const fs::path& path)
   }
 }
 
-SubsetWriter::SubsetWriter(const Dataset& data, const DataOptions& options)
-  : m_data(&data), m_header(options.header)
+SubsetWriter::SubsetWriter(const Dataset& data, const DataOptions& options) : m_data(&data), m_header(options.header)
 {
   require_partitionable(options.path);
   const auto format = detect_format(options.path);
   const auto changed = [&](const std::string& why) {
-    return Error("{} no longer matches the data loaded from it ({}); was it changed meanwhile?",
-                 options.path.string(), why);
+    return Error("{} no longer matches the data loaded from it ({}); was it changed meanwhile?", options.path.string(),
+                 why);
   };
   if (format != data.format) {
     throw changed("the data set was loaded as another format");
@@ -623,8 +616,7 @@ SubsetWriter::write(std::span<const std::size_t> indices, const fs::path& dir, S
 {
   for (const auto i : indices) {
     if (i >= m_data->size()) {
-      throw std::out_of_range(
-        fmt::format("SubsetWriter::write: sample {} of a data set of {}", i, m_data->size()));
+      throw std::out_of_range(fmt::format("SubsetWriter::write: sample {} of a data set of {}", i, m_data->size()));
     }
   }
   std::error_code ec;

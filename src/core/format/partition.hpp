@@ -36,7 +36,12 @@
 
 namespace fedl::core {
 
-enum class SplitKind { iid, dirichlet, shards };
+enum class SplitKind
+{
+  iid,
+  dirichlet,
+  shards
+};
 
 struct SplitSpec
 {
@@ -63,10 +68,8 @@ SplitSpec parse_split(const std::string& text);
 // Throws UsageError (exit 2) if `sites` is 0, if there are fewer samples than sites, or for
 // shards:K if there are fewer samples than sites×K (a shard would be empty). Labels are class
 // indices (>= 0); any values work, they are only compared.
-std::vector<std::vector<std::size_t>> partition_indices(const std::vector<std::int64_t>& labels,
-                                                        std::size_t sites,
-                                                        const SplitSpec& spec,
-                                                        std::uint64_t seed);
+std::vector<std::vector<std::size_t>> partition_indices(const std::vector<std::int64_t>& labels, std::size_t sites,
+                                                        const SplitSpec& spec, std::uint64_t seed);
 
 // A held-out set taken out before partitioning. Both lists ascending; together a permutation
 // of 0 .. labels.size()-1.
@@ -93,11 +96,8 @@ struct Partition
 // split_holdout() then partition_indices() on the remaining samples, with indices mapped back
 // to the whole data set. With `holdout_fraction` 0 the sites are exactly partition_indices()'s.
 // Throws UsageError as those two do (the sites are counted against the training samples).
-Partition make_partition(const std::vector<std::int64_t>& labels,
-                         std::size_t sites,
-                         const SplitSpec& spec,
-                         double holdout_fraction,
-                         std::uint64_t seed);
+Partition make_partition(const std::vector<std::int64_t>& labels, std::size_t sites, const SplitSpec& spec,
+                         double holdout_fraction, std::uint64_t seed);
 
 // What one site (or the holdout) received, for `fedl init` to print.
 struct SubsetSummary
@@ -115,7 +115,11 @@ std::string format_summary(const SubsetSummary& summary);
 // Which set a written subset is; it picks the file names: train.csv or test.csv for CSV input,
 // train-/test-images-idx3-ubyte.gz and train-/test-labels-idx1-ubyte.gz for IDX input (the
 // MNIST names, kept for any number of image dimensions; the IDX header has the real ones).
-enum class SubsetRole { train, test };
+enum class SubsetRole
+{
+  train,
+  test
+};
 
 // Throws UsageError (exit 2) unless `path` is CSV or IDX data, so that `init` can refuse NPY
 // (and unknown names) before loading anything: "--partition takes CSV or IDX data".
@@ -146,25 +150,22 @@ public:
   // Writes the samples `indices` (into `data`) to `dir`, creating the folder if needed, each
   // file atomically (atomic_write). Returns the paths written. Throws Error (exit 1) naming the
   // path if a folder or file cannot be written, std::out_of_range for an index past the data.
-  std::vector<std::filesystem::path> write(std::span<const std::size_t> indices,
-                                           const std::filesystem::path& dir,
+  std::vector<std::filesystem::path> write(std::span<const std::size_t> indices, const std::filesystem::path& dir,
                                            SubsetRole role) const;
 
 private:
-  std::vector<std::filesystem::path> write_csv(std::span<const std::size_t> indices,
-                                               const std::filesystem::path& dir,
+  std::vector<std::filesystem::path> write_csv(std::span<const std::size_t> indices, const std::filesystem::path& dir,
                                                SubsetRole role) const;
-  std::vector<std::filesystem::path> write_idx(std::span<const std::size_t> indices,
-                                               const std::filesystem::path& dir,
+  std::vector<std::filesystem::path> write_idx(std::span<const std::size_t> indices, const std::filesystem::path& dir,
                                                SubsetRole role) const;
 
   const Dataset* m_data;
   bool m_header = true;
-  std::vector<std::byte> m_raw;                     // the decompressed input file
-  std::string_view m_header_line;                   // CSV with a header: its line, as in m_raw
-  std::vector<std::string_view> m_sample_lines;     // CSV: each sample's line, as in m_raw
-  std::vector<std::uint32_t> m_idx_dims;            // IDX: the image file's dimensions
-  std::size_t m_idx_offset = 0;                     // IDX: where the image bytes start in m_raw
+  std::vector<std::byte> m_raw;                 // the decompressed input file
+  std::string_view m_header_line;               // CSV with a header: its line, as in m_raw
+  std::vector<std::string_view> m_sample_lines; // CSV: each sample's line, as in m_raw
+  std::vector<std::uint32_t> m_idx_dims;        // IDX: the image file's dimensions
+  std::size_t m_idx_offset = 0;                 // IDX: where the image bytes start in m_raw
 };
 
 } // namespace fedl::core

@@ -132,16 +132,16 @@ Safetensors
 parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
 {
   if (bytes.size() < 8) {
-    throw VerifyError("{}: not a safetensors file (only {} bytes; the 8-byte header size is missing)",
-                      what, bytes.size());
+    throw VerifyError("{}: not a safetensors file (only {} bytes; the 8-byte header size is missing)", what,
+                      bytes.size());
   }
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) {
     n = (n << 8) | std::to_integer<std::uint64_t>(bytes[static_cast<std::size_t>(i)]);
   }
   if (n > k_max_header || n > bytes.size() - 8) {
-    throw VerifyError("{}: not a safetensors file or truncated (header claims {} bytes, file has {})",
-                      what, n, bytes.size());
+    throw VerifyError("{}: not a safetensors file or truncated (header claims {} bytes, file has {})", what, n,
+                      bytes.size());
   }
   const auto* hp = reinterpret_cast<const char*>(bytes.data() + 8);
   // A safetensors header nests 3 deep (tensor, shape); refused before a parser builds a tree of
@@ -181,9 +181,8 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
       }
       continue;
     }
-    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
-        !entry.contains("data_offsets") || !entry["dtype"].is_string() ||
-        !entry["shape"].is_array() || !entry["data_offsets"].is_array() ||
+    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets") ||
+        !entry["dtype"].is_string() || !entry["shape"].is_array() || !entry["data_offsets"].is_array() ||
         entry["data_offsets"].size() != 2) {
       throw VerifyError("{}: tensor {} has no valid dtype, shape and data_offsets", what, quote_text(name));
     }
@@ -218,21 +217,19 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
                         what, name, b, e, buffer.size());
     }
     if (!size || *size != e - b) {
-      throw VerifyError("{}: tensor {} has {} bytes of data but its shape needs a different size", what,
-                        name, e - b);
+      throw VerifyError("{}: tensor {} has {} bytes of data but its shape needs a different size", what, name, e - b);
     }
     t.data = buffer.subspan(b, e - b);
     ranges.push_back({b, e, name});
     out.tensors.push_back(std::move(t));
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
-    return a.begin < b.begin || (a.begin == b.begin && a.end < b.end);
-  });
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin || (a.begin == b.begin && a.end < b.end); });
   std::uint64_t pos = 0;
   for (const auto& r : ranges) {
     if (r.begin != pos) {
-      throw VerifyError("{}: tensor {} does not follow the previous one (gap or overlap at byte {})",
-                        what, r.name, pos);
+      throw VerifyError("{}: tensor {} does not follow the previous one (gap or overlap at byte {})", what, r.name,
+                        pos);
     }
     pos = r.end;
   }
@@ -321,9 +318,7 @@ safetensors_sha256(std::span<const TensorView> tensors, const Metadata& metadata
 }
 
 void
-write_safetensors(const std::filesystem::path& path,
-                  std::span<const TensorView> tensors,
-                  const Metadata& metadata)
+write_safetensors(const std::filesystem::path& path, std::span<const TensorView> tensors, const Metadata& metadata)
 {
   const auto order = serialize_order(tensors);
   const auto header = safetensors_header(order, metadata);

@@ -25,7 +25,22 @@
 
 namespace fedl::core {
 
-enum class DType { f64, f32, f16, bf16, i64, i32, i16, i8, u64, u32, u16, u8, boolean };
+enum class DType
+{
+  f64,
+  f32,
+  f16,
+  bf16,
+  i64,
+  i32,
+  i16,
+  i8,
+  u64,
+  u32,
+  u16,
+  u8,
+  boolean
+};
 
 // "F32", "I64", ... as the format spells them; nullopt for an unknown name.
 std::optional<DType> dtype_from_name(std::string_view name) noexcept;
@@ -88,8 +103,7 @@ std::string safetensors_sha256(std::span<const TensorView> tensors, const Metada
 
 // Writes `tensors` and `metadata` to `path` atomically (temp file, fsync, rename).
 // Throws UsageError for duplicate names or data sizes that do not match shapes; Error for I/O.
-void write_safetensors(const std::filesystem::path& path,
-                       std::span<const TensorView> tensors,
+void write_safetensors(const std::filesystem::path& path, std::span<const TensorView> tensors,
                        const Metadata& metadata);
 
 } // namespace fedl::core

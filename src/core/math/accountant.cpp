@@ -104,8 +104,7 @@ log_a_integer(double q, double sigma, std::uint64_t alpha)
   double log_a = -inf;
   for (std::uint64_t k = 0; k <= alpha; ++k) {
     const double kd = static_cast<double>(k);
-    const double t =
-      log_binomial(a, kd) + kd * log_q + (a - kd) * log_1mq + (kd * kd - kd) / (2 * sigma * sigma);
+    const double t = log_binomial(a, kd) + kd * log_q + (a - kd) * log_1mq + (kd * kd - kd) / (2 * sigma * sigma);
     log_a = log_add(log_a, t);
   }
   return log_a;
@@ -148,8 +147,8 @@ log_a_integral(double q, double sigma, double alpha)
   for (std::uint64_t p = 0; p < n; ++p) {
     const double mid = lo + (static_cast<double>(p) + 0.5) * width;
     for (std::size_t i = 0; i < gl_nodes.size(); ++i) {
-      top = std::max({top, log_term(mid - half * gl_nodes[i], gl_weights[i]),
-                      log_term(mid + half * gl_nodes[i], gl_weights[i])});
+      top = std::max(
+        {top, log_term(mid - half * gl_nodes[i], gl_weights[i]), log_term(mid + half * gl_nodes[i], gl_weights[i])});
     }
   }
   if (top == -inf) {
@@ -178,8 +177,7 @@ check_rate_and_noise(double q, double sigma)
     throw UsageError("--sample-rate {}: must be in (0, 1] (the batch size over the number of samples)", q);
   }
   if (!(sigma > 0) || !std::isfinite(sigma)) {
-    throw UsageError("--noise-multiplier {}: must be > 0 (the noise standard deviation over the clipping norm)",
-                     sigma);
+    throw UsageError("--noise-multiplier {}: must be > 0 (the noise standard deviation over the clipping norm)", sigma);
   }
 }
 
@@ -222,8 +220,7 @@ epsilon_from_rdp(std::span<const double> orders, std::span<const double> rdp, do
 {
   check_delta(delta);
   if (orders.empty() || orders.size() != rdp.size()) {
-    throw UsageError("RDP accounting needs one RDP value per order ({} orders, {} values)", orders.size(),
-                     rdp.size());
+    throw UsageError("RDP accounting needs one RDP value per order ({} orders, {} values)", orders.size(), rdp.size());
   }
   PrivacySpent best{inf, 0};
   for (std::size_t i = 0; i < orders.size(); ++i) {

@@ -317,8 +317,7 @@ std::optional<std::uint64_t>
 update_num_samples(const Safetensors& update)
 {
   const auto text = update.meta("fedl.num_samples");
-  if (!text || text->empty() ||
-      !std::all_of(text->begin(), text->end(), [](char c) { return c >= '0' && c <= '9'; })) {
+  if (!text || text->empty() || !std::all_of(text->begin(), text->end(), [](char c) { return c >= '0' && c <= '9'; })) {
     return std::nullopt;
   }
   const auto n = parse_unsigned<std::uint64_t>(*text);
@@ -487,9 +486,8 @@ save_server_state(const std::filesystem::path& path, const ServerState& state)
       views.push_back({names[k++], t.dtype, t.shape, t.bytes});
     }
   }
-  const Metadata meta{{"fedl.kind", "server-state"},
-                      {"fedl.strategy", state.strategy},
-                      {"fedl.round", std::to_string(state.round)}};
+  const Metadata meta{
+    {"fedl.kind", "server-state"}, {"fedl.strategy", state.strategy}, {"fedl.round", std::to_string(state.round)}};
   write_safetensors(path, views, meta);
 }
 
@@ -530,8 +528,7 @@ load_server_state(const std::filesystem::path& path, const StrategySpec& spec, s
       const auto name = fmt::format("{}.{}", prefix, p.name);
       const auto* t = c.find(name);
       if (t == nullptr) {
-        throw VerifyError("{}: no tensor {} for parameter {}: the state belongs to another model", where, name,
-                          p.name);
+        throw VerifyError("{}: no tensor {} for parameter {}: the state belongs to another model", where, name, p.name);
       }
       if (t->dtype != p.dtype || t->shape != p.shape) {
         throw VerifyError("{}: tensor {} is {} {}, but parameter {} is {} {}: the state belongs to another model",
@@ -549,8 +546,8 @@ load_server_state(const std::filesystem::path& path, const StrategySpec& spec, s
         return t.name == "m." + p.name || (with_v && t.name == "v." + p.name);
       });
       if (!known) {
-        throw VerifyError("{}: tensor {} matches no parameter of the model: the state belongs to another model",
-                          where, t.name);
+        throw VerifyError("{}: tensor {} matches no parameter of the model: the state belongs to another model", where,
+                          t.name);
       }
     }
   }
@@ -563,13 +560,8 @@ load_server_state(const std::filesystem::path& path, const StrategySpec& spec, s
 namespace {
 
 std::vector<OwnedTensor>
-aggregate_impl(const Safetensors& base,
-               std::span<const Safetensors> updates,
-               std::span<const double> weights,
-               const StrategySpec& spec,
-               const ServerOptions& options,
-               ServerState& state,
-               AggregateInfo* info,
+aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, std::span<const double> weights,
+               const StrategySpec& spec, const ServerOptions& options, ServerState& state, AggregateInfo* info,
                Access& access)
 {
   validate_server_options(options);
@@ -591,8 +583,8 @@ aggregate_impl(const Safetensors& base,
                 spec.to_string(), spec.byzantine + 3, n);
   }
   if (spec.kind == Strategy::multi_krum && spec.select > n - spec.byzantine) {
-    throw Error("{} averages M = {} updates, but at most N - F = {} of the {} updates can be trusted",
-                spec.to_string(), spec.select, n - spec.byzantine, n);
+    throw Error("{} averages M = {} updates, but at most N - F = {} of the {} updates can be trusted", spec.to_string(),
+                spec.select, n - spec.byzantine, n);
   }
   if (spec.kind == Strategy::trimmed_mean && !(spec.trim >= 0.0 && spec.trim < 0.5)) {
     throw UsageError("trimmed-mean: BETA must satisfy 0 <= BETA < 0.5, not {}", spec.trim);
@@ -765,13 +757,8 @@ aggregate_impl(const Safetensors& base,
 } // namespace
 
 std::vector<OwnedTensor>
-aggregate(const Safetensors& base,
-          std::span<const Safetensors> updates,
-          std::span<const double> weights,
-          const StrategySpec& spec,
-          const ServerOptions& options,
-          ServerState& state,
-          AggregateInfo* info)
+aggregate(const Safetensors& base, std::span<const Safetensors> updates, std::span<const double> weights,
+          const StrategySpec& spec, const ServerOptions& options, ServerState& state, AggregateInfo* info)
 {
   Access access;
   return aggregate_impl(base, updates, weights, spec, options, state, info, access);
@@ -780,14 +767,9 @@ aggregate(const Safetensors& base,
 namespace {
 
 std::vector<OwnedTensor>
-aggregate_files(const SafetensorsFile& base,
-                std::span<const SafetensorsFile* const> updates,
-                std::span<const double> weights,
-                const StrategySpec& spec,
-                const ServerOptions& options,
-                ServerState& state,
-                AggregateInfo* info,
-                std::optional<std::size_t> in_place_budget)
+aggregate_files(const SafetensorsFile& base, std::span<const SafetensorsFile* const> updates,
+                std::span<const double> weights, const StrategySpec& spec, const ServerOptions& options,
+                ServerState& state, AggregateInfo* info, std::optional<std::size_t> in_place_budget)
 {
   std::vector<Safetensors> contents;
   contents.reserve(updates.size());
@@ -829,25 +811,15 @@ aggregate_files(const SafetensorsFile& base,
 } // namespace
 
 std::vector<OwnedTensor>
-aggregate(const SafetensorsFile& base,
-          std::span<const SafetensorsFile* const> updates,
-          std::span<const double> weights,
-          const StrategySpec& spec,
-          const ServerOptions& options,
-          ServerState& state,
-          AggregateInfo* info)
+aggregate(const SafetensorsFile& base, std::span<const SafetensorsFile* const> updates, std::span<const double> weights,
+          const StrategySpec& spec, const ServerOptions& options, ServerState& state, AggregateInfo* info)
 {
   return aggregate_files(base, updates, weights, spec, options, state, info, std::nullopt);
 }
 
 std::vector<OwnedTensor>
-aggregate(const SafetensorsFile& base,
-          std::span<const SafetensorsFile> updates,
-          std::span<const double> weights,
-          const StrategySpec& spec,
-          const ServerOptions& options,
-          ServerState& state,
-          AggregateInfo* info)
+aggregate(const SafetensorsFile& base, std::span<const SafetensorsFile> updates, std::span<const double> weights,
+          const StrategySpec& spec, const ServerOptions& options, ServerState& state, AggregateInfo* info)
 {
   std::vector<const SafetensorsFile*> pointers;
   pointers.reserve(updates.size());
@@ -860,13 +832,9 @@ aggregate(const SafetensorsFile& base,
 namespace detail {
 
 std::vector<OwnedTensor>
-aggregate_reading(const SafetensorsFile& base,
-                  std::span<const SafetensorsFile* const> updates,
-                  std::span<const double> weights,
-                  const StrategySpec& spec,
-                  const ServerOptions& options,
-                  ServerState& state,
-                  std::size_t in_place_budget)
+aggregate_reading(const SafetensorsFile& base, std::span<const SafetensorsFile* const> updates,
+                  std::span<const double> weights, const StrategySpec& spec, const ServerOptions& options,
+                  ServerState& state, std::size_t in_place_budget)
 {
   return aggregate_files(base, updates, weights, spec, options, state, nullptr, in_place_budget);
 }

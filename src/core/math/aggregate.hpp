@@ -73,15 +73,26 @@
 
 namespace fedl::core {
 
-enum class Strategy { fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed_mean, krum, multi_krum };
+enum class Strategy
+{
+  fedavg,
+  fedavgm,
+  fedadam,
+  fedyogi,
+  fedadagrad,
+  median,
+  trimmed_mean,
+  krum,
+  multi_krum
+};
 
 // A parsed strategy spec (see parse_strategy).
 struct StrategySpec
 {
   Strategy kind = Strategy::fedavg;
-  double trim = 0.0;          // trimmed-mean: BETA, the fraction dropped at each end
-  std::size_t byzantine = 0;  // krum, multi-krum: F, the number of faulty updates tolerated
-  std::size_t select = 1;     // multi-krum: M, the number of updates averaged (1 for krum)
+  double trim = 0.0;         // trimmed-mean: BETA, the fraction dropped at each end
+  std::size_t byzantine = 0; // krum, multi-krum: F, the number of faulty updates tolerated
+  std::size_t select = 1;    // multi-krum: M, the number of updates averaged (1 for krum)
 
   // The strategy's name without parameters: "fedadam", "trimmed-mean", "multi-krum", ...
   std::string_view name() const noexcept;
@@ -109,13 +120,13 @@ StrategySpec parse_strategy(const std::string& spec);
 // strategies usually want a smaller η (Reddi et al. tune it per task; 1e-2 to 1e-1 is common).
 struct ServerOptions
 {
-  double server_lr = 1.0;   // η, --server-lr; > 0
-  double momentum = 0.9;    // μ of fedavgm, --server-momentum; in [0, 1)
-  double beta1 = 0.9;       // β₁, --beta1; in [0, 1)
-  double beta2 = 0.99;      // β₂, --beta2; in [0, 1)
-  double tau = 1e-3;        // τ, --tau; > 0 (also v's initial value is τ², as Reddi et al. allow)
-  std::optional<double> clip_norm;  // C, --clip-norm; > 0
-  unsigned threads = 0;     // worker threads; 0 means one per core
+  double server_lr = 1.0;          // η, --server-lr; > 0
+  double momentum = 0.9;           // μ of fedavgm, --server-momentum; in [0, 1)
+  double beta1 = 0.9;              // β₁, --beta1; in [0, 1)
+  double beta2 = 0.99;             // β₂, --beta2; in [0, 1)
+  double tau = 1e-3;               // τ, --tau; > 0 (also v's initial value is τ², as Reddi et al. allow)
+  std::optional<double> clip_norm; // C, --clip-norm; > 0
+  unsigned threads = 0;            // worker threads; 0 means one per core
 
   // Client-level DP (DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private Recurrent
   // Language Models", Algorithm 1 with the fixed denominator): needs clip_norm and a mean-type
@@ -142,10 +153,10 @@ void validate_server_options(const ServerOptions& options);
 // named, shaped and typed like it. Empty before the first round; aggregate() fills it.
 struct ServerState
 {
-  std::string strategy;        // the name of the strategy that made it; empty before round 1
-  std::uint64_t round = 0;     // server steps applied so far
-  std::vector<OwnedTensor> m;  // in the base model's tensor order
-  std::vector<OwnedTensor> v;  // empty for fedavgm
+  std::string strategy;       // the name of the strategy that made it; empty before round 1
+  std::uint64_t round = 0;    // server steps applied so far
+  std::vector<OwnedTensor> m; // in the base model's tensor order
+  std::vector<OwnedTensor> v; // empty for fedavgm
 
   bool empty() const noexcept { return strategy.empty(); }
 };
@@ -158,8 +169,7 @@ void save_server_state(const std::filesystem::path& path, const ServerState& sta
 // model's tensors). Throws Error (exit 1) if the file cannot be read, VerifyError (exit 3) if it
 // is corrupt, is not a state file, was saved by another strategy, or does not have exactly one
 // m (and v) tensor of the same shape and dtype per parameter (the message names the tensor).
-ServerState load_server_state(const std::filesystem::path& path,
-                              const StrategySpec& spec,
+ServerState load_server_state(const std::filesystem::path& path, const StrategySpec& spec,
                               std::span<const TensorView> params);
 
 // fedl.num_samples of `update` if it is a positive decimal integer of at most 2^53 (digits
@@ -173,13 +183,11 @@ std::optional<std::uint64_t> update_num_samples(const Safetensors& update);
 // than the base's (naming it); the dtype is not F32 or F64; a value is NaN or infinite (naming
 // the tensor, the count and the first index). Reads every value once. Never throws for bad
 // content; the caller decides whether a bad update fails the run or is skipped.
-std::optional<std::string> validate_update(const Safetensors& base,
-                                           std::string_view base_sha256,
+std::optional<std::string> validate_update(const Safetensors& base, std::string_view base_sha256,
                                            const Safetensors& update);
 // The same for a mapped update file; its pages are dropped from the resident set as they are
 // checked, so that validating many large files one after the other keeps RSS small.
-std::optional<std::string> validate_update(const Safetensors& base,
-                                           std::string_view base_sha256,
+std::optional<std::string> validate_update(const Safetensors& base, std::string_view base_sha256,
                                            const SafetensorsFile& update);
 
 // The L2 norm of an update over all of its tensors (F32 or F64 values), in double precision.
@@ -188,10 +196,10 @@ double update_norm(const Safetensors& update);
 // What aggregate() did, for logs and the ledger.
 struct AggregateInfo
 {
-  std::vector<double> norms;          // ‖Δᵢ‖₂ before clipping; filled only with clip_norm
-  std::vector<bool> clipped;          // whether Δᵢ was scaled down; filled only with clip_norm
-  std::vector<double> krum_scores;    // krum and multi-krum: each update's score
-  std::vector<std::size_t> selected;  // krum and multi-krum: the chosen updates, best first
+  std::vector<double> norms;         // ‖Δᵢ‖₂ before clipping; filled only with clip_norm
+  std::vector<bool> clipped;         // whether Δᵢ was scaled down; filled only with clip_norm
+  std::vector<double> krum_scores;   // krum and multi-krum: each update's score
+  std::vector<std::size_t> selected; // krum and multi-krum: the chosen updates, best first
 };
 
 // Combines `updates` (each already accepted by validate_update) into the new global model:
@@ -206,13 +214,9 @@ struct AggregateInfo
 // or a non-empty `state` belongs to another strategy or other parameters. Values are not
 // re-checked here: NaN or Inf in an unvalidated update propagates into the model. On an exception
 // `state` is unchanged.
-std::vector<OwnedTensor> aggregate(const Safetensors& base,
-                                   std::span<const Safetensors> updates,
-                                   std::span<const double> weights,
-                                   const StrategySpec& spec,
-                                   const ServerOptions& options,
-                                   ServerState& state,
-                                   AggregateInfo* info = nullptr);
+std::vector<OwnedTensor> aggregate(const Safetensors& base, std::span<const Safetensors> updates,
+                                   std::span<const double> weights, const StrategySpec& spec,
+                                   const ServerOptions& options, ServerState& state, AggregateInfo* info = nullptr);
 
 // The same for mapped files, keeping peak RSS within about 3 × model + 50 MB for any N (with the
 // new model; add the optimizer state for the stateful strategies). A read fault maps a whole
@@ -222,31 +226,20 @@ std::vector<OwnedTensor> aggregate(const Safetensors& base,
 // others with pread() into small buffers, from a descriptor opened on the same file (same device
 // and inode as the mapping: a file renamed over the path meanwhile is not read instead).
 // Validate with the SafetensorsFile overload of validate_update, which drops pages as it goes.
-std::vector<OwnedTensor> aggregate(const SafetensorsFile& base,
-                                   std::span<const SafetensorsFile* const> updates,
-                                   std::span<const double> weights,
-                                   const StrategySpec& spec,
-                                   const ServerOptions& options,
-                                   ServerState& state,
-                                   AggregateInfo* info = nullptr);
-std::vector<OwnedTensor> aggregate(const SafetensorsFile& base,
-                                   std::span<const SafetensorsFile> updates,
-                                   std::span<const double> weights,
-                                   const StrategySpec& spec,
-                                   const ServerOptions& options,
-                                   ServerState& state,
-                                   AggregateInfo* info = nullptr);
+std::vector<OwnedTensor> aggregate(const SafetensorsFile& base, std::span<const SafetensorsFile* const> updates,
+                                   std::span<const double> weights, const StrategySpec& spec,
+                                   const ServerOptions& options, ServerState& state, AggregateInfo* info = nullptr);
+std::vector<OwnedTensor> aggregate(const SafetensorsFile& base, std::span<const SafetensorsFile> updates,
+                                   std::span<const double> weights, const StrategySpec& spec,
+                                   const ServerOptions& options, ServerState& state, AggregateInfo* info = nullptr);
 
 namespace detail {
 
 // aggregate() on mapped files, reading updates in place only while the pages that keeps resident
 // fit in `in_place_budget` bytes (0: every update with pread). For the unit tests.
-std::vector<OwnedTensor> aggregate_reading(const SafetensorsFile& base,
-                                           std::span<const SafetensorsFile* const> updates,
-                                           std::span<const double> weights,
-                                           const StrategySpec& spec,
-                                           const ServerOptions& options,
-                                           ServerState& state,
+std::vector<OwnedTensor> aggregate_reading(const SafetensorsFile& base, std::span<const SafetensorsFile* const> updates,
+                                           std::span<const double> weights, const StrategySpec& spec,
+                                           const ServerOptions& options, ServerState& state,
                                            std::size_t in_place_budget);
 
 // Sorts each of the `width` columns of a row-major n × stride matrix ascending along its n rows

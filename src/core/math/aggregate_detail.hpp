@@ -196,10 +196,10 @@ private:
 // dropped as they are consumed.
 struct Access
 {
-  bool mapped = false;                    // the bytes are read-only file mappings
-  std::vector<int> fds;                   // per update: a descriptor to pread from, or -1
-  std::vector<const std::byte*> origin;   // per update: the byte at file offset 0 of its mapping
-  std::size_t window = 0;                 // of the PageReleaser
+  bool mapped = false;                  // the bytes are read-only file mappings
+  std::vector<int> fds;                 // per update: a descriptor to pread from, or -1
+  std::vector<const std::byte*> origin; // per update: the byte at file offset 0 of its mapping
+  std::size_t window = 0;               // of the PageReleaser
 };
 
 // One thread's access to the updates (sources 0..n-1) and the base (source n).
@@ -312,7 +312,7 @@ struct TensorPlan
   std::string_view name;
   DType dtype = DType::f32;
   std::size_t numel = 0;
-  std::size_t flat = 0;  // index of its first coordinate in the flat space
+  std::size_t flat = 0; // index of its first coordinate in the flat space
   const std::byte* base = nullptr;
   std::vector<const std::byte*> upd;
   std::byte* out = nullptr;

@@ -60,16 +60,14 @@ make_plan(const Safetensors& base, std::span<const Safetensors> updates)
   for (std::size_t i = 0; i < updates.size(); ++i) {
     const auto& u = updates[i];
     if (u.tensors.size() != base.tensors.size()) {
-      throw VerifyError("update {} has {} tensors, the base model {}", i + 1, u.tensors.size(),
-                        base.tensors.size());
+      throw VerifyError("update {} has {} tensors, the base model {}", i + 1, u.tensors.size(), base.tensors.size());
     }
     for (std::size_t k = 0; k < base.tensors.size(); ++k) {
       const auto& bt = base.tensors[k];
       const auto* ut = u.find(bt.name);
-      if (ut == nullptr || ut->dtype != bt.dtype || ut->shape != bt.shape ||
-          ut->data.size() != bt.data.size()) {
-        throw VerifyError("update {}: tensor {} is missing or differs in dtype or shape from the base model",
-                          i + 1, bt.name);
+      if (ut == nullptr || ut->dtype != bt.dtype || ut->shape != bt.shape || ut->data.size() != bt.data.size()) {
+        throw VerifyError("update {}: tensor {} is missing or differs in dtype or shape from the base model", i + 1,
+                          bt.name);
       }
       plan.tensors[k].upd.push_back(ut->data.data());
     }
@@ -165,13 +163,8 @@ namespace {
 // acc[j] += Σ_k c_k · x_k[j] for four updates; the hot loop of the mean-type strategies.
 template<typename T>
 FEDL_CLONES void
-axpy4(double* __restrict acc,
-      const std::byte* __restrict x0,
-      const std::byte* __restrict x1,
-      const std::byte* __restrict x2,
-      const std::byte* __restrict x3,
-      const double* c,
-      std::size_t count) noexcept
+axpy4(double* __restrict acc, const std::byte* __restrict x0, const std::byte* __restrict x1,
+      const std::byte* __restrict x2, const std::byte* __restrict x3, const double* c, std::size_t count) noexcept
 {
   const double c0 = c[0];
   const double c1 = c[1];
@@ -451,7 +444,7 @@ struct BlockScratch
 {
   std::vector<float> f32;
   std::vector<double> f64;
-  std::vector<float> column_f32;   // for n > k_network_max
+  std::vector<float> column_f32; // for n > k_network_max
   std::vector<double> column_f64;
   std::vector<double> acc;
 };
@@ -489,8 +482,8 @@ make_block_scratch(const Plan& plan, bool sorts_each_column)
       s.column_f64.resize(n);
     }
   }
-  s.acc.resize(std::max(plan.has_f32 ? block_columns(n, sizeof(float)) : 0,
-                        plan.has_f64 ? block_columns(n, sizeof(double)) : 0));
+  s.acc.resize(
+    std::max(plan.has_f32 ? block_columns(n, sizeof(float)) : 0, plan.has_f64 ? block_columns(n, sizeof(double)) : 0));
   return s;
 }
 
@@ -543,8 +536,7 @@ for_each_block(const Plan& plan, std::size_t begin, std::size_t end, BlockScratc
 // Coordinate-wise median or trimmed mean: out = the server step applied to the mean of sorted
 // rows [lo_row, hi_row) of each column (for the median, the one or two middle rows).
 void
-robust_pass(const Pass& pass, std::span<const double> scale, std::size_t lo_row, std::size_t hi_row,
-            const Step& step)
+robust_pass(const Pass& pass, std::span<const double> scale, std::size_t lo_row, std::size_t hi_row, const Step& step)
 {
   const auto& plan = pass.plan;
   const auto n = plan.n;
@@ -559,20 +551,20 @@ robust_pass(const Pass& pass, std::span<const double> scale, std::size_t lo_row,
   run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
     auto& s = scratch[t];
     auto& reader = readers[t];
-    for_each_block(plan, begin, end, s,
-                   [&]<typename T>(T* buf, T* column, std::size_t stride, const TensorPlan& tp, std::size_t off,
-                                   std::size_t count) {
-                     gather<T>(tp, off, count, stride, scale, buf, reader);
-                     const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
-                     select_columns_with(buf, n, stride, padded, selection, column);
-                     double* a = s.acc.data();
-                     std::fill(a, a + padded, 0.0);
-                     for (std::size_t r = lo_row; r < hi_row; ++r) {
-                       add_row(a, buf + r * stride, padded);
-                     }
-                     apply_step<T>(step, tp, off, a, rows, count);
-                     reader.consumed(n, tp.base + off * sizeof(T), count * sizeof(T));
-                   });
+    for_each_block(
+      plan, begin, end, s,
+      [&]<typename T>(T* buf, T* column, std::size_t stride, const TensorPlan& tp, std::size_t off, std::size_t count) {
+        gather<T>(tp, off, count, stride, scale, buf, reader);
+        const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
+        select_columns_with(buf, n, stride, padded, selection, column);
+        double* a = s.acc.data();
+        std::fill(a, a + padded, 0.0);
+        for (std::size_t r = lo_row; r < hi_row; ++r) {
+          add_row(a, buf + r * stride, padded);
+        }
+        apply_step<T>(step, tp, off, a, rows, count);
+        reader.consumed(n, tp.base + off * sizeof(T), count * sizeof(T));
+      });
     reader.finish();
   });
 }
@@ -595,17 +587,17 @@ distance_pass(const Pass& pass, std::span<const double> scale)
   run_split(plan.total, pass.threads, [&](unsigned t, std::size_t begin, std::size_t end) {
     auto& d = partial[t];
     auto& reader = readers[t];
-    for_each_block(plan, begin, end, scratch[t],
-                   [&]<typename T>(T* buf, T*, std::size_t stride, const TensorPlan& tp, std::size_t off,
-                                   std::size_t count) {
-                     gather<T>(tp, off, count, stride, scale, buf, reader);
-                     const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
-                     for (std::size_t i = 0; i < n; ++i) {
-                       for (std::size_t j = i + 1; j < n; ++j) {
-                         d[i * n + j] += squared_distance(buf + i * stride, buf + j * stride, padded);
-                       }
-                     }
-                   });
+    for_each_block(
+      plan, begin, end, scratch[t],
+      [&]<typename T>(T* buf, T*, std::size_t stride, const TensorPlan& tp, std::size_t off, std::size_t count) {
+        gather<T>(tp, off, count, stride, scale, buf, reader);
+        const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
+        for (std::size_t i = 0; i < n; ++i) {
+          for (std::size_t j = i + 1; j < n; ++j) {
+            d[i * n + j] += squared_distance(buf + i * stride, buf + j * stride, padded);
+          }
+        }
+      });
     reader.finish();
   });
   std::vector<double> dist(n * n, 0.0);

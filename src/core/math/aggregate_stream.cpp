@@ -42,8 +42,8 @@ read_maps()
     unsigned long hi = 0;
     unsigned long offset = 0;
     char perms[8] = {};
-    if (std::sscanf(line.data(), "%lx-%lx %7s %lx %x:%x %lu", &lo, &hi, perms, &offset, &e.major, &e.minor,
-                    &e.inode) == 7) {
+    if (std::sscanf(line.data(), "%lx-%lx %7s %lx %x:%x %lu", &lo, &hi, perms, &offset, &e.major, &e.minor, &e.inode) ==
+        7) {
       e.lo = lo;
       e.hi = hi;
       out.push_back(e);
@@ -83,7 +83,8 @@ Descriptors::Descriptors(std::span<const SafetensorsFile* const> files, const st
     if (fd < 0) {
       continue;
     }
-    struct stat st {};
+    struct stat st
+    {};
     if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && static_cast<std::size_t>(st.st_size) == bytes.size() &&
         st.st_ino == it->inode && major(st.st_dev) == it->major && minor(st.st_dev) == it->minor) {
       m_fds[i] = fd;

@@ -66,9 +66,9 @@ private:
 
   std::vector<std::string> m_argv;
   pid_t m_pid = -1;
-  int m_to_child = -1;   // the child's stdin
-  int m_from_child = -1; // the child's stdout
-  bool m_reaped = false;        // it has exited and been waited for (or reaped elsewhere)
+  int m_to_child = -1;         // the child's stdin
+  int m_from_child = -1;       // the child's stdout
+  bool m_reaped = false;       // it has exited and been waited for (or reaped elsewhere)
   std::optional<int> m_status; // its wait status, if we collected it
 };
 

@@ -61,18 +61,20 @@ FramedConnection::read_exact(std::byte* out, std::size_t size, std::function<voi
     then();
     return;
   }
-  m_stream->async_read_some(out, size, [self = shared_from_this(), out, size, then = std::move(then)](const TlsResult& r, std::size_t got) mutable {
-    if (self->m_closed) {
-      return;
-    }
-    if (!r) {
-      self->close(r.closed ? "the peer closed the connection" : r.error);
-      return;
-    }
-    self->m_last_rx = now();
-    self->m_bytes_in += got;
-    self->read_exact(out + got, size - got, std::move(then));
-  });
+  m_stream->async_read_some(
+    out, size,
+    [self = shared_from_this(), out, size, then = std::move(then)](const TlsResult& r, std::size_t got) mutable {
+      if (self->m_closed) {
+        return;
+      }
+      if (!r) {
+        self->close(r.closed ? "the peer closed the connection" : r.error);
+        return;
+      }
+      self->m_last_rx = now();
+      self->m_bytes_in += got;
+      self->read_exact(out + got, size - got, std::move(then));
+    });
 }
 
 void
@@ -129,7 +131,8 @@ FramedConnection::read_memory_body()
     frame_done();
     return;
   }
-  const auto want = std::min<std::uint64_t>(m_prefix.body_size, std::max<std::uint64_t>(2 * have, std::uint64_t{1} << 20));
+  const auto want =
+    std::min<std::uint64_t>(m_prefix.body_size, std::max<std::uint64_t>(2 * have, std::uint64_t{1} << 20));
   buf.resize(want);
   read_exact(buf.data() + have, want - have, [this] { read_memory_body(); });
 }
@@ -146,34 +149,35 @@ FramedConnection::read_body(std::uint64_t remaining)
     m_chunk.resize(chunk_size);
   }
   const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(remaining, m_chunk.size()));
-  m_stream->async_read_some(m_chunk.data(), n, [self = shared_from_this(), remaining](const TlsResult& r, std::size_t got) {
-    if (self->m_closed) {
-      return;
-    }
-    if (!r) {
-      self->close(r.closed ? "the peer closed the connection inside a frame" : r.error);
-      return;
-    }
-    self->m_last_rx = now();
-    self->m_bytes_in += got;
-    if (self->m_sink.fd >= 0) {
-      std::size_t done = 0;
-      while (done < got) {
-        const auto w = ::write(self->m_sink.fd, self->m_chunk.data() + done, got - done);
-        if (w < 0 && errno == EINTR) {
-          continue;
-        }
-        if (w < 0) {
-          // A full disk is the coordinator's problem, not the peer's; the owner sees the short file.
-          self->close(fmt::format("cannot store the incoming {} body: {}", frame_type_name(self->m_prefix.type),
-                                  std::strerror(errno)));
-          return;
-        }
-        done += static_cast<std::size_t>(w);
+  m_stream->async_read_some(
+    m_chunk.data(), n, [self = shared_from_this(), remaining](const TlsResult& r, std::size_t got) {
+      if (self->m_closed) {
+        return;
       }
-    }
-    self->read_body(remaining - got);
-  });
+      if (!r) {
+        self->close(r.closed ? "the peer closed the connection inside a frame" : r.error);
+        return;
+      }
+      self->m_last_rx = now();
+      self->m_bytes_in += got;
+      if (self->m_sink.fd >= 0) {
+        std::size_t done = 0;
+        while (done < got) {
+          const auto w = ::write(self->m_sink.fd, self->m_chunk.data() + done, got - done);
+          if (w < 0 && errno == EINTR) {
+            continue;
+          }
+          if (w < 0) {
+            // A full disk is the coordinator's problem, not the peer's; the owner sees the short file.
+            self->close(fmt::format("cannot store the incoming {} body: {}", frame_type_name(self->m_prefix.type),
+                                    std::strerror(errno)));
+            return;
+          }
+          done += static_cast<std::size_t>(w);
+        }
+      }
+      self->read_body(remaining - got);
+    });
 }
 
 void
@@ -204,7 +208,8 @@ FramedConnection::frame_done()
 void
 FramedConnection::bad_header(const std::exception& e)
 {
-  send_error_and_close(fmt::format("protocol error: bad {} frame header: {}", frame_type_name(m_prefix.type), e.what()), 1);
+  send_error_and_close(fmt::format("protocol error: bad {} frame header: {}", frame_type_name(m_prefix.type), e.what()),
+                       1);
 }
 
 void

@@ -80,15 +80,24 @@ std::string_view
 frame_type_name(FrameType type) noexcept
 {
   switch (type) {
-  case FrameType::hello: return "hello";
-  case FrameType::welcome: return "welcome";
-  case FrameType::task: return "task";
-  case FrameType::update: return "update";
-  case FrameType::heartbeat: return "heartbeat";
-  case FrameType::done: return "done";
-  case FrameType::error: return "error";
-  case FrameType::eval: return "eval";
-  case FrameType::result: return "result";
+  case FrameType::hello:
+    return "hello";
+  case FrameType::welcome:
+    return "welcome";
+  case FrameType::task:
+    return "task";
+  case FrameType::update:
+    return "update";
+  case FrameType::heartbeat:
+    return "heartbeat";
+  case FrameType::done:
+    return "done";
+  case FrameType::error:
+    return "error";
+  case FrameType::eval:
+    return "eval";
+  case FrameType::result:
+    return "result";
   }
   return "unknown";
 }
@@ -113,8 +122,8 @@ decode_prefix(std::span<const std::byte, frame_prefix_size> bytes, const FrameLi
   }
   const auto version = static_cast<unsigned>(bytes[4]);
   if (version != protocol_version) {
-    throw ProtocolError(fmt::format("protocol version {} is not supported (this fedl speaks {}); upgrade the older side",
-                                    version, protocol_version));
+    throw ProtocolError(fmt::format(
+      "protocol version {} is not supported (this fedl speaks {}); upgrade the older side", version, protocol_version));
   }
   const auto type = static_cast<unsigned>(bytes[5]);
   if (type == 0 || type > max_frame_type) {

@@ -35,7 +35,8 @@ inline constexpr std::size_t frame_prefix_size = 20;
 inline constexpr std::uint32_t max_frame_header = 64 * 1024;
 inline constexpr std::size_t max_header_nesting = 8; // arrays and objects within a header
 
-enum class FrameType : std::uint8_t {
+enum class FrameType : std::uint8_t
+{
   hello = 1,     // site -> coordinator: {"site", "version", "round"}; no body
   welcome = 2,   // coordinator -> site: {"federation", "round", "rounds", "heartbeat"}; no body
   task = 3,      // train: {"round", "attempt", "deadline", "training", "base_sha256"}; body: the model
@@ -82,7 +83,8 @@ struct FrameLimits
   }
 };
 
-std::array<std::byte, frame_prefix_size> encode_prefix(FrameType type, std::uint32_t header_size, std::uint64_t body_size);
+std::array<std::byte, frame_prefix_size> encode_prefix(FrameType type, std::uint32_t header_size,
+                                                       std::uint64_t body_size);
 // Throws ProtocolError saying what is wrong.
 FramePrefix decode_prefix(std::span<const std::byte, frame_prefix_size> bytes, const FrameLimits& limits);
 // Parses a frame header; throws ProtocolError unless it is a JSON object nested at most
@@ -111,7 +113,8 @@ struct Frame
 // Blocking frame I/O on a file descriptor (a pipe), retrying on EINTR. write_frame throws Error on
 // a write failure (EPIPE included: the peer is gone). read_frame returns nullopt on end of file
 // at a frame boundary, throws ProtocolError for a bad frame or end of file inside one.
-void write_frame(int fd, FrameType type, const nlohmann::json& header, std::span<const std::span<const std::byte>> body = {});
+void write_frame(int fd, FrameType type, const nlohmann::json& header,
+                 std::span<const std::span<const std::byte>> body = {});
 std::optional<Frame> read_frame(int fd, const FrameLimits& limits);
 
 } // namespace fedl::core

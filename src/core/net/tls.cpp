@@ -114,8 +114,9 @@ TlsStream::TlsStream(asio::ip::tcp::socket socket, std::shared_ptr<TlsContext> c
 {
   std::error_code ec;
   const auto ep = m_socket.remote_endpoint(ec);
-  m_remote = ec ? "?" : (ep.address().is_v6() ? fmt::format("[{}]:{}", ep.address().to_string(), ep.port())
-                                              : fmt::format("{}:{}", ep.address().to_string(), ep.port()));
+  m_remote = ec ? "?"
+                : (ep.address().is_v6() ? fmt::format("[{}]:{}", ep.address().to_string(), ep.port())
+                                        : fmt::format("{}:{}", ep.address().to_string(), ep.port()));
   // Small frames (heartbeats, headers) must not wait for Nagle + delayed ACK (40 ms).
   m_socket.set_option(asio::ip::tcp::no_delay(true), ec);
   m_socket.non_blocking(true, ec);
@@ -229,7 +230,8 @@ TlsStream::async_write(std::vector<std::span<const std::byte>> parts, Handler ha
 }
 
 void
-TlsStream::write_next(std::vector<std::span<const std::byte>> parts, std::size_t index, std::size_t offset, Handler handler)
+TlsStream::write_next(std::vector<std::span<const std::byte>> parts, std::size_t index, std::size_t offset,
+                      Handler handler)
 {
   while (index < parts.size() && offset == parts[index].size()) {
     ++index;
@@ -242,15 +244,16 @@ TlsStream::write_next(std::vector<std::span<const std::byte>> parts, std::size_t
   const auto* data = parts[index].data() + offset;
   const auto size = parts[index].size() - offset;
   auto written = std::make_shared<std::size_t>(0);
-  drive([this, data, size, written] { return SSL_write_ex(m_ssl, data, size, written.get()); },
-        [this, parts = std::move(parts), index, offset, written, handler = std::move(handler)](int ret, int err) mutable {
-          if (ret != 1) {
-            handler(failure(err, "send failed"));
-            return;
-          }
-          m_written += *written;
-          write_next(std::move(parts), index, offset + *written, std::move(handler));
-        });
+  drive(
+    [this, data, size, written] { return SSL_write_ex(m_ssl, data, size, written.get()); },
+    [this, parts = std::move(parts), index, offset, written, handler = std::move(handler)](int ret, int err) mutable {
+      if (ret != 1) {
+        handler(failure(err, "send failed"));
+        return;
+      }
+      m_written += *written;
+      write_next(std::move(parts), index, offset + *written, std::move(handler));
+    });
 }
 
 void

@@ -98,7 +98,8 @@ public:
 private:
   template<typename Op, typename Done>
   void drive(Op op, Done done);
-  void write_next(std::vector<std::span<const std::byte>> parts, std::size_t index, std::size_t offset, Handler handler);
+  void write_next(std::vector<std::span<const std::byte>> parts, std::size_t index, std::size_t offset,
+                  Handler handler);
 
   asio::ip::tcp::socket m_socket;
   std::shared_ptr<TlsContext> m_context;

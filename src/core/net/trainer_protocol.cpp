@@ -131,8 +131,8 @@ ChildError::from_header(const json& h)
   e.code = static_cast<int>(header_int(h, "code", 1));
   const auto c = h.find("class");
   e.cls = e.code == static_cast<int>(ExitCode::budget) ? ReasonClass::budget
-          : c != h.end() && c->is_string()               ? reason_class_from_name(c->get<std::string>())
-                                                         : ReasonClass::internal;
+          : c != h.end() && c->is_string()             ? reason_class_from_name(c->get<std::string>())
+                                                       : ReasonClass::internal;
   return e;
 }
 

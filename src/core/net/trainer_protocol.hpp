@@ -49,8 +49,8 @@ struct TrainResult
   std::uint64_t num_samples = 0;
   std::uint64_t steps = 0;
   double seconds = 0;
-  std::optional<double> loss;         // absent under DP-SGD (computed on private data, no noise)
-  std::optional<nlohmann::json> dp;   // DpSgdReport::to_json of the run, under DP-SGD
+  std::optional<double> loss;       // absent under DP-SGD (computed on private data, no noise)
+  std::optional<nlohmann::json> dp; // DpSgdReport::to_json of the run, under DP-SGD
 
   nlohmann::json to_header() const;
   static TrainResult from_header(const nlohmann::json& header);
@@ -91,9 +91,9 @@ public:
   // Sends one request and waits for its answer. Error (the child died, or its pipe broke) and
   // ProtocolError (a bad answer) come out as exceptions; the child is then killed. `sent` runs
   // once the model is written (its buffer may go), before the wait for the update.
-  std::variant<std::pair<TrainResult, std::vector<std::byte>>, ChildError>
-  train(const TrainTask& task, std::span<const std::byte> model, std::uint64_t max_update_bytes,
-        const std::function<void()>& sent = {});
+  std::variant<std::pair<TrainResult, std::vector<std::byte>>, ChildError> train(
+    const TrainTask& task, std::span<const std::byte> model, std::uint64_t max_update_bytes,
+    const std::function<void()>& sent = {});
   std::variant<EvalResult, ChildError> evaluate(std::span<const std::byte> model);
   // Ends the child now (SIGKILL, reaped). Idempotent.
   void kill();
@@ -102,8 +102,8 @@ public:
   void stop() { m_child.reset(); }
 
 private:
-  Frame request(FrameType type, const nlohmann::json& header, std::span<const std::byte> body, const FrameLimits& limits,
-                const std::function<void()>& sent);
+  Frame request(FrameType type, const nlohmann::json& header, std::span<const std::byte> body,
+                const FrameLimits& limits, const std::function<void()>& sent);
 
   std::vector<std::string> m_argv;
   std::optional<WorkerProcess> m_child;

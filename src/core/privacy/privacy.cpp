@@ -163,8 +163,12 @@ RdpAccount::from_json(const json& j, const std::string& what)
 json
 DpSgdReport::to_json() const
 {
-  return {{"noise_multiplier", noise_multiplier}, {"max_grad_norm", max_grad_norm}, {"sample_rate", sample_rate},
-          {"steps", steps},                       {"delta", delta},                 {"epsilon", epsilon}};
+  return {{"noise_multiplier", noise_multiplier},
+          {"max_grad_norm", max_grad_norm},
+          {"sample_rate", sample_rate},
+          {"steps", steps},
+          {"delta", delta},
+          {"epsilon", epsilon}};
 }
 
 DpSgdReport
@@ -194,9 +198,10 @@ DpSgdReport
 dp_sgd_report(const DpSgdConfig& dp, std::uint64_t samples, std::uint32_t batch_size, std::uint64_t steps)
 {
   if (samples == 0 || batch_size > samples) {
-    throw UsageError("--batch-size {} is larger than the {} samples: DP-SGD samples each example with rate batch size / "
-                     "samples, which must not exceed 1; lower --batch-size",
-                     batch_size, samples);
+    throw UsageError(
+      "--batch-size {} is larger than the {} samples: DP-SGD samples each example with rate batch size / "
+      "samples, which must not exceed 1; lower --batch-size",
+      batch_size, samples);
   }
   DpSgdReport r;
   r.noise_multiplier = dp.noise_multiplier;
@@ -218,8 +223,8 @@ FederationPrivacy::replay(const json& body, bool verify)
   // Only for messages; read without converting, since a float or a string here would make
   // value<std::uint64_t>() undefined behaviour or a json exception instead of a VerifyError.
   const auto r = body.find("round");
-  const auto what = fmt::format("round {}: privacy",
-                                r != body.end() && r->is_number_integer() ? r->dump() : std::string("?"));
+  const auto what =
+    fmt::format("round {}: privacy", r != body.end() && r->is_number_integer() ? r->dump() : std::string("?"));
   const auto& p = *it;
   if (!p.is_object()) {
     throw VerifyError("{}: not a JSON object", what);
@@ -270,8 +275,7 @@ FederationPrivacy::replay(const json& body, bool verify)
 
 json
 FederationPrivacy::record_round(const std::optional<ClientDpRound>& client,
-                                const std::map<std::string, DpSgdReport>& sites,
-                                std::optional<double> max_epsilon)
+                                const std::map<std::string, DpSgdReport>& sites, std::optional<double> max_epsilon)
 {
   json p = json::object();
   if (client) {

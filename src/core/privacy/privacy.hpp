@@ -62,7 +62,7 @@ struct DpSgdReport
   double sample_rate = 0; // q = batch size / samples
   std::uint64_t steps = 0;
   double delta = 1e-5;
-  double epsilon = 0;     // of this run alone, at delta
+  double epsilon = 0; // of this run alone, at delta
 
   nlohmann::json to_json() const;
   // Reads what to_json writes; Error naming `what` and the field for anything else (a value
@@ -83,7 +83,7 @@ struct ClientDpRound
 {
   double clip_norm = 0;
   double noise_multiplier = 0;
-  double sample_rate = 1;  // sites asked / sites connected
+  double sample_rate = 1; // sites asked / sites connected
   double delta = 1e-5;
 };
 
@@ -98,8 +98,7 @@ public:
   // The "privacy" object of a new round, with each ε the total after it, and adds the round.
   // Null if there is nothing to record (no client-level DP, no site reports, no budget).
   nlohmann::json record_round(const std::optional<ClientDpRound>& client,
-                              const std::map<std::string, DpSgdReport>& sites,
-                              std::optional<double> max_epsilon);
+                              const std::map<std::string, DpSgdReport>& sites, std::optional<double> max_epsilon);
 
   // The federation's client-level account.
   const RdpAccount& client() const noexcept { return m_client; }

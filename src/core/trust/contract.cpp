@@ -116,7 +116,8 @@ reason_class_text(ReasonClass c) noexcept
 ReasonClass
 reason_class_from_name(std::string_view name) noexcept
 {
-  for (const auto c : {ReasonClass::bad_model, ReasonClass::bad_settings, ReasonClass::data_mismatch, ReasonClass::budget}) {
+  for (const auto c :
+       {ReasonClass::bad_model, ReasonClass::bad_settings, ReasonClass::data_mismatch, ReasonClass::budget}) {
     if (name == reason_class_name(c)) {
       return c;
     }
@@ -145,12 +146,8 @@ SiteContract::to_json() const
   for (const auto& x : tensors) {
     t.push_back({{"name", x.name}, {"dtype", dtype_name(x.dtype)}, {"shape", x.shape}});
   }
-  json j = {{"arch", arch},
-            {"input_shape", input_shape},
-            {"classes", classes},
-            {"tensors", t},
-            {"max_epochs", max_epochs},
-            {"max_batch_size", max_batch_size}};
+  json j = {{"arch", arch}, {"input_shape", input_shape}, {"classes", classes},
+            {"tensors", t}, {"max_epochs", max_epochs},   {"max_batch_size", max_batch_size}};
   if (torchscript_sha256) {
     j["torchscript_sha256"] = *torchscript_sha256;
   }
@@ -169,8 +166,8 @@ SiteContract::from_json(const json& j, const std::string& what)
     throw UsageError("{}: contract is not a JSON object", what);
   }
   for (const auto& [k, v] : j.items()) {
-    static const std::vector<std::string> known{"arch", "input_shape", "classes", "tensors", "max_epochs",
-                                                "max_batch_size", "dp", "torchscript_sha256"};
+    static const std::vector<std::string> known{"arch",       "input_shape",    "classes", "tensors",
+                                                "max_epochs", "max_batch_size", "dp",      "torchscript_sha256"};
     if (std::find(known.begin(), known.end(), k) == known.end()) {
       throw UsageError("{}: unknown key contract.{} (this fedl knows {})", what, quote_text(k), fmt::join(known, ", "));
     }

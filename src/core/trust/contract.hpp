@@ -25,7 +25,14 @@ namespace fedl::core {
 
 // Why a site did not send an update for a task: all the coordinator is told of a failure that
 // involved the site's data, so that no error text can carry a path, a label or a count out.
-enum class ReasonClass { bad_model, bad_settings, data_mismatch, budget, internal };
+enum class ReasonClass
+{
+  bad_model,
+  bad_settings,
+  data_mismatch,
+  budget,
+  internal
+};
 std::string_view reason_class_name(ReasonClass c) noexcept;
 // The fixed sentence sent for `c` when the detail stays at the site.
 std::string_view reason_class_text(ReasonClass c) noexcept;
@@ -47,7 +54,7 @@ struct SiteContract
   std::string input_shape; // fedl.input_shape, e.g. "64" or "1,28,28"
   std::int64_t classes = 0;
   std::optional<std::string> torchscript_sha256; // of the bundle's model.pt, for TorchScript models
-  std::vector<TensorSpec> tensors; // exactly the model's tensors, in name order
+  std::vector<TensorSpec> tensors;               // exactly the model's tensors, in name order
   std::uint32_t max_epochs = TrainingConfig::max_epochs;
   std::uint32_t max_batch_size = TrainingConfig::max_batch_size;
   // The weakest DP-SGD accepted: noise_multiplier at least, max_grad_norm and delta at most.

@@ -188,8 +188,8 @@ for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::f
       throw VerifyError("{}: unexpected fields in a ledger entry", where);
     }
     if (e.seq != i) {
-      throw VerifyError("{}: sequence number {} where {} was expected (a line was deleted, inserted or moved)",
-                        where, e.seq, i);
+      throw VerifyError("{}: sequence number {} where {} was expected (a line was deleted, inserted or moved)", where,
+                        e.seq, i);
     }
     if (e.prev != prev_hash) {
       throw VerifyError("{}: prev does not match the SHA-256 of the line before (the chain is broken: a line "

@@ -55,9 +55,7 @@ LedgerHead ledger_head(const std::filesystem::path& path);
 // Appends a new entry of `kind` with `body`, chained to the last line, and returns it. Creates
 // the file for the first (genesis) entry. Throws VerifyError if the last line is incomplete or
 // not JSON (run fedl audit), Error for I/O.
-LedgerEntry append_ledger(const std::filesystem::path& path,
-                          const std::string& kind,
-                          const nlohmann::json& body,
+LedgerEntry append_ledger(const std::filesystem::path& path, const std::string& kind, const nlohmann::json& body,
                           const Signer& sign);
 
 // Reads and verifies the whole ledger: every line is canonical JSON with the fields above, seq counts
@@ -67,8 +65,7 @@ std::vector<LedgerEntry> read_ledger(const std::filesystem::path& path, const Ve
 // The same, one entry at a time: each entry is checked (with the chain up to it) before `visit`
 // sees it, and only one is held in memory, so that a long ledger costs a round its file mapping,
 // not a parsed tree of every entry. An exception leaves `visit` having seen a verified prefix.
-void for_each_ledger_entry(const std::filesystem::path& path,
-                           const Verifier& verify,
+void for_each_ledger_entry(const std::filesystem::path& path, const Verifier& verify,
                            const std::function<void(LedgerEntry&&)>& visit);
 
 } // namespace fedl::core

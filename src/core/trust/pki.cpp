@@ -239,13 +239,11 @@ common_name_entry(std::string_view cn, std::string_view what)
     throw UsageError("{} '{}' contains a control character", what, cn);
   }
   NamePtr name(check(X509_NAME_new(), "allocate a name"));
-  if (cn.size() > INT_MAX ||
-      X509_NAME_add_entry_by_NID(name.get(), NID_commonName, MBSTRING_UTF8,
-                                 reinterpret_cast<const unsigned char*>(cn.data()), static_cast<int>(cn.size()),
-                                 -1, 0) != 1) {
+  if (cn.size() > INT_MAX || X509_NAME_add_entry_by_NID(name.get(), NID_commonName, MBSTRING_UTF8,
+                                                        reinterpret_cast<const unsigned char*>(cn.data()),
+                                                        static_cast<int>(cn.size()), -1, 0) != 1) {
     ERR_clear_error();
-    throw UsageError("{} '{}' cannot be a certificate's common name: it must be 1 to 64 characters of UTF-8", what,
-                     cn);
+    throw UsageError("{} '{}' cannot be a certificate's common name: it must be 1 to 64 characters of UTF-8", what, cn);
   }
   return name;
 }
@@ -344,8 +342,8 @@ authority_key_id(X509* issuer)
 {
   AuthorityKeyIdPtr akid(check(AUTHORITY_KEYID_new(), "allocate an authority key identifier"));
   const ASN1_OCTET_STRING* skid = X509_get0_subject_key_id(issuer);
-  akid->keyid = skid != nullptr ? check(ASN1_OCTET_STRING_dup(skid), "copy a key identifier")
-                                : key_identifier_of(issuer).release();
+  akid->keyid =
+    skid != nullptr ? check(ASN1_OCTET_STRING_dup(skid), "copy a key identifier") : key_identifier_of(issuer).release();
   return akid;
 }
 
@@ -386,12 +384,8 @@ enum class CertKind
 
 // Builds and signs a certificate for a new Ed25519 key; `ca` is null for the self-signed CA.
 Identity
-build_certificate(const Identity* ca,
-                  CertKind kind,
-                  std::string_view cn,
-                  std::string_view cn_what,
-                  const std::vector<SanEntry>& sans,
-                  const Validity& validity)
+build_certificate(const Identity* ca, CertKind kind, std::string_view cn, std::string_view cn_what,
+                  const std::vector<SanEntry>& sans, const Validity& validity)
 {
   check_validity(validity);
   const NamePtr subject = common_name_entry(cn, cn_what);
@@ -409,21 +403,21 @@ build_certificate(const Identity* ca,
   X509V3_CTX ctx;
   X509V3_set_ctx(&ctx, ca != nullptr ? ca->cert.get() : x, x, nullptr, nullptr, 0);
   switch (kind) {
-    case CertKind::ca:
-      add_conf_extension(x, &ctx, NID_basic_constraints, "critical,CA:TRUE");
-      add_conf_extension(x, &ctx, NID_key_usage, "critical,keyCertSign,cRLSign");
-      break;
-    case CertKind::server:
-      add_conf_extension(x, &ctx, NID_basic_constraints, "critical,CA:FALSE");
-      add_conf_extension(x, &ctx, NID_key_usage, "critical,digitalSignature");
-      add_conf_extension(x, &ctx, NID_ext_key_usage, "serverAuth");
-      add_subject_alt_names(x, sans);
-      break;
-    case CertKind::client:
-      add_conf_extension(x, &ctx, NID_basic_constraints, "critical,CA:FALSE");
-      add_conf_extension(x, &ctx, NID_key_usage, "critical,digitalSignature");
-      add_conf_extension(x, &ctx, NID_ext_key_usage, "clientAuth");
-      break;
+  case CertKind::ca:
+    add_conf_extension(x, &ctx, NID_basic_constraints, "critical,CA:TRUE");
+    add_conf_extension(x, &ctx, NID_key_usage, "critical,keyCertSign,cRLSign");
+    break;
+  case CertKind::server:
+    add_conf_extension(x, &ctx, NID_basic_constraints, "critical,CA:FALSE");
+    add_conf_extension(x, &ctx, NID_key_usage, "critical,digitalSignature");
+    add_conf_extension(x, &ctx, NID_ext_key_usage, "serverAuth");
+    add_subject_alt_names(x, sans);
+    break;
+  case CertKind::client:
+    add_conf_extension(x, &ctx, NID_basic_constraints, "critical,CA:FALSE");
+    add_conf_extension(x, &ctx, NID_key_usage, "critical,digitalSignature");
+    add_conf_extension(x, &ctx, NID_ext_key_usage, "clientAuth");
+    break;
   }
   const OctetsPtr skid = key_identifier_of(x);
   check(X509_add1_ext_i2d(x, NID_subject_key_identifier, skid.get(), 0, X509V3_ADD_DEFAULT), "add the key identifier");
@@ -459,8 +453,8 @@ memory_bio(std::string_view text, std::string_view what)
     throw VerifyError("{} is too large to be PEM", what);
   }
   static const char empty = '\0';
-  return BioPtr(check(BIO_new_mem_buf(text.empty() ? &empty : text.data(), static_cast<int>(text.size())),
-                      "open a memory buffer"));
+  return BioPtr(
+    check(BIO_new_mem_buf(text.empty() ? &empty : text.data(), static_cast<int>(text.size())), "open a memory buffer"));
 }
 
 std::string
@@ -552,12 +546,12 @@ std::string_view
 purpose_role(CertPurpose purpose)
 {
   switch (purpose) {
-    case CertPurpose::server:
-      return "a coordinator (extendedKeyUsage serverAuth)";
-    case CertPurpose::client:
-      return "a site (extendedKeyUsage clientAuth)";
-    case CertPurpose::any:
-      break;
+  case CertPurpose::server:
+    return "a coordinator (extendedKeyUsage serverAuth)";
+  case CertPurpose::client:
+    return "a site (extendedKeyUsage clientAuth)";
+  case CertPurpose::any:
+    break;
   }
   return "this use";
 }
@@ -578,47 +572,47 @@ describe(long code, X509* cert, int depth, CertPurpose purpose)
 {
   std::string text;
   switch (code) {
-    case X509_V_ERR_CERT_HAS_EXPIRED:
-      text = "certificate has expired";
-      if (cert != nullptr) {
-        text += fmt::format(" (notAfter {})", time_text(X509_get0_notAfter(cert)));
-      }
-      break;
-    case X509_V_ERR_CERT_NOT_YET_VALID:
-      text = "certificate is not valid yet";
-      if (cert != nullptr) {
-        text += fmt::format(" (notBefore {}); check this machine's clock", time_text(X509_get0_notBefore(cert)));
-      }
-      break;
-    case X509_V_ERR_CERT_REVOKED:
-      text = "certificate has been revoked";
-      if (cert != nullptr) {
-        text += fmt::format(" (serial {})", serial_hex(X509_get0_serialNumber(cert)));
-      }
-      break;
-    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
-    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
-    case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
-    case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
-    case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
-    case X509_V_ERR_CERT_UNTRUSTED:
-      return "not issued by this federation's CA";
-    case X509_V_ERR_CERT_SIGNATURE_FAILURE:
-      return "certificate signature does not verify with this federation's CA key";
-    case X509_V_ERR_INVALID_PURPOSE:
-      return fmt::format("certificate is not meant for {}", purpose_role(purpose));
-    case X509_V_ERR_UNABLE_TO_GET_CRL:
-      return "no CRL from this federation's CA to check revocation against";
-    case X509_V_ERR_CRL_SIGNATURE_FAILURE:
-    case X509_V_ERR_UNABLE_TO_DECRYPT_CRL_SIGNATURE:
-      return "the CRL's signature does not verify with this federation's CA key";
-    case X509_V_ERR_CRL_NOT_YET_VALID:
-      return "the CRL is not valid yet; check this machine's clock";
-    case X509_V_ERR_INVALID_CA:
-      return "the federation CA certificate is not a CA certificate";
-    default:
-      text = X509_verify_cert_error_string(code);
-      break;
+  case X509_V_ERR_CERT_HAS_EXPIRED:
+    text = "certificate has expired";
+    if (cert != nullptr) {
+      text += fmt::format(" (notAfter {})", time_text(X509_get0_notAfter(cert)));
+    }
+    break;
+  case X509_V_ERR_CERT_NOT_YET_VALID:
+    text = "certificate is not valid yet";
+    if (cert != nullptr) {
+      text += fmt::format(" (notBefore {}); check this machine's clock", time_text(X509_get0_notBefore(cert)));
+    }
+    break;
+  case X509_V_ERR_CERT_REVOKED:
+    text = "certificate has been revoked";
+    if (cert != nullptr) {
+      text += fmt::format(" (serial {})", serial_hex(X509_get0_serialNumber(cert)));
+    }
+    break;
+  case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+  case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+  case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+  case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
+  case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
+  case X509_V_ERR_CERT_UNTRUSTED:
+    return "not issued by this federation's CA";
+  case X509_V_ERR_CERT_SIGNATURE_FAILURE:
+    return "certificate signature does not verify with this federation's CA key";
+  case X509_V_ERR_INVALID_PURPOSE:
+    return fmt::format("certificate is not meant for {}", purpose_role(purpose));
+  case X509_V_ERR_UNABLE_TO_GET_CRL:
+    return "no CRL from this federation's CA to check revocation against";
+  case X509_V_ERR_CRL_SIGNATURE_FAILURE:
+  case X509_V_ERR_UNABLE_TO_DECRYPT_CRL_SIGNATURE:
+    return "the CRL's signature does not verify with this federation's CA key";
+  case X509_V_ERR_CRL_NOT_YET_VALID:
+    return "the CRL is not valid yet; check this machine's clock";
+  case X509_V_ERR_INVALID_CA:
+    return "the federation CA certificate is not a CA certificate";
+  default:
+    text = X509_verify_cert_error_string(code);
+    break;
   }
   if (depth > 0) {
     text = "the federation CA's " + text;
@@ -643,8 +637,8 @@ decode_base64(std::string_view text)
     }
   }
   std::vector<unsigned char> out(text.size() / 4 * 3);
-  const int n = EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(text.data()),
-                                static_cast<int>(text.size()));
+  const int n =
+    EVP_DecodeBlock(out.data(), reinterpret_cast<const unsigned char*>(text.data()), static_cast<int>(text.size()));
   if (n < 0 || static_cast<std::size_t>(n) < pad) {
     return std::nullopt;
   }

@@ -88,9 +88,7 @@ Identity create_ca(std::string_view common_name, const Validity& validity);
 // name (an IPv4 or IPv6 address becomes an IP entry, "[::1]" is accepted for IPv6, anything
 // else must be a DNS name, "*." wildcard allowed), extendedKeyUsage serverAuth, keyUsage
 // digitalSignature. Throws UsageError if `names` is empty or a name is neither.
-Identity issue_server_certificate(const Identity& ca,
-                                  std::span<const std::string> names,
-                                  const Validity& validity);
+Identity issue_server_certificate(const Identity& ca, std::span<const std::string> names, const Validity& validity);
 
 // A new key and a site certificate signed by `ca`: CN = `site_name`, extendedKeyUsage
 // clientAuth, keyUsage digitalSignature. Throws UsageError for a name as create_ca does.
@@ -123,10 +121,10 @@ Cert certificate_from_pem(std::string_view pem, std::string_view what);
 
 struct CertificateInfo
 {
-  std::string common_name;                    // subject CN ("" if none)
-  std::string issuer_common_name;             // issuer CN ("" if none)
-  std::string serial;                         // lowercase hex, two digits a byte
-  std::string fingerprint;                    // SHA-256 of the DER, lowercase hex
+  std::string common_name;        // subject CN ("" if none)
+  std::string issuer_common_name; // issuer CN ("" if none)
+  std::string serial;             // lowercase hex, two digits a byte
+  std::string fingerprint;        // SHA-256 of the DER, lowercase hex
   TimePoint not_before;
   TimePoint not_after;
   std::vector<std::string> subject_alt_names; // DNS names as written, IP addresses as text
@@ -202,10 +200,7 @@ TrustStore make_trust_store(const Cert& ca, const Crl* crl);
 // `crl` is not null, for `purpose`, at time `at` (now if not given). Never throws on a bad
 // certificate: the verdict's reason says, e.g. "certificate has expired (notAfter ...)",
 // "certificate has been revoked (serial ...)", "not issued by this federation's CA".
-CertVerdict verify_certificate(const Cert& cert,
-                               const Cert& ca,
-                               const Crl* crl,
-                               CertPurpose purpose,
+CertVerdict verify_certificate(const Cert& cert, const Cert& ca, const Crl* crl, CertPurpose purpose,
                                std::optional<TimePoint> at = std::nullopt);
 
 // The friendly text for an X509_V_ERR_* code, as verify_certificate words it (for the TLS

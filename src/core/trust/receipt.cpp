@@ -50,7 +50,8 @@ signed_head(const Identity& coordinator, const LedgerHead& head, const std::stri
 std::optional<Receipt>
 parse_receipt(const nlohmann::json& j)
 {
-  if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned() || !is_hex64((j.contains("sha256") ? j["sha256"] : nlohmann::json())) ||
+  if (!j.is_object() || !j.contains("seq") || !j["seq"].is_number_unsigned() ||
+      !is_hex64((j.contains("sha256") ? j["sha256"] : nlohmann::json())) ||
       !is_hex64((j.contains("ca") ? j["ca"] : nlohmann::json())) || !j.contains("sig") || !j["sig"].is_string() ||
       j["sig"].get_ref<const std::string&>().size() > 200) {
     return std::nullopt;
@@ -102,11 +103,8 @@ read_receipts(const fs::path& file)
 }
 
 WitnessCheck
-check_witness(const fs::path& site_dir,
-              const std::vector<LedgerEntry>& entries,
-              const std::string& last_sha256,
-              const Cert& coordinator,
-              const std::string& ca)
+check_witness(const fs::path& site_dir, const std::vector<LedgerEntry>& entries, const std::string& last_sha256,
+              const Cert& coordinator, const std::string& ca)
 {
   const auto file = site_dir / "receipts.jsonl";
   if (!fs::is_directory(site_dir)) {

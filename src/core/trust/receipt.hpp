@@ -20,8 +20,8 @@
 
 #include <filesystem>
 #include <map>
-#include <set>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -75,11 +75,8 @@ struct WitnessCheck
   std::size_t receipts = 0;
   std::uint64_t highest_seq = 0;
 };
-WitnessCheck check_witness(const std::filesystem::path& site_dir,
-                           const std::vector<LedgerEntry>& entries,
-                           const std::string& last_sha256,
-                           const Cert& coordinator,
-                           const std::string& ca);
+WitnessCheck check_witness(const std::filesystem::path& site_dir, const std::vector<LedgerEntry>& entries,
+                           const std::string& last_sha256, const Cert& coordinator, const std::string& ca);
 
 // Reads DIR/receipts.jsonl (empty if there is none). Throws VerifyError naming the line that is
 // not a receipt.

@@ -5,7 +5,6 @@
 
 #include <nlohmann/json.hpp>
 
-
 namespace fedl::core {
 
 std::string

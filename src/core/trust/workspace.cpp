@@ -16,9 +16,9 @@
 #include <cstring>
 
 #include <algorithm>
+#include <chrono>
 #include <optional>
 #include <set>
-#include <chrono>
 #include <thread>
 
 namespace fedl::core {
@@ -66,7 +66,6 @@ WorkspaceLock::~WorkspaceLock()
 {
   ::close(m_fd); // releases the lock
 }
-
 
 } // namespace fedl::core
 
@@ -322,10 +321,8 @@ revoke_client(const Workspace& ws, const std::string& name)
   const auto info = certificate_info(cert);
   const std::vector<Revocation> add{{info.serial, std::chrono::system_clock::now()}};
   write_crl(ws.crl(), update_crl(ca, previous, add, Validity{static_cast<int>(config.valid_days)}));
-  const nlohmann::json body = {{"name", name},
-                               {"serial", info.serial},
-                               {"fingerprint", info.fingerprint},
-                               {"crl_sha256", file_sha256(ws.crl())}};
+  const nlohmann::json body = {
+    {"name", name}, {"serial", info.serial}, {"fingerprint", info.fingerprint}, {"crl_sha256", file_sha256(ws.crl())}};
   append_signed(ws, "revoked", body);
   return body;
 }

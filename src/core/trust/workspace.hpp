@@ -101,7 +101,11 @@ LedgerEntry append_signed(const Workspace& ws, const std::string& kind, const nl
 class WorkspaceLock
 {
 public:
-  enum class Kind { change, serve };
+  enum class Kind
+  {
+    change,
+    serve
+  };
   explicit WorkspaceLock(const Workspace& ws, Kind kind = Kind::change, double wait_seconds = 0);
   WorkspaceLock(const WorkspaceLock&) = delete;
   WorkspaceLock& operator=(const WorkspaceLock&) = delete;
@@ -110,6 +114,5 @@ public:
 private:
   int m_fd = -1;
 };
-
 
 } // namespace fedl::core

@@ -10,12 +10,13 @@
 
 namespace fedl::core {
 
-enum class ExitCode : int {
+enum class ExitCode : int
+{
   ok = 0,
-  failure = 1,     // the work failed at run time (I/O, bad data content, network)
-  usage = 2,       // the command line or configuration is wrong
-  verify = 3,      // a file is not what it claims (corrupt, truncated, bad hash or signature)
-  budget = 4,      // privacy budget exhausted
+  failure = 1, // the work failed at run time (I/O, bad data content, network)
+  usage = 2,   // the command line or configuration is wrong
+  verify = 3,  // a file is not what it claims (corrupt, truncated, bad hash or signature)
+  budget = 4,  // privacy budget exhausted
   interrupted = 130,
 };
 

@@ -51,7 +51,8 @@ MappedFile::MappedFile(const fs::path& path) : m_path(path)
   if (fd.get() < 0) {
     throw Error("cannot open {}: {}", path.string(), errno_text(errno));
   }
-  struct stat st {};
+  struct stat st
+  {};
   if (::fstat(fd.get(), &st) != 0) {
     throw Error("cannot stat {}: {}", path.string(), errno_text(errno));
   }
@@ -158,8 +159,7 @@ read_maybe_gzip(const fs::path& path, std::size_t max_size)
     }
     if (rc == Z_BUF_ERROR && remaining_in == 0) {
       inflateEnd(&zs);
-      throw VerifyError("{}: gzip data is truncated (the file ends mid-stream); fetch or copy it again",
-                        path.string());
+      throw VerifyError("{}: gzip data is truncated (the file ends mid-stream); fetch or copy it again", path.string());
     }
     if (rc != Z_OK && rc != Z_BUF_ERROR) {
       const std::string msg = zs.msg != nullptr ? zs.msg : "unknown error";
@@ -179,8 +179,8 @@ atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> p
   std::random_device rd;
   const fs::path tmp = dir / fmt::format(".{}.tmp-{:08x}", path.filename().string(), rd());
   const bool secret = mode == FileMode::secret;
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (secret ? O_NOFOLLOW : 0),
-                     secret ? 0600 : 0644));
+  UniqueFd fd(
+    ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (secret ? O_NOFOLLOW : 0), secret ? 0600 : 0644));
   if (fd.get() < 0) {
     throw Error("cannot write {}: {}", path.string(), errno_text(errno));
   }

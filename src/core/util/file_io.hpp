@@ -43,8 +43,7 @@ bool is_gzip(std::span<const std::byte> bytes) noexcept;
 // The file's contents, gunzipped if they are gzip. `what` names the file in errors.
 // Throws Error (exit 1) if it cannot be read, VerifyError (exit 3) if the gzip stream is
 // corrupt or truncated. Refuses to inflate past `max_size` bytes (exit 3).
-std::vector<std::byte> read_maybe_gzip(const std::filesystem::path& path,
-                                       std::size_t max_size = std::size_t{16} << 30);
+std::vector<std::byte> read_maybe_gzip(const std::filesystem::path& path, std::size_t max_size = std::size_t{16} << 30);
 
 // An owned file descriptor (-1: none), closed when it goes.
 class UniqueFd
@@ -75,7 +74,11 @@ private:
 // How atomic_write creates the file: `normal` with mode 0644 (less the umask); `secret` (private
 // keys) with mode 0600 whatever the umask, never through a symbolic link, so that the contents
 // never exist with wider permissions.
-enum class FileMode { normal, secret };
+enum class FileMode
+{
+  normal,
+  secret
+};
 
 // Writes `parts` one after the other to `path` atomically: a temporary file in the same folder,
 // fsync, rename over `path`, fsync of the folder. On any failure the temporary file is removed

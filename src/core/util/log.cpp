@@ -66,7 +66,7 @@ write(Level lvl, std::string_view message)
     // send escape sequences to the operator's terminal.
     const auto text = escape_controls(valid_utf8(message));
     line = lvl == Level::error || lvl == Level::warning ? fmt::format("fedl: {}: {}\n", level_name(lvl), text)
-                                                       : fmt::format("fedl: {}\n", text);
+                                                        : fmt::format("fedl: {}\n", text);
   }
   const std::lock_guard lock(g_mutex);
   std::fwrite(line.data(), 1, line.size(), stderr);

@@ -9,8 +9,18 @@
 
 namespace fedl::core::log {
 
-enum class Level { error = 0, warning = 1, info = 2, debug = 3 };
-enum class Format { text, json };
+enum class Level
+{
+  error = 0,
+  warning = 1,
+  info = 2,
+  debug = 3
+};
+enum class Format
+{
+  text,
+  json
+};
 
 void configure(Level level, Format format) noexcept;
 Level level() noexcept;

@@ -89,6 +89,12 @@ assert header["class"] == "bad-settings", header
 w.send(TASK, {"round": 3, "seed": 11, "training": dict(first, lr=-1)}, model)
 header, _ = w.expect(ERROR)
 assert header["code"] == 2 and "lr" in header["message"], header
+# DP-SGD at a delta of 1/n or more: its epsilon would mean nothing (a report once said 0.0).
+dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 0.9}
+w.send(TASK, {"round": 3, "seed": 11, "training": dict(first, dp=dp)}, model)
+header, _ = w.expect(ERROR)
+assert header["code"] == 2 and "delta 0.9 is not below 1/1438" in header["message"], header
+assert header["class"] == "bad-settings", header
 
 w.send(TASK, {"round": 4, "seed": 11, "training": first}, model)
 check_update(4, *w.expect(UPDATE), "U1.st")

@@ -8,7 +8,7 @@ PREFIX ?= /usr/local
 FEDL = $(BUILD)/src/fedl
 
 .PHONY: all setup configure build test unit e2e docs demo bench install completions clean asan tsan format \
-	format-check
+	format-check tidy
 
 all: build
 
@@ -108,6 +108,13 @@ format-check:
 	@./scripts/setup-debian.sh clang-format
 	@bad=$$($(FORMAT_FILES) | while read -r f; do clang-format "$$f" | cmp -s "$$f" - || echo "$$f"; done); \
 	  if [ -n "$$bad" ]; then echo "not formatted (run make format):"; echo "$$bad"; exit 1; fi
+
+# The checks of .clang-tidy (clang-tidy 14 from Debian) over the torch-free sources (src/core,
+# src/cmd, main.cpp), with the build's compile_commands.json; any finding fails.
+tidy: configure
+	@./scripts/setup-debian.sh clang-tidy
+	@git ls-files 'src/core/*.cpp' 'src/cmd/*.cpp' src/main.cpp | \
+	  xargs -n 1 -P $(JOBS) clang-tidy -p $(BUILD) --quiet 2>/dev/null | { ! grep -E ': (warning|error):'; }
 
 # Regenerates the committed completion scripts from the CLI definition.
 completions: build

@@ -370,7 +370,7 @@ add_subject_alt_names(X509* cert, const std::vector<SanEntry>& sans)
       GENERAL_NAME_set0_value(gn.get(), GEN_DNS, dns.release());
     }
     check(sk_GENERAL_NAME_push(names.get(), gn.get()), "add a name");
-    gn.release();
+    (void)gn.release(); // the stack owns it now
   }
   check(X509_add1_ext_i2d(cert, NID_subject_alt_name, names.get(), 0, X509V3_ADD_DEFAULT), "add subjectAltName");
 }
@@ -879,7 +879,7 @@ create_crl(const Identity& ca, std::span<const Revocation> revoked, std::uint64_
     check(X509_REVOKED_set_serialNumber(entry.get(), serial.get()), "set a revoked serial");
     check(X509_REVOKED_set_revocationDate(entry.get(), make_time(to_time_t(r.time)).get()), "set a revocation time");
     check(X509_CRL_add0_revoked(c, entry.get()), "add a CRL entry");
-    entry.release();
+    (void)entry.release(); // the CRL owns it now
   }
   check(X509_CRL_sort(c), "sort the CRL");
   const IntegerPtr crl_no(check(ASN1_INTEGER_new(), "allocate the CRL number"));

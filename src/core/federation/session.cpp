@@ -49,7 +49,10 @@ struct Job
   std::uint64_t serial = 0; // this site's number for the job: a result for an older one is dropped
   std::uint64_t task = 0;
   std::uint64_t round = 0;
-  json header;
+  std::uint64_t attempt = 0;
+  std::uint64_t seed = 0;
+  std::optional<double> deadline;          // seconds the coordinator gave it, if it gave any
+  std::optional<std::string> claimed_base; // the base_sha256 the coordinator says the model has
   std::shared_ptr<std::vector<std::byte>> model;
   TrainingConfig training;    // the task's settings, as checked against the contract
   std::optional<json> budget; // the site's --max-epsilon and spending, for the trainer to check
@@ -106,7 +109,7 @@ private:
   void connect();
   void schedule_reconnect(const std::string& why);
   void on_frame(FrameType type, json& header, const FramedConnection::BodySink& sink);
-  void on_task(Job job);
+  void on_task(Job job, const json& header);
   void on_close(const std::string& reason);
   // The trainer's answer to `job`: its result and the update's bytes, or why there is none.
   void on_trained(const Job& job, std::optional<TrainResult> result, std::vector<std::byte> body,
@@ -324,13 +327,12 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     job.task = header_uint(header, "task");
     job.round = header_uint(header, "round");
     job.model = sink.memory;
-    job.header = std::move(header);
     if (!job.model || job.task == 0) {
       m_conn->send_error_and_close("protocol error: a task without a model or task id", 1);
       return;
     }
-    keep_receipt(job.header);
-    on_task(std::move(job));
+    keep_receipt(header);
+    on_task(std::move(job), header);
     return;
   }
   case FrameType::heartbeat:
@@ -367,7 +369,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
 // A task is held against the contract and the site's own limits here, before anything is
 // allocated for its model or the trainer sees it.
 void
-Site::on_task(Job job)
+Site::on_task(Job job, const json& header)
 {
   if (m_busy_serial != 0 && m_busy_task == job.task) {
     FEDL_LOG_DEBUG("round {}: task {} asked again while it trains", job.round, job.task);
@@ -378,7 +380,7 @@ Site::on_task(Job job)
     FEDL_LOG_INFO("round {}: the coordinator asks again for the update this site sent; sending it again",
                   m_last_sent->round);
     if (can_queue()) {
-      send_update(*m_last_sent, header_uint(job.header, "attempt"));
+      send_update(*m_last_sent, header_uint(header, "attempt"));
     }
     return;
   }
@@ -394,9 +396,18 @@ Site::on_task(Job job)
       throw UsageError("the task is for round {}, but this site already sent its update for round {}", job.round,
                        m_round_floor);
     }
-    (void)header_uint(job.header, "seed");
-    (void)header_uint(job.header, "attempt");
-    job.training = training_from_json(job.header.value("training", json::object()), "the task");
+    job.seed = header_uint(header, "seed");
+    job.attempt = header_uint(header, "attempt");
+    if (header.contains("deadline")) {
+      job.deadline = header_number(header, "deadline", 0.0);
+      if (!(*job.deadline >= 0)) {
+        throw UsageError("the task's deadline is not a number of seconds");
+      }
+    }
+    if (const auto it = header.find("base_sha256"); it != header.end()) {
+      job.claimed_base = it->is_string() ? it->get<std::string>() : it->dump();
+    }
+    job.training = training_from_json(header.value("training", json::object()), "the task");
     part = "the task's training";
     if (m_s.contract) {
       check_task_training(*m_s.contract, job.training);
@@ -412,9 +423,6 @@ Site::on_task(Job job)
     }
     if (m_s.max_epsilon && !job.training.dp) {
       throw UsageError("training without DP-SGD, which this site's --max-epsilon does not allow");
-    }
-    if (job.header.contains("deadline") && !(header_number(job.header, "deadline", 0.0) >= 0)) {
-      throw UsageError("the task's deadline is not a number of seconds");
     }
     cls = ReasonClass::bad_model;
     part = "the task's model";
@@ -437,9 +445,7 @@ Site::on_task(Job job)
   m_busy_task = job.task;
   m_busy_round = job.round;
   m_busy_past_deadline = false;
-  m_busy_deadline = job.header.contains("deadline")
-                      ? FramedConnection::now() + header_number(job.header, "deadline", 0.0) + deadline_grace
-                      : 0;
+  m_busy_deadline = job.deadline ? FramedConnection::now() + *job.deadline + deadline_grace : 0;
   FEDL_LOG_INFO("round {}: training", job.round);
   {
     const std::lock_guard lock(m_mutex);
@@ -557,9 +563,7 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
   // type is a failed task, never the end of the site.
   std::shared_ptr<SignedUpdate> u;
   json metrics;
-  std::uint64_t attempt = 0;
   try {
-    attempt = header_uint(job.header, "attempt");
     if (failure && failure->cls == ReasonClass::budget) {
       FEDL_LOG_ERROR("round {}: refusing the task: {}", job.round, failure->text);
       stop_for_budget(job);
@@ -612,7 +616,7 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
     return;
   }
   m_last_sent = SentUpdate{job.task, job.round, metrics, u};
-  send_update(*m_last_sent, attempt);
+  send_update(*m_last_sent, job.attempt);
   m_round_floor = std::max(m_round_floor, job.round);
   ++m_rounds_trained;
   m_last_round = job.round;
@@ -656,8 +660,8 @@ Site::trainer_loop()
     std::optional<Failure> failure;
     try {
       // The site hashes the model it was sent, always: the update it signs names that base.
-      TrainTask task{job.round, header_uint(job.header, "seed"), job.training, sha256_hex(*job.model), job.budget};
-      if (const auto it = job.header.find("base_sha256"); it != job.header.end() && *it != *task.base_sha256) {
+      TrainTask task{job.round, job.seed, job.training, sha256_hex(*job.model), job.budget};
+      if (job.claimed_base && *job.claimed_base != *task.base_sha256) {
         throw Failure{ReasonClass::bad_model, "the task's base_sha256 is not the SHA-256 of its model", true};
       }
       {

@@ -52,21 +52,14 @@ run_join(const JoinOptions& opt)
     }
   }
   core::JoinSettings s;
-  bool is_signed = false;
-  const auto j = core::read_join(opt.bundle, core::read_certificate(opt.bundle / "ca.crt"), is_signed);
-  const auto join_path = (opt.bundle / "join.json").string();
-  if (j.contains("contract")) {
-    if (!is_signed) {
-      throw core::VerifyError("{}: has a contract but no signature: the bundle was altered after fedl init made it; "
-                              "ask the operator for a new one",
-                              join_path);
-    }
-    s.contract = core::SiteContract::from_json(j["contract"], join_path);
-    s.max_model_bytes = s.contract->max_model_bytes();
+  const auto [j, contract] = core::read_join(opt.bundle, core::read_certificate(opt.bundle / "ca.crt"));
+  s.contract = contract;
+  if (contract) {
+    s.max_model_bytes = contract->max_model_bytes();
   } else {
     FEDL_LOG_WARN("{}: made by an older fedl, with no contract: this site holds tasks only to fedl's built-in limits "
                   "(ask the operator for a new bundle)",
-                  join_path);
+                  (opt.bundle / "join.json").string());
   }
   if (!fs::exists(opt.data.data)) {
     throw core::UsageError("--data {}: no such file", opt.data.data.string());
@@ -104,13 +97,6 @@ run_join(const JoinOptions& opt)
   }
   const auto data_args = opt.data.to_args();
   s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
-  if (s.contract && s.contract->torchscript_sha256 &&
-      (!fs::exists(opt.bundle / "model.pt") ||
-       core::file_sha256(opt.bundle / "model.pt") != *s.contract->torchscript_sha256)) {
-    throw core::VerifyError("{}: missing, or not the TorchScript module that {} names: the bundle was altered after "
-                            "fedl init made it; ask the operator for a new one",
-                            (opt.bundle / "model.pt").string(), join_path);
-  }
   if (fs::exists(opt.bundle / "model.pt")) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
   }

@@ -151,28 +151,43 @@ TEST_CASE("contract: join.json signed by the CA verifies, and any change to it d
                                {"server_name", "localhost"},
                                {"contract", make_contract(config(), m.st, std::nullopt).to_json()}};
   const auto write = [&](const nlohmann::json& j) { atomic_write(dir / "join.json", j.dump(2)); };
-  bool is_signed = false;
 
   write(sign_join(join, ca));
-  const auto read = read_join(dir.path(), ca.cert, is_signed);
-  CHECK(is_signed);
-  CHECK(read["contract"] == join["contract"]);
+  const auto read = read_join(dir.path(), ca.cert);
+  REQUIRE(read.contract);
+  CHECK(read.contract->to_json() == join["contract"]);
+  CHECK(read.join["site"] == "site-1");
 
   auto altered = sign_join(join, ca);
   altered["contract"]["max_epochs"] = 100000;
   write(altered);
-  CHECK_THROWS_WITH_AS(read_join(dir.path(), ca.cert, is_signed),
-                       doctest::Contains("not signed by the federation's CA"), VerifyError);
+  CHECK_THROWS_WITH_AS(read_join(dir.path(), ca.cert), doctest::Contains("not signed by the federation's CA"),
+                       VerifyError);
 
   write(sign_join(join, other));
-  CHECK_THROWS_AS(read_join(dir.path(), ca.cert, is_signed), VerifyError);
+  CHECK_THROWS_AS(read_join(dir.path(), ca.cert), VerifyError);
 
-  write(join); // an older fedl's bundle: no signature
-  CHECK_NOTHROW(read_join(dir.path(), ca.cert, is_signed));
-  CHECK_FALSE(is_signed);
+  write(join); // the signature removed
+  CHECK_THROWS_WITH_AS(read_join(dir.path(), ca.cert), doctest::Contains("a contract but no signature"), VerifyError);
+
+  auto old = join; // an older fedl's bundle: neither contract nor signature
+  old.erase("contract");
+  write(old);
+  CHECK_FALSE(read_join(dir.path(), ca.cert).contract);
+
+  // A TorchScript bundle: its module must be the one the contract hashed.
+  auto contract = make_contract(config(), m.st, fedl::core::sha256_hex(as_bytes("module")));
+  auto ts = join;
+  ts["contract"] = contract.to_json();
+  write(sign_join(ts, ca));
+  CHECK_THROWS_WITH_AS(read_join(dir.path(), ca.cert), doctest::Contains("model.pt is missing"), VerifyError);
+  fedl::test::write_file(dir / "model.pt", "another module");
+  CHECK_THROWS_AS(read_join(dir.path(), ca.cert), VerifyError);
+  fedl::test::write_file(dir / "model.pt", "module");
+  CHECK(read_join(dir.path(), ca.cert).contract->torchscript_sha256 == contract.torchscript_sha256);
 
   fedl::test::write_file(dir / "join.json", std::string(100, '[') + std::string(100, ']'));
-  CHECK_THROWS_AS(read_join(dir.path(), ca.cert, is_signed), UsageError);
+  CHECK_THROWS_AS(read_join(dir.path(), ca.cert), UsageError);
 }
 
 TEST_CASE("contract: reason classes by name, and nothing else")

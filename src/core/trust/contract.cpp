@@ -305,14 +305,10 @@ sign_join(json join, const Identity& ca)
   return join;
 }
 
-json
-read_join(const fs::path& bundle, const Cert& ca, bool& signed_out)
+JoinFile
+read_join(const fs::path& bundle, const Cert& ca)
 {
   const auto path = bundle / "join.json";
-  if (!fs::exists(path)) {
-    throw UsageError("{} is not a client bundle (no join.json); give the folder clients/NAME that fedl init made",
-                     bundle.string());
-  }
   const auto bytes = read_maybe_gzip(path, max_join_bytes);
   const std::string_view text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   json j;
@@ -323,19 +319,33 @@ read_join(const fs::path& bundle, const Cert& ca, bool& signed_out)
       !j.value("server_name", json()).is_string()) {
     throw UsageError("{}: not valid JSON with string fields server and server_name", path.string());
   }
+  const auto altered = [&](const std::string& what) {
+    return VerifyError("{}: {}: the bundle was altered after fedl init made it; ask the operator for a new one",
+                       path.string(), what);
+  };
   const auto sig = j.find("signature");
-  signed_out = sig != j.end();
-  if (!signed_out) {
-    return j;
+  if (sig == j.end()) {
+    if (j.contains("contract")) {
+      throw altered("it has a contract but no signature");
+    }
+    return {j, std::nullopt};
   }
   auto rest = j;
   rest.erase("signature");
   if (!sig->is_string() || !verify_signature(ca, as_bytes(canonical_json(rest)), sig->get<std::string>())) {
-    throw VerifyError("{}: not signed by the federation's CA ({}): the bundle was altered after fedl init made it; "
-                      "ask the operator for a new one",
-                      path.string(), (bundle / "ca.crt").string());
+    throw altered(fmt::format("not signed by the federation's CA ({})", (bundle / "ca.crt").string()));
   }
-  return j;
+  if (!j.contains("contract")) {
+    return {j, std::nullopt};
+  }
+  auto contract = SiteContract::from_json(j["contract"], path.string());
+  if (contract.torchscript_sha256) {
+    const auto module = bundle / "model.pt";
+    if (!fs::exists(module) || file_sha256(module) != *contract.torchscript_sha256) {
+      throw altered(fmt::format("{} is missing, or not the TorchScript module the contract names", module.string()));
+    }
+  }
+  return {j, std::move(contract)};
 }
 
 } // namespace fedl::core

@@ -83,9 +83,16 @@ void check_task_model(const SiteContract& contract, const Safetensors& model);
 // join.json, signed: `join` plus "signature", the CA's signature of the canonical JSON of the
 // rest (core/ledger canonical_json).
 nlohmann::json sign_join(nlohmann::json join, const Identity& ca);
-// Reads BUNDLE/join.json. If it has a signature, VerifyError (exit 3) unless `ca` made it; if it
-// has none (a bundle from an older fedl), the caller is told by `signed_out` = false.
-// UsageError for anything that is not a join.json.
-nlohmann::json read_join(const std::filesystem::path& bundle, const Cert& ca, bool& signed_out);
+// A bundle's join.json, and the contract in it (none for a bundle made by an older fedl).
+struct JoinFile
+{
+  nlohmann::json join;
+  std::optional<SiteContract> contract;
+};
+// Reads BUNDLE/join.json and holds the bundle to it: a join.json with a contract must be signed by
+// `ca`, and a TorchScript bundle's model.pt must hash to the contract's (VerifyError, exit 3: the
+// bundle was altered or its signature removed). One with neither contract nor signature reads
+// with no contract. UsageError for anything that is not a join.json.
+JoinFile read_join(const std::filesystem::path& bundle, const Cert& ca);
 
 } // namespace fedl::core

@@ -210,3 +210,22 @@ test_a_coordinator_that_stops_reading_is_dropped()
   # Three tasks of 4.4 MB and their updates.
   growth_under 64 "a coordinator that stopped reading"
 }
+
+test_a_bundle_altered_after_init_is_refused()
+{
+  site_ws --arch mlp:32 --classes 10 --epochs 1 || return
+  local join=ws/clients/site-1/join.json
+  cp "$join" join.orig
+  # A looser contract written into the bundle: the CA's signature no longer matches.
+  "$PY" -c "import json; j = json.load(open('$join')); j['contract']['max_epochs'] = 100000; json.dump(j, open('$join', 'w'))"
+  fedl_expect 3 join ws/clients/site-1 --data digits-train.csv --no-header --server 127.0.0.1:1 --retry-for 1
+  expect_in err "not signed by the federation's CA"
+  # The signature removed, as if the bundle came from an older fedl.
+  "$PY" -c "import json; j = json.load(open('join.orig')); del j['signature']; json.dump(j, open('$join', 'w'))"
+  fedl_expect 3 join ws/clients/site-1 --data digits-train.csv --no-header --server 127.0.0.1:1 --retry-for 1
+  expect_in err "it has a contract but no signature"
+  # Unaltered, it gets as far as the (absent) coordinator.
+  cp join.orig "$join"
+  fedl_expect 1 join ws/clients/site-1 --data digits-train.csv --no-header --server 127.0.0.1:1 --retry-for 1
+  expect_in err "gave up after"
+}

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/round.hpp"
 
+#include "core/federation/ledger_state.hpp"
 #include "core/trust/pki.hpp"
 #include "core/trust/update.hpp"
 #include "core/util/file_io.hpp"
@@ -182,14 +183,10 @@ RoundPlan
 plan_workspace_round(const Workspace& ws)
 {
   // Entry by entry: a coordinator plans every round, and the ledger grows with them.
-  LatestModel latest;
+  auto state = LedgerState::read(ws);
+  const auto& latest = state.model;
   RoundPlan plan;
-  for_each_workspace_entry(ws, [&](LedgerEntry&& e) {
-    latest.update(e);
-    if (e.kind == "round") {
-      plan.privacy.replay(e.body, /*verify=*/false);
-    }
-  });
+  plan.privacy = std::move(state.privacy);
   const auto config = load_config(ws.config());
   plan.required_dp = config.training.dp;
   plan.limits = config.limits;

@@ -359,4 +359,28 @@ parse_host_port(const std::string& text, const std::string& what)
   return hp;
 }
 
+void
+listen_on(asio::ip::tcp::acceptor& acceptor, const HostPort& where, const char* what)
+{
+  using tcp = asio::ip::tcp;
+  std::error_code ec;
+  const auto address = asio::ip::make_address(where.host == "localhost" ? "127.0.0.1" : where.host, ec);
+  if (ec) {
+    throw UsageError("{} {}: {} is not an IP address to listen on (use 0.0.0.0 for all)", what, where.to_string(),
+                     where.host);
+  }
+  const tcp::endpoint ep(address, where.port);
+  acceptor.open(ep.protocol(), ec);
+  if (!ec) {
+    acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
+    acceptor.bind(ep, ec);
+  }
+  if (!ec) {
+    acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  }
+  if (ec) {
+    throw Error("cannot listen on {} ({}): {}", where.to_string(), what, ec.message());
+  }
+}
+
 } // namespace fedl::core

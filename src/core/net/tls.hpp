@@ -117,4 +117,8 @@ struct HostPort
 };
 HostPort parse_host_port(const std::string& text, const std::string& what);
 
+// Opens, binds and listens `acceptor` on `where`, an IP address (or localhost) and port; throws
+// UsageError naming the flag `what` if the host is not an address, Error if it cannot listen.
+void listen_on(asio::ip::tcp::acceptor& acceptor, const HostPort& where, const char* what);
+
 } // namespace fedl::core

@@ -1,0 +1,42 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/federation/ledger_state.hpp"
+
+#include "core/util/error.hpp"
+
+namespace fedl::core {
+
+void
+LedgerState::apply(const LedgerEntry& e, bool verify)
+{
+  model.update(e);
+  last_kind = e.kind;
+  if (e.kind == "finished") {
+    finished = e.body;
+  }
+  if (e.kind != "round") {
+    return;
+  }
+  accuracy.reset();
+  if (const auto ev = e.body.find("evaluation");
+      ev != e.body.end() && ev->is_object() && ev->contains("accuracy") && (*ev)["accuracy"].is_number()) {
+    accuracy = (*ev)["accuracy"].get<double>();
+  }
+  try {
+    privacy.replay(e.body, verify);
+  } catch (const VerifyError& err) {
+    throw VerifyError("line {}: {}", e.line, err.what());
+  }
+  if (const auto p = e.body.find("privacy"); p != e.body.end() && p->is_object() && p->contains("client")) {
+    client_dp = *p;
+  }
+}
+
+LedgerState
+LedgerState::read(const Workspace& ws)
+{
+  LedgerState state;
+  for_each_workspace_entry(ws, [&](LedgerEntry&& e) { state.apply(e); });
+  return state;
+}
+
+} // namespace fedl::core

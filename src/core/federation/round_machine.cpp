@@ -1,0 +1,450 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/federation/round_machine.hpp"
+
+#include "core/util/log.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace fedl::core {
+
+namespace {
+
+using json = nlohmann::json;
+
+// SplitMix64 (Steele, Lea, Flood 2014) to derive a per-attempt seed from (seed, round, attempt).
+std::uint64_t
+mix(std::uint64_t x)
+{
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+constexpr double finish_linger = 3; // seconds to let DONE frames reach the sites
+
+} // namespace
+
+RoundMachine::RoundMachine(const ServeSettings& settings, RoundHost& host, Clock clock)
+  : m_s(settings), m_host(host), m_now(std::move(clock))
+{
+}
+
+void
+RoundMachine::resume(std::uint64_t next_round, FederationPrivacy privacy, std::optional<double> accuracy)
+{
+  m_round = next_round;
+  m_privacy = std::move(privacy);
+  m_stats.accuracy = accuracy;
+}
+
+void
+RoundMachine::begin()
+{
+  m_waiting_since = m_now();
+}
+
+double
+RoundMachine::projected_epsilon(double q) const
+{
+  auto next = m_privacy.client();
+  next.add(q, m_s.privacy.noise_multiplier, 1);
+  return next.epsilon(m_s.privacy.delta).epsilon;
+}
+
+std::vector<std::string>
+RoundMachine::participants() const
+{
+  std::vector<std::string> names;
+  for (const auto& [name, part] : m_participants) {
+    names.push_back(name);
+  }
+  return names;
+}
+
+void
+RoundMachine::site_joined(const std::string& site)
+{
+  m_connected.insert(site);
+  // A site that reconnects during a round it was asked to train gets its task again.
+  if (m_phase == Phase::running) {
+    if (const auto it = m_participants.find(site);
+        it != m_participants.end() && it->second.state == Participant::State::pending) {
+      it->second.disconnected_at.reset();
+      send_task(site);
+    }
+  }
+  if (m_phase == Phase::finishing) {
+    m_host.send_done(site);
+  }
+  maybe_start();
+}
+
+void
+RoundMachine::site_left(const std::string& site, const std::string& reason)
+{
+  m_connected.erase(site);
+  if (m_phase == Phase::finishing || m_phase == Phase::stopped) {
+    return;
+  }
+  FEDL_LOG_WARN("site {} disconnected: {} ({} connected)", site, reason, m_connected.size());
+  if (m_phase == Phase::running) {
+    if (const auto it = m_participants.find(site);
+        it != m_participants.end() && it->second.state == Participant::State::pending) {
+      // Not dropped at once: a site that comes back within the grace gets its task again (a
+      // network blip must not cost it the round, or the round its quorum).
+      it->second.disconnected_at = m_now();
+      it->second.note = "disconnected: " + reason;
+    }
+  }
+}
+
+void
+RoundMachine::site_removed(const std::string& site, const std::string& why)
+{
+  m_connected.erase(site);
+  if (const auto it = m_participants.find(site);
+      it != m_participants.end() && it->second.state == Participant::State::pending) {
+    it->second.state = Participant::State::dropped;
+    it->second.note = why;
+  }
+}
+
+void
+RoundMachine::site_error(const std::string& site, std::uint64_t task, const std::string& message)
+{
+  if (const auto it = m_participants.find(site);
+      it != m_participants.end() && it->second.state == Participant::State::pending && task == m_task) {
+    it->second.state = Participant::State::dropped;
+    it->second.note = message;
+    check_complete();
+  }
+}
+
+std::optional<UploadRefusal>
+RoundMachine::check_upload(const std::string& site, std::uint64_t task, std::uint64_t round) const
+{
+  if (m_answered.count({site, task}) > 0) {
+    // Not late: its first answer to this task was received (and is being, or was, aggregated).
+    return UploadRefusal{"the site already sent one for this task", false};
+  }
+  if (m_phase != Phase::running || task != m_task) {
+    const auto issued = m_issued.find(task);
+    const bool late = issued != m_issued.end() && issued->second == round;
+    return UploadRefusal{late               ? fmt::format("it came after the deadline of round {}", round)
+                         : round != m_round ? fmt::format("it is for round {}, not {}", round, m_round)
+                                            : std::string("it answers no task of this round"),
+                         late};
+  }
+  const auto it = m_participants.find(site);
+  if (it == m_participants.end()) {
+    return UploadRefusal{"the site was not asked for one this round", false};
+  }
+  if (it->second.state == Participant::State::received) {
+    return UploadRefusal{"the site already sent one this round", false};
+  }
+  if (it->second.state == Participant::State::dropped) {
+    return UploadRefusal{fmt::format("the site was dropped from this round ({})", it->second.note), false};
+  }
+  return std::nullopt;
+}
+
+void
+RoundMachine::refuse_upload(const std::string& site, std::uint64_t task, std::uint64_t round,
+                            const UploadRefusal& refusal)
+{
+  FEDL_LOG_WARN("update from {} dropped: {}", site, refusal.why);
+  ++m_stats.rejected[refusal.late ? "late" : "unexpected"];
+  // One record per site and task in the ledger.
+  if (refusal.late && m_late_recorded.insert({site, task}).second) {
+    m_late.push_back({{"site", site}, {"round", round}, {"reason", refusal.why}});
+  }
+}
+
+void
+RoundMachine::upload_lost(const std::string& site, const std::string& why)
+{
+  if (const auto it = m_participants.find(site); it != m_participants.end()) {
+    it->second.state = Participant::State::dropped;
+    it->second.note = why;
+  }
+  check_complete();
+}
+
+void
+RoundMachine::upload_received(const std::string& site, const std::filesystem::path& file, json metrics)
+{
+  const auto it = m_participants.find(site);
+  if (m_phase != Phase::running || it == m_participants.end() || it->second.state != Participant::State::pending) {
+    return; // check_upload took it, and the attempt closed while it arrived
+  }
+  it->second.state = Participant::State::received;
+  it->second.file = file;
+  it->second.metrics = std::move(metrics);
+  m_answered.insert({site, m_task});
+  check_complete();
+}
+
+void
+RoundMachine::tick()
+{
+  if (m_phase == Phase::running && m_now() >= m_deadline) {
+    FEDL_LOG_WARN("round {}: deadline of {} s reached", m_round, m_s.round_timeout);
+    close("deadline");
+  }
+  if (m_phase == Phase::waiting) {
+    maybe_start();
+  }
+}
+
+void
+RoundMachine::maybe_start()
+{
+  if (m_phase != Phase::waiting) {
+    return;
+  }
+  const double now = m_now();
+  if (now < m_not_before) {
+    return;
+  }
+  if (m_connected.size() < m_s.min_clients) {
+    m_quorum_since.reset();
+    if (m_s.wait_timeout > 0 && now - m_waiting_since > m_s.wait_timeout) {
+      m_host.fail(fmt::format("only {} of the {} sites that round {} needs connected within --wait-timeout {} s",
+                              m_connected.size(), m_s.min_clients, m_round, m_s.wait_timeout));
+    }
+    return;
+  }
+  if (!m_quorum_since) {
+    m_quorum_since = now;
+  }
+  // Give sites that are connecting at the same moment a chance to be in this round.
+  if (m_connected.size() < m_enrolled && now - *m_quorum_since < m_s.settle) {
+    return;
+  }
+  start();
+}
+
+void
+RoundMachine::start()
+{
+  m_host.refresh_trust();
+  if (m_connected.size() < m_s.min_clients) {
+    return;
+  }
+  const auto& privacy = m_s.privacy;
+  const std::size_t connected = m_connected.size();
+  std::size_t asked = connected;
+  if (m_s.clients_per_round > 0) {
+    asked = std::min<std::size_t>(m_s.clients_per_round, connected);
+  } else if (m_s.fraction > 0) {
+    asked = static_cast<std::size_t>(std::ceil(m_s.fraction * static_cast<double>(connected)));
+  }
+  asked = std::clamp<std::size_t>(asked, std::min<std::size_t>(m_s.min_clients, connected), connected);
+  m_client_dp.reset();
+  if (privacy.noise_multiplier > 0) {
+    // Each site is in the round with probability asked / connected (the rate the accountant
+    // composes; a site not connected is in no round).
+    const double q = static_cast<double>(asked) / static_cast<double>(connected);
+    if (privacy.max_epsilon > 0) {
+      const double next = projected_epsilon(q);
+      if (next > privacy.max_epsilon) {
+        FEDL_LOG_WARN("round {} would take the federation's epsilon to {:.4g} (delta {:g}), past --max-epsilon {:g}: "
+                      "stopping",
+                      m_round, next, privacy.delta, privacy.max_epsilon);
+        finish("privacy-budget", {{"epsilon", m_privacy.client().epsilon(privacy.delta).epsilon},
+                                  {"next_round_epsilon", next},
+                                  {"max_epsilon", privacy.max_epsilon},
+                                  {"delta", privacy.delta}});
+        return;
+      }
+    }
+    m_client_dp = ClientDpRound{privacy.clip_norm, privacy.noise_multiplier, q, privacy.delta};
+    m_asked = static_cast<std::uint32_t>(asked);
+  }
+  ++m_attempt;
+  m_host.attempt_started();
+  m_task = m_task_rng() | 1;
+  m_issued[m_task] = m_round;
+  std::vector<std::string> names(m_connected.begin(), m_connected.end());
+  // Seeded: the same seed, round, attempt and connected sites choose the same participants.
+  std::mt19937_64 rng(mix(m_s.seed ^ mix(m_round ^ mix(m_attempt))));
+  std::shuffle(names.begin(), names.end(), rng);
+  names.resize(asked);
+  std::sort(names.begin(), names.end());
+  m_participants.clear();
+  for (const auto& name : names) {
+    m_participants[name] = Participant{};
+  }
+  m_phase = Phase::running;
+  m_round_started = m_now();
+  m_deadline = m_round_started + m_s.round_timeout;
+  FEDL_LOG_INFO("round {}/{}{}: training on {} of {} sites: {}", m_round, m_s.rounds,
+                m_attempt > 1 ? fmt::format(" (attempt {})", m_attempt) : "", asked, connected, fmt::join(names, ", "));
+  for (const auto& name : names) {
+    send_task(name);
+  }
+}
+
+void
+RoundMachine::send_task(const std::string& site)
+{
+  m_host.send_task(site, RoundTask{m_round, m_attempt, m_task, std::max(0.0, m_deadline - m_now()),
+                                   m_s.seed + m_round});
+}
+
+void
+RoundMachine::check_complete()
+{
+  if (m_phase != Phase::running) {
+    return;
+  }
+  const double now = m_now();
+  bool pending = false;
+  for (auto& [name, part] : m_participants) {
+    if (part.state == Participant::State::pending && part.disconnected_at &&
+        now - *part.disconnected_at >= reconnect_grace()) {
+      FEDL_LOG_WARN("round {}: {} did not come back within {:.0f} s; going on without it", m_round, name,
+                    reconnect_grace());
+      part.state = Participant::State::dropped;
+    }
+    pending = pending || part.state == Participant::State::pending;
+  }
+  if (!pending) {
+    close("every site answered");
+  }
+}
+
+void
+RoundMachine::close(const std::string& why)
+{
+  AttemptClose a;
+  a.round = m_round;
+  a.client_dp = m_client_dp;
+  a.asked = m_asked;
+  json late = std::exchange(m_late, json::array());
+  json dropped = json::array();
+  json site_metrics = json::object();
+  for (auto& [name, part] : m_participants) {
+    switch (part.state) {
+    case Participant::State::received:
+      a.candidates.push_back({part.file, name, true});
+      site_metrics[name] = part.metrics;
+      break;
+    case Participant::State::pending:
+      late.push_back({{"site", name}, {"round", m_round}, {"reason", "no update by the deadline"}});
+      ++m_stats.rejected["late"];
+      if (m_connected.count(name) > 0) {
+        m_host.discard_upload(name);
+      }
+      break;
+    case Participant::State::dropped:
+      dropped.push_back({{"site", name}, {"reason", part.note}});
+      break;
+    }
+  }
+  FEDL_LOG_DEBUG("round {}: closing the attempt ({}), {} updates", m_round, why, a.candidates.size());
+  m_phase = Phase::aggregating;
+  a.extra = {{"attempt", m_attempt}, {"asked", m_participants.size()}, {"late", late},
+             {"dropped", dropped},   {"site_metrics", site_metrics},   {"seconds", m_now() - m_round_started}};
+  m_host.close_attempt(std::move(a));
+}
+
+void
+RoundMachine::attempt_retry(const std::string& why)
+{
+  ++m_stats.retries;
+  // Back off before the next attempt (1, 2, 4 ... 30 s): a cause that persists (bad settings at
+  // every site, a site that always fails) must not spin attempts and ledger entries.
+  const double delay = std::min(30.0, std::pow(2.0, std::min<double>(m_failed_in_a_row++, 5)));
+  FEDL_LOG_WARN("round {} attempt {} is not counted: {}; it will be run again in {:.0f} s", m_round, m_attempt, why,
+                delay);
+  m_phase = Phase::waiting;
+  m_waiting_since = m_now() + delay;
+  m_not_before = m_waiting_since;
+  m_quorum_since.reset();
+  if (m_stop_requested) {
+    m_host.stop();
+    return;
+  }
+  maybe_start();
+}
+
+void
+RoundMachine::attempt_committed(const json& body)
+{
+  const double seconds = m_now() - m_round_started;
+  m_stats.last_round_seconds = seconds;
+  m_stats.round_seconds_sum += seconds;
+  ++m_stats.rounds_done;
+  m_stats.updates_accepted += body.at("participants").size();
+  m_stats.rejected["invalid"] += body.at("rejected").size();
+  std::string text;
+  if (body.contains("evaluation") && body["evaluation"].contains("accuracy")) {
+    m_stats.accuracy = body["evaluation"]["accuracy"].get<double>();
+    text = fmt::format(", accuracy {:.2f}%", *m_stats.accuracy * 100);
+  }
+  m_privacy.replay(body, /*verify=*/false);
+  text += round_privacy_text(body);
+  FEDL_LOG_INFO("round {}/{} done: {} updates{}{}, {:.2f} s", m_round, m_s.rounds, body.at("participants").size(),
+                body.at("rejected").empty() ? "" : fmt::format(" ({} rejected)", body.at("rejected").size()), text,
+                seconds);
+  ++m_round;
+  m_attempt = 0;
+  m_failed_in_a_row = 0;
+  m_late_recorded.clear();
+  m_participants.clear();
+  std::erase_if(m_issued, [this](const auto& task) { return task.second + 1 < m_round; });
+  std::erase_if(m_answered, [this](const auto& answer) { return m_issued.count(answer.second) == 0; });
+  if (m_round > m_s.rounds) {
+    finish("rounds");
+    return;
+  }
+  if (m_s.target_accuracy && m_stats.accuracy && *m_stats.accuracy >= *m_s.target_accuracy) {
+    finish("target-accuracy");
+    return;
+  }
+  if (m_stop_requested) {
+    m_host.stop();
+    return;
+  }
+  m_phase = Phase::waiting;
+  m_waiting_since = m_now();
+  m_quorum_since.reset();
+  maybe_start();
+}
+
+void
+RoundMachine::attempt_failed()
+{
+  m_phase = Phase::waiting;
+}
+
+bool
+RoundMachine::request_stop()
+{
+  m_stop_requested = true;
+  return m_phase != Phase::aggregating;
+}
+
+void
+RoundMachine::finish(const std::string& reason, json details)
+{
+  m_reason = reason;
+  m_phase = Phase::finishing;
+  FEDL_LOG_INFO("federation finished after round {} ({}); telling {} sites", m_round - 1,
+                reason == "rounds"           ? "all rounds done"
+                : reason == "privacy-budget" ? "privacy budget spent"
+                                             : "target accuracy reached",
+                m_connected.size());
+  details["round"] = m_round - 1;
+  details["reason"] = reason;
+  m_host.finish(reason, std::move(details));
+  m_finish_at = m_now() + finish_linger;
+}
+
+} // namespace fedl::core

@@ -1,0 +1,46 @@
+// SPDX-License-Identifier: Apache-2.0
+// The settings of `fedl serve` (fedl.json's, with the command line's on top), as the coordinator
+// and its round state machine use them and the ledger's "serve" entry records them.
+#pragma once
+
+#include "core/config/config.hpp"
+#include "core/math/aggregate.hpp"
+#include "core/net/tls.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+
+namespace fedl::core {
+
+struct ServeSettings
+{
+  HostPort listen;
+  std::uint32_t rounds = 10;           // the federation ends after round `rounds`
+  std::uint32_t min_clients = 2;       // quorum: accepted updates a round needs
+  std::uint32_t clients_per_round = 0; // sites asked per round; 0: see fraction
+  double fraction = 0;                 // share of connected sites asked; 0 (and no count): all
+  double round_timeout = 600;          // seconds from sending the tasks to aggregating
+  double wait_timeout = 0;             // seconds to wait for a quorum to connect; 0: forever
+  StrategySpec strategy;
+  ServerOptions server;
+  TrainingConfig training;
+  // Client-level DP (clip_norm, noise_multiplier) and the federation's budget (max_epsilon at
+  // delta, on the client-level epsilon): a round whose sampling would take the federation past
+  // it is not started; the coordinator records "finished" with reason "privacy-budget" instead.
+  PrivacyConfig privacy;
+  std::optional<std::filesystem::path> eval_data;
+  std::optional<double> target_accuracy;
+  std::optional<HostPort> metrics;
+  std::uint64_t seed = 0;
+  double heartbeat = 5;   // seconds between heartbeats on a quiet connection
+  double dead_after = 20; // a peer silent this long is dropped
+  double settle = 1;      // seconds to wait for more sites once a quorum is connected
+
+  // The effective settings, as the ledger records them.
+  nlohmann::json to_json() const;
+};
+
+} // namespace fedl::core

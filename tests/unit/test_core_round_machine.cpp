@@ -1,0 +1,415 @@
+// SPDX-License-Identifier: Apache-2.0
+// The coordinator's round state machine on a fake clock with fake sites: quorum and settling,
+// the wait timeout, deadlines and late updates, reconnect grace, retries with backoff, seeded
+// sampling, the privacy budget, the end of the federation and a stop during aggregation.
+#include "core/federation/round_machine.hpp"
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <vector>
+
+using namespace fedl::core;
+using json = nlohmann::json;
+
+namespace {
+
+// Records what the machine asks for.
+struct FakeHost final : RoundHost
+{
+  std::vector<std::pair<std::string, RoundTask>> tasks;
+  std::vector<std::string> done;
+  std::vector<std::string> discarded;
+  std::vector<AttemptClose> closed;
+  std::vector<std::pair<std::string, json>> finished;
+  std::vector<std::string> failures;
+  int stops = 0;
+  int trust_refreshes = 0;
+  int attempts = 0;
+
+  void refresh_trust() override { ++trust_refreshes; }
+  void attempt_started() override { ++attempts; }
+  void send_task(const std::string& site, const RoundTask& task) override { tasks.emplace_back(site, task); }
+  void send_done(const std::string& site) override { done.push_back(site); }
+  void discard_upload(const std::string& site) override { discarded.push_back(site); }
+  void close_attempt(AttemptClose attempt) override { closed.push_back(std::move(attempt)); }
+  void finish(const std::string& reason, json details) override { finished.emplace_back(reason, std::move(details)); }
+  void fail(const std::string& message) override { failures.push_back(message); }
+  void stop() override { ++stops; }
+
+  std::vector<std::string> tasked() const
+  {
+    std::vector<std::string> names;
+    for (const auto& [site, task] : tasks) {
+      names.push_back(site);
+    }
+    return names;
+  }
+};
+
+// A machine with its fake clock and host.
+struct Fixture
+{
+  ServeSettings s;
+  FakeHost host;
+  double t = 0;
+  RoundMachine m{s, host, [this] { return t; }};
+
+  explicit Fixture(std::size_t enrolled = 2)
+  {
+    s.rounds = 3;
+    s.min_clients = 2;
+    s.round_timeout = 60;
+    s.heartbeat = 5; // reconnect grace 10 s
+    s.settle = 1;
+    m.set_enrolled(enrolled);
+    m.begin();
+  }
+
+  void at(double when)
+  {
+    t = when;
+    m.tick();
+  }
+
+  // Uploads for the current task, as the coordinator does: check, then take.
+  void upload(const std::string& site)
+  {
+    REQUIRE_FALSE(m.check_upload(site, m.task(), m.round()));
+    m.upload_received(site, "/incoming/" + site, json::object());
+  }
+};
+
+json
+committed_body(std::size_t participants, std::optional<double> accuracy = std::nullopt)
+{
+  json body = {{"participants", json::array()}, {"rejected", json::array()}};
+  for (std::size_t i = 0; i < participants; ++i) {
+    body["participants"].push_back({{"site", "s" + std::to_string(i)}});
+  }
+  if (accuracy) {
+    body["evaluation"] = {{"accuracy", *accuracy}};
+  }
+  return body;
+}
+
+} // namespace
+
+TEST_CASE("round machine: a quorum of every enrolled site starts a round at once, with one task each")
+{
+  Fixture f;
+  f.m.site_joined("a");
+  CHECK(f.host.tasks.empty());
+  f.m.site_joined("b");
+  CHECK(f.m.phase() == RoundMachine::Phase::running);
+  CHECK(f.host.tasked() == std::vector<std::string>{"a", "b"});
+  CHECK(f.host.trust_refreshes == 1);
+  CHECK(f.host.attempts == 1);
+  const auto& task = f.host.tasks[0].second;
+  CHECK(task.round == 1);
+  CHECK(task.attempt == 1);
+  CHECK(task.task % 2 == 1);
+  CHECK(task.deadline == doctest::Approx(60));
+  CHECK(f.host.tasks[1].second.task == task.task);
+}
+
+TEST_CASE("round machine: a quorum short of the enrolled sites waits `settle` seconds for the others")
+{
+  Fixture f(3);
+  f.at(0);
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.at(0.5);
+  CHECK(f.host.tasks.empty());
+  f.at(1);
+  CHECK(f.host.tasked() == std::vector<std::string>{"a", "b"});
+
+  Fixture g(3);
+  g.m.site_joined("a");
+  g.m.site_joined("b");
+  g.at(0.2);
+  g.m.site_joined("c"); // the last enrolled site: no need to wait
+  CHECK(g.host.tasked() == std::vector<std::string>{"a", "b", "c"});
+}
+
+TEST_CASE("round machine: without a quorum within the wait timeout, the coordinator fails")
+{
+  Fixture f;
+  f.s.wait_timeout = 10;
+  f.m.site_joined("a");
+  f.at(9.9);
+  CHECK(f.host.failures.empty());
+  f.at(10.1);
+  REQUIRE(f.host.failures.size() == 1);
+  CHECK(f.host.failures[0].find("only 1 of the 2 sites that round 1 needs") != std::string::npos);
+}
+
+TEST_CASE("round machine: every answer closes the attempt; a commit moves to the next round")
+{
+  Fixture f;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.t = 3;
+  f.upload("b");
+  CHECK(f.host.closed.empty());
+  f.t = 5;
+  f.upload("a");
+  REQUIRE(f.host.closed.size() == 1);
+  CHECK(f.m.phase() == RoundMachine::Phase::aggregating);
+  const auto& a = f.host.closed[0];
+  CHECK(a.round == 1);
+  REQUIRE(a.candidates.size() == 2);
+  CHECK(a.candidates[0].expected_site == "a");
+  CHECK(a.candidates[1].path == "/incoming/b");
+  CHECK(a.extra["asked"] == 2);
+  CHECK(a.extra["attempt"] == 1);
+  CHECK(a.extra["seconds"].get<double>() == doctest::Approx(5));
+  CHECK(a.extra["late"].empty());
+
+  // An update sent again for the same task is refused, even while the round is aggregated.
+  const auto again = f.m.check_upload("a", f.m.task(), 1);
+  REQUIRE(again);
+  CHECK(again->why == "the site already sent one for this task");
+  CHECK_FALSE(again->late);
+
+  f.t = 7;
+  f.m.attempt_committed(committed_body(2, 0.5));
+  CHECK(f.m.round() == 2);
+  CHECK(f.m.stats().rounds_done == 1);
+  CHECK(f.m.stats().updates_accepted == 2);
+  CHECK(f.m.stats().last_round_seconds == doctest::Approx(7));
+  CHECK(f.m.stats().accuracy == doctest::Approx(0.5));
+  // Both still connected: round 2 starts at once, attempt 1 again.
+  CHECK(f.m.phase() == RoundMachine::Phase::running);
+  REQUIRE(f.host.tasks.size() == 4);
+  CHECK(f.host.tasks[2].second.round == 2);
+  CHECK(f.host.tasks[2].second.attempt == 1);
+  // An update for round 1's task is now for the wrong round, not late.
+  const auto stale = f.m.check_upload("a", f.host.tasks[0].second.task, 1);
+  REQUIRE(stale);
+  CHECK_FALSE(stale->late);
+}
+
+TEST_CASE("round machine: the deadline closes the attempt; the missing update is late, then retried with backoff")
+{
+  Fixture f;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  const auto first_task = f.m.task();
+  f.t = 10;
+  f.upload("a");
+  f.at(59.9);
+  CHECK(f.host.closed.empty());
+  f.at(60);
+  REQUIRE(f.host.closed.size() == 1);
+  const auto& a = f.host.closed[0];
+  CHECK(a.candidates.size() == 1);
+  REQUIRE(a.extra["late"].size() == 1);
+  CHECK(a.extra["late"][0]["site"] == "b");
+  CHECK(a.extra["late"][0]["reason"] == "no update by the deadline");
+  CHECK(f.host.discarded == std::vector<std::string>{"b"});
+  CHECK(f.m.stats().rejected.at("late") == 1);
+
+  // b's update for the closed attempt arrives: late, counted, recorded once for the ledger.
+  const auto late = f.m.check_upload("b", first_task, 1);
+  REQUIRE(late);
+  CHECK(late->late);
+  CHECK(late->why == "it came after the deadline of round 1");
+  f.m.refuse_upload("b", first_task, 1, *late);
+  f.m.refuse_upload("b", first_task, 1, *late);
+  CHECK(f.m.stats().rejected.at("late") == 3);
+
+  // Too few valid updates: the same round again after 1 s, then 2 s.
+  f.t = 61;
+  f.m.attempt_retry("1 valid updates of 2 asked, below the quorum of 2");
+  CHECK(f.m.phase() == RoundMachine::Phase::waiting);
+  CHECK(f.m.stats().retries == 1);
+  f.at(61.9);
+  CHECK(f.host.tasks.size() == 2);
+  f.at(62);
+  REQUIRE(f.host.tasks.size() == 4);
+  CHECK(f.host.tasks[2].second.round == 1);
+  CHECK(f.host.tasks[2].second.attempt == 2);
+  CHECK(f.host.tasks[2].second.task != first_task);
+  f.at(122);
+  REQUIRE(f.host.closed.size() == 2);
+  // The late update of attempt 1 goes into attempt 2's entry, beside attempt 2's own.
+  const auto& late2 = f.host.closed[1].extra["late"];
+  REQUIRE(late2.size() == 3);
+  CHECK(late2[0]["reason"] == "it came after the deadline of round 1");
+  f.t = 123;
+  f.m.attempt_retry("none");
+  f.at(124.9);
+  CHECK(f.host.tasks.size() == 4);
+  f.at(125);
+  CHECK(f.host.tasks.size() == 6);
+}
+
+TEST_CASE("round machine: a participant that reconnects within the grace gets its task again; else it is dropped")
+{
+  Fixture f;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.t = 1;
+  f.m.site_left("b", "connection reset");
+  f.t = 5;
+  f.m.site_joined("b");
+  REQUIRE(f.host.tasks.size() == 3);
+  CHECK(f.host.tasks[2].first == "b");
+  CHECK(f.host.tasks[2].second.deadline == doctest::Approx(55));
+
+  f.t = 6;
+  f.m.site_left("b", "connection reset");
+  f.upload("a");
+  f.t = 15.9;
+  f.m.check_complete();
+  CHECK(f.host.closed.empty());
+  f.t = 16;
+  f.m.check_complete();
+  REQUIRE(f.host.closed.size() == 1);
+  const auto& dropped = f.host.closed[0].extra["dropped"];
+  REQUIRE(dropped.size() == 1);
+  CHECK(dropped[0]["site"] == "b");
+  CHECK(dropped[0]["reason"] == "disconnected: connection reset");
+  CHECK(f.host.discarded.empty());
+}
+
+TEST_CASE("round machine: a site's error for the current task drops it; one for another task does not")
+{
+  Fixture f;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.m.site_error("b", f.m.task() + 2, "old news");
+  f.upload("a");
+  CHECK(f.host.closed.empty());
+  f.m.site_error("b", f.m.task(), "bad-settings: no data");
+  REQUIRE(f.host.closed.size() == 1);
+  CHECK(f.host.closed[0].extra["dropped"][0]["reason"] == "bad-settings: no data");
+  // A dropped site's update is refused.
+  Fixture g;
+  g.m.site_joined("a");
+  g.m.site_joined("b");
+  g.m.site_removed("b", "revoked");
+  const auto r = g.m.check_upload("b", g.m.task(), 1);
+  REQUIRE(r);
+  CHECK(r->why == "the site was dropped from this round (revoked)");
+  CHECK(g.m.connected() == 1);
+}
+
+TEST_CASE("round machine: clients_per_round samples the same sites for the same seed, round and attempt")
+{
+  std::vector<std::string> chosen;
+  for (int run = 0; run < 2; ++run) {
+    Fixture f(4);
+    f.s.clients_per_round = 2;
+    f.s.seed = 42;
+    for (const char* site : {"a", "b", "c", "d"}) {
+      f.m.site_joined(site);
+    }
+    REQUIRE(f.host.tasks.size() == 2);
+    const auto names = f.host.tasked();
+    if (run == 0) {
+      chosen = names;
+    }
+    CHECK(names == chosen);
+    std::string other;
+    for (const char* site : {"a", "b", "c", "d"}) {
+      if (std::find(names.begin(), names.end(), site) == names.end()) {
+        other = site;
+      }
+    }
+    const auto r = f.m.check_upload(other, f.m.task(), 1);
+    REQUIRE(r);
+    CHECK(r->why == "the site was not asked for one this round");
+  }
+}
+
+TEST_CASE("round machine: the last round ends the federation; a site that connects afterwards is told")
+{
+  Fixture f;
+  f.s.rounds = 1;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.upload("a");
+  f.upload("b");
+  f.t = 2;
+  f.m.attempt_committed(committed_body(2));
+  CHECK(f.m.phase() == RoundMachine::Phase::finishing);
+  REQUIRE(f.host.finished.size() == 1);
+  CHECK(f.host.finished[0].first == "rounds");
+  CHECK(f.host.finished[0].second["round"] == 1);
+  CHECK(f.m.finish_at() == doctest::Approx(5));
+  f.m.site_joined("c");
+  CHECK(f.host.done == std::vector<std::string>{"c"});
+}
+
+TEST_CASE("round machine: the target accuracy ends the federation early")
+{
+  Fixture f;
+  f.s.target_accuracy = 0.9;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.upload("a");
+  f.upload("b");
+  f.m.attempt_committed(committed_body(2, 0.8));
+  CHECK(f.host.finished.empty());
+  f.upload("a");
+  f.upload("b");
+  f.m.attempt_committed(committed_body(2, 0.95));
+  REQUIRE(f.host.finished.size() == 1);
+  CHECK(f.host.finished[0].first == "target-accuracy");
+}
+
+TEST_CASE("round machine: a round that would pass the privacy budget is not started")
+{
+  Fixture f;
+  f.s.privacy.clip_norm = 1;
+  f.s.privacy.noise_multiplier = 1;
+  f.s.privacy.delta = 1e-5;
+  f.s.privacy.max_epsilon = 1; // one round at q = 1 and noise 1 costs more
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  CHECK(f.host.tasks.empty());
+  REQUIRE(f.host.finished.size() == 1);
+  CHECK(f.host.finished[0].first == "privacy-budget");
+  CHECK(f.host.finished[0].second["next_round_epsilon"].get<double>() > 1);
+  CHECK(f.m.phase() == RoundMachine::Phase::finishing);
+
+  // With room for it, the round runs with client-level DP at q = asked / connected.
+  Fixture g(3);
+  g.s.privacy = f.s.privacy;
+  g.s.privacy.max_epsilon = 100;
+  g.s.clients_per_round = 2;
+  for (const char* site : {"a", "b", "c"}) {
+    g.m.site_joined(site);
+  }
+  REQUIRE(g.host.tasks.size() == 2);
+  for (const auto& [site, task] : g.host.tasks) {
+    g.upload(site);
+  }
+  REQUIRE(g.host.closed.size() == 1);
+  REQUIRE(g.host.closed[0].client_dp);
+  CHECK(g.host.closed[0].client_dp->sample_rate == doctest::Approx(2.0 / 3));
+  CHECK(g.host.closed[0].asked == 2);
+}
+
+TEST_CASE("round machine: a stop asked for while a round is aggregated waits for it to be written")
+{
+  Fixture f;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.upload("a");
+  f.upload("b");
+  CHECK_FALSE(f.m.request_stop());
+  CHECK(f.host.stops == 0);
+  f.m.attempt_committed(committed_body(2));
+  CHECK(f.host.stops == 1);
+  CHECK(f.host.tasks.size() == 2); // no round 2
+  CHECK(f.m.round() == 2);
+
+  Fixture g;
+  g.m.site_joined("a");
+  CHECK(g.m.request_stop()); // nothing being written: at once
+}

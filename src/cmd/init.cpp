@@ -20,7 +20,6 @@
 #include <nlohmann/json.hpp>
 
 #include <numeric>
-#include <random>
 #include <thread>
 
 namespace fs = std::filesystem;
@@ -134,18 +133,7 @@ run_create(const InitOptions& opt)
     throw core::UsageError("--holdout must be below 1");
   }
   (void)core::parse_strategy(opt.strategy);
-  if (fs::exists(opt.ws) && !(fs::is_directory(opt.ws) && fs::is_empty(opt.ws))) {
-    if (!opt.force) {
-      throw core::UsageError("{} already exists; give --force to replace it, or use --add-client / --revoke to "
-                             "change a workspace",
-                             opt.ws.string());
-    }
-    // --force replaces a workspace, never an arbitrary folder (a mistyped path must not be wiped).
-    if (!fs::exists(opt.ws / "fedl.json") || !fs::exists(opt.ws / "ledger.jsonl")) {
-      throw core::UsageError("{} is not empty and not a fedl workspace; --force only replaces a workspace",
-                             opt.ws.string());
-    }
-  }
+  core::check_can_create_workspace(opt.ws, opt.force);
 
   core::FederationConfig config;
   config.clients = names;
@@ -205,43 +193,15 @@ run_create(const InitOptions& opt)
     config.model.arch = spec.text;
   }
 
-  // Build everything in a sibling folder, then move it into place: no half-made workspace.
-  const auto parent = opt.ws.has_parent_path() ? opt.ws.parent_path() : fs::path(".");
-  if (!fs::is_directory(parent)) {
-    throw core::Error("cannot create {}: the folder {} does not exist", opt.ws.string(), parent.string());
-  }
-  std::random_device rd;
-  const auto tmp = parent / fmt::format(".{}.init-{:08x}", opt.ws.filename().string(), rd());
-  struct Cleanup
-  {
-    fs::path path;
-    ~Cleanup()
-    {
-      std::error_code ec;
-      fs::remove_all(path, ec);
-    }
-  } cleanup{tmp};
-  std::error_code ec;
-  if (!fs::create_directory(tmp, ec)) {
-    throw core::Error("cannot create a workspace in {}: {}", parent.string(), ec ? ec.message() : "exists");
-  }
-  const core::Workspace staging(tmp);
-  write_initial_model(opt, config, tmp);
-  const auto genesis = core::provision_workspace(staging, config, fs::absolute(opt.ws).filename().string());
+  nlohmann::json genesis;
   nlohmann::json shards;
-  if (data) {
-    shards = write_partition(opt, *data, staging, names);
-  }
-
-  if (fs::exists(opt.ws)) {
-    const auto old = parent / fmt::format(".{}.old-{:08x}", opt.ws.filename().string(), rd());
-    fs::rename(opt.ws, old);
-    fs::rename(tmp, opt.ws);
-    fs::remove_all(old, ec);
-  } else {
-    fs::rename(tmp, opt.ws);
-  }
-  cleanup.path.clear();
+  core::create_workspace(opt.ws, opt.force, [&](const core::Workspace& staging) {
+    write_initial_model(opt, config, staging.root());
+    genesis = core::provision_workspace(staging, config, fs::absolute(opt.ws).filename().string());
+    if (data) {
+      shards = write_partition(opt, *data, staging, names);
+    }
+  });
 
   nlohmann::json j = {{"workspace", opt.ws.string()},
                       {"clients", names},

@@ -603,3 +603,53 @@ TEST_CASE("revocations: a CRL from before a revocation the ledger records is ref
   CHECK(message_of([&] { check_revocations(t.ws(), read_workspace_ledger(t.ws())); }).find("does not list site bob") !=
         std::string::npos);
 }
+
+TEST_CASE("workspace: create_workspace makes the folder whole or not at all, and replaces only a workspace")
+{
+  TempDir tmp;
+  const auto read_text = [](const fs::path& p) {
+    std::ifstream in(p);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const auto target = tmp / "ws";
+  const auto leftovers = [&] {
+    std::size_t n = 0;
+    for (const auto& e : std::filesystem::directory_iterator(tmp.path())) {
+      n += e.path().filename().string().starts_with(".ws.") ? 1 : 0;
+    }
+    return n;
+  };
+  // A fill that fails leaves nothing: no target, no staging folder.
+  CHECK_THROWS_WITH(create_workspace(target, false,
+                                     [](const Workspace& staging) {
+                                       fedl::test::write_file(staging.config(), "{}");
+                                       throw Error("disk full");
+                                     }),
+                    "disk full");
+  CHECK_FALSE(std::filesystem::exists(target));
+  CHECK(leftovers() == 0);
+
+  create_workspace(target, false, [](const Workspace& staging) {
+    fedl::test::write_file(staging.config(), "{}");
+    fedl::test::write_file(staging.ledger(), "one");
+  });
+  CHECK(read_text(target / "ledger.jsonl") == "one");
+  CHECK(leftovers() == 0);
+  CHECK_THROWS_WITH_AS(create_workspace(target, false, [](const Workspace&) {}),
+                       doctest::Contains("already exists; give --force"), UsageError);
+  // Replacing: a failure keeps the old one; a success swaps it whole.
+  CHECK_THROWS(create_workspace(target, true, [](const Workspace&) { throw Error("no"); }));
+  CHECK(read_text(target / "ledger.jsonl") == "one");
+  create_workspace(target, true, [](const Workspace& staging) {
+    fedl::test::write_file(staging.config(), "{}");
+    fedl::test::write_file(staging.ledger(), "two");
+  });
+  CHECK(read_text(target / "ledger.jsonl") == "two");
+  CHECK(leftovers() == 0);
+  // Never an arbitrary folder.
+  std::filesystem::create_directories(tmp / "photos");
+  fedl::test::write_file(tmp / "photos" / "a.jpg", "x");
+  CHECK_THROWS_WITH_AS(check_can_create_workspace(tmp / "photos", true),
+                       doctest::Contains("not a fedl workspace; --force only replaces a workspace"), UsageError);
+  CHECK_NOTHROW(check_can_create_workspace(tmp / "new", false));
+}

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <chrono>
 #include <optional>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -190,9 +191,57 @@ provision_workspace(const Workspace& ws, const FederationConfig& config, const s
   return body;
 }
 
-namespace {
+void
+check_can_create_workspace(const fs::path& target, bool replace)
+{
+  if (!fs::exists(target) || (fs::is_directory(target) && fs::is_empty(target))) {
+    return;
+  }
+  if (!replace) {
+    throw UsageError("{} already exists; give --force to replace it, or use --add-client / --revoke to change a "
+                     "workspace",
+                     target.string());
+  }
+  if (!fs::exists(target / "fedl.json") || !fs::exists(target / "ledger.jsonl")) {
+    throw UsageError("{} is not empty and not a fedl workspace; --force only replaces a workspace", target.string());
+  }
+}
 
-} // namespace
+void
+create_workspace(const fs::path& target, bool replace, const std::function<void(const Workspace& staging)>& fill)
+{
+  check_can_create_workspace(target, replace);
+  const auto parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  if (!fs::is_directory(parent)) {
+    throw Error("cannot create {}: the folder {} does not exist", target.string(), parent.string());
+  }
+  std::random_device rd;
+  const auto name = target.filename().string();
+  const auto tmp = parent / fmt::format(".{}.init-{:08x}", name, rd());
+  struct Cleanup
+  {
+    fs::path path;
+    ~Cleanup()
+    {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  } cleanup{tmp};
+  std::error_code ec;
+  if (!fs::create_directory(tmp, ec)) {
+    throw Error("cannot create a workspace in {}: {}", parent.string(), ec ? ec.message() : "exists");
+  }
+  fill(Workspace(tmp));
+  if (fs::exists(target)) {
+    const auto old = parent / fmt::format(".{}.old-{:08x}", name, rd());
+    fs::rename(target, old);
+    fs::rename(tmp, target);
+    fs::remove_all(old, ec);
+  } else {
+    fs::rename(tmp, target);
+  }
+  cleanup.path.clear();
+}
 
 std::vector<LedgerEntry>
 read_workspace_ledger(const Workspace& ws)

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,18 @@ public:
 private:
   std::filesystem::path m_root;
 };
+
+// Throws UsageError unless `target` can become a new workspace: it does not exist, is an empty
+// folder, or (with `replace`, fedl init --force) is a workspace. Never an arbitrary folder: a
+// mistyped path must not be wiped.
+void check_can_create_workspace(const std::filesystem::path& target, bool replace);
+
+// Creates the workspace `target` whole or not at all: `fill` writes everything into a staging
+// folder beside it (a Workspace rooted there), which then takes the place of `target` (see
+// check_can_create_workspace, checked again first). If `fill` throws, the staging folder is
+// removed and `target` is as it was.
+void create_workspace(const std::filesystem::path& target, bool replace,
+                      const std::function<void(const Workspace& staging)>& fill);
 
 // Provisions the PKI, the client bundles, fedl.json and the ledger's genesis entry in `ws`,
 // whose folder exists and already holds the initial model (models/global-000000.safetensors)

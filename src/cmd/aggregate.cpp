@@ -42,11 +42,12 @@ core::ServerOptions
 server_options(const AggregateOptions& opt, const core::FederationConfig* config)
 {
   auto o = config != nullptr ? core::configured_server_options(*config) : core::ServerOptions{};
-  o.server_lr = opt.server_lr.value_or(o.server_lr);
-  o.momentum = opt.server_momentum.value_or(o.momentum);
-  o.beta1 = opt.beta1.value_or(o.beta1);
-  o.beta2 = opt.beta2.value_or(o.beta2);
-  o.tau = opt.tau.value_or(o.tau);
+  auto& s = o.optimizer;
+  s.lr = opt.server_lr.value_or(s.lr);
+  s.momentum = opt.server_momentum.value_or(s.momentum);
+  s.beta1 = opt.beta1.value_or(s.beta1);
+  s.beta2 = opt.beta2.value_or(s.beta2);
+  s.tau = opt.tau.value_or(s.tau);
   o.clip_norm = opt.clip_norm;
   core::validate_server_options(o);
   return o;

@@ -209,19 +209,19 @@ TEST_CASE("aggregate: server options out of range are usage errors naming the fl
   };
   validate_server_options({});
   ServerOptions o;
-  o.server_lr = 0;
+  o.optimizer.lr = 0;
   bad(o, "--server-lr");
   o = {};
-  o.momentum = 1.0;
+  o.optimizer.momentum = 1.0;
   bad(o, "--server-momentum");
   o = {};
-  o.beta1 = -0.1;
+  o.optimizer.beta1 = -0.1;
   bad(o, "--beta1");
   o = {};
-  o.beta2 = std::nan("");
+  o.optimizer.beta2 = std::nan("");
   bad(o, "--beta2");
   o = {};
-  o.tau = 0;
+  o.optimizer.tau = 0;
   bad(o, "--tau");
   o = {};
   o.clip_norm = -1.0;
@@ -254,7 +254,7 @@ TEST_CASE("aggregate: fedavg weights by num_samples exactly, and one update with
   CHECK(flat(aggregate(r.base(), opened, std::vector<double>{1.0, 3.0}, parse_strategy("fedavg"), {}, none)) == got);
   // server_lr 0.5 halves the step.
   ServerOptions half;
-  half.server_lr = 0.5;
+  half.optimizer.lr = 0.5;
   const auto got3 = r.run("fedavg", {1.0, 3.0}, half);
   for (std::size_t j = 0; j < 8; ++j) {
     CHECK(got3[j] == k_base[j] + 2.0F);
@@ -280,7 +280,7 @@ TEST_CASE("aggregate: fedavgm carries its momentum buffer across rounds through 
 {
   // Hsu et al. 2019: m ← μm + Δ̄, x ← x + ηm. μ = 0.9, η = 1.
   ServerOptions o;
-  o.momentum = 0.9;
+  o.optimizer.momentum = 0.9;
   ServerState state;
   Round r1(k_base);
   r1.add(constant(1.0F), "1");
@@ -304,7 +304,7 @@ TEST_CASE("aggregate: fedavgm carries its momentum buffer across rounds through 
 
   // μ = 0 is plain FedAvg.
   ServerOptions zero;
-  zero.momentum = 0.0;
+  zero.optimizer.momentum = 0.0;
   ServerState s0;
   CHECK(r1.run("fedavgm", {1.0, 1.0}, zero, s0) == r1.run("fedavg", {1.0, 1.0}));
 }
@@ -346,7 +346,7 @@ TEST_CASE("aggregate: fedadam, fedyogi and fedadagrad follow Reddi et al. over t
   for (const char* kind : {"fedadam", "fedyogi", "fedadagrad"}) {
     INFO(kind);
     ServerOptions o;
-    o.server_lr = 0.1;
+    o.optimizer.lr = 0.1;
     Adaptive ref{kind};
     ServerState state;
 
@@ -632,7 +632,7 @@ TEST_CASE("aggregate: server state round-trips through its file, and a mismatch 
   r.add(constant(0.5F));
   ServerState state;
   ServerOptions o;
-  o.server_lr = 0.01;
+  o.optimizer.lr = 0.01;
   r.run("fedyogi", {1}, o, state);
   r.run("fedyogi", {1}, o, state);
   CHECK(state.round == 2);

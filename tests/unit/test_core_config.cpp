@@ -161,3 +161,26 @@ TEST_CASE("core::load_config refuses a file nested deeper than fedl.json, before
 }
 
 TEST_SUITE_END();
+
+TEST_CASE("core::config: one JSON form for the server optimizer, which also reads the older round-entry names")
+{
+  ServerOptimizer o;
+  o.lr = 0.5;
+  o.momentum = 0.8;
+  o.tau = 0.01;
+  const auto j = to_json(o);
+  CHECK(j == nlohmann::json{{"lr", 0.5}, {"momentum", 0.8}, {"beta1", 0.9}, {"beta2", 0.99}, {"tau", 0.01}});
+  CHECK(server_optimizer_from_json(j, "server_optimizer", "fedl.json") == o);
+  // Round entries written before December 2026.
+  const nlohmann::json old = {{"server_lr", 0.5}, {"server_momentum", 0.8}, {"beta1", 0.9}, {"beta2", 0.99},
+                              {"tau", 0.01},      {"clip_norm", 2.0}};
+  CHECK(server_optimizer_from_json(old, "options", "line 3", {"clip_norm"}) == o);
+  CHECK_THROWS_WITH_AS(server_optimizer_from_json(old, "options", "line 3"),
+                       doctest::Contains("line 3: unknown key options.clip_norm"), UsageError);
+  CHECK_THROWS_WITH_AS(server_optimizer_from_json({{"lr", 1.0}, {"server_lr", 2.0}}, "options", "line 3"),
+                       "line 3: options.lr and options.server_lr are the same setting: give one", UsageError);
+  CHECK_THROWS_WITH_AS(server_optimizer_from_json({{"momentum", "high"}}, "server_optimizer", "fedl.json"),
+                       doctest::Contains("fedl.json: server_optimizer.momentum must be a number"), UsageError);
+  // Missing keys keep their defaults.
+  CHECK(server_optimizer_from_json(nlohmann::json::object(), "server_optimizer", "fedl.json") == ServerOptimizer{});
+}

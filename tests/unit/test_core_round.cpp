@@ -275,7 +275,7 @@ TEST_CASE("round: commit_round writes the model and a signed ledger entry with t
   const auto& body = last.body;
   CHECK(body["round"] == 1);
   CHECK(body["strategy"] == "fedavg");
-  CHECK(body["options"]["server_lr"] == 1.0);
+  CHECK(body["options"]["lr"] == 1.0);
   CHECK(body["base"]["file"] == "models/global-000000.safetensors");
   CHECK(body["base"]["sha256"] == file_sha256(t.ws().model(0)));
   CHECK(body["model"]["file"] == "models/global-000001.safetensors");
@@ -509,7 +509,7 @@ TEST_CASE("round: an aggregate that is not finite is never written")
                                                {t.update("b.st", 3e38F, "bob"), "bob"}};
   const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
   RoundSettings settings;
-  settings.options.server_lr = 10; // 3e39 is past float's range
+  settings.options.optimizer.lr = 10; // 3e39 is past float's range
   const auto before = snapshot(t.ws().root());
   CHECK(message_of([&] { commit_round(v, settings); }).find("is not finite") != std::string::npos);
   CHECK(snapshot(t.ws().root()) == before);

@@ -234,6 +234,36 @@ to_json(const PrivacyConfig& p)
 }
 
 nlohmann::json
+to_json(const ServerOptimizer& o)
+{
+  return {{"lr", o.lr}, {"momentum", o.momentum}, {"beta1", o.beta1}, {"beta2", o.beta2}, {"tau", o.tau}};
+}
+
+ServerOptimizer
+server_optimizer_from_json(const json& j, const std::string& path, const std::string& what,
+                           const std::vector<std::string>& also_allowed)
+{
+  ObjectReader r(j, path, what);
+  ServerOptimizer o;
+  for (const auto& [name, legacy, value] :
+       {std::tuple{"lr", "server_lr", &o.lr}, std::tuple{"momentum", "server_momentum", &o.momentum}}) {
+    if (j.contains(name) && j.contains(legacy)) {
+      throw UsageError("{}: {} and {} are the same setting: give one", what, r.field(name), r.field(legacy));
+    }
+    r.get(legacy, *value);
+    r.get(name, *value);
+  }
+  r.get("beta1", o.beta1);
+  r.get("beta2", o.beta2);
+  r.get("tau", o.tau);
+  for (const auto& key : also_allowed) {
+    (void)r.find(key);
+  }
+  r.finish();
+  return o;
+}
+
+json
 to_json(const FederationConfig& c)
 {
   json model = {
@@ -254,12 +284,7 @@ to_json(const FederationConfig& c)
       {"wait_timeout", c.wait_timeout}}},
     {"rounds", c.rounds},
     {"strategy", c.strategy},
-    {"server_optimizer",
-     {{"lr", c.server_optimizer.lr},
-      {"momentum", c.server_optimizer.momentum},
-      {"beta1", c.server_optimizer.beta1},
-      {"beta2", c.server_optimizer.beta2},
-      {"tau", c.server_optimizer.tau}}},
+    {"server_optimizer", to_json(c.server_optimizer)},
     {"training", to_json(c.training)},
     {"seed", c.seed},
     {"pki", {{"valid_days", c.valid_days}}},
@@ -370,13 +395,7 @@ config_from_json(const nlohmann::json& j, const std::string& what)
   top.get("rounds", c.rounds);
   top.get("strategy", c.strategy);
   if (const auto* s = top.find("server_optimizer")) {
-    ObjectReader r(*s, "server_optimizer", what);
-    r.get("lr", c.server_optimizer.lr);
-    r.get("momentum", c.server_optimizer.momentum);
-    r.get("beta1", c.server_optimizer.beta1);
-    r.get("beta2", c.server_optimizer.beta2);
-    r.get("tau", c.server_optimizer.tau);
-    r.finish();
+    c.server_optimizer = server_optimizer_from_json(*s, "server_optimizer", what);
   }
   if (const auto* t = top.find("training")) {
     // Checked here, not where a site trains: a bad value would fail every attempt of every round.

@@ -3,6 +3,8 @@
 // name and wrong types with the path of the field, so a typo never passes silently.
 #pragma once
 
+#include "core/math/aggregate.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
@@ -62,14 +64,14 @@ struct PrivacyConfig
   bool operator==(const PrivacyConfig&) const = default;
 };
 
-struct ServerOptimizerConfig
-{
-  double lr = 1.0;
-  double momentum = 0.9;
-  double beta1 = 0.9;
-  double beta2 = 0.99;
-  double tau = 1e-3;
-};
+// The server optimizer's settings as JSON: {"lr", "momentum", "beta1", "beta2", "tau"}, in fedl.json,
+// the serve entry and each round entry's "options". Reading also takes the names that round
+// entries used until December 2026 ("server_lr", "server_momentum"), so that older ledgers read
+// the same; a missing key keeps its default. UsageError naming `what` and the key (under `path`)
+// for a wrong type, both names of one setting, or a key that is neither these nor `also_allowed`.
+nlohmann::json to_json(const ServerOptimizer& o);
+ServerOptimizer server_optimizer_from_json(const nlohmann::json& j, const std::string& path, const std::string& what,
+                                           const std::vector<std::string>& also_allowed = {});
 
 // fedl.json's "limits": what the coordinator accepts of one update, against sites that send
 // finite but huge values or claim a huge sample count to outweigh the others in fedavg.
@@ -107,7 +109,7 @@ struct FederationConfig
   double wait_timeout = 0;
   std::uint32_t rounds = 10;
   std::string strategy = "fedavg";
-  ServerOptimizerConfig server_optimizer;
+  ServerOptimizer server_optimizer;
   TrainingConfig training;
   PrivacyConfig privacy;
   LimitsConfig limits;

@@ -12,6 +12,9 @@ LedgerState::apply(const LedgerEntry& e, bool verify)
   last_kind = e.kind;
   if (e.kind == "finished") {
     finished = e.body;
+    if (finished.value("reason", "") == "privacy-budget") {
+      budget_stop = finished;
+    }
   }
   if (e.kind != "round") {
     return;

@@ -23,8 +23,10 @@ struct LedgerState
   std::optional<double> accuracy; // the last round's evaluation accuracy, if it recorded one
   // The "privacy" object of the last round that had client-level DP; null if none had.
   nlohmann::json client_dp;
-  // The body of the last "finished" entry, null if none; and the kind of the last entry.
+  // The bodies of the last "finished" entry and of the last one for the privacy budget (null if
+  // none), and the kind of the last entry.
   nlohmann::json finished;
+  nlohmann::json budget_stop;
   std::string last_kind;
 
   // Takes the next entry (in ledger order). With `verify`, every epsilon a round records is

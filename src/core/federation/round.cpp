@@ -345,11 +345,7 @@ ServerOptions
 configured_server_options(const FederationConfig& config)
 {
   ServerOptions o;
-  o.server_lr = config.server_optimizer.lr;
-  o.momentum = config.server_optimizer.momentum;
-  o.beta1 = config.server_optimizer.beta1;
-  o.beta2 = config.server_optimizer.beta2;
-  o.tau = config.server_optimizer.tau;
+  o.optimizer = config.server_optimizer;
   return o;
 }
 
@@ -431,11 +427,7 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
     return result;
   }
   const auto& ws = *plan.workspace;
-  nlohmann::json opts = {{"server_lr", options.server_lr},
-                         {"server_momentum", options.momentum},
-                         {"beta1", options.beta1},
-                         {"beta2", options.beta2},
-                         {"tau", options.tau}};
+  auto opts = to_json(options.optimizer);
   if (options.clip_norm) {
     opts["clip_norm"] = *options.clip_norm;
   }

@@ -293,8 +293,8 @@ RoundMachine::start()
 void
 RoundMachine::send_task(const std::string& site)
 {
-  m_host.send_task(site, RoundTask{m_round, m_attempt, m_task, std::max(0.0, m_deadline - m_now()),
-                                   m_s.seed + m_round});
+  m_host.send_task(site,
+                   RoundTask{m_round, m_attempt, m_task, std::max(0.0, m_deadline - m_now()), m_s.seed + m_round});
 }
 
 void

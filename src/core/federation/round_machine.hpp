@@ -182,7 +182,7 @@ private:
     } state = State::pending;
     std::filesystem::path file;
     nlohmann::json metrics = nlohmann::json::object();
-    std::string note;           // why it was dropped
+    std::string note;                      // why it was dropped
     std::optional<double> disconnected_at; // pending but disconnected since then (it may come back)
   };
 
@@ -218,7 +218,7 @@ private:
   FederationPrivacy m_privacy;
   std::optional<ClientDpRound> m_client_dp; // the current attempt's client-level DP
   std::uint32_t m_asked = 0;
-  nlohmann::json m_late = nlohmann::json::array(); // late updates, for the next attempt's entry
+  nlohmann::json m_late = nlohmann::json::array();                 // late updates, for the next attempt's entry
   std::set<std::pair<std::string, std::uint64_t>> m_late_recorded; // (site, task) already in m_late
   std::set<std::pair<std::string, std::uint64_t>> m_answered;      // (site, task) whose update was received
   std::mt19937_64 m_task_rng{std::random_device{}()};

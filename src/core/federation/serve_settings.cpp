@@ -14,12 +14,7 @@ ServeSettings::to_json() const
                       {"round_timeout", round_timeout},
                       {"wait_timeout", wait_timeout},
                       {"strategy", strategy.to_string()},
-                      {"server_optimizer",
-                       {{"lr", server.server_lr},
-                        {"momentum", server.momentum},
-                        {"beta1", server.beta1},
-                        {"beta2", server.beta2},
-                        {"tau", server.tau}}},
+                      {"server_optimizer", core::to_json(server.optimizer)},
                       {"training", core::to_json(training)},
                       {"seed", seed},
                       {"heartbeat", heartbeat}};

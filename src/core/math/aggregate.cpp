@@ -278,20 +278,21 @@ void
 validate_server_options(const ServerOptions& o)
 {
   const auto unit = [](double x) { return std::isfinite(x) && x >= 0.0 && x < 1.0; };
-  if (!std::isfinite(o.server_lr) || o.server_lr <= 0.0) {
-    throw UsageError("--server-lr must be a positive number, not {}", o.server_lr);
+  const auto& s = o.optimizer;
+  if (!std::isfinite(s.lr) || s.lr <= 0.0) {
+    throw UsageError("--server-lr must be a positive number, not {}", s.lr);
   }
-  if (!unit(o.momentum)) {
-    throw UsageError("--server-momentum must be in [0, 1), not {}", o.momentum);
+  if (!unit(s.momentum)) {
+    throw UsageError("--server-momentum must be in [0, 1), not {}", s.momentum);
   }
-  if (!unit(o.beta1)) {
-    throw UsageError("--beta1 must be in [0, 1), not {}", o.beta1);
+  if (!unit(s.beta1)) {
+    throw UsageError("--beta1 must be in [0, 1), not {}", s.beta1);
   }
-  if (!unit(o.beta2)) {
-    throw UsageError("--beta2 must be in [0, 1), not {}", o.beta2);
+  if (!unit(s.beta2)) {
+    throw UsageError("--beta2 must be in [0, 1), not {}", s.beta2);
   }
-  if (!std::isfinite(o.tau) || o.tau <= 0.0) {
-    throw UsageError("--tau must be a positive number, not {}", o.tau);
+  if (!std::isfinite(s.tau) || s.tau <= 0.0) {
+    throw UsageError("--tau must be a positive number, not {}", s.tau);
   }
   if (o.clip_norm && (!std::isfinite(*o.clip_norm) || *o.clip_norm <= 0.0)) {
     throw UsageError("--clip-norm must be a positive number, not {}", *o.clip_norm);
@@ -606,7 +607,7 @@ aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, st
       fresh.strategy = std::string(spec.name());
       fresh.m = filled_like(base, 0.0);
       if (adaptive(spec.kind)) {
-        fresh.v = filled_like(base, options.tau * options.tau);
+        fresh.v = filled_like(base, options.optimizer.tau * options.optimizer.tau);
       }
       st = &fresh;
     } else {
@@ -653,7 +654,8 @@ aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, st
     access.window = release_window(n + 1, threads);
   }
   const Pass pass{plan, threads, access};
-  Step step{spec.kind, options.server_lr, options.momentum, options.beta1, options.beta2, options.tau};
+  const auto& opt = options.optimizer;
+  Step step{spec.kind, opt.lr, opt.momentum, opt.beta1, opt.beta2, opt.tau};
 
   AggregateInfo local;
   std::vector<double> scale(n, 1.0);

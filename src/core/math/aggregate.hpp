@@ -115,16 +115,26 @@ struct StrategySpec
 // of updates is checked by aggregate(), which knows it.
 StrategySpec parse_strategy(const std::string& spec);
 
-// The server side's hyperparameters. Defaults follow Reddi et al. 2021 (β₁ = 0.9, β₂ = 0.99,
-// τ = 1e-3) and Hsu et al. 2019 (μ = 0.9); η = 1 makes fedavg plain FedAvg. The adaptive
-// strategies usually want a smaller η (Reddi et al. tune it per task; 1e-2 to 1e-1 is common).
+// The server optimizer's hyperparameters: fedl.json's "server_optimizer", and the same object in
+// the ledger's serve and round entries (config.hpp: to_json, server_optimizer_from_json). Defaults
+// follow Reddi et al. 2021 (β₁ = 0.9, β₂ = 0.99, τ = 1e-3) and Hsu et al. 2019 (μ = 0.9); η = 1
+// makes fedavg plain FedAvg. The adaptive strategies usually want a smaller η (Reddi et al. tune
+// it per task; 1e-2 to 1e-1 is common).
+struct ServerOptimizer
+{
+  double lr = 1.0;       // η, --server-lr; > 0
+  double momentum = 0.9; // μ of fedavgm, --server-momentum; in [0, 1)
+  double beta1 = 0.9;    // β₁, --beta1; in [0, 1)
+  double beta2 = 0.99;   // β₂, --beta2; in [0, 1)
+  double tau = 1e-3;     // τ, --tau; > 0 (also v's initial value is τ², as Reddi et al. allow)
+
+  bool operator==(const ServerOptimizer&) const = default;
+};
+
+// The server side of a round.
 struct ServerOptions
 {
-  double server_lr = 1.0;          // η, --server-lr; > 0
-  double momentum = 0.9;           // μ of fedavgm, --server-momentum; in [0, 1)
-  double beta1 = 0.9;              // β₁, --beta1; in [0, 1)
-  double beta2 = 0.99;             // β₂, --beta2; in [0, 1)
-  double tau = 1e-3;               // τ, --tau; > 0 (also v's initial value is τ², as Reddi et al. allow)
+  ServerOptimizer optimizer;
   std::optional<double> clip_norm; // C, --clip-norm; > 0
   unsigned threads = 0;            // worker threads; 0 means one per core
 

@@ -148,6 +148,28 @@ test_aggregate_rounds_chain_in_the_workspace()
   fedl_expect 0 audit ws && expect_in out "2 rounds"
 }
 
+# Round entries written before December 2026 named the server optimizer's settings server_lr and
+# server_momentum; such a ledger still audits clean and reports them in today's names.
+test_audit_reads_the_older_names_of_the_server_options()
+{
+  make_ws || { fail "init failed"; return; }
+  site_update site-1 a.st || { fail "training failed"; return; }
+  fedl_expect 0 aggregate --workspace ws --server-lr 0.5 --server-momentum 0.8 --clip-norm 3 a.st || return
+  "$PY" "$FEDL_SOURCE_DIR/tests/e2e/resign_ledger.py" ws "
+o = [e for e in L if e['kind'] == 'round'][0]['body']['options']
+assert o.pop('lr') == 0.5 and o.pop('momentum') == 0.8, o
+o['server_lr'] = 0.5
+o['server_momentum'] = 0.8" || { fail "re-signing failed"; return; }
+  grep -q '"server_lr":0.5' ws/ledger.jsonl || { fail "the ledger was not rewritten"; return; }
+  fedl_expect 0 --json audit ws || return
+  [[ $(json_get out "j['rounds'][0]['options'] == dict(lr=0.5, momentum=0.8, beta1=0.9, beta2=0.99, tau=0.001, clip_norm=3)") == True ]] ||
+    fail "options as audited: $(json_get out "j['rounds'][0]['options']")"
+  # Both names of one setting is no ledger fedl wrote.
+  "$PY" "$FEDL_SOURCE_DIR/tests/e2e/resign_ledger.py" ws \
+    "[e for e in L if e['kind'] == 'round'][0]['body']['options']['lr'] = 0.5" || { fail "re-signing failed"; return; }
+  fedl_expect 3 audit ws && expect_in err "options.lr and options.server_lr are the same setting"
+}
+
 test_bad_updates_fail_or_are_skipped_and_recorded()
 {
   make_ws || { fail "init failed"; return; }

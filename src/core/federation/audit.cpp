@@ -30,8 +30,8 @@ expect_hash(const fs::path& path, const std::string& recorded, const LedgerEntry
   const auto actual = file_sha256(path);
   if (actual != recorded) {
     throw VerifyError("{} does not match the ledger (line {}, {} entry records SHA-256 {}, the file has {}): "
-                            "it was replaced or altered",
-                            path.string(), e.line, e.kind, recorded, actual);
+                      "it was replaced or altered",
+                      path.string(), e.line, e.kind, recorded, actual);
   }
 }
 
@@ -44,8 +44,8 @@ round_options(const LedgerEntry& e, const Workspace& ws)
     return nullptr;
   }
   try {
-    auto options = to_json(
-      server_optimizer_from_json(*it, "options", fmt::format("{}: line {}", ws.ledger().string(), e.line), {"clip_norm"}));
+    auto options = to_json(server_optimizer_from_json(
+      *it, "options", fmt::format("{}: line {}", ws.ledger().string(), e.line), {"clip_norm"}));
     if (it->contains("clip_norm")) {
       options["clip_norm"] = (*it)["clip_norm"];
     }
@@ -71,9 +71,7 @@ audit_workspace(const Workspace& ws, const std::vector<fs::path>& witnesses)
   const auto entries = read_ledger(ws.ledger(), ledger_verifier(server));
   // The coordinator's certificate must have been valid when it signed the last entry; it may
   // have expired since without making the history false.
-  if (const auto v =
-        verify_certificate(server, ca, nullptr, CertPurpose::server, parse_utc(entries.back().time));
-      !v) {
+  if (const auto v = verify_certificate(server, ca, nullptr, CertPurpose::server, parse_utc(entries.back().time)); !v) {
     throw VerifyError("{}: {}", ws.server_cert().string(), v.reason);
   }
   const auto& genesis = entries.front();
@@ -81,8 +79,7 @@ audit_workspace(const Workspace& ws, const std::vector<fs::path>& witnesses)
     throw VerifyError("{} is not the CA recorded in the ledger's genesis entry", ws.ca_cert().string());
   }
   if (genesis.body.value("server_fingerprint", "") != certificate_fingerprint(server)) {
-    throw VerifyError("{} is not the coordinator certificate recorded in the genesis entry",
-                            ws.server_cert().string());
+    throw VerifyError("{} is not the coordinator certificate recorded in the genesis entry", ws.server_cert().string());
   }
 
   std::string config_sha;
@@ -122,13 +119,13 @@ audit_workspace(const Workspace& ws, const std::vector<fs::path>& witnesses)
     }
     const auto r = e.body.at("round").get<std::uint64_t>();
     if (r != expected_round) {
-      throw VerifyError("{}: line {} records round {} where round {} was expected", ws.ledger().string(), e.line,
-                              r, expected_round);
+      throw VerifyError("{}: line {} records round {} where round {} was expected", ws.ledger().string(), e.line, r,
+                        expected_round);
     }
     ++expected_round;
     if (e.body.at("base").at("sha256").get<std::string>() != model_sha) {
-      throw VerifyError("{}: line {}: round {} starts from a model other than the one before it",
-                              ws.ledger().string(), e.line, r);
+      throw VerifyError("{}: line {}: round {} starts from a model other than the one before it", ws.ledger().string(),
+                        e.line, r);
     }
     model = e.body.at("model").at("file").get<std::string>();
     model_sha = e.body.at("model").at("sha256").get<std::string>();
@@ -183,8 +180,8 @@ audit_workspace(const Workspace& ws, const std::vector<fs::path>& witnesses)
     const auto rel = "models/" + f.path().filename().string();
     if (recorded_models.count(rel) == 0) {
       throw VerifyError("{} is not recorded in the ledger: the ledger was truncated, or a round was "
-                              "interrupted (run its fedl aggregate again)",
-                              (ws.root() / rel).string());
+                        "interrupted (run its fedl aggregate again)",
+                        (ws.root() / rel).string());
     }
   }
   nlohmann::json j = {{"ok", true},
@@ -204,8 +201,7 @@ audit_workspace(const Workspace& ws, const std::vector<fs::path>& witnesses)
     const double delta = state.client_dp["client"].value("delta", 1e-5);
     const auto& privacy = state.privacy;
     const auto spent = privacy.client().epsilon(delta);
-    privacy_json["client"] = {
-      {"epsilon", spent.epsilon}, {"delta", delta}, {"rounds", privacy.client_rounds()}};
+    privacy_json["client"] = {{"epsilon", spent.epsilon}, {"delta", delta}, {"rounds", privacy.client_rounds()}};
     privacy_summary += fmt::format("privacy: client-level epsilon {:.4g} at delta {:g} over {} rounds (recomputed)\n",
                                    spent.epsilon, delta, privacy.client_rounds());
   }

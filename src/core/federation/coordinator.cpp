@@ -6,6 +6,7 @@
 #include "core/federation/round_machine.hpp"
 #include "core/net/connection.hpp"
 #include "core/net/metrics_server.hpp"
+#include "core/net/site_protocol.hpp"
 #include "core/trust/receipt.hpp"
 #include "core/trust/server_trust.hpp"
 #include "core/util/error.hpp"
@@ -403,8 +404,9 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
                                   1);
     return {};
   }
-  const auto task = header_uint(header, "task");
-  const auto round = header_uint(header, "round");
+  const auto update = Update::from_header(header);
+  const auto task = update.task;
+  const auto round = update.round;
   if (const auto refusal = m_rounds.check_upload(p->site, task, round)) {
     // Bounded: a site that keeps sending updates nobody asked for is disconnected rather than
     // allowed to fill the log.
@@ -455,9 +457,10 @@ Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& head
     return;
   case FrameType::error: {
     // A site's words go into the log and the ledger: cut to a sane length.
-    const auto message = valid_utf8(header.value("message", std::string("(no message)")), max_error_text);
+    const auto report = ErrorReport::from_header(header);
+    const auto message = valid_utf8(report.message, max_error_text);
     FEDL_LOG_WARN("site {} reports: {}", p->site, message);
-    m_rounds.site_error(p->site, header_uint(header, "task"), message);
+    m_rounds.site_error(p->site, report.task.value_or(0), message);
     return;
   }
   default:
@@ -475,7 +478,7 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
   if (p->site.empty() || !p->conn->is_open()) {
     return;
   }
-  const auto claimed = header.value("site", std::string());
+  const auto claimed = Hello::from_header(header).site;
   if (claimed != p->site) {
     p->conn->send_error_and_close(
       fmt::format("hello names site {} but the certificate is for {}", quote_text(claimed), p->site), 3);
@@ -493,16 +496,11 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
   p->admitted = true;
   m_sites[p->site] = p;
   FEDL_LOG_INFO("site {} connected from {} ({} connected)", p->site, p->conn->stream().remote(), m_sites.size());
-  json welcome = {{"round", m_rounds.round()},
-                  {"rounds", m_s.rounds},
-                  {"heartbeat", m_s.heartbeat},
-                  {"ca_fingerprint", certificate_fingerprint(m_trust->ca())}};
-  // What the ledger says this site spent: a site with a budget counts the larger of this and its
-  // own account, and refuses to go on if its account is missing or shorter.
-  if (auto spent = m_rounds.privacy().site_report(p->site); !spent.is_null()) {
-    welcome["privacy"] = std::move(spent);
-  }
-  p->conn->send(FrameType::welcome, welcome);
+  // With what the ledger says this site spent: a site with a budget counts the larger of this and
+  // its own account, and refuses to go on if its account is missing or shorter.
+  const Welcome welcome{m_rounds.round(), m_s.rounds, m_s.heartbeat, certificate_fingerprint(m_trust->ca()),
+                        m_rounds.privacy().site_report(p->site)};
+  p->conn->send(FrameType::welcome, welcome.to_header());
   // The machine sends its task again to a participant that reconnects mid-round.
   m_rounds.site_joined(p->site);
 }
@@ -523,8 +521,7 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
     return;
   }
   FEDL_LOG_DEBUG("round {}: update from {} ({} bytes)", m_rounds.round(), p->site, fs::file_size(file, ec));
-  const auto m = header.find("metrics");
-  m_rounds.upload_received(p->site, file, bounded_metrics(m != header.end() ? *m : json()));
+  m_rounds.upload_received(p->site, file, bounded_metrics(Update::from_header(header).metrics));
 }
 
 void
@@ -558,24 +555,15 @@ Coordinator::on_close(const std::shared_ptr<Peer>& p, const std::string& reason)
 void
 Coordinator::send_task(const std::string& site, const RoundTask& task)
 {
-  const auto bytes = m_model->bytes();
-  m_sites.at(site)->conn->send(FrameType::task,
-                               {{"round", task.round},
-                                {"attempt", task.attempt},
-                                {"task", task.task},
-                                {"deadline", task.deadline},
-                                {"seed", task.seed},
-                                {"training", to_json(m_s.training)},
-                                {"base_sha256", m_model_sha},
-                                {"ledger_head", m_head}},
-                               {bytes}, m_model);
+  const Task frame{task.round, task.attempt,          task.task,   task.deadline,
+                   task.seed,  to_json(m_s.training), m_model_sha, m_head};
+  m_sites.at(site)->conn->send(FrameType::task, frame.to_header(), {m_model->bytes()}, m_model);
 }
 
 void
 Coordinator::send_done(const std::string& site)
 {
-  m_sites.at(site)->conn->send(
-    FrameType::done, {{"rounds", m_rounds.round() - 1}, {"reason", m_rounds.reason()}, {"ledger_head", m_head}});
+  m_sites.at(site)->conn->send(FrameType::done, Done{m_rounds.round() - 1, m_rounds.reason(), m_head}.to_header());
 }
 
 void
@@ -634,7 +622,7 @@ Coordinator::attempt_done(AttemptOutcome outcome, const std::string& failure)
 }
 
 void
-Coordinator::finish(const std::string& reason, json details)
+Coordinator::finish(const std::string& /*reason: in details*/, json details)
 {
   try {
     const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
@@ -644,7 +632,7 @@ Coordinator::finish(const std::string& reason, json details)
   }
   update_head();
   for (const auto& [name, p] : m_sites) {
-    p->conn->send(FrameType::done, {{"rounds", m_rounds.round() - 1}, {"reason", reason}, {"ledger_head", m_head}});
+    send_done(name);
   }
 }
 

@@ -4,6 +4,7 @@
 #include "core/format/safetensors.hpp"
 #include "core/net/child.hpp"
 #include "core/net/connection.hpp"
+#include "core/net/site_protocol.hpp"
 #include "core/net/trainer_protocol.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/pki.hpp"
@@ -109,7 +110,7 @@ private:
   void connect();
   void schedule_reconnect(const std::string& why);
   void on_frame(FrameType type, json& header, const FramedConnection::BodySink& sink);
-  void on_task(Job job, const json& header);
+  void on_task(Job job, const Task& task);
   void on_close(const std::string& reason);
   // The trainer's answer to `job`: its result and the update's bytes, or why there is none.
   void on_trained(const Job& job, std::optional<TrainResult> result, std::vector<std::byte> body,
@@ -134,7 +135,7 @@ private:
   RdpAccount budget_spent() const;
   void check_coordinator_record(const json& report);
   // Keeps the coordinator's signed ledger head of a task or done frame as a receipt.
-  void keep_receipt(const json& header);
+  void keep_receipt(const json& ledger_head);
   // Tells the coordinator why this site stops, then stops with `code` once that is sent.
   void stop_after_telling(const std::string& message, ExitCode code, const json& extra);
   // Refuses `job` for the site's budget (the coordinator learns the class only) and stops, exit 4.
@@ -218,7 +219,7 @@ Site::connect()
           .allow(FrameType::done)
           .allow(FrameType::error);
         FramedConnection::Callbacks cb;
-        cb.on_ready = [this] { m_conn->send(FrameType::hello, {{"site", m_site}, {"version", protocol_version}}); };
+        cb.on_ready = [this] { m_conn->send(FrameType::hello, Hello{m_site}.to_header()); };
         cb.on_head = [this](const FramePrefix& prefix, const json&) {
           auto buffer = std::make_shared<std::vector<std::byte>>();
           if (m_s.contract && prefix.type == FrameType::task) {
@@ -308,50 +309,57 @@ void
 Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& sink)
 {
   switch (type) {
-  case FrameType::welcome:
+  case FrameType::welcome: {
+    const auto welcome = Welcome::from_header(header);
     m_welcomed = true;
     m_failures = 0;
     // A task from before this connection is void: the coordinator sends it again if it still wants it.
     m_current_task = 0;
     m_unreachable_since = 0;
-    m_heartbeat = std::clamp(header.value("heartbeat", 5.0), 0.1, 3600.0);
+    m_heartbeat = std::clamp(welcome.heartbeat, 0.1, 3600.0);
     m_dead_after = 4 * m_heartbeat;
     FEDL_LOG_INFO("connected to {} as {}; the federation is at round {} of {}", m_s.server.to_string(), m_site,
-                  header_uint(header, "round"), header_uint(header, "rounds"));
+                  welcome.round, welcome.rounds);
     if (m_s.max_epsilon) {
-      check_coordinator_record(header.value("privacy", json()));
+      check_coordinator_record(welcome.privacy);
     }
     return;
+  }
   case FrameType::task: {
+    auto task = Task::from_header(header);
     Job job;
-    job.task = header_uint(header, "task");
-    job.round = header_uint(header, "round");
+    job.task = task.task;
+    job.round = task.round;
     job.model = sink.memory;
     if (!job.model || job.task == 0) {
       m_conn->send_error_and_close("protocol error: a task without a model or task id", 1);
       return;
     }
-    keep_receipt(header);
-    on_task(std::move(job), header);
+    keep_receipt(task.ledger_head);
+    on_task(std::move(job), task);
     return;
   }
   case FrameType::heartbeat:
     return;
-  case FrameType::done:
-    keep_receipt(header);
-    m_last_round = header_uint(header, "rounds", m_last_round);
-    FEDL_LOG_INFO("the federation is finished after round {} ({})", m_last_round, header.value("reason", "done"));
+  case FrameType::done: {
+    const auto done = Done::from_header(header);
+    keep_receipt(done.ledger_head);
+    m_last_round = done.rounds;
+    FEDL_LOG_INFO("the federation is finished after round {} ({})", m_last_round,
+                  done.reason.empty() ? "done" : done.reason);
     stop("done");
     return;
+  }
   case FrameType::error: {
-    const auto message = header.value("message", std::string("(no message)"));
-    if (header_int(header, "code", 1) == static_cast<int>(ExitCode::verify)) {
+    const auto report = ErrorReport::from_header(header);
+    const auto& message = report.message;
+    if (report.code == static_cast<int>(ExitCode::verify)) {
       m_fatal_code = ExitCode::verify;
       m_fatal = fmt::format("the coordinator refused this site: {}", message);
       stop("failed");
       return;
     }
-    if (header.value("replaced", false)) {
+    if (report.replaced) {
       // Only another live process with this site's key can take over its connection: two
       // fedl join for one site would otherwise replace each other for ever.
       m_fatal = fmt::format("another fedl join for site {} connected to the coordinator; this one stops", m_site);
@@ -369,7 +377,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
 // A task is held against the contract and the site's own limits here, before anything is
 // allocated for its model or the trainer sees it.
 void
-Site::on_task(Job job, const json& header)
+Site::on_task(Job job, const Task& task)
 {
   if (m_busy_serial != 0 && m_busy_task == job.task) {
     FEDL_LOG_DEBUG("round {}: task {} asked again while it trains", job.round, job.task);
@@ -380,7 +388,7 @@ Site::on_task(Job job, const json& header)
     FEDL_LOG_INFO("round {}: the coordinator asks again for the update this site sent; sending it again",
                   m_last_sent->round);
     if (can_queue()) {
-      send_update(*m_last_sent, header_uint(header, "attempt"));
+      send_update(*m_last_sent, task.attempt);
     }
     return;
   }
@@ -396,18 +404,14 @@ Site::on_task(Job job, const json& header)
       throw UsageError("the task is for round {}, but this site already sent its update for round {}", job.round,
                        m_round_floor);
     }
-    job.seed = header_uint(header, "seed");
-    job.attempt = header_uint(header, "attempt");
-    if (header.contains("deadline")) {
-      job.deadline = header_number(header, "deadline", 0.0);
-      if (!(*job.deadline >= 0)) {
-        throw UsageError("the task's deadline is not a number of seconds");
-      }
+    job.seed = task.seed;
+    job.attempt = task.attempt;
+    job.deadline = task.deadline;
+    if (job.deadline && !(*job.deadline >= 0)) {
+      throw UsageError("the task's deadline is not a number of seconds");
     }
-    if (const auto it = header.find("base_sha256"); it != header.end()) {
-      job.claimed_base = it->is_string() ? it->get<std::string>() : it->dump();
-    }
-    job.training = training_from_json(header.value("training", json::object()), "the task");
+    job.claimed_base = task.base_sha256;
+    job.training = training_from_json(task.training, "the task");
     part = "the task's training";
     if (m_s.contract) {
       check_task_training(*m_s.contract, job.training);
@@ -462,9 +466,8 @@ Site::refuse(std::uint64_t task, std::uint64_t round, ReasonClass cls, const std
     return;
   }
   const auto message = fmt::format("{}: {}", reason_class_name(cls), tell_detail ? detail : reason_class_text(cls));
-  m_conn->send(
-    FrameType::error,
-    {{"task", task}, {"round", round}, {"class", reason_class_name(cls)}, {"message", valid_utf8(message, 500)}});
+  ErrorReport report{valid_utf8(message, 500), 1, task, round, std::string(reason_class_name(cls))};
+  m_conn->send(FrameType::error, report.to_header());
 }
 
 bool
@@ -484,9 +487,8 @@ Site::send_update(const SentUpdate& sent, std::uint64_t attempt)
   for (const auto* t : serialize_order(sent.update->parsed.tensors)) {
     parts.push_back(t->data);
   }
-  m_conn->send(FrameType::update,
-               {{"round", sent.round}, {"task", sent.task}, {"attempt", attempt}, {"metrics", sent.metrics}},
-               std::move(parts), sent.update);
+  m_conn->send(FrameType::update, Update{sent.round, sent.task, attempt, sent.metrics}.to_header(), std::move(parts),
+               sent.update);
 }
 
 bool
@@ -505,13 +507,12 @@ Site::cancel_job(const std::string& why)
 }
 
 void
-Site::keep_receipt(const json& header)
+Site::keep_receipt(const json& ledger_head)
 {
-  const auto it = header.find("ledger_head");
-  if (it == header.end() || it->is_null() || !m_receipts) {
+  if (ledger_head.is_null() || !m_receipts) {
     return;
   }
-  const auto r = parse_receipt(*it);
+  const auto r = parse_receipt(ledger_head);
   const auto server = m_conn ? m_conn->stream().peer_certificate() : Cert{};
   if (!r || r->ca != m_ca_fingerprint || !server || !verify_receipt(*r, server)) {
     FEDL_LOG_WARN("the coordinator sent a ledger head that is malformed, of another federation, or not signed by "

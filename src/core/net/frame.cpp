@@ -211,6 +211,32 @@ header_number(const nlohmann::json& header, const char* key, double fallback)
 }
 
 std::string
+header_string(const nlohmann::json& header, const char* key, const std::string& fallback)
+{
+  const auto it = header.find(key);
+  if (it == header.end()) {
+    return fallback;
+  }
+  if (!it->is_string()) {
+    throw ProtocolError(fmt::format("frame header field {} is not a string", key));
+  }
+  return it->get<std::string>();
+}
+
+bool
+header_bool(const nlohmann::json& header, const char* key, bool fallback)
+{
+  const auto it = header.find(key);
+  if (it == header.end()) {
+    return fallback;
+  }
+  if (!it->is_boolean()) {
+    throw ProtocolError(fmt::format("frame header field {} is not true or false", key));
+  }
+  return it->get<bool>();
+}
+
+std::string
 frame_head(FrameType type, const nlohmann::json& header, std::uint64_t body_size)
 {
   const auto text = header.dump();

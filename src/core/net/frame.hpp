@@ -35,6 +35,7 @@ inline constexpr std::size_t frame_prefix_size = 20;
 inline constexpr std::uint32_t max_frame_header = 64 * 1024;
 inline constexpr std::size_t max_header_nesting = 8; // arrays and objects within a header
 
+// Each type's header: site_protocol.hpp (serve <-> join), trainer_protocol.hpp (the trainer child).
 enum class FrameType : std::uint8_t
 {
   hello = 1,     // site -> coordinator: {"site", "version", "round"}; no body
@@ -98,6 +99,8 @@ nlohmann::json decode_header(std::string_view text);
 std::uint64_t header_uint(const nlohmann::json& header, const char* key, std::uint64_t fallback = 0);
 std::int64_t header_int(const nlohmann::json& header, const char* key, std::int64_t fallback);
 double header_number(const nlohmann::json& header, const char* key, double fallback);
+std::string header_string(const nlohmann::json& header, const char* key, const std::string& fallback = {});
+bool header_bool(const nlohmann::json& header, const char* key, bool fallback = false);
 
 // The prefix and header of a frame, ready to be followed by `body_size` body bytes.
 std::string frame_head(FrameType type, const nlohmann::json& header, std::uint64_t body_size);

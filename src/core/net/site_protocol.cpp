@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/net/site_protocol.hpp"
+
+#include <fmt/format.h>
+
+namespace fedl::core {
+
+namespace {
+
+using json = nlohmann::json;
+
+// The value of `key` if it is an object (or absent: null); else a ProtocolError.
+json
+header_object(const json& header, const char* key)
+{
+  const auto it = header.find(key);
+  if (it == header.end() || it->is_null()) {
+    return nullptr;
+  }
+  if (!it->is_object()) {
+    throw ProtocolError(fmt::format("frame header field {} is not an object", key));
+  }
+  return *it;
+}
+
+std::optional<std::uint64_t>
+optional_uint(const json& header, const char* key)
+{
+  return header.contains(key) ? std::optional(header_uint(header, key)) : std::nullopt;
+}
+
+} // namespace
+
+json
+Hello::to_header() const
+{
+  return {{"site", site}, {"version", version}};
+}
+
+Hello
+Hello::from_header(const json& h)
+{
+  return {header_string(h, "site"), header_uint(h, "version", protocol_version)};
+}
+
+json
+Welcome::to_header() const
+{
+  json h = {{"round", round}, {"rounds", rounds}, {"heartbeat", heartbeat}, {"ca_fingerprint", ca_fingerprint}};
+  if (!privacy.is_null()) {
+    h["privacy"] = privacy;
+  }
+  return h;
+}
+
+Welcome
+Welcome::from_header(const json& h)
+{
+  return {header_uint(h, "round"), header_uint(h, "rounds"), header_number(h, "heartbeat", 5.0),
+          header_string(h, "ca_fingerprint"), header_object(h, "privacy")};
+}
+
+json
+Task::to_header() const
+{
+  json h = {{"round", round}, {"attempt", attempt}, {"task", task},         {"seed", seed},
+            {"training", training}, {"ledger_head", ledger_head}};
+  if (deadline) {
+    h["deadline"] = *deadline;
+  }
+  if (base_sha256) {
+    h["base_sha256"] = *base_sha256;
+  }
+  return h;
+}
+
+Task
+Task::from_header(const json& h)
+{
+  Task t;
+  t.round = header_uint(h, "round");
+  t.attempt = header_uint(h, "attempt");
+  t.task = header_uint(h, "task");
+  if (h.contains("deadline")) {
+    t.deadline = header_number(h, "deadline", 0.0);
+  }
+  t.seed = header_uint(h, "seed");
+  if (auto training = header_object(h, "training"); !training.is_null()) {
+    t.training = std::move(training);
+  }
+  if (h.contains("base_sha256")) {
+    t.base_sha256 = header_string(h, "base_sha256");
+  }
+  t.ledger_head = header_object(h, "ledger_head");
+  return t;
+}
+
+json
+Update::to_header() const
+{
+  return {{"round", round}, {"task", task}, {"attempt", attempt}, {"metrics", metrics}};
+}
+
+Update
+Update::from_header(const json& h)
+{
+  Update u;
+  u.round = header_uint(h, "round");
+  u.task = header_uint(h, "task");
+  u.attempt = header_uint(h, "attempt");
+  if (auto metrics = header_object(h, "metrics"); !metrics.is_null()) {
+    u.metrics = std::move(metrics);
+  }
+  return u;
+}
+
+json
+Done::to_header() const
+{
+  return {{"rounds", rounds}, {"reason", reason}, {"ledger_head", ledger_head}};
+}
+
+Done
+Done::from_header(const json& h)
+{
+  return {header_uint(h, "rounds"), header_string(h, "reason"), header_object(h, "ledger_head")};
+}
+
+json
+ErrorReport::to_header() const
+{
+  json h = {{"message", message}, {"code", code}};
+  if (task) {
+    h["task"] = *task;
+  }
+  if (round) {
+    h["round"] = *round;
+  }
+  if (!reason_class.empty()) {
+    h["class"] = reason_class;
+  }
+  if (replaced) {
+    h["replaced"] = true;
+  }
+  return h;
+}
+
+ErrorReport
+ErrorReport::from_header(const json& h)
+{
+  ErrorReport e;
+  e.message = header_string(h, "message", "(no message)");
+  e.code = header_int(h, "code", 1);
+  e.task = optional_uint(h, "task");
+  e.round = optional_uint(h, "round");
+  e.reason_class = header_string(h, "class");
+  e.replaced = header_bool(h, "replaced");
+  return e;
+}
+
+} // namespace fedl::core

@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: Apache-2.0
+// The serve <-> join frame headers: each encoder's output decodes to the same message, absent
+// fields take their defaults, and a field of the wrong type is a ProtocolError naming it.
+#include "core/net/site_protocol.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace fedl::core;
+using json = nlohmann::json;
+
+TEST_CASE("site protocol: every message survives its encoder and decoder")
+{
+  const auto hello = Hello::from_header(Hello{"site-1"}.to_header());
+  CHECK(hello.site == "site-1");
+  CHECK(hello.version == protocol_version);
+
+  const Welcome w{3, 10, 2.5, "ab12", json{{"runs", 2}}};
+  const auto w2 = Welcome::from_header(w.to_header());
+  CHECK(w2.round == 3);
+  CHECK(w2.rounds == 10);
+  CHECK(w2.heartbeat == 2.5);
+  CHECK(w2.ca_fingerprint == "ab12");
+  CHECK(w2.privacy == json{{"runs", 2}});
+  CHECK_FALSE(Welcome{}.to_header().contains("privacy")); // none spent: not sent
+
+  const Task t{4, 2, 77, 12.5, 9, json{{"epochs", 1}}, std::string(64, 'a'), json{{"seq", 5}}};
+  const auto t2 = Task::from_header(t.to_header());
+  CHECK(t2.round == 4);
+  CHECK(t2.attempt == 2);
+  CHECK(t2.task == 77);
+  CHECK(t2.deadline == 12.5);
+  CHECK(t2.seed == 9);
+  CHECK(t2.training == json{{"epochs", 1}});
+  CHECK(t2.base_sha256 == std::string(64, 'a'));
+  CHECK(t2.ledger_head == json{{"seq", 5}});
+
+  const auto u = Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}}.to_header());
+  CHECK(u.round == 4);
+  CHECK(u.task == 77);
+  CHECK(u.attempt == 2);
+  CHECK(u.metrics == json{{"loss", 0.5}});
+
+  const auto d = Done::from_header(Done{10, "rounds", nullptr}.to_header());
+  CHECK(d.rounds == 10);
+  CHECK(d.reason == "rounds");
+  CHECK(d.ledger_head.is_null());
+
+  const ErrorReport e{"bad-model: no", 1, 77, 4, "bad-model", false};
+  const auto h = e.to_header();
+  CHECK(h == json{{"message", "bad-model: no"}, {"code", 1}, {"task", 77}, {"round", 4}, {"class", "bad-model"}});
+  const auto e2 = ErrorReport::from_header(h);
+  CHECK(e2.task == 77);
+  CHECK(e2.round == 4);
+  CHECK(e2.reason_class == "bad-model");
+  CHECK_FALSE(e2.replaced);
+}
+
+TEST_CASE("site protocol: absent fields take defaults; a wrong type is a protocol error naming the field")
+{
+  const auto t = Task::from_header(json::object());
+  CHECK(t.task == 0);
+  CHECK_FALSE(t.deadline);
+  CHECK_FALSE(t.base_sha256);
+  CHECK(t.training == json::object());
+  CHECK(ErrorReport::from_header(json::object()).message == "(no message)");
+  CHECK(Welcome::from_header(json::object()).heartbeat == 5);
+
+  const auto fails = [](auto decode, const json& header, const std::string& field) {
+    CAPTURE(header.dump());
+    CHECK_THROWS_WITH_AS(decode(header), doctest::Contains(("field " + field).c_str()), ProtocolError);
+  };
+  fails(Task::from_header, json{{"task", -1}}, "task");
+  fails(Task::from_header, json{{"round", 1.5}}, "round");
+  fails(Task::from_header, json{{"deadline", "soon"}}, "deadline");
+  fails(Task::from_header, json{{"base_sha256", 7}}, "base_sha256");
+  fails(Task::from_header, json{{"training", json::array()}}, "training");
+  fails(Task::from_header, json{{"ledger_head", "x"}}, "ledger_head");
+  fails(Update::from_header, json{{"metrics", "fast"}}, "metrics");
+  fails(Hello::from_header, json{{"site", 1}}, "site");
+  fails(Welcome::from_header, json{{"heartbeat", "often"}}, "heartbeat");
+  fails(Done::from_header, json{{"reason", json::object()}}, "reason");
+  fails(ErrorReport::from_header, json{{"message", 5}}, "message");
+  fails(ErrorReport::from_header, json{{"replaced", 1}}, "replaced");
+  fails(ErrorReport::from_header, json{{"code", "3"}}, "code");
+}

@@ -105,12 +105,10 @@ write_partition(const InitOptions& opt, const core::Dataset& data, const core::W
   return out;
 }
 
-int
-run_create(const InitOptions& opt)
+// The sites' names: --client NAME... or site-1..site-N; each valid and given once.
+std::vector<std::string>
+site_names(const InitOptions& opt)
 {
-  if (opt.arch.has_value() == opt.torchscript.has_value()) {
-    throw core::UsageError("give the model with exactly one of --arch SPEC or --torchscript FILE");
-  }
   if (opt.clients && !opt.client_names.empty()) {
     throw core::UsageError("give the sites with --clients N or with --client NAME, not both");
   }
@@ -129,12 +127,14 @@ run_create(const InitOptions& opt)
       throw core::UsageError("site {} is named twice", n);
     }
   }
-  if (!opt.partition.data.empty() && opt.holdout >= 1.0) {
-    throw core::UsageError("--holdout must be below 1");
-  }
-  (void)core::parse_strategy(opt.strategy);
-  core::check_can_create_workspace(opt.ws, opt.force);
+  return names;
+}
 
+// fedl.json's settings from the options, checked against each other and against the data set to
+// partition (--partition), which is loaded into `data`: its sample shape, classes and size.
+core::FederationConfig
+federation_config(const InitOptions& opt, const std::vector<std::string>& names, std::optional<core::Dataset>& data)
+{
   core::FederationConfig config;
   config.clients = names;
   config.listen = opt.listen;
@@ -151,8 +151,6 @@ run_create(const InitOptions& opt)
   config.privacy = opt.privacy;
   core::check_privacy(config.privacy,
                       {"--client-dp-clip-norm", "--client-dp-noise-multiplier", "--max-epsilon", "--delta"});
-
-  std::optional<core::Dataset> data;
   if (!opt.partition.data.empty()) {
     core::require_partitionable(opt.partition.data);
     data = core::load_dataset(opt.partition.to_options());
@@ -192,6 +190,24 @@ run_create(const InitOptions& opt)
     spec.check_input(config.model.input_shape);
     config.model.arch = spec.text;
   }
+  return config;
+}
+
+int
+run_create(const InitOptions& opt)
+{
+  if (opt.arch.has_value() == opt.torchscript.has_value()) {
+    throw core::UsageError("give the model with exactly one of --arch SPEC or --torchscript FILE");
+  }
+  const auto names = site_names(opt);
+  if (!opt.partition.data.empty() && opt.holdout >= 1.0) {
+    throw core::UsageError("--holdout must be below 1");
+  }
+  (void)core::parse_strategy(opt.strategy);
+  core::check_can_create_workspace(opt.ws, opt.force);
+
+  std::optional<core::Dataset> data;
+  auto config = federation_config(opt, names, data);
 
   nlohmann::json genesis;
   nlohmann::json shards;

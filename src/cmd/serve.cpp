@@ -108,12 +108,11 @@ privacy_settings(const ServeOptions& opt, core::PrivacyConfig p)
   return p;
 }
 
-int
-run_serve(const ServeOptions& opt)
+// The coordinator's settings: fedl.json's, with the flags on top; UsageError naming the flag for
+// a value out of range or settings that contradict each other.
+core::ServeSettings
+serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::FederationConfig& config)
 {
-  const core::Workspace ws(opt.workspace);
-  ws.require_exists();
-  const auto config = core::load_config(ws.config());
   core::ServeSettings s;
   s.listen =
     core::parse_host_port(opt.listen.value_or(config.listen), opt.listen ? "--listen" : "fedl.json server.listen");
@@ -162,35 +161,41 @@ run_serve(const ServeOptions& opt)
     throw core::UsageError("--eval-data {}: no such file", s.eval_data->string());
   }
 
-  // One coordinator per workspace, for its whole run.
-  const core::WorkspaceLock serving(ws, core::WorkspaceLock::Kind::serve);
-  std::optional<ChildEvaluator> evaluator;
-  core::Evaluator evaluate;
-  if (s.eval_data) {
-    // The evaluator gets this workspace's own models: as large as the model file may grow.
-    const auto model_bytes = fs::file_size(ws.model(0)) * 2 + (std::uint64_t{4} << 20);
-    std::vector<std::string> argv{core::self_executable().string(),
-                                  "__worker",
-                                  "--data",
-                                  s.eval_data->string(),
-                                  "--log-format",
-                                  globals().log_format,
-                                  "--max-model-bytes",
-                                  std::to_string(model_bytes)};
-    if (config.model.torchscript) {
-      argv.insert(argv.end(), {"--torchscript", (ws.root() / *config.model.torchscript).string()});
-    }
-    if (globals().quiet) {
-      argv.push_back("--quiet");
-    }
-    argv.insert(argv.end(), {"--device", opt.compute.device});
-    if (opt.compute.threads > 0) {
-      argv.insert(argv.end(), {"--threads", std::to_string(opt.compute.threads)});
-    }
-    evaluator.emplace(argv);
-    evaluate = [&evaluator](const fs::path& model) { return (*evaluator)(model); };
+  return s;
+}
+
+// The evaluator child: fedl __worker on the held-out data, with this workspace's model.
+std::vector<std::string>
+evaluator_argv(const ServeOptions& opt, const core::Workspace& ws, const core::FederationConfig& config,
+               const fs::path& eval_data)
+{
+  // The evaluator gets this workspace's own models: as large as the model file may grow.
+  const auto model_bytes = fs::file_size(ws.model(0)) * 2 + (std::uint64_t{4} << 20);
+  std::vector<std::string> argv{core::self_executable().string(),
+                                "__worker",
+                                "--data",
+                                eval_data.string(),
+                                "--log-format",
+                                globals().log_format,
+                                "--max-model-bytes",
+                                std::to_string(model_bytes)};
+  if (config.model.torchscript) {
+    argv.insert(argv.end(), {"--torchscript", (ws.root() / *config.model.torchscript).string()});
   }
-  const auto summary = core::run_coordinator(ws, s, evaluate);
+  if (globals().quiet) {
+    argv.push_back("--quiet");
+  }
+  argv.insert(argv.end(), {"--device", opt.compute.device});
+  if (opt.compute.threads > 0) {
+    argv.insert(argv.end(), {"--threads", std::to_string(opt.compute.threads)});
+  }
+  return argv;
+}
+
+// The summary's line for a person.
+std::string
+summary_text(const nlohmann::json& summary)
+{
   std::string text;
   const auto reason = summary.value("reason", std::string());
   const auto acc = summary["accuracy"].is_number()
@@ -208,8 +213,27 @@ run_serve(const ServeOptions& opt)
                        summary["rounds_completed"].get<std::uint64_t>(), summary["rounds_run"].get<std::uint64_t>(),
                        summary["retries"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
   }
-  print_result(summary, text);
-  if (reason == "privacy-budget") {
+  return text;
+}
+
+int
+run_serve(const ServeOptions& opt)
+{
+  const core::Workspace ws(opt.workspace);
+  ws.require_exists();
+  const auto config = core::load_config(ws.config());
+  const auto s = serve_settings(opt, ws, config);
+  // One coordinator per workspace, for its whole run.
+  const core::WorkspaceLock serving(ws, core::WorkspaceLock::Kind::serve);
+  std::optional<ChildEvaluator> evaluator;
+  core::Evaluator evaluate;
+  if (s.eval_data) {
+    evaluator.emplace(evaluator_argv(opt, ws, config, *s.eval_data));
+    evaluate = [&evaluator](const fs::path& model) { return (*evaluator)(model); };
+  }
+  const auto summary = core::run_coordinator(ws, s, evaluate);
+  print_result(summary, summary_text(summary));
+  if (summary.value("reason", std::string()) == "privacy-budget") {
     return static_cast<int>(core::ExitCode::budget);
   }
   return summary.value("interrupted", false) ? static_cast<int>(core::ExitCode::interrupted) : 0;

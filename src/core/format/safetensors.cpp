@@ -128,8 +128,11 @@ Safetensors::meta(const std::string& key) const
   return it->second;
 }
 
-Safetensors
-parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
+namespace {
+
+// The JSON header of a safetensors file and where its data begins.
+std::pair<nlohmann::json, std::size_t>
+read_header(std::span<const std::byte> bytes, std::string_view what)
 {
   if (bytes.size() < 8) {
     throw VerifyError("{}: not a safetensors file (only {} bytes; the 8-byte header size is missing)", what,
@@ -160,75 +163,86 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
   if (!header.is_object()) {
     throw VerifyError("{}: corrupt safetensors header: not a JSON object", what);
   }
-  const auto buffer = bytes.subspan(8 + n);
-  Safetensors out;
+  return {std::move(header), static_cast<std::size_t>(8 + n)};
+}
+
+void
+read_metadata(const nlohmann::json& entry, std::string_view what, Metadata& out)
+{
+  if (!entry.is_object()) {
+    throw VerifyError("{}: __metadata__ must be an object of strings", what);
+  }
+  for (const auto& [k, v] : entry.items()) {
+    if (!v.is_string()) {
+      throw VerifyError("{}: metadata value of {} is not a string", what, quote_text(k));
+    }
+    out[k] = v.get<std::string>();
+  }
+}
+
+// One tensor's entry: its dtype, its shape, and data offsets within `buffer` that fit the shape.
+TensorView
+read_tensor(const std::string& name, const nlohmann::json& entry, std::span<const std::byte> buffer,
+            std::string_view what)
+{
+  if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets") ||
+      !entry["dtype"].is_string() || !entry["shape"].is_array() || !entry["data_offsets"].is_array() ||
+      entry["data_offsets"].size() != 2) {
+    throw VerifyError("{}: tensor {} has no valid dtype, shape and data_offsets", what, quote_text(name));
+  }
+  TensorView t;
+  t.name = name;
+  const auto dt = dtype_from_name(entry["dtype"].get<std::string>());
+  if (!dt) {
+    throw VerifyError("{}: tensor {} has unknown dtype {}", what, quote_text(name), entry["dtype"].get<std::string>());
+  }
+  t.dtype = *dt;
+  for (const auto& d : entry["shape"]) {
+    if (!d.is_number_unsigned() ||
+        d.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+      throw VerifyError("{}: tensor {} has an invalid shape", what, quote_text(name));
+    }
+    t.shape.push_back(static_cast<std::int64_t>(d.get<std::uint64_t>()));
+  }
+  const auto& off = entry["data_offsets"];
+  if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
+    throw VerifyError("{}: tensor {} has invalid data_offsets", what, quote_text(name));
+  }
+  const auto b = off[0].get<std::uint64_t>();
+  const auto e = off[1].get<std::uint64_t>();
+  const auto size = byte_size(t.shape, dtype_size(t.dtype));
+  if (b > e || e > buffer.size()) {
+    throw VerifyError("{}: tensor {} lies outside the file (offsets {}..{}, data has {} bytes): "
+                      "the file is truncated or corrupt",
+                      what, name, b, e, buffer.size());
+  }
+  if (!size || *size != e - b) {
+    throw VerifyError("{}: tensor {} has {} bytes of data but its shape needs a different size", what, name, e - b);
+  }
+  t.data = buffer.subspan(b, e - b);
+  return t;
+}
+
+// The tensors' data must tile `buffer` exactly: no gap, no overlap, nothing after the last.
+void
+check_tiling(const std::vector<TensorView>& tensors, std::span<const std::byte> buffer, std::string_view what)
+{
   struct Range
   {
     std::uint64_t begin, end;
-    std::string name;
+    const std::string* name;
   };
   std::vector<Range> ranges;
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      if (!entry.is_object()) {
-        throw VerifyError("{}: __metadata__ must be an object of strings", what);
-      }
-      for (const auto& [k, v] : entry.items()) {
-        if (!v.is_string()) {
-          throw VerifyError("{}: metadata value of {} is not a string", what, quote_text(k));
-        }
-        out.metadata[k] = v.get<std::string>();
-      }
-      continue;
-    }
-    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets") ||
-        !entry["dtype"].is_string() || !entry["shape"].is_array() || !entry["data_offsets"].is_array() ||
-        entry["data_offsets"].size() != 2) {
-      throw VerifyError("{}: tensor {} has no valid dtype, shape and data_offsets", what, quote_text(name));
-    }
-    TensorView t;
-    t.name = name;
-    const auto dt = dtype_from_name(entry["dtype"].get<std::string>());
-    if (!dt) {
-      throw VerifyError("{}: tensor {} has unknown dtype {}", what, quote_text(name),
-                        entry["dtype"].get<std::string>());
-    }
-    t.dtype = *dt;
-    for (const auto& d : entry["shape"]) {
-      if (!d.is_number_unsigned()) {
-        throw VerifyError("{}: tensor {} has an invalid shape", what, quote_text(name));
-      }
-      const auto v = d.get<std::uint64_t>();
-      if (v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
-        throw VerifyError("{}: tensor {} has an invalid shape", what, quote_text(name));
-      }
-      t.shape.push_back(static_cast<std::int64_t>(v));
-    }
-    const auto& off = entry["data_offsets"];
-    if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
-      throw VerifyError("{}: tensor {} has invalid data_offsets", what, quote_text(name));
-    }
-    const auto b = off[0].get<std::uint64_t>();
-    const auto e = off[1].get<std::uint64_t>();
-    const auto size = byte_size(t.shape, dtype_size(t.dtype));
-    if (b > e || e > buffer.size()) {
-      throw VerifyError("{}: tensor {} lies outside the file (offsets {}..{}, data has {} bytes): "
-                        "the file is truncated or corrupt",
-                        what, name, b, e, buffer.size());
-    }
-    if (!size || *size != e - b) {
-      throw VerifyError("{}: tensor {} has {} bytes of data but its shape needs a different size", what, name, e - b);
-    }
-    t.data = buffer.subspan(b, e - b);
-    ranges.push_back({b, e, name});
-    out.tensors.push_back(std::move(t));
+  for (const auto& t : tensors) {
+    const auto begin = static_cast<std::uint64_t>(t.data.data() - buffer.data());
+    ranges.push_back({begin, begin + t.data.size(), &t.name});
   }
   std::sort(ranges.begin(), ranges.end(),
             [](const Range& a, const Range& b) { return a.begin < b.begin || (a.begin == b.begin && a.end < b.end); });
   std::uint64_t pos = 0;
   for (const auto& r : ranges) {
     if (r.begin != pos) {
-      throw VerifyError("{}: tensor {} does not follow the previous one (gap or overlap at byte {})", what, r.name,
+      throw VerifyError("{}: tensor {} does not follow the previous one (gap or overlap at byte {})", what, *r.name,
                         pos);
     }
     pos = r.end;
@@ -236,6 +250,24 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
   if (pos != buffer.size()) {
     throw VerifyError("{}: {} bytes after the last tensor: the file is corrupt", what, buffer.size() - pos);
   }
+}
+
+} // namespace
+
+Safetensors
+parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
+{
+  const auto [header, data_start] = read_header(bytes, what);
+  const auto buffer = bytes.subspan(data_start);
+  Safetensors out;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      read_metadata(entry, what, out.metadata);
+    } else {
+      out.tensors.push_back(read_tensor(name, entry, buffer, what));
+    }
+  }
+  check_tiling(out.tensors, buffer, what);
   std::sort(out.tensors.begin(), out.tensors.end(), [](const TensorView& a, const TensorView& b) {
     return a.data.data() < b.data.data() || (a.data.data() == b.data.data() && a.name < b.name);
   });

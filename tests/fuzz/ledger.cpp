@@ -2,13 +2,15 @@
 // Fuzz target "ledger": read_ledger (core/trust/ledger.hpp) on the bytes of a ledger.jsonl, with a
 // verifier that accepts every signature so that the fuzzer gets past them to the chain and the
 // entries (and each input a second time with its hash chain repaired, see rechained); then what
-// every reader does with the entries: the latest model (latest_model, as serve, aggregate and
-// audit start), the privacy accounts replayed from the round entries as the coordinator and a
-// round plan do (FederationPrivacy::replay without verification) and as fedl audit does
-// (verifying each recorded epsilon, then round_privacy_text). Each documents VerifyError for a
-// bad entry; anything else escapes and is a finding.
+// every reader does with the entries: LedgerState (the latest model, the privacy accounts, the
+// accuracy, the client-level DP) replayed as serve's resume and a round plan do (without
+// verification) and as fedl audit does (verifying each recorded epsilon, then
+// round_privacy_text), and serve's check_not_weaker on what the replay found. Each documents
+// VerifyError for a bad entry (UsageError for check_not_weaker); anything else escapes and is a
+// finding.
 #include "fuzz.hpp"
 
+#include "core/federation/ledger_state.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/ledger.hpp"
 #include "core/trust/workspace.hpp"
@@ -67,26 +69,25 @@ read(fuzz::Bytes in)
   for (std::size_t i = 0; i < entries.size(); ++i) {
     FEDL_FUZZ_CHECK(entries[i].seq == i && entries[i].line == i + 1);
   }
-  try {
-    (void)core::latest_model(entries);
-  } catch (const core::VerifyError& e) {
-    fuzz::refused(e);
-  }
-  core::FederationPrivacy replayed;
-  core::FederationPrivacy audited;
-  for (const auto& entry : entries) {
-    if (entry.kind != "round") {
-      continue;
-    }
+  // As serve's resume and a round plan replay it, then as fedl audit does; each stops at the
+  // first entry it refuses, as they do.
+  for (const bool verify : {false, true}) {
+    core::LedgerState state;
     try {
-      replayed.replay(entry.body, /*verify=*/false);
+      for (const auto& entry : entries) {
+        state.apply(entry, verify);
+        if (verify && entry.kind == "round") {
+          (void)core::round_privacy_text(entry.body);
+        }
+      }
     } catch (const core::VerifyError& e) {
       fuzz::refused(e);
+      continue;
     }
+    // serve's check that a restart does not weaken the privacy the rounds recorded.
     try {
-      audited.replay(entry.body, /*verify=*/true);
-      (void)core::round_privacy_text(entry.body);
-    } catch (const core::VerifyError& e) {
+      core::check_not_weaker(state.client_dp, core::PrivacyConfig{}, state.model.round);
+    } catch (const core::UsageError& e) {
       fuzz::refused(e);
     }
   }

@@ -2,32 +2,24 @@
 // Fuzz target "wire": the JSON headers of the frames that the coordinator and a site receive,
 // read the way they read them. The input is one selector byte (which receiver and frame type,
 // below) and a frame header's text. The text goes through decode_header (core/net/frame.hpp) as
-// FramedConnection hands it over; then through the readers that the receiver calls on it:
-// header_uint, header_int and header_number (core/net/frame.hpp), RdpAccount::from_json and
-// DpSgdReport::from_json (core/privacy/privacy.hpp), parse_receipt for the ledger head of a task or done
-// frame (core/trust/receipt.hpp), valid_utf8 and escape_controls for the peer text the coordinator
-// keeps (core/util/text.hpp), and for a task's "training" object the TrainingConfig reader of
-// fedl.json (config_from_json, core/config/config.hpp).
+// FramedConnection hands it over; then through the decoder of that frame's message
+// (core/net/site_protocol.hpp for serve <-> join, core/net/trainer_protocol.hpp for the trainer's
+// reply) and what the receiver does with the fields: bounded_metrics, SiteSpending::from_json
+// (core/privacy/privacy.hpp) for a welcome's privacy record, parse_receipt for the ledger head of
+// a task or done frame (core/trust/receipt.hpp), valid_utf8 / escape_controls / quote_text for
+// the peer text the coordinator keeps (core/util/text.hpp), and training_from_json for a task's
+// "training" (core/config/config.hpp).
 //
-// The coordinator's and the site's handlers (on_head, on_frame, on_hello, on_update in
-// coordinator.cpp; on_frame, check_coordinator_record, keep_receipt, the trainer thread and
-// on_trained in session.cpp) are not functions one can call without a connection; their reads
-// are repeated here one for one, with the same types and defaults, and the same exceptions
-// caught. Keep them in step with those files.
-//
-// What a receiver may throw: ProtocolError (decode_header, the header_* readers) and
+// What a receiver may throw: ProtocolError (decode_header, the decoders) and
 // nlohmann::json::exception where FramedConnection catches them (on_head and on_frame: the
 // connection closes with a protocol error); core::Error and std::exception where the handler
-// catches them (check_coordinator_record, the trainer thread, on_trained).
-//
-// Open bug (tests/fuzz/open/wire, tests/fuzz/README.md), stepped around at the one marked place
-// so that fuzzing goes on past it (FEDL_FUZZ_OPEN=1 does not):
-//   check_coordinator_record reads the welcome's privacy "runs" with value<std::uint64_t>(),
-//   undefined behaviour for a float past 2^64 (its try/catch cannot help).
+// catches them (check_coordinator_record, the task's checks, on_trained).
 #include "fuzz.hpp"
 
 #include "core/config/config.hpp"
 #include "core/net/frame.hpp"
+#include "core/net/site_protocol.hpp"
+#include "core/net/trainer_protocol.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/receipt.hpp"
 #include "core/util/error.hpp"
@@ -36,9 +28,6 @@
 #include <algorithm>
 
 using namespace fedl;
-using core::header_int;
-using core::header_number;
-using core::header_uint;
 using nlohmann::json;
 
 namespace {
@@ -70,46 +59,23 @@ bounded_text(const std::string& s, std::size_t max)
   return t;
 }
 
-// coordinator.cpp's bounded_metrics (file-local there).
-json
-bounded_metrics(const json& metrics)
-{
-  json out = json::object();
-  if (!metrics.is_object()) {
-    return out;
-  }
-  for (const auto& [key, v] : metrics.items()) {
-    if (out.size() >= 32) {
-      break;
-    }
-    if (key.size() > 64) {
-      continue;
-    }
-    if (v.is_number() || v.is_boolean()) {
-      out[key] = v;
-    } else if (v.is_string()) {
-      out[key] = bounded_text(v.get<std::string>(), 200);
-    }
-  }
-  return out;
-}
-
 void
 coordinator_hello(const json& header)
 {
-  (void)header.value("site", std::string());
+  (void)bounded_text(core::Hello::from_header(header).site, 64);
 }
 
 void
 coordinator_update(const json& header)
 {
-  // on_head
-  (void)header_uint(header, "task");
-  (void)header_uint(header, "round");
-  // on_update: the metrics go into the round's ledger entry.
-  json metrics = json::object();
-  if (const auto m = header.find("metrics"); m != header.end()) {
-    metrics = bounded_metrics(*m);
+  // on_head, then on_update: the metrics go into the round's ledger entry.
+  const auto update = core::Update::from_header(header);
+  const auto metrics = core::bounded_metrics(update.metrics);
+  FEDL_FUZZ_CHECK(metrics.is_object() && metrics.size() <= 32);
+  for (const auto& [key, value] : metrics.items()) {
+    FEDL_FUZZ_CHECK(key.size() <= 64);
+    FEDL_FUZZ_CHECK(!value.is_string() ||
+                    (value.get<std::string>().size() <= 200 && fuzz::is_utf8(value.get<std::string>())));
   }
   (void)metrics.dump();
 }
@@ -117,20 +83,18 @@ coordinator_update(const json& header)
 void
 coordinator_error(const json& header)
 {
-  (void)bounded_text(header.value("message", std::string("(no message)")), 500);
-  (void)header_uint(header, "task");
+  (void)bounded_text(core::ErrorReport::from_header(header).message, 500);
 }
 
 // session.cpp's keep_receipt, up to the signature check (the coordinator's certificate is not
 // at hand here).
 void
-keep_receipt(const json& header)
+keep_receipt(const json& ledger_head)
 {
-  const auto it = header.find("ledger_head");
-  if (it == header.end() || it->is_null()) {
+  if (ledger_head.is_null()) {
     return;
   }
-  if (const auto r = core::parse_receipt(*it)) {
+  if (const auto r = core::parse_receipt(ledger_head)) {
     FEDL_FUZZ_CHECK(r->sha256.size() == 64 && r->ca.size() == 64 && r->sig.size() <= 200);
     (void)core::receipt_payload(r->seq, r->sha256, r->ca);
   }
@@ -139,62 +103,34 @@ keep_receipt(const json& header)
 void
 site_welcome(const json& header)
 {
-  const double heartbeat = std::clamp(header.value("heartbeat", 5.0), 0.1, 3600.0);
+  const auto welcome = core::Welcome::from_header(header);
+  const double heartbeat = std::clamp(welcome.heartbeat, 0.1, 3600.0);
   FEDL_FUZZ_CHECK(heartbeat >= 0.1 && heartbeat <= 3600.0);
-  (void)header_uint(header, "round");
-  (void)header_uint(header, "rounds");
-  // check_coordinator_record (with --max-epsilon), which catches std::exception around the reads.
-  const auto report = header.value("privacy", json());
-  if (report.is_null()) {
+  // check_coordinator_record (with --max-epsilon), which catches std::exception around the read.
+  if (welcome.privacy.is_null()) {
     return;
   }
-  core::RdpAccount record;
+  core::SiteSpending record;
   try {
-    record = core::RdpAccount::from_json(report, "the coordinator's record of this site's privacy spending");
-    if (const auto runs = report.find("runs");
-        fuzz::open_bugs_crash() || runs == report.end() || !fuzz::float_past<std::uint64_t>(*runs)) {
-      (void)report.value("runs", std::uint64_t{0}); // the open bug
-    }
+    record = core::SiteSpending::from_json(welcome.privacy, "the coordinator's record of this site's privacy spending");
   } catch (const std::exception& e) {
     fuzz::refused(e);
     return;
   }
-  FEDL_FUZZ_CHECK(record.epsilon(site_delta).epsilon >= 0);
-}
-
-// A task's "training" object read by the TrainingConfig reader of fedl.json (the trainer's own
-// reader, training_settings in cmd/worker.cpp, is outside fedl_core).
-void
-training(const json& t)
-{
-  const json config = {
-    {"version", 1}, {"model", {{"arch", "logreg"}, {"input_shape", "4"}, {"classes", 3}}}, {"training", t}};
-  try {
-    const auto c = core::config_from_json(config, "the task");
-    core::check_training(c.training);
-  } catch (const core::UsageError& e) {
-    fuzz::refused(e);
-  }
+  FEDL_FUZZ_CHECK(record.rdp.epsilon(site_delta).epsilon >= 0);
 }
 
 void
 site_task(const json& header)
 {
-  // on_frame
-  (void)header_uint(header, "task");
-  const auto round = header_uint(header, "round");
-  keep_receipt(header);
-  // The trainer thread's task frame for the child, in a try that catches std::exception.
+  const auto task = core::Task::from_header(header);
+  keep_receipt(task.ledger_head);
+  // on_task's checks, in a try that catches std::exception (the task is refused).
   try {
-    json child = {
-      {"round", round}, {"seed", header_uint(header, "seed")}, {"training", header.value("training", json::object())}};
-    if (header.contains("base_sha256")) {
-      child["base_sha256"] = header["base_sha256"];
-    }
-    (void)core::frame_head(core::FrameType::task, child, 0);
-    training(child["training"]);
-    // on_trained, in its try: the attempt goes back with the update.
-    (void)header_uint(header, "attempt");
+    const auto training = core::training_from_json(task.training, "the task");
+    core::check_training(training);
+    (void)core::frame_head(core::FrameType::task,
+                           core::TrainTask{task.round, task.seed, training, task.base_sha256, {}}.to_header(), 0);
   } catch (const std::exception& e) {
     fuzz::refused(e);
   }
@@ -203,20 +139,13 @@ site_task(const json& header)
 void
 site_done(const json& header)
 {
-  keep_receipt(header);
-  std::uint64_t last_round = 0;
-  last_round = header_uint(header, "rounds", last_round);
-  (void)header.value("reason", "done");
+  keep_receipt(core::Done::from_header(header).ledger_head);
 }
 
 void
 site_error(const json& header)
 {
-  (void)header.value("message", std::string("(no message)"));
-  if (header_int(header, "code", 1) == static_cast<int>(core::ExitCode::verify)) {
-    return;
-  }
-  (void)header.value("replaced", false);
+  (void)core::ErrorReport::from_header(header);
 }
 
 // on_trained, all in a try that catches std::exception (a failed task); the reply's type is the
@@ -226,23 +155,14 @@ site_trainer_reply(const json& header, bool is_update)
 {
   try {
     if (!is_update) {
-      (void)bounded_text(header.value("message", std::string("the trainer failed")), 500);
-      (void)header_int(header, "code", 1);
+      (void)bounded_text(core::ChildError::from_header(header).message, 500);
       return;
     }
-    json metrics = {{"num_samples", header_uint(header, "num_samples")},
-                    {"steps", header_uint(header, "steps")},
-                    {"seconds", header_number(header, "seconds", 0.0)}};
-    if (header.contains("loss")) {
-      metrics["loss"] = header_number(header, "loss", 0.0);
-    }
-    if (header.contains("dp")) {
-      const auto report = core::DpSgdReport::from_json(header["dp"], "the trainer's DP-SGD report");
+    const auto result = core::TrainResult::from_header(header);
+    if (result.dp) {
+      const auto report = core::DpSgdReport::from_json(*result.dp, "the trainer's DP-SGD report");
       FEDL_FUZZ_CHECK(report.epsilon >= 0);
     }
-    (void)(metrics.contains("loss") ? metrics["loss"].get<double>() : 0.0);
-    (void)metrics["num_samples"].get<std::uint64_t>();
-    (void)metrics["seconds"].get<double>();
   } catch (const std::exception& e) {
     fuzz::refused(e);
   }

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-#include "core/federation/coordinator.hpp"
+#include "core/federation/coordinator_detail.hpp"
 
 #include "core/federation/ledger_state.hpp"
 #include "core/federation/round.hpp"
 #include "core/federation/round_machine.hpp"
 #include "core/net/connection.hpp"
 #include "core/net/metrics_server.hpp"
+#include "core/net/peer_pool.hpp"
 #include "core/net/site_protocol.hpp"
 #include "core/trust/receipt.hpp"
 #include "core/trust/server_trust.hpp"
@@ -25,6 +26,7 @@
 #include <csignal>
 #include <fcntl.h>
 #include <map>
+#include <set>
 #include <sys/resource.h>
 #include <thread>
 #include <unistd.h>
@@ -33,102 +35,14 @@ namespace fs = std::filesystem;
 
 namespace fedl::core {
 
+namespace serve_detail {
+
 namespace {
 
-using tcp = asio::ip::tcp;
-using json = nlohmann::json;
-
-constexpr double close_linger = 10; // seconds a closing peer has to take its error message
-// Connections still in the handshake or before HELLO: anyone can open them, so they are bounded
-// per source address (a new one past the bound is closed at once) and in all (the oldest is
-// closed to make room, so that a flood from many addresses cannot keep a site from its turn),
-// and each has a short deadline. An enrolled site needs one such connection for a few ms.
-constexpr std::size_t max_unadmitted = 256;
-constexpr std::size_t max_unadmitted_per_address = 8;
-constexpr double admit_timeout = 5;             // seconds from accept to HELLO
-constexpr std::size_t max_error_text = 500;     // bytes of a site's error report kept
-constexpr std::size_t max_metrics = 32;         // entries of a site's metrics kept
-constexpr std::uint32_t refusal_burst = 20;     // refused connections logged one by one per window
-constexpr double refusal_window = 10;           // seconds
-constexpr int max_unexpected_updates = 3;       // per connection, before it is closed
-constexpr std::uint64_t update_slack = 4 << 20; // metadata, certificate and signature beyond the tensors
-
-// One TCP connection, before and after the site is admitted.
-struct Peer
+// The round settings of a closed attempt.
+RoundSettings
+attempt_settings(const ServeSettings& s, const Evaluator& evaluate, const AttemptClose& a)
 {
-  std::uint64_t id = 0;
-  std::shared_ptr<FramedConnection> conn;
-  std::string address;     // the source IP address
-  std::string site;        // certificate CN, once the handshake is done
-  std::string fingerprint; // certificate SHA-256
-  Cert cert;
-  bool admitted = false;
-  bool replaced = false; // a newer connection of the same site took over
-  bool removed = false;  // revoked or removed from fedl.json while connected
-  int unexpected = 0;    // updates it sent that answered no task
-  double accepted_at = 0;
-  // The update being received, if any.
-  int fd = -1;
-  fs::path part;
-};
-
-// A site's metrics as the log and the ledger keep them: at most max_metrics entries of a number,
-// a boolean or a short string under a short name; anything else the site sent is left out.
-json
-bounded_metrics(const json& metrics)
-{
-  json out = json::object();
-  if (!metrics.is_object()) {
-    return out;
-  }
-  for (const auto& [key, value] : metrics.items()) {
-    if (out.size() >= max_metrics) {
-      break;
-    }
-    if (key.size() > 64) {
-      continue;
-    }
-    if (value.is_number() || value.is_boolean()) {
-      out[key] = value;
-    } else if (value.is_string()) {
-      out[key] = valid_utf8(value.get<std::string>(), 200);
-    }
-  }
-  return out;
-}
-
-// What the round thread makes of a closed attempt: the committed round's ledger body, or why the
-// attempt does not count (too few valid updates; recorded as "round-failed").
-struct AttemptOutcome
-{
-  json committed;
-  std::string retry;
-};
-
-// Validates the attempt's updates and commits the round if a quorum of them is valid, as
-// `fedl aggregate --workspace` would; throws Error for what stops the coordinator.
-AttemptOutcome
-commit_attempt(const Workspace& ws, const ServeSettings& s, const Evaluator& evaluate, const AttemptClose& a)
-{
-  const WorkspaceLock lock(ws, WorkspaceLock::Kind::change, 30);
-  const auto plan = plan_workspace_round(ws);
-  if (plan.round != a.round) {
-    throw Error("the ledger is at round {} where this coordinator expected {}: another process wrote a round; "
-                "restart fedl serve",
-                plan.round, a.round);
-  }
-  const auto validated = validate_round(plan, a.candidates, OnBadUpdate::skip);
-  AttemptOutcome out;
-  if (validated.accepted.size() < s.min_clients) {
-    out.retry = fmt::format("{} valid updates of {} asked, below the quorum of {}", validated.accepted.size(),
-                            a.extra["asked"].get<std::size_t>(), s.min_clients);
-    json body = a.extra;
-    body["round"] = a.round;
-    body["reason"] = out.retry;
-    body["rejected"] = validated.rejected;
-    append_signed(ws, "round-failed", body);
-    return out;
-  }
   RoundSettings settings{s.strategy, s.server, evaluate, a.extra, a.client_dp, std::nullopt};
   if (a.client_dp) {
     settings.options.client_dp =
@@ -138,118 +52,10 @@ commit_attempt(const Workspace& ws, const ServeSettings& s, const Evaluator& eva
   if (s.privacy.max_epsilon > 0) {
     settings.max_epsilon = s.privacy.max_epsilon;
   }
-  out.committed = commit_round(validated, settings).ledger_body;
-  return out;
+  return settings;
 }
 
-using Phase = RoundMachine::Phase;
-
-// The sockets, threads and files around the round state machine.
-class Coordinator final : public RoundHost
-{
-public:
-  Coordinator(const Workspace& ws, const ServeSettings& s, const Evaluator& evaluate)
-    : m_ws(ws),
-      m_s(s),
-      m_evaluate(evaluate),
-      m_rounds(s, *this, &FramedConnection::now),
-      m_acceptor(m_io),
-      m_tick(m_io),
-      m_accept_pause(m_io),
-      m_signals(m_io, SIGINT, SIGTERM)
-  {
-  }
-
-  ~Coordinator() override
-  {
-    if (m_round_thread.joinable()) {
-      m_round_thread.join();
-    }
-  }
-
-  json run();
-
-private:
-  // RoundHost.
-  void refresh_trust() override;
-  void attempt_started() override { update_head(); }
-  void send_task(const std::string& site, const RoundTask& task) override;
-  void send_done(const std::string& site) override;
-  void discard_upload(const std::string& site) override;
-  void close_attempt(AttemptClose attempt) override;
-  void finish(const std::string& reason, json details) override;
-  void fail(const std::string& message) override;
-  void stop() override { stop_now(); }
-
-  // Setup.
-  void resume();
-  void check_budget_left();
-  void load_tls();
-  void accept();
-  void on_tick();
-
-  // Connections.
-  void on_ready(const std::shared_ptr<Peer>& p);
-  FramedConnection::BodySink on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, const json& header);
-  void on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header);
-  void on_close(const std::shared_ptr<Peer>& p, const std::string& reason);
-  void on_hello(const std::shared_ptr<Peer>& p, const json& header);
-  void on_update(const std::shared_ptr<Peer>& p, const json& header);
-  void discard_part(Peer& p);
-
-  void attempt_done(AttemptOutcome outcome, const std::string& failure);
-  void stop_now();
-  void wait_for_signal();
-  std::string metrics_text() const;
-  void clean_incoming();
-  // Logs a refused connection, or counts it once refusal_burst were logged in this window, so
-  // that a flood of strangers cannot flood the log; flush_refusals() says how many were not.
-  void log_refusal(const std::string& text);
-  // Called on every tick and before stopping (final = true), so that no count goes unsaid.
-  void flush_refusals(double now, bool final = false);
-  // Signs the ledger's current head into m_head (keeps the previous one if it cannot be read).
-  void update_head();
-  json summary(const std::string& reason) const;
-
-  const Workspace& m_ws;
-  const ServeSettings& m_s;
-  const Evaluator& m_evaluate;
-  RoundMachine m_rounds;
-
-  asio::io_context m_io;
-  tcp::acceptor m_acceptor;
-  std::optional<MetricsServer> m_metrics;
-  asio::steady_timer m_tick;
-  asio::steady_timer m_accept_pause;
-  asio::signal_set m_signals;
-  std::thread m_round_thread;
-
-  // Trust: reloaded when fedl.json or the CRL change on disk (init --add-client, --revoke).
-  std::optional<ServerTrust> m_trust;
-  std::shared_ptr<TlsContext> m_tls;
-  double m_trust_checked = 0; // last look at fedl.json and the CRL
-
-  std::uint64_t m_next_id = 1;
-  std::map<std::uint64_t, std::shared_ptr<Peer>> m_peers;
-  std::map<std::string, std::shared_ptr<Peer>> m_sites; // admitted, by site name
-
-  std::shared_ptr<MappedFile> m_model;
-  std::string m_model_sha;
-  json m_head; // the ledger head, signed, that tasks and done frames carry
-  std::uint64_t m_max_update = 0;
-
-  // Outcome and metrics.
-  std::uint64_t m_first_round = 0;
-  bool m_budget_stop_recorded = false; // the ledger ends with a "finished" entry for the budget
-  std::string m_failure;
-  std::uint64_t m_bytes_in_closed = 0;
-  std::uint64_t m_bytes_out_closed = 0;
-  std::uint64_t m_refused = 0;           // connections refused at the handshake or hello
-  double m_refusal_window = 0;           // when the current window of refusal logs began
-  std::uint32_t m_refusals_logged = 0;   // ... and how many were logged in it
-  std::uint64_t m_refusals_unlogged = 0; // ... and how many were only counted
-  double m_started = 0;
-};
+} // namespace
 
 void
 Coordinator::load_tls()
@@ -279,277 +85,6 @@ Coordinator::refresh_trust()
         fmt::format("site {} {}", name, revoked ? "has been revoked" : "is no longer a client of this federation"), 3);
     }
   }
-}
-
-void
-Coordinator::accept()
-{
-  m_acceptor.async_accept([this](const std::error_code& ec, tcp::socket socket) {
-    if (ec) {
-      if (ec != asio::error::operation_aborted && m_rounds.phase() != Phase::stopped) {
-        // Out of descriptors (EMFILE) or memory: retrying at once would spin; pause a little.
-        FEDL_LOG_WARN("accept failed: {} (if it says too many open files, raise the limit: ulimit -n)", ec.message());
-        m_accept_pause.expires_after(std::chrono::milliseconds(200));
-        m_accept_pause.async_wait([this](const std::error_code& e) {
-          if (!e) {
-            accept();
-          }
-        });
-      }
-      return;
-    }
-    // Connections that have not said hello yet cost a descriptor and a TLS state each, and
-    // anyone can open them (see max_unadmitted).
-    std::error_code ep_error;
-    const auto address = socket.remote_endpoint(ep_error).address().to_string();
-    std::size_t unadmitted = 0;
-    std::size_t from_address = 0;
-    std::shared_ptr<Peer> oldest;
-    for (const auto& [id, peer] : m_peers) {
-      if (!peer->admitted && peer->conn->is_open()) {
-        ++unadmitted;
-        from_address += peer->address == address ? 1 : 0;
-        oldest = oldest ? oldest : peer;
-      }
-    }
-    if (from_address >= max_unadmitted_per_address) {
-      ++m_refused;
-      std::error_code ignored;
-      socket.close(ignored);
-      FEDL_LOG_DEBUG("refused a connection from {}: {} of its connections have not said hello yet", address,
-                     from_address);
-      accept();
-      return;
-    }
-    if (unadmitted >= max_unadmitted && oldest) {
-      FEDL_LOG_DEBUG("closing the oldest of {} connections that have not said hello yet", unadmitted);
-      oldest->conn->close("too many connections waiting for hello");
-    }
-    refresh_trust();
-    auto p = std::make_shared<Peer>();
-    p->id = m_next_id++;
-    p->address = address;
-    p->accepted_at = FramedConnection::now();
-    std::weak_ptr<Peer> weak = p;
-    FrameLimits limits;
-    limits.allow(FrameType::hello)
-      .allow(FrameType::heartbeat)
-      .allow(FrameType::error)
-      .allow(FrameType::update, m_max_update);
-    FramedConnection::Callbacks cb;
-    cb.on_ready = [this, weak] {
-      if (auto peer = weak.lock()) {
-        on_ready(peer);
-      }
-    };
-    cb.on_head = [this, weak](const FramePrefix& prefix, const json& header) {
-      auto peer = weak.lock();
-      return peer ? on_head(peer, prefix, header) : FramedConnection::BodySink{};
-    };
-    cb.on_frame = [this, weak](FrameType type, json& header, const FramedConnection::BodySink&) {
-      if (auto peer = weak.lock()) {
-        on_frame(peer, type, header);
-      }
-    };
-    cb.on_close = [this, weak](const std::string& reason) {
-      if (auto peer = weak.lock()) {
-        on_close(peer, reason);
-      }
-    };
-    try {
-      p->conn = std::make_shared<FramedConnection>(std::make_unique<TlsStream>(std::move(socket), m_tls), limits, cb);
-      m_peers[p->id] = p;
-      p->conn->start();
-    } catch (const Error& e) {
-      FEDL_LOG_WARN("dropping a connection: {}", e.what());
-    }
-    if (m_rounds.phase() != Phase::stopped) {
-      accept();
-    }
-  });
-}
-
-void
-Coordinator::on_ready(const std::shared_ptr<Peer>& p)
-{
-  p->cert = p->conn->stream().peer_certificate();
-  if (!p->cert) {
-    p->conn->close("no client certificate");
-    return;
-  }
-  CertificateInfo info;
-  try {
-    info = certificate_info(p->cert);
-  } catch (const Error& e) {
-    p->conn->send_error_and_close(fmt::format("the client certificate cannot be read: {}", e.what()), 3);
-    return;
-  }
-  p->site = info.common_name;
-  p->fingerprint = info.fingerprint;
-  if (!m_trust->enrolled(p->site)) {
-    ++m_refused;
-    p->conn->send_error_and_close(
-      fmt::format("site {} is not a client of this federation (add it with fedl init WS --add-client {})", p->site,
-                  p->site),
-      3);
-  }
-}
-
-FramedConnection::BodySink
-Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, const json& header)
-{
-  if (prefix.type != FrameType::update || !p->admitted) {
-    p->conn->send_error_and_close(fmt::format("protocol error: a {} frame with a body{}", frame_type_name(prefix.type),
-                                              p->admitted ? "" : " before hello"),
-                                  1);
-    return {};
-  }
-  const auto update = Update::from_header(header);
-  const auto task = update.task;
-  const auto round = update.round;
-  if (const auto refusal = m_rounds.check_upload(p->site, task, round)) {
-    // Bounded: a site that keeps sending updates nobody asked for is disconnected rather than
-    // allowed to fill the log.
-    if (++p->unexpected > max_unexpected_updates) {
-      p->conn->send_error_and_close("protocol error: too many updates that answer no task", 1);
-      return {};
-    }
-    m_rounds.refuse_upload(p->site, task, round, *refusal);
-    return {};
-  }
-  p->part = m_ws.state() / "incoming" / fmt::format("round-{:06}-{}.part", m_rounds.round(), p->site);
-  p->fd = ::open(p->part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (p->fd < 0) {
-    // The coordinator's problem (descriptors, disk), not the site's: this update is lost and the
-    // site recorded as dropped; the round goes on with the others.
-    FEDL_LOG_ERROR("cannot store the update of {} in {}: {}", p->site, p->part.string(), std::strerror(errno));
-    m_rounds.upload_lost(p->site, fmt::format("the coordinator could not store its update: {}", std::strerror(errno)));
-    return {};
-  }
-  return {nullptr, p->fd};
-}
-
-void
-Coordinator::discard_part(Peer& p)
-{
-  if (p.fd >= 0) {
-    // The connection may still be receiving this body: it must stop writing to the descriptor
-    // before the number can be reused by the next open() or accept().
-    p.conn->drop_body();
-    ::close(p.fd);
-    p.fd = -1;
-    std::error_code ec;
-    fs::remove(p.part, ec);
-  }
-}
-
-void
-Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header)
-{
-  switch (type) {
-  case FrameType::hello:
-    on_hello(p, header);
-    return;
-  case FrameType::update:
-    on_update(p, header);
-    return;
-  case FrameType::heartbeat:
-    return;
-  case FrameType::error: {
-    // A site's words go into the log and the ledger: cut to a sane length.
-    const auto report = ErrorReport::from_header(header);
-    const auto message = valid_utf8(report.message, max_error_text);
-    FEDL_LOG_WARN("site {} reports: {}", p->site, message);
-    m_rounds.site_error(p->site, report.task.value_or(0), message);
-    return;
-  }
-  default:
-    p->conn->send_error_and_close(fmt::format("protocol error: unexpected {} frame", frame_type_name(type)), 1);
-  }
-}
-
-void
-Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
-{
-  if (p->admitted) {
-    p->conn->send_error_and_close("protocol error: hello sent twice", 1);
-    return;
-  }
-  if (p->site.empty() || !p->conn->is_open()) {
-    return;
-  }
-  const auto claimed = Hello::from_header(header).site;
-  if (claimed != p->site) {
-    p->conn->send_error_and_close(
-      fmt::format("hello names site {} but the certificate is for {}", quote_text(claimed), p->site), 3);
-    return;
-  }
-  if (const auto old = m_sites.find(p->site); old != m_sites.end()) {
-    FEDL_LOG_INFO("site {} connected again from {}; closing its older connection", p->site, p->conn->stream().remote());
-    auto previous = old->second;
-    m_sites.erase(old);
-    previous->admitted = false;
-    previous->replaced = true;
-    discard_part(*previous);
-    previous->conn->send_error_and_close("replaced by a newer connection of the same site", 1, {{"replaced", true}});
-  }
-  p->admitted = true;
-  m_sites[p->site] = p;
-  FEDL_LOG_INFO("site {} connected from {} ({} connected)", p->site, p->conn->stream().remote(), m_sites.size());
-  // With what the ledger says this site spent: a site with a budget counts the larger of this and
-  // its own account, and refuses to go on if its account is missing or shorter.
-  const Welcome welcome{m_rounds.round(), m_s.rounds, m_s.heartbeat, certificate_fingerprint(m_trust->ca()),
-                        m_rounds.privacy().site_report(p->site)};
-  p->conn->send(FrameType::welcome, welcome.to_header());
-  // The machine sends its task again to a participant that reconnects mid-round.
-  m_rounds.site_joined(p->site);
-}
-
-void
-Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
-{
-  if (p->fd < 0) {
-    return; // dropped in on_head, already logged
-  }
-  ::close(p->fd);
-  p->fd = -1;
-  const auto file = p->part.parent_path() / fmt::format("round-{:06}-{}.safetensors", m_rounds.round(), p->site);
-  std::error_code ec;
-  fs::rename(p->part, file, ec);
-  if (ec) {
-    fail(fmt::format("cannot store an update as {}: {}", file.string(), ec.message()));
-    return;
-  }
-  FEDL_LOG_DEBUG("round {}: update from {} ({} bytes)", m_rounds.round(), p->site, fs::file_size(file, ec));
-  m_rounds.upload_received(p->site, file, bounded_metrics(Update::from_header(header).metrics));
-}
-
-void
-Coordinator::on_close(const std::shared_ptr<Peer>& p, const std::string& reason)
-{
-  m_bytes_in_closed += p->conn->bytes_in();
-  m_bytes_out_closed += p->conn->bytes_out();
-  discard_part(*p);
-  m_peers.erase(p->id);
-  if (!p->conn->ready() || (!p->admitted && p->site.empty())) {
-    ++m_refused;
-    log_refusal(fmt::format("refused a connection from {}: {}", p->conn->stream().remote(), reason));
-    return;
-  }
-  if (!p->admitted) {
-    if (m_rounds.phase() != Phase::stopped && !p->replaced && !p->removed) {
-      FEDL_LOG_WARN("connection from {} ({}) closed before it was admitted: {}", p->conn->stream().remote(), p->site,
-                    reason);
-    }
-    return;
-  }
-  p->admitted = false;
-  const auto it = m_sites.find(p->site);
-  if (it == m_sites.end() || it->second != p) {
-    return;
-  }
-  m_sites.erase(it);
-  m_rounds.site_left(p->site, reason);
 }
 
 void
@@ -584,7 +119,8 @@ Coordinator::close_attempt(AttemptClose attempt)
     AttemptOutcome outcome;
     std::string failure;
     try {
-      outcome = commit_attempt(m_ws, m_s, m_evaluate, attempt);
+      outcome = commit_attempt(m_ws, attempt.round, attempt.candidates, m_s.min_clients,
+                               attempt_settings(m_s, m_evaluate, attempt));
     } catch (const std::exception& e) {
       failure = e.what();
     } catch (...) {
@@ -665,17 +201,14 @@ void
 Coordinator::stop_now()
 {
   m_rounds.stopped();
-  flush_refusals(FramedConnection::now(), true);
-  std::error_code ec;
-  m_acceptor.close(ec);
+  if (m_pool) {
+    m_pool->close(FramedConnection::now());
+  }
   if (m_metrics) {
     m_metrics->close();
   }
   m_tick.cancel();
   m_signals.cancel();
-  for (const auto& [id, p] : std::map(m_peers)) {
-    p->conn->close("the coordinator is stopping");
-  }
   m_io.stop();
 }
 
@@ -691,34 +224,6 @@ Coordinator::fail(const std::string& message)
 }
 
 void
-Coordinator::log_refusal(const std::string& text)
-{
-  flush_refusals(FramedConnection::now());
-  if (m_refusals_logged < refusal_burst) {
-    ++m_refusals_logged;
-    FEDL_LOG_WARN("{}", text);
-  } else {
-    ++m_refusals_unlogged;
-  }
-}
-
-void
-Coordinator::flush_refusals(double now, bool final)
-{
-  if (!final && now - m_refusal_window < refusal_window) {
-    return;
-  }
-  if (m_refusals_unlogged > 0) {
-    FEDL_LOG_WARN("refused {} more connections in the last {:.0f} s without logging each (strangers that do not "
-                  "complete TLS with a site certificate, or do not say hello)",
-                  m_refusals_unlogged, now - m_refusal_window);
-  }
-  m_refusal_window = now;
-  m_refusals_logged = 0;
-  m_refusals_unlogged = 0;
-}
-
-void
 Coordinator::update_head()
 {
   try {
@@ -731,13 +236,17 @@ Coordinator::update_head()
 void
 Coordinator::clean_incoming()
 {
+  std::set<fs::path> in_use; // updates being received (none before the first connection)
+  if (m_pool) {
+    for (const auto& [id, pooled] : m_pool->peers()) {
+      if (const auto& p = static_cast<const Peer&>(*pooled); p.fd >= 0) {
+        in_use.insert(p.part);
+      }
+    }
+  }
   std::error_code ec;
   for (const auto& f : fs::directory_iterator(m_ws.state() / "incoming", ec)) {
-    bool in_use = false;
-    for (const auto& [id, p] : m_peers) {
-      in_use = in_use || (p->fd >= 0 && p->part == f.path());
-    }
-    if (!in_use) {
+    if (in_use.count(f.path()) == 0) {
       fs::remove(f.path(), ec);
     }
   }
@@ -747,27 +256,12 @@ void
 Coordinator::on_tick()
 {
   const double now = FramedConnection::now();
-  flush_refusals(now);
   if (now - m_trust_checked >= 1) {
     m_trust_checked = now;
     refresh_trust();
     m_rounds.check_complete();
   }
-  for (const auto& [id, p] : std::map(m_peers)) {
-    auto& c = *p->conn;
-    if (!c.is_open()) {
-      continue;
-    }
-    if (c.closing_since() > 0 && now - c.closing_since() > close_linger) {
-      c.close("it did not take its error message in time");
-    } else if (!p->admitted && now - p->accepted_at > admit_timeout) {
-      c.close(fmt::format("no hello within {} s", admit_timeout));
-    } else if (c.ready() && now - c.last_received() > m_s.dead_after) {
-      c.close(fmt::format("nothing received for {:.0f} s", now - c.last_received()));
-    } else if (c.ready() && c.queued() == 0 && now - c.last_sent() >= m_s.heartbeat) {
-      c.send(FrameType::heartbeat, json::object());
-    }
-  }
+  m_pool->tick(now);
   m_rounds.tick();
   if (m_rounds.phase() == Phase::finishing) {
     bool drained = true;
@@ -793,12 +287,8 @@ Coordinator::on_tick()
 std::string
 Coordinator::metrics_text() const
 {
-  std::uint64_t in = m_bytes_in_closed;
-  std::uint64_t out = m_bytes_out_closed;
-  for (const auto& [id, p] : m_peers) {
-    in += p->conn->bytes_in();
-    out += p->conn->bytes_out();
-  }
+  const auto in = m_pool->bytes_in();
+  const auto out = m_pool->bytes_out();
   const auto& st = m_rounds.stats();
   std::string t;
   const auto metric = [&](const char* name, const char* type, const char* help, const std::string& samples) {
@@ -831,7 +321,7 @@ Coordinator::metrics_text() const
   }
   metric("fedl_updates_rejected_total", "counter", "Updates left out, by reason.", rejected);
   metric("fedl_connections_refused_total", "counter", "Connections refused at the TLS handshake or at hello.",
-         fmt::format("fedl_connections_refused_total {}\n", m_refused));
+         fmt::format("fedl_connections_refused_total {}\n", m_pool->refused()));
   if (st.accuracy) {
     metric("fedl_accuracy", "gauge", "Test accuracy of the latest global model.",
            fmt::format("fedl_accuracy {}\n", *st.accuracy));
@@ -866,25 +356,7 @@ Coordinator::resume()
   // ledger (some 10 bytes per byte of it) for its whole run.
   auto state = LedgerState::read(m_ws);
   m_first_round = state.model.round + 1;
-  if (const auto& last_dp = state.client_dp; !last_dp.is_null()) {
-    const auto& c = last_dp["client"];
-    const auto& p = m_s.privacy;
-    const double noise = c.value("noise_multiplier", 0.0);
-    const double clip = c.value("clip_norm", 0.0);
-    const bool weaker =
-      p.noise_multiplier < noise || p.clip_norm > clip ||
-      (last_dp.contains("max_epsilon") && (p.max_epsilon <= 0 || p.max_epsilon > last_dp.value("max_epsilon", 0.0)));
-    if (weaker) {
-      throw UsageError("rounds up to {} ran with client-level DP (clip {:g}, noise multiplier {:g}{}); serve them on "
-                       "with at least that (--dp-clip-norm, --dp-noise-multiplier{}), not clip {:g}, noise multiplier "
-                       "{:g}{}",
-                       m_first_round - 1, clip, noise,
-                       last_dp.contains("max_epsilon") ? fmt::format(", budget {:g}", last_dp.value("max_epsilon", 0.0))
-                                                       : std::string(),
-                       last_dp.contains("max_epsilon") ? ", --max-epsilon" : "", p.clip_norm, p.noise_multiplier,
-                       p.max_epsilon > 0 ? fmt::format(", budget {:g}", p.max_epsilon) : std::string(", no budget"));
-    }
-  }
+  check_not_weaker(state.client_dp, m_s.privacy, m_first_round - 1);
   m_model = std::make_shared<MappedFile>(m_ws.root() / state.model.file);
   m_model_sha = state.model.sha256;
   if (sha256_hex(m_model->bytes()) != m_model_sha) {
@@ -955,6 +427,11 @@ Coordinator::run()
   load_tls();
   m_rounds.set_enrolled(m_trust->clients().size());
   listen_on(m_acceptor, m_s.listen, "--listen");
+  PoolLimits limits;
+  limits.heartbeat = m_s.heartbeat;
+  limits.dead_after = m_s.dead_after;
+  m_pool.emplace(m_acceptor, limits,
+                 [this](tcp::socket socket, const std::string&) { return make_peer(std::move(socket)); });
   if (m_s.metrics) {
     m_metrics.emplace(m_io, *m_s.metrics, [this] { return metrics_text(); });
   }
@@ -972,7 +449,7 @@ Coordinator::run()
   }
   wait_for_signal();
   m_rounds.begin();
-  accept();
+  m_pool->start();
   on_tick();
   m_io.run();
   if (m_round_thread.joinable()) {
@@ -984,15 +461,15 @@ Coordinator::run()
   return summary(m_rounds.stop_requested() ? "interrupted" : m_rounds.reason());
 }
 
-} // namespace
+} // namespace serve_detail
 
-json
+nlohmann::json
 run_coordinator(const Workspace& ws, const ServeSettings& settings, const Evaluator& evaluate)
 {
   // A peer that resets its connection while OpenSSL writes to it (with write(2)) must be a send
   // error on that connection, not the death of this process by SIGPIPE.
   std::signal(SIGPIPE, SIG_IGN);
-  Coordinator c(ws, settings, evaluate);
+  serve_detail::Coordinator c(ws, settings, evaluate);
   return c.run();
 }
 

@@ -213,6 +213,87 @@ plan_standalone_round(const std::filesystem::path& base, const std::filesystem::
   return plan;
 }
 
+namespace {
+
+// One candidate after the checks that need no other candidate.
+struct CheckedUpdate
+{
+  std::optional<SafetensorsFile> file;
+  std::string sha256, site, fingerprint;
+  std::uint64_t samples = 0;
+  std::optional<std::string> unreadable; // why it could not be opened or hashed
+  std::optional<std::string> invalid;    // why its content or signature is bad
+  std::optional<DpSgdReport> dp;
+  std::string signer; // the site whose key verifiably made it (see check_identity), or ""
+};
+
+// Opens, hashes and checks one candidate against the base, the trust, the required DP and the
+// limits. On a worker thread, where nothing may escape: whatever an update makes a check throw
+// is a reason to reject that update, not the end of the process.
+CheckedUpdate
+check_candidate(const RoundCandidate& candidate, const RoundPlan& plan, const SafetensorsFile& base,
+                const std::string& base_sha, const Trust* trust) noexcept
+{
+  CheckedUpdate c;
+  try {
+    try {
+      c.file.emplace(candidate.path);
+      c.sha256 = file_sha256(candidate.path);
+    } catch (const Error& e) {
+      c.unreadable = e.what();
+    }
+    if (!c.file) {
+      return c;
+    }
+    const auto& st = c.file->content();
+    c.invalid = validate_update(base.content(), base_sha, *c.file);
+    if (!c.invalid) {
+      c.invalid = check_identity(st, trust, c.signer);
+    }
+    c.site = st.meta("fedl.site").value_or("");
+    c.fingerprint = st.meta("fedl.cert_sha256").value_or("");
+    c.samples = update_num_samples(st).value_or(0);
+    if (!c.invalid) {
+      c.invalid = check_dp(st, plan.required_dp, c.dp);
+    }
+    if (!c.invalid && plan.limits) {
+      c.invalid = check_limits(*c.file, c.samples, *plan.limits);
+    }
+    // Checked: its pages need not stay resident while the others are (N updates would
+    // otherwise hold N × model bytes until the round is committed).
+    c.file->release();
+  } catch (const std::exception& e) {
+    c.invalid = fmt::format("it cannot be checked: {}", e.what());
+  } catch (...) {
+    c.invalid = "it cannot be checked";
+  }
+  return c;
+}
+
+// Runs check(i) for i in [0, n) on up to 4 threads (this one among them).
+void
+check_in_parallel(std::size_t n, const std::function<void(std::size_t)>& check)
+{
+  const std::size_t threads =
+    std::min<std::size_t>(n, std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
+  std::atomic<std::size_t> next{0};
+  const auto work = [&] {
+    for (std::size_t i = next++; i < n; i = next++) {
+      check(i);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (std::size_t t = 1; t < threads; ++t) {
+    pool.emplace_back(work);
+  }
+  work();
+  for (auto& t : pool) {
+    t.join();
+  }
+}
+
+} // namespace
+
 ValidatedRound
 validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates, OnBadUpdate on_bad)
 {
@@ -230,74 +311,10 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
   // The checks of one update read all of it two or three times (hash, values, signature); they
   // are independent, so they run on a few threads. What depends on the order (the same bytes or
   // the same site twice: the later one is bad) is decided afterwards, in candidate order.
-  struct Checked
-  {
-    std::optional<SafetensorsFile> file;
-    std::string sha256, site, fingerprint;
-    std::uint64_t samples = 0;
-    std::optional<std::string> unreadable; // why it could not be opened or hashed
-    std::optional<std::string> invalid;    // why its content or signature is bad
-    std::optional<DpSgdReport> dp;
-    std::string signer; // the site whose key verifiably made it (see check_identity), or ""
-  };
-  std::vector<Checked> checked(candidates.size());
-  const auto check_file = [&](std::size_t i) {
-    auto& c = checked[i];
-    try {
-      c.file.emplace(candidates[i].path);
-      c.sha256 = file_sha256(candidates[i].path);
-    } catch (const Error& e) {
-      c.unreadable = e.what();
-    }
-    if (c.file) {
-      const auto& st = c.file->content();
-      c.invalid = validate_update(base.content(), base_sha, *c.file);
-      if (!c.invalid) {
-        c.invalid = check_identity(st, trust ? &*trust : nullptr, c.signer);
-      }
-      c.site = st.meta("fedl.site").value_or("");
-      c.fingerprint = st.meta("fedl.cert_sha256").value_or("");
-      c.samples = update_num_samples(st).value_or(0);
-      if (!c.invalid) {
-        c.invalid = check_dp(st, plan.required_dp, c.dp);
-      }
-      if (!c.invalid && plan.limits) {
-        c.invalid = check_limits(*c.file, c.samples, *plan.limits);
-      }
-      // Checked: its pages need not stay resident while the others are (N updates would
-      // otherwise hold N × model bytes until the round is committed).
-      c.file->release();
-    }
-  };
-  // On a worker thread, where nothing may escape: whatever an update makes a check throw is a
-  // reason to reject that update, not the end of the process.
-  const auto check_one = [&](std::size_t i) {
-    try {
-      check_file(i);
-    } catch (const std::exception& e) {
-      checked[i].invalid = fmt::format("it cannot be checked: {}", e.what());
-    } catch (...) {
-      checked[i].invalid = "it cannot be checked";
-    }
-  };
-  {
-    const std::size_t threads =
-      std::min<std::size_t>(candidates.size(), std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, 4));
-    std::atomic<std::size_t> next{0};
-    const auto work = [&] {
-      for (std::size_t i = next++; i < candidates.size(); i = next++) {
-        check_one(i);
-      }
-    };
-    std::vector<std::thread> pool;
-    for (std::size_t t = 1; t < threads; ++t) {
-      pool.emplace_back(work);
-    }
-    work();
-    for (auto& t : pool) {
-      t.join();
-    }
-  }
+  std::vector<CheckedUpdate> checked(candidates.size());
+  check_in_parallel(candidates.size(), [&](std::size_t i) {
+    checked[i] = check_candidate(candidates[i], plan, base, base_sha, trust ? &*trust : nullptr);
+  });
 
   std::vector<AcceptedUpdate> accepted;
   nlohmann::json rejected = nlohmann::json::array();
@@ -349,19 +366,15 @@ configured_server_options(const FederationConfig& config)
   return o;
 }
 
-RoundResult
-commit_round(const ValidatedRound& validated, const RoundSettings& settings)
+namespace {
+
+// Aggregates the accepted updates, checks the result and the updates' files, and writes the model
+// and the advanced server state. AggregateInfo goes to `info`.
+void
+aggregate_and_write(const ValidatedRound& validated, const RoundSettings& settings, AggregateInfo& info)
 {
   const auto& plan = validated.plan;
   const auto& spec = settings.strategy;
-  const auto& options = settings.options;
-  const auto& accepted = validated.accepted;
-  check_extra(settings.extra);
-  validate_server_options(options);
-  if (accepted.empty()) {
-    throw VerifyError("no update left to aggregate ({} rejected)", validated.rejected.size());
-  }
-
   ServerState state;
   if (spec.stateful() && !plan.state_in) {
     FEDL_LOG_WARN("{} keeps server optimizer state between rounds; without --state (or --workspace) each run "
@@ -371,15 +384,13 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
   if (spec.stateful() && plan.state_in && fs::exists(*plan.state_in)) {
     state = load_server_state(*plan.state_in, spec, validated.base.content().tensors);
   }
-
   std::vector<const SafetensorsFile*> files;
   std::vector<double> weights;
-  for (const auto& c : accepted) {
+  for (const auto& c : validated.accepted) {
     files.push_back(&c.file);
     weights.push_back(static_cast<double>(c.samples));
   }
-  RoundResult result;
-  const auto model = aggregate(validated.base, files, weights, spec, options, state, &result.info);
+  const auto model = aggregate(validated.base, files, weights, spec, settings.options, state, &info);
   // The last line of defence for the model every site trains next: bounded updates cannot make
   // it infinite, but a strategy's arithmetic on extreme (finite) values still could.
   for (const auto& t : model) {
@@ -391,7 +402,7 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
   }
   // The files are read through their mappings: one changed on disk after its signature was
   // checked must not pass unnoticed.
-  for (const auto& c : accepted) {
+  for (const auto& c : validated.accepted) {
     if (!c.owned && file_sha256(c.path) != c.sha256) {
       throw VerifyError("update {} changed while it was being aggregated; nothing was written", c.path.string());
     }
@@ -406,35 +417,22 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
   if (spec.stateful() && plan.state_out) {
     save_server_state(*plan.state_out, state);
   }
+}
 
-  for (const auto& c : accepted) {
-    result.participants.push_back({{"file", c.path.filename().string()},
-                                   {"site", c.site},
-                                   {"fingerprint", c.fingerprint},
-                                   {"num_samples", c.samples},
-                                   {"update_sha256", c.sha256}});
-  }
-  // Hashed as read back from disk: the ledger vouches for the file that is there.
-  result.model = plan.out;
-  result.sha256 = SafetensorsFile(plan.out).sha256();
-  result.strategy = spec.to_string();
-  result.rejected = validated.rejected;
-  result.round = plan.round;
-  if (settings.evaluate) {
-    result.evaluation = settings.evaluate(plan.out);
-  }
-  if (!plan.workspace) {
-    return result;
-  }
+// The "round" ledger entry's body.
+nlohmann::json
+round_entry(const ValidatedRound& validated, const RoundSettings& settings, const RoundResult& result)
+{
+  const auto& plan = validated.plan;
   const auto& ws = *plan.workspace;
-  auto opts = to_json(options.optimizer);
-  if (options.clip_norm) {
-    opts["clip_norm"] = *options.clip_norm;
+  auto options = to_json(settings.options.optimizer);
+  if (settings.options.clip_norm) {
+    options["clip_norm"] = *settings.options.clip_norm;
   }
   nlohmann::json body = {
     {"round", plan.round},
     {"strategy", result.strategy},
-    {"options", opts},
+    {"options", options},
     {"base", {{"file", fs::relative(plan.base, ws.root()).string()}, {"sha256", validated.base_sha256}}},
     {"model", {{"file", Workspace::model_name(plan.round)}, {"sha256", result.sha256}}},
     {"participants", result.participants},
@@ -446,21 +444,56 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
   if (!result.evaluation.is_null()) {
     body["evaluation"] = result.evaluation;
   }
-  {
-    std::map<std::string, DpSgdReport> sites;
-    for (const auto& c : accepted) {
-      if (c.dp) {
-        sites.emplace(c.site.empty() ? c.path.filename().string() : c.site, *c.dp);
-      }
+  std::map<std::string, DpSgdReport> sites;
+  for (const auto& c : validated.accepted) {
+    if (c.dp) {
+      sites.emplace(c.site.empty() ? c.path.filename().string() : c.site, *c.dp);
     }
-    auto history = plan.privacy;
-    if (auto privacy = history.record_round(settings.client_dp, sites, settings.max_epsilon); !privacy.is_null()) {
-      body["privacy"] = std::move(privacy);
-    }
+  }
+  auto history = plan.privacy;
+  if (auto privacy = history.record_round(settings.client_dp, sites, settings.max_epsilon); !privacy.is_null()) {
+    body["privacy"] = std::move(privacy);
   }
   if (settings.extra.is_object()) {
     body.update(settings.extra);
   }
+  return body;
+}
+
+} // namespace
+
+RoundResult
+commit_round(const ValidatedRound& validated, const RoundSettings& settings)
+{
+  const auto& plan = validated.plan;
+  check_extra(settings.extra);
+  validate_server_options(settings.options);
+  if (validated.accepted.empty()) {
+    throw VerifyError("no update left to aggregate ({} rejected)", validated.rejected.size());
+  }
+  RoundResult result;
+  aggregate_and_write(validated, settings, result.info);
+  for (const auto& c : validated.accepted) {
+    result.participants.push_back({{"file", c.path.filename().string()},
+                                   {"site", c.site},
+                                   {"fingerprint", c.fingerprint},
+                                   {"num_samples", c.samples},
+                                   {"update_sha256", c.sha256}});
+  }
+  // Hashed as read back from disk: the ledger vouches for the file that is there.
+  result.model = plan.out;
+  result.sha256 = SafetensorsFile(plan.out).sha256();
+  result.strategy = settings.strategy.to_string();
+  result.rejected = validated.rejected;
+  result.round = plan.round;
+  if (settings.evaluate) {
+    result.evaluation = settings.evaluate(plan.out);
+  }
+  if (!plan.workspace) {
+    return result;
+  }
+  const auto& ws = *plan.workspace;
+  auto body = round_entry(validated, settings, result);
   append_signed(ws, "round", body);
   result.ledger_body = std::move(body);
   // The state two rounds back can no longer be needed for a re-run.
@@ -469,6 +502,33 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
     fs::remove(ws.state() / state_name(plan.round - 2), ec);
   }
   return result;
+}
+
+AttemptOutcome
+commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCandidate> candidates,
+               std::uint32_t quorum, const RoundSettings& settings)
+{
+  const WorkspaceLock lock(ws, WorkspaceLock::Kind::change, 30);
+  const auto plan = plan_workspace_round(ws);
+  if (plan.round != round) {
+    throw Error("the ledger is at round {} where this coordinator expected {}: another process wrote a round; "
+                "restart fedl serve",
+                plan.round, round);
+  }
+  const auto validated = validate_round(plan, candidates, OnBadUpdate::skip);
+  AttemptOutcome out;
+  if (validated.accepted.size() < quorum) {
+    out.retry = fmt::format("{} valid updates of {} asked, below the quorum of {}", validated.accepted.size(),
+                            settings.extra.value("asked", std::size_t{0}), quorum);
+    nlohmann::json body = settings.extra;
+    body["round"] = round;
+    body["reason"] = out.retry;
+    body["rejected"] = validated.rejected;
+    append_signed(ws, "round-failed", body);
+    return out;
+  }
+  out.committed = commit_round(validated, settings).ledger_body;
+  return out;
 }
 
 } // namespace fedl::core

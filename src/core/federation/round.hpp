@@ -181,4 +181,17 @@ struct RoundResult
 // need. Call it with the workspace locked.
 RoundResult commit_round(const ValidatedRound& validated, const RoundSettings& settings);
 
+// fedl serve's round thread: one attempt at round `round` of `ws` with the updates received.
+// Locks the workspace, plans (Error if the ledger is past `round`: another process wrote a
+// round), validates (skipping bad updates), and commits with `settings` if at least `quorum` are
+// valid; else appends a "round-failed" entry (settings.extra, the reason and the rejected
+// updates) and returns the reason as `retry`.
+struct AttemptOutcome
+{
+  nlohmann::json committed; // the round entry's body
+  std::string retry;
+};
+AttemptOutcome commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCandidate> candidates,
+                              std::uint32_t quorum, const RoundSettings& settings);
+
 } // namespace fedl::core

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/net/site_protocol.hpp"
 
+#include "core/util/text.hpp"
+
 #include <fmt/format.h>
 
 namespace fedl::core {
@@ -63,8 +65,8 @@ Welcome::from_header(const json& h)
 json
 Task::to_header() const
 {
-  json h = {{"round", round}, {"attempt", attempt}, {"task", task},         {"seed", seed},
-            {"training", training}, {"ledger_head", ledger_head}};
+  json h = {{"round", round}, {"attempt", attempt},   {"task", task},
+            {"seed", seed},   {"training", training}, {"ledger_head", ledger_head}};
   if (deadline) {
     h["deadline"] = *deadline;
   }
@@ -112,6 +114,30 @@ Update::from_header(const json& h)
     u.metrics = std::move(metrics);
   }
   return u;
+}
+
+json
+bounded_metrics(const json& metrics)
+{
+  constexpr std::size_t max_entries = 32;
+  json out = json::object();
+  if (!metrics.is_object()) {
+    return out;
+  }
+  for (const auto& [key, value] : metrics.items()) {
+    if (out.size() >= max_entries) {
+      break;
+    }
+    if (key.size() > 64) {
+      continue;
+    }
+    if (value.is_number() || value.is_boolean()) {
+      out[key] = value;
+    } else if (value.is_string()) {
+      out[key] = valid_utf8(value.get<std::string>(), 200);
+    }
+  }
+  return out;
 }
 
 json

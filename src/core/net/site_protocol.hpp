@@ -56,8 +56,8 @@ struct Task
   std::optional<double> deadline; // seconds left when it was sent
   std::uint64_t seed = 0;
   nlohmann::json training = nlohmann::json::object(); // as fedl.json's; the site reads it strictly
-  std::optional<std::string> base_sha256;              // of the model in the body
-  nlohmann::json ledger_head;                          // the coordinator's signed head (receipt.hpp); null if none
+  std::optional<std::string> base_sha256;             // of the model in the body
+  nlohmann::json ledger_head;                         // the coordinator's signed head (receipt.hpp); null if none
 
   nlohmann::json to_header() const;
   static Task from_header(const nlohmann::json& header);
@@ -73,6 +73,11 @@ struct Update
   nlohmann::json to_header() const;
   static Update from_header(const nlohmann::json& header);
 };
+
+// A site's metrics as the coordinator logs and records them: at most 32 entries of a number, a
+// boolean or a string (valid UTF-8, at most 200 bytes) under a name of at most 64 bytes; anything
+// else the site sent is left out.
+nlohmann::json bounded_metrics(const nlohmann::json& metrics);
 
 struct Done
 {

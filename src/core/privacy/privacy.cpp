@@ -311,9 +311,53 @@ FederationPrivacy::site_report(const std::string& name) const
   if (it == m_sites.end() || it->second.rdp.empty()) {
     return nullptr;
   }
-  auto j = it->second.rdp.to_json();
-  j["runs"] = it->second.runs;
+  return SiteSpending{it->second.rdp, it->second.runs}.to_json();
+}
+
+json
+SiteSpending::to_json() const
+{
+  auto j = rdp.to_json();
+  j["runs"] = runs;
   return j;
+}
+
+SiteSpending
+SiteSpending::from_json(const json& j, const std::string& what)
+{
+  SiteSpending s;
+  s.rdp = RdpAccount::from_json(j, what);
+  if (const auto it = j.find("runs"); it != j.end()) {
+    if (!it->is_number_unsigned()) {
+      throw Error("{}: \"runs\" is not a count of runs", what);
+    }
+    s.runs = it->get<std::uint64_t>();
+  }
+  return s;
+}
+
+void
+check_not_weaker(const json& last_dp, const PrivacyConfig& now, std::uint64_t rounds)
+{
+  if (last_dp.is_null()) {
+    return;
+  }
+  const auto& c = last_dp.at("client");
+  const double noise = c.value("noise_multiplier", 0.0);
+  const double clip = c.value("clip_norm", 0.0);
+  const bool weaker =
+    now.noise_multiplier < noise || now.clip_norm > clip ||
+    (last_dp.contains("max_epsilon") && (now.max_epsilon <= 0 || now.max_epsilon > last_dp.value("max_epsilon", 0.0)));
+  if (weaker) {
+    throw UsageError("rounds up to {} ran with client-level DP (clip {:g}, noise multiplier {:g}{}); serve them on "
+                     "with at least that (--dp-clip-norm, --dp-noise-multiplier{}), not clip {:g}, noise multiplier "
+                     "{:g}{}",
+                     rounds, clip, noise,
+                     last_dp.contains("max_epsilon") ? fmt::format(", budget {:g}", last_dp.value("max_epsilon", 0.0))
+                                                     : std::string(),
+                     last_dp.contains("max_epsilon") ? ", --max-epsilon" : "", now.clip_norm, now.noise_multiplier,
+                     now.max_epsilon > 0 ? fmt::format(", budget {:g}", now.max_epsilon) : std::string(", no budget"));
+  }
 }
 
 std::string

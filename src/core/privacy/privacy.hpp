@@ -87,6 +87,19 @@ struct ClientDpRound
   double delta = 1e-5;
 };
 
+// What the ledger says one site spent with DP-SGD, as the welcome frame carries it:
+// {"orders", "rdp", "runs"}.
+struct SiteSpending
+{
+  RdpAccount rdp;
+  std::uint64_t runs = 0; // DP-SGD runs
+
+  nlohmann::json to_json() const;
+  // Error naming `what` for anything to_json does not write (a count that is not an unsigned
+  // integer included); no "runs" reads as 0.
+  static SiteSpending from_json(const nlohmann::json& j, const std::string& what);
+};
+
 class FederationPrivacy
 {
 public:
@@ -102,8 +115,8 @@ public:
 
   // The federation's client-level account.
   const RdpAccount& client() const noexcept { return m_client; }
-  // What the ledger says `site` spent, for the welcome frame: {"orders": ..., "rdp": ...,
-  // "runs": N}; null if it spent nothing.
+  // What the ledger says `site` spent, for the welcome frame (SiteSpending::to_json); null if it
+  // spent nothing.
   nlohmann::json site_report(const std::string& name) const;
   // Rounds with client-level DP so far.
   std::uint64_t client_rounds() const noexcept { return m_client_rounds; }
@@ -118,6 +131,12 @@ private:
   };
   std::map<std::string, Site> m_sites;
 };
+
+// A restart of fedl serve must not quietly weaken what the rounds so far promised. `last_dp` is the
+// "privacy" object of the last round with client-level DP (null if none had it), `rounds` the
+// rounds so far. Throws UsageError naming the flags if `now` has less noise, a larger clip, or
+// drops or raises the budget that round recorded.
+void check_not_weaker(const nlohmann::json& last_dp, const PrivacyConfig& now, std::uint64_t rounds);
 
 // For a round's line in serve's progress and the audit: ", epsilon E[ of MAX]" (the federation's
 // client-level total after the round) and ", site epsilon up to S" (the largest site total), from

@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: Apache-2.0
+// The coordinator behind run_coordinator (coordinator.hpp), private to it: coordinator.cpp holds
+// its life (resume, listen, the tick, signals, stopping) and what it does for the round state
+// machine (tasks, closing an attempt on the round thread, the end); coordinator_sites.cpp the
+// sites' connections (TLS, hello, updates to files, errors, disconnects).
+#pragma once
+
+#include "core/federation/coordinator.hpp"
+#include "core/federation/round.hpp"
+#include "core/federation/round_machine.hpp"
+#include "core/net/connection.hpp"
+#include "core/net/metrics_server.hpp"
+#include "core/net/peer_pool.hpp"
+#include "core/trust/server_trust.hpp"
+#include "core/util/file_io.hpp"
+
+#include <asio/io_context.hpp>
+#include <asio/ip/tcp.hpp>
+#include <asio/signal_set.hpp>
+#include <asio/steady_timer.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <csignal>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+namespace fedl::core::serve_detail {
+
+using tcp = asio::ip::tcp;
+using json = nlohmann::json;
+
+inline constexpr std::size_t max_error_text = 500;     // bytes of a site's error report kept
+inline constexpr int max_unexpected_updates = 3;       // per connection, before it is closed
+inline constexpr std::uint64_t update_slack = 4 << 20; // metadata, certificate and signature beyond the tensors
+
+// One TCP connection, before and after the site is admitted (PooledPeer::admitted, after hello).
+struct Peer : PooledPeer
+{
+  std::string site;        // certificate CN, once the handshake is done
+  std::string fingerprint; // certificate SHA-256
+  Cert cert;
+  bool replaced = false; // a newer connection of the same site took over
+  bool removed = false;  // revoked or removed from fedl.json while connected
+  int unexpected = 0;    // updates it sent that answered no task
+  // The update being received, if any.
+  int fd = -1;
+  std::filesystem::path part;
+};
+
+using Phase = RoundMachine::Phase;
+
+// The sockets, threads and files around the round state machine.
+class Coordinator final : public RoundHost
+{
+public:
+  Coordinator(const Workspace& ws, const ServeSettings& s, const Evaluator& evaluate)
+    : m_ws(ws),
+      m_s(s),
+      m_evaluate(evaluate),
+      m_rounds(s, *this, &FramedConnection::now),
+      m_acceptor(m_io),
+      m_tick(m_io),
+      m_signals(m_io, SIGINT, SIGTERM)
+  {
+  }
+
+  ~Coordinator() override
+  {
+    if (m_round_thread.joinable()) {
+      m_round_thread.join();
+    }
+  }
+
+  json run();
+
+private:
+  // RoundHost.
+  void refresh_trust() override;
+  void attempt_started() override { update_head(); }
+  void send_task(const std::string& site, const RoundTask& task) override;
+  void send_done(const std::string& site) override;
+  void discard_upload(const std::string& site) override;
+  void close_attempt(AttemptClose attempt) override;
+  void finish(const std::string& reason, json details) override;
+  void fail(const std::string& message) override;
+  void stop() override { stop_now(); }
+
+  // Setup.
+  void resume();
+  void check_budget_left();
+  void load_tls();
+  std::shared_ptr<PooledPeer> make_peer(tcp::socket socket);
+  void on_tick();
+
+  // Connections.
+  void on_ready(const std::shared_ptr<Peer>& p);
+  FramedConnection::BodySink on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, const json& header);
+  void on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header);
+  void on_close(const std::shared_ptr<Peer>& p, const std::string& reason);
+  void on_hello(const std::shared_ptr<Peer>& p, const json& header);
+  void on_update(const std::shared_ptr<Peer>& p, const json& header);
+  void discard_part(Peer& p);
+
+  void attempt_done(AttemptOutcome outcome, const std::string& failure);
+  void stop_now();
+  void wait_for_signal();
+  std::string metrics_text() const;
+  void clean_incoming();
+  // Signs the ledger's current head into m_head (keeps the previous one if it cannot be read).
+  void update_head();
+  json summary(const std::string& reason) const;
+
+  const Workspace& m_ws;
+  const ServeSettings& m_s;
+  const Evaluator& m_evaluate;
+  RoundMachine m_rounds;
+
+  asio::io_context m_io;
+  tcp::acceptor m_acceptor;
+  std::optional<MetricsServer> m_metrics;
+  std::optional<PeerPool> m_pool; // the connections, from listening on
+  asio::steady_timer m_tick;
+  asio::signal_set m_signals;
+  std::thread m_round_thread;
+
+  // Trust: reloaded when fedl.json or the CRL change on disk (init --add-client, --revoke).
+  std::optional<ServerTrust> m_trust;
+  std::shared_ptr<TlsContext> m_tls;
+  double m_trust_checked = 0; // last look at fedl.json and the CRL
+
+  std::map<std::string, std::shared_ptr<Peer>> m_sites; // admitted, by site name
+
+  std::shared_ptr<MappedFile> m_model;
+  std::string m_model_sha;
+  json m_head; // the ledger head, signed, that tasks and done frames carry
+  std::uint64_t m_max_update = 0;
+
+  // Outcome and metrics.
+  std::uint64_t m_first_round = 0;
+  bool m_budget_stop_recorded = false; // the ledger ends with a "finished" entry for the budget
+  std::string m_failure;
+  double m_started = 0;
+};
+
+} // namespace fedl::core::serve_detail

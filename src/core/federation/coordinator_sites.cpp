@@ -1,0 +1,238 @@
+// SPDX-License-Identifier: Apache-2.0
+// The coordinator's side of each site's connection: a TLS connection from the pool, its hello,
+// its uploads into state/incoming/, its error reports and its end (coordinator_detail.hpp).
+#include "core/federation/coordinator_detail.hpp"
+
+#include "core/net/site_protocol.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
+#include "core/util/text.hpp"
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core::serve_detail {
+
+// A new connection within the pool's bounds: its TLS stream, frame limits and callbacks.
+std::shared_ptr<PooledPeer>
+Coordinator::make_peer(tcp::socket socket)
+{
+  refresh_trust(); // so that its handshake sees the current CRL
+  auto p = std::make_shared<Peer>();
+  std::weak_ptr<Peer> weak = p;
+  FrameLimits limits;
+  limits.allow(FrameType::hello)
+    .allow(FrameType::heartbeat)
+    .allow(FrameType::error)
+    .allow(FrameType::update, m_max_update);
+  FramedConnection::Callbacks cb;
+  cb.on_ready = [this, weak] {
+    if (auto peer = weak.lock()) {
+      on_ready(peer);
+    }
+  };
+  cb.on_head = [this, weak](const FramePrefix& prefix, const json& header) {
+    auto peer = weak.lock();
+    return peer ? on_head(peer, prefix, header) : FramedConnection::BodySink{};
+  };
+  cb.on_frame = [this, weak](FrameType type, json& header, const FramedConnection::BodySink&) {
+    if (auto peer = weak.lock()) {
+      on_frame(peer, type, header);
+    }
+  };
+  cb.on_close = [this, weak](const std::string& reason) {
+    if (auto peer = weak.lock()) {
+      on_close(peer, reason);
+    }
+  };
+  p->conn = std::make_shared<FramedConnection>(std::make_unique<TlsStream>(std::move(socket), m_tls), limits, cb);
+  return p;
+}
+
+void
+Coordinator::on_ready(const std::shared_ptr<Peer>& p)
+{
+  p->cert = p->conn->stream().peer_certificate();
+  if (!p->cert) {
+    p->conn->close("no client certificate");
+    return;
+  }
+  CertificateInfo info;
+  try {
+    info = certificate_info(p->cert);
+  } catch (const Error& e) {
+    p->conn->send_error_and_close(fmt::format("the client certificate cannot be read: {}", e.what()), 3);
+    return;
+  }
+  p->site = info.common_name;
+  p->fingerprint = info.fingerprint;
+  if (!m_trust->enrolled(p->site)) {
+    m_pool->count_refusal();
+    p->conn->send_error_and_close(
+      fmt::format("site {} is not a client of this federation (add it with fedl init WS --add-client {})", p->site,
+                  p->site),
+      3);
+  }
+}
+
+FramedConnection::BodySink
+Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, const json& header)
+{
+  if (prefix.type != FrameType::update || !p->admitted) {
+    p->conn->send_error_and_close(fmt::format("protocol error: a {} frame with a body{}", frame_type_name(prefix.type),
+                                              p->admitted ? "" : " before hello"),
+                                  1);
+    return {};
+  }
+  const auto update = Update::from_header(header);
+  const auto task = update.task;
+  const auto round = update.round;
+  if (const auto refusal = m_rounds.check_upload(p->site, task, round)) {
+    // Bounded: a site that keeps sending updates nobody asked for is disconnected rather than
+    // allowed to fill the log.
+    if (++p->unexpected > max_unexpected_updates) {
+      p->conn->send_error_and_close("protocol error: too many updates that answer no task", 1);
+      return {};
+    }
+    m_rounds.refuse_upload(p->site, task, round, *refusal);
+    return {};
+  }
+  p->part = m_ws.state() / "incoming" / fmt::format("round-{:06}-{}.part", m_rounds.round(), p->site);
+  p->fd = ::open(p->part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (p->fd < 0) {
+    // The coordinator's problem (descriptors, disk), not the site's: this update is lost and the
+    // site recorded as dropped; the round goes on with the others.
+    FEDL_LOG_ERROR("cannot store the update of {} in {}: {}", p->site, p->part.string(), std::strerror(errno));
+    m_rounds.upload_lost(p->site, fmt::format("the coordinator could not store its update: {}", std::strerror(errno)));
+    return {};
+  }
+  return {nullptr, p->fd};
+}
+
+void
+Coordinator::discard_part(Peer& p)
+{
+  if (p.fd >= 0) {
+    // The connection may still be receiving this body: it must stop writing to the descriptor
+    // before the number can be reused by the next open() or accept().
+    p.conn->drop_body();
+    ::close(p.fd);
+    p.fd = -1;
+    std::error_code ec;
+    fs::remove(p.part, ec);
+  }
+}
+
+void
+Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header)
+{
+  switch (type) {
+  case FrameType::hello:
+    on_hello(p, header);
+    return;
+  case FrameType::update:
+    on_update(p, header);
+    return;
+  case FrameType::heartbeat:
+    return;
+  case FrameType::error: {
+    // A site's words go into the log and the ledger: cut to a sane length.
+    const auto report = ErrorReport::from_header(header);
+    const auto message = valid_utf8(report.message, max_error_text);
+    FEDL_LOG_WARN("site {} reports: {}", p->site, message);
+    m_rounds.site_error(p->site, report.task.value_or(0), message);
+    return;
+  }
+  default:
+    p->conn->send_error_and_close(fmt::format("protocol error: unexpected {} frame", frame_type_name(type)), 1);
+  }
+}
+
+void
+Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
+{
+  if (p->admitted) {
+    p->conn->send_error_and_close("protocol error: hello sent twice", 1);
+    return;
+  }
+  if (p->site.empty() || !p->conn->is_open()) {
+    return;
+  }
+  const auto claimed = Hello::from_header(header).site;
+  if (claimed != p->site) {
+    p->conn->send_error_and_close(
+      fmt::format("hello names site {} but the certificate is for {}", quote_text(claimed), p->site), 3);
+    return;
+  }
+  if (const auto old = m_sites.find(p->site); old != m_sites.end()) {
+    FEDL_LOG_INFO("site {} connected again from {}; closing its older connection", p->site, p->conn->stream().remote());
+    auto previous = old->second;
+    m_sites.erase(old);
+    previous->admitted = false;
+    previous->replaced = true;
+    discard_part(*previous);
+    previous->conn->send_error_and_close("replaced by a newer connection of the same site", 1, {{"replaced", true}});
+  }
+  p->admitted = true;
+  m_sites[p->site] = p;
+  FEDL_LOG_INFO("site {} connected from {} ({} connected)", p->site, p->conn->stream().remote(), m_sites.size());
+  // With what the ledger says this site spent: a site with a budget counts the larger of this and
+  // its own account, and refuses to go on if its account is missing or shorter.
+  const Welcome welcome{m_rounds.round(), m_s.rounds, m_s.heartbeat, certificate_fingerprint(m_trust->ca()),
+                        m_rounds.privacy().site_report(p->site)};
+  p->conn->send(FrameType::welcome, welcome.to_header());
+  // The machine sends its task again to a participant that reconnects mid-round.
+  m_rounds.site_joined(p->site);
+}
+
+void
+Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
+{
+  if (p->fd < 0) {
+    return; // dropped in on_head, already logged
+  }
+  ::close(p->fd);
+  p->fd = -1;
+  const auto file = p->part.parent_path() / fmt::format("round-{:06}-{}.safetensors", m_rounds.round(), p->site);
+  std::error_code ec;
+  fs::rename(p->part, file, ec);
+  if (ec) {
+    fail(fmt::format("cannot store an update as {}: {}", file.string(), ec.message()));
+    return;
+  }
+  FEDL_LOG_DEBUG("round {}: update from {} ({} bytes)", m_rounds.round(), p->site, fs::file_size(file, ec));
+  m_rounds.upload_received(p->site, file, bounded_metrics(Update::from_header(header).metrics));
+}
+
+void
+Coordinator::on_close(const std::shared_ptr<Peer>& p, const std::string& reason)
+{
+  discard_part(*p);
+  m_pool->closed(*p);
+  if (!p->conn->ready() || (!p->admitted && p->site.empty())) {
+    m_pool->refuse(FramedConnection::now(),
+                   fmt::format("refused a connection from {}: {}", p->conn->stream().remote(), reason));
+    return;
+  }
+  if (!p->admitted) {
+    if (m_rounds.phase() != Phase::stopped && !p->replaced && !p->removed) {
+      FEDL_LOG_WARN("connection from {} ({}) closed before it was admitted: {}", p->conn->stream().remote(), p->site,
+                    reason);
+    }
+    return;
+  }
+  p->admitted = false;
+  const auto it = m_sites.find(p->site);
+  if (it == m_sites.end() || it->second != p) {
+    return;
+  }
+  m_sites.erase(it);
+  m_rounds.site_left(p->site, reason);
+}
+
+} // namespace fedl::core::serve_detail

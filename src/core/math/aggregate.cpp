@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
+// Aggregation: aggregate() over updates in memory or in mapped files (the checks, the server
+// state, the output, and the robust, krum and mean strategies over the passes), and the server
+// state files. Strategy specs are in aggregate_spec.cpp, update validation in
+// aggregate_validate.cpp.
 #include "core/math/aggregate.hpp"
 
 #include "core/math/aggregate_detail.hpp"
 #include "core/util/error.hpp"
-#include "core/util/text.hpp"
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -14,9 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <cerrno>
-#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -40,34 +41,6 @@ constexpr std::size_t k_folio_bytes = std::size_t{2} << 20;
 // Updates are read in place while their expected resident pages stay below 2 × model + this.
 constexpr std::size_t k_mapped_slack = std::size_t{32} << 20;
 
-constexpr std::string_view k_forms =
-  "fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean:BETA (0 <= BETA < 0.5), "
-  "krum:F, multi-krum:F,M (F >= 0 updates tolerated as faulty, M >= 1 updates averaged)";
-
-struct NamedStrategy
-{
-  Strategy kind;
-  std::string_view name;
-};
-
-constexpr std::array<NamedStrategy, 9> k_strategies{{
-  {Strategy::fedavg, "fedavg"},
-  {Strategy::fedavgm, "fedavgm"},
-  {Strategy::fedadam, "fedadam"},
-  {Strategy::fedyogi, "fedyogi"},
-  {Strategy::fedadagrad, "fedadagrad"},
-  {Strategy::median, "median"},
-  {Strategy::trimmed_mean, "trimmed-mean"},
-  {Strategy::krum, "krum"},
-  {Strategy::multi_krum, "multi-krum"},
-}};
-
-bool
-adaptive(Strategy s) noexcept
-{
-  return s == Strategy::fedadam || s == Strategy::fedyogi || s == Strategy::fedadagrad;
-}
-
 // A zero-filled buffer of `size` bytes. A large one is backed by transparent huge pages where the
 // kernel offers them (MADV_HUGEPAGE before the first touch): faulting the new model in by 2 MiB
 // instead of 4 KiB pages makes allocating it about three times faster (measured: 256 MB in 58
@@ -89,37 +62,6 @@ zeroed_buffer(std::size_t size)
   }
   v.resize(size);
   return v;
-}
-
-std::string
-shape_text(const std::vector<std::int64_t>& shape)
-{
-  return fmt::format("[{}]", fmt::join(shape, ","));
-}
-
-template<typename U>
-std::optional<U>
-parse_unsigned(std::string_view text)
-{
-  U value{};
-  const auto* end = text.data() + text.size();
-  const auto [p, ec] = std::from_chars(text.data(), end, value);
-  if (text.empty() || ec != std::errc() || p != end) {
-    return std::nullopt;
-  }
-  return value;
-}
-
-std::optional<double>
-parse_double(std::string_view text)
-{
-  double value = 0;
-  const auto* end = text.data() + text.size();
-  const auto [p, ec] = std::from_chars(text.data(), end, value);
-  if (text.empty() || ec != std::errc() || p != end || !std::isfinite(value)) {
-    return std::nullopt;
-  }
-  return value;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,300 +112,15 @@ check_state_tensors(const std::vector<OwnedTensor>& tensors, std::string_view wh
 
 } // namespace
 
-// -------------------------------------------------------------------------------------------------
-// Strategy specs.
-
-std::string_view
-StrategySpec::name() const noexcept
-{
-  for (const auto& s : k_strategies) {
-    if (s.kind == kind) {
-      return s.name;
-    }
-  }
-  return "fedavg";
-}
+namespace aggregate_detail {
 
 std::string
-StrategySpec::to_string() const
+shape_text(const std::vector<std::int64_t>& shape)
 {
-  switch (kind) {
-  case Strategy::trimmed_mean:
-    return fmt::format("trimmed-mean:{}", trim);
-  case Strategy::krum:
-    return fmt::format("krum:{}", byzantine);
-  case Strategy::multi_krum:
-    return fmt::format("multi-krum:{},{}", byzantine, select);
-  default:
-    return std::string(name());
-  }
+  return fmt::format("[{}]", fmt::join(shape, ","));
 }
 
-bool
-StrategySpec::stateful() const noexcept
-{
-  return kind == Strategy::fedavgm || adaptive(kind);
-}
-
-bool
-StrategySpec::weighted() const noexcept
-{
-  return mean_type() || kind == Strategy::multi_krum;
-}
-
-bool
-StrategySpec::mean_type() const noexcept
-{
-  return kind == Strategy::fedavg || stateful();
-}
-
-StrategySpec
-parse_strategy(const std::string& spec)
-{
-  const auto fail = [&](std::string_view why) {
-    return UsageError("invalid strategy '{}': {}; valid forms: {}", spec, why, k_forms);
-  };
-  const auto colon = spec.find(':');
-  const std::string_view text(spec);
-  const auto head = text.substr(0, colon);
-  const std::optional<std::string_view> arg =
-    colon == std::string::npos ? std::nullopt : std::optional<std::string_view>(text.substr(colon + 1));
-  const auto it = std::find_if(k_strategies.begin(), k_strategies.end(), [&](const auto& s) { return s.name == head; });
-  if (it == k_strategies.end()) {
-    throw fail(head.empty() ? "no strategy name" : "unknown strategy name");
-  }
-  StrategySpec out;
-  out.kind = it->kind;
-  switch (out.kind) {
-  case Strategy::trimmed_mean: {
-    if (!arg) {
-      throw fail("trimmed-mean needs BETA, the fraction trimmed at each end (e.g. trimmed-mean:0.1)");
-    }
-    const auto beta = parse_double(*arg);
-    if (!beta || *beta < 0.0 || *beta >= 0.5) {
-      throw fail("BETA must be a number with 0 <= BETA < 0.5");
-    }
-    out.trim = *beta;
-    break;
-  }
-  case Strategy::krum: {
-    const auto f = arg ? parse_unsigned<std::size_t>(*arg) : std::nullopt;
-    if (!f) {
-      throw fail("krum needs F, the number of faulty updates tolerated, a non-negative integer (e.g. krum:1)");
-    }
-    out.byzantine = *f;
-    break;
-  }
-  case Strategy::multi_krum: {
-    const auto comma = arg ? arg->find(',') : std::string_view::npos;
-    const auto f = comma != std::string_view::npos ? parse_unsigned<std::size_t>(arg->substr(0, comma)) : std::nullopt;
-    const auto m = comma != std::string_view::npos ? parse_unsigned<std::size_t>(arg->substr(comma + 1)) : std::nullopt;
-    if (!f || !m || *m == 0) {
-      throw fail("multi-krum needs F,M: non-negative integer F and positive integer M (e.g. multi-krum:1,3)");
-    }
-    out.byzantine = *f;
-    out.select = *m;
-    break;
-  }
-  default:
-    if (arg) {
-      throw fail(fmt::format("{} takes no parameter", head));
-    }
-    break;
-  }
-  return out;
-}
-
-void
-validate_server_options(const ServerOptions& o)
-{
-  const auto unit = [](double x) { return std::isfinite(x) && x >= 0.0 && x < 1.0; };
-  const auto& s = o.optimizer;
-  if (!std::isfinite(s.lr) || s.lr <= 0.0) {
-    throw UsageError("--server-lr must be a positive number, not {}", s.lr);
-  }
-  if (!unit(s.momentum)) {
-    throw UsageError("--server-momentum must be in [0, 1), not {}", s.momentum);
-  }
-  if (!unit(s.beta1)) {
-    throw UsageError("--beta1 must be in [0, 1), not {}", s.beta1);
-  }
-  if (!unit(s.beta2)) {
-    throw UsageError("--beta2 must be in [0, 1), not {}", s.beta2);
-  }
-  if (!std::isfinite(s.tau) || s.tau <= 0.0) {
-    throw UsageError("--tau must be a positive number, not {}", s.tau);
-  }
-  if (o.clip_norm && (!std::isfinite(*o.clip_norm) || *o.clip_norm <= 0.0)) {
-    throw UsageError("--clip-norm must be a positive number, not {}", *o.clip_norm);
-  }
-  if (o.client_dp) {
-    if (!o.clip_norm) {
-      throw UsageError("client-level DP needs a clip norm (--dp-clip-norm)");
-    }
-    if (!(o.client_dp->noise_std > 0) || !std::isfinite(o.client_dp->noise_std)) {
-      throw UsageError("client-level DP: the noise standard deviation must be a positive number, not {}",
-                       o.client_dp->noise_std);
-    }
-    if (!(o.client_dp->denominator >= 1) || !std::isfinite(o.client_dp->denominator)) {
-      throw UsageError("client-level DP: the denominator must be at least 1, not {}", o.client_dp->denominator);
-    }
-  }
-}
-
-// -------------------------------------------------------------------------------------------------
-// Update validation.
-
-std::optional<std::uint64_t>
-update_num_samples(const Safetensors& update)
-{
-  const auto text = update.meta("fedl.num_samples");
-  if (!text || text->empty() || !std::all_of(text->begin(), text->end(), [](char c) { return c >= '0' && c <= '9'; })) {
-    return std::nullopt;
-  }
-  const auto n = parse_unsigned<std::uint64_t>(*text);
-  if (!n || *n == 0 || *n > (std::uint64_t{1} << 53)) {
-    return std::nullopt;
-  }
-  return n;
-}
-
-namespace {
-
-// How many of the n values at p have all exponent bits set (NaN or infinite).
-template<typename Bits, Bits ExponentMask>
-FEDL_CLONES std::size_t
-count_exponent_all_ones(const std::byte* p, std::size_t n) noexcept
-{
-  std::array<Bits, k_lanes> acc{};
-  std::size_t j = 0;
-  for (; j + k_lanes <= n; j += k_lanes) {
-    for (std::size_t k = 0; k < k_lanes; ++k) {
-      acc[k] += (load<Bits>(p + (j + k) * sizeof(Bits)) & ExponentMask) == ExponentMask ? 1 : 0;
-    }
-  }
-  std::size_t count = 0;
-  for (; j < n; ++j) {
-    count += (load<Bits>(p + j * sizeof(Bits)) & ExponentMask) == ExponentMask ? 1 : 0;
-  }
-  for (const auto c : acc) {
-    count += static_cast<std::size_t>(c);
-  }
-  return count;
-}
-
-// How many values of a tensor are NaN or infinite, and the index of the first. Reads the tensor
-// in chunks of 1 MiB; `rel` may drop each chunk's pages once read.
-template<typename T, typename Bits, Bits ExponentMask>
-std::pair<std::size_t, std::size_t>
-count_non_finite(const TensorView& t, PageReleaser& rel) noexcept
-{
-  constexpr std::size_t chunk = (std::size_t{1} << 20) / sizeof(T);
-  const std::size_t n = t.numel();
-  const std::byte* p = t.data.data();
-  std::size_t count = 0;
-  std::size_t first = n;
-  for (std::size_t b = 0; b < n; b += chunk) {
-    const std::size_t len = std::min(chunk, n - b);
-    const std::byte* q = p + b * sizeof(T);
-    const std::size_t c = count_exponent_all_ones<Bits, ExponentMask>(q, len);
-    if (c > 0 && count == 0) {
-      for (std::size_t j = 0; j < len; ++j) {
-        if (!std::isfinite(load<T>(q + j * sizeof(T)))) {
-          first = b + j;
-          break;
-        }
-      }
-    }
-    count += c;
-    rel.consumed(0, q, len * sizeof(T));
-  }
-  return {count, first};
-}
-
-std::optional<std::string>
-validate_impl(const Safetensors& base, std::string_view base_sha256, const Safetensors& update, bool release)
-{
-  try {
-    const auto kind = update.meta("fedl.kind");
-    if (!kind) {
-      return std::string("it has no fedl.kind metadata: it is not a fedl update");
-    }
-    if (*kind != "update") {
-      return fmt::format("fedl.kind is {}, not 'update'", quote_text(*kind));
-    }
-    const auto hash = update.meta("fedl.base_sha256");
-    if (!hash) {
-      return std::string("it has no fedl.base_sha256 metadata, so its base model is unknown");
-    }
-    if (*hash != base_sha256) {
-      return fmt::format("fedl.base_sha256 is {}, but the base model's SHA-256 is {}: it was trained from "
-                         "another model",
-                         quote_text(*hash, 80), base_sha256);
-    }
-    const auto samples = update.meta("fedl.num_samples");
-    if (!samples) {
-      return std::string("it has no fedl.num_samples metadata");
-    }
-    if (!update_num_samples(update)) {
-      return fmt::format("fedl.num_samples is {}, not a positive integer", quote_text(*samples));
-    }
-    for (const auto& bt : base.tensors) {
-      const auto* ut = update.find(bt.name);
-      if (ut == nullptr) {
-        return fmt::format("tensor {} of the base model is missing", bt.name);
-      }
-      if (ut->dtype != bt.dtype) {
-        return fmt::format("tensor {} is {}, but the base model's is {}", bt.name, dtype_name(ut->dtype),
-                           dtype_name(bt.dtype));
-      }
-      if (ut->shape != bt.shape) {
-        return fmt::format("tensor {} has shape {}, but the base model's has {}", bt.name, shape_text(ut->shape),
-                           shape_text(bt.shape));
-      }
-      if (!is_float(ut->dtype)) {
-        return fmt::format("tensor {} is {}: updates are defined for F32 and F64 tensors only", bt.name,
-                           dtype_name(ut->dtype));
-      }
-    }
-    for (const auto& ut : update.tensors) {
-      if (base.find(ut.name) == nullptr) {
-        return fmt::format("tensor {} is not in the base model", ut.name);
-      }
-    }
-    PageReleaser rel(release, 1, std::size_t{1} << 20);
-    for (const auto& ut : update.tensors) {
-      const auto [count, first] = ut.dtype == DType::f32
-                                    ? count_non_finite<float, std::uint32_t, 0x7f800000U>(ut, rel)
-                                    : count_non_finite<double, std::uint64_t, 0x7ff0000000000000ULL>(ut, rel);
-      if (count > 0) {
-        const bool nan = ut.dtype == DType::f32 ? std::isnan(load<float>(ut.data.data() + first * 4))
-                                                : std::isnan(load<double>(ut.data.data() + first * 8));
-        return fmt::format("tensor {} has {} non-finite value{} (the first, at flat index {}, is {})", ut.name, count,
-                           count == 1 ? "" : "s", first, nan ? "NaN" : "infinite");
-      }
-    }
-  } catch (const std::bad_alloc&) {
-    throw;
-  } catch (const std::exception& e) {
-    return fmt::format("it cannot be checked: {}", e.what());
-  }
-  return std::nullopt;
-}
-
-} // namespace
-
-std::optional<std::string>
-validate_update(const Safetensors& base, std::string_view base_sha256, const Safetensors& update)
-{
-  return validate_impl(base, base_sha256, update, false);
-}
-
-std::optional<std::string>
-validate_update(const Safetensors& base, std::string_view base_sha256, const SafetensorsFile& update)
-{
-  return validate_impl(base, base_sha256, update.content(), true);
-}
+} // namespace aggregate_detail
 
 // -------------------------------------------------------------------------------------------------
 // Server state files.
@@ -560,13 +217,11 @@ load_server_state(const std::filesystem::path& path, const StrategySpec& spec, s
 
 namespace {
 
-std::vector<OwnedTensor>
-aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, std::span<const double> weights,
-               const StrategySpec& spec, const ServerOptions& options, ServerState& state, AggregateInfo* info,
-               Access& access)
+// Throws unless the updates, their weights, the strategy and the server options fit together.
+void
+check_inputs(std::size_t n, std::span<const double> weights, const StrategySpec& spec, const ServerOptions& options)
 {
   validate_server_options(options);
-  const std::size_t n = updates.size();
   if (n == 0) {
     throw Error("no updates to aggregate");
   }
@@ -595,42 +250,52 @@ aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, st
                      "fedadam, fedyogi, fedadagrad), not {}",
                      spec.to_string());
   }
+}
 
-  Plan plan = make_plan(base, updates);
-
-  // State: validated if carried over, created if this is the first round. Nothing is modified
-  // before the passes, which cannot fail.
-  ServerState fresh;
+// The server state of a stateful strategy, with the plan pointing at its m and v: `state`
+// validated if carried over, or `fresh` created if this is the first round; null for a stateless
+// strategy. Nothing is modified before the passes, which cannot fail.
+ServerState*
+prepare_state(const Safetensors& base, const StrategySpec& spec, const ServerOptions& options, ServerState& state,
+              ServerState& fresh, Plan& plan)
+{
+  if (!spec.stateful()) {
+    return nullptr;
+  }
   ServerState* st = nullptr;
-  if (spec.stateful()) {
-    if (state.empty()) {
-      fresh.strategy = std::string(spec.name());
-      fresh.m = filled_like(base, 0.0);
-      if (adaptive(spec.kind)) {
-        fresh.v = filled_like(base, options.optimizer.tau * options.optimizer.tau);
-      }
-      st = &fresh;
-    } else {
-      if (state.strategy != spec.name()) {
-        throw VerifyError("the server state belongs to strategy '{}', but this round uses {}", state.strategy,
-                          spec.name());
-      }
-      check_state_tensors(state.m, "m", base);
-      if (adaptive(spec.kind)) {
-        check_state_tensors(state.v, "v", base);
-      } else if (!state.v.empty()) {
-        throw VerifyError("the server state of {} has v tensors, which {} does not use", state.strategy, spec.name());
-      }
-      st = &state;
+  if (state.empty()) {
+    fresh.strategy = std::string(spec.name());
+    fresh.m = filled_like(base, 0.0);
+    if (adaptive(spec.kind)) {
+      fresh.v = filled_like(base, options.optimizer.tau * options.optimizer.tau);
     }
-    for (std::size_t k = 0; k < plan.tensors.size(); ++k) {
-      plan.tensors[k].m = st->m[k].bytes.data();
-      if (adaptive(spec.kind)) {
-        plan.tensors[k].v = st->v[k].bytes.data();
-      }
+    st = &fresh;
+  } else {
+    if (state.strategy != spec.name()) {
+      throw VerifyError("the server state belongs to strategy '{}', but this round uses {}", state.strategy,
+                        spec.name());
+    }
+    check_state_tensors(state.m, "m", base);
+    if (adaptive(spec.kind)) {
+      check_state_tensors(state.v, "v", base);
+    } else if (!state.v.empty()) {
+      throw VerifyError("the server state of {} has v tensors, which {} does not use", state.strategy, spec.name());
+    }
+    st = &state;
+  }
+  for (std::size_t k = 0; k < plan.tensors.size(); ++k) {
+    plan.tensors[k].m = st->m[k].bytes.data();
+    if (adaptive(spec.kind)) {
+      plan.tensors[k].v = st->v[k].bytes.data();
     }
   }
+  return st;
+}
 
+// The new model's tensors, zero-filled, with the plan's outputs pointing into them.
+std::vector<OwnedTensor>
+output_tensors(const Safetensors& base, Plan& plan)
+{
   std::vector<OwnedTensor> out;
   out.reserve(base.tensors.size());
   for (std::size_t k = 0; k < base.tensors.size(); ++k) {
@@ -638,26 +303,35 @@ aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, st
     out.push_back({t.name, t.dtype, t.shape, zeroed_buffer(t.data.size())});
     plan.tensors[k].out = out.back().bytes.data();
   }
+  return out;
+}
 
-  const unsigned threads = thread_count(options, plan.total);
-  if (access.mapped) {
-    for (std::size_t i = 0; i < n; ++i) {
-      if (access.fds[i] < 0) {
-        for (const auto& t : updates[i].tensors) {
-          PageReleaser::small_pages(t.data.data(), t.data.size());
-        }
+// For mapped files: small pages for what is read in place, and the window of pages released.
+void
+prepare_access(const Safetensors& base, std::span<const Safetensors> updates, unsigned threads, Access& access)
+{
+  if (!access.mapped) {
+    return;
+  }
+  const std::size_t n = updates.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    if (access.fds[i] < 0) {
+      for (const auto& t : updates[i].tensors) {
+        PageReleaser::small_pages(t.data.data(), t.data.size());
       }
     }
-    for (const auto& t : base.tensors) {
-      PageReleaser::small_pages(t.data.data(), t.data.size());
-    }
-    access.window = release_window(n + 1, threads);
   }
-  const Pass pass{plan, threads, access};
-  const auto& opt = options.optimizer;
-  Step step{spec.kind, opt.lr, opt.momentum, opt.beta1, opt.beta2, opt.tau};
+  for (const auto& t : base.tensors) {
+    PageReleaser::small_pages(t.data.data(), t.data.size());
+  }
+  access.window = release_window(n + 1, threads);
+}
 
-  AggregateInfo local;
+// The factor that scales each of the n updates to at most the clip norm (1 without one); the
+// norms and which updates were clipped go to `local`.
+std::vector<double>
+clip_scales(const Pass& pass, std::size_t n, const ServerOptions& options, AggregateInfo& local)
+{
   std::vector<double> scale(n, 1.0);
   if (options.clip_norm) {
     local.norms = norms_pass(pass);
@@ -669,79 +343,127 @@ aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, st
       }
     }
   }
+  return scale;
+}
 
+// Coordinate-wise median or trimmed mean.
+void
+robust_step(const Pass& pass, const StrategySpec& spec, std::span<const double> scale, const Step& step)
+{
+  const std::size_t n = scale.size();
+  std::size_t lo = 0;
+  std::size_t hi = n;
+  if (spec.kind == Strategy::median) {
+    lo = (n - 1) / 2;
+    hi = n / 2 + 1;
+  } else {
+    // floor(BETA·N), with a little slack so that 0.29·100 drops 29 although 0.29·100 < 29 in
+    // binary floating point; never so many that nothing is left.
+    auto drop = static_cast<std::size_t>(std::floor(spec.trim * static_cast<double>(n) + 1e-9));
+    drop = std::min(drop, (n - 1) / 2);
+    lo = drop;
+    hi = n - drop;
+  }
+  robust_pass(pass, scale, lo, hi, step);
+}
+
+// Krum and multi-krum: the (weighted) mean of the updates with the lowest scores, the scores and
+// the selection going to `local`.
+void
+krum_step(const Pass& pass, const StrategySpec& spec, std::span<const double> weights, std::span<const double> scale,
+          const Step& step, AggregateInfo& local)
+{
+  const std::size_t n = scale.size();
+  const auto dist = distance_pass(pass, scale);
+  const std::size_t neighbours = n - spec.byzantine - 2;
+  local.krum_scores.assign(n, 0.0);
+  std::vector<double> row;
+  for (std::size_t i = 0; i < n; ++i) {
+    row.clear();
+    for (std::size_t j = 0; j < n; ++j) {
+      if (j != i) {
+        row.push_back(dist[i * n + j]);
+      }
+    }
+    std::partial_sort(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(neighbours), row.end());
+    local.krum_scores[i] = std::accumulate(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(neighbours), 0.0);
+  }
+  std::vector<std::size_t> order(n);
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return local.krum_scores[a] < local.krum_scores[b]; });
+  const std::size_t m = spec.kind == Strategy::krum ? 1 : spec.select;
+  local.selected.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(m));
+  std::vector<double> coef(m);
+  double denominator = 0;
+  for (std::size_t k = 0; k < m; ++k) {
+    const auto i = local.selected[k];
+    const double w = spec.kind == Strategy::krum ? 1.0 : weights[i];
+    coef[k] = w * scale[i];
+    denominator += w;
+  }
+  mean_pass(pass, local.selected, coef, denominator, step);
+}
+
+// The mean-type strategies: the weighted mean of all updates, or with client-level DP their sum
+// over the fixed denominator, with noise.
+void
+mean_step(const Pass& pass, std::span<const double> weights, std::span<const double> scale,
+          const ServerOptions& options, Step step)
+{
+  const std::size_t n = scale.size();
+  std::vector<std::size_t> all(n);
+  std::iota(all.begin(), all.end(), std::size_t{0});
+  std::vector<double> coef(n);
+  double denominator = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    coef[i] = weights[i] * scale[i];
+    denominator += weights[i];
+  }
+  if (options.client_dp) {
+    for (std::size_t i = 0; i < n; ++i) {
+      coef[i] = scale[i];
+    }
+    denominator = options.client_dp->denominator;
+    step.noise_std = options.client_dp->noise_std;
+    step.noise_seed = options.client_dp->seed;
+  }
+  mean_pass(pass, all, coef, denominator, step);
+}
+
+std::vector<OwnedTensor>
+aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, std::span<const double> weights,
+               const StrategySpec& spec, const ServerOptions& options, ServerState& state, AggregateInfo* info,
+               Access& access)
+{
+  check_inputs(updates.size(), weights, spec, options);
+  const std::size_t n = updates.size();
+
+  Plan plan = make_plan(base, updates);
+  ServerState fresh;
+  ServerState* st = prepare_state(base, spec, options, state, fresh, plan);
+  std::vector<OwnedTensor> out = output_tensors(base, plan);
+
+  const unsigned threads = thread_count(options, plan.total);
+  prepare_access(base, updates, threads, access);
+  const Pass pass{plan, threads, access};
+  const auto& opt = options.optimizer;
+  const Step step{spec.kind, opt.lr, opt.momentum, opt.beta1, opt.beta2, opt.tau};
+
+  AggregateInfo local;
+  const std::vector<double> scale = clip_scales(pass, n, options, local);
   switch (spec.kind) {
   case Strategy::median:
-  case Strategy::trimmed_mean: {
-    std::size_t lo = 0;
-    std::size_t hi = n;
-    if (spec.kind == Strategy::median) {
-      lo = (n - 1) / 2;
-      hi = n / 2 + 1;
-    } else {
-      // floor(BETA·N), with a little slack so that 0.29·100 drops 29 although 0.29·100 < 29 in
-      // binary floating point; never so many that nothing is left.
-      auto drop = static_cast<std::size_t>(std::floor(spec.trim * static_cast<double>(n) + 1e-9));
-      drop = std::min(drop, (n - 1) / 2);
-      lo = drop;
-      hi = n - drop;
-    }
-    robust_pass(pass, scale, lo, hi, step);
+  case Strategy::trimmed_mean:
+    robust_step(pass, spec, scale, step);
     break;
-  }
   case Strategy::krum:
-  case Strategy::multi_krum: {
-    const auto dist = distance_pass(pass, scale);
-    const std::size_t neighbours = n - spec.byzantine - 2;
-    local.krum_scores.assign(n, 0.0);
-    std::vector<double> row;
-    for (std::size_t i = 0; i < n; ++i) {
-      row.clear();
-      for (std::size_t j = 0; j < n; ++j) {
-        if (j != i) {
-          row.push_back(dist[i * n + j]);
-        }
-      }
-      std::partial_sort(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(neighbours), row.end());
-      local.krum_scores[i] = std::accumulate(row.begin(), row.begin() + static_cast<std::ptrdiff_t>(neighbours), 0.0);
-    }
-    std::vector<std::size_t> order(n);
-    std::iota(order.begin(), order.end(), std::size_t{0});
-    std::stable_sort(order.begin(), order.end(),
-                     [&](std::size_t a, std::size_t b) { return local.krum_scores[a] < local.krum_scores[b]; });
-    const std::size_t m = spec.kind == Strategy::krum ? 1 : spec.select;
-    local.selected.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(m));
-    std::vector<double> coef(m);
-    double denominator = 0;
-    for (std::size_t k = 0; k < m; ++k) {
-      const auto i = local.selected[k];
-      const double w = spec.kind == Strategy::krum ? 1.0 : weights[i];
-      coef[k] = w * scale[i];
-      denominator += w;
-    }
-    mean_pass(pass, local.selected, coef, denominator, step);
+  case Strategy::multi_krum:
+    krum_step(pass, spec, weights, scale, step, local);
     break;
-  }
-  default: {
-    std::vector<std::size_t> all(n);
-    std::iota(all.begin(), all.end(), std::size_t{0});
-    std::vector<double> coef(n);
-    double denominator = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      coef[i] = weights[i] * scale[i];
-      denominator += weights[i];
-    }
-    if (options.client_dp) {
-      for (std::size_t i = 0; i < n; ++i) {
-        coef[i] = scale[i];
-      }
-      denominator = options.client_dp->denominator;
-      step.noise_std = options.client_dp->noise_std;
-      step.noise_seed = options.client_dp->seed;
-    }
-    mean_pass(pass, all, coef, denominator, step);
+  default:
+    mean_step(pass, weights, scale, options, step);
     break;
-  }
   }
 
   if (st != nullptr) {

@@ -10,10 +10,15 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -68,6 +73,30 @@ is_float(DType d) noexcept
 {
   return d == DType::f32 || d == DType::f64;
 }
+
+// The adaptive strategies, which keep a second moment v besides m.
+inline bool
+adaptive(Strategy s) noexcept
+{
+  return s == Strategy::fedadam || s == Strategy::fedyogi || s == Strategy::fedadagrad;
+}
+
+// `text` as an unsigned integer, all of it in decimal digits, or nothing.
+template<typename U>
+inline std::optional<U>
+parse_unsigned(std::string_view text)
+{
+  U value{};
+  const auto* end = text.data() + text.size();
+  const auto [p, ec] = std::from_chars(text.data(), end, value);
+  if (text.empty() || ec != std::errc() || p != end) {
+    return std::nullopt;
+  }
+  return value;
+}
+
+// A shape as text, e.g. [3,4] (aggregate.cpp).
+std::string shape_text(const std::vector<std::int64_t>& shape);
 
 // ---------------------------------------------------------------------------------------------
 // Sorting columns (aggregate_kernels.cpp).

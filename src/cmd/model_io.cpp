@@ -64,11 +64,9 @@ check_fits(const OpenedModel& m, const core::Dataset& data)
   }
 }
 
-} // namespace
-
-OpenedModel
-open_model(const backends::Backend& backend, const std::string& device, const ModelSource& src,
-           const core::Dataset& data, OpenedModel* previous)
+// The flags that name the model: exactly one way, and --classes only with --arch.
+void
+check_model_source(const ModelSource& src)
 {
   if (src.model && src.model_bytes) {
     throw core::UsageError("internal: a model source has both a file and bytes");
@@ -86,6 +84,15 @@ open_model(const backends::Backend& backend, const std::string& device, const Mo
   if (src.torchscript && src.arch) {
     throw core::UsageError("--torchscript and --arch both name the model; give one");
   }
+}
+
+} // namespace
+
+OpenedModel
+open_model(const backends::Backend& backend, const std::string& device, const ModelSource& src,
+           const core::Dataset& data, OpenedModel* previous)
+{
+  check_model_source(src);
   if (src.arch) {
     const auto spec = core::parse_model_spec(*src.arch);
     spec.check_input(data.sample_shape);

@@ -20,8 +20,8 @@
 #include <asio/steady_timer.hpp>
 #include <nlohmann/json.hpp>
 
-#include <cstdint>
 #include <csignal>
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <memory>

@@ -97,3 +97,17 @@ TEST_CASE("core::atomic_write replaces the file and leaves nothing behind on fai
 }
 
 TEST_SUITE_END();
+
+TEST_CASE("file_io: append_line adds whole lines and names the file it cannot append to")
+{
+  TempDir t;
+  const auto path = t / "log.jsonl";
+  append_line(path, "{\"seq\":0}\n");
+  append_line(path, "{\"seq\":1}\n");
+  const MappedFile written(path);
+  CHECK(std::string(reinterpret_cast<const char*>(written.bytes().data()), written.bytes().size()) ==
+        "{\"seq\":0}\n{\"seq\":1}\n");
+  CHECK_THROWS_WITH_AS(append_line(t / "missing" / "log.jsonl", "x\n"),
+                       doctest::Contains(("cannot append to " + (t / "missing" / "log.jsonl").string()).c_str()),
+                       Error);
+}

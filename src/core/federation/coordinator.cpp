@@ -239,7 +239,7 @@ Coordinator::clean_incoming()
   std::set<fs::path> in_use; // updates being received (none before the first connection)
   if (m_pool) {
     for (const auto& [id, pooled] : m_pool->peers()) {
-      if (const auto& p = static_cast<const Peer&>(*pooled); p.fd >= 0) {
+      if (const auto& p = static_cast<const Peer&>(*pooled); p.fd) {
         in_use.insert(p.part);
       }
     }

@@ -48,7 +48,7 @@ struct Peer : PooledPeer
   bool removed = false;  // revoked or removed from fedl.json while connected
   int unexpected = 0;    // updates it sent that answered no task
   // The update being received, if any.
-  int fd = -1;
+  UniqueFd fd;
   std::filesystem::path part;
 };
 

@@ -12,7 +12,6 @@
 
 #include <cstring>
 #include <fcntl.h>
-#include <unistd.h>
 
 namespace fs = std::filesystem;
 
@@ -103,26 +102,25 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
     return {};
   }
   p->part = m_ws.state() / "incoming" / fmt::format("round-{:06}-{}.part", m_rounds.round(), p->site);
-  p->fd = ::open(p->part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (p->fd < 0) {
+  p->fd.reset(::open(p->part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!p->fd) {
     // The coordinator's problem (descriptors, disk), not the site's: this update is lost and the
     // site recorded as dropped; the round goes on with the others.
     FEDL_LOG_ERROR("cannot store the update of {} in {}: {}", p->site, p->part.string(), std::strerror(errno));
     m_rounds.upload_lost(p->site, fmt::format("the coordinator could not store its update: {}", std::strerror(errno)));
     return {};
   }
-  return {nullptr, p->fd};
+  return {nullptr, p->fd.get()};
 }
 
 void
 Coordinator::discard_part(Peer& p)
 {
-  if (p.fd >= 0) {
+  if (p.fd) {
     // The connection may still be receiving this body: it must stop writing to the descriptor
     // before the number can be reused by the next open() or accept().
     p.conn->drop_body();
-    ::close(p.fd);
-    p.fd = -1;
+    p.fd.reset();
     std::error_code ec;
     fs::remove(p.part, ec);
   }
@@ -193,11 +191,10 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
 void
 Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
 {
-  if (p->fd < 0) {
+  if (!p->fd) {
     return; // dropped in on_head, already logged
   }
-  ::close(p->fd);
-  p->fd = -1;
+  p->fd.reset();
   const auto file = p->part.parent_path() / fmt::format("round-{:06}-{}.safetensors", m_rounds.round(), p->site);
   std::error_code ec;
   fs::rename(p->part, file, ec);

@@ -6,12 +6,6 @@
 #include "core/util/file_io.hpp"
 #include "core/util/text.hpp"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-
 namespace fs = std::filesystem;
 
 namespace fedl::core {
@@ -114,26 +108,7 @@ append_ledger(const fs::path& path, const std::string& kind, const nlohmann::jso
   const std::string line = canonical_json(j) + "\n";
   e.line = lines.size() + 1;
 
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    throw Error("cannot append to {}: {}", path.string(), std::strerror(errno));
-  }
-  const auto n = ::write(fd, line.data(), line.size());
-  const int write_errno = errno;
-  if (n != static_cast<ssize_t>(line.size())) {
-    if (n > 0) {
-      // Take the partial line back so that the ledger stays a sequence of whole entries.
-      (void)::ftruncate(fd, static_cast<off_t>(text.size()));
-    }
-    ::close(fd);
-    throw Error("cannot append to {}: {}", path.string(), n < 0 ? std::strerror(write_errno) : "short write");
-  }
-  if (::fsync(fd) != 0) {
-    const int err = errno;
-    ::close(fd);
-    throw Error("cannot append to {}: fsync: {}", path.string(), std::strerror(err));
-  }
-  ::close(fd);
+  append_line(path, line);
   return e;
 }
 

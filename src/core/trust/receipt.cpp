@@ -6,12 +6,7 @@
 #include "core/util/file_io.hpp"
 #include "core/util/text.hpp"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <fstream>
 
 namespace fs = std::filesystem;
@@ -166,17 +161,7 @@ ReceiptLog::add(Receipt r)
   r.time = utc_now();
   const nlohmann::json j = {{"seq", r.seq}, {"sha256", r.sha256}, {"ca", r.ca}, {"sig", r.sig}, {"time", r.time}};
   const auto line = canonical_json(j) + "\n";
-  const int fd = ::open(m_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    throw Error("cannot append to {}: {}", m_path.string(), std::strerror(errno));
-  }
-  const auto n = ::write(fd, line.data(), line.size());
-  const int err = errno;
-  const bool synced = n == static_cast<ssize_t>(line.size()) && ::fsync(fd) == 0;
-  ::close(fd);
-  if (!synced) {
-    throw Error("cannot append to {}: {}", m_path.string(), n < 0 ? std::strerror(err) : "short write or fsync");
-  }
+  append_line(m_path, line);
   m_held[r.seq].insert(r.sha256);
   return warning;
 }

@@ -87,6 +87,11 @@ void atomic_write(const std::filesystem::path& path, std::span<const std::span<c
                   FileMode mode = FileMode::normal);
 void atomic_write(const std::filesystem::path& path, std::string_view contents, FileMode mode = FileMode::normal);
 
+// Appends `line` (one whole line, with its newline) to `path` (created 0644 if absent) and
+// fsyncs it; a write cut short is taken back (the file is truncated to its size before), so that
+// the file stays a sequence of whole lines. Throws Error naming the file.
+void append_line(const std::filesystem::path& path, std::string_view line);
+
 // Lower-case hex SHA-256, as sha256sum prints it.
 std::string sha256_hex(std::span<const std::byte> bytes);
 std::string sha256_hex(std::span<const std::span<const std::byte>> parts);

@@ -23,7 +23,7 @@ struct FakeHost final : RoundHost
   std::vector<std::string> done;
   std::vector<std::string> discarded;
   std::vector<AttemptClose> closed;
-  std::vector<std::pair<std::string, json>> finished;
+  std::vector<json> finished; // the details of each finish
   std::vector<std::string> failures;
   int stops = 0;
   int trust_refreshes = 0;
@@ -35,7 +35,7 @@ struct FakeHost final : RoundHost
   void send_done(const std::string& site) override { done.push_back(site); }
   void discard_upload(const std::string& site) override { discarded.push_back(site); }
   void close_attempt(AttemptClose attempt) override { closed.push_back(std::move(attempt)); }
-  void finish(const std::string& reason, json details) override { finished.emplace_back(reason, std::move(details)); }
+  void finish(json details) override { finished.push_back(std::move(details)); }
   void fail(const std::string& message) override { failures.push_back(message); }
   void stop() override { ++stops; }
 
@@ -338,8 +338,8 @@ TEST_CASE("round machine: the last round ends the federation; a site that connec
   f.m.attempt_committed(committed_body(2));
   CHECK(f.m.phase() == RoundMachine::Phase::finishing);
   REQUIRE(f.host.finished.size() == 1);
-  CHECK(f.host.finished[0].first == "rounds");
-  CHECK(f.host.finished[0].second["round"] == 1);
+  CHECK(f.host.finished[0]["reason"] == "rounds");
+  CHECK(f.host.finished[0]["round"] == 1);
   CHECK(f.m.finish_at() == doctest::Approx(5));
   f.m.site_joined("c");
   CHECK(f.host.done == std::vector<std::string>{"c"});
@@ -359,7 +359,7 @@ TEST_CASE("round machine: the target accuracy ends the federation early")
   f.upload("b");
   f.m.attempt_committed(committed_body(2, 0.95));
   REQUIRE(f.host.finished.size() == 1);
-  CHECK(f.host.finished[0].first == "target-accuracy");
+  CHECK(f.host.finished[0]["reason"] == "target-accuracy");
 }
 
 TEST_CASE("round machine: a round that would pass the privacy budget is not started")
@@ -373,8 +373,8 @@ TEST_CASE("round machine: a round that would pass the privacy budget is not star
   f.m.site_joined("b");
   CHECK(f.host.tasks.empty());
   REQUIRE(f.host.finished.size() == 1);
-  CHECK(f.host.finished[0].first == "privacy-budget");
-  CHECK(f.host.finished[0].second["next_round_epsilon"].get<double>() > 1);
+  CHECK(f.host.finished[0]["reason"] == "privacy-budget");
+  CHECK(f.host.finished[0]["next_round_epsilon"].get<double>() > 1);
   CHECK(f.m.phase() == RoundMachine::Phase::finishing);
 
   // With room for it, the round runs with client-level DP at q = asked / connected.

@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/coordinator_detail.hpp"
 
-#include "core/federation/ledger_state.hpp"
 #include "core/federation/round.hpp"
 #include "core/federation/round_machine.hpp"
 #include "core/net/connection.hpp"
@@ -158,7 +157,7 @@ Coordinator::attempt_done(AttemptOutcome outcome, const std::string& failure)
 }
 
 void
-Coordinator::finish(const std::string& /*reason: in details*/, json details)
+Coordinator::finish(json details)
 {
   try {
     const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
@@ -350,11 +349,8 @@ Coordinator::summary(const std::string& reason) const
 // not quietly weaken what the rounds so far promised: no client-level DP, less noise, a larger
 // clip, or a budget dropped or raised.
 void
-Coordinator::resume()
+Coordinator::resume(const LedgerState& state)
 {
-  // One entry at a time: a coordinator that resumes a long federation must not hold the parsed
-  // ledger (some 10 bytes per byte of it) for its whole run.
-  auto state = LedgerState::read(m_ws);
   m_first_round = state.model.round + 1;
   check_not_weaker(state.client_dp, m_s.privacy, m_first_round - 1);
   m_model = std::make_shared<MappedFile>(m_ws.root() / state.model.file);
@@ -363,27 +359,26 @@ Coordinator::resume()
     throw VerifyError("{} does not match the ledger: it was replaced or altered; run fedl audit {}",
                       (m_ws.root() / state.model.file).string(), m_ws.root().string());
   }
-  m_rounds.resume(m_first_round, std::move(state.privacy), state.accuracy);
-  m_budget_stop_recorded = state.last_kind == "finished" && state.finished.value("reason", "") == "privacy-budget";
+  m_rounds.resume(m_first_round, state.privacy, state.accuracy);
 }
 
 // With a budget: stops (exit 4) if not even the smallest round fits in what is left, recording
-// that once in the ledger.
+// that once in the ledger (`recorded`: it ends with that record already).
 void
-Coordinator::check_budget_left()
+Coordinator::check_budget_left(bool recorded)
 {
   const auto& p = m_s.privacy;
   if (p.max_epsilon <= 0) {
     return;
   }
   // The smallest sampling rate a round can have: the quorum out of every enrolled site.
-  const auto enrolled = std::max<std::size_t>(load_config(m_ws.config()).clients.size(), 1);
+  const auto enrolled = std::max<std::size_t>(m_trust->clients().size(), 1);
   const double q = std::min(1.0, std::max<double>(m_s.min_clients, 1) / static_cast<double>(enrolled));
   const auto& privacy = m_rounds.privacy();
   const double spent = privacy.client().epsilon(p.delta).epsilon;
   const double next = m_rounds.projected_epsilon(q);
   if (next > p.max_epsilon) {
-    if (!m_budget_stop_recorded) {
+    if (!recorded) {
       const WorkspaceLock lock(m_ws, WorkspaceLock::Kind::change, 30);
       append_signed(m_ws, "finished",
                     {{"round", m_first_round - 1},
@@ -407,13 +402,21 @@ json
 Coordinator::run()
 {
   m_started = FramedConnection::now();
-  resume();
+  bool budget_stop_recorded = false;
+  {
+    // One entry at a time: a coordinator that resumes a long federation must not hold the parsed
+    // ledger (some 10 bytes per byte of it) for its whole run.
+    const auto state = LedgerState::read(m_ws);
+    resume(state);
+    budget_stop_recorded = state.ends_with_budget_stop;
+  }
   const auto& accuracy = m_rounds.stats().accuracy;
   if (m_first_round > m_s.rounds || (m_s.target_accuracy && accuracy && *accuracy >= *m_s.target_accuracy)) {
     FEDL_LOG_INFO("the federation is already complete ({} rounds in the ledger); nothing to do", m_first_round - 1);
     return summary("already-complete");
   }
-  check_budget_left();
+  m_trust.emplace(m_ws);
+  check_budget_left(budget_stop_recorded);
   m_max_update = m_model->bytes().size() + update_slack;
   // Each site holds a socket (and an update file while it uploads): take every descriptor the
   // hard limit allows rather than the soft default of 1024.
@@ -423,15 +426,13 @@ Coordinator::run()
   }
   fs::create_directories(m_ws.state() / "incoming");
   clean_incoming();
-  m_trust.emplace(m_ws);
   load_tls();
   m_rounds.set_enrolled(m_trust->clients().size());
   listen_on(m_acceptor, m_s.listen, "--listen");
   PoolLimits limits;
   limits.heartbeat = m_s.heartbeat;
   limits.dead_after = m_s.dead_after;
-  m_pool.emplace(m_acceptor, limits,
-                 [this](tcp::socket socket, const std::string&) { return make_peer(std::move(socket)); });
+  m_pool.emplace(m_acceptor, limits, [this](tcp::socket socket) { return make_peer(std::move(socket)); });
   if (m_s.metrics) {
     m_metrics.emplace(m_io, *m_s.metrics, [this] { return metrics_text(); });
   }

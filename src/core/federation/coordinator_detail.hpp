@@ -6,6 +6,7 @@
 #pragma once
 
 #include "core/federation/coordinator.hpp"
+#include "core/federation/ledger_state.hpp"
 #include "core/federation/round.hpp"
 #include "core/federation/round_machine.hpp"
 #include "core/net/connection.hpp"
@@ -86,13 +87,13 @@ private:
   void send_done(const std::string& site) override;
   void discard_upload(const std::string& site) override;
   void close_attempt(AttemptClose attempt) override;
-  void finish(const std::string& reason, json details) override;
+  void finish(json details) override;
   void fail(const std::string& message) override;
   void stop() override { stop_now(); }
 
   // Setup.
-  void resume();
-  void check_budget_left();
+  void resume(const LedgerState& state);
+  void check_budget_left(bool recorded);
   void load_tls();
   std::shared_ptr<PooledPeer> make_peer(tcp::socket socket);
   void on_tick();
@@ -142,7 +143,6 @@ private:
 
   // Outcome and metrics.
   std::uint64_t m_first_round = 0;
-  bool m_budget_stop_recorded = false; // the ledger ends with a "finished" entry for the budget
   std::string m_failure;
   double m_started = 0;
 };

@@ -9,12 +9,9 @@ void
 LedgerState::apply(const LedgerEntry& e, bool verify)
 {
   model.update(e);
-  last_kind = e.kind;
-  if (e.kind == "finished") {
-    finished = e.body;
-    if (finished.value("reason", "") == "privacy-budget") {
-      budget_stop = finished;
-    }
+  ends_with_budget_stop = e.kind == "finished" && e.body.value("reason", "") == "privacy-budget";
+  if (ends_with_budget_stop) {
+    budget_stop = e.body;
   }
   if (e.kind != "round") {
     return;

@@ -23,11 +23,10 @@ struct LedgerState
   std::optional<double> accuracy; // the last round's evaluation accuracy, if it recorded one
   // The "privacy" object of the last round that had client-level DP; null if none had.
   nlohmann::json client_dp;
-  // The bodies of the last "finished" entry and of the last one for the privacy budget (null if
-  // none), and the kind of the last entry.
-  nlohmann::json finished;
+  // The body of the last "finished" entry for the privacy budget (null if none), and whether it
+  // is the ledger's last entry.
   nlohmann::json budget_stop;
-  std::string last_kind;
+  bool ends_with_budget_stop = false;
 
   // Takes the next entry (in ledger order). With `verify`, every epsilon a round records is
   // recomputed first (FederationPrivacy::replay); VerifyError names the line if one disagrees or

@@ -264,7 +264,6 @@ RoundMachine::start()
       }
     }
     m_client_dp = ClientDpRound{privacy.clip_norm, privacy.noise_multiplier, q, privacy.delta};
-    m_asked = static_cast<std::uint32_t>(asked);
   }
   ++m_attempt;
   m_host.attempt_started();
@@ -325,7 +324,7 @@ RoundMachine::close(const std::string& why)
   AttemptClose a;
   a.round = m_round;
   a.client_dp = m_client_dp;
-  a.asked = m_asked;
+  a.asked = static_cast<std::uint32_t>(m_participants.size());
   json late = std::exchange(m_late, json::array());
   json dropped = json::array();
   json site_metrics = json::object();
@@ -443,7 +442,7 @@ RoundMachine::finish(const std::string& reason, json details)
                 m_connected.size());
   details["round"] = m_round - 1;
   details["reason"] = reason;
-  m_host.finish(reason, std::move(details));
+  m_host.finish(std::move(details));
   m_finish_at = m_now() + finish_linger;
 }
 

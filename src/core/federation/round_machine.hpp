@@ -54,7 +54,7 @@ struct AttemptClose
   // seconds.
   nlohmann::json extra;
   std::optional<ClientDpRound> client_dp;
-  std::uint32_t asked = 0; // client-level DP's fixed denominator
+  std::uint32_t asked = 0; // sites asked: client-level DP's fixed denominator
 };
 
 // Why an update is not taken.
@@ -94,8 +94,9 @@ public:
   // Validate and aggregate (asynchronously); answer with attempt_committed, attempt_retry or
   // attempt_failed.
   virtual void close_attempt(AttemptClose attempt) = 0;
-  // Record the end (a "finished" ledger entry with `details`) and tell every connected site.
-  virtual void finish(const std::string& reason, nlohmann::json details) = 0;
+  // Record the end (a "finished" ledger entry with `details`: round, reason, ...) and tell every
+  // connected site.
+  virtual void finish(nlohmann::json details) = 0;
   // Stop the coordinator with an error.
   virtual void fail(const std::string& message) = 0;
   // Stop the coordinator (a stop was requested and the machine is at a point to stop).
@@ -216,8 +217,7 @@ private:
   double m_finish_at = 0;
   std::uint32_t m_failed_in_a_row = 0;
   FederationPrivacy m_privacy;
-  std::optional<ClientDpRound> m_client_dp; // the current attempt's client-level DP
-  std::uint32_t m_asked = 0;
+  std::optional<ClientDpRound> m_client_dp;                        // the current attempt's client-level DP
   nlohmann::json m_late = nlohmann::json::array();                 // late updates, for the next attempt's entry
   std::set<std::pair<std::string, std::uint64_t>> m_late_recorded; // (site, task) already in m_late
   std::set<std::pair<std::string, std::uint64_t>> m_answered;      // (site, task) whose update was received

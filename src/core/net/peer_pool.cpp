@@ -66,7 +66,7 @@ PeerPool::accept()
       oldest->conn->close("too many connections waiting for hello");
     }
     try {
-      if (auto peer = m_make(std::move(socket), address)) {
+      if (auto peer = m_make(std::move(socket))) {
         peer->id = m_next_id++;
         peer->address = address;
         peer->accepted_at = FramedConnection::now();

@@ -46,9 +46,10 @@ struct PoolLimits
 class PeerPool
 {
 public:
-  // Makes the peer for an accepted socket from `address` (its FramedConnection with the owner's
-  // callbacks, not started); null to drop the socket. Called only within the bounds.
-  using Make = std::function<std::shared_ptr<PooledPeer>(asio::ip::tcp::socket socket, const std::string& address)>;
+  // Makes the peer for an accepted socket (its FramedConnection with the owner's callbacks, not
+  // started; the pool fills in id, address and accepted_at); null to drop the socket. Called only
+  // within the bounds.
+  using Make = std::function<std::shared_ptr<PooledPeer>(asio::ip::tcp::socket socket)>;
 
   PeerPool(asio::ip::tcp::acceptor& acceptor, const PoolLimits& limits, Make make);
 

@@ -304,12 +304,12 @@ append_line(const fs::path& path, std::string_view line)
 {
   const UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
   if (!fd) {
-    throw Error("cannot append to {}: {}", path.string(), std::strerror(errno));
+    throw Error("cannot append to {}: {}", path.string(), errno_text(errno));
   }
   struct stat st
   {};
   if (::fstat(fd.get(), &st) != 0) {
-    throw Error("cannot append to {}: {}", path.string(), std::strerror(errno));
+    throw Error("cannot append to {}: {}", path.string(), errno_text(errno));
   }
   const auto n = ::write(fd.get(), line.data(), line.size());
   const int write_errno = errno;
@@ -318,10 +318,10 @@ append_line(const fs::path& path, std::string_view line)
       // Take the partial line back so that the file stays a sequence of whole lines.
       (void)::ftruncate(fd.get(), st.st_size);
     }
-    throw Error("cannot append to {}: {}", path.string(), n < 0 ? std::strerror(write_errno) : "short write");
+    throw Error("cannot append to {}: {}", path.string(), n < 0 ? errno_text(write_errno) : "short write");
   }
   if (::fsync(fd.get()) != 0) {
-    throw Error("cannot append to {}: fsync: {}", path.string(), std::strerror(errno));
+    throw Error("cannot append to {}: fsync: {}", path.string(), errno_text(errno));
   }
 }
 

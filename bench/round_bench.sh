@@ -26,7 +26,7 @@
 #
 # Usage: bench/round_bench.sh [-n SITES] [-p PARAMS] [-r ROUNDS] [-w WARMUP] [-c PER_ROUND]
 #                             [-i TRAINER_IDLE] [-s SAMPLES] [-t PUSH_REPEAT] [-m MIN_AVAIL_MB]
-#                             [-T TIMEOUT] [-o RESULT.json] [-k]
+#                             [-j THREADS] [-T TIMEOUT] [-o RESULT.json] [-k]
 #   -n SITES        fedl join processes (default 10)
 #   -p PARAMS       model parameters (default 1000000)
 #   -r ROUNDS       rounds in all (default 12)
@@ -36,6 +36,8 @@
 #   -s SAMPLES      training samples per site (default 4)
 #   -t REPEAT       rounds of fedl_tls_push_bench (default 15; 0: skip it)
 #   -m MB           stop everything if MemAvailable falls below this (default 1500)
+#   -j THREADS      --threads for fedl serve, each fedl join and its trainer (default: not
+#                   given, so each runs at its own default, as a user runs them)
 #   -T SEC          give up after this long (default 900)
 #   -o FILE         also write the figures as JSON
 #   -k              keep the temporary folder (workspace, logs)
@@ -52,12 +54,12 @@ PYTHON="${PYTHON:-/usr/bin/python3}"
 DIGITS_CSV="${DIGITS_CSV:-$root/data/digits.csv.gz}"
 
 n=10 params=1000000 rounds=12 warmup=2 per_round=0 idle=0 samples=4 push_repeat=15 min_avail=1500
-timeout=900 out_json="" keep=0
+timeout=900 out_json="" keep=0 threads=""
 
 usage() { sed -n '3,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "round_bench: $*" >&2; exit 1; }
 
-while getopts ":n:p:r:w:c:i:s:t:m:T:o:kh" o; do
+while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:kh" o; do
   case "$o" in
     n) n="$OPTARG" ;;
     p) params="$OPTARG" ;;
@@ -68,6 +70,7 @@ while getopts ":n:p:r:w:c:i:s:t:m:T:o:kh" o; do
     s) samples="$OPTARG" ;;
     t) push_repeat="$OPTARG" ;;
     m) min_avail="$OPTARG" ;;
+    j) threads="$OPTARG" ;;
     T) timeout="$OPTARG" ;;
     o) out_json="$OPTARG" ;;
     k) keep=1 ;;
@@ -84,6 +87,7 @@ done
 for v in warmup per_round push_repeat min_avail; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer, not '${!v}'"
 done
+[[ -z "$threads" || "$threads" =~ ^[1-9][0-9]*$ ]] || die "-j needs a positive number of threads, not '$threads'"
 [[ "$idle" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "-i needs a number of seconds, not '$idle'"
 ((params > 85)) || die "-p must be above 85 (mlp:1 has 85 parameters)"
 ((warmup < rounds)) || die "-w $warmup leaves no round to time out of -r $rounds"
@@ -143,7 +147,8 @@ echo "round_bench: $n sites, $asked per round, P = $actual (mlp:$hidden), $round
 monitor=$!
 pids+=("$monitor")
 
-serve_args=(--min-clients "$asked" --threads 1 --json)
+serve_args=(--min-clients "$asked" --json)
+[[ -n "$threads" ]] && serve_args+=(--threads "$threads")
 ((per_round > 0)) && serve_args+=(--clients-per-round "$per_round")
 # SERVE_WRAP (words, e.g. "perf record -g -o /tmp/serve.perf --" or "strace -f -c -o FILE") runs
 # fedl serve under a profiler; its RSS and times are then not the plain coordinator's.
@@ -159,7 +164,8 @@ for ((i = 0; i < 300; i++)); do
   sleep 0.05
 done
 
-join_args=(--no-header --threads 1 --retry-max 1)
+join_args=(--no-header --retry-max 1)
+[[ -n "$threads" ]] && join_args+=(--threads "$threads")
 [[ "$idle" != 0 ]] && join_args+=(--trainer-idle "$idle")
 : >"$tmp/launch.txt"
 for ((k = 1; k <= n; k++)); do

@@ -3,7 +3,8 @@
 // the in-memory parser that SafetensorsFile runs on a mapped model or update. What it accepts
 // must be consistent (tensors packed without gaps, sizes matching shapes) and must survive
 // being written back the way fedl writes a file and parsed again unchanged, with the same
-// update_signed_payload (what a site's signature covers, core/trust/update.hpp). A file's fedl.dp
+// update_signed_payload (what a site's signature covers, core/trust/update.hpp), and the same
+// update digest whether computed as the bytes arrive or from the parsed file. A file's fedl.dp
 // metadata is then read as the coordinator reads a site's (round.cpp check_dp).
 #include "fuzz.hpp"
 
@@ -80,6 +81,34 @@ check_dp_metadata(const core::Safetensors& st)
   }
 }
 
+// The digest a coordinator computes as an update's bytes arrive (UpdateDigester, fed in uneven
+// pieces) is the one the file's own parse gives: for a v2 update its digest and head, else the
+// file's SHA-256.
+void
+check_digest(const core::Safetensors& st, std::span<const std::byte> bytes)
+{
+  core::UpdateDigester d;
+  for (std::size_t at = 0, i = 0; at < bytes.size(); ++i) {
+    const auto n = std::min<std::size_t>(1 + (i * 7919) % 4096, bytes.size() - at);
+    d.update(bytes.subspan(at, n));
+    at += n;
+  }
+  const auto streamed = d.finish();
+  const auto version = core::update_signature_version(st.metadata);
+  if (version == 2) {
+    std::vector<const core::TensorView*> order;
+    for (const auto& t : st.tensors) {
+      order.push_back(&t);
+    }
+    FEDL_FUZZ_CHECK(streamed.version == 2);
+    FEDL_FUZZ_CHECK(streamed.head == core::update_head_v2(order, st.metadata));
+    FEDL_FUZZ_CHECK(streamed.hex == core::update_digest_v2(st));
+  } else {
+    FEDL_FUZZ_CHECK(streamed.version == version.value_or(0));
+    FEDL_FUZZ_CHECK(streamed.hex == core::sha256_hex(bytes));
+  }
+}
+
 } // namespace
 
 extern "C" int
@@ -95,6 +124,7 @@ LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
     return 0;
   }
   check_accepted(st, bytes);
+  check_digest(st, bytes);
   check_dp_metadata(st);
   return 0;
 }

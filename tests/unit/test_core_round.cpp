@@ -95,6 +95,19 @@ public:
     return path;
   }
 
+  // As update(), signed by `site` as fedl join signs (sign_update, update-signature-v2).
+  fs::path update_v2(const std::string& name, float delta, const std::string& site) const
+  {
+    const auto plan = plan_workspace_round(m_ws);
+    const std::vector<float> d(k_base.size(), delta);
+    const auto views = model_views(d);
+    Metadata meta{{"fedl.kind", "update"}, {"fedl.base_sha256", file_sha256(plan.base)}, {"fedl.num_samples", "10"}};
+    sign_update(views, meta, read_identity(m_ws.client(site) / "client.crt", m_ws.client(site) / "client.key"));
+    const auto path = in(name);
+    write_safetensors(path, views, meta);
+    return path;
+  }
+
   // Writes in/`name`: the update at `from` with its metadata changed by `edit`, signed again by
   // `site` (its key, over whatever its certificate metadata now says) unless `site` is empty.
   fs::path rewrite(const fs::path& from, const std::string& name, const std::string& site,
@@ -182,9 +195,77 @@ TEST_CASE("round: validate_round rejects an update that another site than the on
     REQUIRE(v.accepted.size() == 2);
     CHECK(v.accepted[0].site == "alice");
     CHECK(v.accepted[1].site == "bob");
-    CHECK(v.accepted[0].sha256 == file_sha256(from_alice));
+    CHECK(v.accepted[0].digest.version == 1);
+    CHECK(v.accepted[0].digest.hex == file_sha256(from_alice));
     CHECK(v.accepted[0].samples == 10);
     CHECK(v.rejected.empty());
+  }
+}
+
+TEST_CASE("round: v2-signed updates are checked over one digest, beside v1 ones, and the ledger says which")
+{
+  const TestWorkspace t;
+  const auto plan = plan_workspace_round(t.ws());
+  const auto v2 = t.update_v2("alice.st", 1.0F, "alice");
+  const auto v1 = t.update("bob.st", 3.0F, "bob");
+  const auto v2_digest = update_digest_v2(SafetensorsFile(v2).content());
+
+  SUBCASE("both accepted; the round entry records the digest of the one, the file hash of the other")
+  {
+    const std::vector<RoundCandidate> candidates{{v2, "alice"}, {v1, "bob"}};
+    const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+    REQUIRE(v.accepted.size() == 2);
+    CHECK(v.accepted[0].digest.version == 2);
+    CHECK(v.accepted[0].digest.hex == v2_digest);
+    CHECK(v.accepted[1].digest.version == 1);
+    RoundSettings settings;
+    settings.strategy = parse_strategy("fedavg");
+    const auto result = commit_round(v, settings);
+    const auto& p = result.ledger_body["participants"];
+    REQUIRE(p.size() == 2);
+    CHECK(p[0]["signature_version"] == 2);
+    CHECK(p[0]["update_digest"] == v2_digest);
+    CHECK_FALSE(p[0].contains("update_sha256"));
+    CHECK(p[1]["update_sha256"] == file_sha256(v1));
+    CHECK_FALSE(p[1].contains("signature_version"));
+    CHECK(read_flat(result.model)[0] == doctest::Approx(1 + 2.0)); // the mean of +1 and +3
+    CHECK(result.sha256 == file_sha256(result.model));             // hashed as written, as it is on disk
+  }
+  SUBCASE("a value changed after signing breaks the signature")
+  {
+    auto bytes = fedl::test::read_file(v2);
+    bytes.back() = static_cast<char>(bytes.back() ^ 1);
+    fedl::test::write_file(t.in("changed.st"), bytes);
+    const std::vector<RoundCandidate> candidates{{t.in("changed.st"), "alice"}};
+    const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+    REQUIRE(v.rejected.size() == 1);
+    CHECK(v.rejected[0]["reason"].get<std::string>().find("does not verify") != std::string::npos);
+  }
+  SUBCASE("the digest computed as the bytes arrived is taken for a file the caller owns, if it describes it")
+  {
+    UpdateDigester d;
+    const auto bytes = fedl::test::read_file(v2);
+    d.update(as_bytes(bytes));
+    auto streamed = d.finish();
+    const std::vector<RoundCandidate> owned{{v2, "alice", true, streamed}};
+    CHECK(validate_round(plan, owned, OnBadUpdate::fail).accepted.at(0).digest.hex == v2_digest);
+    // A digest that says another head (another file's) is not taken: the file is hashed itself.
+    UpdateDigest other = streamed;
+    other.head += " ";
+    other.hex = std::string(64, '0');
+    const std::vector<RoundCandidate> mismatched{{v2, "alice", true, other}};
+    CHECK(validate_round(plan, mismatched, OnBadUpdate::fail).accepted.at(0).digest.hex == v2_digest);
+    // Nor for a file named on a command line, which someone else may change.
+    const std::vector<RoundCandidate> not_owned{{v2, "alice", false, other}};
+    CHECK(validate_round(plan, not_owned, OnBadUpdate::fail).accepted.at(0).digest.hex == v2_digest);
+  }
+  SUBCASE("a signature version this fedl does not know is refused, naming it")
+  {
+    const auto future = t.rewrite(v2, "future.st", "", [](Metadata& m) { m["fedl.signature_version"] = "3"; });
+    const std::vector<RoundCandidate> candidates{{future, "alice"}};
+    const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+    REQUIRE(v.rejected.size() == 1);
+    CHECK(v.rejected[0]["reason"].get<std::string>().find("fedl.signature_version '3'") != std::string::npos);
   }
 }
 

@@ -14,13 +14,14 @@ TEST_CASE("site protocol: every message survives its encoder and decoder")
   CHECK(hello.site == "site-1");
   CHECK(hello.version == protocol_version);
 
-  const Welcome w{3, 10, 2.5, "ab12", json{{"runs", 2}}};
+  const Welcome w{3, 10, 2.5, "ab12", json{{"runs", 2}}, 2};
   const auto w2 = Welcome::from_header(w.to_header());
   CHECK(w2.round == 3);
   CHECK(w2.rounds == 10);
   CHECK(w2.heartbeat == 2.5);
   CHECK(w2.ca_fingerprint == "ab12");
   CHECK(w2.privacy == json{{"runs", 2}});
+  CHECK(w2.update_signature == 2);
   CHECK_FALSE(Welcome{}.to_header().contains("privacy")); // none spent: not sent
 
   const Task t{4, 2, 77, 12.5, 9, json{{"epochs", 1}}, std::string(64, 'a'), json{{"seq", 5}}};
@@ -64,6 +65,8 @@ TEST_CASE("site protocol: absent fields take defaults; a wrong type is a protoco
   CHECK(t.training == json::object());
   CHECK(ErrorReport::from_header(json::object()).message == "(no message)");
   CHECK(Welcome::from_header(json::object()).heartbeat == 5);
+  // An older coordinator's welcome says nothing: it checks v1 signatures only.
+  CHECK(Welcome::from_header(json::object()).update_signature == 1);
 
   const auto fails = [](auto decode, const json& header, const std::string& field) {
     CAPTURE(header.dump());

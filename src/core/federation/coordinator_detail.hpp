@@ -48,9 +48,10 @@ struct Peer : PooledPeer
   bool replaced = false; // a newer connection of the same site took over
   bool removed = false;  // revoked or removed from fedl.json while connected
   int unexpected = 0;    // updates it sent that answered no task
-  // The update being received, if any.
+  // The update being received, if any, and its digest as it arrives.
   UniqueFd fd;
   std::filesystem::path part;
+  std::shared_ptr<UpdateDigester> digester;
 };
 
 using Phase = RoundMachine::Phase;

@@ -110,7 +110,8 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
     m_rounds.upload_lost(p->site, fmt::format("the coordinator could not store its update: {}", std::strerror(errno)));
     return {};
   }
-  return {nullptr, p->fd.get()};
+  p->digester = std::make_shared<UpdateDigester>();
+  return {nullptr, p->fd.get(), [d = p->digester](std::span<const std::byte> bytes) { d->update(bytes); }};
 }
 
 void
@@ -121,6 +122,7 @@ Coordinator::discard_part(Peer& p)
     // before the number can be reused by the next open() or accept().
     p.conn->drop_body();
     p.fd.reset();
+    p.digester.reset();
     std::error_code ec;
     fs::remove(p.part, ec);
   }
@@ -181,8 +183,12 @@ Coordinator::on_hello(const std::shared_ptr<Peer>& p, const json& header)
   FEDL_LOG_INFO("site {} connected from {} ({} connected)", p->site, p->conn->stream().remote(), m_sites.size());
   // With what the ledger says this site spent: a site with a budget counts the larger of this and
   // its own account, and refuses to go on if its account is missing or shorter.
-  const Welcome welcome{m_rounds.round(), m_s.rounds, m_s.heartbeat, certificate_fingerprint(m_trust->ca()),
-                        m_rounds.privacy().site_report(p->site)};
+  const Welcome welcome{m_rounds.round(),
+                        m_s.rounds,
+                        m_s.heartbeat,
+                        certificate_fingerprint(m_trust->ca()),
+                        m_rounds.privacy().site_report(p->site),
+                        update_signature_latest};
   p->conn->send(FrameType::welcome, welcome.to_header());
   // The machine sends its task again to a participant that reconnects mid-round.
   m_rounds.site_joined(p->site);
@@ -195,6 +201,7 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
     return; // dropped in on_head, already logged
   }
   p->fd.reset();
+  auto digest = std::exchange(p->digester, nullptr)->finish();
   const auto file = p->part.parent_path() / fmt::format("round-{:06}-{}.safetensors", m_rounds.round(), p->site);
   std::error_code ec;
   fs::rename(p->part, file, ec);
@@ -203,7 +210,7 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
     return;
   }
   FEDL_LOG_DEBUG("round {}: update from {} ({} bytes)", m_rounds.round(), p->site, fs::file_size(file, ec));
-  m_rounds.upload_received(p->site, file, bounded_metrics(Update::from_header(header).metrics));
+  m_rounds.upload_received(p->site, file, bounded_metrics(Update::from_header(header).metrics), std::move(digest));
 }
 
 void

@@ -46,7 +46,7 @@ state_name(std::uint64_t round)
 // certificate that the federation's CA issued (revoked or not), or, outside a workspace, with
 // the update's own certificate.
 std::optional<std::string>
-check_identity(const Safetensors& st, const Trust* trust, std::string& signer)
+check_identity(const Safetensors& st, const UpdateDigest& digest, const Trust* trust, std::string& signer)
 {
   const auto sig = st.meta("fedl.signature");
   const auto pem = st.meta("fedl.certificate");
@@ -70,7 +70,9 @@ check_identity(const Safetensors& st, const Trust* trust, std::string& signer)
   if (st.meta("fedl.cert_sha256") != info.fingerprint) {
     return "fedl.cert_sha256 does not match its certificate";
   }
-  if (!verify_signature(cert, as_bytes(update_signed_payload(st.tensors, st.metadata)), *sig)) {
+  const auto message =
+    digest.version == 2 ? update_signed_message_v2(digest.hex) : update_signed_payload(st.tensors, st.metadata);
+  if (!verify_signature(cert, as_bytes(message), *sig)) {
     return fmt::format("the signature of site {} does not verify (the file was changed after signing)",
                        info.common_name);
   }
@@ -84,6 +86,16 @@ check_identity(const Safetensors& st, const Trust* trust, std::string& signer)
     }
   }
   return std::nullopt;
+}
+
+// An accepted update's digest computed again from its file as it is now.
+std::string
+digest_again(const AcceptedUpdate& c)
+{
+  if (c.digest.version == 2) {
+    return update_digest_v2(SafetensorsFile(c.path).content());
+  }
+  return file_sha256(c.path);
 }
 
 // The keys of a round entry's body that caller-supplied fields must not replace: an auditor
@@ -219,13 +231,40 @@ namespace {
 struct CheckedUpdate
 {
   std::optional<SafetensorsFile> file;
-  std::string sha256, site, fingerprint;
+  UpdateDigest digest;
+  std::string site, fingerprint;
   std::uint64_t samples = 0;
   std::optional<std::string> unreadable; // why it could not be opened or hashed
   std::optional<std::string> invalid;    // why its content or signature is bad
   std::optional<DpSgdReport> dp;
   std::string signer; // the site whose key verifiably made it (see check_identity), or ""
 };
+
+// The digest that identifies an update (UpdateDigest). For a file the caller received itself,
+// the digest computed as it arrived, if it describes the same head; else one pass over the file.
+UpdateDigest
+digest_of(const SafetensorsFile& file, const RoundCandidate& candidate)
+{
+  const auto& st = file.content();
+  const int version = update_signature_version(st.metadata).value_or(0);
+  const auto& streamed = candidate.streamed;
+  if (version != 2) {
+    if (candidate.owned && streamed && streamed->version == version) {
+      return {version, streamed->hex, {}};
+    }
+    return {version, file_sha256(candidate.path), {}};
+  }
+  if (candidate.owned && streamed && streamed->version == 2) {
+    std::vector<const TensorView*> order;
+    for (const auto& t : st.tensors) {
+      order.push_back(&t);
+    }
+    if (streamed->head == update_head_v2(order, st.metadata)) {
+      return *streamed;
+    }
+  }
+  return {2, update_digest_v2(st), {}};
+}
 
 // Opens, hashes and checks one candidate against the base, the trust, the required DP and the
 // limits. On a worker thread, where nothing may escape: whatever an update makes a check throw
@@ -238,17 +277,22 @@ check_candidate(const RoundCandidate& candidate, const RoundPlan& plan, const Sa
   try {
     try {
       c.file.emplace(candidate.path);
-      c.sha256 = file_sha256(candidate.path);
+      c.digest = digest_of(*c.file, candidate);
     } catch (const Error& e) {
       c.unreadable = e.what();
     }
-    if (!c.file) {
+    if (!c.file || c.unreadable) {
       return c;
     }
     const auto& st = c.file->content();
     c.invalid = validate_update(base.content(), base_sha, *c.file);
+    if (!c.invalid && c.digest.version == 0) {
+      c.invalid = fmt::format(
+        "its fedl.signature_version {} is not one this fedl checks (1 or 2): a newer fedl signed it; upgrade this one",
+        quote_text(st.meta("fedl.signature_version").value_or("")));
+    }
     if (!c.invalid) {
-      c.invalid = check_identity(st, trust, c.signer);
+      c.invalid = check_identity(st, c.digest, trust, c.signer);
     }
     c.site = st.meta("fedl.site").value_or("");
     c.fingerprint = st.meta("fedl.cert_sha256").value_or("");
@@ -325,7 +369,7 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
     const auto& path = candidate.path;
     auto& c = checked[i];
     std::optional<std::string> reason = c.unreadable;
-    if (!reason && !contents.insert(c.sha256).second) {
+    if (!reason && !contents.insert(c.digest.hex).second) {
       reason = "the same update file is given twice";
     }
     if (!reason) {
@@ -352,7 +396,7 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
       rejected.push_back({{"file", path.filename().string()}, {"site", site}, {"reason", *reason}});
       continue;
     }
-    accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples, std::move(c.sha256),
+    accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples, std::move(c.digest),
                                       std::move(*c.file), candidate.owned, c.dp});
   }
   return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected)};
@@ -370,7 +414,7 @@ namespace {
 
 // Aggregates the accepted updates, checks the result and the updates' files, and writes the model
 // and the advanced server state. AggregateInfo goes to `info`.
-void
+std::string
 aggregate_and_write(const ValidatedRound& validated, const RoundSettings& settings, AggregateInfo& info)
 {
   const auto& plan = validated.plan;
@@ -403,7 +447,7 @@ aggregate_and_write(const ValidatedRound& validated, const RoundSettings& settin
   // The files are read through their mappings: one changed on disk after its signature was
   // checked must not pass unnoticed.
   for (const auto& c : validated.accepted) {
-    if (!c.owned && file_sha256(c.path) != c.sha256) {
+    if (!c.owned && digest_again(c) != c.digest.hex) {
       throw VerifyError("update {} changed while it was being aggregated; nothing was written", c.path.string());
     }
   }
@@ -413,10 +457,11 @@ aggregate_and_write(const ValidatedRound& validated, const RoundSettings& settin
   if (!plan.workspace) {
     meta.erase("fedl.round");
   }
-  write_safetensors(plan.out, views_of(model), meta);
+  auto sha = write_safetensors(plan.out, views_of(model), meta);
   if (spec.stateful() && plan.state_out) {
     save_server_state(*plan.state_out, state);
   }
+  return sha;
 }
 
 // The "round" ledger entry's body.
@@ -472,17 +517,21 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
     throw VerifyError("no update left to aggregate ({} rejected)", validated.rejected.size());
   }
   RoundResult result;
-  aggregate_and_write(validated, settings, result.info);
+  result.sha256 = aggregate_and_write(validated, settings, result.info);
   for (const auto& c : validated.accepted) {
-    result.participants.push_back({{"file", c.path.filename().string()},
-                                   {"site", c.site},
-                                   {"fingerprint", c.fingerprint},
-                                   {"num_samples", c.samples},
-                                   {"update_sha256", c.sha256}});
+    nlohmann::json p = {{"file", c.path.filename().string()},
+                        {"site", c.site},
+                        {"fingerprint", c.fingerprint},
+                        {"num_samples", c.samples}};
+    if (c.digest.version == 2) {
+      p["signature_version"] = 2;
+      p["update_digest"] = c.digest.hex;
+    } else {
+      p["update_sha256"] = c.digest.hex;
+    }
+    result.participants.push_back(std::move(p));
   }
-  // Hashed as read back from disk: the ledger vouches for the file that is there.
   result.model = plan.out;
-  result.sha256 = SafetensorsFile(plan.out).sha256();
   result.strategy = settings.strategy.to_string();
   result.rejected = validated.rejected;
   result.round = plan.round;

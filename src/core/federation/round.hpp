@@ -22,6 +22,7 @@
 #include "core/format/safetensors.hpp"
 #include "core/math/aggregate.hpp"
 #include "core/privacy/privacy.hpp"
+#include "core/trust/update.hpp"
 #include "core/trust/workspace.hpp"
 #include "core/util/error.hpp"
 
@@ -79,6 +80,9 @@ struct RoundCandidate
   // state/incoming/): nobody can change it under the mapping, so commit_round skips the second
   // hash that guards files named on a command line.
   bool owned = false;
+  // For an owned file: its digest as computed while its bytes arrived (UpdateDigester), which
+  // validate_round then takes instead of reading the file again.
+  std::optional<UpdateDigest> streamed{};
 };
 
 // What to do with an update that cannot be accepted.
@@ -110,7 +114,7 @@ struct AcceptedUpdate
   std::string site;        // fedl.site; empty for an unsigned update outside a workspace
   std::string fingerprint; // fedl.cert_sha256; empty if unsigned
   std::uint64_t samples = 0;
-  std::string sha256; // of the file's bytes when it was checked
+  UpdateDigest digest; // when it was checked: v2, the digest its signature covers; else its file's SHA-256
   SafetensorsFile file;
   bool owned = false;            // RoundCandidate::owned
   std::optional<DpSgdReport> dp; // fedl.dp: how it was trained with DP-SGD, if it says so
@@ -163,9 +167,10 @@ struct RoundSettings
 struct RoundResult
 {
   std::filesystem::path model;
-  std::string sha256;                                    // of the model file as written
-  std::string strategy;                                  // canonical spec
-  nlohmann::json participants = nlohmann::json::array(); // [{file, site, fingerprint, num_samples, update_sha256}]
+  std::string sha256;   // of the model file as written
+  std::string strategy; // canonical spec
+  // [{file, site, fingerprint, num_samples, update_sha256 | signature_version: 2, update_digest}]
+  nlohmann::json participants = nlohmann::json::array();
   nlohmann::json rejected = nlohmann::json::array();
   AggregateInfo info;         // info.selected: krum's and multi-krum's choice
   std::uint64_t round = 0;    // 0 outside a workspace

@@ -176,7 +176,8 @@ RoundMachine::upload_lost(const std::string& site, const std::string& why)
 }
 
 void
-RoundMachine::upload_received(const std::string& site, const std::filesystem::path& file, json metrics)
+RoundMachine::upload_received(const std::string& site, const std::filesystem::path& file, json metrics,
+                              std::optional<UpdateDigest> digest)
 {
   const auto it = m_participants.find(site);
   if (m_phase != Phase::running || it == m_participants.end() || it->second.state != Participant::State::pending) {
@@ -184,6 +185,7 @@ RoundMachine::upload_received(const std::string& site, const std::filesystem::pa
   }
   it->second.state = Participant::State::received;
   it->second.file = file;
+  it->second.digest = std::move(digest);
   it->second.metrics = std::move(metrics);
   m_answered.insert({site, m_task});
   check_complete();
@@ -331,7 +333,7 @@ RoundMachine::close(const std::string& why)
   for (auto& [name, part] : m_participants) {
     switch (part.state) {
     case Participant::State::received:
-      a.candidates.push_back({part.file, name, true});
+      a.candidates.push_back({part.file, name, true, part.digest});
       site_metrics[name] = part.metrics;
       break;
     case Participant::State::pending:

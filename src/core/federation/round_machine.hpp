@@ -142,7 +142,9 @@ public:
   void refuse_upload(const std::string& site, std::uint64_t task, std::uint64_t round, const UploadRefusal& refusal);
   // The coordinator could not store the upload: the site is dropped from the attempt.
   void upload_lost(const std::string& site, const std::string& why);
-  void upload_received(const std::string& site, const std::filesystem::path& file, nlohmann::json metrics);
+  // `digest`: the update's as it arrived (RoundCandidate::streamed).
+  void upload_received(const std::string& site, const std::filesystem::path& file, nlohmann::json metrics,
+                       std::optional<UpdateDigest> digest = std::nullopt);
 
   // Time: check_complete() drops participants gone past their reconnect grace and closes the
   // attempt if nobody is left pending (the coordinator calls it about once a second; the machine
@@ -182,6 +184,7 @@ private:
       dropped
     } state = State::pending;
     std::filesystem::path file;
+    std::optional<UpdateDigest> digest;
     nlohmann::json metrics = nlohmann::json::object();
     std::string note;                      // why it was dropped
     std::optional<double> disconnected_at; // pending but disconnected since then (it may come back)

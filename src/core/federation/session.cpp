@@ -181,6 +181,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     m_unreachable_since = 0;
     m_heartbeat = std::clamp(welcome.heartbeat, 0.1, 3600.0);
     m_dead_after = 4 * m_heartbeat;
+    m_update_signature = static_cast<int>(std::min<std::uint64_t>(welcome.update_signature, update_signature_latest));
     FEDL_LOG_INFO("connected to {} as {}; the federation is at round {} of {}", m_s.server.to_string(), m_site,
                   welcome.round, welcome.rounds);
     if (m_s.max_epsilon) {

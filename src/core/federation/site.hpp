@@ -11,6 +11,7 @@
 #include "core/net/trainer_protocol.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/receipt.hpp"
+#include "core/trust/update.hpp"
 #include "core/util/error.hpp"
 
 #include <asio/io_context.hpp>
@@ -136,6 +137,7 @@ private:
   std::shared_ptr<FramedConnection> m_conn;
   bool m_welcomed = false;
   double m_heartbeat = 5;
+  int m_update_signature = 1; // the newest the coordinator checks (Welcome)
   double m_dead_after = 20;
   std::uint32_t m_failures = 0;
   double m_unreachable_since = 0;

@@ -24,7 +24,7 @@ Site::sign(std::vector<std::byte> bytes)
   u->bytes = std::move(bytes);
   u->parsed = parse_safetensors(u->bytes, "the trainer's update");
   auto& meta = u->parsed.metadata;
-  sign_update(u->parsed.tensors, meta, m_identity);
+  sign_update(u->parsed.tensors, meta, m_identity, m_update_signature);
   u->header = safetensors_header(serialize_order(u->parsed.tensors), meta);
   return u;
 }

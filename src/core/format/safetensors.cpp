@@ -41,7 +41,6 @@ constexpr std::array<DTypeInfo, 13> k_dtypes{{
 
 // The reference implementation refuses headers over 100 MB; so does fedl, before allocating.
 constexpr std::uint64_t k_max_header = 100'000'000;
-constexpr std::size_t k_max_header_nesting = 4; // the root, a tensor, its shape; one spare level
 
 const DTypeInfo&
 info(DType dtype) noexcept
@@ -149,10 +148,10 @@ read_header(std::span<const std::byte> bytes, std::string_view what)
   const auto* hp = reinterpret_cast<const char*>(bytes.data() + 8);
   // A safetensors header nests 3 deep (tensor, shape); refused before a parser builds a tree of
   // tens of bytes for each of a million levels.
-  if (const auto depth = json_nesting({hp, static_cast<std::size_t>(n)}); depth > k_max_header_nesting) {
+  if (const auto depth = json_nesting({hp, static_cast<std::size_t>(n)}); depth > safetensors_max_nesting) {
     throw VerifyError("{}: corrupt safetensors header: it nests {} levels deep, more than the {} a safetensors "
                       "header has",
-                      what, depth, k_max_header_nesting);
+                      what, depth, safetensors_max_nesting);
   }
   nlohmann::json header;
   try {
@@ -260,6 +259,7 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
   const auto [header, data_start] = read_header(bytes, what);
   const auto buffer = bytes.subspan(data_start);
   Safetensors out;
+  out.buffer = buffer;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       read_metadata(entry, what, out.metadata);
@@ -349,12 +349,16 @@ safetensors_sha256(std::span<const TensorView> tensors, const Metadata& metadata
   return sha256_hex(file_parts(header, order));
 }
 
-void
+std::string
 write_safetensors(const std::filesystem::path& path, std::span<const TensorView> tensors, const Metadata& metadata)
 {
   const auto order = serialize_order(tensors);
   const auto header = safetensors_header(order, metadata);
-  atomic_write(path, file_parts(header, order));
+  const auto parts = file_parts(header, order);
+  // Hashed as it goes out, tensor by tensor while each is in cache, rather than read back.
+  Sha256 h;
+  atomic_write(path, parts, FileMode::normal, &h);
+  return h.hex();
 }
 
 } // namespace fedl::core

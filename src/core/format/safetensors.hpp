@@ -60,9 +60,13 @@ struct TensorView
   std::size_t numel() const noexcept;
 };
 
+// How deep a header may nest: the root, a tensor, its shape; one spare level.
+constexpr std::size_t safetensors_max_nesting = 4;
+
 // A parsed safetensors buffer. Tensors are in file (offset) order.
 struct Safetensors
 {
+  std::span<const std::byte> buffer; // the data section, which the tensors tile exactly
   std::vector<TensorView> tensors;
   Metadata metadata;
 
@@ -101,9 +105,10 @@ std::string safetensors_header(std::span<const TensorView* const> ordered, const
 // The whole file as it would be written, and its SHA-256, without writing it.
 std::string safetensors_sha256(std::span<const TensorView> tensors, const Metadata& metadata);
 
-// Writes `tensors` and `metadata` to `path` atomically (temp file, fsync, rename).
-// Throws UsageError for duplicate names or data sizes that do not match shapes; Error for I/O.
-void write_safetensors(const std::filesystem::path& path, std::span<const TensorView> tensors,
-                       const Metadata& metadata);
+// Writes `tensors` and `metadata` to `path` atomically (temp file, fsync, rename) and returns the
+// file's SHA-256, computed as it is written. Throws UsageError for duplicate names or data sizes
+// that do not match shapes; Error for I/O.
+std::string write_safetensors(const std::filesystem::path& path, std::span<const TensorView> tensors,
+                              const Metadata& metadata);
 
 } // namespace fedl::core

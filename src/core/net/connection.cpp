@@ -175,6 +175,9 @@ FramedConnection::read_body(std::uint64_t remaining)
           }
           done += static_cast<std::size_t>(w);
         }
+        if (self->m_sink.on_bytes) {
+          self->m_sink.on_bytes(std::span(self->m_chunk).first(got));
+        }
       }
       self->read_body(remaining - got);
     });

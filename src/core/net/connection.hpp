@@ -22,11 +22,13 @@ class FramedConnection : public std::enable_shared_from_this<FramedConnection>
 {
 public:
   // Where a frame's body goes: `memory` (resized to the body size), the file descriptor `fd`
-  // (written as it arrives), or nowhere (read and dropped) when both are empty.
+  // (written as it arrives), or nowhere (read and dropped) when both are empty. `on_bytes` sees
+  // each piece of a body going to `fd` once it is written (to hash it while it is in cache).
   struct BodySink
   {
     std::shared_ptr<std::vector<std::byte>> memory;
     int fd = -1;
+    std::function<void(std::span<const std::byte>)> on_bytes{};
   };
   struct Callbacks
   {
@@ -52,7 +54,11 @@ public:
   void send_error_and_close(const std::string& message, int code, nlohmann::json extra = nlohmann::json::object());
   void close(const std::string& reason);
   // The rest of the body being received goes nowhere (its file was closed by the owner).
-  void drop_body() noexcept { m_sink.fd = -1; }
+  void drop_body() noexcept
+  {
+    m_sink.fd = -1;
+    m_sink.on_bytes = nullptr;
+  }
 
   bool is_open() const noexcept { return !m_closed; }
   bool ready() const noexcept { return m_ready; }

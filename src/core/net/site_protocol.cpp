@@ -48,7 +48,11 @@ Hello::from_header(const json& h)
 json
 Welcome::to_header() const
 {
-  json h = {{"round", round}, {"rounds", rounds}, {"heartbeat", heartbeat}, {"ca_fingerprint", ca_fingerprint}};
+  json h = {{"round", round},
+            {"rounds", rounds},
+            {"heartbeat", heartbeat},
+            {"ca_fingerprint", ca_fingerprint},
+            {"update_signature", update_signature}};
   if (!privacy.is_null()) {
     h["privacy"] = privacy;
   }
@@ -58,8 +62,12 @@ Welcome::to_header() const
 Welcome
 Welcome::from_header(const json& h)
 {
-  return {header_uint(h, "round"), header_uint(h, "rounds"), header_number(h, "heartbeat", 5.0),
-          header_string(h, "ca_fingerprint"), header_object(h, "privacy")};
+  return {header_uint(h, "round"),
+          header_uint(h, "rounds"),
+          header_number(h, "heartbeat", 5.0),
+          header_string(h, "ca_fingerprint"),
+          header_object(h, "privacy"),
+          header_uint(h, "update_signature", 1)};
 }
 
 json

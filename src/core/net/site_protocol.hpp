@@ -43,6 +43,8 @@ struct Welcome
   std::string ca_fingerprint;
   // What the ledger says this site spent with DP-SGD ({"orders", "rdp", "runs"}); null if nothing.
   nlohmann::json privacy;
+  // The newest update signature version the coordinator checks (trust/update.hpp); absent: 1.
+  std::uint64_t update_signature = 1;
 
   nlohmann::json to_header() const;
   static Welcome from_header(const nlohmann::json& header);

@@ -10,10 +10,12 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
 #include <random>
+#include <utility>
 
 namespace fs = std::filesystem;
 
@@ -173,7 +175,7 @@ read_maybe_gzip(const fs::path& path, std::size_t max_size)
 }
 
 void
-atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> parts, FileMode mode)
+atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> parts, FileMode mode, Sha256* hash)
 {
   const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
   std::random_device rd;
@@ -191,19 +193,26 @@ atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> p
   if (secret && ::fchmod(fd.get(), 0600) != 0) {
     fail("chmod", errno);
   }
+  constexpr std::size_t slice = std::size_t{1} << 20;
   for (const auto part : parts) {
-    const std::byte* p = part.data();
-    std::size_t left = part.size();
-    while (left > 0) {
-      const ssize_t n = ::write(fd.get(), p, left);
-      if (n < 0) {
-        if (errno == EINTR) {
-          continue;
-        }
-        fail("write", errno);
+    for (std::size_t at = 0; at < part.size(); at += slice) {
+      const auto piece = part.subspan(at, std::min(slice, part.size() - at));
+      if (hash != nullptr) {
+        hash->update(piece);
       }
-      p += n;
-      left -= static_cast<std::size_t>(n);
+      const std::byte* p = piece.data();
+      std::size_t left = piece.size();
+      while (left > 0) {
+        const ssize_t n = ::write(fd.get(), p, left);
+        if (n < 0) {
+          if (errno == EINTR) {
+            continue;
+          }
+          fail("write", errno);
+        }
+        p += n;
+        left -= static_cast<std::size_t>(n);
+      }
     }
   }
   if (::fsync(fd.get()) != 0) {
@@ -246,18 +255,56 @@ UniqueFd::reset(int fd) noexcept
   m_fd = fd;
 }
 
+Sha256::Sha256() : m_ctx(EVP_MD_CTX_new())
+{
+  if (m_ctx == nullptr || EVP_DigestInit_ex(m_ctx, EVP_sha256(), nullptr) != 1) {
+    EVP_MD_CTX_free(m_ctx);
+    throw Error("OpenSSL: cannot start SHA-256");
+  }
+}
+
+Sha256::~Sha256()
+{
+  EVP_MD_CTX_free(m_ctx);
+}
+
+Sha256::Sha256(Sha256&& other) noexcept : m_ctx(std::exchange(other.m_ctx, nullptr)) {}
+
+Sha256&
+Sha256::operator=(Sha256&& other) noexcept
+{
+  if (this != &other) {
+    EVP_MD_CTX_free(m_ctx);
+    m_ctx = std::exchange(other.m_ctx, nullptr);
+  }
+  return *this;
+}
+
+void
+Sha256::update(std::span<const std::byte> bytes) noexcept
+{
+  if (m_ctx != nullptr && !bytes.empty()) {
+    EVP_DigestUpdate(m_ctx, bytes.data(), bytes.size());
+  }
+}
+
+std::string
+Sha256::hex()
+{
+  if (m_ctx == nullptr) {
+    throw Error("internal: a SHA-256 was finished twice");
+  }
+  return finish_hex(std::exchange(m_ctx, nullptr));
+}
+
 std::string
 sha256_hex(std::span<const std::span<const std::byte>> parts)
 {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  if (ctx == nullptr || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) {
-    EVP_MD_CTX_free(ctx);
-    throw Error("OpenSSL: cannot start SHA-256");
-  }
+  Sha256 h;
   for (const auto part : parts) {
-    EVP_DigestUpdate(ctx, part.data(), part.size());
+    h.update(part);
   }
-  return finish_hex(ctx);
+  return h.hex();
 }
 
 std::string
@@ -275,11 +322,7 @@ file_sha256(const fs::path& path)
   if (fd.get() < 0) {
     throw Error("cannot open {}: {}", path.string(), errno_text(errno));
   }
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  if (ctx == nullptr || EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) != 1) {
-    EVP_MD_CTX_free(ctx);
-    throw Error("OpenSSL: cannot start SHA-256");
-  }
+  Sha256 h;
   std::vector<std::byte> buf(std::size_t{1} << 20);
   for (;;) {
     const auto n = ::read(fd.get(), buf.data(), buf.size());
@@ -287,16 +330,14 @@ file_sha256(const fs::path& path)
       continue;
     }
     if (n < 0) {
-      const int err = errno;
-      EVP_MD_CTX_free(ctx);
-      throw Error("cannot read {}: {}", path.string(), errno_text(err));
+      throw Error("cannot read {}: {}", path.string(), errno_text(errno));
     }
     if (n == 0) {
       break;
     }
-    EVP_DigestUpdate(ctx, buf.data(), static_cast<std::size_t>(n));
+    h.update(std::span(buf).first(static_cast<std::size_t>(n)));
   }
-  return finish_hex(ctx);
+  return h.hex();
 }
 
 void

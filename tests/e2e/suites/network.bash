@@ -29,6 +29,9 @@ test_federation_of_four_sites_reaches_93_percent_and_audits()
     fail "serve summary: $(cat serve.json)"
   expect_rounds 15
   expect_ledger "all(sites(b) == ['site-1', 'site-2', 'site-3', 'site-4'] for b in R)" "a round without all four sites"
+  # The sites sign with update-signature-v2, which the coordinator hashes as the bytes arrive.
+  expect_ledger "all(p.get('signature_version') == 2 and len(p['update_digest']) == 64 for b in R for p in b['participants'])" \
+    "a participant without a v2 signature and its digest"
   expect_ledger "[e['body']['round'] for e in L if e['kind'] == 'finished'] == [15]" "no finished entry for round 15"
   expect_in site-1.out "federation finished after round 15, trained 15 rounds"
 }

@@ -12,6 +12,10 @@ Two ways to load are timed, and the faster one is reported as the baseline:
 
 Usage: aggregate_numpy.py --dir DIR --n N [--repeat R]   (files written by fedl_aggregate_bench)
 Prints one line per method and a last line "median_s=SECONDS" for the faster one.
+
+  aggregate_numpy.py --dir DIR --n N --once fromfile|memmap --out FILE
+runs one FedAvg and writes the result as a safetensors file, for timing the whole process
+against `fedl aggregate` (bench/aggregate_cmd.sh).
 """
 import argparse
 import json
@@ -73,14 +77,36 @@ def fedavg(base_path, paths, load):
     return {k: base[k] + acc[k] / np.float32(total) for k in base}
 
 
+def write(path, tensors):
+    """The tensors as a safetensors file (the header fedl writes: sorted names, padded to 8)."""
+    header, pos = {}, 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": "F32" if t.dtype == np.float32 else "F64", "shape": list(t.shape),
+                        "data_offsets": [pos, pos + t.nbytes]}
+        pos += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name]).tobytes())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--once", choices=["fromfile", "memmap"])
+    ap.add_argument("--out")
     a = ap.parse_args()
     base = os.path.join(a.dir, "base.safetensors")
     paths = [os.path.join(a.dir, f"update-{i:03}.safetensors") for i in range(a.n)]
+    if a.once:
+        write(a.out, fedavg(base, paths, load_fromfile if a.once == "fromfile" else load_memmap))
+        return
     best = None
     for name, load in (("fromfile", load_fromfile), ("memmap", load_memmap)):
         times = []

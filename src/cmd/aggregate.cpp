@@ -90,6 +90,7 @@ run_aggregate(const AggregateOptions& opt)
       throw core::UsageError("give --base MODEL and --out MODEL, or --workspace WS");
     }
     plan = core::plan_standalone_round(*opt.base, *opt.out, opt.state);
+    plan.record_digests = globals().json; // only the JSON result lists the updates' hashes
   }
   core::RoundSettings settings;
   settings.strategy = core::parse_strategy(opt.strategy.value_or(config ? config->strategy : "fedavg"));

@@ -504,6 +504,47 @@ TEST_CASE("round: outside a workspace unsigned updates are fine, there is no led
   CHECK(rejected.rejected[0]["reason"].get<std::string>().find("delivered by site alice") != std::string::npos);
 }
 
+TEST_CASE("round: where nothing records the digests, unsigned updates are not hashed, and copies are still caught")
+{
+  TempDir dir;
+  // One tensor of 1M values: its bytes are mostly outside the sample that sets files apart.
+  const std::vector<float> base(1 << 20, 1.0F);
+  const auto one = [](const std::vector<float>& v) {
+    return std::vector<TensorView>{
+      {"w", DType::f32, {static_cast<std::int64_t>(v.size())}, std::as_bytes(std::span(v))}};
+  };
+  write_safetensors(dir / "base.st", one(base), {{"fedl.kind", "model"}});
+  const Metadata meta{
+    {"fedl.kind", "update"}, {"fedl.base_sha256", file_sha256(dir / "base.st")}, {"fedl.num_samples", "3"}};
+  std::vector<float> d(base.size(), 0.5F);
+  write_safetensors(dir / "a.st", one(d), meta);
+  fs::copy_file(dir / "a.st", dir / "copy.st");
+  d[500000] = 0.25F; // byte ~2 MB: the same size, header and sample (first 64 KB, 64 slices ~64 KB apart)
+  write_safetensors(dir / "near.st", one(d), meta);
+  auto plan = plan_standalone_round(dir / "base.st", dir / "out.st", std::nullopt);
+  plan.record_digests = false;
+  const std::vector<RoundCandidate> candidates{{dir / "a.st", ""}, {dir / "copy.st", ""}, {dir / "near.st", ""}};
+  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  REQUIRE(v.accepted.size() == 2);
+  CHECK(v.accepted[0].path == dir / "a.st");
+  CHECK(v.accepted[1].path == dir / "near.st");
+  CHECK(v.accepted[0].digest.hex.empty());
+  REQUIRE(v.rejected.size() == 1);
+  CHECK(v.rejected[0]["file"] == "copy.st");
+  CHECK(v.rejected[0]["reason"] == "the same update file is given twice");
+  RoundSettings settings;
+  settings.strategy = parse_strategy("fedavg");
+  const auto r = commit_round(v, settings);
+  CHECK_FALSE(r.participants[0].contains("update_sha256"));
+  CHECK(r.sha256 == file_sha256(dir / "out.st"));
+
+  // Recorded (the default): every update's file hash.
+  plan.record_digests = true;
+  const auto recorded = validate_round(plan, candidates, OnBadUpdate::skip);
+  REQUIRE(recorded.accepted.size() == 2);
+  CHECK(recorded.accepted[1].digest.hex == file_sha256(dir / "near.st"));
+}
+
 namespace {
 
 // `pem` with the month of its first UTCTime (notBefore) set to 13: OpenSSL still parses the

@@ -159,9 +159,9 @@ TEST_CASE("update: the digester gives a file's SHA-256 for anything that is not 
 
   // Cut short, garbage, a header that claims more than arrives (or more than any update's), one
   // nested too deep: a hash of what arrived, never a crash, a wait or a buffer of that size.
-  for (const std::string& junk : {std::string("abc"), std::string(8, '\xff') + "xyz",
-                                  std::string("\x10\0\0\0\0\0\0\0", 8) + "{\"__metadata__\"",
-                                  std::string("\x08\0\0\0\0\0\0\0[[[[[[[[", 16), std::string(100, 'x')}) {
+  for (const std::string& junk :
+       {std::string("abc"), std::string(8, '\xff') + "xyz", std::string("\x10\0\0\0\0\0\0\0", 8) + "{\"__metadata__\"",
+        std::string("\x08\0\0\0\0\0\0\0[[[[[[[[", 16), std::string(100, 'x')}) {
     const auto got = digest_in_pieces(as_bytes(junk), {3});
     CHECK(got.version == 1);
     CHECK(got.hex == sha256_hex(as_bytes(junk)));

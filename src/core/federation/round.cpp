@@ -243,7 +243,7 @@ struct CheckedUpdate
 // The digest that identifies an update (UpdateDigest). For a file the caller received itself,
 // the digest computed as it arrived, if it describes the same head; else one pass over the file.
 UpdateDigest
-digest_of(const SafetensorsFile& file, const RoundCandidate& candidate)
+digest_of(const SafetensorsFile& file, const RoundCandidate& candidate, bool record)
 {
   const auto& st = file.content();
   const int version = update_signature_version(st.metadata).value_or(0);
@@ -251,6 +251,9 @@ digest_of(const SafetensorsFile& file, const RoundCandidate& candidate)
   if (version != 2) {
     if (candidate.owned && streamed && streamed->version == version) {
       return {version, streamed->hex, {}};
+    }
+    if (!record && !st.meta("fedl.signature")) {
+      return {version, {}, {}};
     }
     return {version, file_sha256(candidate.path), {}};
   }
@@ -277,7 +280,7 @@ check_candidate(const RoundCandidate& candidate, const RoundPlan& plan, const Sa
   try {
     try {
       c.file.emplace(candidate.path);
-      c.digest = digest_of(*c.file, candidate);
+      c.digest = digest_of(*c.file, candidate, plan.record_digests);
     } catch (const Error& e) {
       c.unreadable = e.what();
     }
@@ -313,6 +316,56 @@ check_candidate(const RoundCandidate& candidate, const RoundPlan& plan, const Sa
   }
   return c;
 }
+
+// Which updates of a round hold the same bytes as an earlier one: by their digests, or for those
+// without one (nothing records it) by a sample of their bytes, hashing a file in full only when
+// its sample matches another's, so that each file is hashed at most once. `bytes` are a mapping
+// that outlives the check (it moves with its SafetensorsFile, but stays where it is).
+class SameBytes
+{
+public:
+  bool seen(std::span<const std::byte> bytes, const std::string& digest)
+  {
+    if (!digest.empty()) {
+      return !m_digests.insert(digest).second;
+    }
+    auto& group = m_sampled[sample(bytes)];
+    group.push_back(bytes);
+    if (group.size() == 1) {
+      return false;
+    }
+    const auto mine = full(bytes);
+    return std::any_of(group.begin(), group.end() - 1, [&](auto other) { return full(other) == mine; });
+  }
+
+private:
+  // The size, the header and 64 slices spread over the data: what sets two updates apart at once.
+  static std::string sample(std::span<const std::byte> bytes)
+  {
+    Sha256 h;
+    const auto size = bytes.size();
+    h.update(as_bytes(std::to_string(size)));
+    constexpr std::size_t slice = 256;
+    constexpr std::size_t slices = 64;
+    h.update(bytes.first(std::min(size, std::size_t{64} << 10)));
+    for (std::size_t i = 1; i <= slices && size > slice; ++i) {
+      h.update(bytes.subspan((size - slice) / slices * i, slice));
+    }
+    return h.hex();
+  }
+  std::string full(std::span<const std::byte> bytes)
+  {
+    auto [it, added] = m_full.try_emplace(bytes.data());
+    if (added) {
+      it->second = sha256_hex(bytes);
+    }
+    return it->second;
+  }
+
+  std::set<std::string> m_digests;
+  std::map<std::string, std::vector<std::span<const std::byte>>> m_sampled;
+  std::map<const std::byte*, std::string> m_full;
+};
 
 // Runs check(i) for i in [0, n) on up to 4 threads (this one among them).
 void
@@ -363,13 +416,13 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
   std::vector<AcceptedUpdate> accepted;
   nlohmann::json rejected = nlohmann::json::array();
   std::set<std::string> sites;
-  std::set<std::string> contents;
+  SameBytes contents;
   for (std::size_t i = 0; i < candidates.size(); ++i) {
     const auto& candidate = candidates[i];
     const auto& path = candidate.path;
     auto& c = checked[i];
     std::optional<std::string> reason = c.unreadable;
-    if (!reason && !contents.insert(c.digest.hex).second) {
+    if (!reason && c.file && contents.seen(c.file->bytes(), c.digest.hex)) {
       reason = "the same update file is given twice";
     }
     if (!reason) {
@@ -445,10 +498,23 @@ aggregate_and_write(const ValidatedRound& validated, const RoundSettings& settin
     }
   }
   // The files are read through their mappings: one changed on disk after its signature was
-  // checked must not pass unnoticed.
-  for (const auto& c : validated.accepted) {
-    if (!c.owned && digest_again(c) != c.digest.hex) {
-      throw VerifyError("update {} changed while it was being aggregated; nothing was written", c.path.string());
+  // checked must not pass unnoticed. (Without a digest, for an unsigned update that nothing
+  // records, the check of the aggregate's values above is what a change could break.) On a few
+  // threads, like the first hashes; a file that cannot be read again counts as changed.
+  const auto& accepted = validated.accepted;
+  std::vector<char> changed(accepted.size(), 0);
+  check_in_parallel(accepted.size(), [&](std::size_t i) noexcept {
+    const auto& c = accepted[i];
+    try {
+      changed[i] = static_cast<char>(!c.owned && !c.digest.hex.empty() && digest_again(c) != c.digest.hex);
+    } catch (...) {
+      changed[i] = 1;
+    }
+  });
+  for (std::size_t i = 0; i < accepted.size(); ++i) {
+    if (changed[i] != 0) {
+      throw VerifyError("update {} changed while it was being aggregated; nothing was written",
+                        accepted[i].path.string());
     }
   }
   Metadata meta = validated.base.content().metadata;
@@ -526,7 +592,7 @@ commit_round(const ValidatedRound& validated, const RoundSettings& settings)
     if (c.digest.version == 2) {
       p["signature_version"] = 2;
       p["update_digest"] = c.digest.hex;
-    } else {
+    } else if (!c.digest.hex.empty()) {
       p["update_sha256"] = c.digest.hex;
     }
     result.participants.push_back(std::move(p));

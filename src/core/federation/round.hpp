@@ -56,6 +56,10 @@ struct RoundPlan
   // In a workspace: fedl.json's limits on one update (its norm, its sample count); an update past
   // them is rejected. Outside a workspace: none.
   std::optional<LimitsConfig> limits;
+  // Whether the updates' digests are recorded (in a workspace, or in fedl aggregate --json's
+  // result). Without, an unsigned update is not hashed at all: nothing would keep its hash and no
+  // signature needs it, and a hash pass costs more than the aggregation.
+  bool record_digests = true;
 };
 
 // The next round of `ws`: reads and verifies its ledger (VerifyError if it is broken), takes the
@@ -114,7 +118,9 @@ struct AcceptedUpdate
   std::string site;        // fedl.site; empty for an unsigned update outside a workspace
   std::string fingerprint; // fedl.cert_sha256; empty if unsigned
   std::uint64_t samples = 0;
-  UpdateDigest digest; // when it was checked: v2, the digest its signature covers; else its file's SHA-256
+  // When it was checked: v2, the digest its signature covers; else its file's SHA-256; empty for
+  // an unsigned update whose digest nothing records (RoundPlan::record_digests).
+  UpdateDigest digest;
   SafetensorsFile file;
   bool owned = false;            // RoundCandidate::owned
   std::optional<DpSgdReport> dp; // fedl.dp: how it was trained with DP-SGD, if it says so

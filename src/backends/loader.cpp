@@ -114,15 +114,16 @@ namespace {
 // small operations of a training step, on a host whose cores other processes also want (several
 // sites, their trainers and a coordinator on one box), that spinning is most of the CPU: 10 sites
 // at their default threads took 0.78 s per round against 0.24 s with --threads 1, the trainers
-// 1.13 s of CPU against 0.07 s. A shorter spin keeps the hand-off between operations cheap for a
-// process alone on its cores (fedl train: mlp and cnn as fast or faster) while idle workers go to
-// sleep instead of burning what the other processes need (docs/PERFORMANCE.md). Read by libgomp
-// when it is loaded, so set before the first backend is; a user's own setting is left alone.
+// 1.13 s of CPU against 0.07 s. With 1000 spins the round takes 0.25 s (10000: 0.29 s; sleeping at
+// once, OMP_WAIT_POLICY=PASSIVE: 0.24 s), while a process alone on its cores keeps most of the
+// cheap hand-off between operations (fedl train's loop: cnn 2.42 s against 2.85 s at libgomp's
+// default, mlp 0.19 s against 0.15 s; docs/PERFORMANCE.md). Read by libgomp when it is loaded, so
+// set before the first backend is; a user's own setting is left alone.
 void
 default_openmp_wait()
 {
   if (std::getenv("OMP_WAIT_POLICY") == nullptr && std::getenv("GOMP_SPINCOUNT") == nullptr) {
-    ::setenv("GOMP_SPINCOUNT", "10000", 0);
+    ::setenv("GOMP_SPINCOUNT", "1000", 0);
   }
 }
 

@@ -85,7 +85,9 @@ def meminfo():
 
 
 def classify(argv):
-    if "__worker" in argv:
+    # A fork server's trainers are forks of it and show its command line: its CPU and theirs
+    # count as the trainers'.
+    if "__worker" in argv or "__fork-server" in argv:
         kind = "worker"
     elif "serve" in argv:
         kind = "serve"

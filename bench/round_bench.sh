@@ -26,7 +26,7 @@
 #
 # Usage: bench/round_bench.sh [-n SITES] [-p PARAMS] [-r ROUNDS] [-w WARMUP] [-c PER_ROUND]
 #                             [-i TRAINER_IDLE] [-s SAMPLES] [-t PUSH_REPEAT] [-m MIN_AVAIL_MB]
-#                             [-j THREADS] [-T TIMEOUT] [-o RESULT.json] [-k]
+#                             [-j THREADS] [-f] [-T TIMEOUT] [-o RESULT.json] [-k]
 #   -n SITES        fedl join processes (default 10)
 #   -p PARAMS       model parameters (default 1000000)
 #   -r ROUNDS       rounds in all (default 12)
@@ -38,6 +38,7 @@
 #   -m MB           stop everything if MemAvailable falls below this (default 1500)
 #   -j THREADS      --threads for fedl serve, each fedl join and its trainer (default: not
 #                   given, so each runs at its own default, as a user runs them)
+#   -f              the joins start their trainers through one fork server (join --fork-server)
 #   -T SEC          give up after this long (default 900)
 #   -o FILE         also write the figures as JSON
 #   -k              keep the temporary folder (workspace, logs)
@@ -54,12 +55,12 @@ PYTHON="${PYTHON:-/usr/bin/python3}"
 DIGITS_CSV="${DIGITS_CSV:-$root/data/digits.csv.gz}"
 
 n=10 params=1000000 rounds=12 warmup=2 per_round=0 idle=0 samples=4 push_repeat=15 min_avail=1500
-timeout=900 out_json="" keep=0 threads=""
+timeout=900 out_json="" keep=0 threads="" fork=0
 
 usage() { sed -n '3,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "round_bench: $*" >&2; exit 1; }
 
-while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:kh" o; do
+while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:fkh" o; do
   case "$o" in
     n) n="$OPTARG" ;;
     p) params="$OPTARG" ;;
@@ -71,6 +72,7 @@ while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:kh" o; do
     t) push_repeat="$OPTARG" ;;
     m) min_avail="$OPTARG" ;;
     j) threads="$OPTARG" ;;
+    f) fork=1 ;;
     T) timeout="$OPTARG" ;;
     o) out_json="$OPTARG" ;;
     k) keep=1 ;;
@@ -166,6 +168,7 @@ done
 
 join_args=(--no-header --retry-max 1)
 [[ -n "$threads" ]] && join_args+=(--threads "$threads")
+((fork)) && join_args+=(--fork-server "$tmp/fork.sock")
 [[ "$idle" != 0 ]] && join_args+=(--trainer-idle "$idle")
 : >"$tmp/launch.txt"
 for ((k = 1; k <= n; k++)); do

@@ -111,6 +111,7 @@ _fedl()
     --retry-max) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --retry-for) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --trainer-idle) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --fork-server) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --max-epsilon) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --delta) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --max-epochs) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
@@ -142,7 +143,7 @@ _fedl()
     "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --max-epsilon --delta --max-epochs --min-noise-multiplier --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --max-epochs --min-noise-multiplier --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;

@@ -123,6 +123,7 @@ complete -c fedl -n '__fish_seen_subcommand_from join' -l server-name -x -d 'Nam
 complete -c fedl -n '__fish_seen_subcommand_from join' -l retry-max -x -d 'Longest wait between reconnection attempts, seconds'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l retry-for -x -d 'Give up (exit 1) after this long without the coordinator (0: never)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l trainer-idle -x -d 'Stop the trainer (and free its memory) after this long without a task (0: keep it)'
+complete -c fedl -n '__fish_seen_subcommand_from join' -l fork-server -x -d 'Start the trainer as a fork of the server on this Unix socket (started if none runs), which has LibTorch loaded already: for many sites on one host'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l max-epsilon -x -d 'The site\'s own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l delta -x -d 'The delta of --max-epsilon (default 1e-5)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l max-epochs -x -d 'Refuse tasks of more epochs than this (tightens the bundle\'s contract)'

@@ -32,10 +32,14 @@ Command add_eval(CLI::App& parent);
 Command add_completion(CLI::App& parent);
 Command add_doc(CLI::App& parent);
 Command add_worker(CLI::App& parent);
+Command add_fork_server(CLI::App& parent);
 Command add_serve(CLI::App& parent);
 Command add_join(CLI::App& parent);
 
 // Registers every subcommand on `app`, in the order `fedl --help` lists them.
 std::vector<Command> add_all(CLI::App& app);
+
+// fedl's main: parses argv, runs the command, returns its exit status (cmd/dispatch.cpp).
+int run_fedl(int argc, char** argv);
 
 } // namespace fedl::cmd

@@ -32,6 +32,7 @@ struct JoinOptions
   double retry_max = 30;
   double retry_for = 0;
   double trainer_idle = 0;
+  std::optional<fs::path> fork_server;
   std::optional<double> max_epsilon;
   std::optional<double> delta;
   std::optional<std::uint32_t> max_epochs;
@@ -76,6 +77,12 @@ run_join(const JoinOptions& opt)
   s.retry_max = opt.retry_max;
   s.retry_for = opt.retry_for;
   s.trainer_idle = opt.trainer_idle;
+  if (opt.fork_server) {
+    const auto socket = fs::absolute(*opt.fork_server);
+    s.fork_server = core::ForkServerRef{socket,
+                                        {core::self_executable().string(), "--log-format", globals().log_format,
+                                         "__fork-server", "--detach", socket.string()}};
+  }
   if (opt.delta && !opt.max_epsilon) {
     throw core::UsageError("--delta is the delta of the site's budget: give --max-epsilon E too");
   }
@@ -143,6 +150,11 @@ add_join(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber)
     ->type_name("SEC");
+  app
+    ->add_option("--fork-server", opt->fork_server,
+                 "Start the trainer as a fork of the server on this Unix socket (started if none runs), which has "
+                 "LibTorch loaded already: for many sites on one host")
+    ->type_name("SOCKET");
   app
     ->add_option("--max-epsilon", opt->max_epsilon,
                  "The site's own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this")

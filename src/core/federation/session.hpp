@@ -5,6 +5,7 @@
 // and sends it back. The trainer never touches the network; the session never runs LibTorch.
 #pragma once
 
+#include "core/net/child.hpp"
 #include "core/net/tls.hpp"
 #include "core/trust/contract.hpp"
 
@@ -21,12 +22,13 @@ struct JoinSettings
 {
   std::filesystem::path bundle; // clients/NAME from fedl init
   HostPort server;
-  std::string server_name;               // the name the coordinator's certificate must carry
-  std::vector<std::string> trainer_argv; // the trainer child: fedl __worker --data ...
-  double retry_initial = 0.5;            // first reconnect delay, seconds
-  double retry_max = 30;                 // cap of the reconnect delay
-  double retry_for = 0;                  // give up after this long without a connection; 0: never
-  double trainer_idle = 0;               // stop the trainer after this long without a task; 0: keep it
+  std::string server_name;                  // the name the coordinator's certificate must carry
+  std::vector<std::string> trainer_argv;    // the trainer child: fedl __worker --data ...
+  std::optional<ForkServerRef> fork_server; // start it through this fork server (join --fork-server)
+  double retry_initial = 0.5;               // first reconnect delay, seconds
+  double retry_max = 30;                    // cap of the reconnect delay
+  double retry_for = 0;                     // give up after this long without a connection; 0: never
+  double trainer_idle = 0;                  // stop the trainer after this long without a task; 0: keep it
   // The largest task body accepted (the contract's max_model_bytes when there is one).
   std::uint64_t max_model_bytes = std::uint64_t{16} << 30;
   // The bundle's contract (join.json, signed by the CA); none for a bundle of an older fedl. A

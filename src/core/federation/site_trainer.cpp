@@ -120,7 +120,7 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
 void
 Site::trainer_loop()
 {
-  TrainerClient trainer(m_s.trainer_argv);
+  TrainerClient trainer(m_s.trainer_argv, m_s.fork_server);
   bool started = false;
   for (;;) {
     Job job;

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/net/child.hpp"
 
+#include "core/net/fork_server.hpp"
 #include "core/util/error.hpp"
 
 #include <fmt/format.h>
@@ -65,12 +66,13 @@ describe_status(int status)
   return fmt::format("ended with wait status {:#x}", status);
 }
 
-// The one place a child process is started, with `stdin_fd` and `stdout_fd` as its fd 0 and 1,
-// stderr inherited, no other descriptor, default signal dispositions and an empty signal mask.
-// A sandbox for the trainer (namespaces, seccomp, Landlock, or a wrapper program such as bwrap
-// put in front of argv) belongs here, so that it applies to every child.
+} // namespace
+
+// The one place a child process is started from a program (the other is a fork server's fork,
+// fork_server.cpp be_child): a sandbox for the trainer (namespaces, seccomp, Landlock, or a
+// wrapper program such as bwrap put in front of argv) belongs in both.
 pid_t
-spawn(const std::vector<std::string>& argv, int stdin_fd, int stdout_fd)
+spawn_process(const std::vector<std::string>& argv, int stdin_fd, int stdout_fd)
 {
   std::vector<char*> args;
   args.reserve(argv.size() + 1);
@@ -109,6 +111,8 @@ spawn(const std::vector<std::string>& argv, int stdin_fd, int stdout_fd)
   }
   return pid;
 }
+
+namespace {
 
 // Blocks SIGPIPE in this thread for its lifetime and discards one that a write raised, so that
 // writing to a child that has gone is an EPIPE error whatever this process does with SIGPIPE.
@@ -164,7 +168,8 @@ reader_gone(int fd)
 
 } // namespace
 
-WorkerProcess::WorkerProcess(std::vector<std::string> argv) : m_argv(std::move(argv))
+WorkerProcess::WorkerProcess(std::vector<std::string> argv, const std::optional<ForkServerRef>& via)
+  : m_argv(std::move(argv))
 {
   if (m_argv.empty() || m_argv[0].empty()) {
     throw Error("internal: a child process needs a program to run");
@@ -191,7 +196,13 @@ WorkerProcess::WorkerProcess(std::vector<std::string> argv) : m_argv(std::move(a
     for (const int fd : {to_child[1], from_child[1]}) {
       (void)::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
     }
-    m_pid = spawn(m_argv, to_child[0], from_child[1]);
+    if (via) {
+      auto forked = fork_via_server(via->socket, m_argv, to_child[0], from_child[1], STDERR_FILENO, via->start);
+      m_pid = forked.pid;
+      m_server = std::move(forked.connection);
+    } else {
+      m_pid = spawn_process(m_argv, to_child[0], from_child[1]);
+    }
   } catch (...) {
     for (int* fd : {&to_child[0], &to_child[1], &from_child[0], &from_child[1]}) {
       close_fd(*fd);
@@ -211,7 +222,8 @@ WorkerProcess::WorkerProcess(WorkerProcess&& other) noexcept
     m_to_child(std::exchange(other.m_to_child, -1)),
     m_from_child(std::exchange(other.m_from_child, -1)),
     m_reaped(std::exchange(other.m_reaped, true)),
-    m_status(std::exchange(other.m_status, std::nullopt))
+    m_status(std::exchange(other.m_status, std::nullopt)),
+    m_server(std::move(other.m_server))
 {
 }
 
@@ -249,6 +261,19 @@ WorkerProcess::exit_description() const
 bool
 WorkerProcess::wait_for_exit(int timeout_ms)
 {
+  if (m_server && !m_reaped) {
+    // Not our child: the fork server reaps it and sends its status.
+    const auto status = forked_child_status(m_server.get(), timeout_ms);
+    if (!status) {
+      return false;
+    }
+    m_reaped = true;
+    if (*status >= 0) {
+      m_status = *status;
+    }
+    m_server.reset();
+    return true;
+  }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   while (!m_reaped) {
     int status = 0;
@@ -281,10 +306,14 @@ WorkerProcess::running()
 void
 WorkerProcess::kill()
 {
-  if (m_reaped) {
+  if (m_reaped || (m_server && wait_for_exit(0))) {
     return;
   }
   ::kill(m_pid, SIGKILL);
+  if (m_server) {
+    wait_for_exit(10'000);
+    return;
+  }
   while (!m_reaped) {
     int status = 0;
     const pid_t r = ::waitpid(m_pid, &status, 0);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "core/net/frame.hpp"
+#include "core/util/file_io.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -17,15 +18,24 @@
 
 namespace fedl::core {
 
+// Where a child comes from when it is not started here: a fork server (core/net/fork_server.hpp)
+// at `socket`, started with `start` (`fedl __fork-server --detach SOCKET`) if none listens.
+struct ForkServerRef
+{
+  std::filesystem::path socket;
+  std::vector<std::string> start;
+};
+
 // A child process speaking frames over its stdin/stdout; its stderr is this process's (its log
 // lines go where ours go). Not thread-safe: one thread talks to it.
 class WorkerProcess
 {
 public:
-  // Starts argv[0] (a path; no PATH search) with argv. The pipe ends this process keeps are
-  // O_CLOEXEC, so a second child does not hold the first one's stdin open. Throws Error if the
-  // program cannot be started.
-  explicit WorkerProcess(std::vector<std::string> argv);
+  // Starts argv[0] (a path; no PATH search) with argv, or has the fork server `via` fork it
+  // (argv then runs as fedl's command line in a fork of the server). The pipe ends this process
+  // keeps are O_CLOEXEC, so a second child does not hold the first one's stdin open. Throws Error
+  // if the program cannot be started.
+  explicit WorkerProcess(std::vector<std::string> argv, const std::optional<ForkServerRef>& via = std::nullopt);
   WorkerProcess(const WorkerProcess&) = delete;
   WorkerProcess& operator=(const WorkerProcess&) = delete;
   WorkerProcess(WorkerProcess&& other) noexcept;
@@ -70,7 +80,13 @@ private:
   int m_from_child = -1;       // the child's stdout
   bool m_reaped = false;       // it has exited and been waited for (or reaped elsewhere)
   std::optional<int> m_status; // its wait status, if we collected it
+  UniqueFd m_server;           // from a fork server: where its wait status arrives
 };
+
+// Starts argv[0] (a path) with argv, stdin and stdout from the given descriptors, stderr this
+// process's, no other descriptor, default signal dispositions and an empty signal mask. Throws
+// Error if it cannot be started.
+pid_t spawn_process(const std::vector<std::string>& argv, int stdin_fd, int stdout_fd);
 
 // The path of the running executable (/proc/self/exe resolved), to start `fedl __worker`.
 // Throws Error if it cannot be read.

@@ -144,7 +144,7 @@ TrainerClient::start()
       FEDL_LOG_WARN("the trainer ended ({}); starting it again", m_child->exit_description().value_or("?"));
     }
     m_child.reset();
-    m_child.emplace(m_argv);
+    m_child.emplace(m_argv, m_via);
   }
   return m_child->pid();
 }

@@ -84,7 +84,11 @@ struct ChildError
 class TrainerClient
 {
 public:
-  explicit TrainerClient(std::vector<std::string> argv) : m_argv(std::move(argv)) {}
+  // `via`: start the child through a fork server rather than as a program of its own.
+  explicit TrainerClient(std::vector<std::string> argv, std::optional<ForkServerRef> via = std::nullopt)
+    : m_argv(std::move(argv)), m_via(std::move(via))
+  {
+  }
 
   // Starts the child unless it is running; its pid.
   pid_t start();
@@ -106,6 +110,7 @@ private:
                 const FrameLimits& limits, const std::function<void()>& sent);
 
   std::vector<std::string> m_argv;
+  std::optional<ForkServerRef> m_via;
   std::optional<WorkerProcess> m_child;
 };
 

@@ -229,6 +229,36 @@ stall_site()
   echo "$1 holds round $STALLED_ROUND (its trainer, $STALLED_TRAINER, is stopped)"
 }
 
+# Sites on one host share one fork server (join --fork-server): it forks their trainers with
+# LibTorch already loaded, a trainer killed with -9 is forked again, and the federation completes.
+test_sites_on_one_host_fork_their_trainers_from_one_server()
+{
+  trap 'pkill -KILL -f -- "__fork-server --detach $PWD/fork.sock" 2>/dev/null; net_cleanup' EXIT
+  local rounds=40 # many: the trainers are looked at and one is killed while rounds are still to come
+  net_init 3 $rounds || return
+  serve_bg --min-clients 3 --heartbeat 1
+  local k
+  for k in 1 2 3; do join_bg "site-$k" --fork-server "$PWD/fork.sock"; done
+  wait_for 60 eval "[[ \$(ledger 'len(R)') -ge 1 ]]" || { fail "no round completed"; tail serve.log; return; }
+  local server p trainers
+  # One server: every other process with its command line is a fork of it (a trainer, named
+  # fedl-worker), and no trainer was started as a program of its own.
+  server=$(pgrep -o -f -- "__fork-server --detach $PWD/fork.sock")
+  for p in $(pgrep -f -- "__fork-server --detach $PWD/fork.sock"); do
+    [[ $p == "$server" || $(ps -o ppid= -p "$p" | tr -d ' ') == "$server" ]] || fail "a second fork server, pid $p"
+  done
+  trainers=$(pgrep -P "$server" | wc -l)
+  [[ $trainers == 3 ]] || fail "the fork server has $trainers children, not the 3 sites' trainers"
+  [[ $(ps -o comm= -p "$(pgrep -P "$server" | head -1)") == fedl-worker ]] || fail "a forked trainer is not named fedl-worker"
+  pgrep -f -- "__worker.*$PWD" >/dev/null && fail "a trainer was started as a program, not forked"
+  kill -9 "$(pgrep -P "$server" | head -1)"
+  expect_exit "$SERVE" 120 0 "fedl serve"
+  for k in 1 2 3; do expect_exit "${JOIN[site-$k]}" 30 0 "fedl join site-$k"; done
+  expect_rounds $rounds
+  grep -q "was killed by signal 9" site-*.log || fail "no site saw its forked trainer killed"
+  kill -0 "$server" 2>/dev/null || fail "the fork server did not outlive its sites (it waits until idle)"
+}
+
 test_a_site_killed_mid_round_is_dropped_and_the_round_completes()
 {
   trap net_cleanup EXIT

@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: Apache-2.0
+// fedl __fork-server SOCKET (hidden): the fork server of `fedl join --fork-server` (core/net/
+// fork_server.hpp). It loads the compute backends once, then forks a trainer (`fedl __worker`,
+// run as fedl's own command line in the fork) for each site that asks, until it has been idle.
+#include "cmd/commands.hpp"
+
+#include "backends/loader.hpp"
+#include "cmd/common.hpp"
+#include "core/net/fork_server.hpp"
+#include "core/util/error.hpp"
+#include "core/util/log.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <cerrno>
+#include <cstring>
+#include <dirent.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+namespace fedl::cmd {
+
+namespace {
+
+struct ForkServerOptions
+{
+  std::filesystem::path socket;
+  double idle = 30;
+  bool detach = false;
+};
+
+// The threads of this process: a fork copies only the calling one, so the server must fork
+// while it is alone (a backend that started a pool on loading would break its children).
+std::size_t
+thread_count()
+{
+  std::size_t n = 0;
+  if (DIR* d = ::opendir("/proc/self/task")) {
+    while (const dirent* e = ::readdir(d)) {
+      n += e->d_name[0] != '.' ? 1 : 0;
+    }
+    ::closedir(d);
+  }
+  return n;
+}
+
+int
+run_fork_server(const ForkServerOptions& opt)
+{
+  if (opt.detach) {
+    // The requester waits for this process: the server goes on in a child of its own session.
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      throw core::Error("cannot start the fork server: {}", std::strerror(errno));
+    }
+    if (pid > 0) {
+      return 0;
+    }
+    ::setsid();
+  }
+  const auto prepare = [] {
+    const auto& loaded = backends::all_backends();
+    FEDL_LOG_DEBUG("fork server: {} backend(s) loaded", loaded.size());
+    if (const auto threads = thread_count(); threads != 1) {
+      throw core::Error("the fork server has {} threads after loading the backends; it can only fork with one",
+                        threads);
+    }
+  };
+  const auto child = [](const std::vector<std::string>& argv) {
+    mark_process_start();
+    // Its command line stays the server's (there is no exec); ps and top show this name.
+    ::prctl(PR_SET_NAME, "fedl-worker");
+    std::vector<char*> args;
+    for (const auto& a : argv) {
+      args.push_back(const_cast<char*>(a.c_str()));
+    }
+    args.push_back(nullptr);
+    return run_fedl(static_cast<int>(argv.size()), args.data());
+  };
+  return core::run_fork_server(opt.socket, opt.idle, prepare, child);
+}
+
+} // namespace
+
+Command
+add_fork_server(CLI::App& parent)
+{
+  auto opt = std::make_shared<ForkServerOptions>();
+  auto* app = parent.add_subcommand("__fork-server", "Fork trainers for fedl join --fork-server (started by join)");
+  app->group(""); // hidden: started by fedl join
+  app->add_option("socket", opt->socket, "The Unix socket to listen on")->required()->type_name("SOCKET");
+  app->add_option("--idle", opt->idle, "Exit after this long without a site or a trainer")
+    ->capture_default_str()
+    ->check(CLI::PositiveNumber)
+    ->type_name("SEC");
+  app->add_flag("--detach", opt->detach, "Go on in the background; return at once");
+  return {app, [opt] { return run_fork_server(*opt); }};
+}
+
+} // namespace fedl::cmd

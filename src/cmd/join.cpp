@@ -6,6 +6,7 @@
 #include "cmd/common.hpp"
 #include "core/federation/session.hpp"
 #include "core/net/child.hpp"
+#include "core/net/fork_server.hpp"
 #include "core/trust/pki.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
@@ -79,6 +80,7 @@ run_join(const JoinOptions& opt)
   s.trainer_idle = opt.trainer_idle;
   if (opt.fork_server) {
     const auto socket = fs::absolute(*opt.fork_server);
+    core::check_socket_path(socket);
     s.fork_server = core::ForkServerRef{socket,
                                         {core::self_executable().string(), "--log-format", globals().log_format,
                                          "__fork-server", "--detach", socket.string()}};

@@ -114,8 +114,8 @@ TEST_CASE("fork server: a child per request, with the requester's stdout, and it
   CHECK((fs::status(socket).permissions() & fs::perms::all) == (fs::perms::owner_read | fs::perms::owner_write));
   for (int i = 0; i < 3; ++i) {
     Pipe out;
-    const auto child = fork_via_server(socket, {"echo", "hello", std::to_string(i)}, STDIN_FILENO, out.w, STDERR_FILENO,
-                                       no_start);
+    const auto child =
+      fork_via_server(socket, {"echo", "hello", std::to_string(i)}, STDIN_FILENO, out.w, STDERR_FILENO, no_start);
     CHECK(child.pid > 0);
     CHECK(child.pid != server);
     CHECK(out.read_all() == "hello " + std::to_string(i) + "\n");
@@ -142,7 +142,7 @@ TEST_CASE("fork server: a child per request, with the requester's stdout, and it
   SUBCASE("malformed requests close their connection and nothing else")
   {
     for (const auto& junk : {std::string("\x05\0\0\0hello", 9), std::string("\xff\xff\xff\x7f", 4),
-                                   std::string("\x0b\0\0\0{\"argv\":[]}", 15)}) {
+                             std::string("\x0b\0\0\0{\"argv\":[]}", 15)}) {
       const int fd = connect_raw(socket);
       // No descriptors come with these: the request is refused whatever it says.
       (void)::send(fd, junk.data(), junk.size(), MSG_NOSIGNAL);
@@ -156,7 +156,8 @@ TEST_CASE("fork server: a child per request, with the requester's stdout, and it
   }
   SUBCASE("one server per socket: a second one returns at once")
   {
-    CHECK(run_fork_server(socket, 30, [] { FAIL("a second server prepared"); }, test_child) == 0);
+    CHECK(run_fork_server(
+            socket, 30, [] { FAIL("a second server prepared"); }, test_child) == 0);
   }
   SUBCASE("another user is refused")
   {

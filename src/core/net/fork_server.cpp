@@ -40,8 +40,9 @@ address_of(const fs::path& socket)
   a.sun_family = AF_UNIX;
   const auto& s = socket.native();
   if (s.empty() || s.size() >= sizeof(a.sun_path)) {
-    throw UsageError("the fork server's socket path {} is {} bytes; a Unix socket path has 1 to {}", socket.string(),
-                     s.size(), sizeof(a.sun_path) - 1);
+    throw UsageError("the fork server's socket path {} is {} bytes; a Unix socket path has 1 to {} (choose a "
+                     "shorter one)",
+                     socket.string(), s.size(), sizeof(a.sun_path) - 1);
   }
   std::memcpy(a.sun_path, s.c_str(), s.size());
   return a;
@@ -224,7 +225,8 @@ public:
     if (bound != 0 || ::listen(m_listen.get(), 128) != 0) {
       throw Error("cannot listen on {} for the fork server: {}", m_socket.string(), std::strerror(err));
     }
-    struct stat st{};
+    struct stat st
+    {};
     ::stat(m_socket.c_str(), &st);
     m_inode = st.st_ino;
     sigset_t chld;
@@ -265,7 +267,8 @@ public:
         break;
       }
     }
-    struct stat st{};
+    struct stat st
+    {};
     if (::stat(m_socket.c_str(), &st) == 0 && st.st_ino == m_inode) {
       ::unlink(m_socket.c_str());
     }
@@ -282,8 +285,7 @@ private:
       ucred cred{};
       socklen_t len = sizeof(cred);
       if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != ::geteuid()) {
-        FEDL_LOG_WARN("fork server: refused a connection from user {} (it serves user {} only)", cred.uid,
-                      ::geteuid());
+        FEDL_LOG_WARN("fork server: refused a connection from user {} (it serves user {} only)", cred.uid, ::geteuid());
         continue;
       }
       // A requester that stalls mid-request must not hold the others up.
@@ -407,11 +409,17 @@ connect_or_start(const fs::path& socket, const std::vector<std::string>& start_s
 
 } // namespace
 
+void
+check_socket_path(const fs::path& socket)
+{
+  (void)address_of(socket);
+}
+
 int
 run_fork_server(const fs::path& socket, double idle_seconds, const std::function<void()>& prepare,
                 const std::function<int(const std::vector<std::string>&)>& run_child)
 {
-  (void)address_of(socket);
+  check_socket_path(socket);
   const auto lock_path = socket.string() + ".lock";
   UniqueFd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
   if (!lock) {

@@ -27,6 +27,9 @@
 
 namespace fedl::core {
 
+// UsageError unless `socket` can name a Unix socket (1 to 107 bytes).
+void check_socket_path(const std::filesystem::path& socket);
+
 // The longest argv and argument a request may carry.
 constexpr std::size_t fork_server_max_request = 256 * 1024;
 

@@ -233,18 +233,23 @@ stall_site()
 # LibTorch already loaded, a trainer killed with -9 is forked again, and the federation completes.
 test_sites_on_one_host_fork_their_trainers_from_one_server()
 {
-  trap 'pkill -KILL -f -- "__fork-server --detach $PWD/fork.sock" 2>/dev/null; net_cleanup' EXIT
+  # A Unix socket path has at most 107 bytes: this folder's may be longer.
+  local sock
+  sock=$(mktemp -u "${TMPDIR:-/tmp}/fedl-fork.XXXXXX")
+  trap 'pkill -KILL -f -- "__fork-server --detach $sock" 2>/dev/null; rm -f "$sock" "$sock.lock"; net_cleanup' EXIT
   local rounds=40 # many: the trainers are looked at and one is killed while rounds are still to come
   net_init 3 $rounds || return
+  fedl_expect 2 join ws/clients/site-1 --data ws/clients/site-1/data/train.csv --no-header \
+    --fork-server "/tmp/$(printf 'x%.0s' {1..120})" && expect_in err "is 125 bytes; a Unix socket path has 1 to 107"
   serve_bg --min-clients 3 --heartbeat 1
   local k
-  for k in 1 2 3; do join_bg "site-$k" --fork-server "$PWD/fork.sock"; done
+  for k in 1 2 3; do join_bg "site-$k" --fork-server "$sock"; done
   wait_for 60 eval "[[ \$(ledger 'len(R)') -ge 1 ]]" || { fail "no round completed"; tail serve.log; return; }
   local server p trainers
   # One server: every other process with its command line is a fork of it (a trainer, named
   # fedl-worker), and no trainer was started as a program of its own.
-  server=$(pgrep -o -f -- "__fork-server --detach $PWD/fork.sock")
-  for p in $(pgrep -f -- "__fork-server --detach $PWD/fork.sock"); do
+  server=$(pgrep -o -f -- "__fork-server --detach $sock")
+  for p in $(pgrep -f -- "__fork-server --detach $sock"); do
     [[ $p == "$server" || $(ps -o ppid= -p "$p" | tr -d ' ') == "$server" ]] || fail "a second fork server, pid $p"
   done
   trainers=$(pgrep -P "$server" | wc -l)

@@ -56,13 +56,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def read_cpu(pid):
-    """User + system CPU seconds of a process (all its threads), or None once it is gone."""
+    """(user + system CPU seconds, minor page faults) of a process (all its threads), or None once
+    it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[7])  # utime, stime; minflt
 
 
 def machine_cpu():
@@ -113,7 +114,8 @@ def cmd_monitor(args):
     min_avail = mem.get("MemAvailable", 0)
     aborted = None
     samples = 0
-    series = []  # [time, serve CPU s, joins CPU s, trainers CPU s, machine busy CPU s, machine CPU s]
+    # [time, serve CPU s, joins CPU s, trainers CPU s, machine busy CPU s, machine CPU s, serve minor faults]
+    series = []
     while not os.path.exists(args.stop):
         totals = {"serve": 0, "join": 0, "worker": 0}
         workers = 0
@@ -136,13 +138,13 @@ def cmd_monitor(args):
                 if kind is None:
                     skip.add(pid)
                     continue
-                seen[pid] = {"kind": kind, "site": site, "hwm": 0, "rss": 0, "cpu": 0.0}
+                seen[pid] = {"kind": kind, "site": site, "hwm": 0, "rss": 0, "cpu": 0.0, "minflt": 0}
             st = read_status(pid)
             cpu = read_cpu(pid)
             if st is None or cpu is None:
                 continue
             p = seen[pid]
-            p["cpu"] = cpu
+            p["cpu"], p["minflt"] = cpu
             p["hwm"] = max(p["hwm"], st.get("VmHWM", 0))
             p["rss"] = max(p["rss"], st.get("VmRSS", 0))
             totals[p["kind"]] += st.get("VmRSS", 0)
@@ -159,7 +161,8 @@ def cmd_monitor(args):
         cpu = {"serve": 0.0, "join": 0.0, "worker": 0.0}
         for p in seen.values():
             cpu[p["kind"]] += p["cpu"]  # the last value seen, also for processes that ended
-        series.append([time.time(), cpu["serve"], cpu["join"], cpu["worker"], busy, total])
+        serve_faults = sum(p["minflt"] for p in seen.values() if p["kind"] == "serve")
+        series.append([time.time(), cpu["serve"], cpu["join"], cpu["worker"], busy, total, serve_faults])
         if aborted is None and args.min_avail_mb > 0 and avail < args.min_avail_mb * 1024:
             aborted = f"MemAvailable {avail // 1024} MB < {args.min_avail_mb} MB: killed the benchmark's processes"
             for pid, p in seen.items():
@@ -303,7 +306,8 @@ def cmd_report(args):
 
         if series[0][0] <= t0 and t1 <= series[-1][0]:
             k = len(timed)
-            for col, name in ((1, "serve"), (2, "join"), (3, "worker"), (4, "machine"), (5, "capacity")):
+            for col, name in ((1, "serve"), (2, "join"), (3, "worker"), (4, "machine"), (5, "capacity"),
+                              (6, "serve_minflt")):
                 cpu_round[name] = (at(t1, col) - at(t0, col)) / k
             cpu_round["others"] = cpu_round["machine"] - cpu_round["serve"] - cpu_round["join"] - cpu_round["worker"]
     join_hwm = [p["hwm"] / 1024 for p in procs if p["kind"] == "join"]
@@ -348,6 +352,8 @@ def cmd_report(args):
               f"{cpu_round['join'] * 1e3:.0f} ms, trainers (all) {cpu_round['worker'] * 1e3:.0f} ms; other processes "
               f"on the machine {cpu_round['others'] * 1e3:.0f} ms; machine busy {100 * cpu_round['machine'] / cap:.0f}% "
               f"of {os.cpu_count()} CPUs")
+        print(f"  coordinator page faults per timed round      {cpu_round['serve_minflt']:.0f} minor "
+              f"({cpu_round['serve_minflt'] * 4 / 1024:.1f} MB of 4 KiB pages)")
     verdict = "met" if serve_mb <= limit_mb else "NOT met"
     print(f"  coordinator peak RSS (/usr/bin/time -v)      {serve_mb:.0f} MB; limit 3 x model + 100 MB = {limit_mb:.0f} MB: {verdict}")
     print(f"  fedl join: launch -> \"connected\"             median {fmt_ms(med(connect))}"
@@ -381,7 +387,8 @@ def cmd_report(args):
         "all_rss_peak_mb": mon.get("peak_total_kb", {}).get("all", 0) / 1024,
         "min_available_mb": mon.get("min_available_kb", 0) / 1024,
         "aborted": mon.get("aborted"),
-        "cpu_ms_per_round": {k: v * 1e3 for k, v in cpu_round.items()},
+        "cpu_ms_per_round": {k: v * 1e3 for k, v in cpu_round.items() if k != "serve_minflt"},
+        "serve_minor_faults_per_round": cpu_round.get("serve_minflt"),
         "failed_attempts": len(failed),
     }
     if args.json_out:

@@ -77,7 +77,7 @@ public:
     for (;;) {
       std::optional<core::Frame> frame;
       try {
-        frame = core::read_frame(STDIN_FILENO, limits);
+        frame = core::read_frame(STDIN_FILENO, limits, std::move(m_spare));
       } catch (const core::ProtocolError& e) {
         FEDL_LOG_ERROR("worker: bad frame from the parent process: {}", e.what());
         return static_cast<int>(core::ExitCode::failure);
@@ -88,6 +88,8 @@ public:
       }
       try {
         handle(*frame);
+        // Nothing keeps a view of the model's bytes once a task is done (the backend copied them).
+        m_spare = std::move(frame->body);
       } catch (const OutputGone& e) {
         FEDL_LOG_ERROR("worker: cannot answer the parent process ({}); exiting", e.message);
         return static_cast<int>(core::ExitCode::failure);
@@ -258,6 +260,7 @@ private:
   const backends::Backend* m_backend = nullptr;
   std::string m_device;
   std::optional<OpenedModel> m_model;
+  std::vector<std::byte> m_spare;                         // the last frame's body, for the next one
   core::ReasonClass m_step = core::ReasonClass::internal; // the class of a failure at this step
 };
 

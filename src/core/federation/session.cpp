@@ -84,7 +84,17 @@ Site::connect()
         FramedConnection::Callbacks cb;
         cb.on_ready = [this] { m_conn->send(FrameType::hello, Hello{m_site}.to_header()); };
         cb.on_head = [this](const FramePrefix& prefix, const json&) {
-          auto buffer = std::make_shared<std::vector<std::byte>>();
+          // The last task's buffer, which the trainer thread gives back once its model is sent: a
+          // model-sized body is otherwise mapped, faulted in and zeroed afresh every round
+          // (glibc maps every block over 32 MB).
+          std::shared_ptr<std::vector<std::byte>> buffer;
+          if (prefix.type == FrameType::task) {
+            const std::lock_guard lock(m_mutex);
+            buffer = std::move(m_spare_model);
+          }
+          if (!buffer) {
+            buffer = std::make_shared<std::vector<std::byte>>();
+          }
           if (m_s.contract && prefix.type == FrameType::task) {
             // The contract bounds the body to the model's size: room for it at once, rather than
             // a buffer that doubles as the bytes come (1.7 times the model at its peak).

@@ -114,6 +114,7 @@ private:
   void stop(const std::string& reason);
   void trainer_loop();
   void stop_trainer();
+  void give_back(std::shared_ptr<std::vector<std::byte>> model);
   std::shared_ptr<SignedUpdate> sign(std::vector<std::byte> bytes);
   // --max-epsilon: what the site has spent (the larger of its account and the coordinator's
   // record), checked against the coordinator's report in the welcome frame.
@@ -138,6 +139,7 @@ private:
   bool m_welcomed = false;
   double m_heartbeat = 5;
   int m_update_signature = 1; // the newest the coordinator checks (Welcome)
+
   double m_dead_after = 20;
   std::uint32_t m_failures = 0;
   double m_unreachable_since = 0;
@@ -173,8 +175,9 @@ private:
   std::condition_variable m_cv;
   std::optional<Job> m_next_job; // the latest task; an older one not yet started is replaced
   bool m_stopping = false;
-  pid_t m_trainer_pid = -1;           // the trainer while it works on a task; under m_mutex
-  std::uint64_t m_running_serial = 0; // ... and that task's job; under m_mutex
+  pid_t m_trainer_pid = -1;                              // the trainer while it works on a task; under m_mutex
+  std::shared_ptr<std::vector<std::byte>> m_spare_model; // a sent task's model buffer, for the next; under m_mutex
+  std::uint64_t m_running_serial = 0;                    // ... and that task's job; under m_mutex
 };
 
 } // namespace fedl::core::join_detail

@@ -168,7 +168,7 @@ Site::trainer_loop()
       // An update is the model's size plus its metadata: the trainer cannot make this process
       // allocate more than that, whatever it claims.
       const auto max_update = job.model->size() + (std::uint64_t{4} << 20);
-      auto answer = trainer.train(task, *job.model, max_update, [&] { job.model.reset(); });
+      auto answer = trainer.train(task, *job.model, max_update, [&] { give_back(std::move(job.model)); });
       if (auto* e = std::get_if<ChildError>(&answer)) {
         failure = Failure{e->cls, valid_utf8(e->message), false};
       } else {
@@ -186,10 +186,21 @@ Site::trainer_loop()
       m_trainer_pid = -1;
       m_running_serial = 0;
     }
-    job.model.reset();
+    give_back(std::move(job.model));
     asio::post(m_io, [this, job = std::move(job), result, body = std::move(body), failure]() mutable {
       on_trained(job, result, std::move(body), failure);
     });
+  }
+}
+
+// A task's model buffer, done with, for the next task's body (session.cpp on_head) unless
+// something else still holds it.
+void
+Site::give_back(std::shared_ptr<std::vector<std::byte>> model)
+{
+  if (model && model.use_count() == 1) {
+    const std::lock_guard lock(m_mutex);
+    m_spare_model = std::move(model);
   }
 }
 

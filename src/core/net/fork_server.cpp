@@ -54,40 +54,37 @@ now_seconds()
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// All `size` bytes through `step` (send or recv on a socket, without SIGPIPE); false if the peer
+// went away or the socket failed first.
+template<typename Step>
 bool
-write_all(int fd, const void* data, std::size_t size)
+all_of_it(Step step, std::size_t size)
 {
-  const auto* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const auto n = ::send(fd, p, size, MSG_NOSIGNAL);
+  for (std::size_t done = 0; done < size;) {
+    const auto n = step(done);
     if (n < 0 && errno == EINTR) {
       continue;
     }
     if (n <= 0) {
       return false;
     }
-    p += n;
-    size -= static_cast<std::size_t>(n);
+    done += static_cast<std::size_t>(n);
   }
   return true;
+}
+
+bool
+write_all(int fd, const void* data, std::size_t size)
+{
+  const auto* p = static_cast<const char*>(data);
+  return all_of_it([&](std::size_t done) { return ::send(fd, p + done, size - done, MSG_NOSIGNAL); }, size);
 }
 
 bool
 read_all(int fd, void* data, std::size_t size)
 {
   auto* p = static_cast<char*>(data);
-  while (size > 0) {
-    const auto n = ::recv(fd, p, size, 0);
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n <= 0) {
-      return false;
-    }
-    p += n;
-    size -= static_cast<std::size_t>(n);
-  }
-  return true;
+  return all_of_it([&](std::size_t done) { return ::recv(fd, p + done, size - done, 0); }, size);
 }
 
 void

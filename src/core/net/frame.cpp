@@ -264,7 +264,7 @@ write_frame(int fd, FrameType type, const nlohmann::json& header, std::span<cons
 }
 
 std::optional<Frame>
-read_frame(int fd, const FrameLimits& limits)
+read_frame(int fd, const FrameLimits& limits, std::vector<std::byte> reuse)
 {
   std::array<std::byte, frame_prefix_size> prefix{};
   const auto got = read_full(fd, prefix.data(), prefix.size());
@@ -282,6 +282,9 @@ read_frame(int fd, const FrameLimits& limits)
   Frame f;
   f.type = p.type;
   f.header = decode_header(header);
+  // Past 32 MB glibc maps every block afresh: a body as large as a model, reused, saves faulting
+  // in and zeroing its pages every round. Only what is added is zeroed; the read overwrites all.
+  f.body = std::move(reuse);
   f.body.resize(p.body_size);
   if (read_full(fd, f.body.data(), f.body.size()) < f.body.size()) {
     throw ProtocolError("the pipe closed inside a frame body");

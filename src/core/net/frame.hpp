@@ -115,9 +115,10 @@ struct Frame
 
 // Blocking frame I/O on a file descriptor (a pipe), retrying on EINTR. write_frame throws Error on
 // a write failure (EPIPE included: the peer is gone). read_frame returns nullopt on end of file
-// at a frame boundary, throws ProtocolError for a bad frame or end of file inside one.
+// at a frame boundary, throws ProtocolError for a bad frame or end of file inside one; the body
+// goes into `reuse` (an earlier frame's, say), whose pages are then not faulted in afresh.
 void write_frame(int fd, FrameType type, const nlohmann::json& header,
                  std::span<const std::span<const std::byte>> body = {});
-std::optional<Frame> read_frame(int fd, const FrameLimits& limits);
+std::optional<Frame> read_frame(int fd, const FrameLimits& limits, std::vector<std::byte> reuse = {});
 
 } // namespace fedl::core

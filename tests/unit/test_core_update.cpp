@@ -131,6 +131,19 @@ TEST_CASE("update: a v2 signature verifies over the digest, and the digest as th
     meta3["fedl.signature"] = "something else";
     CHECK(update_head_v2(order, meta3) == update_head_v2(order, meta));
   }
+  SUBCASE("a header larger than the digester keeps: the file's hash as it passes, the v2 digest from the file")
+  {
+    Metadata big{{"fedl.kind", "update"}, {"note", std::string(300 * 1024, 'x')}};
+    sign_update(views(values), big, alice);
+    write_safetensors(dir / "big.safetensors", views(values), big);
+    const auto big_bytes = read_all(dir / "big.safetensors");
+    const auto passing = digest_in_pieces(big_bytes, {65536});
+    CHECK(passing.version == 1);
+    CHECK(passing.hex == file_sha256(dir / "big.safetensors"));
+    const SafetensorsFile big_file(dir / "big.safetensors");
+    CHECK(verify_signature(alice.cert, as_bytes(update_signed_message_v2(update_digest_v2(big_file.content()))),
+                           big.at("fedl.signature")));
+  }
   SUBCASE("v1 on request: no version entry, the per-tensor payload")
   {
     Metadata v1{{"fedl.kind", "update"}, {"fedl.signature_version", "2"}};

@@ -14,9 +14,11 @@ namespace {
 
 constexpr const char* v2_name = "update-signature-v2";
 constexpr const char* version_key = "fedl.signature_version";
-// The most header text a digester keeps: an update's header holds its metadata (a certificate of
-// ~1 KB) and ~100 bytes per tensor.
-constexpr std::uint64_t max_kept_header = std::uint64_t{16} << 20;
+// The most header text a digester keeps, per update being received: an update's header holds its
+// metadata (a certificate of ~1 KB) and ~100 bytes per tensor, so this fits some 2000 tensors. A
+// larger header costs only speed (the file is hashed at the commit instead), never more memory
+// than this for each site that uploads.
+constexpr std::uint64_t max_kept_header = std::uint64_t{256} << 10;
 
 // A header's metadata without the signature, as both versions cover it.
 nlohmann::json

@@ -55,9 +55,9 @@ struct UpdateDigest
 
 // An update's digest as its bytes pass by (a frame body arriving), in one pass: the size prefix
 // and the header are parsed once complete, which says the version, and the data section then
-// goes into the one hash that version needs. A header that does not parse gives the file's
-// SHA-256 (version 1): the file's own parse later says what is wrong with it. The caller bounds
-// the total size.
+// goes into the one hash that version needs. A header that does not parse, or is larger than
+// 256 KiB (which it keeps meanwhile), gives the file's SHA-256 (version 1): the file's own parse
+// later says what is wrong with it, or computes the v2 digest. The caller bounds the total size.
 class UpdateDigester
 {
 public:

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <chrono>
@@ -246,14 +247,22 @@ public:
       if (::poll(fds.data(), fds.size(), timeout) < 0 && errno != EINTR) {
         throw Error("fork server: poll: {}", std::strerror(errno));
       }
+      // Ready connections by descriptor: serving one or reaping a child removes connections.
+      std::vector<int> ready;
+      for (std::size_t k = 2; k < fds.size(); ++k) {
+        if ((fds[k].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
+          ready.push_back(fds[k].fd);
+        }
+      }
+      for (const int fd : ready) {
+        const auto it =
+          std::find_if(m_conns.begin(), m_conns.end(), [fd](const Connection& c) { return c.fd.get() == fd; });
+        if (it != m_conns.end()) {
+          serve(static_cast<std::size_t>(it - m_conns.begin()));
+        }
+      }
       if ((fds[1].revents & POLLIN) != 0) {
         reap();
-      }
-      // Connections first (their indexes are the poll's), then new ones.
-      for (std::size_t i = m_conns.size(); i-- > 0;) {
-        if ((fds[i + 2].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
-          serve(i);
-        }
       }
       if ((fds[0].revents & POLLIN) != 0) {
         accept();

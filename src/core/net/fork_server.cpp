@@ -115,17 +115,31 @@ struct Request
   std::array<UniqueFd, request_fds> fds;
 };
 
+// A request's 4-byte size with room for its descriptors, as sendmsg and recvmsg take them.
+struct SizeMessage
+{
+  std::array<unsigned char, 4> size{};
+  iovec iov{};
+  alignas(cmsghdr) std::array<char, CMSG_SPACE(sizeof(int) * request_fds)> control{};
+  msghdr msg{};
+
+  SizeMessage()
+  {
+    iov = {size.data(), size.size()};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.data();
+    msg.msg_controllen = control.size();
+  }
+  SizeMessage(const SizeMessage&) = delete;
+  SizeMessage& operator=(const SizeMessage&) = delete;
+};
+
 std::optional<Request>
 read_request(int fd)
 {
-  std::array<unsigned char, 4> size{};
-  iovec iov{size.data(), size.size()};
-  alignas(cmsghdr) std::array<char, CMSG_SPACE(sizeof(int) * request_fds)> control{};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control.data();
-  msg.msg_controllen = control.size();
+  SizeMessage m;
+  auto& msg = m.msg;
   const auto n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
   std::vector<UniqueFd> received;
   for (auto* c = CMSG_FIRSTHDR(&msg); n > 0 && c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
@@ -138,7 +152,7 @@ read_request(int fd)
       }
     }
   }
-  const auto length = static_cast<std::uint32_t>(get_i32(size));
+  const auto length = static_cast<std::uint32_t>(get_i32(m.size));
   if (n != 4 || received.size() != request_fds || (msg.msg_flags & MSG_CTRUNC) != 0 || length == 0 ||
       length > fork_server_max_request) {
     return std::nullopt;
@@ -455,22 +469,16 @@ fork_via_server(const fs::path& socket, const std::vector<std::string>& argv, in
   if (text.size() > fork_server_max_request) {
     throw Error("internal: a fork server request of {} bytes", text.size());
   }
-  std::array<unsigned char, 4> size{};
-  put_i32(size, static_cast<std::int32_t>(text.size()));
-  iovec iov{size.data(), size.size()};
-  alignas(cmsghdr) std::array<char, CMSG_SPACE(sizeof(int) * request_fds)> control{};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control.data();
-  msg.msg_controllen = control.size();
+  SizeMessage m;
+  put_i32(m.size, static_cast<std::int32_t>(text.size()));
+  auto& msg = m.msg;
   auto* c = CMSG_FIRSTHDR(&msg);
   c->cmsg_level = SOL_SOCKET;
   c->cmsg_type = SCM_RIGHTS;
   c->cmsg_len = CMSG_LEN(sizeof(int) * request_fds);
   const std::array<int, request_fds> fds{stdin_fd, stdout_fd, stderr_fd};
   std::memcpy(CMSG_DATA(c), fds.data(), sizeof(fds));
-  if (::sendmsg(fd.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(size.size()) ||
+  if (::sendmsg(fd.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(m.size.size()) ||
       !write_all(fd.get(), text.data(), text.size())) {
     throw Error("cannot send a request to the fork server at {}: {}", socket.string(), std::strerror(errno));
   }

@@ -15,7 +15,9 @@
 #include <cerrno>
 #include <cstring>
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 namespace fedl::cmd {
@@ -44,26 +46,69 @@ thread_count()
   return n;
 }
 
+// With --detach: the server goes on in a child of its own session, and this process returns
+// once the child listens (0), has found another server holding the socket (0), or has failed
+// (its status). Returns -1 in the child.
+int
+detach(core::UniqueFd& ready)
+{
+  int fds[2] = {-1, -1};
+  if (::pipe2(fds, O_CLOEXEC) != 0) {
+    throw core::Error("cannot start the fork server: {}", std::strerror(errno));
+  }
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    throw core::Error("cannot start the fork server: {}", std::strerror(errno));
+  }
+  if (pid == 0) {
+    ::close(fds[0]);
+    ready.reset(fds[1]);
+    ::setsid();
+    return -1;
+  }
+  ::close(fds[1]);
+  char c = 0;
+  ssize_t n = 0;
+  while ((n = ::read(fds[0], &c, 1)) < 0 && errno == EINTR) {
+  }
+  ::close(fds[0]);
+  if (n == 1) {
+    return 0; // listening
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
+// The threads a process has of its own at start: one, and a thread sanitizer's own.
+#if defined(__SANITIZE_THREAD__)
+constexpr std::size_t own_threads = 2;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr std::size_t own_threads = 2;
+#else
+constexpr std::size_t own_threads = 1;
+#endif
+#else
+constexpr std::size_t own_threads = 1;
+#endif
+
 int
 run_fork_server(const ForkServerOptions& opt)
 {
+  core::UniqueFd ready;
   if (opt.detach) {
-    // The requester waits for this process: the server goes on in a child of its own session.
-    const pid_t pid = ::fork();
-    if (pid < 0) {
-      throw core::Error("cannot start the fork server: {}", std::strerror(errno));
+    if (const int rc = detach(ready); rc >= 0) {
+      return rc;
     }
-    if (pid > 0) {
-      return 0;
-    }
-    ::setsid();
   }
   const auto prepare = [] {
     const auto& loaded = backends::all_backends();
     FEDL_LOG_DEBUG("fork server: {} backend(s) loaded", loaded.size());
-    if (const auto threads = thread_count(); threads != 1) {
-      throw core::Error("the fork server has {} threads after loading the backends; it can only fork with one",
-                        threads);
+    if (const auto threads = thread_count(); threads != own_threads) {
+      throw core::Error("the fork server has {} threads after loading the backends; it can only fork with {}", threads,
+                        own_threads);
     }
   };
   const auto child = [](const std::vector<std::string>& argv) {
@@ -77,7 +122,13 @@ run_fork_server(const ForkServerOptions& opt)
     args.push_back(nullptr);
     return run_fedl(static_cast<int>(argv.size()), args.data());
   };
-  return core::run_fork_server(opt.socket, opt.idle, prepare, child);
+  const auto listening = [&ready] {
+    if (ready) {
+      (void)::write(ready.get(), "1", 1);
+      ready.reset();
+    }
+  };
+  return core::run_fork_server(opt.socket, opt.idle, prepare, child, listening);
 }
 
 } // namespace

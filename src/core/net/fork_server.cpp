@@ -409,10 +409,14 @@ connect_or_start(const fs::path& socket, const std::vector<std::string>& start_s
   }
   FEDL_LOG_INFO("starting a fork server at {}", socket.string());
   UniqueFd null(::open("/dev/null", O_RDWR | O_CLOEXEC));
-  // `fedl __fork-server --detach` forks and returns at once; the server goes on alone.
+  // `fedl __fork-server --detach` returns once its server listens (or another one holds the
+  // socket), and fails if it could not start; the server goes on alone.
   const pid_t starter = spawn_process(start_server, null.get(), null.get());
   int status = 0;
   while (::waitpid(starter, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    throw Error("the fork server at {} could not start (its messages above say why)", socket.string());
   }
   const double deadline = now_seconds() + wait_seconds;
   for (;;) {
@@ -437,7 +441,8 @@ check_socket_path(const fs::path& socket)
 
 int
 run_fork_server(const fs::path& socket, double idle_seconds, const std::function<void()>& prepare,
-                const std::function<int(const std::vector<std::string>&)>& run_child)
+                const std::function<int(const std::vector<std::string>&)>& run_child,
+                const std::function<void()>& listening)
 {
   check_socket_path(socket);
   const auto lock_path = socket.string() + ".lock";
@@ -455,6 +460,9 @@ run_fork_server(const fs::path& socket, double idle_seconds, const std::function
   Server server(socket, idle_seconds, run_child);
   server.listen();
   FEDL_LOG_INFO("fork server listening on {}", socket.string());
+  if (listening) {
+    listening();
+  }
   server.run();
   FEDL_LOG_INFO("fork server on {}: idle for {:g} s; exiting", socket.string(), idle_seconds);
   return 0;

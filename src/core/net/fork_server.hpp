@@ -35,11 +35,13 @@ constexpr std::size_t fork_server_max_request = 256 * 1024;
 
 // Runs the server on `socket` until it has been idle for `idle_seconds`; returns 0, or at once
 // (0) if another server holds the socket's lock. `prepare` runs once the lock is held, before
-// the socket is made (load the backend there; it must not start threads). `run_child(argv)` runs
+// the socket is made (load the backend there; it must not start threads); `listening` once the
+// socket accepts requests. `run_child(argv)` runs
 // in each forked child with fds 0, 1 and 2 set to the requester's, and its result is the child's
 // exit status. Throws Error if the socket cannot be made.
 int run_fork_server(const std::filesystem::path& socket, double idle_seconds, const std::function<void()>& prepare,
-                    const std::function<int(const std::vector<std::string>&)>& run_child);
+                    const std::function<int(const std::vector<std::string>&)>& run_child,
+                    const std::function<void()>& listening = {});
 
 // A child started by a fork server: its pid, and the connection its wait status arrives on.
 struct ForkedChild
@@ -49,8 +51,9 @@ struct ForkedChild
 };
 
 // Asks the server on `socket` to fork `argv` with the given stdin, stdout and stderr. If none
-// listens there, starts one with `start_server` (argv of `fedl __fork-server SOCKET`, which
-// detaches) and waits up to `wait_seconds` for it. Throws Error naming the socket.
+// listens there, starts one with `start_server` (argv of `fedl __fork-server --detach SOCKET`,
+// which returns once the server listens, or fails if it cannot start) and waits up to
+// `wait_seconds` for it. Throws Error naming the socket.
 ForkedChild fork_via_server(const std::filesystem::path& socket, const std::vector<std::string>& argv, int stdin_fd,
                             int stdout_fd, int stderr_fd, const std::vector<std::string>& start_server,
                             double wait_seconds = 60);

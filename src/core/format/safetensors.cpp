@@ -137,10 +137,7 @@ read_header(std::span<const std::byte> bytes, std::string_view what)
     throw VerifyError("{}: not a safetensors file (only {} bytes; the 8-byte header size is missing)", what,
                       bytes.size());
   }
-  std::uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) {
-    n = (n << 8) | std::to_integer<std::uint64_t>(bytes[static_cast<std::size_t>(i)]);
-  }
+  const std::uint64_t n = get_le(bytes.data(), 8);
   if (n > k_max_header || n > bytes.size() - 8) {
     throw VerifyError("{}: not a safetensors file or truncated (header claims {} bytes, file has {})", what, n,
                       bytes.size());
@@ -317,11 +314,7 @@ safetensors_header(std::span<const TensorView* const> ordered, const Metadata& m
   std::string json = h.dump();
   json.append((8 - json.size() % 8) % 8, ' ');
   std::string out(8, '\0');
-  auto n = static_cast<std::uint64_t>(json.size());
-  for (std::size_t i = 0; i < 8; ++i) {
-    out[i] = static_cast<char>(n & 0xff);
-    n >>= 8;
-  }
+  put_le(reinterpret_cast<std::byte*>(out.data()), json.size(), 8);
   return out + json;
 }
 

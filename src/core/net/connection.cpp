@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/net/connection.hpp"
 
+#include "core/util/clock.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 
@@ -18,7 +19,7 @@ constexpr double linger_seconds = 2; // for the peer to read a TLS alert or an e
 double
 FramedConnection::now() noexcept
 {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return steady_seconds();
 }
 
 FramedConnection::FramedConnection(std::unique_ptr<TlsStream> stream, FrameLimits limits, Callbacks callbacks)

@@ -2,6 +2,7 @@
 #include "core/net/fork_server.hpp"
 
 #include "core/net/child.hpp"
+#include "core/util/clock.hpp"
 #include "core/util/error.hpp"
 #include "core/util/log.hpp"
 
@@ -49,12 +50,6 @@ address_of(const fs::path& socket)
   return a;
 }
 
-double
-now_seconds()
-{
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 // All `size` bytes through `step` (send or recv on a socket, without SIGPIPE); false if the peer
 // went away or the socket failed first.
 template<typename Step>
@@ -88,23 +83,19 @@ read_all(int fd, void* data, std::size_t size)
   return all_of_it([&](std::size_t done) { return ::recv(fd, p + done, size - done, 0); }, size);
 }
 
+// The protocol's i32le fields.
+using I32 = std::array<std::byte, 4>;
+
 void
-put_i32(std::array<unsigned char, 4>& out, std::int32_t v)
+put_i32(I32& out, std::int32_t v)
 {
-  const auto u = static_cast<std::uint32_t>(v);
-  for (std::size_t i = 0; i < 4; ++i) {
-    out[i] = static_cast<unsigned char>((u >> (8 * i)) & 0xff);
-  }
+  put_le(out.data(), static_cast<std::uint32_t>(v), out.size());
 }
 
 std::int32_t
-get_i32(const std::array<unsigned char, 4>& in)
+get_i32(const I32& in)
 {
-  std::uint32_t u = 0;
-  for (std::size_t i = 0; i < 4; ++i) {
-    u |= static_cast<std::uint32_t>(in[i]) << (8 * i);
-  }
-  return static_cast<std::int32_t>(u);
+  return static_cast<std::int32_t>(static_cast<std::uint32_t>(get_le(in.data(), in.size())));
 }
 
 // One request: argv and the child's three descriptors; nothing for anything malformed (the
@@ -118,7 +109,7 @@ struct Request
 // A request's 4-byte size with room for its descriptors, as sendmsg and recvmsg take them.
 struct SizeMessage
 {
-  std::array<unsigned char, 4> size{};
+  I32 size{};
   iovec iov{};
   alignas(cmsghdr) std::array<char, CMSG_SPACE(sizeof(int) * request_fds)> control{};
   msghdr msg{};
@@ -251,7 +242,7 @@ public:
 
   void run()
   {
-    double idle_since = now_seconds();
+    double idle_since = steady_seconds();
     for (;;) {
       std::vector<pollfd> fds{{m_listen.get(), POLLIN, 0}, {m_signals.get(), POLLIN, 0}};
       for (const auto& c : m_conns) {
@@ -282,8 +273,8 @@ public:
         accept();
       }
       if (!m_conns.empty()) {
-        idle_since = now_seconds();
-      } else if (now_seconds() - idle_since >= m_idle) {
+        idle_since = steady_seconds();
+      } else if (steady_seconds() - idle_since >= m_idle) {
         break;
       }
     }
@@ -339,7 +330,7 @@ private:
     if (pid == 0) {
       be_child(*request, m_run_child);
     }
-    std::array<unsigned char, 4> reply{};
+    I32 reply{};
     put_i32(reply, pid > 0 ? pid : -errno);
     if (!write_all(c.fd.get(), reply.data(), reply.size()) || pid < 0) {
       if (pid > 0) {
@@ -361,7 +352,7 @@ private:
     for (pid_t pid; (pid = ::waitpid(-1, &status, WNOHANG)) > 0;) {
       for (auto it = m_conns.begin(); it != m_conns.end(); ++it) {
         if (it->child == pid) {
-          std::array<unsigned char, 4> out{};
+          I32 out{};
           put_i32(out, status);
           write_all(it->fd.get(), out.data(), out.size());
           m_conns.erase(it);
@@ -418,12 +409,12 @@ connect_or_start(const fs::path& socket, const std::vector<std::string>& start_s
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     throw Error("the fork server at {} could not start (its messages above say why)", socket.string());
   }
-  const double deadline = now_seconds() + wait_seconds;
+  const double deadline = steady_seconds() + wait_seconds;
   for (;;) {
     if (auto fd = connect_to(a, err)) {
       return fd;
     }
-    if (now_seconds() > deadline) {
+    if (steady_seconds() > deadline) {
       throw Error("the fork server at {} did not start within {:g} s: {}", socket.string(), wait_seconds,
                   std::strerror(err));
     }
@@ -491,7 +482,7 @@ fork_via_server(const fs::path& socket, const std::vector<std::string>& argv, in
     throw Error("cannot send a request to the fork server at {}: {}", socket.string(), std::strerror(errno));
   }
   pollfd p{fd.get(), POLLIN, 0};
-  std::array<unsigned char, 4> reply{};
+  I32 reply{};
   if (::poll(&p, 1, 30'000) != 1 || !read_all(fd.get(), reply.data(), reply.size())) {
     throw Error("the fork server at {} did not answer", socket.string());
   }
@@ -510,7 +501,7 @@ forked_child_status(int connection, int timeout_ms)
   if (r == 0 || (r < 0 && errno == EINTR)) {
     return std::nullopt;
   }
-  std::array<unsigned char, 4> status{};
+  I32 status{};
   if (r < 0 || !read_all(connection, status.data(), status.size())) {
     return -1;
   }

@@ -4,6 +4,7 @@
 #include "core/util/text.hpp"
 
 #include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
 
 #include <fmt/format.h>
 
@@ -18,24 +19,6 @@ namespace fedl::core {
 namespace {
 
 constexpr std::array<char, 4> magic{'F', 'E', 'D', 'L'};
-
-void
-put_le(std::byte* out, std::uint64_t value, std::size_t n)
-{
-  for (std::size_t i = 0; i < n; ++i) {
-    out[i] = static_cast<std::byte>((value >> (8 * i)) & 0xff);
-  }
-}
-
-std::uint64_t
-get_le(const std::byte* in, std::size_t n)
-{
-  std::uint64_t v = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    v |= static_cast<std::uint64_t>(in[i]) << (8 * i);
-  }
-  return v;
-}
 
 // Reads exactly `n` bytes; returns how many were read before end of file.
 std::size_t

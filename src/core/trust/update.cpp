@@ -34,11 +34,7 @@ void
 hash_head(Sha256& h, const std::string& head)
 {
   std::array<std::byte, 8> size{};
-  auto n = static_cast<std::uint64_t>(head.size());
-  for (auto& b : size) {
-    b = static_cast<std::byte>(n & 0xff);
-    n >>= 8;
-  }
+  put_le(size.data(), head.size(), size.size());
   h.update(size);
   h.update(as_bytes(head));
 }
@@ -121,9 +117,7 @@ UpdateDigester::update(std::span<const std::byte> bytes)
         return;
       }
       if (m_stage == Stage::size) {
-        for (int i = 7; i >= 0; --i) {
-          m_header_size = (m_header_size << 8) | static_cast<unsigned char>(m_prefix[static_cast<std::size_t>(i)]);
-        }
+        m_header_size = get_le(reinterpret_cast<const std::byte*>(m_prefix.data()), 8);
         // A header larger than any update's is not kept: the file hash goes on, and the file's
         // own parse says what is wrong with it.
         m_stage = m_header_size <= max_kept_header ? Stage::header : Stage::data;

@@ -42,4 +42,10 @@ parse_utc(const std::string& text)
   return std::chrono::system_clock::from_time_t(t) + std::chrono::milliseconds(ms);
 }
 
+double
+steady_seconds() noexcept
+{
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 } // namespace fedl::core

@@ -14,4 +14,7 @@ std::string utc_now();
 // The time utc_now() wrote, or nullopt if `text` is not in that form.
 std::optional<std::chrono::system_clock::time_point> parse_utc(const std::string& text);
 
+// Seconds on the steady clock (an arbitrary origin): for timeouts and durations.
+double steady_seconds() noexcept;
+
 } // namespace fedl::core

@@ -128,4 +128,24 @@ as_bytes(std::string_view s) noexcept
   return std::as_bytes(std::span(s.data(), s.size()));
 }
 
+// `value` as `n` (at most 8) little-endian bytes at `out`, and back: the size fields of frames,
+// safetensors headers, update digests and fork server requests.
+inline void
+put_le(std::byte* out, std::uint64_t value, std::size_t n) noexcept
+{
+  for (std::size_t i = 0; i < n; ++i) {
+    out[i] = static_cast<std::byte>((value >> (8 * i)) & 0xff);
+  }
+}
+
+inline std::uint64_t
+get_le(const std::byte* in, std::size_t n) noexcept
+{
+  std::uint64_t v = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    v |= std::to_integer<std::uint64_t>(in[i]) << (8 * i);
+  }
+  return v;
+}
+
 } // namespace fedl::core

@@ -257,14 +257,8 @@ digest_of(const SafetensorsFile& file, const RoundCandidate& candidate, bool rec
     }
     return {version, file_sha256(candidate.path), {}};
   }
-  if (candidate.owned && streamed && streamed->version == 2) {
-    std::vector<const TensorView*> order;
-    for (const auto& t : st.tensors) {
-      order.push_back(&t);
-    }
-    if (streamed->head == update_head_v2(order, st.metadata)) {
-      return *streamed;
-    }
+  if (candidate.owned && streamed && streamed->version == 2 && streamed->head == update_head_v2(st)) {
+    return *streamed;
   }
   return {2, update_digest_v2(st), {}};
 }

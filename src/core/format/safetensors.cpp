@@ -256,7 +256,6 @@ parse_safetensors(std::span<const std::byte> bytes, std::string_view what)
   const auto [header, data_start] = read_header(bytes, what);
   const auto buffer = bytes.subspan(data_start);
   Safetensors out;
-  out.buffer = buffer;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       read_metadata(entry, what, out.metadata);

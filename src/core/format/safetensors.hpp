@@ -66,7 +66,6 @@ constexpr std::size_t safetensors_max_nesting = 4;
 // A parsed safetensors buffer. Tensors are in file (offset) order.
 struct Safetensors
 {
-  std::span<const std::byte> buffer; // the data section, which the tensors tile exactly
   std::vector<TensorView> tensors;
   Metadata metadata;
 

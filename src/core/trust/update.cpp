@@ -84,18 +84,44 @@ update_signed_message_v2(const std::string& digest)
   return nlohmann::json{{"fedl", v2_name}, {"sha256", digest}}.dump();
 }
 
-std::string
-update_digest_v2(const Safetensors& st)
+namespace {
+
+// A parsed file's tensors in file order (parse_safetensors gives them so, packed: check_tiling).
+std::vector<const TensorView*>
+file_order(const Safetensors& st)
 {
   std::vector<const TensorView*> order;
   order.reserve(st.tensors.size());
   for (const auto& t : st.tensors) {
-    order.push_back(&t); // parse_safetensors gives them in file order, packed (check_tiling)
+    order.push_back(&t);
   }
+  return order;
+}
+
+// D for tensors laid out in `order`, packed: their data is the data section.
+std::string
+digest_v2(std::span<const TensorView* const> order, const Metadata& metadata)
+{
   Sha256 h;
-  hash_head(h, update_head_v2(order, st.metadata));
-  h.update(st.buffer);
+  hash_head(h, update_head_v2(order, metadata));
+  for (const auto* t : order) {
+    h.update(t->data);
+  }
   return h.hex();
+}
+
+} // namespace
+
+std::string
+update_head_v2(const Safetensors& st)
+{
+  return update_head_v2(file_order(st), st.metadata);
+}
+
+std::string
+update_digest_v2(const Safetensors& st)
+{
+  return digest_v2(file_order(st), st.metadata);
 }
 
 void
@@ -207,13 +233,7 @@ sign_update(std::span<const TensorView> tensors, Metadata& metadata, const Ident
   std::string message;
   if (version >= 2) {
     metadata.insert_or_assign(version_key, std::string(1, '2'));
-    const auto order = serialize_order(tensors);
-    Sha256 h;
-    hash_head(h, update_head_v2(order, metadata));
-    for (const auto* t : order) {
-      h.update(t->data);
-    }
-    message = update_signed_message_v2(h.hex());
+    message = update_signed_message_v2(digest_v2(serialize_order(tensors), metadata));
   } else {
     metadata.erase(version_key);
     message = update_signed_payload(tensors, metadata);

@@ -37,8 +37,9 @@ std::optional<int> update_signature_version(const Metadata& metadata) noexcept;
 std::string update_signed_payload(std::span<const TensorView> tensors, const Metadata& metadata);
 
 // v2: the head H of an update in file order (each tensor's data_offsets from its place in the data
-// section), and the message the signature covers for the digest D.
+// section), of a parsed file, and the message the signature covers for the digest D.
 std::string update_head_v2(std::span<const TensorView* const> in_file_order, const Metadata& metadata);
+std::string update_head_v2(const Safetensors& st);
 std::string update_signed_message_v2(const std::string& digest);
 
 // v2: the digest D of a parsed update, hashing its data section (one pass).

@@ -82,20 +82,6 @@ enum class FileMode
   secret
 };
 
-// Writes `parts` one after the other to `path` atomically: a temporary file in the same folder,
-// fsync, rename over `path`, fsync of the folder. On any failure the temporary file is removed
-// and `path` is left as it was. Throws Error naming the path.
-// With `hash`, each piece is also fed to it just before it is written (while it is in cache).
-class Sha256;
-void atomic_write(const std::filesystem::path& path, std::span<const std::span<const std::byte>> parts,
-                  FileMode mode = FileMode::normal, Sha256* hash = nullptr);
-void atomic_write(const std::filesystem::path& path, std::string_view contents, FileMode mode = FileMode::normal);
-
-// Appends `line` (one whole line, with its newline) to `path` (created 0644 if absent) and
-// fsyncs it; a write cut short is taken back (the file is truncated to its size before), so that
-// the file stays a sequence of whole lines. Throws Error naming the file.
-void append_line(const std::filesystem::path& path, std::string_view line);
-
 // A SHA-256 computed piece by piece (OpenSSL's EVP): for bytes that pass by once, as they
 // arrive from a peer or are written to a file. Throws Error only if OpenSSL cannot start one.
 class Sha256
@@ -109,12 +95,25 @@ public:
   Sha256& operator=(const Sha256&) = delete;
 
   void update(std::span<const std::byte> bytes) noexcept;
-  // The digest in lower-case hex; the object is then spent (update and hex again: Error).
+  // The digest in lower-case hex. The object is then spent: update() does nothing, hex() throws.
   std::string hex();
 
 private:
   evp_md_ctx_st* m_ctx;
 };
+
+// Writes `parts` one after the other to `path` atomically: a temporary file in the same folder,
+// fsync, rename over `path`, fsync of the folder. On any failure the temporary file is removed
+// and `path` is left as it was. Throws Error naming the path.
+// With `hash`, each piece is also fed to it just before it is written (while it is in cache).
+void atomic_write(const std::filesystem::path& path, std::span<const std::span<const std::byte>> parts,
+                  FileMode mode = FileMode::normal, Sha256* hash = nullptr);
+void atomic_write(const std::filesystem::path& path, std::string_view contents, FileMode mode = FileMode::normal);
+
+// Appends `line` (one whole line, with its newline) to `path` (created 0644 if absent) and
+// fsyncs it; a write cut short is taken back (the file is truncated to its size before), so that
+// the file stays a sequence of whole lines. Throws Error naming the file.
+void append_line(const std::filesystem::path& path, std::string_view line);
 
 // Lower-case hex SHA-256, as sha256sum prints it.
 std::string sha256_hex(std::span<const std::byte> bytes);

@@ -202,4 +202,21 @@ TEST_CASE("fork server: exits when idle and takes its socket along; bad socket p
   CHECK_THROWS_WITH_AS(fork_via_server(socket, {"echo"}, 0, 1, 2, {"/bin/true"}, 0.2),
                        doctest::Contains("did not start within"), Error);
   CHECK_THROWS_AS(run_fork_server(dir / std::string(200, 'x'), 1, {}, test_child), UsageError);
+
+  // A `prepare` that leaves a thread behind: refused, since a fork would not copy it.
+  const pid_t threaded = ::fork();
+  if (threaded == 0) {
+    int rc = 1;
+    try {
+      (void)run_fork_server(
+        dir / "threaded.sock", 30, [] { std::thread([] { ::pause(); }).detach(); }, test_child);
+    } catch (const Error& e) {
+      rc = std::string(e.what()).find("it can only fork with") != std::string::npos ? 42 : 2;
+    }
+    ::_exit(rc);
+  }
+  const int refused = wait_exit(threaded);
+  CHECK(WIFEXITED(refused));
+  CHECK(WEXITSTATUS(refused) == 42);
+  CHECK_FALSE(fs::exists(dir / "threaded.sock"));
 }

@@ -16,6 +16,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/file.h>
@@ -34,6 +35,34 @@ namespace fedl::core {
 namespace {
 
 constexpr int request_fds = 3;
+
+// The threads a process has of its own: one, and a thread sanitizer's.
+#if defined(__SANITIZE_THREAD__)
+constexpr std::size_t own_threads = 2;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr std::size_t own_threads = 2;
+#else
+constexpr std::size_t own_threads = 1;
+#endif
+#else
+constexpr std::size_t own_threads = 1;
+#endif
+
+// The threads of this process: a fork copies only the calling one, so the server may fork only
+// while it is alone (a backend that started a pool on loading would break its children).
+std::size_t
+thread_count()
+{
+  std::size_t n = 0;
+  if (DIR* d = ::opendir("/proc/self/task")) {
+    while (const dirent* e = ::readdir(d)) {
+      n += e->d_name[0] != '.' ? 1 : 0;
+    }
+    ::closedir(d);
+  }
+  return n;
+}
 
 sockaddr_un
 address_of(const fs::path& socket)
@@ -447,6 +476,10 @@ run_fork_server(const fs::path& socket, double idle_seconds, const std::function
   }
   if (prepare) {
     prepare();
+  }
+  if (const auto threads = thread_count(); threads != own_threads) {
+    throw Error("the fork server has {} threads after loading the backends; it can only fork with {}", threads,
+                own_threads);
   }
   Server server(socket, idle_seconds, run_child);
   server.listen();

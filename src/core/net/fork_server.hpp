@@ -35,10 +35,10 @@ constexpr std::size_t fork_server_max_request = 256 * 1024;
 
 // Runs the server on `socket` until it has been idle for `idle_seconds`; returns 0, or at once
 // (0) if another server holds the socket's lock. `prepare` runs once the lock is held, before
-// the socket is made (load the backend there; it must not start threads); `listening` once the
-// socket accepts requests. `run_child(argv)` runs
-// in each forked child with fds 0, 1 and 2 set to the requester's, and its result is the child's
-// exit status. Throws Error if the socket cannot be made.
+// the socket is made (load the backend there); `listening` once the socket accepts requests.
+// `run_child(argv)` runs in each forked child with fds 0, 1 and 2 set to the requester's, and its
+// result is the child's exit status. Throws Error if the socket cannot be made, or if this
+// process has a thread besides its own after `prepare` (a fork would not copy it).
 int run_fork_server(const std::filesystem::path& socket, double idle_seconds, const std::function<void()>& prepare,
                     const std::function<int(const std::vector<std::string>&)>& run_child,
                     const std::function<void()>& listening = {});

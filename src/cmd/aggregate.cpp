@@ -101,13 +101,13 @@ run_aggregate(const AggregateOptions& opt)
     candidates.push_back({path, {}});
   }
   const auto on_bad = opt.on_bad_update == "skip" ? core::OnBadUpdate::skip : core::OnBadUpdate::fail;
-  std::optional<core::ValidatedRound> validated;
+  core::RoundResult r;
   try {
-    validated.emplace(core::validate_round(plan, candidates, on_bad));
+    auto validated = core::validate_round(plan, candidates, on_bad);
+    r = core::commit_round(validated, settings);
   } catch (const core::BadUpdateError& e) {
     throw core::VerifyError("{} (give --on-bad-update skip to leave bad updates out)", e.what());
   }
-  const auto r = core::commit_round(*validated, settings);
 
   nlohmann::json j = {{"model", r.model.string()},
                       {"sha256", r.sha256},

@@ -264,8 +264,10 @@ def crafted_update(model, base_sha256, site, cert_path, key_path, case):
         for d in e["shape"]:
             count *= d
         value = 3e38 if case == "huge-values" else 0.001
-        raw = struct.pack("<%df" % count, *([value] * count)) if e["dtype"] == "F32" else \
-            struct.pack("<%dd" % count, *([value] * count))
+        values = [value] * count
+        if case == "nan-value":
+            values[count // 2] = float("nan")  # one value, in the middle of every tensor
+        raw = struct.pack("<%df" % count, *values) if e["dtype"] == "F32" else struct.pack("<%dd" % count, *values)
         tensors.append((name, e["dtype"], e["shape"], raw))
     pem = open(cert_path).read()
     der = ssl.PEM_cert_to_DER_cert(pem)
@@ -286,7 +288,7 @@ def crafted_update(model, base_sha256, site, cert_path, key_path, case):
     return st_build(tensors, meta)
 
 
-CASES = ["bad-cert-time", "huge-values", "many-samples", "big-kind", "utf8-kind", "deep-header", "deep-metrics",
+CASES = ["bad-cert-time", "huge-values", "nan-value", "many-samples", "big-kind", "utf8-kind", "deep-header", "deep-metrics",
          "error-text", "twice"]
 
 

@@ -952,6 +952,43 @@ TEST_CASE("aggregate: large mixed F32/F64 models on several threads match a dire
   const auto c2 = detail::aggregate_reading(base, ptrs, weights, parse_strategy("fedavg"), clip, state, 0);
   CHECK(c1[0].bytes == c2[0].bytes);
   CHECK(c1[1].bytes == c2[1].bytes);
+
+  // The passes vouch for the values they read: each update read whole, finite, with the Σx² of
+  // update_norm to rounding; one NaN or infinity anywhere (here past the threads' cut, and last
+  // in the F64 tensor) is seen, in place and through pread() alike, by every strategy.
+  const Metadata meta{{"fedl.kind", "update"}, {"fedl.base_sha256", base.sha256()}, {"fedl.num_samples", "1"}};
+  ua[2][n32 / 2 + 5] = std::numeric_limits<float>::quiet_NaN();
+  write(dir / "nan.safetensors", ua[2], ud[2], meta);
+  ud[4][n64 - 1] = -std::numeric_limits<double>::infinity();
+  write(dir / "inf.safetensors", ua[4], ud[4], meta);
+  const SafetensorsFile nan_file(dir / "nan.safetensors");
+  const SafetensorsFile inf_file(dir / "inf.safetensors");
+  auto unfit = ptrs;
+  unfit[2] = &nan_file;
+  unfit[4] = &inf_file;
+  for (const char* spec : {"fedavg", "fedadam", "median", "trimmed-mean:0.2", "krum:1", "multi-krum:1,3"}) {
+    for (const bool clipped : {false, true}) {
+      for (const std::size_t budget : {std::size_t{1} << 40, std::size_t{0}}) {
+        CAPTURE(spec);
+        CAPTURE(clipped);
+        CAPTURE(budget);
+        ServerState fresh;
+        AggregateInfo seen;
+        (void)detail::aggregate_reading(base, unfit, weights, parse_strategy(spec), clipped ? clip : o, fresh, budget,
+                                        &seen);
+        REQUIRE(seen.values.size() == updates);
+        for (std::size_t i = 0; i < updates; ++i) {
+          CAPTURE(i);
+          CHECK(seen.values[i].read_whole);
+          CHECK(seen.values[i].finite == (i != 2 && i != 4));
+          if (seen.values[i].finite) {
+            const double norm = update_norm(unfit[i]->content());
+            CHECK(seen.values[i].sum_squares == doctest::Approx(norm * norm).epsilon(1e-12));
+          }
+        }
+      }
+    }
+  }
 }
 
 TEST_SUITE_END();

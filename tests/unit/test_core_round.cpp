@@ -12,9 +12,11 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <openssl/evp.h>
 
@@ -164,7 +166,7 @@ TEST_CASE("round: validate_round rejects an update that another site than the on
   SUBCASE("skipped: listed under the site that delivered it, with a reason naming both sites")
   {
     const std::vector<RoundCandidate> candidates{{from_alice, "bob"}};
-    const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+    auto v = validate_round(plan, candidates, OnBadUpdate::skip);
     CHECK(v.accepted.empty());
     REQUIRE(v.rejected.size() == 1);
     CHECK(v.rejected[0]["file"] == "alice.st");
@@ -191,7 +193,7 @@ TEST_CASE("round: validate_round rejects an update that another site than the on
   SUBCASE("accepted when the sites agree, or when no site is expected")
   {
     const std::vector<RoundCandidate> candidates{{from_alice, "alice"}, {t.update("bob.st", 2.0F, "bob"), ""}};
-    const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+    auto v = validate_round(plan, candidates, OnBadUpdate::fail);
     REQUIRE(v.accepted.size() == 2);
     CHECK(v.accepted[0].site == "alice");
     CHECK(v.accepted[1].site == "bob");
@@ -213,7 +215,7 @@ TEST_CASE("round: v2-signed updates are checked over one digest, beside v1 ones,
   SUBCASE("both accepted; the round entry records the digest of the one, the file hash of the other")
   {
     const std::vector<RoundCandidate> candidates{{v2, "alice"}, {v1, "bob"}};
-    const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+    auto v = validate_round(plan, candidates, OnBadUpdate::fail);
     REQUIRE(v.accepted.size() == 2);
     CHECK(v.accepted[0].digest.version == 2);
     CHECK(v.accepted[0].digest.hex == v2_digest);
@@ -237,7 +239,7 @@ TEST_CASE("round: v2-signed updates are checked over one digest, beside v1 ones,
     bytes.back() = static_cast<char>(bytes.back() ^ 1);
     fedl::test::write_file(t.in("changed.st"), bytes);
     const std::vector<RoundCandidate> candidates{{t.in("changed.st"), "alice"}};
-    const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+    auto v = validate_round(plan, candidates, OnBadUpdate::skip);
     REQUIRE(v.rejected.size() == 1);
     CHECK(v.rejected[0]["reason"].get<std::string>().find("does not verify") != std::string::npos);
   }
@@ -263,7 +265,7 @@ TEST_CASE("round: v2-signed updates are checked over one digest, beside v1 ones,
   {
     const auto future = t.rewrite(v2, "future.st", "", [](Metadata& m) { m["fedl.signature_version"] = "3"; });
     const std::vector<RoundCandidate> candidates{{future, "alice"}};
-    const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+    auto v = validate_round(plan, candidates, OnBadUpdate::skip);
     REQUIRE(v.rejected.size() == 1);
     CHECK(v.rejected[0]["reason"].get<std::string>().find("fedl.signature_version '3'") != std::string::npos);
   }
@@ -286,7 +288,7 @@ TEST_CASE("round: validate_round writes nothing, whatever it accepts or rejects"
   CHECK(plan.out == t.ws().model(1));
   const std::vector<RoundCandidate> candidates{
     {a, ""}, {a, ""}, {a2, ""}, {b, "bob"}, {unsigned_update, ""}, {t.in("junk.st"), ""}, {t.in("missing.st"), ""}};
-  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  auto v = validate_round(plan, candidates, OnBadUpdate::skip);
   REQUIRE(v.accepted.size() == 2);
   CHECK(v.accepted[0].path == a);
   CHECK(v.accepted[1].path == b);
@@ -323,7 +325,7 @@ TEST_CASE("round: commit_round writes the model and a signed ledger entry with t
   const auto bad = t.update("bad.st", 1.0F, "alice", 10); // delivered by bob
   const auto plan = plan_workspace_round(t.ws());
   const std::vector<RoundCandidate> candidates{{a, "alice"}, {b, "bob"}, {bad, "bob"}};
-  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  auto v = validate_round(plan, candidates, OnBadUpdate::skip);
   REQUIRE(v.accepted.size() == 2);
 
   RoundSettings settings;
@@ -386,7 +388,7 @@ TEST_CASE("round: commit_round without an evaluation or extra fields records the
 {
   const TestWorkspace t;
   const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), ""}};
-  const auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
+  auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
   RoundSettings settings;
   const auto r = commit_round(v, settings);
   CHECK(r.evaluation.is_null());
@@ -405,7 +407,7 @@ TEST_CASE("round: commit_round refuses extra fields that would replace the body'
 {
   const TestWorkspace t;
   const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), ""}};
-  const auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
+  auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
   const auto before = snapshot(t.ws().root());
   for (const char* key : {"model", "base", "participants", "evaluation"}) {
     CAPTURE(key);
@@ -427,12 +429,12 @@ TEST_CASE("round: commit_round refuses an empty round and an update changed sinc
   const auto plan = plan_workspace_round(t.ws());
 
   const std::vector<RoundCandidate> bad{{a, "bob"}};
-  const auto empty = validate_round(plan, bad, OnBadUpdate::skip);
+  auto empty = validate_round(plan, bad, OnBadUpdate::skip);
   const auto msg = message_of([&] { (void)commit_round(empty, RoundSettings{}); });
   CHECK(msg == "no update left to aggregate (1 rejected)");
 
   const std::vector<RoundCandidate> good{{a, ""}};
-  const auto v = validate_round(plan, good, OnBadUpdate::fail);
+  auto v = validate_round(plan, good, OnBadUpdate::fail);
   // Changed in place (same size, same mapping): the re-hash catches it.
   auto bytes = fedl::test::read_file(a);
   bytes.back() = static_cast<char>(bytes.back() ^ 1);
@@ -453,7 +455,8 @@ TEST_CASE("round: stateful strategies keep per-round server state and drop the s
   for (std::uint64_t round = 1; round <= 3; ++round) {
     CAPTURE(round);
     const std::vector<RoundCandidate> candidates{{t.update("r" + std::to_string(round) + ".st", 1.0F, "alice"), ""}};
-    const auto r = commit_round(validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail), settings);
+    auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
+    const auto r = commit_round(v, settings);
     CHECK(r.round == round);
     CHECK(fs::exists(t.ws().state() / fmt::format("server-{:06}.safetensors", round)));
   }
@@ -477,7 +480,7 @@ TEST_CASE("round: outside a workspace unsigned updates are fine, there is no led
   const auto plan = plan_standalone_round(dir / "base.st", dir / "out.st", dir / "state.st");
   CHECK_FALSE(plan.workspace);
   const std::vector<RoundCandidate> candidates{{dir / "u.st", ""}};
-  const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+  auto v = validate_round(plan, candidates, OnBadUpdate::fail);
   REQUIRE(v.accepted.size() == 1);
   CHECK(v.accepted[0].site.empty());
   RoundSettings settings;
@@ -524,7 +527,7 @@ TEST_CASE("round: where nothing records the digests, unsigned updates are not ha
   auto plan = plan_standalone_round(dir / "base.st", dir / "out.st", std::nullopt);
   plan.record_digests = false;
   const std::vector<RoundCandidate> candidates{{dir / "a.st", ""}, {dir / "copy.st", ""}, {dir / "near.st", ""}};
-  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  auto v = validate_round(plan, candidates, OnBadUpdate::skip);
   REQUIRE(v.accepted.size() == 2);
   CHECK(v.accepted[0].path == dir / "a.st");
   CHECK(v.accepted[1].path == dir / "near.st");
@@ -592,7 +595,7 @@ TEST_CASE("round: an update whose certificate has a malformed time field is reje
   // Several candidates: the checks run on worker threads, where an exception was std::terminate.
   const std::vector<RoundCandidate> candidates{
     {t.in("bad.st"), "alice"}, {t.update("b.st", 1.0F, "bob"), "bob"}, {t.in("bad.st"), ""}};
-  const auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::skip);
+  auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::skip);
   REQUIRE(v.accepted.size() == 1);
   CHECK(v.accepted[0].site == "bob");
   REQUIRE(v.rejected.size() == 2);
@@ -609,17 +612,138 @@ TEST_CASE("round: fedl.json's limits reject huge sample counts and huge updates,
   CHECK(plan.limits->max_num_samples == LimitsConfig::default_max_num_samples);
   const std::vector<RoundCandidate> candidates{{t.update("many.st", 1.0F, "alice", std::uint64_t{1} << 53), "alice"},
                                                {t.update("huge.st", 3e38F, "bob"), "bob"}};
-  const auto v = validate_round(plan, candidates, OnBadUpdate::skip);
-  CHECK(v.accepted.empty());
-  REQUIRE(v.rejected.size() == 2);
+  auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  // The sample count is refused at once; the norm as the round aggregates the update.
+  REQUIRE(v.rejected.size() == 1);
   CHECK(v.rejected[0]["reason"].get<std::string>().find("fedl.num_samples 9007199254740992 is over the federation's "
                                                         "limit of 10000000") != std::string::npos);
+  const auto before = snapshot(t.ws().root());
+  CHECK_THROWS_AS(commit_round(v, RoundSettings{}), ShortOfQuorum);
+  CHECK(snapshot(t.ws().root()) == before);
+  CHECK(v.accepted.empty());
+  REQUIRE(v.rejected.size() == 2);
+  CHECK(v.rejected[1]["site"] == "bob");
   CHECK(v.rejected[1]["reason"].get<std::string>().find("L2 norm") != std::string::npos);
 
   const std::vector<RoundCandidate> fine{{t.update("a.st", 1.0F, "alice", 10000000), "alice"}};
-  const auto r = commit_round(validate_round(plan, fine, OnBadUpdate::fail), RoundSettings{});
+  auto fine_round = validate_round(plan, fine, OnBadUpdate::fail);
+  const auto r = commit_round(fine_round, RoundSettings{});
   CHECK(read_workspace_ledger(t.ws()).back().body["limits"] ==
         nlohmann::json{{"max_update_norm", 1e5}, {"max_num_samples", 10000000}});
+}
+
+TEST_CASE("round: at the norm limit the decision is update_norm's, whatever order the aggregation summed in")
+{
+  const TestWorkspace t;
+  const auto path = t.update("a.st", 3.0F, "alice");
+  const double norm = update_norm(SafetensorsFile(path).content());
+  auto plan = plan_workspace_round(t.ws());
+  std::size_t want = 0;
+  SUBCASE("exactly at the limit: accepted")
+  {
+    plan.limits->max_update_norm = norm;
+    want = 2;
+  }
+  SUBCASE("the next double below: rejected")
+  {
+    plan.limits->max_update_norm = std::nextafter(norm, 0.0);
+    want = 1;
+  }
+  const std::vector<RoundCandidate> candidates{{path, "alice"}, {t.update("b.st", 0.0F, "bob"), "bob"}};
+  auto v = validate_round(plan, candidates, OnBadUpdate::skip);
+  const auto r = commit_round(v, RoundSettings{});
+  CHECK(r.participants.size() == want);
+}
+
+TEST_CASE("round: values are checked in the pass that aggregates them; an unfit update is left out as before")
+{
+  const TestWorkspace t;
+  const auto base = plan_workspace_round(t.ws()).base;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+
+  SUBCASE("in a workspace: the NaN update is rejected under its site, the round made of the others")
+  {
+    const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), "alice"},
+                                                 {t.update("nan.st", nan, "bob"), "bob"}};
+    auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::skip);
+    CHECK(v.accepted.size() == 2); // not read yet
+    const auto r = commit_round(v, RoundSettings{});
+    REQUIRE(r.participants.size() == 1);
+    CHECK(r.participants[0]["site"] == "alice");
+    REQUIRE(r.rejected.size() == 1);
+    CHECK(r.rejected[0]["site"] == "bob");
+    CHECK(r.rejected[0]["file"] == "nan.st");
+    CHECK(r.rejected[0]["reason"] == "tensor b has 2 non-finite values (the first, at flat index 0, is NaN)");
+    CHECK(read_workspace_ledger(t.ws()).back().body["rejected"] == r.rejected);
+    const auto flat = read_flat(r.model);
+    for (std::size_t i = 0; i < flat.size(); ++i) {
+      CHECK(flat[i] == k_base[i] + 1.0F);
+    }
+  }
+  SUBCASE("failing on bad updates: BadUpdateError, and nothing written")
+  {
+    const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), "alice"},
+                                                 {t.update("inf.st", inf, "bob"), "bob"}};
+    auto v = validate_round(plan_workspace_round(t.ws()), candidates, OnBadUpdate::fail);
+    const auto before = snapshot(t.ws().root());
+    try {
+      (void)commit_round(v, RoundSettings{});
+      FAIL("no exception");
+    } catch (const BadUpdateError& e) {
+      CHECK(e.path() == t.in("inf.st"));
+      CHECK(e.reason().find("is infinite") != std::string::npos);
+    }
+    CHECK(snapshot(t.ws().root()) == before);
+  }
+  SUBCASE("below the quorum once it is left out: the attempt is recorded as failed, with why")
+  {
+    const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), "alice"},
+                                                 {t.update("nan.st", nan, "bob"), "bob"}};
+    RoundSettings settings;
+    settings.extra = {{"asked", 2}};
+    const auto out = commit_attempt(t.ws(), 1, candidates, 2, settings);
+    CHECK(out.committed.is_null());
+    CHECK(out.retry == "1 valid updates of 2 asked, below the quorum of 2");
+    const auto last = read_workspace_ledger(t.ws()).back();
+    CHECK(last.kind == "round-failed");
+    REQUIRE(last.body["rejected"].size() == 1);
+    CHECK(last.body["rejected"][0]["file"] == "nan.st");
+    CHECK_FALSE(fs::exists(t.ws().model(1)));
+  }
+  SUBCASE("every strategy, clipped or not: the same model as if the unfit update had never been offered")
+  {
+    std::vector<RoundCandidate> fine;
+    for (int i = 0; i < 5; ++i) {
+      fine.push_back({t.update(fmt::format("u{}.st", i), 0.5F * static_cast<float>(i) - 1.0F, ""), ""});
+    }
+    auto offered = fine;
+    offered.insert(offered.begin() + 2, {t.update("nan.st", nan, ""), ""});
+    offered.push_back({t.update("inf.st", -inf, ""), ""});
+    for (const char* spec : {"fedavg", "fedadam", "median", "trimmed-mean:0.2", "krum:1", "multi-krum:1,2"}) {
+      for (const bool clip : {false, true}) {
+        CAPTURE(spec);
+        CAPTURE(clip);
+        RoundSettings settings;
+        settings.strategy = parse_strategy(spec);
+        if (clip) {
+          settings.options.clip_norm = 1.0;
+        }
+        auto alone =
+          validate_round(plan_standalone_round(base, t.in("alone.st"), std::nullopt), fine, OnBadUpdate::skip);
+        const auto want = commit_round(alone, settings);
+        auto with =
+          validate_round(plan_standalone_round(base, t.in("with.st"), std::nullopt), offered, OnBadUpdate::skip);
+        const auto got = commit_round(with, settings);
+        CHECK(got.participants.size() == 5);
+        REQUIRE(got.rejected.size() == 2);
+        CHECK(got.rejected[0]["file"] == "nan.st");
+        CHECK(got.rejected[1]["file"] == "inf.st");
+        CHECK(read_flat(got.model) == read_flat(want.model));
+        CHECK(got.info.selected == want.info.selected);
+      }
+    }
+  }
 }
 
 TEST_CASE("round: an aggregate that is not finite is never written")
@@ -629,7 +753,7 @@ TEST_CASE("round: an aggregate that is not finite is never written")
   plan.limits.reset(); // as if fedl.json allowed anything
   const std::vector<RoundCandidate> candidates{{t.update("a.st", 3e38F, "alice"), "alice"},
                                                {t.update("b.st", 3e38F, "bob"), "bob"}};
-  const auto v = validate_round(plan, candidates, OnBadUpdate::fail);
+  auto v = validate_round(plan, candidates, OnBadUpdate::fail);
   RoundSettings settings;
   settings.options.optimizer.lr = 10; // 3e39 is past float's range
   const auto before = snapshot(t.ws().root());
@@ -673,7 +797,8 @@ TEST_CASE("receipts: a site's signed heads catch a ledger rolled back or rewritt
   CHECK_FALSE(log.add(take_head()));
   CHECK_FALSE(log.add(take_head())); // the same head again is not kept twice
   const std::vector<RoundCandidate> candidates{{t.update("a.st", 1.0F, "alice"), "alice"}};
-  (void)commit_round(validate_round(plan_workspace_round(ws), candidates, OnBadUpdate::fail), RoundSettings{});
+  auto v = validate_round(plan_workspace_round(ws), candidates, OnBadUpdate::fail);
+  (void)commit_round(v, RoundSettings{});
   CHECK_FALSE(log.add(take_head()));
   CHECK(read_receipts(site.path() / "receipts.jsonl").size() == 2);
 

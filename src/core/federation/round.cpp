@@ -124,18 +124,40 @@ all_finite(const OwnedTensor& t)
 // A rejection reason as the ledger and the log keep it: it may quote what a site chose.
 constexpr std::size_t max_reason_bytes = 1000;
 
-// Why an update is past the federation's limits, or nothing.
+// Why an update's sample count is past the federation's limits, or nothing.
 std::optional<std::string>
-check_limits(const SafetensorsFile& file, std::uint64_t samples, const LimitsConfig& limits)
+check_samples(std::uint64_t samples, const LimitsConfig& limits)
 {
   if (samples > limits.max_num_samples) {
     return fmt::format("fedl.num_samples {} is over the federation's limit of {} (fedl.json limits.max_num_samples)",
                        samples, limits.max_num_samples);
   }
-  const double norm = update_norm(file.content());
-  if (!(norm <= limits.max_update_norm)) {
-    return fmt::format("its L2 norm {:.6g} is over the federation's limit of {:g} (fedl.json limits.max_update_norm)",
-                       norm, limits.max_update_norm);
+  return std::nullopt;
+}
+
+// Why an accepted update's values are not fit (NaN or infinite, or a norm past the limits), or
+// nothing: decided from what the aggregation read of them (`seen`), reading the file again only
+// where that vouches for nothing or comes near the norm limit. update_norm sums in another order
+// than the passes, so their norms may differ in the last bits; within `margin` of the limit the
+// decision is update_norm's, as if the aggregation had never read it.
+std::optional<std::string>
+check_values(const AcceptedUpdate& u, const UpdateValues& seen, const std::optional<LimitsConfig>& limits)
+{
+  const bool vouched = seen.read_whole && seen.finite;
+  if (!vouched) {
+    if (auto reason = validate_update_values(u.file)) {
+      return reason;
+    }
+  }
+  constexpr double margin = 1e-6;
+  if (limits && !(vouched && std::sqrt(seen.sum_squares) <= limits->max_update_norm * (1 - margin))) {
+    const double norm = update_norm(u.file.content());
+    u.file.release();
+    if (!(norm <= limits->max_update_norm)) {
+      return fmt::format("its L2 norm {:.6g} is over the federation's limit of {:g} (fedl.json "
+                         "limits.max_update_norm)",
+                         norm, limits->max_update_norm);
+    }
   }
   return std::nullopt;
 }
@@ -188,6 +210,13 @@ check_extra(const nlohmann::json& extra)
 
 BadUpdateError::BadUpdateError(std::filesystem::path path, std::string reason)
   : VerifyError("update {}: {}", path.string(), reason), m_path(std::move(path)), m_reason(std::move(reason))
+{
+}
+
+ShortOfQuorum::ShortOfQuorum(std::size_t left, std::size_t rejected)
+  : VerifyError("{} left to aggregate ({} rejected)",
+                left == 0 ? std::string("no update") : fmt::format("only {} update{}", left, left == 1 ? "" : "s"),
+                rejected)
 {
 }
 
@@ -282,7 +311,8 @@ check_candidate(const RoundCandidate& candidate, const RoundPlan& plan, const Sa
       return c;
     }
     const auto& st = c.file->content();
-    c.invalid = validate_update(base.content(), base_sha, *c.file);
+    // The values are checked as the round aggregates them (check_values), in the same pass.
+    c.invalid = validate_update_form(base.content(), base_sha, st);
     if (!c.invalid && c.digest.version == 0) {
       c.invalid = fmt::format(
         "its fedl.signature_version {} is not one this fedl checks (1 or 2): a newer fedl signed it; upgrade this one",
@@ -298,7 +328,7 @@ check_candidate(const RoundCandidate& candidate, const RoundPlan& plan, const Sa
       c.invalid = check_dp(st, plan.required_dp, c.dp);
     }
     if (!c.invalid && plan.limits) {
-      c.invalid = check_limits(*c.file, c.samples, *plan.limits);
+      c.invalid = check_samples(c.samples, *plan.limits);
     }
     // Checked: its pages need not stay resident while the others are (N updates would
     // otherwise hold N × model bytes until the round is committed).
@@ -446,7 +476,7 @@ validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates
     accepted.push_back(AcceptedUpdate{path, std::move(c.site), std::move(c.fingerprint), c.samples, std::move(c.digest),
                                       std::move(*c.file), candidate.owned, c.dp});
   }
-  return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected)};
+  return ValidatedRound{plan, std::move(base), std::move(base_sha), std::move(accepted), std::move(rejected), on_bad};
 }
 
 ServerOptions
@@ -459,29 +489,75 @@ configured_server_options(const FederationConfig& config)
 
 namespace {
 
-// Aggregates the accepted updates, checks the result and the updates' files, and writes the model
-// and the advanced server state. AggregateInfo goes to `info`.
+// Leaves out of the round the accepted updates whose values are not fit (check_values, on a few
+// threads), in candidate order, as validate_round leaves out the others; true if any was.
+bool
+drop_unfit_values(ValidatedRound& validated, const AggregateInfo& info)
+{
+  auto& accepted = validated.accepted;
+  std::vector<std::optional<std::string>> unfit(accepted.size());
+  check_in_parallel(accepted.size(), [&](std::size_t i) noexcept {
+    try {
+      unfit[i] = check_values(accepted[i], info.values.at(i), validated.plan.limits);
+    } catch (...) {
+      unfit[i] = "its values cannot be checked";
+    }
+  });
+  std::vector<AcceptedUpdate> kept;
+  for (std::size_t i = 0; i < accepted.size(); ++i) {
+    if (!unfit[i]) {
+      kept.push_back(std::move(accepted[i]));
+      continue;
+    }
+    const auto reason = valid_utf8(*unfit[i], max_reason_bytes);
+    if (validated.on_bad == OnBadUpdate::fail) {
+      throw BadUpdateError(accepted[i].path, reason);
+    }
+    FEDL_LOG_WARN("leaving out {}: {}", accepted[i].path.string(), reason);
+    // An accepted update's fedl.site is verified only where it is signed.
+    const auto& site = accepted[i].fingerprint.empty() ? std::string() : accepted[i].site;
+    validated.rejected.push_back({{"file", accepted[i].path.filename().string()}, {"site", site}, {"reason", reason}});
+  }
+  const bool dropped = kept.size() < accepted.size();
+  accepted = std::move(kept);
+  return dropped;
+}
+
+// Aggregates the accepted updates and checks their values with what that read; while one is not
+// fit, leaves it out and aggregates again from the state as it was (ShortOfQuorum if fewer than
+// settings.quorum are left). Checks the result and the updates' files, and writes the model and
+// the advanced server state. AggregateInfo goes to `info`.
 std::string
-aggregate_and_write(const ValidatedRound& validated, const RoundSettings& settings, AggregateInfo& info)
+aggregate_and_write(ValidatedRound& validated, const RoundSettings& settings, AggregateInfo& info)
 {
   const auto& plan = validated.plan;
   const auto& spec = settings.strategy;
-  ServerState state;
   if (spec.stateful() && !plan.state_in) {
     FEDL_LOG_WARN("{} keeps server optimizer state between rounds; without --state (or --workspace) each run "
                   "starts it afresh",
                   spec.to_string());
   }
-  if (spec.stateful() && plan.state_in && fs::exists(*plan.state_in)) {
-    state = load_server_state(*plan.state_in, spec, validated.base.content().tensors);
+  ServerState state;
+  std::vector<OwnedTensor> model;
+  for (;;) {
+    state = {};
+    if (spec.stateful() && plan.state_in && fs::exists(*plan.state_in)) {
+      state = load_server_state(*plan.state_in, spec, validated.base.content().tensors);
+    }
+    std::vector<const SafetensorsFile*> files;
+    std::vector<double> weights;
+    for (const auto& c : validated.accepted) {
+      files.push_back(&c.file);
+      weights.push_back(static_cast<double>(c.samples));
+    }
+    model = aggregate(validated.base, files, weights, spec, settings.options, state, &info);
+    if (!drop_unfit_values(validated, info)) {
+      break;
+    }
+    if (validated.accepted.size() < std::max<std::size_t>(settings.quorum, 1)) {
+      throw ShortOfQuorum(validated.accepted.size(), validated.rejected.size());
+    }
   }
-  std::vector<const SafetensorsFile*> files;
-  std::vector<double> weights;
-  for (const auto& c : validated.accepted) {
-    files.push_back(&c.file);
-    weights.push_back(static_cast<double>(c.samples));
-  }
-  const auto model = aggregate(validated.base, files, weights, spec, settings.options, state, &info);
   // The last line of defence for the model every site trains next: bounded updates cannot make
   // it infinite, but a strategy's arithmetic on extreme (finite) values still could.
   for (const auto& t : model) {
@@ -568,13 +644,13 @@ round_entry(const ValidatedRound& validated, const RoundSettings& settings, cons
 } // namespace
 
 RoundResult
-commit_round(const ValidatedRound& validated, const RoundSettings& settings)
+commit_round(ValidatedRound& validated, const RoundSettings& settings)
 {
   const auto& plan = validated.plan;
   check_extra(settings.extra);
   validate_server_options(settings.options);
   if (validated.accepted.empty()) {
-    throw VerifyError("no update left to aggregate ({} rejected)", validated.rejected.size());
+    throw ShortOfQuorum(0, validated.rejected.size());
   }
   RoundResult result;
   result.sha256 = aggregate_and_write(validated, settings, result.info);
@@ -624,9 +700,10 @@ commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCa
                 "restart fedl serve",
                 plan.round, round);
   }
-  const auto validated = validate_round(plan, candidates, OnBadUpdate::skip);
+  auto validated = validate_round(plan, candidates, OnBadUpdate::skip);
   AttemptOutcome out;
-  if (validated.accepted.size() < quorum) {
+  // Too few valid updates: the attempt is recorded, with why, and the caller may try again.
+  const auto fail_attempt = [&] {
     out.retry = fmt::format("{} valid updates of {} asked, below the quorum of {}", validated.accepted.size(),
                             settings.extra.value("asked", std::size_t{0}), quorum);
     nlohmann::json body = settings.extra;
@@ -635,8 +712,17 @@ commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCa
     body["rejected"] = validated.rejected;
     append_signed(ws, "round-failed", body);
     return out;
+  };
+  if (validated.accepted.size() < quorum) {
+    return fail_attempt();
   }
-  out.committed = commit_round(validated, settings).ledger_body;
+  auto with_quorum = settings;
+  with_quorum.quorum = quorum;
+  try {
+    out.committed = commit_round(validated, with_quorum).ledger_body;
+  } catch (const ShortOfQuorum&) {
+    return fail_attempt();
+  }
   return out;
 }
 

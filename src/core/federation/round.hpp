@@ -134,6 +134,7 @@ struct ValidatedRound
   std::vector<AcceptedUpdate> accepted; // in the order of the candidates
   // [{"file": file name, "site": fedl.site or "", "reason": sentence}], as the ledger records them
   nlohmann::json rejected = nlohmann::json::array();
+  OnBadUpdate on_bad = OnBadUpdate::fail; // as validate_round was asked, for the values commit_round checks
 };
 
 // Opens the plan's base (VerifyError if, in a workspace, its SHA-256 is not the ledger's: it was
@@ -148,6 +149,9 @@ struct ValidatedRound
 // fails a check throws BadUpdateError with OnBadUpdate::fail; with skip it is logged and listed
 // in `rejected`. Writes nothing. Returns with no update accepted rather than throwing, so that a
 // caller can tell a missed quorum from an error; commit_round refuses an empty round.
+// The updates' values (NaN or infinite, the norm limit) are not read here: commit_round checks
+// them in the pass that aggregates them, and leaves out (or, with fail, throws BadUpdateError
+// for) an update that is not fit, as this would have.
 ValidatedRound validate_round(const RoundPlan& plan, std::span<const RoundCandidate> candidates, OnBadUpdate on_bad);
 
 // The server options that fedl.json's server_optimizer sets (clip_norm and threads unset).
@@ -168,6 +172,16 @@ struct RoundSettings
   // the round's client-level DP (options.client_dp must match it) and the federation's budget.
   std::optional<ClientDpRound> client_dp;
   std::optional<double> max_epsilon;
+  // The fewest accepted updates a round is made of (fedl serve's --min-clients; at least 1).
+  std::size_t quorum = 1;
+};
+
+// Thrown by commit_round, which then wrote nothing, when the updates whose values were not fit
+// left fewer than RoundSettings::quorum accepted (the ValidatedRound lists them as rejected).
+class ShortOfQuorum : public VerifyError
+{
+public:
+  ShortOfQuorum(std::size_t left, std::size_t rejected);
 };
 
 struct RoundResult
@@ -185,12 +199,15 @@ struct RoundResult
 };
 
 // Aggregates the accepted updates with the plan's server state (VerifyError if none was accepted,
-// or if the new model has a value that is not finite: nothing is written), re-hashes them (VerifyError if one changed
+// or if the new model has a value that is not finite: nothing is written), checking their values
+// in the same pass (an update not fit moves from validated.accepted to validated.rejected, or
+// throws BadUpdateError if validated.on_bad is fail, and the round is aggregated again without it;
+// ShortOfQuorum if too few are left), re-hashes them (VerifyError if one changed
 // on disk since it was checked: nothing is written), writes the model atomically and the advanced server state, and in
 // a workspace appends the signed "round" entry {round, strategy, options, base, model, participants, rejected,
 // [limits], [evaluation], [privacy], extra...} and removes the state two rounds back, which a re-run can no longer
 // need. Call it with the workspace locked.
-RoundResult commit_round(const ValidatedRound& validated, const RoundSettings& settings);
+RoundResult commit_round(ValidatedRound& validated, const RoundSettings& settings);
 
 // fedl serve's round thread: one attempt at round `round` of `ws` with the updates received.
 // Locks the workspace, plans (Error if the ledger is past `round`: another process wrote a

@@ -446,11 +446,12 @@ aggregate_impl(const Safetensors& base, std::span<const Safetensors> updates, st
 
   const unsigned threads = thread_count(options, plan.total);
   prepare_access(base, updates, threads, access);
-  const Pass pass{plan, threads, access};
+  AggregateInfo local;
+  local.values.resize(n);
+  const Pass pass{plan, threads, access, local.values};
   const auto& opt = options.optimizer;
   const Step step{spec.kind, opt.lr, opt.momentum, opt.beta1, opt.beta2, opt.tau};
 
-  AggregateInfo local;
   const std::vector<double> scale = clip_scales(pass, n, options, local);
   switch (spec.kind) {
   case Strategy::median:
@@ -558,9 +559,9 @@ namespace detail {
 std::vector<OwnedTensor>
 aggregate_reading(const SafetensorsFile& base, std::span<const SafetensorsFile* const> updates,
                   std::span<const double> weights, const StrategySpec& spec, const ServerOptions& options,
-                  ServerState& state, std::size_t in_place_budget)
+                  ServerState& state, std::size_t in_place_budget, AggregateInfo* info)
 {
-  return aggregate_files(base, updates, weights, spec, options, state, nullptr, in_place_budget);
+  return aggregate_files(base, updates, weights, spec, options, state, info, in_place_budget);
 }
 
 } // namespace detail

@@ -199,9 +199,23 @@ std::optional<std::string> validate_update(const Safetensors& base, std::string_
 // checked, so that validating many large files one after the other keeps RSS small.
 std::optional<std::string> validate_update(const Safetensors& base, std::string_view base_sha256,
                                            const SafetensorsFile& update);
+// validate_update in two halves: everything but the values (reads no tensor data), and the values
+// alone (NaN or infinite), dropping pages as it reads. aggregate() vouches for the values of the
+// updates it read (AggregateInfo::values), so that a round reads each update once.
+std::optional<std::string> validate_update_form(const Safetensors& base, std::string_view base_sha256,
+                                                const Safetensors& update);
+std::optional<std::string> validate_update_values(const SafetensorsFile& update);
 
 // The L2 norm of an update over all of its tensors (F32 or F64 values), in double precision.
 double update_norm(const Safetensors& update);
+
+// What the aggregation learnt of one update's values while it read them for the strategy.
+struct UpdateValues
+{
+  bool read_whole = false; // one pass read every value once; without, the two below mean nothing
+  bool finite = false;     // none was NaN or infinite
+  double sum_squares = 0;  // Σ x² in double, summed in the pass's order (‖Δ‖₂² within rounding)
+};
 
 // What aggregate() did, for logs and the ledger.
 struct AggregateInfo
@@ -210,6 +224,9 @@ struct AggregateInfo
   std::vector<bool> clipped;         // whether Δᵢ was scaled down; filled only with clip_norm
   std::vector<double> krum_scores;   // krum and multi-krum: each update's score
   std::vector<std::size_t> selected; // krum and multi-krum: the chosen updates, best first
+  // Per update: its values as the aggregation read them, so that a caller need not read them
+  // again to check them (validate_update_values, update_norm) where read_whole and finite.
+  std::vector<UpdateValues> values;
 };
 
 // Combines `updates` (each already accepted by validate_update) into the new global model:
@@ -222,7 +239,8 @@ struct AggregateInfo
 // few updates for the spec (krum needs N ≥ F + 3; multi-krum also M ≤ N − F); UsageError (exit 2)
 // for options out of range; VerifyError (exit 3) if an update's tensors do not match the base's
 // or a non-empty `state` belongs to another strategy or other parameters. Values are not
-// re-checked here: NaN or Inf in an unvalidated update propagates into the model. On an exception
+// refused here: NaN or Inf in an unvalidated update propagates into the model, and `info->values`
+// says which updates the passes read in full and whether they were finite. On an exception
 // `state` is unchanged.
 std::vector<OwnedTensor> aggregate(const Safetensors& base, std::span<const Safetensors> updates,
                                    std::span<const double> weights, const StrategySpec& spec,
@@ -250,7 +268,7 @@ namespace detail {
 std::vector<OwnedTensor> aggregate_reading(const SafetensorsFile& base, std::span<const SafetensorsFile* const> updates,
                                            std::span<const double> weights, const StrategySpec& spec,
                                            const ServerOptions& options, ServerState& state,
-                                           std::size_t in_place_budget);
+                                           std::size_t in_place_budget, AggregateInfo* info = nullptr);
 
 // Sorts each of the `width` columns of a row-major n × stride matrix ascending along its n rows
 // (Batcher's merge-exchange network, Knuth TAOCP vol. 3 §5.2.2 Algorithm M, run on many columns

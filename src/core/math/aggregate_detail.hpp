@@ -231,7 +231,21 @@ struct Access
   std::size_t window = 0;               // of the PageReleaser
 };
 
-// One thread's access to the updates (sources 0..n-1) and the base (source n).
+// What one pass read of one update's values: how many bytes, whether any was NaN or infinite,
+// and the sum of their squares (in the order read).
+struct ValueTally
+{
+  std::size_t bytes = 0;
+  bool non_finite = false;
+  double sum_squares = 0;
+};
+
+// Adds `count` values of type `dtype` (F32 or F64) at x to `tally`, while they are in cache.
+void tally_values(ValueTally& tally, const std::byte* x, std::size_t count, DType dtype) noexcept;
+
+// One thread's access to the updates (sources 0..n-1) and the base (source n). Every value it
+// hands out of an update is also tallied (ValueTally), so that a pass vouches for the updates it
+// read in full without a pass of its own.
 class Reader
 {
 public:
@@ -239,24 +253,28 @@ public:
     : m_access(&access),
       m_releaser(access.mapped, sources, access.window),
       m_slots(slot_bytes * slots),
-      m_slot_bytes(slot_bytes)
+      m_slot_bytes(slot_bytes),
+      m_tallies(sources > 0 ? sources - 1 : 0)
   {
   }
 
-  // Bytes [p, p + size) of update i, where p points into its data: p itself, or a copy in buffer
-  // `slot`, valid until that slot is used again. Call consumed() once they have been used.
-  const std::byte* fetch(std::size_t i, const std::byte* p, std::size_t size, std::size_t slot) noexcept
+  // Values [p, p + size) of update i (of type `dtype`), where p points into its data: p itself,
+  // or a copy in buffer `slot`, valid until that slot is used again. Call consumed() once they
+  // have been used.
+  const std::byte* fetch(std::size_t i, const std::byte* p, std::size_t size, std::size_t slot, DType dtype) noexcept
   {
-    if (!preads(i)) {
-      return p;
+    const std::byte* x = p;
+    if (preads(i)) {
+      std::byte* dest = m_slots.data() + slot * m_slot_bytes;
+      read(i, p, size, dest);
+      x = dest;
     }
-    std::byte* dest = m_slots.data() + slot * m_slot_bytes;
-    read(i, p, size, dest);
-    return dest;
+    tally(i, x, size, dtype);
+    return x;
   }
 
-  // Copies bytes [p, p + size) of update i to `dest` (and counts them as consumed).
-  void copy(std::size_t i, const std::byte* p, std::size_t size, std::byte* dest) noexcept
+  // Copies values [p, p + size) of update i to `dest` (and counts them as consumed).
+  void copy(std::size_t i, const std::byte* p, std::size_t size, std::byte* dest, DType dtype) noexcept
   {
     if (preads(i)) {
       read(i, p, size, dest);
@@ -264,7 +282,11 @@ public:
       std::memcpy(dest, p, size);
       m_releaser.consumed(i, p, size);
     }
+    tally(i, dest, size, dtype);
   }
+
+  // What this thread read of update i's values.
+  const ValueTally& tally(std::size_t i) const noexcept { return m_tallies[i]; }
 
   // Records that bytes [p, p + size) of source s have been read for the last time.
   void consumed(std::size_t s, const std::byte* p, std::size_t size) noexcept
@@ -278,6 +300,11 @@ public:
 
 private:
   bool preads(std::size_t i) const noexcept { return i < m_access->fds.size() && m_access->fds[i] >= 0; }
+
+  void tally(std::size_t i, const std::byte* x, std::size_t size, DType dtype) noexcept
+  {
+    tally_values(m_tallies[i], x, size / dtype_size(dtype), dtype);
+  }
 
   void read(std::size_t i, const std::byte* p, std::size_t size, std::byte* dest) noexcept
   {
@@ -304,6 +331,7 @@ private:
   PageReleaser m_releaser;
   std::vector<std::byte> m_slots;
   std::size_t m_slot_bytes = 0;
+  std::vector<ValueTally> m_tallies;
 };
 
 // The PageReleaser window for `sources` sources read by `threads` threads.
@@ -380,7 +408,13 @@ struct Pass
   const Plan& plan;
   unsigned threads;
   const Access& access;
+  // Per update: what the passes vouch for (AggregateInfo::values); set by record_values.
+  std::vector<UpdateValues>& values;
 };
+
+// Records in pass.values, for each update that `readers` (one pass's, all threads) read in full
+// and exactly once, its ValueTally summed over the threads.
+void record_values(const Pass& pass, std::span<const Reader> readers);
 
 Plan make_plan(const Safetensors& base, std::span<const Safetensors> updates);
 

@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <numeric>
 #include <optional>
+#include <span>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -240,6 +242,38 @@ squared_distance(const T* __restrict a, const T* __restrict b, std::size_t count
   return std::accumulate(acc.begin(), acc.end(), s);
 }
 
+// Σ x² of `count` values at x, and whether any has all exponent bits set (NaN or infinite): the
+// checks of validate_update_values and update_norm, on values a pass has just brought into cache.
+template<typename T, typename Bits, Bits ExponentMask>
+FEDL_CLONES bool
+tally_kernel(const std::byte* x, std::size_t count, double& sum) noexcept
+{
+  std::array<double, k_lanes> acc{};
+  std::array<Bits, k_lanes> bad{};
+  std::size_t j = 0;
+  for (; j + k_lanes <= count; j += k_lanes) {
+    for (std::size_t k = 0; k < k_lanes; ++k) {
+      const std::size_t o = (j + k) * sizeof(T);
+      const auto v = static_cast<double>(load<T>(x + o));
+      acc[k] += v * v;
+      bad[k] |= static_cast<Bits>((load<Bits>(x + o) & ExponentMask) == ExponentMask);
+    }
+  }
+  Bits any = 0;
+  double s = 0;
+  for (; j < count; ++j) {
+    const std::size_t o = j * sizeof(T);
+    const auto v = static_cast<double>(load<T>(x + o));
+    s += v * v;
+    any |= static_cast<Bits>((load<Bits>(x + o) & ExponentMask) == ExponentMask);
+  }
+  for (std::size_t k = 0; k < k_lanes; ++k) {
+    any |= bad[k];
+  }
+  sum += std::accumulate(acc.begin(), acc.end(), s);
+  return any != 0;
+}
+
 // acc[j] += row[j] for j < count, count a multiple of k_lanes.
 template<typename T>
 FEDL_CLONES void
@@ -336,6 +370,40 @@ make_readers(const Pass& pass, std::size_t slot_bytes, std::size_t slots)
 
 } // namespace
 
+void
+tally_values(ValueTally& tally, const std::byte* x, std::size_t count, DType dtype) noexcept
+{
+  const bool bad = dtype == DType::f32
+                     ? tally_kernel<float, std::uint32_t, 0x7f800000U>(x, count, tally.sum_squares)
+                     : tally_kernel<double, std::uint64_t, 0x7ff0000000000000ULL>(x, count, tally.sum_squares);
+  tally.non_finite = tally.non_finite || bad;
+  tally.bytes += count * dtype_size(dtype);
+}
+
+void
+record_values(const Pass& pass, std::span<const Reader> readers)
+{
+  std::size_t update_bytes = 0;
+  for (const auto& tp : pass.plan.tensors) {
+    update_bytes += tp.numel * dtype_size(tp.dtype);
+  }
+  for (std::size_t i = 0; i < pass.plan.n; ++i) {
+    ValueTally sum;
+    for (const auto& r : readers) {
+      const auto& t = r.tally(i);
+      sum.bytes += t.bytes;
+      sum.non_finite = sum.non_finite || t.non_finite;
+      sum.sum_squares += t.sum_squares;
+    }
+    // A pass reads each coordinate of an update at most once (the threads' ranges are disjoint),
+    // so all of its bytes means every value; one that read fewer (krum's mean of the chosen
+    // updates) vouches for nothing.
+    if (sum.bytes == update_bytes) {
+      pass.values[i] = UpdateValues{true, !sum.non_finite, sum.sum_squares};
+    }
+  }
+}
+
 // ‖Δᵢ‖₂ of every update, streaming once over all of them.
 std::vector<double>
 norms_pass(const Pass& pass)
@@ -350,13 +418,14 @@ norms_pass(const Pass& pass)
       const std::size_t es = dtype_size(tp.dtype);
       for (std::size_t i = 0; i < n; ++i) {
         const std::byte* p = tp.upd[i] + off * es;
-        const std::byte* x = reader.fetch(i, p, count * es, 0);
+        const std::byte* x = reader.fetch(i, p, count * es, 0, tp.dtype);
         sums[i] += tp.dtype == DType::f32 ? sum_squares<float>(x, count) : sum_squares<double>(x, count);
         reader.consumed(i, p, count * es);
       }
     });
     reader.finish();
   });
+  record_values(pass, readers);
   std::vector<double> norms(n, 0.0);
   for (const auto& p : partial) {
     for (std::size_t i = 0; i < n; ++i) {
@@ -399,7 +468,7 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
         std::array<const std::byte*, 4> x{};
         for (std::size_t g = 0; g < 4; ++g) {
           p[g] = tp.upd[which[k + g]] + off * es;
-          x[g] = reader.fetch(which[k + g], p[g], bytes, g);
+          x[g] = reader.fetch(which[k + g], p[g], bytes, g, tp.dtype);
         }
         if (tp.dtype == DType::f32) {
           axpy4<float>(a, x[0], x[1], x[2], x[3], coef.data() + k, count);
@@ -412,7 +481,7 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
       }
       for (; k < which.size(); ++k) {
         const std::byte* p = tp.upd[which[k]] + off * es;
-        const std::byte* x = reader.fetch(which[k], p, bytes, 0);
+        const std::byte* x = reader.fetch(which[k], p, bytes, 0, tp.dtype);
         if (tp.dtype == DType::f32) {
           axpy1<float>(a, x, coef[k], count);
         } else {
@@ -435,6 +504,7 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
     });
     reader.finish();
   });
+  record_values(pass, readers);
 }
 
 namespace {
@@ -497,7 +567,7 @@ gather(const TensorPlan& tp, std::size_t off, std::size_t count, std::size_t str
   const std::size_t padded = (count + k_tile - 1) / k_tile * k_tile;
   for (std::size_t i = 0; i < tp.upd.size(); ++i) {
     T* row = buf + i * stride;
-    reader.copy(i, tp.upd[i] + off * sizeof(T), count * sizeof(T), reinterpret_cast<std::byte*>(row));
+    reader.copy(i, tp.upd[i] + off * sizeof(T), count * sizeof(T), reinterpret_cast<std::byte*>(row), tp.dtype);
     if (scale[i] != 1.0) {
       const double s = scale[i];
       for (std::size_t j = 0; j < count; ++j) {
@@ -567,6 +637,7 @@ robust_pass(const Pass& pass, std::span<const double> scale, std::size_t lo_row,
       });
     reader.finish();
   });
+  record_values(pass, readers);
 }
 
 // The n × n matrix of squared L2 distances between the (scaled) updates, row-major.
@@ -600,6 +671,7 @@ distance_pass(const Pass& pass, std::span<const double> scale)
       });
     reader.finish();
   });
+  record_values(pass, readers);
   std::vector<double> dist(n * n, 0.0);
   for (const auto& p : partial) {
     for (std::size_t i = 0; i < n; ++i) {

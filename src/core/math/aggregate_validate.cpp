@@ -86,7 +86,30 @@ count_non_finite(const TensorView& t, PageReleaser& rel) noexcept
 }
 
 std::optional<std::string>
-validate_impl(const Safetensors& base, std::string_view base_sha256, const Safetensors& update, bool release)
+values_impl(const Safetensors& update, bool release)
+{
+  PageReleaser rel(release, 1, std::size_t{1} << 20);
+  for (const auto& ut : update.tensors) {
+    if (!is_float(ut.dtype)) {
+      continue;
+    }
+    const auto [count, first] = ut.dtype == DType::f32
+                                  ? count_non_finite<float, std::uint32_t, 0x7f800000U>(ut, rel)
+                                  : count_non_finite<double, std::uint64_t, 0x7ff0000000000000ULL>(ut, rel);
+    if (count > 0) {
+      const bool nan = ut.dtype == DType::f32 ? std::isnan(load<float>(ut.data.data() + first * 4))
+                                              : std::isnan(load<double>(ut.data.data() + first * 8));
+      return fmt::format("tensor {} has {} non-finite value{} (the first, at flat index {}, is {})", ut.name, count,
+                         count == 1 ? "" : "s", first, nan ? "NaN" : "infinite");
+    }
+  }
+  return std::nullopt;
+}
+
+} // namespace
+
+std::optional<std::string>
+validate_update_form(const Safetensors& base, std::string_view base_sha256, const Safetensors& update)
 {
   try {
     const auto kind = update.meta("fedl.kind");
@@ -135,18 +158,6 @@ validate_impl(const Safetensors& base, std::string_view base_sha256, const Safet
         return fmt::format("tensor {} is not in the base model", ut.name);
       }
     }
-    PageReleaser rel(release, 1, std::size_t{1} << 20);
-    for (const auto& ut : update.tensors) {
-      const auto [count, first] = ut.dtype == DType::f32
-                                    ? count_non_finite<float, std::uint32_t, 0x7f800000U>(ut, rel)
-                                    : count_non_finite<double, std::uint64_t, 0x7ff0000000000000ULL>(ut, rel);
-      if (count > 0) {
-        const bool nan = ut.dtype == DType::f32 ? std::isnan(load<float>(ut.data.data() + first * 4))
-                                                : std::isnan(load<double>(ut.data.data() + first * 8));
-        return fmt::format("tensor {} has {} non-finite value{} (the first, at flat index {}, is {})", ut.name, count,
-                           count == 1 ? "" : "s", first, nan ? "NaN" : "infinite");
-      }
-    }
   } catch (const std::bad_alloc&) {
     throw;
   } catch (const std::exception& e) {
@@ -155,18 +166,24 @@ validate_impl(const Safetensors& base, std::string_view base_sha256, const Safet
   return std::nullopt;
 }
 
-} // namespace
+std::optional<std::string>
+validate_update_values(const SafetensorsFile& update)
+{
+  return values_impl(update.content(), true);
+}
 
 std::optional<std::string>
 validate_update(const Safetensors& base, std::string_view base_sha256, const Safetensors& update)
 {
-  return validate_impl(base, base_sha256, update, false);
+  auto reason = validate_update_form(base, base_sha256, update);
+  return reason ? reason : values_impl(update, false);
 }
 
 std::optional<std::string>
 validate_update(const Safetensors& base, std::string_view base_sha256, const SafetensorsFile& update)
 {
-  return validate_impl(base, base_sha256, update.content(), true);
+  auto reason = validate_update_form(base, base_sha256, update.content());
+  return reason ? reason : values_impl(update.content(), true);
 }
 
 } // namespace fedl::core

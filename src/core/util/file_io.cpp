@@ -14,7 +14,10 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <exception>
 #include <random>
+#include <system_error>
+#include <thread>
 #include <utility>
 
 namespace fs = std::filesystem;
@@ -193,7 +196,31 @@ atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> p
   if (secret && ::fchmod(fd.get(), 0600) != 0) {
     fail("chmod", errno);
   }
+  // A large file is hashed on a second thread while this one writes it and waits for fsync: the
+  // bytes do not change meanwhile, and neither has to wait for the other.
   constexpr std::size_t slice = std::size_t{1} << 20;
+  std::size_t total = 0;
+  for (const auto part : parts) {
+    total += part.size();
+  }
+  std::exception_ptr hash_error;
+  std::jthread hasher;
+  if (hash != nullptr && total >= 4 * slice) {
+    try {
+      hasher = std::jthread([&parts, &hash_error, h = hash] {
+        try {
+          for (const auto part : parts) {
+            h->update(part);
+          }
+        } catch (...) {
+          hash_error = std::current_exception();
+        }
+      });
+      hash = nullptr;
+    } catch (const std::system_error&) {
+      // No thread to be had: hashed here, piece by piece.
+    }
+  }
   for (const auto part : parts) {
     for (std::size_t at = 0; at < part.size(); at += slice) {
       const auto piece = part.subspan(at, std::min(slice, part.size() - at));
@@ -220,6 +247,13 @@ atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> p
   }
   if (::close(fd.release()) != 0) {
     fail("close", errno);
+  }
+  if (hasher.joinable()) {
+    hasher.join();
+    if (hash_error) {
+      ::unlink(tmp.c_str());
+      std::rethrow_exception(hash_error);
+    }
   }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     fail("rename", errno);

@@ -46,6 +46,12 @@ test_hostile_updates_and_reports_are_rejected_and_the_federation_goes_on()
   # Finite but huge values (3e38) made an infinite global model two rounds later.
   hostile huge-values
   rejected_for "$ROUND" "L2 norm"
+  # One NaN among finite values: found in the pass that aggregates the round, which is then made
+  # again without it.
+  hostile nan-value
+  rejected_for "$ROUND" "non-finite value (the first, at flat index"
+  expect_ledger "all(p['site'] != 'site-3' for b in R if b['round'] == $ROUND for p in b['participants'])" \
+    "round $ROUND took site-3's NaN update"
   # 2^53 samples let one site outweigh every other in fedavg.
   hostile many-samples
   rejected_for "$ROUND" "fedl.num_samples 9007199254740992 is over the federation's limit"

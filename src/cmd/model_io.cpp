@@ -212,9 +212,9 @@ train_config(const TrainingSettings& s, std::uint64_t seed)
 }
 
 UpdateBase
-update_base(OpenedModel& m)
+update_base(OpenedModel& m, UpdateBase spare)
 {
-  UpdateBase base{core::copy_tensors(m.model.weights()), {}};
+  UpdateBase base{core::copy_tensors(m.model.weights(), std::move(spare.weights)), {}};
   base.sha256 =
     m.file_sha256 ? *m.file_sha256 : core::safetensors_sha256(core::views_of(base.weights), model_metadata(m, "model"));
   return base;
@@ -250,9 +250,10 @@ train_model(OpenedModel& m, const core::Dataset& data, const TrainingSettings& s
 
 Update
 make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, std::uint32_t epochs, double loss,
-            const std::optional<core::DpSgdReport>& dp)
+            const std::optional<core::DpSgdReport>& dp, std::vector<core::OwnedTensor> spare)
 {
-  Update u{core::weight_delta(m.model.weights(), core::views_of(base.weights)), model_metadata(m, "update")};
+  Update u{core::weight_delta(m.model.weights(), core::views_of(base.weights), std::move(spare)),
+           model_metadata(m, "update")};
   u.metadata["fedl.base_sha256"] = base.sha256;
   u.metadata["fedl.num_samples"] = std::to_string(num_samples);
   u.metadata["fedl.epochs"] = std::to_string(epochs);

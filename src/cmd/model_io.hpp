@@ -82,7 +82,8 @@ struct UpdateBase
   std::vector<core::OwnedTensor> weights;
   std::string sha256;
 };
-UpdateBase update_base(OpenedModel& m);
+// `spare`: an earlier UpdateBase whose buffers are reused (fedl join's trainer, round after round).
+UpdateBase update_base(OpenedModel& m, UpdateBase spare = {});
 
 // With DP-SGD in `settings`: what training on `samples` examples will spend (q = batch size /
 // samples, epochs × ceil(samples / batch size) steps). UsageError if the batch size exceeds the
@@ -104,7 +105,8 @@ struct Update
 
   std::vector<core::TensorView> views() const { return core::views_of(tensors); }
 };
+// `spare`: the tensors of an earlier update, whose buffers are reused.
 Update make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, std::uint32_t epochs, double loss,
-                   const std::optional<core::DpSgdReport>& dp);
+                   const std::optional<core::DpSgdReport>& dp, std::vector<core::OwnedTensor> spare = {});
 
 } // namespace fedl::cmd

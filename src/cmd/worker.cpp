@@ -154,7 +154,7 @@ private:
     // data against it (a label past the model's classes, another feature count).
     m_step = core::ReasonClass::data_mismatch;
     auto m = open(frame.body, fmt::format("the round {} model", round), seed, task.base_sha256);
-    const auto base = update_base(m);
+    m_base = update_base(m, std::move(m_base));
     const auto t0 = uptime_seconds();
     const auto result = train_model(
       m, m_data, settings, seed, [&](std::uint32_t epoch, std::uint64_t, std::uint64_t, double loss, bool end) {
@@ -164,7 +164,7 @@ private:
         return true;
       });
     const double seconds = uptime_seconds() - t0;
-    auto update = make_update(m, base, m_data.size(), settings.epochs, result.loss, dp);
+    auto update = make_update(m, m_base, m_data.size(), settings.epochs, result.loss, dp, std::move(m_update));
     update.metadata["fedl.round"] = std::to_string(round);
 
     // The update file's bytes go straight into the frame body, as write_safetensors lays them out.
@@ -186,6 +186,7 @@ private:
     }
     m_step = core::ReasonClass::internal;
     reply(core::FrameType::update, done.to_header(), body);
+    m_update = std::move(update.tensors);
   }
 
   // A task's "budget" (the site's --max-epsilon): refuses, before training, a run that would take
@@ -260,7 +261,11 @@ private:
   const backends::Backend* m_backend = nullptr;
   std::string m_device;
   std::optional<OpenedModel> m_model;
-  std::vector<std::byte> m_spare;                         // the last frame's body, for the next one
+  std::vector<std::byte> m_spare; // the last frame's body, for the next one
+  // The last task's base weights and update, whose buffers the next task reuses: a model-sized
+  // buffer freed and allocated again comes back as fresh pages, faulted in and zeroed every round.
+  UpdateBase m_base;
+  std::vector<core::OwnedTensor> m_update;
   core::ReasonClass m_step = core::ReasonClass::internal; // the class of a failure at this step
 };
 

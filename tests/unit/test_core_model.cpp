@@ -5,6 +5,13 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <vector>
+
 using namespace fedl::core;
 
 TEST_SUITE_BEGIN("core");
@@ -47,6 +54,54 @@ TEST_CASE("core::weight_delta is after - before, tensor by tensor")
   CHECK_THROWS_AS(weight_delta(after, other), VerifyError);
   const std::vector<TensorView> reshaped{{"w", DType::f32, {1, 2}, std::as_bytes(std::span(b))}};
   CHECK_THROWS_AS(weight_delta(after, reshaped), VerifyError);
+}
+
+TEST_CASE("core::weight_delta and copy_tensors reuse the buffers of an earlier call, on unaligned views too")
+{
+  // F64 values one byte into a buffer (a mapped safetensors file aligns only to its header), and
+  // an F32 tensor, over a length that no vector width divides.
+  const std::size_t n = 1001;
+  std::vector<std::byte> raw_a(1 + n * 8);
+  std::vector<std::byte> raw_b(1 + n * 8);
+  std::vector<float> fa(n);
+  std::vector<float> fb(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double x = 0.25 * static_cast<double>(i);
+    const double y = -1.0 / static_cast<double>(i + 1);
+    std::memcpy(raw_a.data() + 1 + i * 8, &x, 8);
+    std::memcpy(raw_b.data() + 1 + i * 8, &y, 8);
+    fa[i] = static_cast<float>(i) * 0.5F;
+    fb[i] = 1.0F / static_cast<float>(i + 3);
+  }
+  const auto shape = std::vector<std::int64_t>{static_cast<std::int64_t>(n)};
+  const std::vector<TensorView> after{{"d", DType::f64, shape, std::span(raw_a).subspan(1)},
+                                      {"f", DType::f32, shape, std::as_bytes(std::span(fa))}};
+  const std::vector<TensorView> before{{"d", DType::f64, shape, std::span(raw_b).subspan(1)},
+                                       {"f", DType::f32, shape, std::as_bytes(std::span(fb))}};
+  auto first = weight_delta(after, before);
+  const std::byte* d_buffer = first[0].bytes.data();
+  const std::byte* f_buffer = first[1].bytes.data();
+  const auto again = weight_delta(after, before, std::move(first));
+  CHECK(again[0].bytes.data() == d_buffer);
+  CHECK(again[1].bytes.data() == f_buffer);
+  for (std::size_t i = 0; i < n; ++i) {
+    double x = 0;
+    double y = 0;
+    double d = 0;
+    std::memcpy(&x, raw_a.data() + 1 + i * 8, 8);
+    std::memcpy(&y, raw_b.data() + 1 + i * 8, 8);
+    std::memcpy(&d, again[0].bytes.data() + i * 8, 8);
+    CHECK(d == x - y);
+    float f = 0;
+    std::memcpy(&f, again[1].bytes.data() + i * 4, 4);
+    CHECK(f == fa[i] - fb[i]);
+  }
+  auto copy = copy_tensors(after);
+  const std::byte* copy_buffer = copy[0].bytes.data();
+  const auto copy_again = copy_tensors(before, std::move(copy));
+  CHECK(copy_again[0].bytes.data() == copy_buffer);
+  CHECK(std::equal(copy_again[0].bytes.begin(), copy_again[0].bytes.end(), raw_b.begin() + 1));
+  CHECK(copy_again[1].name == "f");
 }
 
 TEST_SUITE_END();

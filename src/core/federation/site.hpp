@@ -177,7 +177,8 @@ private:
   bool m_stopping = false;
   pid_t m_trainer_pid = -1;                              // the trainer while it works on a task; under m_mutex
   std::shared_ptr<std::vector<std::byte>> m_spare_model; // a sent task's model buffer, for the next; under m_mutex
-  std::uint64_t m_running_serial = 0;                    // ... and that task's job; under m_mutex
+  std::vector<std::byte> m_spare_update; // a replaced update's buffer, for the trainer's next; under m_mutex
+  std::uint64_t m_running_serial = 0;    // ... and that task's job; under m_mutex
 };
 
 } // namespace fedl::core::join_detail

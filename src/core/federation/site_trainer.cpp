@@ -105,6 +105,12 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
     refuse(job.task, job.round, ReasonClass::internal, e.what(), false);
     return;
   }
+  // The update it replaces is no longer asked for: its buffer takes the next one from the trainer
+  // unless an upload still holds it.
+  if (m_last_sent && m_last_sent->update.use_count() == 1) {
+    const std::lock_guard lock(m_mutex);
+    m_spare_update = std::move(m_last_sent->update->bytes);
+  }
   m_last_sent = SentUpdate{job.task, job.round, metrics, u};
   send_update(*m_last_sent, job.attempt);
   m_round_floor = std::max(m_round_floor, job.round);
@@ -168,7 +174,13 @@ Site::trainer_loop()
       // An update is the model's size plus its metadata: the trainer cannot make this process
       // allocate more than that, whatever it claims.
       const auto max_update = job.model->size() + (std::uint64_t{4} << 20);
-      auto answer = trainer.train(task, *job.model, max_update, [&] { give_back(std::move(job.model)); });
+      std::vector<std::byte> reuse;
+      {
+        const std::lock_guard lock(m_mutex);
+        reuse = std::move(m_spare_update);
+      }
+      auto answer = trainer.train(
+        task, *job.model, max_update, [&] { give_back(std::move(job.model)); }, std::move(reuse));
       if (auto* e = std::get_if<ChildError>(&answer)) {
         failure = Failure{e->cls, valid_utf8(e->message), false};
       } else {

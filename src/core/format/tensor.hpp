@@ -20,11 +20,14 @@ struct OwnedTensor
   TensorView view() const { return {name, dtype, shape, bytes}; }
 };
 
-std::vector<OwnedTensor> copy_tensors(std::span<const TensorView> tensors);
+// Owned copies of `tensors`. `spare`: tensors of an earlier call whose buffers are reused, in
+// order (a process that makes one every round then touches no fresh pages for them).
+std::vector<OwnedTensor> copy_tensors(std::span<const TensorView> tensors, std::vector<OwnedTensor> spare = {});
 std::vector<TensorView> views_of(std::span<const OwnedTensor> tensors);
 
-// `after - before`, tensor by tensor (F32 or F64). Throws VerifyError if the two do not have the
-// same names, dtypes and shapes.
-std::vector<OwnedTensor> weight_delta(std::span<const TensorView> after, std::span<const TensorView> before);
+// `after - before`, tensor by tensor (F32 or F64), reusing the buffers of `spare` as copy_tensors
+// does. Throws VerifyError if the two do not have the same names, dtypes and shapes.
+std::vector<OwnedTensor> weight_delta(std::span<const TensorView> after, std::span<const TensorView> before,
+                                      std::vector<OwnedTensor> spare = {});
 
 } // namespace fedl::core

@@ -354,14 +354,14 @@ WorkerProcess::send(FrameType type, const nlohmann::json& header, std::span<cons
 }
 
 Frame
-WorkerProcess::receive(const FrameLimits& limits)
+WorkerProcess::receive(const FrameLimits& limits, std::vector<std::byte> reuse)
 {
   if (m_from_child < 0) {
     throw Error("internal: {} has no output pipe (closed or moved)", name());
   }
   std::optional<Frame> frame;
   try {
-    frame = read_frame(m_from_child, limits);
+    frame = read_frame(m_from_child, limits, std::move(reuse));
   } catch (const ProtocolError& e) {
     if (writer_gone(m_from_child)) {
       throw_gone(fmt::format("closed its output inside a frame ({})", e.what()));

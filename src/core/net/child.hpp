@@ -51,7 +51,7 @@ public:
   // Reads one frame from the child's stdout, blocking. Throws Error naming the child and its exit
   // status or signal if it exited or closed its stdout, and ProtocolError (prefixed with the
   // child's name) if it sent a bad frame or one `limits` does not allow.
-  Frame receive(const FrameLimits& limits);
+  Frame receive(const FrameLimits& limits, std::vector<std::byte> reuse = {});
 
   // The read end of the child's stdout, for poll() in an event loop (readable: receive() has
   // data or end of file to see). Owned by this object.

@@ -151,7 +151,7 @@ TrainerClient::start()
 
 Frame
 TrainerClient::request(FrameType type, const json& header, std::span<const std::byte> body, const FrameLimits& limits,
-                       const std::function<void()>& sent)
+                       const std::function<void()>& sent, std::vector<std::byte> reuse)
 {
   start();
   try {
@@ -159,7 +159,7 @@ TrainerClient::request(FrameType type, const json& header, std::span<const std::
     if (sent) {
       sent();
     }
-    return m_child->receive(limits);
+    return m_child->receive(limits, std::move(reuse));
   } catch (...) {
     kill();
     throw;
@@ -168,11 +168,11 @@ TrainerClient::request(FrameType type, const json& header, std::span<const std::
 
 std::variant<std::pair<TrainResult, std::vector<std::byte>>, ChildError>
 TrainerClient::train(const TrainTask& task, std::span<const std::byte> model, std::uint64_t max_update_bytes,
-                     const std::function<void()>& sent)
+                     const std::function<void()>& sent, std::vector<std::byte> reuse)
 {
   FrameLimits limits;
   limits.allow(FrameType::update, max_update_bytes).allow(FrameType::error);
-  auto reply = request(FrameType::task, task.to_header(), model, limits, sent);
+  auto reply = request(FrameType::task, task.to_header(), model, limits, sent, std::move(reuse));
   try {
     if (reply.type == FrameType::error) {
       return ChildError::from_header(reply.header);

@@ -94,10 +94,13 @@ public:
   pid_t start();
   // Sends one request and waits for its answer. Error (the child died, or its pipe broke) and
   // ProtocolError (a bad answer) come out as exceptions; the child is then killed. `sent` runs
-  // once the model is written (its buffer may go), before the wait for the update.
-  std::variant<std::pair<TrainResult, std::vector<std::byte>>, ChildError> train(
-    const TrainTask& task, std::span<const std::byte> model, std::uint64_t max_update_bytes,
-    const std::function<void()>& sent = {});
+  // once the model is written (its buffer may go), before the wait for the update. `reuse`: an
+  // earlier update's buffer to read this one into (no fresh pages for it).
+  std::variant<std::pair<TrainResult, std::vector<std::byte>>, ChildError> train(const TrainTask& task,
+                                                                                 std::span<const std::byte> model,
+                                                                                 std::uint64_t max_update_bytes,
+                                                                                 const std::function<void()>& sent = {},
+                                                                                 std::vector<std::byte> reuse = {});
   std::variant<EvalResult, ChildError> evaluate(std::span<const std::byte> model);
   // Ends the child now (SIGKILL, reaped). Idempotent.
   void kill();
@@ -107,7 +110,7 @@ public:
 
 private:
   Frame request(FrameType type, const nlohmann::json& header, std::span<const std::byte> body,
-                const FrameLimits& limits, const std::function<void()>& sent);
+                const FrameLimits& limits, const std::function<void()>& sent, std::vector<std::byte> reuse = {});
 
   std::vector<std::string> m_argv;
   std::optional<ForkServerRef> m_via;

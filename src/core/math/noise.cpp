@@ -5,77 +5,50 @@
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <sys/random.h>
 
 #include <algorithm>
-#include <array>
-#include <cerrno>
 #include <cmath>
-#include <cstring>
 #include <numbers>
 #include <string>
 #include <vector>
 
 namespace fedl::core {
 
-GaussianNoise::GaussianNoise(std::uint64_t seed) : m_ctx(nullptr)
+namespace {
+
+// A fresh key from the operating system, or one derived from `seed` by SHA-256.
+KeyStream::Key
+noise_key(std::uint64_t seed)
 {
-  std::array<unsigned char, 32> key{};
   if (seed == 0) {
-    std::size_t got = 0;
-    while (got < key.size()) {
-      const auto n = ::getrandom(key.data() + got, key.size() - got, 0);
-      if (n < 0) {
-        if (errno == EINTR) {
-          continue;
-        }
-        throw Error("cannot draw a key for DP noise: getrandom: {}", std::strerror(errno));
-      }
-      got += static_cast<std::size_t>(n);
-    }
-  } else {
-    std::string material = "fedl DP noise seed ";
-    for (int i = 0; i < 8; ++i) {
-      material.push_back(static_cast<char>((seed >> (8 * i)) & 0xff));
-    }
-    unsigned int len = 0;
-    if (EVP_Digest(material.data(), material.size(), key.data(), &len, EVP_sha256(), nullptr) != 1) {
-      throw Error("SHA-256 failed while deriving a DP noise key");
-    }
+    return random_key("DP noise");
   }
-  const std::array<unsigned char, 16> iv{};
-  auto* ctx = EVP_CIPHER_CTX_new();
-  const bool ok = ctx != nullptr && EVP_EncryptInit_ex(ctx, EVP_aes_256_ctr(), nullptr, key.data(), iv.data()) == 1;
+  std::string material = "fedl DP noise seed ";
+  for (int i = 0; i < 8; ++i) {
+    material.push_back(static_cast<char>((seed >> (8 * i)) & 0xff));
+  }
+  KeyStream::Key key{};
+  unsigned int len = 0;
+  if (EVP_Digest(material.data(), material.size(), reinterpret_cast<unsigned char*>(key.data()), &len, EVP_sha256(),
+                 nullptr) != 1) {
+    throw Error("SHA-256 failed while deriving a DP noise key");
+  }
+  return key;
+}
+
+// The key stream for `seed`, its key wiped from this stack once AES has it.
+KeyStream
+noise_stream(std::uint64_t seed)
+{
+  auto key = noise_key(seed);
+  KeyStream stream(key);
   OPENSSL_cleanse(key.data(), key.size());
-  if (!ok) {
-    EVP_CIPHER_CTX_free(ctx);
-    throw Error("cannot set up AES-256-CTR for DP noise");
-  }
-  m_ctx = ctx;
+  return stream;
 }
 
-GaussianNoise::~GaussianNoise()
-{
-  EVP_CIPHER_CTX_free(static_cast<EVP_CIPHER_CTX*>(m_ctx));
-}
+} // namespace
 
-void
-GaussianNoise::key_stream(std::span<std::byte> out)
-{
-  auto* bytes = reinterpret_cast<unsigned char*>(out.data());
-  const std::size_t n = out.size();
-  std::memset(bytes, 0, n);
-  auto* ctx = static_cast<EVP_CIPHER_CTX*>(m_ctx);
-  for (std::size_t done = 0; done < n;) {
-    const int chunk = static_cast<int>(std::min<std::size_t>(n - done, std::size_t{1} << 30));
-    int written = 0;
-    // CTR mode: encrypting zeros leaves the key stream.
-    if (EVP_EncryptUpdate(ctx, bytes + done, &written, bytes + done, chunk) != 1 || written != chunk) {
-      throw Error("AES-256-CTR failed while drawing DP noise");
-    }
-    done += static_cast<std::size_t>(written);
-  }
-}
+GaussianNoise::GaussianNoise(std::uint64_t seed) : m_stream(noise_stream(seed)) {}
 
 void
 GaussianNoise::fill(std::span<double> out, double stddev)

@@ -7,6 +7,8 @@
 // Significant Bits for Differential Privacy").
 #pragma once
 
+#include "core/util/key_stream.hpp"
+
 #include <cstdint>
 #include <span>
 
@@ -17,18 +19,15 @@ class GaussianNoise
 public:
   // seed 0: a fresh key from the operating system; otherwise a fixed key derived from `seed`.
   explicit GaussianNoise(std::uint64_t seed = 0);
-  ~GaussianNoise();
-  GaussianNoise(const GaussianNoise&) = delete;
-  GaussianNoise& operator=(const GaussianNoise&) = delete;
 
   // Fills `out` with independent draws of N(0, stddev²).
   void fill(std::span<double> out, double stddev);
   // The raw key stream (uniform bytes), for a caller that vectorizes Box-Muller itself, as the
   // torch backend does: per normal pair, 64 bits for the radius and 32 for the angle.
-  void key_stream(std::span<std::byte> out);
+  void key_stream(std::span<std::byte> out) { m_stream.fill(out); }
 
 private:
-  void* m_ctx;
+  KeyStream m_stream;
 };
 
 } // namespace fedl::core

@@ -1,0 +1,254 @@
+// SPDX-License-Identifier: Apache-2.0
+// The cryptography of secure aggregation against published known answers: X25519 (RFC 7748),
+// HKDF-SHA256 (RFC 5869), AES-256-CTR (NIST SP 800-38A) for the masks, AES-256-GCM (the GCM
+// specification's test case 16, McGrew and Viega 2005); Shamir sharing against a polynomial
+// evaluated independently (Python integers, in the comment).
+#include "core/secagg/crypto.hpp"
+#include "core/secagg/shamir.hpp"
+#include "core/util/error.hpp"
+#include "core/util/key_stream.hpp"
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+using namespace fedl::core;
+using namespace fedl::core::secagg;
+
+namespace {
+
+std::vector<std::byte>
+hex(std::string_view h)
+{
+  std::vector<std::byte> out;
+  for (std::size_t i = 0; i + 1 < h.size(); i += 2) {
+    out.push_back(static_cast<std::byte>(std::stoi(std::string(h.substr(i, 2)), nullptr, 16)));
+  }
+  return out;
+}
+
+template<std::size_t N>
+std::array<std::byte, N>
+hex_array(std::string_view h)
+{
+  const auto v = hex(h);
+  REQUIRE(v.size() == N);
+  std::array<std::byte, N> a{};
+  std::copy(v.begin(), v.end(), a.begin());
+  return a;
+}
+
+std::vector<std::byte>
+bytes_of(std::span<const std::byte> s)
+{
+  return {s.begin(), s.end()};
+}
+
+} // namespace
+
+TEST_SUITE_BEGIN("secagg");
+
+TEST_CASE("secagg: X25519 matches RFC 7748, and refuses a key of small order")
+{
+  // Section 5.2, the first test vector: scalar and u-coordinate to the output u-coordinate.
+  const auto scalar = hex_array<32>("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4");
+  const auto u = hex_array<32>("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c");
+  CHECK(KeyPair::from_secret(scalar).agree(u) ==
+        hex_array<32>("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"));
+  // Section 6.1: Alice's and Bob's key pairs and the secret they agree on.
+  const auto alice = KeyPair::from_secret(hex_array<32>("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
+  const auto bob = KeyPair::from_secret(hex_array<32>("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb"));
+  CHECK(alice.public_key() == hex_array<32>("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"));
+  CHECK(bob.public_key() == hex_array<32>("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"));
+  const auto shared = hex_array<32>("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
+  CHECK(alice.agree(bob.public_key()) == shared);
+  CHECK(bob.agree(alice.public_key()) == shared);
+  // u = 0 and u = 1 are of small order: every secret agrees on zeros with them.
+  CHECK_THROWS_AS(alice.agree(Bytes32{}), Error);
+  Bytes32 one{};
+  one[0] = std::byte{1};
+  CHECK_THROWS_AS(alice.agree(one), Error);
+  // Fresh pairs agree with each other and differ from each other.
+  const auto a = KeyPair::generate();
+  const auto b = KeyPair::generate();
+  CHECK(a.public_key() != b.public_key());
+  CHECK(a.agree(b.public_key()) == b.agree(a.public_key()));
+}
+
+TEST_CASE("secagg: HKDF-SHA256 matches RFC 5869")
+{
+  const std::vector<std::byte> ikm(22, std::byte{0x0b});
+  // Test case 1: salt 0x00..0x0c, info 0xf0..0xf9, 42 bytes.
+  CHECK(hkdf_sha256(ikm, hex("000102030405060708090a0b0c"), hex("f0f1f2f3f4f5f6f7f8f9"), 42) ==
+        hex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"));
+  // Test case 3: no salt, no info.
+  CHECK(hkdf_sha256(ikm, {}, {}, 42) ==
+        hex("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"));
+  // Past 255 × 32 bytes HKDF has no output.
+  CHECK_THROWS_AS(hkdf_sha256(ikm, {}, {}, 255 * 32 + 1), Error);
+}
+
+TEST_CASE("secagg: the AES-256-CTR key stream matches NIST SP 800-38A, and masks cancel")
+{
+  // F.5.5 CTR-AES256.Encrypt: the output blocks for counters f0f1..feff, f0f1..ff00, ...
+  const auto key = hex_array<32>("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
+  KeyStream stream(key, hex_array<16>("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"));
+  std::vector<std::byte> out(64);
+  stream.fill(std::span(out).first(5)); // pieces of any size continue the stream
+  stream.fill(std::span(out).subspan(5));
+  CHECK(out == hex("0bdf7df1591716335e9a8b15c860c502"
+                   "5a6e699d536119065433863c8f657b94"
+                   "1bc12c9c01610d5d0d8bd6a3378eca62"
+                   "2956e1c8693536b1bee99c73a31576b6"));
+
+  // A mask is the key stream from counter 0 read as little-endian words, over any length.
+  const std::size_t n = 10'007;
+  std::vector<std::byte> ks(4 * n);
+  KeyStream(key).fill(ks);
+  std::vector<std::uint32_t> v(n, 0);
+  apply_mask(v, key, +1);
+  bool words_match = true;
+  for (std::size_t j = 0; j < n; ++j) {
+    const auto w = static_cast<std::uint32_t>(ks[4 * j]) | static_cast<std::uint32_t>(ks[4 * j + 1]) << 8 |
+                   static_cast<std::uint32_t>(ks[4 * j + 2]) << 16 | static_cast<std::uint32_t>(ks[4 * j + 3]) << 24;
+    words_match = words_match && v[j] == w;
+  }
+  CHECK(words_match);
+  // Two sites' opposite masks of one pairwise key cancel in the sum, modulo 2^32.
+  std::vector<std::uint32_t> x(n);
+  std::vector<std::uint32_t> y(n);
+  std::mt19937 rng(7);
+  for (std::size_t j = 0; j < n; ++j) {
+    x[j] = static_cast<std::uint32_t>(rng());
+    y[j] = static_cast<std::uint32_t>(rng());
+  }
+  auto mx = x;
+  auto my = y;
+  apply_mask(mx, key, +1);
+  apply_mask(my, key, -1);
+  bool sums = true;
+  for (std::size_t j = 0; j < n; ++j) {
+    sums = sums && static_cast<std::uint32_t>(mx[j] + my[j]) == static_cast<std::uint32_t>(x[j] + y[j]);
+  }
+  CHECK(sums);
+  CHECK(mx != x);
+}
+
+TEST_CASE("secagg: AES-256-GCM matches the GCM specification's test case 16, and refuses altered bytes")
+{
+  const auto key = hex_array<32>("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308");
+  const auto nonce = hex_array<12>("cafebabefacedbaddecaf888");
+  const auto plain = hex("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72"
+                         "1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39");
+  const auto aad = hex("feedfacedeadbeeffeedfacedeadbeefabaddad2");
+  const auto want = hex("522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa"
+                        "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662"
+                        "76fc6ece0f4e1768cddf8853bb2d551b");
+  const auto sealed = seal(key, nonce, aad, plain);
+  CHECK(sealed == want);
+  const auto opened = open(key, nonce, aad, sealed);
+  REQUIRE(opened);
+  CHECK(*opened == plain);
+  for (const std::size_t at : {std::size_t{0}, sealed.size() / 2, sealed.size() - 1}) {
+    auto bad = sealed;
+    bad[at] ^= std::byte{1};
+    CHECK_FALSE(open(key, nonce, aad, bad));
+  }
+  auto other_aad = aad;
+  other_aad[0] ^= std::byte{1};
+  CHECK_FALSE(open(key, nonce, other_aad, sealed));
+  CHECK_FALSE(open(key, nonce, aad, std::span(sealed).first(15)));
+  auto other_key = key;
+  other_key[31] ^= std::byte{1};
+  CHECK_FALSE(open(other_key, nonce, aad, sealed));
+}
+
+TEST_CASE("secagg: Shamir shares match an independent evaluation, and any threshold of them recovers the secret")
+{
+  // Coefficients from the SP 800-38A stream above, 8 bytes each, little-endian, masked to 61
+  // bits: c1 = 0x13161759f17ddf0b, c2 = 0x02c560c8158b9a5e; the secret 01..07 is the one limb
+  // s = 0x07060504030201. In Python: (s + c1*x + c2*x*x) % (2**61 - 1) for x = 1, 2, 3, 7.
+  KeyStream stream(hex_array<32>("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4"),
+                   hex_array<16>("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"));
+  const auto secret = hex("01020304050607");
+  const std::vector<std::uint32_t> xs{1, 2, 3, 7};
+  const auto shares = split(secret, 3, xs, &stream);
+  REQUIRE(shares.size() == 4);
+  CHECK(shares[0].y == std::vector<std::uint64_t>{1576961525687286634ULL});
+  CHECK(shares[1].y == std::vector<std::uint64_t>{1245447440630098320ULL});
+  CHECK(shares[2].y == std::vector<std::uint64_t>{1313277697491012722ULL});
+  CHECK(shares[3].y == std::vector<std::uint64_t>{966356125688309588ULL});
+
+  // A 32-byte key, shared among 7 with threshold 4: every 4 of them give it back, in any order.
+  const auto key = KeyPair::generate().secret();
+  const std::vector<std::uint32_t> seven{3, 9, 27, 81, 243, 729, 2187};
+  const auto parts = split(key, 4, seven);
+  REQUIRE(parts[0].y.size() == limbs_of(32));
+  std::vector<std::size_t> pick{0, 1, 2, 3, 4, 5, 6};
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 20; ++trial) {
+    std::shuffle(pick.begin(), pick.end(), rng);
+    std::vector<Share> some;
+    for (std::size_t k = 0; k < 4; ++k) {
+      some.push_back(parts[pick[k]]);
+    }
+    CHECK(combine(some, 4, 32) == bytes_of(key));
+  }
+  CHECK(consistent(parts, 4));
+  // Below the threshold: refused. An altered share: caught by the consistency check, and what
+  // the threshold recovers with it is not the secret.
+  CHECK_THROWS_AS(combine(std::span(parts).first(3), 4, 32), Error);
+  auto altered = parts;
+  altered[5].y[2] = (altered[5].y[2] + 1) % field_prime;
+  CHECK_FALSE(consistent(altered, 4));
+  std::vector<Share> with_bad{altered[5], altered[0], altered[1], altered[2]};
+  bool recovered = false;
+  try {
+    recovered = combine(with_bad, 4, 32) == bytes_of(key);
+  } catch (const Error&) {
+  }
+  CHECK_FALSE(recovered);
+}
+
+TEST_CASE("secagg: Shamir refuses malformed arguments and shares")
+{
+  const auto secret = hex("00ff00ff");
+  const std::vector<std::uint32_t> xs{1, 2, 3};
+  CHECK_THROWS_AS(split({}, 2, xs), UsageError);
+  CHECK_THROWS_AS(split(std::vector<std::byte>(65), 2, xs), UsageError);
+  CHECK_THROWS_AS(split(secret, 0, xs), UsageError);
+  CHECK_THROWS_AS(split(secret, 4, xs), UsageError);
+  CHECK_THROWS_AS(split(secret, 2, std::vector<std::uint32_t>{1, 1}), UsageError);
+  CHECK_THROWS_AS(split(secret, 2, std::vector<std::uint32_t>{0, 1}), UsageError);
+  const auto shares = split(secret, 2, xs);
+  CHECK(combine(shares, 2, 4) == secret);
+  CHECK(combine(std::span(shares).last(2), 2, 4) == secret);
+  auto twice = shares;
+  twice[1].x = twice[0].x;
+  CHECK_THROWS_AS(combine(twice, 2, 4), Error);
+  auto zero = shares;
+  zero[0].x = 0;
+  CHECK_THROWS_AS(combine(zero, 2, 4), Error);
+  auto outside = shares;
+  outside[0].y[0] = field_prime;
+  CHECK_THROWS_AS(combine(outside, 2, 4), Error);
+  auto longer = shares;
+  longer[1].y.push_back(0);
+  CHECK_THROWS_AS(combine(longer, 2, 4), Error);
+  CHECK_THROWS_AS(combine(shares, 2, 8), Error);  // 8 bytes need two limbs
+  CHECK_THROWS_AS(combine(shares, 2, 0), Error);
+  // A single-limb secret of 4 bytes: a recovered limb past 32 bits is not one.
+  auto wrong = shares;
+  wrong[0].y[0] = (wrong[0].y[0] + (std::uint64_t{1} << 40)) % field_prime;
+  CHECK_THROWS_AS(combine(wrong, 2, 4), Error);
+}
+
+TEST_SUITE_END();

@@ -4,8 +4,10 @@
 // specification's test case 16, McGrew and Viega 2005); Shamir sharing against a polynomial
 // evaluated independently (Python integers, in the comment).
 #include "core/secagg/crypto.hpp"
+#include "core/secagg/protocol.hpp"
 #include "core/secagg/shamir.hpp"
 #include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
 #include "core/util/key_stream.hpp"
 
 #include <doctest/doctest.h>
@@ -14,10 +16,15 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <random>
+#include <set>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <variant>
 #include <vector>
 
 using namespace fedl::core;
@@ -64,8 +71,10 @@ TEST_CASE("secagg: X25519 matches RFC 7748, and refuses a key of small order")
   CHECK(KeyPair::from_secret(scalar).agree(u) ==
         hex_array<32>("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"));
   // Section 6.1: Alice's and Bob's key pairs and the secret they agree on.
-  const auto alice = KeyPair::from_secret(hex_array<32>("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
-  const auto bob = KeyPair::from_secret(hex_array<32>("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb"));
+  const auto alice =
+    KeyPair::from_secret(hex_array<32>("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
+  const auto bob =
+    KeyPair::from_secret(hex_array<32>("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb"));
   CHECK(alice.public_key() == hex_array<32>("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"));
   CHECK(bob.public_key() == hex_array<32>("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"));
   const auto shared = hex_array<32>("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
@@ -243,12 +252,325 @@ TEST_CASE("secagg: Shamir refuses malformed arguments and shares")
   auto longer = shares;
   longer[1].y.push_back(0);
   CHECK_THROWS_AS(combine(longer, 2, 4), Error);
-  CHECK_THROWS_AS(combine(shares, 2, 8), Error);  // 8 bytes need two limbs
+  CHECK_THROWS_AS(combine(shares, 2, 8), Error); // 8 bytes need two limbs
   CHECK_THROWS_AS(combine(shares, 2, 0), Error);
   // A single-limb secret of 4 bytes: a recovered limb past 32 bits is not one.
   auto wrong = shares;
   wrong[0].y[0] = (wrong[0].y[0] + (std::uint64_t{1} << 40)) % field_prime;
   CHECK_THROWS_AS(combine(wrong, 2, 4), Error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The protocol, every site and the coordinator in this process.
+
+namespace {
+
+// A stand-in for the sites' identity keys: site i "signs" with SHA-256 over i and the payload.
+std::string
+fake_sign(std::uint32_t index, std::span<const std::byte> payload)
+{
+  Sha256 h;
+  const auto label = "site " + std::to_string(index);
+  h.update(as_bytes(label));
+  h.update(payload);
+  return h.hex();
+}
+
+// One attempt of n sites. drop[s] lists the sites that stop before stage s (0 keys, 1 shares,
+// 2 input, 3 reveal).
+struct Simulation
+{
+  Params p;
+  std::vector<std::vector<std::uint32_t>> inputs;
+  std::optional<Server> server;
+  std::vector<std::unique_ptr<Client>> clients;
+
+  Simulation(std::size_t n, std::size_t k, std::size_t t, std::size_t length, std::uint64_t seed = 42)
+  {
+    for (std::size_t i = 0; i < n; ++i) {
+      p.sites.push_back("site-" + std::to_string(i + 1));
+    }
+    p.round = 7;
+    p.attempt = 1;
+    p.threshold = t;
+    p.neighbours = k;
+    p.graph_seed = seed;
+    p.length = length;
+    server.emplace(p);
+    std::mt19937 rng(static_cast<unsigned>(seed));
+    for (std::uint32_t i = 1; i <= n; ++i) {
+      clients.push_back(
+        std::make_unique<Client>(p, i, [i](std::span<const std::byte> payload) { return fake_sign(i, payload); }));
+      std::vector<std::uint32_t> x(length);
+      for (auto& v : x) {
+        v = static_cast<std::uint32_t>(rng());
+      }
+      inputs.push_back(std::move(x));
+    }
+  }
+
+  static bool verify(std::uint32_t index, std::span<const std::byte> payload, std::string_view sig)
+  {
+    return fake_sign(index, payload) == sig;
+  }
+
+  // Runs the four stages; the sum the coordinator unmasks (or its exception).
+  std::vector<std::uint32_t> run(const std::array<std::set<std::uint32_t>, 4>& drop)
+  {
+    const auto alive = [&](std::uint32_t i, std::size_t stage) {
+      for (std::size_t s = 0; s <= stage; ++s) {
+        if (drop[s].count(i) != 0) {
+          return false;
+        }
+      }
+      return true;
+    };
+    for (auto& c : clients) {
+      if (alive(c->index(), 0)) {
+        REQUIRE_FALSE(server->add_advert(c->advertise()));
+      }
+    }
+    for (auto& c : clients) {
+      if (alive(c->index(), 1)) {
+        REQUIRE_FALSE(server->add_shares(c->index(), c->share(server->adverts_for(c->index()), verify)));
+      }
+    }
+    for (auto& c : clients) {
+      if (alive(c->index(), 2)) {
+        auto out = c->mask(inputs[c->index() - 1], server->shares_for(c->index()));
+        REQUIRE(std::holds_alternative<MaskedInput>(out));
+        REQUIRE_FALSE(server->add_masked(std::get<MaskedInput>(std::move(out))));
+      }
+    }
+    const auto request = server->unmask_request();
+    for (auto& c : clients) {
+      if (alive(c->index(), 3) && server->survivors().count(c->index()) != 0) {
+        REQUIRE_FALSE(server->add_reveal(c->unmask(request)));
+      }
+    }
+    return server->unmasked_sum();
+  }
+
+  // The plain sum of the inputs of the sites that sent masked inputs.
+  std::vector<std::uint32_t> plain_sum() const
+  {
+    std::vector<std::uint32_t> s(p.length, 0);
+    for (const auto u : server->survivors()) {
+      for (std::size_t j = 0; j < p.length; ++j) {
+        s[j] += inputs[u - 1][j];
+      }
+    }
+    return s;
+  }
+};
+
+} // namespace
+
+TEST_CASE("secagg: the neighbour graph is k-regular, symmetric, and fixed by its seed")
+{
+  for (const auto [n, k] : {std::pair<std::size_t, std::size_t>{12, 4}, {100, 8}, {7, 6}, {5, 10}, {31, 2}}) {
+    CAPTURE(n);
+    CAPTURE(k);
+    const auto g = neighbour_graph(n, k, 99);
+    const std::size_t degree = std::min(k, n - 1);
+    bool regular = true;
+    bool symmetric = true;
+    for (std::size_t i = 0; i < n; ++i) {
+      regular = regular && g[i].size() == degree && std::is_sorted(g[i].begin(), g[i].end()) &&
+                std::adjacent_find(g[i].begin(), g[i].end()) == g[i].end();
+      for (const auto j : g[i]) {
+        symmetric = symmetric && j != i && std::binary_search(g[j].begin(), g[j].end(), i);
+      }
+    }
+    CHECK(regular);
+    CHECK(symmetric);
+    CHECK(neighbour_graph(n, k, 99) == g);
+    if (degree < n - 1) {
+      CHECK(neighbour_graph(n, k, 100) != g);
+    }
+  }
+  CHECK_THROWS_AS(neighbour_graph(10, 3, 1), UsageError);
+  CHECK_NOTHROW(neighbour_graph(10, 9, 1));
+}
+
+TEST_CASE("secagg: the coordinator unmasks exactly the sum of the survivors' inputs, with dropouts at every stage")
+{
+  SUBCASE("everyone, all neighbours")
+  {
+    Simulation sim(5, 4, 3, 1000);
+    const auto sum = sim.run({});
+    CHECK(sum == sim.plain_sum());
+    CHECK(sim.server->survivors().size() == 5);
+  }
+  SUBCASE("a sparse graph: 12 sites of 4 neighbours")
+  {
+    Simulation sim(12, 4, 3, 777);
+    const auto sum = sim.run({});
+    CHECK(sum == sim.plain_sum());
+  }
+  SUBCASE("one of 6 killed after it sent its masked input, and one after its shares")
+  {
+    Simulation sim(6, 5, 3, 513);
+    const auto sum = sim.run({std::set<std::uint32_t>{}, {}, {4}, {2}});
+    CHECK(sim.server->survivors() == std::set<std::uint32_t>{1, 2, 3, 5, 6});
+    CHECK(sum == sim.plain_sum());
+  }
+  SUBCASE("two of 6 killed after they sent their masked inputs")
+  {
+    Simulation sim(6, 5, 3, 300);
+    const auto sum = sim.run({std::set<std::uint32_t>{}, {}, {}, {1, 3}});
+    CHECK(sim.server->survivors().size() == 6);
+    CHECK(sum == sim.plain_sum());
+  }
+  SUBCASE("one of 6 killed before its shares, one after its masked input")
+  {
+    // (A site's own secrets are shared with its neighbours only: with t = 3, every survivor's
+    // seed needs 3 of the others to reveal.)
+    Simulation sim(6, 5, 3, 64);
+    const auto sum = sim.run({std::set<std::uint32_t>{}, {6}, {}, {3}});
+    CHECK(sim.server->shared() == std::set<std::uint32_t>{1, 2, 3, 4, 5});
+    CHECK(sum == sim.plain_sum());
+  }
+  SUBCASE("dropouts in a sparse graph: 20 sites of 6 neighbours, 3 lost after sharing, 2 after input")
+  {
+    Simulation sim(20, 6, 3, 100, 5);
+    const auto sum = sim.run({std::set<std::uint32_t>{}, {}, {2, 9, 17}, {5, 11}});
+    CHECK(sum == sim.plain_sum());
+  }
+  SUBCASE("too many lost before revealing: the masks cannot be removed, and the error says whose")
+  {
+    Simulation sim(5, 4, 3, 10);
+    try {
+      (void)sim.run({std::set<std::uint32_t>{}, {}, {1}, {2, 3, 4}});
+      FAIL("unmasked below the threshold");
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find("cannot be removed: fewer than 3 consistent shares") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("secagg: what the coordinator holds of one site's input looks uniformly random")
+{
+  // Three sites with inputs of all zeros: a masked input is the masks alone. Chi-square over the
+  // 256 byte values of 64 KiB (255 degrees of freedom; the 99.99th percentile is about 363).
+  Simulation sim(3, 2, 2, 16384);
+  for (auto& x : sim.inputs) {
+    std::fill(x.begin(), x.end(), 0U);
+  }
+  for (auto& c : sim.clients) {
+    REQUIRE_FALSE(sim.server->add_advert(c->advertise()));
+  }
+  for (auto& c : sim.clients) {
+    REQUIRE_FALSE(
+      sim.server->add_shares(c->index(), c->share(sim.server->adverts_for(c->index()), Simulation::verify)));
+  }
+  const auto out = sim.clients[0]->mask(sim.inputs[0], sim.server->shares_for(1));
+  const auto& masked = std::get<MaskedInput>(out).masked;
+  std::array<double, 256> count{};
+  for (const auto w : masked) {
+    for (int b = 0; b < 4; ++b) {
+      count[(w >> (8 * b)) & 0xff] += 1;
+    }
+  }
+  const double expected = static_cast<double>(masked.size() * 4) / 256.0;
+  double chi2 = 0;
+  for (const auto c : count) {
+    chi2 += (c - expected) * (c - expected) / expected;
+  }
+  CHECK(chi2 < 363.0);
+}
+
+TEST_CASE("secagg: a site refuses what would break the protocol, and says who sent garbage")
+{
+  Simulation sim(5, 4, 3, 8);
+  for (auto& c : sim.clients) {
+    REQUIRE_FALSE(sim.server->add_advert(c->advertise()));
+  }
+  SUBCASE("a key advert whose signature is not its site's")
+  {
+    auto adverts = sim.server->adverts_for(1);
+    adverts[1].s_public[0] ^= std::byte{1};
+    CHECK_THROWS_AS(sim.clients[0]->share(adverts, Simulation::verify), ProtocolAbort);
+  }
+  SUBCASE("fewer neighbours than the threshold")
+  {
+    auto adverts = sim.server->adverts_for(1);
+    adverts.resize(2);
+    CHECK_THROWS_AS(sim.clients[0]->share(adverts, Simulation::verify), ProtocolAbort);
+  }
+  SUBCASE("sealed shares that do not open: a complaint about their sender; a second unmask refused")
+  {
+    for (auto& c : sim.clients) {
+      REQUIRE_FALSE(
+        sim.server->add_shares(c->index(), c->share(sim.server->adverts_for(c->index()), Simulation::verify)));
+    }
+    auto received = sim.server->shares_for(1);
+    REQUIRE(received.size() == 4);
+    received[2].sealed[20] ^= std::byte{0x40};
+    const auto out = sim.clients[0]->mask(sim.inputs[0], received);
+    REQUIRE(std::holds_alternative<Complaint>(out));
+    CHECK(std::get<Complaint>(out).about == received[2].from);
+
+    auto ok = sim.clients[1]->mask(sim.inputs[1], sim.server->shares_for(2));
+    REQUIRE(std::holds_alternative<MaskedInput>(ok));
+    const UnmaskRequest request{{1, 2, 3, 4, 5}};
+    (void)sim.clients[1]->unmask(request);
+    // Asked again with site 3 called dropped, it would reveal site 3's key beside its seed.
+    CHECK_THROWS_AS(sim.clients[1]->unmask(UnmaskRequest{{1, 2, 4, 5}}), ProtocolAbort);
+  }
+}
+
+TEST_CASE("secagg: the coordinator checks every message, and outvotes one wrong share")
+{
+  Simulation sim(6, 5, 3, 16);
+  auto& server = *sim.server;
+  auto advert = sim.clients[0]->advertise();
+  REQUIRE_FALSE(server.add_advert(advert));
+  CHECK(server.add_advert(advert)); // twice
+  auto stranger = advert;
+  stranger.index = 7;
+  CHECK(server.add_advert(stranger));
+  for (std::size_t i = 1; i < 6; ++i) {
+    REQUIRE_FALSE(server.add_advert(sim.clients[i]->advertise()));
+  }
+  std::vector<std::vector<SealedShares>> shares;
+  for (auto& c : sim.clients) {
+    shares.push_back(c->share(server.adverts_for(c->index()), Simulation::verify));
+  }
+  auto missing = shares[0];
+  missing.pop_back();
+  CHECK(server.add_shares(1, missing));
+  auto resized = shares[0];
+  resized[0].sealed.push_back(std::byte{0});
+  CHECK(server.add_shares(1, resized));
+  CHECK(server.add_shares(2, shares[0])); // site 1's shares as site 2's
+  for (std::uint32_t i = 1; i <= 6; ++i) {
+    REQUIRE_FALSE(server.add_shares(i, shares[i - 1]));
+  }
+  CHECK(server.add_masked(MaskedInput{1, std::vector<std::uint32_t>(15)}));
+  for (auto& c : sim.clients) {
+    REQUIRE_FALSE(
+      server.add_masked(std::get<MaskedInput>(c->mask(sim.inputs[c->index() - 1], server.shares_for(c->index())))));
+  }
+  const auto request = server.unmask_request();
+  std::vector<Reveal> reveals;
+  for (auto& c : sim.clients) {
+    reveals.push_back(c->unmask(request));
+  }
+  // Site 2 lies about its share of site 1's seed: with 5 shares of it, the other 4 outvote it.
+  for (auto& s : reveals[1].seeds) {
+    if (s.owner == 1) {
+      s.share.y[0] = (s.share.y[0] + 12345) % field_prime;
+    }
+  }
+  auto foreign = reveals[2];
+  foreign.seeds[0].share.x = 99;
+  CHECK(server.add_reveal(foreign));
+  for (auto& r : reveals) {
+    REQUIRE_FALSE(server.add_reveal(r));
+  }
+  CHECK(server.add_reveal(reveals[0])); // twice
+  CHECK(server.unmasked_sum() == sim.plain_sum());
 }
 
 TEST_SUITE_END();

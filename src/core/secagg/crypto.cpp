@@ -167,9 +167,8 @@ gcm_update(EVP_CIPHER_CTX* ctx, std::span<const std::byte> aad, std::span<const 
   if (!aad.empty() && EVP_CipherUpdate(ctx, nullptr, &len, uc(aad.data()), static_cast<int>(aad.size())) != 1) {
     return false;
   }
-  return in.empty() ||
-         (EVP_CipherUpdate(ctx, uc(out), &len, uc(in.data()), static_cast<int>(in.size())) == 1 &&
-          static_cast<std::size_t>(len) == in.size());
+  return in.empty() || (EVP_CipherUpdate(ctx, uc(out), &len, uc(in.data()), static_cast<int>(in.size())) == 1 &&
+                        static_cast<std::size_t>(len) == in.size());
 }
 
 void

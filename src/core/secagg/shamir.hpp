@@ -21,7 +21,7 @@ inline constexpr std::size_t max_secret_bytes = 64;
 
 struct Share
 {
-  std::uint32_t x = 0;         // where the polynomials were evaluated: never 0
+  std::uint32_t x = 0;          // where the polynomials were evaluated: never 0
   std::vector<std::uint64_t> y; // one value per limb of the secret, each below field_prime
 };
 

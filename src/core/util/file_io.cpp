@@ -32,18 +32,26 @@ errno_text(int err)
   return std::strerror(err);
 }
 
-// Finishes and frees `ctx`; the digest as lowercase hex.
+// Finishes and frees `ctx` (a SHA-256); the digest.
+std::array<std::byte, 32>
+finish(EVP_MD_CTX* ctx)
+{
+  std::array<std::byte, 32> md{};
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx, reinterpret_cast<unsigned char*>(md.data()), &len);
+  EVP_MD_CTX_free(ctx);
+  return md;
+}
+
+// The same as lowercase hex.
 std::string
 finish_hex(EVP_MD_CTX* ctx)
 {
-  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx, md.data(), &len);
-  EVP_MD_CTX_free(ctx);
+  const auto md = finish(ctx);
   std::string hex;
-  hex.reserve(len * 2);
-  for (unsigned int i = 0; i < len; ++i) {
-    hex += fmt::format("{:02x}", md[i]);
+  hex.reserve(md.size() * 2);
+  for (const auto b : md) {
+    hex += fmt::format("{:02x}", static_cast<unsigned>(b));
   }
   return hex;
 }
@@ -329,6 +337,15 @@ Sha256::hex()
     throw Error("internal: a SHA-256 was finished twice");
   }
   return finish_hex(std::exchange(m_ctx, nullptr));
+}
+
+std::array<std::byte, 32>
+Sha256::digest()
+{
+  if (m_ctx == nullptr) {
+    throw Error("internal: a SHA-256 was finished twice");
+  }
+  return finish(std::exchange(m_ctx, nullptr));
 }
 
 std::string

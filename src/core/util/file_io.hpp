@@ -3,6 +3,7 @@
 // writing, transparent gzip, SHA-256 of contents.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -97,6 +98,8 @@ public:
   void update(std::span<const std::byte> bytes) noexcept;
   // The digest in lower-case hex. The object is then spent: update() does nothing, hex() throws.
   std::string hex();
+  // The same, as 32 bytes.
+  std::array<std::byte, 32> digest();
 
 private:
   evp_md_ctx_st* m_ctx;

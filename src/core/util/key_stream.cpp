@@ -16,9 +16,9 @@ namespace fedl::core {
 KeyStream::KeyStream(const Key& key, const Counter& counter)
 {
   auto* ctx = EVP_CIPHER_CTX_new();
-  if (ctx == nullptr || EVP_EncryptInit_ex(ctx, EVP_aes_256_ctr(), nullptr,
-                                           reinterpret_cast<const unsigned char*>(key.data()),
-                                           reinterpret_cast<const unsigned char*>(counter.data())) != 1) {
+  if (ctx == nullptr ||
+      EVP_EncryptInit_ex(ctx, EVP_aes_256_ctr(), nullptr, reinterpret_cast<const unsigned char*>(key.data()),
+                         reinterpret_cast<const unsigned char*>(counter.data())) != 1) {
     EVP_CIPHER_CTX_free(ctx);
     throw Error("OpenSSL: cannot set up AES-256-CTR");
   }

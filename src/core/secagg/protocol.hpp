@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: Apache-2.0
+// SecAgg+ (Bell, Bonawitz, Gascón, Lepoint, Raykova, "Secure Single-Server Aggregation with
+// (Poly)Logarithmic Overhead", CCS 2020), the protocol without its transport: the site's side
+// (Client) and the coordinator's (Server) as state machines over plain messages, so that both can
+// be tested in one process and the network code only carries them.
+//
+// n sites with indices 1..n (Params::sites, in order) sum vectors of `length` words modulo 2^32.
+// Each site has k neighbours in a random k-regular graph (neighbour_graph); it shares its secrets
+// with them alone, threshold t of them. Four stages, the coordinator relaying everything:
+//   0 keys     each site makes two X25519 pairs (c: to encrypt shares, s: to agree masks) and
+//              signs their public halves with its identity key (KeyAdvert); the coordinator
+//              sends each site its neighbours' adverts. U1: the sites that advertised.
+//   1 shares   each site draws a self-mask seed b and Shamir-shares b and its s secret among its
+//              neighbours in U1, each share sealed (AES-256-GCM) for its recipient under a key
+//              agreed from the c pairs. U2: the sites that sent shares.
+//   2 input    each site adds to its input the mask of b and, for each neighbour v in U2 (those
+//              whose shares it received), + or − the mask agreed with v's s key (+ if its index
+//              is the smaller), and sends the sum. U3: the sites that sent it.
+//   3 unmask   the coordinator names U3; each site reveals, for each neighbour in U2, its share of
+//              b if the neighbour is in U3 and its share of the s secret if not, never both for
+//              one neighbour (its own record: the consistency rule). U4: the sites that answered.
+//              The coordinator rebuilds each survivor's b and each dropped site's s secret from t
+//              shares, removes their masks, and has the sum of U3's inputs and nothing else.
+// A stage proceeds with at least t sites' messages; a site whose neighbours in a stage are fewer
+// than t stops (its secrets could not be rebuilt).
+#pragma once
+
+#include "core/secagg/crypto.hpp"
+#include "core/secagg/shamir.hpp"
+#include "core/util/error.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace fedl::core::secagg {
+
+// The neighbours of every site (0-based; each list sorted) in a k-regular graph on n sites: the
+// Harary graph H(k, n) (each site joined to the k/2 nearest on either side of a ring) over a
+// random order of the sites drawn from `seed`, as SecAgg+ proposes. k must be even, or n − 1
+// (everyone); k ≥ n − 1 gives the complete graph. Deterministic in (n, k, seed).
+std::vector<std::vector<std::uint32_t>> neighbour_graph(std::size_t n, std::size_t k, std::uint64_t seed);
+
+struct Params
+{
+  std::uint64_t round = 0;
+  std::uint64_t attempt = 0;        // a retried round uses fresh keys: another attempt number
+  std::vector<std::string> sites;   // index i + 1 is sites[i]
+  std::size_t threshold = 0;        // t: shares needed to rebuild a site's secrets
+  std::size_t neighbours = 0;       // k (see neighbour_graph)
+  std::uint64_t graph_seed = 0;
+  std::size_t length = 0;           // words in each site's vector
+
+  // Throws UsageError unless 2 ≤ t ≤ min(k, n − 1), n ≥ 2, the sites are distinct and non-empty,
+  // and length ≥ 1.
+  void check() const;
+};
+
+struct KeyAdvert
+{
+  std::uint32_t index = 0;
+  Bytes32 c_public{};
+  Bytes32 s_public{};
+  // SHA-256 of the site's self-mask seed (with a label): the coordinator checks the seed it
+  // rebuilds against it, so that one wrong share cannot silently change the sum.
+  Bytes32 seed_commitment{};
+  std::string signature; // by the site's identity key over advert_payload()
+};
+
+// What a KeyAdvert's signature covers: the protocol, round, attempt, index, site name, keys and
+// the seed commitment.
+std::vector<std::byte> advert_payload(const Params& p, const KeyAdvert& a);
+
+// One site's shares for one neighbour, sealed for it.
+struct SealedShares
+{
+  std::uint32_t from = 0;
+  std::uint32_t to = 0;
+  std::vector<std::byte> sealed;
+};
+
+struct MaskedInput
+{
+  std::uint32_t index = 0;
+  std::vector<std::uint32_t> masked;
+};
+
+// Instead of its masked input, a site says that a neighbour's shares did not open: that
+// neighbour sent garbage (or the coordinator altered them), and the attempt cannot go on with it.
+struct Complaint
+{
+  std::uint32_t index = 0;
+  std::uint32_t about = 0;
+};
+
+struct UnmaskRequest
+{
+  std::vector<std::uint32_t> survivors; // U3
+};
+
+struct RevealedShare
+{
+  std::uint32_t owner = 0; // whose secret this is a share of
+  Share share;
+};
+
+struct Reveal
+{
+  std::uint32_t index = 0;
+  std::vector<RevealedShare> seeds; // of survivors' b
+  std::vector<RevealedShare> keys;  // of dropped sites' s secrets
+};
+
+using Signer = std::function<std::string(std::span<const std::byte> payload)>;
+// Whether `signature` over `payload` is by the site with this index.
+using Verifier = std::function<bool(std::uint32_t index, std::span<const std::byte> payload, std::string_view signature)>;
+
+// Thrown by a Client that cannot go on in this attempt (too few neighbours, a request that would
+// break the consistency rule, a malformed message): it stops, as a site that dropped out would.
+class ProtocolAbort : public Error
+{
+public:
+  using Error::Error;
+};
+
+class Client
+{
+public:
+  // The site with index `index` (1-based) in `p`. Draws its key pairs and self-mask seed.
+  Client(Params p, std::uint32_t index, Signer sign);
+
+  std::uint32_t index() const noexcept { return m_index; }
+
+  // Stage 0.
+  KeyAdvert advertise() const;
+  // Stage 1: from the neighbours' adverts (as the coordinator relays them), the sealed shares
+  // for each of them. ProtocolAbort if an advert is not of a neighbour, is given twice, or does
+  // not verify, or if fewer than t remain.
+  std::vector<SealedShares> share(std::span<const KeyAdvert> adverts, const Verifier& verify);
+  // Stage 2: from the shares sealed for this site, the masked input; a Complaint if one does not
+  // open. ProtocolAbort if fewer than t neighbours sent shares or `input` has another length.
+  std::variant<MaskedInput, Complaint> mask(std::span<const std::uint32_t> input,
+                                            std::span<const SealedShares> received);
+  // Stage 3: the shares to reveal for U3. ProtocolAbort if U3 has fewer than t of its neighbours
+  // or if this site already answered in this attempt.
+  Reveal unmask(const UnmaskRequest& request);
+
+private:
+  Params m_p;
+  std::uint32_t m_index;
+  Signer m_sign;
+  std::vector<std::uint32_t> m_neighbours; // 1-based
+  KeyPair m_c;
+  KeyPair m_s;
+  Bytes32 m_seed{};
+  std::map<std::uint32_t, KeyAdvert> m_adverts;    // neighbours in U1
+  std::map<std::uint32_t, Share> m_seed_shares;    // neighbour → my share of its b
+  std::map<std::uint32_t, Share> m_key_shares;     // neighbour → my share of its s secret
+  std::set<std::uint32_t> m_masked_with;           // neighbours in U2
+  bool m_answered = false;
+};
+
+// The coordinator's side. It sees adverts, sealed shares, masked inputs and reveals; never an
+// input, a seed or a key but those of dropped sites' masks, which it needs.
+class Server
+{
+public:
+  explicit Server(Params p);
+
+  const Params& params() const noexcept { return m_p; }
+  std::span<const std::vector<std::uint32_t>> graph() const noexcept { return m_graph; }
+
+  // Each stage's messages, checked (index in range, once, of the stage's set, sizes); the reason
+  // if refused, for the caller to drop that site. The signature is the sites' to check.
+  std::optional<std::string> add_advert(KeyAdvert a);
+  // The adverts of `index`'s neighbours among U1.
+  std::vector<KeyAdvert> adverts_for(std::uint32_t index) const;
+  std::optional<std::string> add_shares(std::uint32_t from, std::vector<SealedShares> shares);
+  // The shares sealed for `index` by sites in U2.
+  std::vector<SealedShares> shares_for(std::uint32_t index) const;
+  std::optional<std::string> add_masked(MaskedInput m);
+  UnmaskRequest unmask_request() const;
+  std::optional<std::string> add_reveal(Reveal r);
+
+  const std::set<std::uint32_t>& advertised() const noexcept { return m_u1; }
+  const std::set<std::uint32_t>& shared() const noexcept { return m_u2; }
+  const std::set<std::uint32_t>& survivors() const noexcept { return m_u3; }
+
+  // The sum of the survivors' inputs modulo 2^32. Throws Error if a survivor's seed or a dropped
+  // site's key cannot be rebuilt (fewer than t consistent shares of it); the message names the
+  // sites whose shares did not agree with the others, if any.
+  std::vector<std::uint32_t> unmasked_sum() const;
+
+private:
+  Params m_p;
+  std::vector<std::vector<std::uint32_t>> m_graph; // 0-based
+  std::map<std::uint32_t, KeyAdvert> m_adverts;
+  std::map<std::uint32_t, std::vector<SealedShares>> m_sealed_by_to;
+  std::set<std::uint32_t> m_u1, m_u2, m_u3, m_u4;
+  std::vector<std::uint32_t> m_sum;
+  std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>> m_seed_shares; // owner → (holder, share)
+  std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>> m_key_shares;
+};
+
+} // namespace fedl::core::secagg

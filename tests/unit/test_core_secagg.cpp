@@ -4,6 +4,7 @@
 // specification's test case 16, McGrew and Viega 2005); Shamir sharing against a polynomial
 // evaluated independently (Python integers, in the comment).
 #include "core/secagg/crypto.hpp"
+#include "core/secagg/encoding.hpp"
 #include "core/secagg/protocol.hpp"
 #include "core/secagg/shamir.hpp"
 #include "core/util/error.hpp"
@@ -14,8 +15,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <random>
@@ -368,7 +371,7 @@ struct Simulation
 
 TEST_CASE("secagg: the neighbour graph is k-regular, symmetric, and fixed by its seed")
 {
-  for (const auto [n, k] : {std::pair<std::size_t, std::size_t>{12, 4}, {100, 8}, {7, 6}, {5, 10}, {31, 2}}) {
+  for (const auto& [n, k] : {std::pair<std::size_t, std::size_t>{12, 4}, {100, 8}, {7, 6}, {5, 10}, {31, 2}}) {
     CAPTURE(n);
     CAPTURE(k);
     const auto g = neighbour_graph(n, k, 99);
@@ -571,6 +574,122 @@ TEST_CASE("secagg: the coordinator checks every message, and outvotes one wrong 
   }
   CHECK(server.add_reveal(reveals[0])); // twice
   CHECK(server.unmasked_sum() == sim.plain_sum());
+}
+
+TEST_CASE("secagg: weighted updates encode into words whose masked sum decodes to the weighted mean")
+{
+  // Three sites of 10, 20 and 30 samples (cap 100), 1000 F32 values and 7 F64 ones in [−0.6, 0.6],
+  // a few past the range of 0.5 that are clipped, and one NaN.
+  const Encoding e{0.5, 100, 3};
+  REQUIRE(e.scale() == std::exp2(30)); // 3 · 0.5 · 2^30 < 2^31 − 1 ≤ 3 · 0.5 · 2^31
+  REQUIRE(e.weight_scale() == std::exp2(30));
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-0.6F, 0.6F);
+  std::vector<std::vector<float>> f(3, std::vector<float>(1000));
+  std::vector<std::vector<double>> d(3, std::vector<double>(7));
+  for (int s = 0; s < 3; ++s) {
+    for (auto& x : f[s]) {
+      x = u(rng);
+    }
+    for (auto& x : d[s]) {
+      x = static_cast<double>(u(rng));
+    }
+  }
+  f[1][17] = std::numeric_limits<float>::quiet_NaN();
+  const auto views = [&](int s) {
+    return std::vector<TensorView>{{"w", DType::f32, {10, 100}, std::as_bytes(std::span(f[s]))},
+                                   {"b", DType::f64, {7}, std::as_bytes(std::span(d[s]))}};
+  };
+  const std::array<std::uint64_t, 3> samples{10, 20, 30};
+  std::vector<std::uint32_t> sum(1008, 0);
+  Simulation sim(3, 2, 2, 1008);
+  for (int s = 0; s < 3; ++s) {
+    const auto enc = encode(views(s), samples[s], e);
+    REQUIRE(enc.words.size() == 1008);
+    std::size_t outside = 0;
+    for (const auto x : f[s]) {
+      outside += !(std::abs(x) <= 0.5F) ? 1 : 0;
+    }
+    for (const auto x : d[s]) {
+      outside += !(std::abs(x) <= 0.5) ? 1 : 0;
+    }
+    CHECK(enc.clipped == outside);
+    for (std::size_t j = 0; j < sum.size(); ++j) {
+      sum[j] += enc.words[j];
+    }
+    sim.inputs[s] = enc.words;
+  }
+  // Through the protocol: the unmasked sum is the sum of the encoded words, bit for bit.
+  const auto unmasked = sim.run({});
+  CHECK(unmasked == sum);
+  const auto dec = decode(unmasked, views(0), e);
+  CHECK(dec.total_weight == doctest::Approx(0.6).epsilon(1e-9));
+  REQUIRE(dec.mean.size() == 2);
+  // Against the weighted mean of the clipped values: within N / (2 S) / Σw, plus float rounding.
+  const auto clip = [](double x) { return std::isnan(x) ? 0.0 : std::clamp(x, -0.5, 0.5); };
+  const double tolerance = 3.0 / (2 * e.scale()) / 0.6 + 1e-7;
+  double worst = 0;
+  for (std::size_t i = 0; i < 1000; ++i) {
+    double want = 0;
+    for (int s = 0; s < 3; ++s) {
+      want += static_cast<double>(samples[s]) / 100.0 * clip(f[s][i]);
+    }
+    want /= 0.6;
+    float got = 0;
+    std::memcpy(&got, dec.mean[0].bytes.data() + 4 * i, 4);
+    worst = std::max(worst, std::abs(static_cast<double>(got) - want));
+  }
+  for (std::size_t i = 0; i < 7; ++i) {
+    double want = 0;
+    for (int s = 0; s < 3; ++s) {
+      want += static_cast<double>(samples[s]) / 100.0 * clip(d[s][i]);
+    }
+    want /= 0.6;
+    double got = 0;
+    std::memcpy(&got, dec.mean[1].bytes.data() + 8 * i, 8);
+    worst = std::max(worst, std::abs(got - want));
+  }
+  CHECK(worst <= tolerance);
+  CHECK(dec.mean[1].dtype == DType::f64);
+  CHECK(dec.mean[0].shape == std::vector<std::int64_t>{10, 100});
+}
+
+TEST_CASE("secagg: at the range's ends N sites' words do not overflow, and bad settings are refused")
+{
+  const Encoding e{2.0, 1000, 5};
+  const std::vector<float> top(4, 2.0F);
+  const std::vector<float> bottom(4, -2.0F);
+  std::vector<std::uint32_t> hi(5, 0);
+  std::vector<std::uint32_t> lo(5, 0);
+  for (int s = 0; s < 5; ++s) {
+    const auto a = encode(std::vector<TensorView>{{"x", DType::f32, {4}, std::as_bytes(std::span(top))}}, 5000, e);
+    const auto b = encode(std::vector<TensorView>{{"x", DType::f32, {4}, std::as_bytes(std::span(bottom))}}, 1000, e);
+    for (std::size_t j = 0; j < 5; ++j) {
+      hi[j] += a.words[j];
+      lo[j] += b.words[j];
+    }
+  }
+  const std::vector<TensorView> like{{"x", DType::f32, {4}, std::as_bytes(std::span(top))}};
+  const auto dh = decode(hi, like, e);
+  const auto dl = decode(lo, like, e);
+  float x = 0;
+  std::memcpy(&x, dh.mean[0].bytes.data(), 4);
+  CHECK(x == 2.0F);
+  std::memcpy(&x, dl.mean[0].bytes.data(), 4);
+  CHECK(x == -2.0F);
+  CHECK(dh.total_weight == 5.0); // 5000 samples count as the cap, 1000
+
+  CHECK_THROWS_AS((Encoding{0.0, 1, 1}.check()), UsageError);
+  CHECK_THROWS_AS((Encoding{std::nan(""), 1, 1}.check()), UsageError);
+  CHECK_THROWS_AS((Encoding{1.0, 0, 1}.check()), UsageError);
+  CHECK_THROWS_AS((Encoding{1.0, 1, 0}.check()), UsageError);
+  CHECK_THROWS_AS((Encoding{1e6, 1, 100}.check()), UsageError);
+  const std::vector<std::int32_t> ints(4, 1);
+  CHECK_THROWS_AS(encode(std::vector<TensorView>{{"i", DType::i32, {4}, std::as_bytes(std::span(ints))}}, 1, e),
+                  UsageError);
+  CHECK_THROWS_AS(encode(like, 0, e), UsageError);
+  CHECK_THROWS_AS(decode(std::vector<std::uint32_t>(4), like, e), Error);
+  CHECK_THROWS_AS(decode(std::vector<std::uint32_t>(5), like, e), Error); // no weight
 }
 
 TEST_SUITE_END();

@@ -281,8 +281,7 @@ Client::share(std::span<const KeyAdvert> adverts, const Verifier& verify)
     m_adverts.emplace(a.index, a);
   }
   if (m_adverts.size() < m_p.threshold) {
-    throw ProtocolAbort("{} neighbours advertised keys, fewer than the threshold {}", m_adverts.size(),
-                        m_p.threshold);
+    throw ProtocolAbort("{} neighbours advertised keys, fewer than the threshold {}", m_adverts.size(), m_p.threshold);
   }
   std::vector<std::uint32_t> xs;
   for (const auto& [v, a] : m_adverts) {
@@ -349,8 +348,7 @@ Client::mask(std::span<const std::uint32_t> input, std::span<const SealedShares>
     m_masked_with.insert(s.from);
   }
   if (m_masked_with.size() < m_p.threshold) {
-    throw ProtocolAbort("{} neighbours sent shares, fewer than the threshold {}", m_masked_with.size(),
-                        m_p.threshold);
+    throw ProtocolAbort("{} neighbours sent shares, fewer than the threshold {}", m_masked_with.size(), m_p.threshold);
   }
   MaskedInput out{m_index, {input.begin(), input.end()}};
   auto self = self_mask_key(m_seed, m_p, m_index);
@@ -588,11 +586,11 @@ Server::unmasked_sum() const
   for (const auto u : m_u3) {
     const auto it = m_seed_shares.find(u);
     const auto& advert = m_adverts.at(u);
-    const auto seed = it == m_seed_shares.end()
-                        ? std::nullopt
-                        : rebuild(it->second, t,
-                                  [&](const Bytes32& s) { return commitment(s, m_p, u) == advert.seed_commitment; },
-                                  bad);
+    const auto seed =
+      it == m_seed_shares.end()
+        ? std::nullopt
+        : rebuild(
+            it->second, t, [&](const Bytes32& s) { return commitment(s, m_p, u) == advert.seed_commitment; }, bad);
     if (!seed) {
       lost.push_back(u);
       continue;
@@ -607,13 +605,12 @@ Server::unmasked_sum() const
     }
     const auto it = m_key_shares.find(v);
     const auto& advert = m_adverts.at(v);
-    const auto secret = it == m_key_shares.end()
-                          ? std::nullopt
-                          : rebuild(it->second, t,
-                                    [&](const Bytes32& s) {
-                                      return KeyPair::from_secret(s).public_key() == advert.s_public;
-                                    },
-                                    bad);
+    const auto secret =
+      it == m_key_shares.end()
+        ? std::nullopt
+        : rebuild(
+            it->second, t, [&](const Bytes32& s) { return KeyPair::from_secret(s).public_key() == advert.s_public; },
+            bad);
     if (!secret) {
       lost.push_back(v);
       continue;

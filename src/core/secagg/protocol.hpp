@@ -52,12 +52,12 @@ std::vector<std::vector<std::uint32_t>> neighbour_graph(std::size_t n, std::size
 struct Params
 {
   std::uint64_t round = 0;
-  std::uint64_t attempt = 0;        // a retried round uses fresh keys: another attempt number
-  std::vector<std::string> sites;   // index i + 1 is sites[i]
-  std::size_t threshold = 0;        // t: shares needed to rebuild a site's secrets
-  std::size_t neighbours = 0;       // k (see neighbour_graph)
+  std::uint64_t attempt = 0;      // a retried round uses fresh keys: another attempt number
+  std::vector<std::string> sites; // index i + 1 is sites[i]
+  std::size_t threshold = 0;      // t: shares needed to rebuild a site's secrets
+  std::size_t neighbours = 0;     // k (see neighbour_graph)
   std::uint64_t graph_seed = 0;
-  std::size_t length = 0;           // words in each site's vector
+  std::size_t length = 0; // words in each site's vector
 
   // Throws UsageError unless 2 ≤ t ≤ min(k, n − 1), n ≥ 2, the sites are distinct and non-empty,
   // and length ≥ 1.
@@ -121,7 +121,8 @@ struct Reveal
 
 using Signer = std::function<std::string(std::span<const std::byte> payload)>;
 // Whether `signature` over `payload` is by the site with this index.
-using Verifier = std::function<bool(std::uint32_t index, std::span<const std::byte> payload, std::string_view signature)>;
+using Verifier =
+  std::function<bool(std::uint32_t index, std::span<const std::byte> payload, std::string_view signature)>;
 
 // Thrown by a Client that cannot go on in this attempt (too few neighbours, a request that would
 // break the consistency rule, a malformed message): it stops, as a site that dropped out would.
@@ -161,10 +162,10 @@ private:
   KeyPair m_c;
   KeyPair m_s;
   Bytes32 m_seed{};
-  std::map<std::uint32_t, KeyAdvert> m_adverts;    // neighbours in U1
-  std::map<std::uint32_t, Share> m_seed_shares;    // neighbour → my share of its b
-  std::map<std::uint32_t, Share> m_key_shares;     // neighbour → my share of its s secret
-  std::set<std::uint32_t> m_masked_with;           // neighbours in U2
+  std::map<std::uint32_t, KeyAdvert> m_adverts; // neighbours in U1
+  std::map<std::uint32_t, Share> m_seed_shares; // neighbour → my share of its b
+  std::map<std::uint32_t, Share> m_key_shares;  // neighbour → my share of its s secret
+  std::set<std::uint32_t> m_masked_with;        // neighbours in U2
   bool m_answered = false;
 };
 

@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/secagg/encoding.hpp"
+
+#include "core/util/error.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace fedl::core::secagg {
+
+namespace {
+
+// The largest power of two p with p · factor ≤ limit.
+double
+power_scale(double limit, double factor)
+{
+  return std::exp2(std::floor(std::log2(limit / factor)));
+}
+
+template<typename T>
+void
+encode_values(const TensorView& t, double factor, double range, Encoded& out)
+{
+  const std::size_t n = t.data.size() / sizeof(T);
+  for (std::size_t i = 0; i < n; ++i) {
+    T v;
+    std::memcpy(&v, t.data.data() + i * sizeof(T), sizeof(T));
+    double x = static_cast<double>(v);
+    if (!(x >= -range && x <= range)) {
+      ++out.clipped;
+      x = std::isnan(x) ? 0.0 : std::clamp(x, -range, range);
+    }
+    const auto q = static_cast<std::int64_t>(std::nearbyint(x * factor));
+    out.words.push_back(static_cast<std::uint32_t>(q));
+  }
+}
+
+template<typename T>
+void
+decode_values(std::span<const std::uint32_t> words, double scale, double total, OwnedTensor& t)
+{
+  t.bytes.resize(words.size() * sizeof(T));
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const auto sum = static_cast<std::int32_t>(words[i]);
+    const auto v = static_cast<T>(static_cast<double>(sum) / scale / total);
+    std::memcpy(t.bytes.data() + i * sizeof(T), &v, sizeof(T));
+  }
+}
+
+} // namespace
+
+void
+Encoding::check() const
+{
+  if (!(range > 0) || !std::isfinite(range)) {
+    throw UsageError("the secure-aggregation range must be a positive number, not {}", range);
+  }
+  if (max_samples == 0) {
+    throw UsageError("the secure-aggregation sample cap must be at least 1");
+  }
+  if (sites == 0 || sites > (std::size_t{1} << 20)) {
+    throw UsageError("secure aggregation of {} sites: 1 to 2^20", sites);
+  }
+  if (static_cast<double>(sites) * range > 0x1p23) {
+    throw UsageError("a secure-aggregation range of {:g} over {} sites leaves fewer than 8 bits per value; lower it",
+                     range, sites);
+  }
+}
+
+double
+Encoding::scale() const
+{
+  return power_scale(0x1p31 - 1, static_cast<double>(sites) * range);
+}
+
+double
+Encoding::weight_scale() const
+{
+  return power_scale(0x1p32 - 1, static_cast<double>(sites));
+}
+
+Encoded
+encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding& e)
+{
+  e.check();
+  if (samples == 0) {
+    throw UsageError("an update of 0 samples cannot be weighted");
+  }
+  const double w = static_cast<double>(std::min(samples, e.max_samples)) / static_cast<double>(e.max_samples);
+  Encoded out;
+  std::size_t total = 0;
+  for (const auto& t : update) {
+    total += t.numel();
+  }
+  out.words.reserve(total + 1);
+  for (const auto& t : update) {
+    if (t.dtype == DType::f32) {
+      encode_values<float>(t, w * e.scale(), e.range, out);
+    } else if (t.dtype == DType::f64) {
+      encode_values<double>(t, w * e.scale(), e.range, out);
+    } else {
+      throw UsageError("tensor {} is {}: secure aggregation sums F32 and F64 tensors only", t.name,
+                       dtype_name(t.dtype));
+    }
+  }
+  out.words.push_back(static_cast<std::uint32_t>(std::nearbyint(w * e.weight_scale())));
+  return out;
+}
+
+Decoded
+decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e)
+{
+  e.check();
+  std::size_t total = 0;
+  for (const auto& t : like) {
+    total += t.numel();
+  }
+  if (sum.size() != total + 1) {
+    throw Error("a secure-aggregation sum of {} words for {} values and the weight", sum.size(), total);
+  }
+  Decoded out;
+  out.total_weight = static_cast<double>(sum.back()) / e.weight_scale();
+  if (!(out.total_weight > 0)) {
+    throw Error("the secure-aggregation sum carries no weight");
+  }
+  std::size_t at = 0;
+  for (const auto& t : like) {
+    OwnedTensor o{t.name, t.dtype, t.shape, {}};
+    const auto words = sum.subspan(at, t.numel());
+    if (t.dtype == DType::f64) {
+      decode_values<double>(words, e.scale(), out.total_weight, o);
+    } else {
+      decode_values<float>(words, e.scale(), out.total_weight, o);
+    }
+    at += t.numel();
+    out.mean.push_back(std::move(o));
+  }
+  return out;
+}
+
+} // namespace fedl::core::secagg

@@ -394,6 +394,18 @@ TEST_CASE("secagg: the neighbour graph is k-regular, symmetric, and fixed by its
   }
   CHECK_THROWS_AS(neighbour_graph(10, 3, 1), UsageError);
   CHECK_NOTHROW(neighbour_graph(10, 9, 1));
+  // The defaults: everyone up to 16 sites, then 2⌈log2 n⌉ + 2; a majority of them as threshold.
+  CHECK(default_neighbours(2) == 1);
+  CHECK(default_neighbours(16) == 15);
+  CHECK(default_neighbours(17) == 12);
+  CHECK(default_neighbours(100) == 16);
+  CHECK(default_neighbours(1000) == 22);
+  CHECK(default_threshold(1) == 2);
+  CHECK(default_threshold(4) == 3);
+  CHECK(default_threshold(15) == 8);
+  for (const std::size_t n : {17, 100, 1000}) {
+    CHECK_NOTHROW(neighbour_graph(n, default_neighbours(n), 3));
+  }
 }
 
 TEST_CASE("secagg: the coordinator unmasks exactly the sum of the survivors' inputs, with dropouts at every stage")

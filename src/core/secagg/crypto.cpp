@@ -221,23 +221,54 @@ open(const Bytes32& key, std::span<const std::byte, 12> nonce, std::span<const s
 }
 
 void
+add_words(std::uint32_t* __restrict v, const std::uint32_t* __restrict w, std::size_t n, int sign) noexcept
+{
+  constexpr std::size_t lanes = 16;
+  std::size_t j = 0;
+  if (sign >= 0) {
+    for (; j + lanes <= n; j += lanes) {
+      for (std::size_t k = 0; k < lanes; ++k) {
+        v[j + k] += w[j + k];
+      }
+    }
+    for (; j < n; ++j) {
+      v[j] += w[j];
+    }
+  } else {
+    for (; j + lanes <= n; j += lanes) {
+      for (std::size_t k = 0; k < lanes; ++k) {
+        v[j + k] -= w[j + k];
+      }
+    }
+    for (; j < n; ++j) {
+      v[j] -= w[j];
+    }
+  }
+}
+
+void
 apply_mask(std::span<std::uint32_t> values, const Bytes32& key, int sign)
 {
-  KeyStream stream(key);
-  constexpr std::size_t block = 4096; // words per key-stream request: 16 KiB, in L1
+  const MaskTerm term{key, sign};
+  apply_masks(values, std::span(&term, 1));
+}
+
+void
+apply_masks(std::span<std::uint32_t> values, std::span<const MaskTerm> terms)
+{
+  std::vector<KeyStream> streams;
+  streams.reserve(terms.size());
+  for (const auto& t : terms) {
+    streams.emplace_back(t.key);
+  }
+  constexpr std::size_t block = 2048; // words per key-stream request: 8 KiB, with the values' 8 KiB in L1
   std::array<std::uint32_t, block> words{};
   for (std::size_t begin = 0; begin < values.size(); begin += block) {
     const std::size_t n = std::min(block, values.size() - begin);
-    stream.fill(std::as_writable_bytes(std::span(words.data(), n)));
     auto* v = values.data() + begin;
-    if (sign >= 0) {
-      for (std::size_t j = 0; j < n; ++j) {
-        v[j] += words[j];
-      }
-    } else {
-      for (std::size_t j = 0; j < n; ++j) {
-        v[j] -= words[j];
-      }
+    for (std::size_t k = 0; k < terms.size(); ++k) {
+      streams[k].fill(std::as_writable_bytes(std::span(words.data(), n)));
+      add_words(v, words.data(), n, terms[k].sign);
     }
   }
   OPENSSL_cleanse(words.data(), sizeof words);

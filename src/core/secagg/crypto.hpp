@@ -66,4 +66,17 @@ std::optional<std::vector<std::byte>> open(const Bytes32& key, std::span<const s
 // mask is bytes 4j..4j+3 of key's AES-256-CTR key stream (counter block 0), little-endian.
 void apply_mask(std::span<std::uint32_t> values, const Bytes32& key, int sign);
 
+// v[j] += sign · w[j] (sign +1 or −1) for j < n, modulo 2^32, vectorized (the inner loops have a
+// constant trip count, which GCC vectorizes at -O2).
+void add_words(std::uint32_t* __restrict v, const std::uint32_t* __restrict w, std::size_t n, int sign) noexcept;
+
+struct MaskTerm
+{
+  Bytes32 key{};
+  int sign = 1;
+};
+// apply_mask for each term, block by block: every mask is added to a block of `values` while it
+// is in L1, so that k masks cost one pass over `values` rather than k.
+void apply_masks(std::span<std::uint32_t> values, std::span<const MaskTerm> terms);
+
 } // namespace fedl::core::secagg

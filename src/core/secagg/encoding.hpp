@@ -22,9 +22,9 @@ namespace fedl::core::secagg {
 
 struct Encoding
 {
-  double range = 1.0;             // R: values are clipped to [−R, R]
-  std::uint64_t max_samples = 1;  // n_max: a site's weight is min(n, n_max) / n_max
-  std::size_t sites = 1;          // N: the most words that are summed
+  double range = 1.0;            // R: values are clipped to [−R, R]
+  std::uint64_t max_samples = 1; // n_max: a site's weight is min(n, n_max) / n_max
+  std::size_t sites = 1;         // N: the most words that are summed
 
   // Throws UsageError unless R is positive and finite, n_max ≥ 1 and 1 ≤ N ≤ 2^20, and the scales
   // leave at least 8 bits of precision (N · R ≤ 2^23).

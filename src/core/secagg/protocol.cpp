@@ -203,6 +203,25 @@ neighbour_graph(std::size_t n, std::size_t k, std::uint64_t seed)
   return graph;
 }
 
+std::size_t
+default_neighbours(std::size_t n)
+{
+  if (n <= 16) {
+    return n > 0 ? n - 1 : 0;
+  }
+  std::size_t log = 0;
+  while ((std::size_t{1} << log) < n) {
+    ++log;
+  }
+  return std::min(2 * log + 2, n - 1 - (n - 1) % 2);
+}
+
+std::size_t
+default_threshold(std::size_t k)
+{
+  return std::max<std::size_t>(2, k / 2 + 1);
+}
+
 void
 Params::check() const
 {
@@ -351,14 +370,12 @@ Client::mask(std::span<const std::uint32_t> input, std::span<const SealedShares>
     throw ProtocolAbort("{} neighbours sent shares, fewer than the threshold {}", m_masked_with.size(), m_p.threshold);
   }
   MaskedInput out{m_index, {input.begin(), input.end()}};
-  auto self = self_mask_key(m_seed, m_p, m_index);
-  apply_mask(out.masked, self, +1);
-  OPENSSL_cleanse(self.data(), self.size());
+  std::vector<MaskTerm> terms{{self_mask_key(m_seed, m_p, m_index), +1}};
   for (const auto v : m_masked_with) {
-    auto key = pair_key(m_s, m_adverts.at(v).s_public, m_p, "mask", m_index, v);
-    apply_mask(out.masked, key, pair_sign(m_index, v));
-    OPENSSL_cleanse(key.data(), key.size());
+    terms.push_back({pair_key(m_s, m_adverts.at(v).s_public, m_p, "mask", m_index, v), pair_sign(m_index, v)});
   }
+  apply_masks(out.masked, terms);
+  OPENSSL_cleanse(terms.data(), terms.size() * sizeof(MaskTerm));
   return out;
 }
 
@@ -486,9 +503,7 @@ Server::add_masked(MaskedInput m)
     return "a masked input of the wrong length";
   }
   m_u3.insert(m.index);
-  for (std::size_t j = 0; j < m_sum.size(); ++j) {
-    m_sum[j] += m.masked[j];
-  }
+  add_words(m_sum.data(), m.masked.data(), m_sum.size(), +1);
   return std::nullopt;
 }
 
@@ -579,10 +594,10 @@ rebuild(const std::vector<std::pair<std::uint32_t, Share>>& held, std::size_t t,
 std::vector<std::uint32_t>
 Server::unmasked_sum() const
 {
-  auto result = m_sum;
   const auto t = m_p.threshold;
   std::set<std::uint32_t> bad;
   std::vector<std::uint32_t> lost;
+  std::vector<MaskTerm> terms; // the masks to take away
   for (const auto u : m_u3) {
     const auto it = m_seed_shares.find(u);
     const auto& advert = m_adverts.at(u);
@@ -595,9 +610,7 @@ Server::unmasked_sum() const
       lost.push_back(u);
       continue;
     }
-    auto key = self_mask_key(*seed, m_p, u);
-    apply_mask(result, key, -1);
-    OPENSSL_cleanse(key.data(), key.size());
+    terms.push_back({self_mask_key(*seed, m_p, u), -1});
   }
   for (const auto v : m_u2) {
     if (m_u3.count(v) != 0) {
@@ -619,9 +632,7 @@ Server::unmasked_sum() const
     for (const auto u : m_u3) {
       if (is_neighbour(m_graph, v, u)) {
         // u added the mask of (u, v) with u's sign: take it away.
-        auto key = pair_key(pair, m_adverts.at(u).s_public, m_p, "mask", v, u);
-        apply_mask(result, key, -pair_sign(u, v));
-        OPENSSL_cleanse(key.data(), key.size());
+        terms.push_back({pair_key(pair, m_adverts.at(u).s_public, m_p, "mask", v, u), -pair_sign(u, v)});
       }
     }
   }
@@ -634,9 +645,13 @@ Server::unmasked_sum() const
     for (const auto v : bad) {
       liars += (liars.empty() ? "" : ", ") + m_p.sites[v - 1];
     }
+    OPENSSL_cleanse(terms.data(), terms.size() * sizeof(MaskTerm));
     throw Error("the masks of {} cannot be removed: fewer than {} consistent shares{}", names, t,
                 liars.empty() ? std::string() : " (" + liars + " revealed shares that do not agree)");
   }
+  auto result = m_sum;
+  apply_masks(result, terms);
+  OPENSSL_cleanse(terms.data(), terms.size() * sizeof(MaskTerm));
   return result;
 }
 

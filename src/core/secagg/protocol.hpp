@@ -49,6 +49,12 @@ namespace fedl::core::secagg {
 // (everyone); k ≥ n − 1 gives the complete graph. Deterministic in (n, k, seed).
 std::vector<std::vector<std::uint32_t>> neighbour_graph(std::size_t n, std::size_t k, std::uint64_t seed);
 
+// The default degree for n sites: everyone (n − 1) up to 16 sites; past that 2⌈log2 n⌉ + 2 (even,
+// and below n − 1), so that a site's work grows like log n (SecAgg+, section 3).
+std::size_t default_neighbours(std::size_t n);
+// The default threshold for k neighbours: a majority of them, ⌊k/2⌋ + 1, at least 2.
+std::size_t default_threshold(std::size_t k);
+
 struct Params
 {
   std::uint64_t round = 0;

@@ -122,8 +122,11 @@ TEST_CASE("core::decode_prefix refuses bad magic, version, type, flags and sizes
   CHECK(protocol_error(patched(good, 4, 2), task_limits()).find("protocol version 2 is not supported") !=
         std::string::npos);
   CHECK(protocol_error(patched(good, 5, 0), task_limits()).find("unknown frame type 0") != std::string::npos);
-  CHECK(protocol_error(patched(good, 5, max_frame_type + 1), task_limits()).find("unknown frame type 10") !=
+  CHECK(protocol_error(patched(good, 5, max_frame_type + 1), task_limits()).find("unknown frame type 16") !=
         std::string::npos);
+  // Secure aggregation's types are known, and refused by a receiver that does not take them.
+  CHECK(protocol_error(patched(good, 5, static_cast<unsigned>(FrameType::secagg_input)), task_limits())
+          .find("unexpected secagg_input frame") != std::string::npos);
   CHECK(protocol_error(patched(good, 7, 1), task_limits()).find("flags") != std::string::npos);
   // A known type that this receiver does not take.
   CHECK(protocol_error(encode_prefix(FrameType::hello, 10, 0), task_limits()) == "unexpected hello frame");

@@ -3,6 +3,7 @@
 // HKDF-SHA256 (RFC 5869), AES-256-CTR (NIST SP 800-38A) for the masks, AES-256-GCM (the GCM
 // specification's test case 16, McGrew and Viega 2005); Shamir sharing against a polynomial
 // evaluated independently (Python integers, in the comment).
+#include "core/net/secagg_protocol.hpp"
 #include "core/secagg/crypto.hpp"
 #include "core/secagg/encoding.hpp"
 #include "core/secagg/protocol.hpp"
@@ -702,6 +703,128 @@ TEST_CASE("secagg: at the range's ends N sites' words do not overflow, and bad s
   CHECK_THROWS_AS(encode(like, 0, e), UsageError);
   CHECK_THROWS_AS(decode(std::vector<std::uint32_t>(4), like, e), Error);
   CHECK_THROWS_AS(decode(std::vector<std::uint32_t>(5), like, e), Error); // no weight
+}
+
+// ---------------------------------------------------------------------------------------------
+// On the wire.
+
+namespace {
+
+// `value` through JSON text and back, as a frame header travels.
+nlohmann::json
+over_the_wire(const nlohmann::json& value)
+{
+  return nlohmann::json::parse(value.dump());
+}
+
+} // namespace
+
+TEST_CASE("secagg: every stage's message survives the wire, and a malformed one is a protocol error")
+{
+  Simulation sim(5, 4, 3, 32);
+  const auto advert = sim.clients[0]->advertise();
+
+  const auto keys = SecAggKeys::from_header(over_the_wire(SecAggKeys{9, advert}.to_header()));
+  CHECK(keys.task == 9);
+  CHECK(keys.advert.index == advert.index);
+  CHECK(keys.advert.c_public == advert.c_public);
+  CHECK(keys.advert.s_public == advert.s_public);
+  CHECK(keys.advert.seed_commitment == advert.seed_commitment);
+  CHECK(keys.advert.signature == advert.signature);
+  auto bad = SecAggKeys{9, advert}.to_header();
+  bad["c_public"] = std::string(bad["c_public"]).substr(2);
+  CHECK_THROWS_AS(SecAggKeys::from_header(bad), ProtocolError);
+  bad = SecAggKeys{9, advert}.to_header();
+  bad["index"] = 0;
+  CHECK_THROWS_AS(SecAggKeys::from_header(bad), ProtocolError);
+  bad = SecAggKeys{9, advert}.to_header();
+  bad["s_public"] = std::string(64, 'g');
+  CHECK_THROWS_AS(SecAggKeys::from_header(bad), ProtocolError);
+
+  const SecAggPeers peers{9, {{advert, "-----BEGIN CERTIFICATE-----"}}};
+  const auto peers_back = SecAggPeers::from_header(over_the_wire(peers.to_header()), 4);
+  REQUIRE(peers_back.peers.size() == 1);
+  CHECK(peers_back.peers[0].certificate == "-----BEGIN CERTIFICATE-----");
+  CHECK_THROWS_AS(SecAggPeers::from_header(peers.to_header(), 0), ProtocolError); // more than allowed
+  auto big = peers.to_header();
+  big["peers"][0]["certificate"] = std::string(16 * 1024 + 1, 'c');
+  CHECK_THROWS_AS(SecAggPeers::from_header(big, 4), ProtocolError);
+
+  for (auto& c : sim.clients) {
+    REQUIRE_FALSE(sim.server->add_advert(c->advertise()));
+  }
+  const auto sealed = sim.clients[0]->share(sim.server->adverts_for(1), Simulation::verify);
+  const auto shares = SecAggShares::from_header(over_the_wire(SecAggShares{9, sealed}.to_header()), 4);
+  REQUIRE(shares.shares.size() == sealed.size());
+  CHECK(shares.shares[1].sealed == sealed[1].sealed);
+  CHECK(shares.shares[1].to == sealed[1].to);
+  CHECK_THROWS_AS(SecAggShares::from_header(SecAggShares{9, sealed}.to_header(), 3), ProtocolError);
+  auto short_share = SecAggShares{9, sealed}.to_header();
+  short_share["shares"][0]["sealed"] = std::string(short_share["shares"][0]["sealed"]).substr(0, 200);
+  CHECK_THROWS_AS(SecAggShares::from_header(short_share, 4), ProtocolError);
+
+  SecAggInput input{9, std::nullopt, 3, 0.5, 100, "sig"};
+  const auto input_back = SecAggInput::from_header(over_the_wire(input.to_header()));
+  CHECK_FALSE(input_back.complaint);
+  CHECK(input_back.clipped == 3);
+  CHECK(input_back.range == 0.5);
+  input.complaint = 4;
+  CHECK(SecAggInput::from_header(over_the_wire(input.to_header())).complaint == std::optional<std::uint32_t>(4));
+  // The signed payload names the words and every field of the report.
+  const auto p = sim.p;
+  const auto one = secagg_input_payload(p, 1, "aa", input);
+  CHECK(one != secagg_input_payload(p, 1, "ab", input));
+  CHECK(one != secagg_input_payload(p, 2, "aa", input));
+  auto other = input;
+  other.clipped = 4;
+  CHECK(one != secagg_input_payload(p, 1, "aa", other));
+
+  const auto unmask = SecAggUnmask::from_header(over_the_wire(SecAggUnmask{9, {1, 2, 5}}.to_header()), 5);
+  CHECK(unmask.survivors == std::vector<std::uint32_t>{1, 2, 5});
+  CHECK_THROWS_AS(SecAggUnmask::from_header(SecAggUnmask{9, {1, 2, 5}}.to_header(), 2), ProtocolError);
+  CHECK_THROWS_AS(SecAggUnmask::from_header(SecAggUnmask{9, {0}}.to_header(), 5), ProtocolError);
+
+  secagg::Reveal reveal{2, {{1, Share{2, {1, 2, 3, 4, 5}}}}, {{3, Share{2, {6, 7, 8, 9, 10}}}}};
+  const auto reveal_back = SecAggReveal::from_header(over_the_wire(SecAggReveal{9, reveal}.to_header()), 4);
+  REQUIRE(reveal_back.reveal.seeds.size() == 1);
+  CHECK(reveal_back.reveal.seeds[0].share.y == std::vector<std::uint64_t>{1, 2, 3, 4, 5});
+  CHECK(reveal_back.reveal.keys[0].owner == 3);
+  CHECK_THROWS_AS(SecAggReveal::from_header(SecAggReveal{9, reveal}.to_header(), 1), ProtocolError);
+  auto outside = SecAggReveal{9, reveal}.to_header();
+  outside["seeds"][0]["y"][0] = field_prime;
+  CHECK_THROWS_AS(SecAggReveal::from_header(outside, 4), ProtocolError);
+  auto fewer = SecAggReveal{9, reveal}.to_header();
+  fewer["keys"][0]["y"].erase(0);
+  CHECK_THROWS_AS(SecAggReveal::from_header(fewer, 4), ProtocolError);
+  auto negative = SecAggReveal{9, reveal}.to_header();
+  negative["keys"][0]["y"][1] = -1;
+  CHECK_THROWS_AS(SecAggReveal::from_header(negative, 4), ProtocolError);
+}
+
+TEST_CASE("secagg: the setup a task carries gives the protocol's parameters, checked")
+{
+  SecAggSetup s{{"a", "b", "c", "d"}, 2, 2, 3, 77, 1001, 0.25, 500};
+  const auto back = SecAggSetup::from_json(over_the_wire(s.to_json()));
+  CHECK(back.sites == s.sites);
+  CHECK(back.index == 2);
+  const auto p = back.params(5, 1);
+  CHECK(p.round == 5);
+  CHECK(p.threshold == 2);
+  CHECK(p.length == 1001);
+  CHECK(back.encoding().range == 0.25);
+  auto beyond = s.to_json();
+  beyond["index"] = 5;
+  CHECK_THROWS_AS(SecAggSetup::from_json(beyond), ProtocolError);
+  auto weak = s;
+  weak.threshold = 1;
+  CHECK_THROWS_AS(weak.params(5, 1), UsageError);
+  auto wide = s;
+  wide.range = 0;
+  CHECK_THROWS_AS(wide.encoding(), UsageError);
+  auto names = s.to_json();
+  names["sites"][1] = 7;
+  CHECK_THROWS_AS(SecAggSetup::from_json(names), ProtocolError);
+  CHECK_THROWS_AS(SecAggSetup::from_json(nlohmann::json::array()), ProtocolError);
 }
 
 TEST_SUITE_END();

@@ -14,7 +14,7 @@ TEST_SUITE_BEGIN("text");
 
 TEST_CASE("text: valid UTF-8 passes unchanged")
 {
-  for (const std::string s :
+  for (const std::string& s :
        std::vector<std::string>{"", "plain", "caf\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\xEF\xBF\xBF",
                                 "\xF4\x8F\xBF\xBF", std::string("nul\0inside", 10)}) {
     CHECK(valid_utf8(s) == s);

@@ -81,6 +81,18 @@ frame_type_name(FrameType type) noexcept
     return "eval";
   case FrameType::result:
     return "result";
+  case FrameType::secagg_keys:
+    return "secagg_keys";
+  case FrameType::secagg_peers:
+    return "secagg_peers";
+  case FrameType::secagg_shares:
+    return "secagg_shares";
+  case FrameType::secagg_input:
+    return "secagg_input";
+  case FrameType::secagg_unmask:
+    return "secagg_unmask";
+  case FrameType::secagg_reveal:
+    return "secagg_reveal";
   }
   return "unknown";
 }

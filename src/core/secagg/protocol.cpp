@@ -16,10 +16,8 @@ namespace {
 
 constexpr std::string_view protocol_label = "fedl-secagg-v1";
 constexpr std::size_t secret_bytes = 32;
-constexpr std::size_t limbs = limbs_of(secret_bytes);
-// A sealed message: from, to, a share of the s secret and one of the seed; and GCM's tag.
-constexpr std::size_t plain_bytes = 8 + 2 * limbs * 8;
-constexpr std::size_t sealed_bytes = plain_bytes + 16;
+constexpr std::size_t limbs = secret_limbs;
+constexpr std::size_t sealed_bytes = sealed_share_bytes;
 
 void
 put_u32(std::vector<std::byte>& out, std::uint32_t v)

@@ -55,6 +55,11 @@ std::size_t default_neighbours(std::size_t n);
 // The default threshold for k neighbours: a majority of them, ⌊k/2⌋ + 1, at least 2.
 std::size_t default_threshold(std::size_t k);
 
+// A site's secrets (its seed and its s key) are 32 bytes: shares of them hold secret_limbs values.
+inline constexpr std::size_t secret_limbs = limbs_of(32);
+// A SealedShares message's bytes: from, to, a share of each secret, and AES-GCM's tag.
+inline constexpr std::size_t sealed_share_bytes = 8 + 2 * secret_limbs * 8 + 16;
+
 struct Params
 {
   std::uint64_t round = 0;

@@ -2,6 +2,7 @@
 #include "core/util/file_io.hpp"
 
 #include "core/util/error.hpp"
+#include "core/util/text.hpp"
 
 #include <fcntl.h>
 #include <openssl/evp.h>
@@ -47,13 +48,7 @@ finish(EVP_MD_CTX* ctx)
 std::string
 finish_hex(EVP_MD_CTX* ctx)
 {
-  const auto md = finish(ctx);
-  std::string hex;
-  hex.reserve(md.size() * 2);
-  for (const auto b : md) {
-    hex += fmt::format("{:02x}", static_cast<unsigned>(b));
-  }
-  return hex;
+  return hex_encode(finish(ctx));
 }
 
 } // namespace

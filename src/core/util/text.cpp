@@ -140,4 +140,48 @@ json_nesting(std::string_view text) noexcept
   return deepest;
 }
 
+std::string
+hex_encode(std::span<const std::byte> bytes)
+{
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (const auto b : bytes) {
+    const auto v = static_cast<unsigned>(b);
+    out.push_back(digits[v >> 4]);
+    out.push_back(digits[v & 15]);
+  }
+  return out;
+}
+
+std::optional<std::vector<std::byte>>
+hex_decode(std::string_view text)
+{
+  const auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') {
+      return c - '0';
+    }
+    if (c >= 'a' && c <= 'f') {
+      return c - 'a' + 10;
+    }
+    if (c >= 'A' && c <= 'F') {
+      return c - 'A' + 10;
+    }
+    return -1;
+  };
+  if (text.size() % 2 != 0) {
+    return std::nullopt;
+  }
+  std::vector<std::byte> out(text.size() / 2);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const int hi = digit(text[2 * i]);
+    const int lo = digit(text[2 * i + 1]);
+    if (hi < 0 || lo < 0) {
+      return std::nullopt;
+    }
+    out[i] = static_cast<std::byte>(hi * 16 + lo);
+  }
+  return out;
+}
+
 } // namespace fedl::core

@@ -5,8 +5,11 @@
 #pragma once
 
 #include <cstddef>
+#include <optional>
+#include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace fedl::core {
 
@@ -27,5 +30,10 @@ std::string escape_controls(std::string_view s);
 // counted without parsing or allocating: callers refuse text deeper than they need before a
 // JSON parser builds a tree for it. Malformed text gets some count; the parser rejects it.
 std::size_t json_nesting(std::string_view text) noexcept;
+
+// Bytes as lowercase hex, and back: nothing unless `text` is an even number of hex digits (either
+// case).
+std::string hex_encode(std::span<const std::byte> bytes);
+std::optional<std::vector<std::byte>> hex_decode(std::string_view text);
 
 } // namespace fedl::core

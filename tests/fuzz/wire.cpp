@@ -8,7 +8,9 @@
 // (core/privacy/privacy.hpp) for a welcome's privacy record, parse_receipt for the ledger head of
 // a task or done frame (core/trust/receipt.hpp), valid_utf8 / escape_controls / quote_text for
 // the peer text the coordinator keeps (core/util/text.hpp), and training_from_json for a task's
-// "training" (core/config/config.hpp).
+// "training" (core/config/config.hpp). Secure aggregation's headers (core/net/secagg_protocol.hpp,
+// not sent by any command yet) go through their decoders with a receiver's bounds, and the setup
+// through the protocol's own checks.
 //
 // What a receiver may throw: ProtocolError (decode_header, the decoders) and
 // nlohmann::json::exception where FramedConnection catches them (on_head and on_frame: the
@@ -18,6 +20,7 @@
 
 #include "core/config/config.hpp"
 #include "core/net/frame.hpp"
+#include "core/net/secagg_protocol.hpp"
 #include "core/net/site_protocol.hpp"
 #include "core/net/trainer_protocol.hpp"
 #include "core/privacy/privacy.hpp"
@@ -42,8 +45,18 @@ enum class Receiver : std::uint8_t
   site_done,          // session.cpp on_frame, FrameType::done
   site_error,         // session.cpp on_frame, FrameType::error
   site_trainer_reply, // session.cpp on_trained: the trainer child's update or error frame
+  // Secure aggregation's stages, with the bounds a receiver of an attempt of 64 sites uses.
+  coordinator_secagg_keys,
+  site_secagg_peers,
+  secagg_shares,
+  coordinator_secagg_input,
+  site_secagg_unmask,
+  coordinator_secagg_reveal,
+  site_secagg_setup,
   count
 };
+
+constexpr std::size_t secagg_sites = 64;
 
 // A site's max-epsilon delta, for the epsilon of an account it reads.
 constexpr double site_delta = 1e-5;
@@ -168,6 +181,65 @@ site_trainer_reply(const json& header, bool is_update)
   }
 }
 
+void
+secagg(Receiver receiver, const json& header)
+{
+  switch (receiver) {
+  case Receiver::coordinator_secagg_keys: {
+    const auto k = core::SecAggKeys::from_header(header);
+    FEDL_FUZZ_CHECK(k.advert.index >= 1 && k.advert.signature.size() <= 256);
+    break;
+  }
+  case Receiver::site_secagg_peers: {
+    const auto p = core::SecAggPeers::from_header(header, secagg_sites - 1);
+    FEDL_FUZZ_CHECK(p.peers.size() < secagg_sites);
+    for (const auto& peer : p.peers) {
+      FEDL_FUZZ_CHECK(peer.certificate.size() <= 16 * 1024);
+    }
+    break;
+  }
+  case Receiver::secagg_shares: {
+    const auto s = core::SecAggShares::from_header(header, secagg_sites - 1);
+    for (const auto& share : s.shares) {
+      FEDL_FUZZ_CHECK(share.sealed.size() == core::secagg::sealed_share_bytes);
+    }
+    break;
+  }
+  case Receiver::coordinator_secagg_input: {
+    const auto in = core::SecAggInput::from_header(header);
+    FEDL_FUZZ_CHECK(in.signature.size() <= 256);
+    break;
+  }
+  case Receiver::site_secagg_unmask:
+    FEDL_FUZZ_CHECK(core::SecAggUnmask::from_header(header, secagg_sites).survivors.size() <= secagg_sites);
+    break;
+  case Receiver::coordinator_secagg_reveal: {
+    const auto r = core::SecAggReveal::from_header(header, secagg_sites - 1);
+    FEDL_FUZZ_CHECK(r.reveal.seeds.size() + r.reveal.keys.size() < secagg_sites);
+    for (const auto* list : {&r.reveal.seeds, &r.reveal.keys}) {
+      for (const auto& s : *list) {
+        FEDL_FUZZ_CHECK(s.share.y.size() == core::secagg::secret_limbs);
+      }
+    }
+    break;
+  }
+  case Receiver::site_secagg_setup: {
+    const auto setup = core::SecAggSetup::from_json(header);
+    FEDL_FUZZ_CHECK(setup.index >= 1 && setup.index <= setup.sites.size());
+    // The site checks the numbers before it makes keys (core::UsageError if they are not valid).
+    try {
+      (void)setup.params(1, 1);
+      (void)setup.encoding();
+    } catch (const core::Error& e) {
+      fuzz::refused(e);
+    }
+    break;
+  }
+  default:
+    break;
+  }
+}
+
 } // namespace
 
 extern "C" int
@@ -215,6 +287,7 @@ LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
       site_error(header);
       break;
     default:
+      secagg(receiver, header);
       break;
     }
   } catch (const nlohmann::json::exception& e) {

@@ -130,9 +130,8 @@ share_from(const json& j)
 json
 SecAggSetup::to_json() const
 {
-  return {{"sites", sites},           {"index", index},           {"threshold", threshold},
-          {"neighbours", neighbours}, {"graph_seed", graph_seed}, {"length", length},
-          {"range", range},           {"max_samples", max_samples}};
+  return {{"sites", sites},           {"index", index},   {"threshold", threshold}, {"neighbours", neighbours},
+          {"graph_seed", graph_seed}, {"length", length}, {"range", range},         {"max_samples", max_samples}};
 }
 
 SecAggSetup
@@ -248,11 +247,8 @@ SecAggShares::from_header(const json& h, std::size_t max_shares)
 json
 SecAggInput::to_header() const
 {
-  json h = {{"task", task},
-            {"clipped", clipped},
-            {"range", range},
-            {"max_samples", max_samples},
-            {"signature", signature}};
+  json h = {
+    {"task", task}, {"clipped", clipped}, {"range", range}, {"max_samples", max_samples}, {"signature", signature}};
   if (complaint) {
     h["complaint"] = *complaint;
   }

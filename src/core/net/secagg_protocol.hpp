@@ -44,9 +44,9 @@ struct SecAggSetup
   std::uint64_t threshold = 0;
   std::uint64_t neighbours = 0;
   std::uint64_t graph_seed = 0;
-  std::uint64_t length = 0;        // words: the model's values and the weight
-  double range = 1.0;              // the encoding's R
-  std::uint64_t max_samples = 1;   // the encoding's sample cap
+  std::uint64_t length = 0;      // words: the model's values and the weight
+  double range = 1.0;            // the encoding's R
+  std::uint64_t max_samples = 1; // the encoding's sample cap
 
   nlohmann::json to_json() const;
   // ProtocolError for a malformed setup (counts past secagg_max_sites, an index out of range);
@@ -109,8 +109,8 @@ struct SecAggInput
 
 // What a SecAggInput's signature covers: the attempt, the site, the SHA-256 of the masked words,
 // and the report.
-std::vector<std::byte> secagg_input_payload(const secagg::Params& p, std::uint32_t index, const std::string& words_sha256,
-                                            const SecAggInput& input);
+std::vector<std::byte> secagg_input_payload(const secagg::Params& p, std::uint32_t index,
+                                            const std::string& words_sha256, const SecAggInput& input);
 
 struct SecAggUnmask
 {

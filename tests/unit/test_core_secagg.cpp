@@ -130,9 +130,7 @@ TEST_CASE("secagg: the AES-256-CTR key stream matches NIST SP 800-38A, and masks
   apply_mask(v, key, +1);
   bool words_match = true;
   for (std::size_t j = 0; j < n; ++j) {
-    const auto w = static_cast<std::uint32_t>(ks[4 * j]) | static_cast<std::uint32_t>(ks[4 * j + 1]) << 8 |
-                   static_cast<std::uint32_t>(ks[4 * j + 2]) << 16 | static_cast<std::uint32_t>(ks[4 * j + 3]) << 24;
-    words_match = words_match && v[j] == w;
+    words_match = words_match && v[j] == get_le(ks.data() + 4 * j, 4);
   }
   CHECK(words_match);
   // Two sites' opposite masks of one pairwise key cancel in the sum, modulo 2^32.

@@ -19,40 +19,36 @@ constexpr std::size_t secret_bytes = 32;
 constexpr std::size_t limbs = secret_limbs;
 constexpr std::size_t sealed_bytes = sealed_share_bytes;
 
+// `v` appended as `n` little-endian bytes.
+void
+put(std::vector<std::byte>& out, std::uint64_t v, std::size_t n)
+{
+  out.resize(out.size() + n);
+  put_le(out.data() + out.size() - n, v, n);
+}
+
 void
 put_u32(std::vector<std::byte>& out, std::uint32_t v)
 {
-  for (int i = 0; i < 4; ++i) {
-    out.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xff));
-  }
+  put(out, v, 4);
 }
 
 void
 put_u64(std::vector<std::byte>& out, std::uint64_t v)
 {
-  for (int i = 0; i < 8; ++i) {
-    out.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xff));
-  }
+  put(out, v, 8);
 }
 
 std::uint64_t
 get_u64(std::span<const std::byte> in, std::size_t at)
 {
-  std::uint64_t v = 0;
-  for (std::size_t i = 0; i < 8; ++i) {
-    v |= static_cast<std::uint64_t>(in[at + i]) << (8 * i);
-  }
-  return v;
+  return get_le(in.data() + at, 8);
 }
 
 std::uint32_t
 get_u32(std::span<const std::byte> in, std::size_t at)
 {
-  std::uint32_t v = 0;
-  for (std::size_t i = 0; i < 4; ++i) {
-    v |= static_cast<std::uint32_t>(in[at + i]) << (8 * i);
-  }
-  return v;
+  return static_cast<std::uint32_t>(get_le(in.data() + at, 4));
 }
 
 void

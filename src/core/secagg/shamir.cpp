@@ -2,9 +2,11 @@
 #include "core/secagg/shamir.hpp"
 
 #include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
 
 #include <openssl/crypto.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <set>
@@ -66,11 +68,7 @@ uniform(KeyStream& stream)
   for (;;) {
     std::array<std::byte, 8> b{};
     stream.fill(b);
-    std::uint64_t v = 0;
-    for (std::size_t i = 0; i < 8; ++i) {
-      v |= static_cast<std::uint64_t>(b[i]) << (8 * i);
-    }
-    v &= field_prime;
+    const std::uint64_t v = get_le(b.data(), 8) & field_prime;
     if (v < field_prime) {
       return v;
     }
@@ -178,11 +176,7 @@ split(std::span<const std::byte> secret, std::size_t threshold, std::span<const 
   std::vector<std::uint64_t> c(threshold);
   for (std::size_t l = 0; l < limbs; ++l) {
     // Limb l: bytes 7l.. of the secret, little-endian.
-    std::uint64_t limb = 0;
-    for (std::size_t b = 0; b < limb_bytes && l * limb_bytes + b < secret.size(); ++b) {
-      limb |= static_cast<std::uint64_t>(secret[l * limb_bytes + b]) << (8 * b);
-    }
-    c[0] = limb;
+    c[0] = get_le(secret.data() + l * limb_bytes, std::min(limb_bytes, secret.size() - l * limb_bytes));
     for (std::size_t k = 1; k < threshold; ++k) {
       c[k] = uniform(*coefficients);
     }
@@ -210,9 +204,7 @@ combine(std::span<const Share> shares, std::size_t threshold, std::size_t size)
       OPENSSL_cleanse(secret.data(), secret.size());
       throw Error("the shares do not recover a secret: they are not all of one split");
     }
-    for (std::size_t b = 0; b < bytes; ++b) {
-      secret[l * limb_bytes + b] = static_cast<std::byte>((limb >> (8 * b)) & 0xff);
-    }
+    put_le(secret.data() + l * limb_bytes, limb, bytes);
   }
   return secret;
 }

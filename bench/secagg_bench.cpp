@@ -16,6 +16,7 @@
 #include "core/secagg/protocol.hpp"
 #include "core/util/key_stream.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -88,7 +89,12 @@ attempt(const Params& p, const std::set<std::uint32_t>& dropped, Times& t)
   const auto request = server.unmask_request();
   for (auto& c : clients) {
     if (dropped.count(c->index()) == 0) {
-      (void)server.add_reveal(c->unmask(request));
+      (void)server.add_signature(c->agree(request));
+    }
+  }
+  for (auto& c : clients) {
+    if (dropped.count(c->index()) == 0) {
+      (void)server.add_reveal(c->unmask(request, server.signatures(), verify));
     }
   }
   t0 = Clock::now();
@@ -181,7 +187,7 @@ main(int argc, char** argv)
     for (std::size_t i = 0; i < lost; ++i) {
       dropped.insert(static_cast<std::uint32_t>(n - i));
     }
-    if (n - lost < p.threshold + 1) {
+    if (n - lost < std::max(p.threshold + 1, consistency_quorum(p))) {
       std::printf("  %zu%% dropped: too few survivors for threshold %zu; skipped\n", d, p.threshold);
       continue;
     }

@@ -99,13 +99,16 @@ def wire():
         "trainer-update": (7, {"round": 3, "num_samples": 120, "steps": 4, "seconds": 0.5, "loss": 0.3}),
         "trainer-update-dp": (7, {"round": 3, "num_samples": 120, "steps": 4, "seconds": 0.5, "dp": DP_REPORT}),
         "trainer-error": (0x17, {"message": "epsilon would pass --max-epsilon", "code": 4}),
-        # Secure aggregation (not sent by a command yet): selectors 8 to 14.
+        # Secure aggregation (not sent by a command yet): selectors 8 to 15.
         "secagg-keys": (8, SECAGG_ADVERT | {"task": 7}),
         "secagg-peers": (9, {"task": 7, "peers": [SECAGG_ADVERT | {"certificate": "-----BEGIN CERTIFICATE-----"}]}),
         "secagg-shares": (10, {"task": 7, "shares": [{"from": 1, "to": 2, "sealed": "ab" * 104}]}),
         "secagg-input": (11, {"task": 7, "clipped": 3, "range": 0.5, "max_samples": 1000, "signature": "c2ln"}),
         "secagg-input-complaint": (11, {"task": 7, "complaint": 3, "signature": "c2ln"}),
         "secagg-unmask": (12, {"task": 7, "survivors": [1, 2, 4, 5]}),
+        "secagg-unmask-signed": (12, {"task": 7, "survivors": [1, 2, 4, 5],
+                                      "signatures": [{"index": 1, "signature": "c2ln"}, {"index": 4, "signature": "c2ln"}]}),
+        "secagg-signature": (15, {"task": 7, "index": 2, "signature": "c2ln"}),
         "secagg-reveal": (13, {"task": 7, "index": 2, "seeds": [{"owner": 1, "x": 2, "y": [1, 2, 3, 4, 5]}],
                                "keys": [{"owner": 3, "x": 2, "y": [6, 7, 8, 9, 10]}]}),
         "secagg-setup": (14, {"sites": ["site-1", "site-2", "site-3", "site-4"], "index": 2, "threshold": 2,

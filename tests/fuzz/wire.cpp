@@ -53,6 +53,7 @@ enum class Receiver : std::uint8_t
   site_secagg_unmask,
   coordinator_secagg_reveal,
   site_secagg_setup,
+  coordinator_secagg_signature,
   count
 };
 
@@ -210,8 +211,13 @@ secagg(Receiver receiver, const json& header)
     FEDL_FUZZ_CHECK(in.signature.size() <= 256);
     break;
   }
-  case Receiver::site_secagg_unmask:
-    FEDL_FUZZ_CHECK(core::SecAggUnmask::from_header(header, secagg_sites).survivors.size() <= secagg_sites);
+  case Receiver::site_secagg_unmask: {
+    const auto u = core::SecAggUnmask::from_header(header, secagg_sites);
+    FEDL_FUZZ_CHECK(u.survivors.size() <= secagg_sites && u.signatures.size() <= secagg_sites);
+    break;
+  }
+  case Receiver::coordinator_secagg_signature:
+    FEDL_FUZZ_CHECK(core::SecAggSignature::from_header(header).signature.signature.size() <= 256);
     break;
   case Receiver::coordinator_secagg_reveal: {
     const auto r = core::SecAggReveal::from_header(header, secagg_sites - 1);

@@ -122,7 +122,7 @@ TEST_CASE("core::decode_prefix refuses bad magic, version, type, flags and sizes
   CHECK(protocol_error(patched(good, 4, 2), task_limits()).find("protocol version 2 is not supported") !=
         std::string::npos);
   CHECK(protocol_error(patched(good, 5, 0), task_limits()).find("unknown frame type 0") != std::string::npos);
-  CHECK(protocol_error(patched(good, 5, max_frame_type + 1), task_limits()).find("unknown frame type 16") !=
+  CHECK(protocol_error(patched(good, 5, max_frame_type + 1), task_limits()).find("unknown frame type 17") !=
         std::string::npos);
   // Secure aggregation's types are known, and refused by a receiver that does not take them.
   CHECK(protocol_error(patched(good, 5, static_cast<unsigned>(FrameType::secagg_input)), task_limits())

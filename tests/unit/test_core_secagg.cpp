@@ -347,7 +347,28 @@ struct Simulation
     const auto request = server->unmask_request();
     for (auto& c : clients) {
       if (alive(c->index(), 3) && server->survivors().count(c->index()) != 0) {
-        REQUIRE_FALSE(server->add_reveal(c->unmask(request)));
+        std::optional<SurvivorSignature> signature;
+        try {
+          signature = c->agree(request);
+        } catch (const ProtocolAbort&) {
+          // Too few of its neighbours survived: it stops here.
+        }
+        if (signature) {
+          REQUIRE_FALSE(server->add_signature(*signature));
+        }
+      }
+    }
+    for (auto& c : clients) {
+      if (alive(c->index(), 3) && server->survivors().count(c->index()) != 0) {
+        std::optional<Reveal> reveal;
+        try {
+          reveal = c->unmask(request, server->signatures(), verify);
+        } catch (const ProtocolAbort&) {
+          // Too few signatures of the survivors: it reveals nothing.
+        }
+        if (reveal) {
+          REQUIRE_FALSE(server->add_reveal(std::move(*reveal)));
+        }
       }
     }
     return server->unmasked_sum();
@@ -525,12 +546,55 @@ TEST_CASE("secagg: a site refuses what would break the protocol, and says who se
     REQUIRE(std::holds_alternative<Complaint>(out));
     CHECK(std::get<Complaint>(out).about == received[2].from);
 
-    auto ok = sim.clients[1]->mask(sim.inputs[1], sim.server->shares_for(2));
-    REQUIRE(std::holds_alternative<MaskedInput>(ok));
-    const UnmaskRequest request{{1, 2, 3, 4, 5}};
-    (void)sim.clients[1]->unmask(request);
-    // Asked again with site 3 called dropped, it would reveal site 3's key beside its seed.
-    CHECK_THROWS_AS(sim.clients[1]->unmask(UnmaskRequest{{1, 2, 4, 5}}), ProtocolAbort);
+    for (std::size_t i = 1; i < 5; ++i) {
+      auto ok = sim.clients[i]->mask(sim.inputs[i], sim.server->shares_for(sim.clients[i]->index()));
+      REQUIRE(std::holds_alternative<MaskedInput>(ok));
+    }
+    const UnmaskRequest request{{2, 3, 4, 5}};
+    std::vector<SurvivorSignature> sigs;
+    for (std::size_t i = 1; i < 5; ++i) {
+      sigs.push_back(sim.clients[i]->agree(request));
+    }
+    // A second, different list is not signed: site 3 called dropped, for its key.
+    CHECK_THROWS_AS(sim.clients[1]->agree(UnmaskRequest{{2, 4, 5}}), ProtocolAbort);
+    // Revealing needs signatures of a majority (3 of 5) over the list it signed, from survivors.
+    CHECK_THROWS_AS(sim.clients[1]->unmask(request, std::span(sigs).first(2), Simulation::verify), ProtocolAbort);
+    auto forged = sigs;
+    forged[2].signature = forged[3].signature;
+    CHECK_THROWS_AS(sim.clients[2]->unmask(request, std::span(forged).first(3), Simulation::verify), ProtocolAbort);
+    const auto reveal = sim.clients[3]->unmask(request, sigs, Simulation::verify);
+    CHECK(reveal.seeds.size() + reveal.keys.size() == 4);
+    // Asked again, with site 3 called dropped, it would reveal site 3's key beside its seed.
+    CHECK_THROWS_AS(sim.clients[3]->unmask(request, sigs, Simulation::verify), ProtocolAbort);
+  }
+  SUBCASE("a coordinator that names different survivors to different sites gets no shares")
+  {
+    for (auto& c : sim.clients) {
+      REQUIRE_FALSE(
+        sim.server->add_shares(c->index(), c->share(sim.server->adverts_for(c->index()), Simulation::verify)));
+    }
+    for (auto& c : sim.clients) {
+      REQUIRE(
+        std::holds_alternative<MaskedInput>(c->mask(sim.inputs[c->index() - 1], sim.server->shares_for(c->index()))));
+    }
+    // Sites 1-3 are told everyone survived; sites 4 and 5 that site 1 did not (to get site 1's key
+    // from them while sites 2 and 3 give its seed).
+    const UnmaskRequest all{{1, 2, 3, 4, 5}};
+    const UnmaskRequest without_1{{2, 3, 4, 5}};
+    std::vector<SurvivorSignature> sigs_all;
+    std::vector<SurvivorSignature> sigs_without;
+    for (std::size_t i = 0; i < 3; ++i) {
+      sigs_all.push_back(sim.clients[i]->agree(all));
+    }
+    for (std::size_t i = 3; i < 5; ++i) {
+      sigs_without.push_back(sim.clients[i]->agree(without_1));
+    }
+    // Every signature there is, relayed to everyone: each list has only its own signers.
+    auto every = sigs_all;
+    every.insert(every.end(), sigs_without.begin(), sigs_without.end());
+    CHECK_NOTHROW(sim.clients[1]->unmask(all, every, Simulation::verify)); // 3 of 5 signed "all"
+    CHECK_THROWS_AS(sim.clients[3]->unmask(without_1, every, Simulation::verify), ProtocolAbort);
+    CHECK_THROWS_AS(sim.clients[4]->unmask(without_1, every, Simulation::verify), ProtocolAbort);
   }
 }
 
@@ -567,9 +631,14 @@ TEST_CASE("secagg: the coordinator checks every message, and outvotes one wrong 
       server.add_masked(std::get<MaskedInput>(c->mask(sim.inputs[c->index() - 1], server.shares_for(c->index())))));
   }
   const auto request = server.unmask_request();
+  for (auto& c : sim.clients) {
+    REQUIRE_FALSE(server.add_signature(c->agree(request)));
+  }
+  CHECK(server.add_signature(sim.clients[0]->agree(request)));              // twice
+  CHECK(server.add_masked(MaskedInput{1, std::vector<std::uint32_t>(16)})); // the survivors are named
   std::vector<Reveal> reveals;
   for (auto& c : sim.clients) {
-    reveals.push_back(c->unmask(request));
+    reveals.push_back(c->unmask(request, server.signatures(), Simulation::verify));
   }
   // Site 2 lies about its share of site 1's seed: with 5 shares of it, the other 4 outvote it.
   for (auto& s : reveals[1].seeds) {
@@ -777,10 +846,21 @@ TEST_CASE("secagg: every stage's message survives the wire, and a malformed one 
   other.clipped = 4;
   CHECK(one != secagg_input_payload(p, 1, "aa", other));
 
-  const auto unmask = SecAggUnmask::from_header(over_the_wire(SecAggUnmask{9, {1, 2, 5}}.to_header()), 5);
+  const SecAggUnmask named{9, {1, 2, 5}, {{1, "s1"}, {5, "s5"}}};
+  const auto unmask = SecAggUnmask::from_header(over_the_wire(named.to_header()), 5);
   CHECK(unmask.survivors == std::vector<std::uint32_t>{1, 2, 5});
-  CHECK_THROWS_AS(SecAggUnmask::from_header(SecAggUnmask{9, {1, 2, 5}}.to_header(), 2), ProtocolError);
-  CHECK_THROWS_AS(SecAggUnmask::from_header(SecAggUnmask{9, {0}}.to_header(), 5), ProtocolError);
+  REQUIRE(unmask.signatures.size() == 2);
+  CHECK(unmask.signatures[1].index == 5);
+  CHECK(unmask.signatures[1].signature == "s5");
+  CHECK_THROWS_AS(SecAggUnmask::from_header(named.to_header(), 2), ProtocolError);
+  CHECK_THROWS_AS(SecAggUnmask::from_header(SecAggUnmask{9, {0}, {}}.to_header(), 5), ProtocolError);
+  auto long_sig = named.to_header();
+  long_sig["signatures"][0]["signature"] = std::string(257, 's');
+  CHECK_THROWS_AS(SecAggUnmask::from_header(long_sig, 5), ProtocolError);
+  const auto sig = SecAggSignature::from_header(over_the_wire(SecAggSignature{9, {3, "abc"}}.to_header()));
+  CHECK(sig.signature.index == 3);
+  CHECK(sig.signature.signature == "abc");
+  CHECK_THROWS_AS(SecAggSignature::from_header(nlohmann::json{{"task", 9}, {"index", 0}}), ProtocolError);
 
   secagg::Reveal reveal{2, {{1, Share{2, {1, 2, 3, 4, 5}}}}, {{3, Share{2, {6, 7, 8, 9, 10}}}}};
   const auto reveal_back = SecAggReveal::from_header(over_the_wire(SecAggReveal{9, reveal}.to_header()), 4);

@@ -93,6 +93,8 @@ frame_type_name(FrameType type) noexcept
     return "secagg_unmask";
   case FrameType::secagg_reveal:
     return "secagg_reveal";
+  case FrameType::secagg_signature:
+    return "secagg_signature";
   }
   return "unknown";
 }

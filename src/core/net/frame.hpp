@@ -49,14 +49,15 @@ enum class FrameType : std::uint8_t
   eval = 8,      // evaluator pipe: {}; body: the model
   result = 9,    // evaluator pipe: {"accuracy", "loss", "samples"}
   // Secure aggregation's stages (net/secagg_protocol.hpp; not sent yet):
-  secagg_keys = 10,   // site -> coordinator: SecAggKeys
-  secagg_peers = 11,  // coordinator -> site: SecAggPeers
-  secagg_shares = 12, // both ways: SecAggShares
-  secagg_input = 13,  // site -> coordinator: SecAggInput; body: the masked words
-  secagg_unmask = 14, // coordinator -> site: SecAggUnmask
-  secagg_reveal = 15, // site -> coordinator: SecAggReveal
+  secagg_keys = 10,      // site -> coordinator: SecAggKeys
+  secagg_peers = 11,     // coordinator -> site: SecAggPeers
+  secagg_shares = 12,    // both ways: SecAggShares
+  secagg_input = 13,     // site -> coordinator: SecAggInput; body: the masked words
+  secagg_unmask = 14,    // coordinator -> site: SecAggUnmask
+  secagg_reveal = 15,    // site -> coordinator: SecAggReveal
+  secagg_signature = 16, // site -> coordinator: SecAggSignature (its signature over the survivors)
 };
-inline constexpr std::uint8_t max_frame_type = 15;
+inline constexpr std::uint8_t max_frame_type = 16;
 
 // "hello", "task", ...
 std::string_view frame_type_name(FrameType type) noexcept;

@@ -292,20 +292,42 @@ secagg_input_payload(const secagg::Params& p, std::uint32_t index, const std::st
 json
 SecAggUnmask::to_header() const
 {
-  return {{"task", task}, {"survivors", survivors}};
+  json sigs = json::array();
+  for (const auto& s : signatures) {
+    sigs.push_back({{"index", s.index}, {"signature", s.signature}});
+  }
+  return {{"task", task}, {"survivors", survivors}, {"signatures", std::move(sigs)}};
 }
 
 SecAggUnmask
 SecAggUnmask::from_header(const json& h, std::size_t max_sites)
 {
-  SecAggUnmask out{header_uint(h, "task"), {}};
+  SecAggUnmask out{header_uint(h, "task"), {}, {}};
   for (const auto& v : header_array(h, "survivors", max_sites)) {
     if (!v.is_number_unsigned() || v.get<std::uint64_t>() == 0 || v.get<std::uint64_t>() > secagg_max_sites) {
       throw ProtocolError("a survivor is not a site index");
     }
     out.survivors.push_back(v.get<std::uint32_t>());
   }
+  for (const auto& j : header_array(h, "signatures", max_sites)) {
+    if (!j.is_object()) {
+      throw ProtocolError("a survivor's signature is not an object");
+    }
+    out.signatures.push_back({site_index(j, "index"), bounded_string(j, "signature", max_signature_bytes)});
+  }
   return out;
+}
+
+json
+SecAggSignature::to_header() const
+{
+  return {{"task", task}, {"index", signature.index}, {"signature", signature.signature}};
+}
+
+SecAggSignature
+SecAggSignature::from_header(const json& h)
+{
+  return {header_uint(h, "task"), {site_index(h, "index"), bounded_string(h, "signature", max_signature_bytes)}};
 }
 
 json

@@ -12,6 +12,9 @@
 //                                         <-     SECAGG_SHARES  SecAggShares (from each)
 //   SECAGG_INPUT    SecAggInput, body: the masked words (little-endian), or a complaint ->
 //                                         <-     SECAGG_UNMASK  SecAggUnmask (the survivors)
+//   SECAGG_SIGNATURE SecAggSignature (over the survivors) ->
+//                                         <-     SECAGG_UNMASK  SecAggUnmask (the survivors and
+//                                                               their signatures)
 //   SECAGG_REVEAL   SecAggReveal          ->
 //
 // Decoding checks every count against what the receiver allows (the sites of the attempt) and
@@ -112,13 +115,24 @@ struct SecAggInput
 std::vector<std::byte> secagg_input_payload(const secagg::Params& p, std::uint32_t index,
                                             const std::string& words_sha256, const SecAggInput& input);
 
+// The survivors, first to be signed, then with the signatures to reveal shares for.
 struct SecAggUnmask
 {
   std::uint64_t task = 0;
   std::vector<std::uint32_t> survivors;
+  std::vector<secagg::SurvivorSignature> signatures;
 
   nlohmann::json to_header() const;
   static SecAggUnmask from_header(const nlohmann::json& header, std::size_t max_sites);
+};
+
+struct SecAggSignature
+{
+  std::uint64_t task = 0;
+  secagg::SurvivorSignature signature;
+
+  nlohmann::json to_header() const;
+  static SecAggSignature from_header(const nlohmann::json& header);
 };
 
 struct SecAggReveal

@@ -373,19 +373,41 @@ Client::mask(std::span<const std::uint32_t> input, std::span<const SealedShares>
   return out;
 }
 
-Reveal
-Client::unmask(const UnmaskRequest& request)
+std::vector<std::byte>
+survivors_payload(const Params& p, std::span<const std::uint32_t> survivors)
 {
-  if (m_answered) {
-    throw ProtocolAbort("asked to reveal shares twice in one attempt");
+  auto out = context(p, "survivors", 0, 0);
+  put_u32(out, static_cast<std::uint32_t>(survivors.size()));
+  for (const auto v : survivors) {
+    put_u32(out, v);
   }
+  return out;
+}
+
+std::size_t
+consistency_quorum(const Params& p)
+{
+  return std::max(p.threshold, p.sites.size() / 2 + 1);
+}
+
+SurvivorSignature
+Client::agree(const UnmaskRequest& request)
+{
   if (m_masked_with.empty()) {
-    throw ProtocolAbort("asked to reveal shares before masking");
+    throw ProtocolAbort("asked to sign the survivors before masking");
   }
-  m_answered = true; // whatever happens next: one answer per attempt, never a second one
+  if (m_signed) {
+    if (*m_signed != request.survivors) {
+      throw ProtocolAbort("asked to sign a second, different list of survivors in one attempt");
+    }
+    return {m_index, m_sign(survivors_payload(m_p, request.survivors))};
+  }
   const std::set<std::uint32_t> survivors(request.survivors.begin(), request.survivors.end());
-  if (survivors.size() != request.survivors.size() || survivors.count(m_index) == 0) {
-    throw ProtocolAbort("the list of survivors repeats a site or leaves this one out");
+  if (survivors.size() != request.survivors.size() ||
+      !std::is_sorted(request.survivors.begin(), request.survivors.end()) || survivors.count(m_index) == 0 ||
+      *survivors.rbegin() > m_p.sites.size()) {
+    throw ProtocolAbort("the list of survivors is not sorted, repeats a site, names an unknown one or leaves "
+                        "this one out");
   }
   std::size_t alive = 0;
   for (const auto v : m_masked_with) {
@@ -393,6 +415,32 @@ Client::unmask(const UnmaskRequest& request)
   }
   if (alive < m_p.threshold) {
     throw ProtocolAbort("{} of its neighbours survived, fewer than the threshold {}", alive, m_p.threshold);
+  }
+  m_signed = request.survivors;
+  return {m_index, m_sign(survivors_payload(m_p, request.survivors))};
+}
+
+Reveal
+Client::unmask(const UnmaskRequest& request, std::span<const SurvivorSignature> signatures, const Verifier& verify)
+{
+  if (m_answered) {
+    throw ProtocolAbort("asked to reveal shares twice in one attempt");
+  }
+  if (!m_signed || *m_signed != request.survivors) {
+    throw ProtocolAbort("asked to reveal shares for a list of survivors it did not sign");
+  }
+  m_answered = true; // whatever happens next: one answer per attempt, never a second one
+  const std::set<std::uint32_t> survivors(request.survivors.begin(), request.survivors.end());
+  const auto payload = survivors_payload(m_p, request.survivors);
+  std::set<std::uint32_t> agreed;
+  for (const auto& s : signatures) {
+    if (survivors.count(s.index) != 0 && agreed.count(s.index) == 0 && verify(s.index, payload, s.signature)) {
+      agreed.insert(s.index);
+    }
+  }
+  if (agreed.size() < consistency_quorum(m_p)) {
+    throw ProtocolAbort("only {} survivors signed the list of survivors, fewer than the {} needed", agreed.size(),
+                        consistency_quorum(m_p));
   }
   Reveal r{m_index, {}, {}};
   for (const auto v : m_masked_with) {
@@ -490,8 +538,8 @@ Server::shares_for(std::uint32_t index) const
 std::optional<std::string>
 Server::add_masked(MaskedInput m)
 {
-  if (m_u2.count(m.index) == 0 || m_u3.count(m.index) != 0 || !m_u4.empty()) {
-    return "a masked input out of turn (no shares sent, a second one, or after the unmasking began)";
+  if (m_u2.count(m.index) == 0 || m_u3.count(m.index) != 0 || !m_signatures.empty() || !m_u4.empty()) {
+    return "a masked input out of turn (no shares sent, a second one, or after the survivors were named)";
   }
   if (m.masked.size() != m_p.length) {
     return "a masked input of the wrong length";
@@ -505,6 +553,20 @@ UnmaskRequest
 Server::unmask_request() const
 {
   return {std::vector<std::uint32_t>(m_u3.begin(), m_u3.end())};
+}
+
+std::optional<std::string>
+Server::add_signature(SurvivorSignature s)
+{
+  if (m_u3.count(s.index) == 0 || !m_u4.empty() ||
+      std::any_of(m_signatures.begin(), m_signatures.end(), [&](const auto& o) { return o.index == s.index; })) {
+    return "a signature of the survivors out of turn (not a survivor, a second one, or after the reveals)";
+  }
+  if (s.signature.size() > 256) {
+    return "a signature of more than 256 characters";
+  }
+  m_signatures.push_back(std::move(s));
+  return std::nullopt;
 }
 
 std::optional<std::string>

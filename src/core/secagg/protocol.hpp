@@ -16,11 +16,16 @@
 //   2 input    each site adds to its input the mask of b and, for each neighbour v in U2 (those
 //              whose shares it received), + or − the mask agreed with v's s key (+ if its index
 //              is the smaller), and sends the sum. U3: the sites that sent it.
-//   3 unmask   the coordinator names U3; each site reveals, for each neighbour in U2, its share of
-//              b if the neighbour is in U3 and its share of the s secret if not, never both for
-//              one neighbour (its own record: the consistency rule). U4: the sites that answered.
-//              The coordinator rebuilds each survivor's b and each dropped site's s secret from t
-//              shares, removes their masks, and has the sum of U3's inputs and nothing else.
+//   3 agree    the coordinator names U3; each survivor signs that list with its identity key, and
+//              signs no other list in this attempt (the consistency round of Bonawitz et al.,
+//              CCS 2017: a coordinator that told different sites different lists could otherwise
+//              gather one survivor's seed from some and its partners' keys from others).
+//   4 unmask   the coordinator relays the signatures; a site that sees, over the list it signed,
+//              valid signatures of a majority of the attempt's sites (and at least t) reveals, for
+//              each neighbour in U2, its share of b if the neighbour is in U3 and its share of the
+//              s secret if not. U4: the sites that answered. The coordinator rebuilds each
+//              survivor's b and each dropped site's s secret from t shares, removes their masks,
+//              and has the sum of U3's inputs and nothing else.
 // A stage proceeds with at least t sites' messages; a site whose neighbours in a stage are fewer
 // than t stops (its secrets could not be rebuilt).
 #pragma once
@@ -117,6 +122,21 @@ struct UnmaskRequest
   std::vector<std::uint32_t> survivors; // U3
 };
 
+// A survivor's signature over the survivor list (survivors_payload).
+struct SurvivorSignature
+{
+  std::uint32_t index = 0;
+  std::string signature;
+};
+
+// What a survivor signs in stage 3: the protocol, round, attempt and the list.
+std::vector<std::byte> survivors_payload(const Params& p, std::span<const std::uint32_t> survivors);
+
+// How many sites must have signed one survivor list before a site reveals shares for it: a
+// majority of the attempt's sites, and at least t. Two different lists cannot both have a
+// majority of honest signatures.
+std::size_t consistency_quorum(const Params& p);
+
 struct RevealedShare
 {
   std::uint32_t owner = 0; // whose secret this is a share of
@@ -161,9 +181,13 @@ public:
   // open. ProtocolAbort if fewer than t neighbours sent shares or `input` has another length.
   std::variant<MaskedInput, Complaint> mask(std::span<const std::uint32_t> input,
                                             std::span<const SealedShares> received);
-  // Stage 3: the shares to reveal for U3. ProtocolAbort if U3 has fewer than t of its neighbours
-  // or if this site already answered in this attempt.
-  Reveal unmask(const UnmaskRequest& request);
+  // Stage 3: its signature over U3. ProtocolAbort if U3 repeats a site, leaves this one out, has
+  // fewer than t of its neighbours, or is not the list it already signed in this attempt.
+  SurvivorSignature agree(const UnmaskRequest& request);
+  // Stage 4: the shares to reveal for the U3 it signed. ProtocolAbort if `request` is another
+  // list, if fewer than consistency_quorum() distinct survivors' signatures over it verify, or if
+  // this site already answered in this attempt.
+  Reveal unmask(const UnmaskRequest& request, std::span<const SurvivorSignature> signatures, const Verifier& verify);
 
 private:
   Params m_p;
@@ -173,10 +197,11 @@ private:
   KeyPair m_c;
   KeyPair m_s;
   Bytes32 m_seed{};
-  std::map<std::uint32_t, KeyAdvert> m_adverts; // neighbours in U1
-  std::map<std::uint32_t, Share> m_seed_shares; // neighbour → my share of its b
-  std::map<std::uint32_t, Share> m_key_shares;  // neighbour → my share of its s secret
-  std::set<std::uint32_t> m_masked_with;        // neighbours in U2
+  std::map<std::uint32_t, KeyAdvert> m_adverts;       // neighbours in U1
+  std::map<std::uint32_t, Share> m_seed_shares;       // neighbour → my share of its b
+  std::map<std::uint32_t, Share> m_key_shares;        // neighbour → my share of its s secret
+  std::set<std::uint32_t> m_masked_with;              // neighbours in U2
+  std::optional<std::vector<std::uint32_t>> m_signed; // the survivor list it signed
   bool m_answered = false;
 };
 
@@ -200,6 +225,9 @@ public:
   std::vector<SealedShares> shares_for(std::uint32_t index) const;
   std::optional<std::string> add_masked(MaskedInput m);
   UnmaskRequest unmask_request() const;
+  // Stage 3: a survivor's signature (kept to relay; the sites check it).
+  std::optional<std::string> add_signature(SurvivorSignature s);
+  const std::vector<SurvivorSignature>& signatures() const noexcept { return m_signatures; }
   std::optional<std::string> add_reveal(Reveal r);
 
   const std::set<std::uint32_t>& advertised() const noexcept { return m_u1; }
@@ -217,6 +245,7 @@ private:
   std::map<std::uint32_t, KeyAdvert> m_adverts;
   std::map<std::uint32_t, std::vector<SealedShares>> m_sealed_by_to;
   std::set<std::uint32_t> m_u1, m_u2, m_u3, m_u4;
+  std::vector<SurvivorSignature> m_signatures;
   std::vector<std::uint32_t> m_sum;
   std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>> m_seed_shares; // owner → (holder, share)
   std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>> m_key_shares;

@@ -545,6 +545,8 @@ TEST_CASE("secagg: a site refuses what would break the protocol, and says who se
     const auto out = sim.clients[0]->mask(sim.inputs[0], received);
     REQUIRE(std::holds_alternative<Complaint>(out));
     CHECK(std::get<Complaint>(out).about == received[2].from);
+    // It sent no masked input: it signs no list of survivors, even one that names it.
+    CHECK_THROWS_AS(sim.clients[0]->agree(UnmaskRequest{{1, 2, 3, 4, 5}}), ProtocolAbort);
 
     for (std::size_t i = 1; i < 5; ++i) {
       auto ok = sim.clients[i]->mask(sim.inputs[i], sim.server->shares_for(sim.clients[i]->index()));

@@ -370,6 +370,7 @@ Client::mask(std::span<const std::uint32_t> input, std::span<const SealedShares>
   }
   apply_masks(out.masked, terms);
   OPENSSL_cleanse(terms.data(), terms.size() * sizeof(MaskTerm));
+  m_sent_input = true;
   return out;
 }
 
@@ -393,8 +394,8 @@ consistency_quorum(const Params& p)
 SurvivorSignature
 Client::agree(const UnmaskRequest& request)
 {
-  if (m_masked_with.empty()) {
-    throw ProtocolAbort("asked to sign the survivors before masking");
+  if (!m_sent_input) {
+    throw ProtocolAbort("asked to sign the survivors without having sent a masked input");
   }
   if (m_signed) {
     if (*m_signed != request.survivors) {

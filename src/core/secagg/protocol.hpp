@@ -201,6 +201,7 @@ private:
   std::map<std::uint32_t, Share> m_seed_shares;       // neighbour → my share of its b
   std::map<std::uint32_t, Share> m_key_shares;        // neighbour → my share of its s secret
   std::set<std::uint32_t> m_masked_with;              // neighbours in U2
+  bool m_sent_input = false;                          // stage 2 done (not a complaint)
   std::optional<std::vector<std::uint32_t>> m_signed; // the survivor list it signed
   bool m_answered = false;
 };

@@ -746,6 +746,43 @@ TEST_CASE("round: values are checked in the pass that aggregates them; an unfit 
   }
 }
 
+TEST_CASE("round: a coordinator's ledger state advances over the new entries only, and refuses a rewritten past")
+{
+  const TestWorkspace t;
+  LedgerState kept;
+  for (int r = 1; r <= 3; ++r) {
+    const std::vector<RoundCandidate> candidates{{t.update(fmt::format("a{}.st", r), 0.5F, "alice"), "alice"}};
+    auto v = validate_round(plan_workspace_round(t.ws(), &kept), candidates, OnBadUpdate::fail);
+    (void)commit_round(v, RoundSettings{});
+  }
+  const auto plan = plan_workspace_round(t.ws(), &kept);
+  const auto fresh = plan_workspace_round(t.ws());
+  CHECK(plan.round == 4);
+  CHECK(plan.round == fresh.round);
+  CHECK(plan.base == fresh.base);
+  CHECK(plan.recorded_base_sha256 == fresh.recorded_base_sha256);
+  CHECK(kept.model.round == LedgerState::read(t.ws()).model.round);
+
+  const auto text = fedl::test::read_file(t.ws().ledger());
+  SUBCASE("a line it already read, altered: refused, and the next read starts over")
+  {
+    auto altered = text;
+    const auto at = altered.find("\"round\":1");
+    REQUIRE(at != std::string::npos);
+    altered[at + 8] = '7';
+    fedl::test::write_file(t.ws().ledger(), altered);
+    CHECK(message_of([&] { (void)plan_workspace_round(t.ws(), &kept); }).find("changed since this process verified") !=
+          std::string::npos);
+    // Started over: the whole ledger is verified again, and the altered line found.
+    CHECK(message_of([&] { (void)plan_workspace_round(t.ws(), &kept); }).find("line") != std::string::npos);
+  }
+  SUBCASE("truncated: refused")
+  {
+    fedl::test::write_file(t.ws().ledger(), text.substr(0, text.size() / 2));
+    CHECK_FALSE(message_of([&] { (void)plan_workspace_round(t.ws(), &kept); }).empty());
+  }
+}
+
 TEST_CASE("round: an aggregate that is not finite is never written")
 {
   const TestWorkspace t;

@@ -119,7 +119,7 @@ Coordinator::close_attempt(AttemptClose attempt)
     std::string failure;
     try {
       outcome = commit_attempt(m_ws, attempt.round, attempt.candidates, m_s.min_clients,
-                               attempt_settings(m_s, m_evaluate, attempt));
+                               attempt_settings(m_s, m_evaluate, attempt), &m_ledger);
     } catch (const std::exception& e) {
       failure = e.what();
     } catch (...) {
@@ -406,9 +406,9 @@ Coordinator::run()
   {
     // One entry at a time: a coordinator that resumes a long federation must not hold the parsed
     // ledger (some 10 bytes per byte of it) for its whole run.
-    const auto state = LedgerState::read(m_ws);
-    resume(state);
-    budget_stop_recorded = state.ends_with_budget_stop;
+    m_ledger = LedgerState::read(m_ws);
+    resume(m_ledger);
+    budget_stop_recorded = m_ledger.ends_with_budget_stop;
   }
   const auto& accuracy = m_rounds.stats().accuracy;
   if (m_first_round > m_s.rounds || (m_s.target_accuracy && accuracy && *accuracy >= *m_s.target_accuracy)) {

@@ -129,6 +129,9 @@ private:
   asio::steady_timer m_tick;
   asio::signal_set m_signals;
   std::thread m_round_thread;
+  // The ledger as replayed so far, advanced by each round's plan (on the round thread, one at a
+  // time) over the entries appended since, rather than read whole every round.
+  LedgerState m_ledger;
 
   // Trust: reloaded when fedl.json or the CRL change on disk (init --add-client, --revoke).
   std::optional<ServerTrust> m_trust;

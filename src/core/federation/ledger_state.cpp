@@ -35,8 +35,21 @@ LedgerState
 LedgerState::read(const Workspace& ws)
 {
   LedgerState state;
-  for_each_workspace_entry(ws, [&](LedgerEntry&& e) { state.apply(e); });
+  state.advance(ws);
   return state;
+}
+
+void
+LedgerState::advance(const Workspace& ws)
+{
+  try {
+    for_each_workspace_entry(
+      ws, [&](LedgerEntry&& e) { apply(e); }, &m_read);
+  } catch (...) {
+    // Part of the new entries may have been applied: nothing of this state can be trusted.
+    *this = LedgerState{};
+    throw;
+  }
 }
 
 } // namespace fedl::core

@@ -36,6 +36,14 @@ struct LedgerState
   // The workspace's ledger, read and verified one entry at a time (see for_each_workspace_entry):
   // a long federation's parsed ledger is never held whole.
   static LedgerState read(const Workspace& ws);
+
+  // Applies the entries appended to `ws`'s ledger since this state was read or last advanced
+  // (all of them the first time), verifying only those and checking by hash that the rest is
+  // still what was read. On an exception the state starts over (the next call reads it all).
+  void advance(const Workspace& ws);
+
+private:
+  LedgerPosition m_read; // how far the ledger has been applied
 };
 
 } // namespace fedl::core

@@ -221,10 +221,14 @@ ShortOfQuorum::ShortOfQuorum(std::size_t left, std::size_t rejected)
 }
 
 RoundPlan
-plan_workspace_round(const Workspace& ws)
+plan_workspace_round(const Workspace& ws, LedgerState* ledger)
 {
-  // Entry by entry: a coordinator plans every round, and the ledger grows with them.
-  auto state = LedgerState::read(ws);
+  // Entry by entry: a coordinator plans every round, and the ledger grows with them; it keeps
+  // the state from round to round and reads only what was appended since.
+  LedgerState fresh;
+  LedgerState& kept = ledger != nullptr ? *ledger : fresh;
+  kept.advance(ws);
+  auto state = kept;
   const auto& latest = state.model;
   RoundPlan plan;
   plan.privacy = std::move(state.privacy);
@@ -691,10 +695,10 @@ commit_round(ValidatedRound& validated, const RoundSettings& settings)
 
 AttemptOutcome
 commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCandidate> candidates,
-               std::uint32_t quorum, const RoundSettings& settings)
+               std::uint32_t quorum, const RoundSettings& settings, LedgerState* ledger)
 {
   const WorkspaceLock lock(ws, WorkspaceLock::Kind::change, 30);
-  const auto plan = plan_workspace_round(ws);
+  const auto plan = plan_workspace_round(ws, ledger);
   if (plan.round != round) {
     throw Error("the ledger is at round {} where this coordinator expected {}: another process wrote a round; "
                 "restart fedl serve",

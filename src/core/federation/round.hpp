@@ -19,6 +19,7 @@
 #pragma once
 
 #include "core/config/config.hpp"
+#include "core/federation/ledger_state.hpp"
 #include "core/format/safetensors.hpp"
 #include "core/math/aggregate.hpp"
 #include "core/privacy/privacy.hpp"
@@ -66,7 +67,9 @@ struct RoundPlan
 // latest model as the base, models/global-NNNNNN.safetensors as the output and
 // state/server-NNNNNN.safetensors of the previous and this round as the state. Call it with the
 // workspace locked.
-RoundPlan plan_workspace_round(const Workspace& ws);
+// `ledger`: a state of this workspace's ledger kept from the last round (a coordinator's), which
+// is advanced over the entries since instead of reading the whole ledger again.
+RoundPlan plan_workspace_round(const Workspace& ws, LedgerState* ledger = nullptr);
 
 // A round outside a workspace: `base` to `out`, with the server state read from and written back
 // to `state` if given (without it the stateful strategies start afresh every run).
@@ -219,7 +222,8 @@ struct AttemptOutcome
   nlohmann::json committed; // the round entry's body
   std::string retry;
 };
+// `ledger`: as plan_workspace_round's.
 AttemptOutcome commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCandidate> candidates,
-                              std::uint32_t quorum, const RoundSettings& settings);
+                              std::uint32_t quorum, const RoundSettings& settings, LedgerState* ledger = nullptr);
 
 } // namespace fedl::core

@@ -115,6 +115,14 @@ append_ledger(const fs::path& path, const std::string& kind, const nlohmann::jso
 void
 for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit)
 {
+  LedgerPosition from;
+  for_each_ledger_entry(path, verify, visit, from);
+}
+
+void
+for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit,
+                      LedgerPosition& from)
+{
   if (!fs::exists(path)) {
     throw VerifyError("{} does not exist: this is not a fedl workspace or its ledger was deleted", path.string());
   }
@@ -125,24 +133,32 @@ for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::f
   if (text.back() != '\n') {
     throw VerifyError("{}: line {} is incomplete (no final newline)", path.string(), split_lines(text).size());
   }
-  std::string prev_hash = k_genesis_prev;
-  const auto lines = split_lines(text);
-  for (std::size_t i = 0; i < lines.size(); ++i) {
+  const auto bytes = as_bytes(text);
+  if (from.bytes > 0 && (bytes.size() < from.bytes || sha256_hex(bytes.first(from.bytes)) != from.prefix_sha256)) {
+    throw VerifyError("{}: its first {} lines changed since this process verified them (rewritten, truncated or "
+                      "replaced): run fedl audit",
+                      path.string(), from.entries);
+  }
+  std::string prev_hash = from.bytes > 0 ? from.last_line_sha256 : k_genesis_prev;
+  const auto lines = split_lines(std::string_view(text).substr(from.bytes));
+  for (std::size_t k = 0; k < lines.size(); ++k) {
+    const std::size_t i = from.entries + k;
+    const auto& line = lines[k];
     const auto where = fmt::format("{}: line {}", path.string(), i + 1);
     nlohmann::json j;
-    if (json_nesting(lines[i]) > max_ledger_nesting) {
+    if (json_nesting(line) > max_ledger_nesting) {
       throw VerifyError("{}: nests deeper than the {} levels a ledger entry has (the line was altered)", where,
                         max_ledger_nesting);
     }
     try {
-      j = nlohmann::json::parse(lines[i]);
+      j = nlohmann::json::parse(line);
     } catch (const nlohmann::json::exception&) {
       throw VerifyError("{}: not valid JSON (the line was altered)", where);
     }
     // The signature covers the canonical form; a line in any other form (keys reordered, \u
     // escapes, spaces, a key twice) says the same to a JSON reader but is not the line that was
     // signed and chained, so it is refused rather than silently read as if it were.
-    if (canonical_json(j) != lines[i]) {
+    if (canonical_json(j) != line) {
       throw VerifyError("{}: not in canonical form (compact JSON, keys sorted, UTF-8 unescaped, each key once): "
                         "the line was rewritten",
                         where);
@@ -178,9 +194,13 @@ for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::f
     if (i == 0 && e.kind != "genesis") {
       throw VerifyError("{}: line 1 is a {} entry, not the genesis entry", path.string(), e.kind);
     }
-    prev_hash = sha256_hex(as_bytes(lines[i]));
+    prev_hash = sha256_hex(as_bytes(line));
     visit(std::move(e));
   }
+  from.bytes = bytes.size();
+  from.entries += lines.size();
+  from.prefix_sha256 = sha256_hex(bytes);
+  from.last_line_sha256 = prev_hash;
 }
 
 std::vector<LedgerEntry>

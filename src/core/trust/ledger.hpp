@@ -68,4 +68,21 @@ std::vector<LedgerEntry> read_ledger(const std::filesystem::path& path, const Ve
 void for_each_ledger_entry(const std::filesystem::path& path, const Verifier& verify,
                            const std::function<void(LedgerEntry&&)>& visit);
 
+// Where a verified read of a ledger stopped, so that the next read (a coordinator plans every
+// round) parses and verifies only the entries appended since: the bytes and entries read, the
+// SHA-256 of those bytes and of the last line. Empty: nothing read yet.
+struct LedgerPosition
+{
+  std::uint64_t bytes = 0;
+  std::uint64_t entries = 0;
+  std::string prefix_sha256; // of bytes [0, bytes); empty while bytes is 0
+  std::string last_line_sha256;
+};
+// for_each_ledger_entry for the entries after `from`, which it then advances. Hashing the bytes
+// already read is ~100× cheaper than verifying them again (parsing, canonical form, signature),
+// and refuses the same changes: VerifyError if the file no longer starts with exactly what was
+// read (it was rewritten, truncated or replaced: run fedl audit).
+void for_each_ledger_entry(const std::filesystem::path& path, const Verifier& verify,
+                           const std::function<void(LedgerEntry&&)>& visit, LedgerPosition& from);
+
 } // namespace fedl::core

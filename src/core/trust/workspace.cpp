@@ -251,9 +251,15 @@ read_workspace_ledger(const Workspace& ws)
 }
 
 void
-for_each_workspace_entry(const Workspace& ws, const std::function<void(LedgerEntry&&)>& visit)
+for_each_workspace_entry(const Workspace& ws, const std::function<void(LedgerEntry&&)>& visit, LedgerPosition* from)
 {
-  for_each_ledger_entry(ws.ledger(), ledger_verifier(read_certificate(ws.server_cert())), visit);
+  const auto cert = read_certificate(ws.server_cert());
+  const auto verify = ledger_verifier(cert); // it refers to `cert`
+  if (from != nullptr) {
+    for_each_ledger_entry(ws.ledger(), verify, visit, *from);
+  } else {
+    for_each_ledger_entry(ws.ledger(), verify, visit);
+  }
 }
 
 namespace {

@@ -75,8 +75,9 @@ nlohmann::json revoke_client(const Workspace& ws, const std::string& name);
 
 // The workspace's ledger, read and verified against pki/server.crt (see read_ledger).
 std::vector<LedgerEntry> read_workspace_ledger(const Workspace& ws);
-// The same one entry at a time (see for_each_ledger_entry).
-void for_each_workspace_entry(const Workspace& ws, const std::function<void(LedgerEntry&&)>& visit);
+// The same one entry at a time (see for_each_ledger_entry), from `from` if given (advanced).
+void for_each_workspace_entry(const Workspace& ws, const std::function<void(LedgerEntry&&)>& visit,
+                              LedgerPosition* from = nullptr);
 
 // Every site that `entries` (the workspace's ledger) records as revoked is listed in pki/crl.pem:
 // a CRL restored from before a revocation would quietly let the site back in. Throws VerifyError

@@ -112,17 +112,15 @@ append_ledger(const fs::path& path, const std::string& kind, const nlohmann::jso
   return e;
 }
 
-void
-for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit)
-{
-  LedgerPosition from;
-  for_each_ledger_entry(path, verify, visit, from);
-}
+namespace {
 
+// for_each_ledger_entry from `kept` (null: from the start, and nothing to keep).
 void
-for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit,
-                      LedgerPosition& from)
+read_entries(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit,
+             LedgerPosition* kept)
 {
+  LedgerPosition start;
+  const LedgerPosition& from = kept != nullptr ? *kept : start;
   if (!fs::exists(path)) {
     throw VerifyError("{} does not exist: this is not a fedl workspace or its ledger was deleted", path.string());
   }
@@ -197,10 +195,27 @@ for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::f
     prev_hash = sha256_hex(as_bytes(line));
     visit(std::move(e));
   }
-  from.bytes = bytes.size();
-  from.entries += lines.size();
-  from.prefix_sha256 = sha256_hex(bytes);
-  from.last_line_sha256 = prev_hash;
+  if (kept != nullptr) {
+    kept->bytes = bytes.size();
+    kept->entries += lines.size();
+    kept->prefix_sha256 = sha256_hex(bytes);
+    kept->last_line_sha256 = prev_hash;
+  }
+}
+
+} // namespace
+
+void
+for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit)
+{
+  read_entries(path, verify, visit, nullptr);
+}
+
+void
+for_each_ledger_entry(const fs::path& path, const Verifier& verify, const std::function<void(LedgerEntry&&)>& visit,
+                      LedgerPosition& from)
+{
+  read_entries(path, verify, visit, &from);
 }
 
 std::vector<LedgerEntry>

@@ -248,8 +248,10 @@ private:
   std::set<std::uint32_t> m_u1, m_u2, m_u3, m_u4;
   std::vector<SurvivorSignature> m_signatures;
   std::vector<std::uint32_t> m_sum;
-  std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>> m_seed_shares; // owner → (holder, share)
-  std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>> m_key_shares;
+  // owner → (holder, share): what the survivors revealed of each secret
+  using SharesByOwner = std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>>;
+  SharesByOwner m_seed_shares;
+  SharesByOwner m_key_shares;
 };
 
 } // namespace fedl::core::secagg

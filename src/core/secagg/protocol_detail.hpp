@@ -33,8 +33,8 @@ std::vector<std::byte> context(const Params& p, std::string_view purpose, std::u
 // HKDF-SHA256 of `ikm` to 32 bytes, salted with the protocol's label.
 Bytes32 derive(std::span<const std::byte> ikm, const std::vector<std::byte>& info);
 // The key of the pair (a, b) for `purpose`, from their X25519 agreement.
-Bytes32 pair_key(const KeyPair& mine, const Bytes32& theirs, const Params& p, std::string_view purpose,
-                 std::uint32_t a, std::uint32_t b);
+Bytes32 pair_key(const KeyPair& mine, const Bytes32& theirs, const Params& p, std::string_view purpose, std::uint32_t a,
+                 std::uint32_t b);
 Bytes32 self_mask_key(const Bytes32& seed, const Params& p, std::uint32_t index);
 // What a site's key advert commits it to: its seed, labelled with the attempt and the site.
 Bytes32 commitment(const Bytes32& seed, const Params& p, std::uint32_t index);

@@ -229,9 +229,8 @@ Server::unmasked_sum() const
   };
   for (const auto u : m_u3) {
     const auto& advert = m_adverts.at(u);
-    if (const auto seed = secret_of(m_seed_shares, u, [&](const Bytes32& s) {
-          return commitment(s, m_p, u) == advert.seed_commitment;
-        })) {
+    if (const auto seed = secret_of(
+          m_seed_shares, u, [&](const Bytes32& s) { return commitment(s, m_p, u) == advert.seed_commitment; })) {
       terms.push_back({self_mask_key(*seed, m_p, u), -1});
     }
   }

@@ -52,6 +52,8 @@ struct InitOptions
   core::TrainingConfig training;         // the sites' local training, sent with each task
   DpSgdFlags dp;                         // ... and its DP-SGD
   core::PrivacyConfig privacy;           // client-level DP and the federation's budget, for fedl serve
+  bool secure_aggregation = false;       // fedl.json secure_aggregation, for fedl serve
+  core::SecureAggregationConfig secagg;
   std::optional<double> max_update_norm; // fedl.json limits
   std::optional<std::uint64_t> max_num_samples;
   std::optional<std::uint32_t> min_clients;
@@ -151,6 +153,19 @@ federation_config(const InitOptions& opt, const std::vector<std::string>& names,
   config.privacy = opt.privacy;
   core::check_privacy(config.privacy,
                       {"--client-dp-clip-norm", "--client-dp-noise-multiplier", "--max-epsilon", "--delta"});
+  if (opt.secure_aggregation) {
+    core::check_secure_aggregation(opt.secagg, {"--secagg-threshold", "--secagg-range"});
+    if (!core::parse_strategy(opt.strategy).mean_type()) {
+      throw core::UsageError("secure aggregation shows the coordinator only the sum of each round's updates, and {} "
+                             "needs every update on its own; use a mean-type strategy (fedavg, fedavgm, fedadam, "
+                             "fedyogi, fedadagrad)",
+                             opt.strategy);
+    }
+    config.secure_aggregation = opt.secagg;
+  } else if (opt.secagg != core::SecureAggregationConfig{}) {
+    throw core::UsageError("--secagg-threshold, --secagg-neighbours and --secagg-range set secure aggregation up: "
+                           "turn it on with --secure-aggregation");
+  }
   if (!opt.partition.data.empty()) {
     core::require_partitionable(opt.partition.data);
     data = core::load_dataset(opt.partition.to_options());
@@ -332,6 +347,20 @@ add_init(CLI::App& parent)
                  "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
     ->type_name("E");
   app->add_option("--delta", opt->privacy.delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
+  app->add_flag("--secure-aggregation", opt->secure_aggregation,
+                "Secure aggregation for fedl serve: the coordinator sees only each round's sum (fedl.json)");
+  app
+    ->add_option("--secagg-threshold", opt->secagg.threshold,
+                 "Shares that rebuild a site's masks: a count, or a fraction of the sites asked (default: a majority "
+                 "of its neighbours)")
+    ->type_name("T");
+  app
+    ->add_option("--secagg-neighbours", opt->secagg.neighbours,
+                 "Neighbours per site (default: all up to 16 sites, then 2*ceil(log2 n)+2)")
+    ->check(CLI::Range(2U, 40U))
+    ->type_name("K");
+  app->add_option("--secagg-range", opt->secagg.range, "Each value of an update is clipped to [-R, R] (default 1)")
+    ->type_name("R");
   app
     ->add_option("--max-update-norm", opt->max_update_norm,
                  "fedl serve rejects an update whose L2 norm is larger (fedl.json limits; default 1e5)")

@@ -832,11 +832,15 @@ TEST_CASE("secagg: every stage's message survives the wire, and a malformed one 
   short_share["shares"][0]["sealed"] = std::string(short_share["shares"][0]["sealed"]).substr(0, 200);
   CHECK_THROWS_AS(SecAggShares::from_header(short_share, 4), ProtocolError);
 
-  SecAggInput input{9, std::nullopt, 3, 0.5, 100, "sig"};
+  SecAggInput input{9, std::nullopt, 3, 0.5, 100, std::string(R"({"steps":1})"), "sig"};
   const auto input_back = SecAggInput::from_header(over_the_wire(input.to_header()));
   CHECK_FALSE(input_back.complaint);
   CHECK(input_back.clipped == 3);
   CHECK(input_back.range == 0.5);
+  CHECK(input_back.dp == std::optional<std::string>(R"({"steps":1})"));
+  auto long_dp = input.to_header();
+  long_dp["dp"] = std::string(4097, 'x');
+  CHECK_THROWS_AS(SecAggInput::from_header(long_dp), ProtocolError);
   input.complaint = 4;
   CHECK(SecAggInput::from_header(over_the_wire(input.to_header())).complaint == std::optional<std::uint32_t>(4));
   // The signed payload names the words and every field of the report.
@@ -846,6 +850,9 @@ TEST_CASE("secagg: every stage's message survives the wire, and a malformed one 
   CHECK(one != secagg_input_payload(p, 2, "aa", input));
   auto other = input;
   other.clipped = 4;
+  CHECK(one != secagg_input_payload(p, 1, "aa", other));
+  other = input;
+  other.dp.reset();
   CHECK(one != secagg_input_payload(p, 1, "aa", other));
 
   const SecAggUnmask named{9, {1, 2, 5}, {{1, "s1"}, {5, "s5"}}};
@@ -883,8 +890,15 @@ TEST_CASE("secagg: every stage's message survives the wire, and a malformed one 
 
 TEST_CASE("secagg: the setup a task carries gives the protocol's parameters, checked")
 {
-  SecAggSetup s{{"a", "b", "c", "d"}, 2, 2, 3, 77, 1001, 0.25, 500};
-  const auto back = SecAggSetup::from_json(over_the_wire(s.to_json()));
+  SecAggSetup s{{"a", "b", "c", "d"}, 2, 2, 3, 77, 1001, 0.25, 500, std::nullopt};
+  auto back = SecAggSetup::from_json(over_the_wire(s.to_json()));
+  CHECK_FALSE(back.clip_norm);
+  s.clip_norm = 1.5;
+  back = SecAggSetup::from_json(over_the_wire(s.to_json()));
+  CHECK(back.clip_norm == std::optional<double>(1.5));
+  auto bad_clip = s.to_json();
+  bad_clip["clip_norm"] = -1;
+  CHECK_THROWS_AS(SecAggSetup::from_json(bad_clip), ProtocolError);
   CHECK(back.sites == s.sites);
   CHECK(back.index == 2);
   const auto p = back.params(5, 1);

@@ -24,7 +24,7 @@ TEST_CASE("site protocol: every message survives its encoder and decoder")
   CHECK(w2.update_signature == 2);
   CHECK_FALSE(Welcome{}.to_header().contains("privacy")); // none spent: not sent
 
-  const Task t{4, 2, 77, 12.5, 9, json{{"epochs", 1}}, std::string(64, 'a'), json{{"seq", 5}}};
+  const Task t{4, 2, 77, 12.5, 9, json{{"epochs", 1}}, std::string(64, 'a'), json{{"seq", 5}}, json()};
   const auto t2 = Task::from_header(t.to_header());
   CHECK(t2.round == 4);
   CHECK(t2.attempt == 2);
@@ -34,6 +34,10 @@ TEST_CASE("site protocol: every message survives its encoder and decoder")
   CHECK(t2.training == json{{"epochs", 1}});
   CHECK(t2.base_sha256 == std::string(64, 'a'));
   CHECK(t2.ledger_head == json{{"seq", 5}});
+  CHECK(t2.secure_aggregation.is_null());
+  auto with_setup = t;
+  with_setup.secure_aggregation = json{{"index", 2}};
+  CHECK(Task::from_header(with_setup.to_header()).secure_aggregation == json{{"index", 2}});
 
   const auto u = Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}}.to_header());
   CHECK(u.round == 4);

@@ -294,7 +294,30 @@ to_json(const FederationConfig& c)
   if (c.privacy != PrivacyConfig{}) {
     j["privacy"] = to_json(c.privacy);
   }
+  if (c.secure_aggregation) {
+    j["secure_aggregation"] = to_json(*c.secure_aggregation);
+  }
   return j;
+}
+
+void
+check_secure_aggregation(const SecureAggregationConfig& s, const SecureAggregationNames& names)
+{
+  const double t = s.threshold;
+  if (!(t == 0 || (t > 0 && t < 1) || (t >= 2 && t <= 1e6 && t == std::floor(t)))) {
+    throw UsageError("{} must be a fraction of the sites asked (between 0 and 1) or a whole number of sites, at "
+                     "least 2; not {}",
+                     names.threshold, t);
+  }
+  if (!(s.range > 0) || !std::isfinite(s.range)) {
+    throw UsageError("{} must be a positive number, not {}", names.range, s.range);
+  }
+}
+
+json
+to_json(const SecureAggregationConfig& s)
+{
+  return {{"threshold", s.threshold}, {"neighbours", s.neighbours}, {"range", s.range}};
 }
 
 void
@@ -424,6 +447,20 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     } catch (const UsageError& e) {
       throw UsageError("{}: limits: {}", what, e.what());
     }
+  }
+  if (const auto* a = top.find("secure_aggregation")) {
+    ObjectReader r(*a, "secure_aggregation", what);
+    SecureAggregationConfig sa;
+    r.get("threshold", sa.threshold);
+    r.get("neighbours", sa.neighbours);
+    r.get("range", sa.range);
+    r.finish();
+    try {
+      check_secure_aggregation(sa);
+    } catch (const UsageError& e) {
+      throw UsageError("{}: secure_aggregation: {}", what, e.what());
+    }
+    c.secure_aggregation = sa;
   }
   top.get("seed", c.seed);
   if (const auto* p = top.find("pki")) {

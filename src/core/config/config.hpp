@@ -93,6 +93,29 @@ struct LimitsConfig
 void check_limits(const LimitsConfig& limits, const char* norm = "max_update_norm",
                   const char* samples = "max_num_samples");
 
+// fedl.json's "secure_aggregation" (present: on): SecAgg+ with a threshold t (0: a majority of a
+// site's neighbours, at least 2; a value in (0, 1): that fraction of the sites asked, rounded up;
+// else a count), k neighbours per site (0: everyone up to 16 sites, then 2⌈log2 n⌉ + 2; an odd k
+// below n − 1 is taken up to the next even number), and the encoding's range R (each value of an
+// update is clipped to [−R, R] before it is encoded).
+struct SecureAggregationConfig
+{
+  double threshold = 0;
+  std::uint32_t neighbours = 0;
+  double range = 1;
+
+  bool operator==(const SecureAggregationConfig&) const = default;
+};
+// Throws UsageError naming `names`' fields unless the threshold is 0, a fraction in (0, 1) or a
+// whole count ≥ 2, and the range positive and finite.
+struct SecureAggregationNames
+{
+  const char* threshold = "threshold";
+  const char* range = "range";
+};
+void check_secure_aggregation(const SecureAggregationConfig& s, const SecureAggregationNames& names = {});
+nlohmann::json to_json(const SecureAggregationConfig& s);
+
 struct FederationConfig
 {
   int version = 1;
@@ -113,6 +136,7 @@ struct FederationConfig
   TrainingConfig training;
   PrivacyConfig privacy;
   LimitsConfig limits;
+  std::optional<SecureAggregationConfig> secure_aggregation;
   std::uint64_t seed = 0;
   std::uint32_t valid_days = 365;
 };

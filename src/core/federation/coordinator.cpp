@@ -36,9 +36,6 @@ namespace fedl::core {
 
 namespace serve_detail {
 
-namespace {
-
-// The round settings of a closed attempt.
 RoundSettings
 attempt_settings(const ServeSettings& s, const Evaluator& evaluate, const AttemptClose& a)
 {
@@ -53,8 +50,6 @@ attempt_settings(const ServeSettings& s, const Evaluator& evaluate, const Attemp
   }
   return settings;
 }
-
-} // namespace
 
 void
 Coordinator::load_tls()
@@ -89,8 +84,15 @@ Coordinator::refresh_trust()
 void
 Coordinator::send_task(const std::string& site, const RoundTask& task)
 {
-  const Task frame{task.round, task.attempt,          task.task,   task.deadline,
-                   task.seed,  to_json(m_s.training), m_model_sha, m_head};
+  Task frame{task.round, task.attempt,          task.task,   task.deadline,
+             task.seed,  to_json(m_s.training), m_model_sha, m_head, json()};
+  if (m_s.secure_aggregation) {
+    const auto* secure = secure_round_for(task);
+    if (secure == nullptr || !secure->is_participant(site)) {
+      return; // no plain task where the federation promised secure aggregation
+    }
+    frame.secure_aggregation = secure->setup_for(site).to_json();
+  }
   m_sites.at(site)->conn->send(FrameType::task, frame.to_header(), {m_model->bytes()}, m_model);
 }
 
@@ -111,15 +113,38 @@ Coordinator::discard_upload(const std::string& site)
 void
 Coordinator::close_attempt(AttemptClose attempt)
 {
+  if (m_s.secure_aggregation) {
+    if (!m_secure || m_secure->task() != m_rounds.task()) {
+      SecureSum none;
+      none.failure = "no secure aggregation could be set up for this attempt";
+      commit_on_round_thread([this, attempt = std::move(attempt), none = std::move(none)] {
+        return commit_secure_attempt(m_ws, attempt.round, none, attempt_settings(m_s, m_evaluate, attempt), &m_ledger);
+      });
+      return;
+    }
+    // The inputs are in: the survivors are named, sign, and reveal; check_secure commits.
+    m_secure_close = std::move(attempt);
+    m_secure->close_input(FramedConnection::now());
+    check_secure();
+    return;
+  }
+  commit_on_round_thread([this, attempt = std::move(attempt)] {
+    return commit_attempt(m_ws, attempt.round, attempt.candidates, m_s.min_clients,
+                          attempt_settings(m_s, m_evaluate, attempt), &m_ledger);
+  });
+}
+
+void
+Coordinator::commit_on_round_thread(std::function<AttemptOutcome()> commit)
+{
   if (m_round_thread.joinable()) {
     m_round_thread.join();
   }
-  m_round_thread = std::thread([this, attempt = std::move(attempt)] {
+  m_round_thread = std::thread([this, commit = std::move(commit)] {
     AttemptOutcome outcome;
     std::string failure;
     try {
-      outcome = commit_attempt(m_ws, attempt.round, attempt.candidates, m_s.min_clients,
-                               attempt_settings(m_s, m_evaluate, attempt), &m_ledger);
+      outcome = commit();
     } catch (const std::exception& e) {
       failure = e.what();
     } catch (...) {
@@ -134,6 +159,13 @@ void
 Coordinator::attempt_done(AttemptOutcome outcome, const std::string& failure)
 {
   clean_incoming();
+  if (m_secure && !outcome.retry.empty()) {
+    // A site accused of sending shares that did not open sits out the rest of this round.
+    for (const auto& site : m_secure->accused()) {
+      m_rounds.exclude(site);
+    }
+  }
+  m_secure.reset();
   if (failure.empty() && outcome.retry.empty()) {
     try {
       const auto& model = outcome.committed.at("model");
@@ -261,6 +293,10 @@ Coordinator::on_tick()
     m_rounds.check_complete();
   }
   m_pool->tick(now);
+  if (m_secure) {
+    m_secure->tick(now);
+    check_secure();
+  }
   m_rounds.tick();
   if (m_rounds.phase() == Phase::finishing) {
     bool drained = true;
@@ -353,6 +389,11 @@ Coordinator::resume(const LedgerState& state)
 {
   m_first_round = state.model.round + 1;
   check_not_weaker(state.client_dp, m_s.privacy, m_first_round - 1);
+  if (!state.secure_aggregation.is_null() && !m_s.secure_aggregation) {
+    throw UsageError("round {} ran with secure aggregation; serve the federation on with it (--secure-aggregation, "
+                     "or fedl.json secure_aggregation), not without",
+                     state.secure_round);
+  }
   m_model = std::make_shared<MappedFile>(m_ws.root() / state.model.file);
   m_model_sha = state.model.sha256;
   if (sha256_hex(m_model->bytes()) != m_model_sha) {

@@ -9,6 +9,7 @@
 #include "core/federation/ledger_state.hpp"
 #include "core/federation/round.hpp"
 #include "core/federation/round_machine.hpp"
+#include "core/federation/secure_round.hpp"
 #include "core/net/connection.hpp"
 #include "core/net/metrics_server.hpp"
 #include "core/net/peer_pool.hpp"
@@ -56,8 +57,11 @@ struct Peer : PooledPeer
 
 using Phase = RoundMachine::Phase;
 
+// The round settings of a closed attempt.
+RoundSettings attempt_settings(const ServeSettings& s, const Evaluator& evaluate, const AttemptClose& a);
+
 // The sockets, threads and files around the round state machine.
-class Coordinator final : public RoundHost
+class Coordinator final : public RoundHost, public SecureHost
 {
 public:
   Coordinator(const Workspace& ws, const ServeSettings& s, const Evaluator& evaluate)
@@ -92,6 +96,21 @@ private:
   void fail(const std::string& message) override;
   void stop() override { stop_now(); }
 
+  // SecureHost, and the secure aggregation around it (coordinator_secure.cpp).
+  void secure_send(const std::string& site, FrameType type, const json& header) override;
+  void secure_drop(const std::string& site, const std::string& why) override;
+  // The attempt's SecureRound, made when its first task is sent; none if it cannot be (the
+  // participants are then dropped with why).
+  SecureRound* secure_round_for(const RoundTask& task);
+  FramedConnection::BodySink on_secure_input_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix,
+                                                  const json& header);
+  void on_secure_frame(const std::shared_ptr<Peer>& p, FrameType type, const json& header,
+                       const FramedConnection::BodySink& sink);
+  // Once the machine closed a secure attempt and its stages are over: commit (or record the
+  // failure) on the round thread.
+  void check_secure();
+  void commit_on_round_thread(std::function<AttemptOutcome()> commit);
+
   // Setup.
   void resume(const LedgerState& state);
   void check_budget_left(bool recorded);
@@ -102,7 +121,7 @@ private:
   // Connections.
   void on_ready(const std::shared_ptr<Peer>& p);
   FramedConnection::BodySink on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, const json& header);
-  void on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header);
+  void on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header, const FramedConnection::BodySink& sink);
   void on_close(const std::shared_ptr<Peer>& p, const std::string& reason);
   void on_hello(const std::shared_ptr<Peer>& p, const json& header);
   void on_update(const std::shared_ptr<Peer>& p, const json& header);
@@ -144,6 +163,11 @@ private:
   std::string m_model_sha;
   json m_head; // the ledger head, signed, that tasks and done frames carry
   std::uint64_t m_max_update = 0;
+
+  // Secure aggregation: the current attempt's, and the machine's close of it while its last
+  // stages run.
+  std::optional<SecureRound> m_secure;
+  std::optional<AttemptClose> m_secure_close;
 
   // Outcome and metrics.
   std::uint64_t m_first_round = 0;

@@ -29,6 +29,13 @@ Coordinator::make_peer(tcp::socket socket)
     .allow(FrameType::heartbeat)
     .allow(FrameType::error)
     .allow(FrameType::update, m_max_update);
+  if (m_s.secure_aggregation) {
+    limits.allow(FrameType::secagg_keys)
+      .allow(FrameType::secagg_shares)
+      .allow(FrameType::secagg_input, m_max_update)
+      .allow(FrameType::secagg_signature)
+      .allow(FrameType::secagg_reveal);
+  }
   FramedConnection::Callbacks cb;
   cb.on_ready = [this, weak] {
     if (auto peer = weak.lock()) {
@@ -39,9 +46,9 @@ Coordinator::make_peer(tcp::socket socket)
     auto peer = weak.lock();
     return peer ? on_head(peer, prefix, header) : FramedConnection::BodySink{};
   };
-  cb.on_frame = [this, weak](FrameType type, json& header, const FramedConnection::BodySink&) {
+  cb.on_frame = [this, weak](FrameType type, json& header, const FramedConnection::BodySink& sink) {
     if (auto peer = weak.lock()) {
-      on_frame(peer, type, header);
+      on_frame(peer, type, header, sink);
     }
   };
   cb.on_close = [this, weak](const std::string& reason) {
@@ -82,6 +89,9 @@ Coordinator::on_ready(const std::shared_ptr<Peer>& p)
 FramedConnection::BodySink
 Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, const json& header)
 {
+  if (prefix.type == FrameType::secagg_input && p->admitted) {
+    return on_secure_input_head(p, prefix, header);
+  }
   if (prefix.type != FrameType::update || !p->admitted) {
     p->conn->send_error_and_close(fmt::format("protocol error: a {} frame with a body{}", frame_type_name(prefix.type),
                                               p->admitted ? "" : " before hello"),
@@ -129,9 +139,21 @@ Coordinator::discard_part(Peer& p)
 }
 
 void
-Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header)
+Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& header,
+                      const FramedConnection::BodySink& sink)
 {
   switch (type) {
+  case FrameType::secagg_keys:
+  case FrameType::secagg_shares:
+  case FrameType::secagg_input:
+  case FrameType::secagg_signature:
+  case FrameType::secagg_reveal:
+    if (!p->admitted) {
+      p->conn->send_error_and_close("protocol error: secure aggregation before hello", 1);
+      return;
+    }
+    on_secure_frame(p, type, header, sink);
+    return;
   case FrameType::hello:
     on_hello(p, header);
     return;
@@ -146,6 +168,10 @@ Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& head
     const auto message = valid_utf8(report.message, max_error_text);
     FEDL_LOG_WARN("site {} reports: {}", p->site, message);
     m_rounds.site_error(p->site, report.task.value_or(0), message);
+    if (m_secure && report.task == m_secure->task()) {
+      m_secure->gone(p->site, message, FramedConnection::now());
+      check_secure();
+    }
     return;
   }
   default:
@@ -237,6 +263,11 @@ Coordinator::on_close(const std::shared_ptr<Peer>& p, const std::string& reason)
   }
   m_sites.erase(it);
   m_rounds.site_left(p->site, reason);
+  if (m_secure) {
+    // A secure attempt cannot wait for a site to come back: its keys went with its process.
+    m_secure->gone(p->site, fmt::format("disconnected: {}", reason), FramedConnection::now());
+    check_secure();
+  }
 }
 
 } // namespace fedl::core::serve_detail

@@ -29,6 +29,10 @@ LedgerState::apply(const LedgerEntry& e, bool verify)
   if (const auto p = e.body.find("privacy"); p != e.body.end() && p->is_object() && p->contains("client")) {
     client_dp = *p;
   }
+  if (const auto a = e.body.find("secure_aggregation"); a != e.body.end() && a->is_object()) {
+    secure_aggregation = *a;
+    secure_round = model.round;
+  }
 }
 
 LedgerState

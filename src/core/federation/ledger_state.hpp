@@ -23,6 +23,10 @@ struct LedgerState
   std::optional<double> accuracy; // the last round's evaluation accuracy, if it recorded one
   // The "privacy" object of the last round that had client-level DP; null if none had.
   nlohmann::json client_dp;
+  // The "secure_aggregation" object of the last round that had it; null if none had, and the
+  // number of that round.
+  nlohmann::json secure_aggregation;
+  std::uint64_t secure_round = 0;
   // The body of the last "finished" entry for the privacy budget (null if none), and whether it
   // is the ledger's last entry.
   nlohmann::json budget_stop;

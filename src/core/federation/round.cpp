@@ -93,12 +93,20 @@ check_samples(std::uint64_t samples, const LimitsConfig& limits)
   return std::nullopt;
 }
 
-// An update's fedl.dp (parsed into `dp`) against what the federation requires; the reason it is
-// not fit, or nothing.
+// An update's fedl.dp against what the federation requires.
 std::optional<std::string>
 check_dp(const Safetensors& st, const std::optional<DpSgdConfig>& required, std::optional<DpSgdReport>& dp)
 {
-  if (const auto text = st.meta("fedl.dp")) {
+  return check_dp_report(st.meta("fedl.dp"), required, dp);
+}
+
+} // namespace
+
+std::optional<std::string>
+check_dp_report(const std::optional<std::string>& text, const std::optional<DpSgdConfig>& required,
+                std::optional<DpSgdReport>& dp)
+{
+  if (text) {
     try {
       dp = DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp");
     } catch (const std::exception& e) {
@@ -120,8 +128,6 @@ check_dp(const Safetensors& st, const std::optional<DpSgdConfig>& required, std:
   }
   return std::nullopt;
 }
-
-} // namespace
 
 BadUpdateError::BadUpdateError(std::filesystem::path path, std::string reason)
   : VerifyError("update {}: {}", path.string(), reason), m_path(std::move(path)), m_reason(std::move(reason))

@@ -23,6 +23,7 @@
 #include "core/format/safetensors.hpp"
 #include "core/math/aggregate.hpp"
 #include "core/privacy/privacy.hpp"
+#include "core/secagg/encoding.hpp"
 #include "core/trust/update.hpp"
 #include "core/trust/workspace.hpp"
 #include "core/util/error.hpp"
@@ -32,6 +33,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <optional>
 #include <span>
 #include <string>
@@ -91,6 +93,11 @@ struct RoundCandidate
   // validate_round then takes instead of reading the file again.
   std::optional<UpdateDigest> streamed{};
 };
+
+// A DP-SGD report (fedl.dp's JSON text; none if the update has none, parsed into `dp`) against
+// the DP-SGD a federation requires: the reason it falls short, or nothing.
+std::optional<std::string> check_dp_report(const std::optional<std::string>& text,
+                                           const std::optional<DpSgdConfig>& required, std::optional<DpSgdReport>& dp);
 
 // What to do with an update that cannot be accepted.
 enum class OnBadUpdate
@@ -225,5 +232,24 @@ struct AttemptOutcome
 // `ledger`: as plan_workspace_round's.
 AttemptOutcome commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCandidate> candidates,
                               std::uint32_t quorum, const RoundSettings& settings, LedgerState* ledger = nullptr);
+
+// A secure aggregation attempt as the coordinator ends it (federation/secure_round.hpp): the sum
+// of the survivors' encoded updates, or why there is none.
+struct SecureSum
+{
+  std::vector<std::uint32_t> words; // mod 2^32
+  secagg::Encoding encoding;
+  nlohmann::json record;                           // SecureRound::record(), for the ledger
+  std::map<std::string, std::string> fingerprints; // the survivors' certificates
+  std::map<std::string, DpSgdReport> dp;           // their signed DP-SGD reports
+  std::string failure;                             // non-empty: the attempt failed
+};
+
+// fedl serve's round thread, with secure aggregation: the round from the unmasked sum (decoded,
+// client-level noise added after unmasking, the server optimizer on the mean), with the entry's
+// "secure_aggregation" (sum.record and the total weight) and its survivors as participants; or,
+// with a failure, a "round-failed" entry and the reason as `retry`.
+AttemptOutcome commit_secure_attempt(const Workspace& ws, std::uint64_t round, const SecureSum& sum,
+                                     const RoundSettings& settings, LedgerState* ledger = nullptr);
 
 } // namespace fedl::core

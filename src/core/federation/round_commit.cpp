@@ -148,6 +148,45 @@ drop_unfit_values(ValidatedRound& validated, const AggregateInfo& info)
   return dropped;
 }
 
+// The server state the round starts from (empty for a stateless strategy or before round 1).
+ServerState
+load_state(const ValidatedRound& validated, const StrategySpec& spec)
+{
+  const auto& plan = validated.plan;
+  if (spec.stateful() && plan.state_in && fs::exists(*plan.state_in)) {
+    return load_server_state(*plan.state_in, spec, validated.base.content().tensors);
+  }
+  return {};
+}
+
+// Writes the new model (atomically) and the advanced server state; the model's SHA-256.
+std::string
+write_model(const ValidatedRound& validated, const StrategySpec& spec, const std::vector<OwnedTensor>& model,
+            const ServerState& state)
+{
+  const auto& plan = validated.plan;
+  // The last line of defence for the model every site trains next: bounded updates cannot make
+  // it infinite, but a strategy's arithmetic on extreme (finite) values still could.
+  for (const auto& t : model) {
+    if (!all_finite(t)) {
+      throw VerifyError("the aggregate of round {} has a value that is not finite in tensor {}; nothing was "
+                        "written (lower fedl.json limits.max_update_norm, or use a robust strategy)",
+                        plan.round, t.name);
+    }
+  }
+  Metadata meta = validated.base.content().metadata;
+  meta["fedl.kind"] = "model";
+  meta["fedl.round"] = std::to_string(plan.round);
+  if (!plan.workspace) {
+    meta.erase("fedl.round");
+  }
+  auto sha = write_safetensors(plan.out, views_of(model), meta);
+  if (spec.stateful() && plan.state_out) {
+    save_server_state(*plan.state_out, state);
+  }
+  return sha;
+}
+
 // Aggregates the accepted updates and checks their values with what that read; while one is not
 // fit, leaves it out and aggregates again from the state as it was (ShortOfQuorum if fewer than
 // settings.quorum are left). Checks the result and the updates' files, and writes the model and
@@ -165,10 +204,7 @@ aggregate_and_write(ValidatedRound& validated, const RoundSettings& settings, Ag
   ServerState state;
   std::vector<OwnedTensor> model;
   for (;;) {
-    state = {};
-    if (spec.stateful() && plan.state_in && fs::exists(*plan.state_in)) {
-      state = load_server_state(*plan.state_in, spec, validated.base.content().tensors);
-    }
+    state = load_state(validated, spec);
     std::vector<const SafetensorsFile*> files;
     std::vector<double> weights;
     for (const auto& c : validated.accepted) {
@@ -181,15 +217,6 @@ aggregate_and_write(ValidatedRound& validated, const RoundSettings& settings, Ag
     }
     if (validated.accepted.size() < std::max<std::size_t>(settings.quorum, 1)) {
       throw ShortOfQuorum(validated.accepted.size(), validated.rejected.size());
-    }
-  }
-  // The last line of defence for the model every site trains next: bounded updates cannot make
-  // it infinite, but a strategy's arithmetic on extreme (finite) values still could.
-  for (const auto& t : model) {
-    if (!all_finite(t)) {
-      throw VerifyError("the aggregate of round {} has a value that is not finite in tensor {}; nothing was "
-                        "written (lower fedl.json limits.max_update_norm, or use a robust strategy)",
-                        plan.round, t.name);
     }
   }
   // The files are read through their mappings: one changed on disk after its signature was
@@ -212,22 +239,13 @@ aggregate_and_write(ValidatedRound& validated, const RoundSettings& settings, Ag
                         accepted[i].path.string());
     }
   }
-  Metadata meta = validated.base.content().metadata;
-  meta["fedl.kind"] = "model";
-  meta["fedl.round"] = std::to_string(plan.round);
-  if (!plan.workspace) {
-    meta.erase("fedl.round");
-  }
-  auto sha = write_safetensors(plan.out, views_of(model), meta);
-  if (spec.stateful() && plan.state_out) {
-    save_server_state(*plan.state_out, state);
-  }
-  return sha;
+  return write_model(validated, spec, model, state);
 }
 
 // The "round" ledger entry's body.
 nlohmann::json
-round_entry(const ValidatedRound& validated, const RoundSettings& settings, const RoundResult& result)
+round_entry(const ValidatedRound& validated, const RoundSettings& settings, const RoundResult& result,
+            const std::map<std::string, DpSgdReport>& sites)
 {
   const auto& plan = validated.plan;
   const auto& ws = *plan.workspace;
@@ -250,12 +268,6 @@ round_entry(const ValidatedRound& validated, const RoundSettings& settings, cons
   if (!result.evaluation.is_null()) {
     body["evaluation"] = result.evaluation;
   }
-  std::map<std::string, DpSgdReport> sites;
-  for (const auto& c : validated.accepted) {
-    if (c.dp) {
-      sites.emplace(c.site.empty() ? c.path.filename().string() : c.site, *c.dp);
-    }
-  }
   auto history = plan.privacy;
   if (auto privacy = history.record_round(settings.client_dp, sites, settings.max_epsilon); !privacy.is_null()) {
     body["privacy"] = std::move(privacy);
@@ -266,12 +278,39 @@ round_entry(const ValidatedRound& validated, const RoundSettings& settings, cons
   return body;
 }
 
+// The common end of a round once its model is written: evaluate it, and in a workspace append
+// the signed "round" entry (with `sites`' DP-SGD reports) and remove the state two rounds back.
+void
+finish_round(const ValidatedRound& validated, const RoundSettings& settings,
+             const std::map<std::string, DpSgdReport>& sites, RoundResult& result)
+{
+  const auto& plan = validated.plan;
+  result.model = plan.out;
+  result.strategy = settings.strategy.to_string();
+  result.rejected = validated.rejected;
+  result.round = plan.round;
+  if (settings.evaluate) {
+    result.evaluation = settings.evaluate(plan.out);
+  }
+  if (!plan.workspace) {
+    return;
+  }
+  const auto& ws = *plan.workspace;
+  auto body = round_entry(validated, settings, result, sites);
+  append_signed(ws, "round", body);
+  result.ledger_body = std::move(body);
+  // The state two rounds back can no longer be needed for a re-run.
+  if (plan.round >= 2) {
+    std::error_code ec;
+    fs::remove(ws.state() / state_name(plan.round - 2), ec);
+  }
+}
+
 } // namespace
 
 RoundResult
 commit_round(ValidatedRound& validated, const RoundSettings& settings)
 {
-  const auto& plan = validated.plan;
   check_extra(settings.extra);
   validate_server_options(settings.options);
   if (validated.accepted.empty()) {
@@ -292,63 +331,112 @@ commit_round(ValidatedRound& validated, const RoundSettings& settings)
     }
     result.participants.push_back(std::move(p));
   }
-  result.model = plan.out;
-  result.strategy = settings.strategy.to_string();
-  result.rejected = validated.rejected;
-  result.round = plan.round;
-  if (settings.evaluate) {
-    result.evaluation = settings.evaluate(plan.out);
+  std::map<std::string, DpSgdReport> sites;
+  for (const auto& c : validated.accepted) {
+    if (c.dp) {
+      sites.emplace(c.site.empty() ? c.path.filename().string() : c.site, *c.dp);
+    }
   }
-  if (!plan.workspace) {
-    return result;
-  }
-  const auto& ws = *plan.workspace;
-  auto body = round_entry(validated, settings, result);
-  append_signed(ws, "round", body);
-  result.ledger_body = std::move(body);
-  // The state two rounds back can no longer be needed for a re-run.
-  if (plan.round >= 2) {
-    std::error_code ec;
-    fs::remove(ws.state() / state_name(plan.round - 2), ec);
-  }
+  finish_round(validated, settings, sites, result);
   return result;
 }
+
+namespace {
+
+// The plan of serve's attempt at `round` (Error if the ledger is past it).
+RoundPlan
+plan_attempt(const Workspace& ws, std::uint64_t round, LedgerState* ledger)
+{
+  auto plan = plan_workspace_round(ws, ledger);
+  if (plan.round != round) {
+    throw Error("the ledger is at round {} where this coordinator expected {}: another process wrote a round; "
+                "restart fedl serve",
+                plan.round, round);
+  }
+  return plan;
+}
+
+// Records an attempt that made no round ("round-failed": `extra`, the reason, the rejected updates).
+AttemptOutcome
+fail_attempt(const Workspace& ws, std::uint64_t round, nlohmann::json body, std::string reason,
+             const nlohmann::json& rejected)
+{
+  body["round"] = round;
+  body["reason"] = reason;
+  body["rejected"] = rejected;
+  append_signed(ws, "round-failed", body);
+  return {nlohmann::json(), std::move(reason)};
+}
+
+} // namespace
 
 AttemptOutcome
 commit_attempt(const Workspace& ws, std::uint64_t round, std::span<const RoundCandidate> candidates,
                std::uint32_t quorum, const RoundSettings& settings, LedgerState* ledger)
 {
   const WorkspaceLock lock(ws, WorkspaceLock::Kind::change, 30);
-  const auto plan = plan_workspace_round(ws, ledger);
-  if (plan.round != round) {
-    throw Error("the ledger is at round {} where this coordinator expected {}: another process wrote a round; "
-                "restart fedl serve",
-                plan.round, round);
-  }
+  const auto plan = plan_attempt(ws, round, ledger);
   auto validated = validate_round(plan, candidates, OnBadUpdate::skip);
-  AttemptOutcome out;
   // Too few valid updates: the attempt is recorded, with why, and the caller may try again.
-  const auto fail_attempt = [&] {
-    out.retry = fmt::format("{} valid updates of {} asked, below the quorum of {}", validated.accepted.size(),
-                            settings.extra.value("asked", std::size_t{0}), quorum);
-    nlohmann::json body = settings.extra;
-    body["round"] = round;
-    body["reason"] = out.retry;
-    body["rejected"] = validated.rejected;
-    append_signed(ws, "round-failed", body);
-    return out;
+  const auto short_of_quorum = [&] {
+    return fail_attempt(ws, round, settings.extra,
+                        fmt::format("{} valid updates of {} asked, below the quorum of {}", validated.accepted.size(),
+                                    settings.extra.value("asked", std::size_t{0}), quorum),
+                        validated.rejected);
   };
   if (validated.accepted.size() < quorum) {
-    return fail_attempt();
+    return short_of_quorum();
   }
   auto with_quorum = settings;
   with_quorum.quorum = quorum;
+  AttemptOutcome out;
   try {
     out.committed = commit_round(validated, with_quorum).ledger_body;
   } catch (const ShortOfQuorum&) {
-    return fail_attempt();
+    return short_of_quorum();
   }
   return out;
+}
+
+AttemptOutcome
+commit_secure_attempt(const Workspace& ws, std::uint64_t round, const SecureSum& sum, const RoundSettings& settings,
+                      LedgerState* ledger)
+{
+  const WorkspaceLock lock(ws, WorkspaceLock::Kind::change, 30);
+  const auto plan = plan_attempt(ws, round, ledger);
+  auto with_record = settings;
+  with_record.extra["secure_aggregation"] = sum.record;
+  if (!sum.failure.empty()) {
+    return fail_attempt(ws, round, with_record.extra, "secure aggregation: " + sum.failure, nlohmann::json::array());
+  }
+  check_extra(with_record.extra);
+  validate_server_options(settings.options);
+  auto validated = validate_round(plan, {}, OnBadUpdate::skip); // the base, checked against the ledger
+  const auto& base = validated.base.content();
+  auto options = settings.options;
+  auto decoded = secagg::decode(sum.words, base.tensors, sum.encoding, !options.client_dp);
+  with_record.extra["secure_aggregation"]["total_weight"] = decoded.total_weight;
+  // One update for the strategy: the weighted mean; under client-level DP the sum of the sites'
+  // clipped updates (each weighs 1), which the strategy adds its noise to and divides by the sites
+  // asked. Each site clipped its own update (the coordinator cannot): the sum of honest ones is
+  // within count × C, the clip the strategy applies to it.
+  options.clip_norm.reset();
+  if (options.client_dp) {
+    options.clip_norm = decoded.total_weight * *settings.options.clip_norm * (1 + 1e-6);
+  }
+  const Safetensors update{views_of(decoded.mean), {}};
+  const double weight = 1;
+  auto state = load_state(validated, settings.strategy);
+  RoundResult result;
+  const auto model = aggregate(base, std::span(&update, 1), std::span(&weight, 1), settings.strategy, options, state,
+                               &result.info);
+  result.sha256 = write_model(validated, settings.strategy, model, state);
+  for (const auto& site : sum.record.at("survivors")) {
+    const auto name = site.get<std::string>();
+    result.participants.push_back({{"site", name}, {"fingerprint", sum.fingerprints.at(name)}});
+  }
+  finish_round(validated, with_record, sum.dp, result);
+  return {std::move(result.ledger_body), {}};
 }
 
 } // namespace fedl::core

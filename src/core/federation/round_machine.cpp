@@ -239,7 +239,20 @@ RoundMachine::start()
     return;
   }
   const auto& privacy = m_s.privacy;
-  const std::size_t connected = m_connected.size();
+  std::vector<std::string> names;
+  for (const auto& name : m_connected) {
+    if (m_excluded.count(name) == 0) {
+      names.push_back(name);
+    }
+  }
+  if (names.size() < m_s.min_clients) {
+    FEDL_LOG_WARN("round {}: {} sites were excluded from this round, which would leave fewer than --min-clients {}; "
+                  "asking them again",
+                  m_round, m_excluded.size(), m_s.min_clients);
+    m_excluded.clear();
+    names.assign(m_connected.begin(), m_connected.end());
+  }
+  const std::size_t connected = names.size();
   std::size_t asked = connected;
   if (m_s.clients_per_round > 0) {
     asked = std::min<std::size_t>(m_s.clients_per_round, connected);
@@ -271,7 +284,6 @@ RoundMachine::start()
   m_host.attempt_started();
   m_task = m_task_rng() | 1;
   m_issued[m_task] = m_round;
-  std::vector<std::string> names(m_connected.begin(), m_connected.end());
   // Seeded: the same seed, round, attempt and connected sites choose the same participants.
   std::mt19937_64 rng(mix(m_s.seed ^ mix(m_round ^ mix(m_attempt))));
   std::shuffle(names.begin(), names.end(), rng);
@@ -398,6 +410,7 @@ RoundMachine::attempt_committed(const json& body)
   m_attempt = 0;
   m_failed_in_a_row = 0;
   m_late_recorded.clear();
+  m_excluded.clear();
   m_participants.clear();
   std::erase_if(m_issued, [this](const auto& task) { return task.second + 1 < m_round; });
   std::erase_if(m_answered, [this](const auto& answer) { return m_issued.count(answer.second) == 0; });

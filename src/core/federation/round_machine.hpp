@@ -136,6 +136,10 @@ public:
   // A site reported an error for `task`: it is dropped from the attempt if that is the current one.
   void site_error(const std::string& site, std::uint64_t task, const std::string& message);
 
+  // `site` sits out the rest of the current round (its next attempts), unless that would leave
+  // too few sites for a quorum.
+  void exclude(const std::string& site) { m_excluded.insert(site); }
+
   // Uploads: check one before receiving it; refuse it (counted, and a late one recorded for the
   // ledger once per site and task); or take it.
   std::optional<UploadRefusal> check_upload(const std::string& site, std::uint64_t task, std::uint64_t round) const;
@@ -204,6 +208,7 @@ private:
 
   Phase m_phase = Phase::waiting;
   std::set<std::string> m_connected;
+  std::set<std::string> m_excluded; // for the rest of this round
   std::size_t m_enrolled = 0;
   std::uint64_t m_round = 1; // the round being run (or the next one)
   std::uint32_t m_attempt = 0;

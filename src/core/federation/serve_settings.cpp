@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/serve_settings.hpp"
 
+#include "core/util/error.hpp"
+
 namespace fedl::core {
 
 nlohmann::json
@@ -24,6 +26,9 @@ ServeSettings::to_json() const
   if (privacy != PrivacyConfig{}) {
     j["privacy"] = core::to_json(privacy);
   }
+  if (secure_aggregation) {
+    j["secure_aggregation"] = core::to_json(*secure_aggregation);
+  }
   if (eval_data) {
     j["eval_data"] = eval_data->string();
   }
@@ -34,6 +39,28 @@ ServeSettings::to_json() const
     j["metrics"] = metrics->to_string();
   }
   return j;
+}
+
+void
+ServeSettings::check_secure_aggregation() const
+{
+  if (!secure_aggregation) {
+    return;
+  }
+  if (!strategy.mean_type()) {
+    throw UsageError("secure aggregation shows the coordinator only the sum of each round's updates, and {} needs "
+                     "every update on its own; use a mean-type strategy (fedavg, fedavgm, fedadam, fedyogi, "
+                     "fedadagrad)",
+                     strategy.to_string());
+  }
+  if (server.clip_norm) {
+    throw UsageError("--clip-norm clips each update at the coordinator, which never sees one under secure "
+                     "aggregation; client-level DP's clip (--dp-clip-norm) is applied by each site itself");
+  }
+  if (min_clients < 3) {
+    throw UsageError("secure aggregation needs at least 3 sites in a round (the sum of 2 would tell each its "
+                     "partner's update): --min-clients 3 or more");
+  }
 }
 
 } // namespace fedl::core

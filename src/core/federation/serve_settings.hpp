@@ -31,6 +31,11 @@ struct ServeSettings
   // delta, on the client-level epsilon): a round whose sampling would take the federation past
   // it is not started; the coordinator records "finished" with reason "privacy-budget" instead.
   PrivacyConfig privacy;
+  // Secure aggregation (SecAgg+): the coordinator sees only the sum of each round's updates.
+  std::optional<SecureAggregationConfig> secure_aggregation;
+  // fedl.json limits.max_num_samples: under secure aggregation, the sample count at which a
+  // site's weight is 1 (a site with n samples weighs min(n, this) / this).
+  std::uint64_t max_num_samples = LimitsConfig::default_max_num_samples;
   std::optional<std::filesystem::path> eval_data;
   std::optional<double> target_accuracy;
   std::optional<HostPort> metrics;
@@ -41,6 +46,9 @@ struct ServeSettings
 
   // The effective settings, as the ledger records them.
   nlohmann::json to_json() const;
+  // With secure aggregation: UsageError (exit 2) saying why for what it cannot go with: a
+  // strategy that needs each update, a clip at the coordinator, a quorum below 3 sites.
+  void check_secure_aggregation() const;
 };
 
 } // namespace fedl::core

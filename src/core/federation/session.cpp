@@ -80,7 +80,10 @@ Site::connect()
           .allow(FrameType::task, m_s.max_model_bytes)
           .allow(FrameType::heartbeat)
           .allow(FrameType::done)
-          .allow(FrameType::error);
+          .allow(FrameType::error)
+          .allow(FrameType::secagg_peers)
+          .allow(FrameType::secagg_shares)
+          .allow(FrameType::secagg_unmask);
         FramedConnection::Callbacks cb;
         cb.on_ready = [this] { m_conn->send(FrameType::hello, Hello{m_site}.to_header()); };
         cb.on_head = [this](const FramePrefix& prefix, const json&) {
@@ -154,6 +157,7 @@ Site::on_close(const std::string& reason)
 {
   const bool was_welcomed = m_welcomed;
   m_welcomed = false;
+  m_secure.reset();
   if (!m_reason.empty()) {
     return;
   }
@@ -214,6 +218,11 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
     return;
   }
   case FrameType::heartbeat:
+    return;
+  case FrameType::secagg_peers:
+  case FrameType::secagg_shares:
+  case FrameType::secagg_unmask:
+    on_secure_frame(type, header);
     return;
   case FrameType::done: {
     const auto done = Done::from_header(header);
@@ -317,6 +326,10 @@ Site::on_task(Job job, const Task& task)
   }
   if (m_s.max_epsilon) {
     job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
+  }
+  m_secure.reset();
+  if (!task.secure_aggregation.is_null() && !start_secure(task, job)) {
+    return;
   }
   job.serial = ++m_job_serial;
   m_busy_serial = job.serial;
@@ -481,7 +494,8 @@ json
 Site::run()
 {
   m_identity = read_identity(m_s.bundle / "client.crt", m_s.bundle / "client.key");
-  const auto ca = read_certificate(m_s.bundle / "ca.crt");
+  m_ca = read_certificate(m_s.bundle / "ca.crt");
+  const auto& ca = m_ca;
   const auto info = certificate_info(m_identity.cert);
   m_site = info.common_name;
   m_ca_fingerprint = certificate_fingerprint(ca);

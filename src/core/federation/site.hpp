@@ -7,6 +7,7 @@
 #include "core/federation/session.hpp"
 #include "core/format/safetensors.hpp"
 #include "core/net/connection.hpp"
+#include "core/net/secagg_protocol.hpp"
 #include "core/net/site_protocol.hpp"
 #include "core/net/trainer_protocol.hpp"
 #include "core/privacy/privacy.hpp"
@@ -22,6 +23,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -83,6 +85,24 @@ struct SentUpdate
   std::shared_ptr<SignedUpdate> update;
 };
 
+// A secure aggregation attempt this site takes part in (site_secure.cpp): its protocol state
+// and what it waits for before it sends its masked input (its neighbours' shares, its update).
+// Held only while the connection lasts: the coordinator leaves a site that reconnects out of the
+// attempt.
+struct SecureJob
+{
+  std::uint64_t task = 0;
+  std::uint64_t round = 0;
+  SecAggSetup setup;
+  secagg::Params params;
+  std::unique_ptr<secagg::Client> client;
+  std::map<std::uint32_t, Cert> certs; // the neighbours' (and this site's), checked against the CA
+  std::optional<std::vector<secagg::SealedShares>> received;
+  std::optional<secagg::Encoded> encoded;
+  std::optional<std::string> dp; // the run's DP-SGD report as JSON text
+  bool input_sent = false;
+};
+
 class Site
 {
 public:
@@ -112,6 +132,15 @@ private:
   bool cancel_job(const std::string& why);
   void on_tick();
   void stop(const std::string& reason);
+  // Secure aggregation (site_secure.cpp): the attempt a task starts (false if the site refused
+  // it, already told), the coordinator's stage frames, the trained update to encode, and the
+  // masked input once both it and the shares are there.
+  bool start_secure(const Task& task, const Job& job);
+  void on_secure_frame(FrameType type, const json& header);
+  void secure_trained(const Job& job, const TrainResult& result, const std::vector<std::byte>& body);
+  void send_secure_input();
+  void abandon_secure(const std::string& why);
+  secagg::Verifier secure_verifier() const;
   void trainer_loop();
   void stop_trainer();
   void give_back(std::shared_ptr<std::vector<std::byte>> model);
@@ -169,6 +198,8 @@ private:
   RdpAccount m_coordinator_record; // what the coordinator's ledger says this site spent
   std::string m_ca_fingerprint;
   std::optional<ReceiptLog> m_receipts; // DIR/receipts.jsonl; none if it could not be read
+  Cert m_ca;
+  std::optional<SecureJob> m_secure;
 
   std::thread m_trainer;
   std::mutex m_mutex;

@@ -100,6 +100,10 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
     } else if (m_s.max_epsilon) {
       throw Error("the trainer sent no DP-SGD report for a task under this site's budget");
     }
+    if (m_secure && m_secure->task == job.task) {
+      secure_trained(job, *result, body);
+      return;
+    }
     u = sign(std::move(body));
   } catch (const std::exception& e) {
     refuse(job.task, job.round, ReasonClass::internal, e.what(), false);

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace fedl::core {
 
@@ -17,6 +18,7 @@ using json = nlohmann::json;
 constexpr std::size_t max_certificate_bytes = 16 * 1024;
 constexpr std::size_t max_signature_bytes = 256;
 constexpr std::size_t max_site_name_bytes = 256;
+constexpr std::size_t max_dp_report_bytes = 4096;
 
 // The array under `key` (absent: empty) of at most `max` elements; else a ProtocolError.
 const json&
@@ -130,8 +132,12 @@ share_from(const json& j)
 json
 SecAggSetup::to_json() const
 {
-  return {{"sites", sites},           {"index", index},   {"threshold", threshold}, {"neighbours", neighbours},
-          {"graph_seed", graph_seed}, {"length", length}, {"range", range},         {"max_samples", max_samples}};
+  json j = {{"sites", sites},           {"index", index},   {"threshold", threshold}, {"neighbours", neighbours},
+            {"graph_seed", graph_seed}, {"length", length}, {"range", range},         {"max_samples", max_samples}};
+  if (clip_norm) {
+    j["clip_norm"] = *clip_norm;
+  }
+  return j;
 }
 
 SecAggSetup
@@ -157,6 +163,12 @@ SecAggSetup::from_json(const json& j)
   s.length = header_uint(j, "length");
   s.range = header_number(j, "range", 0);
   s.max_samples = header_uint(j, "max_samples");
+  if (j.contains("clip_norm")) {
+    s.clip_norm = header_number(j, "clip_norm", 0);
+    if (!(*s.clip_norm > 0) || !std::isfinite(*s.clip_norm)) {
+      throw ProtocolError("the secure_aggregation clip_norm is not a positive number");
+    }
+  }
   return s;
 }
 
@@ -252,6 +264,9 @@ SecAggInput::to_header() const
   if (complaint) {
     h["complaint"] = *complaint;
   }
+  if (dp) {
+    h["dp"] = *dp;
+  }
   return h;
 }
 
@@ -266,6 +281,9 @@ SecAggInput::from_header(const json& h)
   in.clipped = header_uint(h, "clipped");
   in.range = header_number(h, "range", 0);
   in.max_samples = header_uint(h, "max_samples");
+  if (h.contains("dp")) {
+    in.dp = bounded_string(h, "dp", max_dp_report_bytes);
+  }
   in.signature = bounded_string(h, "signature", max_signature_bytes);
   return in;
 }
@@ -283,7 +301,8 @@ secagg_input_payload(const secagg::Params& p, std::uint32_t index, const std::st
                      {"complaint", input.complaint ? json(*input.complaint) : json()},
                      {"clipped", input.clipped},
                      {"range", input.range},
-                     {"max_samples", input.max_samples}};
+                     {"max_samples", input.max_samples},
+                     {"dp", input.dp ? json(*input.dp) : json()}};
   const auto text = body.dump();
   const auto bytes = as_bytes(text);
   return {bytes.begin(), bytes.end()};

@@ -50,6 +50,9 @@ struct SecAggSetup
   std::uint64_t length = 0;      // words: the model's values and the weight
   double range = 1.0;            // the encoding's R
   std::uint64_t max_samples = 1; // the encoding's sample cap
+  // Client-level DP: the site clips its update to this L2 norm before it encodes it (the
+  // coordinator cannot clip what it cannot see).
+  std::optional<double> clip_norm;
 
   nlohmann::json to_json() const;
   // ProtocolError for a malformed setup (counts past secagg_max_sites, an index out of range);
@@ -104,6 +107,9 @@ struct SecAggInput
   std::uint64_t clipped = 0;
   double range = 0;
   std::uint64_t max_samples = 0;
+  // Its DP-SGD report (fedl.dp's JSON text, as an update's metadata carries it), if it trained
+  // with DP-SGD; at most 4 KiB.
+  std::optional<std::string> dp;
   std::string signature; // over input_payload()
 
   nlohmann::json to_header() const;

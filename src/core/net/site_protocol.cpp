@@ -81,6 +81,9 @@ Task::to_header() const
   if (base_sha256) {
     h["base_sha256"] = *base_sha256;
   }
+  if (!secure_aggregation.is_null()) {
+    h["secure_aggregation"] = secure_aggregation;
+  }
   return h;
 }
 
@@ -102,6 +105,7 @@ Task::from_header(const json& h)
     t.base_sha256 = header_string(h, "base_sha256");
   }
   t.ledger_head = header_object(h, "ledger_head");
+  t.secure_aggregation = header_object(h, "secure_aggregation");
   return t;
 }
 

@@ -60,6 +60,8 @@ struct Task
   nlohmann::json training = nlohmann::json::object(); // as fedl.json's; the site reads it strictly
   std::optional<std::string> base_sha256;             // of the model in the body
   nlohmann::json ledger_head;                         // the coordinator's signed head (receipt.hpp); null if none
+  // With secure aggregation: the attempt's SecAggSetup (net/secagg_protocol.hpp); null if none.
+  nlohmann::json secure_aggregation;
 
   nlohmann::json to_header() const;
   static Task from_header(const nlohmann::json& header);

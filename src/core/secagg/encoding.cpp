@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <string_view>
 
 namespace fedl::core::secagg {
 
@@ -18,15 +20,17 @@ power_scale(double limit, double factor)
   return std::exp2(std::floor(std::log2(limit / factor)));
 }
 
+// Each value x (times `clip`, the L2 clip's factor), clipped to [−range, range], as
+// round(x · factor).
 template<typename T>
 void
-encode_values(const TensorView& t, double factor, double range, Encoded& out)
+encode_values(const TensorView& t, double clip, double factor, double range, Encoded& out)
 {
   const std::size_t n = t.data.size() / sizeof(T);
   for (std::size_t i = 0; i < n; ++i) {
     T v;
     std::memcpy(&v, t.data.data() + i * sizeof(T), sizeof(T));
-    double x = static_cast<double>(v);
+    double x = static_cast<double>(v) * clip;
     if (!(x >= -range && x <= range)) {
       ++out.clipped;
       x = std::isnan(x) ? 0.0 : std::clamp(x, -range, range);
@@ -80,8 +84,41 @@ Encoding::weight_scale() const
   return power_scale(0x1p32 - 1, static_cast<double>(sites));
 }
 
+namespace {
+
+// The tensors in the order their values are encoded: by name, so that the site (whose update
+// lists them as its trainer wrote them) and the coordinator (who decodes into the base model's
+// order) agree.
+template<typename T>
+std::vector<const T*>
+by_name(std::span<const T> tensors)
+{
+  std::vector<const T*> out;
+  for (const auto& t : tensors) {
+    out.push_back(&t);
+  }
+  std::sort(out.begin(), out.end(), [](const T* a, const T* b) { return a->name < b->name; });
+  return out;
+}
+
+template<typename T>
+double
+sum_of_squares(const TensorView& t)
+{
+  double s = 0;
+  const std::size_t n = t.data.size() / sizeof(T);
+  for (std::size_t i = 0; i < n; ++i) {
+    T v;
+    std::memcpy(&v, t.data.data() + i * sizeof(T), sizeof(T));
+    s += static_cast<double>(v) * static_cast<double>(v);
+  }
+  return s;
+}
+
+} // namespace
+
 Encoded
-encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding& e)
+encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding& e, std::optional<double> clip_norm)
 {
   e.check();
   if (samples == 0) {
@@ -90,18 +127,28 @@ encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding
   const double w = static_cast<double>(std::min(samples, e.max_samples)) / static_cast<double>(e.max_samples);
   Encoded out;
   std::size_t total = 0;
+  double squares = 0;
   for (const auto& t : update) {
-    total += t.numel();
-  }
-  out.words.reserve(total + 1);
-  for (const auto& t : update) {
-    if (t.dtype == DType::f32) {
-      encode_values<float>(t, w * e.scale(), e.range, out);
-    } else if (t.dtype == DType::f64) {
-      encode_values<double>(t, w * e.scale(), e.range, out);
-    } else {
+    if (t.dtype != DType::f32 && t.dtype != DType::f64) {
       throw UsageError("tensor {} is {}: secure aggregation sums F32 and F64 tensors only", t.name,
                        dtype_name(t.dtype));
+    }
+    total += t.numel();
+    if (clip_norm) {
+      squares += t.dtype == DType::f32 ? sum_of_squares<float>(t) : sum_of_squares<double>(t);
+    }
+  }
+  double factor = 1;
+  if (clip_norm && std::sqrt(squares) > *clip_norm) {
+    factor = *clip_norm / std::sqrt(squares);
+    out.norm_clipped = true;
+  }
+  out.words.reserve(total + 1);
+  for (const auto* t : by_name(update)) {
+    if (t->dtype == DType::f32) {
+      encode_values<float>(*t, factor, w * e.scale(), e.range, out);
+    } else {
+      encode_values<double>(*t, factor, w * e.scale(), e.range, out);
     }
   }
   out.words.push_back(static_cast<std::uint32_t>(std::nearbyint(w * e.weight_scale())));
@@ -109,7 +156,7 @@ encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding
 }
 
 Decoded
-decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e)
+decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e, bool mean)
 {
   e.check();
   std::size_t total = 0;
@@ -124,17 +171,22 @@ decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, con
   if (!(out.total_weight > 0)) {
     throw Error("the secure-aggregation sum carries no weight");
   }
+  const double divisor = mean ? out.total_weight : 1.0;
+  std::map<std::string_view, OwnedTensor> decoded;
   std::size_t at = 0;
-  for (const auto& t : like) {
-    OwnedTensor o{t.name, t.dtype, t.shape, {}};
-    const auto words = sum.subspan(at, t.numel());
-    if (t.dtype == DType::f64) {
-      decode_values<double>(words, e.scale(), out.total_weight, o);
+  for (const auto* t : by_name(like)) {
+    OwnedTensor o{t->name, t->dtype, t->shape, {}};
+    const auto words = sum.subspan(at, t->numel());
+    if (t->dtype == DType::f64) {
+      decode_values<double>(words, e.scale(), divisor, o);
     } else {
-      decode_values<float>(words, e.scale(), out.total_weight, o);
+      decode_values<float>(words, e.scale(), divisor, o);
     }
-    at += t.numel();
-    out.mean.push_back(std::move(o));
+    at += t->numel();
+    decoded.emplace(t->name, std::move(o));
+  }
+  for (const auto& t : like) {
+    out.mean.push_back(std::move(decoded.at(t.name)));
   }
   return out;
 }

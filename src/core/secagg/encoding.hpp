@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -37,11 +38,15 @@ struct Encoded
 {
   std::vector<std::uint32_t> words; // one per value, in the tensors' order, then the weight
   std::size_t clipped = 0;          // values that were outside [−R, R]
+  bool norm_clipped = false;        // the update was scaled down to `clip_norm`
 };
 
 // `update`'s F32 and F64 values (other dtypes are refused with UsageError), for a site with
-// `samples` samples (≥ 1).
-Encoded encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding& e);
+// `samples` samples (≥ 1); with `clip_norm`, first scaled by min(1, clip_norm / ‖update‖₂) (the
+// norm over all its tensors). Values go in the order of the tensors' names, whatever the order
+// of `update`.
+Encoded encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding& e,
+               std::optional<double> clip_norm = std::nullopt);
 
 struct Decoded
 {
@@ -50,7 +55,10 @@ struct Decoded
 };
 
 // The weighted mean from the sum (mod 2^32) of encoded words, with `like` giving the tensors'
-// names, dtypes and shapes. Throws Error if `sum` has another length or the total weight is 0.
-Decoded decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e);
+// names, dtypes and shapes (the result in its order; tensor names distinct). Throws Error if
+// `sum` has another length or the total weight is 0.
+// With `mean` false, `Decoded::mean` holds the weighted sum instead (not divided by the weight).
+Decoded decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e,
+               bool mean = true);
 
 } // namespace fedl::core::secagg

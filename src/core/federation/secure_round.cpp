@@ -1,0 +1,424 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "core/federation/secure_round.hpp"
+
+#include "core/federation/round.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/util/log.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <endian.h>
+
+namespace fedl::core {
+
+using json = nlohmann::json;
+
+SecureShape
+secure_shape(const SecureAggregationConfig& c, std::size_t n)
+{
+  if (n < 3) {
+    throw UsageError("secure aggregation needs at least 3 sites in a round, not {}", n);
+  }
+  SecureShape s;
+  s.neighbours = c.neighbours == 0 ? secagg::default_neighbours(n) : std::min<std::size_t>(c.neighbours, n - 1);
+  if (s.neighbours < n - 1 && s.neighbours % 2 == 1) {
+    ++s.neighbours; // the graph is built for an even degree
+  }
+  s.neighbours = std::max<std::size_t>(s.neighbours, 2);
+  if (c.threshold == 0) {
+    s.threshold = secagg::default_threshold(s.neighbours);
+  } else if (c.threshold < 1) {
+    s.threshold = static_cast<std::size_t>(std::ceil(c.threshold * static_cast<double>(n) - 1e-9));
+  } else {
+    s.threshold = static_cast<std::size_t>(c.threshold);
+  }
+  s.threshold = std::max<std::size_t>(s.threshold, 2);
+  const std::size_t degree = std::min(s.neighbours, n - 1);
+  if (s.threshold > degree) {
+    throw UsageError("a secure-aggregation threshold of {} needs at least {} neighbours per site, and a round of {} "
+                     "sites gives each {}; lower --secagg-threshold or raise --secagg-neighbours",
+                     s.threshold, s.threshold, n, degree);
+  }
+  return s;
+}
+
+SecureRound::SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t task, std::map<std::string, Cert> certs,
+                         Rules rules, SecureHost& host, double now)
+  : m_p(std::move(p)), m_e(e), m_task(task), m_certs(std::move(certs)), m_rules(std::move(rules)), m_host(host),
+    m_server(m_p)
+{
+  for (std::size_t i = 0; i < m_p.sites.size(); ++i) {
+    m_index[m_p.sites[i]] = static_cast<std::uint32_t>(i + 1);
+  }
+  // The keys stage waits as long as a site may take to receive the model (the round's deadline
+  // bounds it too); the stages after it for answers that need no training.
+  m_rules.quorum = std::max(m_rules.quorum, m_p.threshold);
+  m_deadline = now + m_rules.stage_timeout;
+}
+
+SecAggSetup
+SecureRound::setup_for(const std::string& site) const
+{
+  SecAggSetup s;
+  s.sites = m_p.sites;
+  s.index = index_of(site);
+  s.threshold = m_p.threshold;
+  s.neighbours = m_p.neighbours;
+  s.graph_seed = m_p.graph_seed;
+  s.length = m_p.length;
+  s.range = m_e.range;
+  s.max_samples = m_e.max_samples;
+  s.clip_norm = m_rules.clip_norm;
+  return s;
+}
+
+bool
+SecureRound::waiting_for(std::uint32_t index) const
+{
+  if (m_out.count(index) > 0) {
+    return false;
+  }
+  switch (m_stage) {
+  case Stage::keys:
+    return m_server.advertised().count(index) == 0;
+  case Stage::shares:
+    return m_server.advertised().count(index) > 0 && m_server.shared().count(index) == 0;
+  case Stage::agree:
+    return m_server.survivors().count(index) > 0 && m_signed.count(index) == 0;
+  case Stage::unmask:
+    return m_signed.count(index) > 0 && m_revealed.count(index) == 0;
+  default:
+    return false;
+  }
+}
+
+void
+SecureRound::drop(const std::string& site, const std::string& why)
+{
+  const auto it = m_index.find(site);
+  if (it == m_index.end() || !m_out.insert(it->second).second) {
+    return;
+  }
+  FEDL_LOG_WARN("round {}: {} leaves the secure aggregation: {}", m_p.round, site, why);
+  m_dropped[site] = why;
+  m_host.secure_drop(site, why);
+}
+
+void
+SecureRound::fail(const std::string& why)
+{
+  if (m_stage == Stage::failed || m_stage == Stage::done) {
+    return;
+  }
+  m_stage = Stage::failed;
+  m_failure = why;
+}
+
+void
+SecureRound::keys(const std::string& site, const SecAggKeys& m, double now)
+{
+  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+    return;
+  }
+  const auto index = index_of(site);
+  if (m_stage != Stage::keys || m.advert.index != index) {
+    drop(site, m_stage != Stage::keys ? "its keys came after the keys stage" : "its keys name another index");
+    return;
+  }
+  if (!verify_signature(m_certs.at(site), advert_payload(m_p, m.advert), m.advert.signature)) {
+    drop(site, "its keys are not signed with its certificate's key");
+    return;
+  }
+  if (auto refusal = m_server.add_advert(m.advert)) {
+    drop(site, *refusal);
+    return;
+  }
+  advance(now);
+}
+
+void
+SecureRound::shares(const std::string& site, const SecAggShares& m, double now)
+{
+  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+    return;
+  }
+  if (m_stage != Stage::shares) {
+    drop(site, "its shares came outside the shares stage");
+    return;
+  }
+  if (auto refusal = m_server.add_shares(index_of(site), m.shares)) {
+    drop(site, *refusal);
+    return;
+  }
+  advance(now);
+}
+
+std::optional<std::string>
+SecureRound::check_input(const std::string& site) const
+{
+  if (!is_participant(site)) {
+    return "the site is not in this secure aggregation";
+  }
+  const auto index = index_of(site);
+  if (m_out.count(index) > 0) {
+    return "the site left this secure aggregation";
+  }
+  if (m_stage != Stage::input || m_server.shared().count(index) == 0 || m_server.survivors().count(index) > 0) {
+    return "a masked input out of turn";
+  }
+  return std::nullopt;
+}
+
+std::optional<std::string>
+SecureRound::input(const std::string& site, const SecAggInput& m, std::span<const std::byte> body)
+{
+  if (auto refusal = check_input(site)) {
+    return refusal;
+  }
+  const auto index = index_of(site);
+  const auto sha = sha256_hex(body);
+  std::optional<std::string> refusal;
+  std::optional<DpSgdReport> dp;
+  if (!verify_signature(m_certs.at(site), secagg_input_payload(m_p, index, sha, m), m.signature)) {
+    refusal = "its masked input is not signed with its certificate's key";
+  } else if (m.complaint) {
+    const auto about = *m.complaint;
+    if (about == index || about > m_p.sites.size()) {
+      refusal = "a complaint about no neighbour";
+    } else {
+      // The coordinator cannot tell who is at fault (it cannot open the shares): both leave.
+      m_accused.insert(name_of(about));
+      refusal = fmt::format("it says the shares of {} did not open", name_of(about));
+      drop(name_of(about), fmt::format("{} says its shares did not open", site));
+    }
+  } else if (m.range != m_e.range || m.max_samples != m_e.max_samples) {
+    refusal = "its report names another encoding than the attempt's";
+  } else if (auto short_dp = check_dp_report(m.dp, m_rules.required_dp, dp)) {
+    refusal = std::move(short_dp);
+  } else if (body.size() != m_p.length * 4) {
+    refusal = fmt::format("a masked input of {} bytes, not {}", body.size(), m_p.length * 4);
+  } else {
+    secagg::MaskedInput in{index, std::vector<std::uint32_t>(m_p.length)};
+    for (std::size_t i = 0; i < m_p.length; ++i) {
+      std::uint32_t w = 0;
+      std::memcpy(&w, body.data() + 4 * i, 4);
+      in.masked[i] = le32toh(w);
+    }
+    refusal = m_server.add_masked(std::move(in));
+  }
+  if (refusal) {
+    drop(site, *refusal);
+    return refusal;
+  }
+  m_inputs.push_back({{"site", site}, {"sha256", sha}, {"clipped", m.clipped}});
+  if (dp) {
+    m_dp.emplace(site, *dp);
+  }
+  return std::nullopt;
+}
+
+void
+SecureRound::close_input(double now)
+{
+  if (m_stage == Stage::failed) {
+    return;
+  }
+  if (m_stage != Stage::input) {
+    fail(fmt::format("the attempt closed before every site's shares were relayed ({} stage)",
+                     m_stage == Stage::keys ? "keys" : "shares"));
+    return;
+  }
+  const auto& u3 = m_server.survivors();
+  if (u3.size() < m_rules.quorum) {
+    fail(fmt::format("{} masked inputs, below the {} the sum needs", u3.size(), m_rules.quorum));
+    return;
+  }
+  begin_stage(Stage::agree, now);
+  const SecAggUnmask request{m_task, m_server.unmask_request().survivors, {}};
+  const auto header = request.to_header();
+  for (const auto i : u3) {
+    if (m_out.count(i) == 0) {
+      m_host.secure_send(name_of(i), FrameType::secagg_unmask, header);
+    }
+  }
+  advance(now);
+}
+
+void
+SecureRound::signature(const std::string& site, const SecAggSignature& m, double now)
+{
+  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+    return;
+  }
+  const auto index = index_of(site);
+  if (m_stage != Stage::agree || m.signature.index != index) {
+    drop(site, "a signature of the survivors out of turn");
+    return;
+  }
+  const auto payload = secagg::survivors_payload(m_p, m_server.unmask_request().survivors);
+  if (!verify_signature(m_certs.at(site), payload, m.signature.signature)) {
+    drop(site, "its signature of the survivors does not verify");
+    return;
+  }
+  if (auto refusal = m_server.add_signature(m.signature)) {
+    drop(site, *refusal);
+    return;
+  }
+  m_signed.insert(index);
+  advance(now);
+}
+
+void
+SecureRound::reveal(const std::string& site, const SecAggReveal& m, double now)
+{
+  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+    return;
+  }
+  const auto index = index_of(site);
+  if (m_stage != Stage::unmask || m.reveal.index != index || m_signed.count(index) == 0) {
+    drop(site, "shares revealed out of turn");
+    return;
+  }
+  if (auto refusal = m_server.add_reveal(m.reveal)) {
+    drop(site, *refusal);
+    return;
+  }
+  m_revealed.insert(index);
+  advance(now);
+}
+
+void
+SecureRound::gone(const std::string& site, const std::string& why, double now)
+{
+  if (is_participant(site)) {
+    drop(site, why);
+    advance(now);
+  }
+}
+
+void
+SecureRound::tick(double now)
+{
+  advance(now);
+}
+
+void
+SecureRound::begin_stage(Stage s, double now)
+{
+  m_stage = s;
+  m_deadline = now + m_rules.stage_timeout;
+}
+
+void
+SecureRound::advance(double now)
+{
+  if (m_stage == Stage::input || m_stage == Stage::done || m_stage == Stage::failed) {
+    return;
+  }
+  bool waiting = false;
+  for (std::uint32_t i = 1; i <= m_p.sites.size(); ++i) {
+    waiting = waiting || waiting_for(i);
+  }
+  if (waiting && now < m_deadline) {
+    return;
+  }
+  // Whoever this stage still waits for is out.
+  for (std::uint32_t i = 1; i <= m_p.sites.size(); ++i) {
+    if (waiting_for(i)) {
+      drop(name_of(i), "no answer by the stage's deadline");
+    }
+  }
+  const std::size_t t = m_p.threshold;
+  switch (m_stage) {
+  case Stage::keys: {
+    const auto& u1 = m_server.advertised();
+    if (u1.size() < t) {
+      fail(fmt::format("{} sites sent keys, below the threshold {}", u1.size(), t));
+      return;
+    }
+    begin_stage(Stage::shares, now);
+    for (const auto i : u1) {
+      SecAggPeers peers{m_task, {}};
+      for (auto& a : m_server.adverts_for(i)) {
+        const auto& cert = m_certs.at(name_of(a.index));
+        peers.peers.push_back({std::move(a), to_pem(cert)});
+      }
+      m_host.secure_send(name_of(i), FrameType::secagg_peers, peers.to_header());
+    }
+    break;
+  }
+  case Stage::shares: {
+    const auto& u2 = m_server.shared();
+    if (u2.size() < std::max(t, m_rules.quorum)) {
+      fail(fmt::format("{} sites sent shares, below the {} needed", u2.size(), std::max(t, m_rules.quorum)));
+      return;
+    }
+    begin_stage(Stage::input, now);
+    for (const auto i : u2) {
+      if (m_out.count(i) == 0) {
+        m_host.secure_send(name_of(i), FrameType::secagg_shares, SecAggShares{m_task, m_server.shares_for(i)}.to_header());
+      }
+    }
+    break;
+  }
+  case Stage::agree: {
+    const auto need = secagg::consistency_quorum(m_p);
+    if (m_signed.size() < need) {
+      fail(fmt::format("{} survivors signed the survivor list, below the {} needed", m_signed.size(), need));
+      return;
+    }
+    begin_stage(Stage::unmask, now);
+    const SecAggUnmask request{m_task, m_server.unmask_request().survivors, m_server.signatures()};
+    const auto header = request.to_header();
+    for (const auto i : m_signed) {
+      if (m_out.count(i) == 0) {
+        m_host.secure_send(name_of(i), FrameType::secagg_unmask, header);
+      }
+    }
+    break;
+  }
+  case Stage::unmask:
+    try {
+      m_sum = m_server.unmasked_sum();
+      m_stage = Stage::done;
+    } catch (const Error& e) {
+      fail(fmt::format("the masks could not be removed: {}", e.what()));
+    }
+    return;
+  default:
+    return;
+  }
+  advance(now); // the next stage may have nobody to wait for
+}
+
+json
+SecureRound::record() const
+{
+  json survivors = json::array();
+  json after = json::array();
+  for (const auto i : m_server.survivors()) {
+    survivors.push_back(name_of(i));
+    if (m_revealed.count(i) == 0) {
+      after.push_back(name_of(i));
+    }
+  }
+  json unmasked_by = json::array();
+  for (const auto i : m_revealed) {
+    unmasked_by.push_back(name_of(i));
+  }
+  json dropped = json::array();
+  for (const auto& [site, why] : m_dropped) {
+    dropped.push_back({{"site", site}, {"reason", why}});
+  }
+  return {{"threshold", m_p.threshold},   {"neighbours", m_p.neighbours},  {"range", m_e.range},
+          {"max_samples", m_e.max_samples}, {"sites", m_p.sites},           {"masked_inputs", m_inputs},
+          {"survivors", survivors},         {"unmasked_by", unmasked_by},   {"dropped_after_masking", after},
+          {"dropped", dropped}};
+}
+
+} // namespace fedl::core

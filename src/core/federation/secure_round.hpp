@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: Apache-2.0
+// The coordinator's side of one secure aggregation attempt (issue 13; DESIGN-NOTES "Secure
+// aggregation"), without sockets or a clock of its own: secagg::Server over the stage frames of
+// net/secagg_protocol.hpp, each stage with its rule "everyone expected answered, or the stage's
+// deadline", and "at least t" to go on.
+//
+//   keys ──every participant advertised (or dropped), or the deadline──▶ shares (peers sent)
+//   shares ──every advertiser shared, or the deadline──▶ input (shares relayed)
+//   input ──the round machine closes the attempt (every input, or the round's deadline)──▶
+//   agree (the survivors named) ──every survivor signed, or the deadline──▶
+//   unmask (the signatures relayed) ──every signer revealed, or the deadline──▶ done (the sum)
+//   any stage ──fewer than needed──▶ failed (the attempt is recorded as round-failed and retried)
+//
+// A site that sends a malformed or inconsistent message, or goes away, leaves the attempt (the
+// host hears it through SecureHost::drop while the machine still waits for inputs); the
+// coordinator itself never stops for what a site sends.
+#pragma once
+
+#include "core/config/config.hpp"
+#include "core/net/frame.hpp"
+#include "core/net/secagg_protocol.hpp"
+#include "core/privacy/privacy.hpp"
+#include "core/secagg/protocol.hpp"
+#include "core/trust/pki.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace fedl::core {
+
+// The most sites one secure attempt asks (the survivors' signatures ride in one frame header), and
+// the most neighbours a site may have (their certificates ride in one).
+inline constexpr std::size_t secure_max_sites = 400;
+inline constexpr std::size_t secure_max_neighbours = 40;
+
+// t and k for n sites asked (SecureAggregationConfig's rules). UsageError if n < 3 or the
+// configured threshold cannot be met with k neighbours.
+struct SecureShape
+{
+  std::size_t threshold = 0;
+  std::size_t neighbours = 0;
+};
+SecureShape secure_shape(const SecureAggregationConfig& c, std::size_t n);
+
+class SecureHost
+{
+public:
+  virtual ~SecureHost() = default;
+  virtual void secure_send(const std::string& site, FrameType type, const nlohmann::json& header) = 0;
+  // `site` is out of the attempt (it must not be waited for).
+  virtual void secure_drop(const std::string& site, const std::string& why) = 0;
+};
+
+class SecureRound
+{
+public:
+  enum class Stage
+  {
+    keys,
+    shares,
+    input,
+    agree,
+    unmask,
+    done,
+    failed
+  };
+
+  // What the coordinator asks of an attempt beyond the protocol's parameters.
+  struct Rules
+  {
+    double stage_timeout = 30; // seconds each stage after the first may wait
+    std::size_t quorum = 2;    // the fewest inputs the sum may hold (at least t)
+    // The DP-SGD each input's signed report must show (fedl.json's training.dp), if any.
+    std::optional<DpSgdConfig> required_dp;
+    // Client-level DP: the L2 norm each site clips its update to.
+    std::optional<double> clip_norm;
+  };
+
+  // An attempt over `p.sites` (their certificates in `certs`, by name), for task `task`.
+  SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t task, std::map<std::string, Cert> certs,
+              Rules rules, SecureHost& host, double now);
+
+  std::uint64_t task() const noexcept { return m_task; }
+  Stage stage() const noexcept { return m_stage; }
+  const std::string& failure() const noexcept { return m_failure; }
+  const secagg::Params& params() const noexcept { return m_p; }
+  const secagg::Encoding& encoding() const noexcept { return m_e; }
+  // The setup sent with `site`'s task.
+  SecAggSetup setup_for(const std::string& site) const;
+  bool is_participant(const std::string& site) const { return m_index.count(site) > 0; }
+  std::string fingerprint(const std::string& site) const { return certificate_fingerprint(m_certs.at(site)); }
+
+  void keys(const std::string& site, const SecAggKeys& m, double now);
+  void shares(const std::string& site, const SecAggShares& m, double now);
+  // Whether an input of `site` may come now (before its body is received): a refusal if not.
+  std::optional<std::string> check_input(const std::string& site) const;
+  // The input (the frame's body: length little-endian words); a refusal if it is not taken (the
+  // site is then out of the attempt).
+  std::optional<std::string> input(const std::string& site, const SecAggInput& m, std::span<const std::byte> body);
+  // The machine closed the input stage: name the survivors.
+  void close_input(double now);
+  void signature(const std::string& site, const SecAggSignature& m, double now);
+  void reveal(const std::string& site, const SecAggReveal& m, double now);
+  void gone(const std::string& site, const std::string& why, double now);
+  void tick(double now);
+
+  // Once done: the sum of the survivors' words (mod 2^32).
+  const std::vector<std::uint32_t>& sum() const noexcept { return m_sum; }
+  // For the ledger: threshold, neighbours, range, max_samples, masked_inputs [{site, sha256,
+  // clipped}], survivors, dropped_after_masking, and the sites dropped before and why.
+  nlohmann::json record() const;
+  // Sites accused in a complaint this attempt (for the machine to leave out of the round's next
+  // attempts).
+  const std::set<std::string>& accused() const noexcept { return m_accused; }
+  // The DP-SGD reports of the sites whose inputs were taken.
+  const std::map<std::string, DpSgdReport>& dp_reports() const noexcept { return m_dp; }
+
+private:
+  std::uint32_t index_of(const std::string& site) const { return m_index.at(site); }
+  const std::string& name_of(std::uint32_t index) const { return m_p.sites.at(index - 1); }
+  void drop(const std::string& site, const std::string& why);
+  void fail(const std::string& why);
+  // Moves on from the current stage if nobody it waits for is left, or at its deadline.
+  void advance(double now);
+  void begin_stage(Stage s, double now);
+  bool waiting_for(std::uint32_t index) const;
+
+  secagg::Params m_p;
+  secagg::Encoding m_e;
+  std::uint64_t m_task;
+  std::map<std::string, Cert> m_certs;
+  Rules m_rules;
+  SecureHost& m_host;
+  secagg::Server m_server;
+  std::map<std::string, std::uint32_t> m_index;
+  Stage m_stage = Stage::keys;
+  double m_deadline = 0;
+  std::set<std::uint32_t> m_out; // dropped from the attempt
+  std::map<std::string, std::string> m_dropped; // site → why
+  std::set<std::uint32_t> m_signed;
+  std::set<std::uint32_t> m_revealed;
+  std::set<std::string> m_accused;
+  nlohmann::json m_inputs = nlohmann::json::array();
+  std::map<std::string, DpSgdReport> m_dp;
+  std::vector<std::uint32_t> m_sum;
+  std::string m_failure;
+};
+
+} // namespace fedl::core

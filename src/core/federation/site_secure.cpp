@@ -1,0 +1,198 @@
+// SPDX-License-Identifier: Apache-2.0
+// The site's side of secure aggregation (site.hpp, SecureJob): it advertises its keys as soon as
+// a task arrives (training goes on meanwhile), seals shares for the neighbours the coordinator
+// relays (each checked against the federation's CA and the name the setup gives its index),
+// encodes its update once trained (clipped to the DP clip norm under client-level DP), masks it
+// once its neighbours' shares are in, signs the survivor list once, and reveals what the
+// protocol allows. Anything malformed from the coordinator ends this site's part in the attempt,
+// never the site.
+#include "core/federation/site.hpp"
+
+#include "core/trust/pki.hpp"
+#include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/util/log.hpp"
+
+#include <fmt/format.h>
+
+#include <endian.h>
+
+namespace fedl::core::join_detail {
+
+bool
+Site::start_secure(const Task& task, const Job& job)
+{
+  try {
+    SecureJob s;
+    s.task = job.task;
+    s.round = job.round;
+    s.setup = SecAggSetup::from_json(task.secure_aggregation);
+    s.params = s.setup.params(job.round, task.attempt);
+    (void)s.setup.encoding(); // checked now, used once trained
+    if (s.params.sites.at(s.setup.index - 1) != m_site) {
+      throw UsageError("it gives this site's index to {}", s.params.sites.at(s.setup.index - 1));
+    }
+    s.client = std::make_unique<secagg::Client>(
+      s.params, s.setup.index, [this](std::span<const std::byte> payload) { return core::sign(m_identity.key, payload); });
+    s.certs.emplace(s.setup.index, certificate_from_pem(to_pem(m_identity.cert), "this site's certificate"));
+    m_conn->send(FrameType::secagg_keys, SecAggKeys{s.task, s.client->advertise()}.to_header());
+    m_secure = std::move(s);
+    FEDL_LOG_DEBUG("round {}: secure aggregation, index {} of {}, threshold {}", job.round, m_secure->setup.index,
+                   m_secure->params.sites.size(), m_secure->params.threshold);
+    return true;
+  } catch (const std::exception& e) {
+    refuse(job.task, job.round, ReasonClass::bad_settings,
+           fmt::format("the task's secure_aggregation cannot be used: {}", e.what()), true);
+    return false;
+  }
+}
+
+secagg::Verifier
+Site::secure_verifier() const
+{
+  return [this](std::uint32_t index, std::span<const std::byte> payload, std::string_view signature) {
+    const auto it = m_secure->certs.find(index);
+    return it != m_secure->certs.end() && verify_signature(it->second, payload, signature);
+  };
+}
+
+void
+Site::abandon_secure(const std::string& why)
+{
+  if (!m_secure) {
+    return;
+  }
+  const auto task = m_secure->task;
+  const auto round = m_secure->round;
+  m_secure.reset();
+  if (m_busy_serial != 0 && m_busy_task == task) {
+    cancel_job("it left the secure aggregation");
+    m_busy_serial = 0;
+  }
+  refuse(task, round, ReasonClass::bad_settings, fmt::format("secure aggregation: {}", why), true);
+}
+
+void
+Site::on_secure_frame(FrameType type, const json& header)
+{
+  if (!m_secure || header_uint(header, "task") != m_secure->task) {
+    FEDL_LOG_DEBUG("a {} frame for another task; ignored", frame_type_name(type));
+    return;
+  }
+  auto& s = *m_secure;
+  const std::size_t n = s.params.sites.size();
+  try {
+    switch (type) {
+    case FrameType::secagg_peers: {
+      const auto peers = SecAggPeers::from_header(header, n);
+      std::vector<secagg::KeyAdvert> adverts;
+      for (const auto& peer : peers.peers) {
+        // A neighbour is who the federation's CA says it is, under the name the setup gives its index.
+        auto cert = certificate_from_pem(peer.certificate, "a neighbour's certificate");
+        const auto verdict = verify_certificate(cert, m_ca, nullptr, CertPurpose::client);
+        if (!verdict) {
+          throw secagg::ProtocolAbort("the certificate of neighbour {}: {}", peer.advert.index, verdict.reason);
+        }
+        if (peer.advert.index > n || certificate_info(cert).common_name != s.params.sites[peer.advert.index - 1]) {
+          throw secagg::ProtocolAbort("the certificate given for index {} is not of the site the setup names",
+                                      peer.advert.index);
+        }
+        s.certs.insert_or_assign(peer.advert.index, std::move(cert));
+        adverts.push_back(peer.advert);
+      }
+      auto sealed = s.client->share(adverts, secure_verifier());
+      m_conn->send(FrameType::secagg_shares, SecAggShares{s.task, std::move(sealed)}.to_header());
+      return;
+    }
+    case FrameType::secagg_shares: {
+      if (s.received) {
+        throw secagg::ProtocolAbort("shares relayed twice");
+      }
+      s.received = SecAggShares::from_header(header, n).shares;
+      send_secure_input();
+      return;
+    }
+    case FrameType::secagg_unmask: {
+      const auto m = SecAggUnmask::from_header(header, n);
+      const secagg::UnmaskRequest request{m.survivors};
+      if (m.signatures.empty()) {
+        const auto signature = s.client->agree(request);
+        m_conn->send(FrameType::secagg_signature, SecAggSignature{s.task, signature}.to_header());
+      } else {
+        auto reveal = s.client->unmask(request, m.signatures, secure_verifier());
+        m_conn->send(FrameType::secagg_reveal, SecAggReveal{s.task, std::move(reveal)}.to_header());
+        FEDL_LOG_INFO("round {}: secure aggregation: this site's part is done", s.round);
+      }
+      return;
+    }
+    default:
+      return;
+    }
+  } catch (const std::exception& e) {
+    // A ProtocolAbort, a malformed frame, a certificate that does not check: out of this attempt.
+    FEDL_LOG_WARN("round {}: leaving the secure aggregation: {}", s.round, e.what());
+    abandon_secure(e.what());
+  }
+}
+
+void
+Site::secure_trained(const Job& job, const TrainResult& result, const std::vector<std::byte>& body)
+{
+  auto& s = *m_secure;
+  const auto update = parse_safetensors(body, "the trainer's update");
+  s.encoded = secagg::encode(update.tensors, result.num_samples, s.setup.encoding(), s.setup.clip_norm);
+  if (result.dp) {
+    s.dp = result.dp->dump();
+  }
+  m_round_floor = std::max(m_round_floor, job.round);
+  ++m_rounds_trained;
+  m_last_round = job.round;
+  FEDL_LOG_INFO("round {}: trained ({} samples, {:.1f} s); encoded for secure aggregation{}", job.round,
+                result.num_samples, result.seconds,
+                s.encoded->clipped > 0 ? fmt::format(", {} values clipped to ±{:g}", s.encoded->clipped, s.setup.range)
+                                       : std::string());
+  send_secure_input();
+}
+
+void
+Site::send_secure_input()
+{
+  auto& s = *m_secure;
+  if (!s.encoded || !s.received || s.input_sent) {
+    return;
+  }
+  s.input_sent = true;
+  try {
+    const auto masked = s.client->mask(s.encoded->words, *s.received);
+    SecAggInput input;
+    input.task = s.task;
+    input.range = s.setup.range;
+    input.max_samples = s.setup.max_samples;
+    auto body = std::make_shared<std::vector<std::byte>>();
+    if (const auto* complaint = std::get_if<secagg::Complaint>(&masked)) {
+      input.complaint = complaint->about;
+      FEDL_LOG_WARN("round {}: the shares of {} did not open; telling the coordinator", s.round,
+                    s.params.sites[complaint->about - 1]);
+    } else {
+      const auto& words = std::get<secagg::MaskedInput>(masked).masked;
+      body->resize(words.size() * 4);
+      for (std::size_t i = 0; i < words.size(); ++i) {
+        const std::uint32_t w = htole32(words[i]);
+        std::memcpy(body->data() + 4 * i, &w, 4);
+      }
+      input.clipped = s.encoded->clipped;
+      input.dp = s.dp;
+    }
+    input.signature = core::sign(m_identity.key, secagg_input_payload(s.params, s.setup.index, sha256_hex(*body), input));
+    s.encoded.reset(); // the clear words are not needed any more
+    if (can_queue()) {
+      m_conn->send(FrameType::secagg_input, input.to_header(), {std::span<const std::byte>(*body)}, body);
+      FEDL_LOG_INFO("round {}: masked input sent", s.round);
+    }
+  } catch (const std::exception& e) {
+    FEDL_LOG_WARN("round {}: leaving the secure aggregation: {}", s.round, e.what());
+    abandon_secure(e.what());
+  }
+}
+
+} // namespace fedl::core::join_detail

@@ -97,7 +97,8 @@ private:
   void stop() override { stop_now(); }
 
   // SecureHost, and the secure aggregation around it (coordinator_secure.cpp).
-  void secure_send(const std::string& site, FrameType type, const json& header) override;
+  void secure_send(const std::string& site, FrameType type, const json& header,
+                   std::shared_ptr<const std::string> body) override;
   void secure_drop(const std::string& site, const std::string& why) override;
   // The attempt's SecureRound, made when its first task is sent; none if it cannot be (the
   // participants are then dropped with why).

@@ -6,6 +6,7 @@
 
 #include "core/format/safetensors.hpp"
 #include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
 
 #include <asio/post.hpp>
@@ -88,10 +89,15 @@ Coordinator::secure_round_for(const RoundTask& task)
 }
 
 void
-Coordinator::secure_send(const std::string& site, FrameType type, const json& header)
+Coordinator::secure_send(const std::string& site, FrameType type, const json& header,
+                         std::shared_ptr<const std::string> body)
 {
   if (const auto it = m_sites.find(site); it != m_sites.end()) {
-    it->second->conn->send(type, header);
+    if (body) {
+      it->second->conn->send(type, header, {as_bytes(*body)}, body);
+    } else {
+      it->second->conn->send(type, header);
+    }
   }
 }
 

@@ -375,9 +375,15 @@ SecureRound::advance(double now)
     begin_stage(Stage::unmask, now);
     const SecAggUnmask request{m_task, m_server.unmask_request().survivors, m_server.signatures()};
     const auto header = request.to_header();
+    // With the signers' certificates: a site knows its neighbours' alone, and checks a majority.
+    std::vector<std::pair<std::uint32_t, std::string>> certs;
+    for (const auto i : m_signed) {
+      certs.emplace_back(i, to_pem(m_certs.at(name_of(i))));
+    }
+    const auto body = std::make_shared<const std::string>(secagg_certificates_body(certs));
     for (const auto i : m_signed) {
       if (m_out.count(i) == 0) {
-        m_host.secure_send(name_of(i), FrameType::secagg_unmask, header);
+        m_host.secure_send(name_of(i), FrameType::secagg_unmask, header, body);
       }
     }
     break;

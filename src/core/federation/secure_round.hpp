@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <span>
@@ -53,7 +54,9 @@ class SecureHost
 {
 public:
   virtual ~SecureHost() = default;
-  virtual void secure_send(const std::string& site, FrameType type, const nlohmann::json& header) = 0;
+  // `body`: the frame's body, if any (the signers' certificates with the unmask request).
+  virtual void secure_send(const std::string& site, FrameType type, const nlohmann::json& header,
+                           std::shared_ptr<const std::string> body = nullptr) = 0;
   // `site` is out of the attempt (it must not be waited for).
   virtual void secure_drop(const std::string& site, const std::string& why) = 0;
 };

@@ -8,6 +8,7 @@
 #include "core/net/connection.hpp"
 #include "core/net/site_protocol.hpp"
 #include "core/net/trainer_protocol.hpp"
+#include "core/federation/secure_round.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/pki.hpp"
 #include "core/trust/receipt.hpp"
@@ -83,7 +84,7 @@ Site::connect()
           .allow(FrameType::error)
           .allow(FrameType::secagg_peers)
           .allow(FrameType::secagg_shares)
-          .allow(FrameType::secagg_unmask);
+          .allow(FrameType::secagg_unmask, secure_max_sites * 17 * 1024);
         FramedConnection::Callbacks cb;
         cb.on_ready = [this] { m_conn->send(FrameType::hello, Hello{m_site}.to_header()); };
         cb.on_head = [this](const FramePrefix& prefix, const json&) {
@@ -97,6 +98,9 @@ Site::connect()
           }
           if (!buffer) {
             buffer = std::make_shared<std::vector<std::byte>>();
+          }
+          if (prefix.type == FrameType::secagg_unmask) {
+            buffer->reserve(prefix.body_size); // bounded by the frame limit
           }
           if (m_s.contract && prefix.type == FrameType::task) {
             // The contract bounds the body to the model's size: room for it at once, rather than
@@ -222,7 +226,7 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
   case FrameType::secagg_peers:
   case FrameType::secagg_shares:
   case FrameType::secagg_unmask:
-    on_secure_frame(type, header);
+    on_secure_frame(type, header, sink.memory ? std::span<const std::byte>(*sink.memory) : std::span<const std::byte>());
     return;
   case FrameType::done: {
     const auto done = Done::from_header(header);

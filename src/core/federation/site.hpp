@@ -136,7 +136,7 @@ private:
   // it, already told), the coordinator's stage frames, the trained update to encode, and the
   // masked input once both it and the shares are there.
   bool start_secure(const Task& task, const Job& job);
-  void on_secure_frame(FrameType type, const json& header);
+  void on_secure_frame(FrameType type, const json& header, std::span<const std::byte> body);
   void secure_trained(const Job& job, const TrainResult& result, const std::vector<std::byte>& body);
   void send_secure_input();
   void abandon_secure(const std::string& why);

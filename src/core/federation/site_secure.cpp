@@ -72,8 +72,28 @@ Site::abandon_secure(const std::string& why)
   refuse(task, round, ReasonClass::bad_settings, fmt::format("secure aggregation: {}", why), true);
 }
 
+namespace {
+
+// A certificate the coordinator relays for `index`: issued by the federation's CA, to the site
+// the setup gives that index. ProtocolAbort if not.
+Cert
+checked_peer_certificate(const std::string& pem, std::uint32_t index, const SecureJob& s, const Cert& ca)
+{
+  auto cert = certificate_from_pem(pem, "a peer's certificate");
+  const auto verdict = verify_certificate(cert, ca, nullptr, CertPurpose::client);
+  if (!verdict) {
+    throw secagg::ProtocolAbort("the certificate of site {}: {}", index, verdict.reason);
+  }
+  if (index == 0 || index > s.params.sites.size() || certificate_info(cert).common_name != s.params.sites[index - 1]) {
+    throw secagg::ProtocolAbort("the certificate given for index {} is not of the site the setup names", index);
+  }
+  return cert;
+}
+
+} // namespace
+
 void
-Site::on_secure_frame(FrameType type, const json& header)
+Site::on_secure_frame(FrameType type, const json& header, std::span<const std::byte> body)
 {
   if (!m_secure || header_uint(header, "task") != m_secure->task) {
     FEDL_LOG_DEBUG("a {} frame for another task; ignored", frame_type_name(type));
@@ -88,16 +108,8 @@ Site::on_secure_frame(FrameType type, const json& header)
       std::vector<secagg::KeyAdvert> adverts;
       for (const auto& peer : peers.peers) {
         // A neighbour is who the federation's CA says it is, under the name the setup gives its index.
-        auto cert = certificate_from_pem(peer.certificate, "a neighbour's certificate");
-        const auto verdict = verify_certificate(cert, m_ca, nullptr, CertPurpose::client);
-        if (!verdict) {
-          throw secagg::ProtocolAbort("the certificate of neighbour {}: {}", peer.advert.index, verdict.reason);
-        }
-        if (peer.advert.index > n || certificate_info(cert).common_name != s.params.sites[peer.advert.index - 1]) {
-          throw secagg::ProtocolAbort("the certificate given for index {} is not of the site the setup names",
-                                      peer.advert.index);
-        }
-        s.certs.insert_or_assign(peer.advert.index, std::move(cert));
+        s.certs.insert_or_assign(peer.advert.index,
+                                 checked_peer_certificate(peer.certificate, peer.advert.index, s, m_ca));
         adverts.push_back(peer.advert);
       }
       auto sealed = s.client->share(adverts, secure_verifier());
@@ -119,6 +131,11 @@ Site::on_secure_frame(FrameType type, const json& header)
         const auto signature = s.client->agree(request);
         m_conn->send(FrameType::secagg_signature, SecAggSignature{s.task, signature}.to_header());
       } else {
+        for (const auto& [index, pem] : secagg_certificates_from_body(body, n)) {
+          if (s.certs.count(index) == 0) {
+            s.certs.emplace(index, checked_peer_certificate(pem, index, s, m_ca));
+          }
+        }
         auto reveal = s.client->unmask(request, m.signatures, secure_verifier());
         m_conn->send(FrameType::secagg_reveal, SecAggReveal{s.task, std::move(reveal)}.to_header());
         FEDL_LOG_INFO("round {}: secure aggregation: this site's part is done", s.round);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 
 namespace fedl::core {
 
@@ -333,6 +334,45 @@ SecAggUnmask::from_header(const json& h, std::size_t max_sites)
       throw ProtocolError("a survivor's signature is not an object");
     }
     out.signatures.push_back({site_index(j, "index"), bounded_string(j, "signature", max_signature_bytes)});
+  }
+  return out;
+}
+
+std::string
+secagg_certificates_body(std::span<const std::pair<std::uint32_t, std::string>> certificates)
+{
+  json list = json::array();
+  for (const auto& [index, pem] : certificates) {
+    list.push_back({{"index", index}, {"certificate", pem}});
+  }
+  return json{{"certificates", std::move(list)}}.dump();
+}
+
+std::vector<std::pair<std::uint32_t, std::string>>
+secagg_certificates_from_body(std::span<const std::byte> body, std::size_t max_sites)
+{
+  if (body.size() > max_sites * (max_certificate_bytes + 64) + 2) {
+    throw ProtocolError(fmt::format("a body of certificates of {} bytes, more than {} sites' may take", body.size(),
+                                    max_sites));
+  }
+  json top;
+  try {
+    top = decode_header(std::string_view(reinterpret_cast<const char*>(body.data()), body.size()));
+  } catch (const ProtocolError& e) {
+    throw ProtocolError(fmt::format("the certificates' body: {}", e.what()));
+  }
+  const auto& list = header_array(top, "certificates", max_sites);
+  std::vector<std::pair<std::uint32_t, std::string>> out;
+  std::set<std::uint32_t> seen;
+  for (const auto& j : list) {
+    if (!j.is_object()) {
+      throw ProtocolError("a certificate entry is not an object");
+    }
+    const auto index = site_index(j, "index");
+    if (!seen.insert(index).second) {
+      throw ProtocolError(fmt::format("two certificates for index {}", index));
+    }
+    out.emplace_back(index, bounded_string(j, "certificate", max_certificate_bytes));
   }
   return out;
 }

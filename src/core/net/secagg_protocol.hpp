@@ -31,7 +31,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fedl::core {
@@ -121,7 +123,8 @@ struct SecAggInput
 std::vector<std::byte> secagg_input_payload(const secagg::Params& p, std::uint32_t index,
                                             const std::string& words_sha256, const SecAggInput& input);
 
-// The survivors, first to be signed, then with the signatures to reveal shares for.
+// The survivors, first to be signed, then with the signatures to reveal shares for (and then the
+// frame's body holds the signers' certificates: secagg_certificates_body).
 struct SecAggUnmask
 {
   std::uint64_t task = 0;
@@ -131,6 +134,13 @@ struct SecAggUnmask
   nlohmann::json to_header() const;
   static SecAggUnmask from_header(const nlohmann::json& header, std::size_t max_sites);
 };
+
+// The certificates (PEM) of sites by index, as a frame body: {"certificates": [{"index",
+// "certificate"}, ...]}. Reading takes at most `max_sites` of them, each at most 16 KiB, indices distinct;
+// else a ProtocolError.
+std::string secagg_certificates_body(std::span<const std::pair<std::uint32_t, std::string>> certificates);
+std::vector<std::pair<std::uint32_t, std::string>> secagg_certificates_from_body(std::span<const std::byte> body,
+                                                                                 std::size_t max_sites);
 
 struct SecAggSignature
 {

@@ -49,6 +49,25 @@ TEST_CASE("core::config round-trips through JSON")
   CHECK(config_text(c).back() == '\n');
 }
 
+TEST_CASE("core::config: secure_aggregation is written only when on, read back, and checked")
+{
+  auto c = sample();
+  CHECK_FALSE(to_json(c).contains("secure_aggregation"));
+  c.secure_aggregation = SecureAggregationConfig{0.6, 6, 0.5};
+  const auto back = config_from_json(to_json(c), "fedl.json");
+  REQUIRE(back.secure_aggregation);
+  CHECK(*back.secure_aggregation == *c.secure_aggregation);
+  auto j = to_json(c);
+  j["secure_aggregation"]["threshold"] = 1.5; // neither a fraction nor a whole count of at least 2
+  CHECK(error_of(j).find("secure_aggregation: threshold") != std::string::npos);
+  j = to_json(c);
+  j["secure_aggregation"]["range"] = 0;
+  CHECK(error_of(j).find("secure_aggregation: range") != std::string::npos);
+  j = to_json(c);
+  j["secure_aggregation"]["degree"] = 4;
+  CHECK(error_of(j).find("unknown key secure_aggregation.degree") != std::string::npos);
+}
+
 TEST_CASE("core::config rejects unknown keys by their path")
 {
   auto j = to_json(sample());

@@ -35,6 +35,7 @@ import time
 MAGIC = b"FEDL"
 VERSION = 1
 HELLO, WELCOME, TASK, UPDATE, HEARTBEAT, DONE, ERROR, EVAL, RESULT = range(1, 10)
+SECAGG_KEYS, SECAGG_PEERS, SECAGG_SHARES = 10, 11, 12
 NAMES = {HELLO: "hello", WELCOME: "welcome", TASK: "task", UPDATE: "update", HEARTBEAT: "heartbeat",
          DONE: "done", ERROR: "error", EVAL: "eval", RESULT: "result"}
 
@@ -289,7 +290,7 @@ def crafted_update(model, base_sha256, site, cert_path, key_path, case):
 
 
 CASES = ["bad-cert-time", "huge-values", "nan-value", "many-samples", "big-kind", "utf8-kind", "deep-header", "deep-metrics",
-         "error-text", "twice"]
+         "error-text", "twice", "bad-keys", "bad-shares"]
 
 
 # ---- scenarios: each runs after a successful handshake
@@ -436,6 +437,32 @@ def scenario_hostile(p):
         p.report["next"] = {"type": NAMES[f[0]], "header": f[1]}
 
 
+def scenario_secagg_garbage(p):
+    """As an enrolled site under secure aggregation: answer the task's setup the way --case says
+    (bad-keys: keys whose signature is garbage; bad-shares: shares of the wrong size), and stay
+    until the connection ends or --hold passes."""
+    got = p.first_task()
+    if got is None:
+        return
+    task, _ = got
+    setup = task.get("secure_aggregation")
+    p.report["round"] = task["round"]
+    p.report["setup"] = setup is not None
+    if setup is None:
+        return
+    index = setup["index"]
+    if p.args.case == "bad-keys":
+        p.send_frame(SECAGG_KEYS, {"task": task["task"], "index": index, "c_public": os.urandom(32).hex(),
+                                   "s_public": os.urandom(32).hex(), "seed_commitment": os.urandom(32).hex(),
+                                   "signature": base64.b64encode(os.urandom(64)).decode()})
+        p.report["sent"] = "keys with a garbage signature"
+    else:
+        to = 1 if index != 1 else 2
+        p.send_frame(SECAGG_SHARES, {"task": task["task"], "shares": [{"from": index, "to": to, "sealed": "00" * 7}]})
+        p.report["sent"] = "shares of 7 bytes"
+    p.drain(p.args.hold)
+
+
 def scenario_strangers(p):
     """Not TLS at all: hold --count bare TCP connections from --source, re-opening each one the
     coordinator closes, for --hold seconds; reports how many were opened and closed."""
@@ -490,6 +517,7 @@ SCENARIOS = {
     "wrong-shape": scenario_wrong_shape,
     "hostile": scenario_hostile,
     "strangers": scenario_strangers,
+    "secagg-garbage": scenario_secagg_garbage,
 }
 
 
@@ -510,7 +538,7 @@ def main():
     ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats sent")
     ap.add_argument("--pause", type=float, default=0, help="huge: seconds to wait after the prefix; hostile "
                     "--case twice: between the two updates")
-    ap.add_argument("--case", choices=CASES, default="huge-values", help="hostile: what to send")
+    ap.add_argument("--case", choices=CASES, default="huge-values", help="hostile, secagg-garbage: what to send")
     ap.add_argument("--count", type=int, default=256, help="strangers: connections to hold")
     ap.add_argument("--source", default="127.0.0.2", help="strangers: the local address to connect from")
     ap.add_argument("--sources", type=int, default=1, help="strangers: connect from 127.0.0.2 ... 127.0.0.(N+1) "

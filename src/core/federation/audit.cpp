@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <set>
 
 namespace fs = std::filesystem;
@@ -70,6 +71,12 @@ private:
   void check_identity();
   void walk();
   void audit_round(const LedgerEntry& e);
+  struct SecureSummary
+  {
+    std::string text;
+    nlohmann::json summary; // null: the round had no secure aggregation
+  };
+  SecureSummary audit_secure_aggregation(const LedgerEntry& e, std::vector<std::string> sites) const;
   void check_files() const;
   void check_witnesses(const std::vector<fs::path>& witnesses);
   void summarize_privacy();
@@ -176,9 +183,11 @@ Auditor::audit_round(const LedgerEntry& e)
   m_rejected += rej.size();
   const std::string accuracy =
     m_state.accuracy ? fmt::format(", accuracy {:.2f}%", *m_state.accuracy * 100) : std::string();
-  m_text += fmt::format("round {:>4}: {} ({} participants: {}){}{}{}\n", r, e.body.value("strategy", "?"), sites.size(),
-                        fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
-                        round_privacy_text(e.body));
+  const auto secure = audit_secure_aggregation(e, sites);
+  m_text += fmt::format("round {:>4}: {} ({} participants: {}){}{}{}{}\n", r, e.body.value("strategy", "?"),
+                        sites.size(), fmt::join(sites, ", "),
+                        rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
+                        round_privacy_text(e.body), secure.text);
   for (const auto& x : rej) {
     m_text += fmt::format("            rejected {}: {}\n", x.value("file", "?"), x.value("reason", "?"));
   }
@@ -189,6 +198,54 @@ Auditor::audit_round(const LedgerEntry& e)
                       {"rejected", rej},
                       {"model", m_model},
                       {"time", e.time}});
+  if (!secure.summary.is_null()) {
+    m_rounds.back()["secure_aggregation"] = secure.summary;
+  }
+}
+
+// A round's "secure_aggregation" record, if it has one: its survivors are the round's
+// participants, every masked input is a survivor's with a SHA-256, and at least t survived. The
+// text for the round's line and the summary for --json.
+Auditor::SecureSummary
+Auditor::audit_secure_aggregation(const LedgerEntry& e, std::vector<std::string> sites) const
+{
+  const auto it = e.body.find("secure_aggregation");
+  if (it == e.body.end()) {
+    return {};
+  }
+  const auto& sa = *it;
+  const auto bad = [&](const std::string& what) {
+    return VerifyError("{}: line {}: round {}'s secure_aggregation {}", m_ws.ledger().string(), e.line,
+                       e.body.at("round").get<std::uint64_t>(), what);
+  };
+  auto survivors = sa.at("survivors").get<std::vector<std::string>>();
+  std::sort(survivors.begin(), survivors.end());
+  std::sort(sites.begin(), sites.end());
+  if (survivors != sites) {
+    throw bad("names other survivors than the round's participants");
+  }
+  std::set<std::string> masked;
+  for (const auto& m : sa.at("masked_inputs")) {
+    if (m.at("sha256").get<std::string>().size() != 64 || !masked.insert(m.at("site").get<std::string>()).second) {
+      throw bad("lists a masked input twice or without its SHA-256");
+    }
+  }
+  if (masked != std::set<std::string>(survivors.begin(), survivors.end())) {
+    throw bad("lists masked inputs of other sites than its survivors");
+  }
+  const auto t = sa.at("threshold").get<std::uint64_t>();
+  if (survivors.size() < t) {
+    throw bad(fmt::format("has {} survivors, below its threshold {}", survivors.size(), t));
+  }
+  const auto after = sa.at("dropped_after_masking").get<std::vector<std::string>>();
+  SecureSummary out;
+  out.text = fmt::format(", secure aggregation (threshold {}, {} neighbours{})", t, sa.at("neighbours").get<std::uint64_t>(),
+                         after.empty() ? std::string() : fmt::format(", unmasked for {}", fmt::join(after, ", ")));
+  out.summary = {{"threshold", t},
+                 {"neighbours", sa.at("neighbours")},
+                 {"survivors", survivors},
+                 {"dropped_after_masking", after}};
+  return out;
 }
 
 // fedl.json and the CRL as last recorded, revocations in the CRL, and no model file the ledger

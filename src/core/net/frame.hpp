@@ -48,7 +48,7 @@ enum class FrameType : std::uint8_t
                  // a "task" field it reports a failed task and the connection stays
   eval = 8,      // evaluator pipe: {}; body: the model
   result = 9,    // evaluator pipe: {"accuracy", "loss", "samples"}
-  // Secure aggregation's stages (net/secagg_protocol.hpp; not sent yet):
+  // Secure aggregation's stages (net/secagg_protocol.hpp):
   secagg_keys = 10,      // site -> coordinator: SecAggKeys
   secagg_peers = 11,     // coordinator -> site: SecAggPeers
   secagg_shares = 12,    // both ways: SecAggShares

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Secure aggregation on the wire (issue 13): the headers of the frames that carry SecAgg+'s
 // messages (secagg/protocol.hpp) between `fedl join` and `fedl serve`, each with its encoder and
-// decoder. Binary values travel as lowercase hex. Not sent by either command yet.
+// decoder. Binary values travel as lowercase hex. fedl serve and fedl join send them under
+// --secure-aggregation.
 //
 //   site                                         coordinator
 //                                         <-     TASK with "secure_aggregation": SecAggSetup

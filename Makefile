@@ -70,8 +70,9 @@ fuzz:
 # fedl's main job on a built-in default: a networked federation on bundled real data
 # (examples/networked/run: init, serve and 4 x join over mTLS on 127.0.0.1, 15 rounds, audit).
 # examples/offline-rounds/run does the same with train and aggregate in a shell loop.
+# SECURE=1: with secure aggregation (the coordinator learns only each round's sum).
 demo: build
-	@FEDL=$(FEDL) ./examples/networked/run
+	@FEDL=$(FEDL) ./examples/networked/run $(if $(SECURE),-S)
 
 # Benchmark programs that print figures (docs/PERFORMANCE.md): fedl train against PyTorch
 # Python, aggregation against memory bandwidth and NumPy, and networked rounds (fedl serve and

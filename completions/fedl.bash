@@ -38,6 +38,9 @@ _fedl()
     --client-dp-noise-multiplier) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --max-epsilon) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --delta) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --secagg-threshold) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --secagg-neighbours) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --secagg-range) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --max-update-norm) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --max-num-samples) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --add-client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
@@ -95,6 +98,9 @@ _fedl()
     --dp-noise-multiplier) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --max-epsilon) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --delta) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --secagg-threshold) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --secagg-neighbours) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --secagg-range) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --eval-data) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --target-accuracy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --metrics) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -139,10 +145,10 @@ _fedl()
   local words
   case "$cmd" in
     "") words="init train eval serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
-    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --max-epochs --min-noise-multiplier --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --help --json --quiet --verbose --log-format --version" ;;

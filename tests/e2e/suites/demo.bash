@@ -30,3 +30,24 @@ totals = [r["privacy"]["sites"]["site-1"]["total_epsilon"] for r in rounds]
 assert all(a < b for a, b in zip(totals, totals[1:])) and totals[-1] < 30, totals
 PY
 }
+
+# make demo SECURE=1: the same federation with secure aggregation, DP-SGD at the sites recorded
+# from their signed reports.
+test_networked_demo_with_secure_aggregation_learns_and_audits()
+{
+  timeout 300 "$FEDL_SOURCE_DIR/examples/networked/run" -S -r 15 -k 4 -s dirichlet:0.5 -w "$PWD/ws" >run.log 2>&1 ||
+    { fail "the example failed"; cat run.log; return; }
+  cat run.log
+  expect_in run.log "secure aggregation"
+  local acc
+  acc=$(sed -n 's/^final test accuracy: \([0-9.]*\) after 15 rounds$/\1/p' run.log)
+  [[ -n $acc ]] || { fail "no final accuracy line"; return; }
+  check_py "$acc >= 0.88" "final accuracy $acc is below 0.88"
+  "$PY" - ws/ledger.jsonl <<'PY' || fail "the ledger does not record 15 secure rounds of 4 sites with their DP-SGD"
+import json, sys
+rounds = [json.loads(l)["body"] for l in open(sys.argv[1]) if json.loads(l)["kind"] == "round"]
+assert [r["round"] for r in rounds] == list(range(1, 16)), [r["round"] for r in rounds]
+assert all(len(r["secure_aggregation"]["survivors"]) == 4 for r in rounds)
+assert all(sorted(r["privacy"]["sites"]) == ["site-%d" % k for k in range(1, 5)] for r in rounds)
+PY
+}

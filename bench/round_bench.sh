@@ -26,7 +26,7 @@
 #
 # Usage: bench/round_bench.sh [-n SITES] [-p PARAMS] [-r ROUNDS] [-w WARMUP] [-c PER_ROUND]
 #                             [-i TRAINER_IDLE] [-s SAMPLES] [-t PUSH_REPEAT] [-m MIN_AVAIL_MB]
-#                             [-j THREADS] [-f] [-T TIMEOUT] [-o RESULT.json] [-k]
+#                             [-j THREADS] [-f] [-S] [-T TIMEOUT] [-o RESULT.json] [-k]
 #   -n SITES        fedl join processes (default 10)
 #   -p PARAMS       model parameters (default 1000000)
 #   -r ROUNDS       rounds in all (default 12)
@@ -39,6 +39,8 @@
 #   -j THREADS      --threads for fedl serve, each fedl join and its trainer (default: not
 #                   given, so each runs at its own default, as a user runs them)
 #   -f              the joins start their trainers through one fork server (join --fork-server)
+#   -S              secure aggregation (fedl init --secure-aggregation): the coordinator sums
+#                   masked inputs; compare with a run without -S
 #   -T SEC          give up after this long (default 900)
 #   -o FILE         also write the figures as JSON
 #   -k              keep the temporary folder (workspace, logs)
@@ -55,12 +57,12 @@ PYTHON="${PYTHON:-/usr/bin/python3}"
 DIGITS_CSV="${DIGITS_CSV:-$root/data/digits.csv.gz}"
 
 n=10 params=1000000 rounds=12 warmup=2 per_round=0 idle=0 samples=4 push_repeat=15 min_avail=1500
-timeout=900 out_json="" keep=0 threads="" fork=0
+timeout=900 out_json="" keep=0 threads="" fork=0 secure=()
 
 usage() { sed -n '3,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "round_bench: $*" >&2; exit 1; }
 
-while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:fkh" o; do
+while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:fSkh" o; do
   case "$o" in
     n) n="$OPTARG" ;;
     p) params="$OPTARG" ;;
@@ -73,6 +75,7 @@ while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:fkh" o; do
     m) min_avail="$OPTARG" ;;
     j) threads="$OPTARG" ;;
     f) fork=1 ;;
+    S) secure=(--secure-aggregation) ;;
     T) timeout="$OPTARG" ;;
     o) out_json="$OPTARG" ;;
     k) keep=1 ;;
@@ -139,7 +142,8 @@ port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0));
 "$PYTHON" "$here/round_bench.py" data "$DIGITS_CSV" "$tmp/data.csv" $((n * samples))
 ws="$tmp/ws"
 "$FEDL" -q init "$ws" --clients "$n" --arch "mlp:$hidden" --partition "$tmp/data.csv" --no-header --split iid \
-  --rounds "$rounds" --seed 1 --epochs 1 --batch-size 4096 --lr 0.0001 --listen "127.0.0.1:$port" >/dev/null
+  --rounds "$rounds" --seed 1 --epochs 1 --batch-size 4096 --lr 0.0001 --listen "127.0.0.1:$port" \
+  ${secure[@]+"${secure[@]}"} >/dev/null
 model_bytes=$(stat -c %s "$ws"/models/global-000000.safetensors)
 echo "round_bench: $n sites, $asked per round, P = $actual (mlp:$hidden), $rounds rounds; workspace and logs in $tmp" >&2
 

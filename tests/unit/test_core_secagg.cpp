@@ -774,6 +774,47 @@ TEST_CASE("secagg: at the range's ends N sites' words do not overflow, and bad s
   CHECK_THROWS_AS(decode(std::vector<std::uint32_t>(5), like, e), Error); // no weight
 }
 
+TEST_CASE("secagg: each value is rounded half to even, as nearbyint, whatever its sign; tensors go by name")
+{
+  // Range 1 over 1 site: S = 2^31 / 2 (the largest power of two with R · S ≤ 2^31 − 1), so
+  // x = k / S + 0.5 / S is a tie.
+  const Encoding e{1.0, 1, 1};
+  const double s = e.scale();
+  std::vector<double> values;
+  std::mt19937_64 rng(3);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int k = -3; k <= 3; ++k) {
+    values.push_back((k + 0.5) / s);
+    values.push_back(k / s);
+  }
+  for (int i = 0; i < 1000; ++i) {
+    values.push_back(u(rng));
+  }
+  values.push_back(1.0);
+  values.push_back(-1.0);
+  values.push_back(2.0); // clipped
+  values.push_back(std::nan(""));
+  const std::vector<TensorView> t{{"x", DType::f64, {static_cast<std::int64_t>(values.size())}, std::as_bytes(std::span(values))}};
+  const auto enc = encode(t, 1, e);
+  REQUIRE(enc.words.size() == values.size() + 1);
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    const double x = std::isnan(values[i]) ? 0.0 : std::clamp(values[i], -1.0, 1.0);
+    const auto want = static_cast<std::uint32_t>(static_cast<std::int64_t>(std::nearbyint(x * s)));
+    CHECK(enc.words[i] == want);
+  }
+  CHECK(enc.clipped == 2);
+  // Two tensors given in either order encode the same words.
+  const std::vector<float> a{1e-3F, 2e-3F};
+  const std::vector<float> b{-5e-3F};
+  const std::vector<TensorView> ab{{"a", DType::f32, {2}, std::as_bytes(std::span(a))},
+                                   {"b", DType::f32, {1}, std::as_bytes(std::span(b))}};
+  const std::vector<TensorView> ba{ab[1], ab[0]};
+  CHECK(encode(ab, 1, e).words == encode(ba, 1, e).words);
+  const auto back = decode(encode(ab, 1, e).words, ba, e);
+  CHECK(back.mean[0].name == "b");
+  CHECK(back.mean[1].name == "a");
+}
+
 // ---------------------------------------------------------------------------------------------
 // On the wire.
 

@@ -11,8 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <endian.h>
+#include <bit>
 
 namespace fedl::core {
 
@@ -203,13 +202,7 @@ SecureRound::input(const std::string& site, const SecAggInput& m, std::span<cons
   } else if (body.size() != m_p.length * 4) {
     refusal = fmt::format("a masked input of {} bytes, not {}", body.size(), m_p.length * 4);
   } else {
-    secagg::MaskedInput in{index, std::vector<std::uint32_t>(m_p.length)};
-    for (std::size_t i = 0; i < m_p.length; ++i) {
-      std::uint32_t w = 0;
-      std::memcpy(&w, body.data() + 4 * i, 4);
-      in.masked[i] = le32toh(w);
-    }
-    refusal = m_server.add_masked(std::move(in));
+    refusal = m_server.add_masked(index, body, std::endian::little);
   }
   if (refusal) {
     drop(site, *refusal);

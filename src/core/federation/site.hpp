@@ -99,6 +99,7 @@ struct SecureJob
   std::map<std::uint32_t, Cert> certs; // the neighbours' (and this site's), checked against the CA
   std::optional<std::vector<secagg::SealedShares>> received;
   std::optional<secagg::Encoded> encoded;
+  std::size_t clipped = 0;       // values the encoding clipped
   std::optional<std::string> dp; // the run's DP-SGD report as JSON text
   bool input_sent = false;
 };

@@ -15,6 +15,7 @@
 
 #include <fmt/format.h>
 
+#include <bit>
 #include <endian.h>
 
 namespace fedl::core::join_detail {
@@ -158,6 +159,7 @@ Site::secure_trained(const Job& job, const TrainResult& result, const std::vecto
   auto& s = *m_secure;
   const auto update = parse_safetensors(body, "the trainer's update");
   s.encoded = secagg::encode(update.tensors, result.num_samples, s.setup.encoding(), s.setup.clip_norm);
+  s.clipped = s.encoded->clipped;
   if (result.dp) {
     s.dp = result.dp->dump();
   }
@@ -180,30 +182,32 @@ Site::send_secure_input()
   }
   s.input_sent = true;
   try {
-    const auto masked = s.client->mask(s.encoded->words, *s.received);
+    auto masked = s.client->mask(std::move(s.encoded->words), *s.received);
+    s.encoded.reset();
     SecAggInput input;
     input.task = s.task;
     input.range = s.setup.range;
     input.max_samples = s.setup.max_samples;
-    auto body = std::make_shared<std::vector<std::byte>>();
+    // The body: the masked words, little-endian (in place on a little-endian machine).
+    auto words = std::make_shared<std::vector<std::uint32_t>>();
     if (const auto* complaint = std::get_if<secagg::Complaint>(&masked)) {
       input.complaint = complaint->about;
       FEDL_LOG_WARN("round {}: the shares of {} did not open; telling the coordinator", s.round,
                     s.params.sites[complaint->about - 1]);
     } else {
-      const auto& words = std::get<secagg::MaskedInput>(masked).masked;
-      body->resize(words.size() * 4);
-      for (std::size_t i = 0; i < words.size(); ++i) {
-        const std::uint32_t w = htole32(words[i]);
-        std::memcpy(body->data() + 4 * i, &w, 4);
+      *words = std::move(std::get<secagg::MaskedInput>(masked).masked);
+      if constexpr (std::endian::native != std::endian::little) {
+        for (auto& w : *words) {
+          w = htole32(w);
+        }
       }
-      input.clipped = s.encoded->clipped;
+      input.clipped = s.clipped;
       input.dp = s.dp;
     }
-    input.signature = core::sign(m_identity.key, secagg_input_payload(s.params, s.setup.index, sha256_hex(*body), input));
-    s.encoded.reset(); // the clear words are not needed any more
+    const auto body = std::as_bytes(std::span(*words));
+    input.signature = core::sign(m_identity.key, secagg_input_payload(s.params, s.setup.index, sha256_hex(body), input));
     if (can_queue()) {
-      m_conn->send(FrameType::secagg_input, input.to_header(), {std::span<const std::byte>(*body)}, body);
+      m_conn->send(FrameType::secagg_input, input.to_header(), {body}, words);
       FEDL_LOG_INFO("round {}: masked input sent", s.round);
     }
   } catch (const std::exception& e) {

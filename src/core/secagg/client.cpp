@@ -84,7 +84,7 @@ Client::share(std::span<const KeyAdvert> adverts, const Verifier& verify)
 }
 
 std::variant<MaskedInput, Complaint>
-Client::mask(std::span<const std::uint32_t> input, std::span<const SealedShares> received)
+Client::mask(std::vector<std::uint32_t> input, std::span<const SealedShares> received)
 {
   if (input.size() != m_p.length) {
     throw ProtocolAbort("an input of {} words where the round sums {}", input.size(), m_p.length);
@@ -124,7 +124,7 @@ Client::mask(std::span<const std::uint32_t> input, std::span<const SealedShares>
   if (m_masked_with.size() < m_p.threshold) {
     throw ProtocolAbort("{} neighbours sent shares, fewer than the threshold {}", m_masked_with.size(), m_p.threshold);
   }
-  MaskedInput out{m_index, {input.begin(), input.end()}};
+  MaskedInput out{m_index, std::move(input)};
   std::vector<MaskTerm> terms{{self_mask_key(m_seed, m_p, m_index), +1}};
   for (const auto v : m_masked_with) {
     terms.push_back({pair_key(m_s, m_adverts.at(v).s_public, m_p, "mask", m_index, v), pair_sign(m_index, v)});

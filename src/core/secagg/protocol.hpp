@@ -34,6 +34,7 @@
 #include "core/secagg/shamir.hpp"
 #include "core/util/error.hpp"
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -177,9 +178,10 @@ public:
   // for each of them. ProtocolAbort if an advert is not of a neighbour, is given twice, or does
   // not verify, or if fewer than t remain.
   std::vector<SealedShares> share(std::span<const KeyAdvert> adverts, const Verifier& verify);
-  // Stage 2: from the shares sealed for this site, the masked input; a Complaint if one does not
-  // open. ProtocolAbort if fewer than t neighbours sent shares or `input` has another length.
-  std::variant<MaskedInput, Complaint> mask(std::span<const std::uint32_t> input,
+  // Stage 2: from the shares sealed for this site, the masked input (masked in place in `input`'s
+  // buffer); a Complaint if one does not open. ProtocolAbort if fewer than t neighbours sent
+  // shares or `input` has another length.
+  std::variant<MaskedInput, Complaint> mask(std::vector<std::uint32_t> input,
                                             std::span<const SealedShares> received);
   // Stage 3: its signature over U3. ProtocolAbort if U3 repeats a site, leaves this one out, has
   // fewer than t of its neighbours, or is not the list it already signed in this attempt.
@@ -225,6 +227,8 @@ public:
   // The shares sealed for `index` by sites in U2.
   std::vector<SealedShares> shares_for(std::uint32_t index) const;
   std::optional<std::string> add_masked(MaskedInput m);
+  // The same from the words as bytes in `order` (a frame's body: little-endian), without a copy.
+  std::optional<std::string> add_masked(std::uint32_t index, std::span<const std::byte> words, std::endian order);
   UnmaskRequest unmask_request() const;
   // Stage 3: a survivor's signature (kept to relay; the sites check it).
   std::optional<std::string> add_signature(SurvivorSignature s);

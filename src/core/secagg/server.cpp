@@ -8,6 +8,9 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
+#include <array>
+#include <bit>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <set>
@@ -100,14 +103,32 @@ Server::shares_for(std::uint32_t index) const
 std::optional<std::string>
 Server::add_masked(MaskedInput m)
 {
-  if (m_u2.count(m.index) == 0 || m_u3.count(m.index) != 0 || !m_signatures.empty() || !m_u4.empty()) {
+  return add_masked(m.index, std::as_bytes(std::span(m.masked)), std::endian::native);
+}
+
+std::optional<std::string>
+Server::add_masked(std::uint32_t index, std::span<const std::byte> words, std::endian order)
+{
+  if (m_u2.count(index) == 0 || m_u3.count(index) != 0 || !m_signatures.empty() || !m_u4.empty()) {
     return "a masked input out of turn (no shares sent, a second one, or after the survivors were named)";
   }
-  if (m.masked.size() != m_p.length) {
+  if (words.size() != m_p.length * 4) {
     return "a masked input of the wrong length";
   }
-  m_u3.insert(m.index);
-  add_words(m_sum.data(), m.masked.data(), m_sum.size(), +1);
+  m_u3.insert(index);
+  // In blocks through a buffer in L1: the bytes need not be aligned, nor in this machine's order.
+  constexpr std::size_t block = 2048;
+  std::array<std::uint32_t, block> buf{};
+  for (std::size_t begin = 0; begin < m_p.length; begin += block) {
+    const std::size_t n = std::min(block, m_p.length - begin);
+    std::memcpy(buf.data(), words.data() + 4 * begin, 4 * n);
+    if (order != std::endian::native) {
+      for (std::size_t j = 0; j < n; ++j) {
+        buf[j] = __builtin_bswap32(buf[j]);
+      }
+    }
+    add_words(m_sum.data() + begin, buf.data(), n, +1);
+  }
   return std::nullopt;
 }
 

@@ -92,8 +92,8 @@ main(int argc, char** argv)
         (void)plan_workspace_round(ws, &copy);
         advanced.push_back(ms_since(t));
       }
-      std::printf("  after %5zu rounds: whole ledger %8.2f ms   kept state %6.2f ms\n", r,
-                  fedl::bench::median(whole), fedl::bench::median(advanced));
+      std::printf("  after %5zu rounds: whole ledger %8.2f ms   kept state %6.2f ms\n", r, fedl::bench::median(whole),
+                  fedl::bench::median(advanced));
     }
   }
   std::printf("  %zu rounds committed with the kept state in %.1f s\n", rounds, ms_since(t0) / 1000);

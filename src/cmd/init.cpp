@@ -49,10 +49,10 @@ struct InitOptions
   DataFlags partition;
   std::string split = "iid";
   double holdout = 0.0;
-  core::TrainingConfig training;         // the sites' local training, sent with each task
-  DpSgdFlags dp;                         // ... and its DP-SGD
-  core::PrivacyConfig privacy;           // client-level DP and the federation's budget, for fedl serve
-  bool secure_aggregation = false;       // fedl.json secure_aggregation, for fedl serve
+  core::TrainingConfig training;   // the sites' local training, sent with each task
+  DpSgdFlags dp;                   // ... and its DP-SGD
+  core::PrivacyConfig privacy;     // client-level DP and the federation's budget, for fedl serve
+  bool secure_aggregation = false; // fedl.json secure_aggregation, for fedl serve
   core::SecureAggregationConfig secagg;
   std::optional<double> max_update_norm; // fedl.json limits
   std::optional<std::uint64_t> max_num_samples;
@@ -162,9 +162,13 @@ federation_config(const InitOptions& opt, const std::vector<std::string>& names,
                              opt.strategy);
     }
     config.secure_aggregation = opt.secagg;
+    if (opt.secagg.distributed_dp && config.privacy.noise_multiplier <= 0) {
+      throw core::UsageError("--distributed-dp has each site add its share of client-level DP's noise: it needs "
+                             "--client-dp-clip-norm and --client-dp-noise-multiplier");
+    }
   } else if (opt.secagg != core::SecureAggregationConfig{}) {
-    throw core::UsageError("--secagg-threshold, --secagg-neighbours and --secagg-range set secure aggregation up: "
-                           "turn it on with --secure-aggregation");
+    throw core::UsageError("--secagg-threshold, --secagg-neighbours, --secagg-range and --distributed-dp set secure "
+                           "aggregation up: turn it on with --secure-aggregation");
   }
   if (!opt.partition.data.empty()) {
     core::require_partitionable(opt.partition.data);
@@ -361,6 +365,8 @@ add_init(CLI::App& parent)
     ->type_name("K");
   app->add_option("--secagg-range", opt->secagg.range, "Each value of an update is clipped to [-R, R] (default 1)")
     ->type_name("R");
+  app->add_flag("--distributed-dp", opt->secagg.distributed_dp,
+                "With --secure-aggregation and client-level DP: each site adds its share of the noise (fedl.json)");
   app
     ->add_option("--max-update-norm", opt->max_update_norm,
                  "fedl serve rejects an update whose L2 norm is larger (fedl.json limits; default 1e5)")

@@ -42,6 +42,7 @@ struct ServeOptions
   std::optional<double> max_epsilon;
   std::optional<double> delta;
   bool secure_aggregation = false;
+  bool distributed_dp = false;
   std::optional<double> secagg_threshold;
   std::optional<std::uint32_t> secagg_neighbours;
   std::optional<double> secagg_range;
@@ -117,15 +118,17 @@ privacy_settings(const ServeOptions& opt, core::PrivacyConfig p)
 std::optional<core::SecureAggregationConfig>
 secure_settings(const ServeOptions& opt, const std::optional<core::SecureAggregationConfig>& configured)
 {
-  const bool flags = opt.secure_aggregation || opt.secagg_threshold || opt.secagg_neighbours || opt.secagg_range;
+  const bool flags =
+    opt.secure_aggregation || opt.distributed_dp || opt.secagg_threshold || opt.secagg_neighbours || opt.secagg_range;
   if (!configured && !flags) {
     return std::nullopt;
   }
   if (!opt.secure_aggregation && !configured) {
-    throw core::UsageError("--secagg-threshold, --secagg-neighbours and --secagg-range set secure aggregation up: "
-                           "turn it on with --secure-aggregation");
+    throw core::UsageError("--secagg-threshold, --secagg-neighbours, --secagg-range and --distributed-dp set secure "
+                           "aggregation up: turn it on with --secure-aggregation");
   }
   auto s = configured.value_or(core::SecureAggregationConfig{});
+  s.distributed_dp = s.distributed_dp || opt.distributed_dp;
   s.threshold = opt.secagg_threshold.value_or(s.threshold);
   s.neighbours = opt.secagg_neighbours.value_or(s.neighbours);
   s.range = opt.secagg_range.value_or(s.range);
@@ -331,6 +334,8 @@ add_serve(CLI::App& parent)
     ->type_name("K");
   app->add_option("--secagg-range", opt->secagg_range, "Each value of an update is clipped to [-R, R] (default 1)")
     ->type_name("R");
+  app->add_flag("--distributed-dp", opt->distributed_dp,
+                "With secure aggregation and client-level DP: each site adds its share of the noise before masking");
   app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
     ->type_name("PATH");
   app->add_option("--target-accuracy", opt->target_accuracy, "Stop once the evaluated accuracy reaches this")

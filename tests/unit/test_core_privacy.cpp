@@ -7,8 +7,10 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <span>
 
 using namespace fedl::core;
@@ -195,6 +197,64 @@ TEST_CASE("core::SiteAccount keeps a signed account that refuses alterations")
   SUBCASE("another site's key")
   {
     CHECK_THROWS_AS(SiteAccount::open(path, other), VerifyError);
+  }
+}
+
+TEST_CASE("core::DiscreteGaussianNoise draws N_Z(0, sigma²): its pmf for a small sigma, its moments for large ones")
+{
+  // sigma = 1.5: the exact pmf P(x) = exp(-x²/(2σ²)) / Σ_y exp(-y²/(2σ²)), chi-square over
+  // x in [-6, 6] and the two tails.
+  const double sigma = 1.5;
+  DiscreteGaussianNoise g(11);
+  constexpr int n = 200000;
+  std::map<std::int64_t, int> count;
+  for (int i = 0; i < n; ++i) {
+    ++count[std::clamp<std::int64_t>(g.sample(sigma), -7, 7)];
+  }
+  double z = 0;
+  for (int y = -60; y <= 60; ++y) {
+    z += std::exp(-y * y / (2 * sigma * sigma));
+  }
+  double chi2 = 0;
+  for (std::int64_t x = -7; x <= 7; ++x) {
+    double p = 0;
+    if (x == -7 || x == 7) {
+      for (int y = 7; y <= 60; ++y) {
+        p += std::exp(-y * y / (2 * sigma * sigma)) / z;
+      }
+    } else {
+      p = std::exp(-static_cast<double>(x * x) / (2 * sigma * sigma)) / z;
+    }
+    const double expected = p * n;
+    chi2 += (count[x] - expected) * (count[x] - expected) / expected;
+  }
+  // 14 degrees of freedom: P(chi2 > 36.12) = 0.001.
+  CHECK(chi2 < 36.12);
+  for (const double big : {40.0, 3e6}) {
+    double sum = 0, sq = 0;
+    constexpr int m = 100000;
+    for (int i = 0; i < m; ++i) {
+      const auto v = static_cast<double>(g.sample(big));
+      sum += v;
+      sq += v * v;
+    }
+    CHECK(std::abs(sum / m) < 5 * big / std::sqrt(m));
+    CHECK(std::sqrt(sq / m) == doctest::Approx(big).epsilon(0.02));
+  }
+  // Modulo 2^32, as a site adds it to its words.
+  std::vector<std::uint32_t> words(1000, 0);
+  DiscreteGaussianNoise(12).add_to(words, 2.0);
+  const auto negative = std::count_if(words.begin(), words.end(), [](std::uint32_t w) { return w > 0x80000000U; });
+  const auto zero = std::count(words.begin(), words.end(), 0U);
+  CHECK(negative > 300); // P(x < 0) = 0.40 for sigma 2
+  CHECK(zero > 130);     // P(0) = 0.20
+  CHECK(std::all_of(words.begin(), words.end(), [](std::uint32_t w) { return w < 30 || w > 0xffffffffU - 30; }));
+  CHECK_THROWS_AS(g.sample(0), UsageError);
+  CHECK_THROWS_AS(g.sample(std::nan("")), UsageError);
+  // A fixed seed repeats.
+  DiscreteGaussianNoise a(3), b(3);
+  for (int i = 0; i < 50; ++i) {
+    CHECK(a.sample(7.5) == b.sample(7.5));
   }
 }
 

@@ -413,3 +413,37 @@ TEST_CASE("round machine: a stop asked for while a round is aggregated waits for
   g.m.site_joined("a");
   CHECK(g.m.request_stop()); // nothing being written: at once
 }
+
+TEST_CASE("round machine: a site excluded sits out the round's next attempts, unless too few would be left")
+{
+  Fixture f(3);
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.m.site_joined("c");
+  REQUIRE(f.m.phase() == RoundMachine::Phase::running);
+  f.m.exclude("c");
+  f.upload("a");
+  f.upload("b");
+  f.m.upload_lost("c", "accused");
+  REQUIRE(f.host.closed.size() == 1);
+  f.m.attempt_retry("secure aggregation failed");
+  f.host.tasks.clear();
+  f.at(10); // past the backoff
+  CHECK(f.host.tasked() == std::vector<std::string>{"a", "b"});
+  f.upload("a");
+  f.upload("b");
+  // The next round asks everyone again (it starts at once).
+  f.host.tasks.clear();
+  f.m.attempt_committed(committed_body(2));
+  CHECK(f.host.tasked() == std::vector<std::string>{"a", "b", "c"});
+  // Excluding so many that no quorum is left asks them all anyway.
+  f.m.exclude("a");
+  f.m.exclude("b");
+  f.upload("a");
+  f.upload("b");
+  f.upload("c");
+  f.m.attempt_retry("again");
+  f.host.tasks.clear();
+  f.at(40);
+  CHECK(f.host.tasked() == std::vector<std::string>{"a", "b", "c"});
+}

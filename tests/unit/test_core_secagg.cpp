@@ -794,7 +794,8 @@ TEST_CASE("secagg: each value is rounded half to even, as nearbyint, whatever it
   values.push_back(-1.0);
   values.push_back(2.0); // clipped
   values.push_back(std::nan(""));
-  const std::vector<TensorView> t{{"x", DType::f64, {static_cast<std::int64_t>(values.size())}, std::as_bytes(std::span(values))}};
+  const std::vector<TensorView> t{
+    {"x", DType::f64, {static_cast<std::int64_t>(values.size())}, std::as_bytes(std::span(values))}};
   const auto enc = encode(t, 1, e);
   REQUIRE(enc.words.size() == values.size() + 1);
   for (std::size_t i = 0; i < values.size(); ++i) {
@@ -813,6 +814,34 @@ TEST_CASE("secagg: each value is rounded half to even, as nearbyint, whatever it
   const auto back = decode(encode(ab, 1, e).words, ba, e);
   CHECK(back.mean[0].name == "b");
   CHECK(back.mean[1].name == "a");
+}
+
+TEST_CASE("secagg: with distributed DP each site's words carry discrete Gaussian noise, and the sum carries N times "
+          "its variance")
+{
+  const Encoding e{1.0, 1, 10, 0.01};
+  CHECK(e.scale() == std::exp2(std::floor(std::log2((0x1p31 - 1) / (10 + 10 * std::sqrt(10.0) * 0.01)))));
+  const std::vector<float> zeros(20000, 0.0F);
+  const std::vector<TensorView> t{{"x", DType::f32, {20000}, std::as_bytes(std::span(zeros))}};
+  std::vector<std::uint32_t> sum(20001, 0);
+  for (int site = 0; site < 10; ++site) {
+    const auto enc = encode(t, 1, e);
+    CHECK(enc.words.back() == static_cast<std::uint32_t>(e.weight_scale())); // the weight carries none
+    for (std::size_t j = 0; j < sum.size(); ++j) {
+      sum[j] += enc.words[j];
+    }
+  }
+  const auto d = decode(sum, t, e, 1.0);
+  CHECK(d.total_weight == 10.0);
+  double sq = 0;
+  for (std::size_t i = 0; i < 20000; ++i) {
+    float v = 0;
+    std::memcpy(&v, d.mean[0].bytes.data() + 4 * i, 4);
+    sq += static_cast<double>(v) * v;
+  }
+  CHECK(std::sqrt(sq / 20000) == doctest::Approx(std::sqrt(10.0) * 0.01).epsilon(0.02));
+  CHECK_THROWS_AS((Encoding{1.0, 1, 10, -1}.check()), UsageError);
+  CHECK_THROWS_AS((Encoding{1.0, 1, 10, std::nan("")}.check()), UsageError);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -108,10 +108,9 @@ struct Federation
     for (const auto& name : names) {
       const auto setup = SecAggSetup::from_json(json::parse(round->setup_for(name).to_json().dump()));
       const auto& key = ids.at(name).key;
-      clients.emplace(name, std::make_unique<secagg::Client>(setup.params(3, 1), setup.index,
-                                                              [&key](std::span<const std::byte> payload) {
-                                                                return sign(key, payload);
-                                                              }));
+      clients.emplace(name, std::make_unique<secagg::Client>(
+                              setup.params(3, 1), setup.index,
+                              [&key](std::span<const std::byte> payload) { return sign(key, payload); }));
       auto& in = inputs[name];
       for (std::size_t i = 0; i < length; ++i) {
         in.push_back(rng());
@@ -130,7 +129,10 @@ struct Federation
   {
     for (const auto& name : names) {
       if (silent.count(name) == 0) {
-        round->keys(name, SecAggKeys::from_header(json::parse(SecAggKeys{task, clients.at(name)->advertise()}.to_header().dump())), now);
+        round->keys(
+          name,
+          SecAggKeys::from_header(json::parse(SecAggKeys{task, clients.at(name)->advertise()}.to_header().dump())),
+          now);
       }
     }
   }
@@ -352,7 +354,8 @@ TEST_CASE("secure round: a hostile site is dropped, the attempt goes on without 
     CHECK(f.round->input("site-101", in, body));
     CHECK(f.host.dropped.count("site-101") == 1);
     const std::vector<std::byte> short_body(8);
-    in.signature = sign(f.ids.at("site-102").key, secagg_input_payload(f.round->params(), 2, sha256_hex(short_body), in));
+    in.signature =
+      sign(f.ids.at("site-102").key, secagg_input_payload(f.round->params(), 2, sha256_hex(short_body), in));
     CHECK(f.round->input("site-102", in, short_body)->find("bytes") != std::string::npos);
   }
   SUBCASE("shares that do not open: the site is accused by its neighbours and everyone it names leaves")
@@ -440,4 +443,24 @@ TEST_CASE("secure round: serve refuses what secure aggregation cannot go with")
   two.min_clients = 2;
   CHECK(error_of(two).find("at least 3 sites") != std::string::npos);
   CHECK(s.to_json().contains("secure_aggregation"));
+}
+
+TEST_CASE(
+  "secure round: distributed DP's share per site gives the sum at least sigma times a site's sensitivity in words")
+{
+  for (const std::size_t values : {std::size_t{10}, std::size_t{1000000}, std::size_t{100000000}}) {
+    for (const double range : {1.0, 1000.0}) {
+      PrivacyConfig dp;
+      dp.clip_norm = range;
+      dp.noise_multiplier = 0.8;
+      secagg::Encoding e{range, 1, 20, 0};
+      const std::size_t fewest = 7;
+      e.noise = distributed_noise(dp, e, values, fewest);
+      const double s = e.scale();
+      const double sensitivity = dp.clip_norm * s + std::sqrt(static_cast<double>(values)) / 2;
+      const double in_sum = std::sqrt(static_cast<double>(fewest)) * e.noise * s;
+      CHECK(in_sum / sensitivity >= 0.8 * (1 - 1e-12));
+      CHECK(in_sum / sensitivity <= 0.8 * 1.01); // not much more than asked
+    }
+  }
 }

@@ -79,10 +79,19 @@ public:
     }
   }
 
+  void get(const std::string& key, bool& out)
+  {
+    if (const auto* v = find(key)) {
+      if (!v->is_boolean()) {
+        type_error(key, "true or false", *v);
+      }
+      out = v->get<bool>();
+    }
+  }
+
   // An integer that T holds: get<T>() alone would cut 4294967297 to 1 for a uint32_t.
   template<typename T>
-  requires std::is_integral_v<T>
-  void get(const std::string& key, T& out)
+  requires(std::is_integral_v<T> && !std::is_same_v<T, bool>) void get(const std::string& key, T& out)
   {
     if (const auto* v = find(key)) {
       const char* kind = std::is_unsigned_v<T> ? "a non-negative integer" : "an integer";
@@ -317,7 +326,8 @@ check_secure_aggregation(const SecureAggregationConfig& s, const SecureAggregati
 json
 to_json(const SecureAggregationConfig& s)
 {
-  return {{"threshold", s.threshold}, {"neighbours", s.neighbours}, {"range", s.range}};
+  return {
+    {"threshold", s.threshold}, {"neighbours", s.neighbours}, {"range", s.range}, {"distributed_dp", s.distributed_dp}};
 }
 
 void
@@ -454,6 +464,7 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     r.get("threshold", sa.threshold);
     r.get("neighbours", sa.neighbours);
     r.get("range", sa.range);
+    r.get("distributed_dp", sa.distributed_dp);
     r.finish();
     try {
       check_secure_aggregation(sa);

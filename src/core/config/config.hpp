@@ -96,13 +96,15 @@ void check_limits(const LimitsConfig& limits, const char* norm = "max_update_nor
 // fedl.json's "secure_aggregation" (present: on): SecAgg+ with a threshold t (0: a majority of a
 // site's neighbours, at least 2; a value in (0, 1): that fraction of the sites asked, rounded up;
 // else a count), k neighbours per site (0: everyone up to 16 sites, then 2⌈log2 n⌉ + 2; an odd k
-// below n − 1 is taken up to the next even number), and the encoding's range R (each value of an
-// update is clipped to [−R, R] before it is encoded).
+// below n − 1 is taken up to the next even number), the encoding's range R (each value of an
+// update is clipped to [−R, R] before it is encoded), and distributed DP (with client-level DP:
+// each site adds its share of the noise before masking, so nobody holds an un-noised sum).
 struct SecureAggregationConfig
 {
   double threshold = 0;
   std::uint32_t neighbours = 0;
   double range = 1;
+  bool distributed_dp = false;
 
   bool operator==(const SecureAggregationConfig&) const = default;
 };

@@ -184,10 +184,10 @@ Auditor::audit_round(const LedgerEntry& e)
   const std::string accuracy =
     m_state.accuracy ? fmt::format(", accuracy {:.2f}%", *m_state.accuracy * 100) : std::string();
   const auto secure = audit_secure_aggregation(e, sites);
-  m_text += fmt::format("round {:>4}: {} ({} participants: {}){}{}{}{}\n", r, e.body.value("strategy", "?"),
-                        sites.size(), fmt::join(sites, ", "),
-                        rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
-                        round_privacy_text(e.body), secure.text);
+  m_text +=
+    fmt::format("round {:>4}: {} ({} participants: {}){}{}{}{}\n", r, e.body.value("strategy", "?"), sites.size(),
+                fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
+                round_privacy_text(e.body), secure.text);
   for (const auto& x : rej) {
     m_text += fmt::format("            rejected {}: {}\n", x.value("file", "?"), x.value("reason", "?"));
   }
@@ -239,12 +239,11 @@ Auditor::audit_secure_aggregation(const LedgerEntry& e, std::vector<std::string>
   }
   const auto after = sa.at("dropped_after_masking").get<std::vector<std::string>>();
   SecureSummary out;
-  out.text = fmt::format(", secure aggregation (threshold {}, {} neighbours{})", t, sa.at("neighbours").get<std::uint64_t>(),
-                         after.empty() ? std::string() : fmt::format(", unmasked for {}", fmt::join(after, ", ")));
-  out.summary = {{"threshold", t},
-                 {"neighbours", sa.at("neighbours")},
-                 {"survivors", survivors},
-                 {"dropped_after_masking", after}};
+  out.text =
+    fmt::format(", secure aggregation (threshold {}, {} neighbours{})", t, sa.at("neighbours").get<std::uint64_t>(),
+                after.empty() ? std::string() : fmt::format(", unmasked for {}", fmt::join(after, ", ")));
+  out.summary = {
+    {"threshold", t}, {"neighbours", sa.at("neighbours")}, {"survivors", survivors}, {"dropped_after_masking", after}};
   return out;
 }
 

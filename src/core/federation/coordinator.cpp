@@ -84,8 +84,8 @@ Coordinator::refresh_trust()
 void
 Coordinator::send_task(const std::string& site, const RoundTask& task)
 {
-  Task frame{task.round, task.attempt,          task.task,   task.deadline,
-             task.seed,  to_json(m_s.training), m_model_sha, m_head, json()};
+  Task frame{task.round,  task.attempt, task.task, task.deadline, task.seed, to_json(m_s.training),
+             m_model_sha, m_head,       json()};
   if (m_s.secure_aggregation) {
     const auto* secure = secure_round_for(task);
     if (secure == nullptr || !secure->is_participant(site)) {

@@ -61,7 +61,9 @@ using Phase = RoundMachine::Phase;
 RoundSettings attempt_settings(const ServeSettings& s, const Evaluator& evaluate, const AttemptClose& a);
 
 // The sockets, threads and files around the round state machine.
-class Coordinator final : public RoundHost, public SecureHost
+class Coordinator final
+  : public RoundHost
+  , public SecureHost
 {
 public:
   Coordinator(const Workspace& ws, const ServeSettings& s, const Evaluator& evaluate)

@@ -66,6 +66,9 @@ Coordinator::secure_round_for(const RoundTask& task)
       rules.clip_norm = dp.clip_norm;
       e.range = std::min(cfg.range, dp.clip_norm);
       e.max_samples = 1;
+      if (cfg.distributed_dp) {
+        e.noise = distributed_noise(dp, e, p.length - 1, std::max<std::size_t>(shape.threshold, m_s.min_clients));
+      }
     }
     e.check();
     rules.stage_timeout = std::clamp(2 * m_s.dead_after, 5.0, m_s.round_timeout);
@@ -76,8 +79,9 @@ Coordinator::secure_round_for(const RoundTask& task)
       certs.emplace(name, certificate_from_pem(to_pem(m_sites.at(name)->cert), name));
     }
     m_secure.emplace(std::move(p), e, task.task, std::move(certs), std::move(rules), *this, FramedConnection::now());
-    FEDL_LOG_INFO("round {}: secure aggregation over {} sites, threshold {}, {} neighbours each", task.round,
-                  names.size(), shape.threshold, shape.neighbours);
+    FEDL_LOG_INFO("round {}: secure aggregation over {} sites, threshold {}, {} neighbours each{}", task.round,
+                  names.size(), shape.threshold, shape.neighbours,
+                  e.noise > 0 ? fmt::format(", distributed DP (each site adds noise of {:.3g})", e.noise) : "");
   } catch (const Error& e) {
     FEDL_LOG_ERROR("round {}: secure aggregation cannot run this attempt: {}", task.round, e.what());
     for (const auto& name : names) {
@@ -164,7 +168,8 @@ Coordinator::on_secure_frame(const std::shared_ptr<Peer>& p, FrameType type, con
     if (!sink.memory && !input.complaint) {
       return; // refused at its head
     }
-    const std::span<const std::byte> body = sink.memory ? std::span<const std::byte>(*sink.memory) : std::span<const std::byte>();
+    const std::span<const std::byte> body =
+      sink.memory ? std::span<const std::byte>(*sink.memory) : std::span<const std::byte>();
     if (secure.input(p->site, input, body)) {
       return; // dropped, and the machine told
     }

@@ -413,23 +413,43 @@ commit_secure_attempt(const Workspace& ws, std::uint64_t round, const SecureSum&
   validate_server_options(settings.options);
   auto validated = validate_round(plan, {}, OnBadUpdate::skip); // the base, checked against the ledger
   const auto& base = validated.base.content();
+  // One update for the strategy's server step: the weighted mean; under client-level DP (where
+  // every site weighs 1) the sum of the sites' clipped updates, to which the strategy adds its
+  // noise and which it divides by the sites asked, as without secure aggregation. Each site
+  // clipped its own update (the coordinator cannot): the sum of honest ones is within count × C,
+  // the clip applied to it. With distributed DP the sites added the noise: the update is the sum
+  // over the sites asked, and the strategy adds none.
   auto options = settings.options;
-  auto decoded = secagg::decode(sum.words, base.tensors, sum.encoding, !options.client_dp);
-  with_record.extra["secure_aggregation"]["total_weight"] = decoded.total_weight;
-  // One update for the strategy: the weighted mean; under client-level DP the sum of the sites'
-  // clipped updates (each weighs 1), which the strategy adds its noise to and divides by the sites
-  // asked. Each site clipped its own update (the coordinator cannot): the sum of honest ones is
-  // within count × C, the clip the strategy applies to it.
   options.clip_norm.reset();
+  const bool distributed = options.client_dp && sum.encoding.noise > 0;
+  std::optional<double> divisor;
   if (options.client_dp) {
+    divisor = distributed ? options.client_dp->denominator : 1.0;
+  }
+  auto decoded = secagg::decode(sum.words, base.tensors, sum.encoding, divisor);
+  with_record.extra["secure_aggregation"]["total_weight"] = decoded.total_weight;
+  if (distributed) {
+    // The noise's standard deviation in the sum over one site's sensitivity, in words: at least
+    // the configured multiplier, which the sites' shares were sized for and the ledger accounts.
+    const double values = static_cast<double>(sum.words.size() - 1);
+    const double s = sum.encoding.scale();
+    const auto summed = sum.record.at("survivors").size();
+    const double noise = std::sqrt(static_cast<double>(summed)) * sum.encoding.noise * s;
+    const double sensitivity = settings.client_dp->clip_norm * s + std::sqrt(values) / 2;
+    with_record.extra["secure_aggregation"]["distributed_dp"] = {{"noise", sum.encoding.noise},
+                                                                 {"noise_words", noise},
+                                                                 {"sensitivity_words", sensitivity},
+                                                                 {"noise_multiplier", noise / sensitivity}};
+    options.client_dp.reset();
+  } else if (options.client_dp) {
     options.clip_norm = decoded.total_weight * *settings.options.clip_norm * (1 + 1e-6);
   }
   const Safetensors update{views_of(decoded.mean), {}};
   const double weight = 1;
   auto state = load_state(validated, settings.strategy);
   RoundResult result;
-  const auto model = aggregate(base, std::span(&update, 1), std::span(&weight, 1), settings.strategy, options, state,
-                               &result.info);
+  const auto model =
+    aggregate(base, std::span(&update, 1), std::span(&weight, 1), settings.strategy, options, state, &result.info);
   result.sha256 = write_model(validated, settings.strategy, model, state);
   for (const auto& site : sum.record.at("survivors")) {
     const auto name = site.get<std::string>();

@@ -10,8 +10,8 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
-#include <cmath>
 #include <bit>
+#include <cmath>
 
 namespace fedl::core {
 
@@ -46,9 +46,33 @@ secure_shape(const SecureAggregationConfig& c, std::size_t n)
   return s;
 }
 
+double
+distributed_noise(const PrivacyConfig& dp, secagg::Encoding e, std::size_t values, std::size_t fewest)
+{
+  // σ·Δ over √fewest per site, Δ = C + √P/(2S): the sensitivity of a site's words, whose
+  // rounding can add half a word to each value. S shrinks as the noise grows (by halves), so
+  // this settles in a few steps.
+  const double root = std::sqrt(static_cast<double>(fewest));
+  e.noise = dp.noise_multiplier * dp.clip_norm / root;
+  for (int i = 0; i < 64; ++i) {
+    const double want =
+      dp.noise_multiplier * (dp.clip_norm + std::sqrt(static_cast<double>(values)) / (2 * e.scale())) / root;
+    if (want <= e.noise) {
+      break;
+    }
+    e.noise = want;
+  }
+  return e.noise;
+}
+
 SecureRound::SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t task, std::map<std::string, Cert> certs,
                          Rules rules, SecureHost& host, double now)
-  : m_p(std::move(p)), m_e(e), m_task(task), m_certs(std::move(certs)), m_rules(std::move(rules)), m_host(host),
+  : m_p(std::move(p)),
+    m_e(e),
+    m_task(task),
+    m_certs(std::move(certs)),
+    m_rules(std::move(rules)),
+    m_host(host),
     m_server(m_p)
 {
   for (std::size_t i = 0; i < m_p.sites.size(); ++i) {
@@ -73,6 +97,7 @@ SecureRound::setup_for(const std::string& site) const
   s.range = m_e.range;
   s.max_samples = m_e.max_samples;
   s.clip_norm = m_rules.clip_norm;
+  s.noise = m_e.noise;
   return s;
 }
 
@@ -354,7 +379,8 @@ SecureRound::advance(double now)
     begin_stage(Stage::input, now);
     for (const auto i : u2) {
       if (m_out.count(i) == 0) {
-        m_host.secure_send(name_of(i), FrameType::secagg_shares, SecAggShares{m_task, m_server.shares_for(i)}.to_header());
+        m_host.secure_send(name_of(i), FrameType::secagg_shares,
+                           SecAggShares{m_task, m_server.shares_for(i)}.to_header());
       }
     }
     break;
@@ -414,9 +440,15 @@ SecureRound::record() const
   for (const auto& [site, why] : m_dropped) {
     dropped.push_back({{"site", site}, {"reason", why}});
   }
-  return {{"threshold", m_p.threshold},   {"neighbours", m_p.neighbours},  {"range", m_e.range},
-          {"max_samples", m_e.max_samples}, {"sites", m_p.sites},           {"masked_inputs", m_inputs},
-          {"survivors", survivors},         {"unmasked_by", unmasked_by},   {"dropped_after_masking", after},
+  return {{"threshold", m_p.threshold},
+          {"neighbours", m_p.neighbours},
+          {"range", m_e.range},
+          {"max_samples", m_e.max_samples},
+          {"sites", m_p.sites},
+          {"masked_inputs", m_inputs},
+          {"survivors", survivors},
+          {"unmasked_by", unmasked_by},
+          {"dropped_after_masking", after},
           {"dropped", dropped}};
 }
 

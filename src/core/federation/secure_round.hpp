@@ -50,6 +50,11 @@ struct SecureShape
 };
 SecureShape secure_shape(const SecureAggregationConfig& c, std::size_t n);
 
+// Distributed DP: the noise each site adds (Encoding::noise) so that the sum of `fewest` sites'
+// draws (the fewest a sum may hold) has a standard deviation of at least σ times the sensitivity
+// of one site's words (C, plus the rounding's half a word on each of `values` values).
+double distributed_noise(const PrivacyConfig& dp, secagg::Encoding e, std::size_t values, std::size_t fewest);
+
 class SecureHost
 {
 public:
@@ -87,8 +92,8 @@ public:
   };
 
   // An attempt over `p.sites` (their certificates in `certs`, by name), for task `task`.
-  SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t task, std::map<std::string, Cert> certs,
-              Rules rules, SecureHost& host, double now);
+  SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t task, std::map<std::string, Cert> certs, Rules rules,
+              SecureHost& host, double now);
 
   std::uint64_t task() const noexcept { return m_task; }
   Stage stage() const noexcept { return m_stage; }
@@ -145,7 +150,7 @@ private:
   std::map<std::string, std::uint32_t> m_index;
   Stage m_stage = Stage::keys;
   double m_deadline = 0;
-  std::set<std::uint32_t> m_out; // dropped from the attempt
+  std::set<std::uint32_t> m_out;                // dropped from the attempt
   std::map<std::string, std::string> m_dropped; // site → why
   std::set<std::uint32_t> m_signed;
   std::set<std::uint32_t> m_revealed;

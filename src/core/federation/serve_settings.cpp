@@ -57,6 +57,10 @@ ServeSettings::check_secure_aggregation() const
     throw UsageError("--clip-norm clips each update at the coordinator, which never sees one under secure "
                      "aggregation; client-level DP's clip (--dp-clip-norm) is applied by each site itself");
   }
+  if (secure_aggregation->distributed_dp && privacy.noise_multiplier <= 0) {
+    throw UsageError("distributed DP has each site add its share of client-level DP's noise: it needs "
+                     "--dp-clip-norm and --dp-noise-multiplier (or fedl.json privacy)");
+  }
   if (min_clients < 3) {
     throw UsageError("secure aggregation needs at least 3 sites in a round (the sum of 2 would tell each its "
                      "partner's update): --min-clients 3 or more");

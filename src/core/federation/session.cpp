@@ -3,12 +3,12 @@
 
 #include "core/federation/site.hpp"
 
+#include "core/federation/secure_round.hpp"
 #include "core/format/safetensors.hpp"
 #include "core/net/child.hpp"
 #include "core/net/connection.hpp"
 #include "core/net/site_protocol.hpp"
 #include "core/net/trainer_protocol.hpp"
-#include "core/federation/secure_round.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/pki.hpp"
 #include "core/trust/receipt.hpp"
@@ -226,7 +226,8 @@ Site::on_frame(FrameType type, json& header, const FramedConnection::BodySink& s
   case FrameType::secagg_peers:
   case FrameType::secagg_shares:
   case FrameType::secagg_unmask:
-    on_secure_frame(type, header, sink.memory ? std::span<const std::byte>(*sink.memory) : std::span<const std::byte>());
+    on_secure_frame(type, header,
+                    sink.memory ? std::span<const std::byte>(*sink.memory) : std::span<const std::byte>());
     return;
   case FrameType::done: {
     const auto done = Done::from_header(header);

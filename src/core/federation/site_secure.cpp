@@ -33,8 +33,9 @@ Site::start_secure(const Task& task, const Job& job)
     if (s.params.sites.at(s.setup.index - 1) != m_site) {
       throw UsageError("it gives this site's index to {}", s.params.sites.at(s.setup.index - 1));
     }
-    s.client = std::make_unique<secagg::Client>(
-      s.params, s.setup.index, [this](std::span<const std::byte> payload) { return core::sign(m_identity.key, payload); });
+    s.client = std::make_unique<secagg::Client>(s.params, s.setup.index, [this](std::span<const std::byte> payload) {
+      return core::sign(m_identity.key, payload);
+    });
     s.certs.emplace(s.setup.index, certificate_from_pem(to_pem(m_identity.cert), "this site's certificate"));
     m_conn->send(FrameType::secagg_keys, SecAggKeys{s.task, s.client->advertise()}.to_header());
     m_secure = std::move(s);
@@ -205,7 +206,8 @@ Site::send_secure_input()
       input.dp = s.dp;
     }
     const auto body = std::as_bytes(std::span(*words));
-    input.signature = core::sign(m_identity.key, secagg_input_payload(s.params, s.setup.index, sha256_hex(body), input));
+    input.signature =
+      core::sign(m_identity.key, secagg_input_payload(s.params, s.setup.index, sha256_hex(body), input));
     if (can_queue()) {
       m_conn->send(FrameType::secagg_input, input.to_header(), {body}, words);
       FEDL_LOG_INFO("round {}: masked input sent", s.round);

@@ -74,4 +74,82 @@ GaussianNoise::fill(std::span<double> out, double stddev)
   }
 }
 
+DiscreteGaussianNoise::DiscreteGaussianNoise(std::uint64_t seed) : m_stream(noise_stream(seed)) {}
+
+std::uint64_t
+DiscreteGaussianNoise::next()
+{
+  if (m_used == m_buffer.size()) {
+    m_stream.fill(std::as_writable_bytes(std::span(m_buffer)));
+    m_used = 0;
+  }
+  return m_buffer[m_used++];
+}
+
+double
+DiscreteGaussianNoise::uniform()
+{
+  return static_cast<double>(next() >> 11) * 0x1p-53;
+}
+
+std::uint64_t
+DiscreteGaussianNoise::below(std::uint64_t n)
+{
+  // Rejection of the top partial block keeps it exactly uniform.
+  const std::uint64_t limit = UINT64_MAX - UINT64_MAX % n;
+  for (;;) {
+    if (const auto x = next(); x < limit) {
+      return x % n;
+    }
+  }
+}
+
+// Algorithm 2 of Canonne, Kamath, Steinke: P(y) ∝ exp(−|y|/t) over the integers.
+std::int64_t
+DiscreteGaussianNoise::discrete_laplace(std::uint64_t t)
+{
+  for (;;) {
+    const auto u = below(t);
+    if (!bernoulli_exp(static_cast<double>(u) / static_cast<double>(t))) {
+      continue;
+    }
+    std::uint64_t v = 0;
+    while (bernoulli_exp(1.0)) {
+      ++v;
+    }
+    const auto x = static_cast<std::int64_t>(u + t * v);
+    const bool negative = (next() & 1U) != 0;
+    if (negative && x == 0) {
+      continue;
+    }
+    return negative ? -x : x;
+  }
+}
+
+std::int64_t
+DiscreteGaussianNoise::sample(double sigma)
+{
+  if (!(sigma > 0) || sigma > 0x1p40) {
+    throw UsageError("a discrete Gaussian needs a standard deviation in (0, 2^40], not {}", sigma);
+  }
+  // Algorithm 3.
+  const auto t = static_cast<std::uint64_t>(std::floor(sigma)) + 1;
+  const double s2 = sigma * sigma;
+  for (;;) {
+    const auto y = discrete_laplace(t);
+    const double d = std::abs(static_cast<double>(y)) - s2 / static_cast<double>(t);
+    if (bernoulli_exp(d * d / (2 * s2))) {
+      return y;
+    }
+  }
+}
+
+void
+DiscreteGaussianNoise::add_to(std::span<std::uint32_t> words, double sigma)
+{
+  for (auto& w : words) {
+    w += static_cast<std::uint32_t>(sample(sigma));
+  }
+}
+
 } // namespace fedl::core

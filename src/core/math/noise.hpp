@@ -9,6 +9,8 @@
 
 #include "core/util/key_stream.hpp"
 
+#include <array>
+#include <cmath>
 #include <cstdint>
 #include <span>
 
@@ -28,6 +30,35 @@ public:
 
 private:
   KeyStream m_stream;
+};
+
+// The discrete Gaussian N_Z(0, σ²) (P(x) ∝ exp(−x²/(2σ²)) over the integers), sampled as Canonne,
+// Kamath and Steinke give it ("The Discrete Gaussian for Differential Privacy", NeurIPS 2020,
+// Algorithms 1-3): discrete Laplace proposals of scale ⌊σ⌋ + 1, accepted with probability
+// exp(−(|y| − σ²/t)²/(2σ²)). Its outputs are integers, so no low-order floating-point bits of a
+// sample reveal the value it is added to (Mironov 2012); the Bernoulli trials compare a uniform
+// double with exp(−γ), which shifts the distribution by at most a few ulps of each probability
+// (the paper's exact rational arithmetic is not used). Randomness from AES-256-CTR as above.
+class DiscreteGaussianNoise
+{
+public:
+  explicit DiscreteGaussianNoise(std::uint64_t seed = 0);
+
+  // One draw of N_Z(0, sigma²); sigma positive and finite, at most 2^40.
+  std::int64_t sample(double sigma);
+  // Adds an independent draw to each word (modulo 2^32).
+  void add_to(std::span<std::uint32_t> words, double sigma);
+
+private:
+  std::uint64_t next();
+  double uniform(); // in [0, 1)
+  bool bernoulli_exp(double gamma) { return uniform() < std::exp(-gamma); }
+  std::uint64_t below(std::uint64_t n); // uniform in [0, n)
+  std::int64_t discrete_laplace(std::uint64_t t);
+
+  KeyStream m_stream;
+  std::array<std::uint64_t, 512> m_buffer{};
+  std::size_t m_used = 512;
 };
 
 } // namespace fedl::core

@@ -138,6 +138,9 @@ SecAggSetup::to_json() const
   if (clip_norm) {
     j["clip_norm"] = *clip_norm;
   }
+  if (noise > 0) {
+    j["noise"] = noise;
+  }
   return j;
 }
 
@@ -170,6 +173,7 @@ SecAggSetup::from_json(const json& j)
       throw ProtocolError("the secure_aggregation clip_norm is not a positive number");
     }
   }
+  s.noise = header_number(j, "noise", 0);
   return s;
 }
 
@@ -191,7 +195,7 @@ SecAggSetup::params(std::uint64_t round, std::uint64_t attempt) const
 secagg::Encoding
 SecAggSetup::encoding() const
 {
-  const secagg::Encoding e{range, max_samples, sites.size()};
+  const secagg::Encoding e{range, max_samples, sites.size(), noise};
   e.check();
   return e;
 }
@@ -352,8 +356,8 @@ std::vector<std::pair<std::uint32_t, std::string>>
 secagg_certificates_from_body(std::span<const std::byte> body, std::size_t max_sites)
 {
   if (body.size() > max_sites * (max_certificate_bytes + 64) + 2) {
-    throw ProtocolError(fmt::format("a body of certificates of {} bytes, more than {} sites' may take", body.size(),
-                                    max_sites));
+    throw ProtocolError(
+      fmt::format("a body of certificates of {} bytes, more than {} sites' may take", body.size(), max_sites));
   }
   json top;
   try {

@@ -56,6 +56,8 @@ struct SecAggSetup
   // Client-level DP: the site clips its update to this L2 norm before it encodes it (the
   // coordinator cannot clip what it cannot see).
   std::optional<double> clip_norm;
+  // Distributed DP: the standard deviation of the noise the site adds (Encoding::noise); 0: none.
+  double noise = 0;
 
   nlohmann::json to_json() const;
   // ProtocolError for a malformed setup (counts past secagg_max_sites, an index out of range);

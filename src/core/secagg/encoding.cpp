@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/secagg/encoding.hpp"
 
+#include "core/math/noise.hpp"
 #include "core/util/error.hpp"
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -77,16 +80,26 @@ Encoding::check() const
   if (sites == 0 || sites > (std::size_t{1} << 20)) {
     throw UsageError("secure aggregation of {} sites: 1 to 2^20", sites);
   }
-  if (static_cast<double>(sites) * range > 0x1p23) {
-    throw UsageError("a secure-aggregation range of {:g} over {} sites leaves fewer than 8 bits per value; lower it",
-                     range, sites);
+  if (!(noise >= 0) || !std::isfinite(noise)) {
+    throw UsageError("the secure-aggregation noise must be 0 or a positive number, not {}", noise);
   }
+  if (span() > 0x1p23) {
+    throw UsageError("a secure-aggregation range of {:g}{} over {} sites leaves fewer than 8 bits per value; lower it",
+                     range, noise > 0 ? fmt::format(" with noise {:g}", noise) : std::string(), sites);
+  }
+}
+
+double
+Encoding::span() const
+{
+  const auto n = static_cast<double>(sites);
+  return n * range + 10 * std::sqrt(n) * noise;
 }
 
 double
 Encoding::scale() const
 {
-  return power_scale(0x1p31 - 1, static_cast<double>(sites) * range);
+  return power_scale(0x1p31 - 1, span());
 }
 
 double
@@ -162,12 +175,16 @@ encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding
       encode_values<double>(*t, factor, w * e.scale(), e.range, out);
     }
   }
+  if (e.noise > 0) {
+    DiscreteGaussianNoise(0).add_to(out.words, e.noise * e.scale());
+  }
   out.words.push_back(static_cast<std::uint32_t>(std::nearbyint(w * e.weight_scale())));
   return out;
 }
 
 Decoded
-decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e, bool mean)
+decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e,
+       std::optional<double> divisor)
 {
   e.check();
   std::size_t total = 0;
@@ -182,16 +199,16 @@ decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, con
   if (!(out.total_weight > 0)) {
     throw Error("the secure-aggregation sum carries no weight");
   }
-  const double divisor = mean ? out.total_weight : 1.0;
+  const double by = divisor.value_or(out.total_weight);
   std::map<std::string_view, OwnedTensor> decoded;
   std::size_t at = 0;
   for (const auto* t : by_name(like)) {
     OwnedTensor o{t->name, t->dtype, t->shape, {}};
     const auto words = sum.subspan(at, t->numel());
     if (t->dtype == DType::f64) {
-      decode_values<double>(words, e.scale(), divisor, o);
+      decode_values<double>(words, e.scale(), by, o);
     } else {
-      decode_values<float>(words, e.scale(), divisor, o);
+      decode_values<float>(words, e.scale(), by, o);
     }
     at += t->numel();
     decoded.emplace(t->name, std::move(o));

@@ -26,11 +26,17 @@ struct Encoding
   double range = 1.0;            // R: values are clipped to [−R, R]
   std::uint64_t max_samples = 1; // n_max: a site's weight is min(n, n_max) / n_max
   std::size_t sites = 1;         // N: the most words that are summed
+  // Distributed DP: the standard deviation (in values) of the discrete Gaussian noise each site
+  // adds to each of its words, as noise · S in words; 0: none. S then leaves room for it:
+  // (N · R + 10 · √N · noise) · S ≤ 2^31 − 1.
+  double noise = 0;
 
-  // Throws UsageError unless R is positive and finite, n_max ≥ 1 and 1 ≤ N ≤ 2^20, and the scales
-  // leave at least 8 bits of precision (N · R ≤ 2^23).
+  // Throws UsageError unless R is positive and finite, n_max ≥ 1 and 1 ≤ N ≤ 2^20, the noise is
+  // 0 or positive and finite, and the scales leave at least 8 bits of precision (what S must
+  // cover, N · R + 10 · √N · noise, at most 2^23).
   void check() const;
   double scale() const;        // S
+  double span() const;         // what S must cover: N · R + 10 · √N · noise
   double weight_scale() const; // Sw
 };
 
@@ -43,8 +49,9 @@ struct Encoded
 
 // `update`'s F32 and F64 values (other dtypes are refused with UsageError), for a site with
 // `samples` samples (≥ 1); with `clip_norm`, first scaled by min(1, clip_norm / ‖update‖₂) (the
-// norm over all its tensors). Values go in the order of the tensors' names, whatever the order
-// of `update`.
+// norm over all its tensors); with the encoding's noise, each value word then gets its draw of
+// N_Z(0, (noise · S)²) (math/noise.hpp), keyed by the operating system. Values go in the order of the tensors' names,
+// whatever the order of `update`.
 Encoded encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding& e,
                std::optional<double> clip_norm = std::nullopt);
 
@@ -57,8 +64,8 @@ struct Decoded
 // The weighted mean from the sum (mod 2^32) of encoded words, with `like` giving the tensors'
 // names, dtypes and shapes (the result in its order; tensor names distinct). Throws Error if
 // `sum` has another length or the total weight is 0.
-// With `mean` false, `Decoded::mean` holds the weighted sum instead (not divided by the weight).
+// With a `divisor`, `Decoded::mean` holds the weighted sum over it instead (1: the sum).
 Decoded decode(std::span<const std::uint32_t> sum, std::span<const TensorView> like, const Encoding& e,
-               bool mean = true);
+               std::optional<double> divisor = std::nullopt);
 
 } // namespace fedl::core::secagg

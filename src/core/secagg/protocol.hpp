@@ -181,8 +181,7 @@ public:
   // Stage 2: from the shares sealed for this site, the masked input (masked in place in `input`'s
   // buffer); a Complaint if one does not open. ProtocolAbort if fewer than t neighbours sent
   // shares or `input` has another length.
-  std::variant<MaskedInput, Complaint> mask(std::vector<std::uint32_t> input,
-                                            std::span<const SealedShares> received);
+  std::variant<MaskedInput, Complaint> mask(std::vector<std::uint32_t> input, std::span<const SealedShares> received);
   // Stage 3: its signature over U3. ProtocolAbort if U3 repeats a site, leaves this one out, has
   // fewer than t of its neighbours, or is not the list it already signed in this attempt.
   SurvivorSignature agree(const UnmaskRequest& request);

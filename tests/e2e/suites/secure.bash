@@ -176,6 +176,29 @@ test_a_site_sending_garbage_is_dropped_and_the_round_completes()
     "round $round does not record site-3 as dropped"
 }
 
+test_client_level_dp_with_the_noise_at_the_coordinator_or_at_the_sites()
+{
+  trap net_cleanup EXIT
+  local dp=(--client-dp-clip-norm 1 --client-dp-noise-multiplier 0.3)
+  # The coordinator adds the noise after unmasking: each site clipped its own update.
+  net_init 5 4 --secure-aggregation "${dp[@]}" || return
+  run_federation 5 4 || return
+  expect_ledger "all(b['privacy']['client']['noise_multiplier'] == 0.3 and b['privacy']['client']['epsilon'] > 0 for b in R)" \
+    "a round without its client-level DP record"
+  expect_ledger "all('distributed_dp' not in b['secure_aggregation'] for b in R)" "distributed DP without asking for it"
+  expect_ledger "all(b['secure_aggregation']['total_weight'] == 5 for b in R)" "under client-level DP each site weighs 1"
+  mv ws ws-central
+  # Distributed DP: each site adds its share of discrete Gaussian noise; nobody sees the sum without it.
+  net_init 5 4 --secure-aggregation --distributed-dp "${dp[@]}" || return
+  run_federation 5 4 || return
+  expect_ledger "all(b['privacy']['client']['noise_multiplier'] == 0.3 for b in R)" "a round without its client-level DP record"
+  expect_ledger "all(b['secure_aggregation']['distributed_dp']['noise_multiplier'] >= 0.3 for b in R)" \
+    "the sites' noise is below the multiplier asked"
+  expect_ledger "all(b['secure_aggregation']['distributed_dp']['noise'] > 0.3 / 5 ** 0.5 for b in R)" \
+    "each site's share is not sized for the fewest sites a sum may hold"
+  expect_in serve.log "distributed DP"
+}
+
 test_what_secure_aggregation_cannot_go_with_is_refused()
 {
   net_init 4 2 --secure-aggregation || return
@@ -184,6 +207,9 @@ test_what_secure_aggregation_cannot_go_with_is_refused()
   fedl_expect 2 serve ws --min-clients 2 && expect_in err "at least 3 sites in a round"
   fedl_expect 2 serve ws --secagg-threshold 1.5 && expect_in err "--secagg-threshold must be a fraction"
   fedl_expect 2 serve ws --secagg-range -1 && expect_in err "--secagg-range must be a positive number"
+  fedl_expect 2 serve ws --distributed-dp && expect_in err "distributed DP has each site add its share"
+  fedl_expect 2 init ws3 --clients 4 --arch mlp:32 --input-dim 4 --classes 3 --secure-aggregation --distributed-dp &&
+    expect_in err "--distributed-dp has each site add its share"
   fedl_expect 2 init ws2 --clients 4 --arch mlp:32 --input-dim 4 --classes 3 --secure-aggregation --strategy krum:1 &&
     expect_in err "krum:1 needs every update on its own"
   fedl_expect 2 init ws2 --clients 4 --arch mlp:32 --input-dim 4 --classes 3 --secagg-threshold 3 &&

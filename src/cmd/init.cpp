@@ -279,6 +279,28 @@ run_init(InitOptions opt)
   return 0;
 }
 
+// fedl.json's secure_aggregation, for fedl serve.
+void
+add_secure_aggregation_options(CLI::App& app, InitOptions& opt)
+{
+  app.add_flag("--secure-aggregation", opt.secure_aggregation,
+               "Secure aggregation for fedl serve: the coordinator sees only each round's sum (fedl.json)");
+  app
+    .add_option("--secagg-threshold", opt.secagg.threshold,
+                "Shares that rebuild a site's masks: a count, or a fraction of the sites asked (default: a majority "
+                "of its neighbours)")
+    ->type_name("T");
+  app
+    .add_option("--secagg-neighbours", opt.secagg.neighbours,
+                "Neighbours per site (default: all up to 16 sites, then 2*ceil(log2 n)+2)")
+    ->check(CLI::Range(2U, 40U))
+    ->type_name("K");
+  app.add_option("--secagg-range", opt.secagg.range, "Each value of an update is clipped to [-R, R] (default 1)")
+    ->type_name("R");
+  app.add_flag("--distributed-dp", opt.secagg.distributed_dp,
+               "With --secure-aggregation and client-level DP: each site adds its share of the noise (fedl.json)");
+}
+
 } // namespace
 
 Command
@@ -351,22 +373,7 @@ add_init(CLI::App& parent)
                  "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
     ->type_name("E");
   app->add_option("--delta", opt->privacy.delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
-  app->add_flag("--secure-aggregation", opt->secure_aggregation,
-                "Secure aggregation for fedl serve: the coordinator sees only each round's sum (fedl.json)");
-  app
-    ->add_option("--secagg-threshold", opt->secagg.threshold,
-                 "Shares that rebuild a site's masks: a count, or a fraction of the sites asked (default: a majority "
-                 "of its neighbours)")
-    ->type_name("T");
-  app
-    ->add_option("--secagg-neighbours", opt->secagg.neighbours,
-                 "Neighbours per site (default: all up to 16 sites, then 2*ceil(log2 n)+2)")
-    ->check(CLI::Range(2U, 40U))
-    ->type_name("K");
-  app->add_option("--secagg-range", opt->secagg.range, "Each value of an update is clipped to [-R, R] (default 1)")
-    ->type_name("R");
-  app->add_flag("--distributed-dp", opt->secagg.distributed_dp,
-                "With --secure-aggregation and client-level DP: each site adds its share of the noise (fedl.json)");
+  add_secure_aggregation_options(*app, *opt);
   app
     ->add_option("--max-update-norm", opt->max_update_norm,
                  "fedl serve rejects an update whose L2 norm is larger (fedl.json limits; default 1e5)")

@@ -214,6 +214,17 @@ secagg(Receiver receiver, const json& header)
   case Receiver::site_secagg_unmask: {
     const auto u = core::SecAggUnmask::from_header(header, secagg_sites);
     FEDL_FUZZ_CHECK(u.survivors.size() <= secagg_sites && u.signatures.size() <= secagg_sites);
+    // The same bytes as the signers' certificates, the body that comes with the signatures.
+    const auto text = header.dump();
+    try {
+      const auto certs = core::secagg_certificates_from_body(core::as_bytes(text), secagg_sites);
+      FEDL_FUZZ_CHECK(certs.size() <= secagg_sites);
+      for (const auto& [index, pem] : certs) {
+        FEDL_FUZZ_CHECK(index >= 1 && pem.size() <= 16 * 1024);
+      }
+    } catch (const core::ProtocolError& e) {
+      fuzz::refused(e);
+    }
     break;
   }
   case Receiver::coordinator_secagg_signature:

@@ -372,6 +372,29 @@ training_from_json(const nlohmann::json& t, const std::string& what)
   return c;
 }
 
+namespace {
+
+// fedl.json's "secure_aggregation", read and checked.
+SecureAggregationConfig
+secure_aggregation_from_json(const json& j, const std::string& what)
+{
+  ObjectReader r(j, "secure_aggregation", what);
+  SecureAggregationConfig sa;
+  r.get("threshold", sa.threshold);
+  r.get("neighbours", sa.neighbours);
+  r.get("range", sa.range);
+  r.get("distributed_dp", sa.distributed_dp);
+  r.finish();
+  try {
+    check_secure_aggregation(sa);
+  } catch (const UsageError& e) {
+    throw UsageError("{}: secure_aggregation: {}", what, e.what());
+  }
+  return sa;
+}
+
+} // namespace
+
 FederationConfig
 config_from_json(const nlohmann::json& j, const std::string& what)
 {
@@ -459,19 +482,7 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     }
   }
   if (const auto* a = top.find("secure_aggregation")) {
-    ObjectReader r(*a, "secure_aggregation", what);
-    SecureAggregationConfig sa;
-    r.get("threshold", sa.threshold);
-    r.get("neighbours", sa.neighbours);
-    r.get("range", sa.range);
-    r.get("distributed_dp", sa.distributed_dp);
-    r.finish();
-    try {
-      check_secure_aggregation(sa);
-    } catch (const UsageError& e) {
-      throw UsageError("{}: secure_aggregation: {}", what, e.what());
-    }
-    c.secure_aggregation = sa;
+    c.secure_aggregation = secure_aggregation_from_json(*a, what);
   }
   top.get("seed", c.seed);
   if (const auto* p = top.find("pki")) {

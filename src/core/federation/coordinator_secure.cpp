@@ -78,7 +78,7 @@ Coordinator::secure_round_for(const RoundTask& task)
     for (const auto& name : names) {
       certs.emplace(name, certificate_from_pem(to_pem(m_sites.at(name)->cert), name));
     }
-    m_secure.emplace(std::move(p), e, task.task, std::move(certs), std::move(rules), *this, FramedConnection::now());
+    m_secure.emplace(std::move(p), e, task.task, std::move(certs), rules, *this, FramedConnection::now());
     FEDL_LOG_INFO("round {}: secure aggregation over {} sites, threshold {}, {} neighbours each{}", task.round,
                   names.size(), shape.threshold, shape.neighbours,
                   e.noise > 0 ? fmt::format(", distributed DP (each site adds noise of {:.3g})", e.noise) : "");

@@ -67,13 +67,7 @@ distributed_noise(const PrivacyConfig& dp, secagg::Encoding e, std::size_t value
 
 SecureRound::SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t task, std::map<std::string, Cert> certs,
                          Rules rules, SecureHost& host, double now)
-  : m_p(std::move(p)),
-    m_e(e),
-    m_task(task),
-    m_certs(std::move(certs)),
-    m_rules(std::move(rules)),
-    m_host(host),
-    m_server(m_p)
+  : m_p(std::move(p)), m_e(e), m_task(task), m_certs(std::move(certs)), m_rules(rules), m_host(host), m_server(m_p)
 {
   for (std::size_t i = 0; i < m_p.sites.size(); ++i) {
     m_index[m_p.sites[i]] = static_cast<std::uint32_t>(i + 1);

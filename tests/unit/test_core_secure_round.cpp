@@ -464,3 +464,15 @@ TEST_CASE(
     }
   }
 }
+
+TEST_CASE("secure round: the keys stage gives the others twice what the first site took to get its task")
+{
+  Federation f(4);
+  f.now = 20; // the first keys come 20 s after the tasks (a large model, a slow link)
+  f.keys({"site-104"});
+  f.round->tick(55);
+  CHECK(f.round->stage() == SecureRound::Stage::keys); // 20 + 2 × 20 = 60
+  f.round->tick(61);
+  CHECK(f.round->stage() == SecureRound::Stage::shares);
+  CHECK(f.host.dropped.count("site-104") == 1);
+}

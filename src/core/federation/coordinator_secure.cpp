@@ -72,6 +72,7 @@ Coordinator::secure_round_for(const RoundTask& task)
     }
     e.check();
     rules.stage_timeout = std::clamp(2 * m_s.dead_after, 5.0, m_s.round_timeout);
+    rules.keys_timeout = m_s.round_timeout;
     rules.quorum = m_s.min_clients;
     rules.required_dp = m_s.training.dp;
     std::map<std::string, Cert> certs;

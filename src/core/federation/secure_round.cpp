@@ -72,10 +72,11 @@ SecureRound::SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t tas
   for (std::size_t i = 0; i < m_p.sites.size(); ++i) {
     m_index[m_p.sites[i]] = static_cast<std::uint32_t>(i + 1);
   }
-  // The keys stage waits as long as a site may take to receive the model (the round's deadline
-  // bounds it too); the stages after it for answers that need no training.
+  // The keys stage waits for the sites to receive their tasks (Rules::keys_timeout); the stages
+  // after it for answers that need no training.
   m_rules.quorum = std::max(m_rules.quorum, m_p.threshold);
-  m_deadline = now + m_rules.stage_timeout;
+  m_started = now;
+  m_deadline = now + m_rules.keys_timeout;
 }
 
 SecAggSetup
@@ -155,6 +156,10 @@ SecureRound::keys(const std::string& site, const SecAggKeys& m, double now)
   if (auto refusal = m_server.add_advert(m.advert)) {
     drop(site, *refusal);
     return;
+  }
+  if (m_server.advertised().size() == 1) {
+    // The others get what the first took to receive its task, twice, or the stage timeout.
+    m_deadline = std::min(m_deadline, now + std::max(m_rules.stage_timeout, 2 * (now - m_started)));
   }
   advance(now);
 }

@@ -84,7 +84,11 @@ public:
   struct Rules
   {
     double stage_timeout = 30; // seconds each stage after the first may wait
-    std::size_t quorum = 2;    // the fewest inputs the sum may hold (at least t)
+    // The keys stage: at most this long (the round's deadline), and once the first site has
+    // advertised, at most the stage timeout or twice the time that took (the model's transfer)
+    // more.
+    double keys_timeout = 600;
+    std::size_t quorum = 2; // the fewest inputs the sum may hold (at least t)
     // The DP-SGD each input's signed report must show (fedl.json's training.dp), if any.
     std::optional<DpSgdConfig> required_dp;
     // Client-level DP: the L2 norm each site clips its update to.
@@ -149,6 +153,7 @@ private:
   secagg::Server m_server;
   std::map<std::string, std::uint32_t> m_index;
   Stage m_stage = Stage::keys;
+  double m_started = 0;
   double m_deadline = 0;
   std::set<std::uint32_t> m_out;                // dropped from the attempt
   std::map<std::string, std::string> m_dropped; // site → why

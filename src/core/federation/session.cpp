@@ -333,7 +333,8 @@ Site::on_task(Job job, const Task& task)
     job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
   }
   m_secure.reset();
-  if (!task.secure_aggregation.is_null() && !start_secure(task, job)) {
+  job.secure = !task.secure_aggregation.is_null();
+  if (job.secure && !start_secure(task, job)) {
     return;
   }
   job.serial = ++m_job_serial;

@@ -56,6 +56,7 @@ struct Job
   std::shared_ptr<std::vector<std::byte>> model;
   TrainingConfig training;    // the task's settings, as checked against the contract
   std::optional<json> budget; // the site's --max-epsilon and spending, for the trainer to check
+  bool secure = false;        // the task asked for secure aggregation: its update never leaves in clear
 };
 
 // Why a job ended without an update: its class and the full text (which stays at the site).

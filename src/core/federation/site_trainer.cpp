@@ -100,9 +100,11 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
     } else if (m_s.max_epsilon) {
       throw Error("the trainer sent no DP-SGD report for a task under this site's budget");
     }
-    if (m_secure && m_secure->task == job.task) {
-      secure_trained(job, *result, body);
-      return;
+    if (job.secure) {
+      if (m_secure && m_secure->task == job.task) {
+        secure_trained(job, *result, body);
+      }
+      return; // an update asked for under secure aggregation leaves masked or not at all
     }
     u = sign(std::move(body));
   } catch (const std::exception& e) {

@@ -476,3 +476,30 @@ TEST_CASE("secure round: the keys stage gives the others twice what the first si
   CHECK(f.round->stage() == SecureRound::Stage::shares);
   CHECK(f.host.dropped.count("site-104") == 1);
 }
+
+TEST_CASE("secure round: a complaint about a site that is not the complainer's neighbour drops the complainer only")
+{
+  Federation f(20); // 19 would be everyone; past 16 sites each has 12 neighbours
+  f.keys();
+  f.shares();
+  const auto& graph = f.round->params();
+  const auto neighbours = secagg::neighbour_graph(graph.sites.size(), graph.neighbours, graph.graph_seed)[0];
+  std::uint32_t stranger = 0;
+  for (std::uint32_t v = 1; v < 20 && stranger == 0; ++v) {
+    if (!std::binary_search(neighbours.begin(), neighbours.end(), v)) {
+      stranger = v + 1;
+    }
+  }
+  REQUIRE(stranger != 0);
+  SecAggInput in;
+  in.task = Federation::task;
+  in.range = 1;
+  in.max_samples = 1;
+  in.complaint = stranger;
+  const std::vector<std::byte> none;
+  in.signature = sign(f.ids.at("site-101").key, secagg_input_payload(f.round->params(), 1, sha256_hex(none), in));
+  CHECK(f.round->input("site-101", in, none)->find("not its neighbour") != std::string::npos);
+  CHECK(f.host.dropped.count("site-101") == 1);
+  CHECK(f.host.dropped.size() == 1);
+  CHECK(f.round->accused().empty());
+}

@@ -211,8 +211,10 @@ SecureRound::input(const std::string& site, const SecAggInput& m, std::span<cons
     refusal = "its masked input is not signed with its certificate's key";
   } else if (m.complaint) {
     const auto about = *m.complaint;
-    if (about == index || about > m_p.sites.size()) {
-      refusal = "a complaint about no neighbour";
+    const auto& neighbours = m_server.graph()[index - 1];
+    if (about == 0 || about > m_p.sites.size() ||
+        !std::binary_search(neighbours.begin(), neighbours.end(), about - 1)) {
+      refusal = "a complaint about a site that is not its neighbour";
     } else {
       // The coordinator cannot tell who is at fault (it cannot open the shares): both leave.
       m_accused.insert(name_of(about));

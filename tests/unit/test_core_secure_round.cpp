@@ -503,3 +503,24 @@ TEST_CASE("secure round: a complaint about a site that is not the complainer's n
   CHECK(f.host.dropped.size() == 1);
   CHECK(f.round->accused().empty());
 }
+
+TEST_CASE("secure round: a restart may not turn secure aggregation off, lower its threshold, or drop distributed DP")
+{
+  const json last = {{"threshold", 4}, {"neighbours", 0}, {"range", 1}, {"distributed_dp", true}};
+  const auto error_of = [&](const std::optional<SecureAggregationConfig>& now) {
+    try {
+      check_secure_not_weaker(last, now, 7);
+    } catch (const UsageError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(accepted)");
+  };
+  CHECK(error_of(std::nullopt).find("round 7 ran with secure aggregation") != std::string::npos);
+  CHECK(error_of(SecureAggregationConfig{3, 0, 1, true}).find("may not lower it to 3") != std::string::npos);
+  CHECK(error_of(SecureAggregationConfig{4, 0, 1, false}).find("keep --distributed-dp") != std::string::npos);
+  CHECK(error_of(SecureAggregationConfig{5, 0, 1, true}) == "(accepted)");
+  CHECK(error_of(SecureAggregationConfig{0.6, 0, 1, true}) == "(accepted)"); // another kind: not comparable
+  const json fraction = {{"threshold", 0.5}, {"distributed_dp", false}};
+  CHECK_THROWS_AS(check_secure_not_weaker(fraction, SecureAggregationConfig{0.4, 0, 1, false}, 2), UsageError);
+  CHECK_NOTHROW(check_secure_not_weaker(json(), SecureAggregationConfig{}, 2)); // settings unknown: on is enough
+}

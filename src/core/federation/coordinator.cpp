@@ -389,10 +389,8 @@ Coordinator::resume(const LedgerState& state)
 {
   m_first_round = state.model.round + 1;
   check_not_weaker(state.client_dp, m_s.privacy, m_first_round - 1);
-  if (!state.secure_aggregation.is_null() && !m_s.secure_aggregation) {
-    throw UsageError("round {} ran with secure aggregation; serve the federation on with it (--secure-aggregation, "
-                     "or fedl.json secure_aggregation), not without",
-                     state.secure_round);
+  if (!state.secure_aggregation.is_null()) {
+    check_secure_not_weaker(state.secure_settings, m_s.secure_aggregation, state.secure_round);
   }
   m_model = std::make_shared<MappedFile>(m_ws.root() / state.model.file);
   m_model_sha = state.model.sha256;

@@ -13,6 +13,11 @@ LedgerState::apply(const LedgerEntry& e, bool verify)
   if (ends_with_budget_stop) {
     budget_stop = e.body;
   }
+  if (e.kind == "serve") {
+    if (const auto s = e.body.find("secure_aggregation"); s != e.body.end() && s->is_object()) {
+      secure_settings = *s;
+    }
+  }
   if (e.kind != "round") {
     return;
   }

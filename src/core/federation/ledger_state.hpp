@@ -27,6 +27,8 @@ struct LedgerState
   // number of that round.
   nlohmann::json secure_aggregation;
   std::uint64_t secure_round = 0;
+  // The secure_aggregation settings of the last "serve" entry that had them (null if none).
+  nlohmann::json secure_settings;
   // The body of the last "finished" entry for the privacy budget (null if none), and whether it
   // is the ledger's last entry.
   nlohmann::json budget_stop;

@@ -65,6 +65,30 @@ distributed_noise(const PrivacyConfig& dp, secagg::Encoding e, std::size_t value
   return e.noise;
 }
 
+void
+check_secure_not_weaker(const json& last, const std::optional<SecureAggregationConfig>& now, std::uint64_t round)
+{
+  if (!now) {
+    throw UsageError("round {} ran with secure aggregation; serve the federation on with it (--secure-aggregation, "
+                     "or fedl.json secure_aggregation), not without",
+                     round);
+  }
+  if (!last.is_object()) {
+    return;
+  }
+  const double before = last.value("threshold", 0.0);
+  const bool same_kind = (before == 0) == (now->threshold == 0) && (before < 1) == (now->threshold < 1);
+  if (same_kind && now->threshold < before) {
+    throw UsageError("round {} ran with a secure-aggregation threshold of {:g}; a restart may not lower it to {:g}",
+                     round, before, now->threshold);
+  }
+  if (last.value("distributed_dp", false) && !now->distributed_dp) {
+    throw UsageError("round {} ran with distributed DP (the sites added the noise); a restart may not hand the "
+                     "un-noised sum to the coordinator: keep --distributed-dp",
+                     round);
+  }
+}
+
 SecureRound::SecureRound(secagg::Params p, secagg::Encoding e, std::uint64_t task, std::map<std::string, Cert> certs,
                          Rules rules, SecureHost& host, double now)
   : m_p(std::move(p)), m_e(e), m_task(task), m_certs(std::move(certs)), m_rules(rules), m_host(host), m_server(m_p)

@@ -55,6 +55,12 @@ SecureShape secure_shape(const SecureAggregationConfig& c, std::size_t n);
 // of one site's words (C, plus the rounding's half a word on each of `values` values).
 double distributed_noise(const PrivacyConfig& dp, secagg::Encoding e, std::size_t values, std::size_t fewest);
 
+// After rounds (up to `round`) ran with secure aggregation under `last` (the settings a "serve"
+// entry recorded; null if none is known): UsageError unless `now` has it on, with a threshold of
+// the same kind no lower, and distributed DP still on if it was.
+void check_secure_not_weaker(const nlohmann::json& last, const std::optional<SecureAggregationConfig>& now,
+                             std::uint64_t round);
+
 class SecureHost
 {
 public:

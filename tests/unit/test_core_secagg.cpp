@@ -902,12 +902,13 @@ TEST_CASE("secagg: every stage's message survives the wire, and a malformed one 
   short_share["shares"][0]["sealed"] = std::string(short_share["shares"][0]["sealed"]).substr(0, 200);
   CHECK_THROWS_AS(SecAggShares::from_header(short_share, 4), ProtocolError);
 
-  SecAggInput input{9, std::nullopt, 3, 0.5, 100, std::string(R"({"steps":1})"), "sig"};
+  SecAggInput input{9, std::nullopt, 3, 0.5, 100, 2.5, std::string(R"({"steps":1})"), "sig"};
   const auto input_back = SecAggInput::from_header(over_the_wire(input.to_header()));
   CHECK_FALSE(input_back.complaint);
   CHECK(input_back.clipped == 3);
   CHECK(input_back.range == 0.5);
   CHECK(input_back.dp == std::optional<std::string>(R"({"steps":1})"));
+  CHECK(input_back.clip_norm == std::optional<double>(2.5));
   auto long_dp = input.to_header();
   long_dp["dp"] = std::string(4097, 'x');
   CHECK_THROWS_AS(SecAggInput::from_header(long_dp), ProtocolError);
@@ -923,6 +924,9 @@ TEST_CASE("secagg: every stage's message survives the wire, and a malformed one 
   CHECK(one != secagg_input_payload(p, 1, "aa", other));
   other = input;
   other.dp.reset();
+  CHECK(one != secagg_input_payload(p, 1, "aa", other));
+  other = input;
+  other.clip_norm = 2.0;
   CHECK(one != secagg_input_payload(p, 1, "aa", other));
 
   const SecAggUnmask named{9, {1, 2, 5}, {{1, "s1"}, {5, "s5"}}};

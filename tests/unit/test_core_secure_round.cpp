@@ -524,3 +524,19 @@ TEST_CASE("secure round: a restart may not turn secure aggregation off, lower it
   CHECK_THROWS_AS(check_secure_not_weaker(fraction, SecureAggregationConfig{0.4, 0, 1, false}, 2), UsageError);
   CHECK_NOTHROW(check_secure_not_weaker(json(), SecureAggregationConfig{}, 2)); // settings unknown: on is enough
 }
+
+TEST_CASE("secure round: under client-level DP an input whose signed report does not say it clipped to C is refused")
+{
+  Federation f(4);
+  f.keys();
+  f.shares();
+  // The attempt asked for no clip: a report that names one does not match it either.
+  SecAggInput in;
+  in.task = Federation::task;
+  in.range = 1;
+  in.max_samples = 1;
+  in.clip_norm = 1.0;
+  const std::vector<std::byte> body(f.length * 4);
+  in.signature = sign(f.ids.at("site-101").key, secagg_input_payload(f.round->params(), 1, sha256_hex(body), in));
+  CHECK(f.round->input("site-101", in, body)->find("a clip the attempt did not ask for") != std::string::npos);
+}

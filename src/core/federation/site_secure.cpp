@@ -203,6 +203,7 @@ Site::send_secure_input()
         }
       }
       input.clipped = s.clipped;
+      input.clip_norm = s.setup.clip_norm;
       input.dp = s.dp;
     }
     const auto body = std::as_bytes(std::span(*words));

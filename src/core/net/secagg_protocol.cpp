@@ -272,6 +272,9 @@ SecAggInput::to_header() const
   if (dp) {
     h["dp"] = *dp;
   }
+  if (clip_norm) {
+    h["clip_norm"] = *clip_norm;
+  }
   return h;
 }
 
@@ -288,6 +291,9 @@ SecAggInput::from_header(const json& h)
   in.max_samples = header_uint(h, "max_samples");
   if (h.contains("dp")) {
     in.dp = bounded_string(h, "dp", max_dp_report_bytes);
+  }
+  if (h.contains("clip_norm")) {
+    in.clip_norm = header_number(h, "clip_norm", 0);
   }
   in.signature = bounded_string(h, "signature", max_signature_bytes);
   return in;
@@ -307,7 +313,8 @@ secagg_input_payload(const secagg::Params& p, std::uint32_t index, const std::st
                      {"clipped", input.clipped},
                      {"range", input.range},
                      {"max_samples", input.max_samples},
-                     {"dp", input.dp ? json(*input.dp) : json()}};
+                     {"dp", input.dp ? json(*input.dp) : json()},
+                     {"clip_norm", input.clip_norm ? json(*input.clip_norm) : json()}};
   const auto text = body.dump();
   const auto bytes = as_bytes(text);
   return {bytes.begin(), bytes.end()};

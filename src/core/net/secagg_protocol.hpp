@@ -112,6 +112,8 @@ struct SecAggInput
   std::uint64_t clipped = 0;
   double range = 0;
   std::uint64_t max_samples = 0;
+  // Client-level DP: the L2 norm the site clipped its update to before encoding it.
+  std::optional<double> clip_norm;
   // Its DP-SGD report (fedl.dp's JSON text, as an update's metadata carries it), if it trained
   // with DP-SGD; at most 4 KiB.
   std::optional<std::string> dp;

@@ -187,6 +187,8 @@ test_client_level_dp_with_the_noise_at_the_coordinator_or_at_the_sites()
     "a round without its client-level DP record"
   expect_ledger "all('distributed_dp' not in b['secure_aggregation'] for b in R)" "distributed DP without asking for it"
   expect_ledger "all(b['secure_aggregation']['total_weight'] == 5 for b in R)" "under client-level DP each site weighs 1"
+  expect_ledger "all(m['clip_norm'] == 1 for b in R for m in b['secure_aggregation']['masked_inputs'])" \
+    "a site's signed report does not say it clipped its update to the DP clip norm"
   mv ws ws-central
   # Distributed DP: each site adds its share of discrete Gaussian noise; nobody sees the sum without it.
   net_init 5 4 --secure-aggregation --distributed-dp "${dp[@]}" || return

@@ -248,8 +248,9 @@ SecureRound::input(const std::string& site, const SecAggInput& m, std::span<cons
   } else if (m.range != m_e.range || m.max_samples != m_e.max_samples) {
     refusal = "its report names another encoding than the attempt's";
   } else if (m.clip_norm != m_rules.clip_norm) {
-    refusal = m_rules.clip_norm ? fmt::format("its report does not say it clipped its update to {:g}", *m_rules.clip_norm)
-                                : std::string("its report names a clip the attempt did not ask for");
+    refusal = m_rules.clip_norm
+                ? fmt::format("its report does not say it clipped its update to {:g}", *m_rules.clip_norm)
+                : std::string("its report names a clip the attempt did not ask for");
   } else if (auto short_dp = check_dp_report(m.dp, m_rules.required_dp, dp)) {
     refusal = std::move(short_dp);
   } else if (body.size() != m_p.length * 4) {

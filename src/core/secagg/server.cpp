@@ -198,7 +198,7 @@ rebuild(const std::vector<std::pair<std::uint32_t, Share>>& held, std::size_t t,
   const auto attempt = [&](std::optional<std::size_t> skip) -> std::optional<Bytes32> {
     std::vector<Share> use;
     for (std::size_t i = 0; i < held.size() && use.size() < t; ++i) {
-      if (i != skip) {
+      if (!skip || i != *skip) {
         use.push_back(held[i].second);
       }
     }

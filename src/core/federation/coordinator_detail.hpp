@@ -171,6 +171,7 @@ private:
   // stages run.
   std::optional<SecureRound> m_secure;
   std::optional<AttemptClose> m_secure_close;
+  std::uint64_t m_secure_refused = 0; // the task of an attempt no SecureRound could be made for
 
   // Outcome and metrics.
   std::uint64_t m_first_round = 0;

@@ -42,6 +42,9 @@ Coordinator::secure_round_for(const RoundTask& task)
   if (m_secure && m_secure->task() == task.task) {
     return &*m_secure;
   }
+  if (m_secure_refused == task.task) {
+    return nullptr; // tried for this attempt's first task, and said why
+  }
   m_secure.reset();
   m_secure_close.reset();
   const auto names = m_rounds.participants();
@@ -85,6 +88,7 @@ Coordinator::secure_round_for(const RoundTask& task)
                   e.noise > 0 ? fmt::format(", distributed DP (each site adds noise of {:.3g})", e.noise) : "");
   } catch (const Error& e) {
     FEDL_LOG_ERROR("round {}: secure aggregation cannot run this attempt: {}", task.round, e.what());
+    m_secure_refused = task.task;
     for (const auto& name : names) {
       secure_drop(name, fmt::format("secure aggregation cannot run: {}", e.what()));
     }

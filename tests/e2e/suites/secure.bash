@@ -201,6 +201,27 @@ test_client_level_dp_with_the_noise_at_the_coordinator_or_at_the_sites()
   expect_in serve.log "distributed DP"
 }
 
+test_a_threshold_the_round_cannot_meet_fails_the_attempt_and_says_why()
+{
+  trap net_cleanup EXIT
+  # 3 sites give each 2 neighbours: a threshold of 3 shares cannot be met. No plain task goes out;
+  # the attempt is recorded as failed, with why, and tried again.
+  net_init 3 2 --secure-aggregation --secagg-threshold 3 || return
+  serve_bg --min-clients 3 --heartbeat 1
+  local k
+  for k in 1 2 3; do join_bg "site-$k"; done
+  wait_for 60 eval "[[ \$(ledger 'len(F)') -ge 1 ]]" || { fail "no failed attempt recorded"; tail serve.log; return; }
+  expect_ledger "'no secure aggregation could be set up' in F[0]['reason']" "the failed attempt does not say why"
+  expect_in serve.log "secure aggregation cannot run this attempt: a secure-aggregation threshold of 3 needs at least 3 neighbours"
+  # Once per attempt (not once per site asked); the next attempt's line may precede its entry.
+  local logged failed
+  logged=$(grep -c "secure aggregation cannot run this attempt" serve.log)
+  failed=$(ledger 'len(F)')
+  ((logged <= failed + 1)) || fail "the reason is logged $logged times for $failed failed attempts"
+  expect_ledger "not R" "a round was made"
+  expect_not_in site-1.log "update sent"
+}
+
 test_what_secure_aggregation_cannot_go_with_is_refused()
 {
   net_init 4 2 --secure-aggregation || return

@@ -138,6 +138,7 @@ complete -c fedl -n '__fish_seen_subcommand_from join' -l max-epsilon -x -d 'The
 complete -c fedl -n '__fish_seen_subcommand_from join' -l delta -x -d 'The delta of --max-epsilon (default 1e-5)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l max-epochs -x -d 'Refuse tasks of more epochs than this (tightens the bundle\'s contract)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l min-noise-multiplier -x -d 'Refuse tasks without DP-SGD of at least this noise multiplier (tightens the contract)'
+complete -c fedl -n '__fish_seen_subcommand_from join' -l require-secure-aggregation -d 'Refuse tasks that would send this site\'s update in clear (without secure aggregation)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l device -x -d 'Compute device: auto, cpu, cuda, cuda:N or a backend name'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l threads -x -d 'CPU threads for compute (default: the number of cores)'
 complete -c fedl -n '__fish_seen_subcommand_from aggregate' -s h -l help -d 'Print this help message and exit'

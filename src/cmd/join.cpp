@@ -38,6 +38,7 @@ struct JoinOptions
   std::optional<double> delta;
   std::optional<std::uint32_t> max_epochs;
   std::optional<double> min_noise_multiplier;
+  bool require_secure_aggregation = false;
   ComputeOptions compute;
 };
 
@@ -72,6 +73,7 @@ run_join(const JoinOptions& opt)
     throw core::UsageError("--min-noise-multiplier must be a positive number, not {}", *opt.min_noise_multiplier);
   }
   s.min_noise_multiplier = opt.min_noise_multiplier;
+  s.require_secure_aggregation = opt.require_secure_aggregation;
   s.server = core::parse_host_port(opt.server.value_or(j["server"].get<std::string>()),
                                    opt.server ? "--server" : (opt.bundle / "join.json").string() + " server");
   s.server_name = opt.server_name.value_or(j["server_name"].get<std::string>());
@@ -171,6 +173,8 @@ add_join(CLI::App& parent)
     ->add_option("--min-noise-multiplier", opt->min_noise_multiplier,
                  "Refuse tasks without DP-SGD of at least this noise multiplier (tightens the contract)")
     ->type_name("S");
+  app->add_flag("--require-secure-aggregation", opt->require_secure_aggregation,
+                "Refuse tasks that would send this site's update in clear (without secure aggregation)");
   add_compute_options(*app, opt->compute);
   return {app, [opt] { return run_join(*opt); }};
 }

@@ -316,6 +316,10 @@ Site::on_task(Job job, const Task& task)
     if (m_s.max_epsilon && !job.training.dp) {
       throw UsageError("training without DP-SGD, which this site's --max-epsilon does not allow");
     }
+    if (m_s.require_secure_aggregation && task.secure_aggregation.is_null()) {
+      throw UsageError("the task asks for an update in clear, and this site's --require-secure-aggregation sends "
+                       "one only under secure aggregation");
+    }
     cls = ReasonClass::bad_model;
     part = "the task's model";
     const auto model = parse_safetensors(*job.model, part);

@@ -37,6 +37,7 @@ struct JoinSettings
   std::optional<SiteContract> contract;
   std::optional<std::uint32_t> max_epochs;    // --max-epochs
   std::optional<double> min_noise_multiplier; // --min-noise-multiplier
+  bool require_secure_aggregation = false;    // --require-secure-aggregation: no update in clear
   // The site's own privacy budget (--max-epsilon, --delta): kept in bundle/privacy.jsonl; a task
   // whose DP-SGD would take the account past it is refused (the coordinator is told why) and
   // the site stops with exit 4.

@@ -222,6 +222,24 @@ test_a_threshold_the_round_cannot_meet_fails_the_attempt_and_says_why()
   expect_not_in site-1.log "update sent"
 }
 
+test_a_site_that_requires_secure_aggregation_sends_nothing_in_clear()
+{
+  trap net_cleanup EXIT
+  net_init 3 2 || return
+  serve_bg --min-clients 2 --heartbeat 1
+  join_bg site-1 --require-secure-aggregation
+  join_bg site-2
+  join_bg site-3
+  expect_exit "$SERVE" 60 0 "fedl serve"
+  local k
+  for k in 1 2 3; do expect_exit "${JOIN[site-$k]}" 30 0 "fedl join site-$k"; done
+  expect_rounds 2
+  expect_ledger "all(sites(b) == ['site-2', 'site-3'] for b in R)" "a round with site-1's update"
+  expect_ledger "all(any(d['site'] == 'site-1' and 'require-secure-aggregation' in d['reason'] for d in b['dropped']) for b in R)" \
+    "a round does not record why site-1 sent nothing"
+  expect_not_in site-1.log "update sent"
+}
+
 test_what_secure_aggregation_cannot_go_with_is_refused()
 {
   net_init 4 2 --secure-aggregation || return

@@ -7,7 +7,6 @@
 #include "core/util/log.hpp"
 
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <bit>
@@ -37,11 +36,10 @@ secure_shape(const SecureAggregationConfig& c, std::size_t n)
     s.threshold = static_cast<std::size_t>(c.threshold);
   }
   s.threshold = std::max<std::size_t>(s.threshold, 2);
-  const std::size_t degree = std::min(s.neighbours, n - 1);
-  if (s.threshold > degree) {
+  if (s.threshold > s.neighbours) { // the neighbours are at most n − 1 here
     throw UsageError("a secure-aggregation threshold of {} needs at least {} neighbours per site, and a round of {} "
                      "sites gives each {}; lower --secagg-threshold or raise --secagg-neighbours",
-                     s.threshold, s.threshold, n, degree);
+                     s.threshold, s.threshold, n, s.neighbours);
   }
   return s;
 }
@@ -123,7 +121,7 @@ SecureRound::setup_for(const std::string& site) const
 bool
 SecureRound::waiting_for(std::uint32_t index) const
 {
-  if (m_out.count(index) > 0) {
+  if (out(index)) {
     return false;
   }
   switch (m_stage) {
@@ -132,9 +130,9 @@ SecureRound::waiting_for(std::uint32_t index) const
   case Stage::shares:
     return m_server.advertised().count(index) > 0 && m_server.shared().count(index) == 0;
   case Stage::agree:
-    return m_server.survivors().count(index) > 0 && m_signed.count(index) == 0;
+    return m_server.survivors().count(index) > 0 && m_server.signers().count(index) == 0;
   case Stage::unmask:
-    return m_signed.count(index) > 0 && m_revealed.count(index) == 0;
+    return m_server.signers().count(index) > 0 && m_server.revealed().count(index) == 0;
   default:
     return false;
   }
@@ -143,12 +141,10 @@ SecureRound::waiting_for(std::uint32_t index) const
 void
 SecureRound::drop(const std::string& site, const std::string& why)
 {
-  const auto it = m_index.find(site);
-  if (it == m_index.end() || !m_out.insert(it->second).second) {
+  if (!is_participant(site) || !m_dropped.emplace(site, why).second) {
     return;
   }
   FEDL_LOG_WARN("round {}: {} leaves the secure aggregation: {}", m_p.round, site, why);
-  m_dropped[site] = why;
   m_host.secure_drop(site, why);
 }
 
@@ -165,11 +161,11 @@ SecureRound::fail(const std::string& why)
 void
 SecureRound::keys(const std::string& site, const SecAggKeys& m, double now)
 {
-  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+  const auto index = active(site);
+  if (!index) {
     return;
   }
-  const auto index = index_of(site);
-  if (m_stage != Stage::keys || m.advert.index != index) {
+  if (m_stage != Stage::keys || m.advert.index != *index) {
     drop(site, m_stage != Stage::keys ? "its keys came after the keys stage" : "its keys name another index");
     return;
   }
@@ -191,14 +187,15 @@ SecureRound::keys(const std::string& site, const SecAggKeys& m, double now)
 void
 SecureRound::shares(const std::string& site, const SecAggShares& m, double now)
 {
-  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+  const auto index = active(site);
+  if (!index) {
     return;
   }
   if (m_stage != Stage::shares) {
     drop(site, "its shares came outside the shares stage");
     return;
   }
-  if (auto refusal = m_server.add_shares(index_of(site), m.shares)) {
+  if (auto refusal = m_server.add_shares(*index, m.shares)) {
     drop(site, *refusal);
     return;
   }
@@ -212,7 +209,7 @@ SecureRound::check_input(const std::string& site) const
     return "the site is not in this secure aggregation";
   }
   const auto index = index_of(site);
-  if (m_out.count(index) > 0) {
+  if (out(index)) {
     return "the site left this secure aggregation";
   }
   if (m_stage != Stage::input || m_server.shared().count(index) == 0 || m_server.survivors().count(index) > 0) {
@@ -292,7 +289,7 @@ SecureRound::close_input(double now)
   const SecAggUnmask request{m_task, m_server.unmask_request().survivors, {}};
   const auto header = request.to_header();
   for (const auto i : u3) {
-    if (m_out.count(i) == 0) {
+    if (!out(i)) {
       m_host.secure_send(name_of(i), FrameType::secagg_unmask, header);
     }
   }
@@ -302,11 +299,11 @@ SecureRound::close_input(double now)
 void
 SecureRound::signature(const std::string& site, const SecAggSignature& m, double now)
 {
-  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+  const auto index = active(site);
+  if (!index) {
     return;
   }
-  const auto index = index_of(site);
-  if (m_stage != Stage::agree || m.signature.index != index) {
+  if (m_stage != Stage::agree || m.signature.index != *index) {
     drop(site, "a signature of the survivors out of turn");
     return;
   }
@@ -319,18 +316,17 @@ SecureRound::signature(const std::string& site, const SecAggSignature& m, double
     drop(site, *refusal);
     return;
   }
-  m_signed.insert(index);
   advance(now);
 }
 
 void
 SecureRound::reveal(const std::string& site, const SecAggReveal& m, double now)
 {
-  if (!is_participant(site) || m_out.count(index_of(site)) > 0) {
+  const auto index = active(site);
+  if (!index) {
     return;
   }
-  const auto index = index_of(site);
-  if (m_stage != Stage::unmask || m.reveal.index != index || m_signed.count(index) == 0) {
+  if (m_stage != Stage::unmask || m.reveal.index != *index || m_server.signers().count(*index) == 0) {
     drop(site, "shares revealed out of turn");
     return;
   }
@@ -338,7 +334,6 @@ SecureRound::reveal(const std::string& site, const SecAggReveal& m, double now)
     drop(site, *refusal);
     return;
   }
-  m_revealed.insert(index);
   advance(now);
 }
 
@@ -410,7 +405,7 @@ SecureRound::advance(double now)
     }
     begin_stage(Stage::input, now);
     for (const auto i : u2) {
-      if (m_out.count(i) == 0) {
+      if (!out(i)) {
         m_host.secure_send(name_of(i), FrameType::secagg_shares,
                            SecAggShares{m_task, m_server.shares_for(i)}.to_header());
       }
@@ -418,9 +413,10 @@ SecureRound::advance(double now)
     break;
   }
   case Stage::agree: {
+    const auto& signers = m_server.signers();
     const auto need = secagg::consistency_quorum(m_p);
-    if (m_signed.size() < need) {
-      fail(fmt::format("{} survivors signed the survivor list, below the {} needed", m_signed.size(), need));
+    if (signers.size() < need) {
+      fail(fmt::format("{} survivors signed the survivor list, below the {} needed", signers.size(), need));
       return;
     }
     begin_stage(Stage::unmask, now);
@@ -428,12 +424,12 @@ SecureRound::advance(double now)
     const auto header = request.to_header();
     // With the signers' certificates: a site knows its neighbours' alone, and checks a majority.
     std::vector<std::pair<std::uint32_t, std::string>> certs;
-    for (const auto i : m_signed) {
+    for (const auto i : signers) {
       certs.emplace_back(i, to_pem(m_certs.at(name_of(i))));
     }
     const auto body = std::make_shared<const std::string>(secagg_certificates_body(certs));
-    for (const auto i : m_signed) {
-      if (m_out.count(i) == 0) {
+    for (const auto i : signers) {
+      if (!out(i)) {
         m_host.secure_send(name_of(i), FrameType::secagg_unmask, header, body);
       }
     }
@@ -460,12 +456,12 @@ SecureRound::record() const
   json after = json::array();
   for (const auto i : m_server.survivors()) {
     survivors.push_back(name_of(i));
-    if (m_revealed.count(i) == 0) {
+    if (m_server.revealed().count(i) == 0) {
       after.push_back(name_of(i));
     }
   }
   json unmasked_by = json::array();
-  for (const auto i : m_revealed) {
+  for (const auto i : m_server.revealed()) {
     unmasked_by.push_back(name_of(i));
   }
   json dropped = json::array();

@@ -142,6 +142,13 @@ public:
 
 private:
   std::uint32_t index_of(const std::string& site) const { return m_index.at(site); }
+  // `site`'s index if it is in the attempt and has not left it.
+  std::optional<std::uint32_t> active(const std::string& site) const
+  {
+    const auto it = m_index.find(site);
+    return it != m_index.end() && !out(it->second) ? std::optional(it->second) : std::nullopt;
+  }
+  bool out(std::uint32_t index) const { return m_dropped.count(name_of(index)) > 0; }
   const std::string& name_of(std::uint32_t index) const { return m_p.sites.at(index - 1); }
   void drop(const std::string& site, const std::string& why);
   void fail(const std::string& why);
@@ -161,10 +168,7 @@ private:
   Stage m_stage = Stage::keys;
   double m_started = 0;
   double m_deadline = 0;
-  std::set<std::uint32_t> m_out;                // dropped from the attempt
-  std::map<std::string, std::string> m_dropped; // site → why
-  std::set<std::uint32_t> m_signed;
-  std::set<std::uint32_t> m_revealed;
+  std::map<std::string, std::string> m_dropped; // site → why it left the attempt
   std::set<std::string> m_accused;
   nlohmann::json m_inputs = nlohmann::json::array();
   std::map<std::string, DpSgdReport> m_dp;

@@ -237,6 +237,8 @@ public:
   const std::set<std::uint32_t>& advertised() const noexcept { return m_u1; }
   const std::set<std::uint32_t>& shared() const noexcept { return m_u2; }
   const std::set<std::uint32_t>& survivors() const noexcept { return m_u3; }
+  const std::set<std::uint32_t>& signers() const noexcept { return m_signers; } // stage 3
+  const std::set<std::uint32_t>& revealed() const noexcept { return m_u4; }     // U4
 
   // The sum of the survivors' inputs modulo 2^32. Throws Error if a survivor's seed or a dropped
   // site's key cannot be rebuilt (fewer than t consistent shares of it); the message names the
@@ -250,6 +252,7 @@ private:
   std::map<std::uint32_t, std::vector<SealedShares>> m_sealed_by_to;
   std::set<std::uint32_t> m_u1, m_u2, m_u3, m_u4;
   std::vector<SurvivorSignature> m_signatures;
+  std::set<std::uint32_t> m_signers; // the indices of m_signatures
   std::vector<std::uint32_t> m_sum;
   // owner → (holder, share): what the survivors revealed of each secret
   using SharesByOwner = std::map<std::uint32_t, std::vector<std::pair<std::uint32_t, Share>>>;

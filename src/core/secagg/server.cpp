@@ -141,13 +141,13 @@ Server::unmask_request() const
 std::optional<std::string>
 Server::add_signature(SurvivorSignature s)
 {
-  if (m_u3.count(s.index) == 0 || !m_u4.empty() ||
-      std::any_of(m_signatures.begin(), m_signatures.end(), [&](const auto& o) { return o.index == s.index; })) {
+  if (m_u3.count(s.index) == 0 || !m_u4.empty() || m_signers.count(s.index) != 0) {
     return "a signature of the survivors out of turn (not a survivor, a second one, or after the reveals)";
   }
   if (s.signature.size() > 256) {
     return "a signature of more than 256 characters";
   }
+  m_signers.insert(s.index);
   m_signatures.push_back(std::move(s));
   return std::nullopt;
 }

@@ -5,6 +5,7 @@
 
 #include "core/secagg/protocol_detail.hpp"
 
+#include <fmt/format.h>
 #include <openssl/crypto.h>
 
 #include <algorithm>
@@ -113,7 +114,7 @@ Server::add_masked(std::uint32_t index, std::span<const std::byte> words, std::e
     return "a masked input out of turn (no shares sent, a second one, or after the survivors were named)";
   }
   if (words.size() != m_p.length * 4) {
-    return "a masked input of the wrong length";
+    return fmt::format("a masked input of {} bytes, not {}", words.size(), m_p.length * 4);
   }
   m_u3.insert(index);
   // In blocks through a buffer in L1: the bytes need not be aligned, nor in this machine's order.

@@ -577,3 +577,14 @@ TEST_CASE("core::pki certificates and CRL pass the openssl command-line tool's c
 }
 
 TEST_SUITE_END();
+
+TEST_CASE("core::share_certificate: another owner of the same certificate outlives the first")
+{
+  Identity ca = create_ca("fedl federation CA test", {.days = 30});
+  const auto fingerprint = certificate_fingerprint(ca.cert);
+  auto shared = share_certificate(ca.cert);
+  ca.cert.reset();
+  REQUIRE(shared);
+  CHECK(certificate_fingerprint(shared) == fingerprint);
+  CHECK_FALSE(share_certificate(Cert{}));
+}

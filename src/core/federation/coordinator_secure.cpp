@@ -80,7 +80,7 @@ Coordinator::secure_round_for(const RoundTask& task)
     rules.required_dp = m_s.training.dp;
     std::map<std::string, Cert> certs;
     for (const auto& name : names) {
-      certs.emplace(name, certificate_from_pem(to_pem(m_sites.at(name)->cert), name));
+      certs.emplace(name, share_certificate(m_sites.at(name)->cert));
     }
     m_secure.emplace(std::move(p), e, task.task, std::move(certs), rules, *this, FramedConnection::now());
     FEDL_LOG_INFO("round {}: secure aggregation over {} sites, threshold {}, {} neighbours each{}", task.round,

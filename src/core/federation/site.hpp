@@ -100,7 +100,6 @@ struct SecureJob
   std::map<std::uint32_t, Cert> certs; // the neighbours' (and this site's), checked against the CA
   std::optional<std::vector<secagg::SealedShares>> received;
   std::optional<secagg::Encoded> encoded;
-  std::size_t clipped = 0;       // values the encoding clipped
   std::optional<std::string> dp; // the run's DP-SGD report as JSON text
   bool input_sent = false;
 };
@@ -126,6 +125,7 @@ private:
   // detail only if `tell_detail` (it says nothing of the site's data: a task setting, a contract).
   void refuse(std::uint64_t task, std::uint64_t round, ReasonClass cls, const std::string& detail, bool tell_detail);
   void send_update(const SentUpdate& sent, std::uint64_t attempt);
+  void count_trained(std::uint64_t round);
   // Sends unless max_queued_frames already wait, in which case the coordinator is not reading
   // and the connection is dropped instead.
   bool can_queue();

@@ -36,7 +36,7 @@ Site::start_secure(const Task& task, const Job& job)
     s.client = std::make_unique<secagg::Client>(s.params, s.setup.index, [this](std::span<const std::byte> payload) {
       return core::sign(m_identity.key, payload);
     });
-    s.certs.emplace(s.setup.index, certificate_from_pem(to_pem(m_identity.cert), "this site's certificate"));
+    s.certs.emplace(s.setup.index, share_certificate(m_identity.cert));
     m_conn->send(FrameType::secagg_keys, SecAggKeys{s.task, s.client->advertise()}.to_header());
     m_secure = std::move(s);
     FEDL_LOG_DEBUG("round {}: secure aggregation, index {} of {}, threshold {}", job.round, m_secure->setup.index,
@@ -160,13 +160,9 @@ Site::secure_trained(const Job& job, const TrainResult& result, const std::vecto
   auto& s = *m_secure;
   const auto update = parse_safetensors(body, "the trainer's update");
   s.encoded = secagg::encode(update.tensors, result.num_samples, s.setup.encoding(), s.setup.clip_norm);
-  s.clipped = s.encoded->clipped;
   if (result.dp) {
     s.dp = result.dp->dump();
   }
-  m_round_floor = std::max(m_round_floor, job.round);
-  ++m_rounds_trained;
-  m_last_round = job.round;
   FEDL_LOG_INFO("round {}: trained ({} samples, {:.1f} s); encoded for secure aggregation{}", job.round,
                 result.num_samples, result.seconds,
                 s.encoded->clipped > 0 ? fmt::format(", {} values clipped to ±{:g}", s.encoded->clipped, s.setup.range)
@@ -183,6 +179,7 @@ Site::send_secure_input()
   }
   s.input_sent = true;
   try {
+    const auto clipped = s.encoded->clipped;
     auto masked = s.client->mask(std::move(s.encoded->words), *s.received);
     s.encoded.reset();
     SecAggInput input;
@@ -202,7 +199,7 @@ Site::send_secure_input()
           w = htole32(w);
         }
       }
-      input.clipped = s.clipped;
+      input.clipped = clipped;
       input.clip_norm = s.setup.clip_norm;
       input.dp = s.dp;
     }
@@ -211,7 +208,10 @@ Site::send_secure_input()
       core::sign(m_identity.key, secagg_input_payload(s.params, s.setup.index, sha256_hex(body), input));
     if (can_queue()) {
       m_conn->send(FrameType::secagg_input, input.to_header(), {body}, words);
-      FEDL_LOG_INFO("round {}: masked input sent", s.round);
+      if (!input.complaint) {
+        count_trained(s.round);
+        FEDL_LOG_INFO("round {}: masked input sent", s.round);
+      }
     }
   } catch (const std::exception& e) {
     FEDL_LOG_WARN("round {}: leaving the secure aggregation: {}", s.round, e.what());

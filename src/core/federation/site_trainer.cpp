@@ -119,12 +119,19 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
   }
   m_last_sent = SentUpdate{job.task, job.round, metrics, u};
   send_update(*m_last_sent, job.attempt);
-  m_round_floor = std::max(m_round_floor, job.round);
-  ++m_rounds_trained;
-  m_last_round = job.round;
+  count_trained(job.round);
   FEDL_LOG_INFO("round {}: update sent ({}{} samples, {:.1f} s)", job.round,
                 metrics.contains("loss") ? fmt::format("loss {:.4f}, ", metrics["loss"].get<double>()) : std::string(),
                 metrics["num_samples"].get<std::uint64_t>(), metrics["seconds"].get<double>());
+}
+
+// A task's update has left (in clear or masked): no task of an earlier round is taken any more.
+void
+Site::count_trained(std::uint64_t round)
+{
+  m_round_floor = std::max(m_round_floor, round);
+  ++m_rounds_trained;
+  m_last_round = round;
 }
 
 // The trainer thread: owns the trainer child, started with the first task and restarted if it

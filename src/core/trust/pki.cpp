@@ -367,6 +367,15 @@ to_pem(const Cert& cert)
 }
 
 Cert
+share_certificate(const Cert& cert)
+{
+  if (cert && X509_up_ref(cert.get()) != 1) {
+    throw Error("cannot take another reference to a certificate");
+  }
+  return Cert(cert.get());
+}
+
+Cert
 certificate_from_pem(std::string_view pem, std::string_view what)
 {
   const ErrorQueueGuard guard;

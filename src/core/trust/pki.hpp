@@ -118,6 +118,8 @@ Identity read_identity(const std::filesystem::path& cert_path, const std::filesy
 std::string to_pem(const Cert& cert);
 std::string to_pem(const Crl& crl);
 Cert certificate_from_pem(std::string_view pem, std::string_view what);
+// Another owner of the same certificate (its reference count raised): neither copied nor parsed.
+Cert share_certificate(const Cert& cert);
 
 struct CertificateInfo
 {

@@ -457,7 +457,7 @@ TEST_CASE(
       const std::size_t fewest = 7;
       e.noise = distributed_noise(dp, e, values, fewest);
       const double s = e.scale();
-      const double sensitivity = dp.clip_norm * s + std::sqrt(static_cast<double>(values)) / 2;
+      const double sensitivity = dp.clip_norm * s + std::sqrt(static_cast<double>(values)) / 2; // by hand
       const double in_sum = std::sqrt(static_cast<double>(fewest)) * e.noise * s;
       CHECK(in_sum / sensitivity >= 0.8 * (1 - 1e-12));
       CHECK(in_sum / sensitivity <= 0.8 * 1.01); // not much more than asked

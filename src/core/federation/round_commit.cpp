@@ -431,11 +431,9 @@ commit_secure_attempt(const Workspace& ws, std::uint64_t round, const SecureSum&
   if (distributed) {
     // The noise's standard deviation in the sum over one site's sensitivity, in words: at least
     // the configured multiplier, which the sites' shares were sized for and the ledger accounts.
-    const double values = static_cast<double>(sum.words.size() - 1);
-    const double s = sum.encoding.scale();
     const auto summed = sum.record.at("survivors").size();
-    const double noise = std::sqrt(static_cast<double>(summed)) * sum.encoding.noise * s;
-    const double sensitivity = settings.client_dp->clip_norm * s + std::sqrt(values) / 2;
+    const double noise = std::sqrt(static_cast<double>(summed)) * sum.encoding.noise * sum.encoding.scale();
+    const double sensitivity = sum.encoding.sensitivity(settings.client_dp->clip_norm, sum.words.size() - 1);
     with_record.extra["secure_aggregation"]["distributed_dp"] = {{"noise", sum.encoding.noise},
                                                                  {"noise_words", noise},
                                                                  {"sensitivity_words", sensitivity},

@@ -47,14 +47,12 @@ secure_shape(const SecureAggregationConfig& c, std::size_t n)
 double
 distributed_noise(const PrivacyConfig& dp, secagg::Encoding e, std::size_t values, std::size_t fewest)
 {
-  // σ·Δ over √fewest per site, Δ = C + √P/(2S): the sensitivity of a site's words, whose
-  // rounding can add half a word to each value. S shrinks as the noise grows (by halves), so
-  // this settles in a few steps.
+  // σ·Δ over √fewest per site, Δ a site's sensitivity (in values: Encoding::sensitivity over S).
+  // S shrinks as the noise grows (by halves), so this settles in a few steps.
   const double root = std::sqrt(static_cast<double>(fewest));
   e.noise = dp.noise_multiplier * dp.clip_norm / root;
   for (int i = 0; i < 64; ++i) {
-    const double want =
-      dp.noise_multiplier * (dp.clip_norm + std::sqrt(static_cast<double>(values)) / (2 * e.scale())) / root;
+    const double want = dp.noise_multiplier * e.sensitivity(dp.clip_norm, values) / e.scale() / root;
     if (want <= e.noise) {
       break;
     }

@@ -103,6 +103,12 @@ Encoding::scale() const
 }
 
 double
+Encoding::sensitivity(double clip_norm, std::size_t values) const
+{
+  return clip_norm * scale() + std::sqrt(static_cast<double>(values)) / 2;
+}
+
+double
 Encoding::weight_scale() const
 {
   return power_scale(0x1p32 - 1, static_cast<double>(sites));

@@ -35,8 +35,11 @@ struct Encoding
   // 0 or positive and finite, and the scales leave at least 8 bits of precision (what S must
   // cover, N · R + 10 · √N · noise, at most 2^23).
   void check() const;
-  double scale() const;        // S
-  double span() const;         // what S must cover: N · R + 10 · √N · noise
+  double scale() const; // S
+  double span() const;  // what S must cover: N · R + 10 · √N · noise
+  // The L2 sensitivity in words of one site's `values` values clipped to norm `clip_norm`:
+  // clip_norm · S, plus the rounding's half a word on each value.
+  double sensitivity(double clip_norm, std::size_t values) const;
   double weight_scale() const; // Sw
 };
 

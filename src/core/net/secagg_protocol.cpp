@@ -303,18 +303,15 @@ std::vector<std::byte>
 secagg_input_payload(const secagg::Params& p, std::uint32_t index, const std::string& words_sha256,
                      const SecAggInput& input)
 {
-  const json body = {{"protocol", "fedl-secagg-v1 input"},
-                     {"round", p.round},
-                     {"attempt", p.attempt},
-                     {"index", index},
-                     {"site", index >= 1 && index <= p.sites.size() ? p.sites[index - 1] : std::string()},
-                     {"words_sha256", words_sha256},
-                     {"complaint", input.complaint ? json(*input.complaint) : json()},
-                     {"clipped", input.clipped},
-                     {"range", input.range},
-                     {"max_samples", input.max_samples},
-                     {"dp", input.dp ? json(*input.dp) : json()},
-                     {"clip_norm", input.clip_norm ? json(*input.clip_norm) : json()}};
+  // The header as sent, but its signature: a field the header carries is always signed.
+  auto body = input.to_header();
+  body.erase("signature");
+  body.update(json{{"protocol", "fedl-secagg-v1 input"},
+                   {"round", p.round},
+                   {"attempt", p.attempt},
+                   {"index", index},
+                   {"site", index >= 1 && index <= p.sites.size() ? p.sites[index - 1] : std::string()},
+                   {"words_sha256", words_sha256}});
   const auto text = body.dump();
   const auto bytes = as_bytes(text);
   return {bytes.begin(), bytes.end()};

@@ -124,7 +124,7 @@ struct SecAggInput
 };
 
 // What a SecAggInput's signature covers: the attempt, the site, the SHA-256 of the masked words,
-// and the report.
+// and every field of its header but the signature.
 std::vector<std::byte> secagg_input_payload(const secagg::Params& p, std::uint32_t index,
                                             const std::string& words_sha256, const SecAggInput& input);
 

@@ -108,6 +108,46 @@ add_dp_sgd_options(CLI::App& app, DpSgdFlags& f)
   app.add_option("--dp-delta", f.delta, "DP-SGD: the delta that epsilon is reported at (default 1e-5)")->type_name("D");
 }
 
+std::optional<core::SecureAggregationConfig>
+SecureAggregationFlags::resolve(const std::optional<core::SecureAggregationConfig>& configured) const
+{
+  if (!on && !configured) {
+    if (distributed_dp || threshold || neighbours || range) {
+      throw core::UsageError("--secagg-threshold, --secagg-neighbours, --secagg-range and --distributed-dp set secure "
+                             "aggregation up: turn it on with --secure-aggregation");
+    }
+    return std::nullopt;
+  }
+  auto s = configured.value_or(core::SecureAggregationConfig{});
+  s.distributed_dp = s.distributed_dp || distributed_dp;
+  s.threshold = threshold.value_or(s.threshold);
+  s.neighbours = neighbours.value_or(s.neighbours);
+  s.range = range.value_or(s.range);
+  core::check_secure_aggregation(s, {"--secagg-threshold", "--secagg-range"});
+  return s;
+}
+
+void
+add_secure_aggregation_options(CLI::App& app, SecureAggregationFlags& f)
+{
+  app.add_flag("--secure-aggregation", f.on,
+               "Secure aggregation (SecAgg+): the coordinator sees only the sum of each round's updates");
+  app
+    .add_option("--secagg-threshold", f.threshold,
+                "Shares that rebuild a site's masks: a count, or a fraction of the sites asked (default: a majority "
+                "of its neighbours)")
+    ->type_name("T");
+  app
+    .add_option("--secagg-neighbours", f.neighbours,
+                "Neighbours per site (default: all up to 16 sites, then 2*ceil(log2 n)+2)")
+    ->check(CLI::Range(2U, 40U))
+    ->type_name("K");
+  app.add_option("--secagg-range", f.range, "Each value of an update is clipped to [-R, R] (default 1)")
+    ->type_name("R");
+  app.add_flag("--distributed-dp", f.distributed_dp,
+               "With secure aggregation and client-level DP: each site adds its share of the noise before masking");
+}
+
 void
 add_data_options(CLI::App& app, DataFlags& f)
 {

@@ -63,6 +63,24 @@ struct DpSgdFlags
 };
 void add_dp_sgd_options(CLI::App& app, DpSgdFlags& flags);
 
+// --secure-aggregation, --secagg-threshold, --secagg-neighbours, --secagg-range, --distributed-dp
+// (fedl init records them in fedl.json; fedl serve turns it on or sets values over fedl.json's).
+struct SecureAggregationFlags
+{
+  bool on = false;
+  bool distributed_dp = false;
+  std::optional<double> threshold;
+  std::optional<std::uint32_t> neighbours;
+  std::optional<double> range;
+
+  // `configured` (fedl.json's; none in a new workspace) with the flags over it; none if neither
+  // asks for secure aggregation. UsageError (naming the flag) for a value out of range, or a
+  // setting given with nothing to set up.
+  std::optional<core::SecureAggregationConfig> resolve(
+    const std::optional<core::SecureAggregationConfig>& configured) const;
+};
+void add_secure_aggregation_options(CLI::App& app, SecureAggregationFlags& flags);
+
 struct DataFlags
 {
   std::filesystem::path data;

@@ -7,6 +7,7 @@
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
 #include "core/config/config.hpp"
+#include "core/federation/serve_settings.hpp"
 #include "core/format/model_spec.hpp"
 #include "core/format/partition.hpp"
 #include "core/math/aggregate.hpp"
@@ -49,11 +50,10 @@ struct InitOptions
   DataFlags partition;
   std::string split = "iid";
   double holdout = 0.0;
-  core::TrainingConfig training;   // the sites' local training, sent with each task
-  DpSgdFlags dp;                   // ... and its DP-SGD
-  core::PrivacyConfig privacy;     // client-level DP and the federation's budget, for fedl serve
-  bool secure_aggregation = false; // fedl.json secure_aggregation, for fedl serve
-  core::SecureAggregationConfig secagg;
+  core::TrainingConfig training;         // the sites' local training, sent with each task
+  DpSgdFlags dp;                         // ... and its DP-SGD
+  core::PrivacyConfig privacy;           // client-level DP and the federation's budget, for fedl serve
+  SecureAggregationFlags secure;         // fedl.json secure_aggregation, for fedl serve
   std::optional<double> max_update_norm; // fedl.json limits
   std::optional<std::uint64_t> max_num_samples;
   std::optional<std::uint32_t> min_clients;
@@ -153,22 +153,10 @@ federation_config(const InitOptions& opt, const std::vector<std::string>& names,
   config.privacy = opt.privacy;
   core::check_privacy(config.privacy,
                       {"--client-dp-clip-norm", "--client-dp-noise-multiplier", "--max-epsilon", "--delta"});
-  if (opt.secure_aggregation) {
-    core::check_secure_aggregation(opt.secagg, {"--secagg-threshold", "--secagg-range"});
-    if (!core::parse_strategy(opt.strategy).mean_type()) {
-      throw core::UsageError("secure aggregation shows the coordinator only the sum of each round's updates, and {} "
-                             "needs every update on its own; use a mean-type strategy (fedavg, fedavgm, fedadam, "
-                             "fedyogi, fedadagrad)",
-                             opt.strategy);
-    }
-    config.secure_aggregation = opt.secagg;
-    if (opt.secagg.distributed_dp && config.privacy.noise_multiplier <= 0) {
-      throw core::UsageError("--distributed-dp has each site add its share of client-level DP's noise: it needs "
-                             "--client-dp-clip-norm and --client-dp-noise-multiplier");
-    }
-  } else if (opt.secagg != core::SecureAggregationConfig{}) {
-    throw core::UsageError("--secagg-threshold, --secagg-neighbours, --secagg-range and --distributed-dp set secure "
-                           "aggregation up: turn it on with --secure-aggregation");
+  config.secure_aggregation = opt.secure.resolve(std::nullopt);
+  if (config.secure_aggregation) {
+    core::check_secure_fits(*config.secure_aggregation, core::parse_strategy(opt.strategy), config.privacy,
+                            "--client-dp-clip-norm and --client-dp-noise-multiplier");
   }
   if (!opt.partition.data.empty()) {
     core::require_partitionable(opt.partition.data);
@@ -279,28 +267,6 @@ run_init(InitOptions opt)
   return 0;
 }
 
-// fedl.json's secure_aggregation, for fedl serve.
-void
-add_secure_aggregation_options(CLI::App& app, InitOptions& opt)
-{
-  app.add_flag("--secure-aggregation", opt.secure_aggregation,
-               "Secure aggregation for fedl serve: the coordinator sees only each round's sum (fedl.json)");
-  app
-    .add_option("--secagg-threshold", opt.secagg.threshold,
-                "Shares that rebuild a site's masks: a count, or a fraction of the sites asked (default: a majority "
-                "of its neighbours)")
-    ->type_name("T");
-  app
-    .add_option("--secagg-neighbours", opt.secagg.neighbours,
-                "Neighbours per site (default: all up to 16 sites, then 2*ceil(log2 n)+2)")
-    ->check(CLI::Range(2U, 40U))
-    ->type_name("K");
-  app.add_option("--secagg-range", opt.secagg.range, "Each value of an update is clipped to [-R, R] (default 1)")
-    ->type_name("R");
-  app.add_flag("--distributed-dp", opt.secagg.distributed_dp,
-               "With --secure-aggregation and client-level DP: each site adds its share of the noise (fedl.json)");
-}
-
 } // namespace
 
 Command
@@ -373,7 +339,7 @@ add_init(CLI::App& parent)
                  "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
     ->type_name("E");
   app->add_option("--delta", opt->privacy.delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
-  add_secure_aggregation_options(*app, *opt);
+  add_secure_aggregation_options(*app, opt->secure);
   app
     ->add_option("--max-update-norm", opt->max_update_norm,
                  "fedl serve rejects an update whose L2 norm is larger (fedl.json limits; default 1e5)")

@@ -41,11 +41,7 @@ struct ServeOptions
   std::optional<double> dp_noise_multiplier;
   std::optional<double> max_epsilon;
   std::optional<double> delta;
-  bool secure_aggregation = false;
-  bool distributed_dp = false;
-  std::optional<double> secagg_threshold;
-  std::optional<std::uint32_t> secagg_neighbours;
-  std::optional<double> secagg_range;
+  SecureAggregationFlags secure;
   std::optional<fs::path> eval_data;
   std::optional<double> target_accuracy;
   std::optional<std::string> metrics;
@@ -113,29 +109,6 @@ privacy_settings(const ServeOptions& opt, core::PrivacyConfig p)
   return p;
 }
 
-// Secure aggregation: fedl.json's "secure_aggregation", turned on (or its values replaced) by the
-// flags; none if neither asks for it.
-std::optional<core::SecureAggregationConfig>
-secure_settings(const ServeOptions& opt, const std::optional<core::SecureAggregationConfig>& configured)
-{
-  const bool flags =
-    opt.secure_aggregation || opt.distributed_dp || opt.secagg_threshold || opt.secagg_neighbours || opt.secagg_range;
-  if (!configured && !flags) {
-    return std::nullopt;
-  }
-  if (!opt.secure_aggregation && !configured) {
-    throw core::UsageError("--secagg-threshold, --secagg-neighbours, --secagg-range and --distributed-dp set secure "
-                           "aggregation up: turn it on with --secure-aggregation");
-  }
-  auto s = configured.value_or(core::SecureAggregationConfig{});
-  s.distributed_dp = s.distributed_dp || opt.distributed_dp;
-  s.threshold = opt.secagg_threshold.value_or(s.threshold);
-  s.neighbours = opt.secagg_neighbours.value_or(s.neighbours);
-  s.range = opt.secagg_range.value_or(s.range);
-  core::check_secure_aggregation(s, {"--secagg-threshold", "--secagg-range"});
-  return s;
-}
-
 // The coordinator's settings: fedl.json's, with the flags on top; UsageError naming the flag for
 // a value out of range or settings that contradict each other.
 core::ServeSettings
@@ -162,7 +135,7 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
                            "fedadam, fedyogi, fedadagrad), not {}",
                            s.strategy.to_string());
   }
-  s.secure_aggregation = secure_settings(opt, config.secure_aggregation);
+  s.secure_aggregation = opt.secure.resolve(config.secure_aggregation);
   s.max_num_samples = config.limits.max_num_samples;
   if (s.min_clients > config.clients.size()) {
     FEDL_LOG_WARN("--min-clients {} is more than the {} sites of this federation: no round can start until sites are "
@@ -320,22 +293,7 @@ add_serve(CLI::App& parent)
     ->type_name("E");
   app->add_option("--delta", opt->delta, "The delta of client-level epsilon (default 1e-5, or fedl.json)")
     ->type_name("D");
-  app->add_flag("--secure-aggregation", opt->secure_aggregation,
-                "Secure aggregation (SecAgg+): the coordinator sees only the sum of each round's updates");
-  app
-    ->add_option("--secagg-threshold", opt->secagg_threshold,
-                 "Shares that rebuild a site's masks: a count, or a fraction of the sites asked (default: a majority "
-                 "of its neighbours)")
-    ->type_name("T");
-  app
-    ->add_option("--secagg-neighbours", opt->secagg_neighbours,
-                 "Neighbours per site (default: all up to 16 sites, then 2*ceil(log2 n)+2)")
-    ->check(CLI::Range(2U, 40U))
-    ->type_name("K");
-  app->add_option("--secagg-range", opt->secagg_range, "Each value of an update is clipped to [-R, R] (default 1)")
-    ->type_name("R");
-  app->add_flag("--distributed-dp", opt->distributed_dp,
-                "With secure aggregation and client-level DP: each site adds its share of the noise before masking");
+  add_secure_aggregation_options(*app, opt->secure);
   app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
     ->type_name("PATH");
   app->add_option("--target-accuracy", opt->target_accuracy, "Stop once the evaluated accuracy reaches this")

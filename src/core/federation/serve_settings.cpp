@@ -42,24 +42,32 @@ ServeSettings::to_json() const
 }
 
 void
-ServeSettings::check_secure_aggregation() const
+check_secure_fits(const SecureAggregationConfig& s, const StrategySpec& strategy, const PrivacyConfig& privacy,
+                  std::string_view client_dp_flags)
 {
-  if (!secure_aggregation) {
-    return;
-  }
   if (!strategy.mean_type()) {
     throw UsageError("secure aggregation shows the coordinator only the sum of each round's updates, and {} needs "
                      "every update on its own; use a mean-type strategy (fedavg, fedavgm, fedadam, fedyogi, "
                      "fedadagrad)",
                      strategy.to_string());
   }
+  if (s.distributed_dp && privacy.noise_multiplier <= 0) {
+    throw UsageError("distributed DP has each site add its share of client-level DP's noise: it needs {}",
+                     client_dp_flags);
+  }
+}
+
+void
+ServeSettings::check_secure_aggregation() const
+{
+  if (!secure_aggregation) {
+    return;
+  }
+  check_secure_fits(*secure_aggregation, strategy, privacy,
+                    "--dp-clip-norm and --dp-noise-multiplier (or fedl.json privacy)");
   if (server.clip_norm) {
     throw UsageError("--clip-norm clips each update at the coordinator, which never sees one under secure "
                      "aggregation; client-level DP's clip (--dp-clip-norm) is applied by each site itself");
-  }
-  if (secure_aggregation->distributed_dp && privacy.noise_multiplier <= 0) {
-    throw UsageError("distributed DP has each site add its share of client-level DP's noise: it needs "
-                     "--dp-clip-norm and --dp-noise-multiplier (or fedl.json privacy)");
   }
   if (min_clients < 3) {
     throw UsageError("secure aggregation needs at least 3 sites in a round (the sum of 2 would tell each its "

@@ -12,8 +12,15 @@
 #include <cstdint>
 #include <filesystem>
 #include <optional>
+#include <string_view>
 
 namespace fedl::core {
+
+// What secure aggregation `s` cannot go with in any federation, UsageError saying why: a strategy
+// that needs each update, distributed DP without client-level DP (`client_dp_flags` names how to
+// set it).
+void check_secure_fits(const SecureAggregationConfig& s, const StrategySpec& strategy, const PrivacyConfig& privacy,
+                       std::string_view client_dp_flags);
 
 struct ServeSettings
 {

@@ -250,7 +250,7 @@ test_what_secure_aggregation_cannot_go_with_is_refused()
   fedl_expect 2 serve ws --secagg-range -1 && expect_in err "--secagg-range must be a positive number"
   fedl_expect 2 serve ws --distributed-dp && expect_in err "distributed DP has each site add its share"
   fedl_expect 2 init ws3 --clients 4 --arch mlp:32 --input-dim 4 --classes 3 --secure-aggregation --distributed-dp &&
-    expect_in err "--distributed-dp has each site add its share"
+    expect_in err "distributed DP has each site add its share of client-level DP's noise: it needs --client-dp-clip-norm"
   fedl_expect 2 init ws2 --clients 4 --arch mlp:32 --input-dim 4 --classes 3 --secure-aggregation --strategy krum:1 &&
     expect_in err "krum:1 needs every update on its own"
   fedl_expect 2 init ws2 --clients 4 --arch mlp:32 --input-dim 4 --classes 3 --secagg-threshold 3 &&

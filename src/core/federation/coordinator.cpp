@@ -389,7 +389,7 @@ Coordinator::resume(const LedgerState& state)
 {
   m_first_round = state.model.round + 1;
   check_not_weaker(state.client_dp, m_s.privacy, m_first_round - 1);
-  if (!state.secure_aggregation.is_null()) {
+  if (state.secure_round > 0) {
     check_secure_not_weaker(state.secure_settings, m_s.secure_aggregation, state.secure_round);
   }
   m_model = std::make_shared<MappedFile>(m_ws.root() / state.model.file);

@@ -35,7 +35,6 @@ LedgerState::apply(const LedgerEntry& e, bool verify)
     client_dp = *p;
   }
   if (const auto a = e.body.find("secure_aggregation"); a != e.body.end() && a->is_object()) {
-    secure_aggregation = *a;
     secure_round = model.round;
   }
 }

@@ -23,9 +23,7 @@ struct LedgerState
   std::optional<double> accuracy; // the last round's evaluation accuracy, if it recorded one
   // The "privacy" object of the last round that had client-level DP; null if none had.
   nlohmann::json client_dp;
-  // The "secure_aggregation" object of the last round that had it; null if none had, and the
-  // number of that round.
-  nlohmann::json secure_aggregation;
+  // The last round that ran with secure aggregation (0: none did).
   std::uint64_t secure_round = 0;
   // The secure_aggregation settings of the last "serve" entry that had them (null if none).
   nlohmann::json secure_settings;

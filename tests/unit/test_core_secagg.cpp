@@ -816,6 +816,24 @@ TEST_CASE("secagg: each value is rounded half to even, as nearbyint, whatever it
   CHECK(back.mean[1].name == "a");
 }
 
+TEST_CASE("secagg: with a clip norm an update is scaled down to it over all its tensors, and one within it is not")
+{
+  const Encoding e{4.0, 1, 1};
+  // ‖(3, 0) ∪ (4)‖ = 5: clipped to 1, the values become 0.6, 0 and 0.8.
+  const std::vector<float> a{3.0F, 0.0F};
+  const std::vector<double> b{4.0};
+  const std::vector<TensorView> t{{"a", DType::f32, {2}, std::as_bytes(std::span(a))},
+                                  {"b", DType::f64, {1}, std::as_bytes(std::span(b))}};
+  const auto words = [&](std::optional<double> clip) { return encode(t, 1, e, clip).words; };
+  const auto value = [&](std::uint32_t w) { return static_cast<double>(static_cast<std::int32_t>(w)) / e.scale(); };
+  const auto clipped = words(1.0);
+  CHECK(value(clipped[0]) == doctest::Approx(0.6).epsilon(1e-6));
+  CHECK(value(clipped[1]) == 0.0);
+  CHECK(value(clipped[2]) == doctest::Approx(0.8).epsilon(1e-6));
+  CHECK(words(5.5) == words(std::nullopt)); // within the norm: as without a clip
+  CHECK(value(words(std::nullopt)[2]) == 4.0);
+}
+
 TEST_CASE("secagg: with distributed DP each site's words carry discrete Gaussian noise, and the sum carries N times "
           "its variance")
 {

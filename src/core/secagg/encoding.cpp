@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/secagg/encoding.hpp"
 
+#include "core/math/aggregate.hpp"
 #include "core/math/noise.hpp"
 #include "core/util/error.hpp"
 
@@ -131,20 +132,6 @@ by_name(std::span<const T> tensors)
   return out;
 }
 
-template<typename T>
-double
-sum_of_squares(const TensorView& t)
-{
-  double s = 0;
-  const std::size_t n = t.data.size() / sizeof(T);
-  for (std::size_t i = 0; i < n; ++i) {
-    T v;
-    std::memcpy(&v, t.data.data() + i * sizeof(T), sizeof(T));
-    s += static_cast<double>(v) * static_cast<double>(v);
-  }
-  return s;
-}
-
 } // namespace
 
 Encoded
@@ -157,21 +144,17 @@ encode(std::span<const TensorView> update, std::uint64_t samples, const Encoding
   const double w = static_cast<double>(std::min(samples, e.max_samples)) / static_cast<double>(e.max_samples);
   Encoded out;
   std::size_t total = 0;
-  double squares = 0;
   for (const auto& t : update) {
     if (t.dtype != DType::f32 && t.dtype != DType::f64) {
       throw UsageError("tensor {} is {}: secure aggregation sums F32 and F64 tensors only", t.name,
                        dtype_name(t.dtype));
     }
     total += t.numel();
-    if (clip_norm) {
-      squares += t.dtype == DType::f32 ? sum_of_squares<float>(t) : sum_of_squares<double>(t);
-    }
   }
   double factor = 1;
-  if (clip_norm && std::sqrt(squares) > *clip_norm) {
-    factor = *clip_norm / std::sqrt(squares);
-    out.norm_clipped = true;
+  if (clip_norm) {
+    const double norm = update_norm(Safetensors{{update.begin(), update.end()}, {}});
+    factor = norm > *clip_norm ? *clip_norm / norm : 1.0;
   }
   out.words.reserve(total + 1);
   for (const auto* t : by_name(update)) {

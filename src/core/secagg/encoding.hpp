@@ -47,7 +47,6 @@ struct Encoded
 {
   std::vector<std::uint32_t> words; // one per value, in the tensors' order, then the weight
   std::size_t clipped = 0;          // values that were outside [−R, R]
-  bool norm_clipped = false;        // the update was scaled down to `clip_norm`
 };
 
 // `update`'s F32 and F64 values (other dtypes are refused with UsageError), for a site with

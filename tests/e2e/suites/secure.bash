@@ -47,6 +47,19 @@ test_secure_federation_learns_as_the_plain_one_and_audits()
   [[ -z $(ls -A ws/state/incoming) ]] || fail "files left in ws/state/incoming: $(ls ws/state/incoming)"
   "$FEDL" audit ws >audit.out 2>&1 || { fail "fedl audit failed"; cat audit.out; }
   expect_in audit.out "secure aggregation"
+  # A re-signed ledger whose chain and signatures verify, but whose secure record lies: exit 3.
+  local resign=("$PY" "$FEDL_SOURCE_DIR/tests/e2e/resign_ledger.py" ws)
+  cp ws/ledger.jsonl ledger.orig
+  "${resign[@]}" "[e for e in L if e['kind'] == 'round'][2]['body']['secure_aggregation']['survivors'].pop()" || return
+  fedl_expect 3 audit ws && expect_in err "round 3's secure_aggregation names other survivors than the round's participants"
+  cp ledger.orig ws/ledger.jsonl
+  "${resign[@]}" "[e for e in L if e['kind'] == 'round'][2]['body']['secure_aggregation']['masked_inputs'][0]['sha256'] = 'x'" ||
+    return
+  fedl_expect 3 audit ws && expect_in err "round 3's secure_aggregation lists a masked input twice or without its SHA-256"
+  cp ledger.orig ws/ledger.jsonl
+  "${resign[@]}" "[e for e in L if e['kind'] == 'round'][2]['body']['secure_aggregation']['threshold'] = 6" || return
+  fedl_expect 3 audit ws && expect_in err "round 3's secure_aggregation has 5 survivors, below its threshold 6"
+  cp ledger.orig ws/ledger.jsonl
 
   # A restart may not turn it off.
   "$PY" - <<'PY'

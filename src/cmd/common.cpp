@@ -123,7 +123,7 @@ SecureAggregationFlags::resolve(const std::optional<core::SecureAggregationConfi
   s.threshold = threshold.value_or(s.threshold);
   s.neighbours = neighbours.value_or(s.neighbours);
   s.range = range.value_or(s.range);
-  core::check_secure_aggregation(s, {"--secagg-threshold", "--secagg-range"});
+  core::check_secure_aggregation(s, {"--secagg-threshold", "--secagg-neighbours", "--secagg-range"});
   return s;
 }
 
@@ -140,7 +140,7 @@ add_secure_aggregation_options(CLI::App& app, SecureAggregationFlags& f)
   app
     .add_option("--secagg-neighbours", f.neighbours,
                 "Neighbours per site (default: all up to 16 sites, then 2*ceil(log2 n)+2)")
-    ->check(CLI::Range(2U, 40U))
+    ->check(CLI::Range(2U, core::SecureAggregationConfig::max_neighbours))
     ->type_name("K");
   app.add_option("--secagg-range", f.range, "Each value of an update is clipped to [-R, R] (default 1)")
     ->type_name("R");

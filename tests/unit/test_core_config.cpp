@@ -64,6 +64,9 @@ TEST_CASE("core::config: secure_aggregation is written only when on, read back, 
   j["secure_aggregation"]["range"] = 0;
   CHECK(error_of(j).find("secure_aggregation: range") != std::string::npos);
   j = to_json(c);
+  j["secure_aggregation"]["neighbours"] = 41;
+  CHECK(error_of(j).find("secure_aggregation: neighbours must be 2 to 40") != std::string::npos);
+  j = to_json(c);
   j["secure_aggregation"]["degree"] = 4;
   CHECK(error_of(j).find("unknown key secure_aggregation.degree") != std::string::npos);
 }

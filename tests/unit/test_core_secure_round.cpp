@@ -408,6 +408,7 @@ TEST_CASE("secure round: a masked input looks like uniform bytes, even of an all
 TEST_CASE("secure round: t and k for the sites asked")
 {
   CHECK_THROWS_AS(secure_shape({}, 2), UsageError);
+  CHECK_THROWS_AS(secure_shape({}, SecureAggregationConfig::max_sites + 1), UsageError);
   CHECK(secure_shape({}, 3).threshold == 2);
   CHECK(secure_shape({}, 3).neighbours == 2);
   CHECK(secure_shape({}, 10).neighbours == 9);
@@ -424,10 +425,10 @@ TEST_CASE("secure round: serve refuses what secure aggregation cannot go with")
   ServeSettings s;
   s.min_clients = 3;
   s.secure_aggregation = SecureAggregationConfig{};
-  CHECK_NOTHROW(s.check_secure_aggregation());
+  CHECK_NOTHROW(s.check_secure_aggregation(10));
   const auto error_of = [](const ServeSettings& x) {
     try {
-      x.check_secure_aggregation();
+      x.check_secure_aggregation(10);
     } catch (const UsageError& e) {
       return std::string(e.what());
     }
@@ -442,6 +443,14 @@ TEST_CASE("secure round: serve refuses what secure aggregation cannot go with")
   auto two = s;
   two.min_clients = 2;
   CHECK(error_of(two).find("at least 3 sites") != std::string::npos);
+  CHECK_NOTHROW(s.check_secure_aggregation(SecureAggregationConfig::max_sites));
+  CHECK_THROWS_AS(s.check_secure_aggregation(SecureAggregationConfig::max_sites + 1), UsageError);
+  auto sampled = s;
+  sampled.clients_per_round = 100;
+  CHECK_NOTHROW(sampled.check_secure_aggregation(5000)); // 100 of 5000 per round
+  sampled.clients_per_round = 0;
+  sampled.fraction = 0.5;
+  CHECK_THROWS_AS(sampled.check_secure_aggregation(1000), UsageError);
   CHECK(s.to_json().contains("secure_aggregation"));
 }
 

@@ -318,6 +318,10 @@ check_secure_aggregation(const SecureAggregationConfig& s, const SecureAggregati
                      "least 2; not {}",
                      names.threshold, t);
   }
+  if (s.neighbours == 1 || s.neighbours > SecureAggregationConfig::max_neighbours) {
+    throw UsageError("{} must be 2 to {} (or 0, the default), not {}", names.neighbours,
+                     SecureAggregationConfig::max_neighbours, s.neighbours);
+  }
   if (!(s.range > 0) || !std::isfinite(s.range)) {
     throw UsageError("{} must be a positive number, not {}", names.range, s.range);
   }

@@ -101,6 +101,11 @@ void check_limits(const LimitsConfig& limits, const char* norm = "max_update_nor
 // each site adds its share of the noise before masking, so nobody holds an un-noised sum).
 struct SecureAggregationConfig
 {
+  // The most sites one secure round asks (their signatures ride in one frame header) and the most
+  // neighbours one site has (their certificates ride in another).
+  static constexpr std::size_t max_sites = 400;
+  static constexpr std::uint32_t max_neighbours = 40;
+
   double threshold = 0;
   std::uint32_t neighbours = 0;
   double range = 1;
@@ -109,10 +114,11 @@ struct SecureAggregationConfig
   bool operator==(const SecureAggregationConfig&) const = default;
 };
 // Throws UsageError naming `names`' fields unless the threshold is 0, a fraction in (0, 1) or a
-// whole count ≥ 2, and the range positive and finite.
+// whole count ≥ 2, the neighbours 0 or 2 to max_neighbours, and the range positive and finite.
 struct SecureAggregationNames
 {
   const char* threshold = "threshold";
+  const char* neighbours = "neighbours";
   const char* range = "range";
 };
 void check_secure_aggregation(const SecureAggregationConfig& s, const SecureAggregationNames& names = {});

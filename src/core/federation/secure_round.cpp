@@ -19,8 +19,9 @@ using json = nlohmann::json;
 SecureShape
 secure_shape(const SecureAggregationConfig& c, std::size_t n)
 {
-  if (n < 3) {
-    throw UsageError("secure aggregation needs at least 3 sites in a round, not {}", n);
+  if (n < 3 || n > SecureAggregationConfig::max_sites) {
+    throw UsageError("secure aggregation needs 3 to {} sites in a round, not {}", SecureAggregationConfig::max_sites,
+                     n);
   }
   SecureShape s;
   s.neighbours = c.neighbours == 0 ? secagg::default_neighbours(n) : std::min<std::size_t>(c.neighbours, n - 1);

@@ -36,11 +36,6 @@
 
 namespace fedl::core {
 
-// The most sites one secure attempt asks (the survivors' signatures ride in one frame header), and
-// the most neighbours a site may have (their certificates ride in one).
-inline constexpr std::size_t secure_max_sites = 400;
-inline constexpr std::size_t secure_max_neighbours = 40;
-
 // t and k for n sites asked (SecureAggregationConfig's rules). UsageError if n < 3 or the
 // configured threshold cannot be met with k neighbours.
 struct SecureShape

@@ -3,6 +3,8 @@
 
 #include "core/util/error.hpp"
 
+#include <cmath>
+
 namespace fedl::core {
 
 nlohmann::json
@@ -58,7 +60,7 @@ check_secure_fits(const SecureAggregationConfig& s, const StrategySpec& strategy
 }
 
 void
-ServeSettings::check_secure_aggregation() const
+ServeSettings::check_secure_aggregation(std::size_t enrolled) const
 {
   if (!secure_aggregation) {
     return;
@@ -72,6 +74,14 @@ ServeSettings::check_secure_aggregation() const
   if (min_clients < 3) {
     throw UsageError("secure aggregation needs at least 3 sites in a round (the sum of 2 would tell each its "
                      "partner's update): --min-clients 3 or more");
+  }
+  const auto most = clients_per_round > 0 ? std::size_t{clients_per_round}
+                    : fraction > 0 ? static_cast<std::size_t>(std::ceil(fraction * static_cast<double>(enrolled)))
+                                   : enrolled;
+  if (most > SecureAggregationConfig::max_sites) {
+    throw UsageError("a secure round asks at most {} sites, and these settings would ask {} of the {} enrolled: "
+                     "give --clients-per-round {} or fewer",
+                     SecureAggregationConfig::max_sites, most, enrolled, SecureAggregationConfig::max_sites);
   }
 }
 

@@ -54,8 +54,9 @@ struct ServeSettings
   // The effective settings, as the ledger records them.
   nlohmann::json to_json() const;
   // With secure aggregation: UsageError (exit 2) saying why for what it cannot go with: a
-  // strategy that needs each update, a clip at the coordinator, a quorum below 3 sites.
-  void check_secure_aggregation() const;
+  // strategy that needs each update, a clip at the coordinator, a quorum below 3 sites, rounds
+  // that would ask more than SecureAggregationConfig::max_sites of the `enrolled` sites.
+  void check_secure_aggregation(std::size_t enrolled) const;
 };
 
 } // namespace fedl::core

@@ -3,7 +3,6 @@
 
 #include "core/federation/site.hpp"
 
-#include "core/federation/secure_round.hpp"
 #include "core/format/safetensors.hpp"
 #include "core/net/child.hpp"
 #include "core/net/connection.hpp"
@@ -84,7 +83,7 @@ Site::connect()
           .allow(FrameType::error)
           .allow(FrameType::secagg_peers)
           .allow(FrameType::secagg_shares)
-          .allow(FrameType::secagg_unmask, secure_max_sites * 17 * 1024);
+          .allow(FrameType::secagg_unmask, SecureAggregationConfig::max_sites * 17 * 1024);
         FramedConnection::Callbacks cb;
         cb.on_ready = [this] { m_conn->send(FrameType::hello, Hello{m_site}.to_header()); };
         cb.on_head = [this](const FramePrefix& prefix, const json&) {

@@ -23,6 +23,7 @@
 // the sender from the attempt (or, for the coordinator's frames, the site leaves the attempt).
 #pragma once
 
+#include "core/config/config.hpp"
 #include "core/net/frame.hpp"
 #include "core/secagg/encoding.hpp"
 #include "core/secagg/protocol.hpp"
@@ -39,8 +40,8 @@
 
 namespace fedl::core {
 
-// The most sites one secure aggregation attempt may have.
-inline constexpr std::size_t secagg_max_sites = 10000;
+// The most sites one secure aggregation attempt may have (the coordinator asks no more).
+inline constexpr std::size_t secagg_max_sites = SecureAggregationConfig::max_sites;
 
 // What a site needs to take part in one attempt, sent with its task.
 struct SecAggSetup

@@ -7,6 +7,9 @@ find_package(OpenSSL 3 REQUIRED)
 find_package(ZLIB REQUIRED)
 find_package(tl-expected REQUIRED)
 find_package(Threads REQUIRED)
+# The trainer sandbox's seccomp filter (libseccomp-dev).
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(SECCOMP REQUIRED IMPORTED_TARGET libseccomp)
 
 find_path(ASIO_INCLUDE_DIR asio.hpp REQUIRED)
 add_library(fedl_asio INTERFACE)

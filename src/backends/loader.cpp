@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <set>
 
@@ -22,13 +23,15 @@ namespace {
 fs::path
 executable_dir()
 {
-  std::array<char, 4096> buf{};
-  const auto n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
-  if (n <= 0) {
-    return {};
-  }
-  return fs::path(std::string(buf.data(), static_cast<std::size_t>(n))).parent_path();
+  static const fs::path dir = [] {
+    std::array<char, 4096> buf{};
+    const auto n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
+    return n <= 0 ? fs::path() : fs::path(std::string(buf.data(), static_cast<std::size_t>(n))).parent_path();
+  }();
+  return dir;
 }
+
+std::atomic<bool> g_loaded{false};
 
 fedl_dataset
 as_c_dataset(const core::Dataset& data)
@@ -69,6 +72,12 @@ interface_mismatch(fedl_backend_entry_fn entry)
 }
 
 } // namespace
+
+bool
+backends_loaded() noexcept
+{
+  return g_loaded;
+}
 
 std::string
 search_path_text()
@@ -134,6 +143,7 @@ all_backends(std::vector<LoadFailure>* failures)
 {
   static std::vector<LoadFailure> s_failures;
   static const std::vector<Backend> s_backends = [] {
+    g_loaded = true;
     default_openmp_wait();
     std::vector<Backend> found;
     std::set<std::string> names;

@@ -29,7 +29,8 @@ struct LoadFailure
   std::string reason;
 };
 
-// The folders searched for libfedl-backend-*.so, in order.
+// The folders searched for libfedl-backend-*.so, in order. The executable's folder is read once
+// (from /proc, which a sandbox may not show): call this before entering one.
 std::vector<std::filesystem::path> search_path();
 // The same, joined with ':' for messages.
 std::string search_path_text();
@@ -38,6 +39,8 @@ std::string search_path_text();
 // ~0.3 s, so only commands that compute call this. `failures` receives the files that could
 // not be loaded, with why.
 const std::vector<Backend>& all_backends(std::vector<LoadFailure>* failures = nullptr);
+// Whether all_backends() has run in this process (a fork server's child inherits its backends).
+bool backends_loaded() noexcept;
 
 // Resolves `--device` (auto, cpu, cuda, cuda:N, or a backend name) to a backend and one of its
 // devices. Throws UsageError (exit 2) listing the devices present if there is none such, and

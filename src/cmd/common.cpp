@@ -2,6 +2,7 @@
 #include "cmd/common.hpp"
 
 #include "core/util/error.hpp"
+#include "core/util/log.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -75,6 +76,86 @@ open_backend(const ComputeOptions& options)
   const auto threads = options.threads > 0 ? options.threads : std::max(1U, std::thread::hardware_concurrency());
   resolved.first->api->set_threads(static_cast<std::int32_t>(threads));
   return resolved;
+}
+
+core::SandboxPolicy
+SandboxFlags::policy(std::string who) const
+{
+  core::SandboxPolicy p;
+  p.level = core::parse_sandbox_level(level, "--sandbox");
+  p.name = std::move(who);
+  if (memory) {
+    p.limits.memory_bytes = core::parse_memory_size(*memory, "--memory-limit");
+  }
+  if (cpus) {
+    if (!(*cpus >= 0.01 && *cpus <= 4096)) {
+      throw core::UsageError("--cpu-limit {}: give the cores it may use, from 0.01 to 4096", *cpus);
+    }
+    p.limits.cpus = cpus;
+  }
+  // Threads count: LibTorch's and OpenMP's pools are a few per core.
+  p.limits.pids = pids.value_or(64 + 8 * std::uint64_t{std::max(1U, std::thread::hardware_concurrency())});
+  return p;
+}
+
+std::vector<std::string>
+SandboxFlags::to_args() const
+{
+  std::vector<std::string> args{"--sandbox", level};
+  if (memory) {
+    args.insert(args.end(), {"--memory-limit", *memory});
+  }
+  if (cpus) {
+    args.insert(args.end(), {"--cpu-limit", fmt::format("{}", *cpus)});
+  }
+  if (pids) {
+    args.insert(args.end(), {"--pids-limit", std::to_string(*pids)});
+  }
+  return args;
+}
+
+void
+add_sandbox_options(CLI::App& app, SandboxFlags& f)
+{
+  with_choices(app.add_option("--sandbox", f.level,
+                              "Confine the trainer: strict (refuse to run without every layer), auto (every layer "
+                              "the host offers) or off"),
+               {"strict", "auto", "off"})
+    ->capture_default_str();
+  app.add_option("--memory-limit", f.memory, "The trainer's memory limit (cgroup): 512M, 2G, ... (default: none)")
+    ->type_name("SIZE");
+  app.add_option("--cpu-limit", f.cpus, "The CPU time the trainer may use, in cores (cgroup; default: all)")
+    ->type_name("CORES");
+  app.add_option("--pids-limit", f.pids, "Most processes and threads in the trainer (default: 64 + 8 per core)")
+    ->check(CLI::Range(std::uint64_t{8}, std::uint64_t{1} << 22))
+    ->type_name("N");
+}
+
+core::SandboxReport
+enter_trainer_sandbox(core::SandboxPolicy policy)
+{
+  if (policy.level == core::SandboxLevel::off) {
+    FEDL_LOG_WARN("sandbox off: {} runs with all of this user's access (every file, the network, other programs)",
+                  policy.name);
+    return core::enter_sandbox(policy);
+  }
+  if (backends::backends_loaded()) {
+    const auto why = "the compute backends were loaded before the sandbox (a fork server started with --sandbox off)";
+    if (policy.level == core::SandboxLevel::strict) {
+      throw core::Error("--sandbox strict: {}; stop that fork server or run without --fork-server", why);
+    }
+    FEDL_LOG_WARN("sandbox: {}", why);
+  }
+  for (const auto& dir : backends::search_path()) {
+    policy.read.push_back(dir);
+  }
+  const auto report = core::enter_sandbox(policy);
+  if (report.complete()) {
+    FEDL_LOG_INFO("{}", report.summary());
+  } else {
+    FEDL_LOG_WARN("{}", report.summary());
+  }
+  return report;
 }
 
 std::optional<core::DpSgdConfig>

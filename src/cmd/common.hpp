@@ -6,6 +6,7 @@
 #include "backends/loader.hpp"
 #include "core/config/config.hpp"
 #include "core/format/dataset.hpp"
+#include "core/sandbox/sandbox.hpp"
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -49,6 +50,27 @@ void add_compute_options(CLI::App& app, ComputeOptions& options);
 // Loads the backend for `--device` and sets its thread count (--threads, default the number of
 // cores). Throws as backends::resolve_device does.
 std::pair<const backends::Backend*, std::string> open_backend(const ComputeOptions& options);
+
+// --sandbox, --memory-limit, --cpu-limit, --pids-limit: the trainer sandbox (core/sandbox) of
+// fedl join's trainer and of fedl train.
+struct SandboxFlags
+{
+  std::string level = "auto";
+  std::optional<std::string> memory;
+  std::optional<double> cpus;
+  std::optional<std::uint64_t> pids;
+
+  // The policy these flags ask for, without paths (the caller adds them); the pids limit is
+  // 64 + 8 per core unless given. `who` names the process in messages ("the trainer").
+  core::SandboxPolicy policy(std::string who) const;
+  // The same flags, for a child's command line.
+  std::vector<std::string> to_args() const;
+};
+void add_sandbox_options(CLI::App& app, SandboxFlags& flags);
+// Enters the sandbox `policy` asks for, the backends' folders readable, and logs what it runs
+// under (loudly when off). Must come before any backend, model or module is opened: under
+// strict, a backend already loaded (a fork server started without the sandbox) is refused.
+core::SandboxReport enter_trainer_sandbox(core::SandboxPolicy policy);
 
 // --dp-noise-multiplier, --dp-max-grad-norm, --dp-delta: sample-level DP-SGD (fedl train; fedl
 // init, for the sites' training in every task).

@@ -28,6 +28,7 @@ struct ForkServerOptions
   std::filesystem::path socket;
   double idle = 30;
   bool detach = false;
+  bool preload = true;
 };
 
 // With --detach: the server goes on in a child of its own session, and this process returns
@@ -74,9 +75,11 @@ run_fork_server(const ForkServerOptions& opt)
       return rc;
     }
   }
-  const auto prepare = [] {
-    const auto& loaded = backends::all_backends();
-    FEDL_LOG_DEBUG("fork server: {} backend(s) loaded", loaded.size());
+  const auto prepare = [&opt] {
+    if (opt.preload) {
+      const auto& loaded = backends::all_backends();
+      FEDL_LOG_DEBUG("fork server: {} backend(s) loaded", loaded.size());
+    }
   };
   const auto child = [](const std::vector<std::string>& argv) {
     mark_process_start();
@@ -111,6 +114,8 @@ add_fork_server(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::PositiveNumber)
     ->type_name("SEC");
+  app->add_flag("!--no-preload", opt->preload,
+                "Load no backend before forking (each trainer loads them inside its sandbox)");
   app->add_flag("--detach", opt->detach, "Go on in the background; return once listening, or with the failure");
   return {app, [opt] { return run_fork_server(*opt); }};
 }

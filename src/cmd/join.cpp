@@ -40,6 +40,7 @@ struct JoinOptions
   std::optional<double> min_noise_multiplier;
   bool require_secure_aggregation = false;
   ComputeOptions compute;
+  SandboxFlags sandbox;
 };
 
 int
@@ -80,12 +81,18 @@ run_join(const JoinOptions& opt)
   s.retry_max = opt.retry_max;
   s.retry_for = opt.retry_for;
   s.trainer_idle = opt.trainer_idle;
+  // Checked here, at start, rather than by the trainer at the first task.
+  const auto sandbox = opt.sandbox.policy("the trainer");
   if (opt.fork_server) {
     const auto socket = fs::absolute(*opt.fork_server);
     core::check_socket_path(socket);
     s.fork_server = core::ForkServerRef{socket,
                                         {core::self_executable().string(), "--log-format", globals().log_format,
                                          "__fork-server", "--detach", socket.string()}};
+    if (sandbox.level != core::SandboxLevel::off) {
+      // Its trainers load the backends inside their sandbox, not before the fork.
+      s.fork_server->start.push_back("--no-preload");
+    }
   }
   if (opt.delta && !opt.max_epsilon) {
     throw core::UsageError("--delta is the delta of the site's budget: give --max-epsilon E too");
@@ -112,6 +119,8 @@ run_join(const JoinOptions& opt)
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
   }
   s.trainer_argv.insert(s.trainer_argv.end(), {"--device", opt.compute.device});
+  const auto sandbox_args = opt.sandbox.to_args();
+  s.trainer_argv.insert(s.trainer_argv.end(), sandbox_args.begin(), sandbox_args.end());
   if (opt.compute.threads > 0) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--threads", std::to_string(opt.compute.threads)});
   }
@@ -176,6 +185,7 @@ add_join(CLI::App& parent)
   app->add_flag("--require-secure-aggregation", opt->require_secure_aggregation,
                 "Refuse tasks that would send this site's update in clear (without secure aggregation)");
   add_compute_options(*app, opt->compute);
+  add_sandbox_options(*app, opt->sandbox);
   return {app, [opt] { return run_join(*opt); }};
 }
 

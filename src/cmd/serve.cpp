@@ -182,7 +182,9 @@ evaluator_argv(const ServeOptions& opt, const core::Workspace& ws, const core::F
                                 "--log-format",
                                 globals().log_format,
                                 "--max-model-bytes",
-                                std::to_string(model_bytes)};
+                                std::to_string(model_bytes),
+                                "--role",
+                                "the evaluator"};
   if (config.model.torchscript) {
     argv.insert(argv.end(), {"--torchscript", (ws.root() / *config.model.torchscript).string()});
   }

@@ -34,6 +34,7 @@ struct TrainOptions
   std::optional<std::filesystem::path> identity;
   TrainingSettings training;
   DpSgdFlags dp;
+  SandboxFlags sandbox;
 };
 
 int
@@ -47,10 +48,25 @@ run_train(TrainOptions opt)
     throw core::UsageError("--identity signs an update: give --out UPDATE too");
   }
   // Read the site's identity first: a bad bundle should fail before minutes of training.
+  // (Read before the sandbox, the key is in the trainer's memory: fedl join's trainer never holds
+  // it, and is what to use with a model or backend that is not trusted.)
   std::optional<core::Identity> identity;
   if (opt.identity) {
     identity = core::read_identity(*opt.identity / "client.crt", *opt.identity / "client.key");
   }
+  auto policy = opt.sandbox.policy("fedl train");
+  policy.read = core::dataset_files(opt.data.to_options());
+  for (const auto& f : {opt.model.model, opt.model.torchscript}) {
+    if (f) {
+      policy.read.push_back(*f);
+    }
+  }
+  for (const auto& f : {opt.out, opt.save_model}) {
+    if (f) {
+      policy.write.push_back(std::filesystem::absolute(*f).parent_path());
+    }
+  }
+  enter_trainer_sandbox(std::move(policy));
   const double started = uptime_seconds();
   const auto data = core::load_dataset(opt.data.to_options());
   FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), data.size(), data.shape_string());
@@ -166,6 +182,7 @@ add_train(CLI::App& parent)
   add_dp_sgd_options(*app, opt->dp);
   app->add_option("--seed", opt->model.seed, "Seed for initialisation and shuffling")->capture_default_str();
   add_compute_options(*app, opt->compute);
+  add_sandbox_options(*app, opt->sandbox);
   return {app, [opt] { return run_train(*opt); }};
 }
 

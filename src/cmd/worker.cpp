@@ -53,6 +53,8 @@ struct WorkerOptions
   ComputeOptions compute;
   std::optional<std::filesystem::path> torchscript;
   std::uint64_t max_model_bytes = default_max_model_bytes;
+  SandboxFlags sandbox;
+  std::string role = "the trainer"; // or "the evaluator", for messages
 };
 
 // The parent stopped reading: nothing more can be said to it.
@@ -272,6 +274,13 @@ private:
 int
 run_worker(const WorkerOptions& opt)
 {
+  // First of all: the data, the backends, each model and module are opened inside it.
+  auto policy = opt.sandbox.policy(opt.role);
+  policy.read = core::dataset_files(opt.data.to_options());
+  if (opt.torchscript) {
+    policy.read.push_back(*opt.torchscript);
+  }
+  enter_trainer_sandbox(std::move(policy));
   // A parent that has gone must be a write error (exit 1), not a silent death by SIGPIPE.
   std::signal(SIGPIPE, SIG_IGN);
   // Frames go to a private copy of stdout, and fd 1 becomes stderr: a stray print from a library
@@ -302,6 +311,8 @@ add_worker(CLI::App& parent)
     ->check(CLI::PositiveNumber)
     ->type_name("N");
   add_compute_options(*app, opt->compute);
+  add_sandbox_options(*app, opt->sandbox);
+  app->add_option("--role", opt->role, "What it is, for messages")->capture_default_str();
   return {app, [opt] { return run_worker(*opt); }};
 }
 

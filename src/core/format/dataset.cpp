@@ -255,9 +255,13 @@ check_sample_shape(const std::vector<std::int64_t>& shape, const fs::path& path)
   }
 }
 
+// Where IDX and NPY data find their labels file: the data file's name with one part swapped.
+using NameSwaps = std::vector<std::pair<std::string, std::string>>;
+const NameSwaps idx_label_names{{"images-idx3", "labels-idx1"}, {"images", "labels"}};
+const NameSwaps npy_label_names{{"features", "labels"}, {"images", "labels"}, {"x", "y"}, {"X", "y"}};
+
 fs::path
-sibling_labels(const fs::path& data, const std::vector<std::pair<std::string, std::string>>& swaps,
-               const char* flag_hint)
+sibling_labels(const fs::path& data, const NameSwaps& swaps, const char* flag_hint)
 {
   const auto name = data.filename().string();
   for (const auto& [from, to] : swaps) {
@@ -286,9 +290,7 @@ apply_limit(Dataset& ds, std::optional<std::size_t> limit)
 Dataset
 load_idx(const DataOptions& opt)
 {
-  const auto labels_path =
-    opt.labels ? *opt.labels
-               : sibling_labels(opt.path, {{"images-idx3", "labels-idx1"}, {"images", "labels"}}, "--labels");
+  const auto labels_path = opt.labels ? *opt.labels : sibling_labels(opt.path, idx_label_names, "--labels");
   const auto images = read_idx(opt.path);
   const auto labels = read_idx(labels_path);
   if (labels.dims.size() != 1) {
@@ -475,10 +477,7 @@ npy_value(const Npy& npy, std::size_t i)
 Dataset
 load_npy(const DataOptions& opt)
 {
-  const auto labels_path =
-    opt.labels
-      ? *opt.labels
-      : sibling_labels(opt.path, {{"features", "labels"}, {"images", "labels"}, {"x", "y"}, {"X", "y"}}, "--labels");
+  const auto labels_path = opt.labels ? *opt.labels : sibling_labels(opt.path, npy_label_names, "--labels");
   const auto x = read_npy(opt.path);
   const auto y = read_npy(labels_path);
   if (x.shape.empty() || x.shape[0] == 0) {
@@ -595,6 +594,31 @@ detect_format(const fs::path& path)
   throw UsageError("{}: unknown data format; fedl reads .csv, .csv.gz, .npy and IDX files "
                    "(names ending in -ubyte or .idx, gzip or not)",
                    path.string());
+}
+
+std::vector<fs::path>
+dataset_files(const DataOptions& options)
+{
+  std::vector<fs::path> files{options.path};
+  if (options.labels) {
+    files.push_back(*options.labels);
+    return files;
+  }
+  try {
+    switch (detect_format(options.path)) {
+    case DataFormat::csv:
+      break;
+    case DataFormat::idx:
+      files.push_back(sibling_labels(options.path, idx_label_names, ""));
+      break;
+    case DataFormat::npy:
+      files.push_back(sibling_labels(options.path, npy_label_names, ""));
+      break;
+    }
+  } catch (const Error&) {
+    // No labels file beside it: load_dataset says so, inside the sandbox as outside.
+  }
+  return files;
 }
 
 Dataset

@@ -54,6 +54,10 @@ struct Dataset
 // Throws UsageError naming the file if it cannot tell.
 DataFormat detect_format(const std::filesystem::path& path);
 
+// The files load_dataset(options) reads: the data file and, for IDX and NPY, its labels file
+// (given, or the one found beside it if it exists). For the sandbox's read-only paths.
+std::vector<std::filesystem::path> dataset_files(const DataOptions& options);
+
 // Loads the data set. Throws Error (exit 1) naming the file and place for unreadable files and
 // bad content (a non-numeric or NaN cell names its line and column; a negative label), and
 // VerifyError (exit 3) for a corrupt gzip stream or a truncated IDX or NPY file; UsageError

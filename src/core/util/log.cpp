@@ -54,20 +54,37 @@ enabled(Level lvl) noexcept
   return static_cast<int>(lvl) <= static_cast<int>(g_level);
 }
 
+namespace {
+
+std::string
+format_line(Level lvl, std::string_view message, bool with_time)
+{
+  if (g_format == Format::json) {
+    nlohmann::json j = {{"level", level_name(lvl)}, {"msg", message}};
+    if (with_time) {
+      j["time"] = utc_now();
+    }
+    return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  }
+  // One entry, one line: text from peers is quoted in messages, and must not forge lines or
+  // send escape sequences to the operator's terminal.
+  const auto text = escape_controls(valid_utf8(message));
+  return lvl == Level::error || lvl == Level::warning ? fmt::format("fedl: {}: {}\n", level_name(lvl), text)
+                                                      : fmt::format("fedl: {}\n", text);
+}
+
+} // namespace
+
+std::string
+line_without_time(Level lvl, std::string_view message)
+{
+  return format_line(lvl, message, false);
+}
+
 void
 write(Level lvl, std::string_view message)
 {
-  std::string line;
-  if (g_format == Format::json) {
-    nlohmann::json j = {{"time", utc_now()}, {"level", level_name(lvl)}, {"msg", message}};
-    line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-  } else {
-    // One entry, one line: text from peers is quoted in messages, and must not forge lines or
-    // send escape sequences to the operator's terminal.
-    const auto text = escape_controls(valid_utf8(message));
-    line = lvl == Level::error || lvl == Level::warning ? fmt::format("fedl: {}: {}\n", level_name(lvl), text)
-                                                        : fmt::format("fedl: {}\n", text);
-  }
+  const auto line = format_line(lvl, message, true);
   const std::lock_guard lock(g_mutex);
   std::fwrite(line.data(), 1, line.size(), stderr);
 }

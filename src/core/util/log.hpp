@@ -26,6 +26,9 @@ void configure(Level level, Format format) noexcept;
 Level level() noexcept;
 bool enabled(Level level) noexcept;
 void write(Level level, std::string_view message);
+// The line write() would print, without the time that JSON lines carry: for messages made ahead
+// of time and written where nothing may be allocated (a signal handler).
+std::string line_without_time(Level level, std::string_view message);
 
 template<typename... Args>
 void

@@ -194,7 +194,12 @@ test_bad_frames_drop_the_peer_and_the_federation_goes_on()
 # trainer_of PID: the trainer child of a fedl join.
 trainer_of()
 {
-  pgrep -P "$1" | head -1
+  # A sandboxed trainer is two processes: the one its site started, which only waits, and its
+  # child (the sandbox's PID 1), which trains.
+  local outer inner
+  outer=$(pgrep -P "$1" | head -1)
+  inner=$(pgrep -P "$outer" 2>/dev/null | head -1)
+  echo "${inner:-$outer}"
 }
 
 # pending_round LOG: the round of the last task a site was given, if it has sent no update since.
@@ -229,14 +234,15 @@ stall_site()
   echo "$1 holds round $STALLED_ROUND (its trainer, $STALLED_TRAINER, is stopped)"
 }
 
-# Sites on one host share one fork server (join --fork-server): it forks their trainers with
-# LibTorch already loaded, a trainer killed with -9 is forked again, and the federation completes.
+# Sites on one host share one fork server (join --fork-server): it forks their trainers (each
+# sandboxed, so each loads LibTorch inside its sandbox), a trainer killed with -9 is forked
+# again, and the federation completes.
 test_sites_on_one_host_fork_their_trainers_from_one_server()
 {
   # A Unix socket path has at most 107 bytes: this folder's may be longer.
   local sock
   sock=$(mktemp -u "${TMPDIR:-/tmp}/fedl-fork.XXXXXX")
-  trap 'pkill -KILL -f -- "__fork-server --detach $sock" 2>/dev/null; rm -f "$sock" "$sock.lock"; net_cleanup' EXIT
+  trap "pkill -KILL -f -- '__fork-server --detach $sock' 2>/dev/null; rm -f '$sock' '$sock.lock'; net_cleanup" EXIT
   local rounds=40 # many: the trainers are looked at and one is killed while rounds are still to come
   net_init 3 $rounds || return
   fedl_expect 2 join ws/clients/site-1 --data ws/clients/site-1/data/train.csv --no-header \
@@ -247,10 +253,13 @@ test_sites_on_one_host_fork_their_trainers_from_one_server()
   wait_for 60 eval "[[ \$(ledger 'len(R)') -ge 1 ]]" || { fail "no round completed"; tail serve.log; return; }
   local server p trainers
   # One server: every other process with its command line is a fork of it (a trainer, named
-  # fedl-worker), and no trainer was started as a program of its own.
+  # fedl-worker) or the sandboxed child of one, and no trainer was started as a program of its own.
   server=$(pgrep -o -f -- "__fork-server --detach $sock")
   for p in $(pgrep -f -- "__fork-server --detach $sock"); do
-    [[ $p == "$server" || $(ps -o ppid= -p "$p" | tr -d ' ') == "$server" ]] || fail "a second fork server, pid $p"
+    local parent
+    parent=$(ps -o ppid= -p "$p" | tr -d ' ')
+    [[ $p == "$server" || $parent == "$server" || $(ps -o ppid= -p "$parent" | tr -d ' ') == "$server" ]] ||
+      fail "a second fork server, pid $p"
   done
   trainers=$(pgrep -P "$server" | wc -l)
   [[ $trainers == 3 ]] || fail "the fork server has $trainers children, not the 3 sites' trainers"

@@ -1,0 +1,317 @@
+// SPDX-License-Identifier: Apache-2.0
+// cgroup limits for a sandboxed child (Documentation/admin-guide/cgroup-v2.rst; for v1,
+// Documentation/admin-guide/cgroup-v1/{memory,pids}.rst and scheduler/sched-bwc.rst).
+#include "core/sandbox/sandbox_detail.hpp"
+
+#include "core/util/error.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <cerrno>
+#include <cmath>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace fs = std::filesystem;
+
+namespace fedl::core::sandbox_detail {
+
+namespace {
+
+// Where each controller of this process lives: its folder in a v1 hierarchy, or the v2 one.
+struct Hierarchies
+{
+  std::map<std::string, fs::path> v1;   // controller -> this process's folder
+  std::optional<fs::path> v2;           // this process's cgroup2 folder
+  std::vector<std::string> v2_controllers; // what that folder's children may be given
+};
+
+std::string
+read_text(const fs::path& path)
+{
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::vector<std::string>
+split(const std::string& text, char sep)
+{
+  std::vector<std::string> out;
+  std::stringstream s(text);
+  std::string item;
+  while (std::getline(s, item, sep)) {
+    if (!item.empty()) {
+      out.push_back(item);
+    }
+  }
+  return out;
+}
+
+// /proc/self/mountinfo (proc(5)): mount root, mount point, then after " - " the type and the
+// super options (which name a v1 hierarchy's controllers).
+Hierarchies
+find_hierarchies()
+{
+  std::map<std::string, std::string> path_of; // "memory" -> "/a/b" from /proc/self/cgroup; "" for v2
+  for (const auto& line : split(read_text("/proc/self/cgroup"), '\n')) {
+    const auto a = line.find(':');
+    const auto b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) {
+      continue;
+    }
+    const auto controllers = line.substr(a + 1, b - a - 1);
+    const auto path = line.substr(b + 1);
+    if (controllers.empty()) {
+      path_of[""] = path;
+    }
+    for (const auto& c : split(controllers, ',')) {
+      path_of[c] = path;
+    }
+  }
+  Hierarchies h;
+  for (const auto& line : split(read_text("/proc/self/mountinfo"), '\n')) {
+    std::istringstream fields(line);
+    std::string id, parent, dev, root, point;
+    fields >> id >> parent >> dev >> root >> point;
+    std::string word;
+    while (fields >> word && word != "-") {
+    }
+    std::string type, source, options;
+    fields >> type >> source >> options;
+    const auto within = [&](const std::string& path) -> std::optional<fs::path> {
+      // The mount shows the hierarchy from `root` down; our folder must be inside it.
+      if (path.rfind(root, 0) != 0) {
+        return std::nullopt;
+      }
+      return fs::path(point) / fs::path(path.substr(root.size())).relative_path();
+    };
+    if (type == "cgroup2" && !h.v2 && path_of.count("") != 0) {
+      if (auto dir = within(path_of[""])) {
+        h.v2 = *dir;
+        h.v2_controllers = split(read_text(*dir / "cgroup.controllers"), ' ');
+        for (auto& c : h.v2_controllers) {
+          c.erase(c.find_last_not_of(" \n") + 1);
+        }
+      }
+    } else if (type == "cgroup") {
+      for (const auto& c : split(options, ',')) {
+        if (path_of.count(c) != 0 && h.v1.count(c) == 0) {
+          if (auto dir = within(path_of[c])) {
+            h.v1[c] = *dir;
+          }
+        }
+      }
+    }
+  }
+  return h;
+}
+
+void
+write_file(const fs::path& path, const std::string& value)
+{
+  std::ofstream out(path);
+  out << value;
+  out.flush();
+  if (!out) {
+    throw Error("cannot write {} to {}: {}", value, path.string(), std::strerror(errno));
+  }
+}
+
+} // namespace
+
+std::string
+format_bytes(std::uint64_t bytes)
+{
+  constexpr const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  auto value = static_cast<double>(bytes);
+  std::size_t unit = 0;
+  while (value >= 1024 && unit + 1 < std::size(units)) {
+    value /= 1024;
+    ++unit;
+  }
+  return value == std::floor(value) ? fmt::format("{:.0f} {}", value, units[unit])
+                                    : fmt::format("{:.1f} {}", value, units[unit]);
+}
+
+void
+remove_stale_folders(const fs::path& parent)
+{
+  constexpr std::string_view prefix = "fedl-sandbox-";
+  std::error_code ec;
+  for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
+    const auto name = it->path().filename().string();
+    if (name.rfind(prefix, 0) != 0) {
+      continue;
+    }
+    const auto pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      (void)::rmdir(it->path().c_str());
+    }
+  }
+}
+
+std::optional<Cgroups>
+Cgroups::make(const SandboxLimits& limits, std::string& why)
+{
+  std::vector<std::string> wanted;
+  if (limits.memory_bytes) {
+    wanted.emplace_back("memory");
+  }
+  if (limits.cpus) {
+    wanted.emplace_back("cpu");
+  }
+  if (limits.pids) {
+    wanted.emplace_back("pids");
+  }
+  if (wanted.empty()) {
+    return Cgroups{};
+  }
+  const auto h = find_hierarchies();
+  const auto name = fmt::format("fedl-sandbox-{}", ::getpid());
+  Cgroups made;
+  std::vector<std::string> versions;
+  try {
+    // v2: one folder for every controller its parent lets children have.
+    std::vector<std::string> v2_use;
+    if (h.v2) {
+      for (const auto& c : wanted) {
+        if (std::find(h.v2_controllers.begin(), h.v2_controllers.end(), c) != h.v2_controllers.end()) {
+          v2_use.push_back(c);
+        }
+      }
+    }
+    if (!v2_use.empty()) {
+      remove_stale_folders(*h.v2);
+      const auto dir = *h.v2 / name;
+      const auto controllers = split(read_text(*h.v2 / "cgroup.subtree_control"), ' ');
+      for (const auto& c : v2_use) {
+        if (std::find(controllers.begin(), controllers.end(), c) == controllers.end()) {
+          write_file(*h.v2 / "cgroup.subtree_control", "+" + c);
+        }
+      }
+      if (::mkdir(dir.c_str(), 0755) != 0) {
+        throw Error("cannot make the cgroup {}: {}", dir.string(), std::strerror(errno));
+      }
+      made.m_dirs.push_back(dir);
+      for (const auto& c : v2_use) {
+        if (c == "memory") {
+          write_file(dir / "memory.max", std::to_string(*limits.memory_bytes));
+          if (fs::exists(dir / "memory.swap.max")) {
+            write_file(dir / "memory.swap.max", "0");
+          }
+          made.m_memory = dir;
+          made.m_memory_v2 = true;
+        } else if (c == "cpu") {
+          write_file(dir / "cpu.max", fmt::format("{} 100000", std::max<long>(1000, std::lround(*limits.cpus * 1e5))));
+        } else {
+          write_file(dir / "pids.max", std::to_string(*limits.pids));
+        }
+      }
+      versions.emplace_back("v2");
+    }
+    bool v1 = false;
+    for (const auto& c : wanted) {
+      if (std::find(v2_use.begin(), v2_use.end(), c) != v2_use.end()) {
+        continue;
+      }
+      const auto at = h.v1.find(c);
+      if (at == h.v1.end()) {
+        throw Error("this host offers no cgroup {} controller to this process", c);
+      }
+      remove_stale_folders(at->second);
+      const auto dir = at->second / name;
+      if (::mkdir(dir.c_str(), 0755) != 0) {
+        throw Error("cannot make the cgroup {}: {}", dir.string(), std::strerror(errno));
+      }
+      made.m_dirs.push_back(dir);
+      if (c == "memory") {
+        write_file(dir / "memory.limit_in_bytes", std::to_string(*limits.memory_bytes));
+        // Where swap is accounted, swap counts too: the limit is on memory, not on RAM.
+        if (fs::exists(dir / "memory.memsw.limit_in_bytes")) {
+          write_file(dir / "memory.memsw.limit_in_bytes", std::to_string(*limits.memory_bytes));
+        }
+        made.m_memory = dir;
+      } else if (c == "cpu") {
+        write_file(dir / "cpu.cfs_period_us", "100000");
+        write_file(dir / "cpu.cfs_quota_us", std::to_string(std::max<long>(1000, std::lround(*limits.cpus * 1e5))));
+      } else {
+        write_file(dir / "pids.max", std::to_string(*limits.pids));
+      }
+      v1 = true;
+    }
+    if (v1) {
+      versions.emplace_back("v1");
+    }
+  } catch (const Error& e) {
+    why = e.what();
+    return std::nullopt; // `made` removes what it made
+  }
+  made.m_version = fmt::format("{}", fmt::join(versions, "+"));
+  return made;
+}
+
+nlohmann::json
+Cgroups::support()
+{
+  const auto h = find_hierarchies();
+  nlohmann::json out = nlohmann::json::object();
+  for (const std::string c : {"memory", "cpu", "pids"}) {
+    const bool v2 = h.v2 && std::find(h.v2_controllers.begin(), h.v2_controllers.end(), c) != h.v2_controllers.end();
+    const auto v1 = h.v1.find(c);
+    const auto dir = v2 ? *h.v2 : v1 != h.v1.end() ? v1->second : fs::path();
+    if (dir.empty()) {
+      out[c] = {{"version", nullptr}, {"usable", false}, {"why", "no hierarchy of this process has it"}};
+    } else {
+      const bool usable = ::access(dir.c_str(), W_OK) == 0;
+      out[c] = {{"version", v2 ? "v2" : "v1"}, {"folder", dir.string()}, {"usable", usable}};
+      if (!usable) {
+        out[c]["why"] = fmt::format("{} is not writable by this user (not delegated)", dir.string());
+      }
+    }
+  }
+  return out;
+}
+
+Cgroups::Cgroups(Cgroups&& other) noexcept
+  : m_dirs(std::move(other.m_dirs)), m_memory(std::move(other.m_memory)), m_memory_v2(other.m_memory_v2),
+    m_version(std::move(other.m_version))
+{
+  other.m_dirs.clear();
+}
+
+Cgroups::~Cgroups()
+{
+  for (const auto& dir : m_dirs) {
+    (void)::rmdir(dir.c_str());
+  }
+}
+
+void
+Cgroups::add(pid_t pid) const
+{
+  for (const auto& dir : m_dirs) {
+    write_file(dir / "cgroup.procs", std::to_string(pid));
+  }
+}
+
+bool
+Cgroups::memory_exceeded() const
+{
+  if (!m_memory) {
+    return false;
+  }
+  // v2: memory.events "oom_kill N"; v1: memory.oom_control "oom_kill N" (Linux 4.13+).
+  const auto text = read_text(*m_memory / (m_memory_v2 ? "memory.events" : "memory.oom_control"));
+  const auto at = text.find("oom_kill ");
+  return at != std::string::npos && std::strtoull(text.c_str() + at + 9, nullptr, 10) > 0;
+}
+
+} // namespace fedl::core::sandbox_detail

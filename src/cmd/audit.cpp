@@ -57,8 +57,15 @@ run_privacy_calc(const PrivacyCalc& p)
 // The workspace is optional to CLI11 because --privacy-calc needs none; the two modes' flags
 // are checked here so that each mistake gets a message saying what to add or drop.
 int
-dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witnesses, const PrivacyCalc& p)
+dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witnesses, const PrivacyCalc& p, bool host)
 {
+  if (host) {
+    if (ws || !witnesses.empty() || p.enabled) {
+      throw core::UsageError(
+        "--host audits this host's sandbox: give no workspace, --witness or --privacy-calc with it");
+    }
+    return audit_host();
+  }
   const std::vector<std::pair<const char*, bool>> calc_flags = {{"--sample-rate", p.sample_rate.has_value()},
                                                                 {"--noise-multiplier", p.noise_multiplier.has_value()},
                                                                 {"--steps", p.steps.has_value()},
@@ -105,6 +112,7 @@ add_audit(CLI::App& parent)
   auto ws = std::make_shared<std::optional<fs::path>>();
   auto calc = std::make_shared<PrivacyCalc>();
   auto witnesses = std::make_shared<std::vector<fs::path>>();
+  auto host = std::make_shared<bool>(false);
   auto* app = parent.add_subcommand("audit", "Verify a workspace's ledger, signatures, certificates and model files");
   app->add_option("workspace", *ws, "The workspace folder (required unless --privacy-calc)")->type_name("WS");
   app
@@ -123,7 +131,10 @@ add_audit(CLI::App& parent)
     ->type_name("S");
   app->add_option("--steps", calc->steps, "With --privacy-calc: number of noisy gradient steps")->type_name("T");
   app->add_option("--delta", calc->delta, "With --privacy-calc: the delta of (epsilon, delta)")->type_name("D");
-  return {app, [ws, witnesses, calc] { return dispatch(*ws, *witnesses, *calc); }};
+  app->add_flag("--host", *host,
+                "Report the sandbox layers this host offers and test them: a sandboxed child attempts each forbidden "
+                "action (exit 3 if any is allowed)");
+  return {app, [ws, witnesses, calc, host] { return dispatch(*ws, *witnesses, *calc, *host); }};
 }
 
 } // namespace fedl::cmd

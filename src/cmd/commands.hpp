@@ -35,6 +35,9 @@ Command add_worker(CLI::App& parent);
 Command add_fork_server(CLI::App& parent);
 Command add_serve(CLI::App& parent);
 Command add_join(CLI::App& parent);
+Command add_sandbox_probe(CLI::App& parent);
+// fedl audit --host (host_audit.cpp).
+int audit_host();
 
 // Registers every subcommand on `app`, in the order `fedl --help` lists them.
 std::vector<Command> add_all(CLI::App& app);

@@ -83,6 +83,7 @@ run_join(const JoinOptions& opt)
   s.trainer_idle = opt.trainer_idle;
   // Checked here, at start, rather than by the trainer at the first task.
   const auto sandbox = opt.sandbox.policy("the trainer");
+  s.sandbox = sandbox.level;
   if (opt.fork_server) {
     const auto socket = fs::absolute(*opt.fork_server);
     core::check_socket_path(socket);

@@ -44,6 +44,7 @@ struct ServeOptions
   SecureAggregationFlags secure;
   std::optional<fs::path> eval_data;
   std::optional<double> target_accuracy;
+  std::optional<std::string> require_sandbox;
   std::optional<std::string> metrics;
   std::optional<std::uint64_t> seed;
   double heartbeat = 5;
@@ -143,6 +144,9 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
                   s.min_clients, config.clients.size(), ws.root().string());
   }
   s.target_accuracy = opt.target_accuracy;
+  if (opt.require_sandbox) {
+    s.require_sandbox = core::parse_sandbox_level(*opt.require_sandbox, "--require-sandbox");
+  }
   s.seed = opt.seed.value_or(config.seed);
   s.heartbeat = opt.heartbeat;
   s.dead_after = 4 * opt.heartbeat;
@@ -298,6 +302,11 @@ add_serve(CLI::App& parent)
   add_secure_aggregation_options(*app, opt->secure);
   app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
     ->type_name("PATH");
+  with_choices(
+    app->add_option("--require-sandbox", opt->require_sandbox,
+                    "Refuse updates from sites whose trainer ran with a weaker --sandbox (as each site says)"),
+    {"strict", "auto"})
+    ->type_name("LEVEL");
   app->add_option("--target-accuracy", opt->target_accuracy, "Stop once the evaluated accuracy reaches this")
     ->check(CLI::Range(0.0, 1.0))
     ->type_name("A");

@@ -39,11 +39,20 @@ TEST_CASE("site protocol: every message survives its encoder and decoder")
   with_setup.secure_aggregation = json{{"index", 2}};
   CHECK(Task::from_header(with_setup.to_header()).secure_aggregation == json{{"index", 2}});
 
-  const auto u = Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}}.to_header());
+  const auto u = Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}, SandboxLevel::strict}.to_header());
   CHECK(u.round == 4);
   CHECK(u.task == 77);
   CHECK(u.attempt == 2);
   CHECK(u.metrics == json{{"loss", 0.5}});
+  CHECK(u.sandbox == SandboxLevel::strict);
+  // An older site says nothing of its sandbox; a word other than off, auto or strict is refused.
+  auto no_sandbox = Update{4, 77, 2, json::object(), std::nullopt}.to_header();
+  CHECK_FALSE(no_sandbox.contains("sandbox"));
+  CHECK_FALSE(Update::from_header(no_sandbox).sandbox);
+  no_sandbox["sandbox"] = "very";
+  CHECK_THROWS_AS(Update::from_header(no_sandbox), ProtocolError);
+  no_sandbox["sandbox"] = 2;
+  CHECK_THROWS_AS(Update::from_header(no_sandbox), ProtocolError);
 
   const auto d = Done::from_header(Done{10, "rounds", nullptr}.to_header());
   CHECK(d.rounds == 10);

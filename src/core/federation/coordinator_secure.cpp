@@ -131,6 +131,8 @@ Coordinator::on_secure_input_head(const std::shared_ptr<Peer>& p, const FramePre
     refusal = "a masked input that answers no secure aggregation of this attempt";
   } else if (auto r = m_rounds.check_upload(p->site, input.task, m_rounds.round())) {
     refusal = r->why;
+  } else if (auto weak = m_s.sandbox_refusal(input.sandbox)) {
+    refusal = std::move(weak);
   } else {
     refusal = m_secure->check_input(p->site);
   }

@@ -111,6 +111,11 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
     m_rounds.refuse_upload(p->site, task, round, *refusal);
     return {};
   }
+  if (const auto refusal = m_s.sandbox_refusal(update.sandbox)) {
+    FEDL_LOG_WARN("round {}: update from {} refused: {}", round, p->site, *refusal);
+    m_rounds.upload_lost(p->site, *refusal);
+    return {};
+  }
   p->part = m_ws.state() / "incoming" / fmt::format("round-{:06}-{}.part", m_rounds.round(), p->site);
   p->fd.reset(::open(p->part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (!p->fd) {
@@ -236,7 +241,12 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
     return;
   }
   FEDL_LOG_DEBUG("round {}: update from {} ({} bytes)", m_rounds.round(), p->site, fs::file_size(file, ec));
-  m_rounds.upload_received(p->site, file, bounded_metrics(Update::from_header(header).metrics), std::move(digest));
+  const auto update = Update::from_header(header);
+  auto metrics = bounded_metrics(update.metrics);
+  if (update.sandbox) {
+    metrics["sandbox"] = sandbox_level_name(*update.sandbox); // recorded in the round's ledger entry
+  }
+  m_rounds.upload_received(p->site, file, std::move(metrics), std::move(digest));
 }
 
 void

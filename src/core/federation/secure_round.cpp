@@ -257,6 +257,9 @@ SecureRound::input(const std::string& site, const SecAggInput& m, std::span<cons
     return refusal;
   }
   m_inputs.push_back({{"site", site}, {"sha256", sha}, {"clipped", m.clipped}});
+  if (m.sandbox) {
+    m_inputs.back()["sandbox"] = sandbox_level_name(*m.sandbox);
+  }
   if (m.clip_norm) {
     m_inputs.back()["clip_norm"] = *m.clip_norm;
   }

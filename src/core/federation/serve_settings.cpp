@@ -7,6 +7,17 @@
 
 namespace fedl::core {
 
+std::optional<std::string>
+ServeSettings::sandbox_refusal(std::optional<SandboxLevel> level) const
+{
+  if (!require_sandbox || (level && static_cast<int>(*level) >= static_cast<int>(*require_sandbox))) {
+    return std::nullopt;
+  }
+  return fmt::format("its trainer ran {}, and this coordinator requires --sandbox {} (serve --require-sandbox)",
+                     level ? "with --sandbox " + sandbox_level_name(*level) : std::string("with no sandbox it reports"),
+                     sandbox_level_name(*require_sandbox));
+}
+
 nlohmann::json
 ServeSettings::to_json() const
 {
@@ -33,6 +44,9 @@ ServeSettings::to_json() const
   }
   if (eval_data) {
     j["eval_data"] = eval_data->string();
+  }
+  if (require_sandbox) {
+    j["require_sandbox"] = sandbox_level_name(*require_sandbox);
   }
   if (target_accuracy) {
     j["target_accuracy"] = *target_accuracy;

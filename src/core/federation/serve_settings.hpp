@@ -6,6 +6,7 @@
 #include "core/config/config.hpp"
 #include "core/math/aggregate.hpp"
 #include "core/net/tls.hpp"
+#include "core/sandbox/sandbox.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -46,6 +47,9 @@ struct ServeSettings
   std::optional<std::filesystem::path> eval_data;
   std::optional<double> target_accuracy;
   std::optional<HostPort> metrics;
+  // --require-sandbox: updates from sites whose trainer ran with a weaker --sandbox (as the site
+  // says) are refused, the site dropped from the round.
+  std::optional<SandboxLevel> require_sandbox;
   std::uint64_t seed = 0;
   double heartbeat = 5;   // seconds between heartbeats on a quiet connection
   double dead_after = 20; // a peer silent this long is dropped
@@ -53,6 +57,9 @@ struct ServeSettings
 
   // The effective settings, as the ledger records them.
   nlohmann::json to_json() const;
+  // Why an update from a site that says its trainer ran at `level` (nothing: an older fedl) is
+  // refused under require_sandbox; nothing if it is not.
+  std::optional<std::string> sandbox_refusal(std::optional<SandboxLevel> level) const;
   // With secure aggregation: UsageError (exit 2) saying why for what it cannot go with: a
   // strategy that needs each update, a clip at the coordinator, a quorum below 3 sites, rounds
   // that would ask more than SecureAggregationConfig::max_sites of the `enrolled` sites.

@@ -184,6 +184,7 @@ Site::send_secure_input()
     s.encoded.reset();
     SecAggInput input;
     input.task = s.task;
+    input.sandbox = m_s.sandbox;
     input.range = s.setup.range;
     input.max_samples = s.setup.max_samples;
     // The body: the masked words, little-endian (in place on a little-endian machine).

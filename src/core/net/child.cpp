@@ -51,8 +51,10 @@ above_stdio(int fd)
   return moved;
 }
 
+} // namespace
+
 std::string
-describe_status(int status)
+describe_wait_status(int status)
 {
   if (WIFEXITED(status)) {
     return fmt::format("exited with status {}", WEXITSTATUS(status));
@@ -65,8 +67,6 @@ describe_status(int status)
   }
   return fmt::format("ended with wait status {:#x}", status);
 }
-
-} // namespace
 
 // The one place a child process is started from a program (the other is a fork server's fork,
 // fork_server.cpp be_child): a sandbox for the trainer (namespaces, seccomp, Landlock, or a
@@ -255,7 +255,7 @@ WorkerProcess::exit_description() const
     return std::nullopt;
   }
   // Reaped elsewhere: SIGCHLD set to SIG_IGN reaps children without a status.
-  return m_status ? describe_status(*m_status) : std::string("has ended (its exit status was not kept)");
+  return m_status ? describe_wait_status(*m_status) : std::string("has ended (its exit status was not kept)");
 }
 
 bool

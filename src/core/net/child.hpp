@@ -88,6 +88,9 @@ private:
 // Error if it cannot be started.
 pid_t spawn_process(const std::vector<std::string>& argv, int stdin_fd, int stdout_fd);
 
+// "exited with status N", "was killed by signal 9 (Killed)": a wait status, for messages.
+std::string describe_wait_status(int status);
+
 // The path of the running executable (/proc/self/exe resolved), to start `fedl __worker`.
 // Throws Error if it cannot be read.
 std::filesystem::path self_executable();

@@ -178,6 +178,21 @@ header_uint(const nlohmann::json& header, const char* key, std::uint64_t fallbac
   return it->get<std::uint64_t>();
 }
 
+std::optional<SandboxLevel>
+header_sandbox(const nlohmann::json& header, const char* key)
+{
+  if (!header.contains(key)) {
+    return std::nullopt;
+  }
+  const auto text = header_string(header, key);
+  for (const auto level : {SandboxLevel::off, SandboxLevel::automatic, SandboxLevel::strict}) {
+    if (text == sandbox_level_name(level)) {
+      return level;
+    }
+  }
+  throw ProtocolError(fmt::format("frame header field {} is not off, auto or strict", key));
+}
+
 std::int64_t
 header_int(const nlohmann::json& header, const char* key, std::int64_t fallback)
 {

@@ -16,6 +16,8 @@
 // before it allocates anything for the header or the body, so a claimed size never costs memory.
 #pragma once
 
+#include "core/sandbox/sandbox.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <array>
@@ -109,6 +111,8 @@ std::int64_t header_int(const nlohmann::json& header, const char* key, std::int6
 double header_number(const nlohmann::json& header, const char* key, double fallback);
 std::string header_string(const nlohmann::json& header, const char* key, const std::string& fallback = {});
 bool header_bool(const nlohmann::json& header, const char* key, bool fallback = false);
+// A sandbox level (off, auto, strict), if the field is there.
+std::optional<SandboxLevel> header_sandbox(const nlohmann::json& header, const char* key);
 
 // The prefix and header of a frame, ready to be followed by `body_size` body bytes.
 std::string frame_head(FrameType type, const nlohmann::json& header, std::uint64_t body_size);

@@ -275,6 +275,9 @@ SecAggInput::to_header() const
   if (clip_norm) {
     h["clip_norm"] = *clip_norm;
   }
+  if (sandbox) {
+    h["sandbox"] = sandbox_level_name(*sandbox);
+  }
   return h;
 }
 
@@ -296,6 +299,7 @@ SecAggInput::from_header(const json& h)
     in.clip_norm = header_number(h, "clip_norm", 0);
   }
   in.signature = bounded_string(h, "signature", max_signature_bytes);
+  in.sandbox = header_sandbox(h, "sandbox");
   return in;
 }
 

@@ -112,7 +112,11 @@ Task::from_header(const json& h)
 json
 Update::to_header() const
 {
-  return {{"round", round}, {"task", task}, {"attempt", attempt}, {"metrics", metrics}};
+  json h = {{"round", round}, {"task", task}, {"attempt", attempt}, {"metrics", metrics}};
+  if (sandbox) {
+    h["sandbox"] = sandbox_level_name(*sandbox);
+  }
+  return h;
 }
 
 Update
@@ -125,6 +129,7 @@ Update::from_header(const json& h)
   if (auto metrics = header_object(h, "metrics"); !metrics.is_null()) {
     u.metrics = std::move(metrics);
   }
+  u.sandbox = header_sandbox(h, "sandbox");
   return u;
 }
 

@@ -73,6 +73,7 @@ struct Update
   std::uint64_t task = 0;
   std::uint64_t attempt = 0;
   nlohmann::json metrics = nlohmann::json::object(); // the receiver bounds what it keeps
+  std::optional<SandboxLevel> sandbox;               // how the site confined its trainer
 
   nlohmann::json to_header() const;
   static Update from_header(const nlohmann::json& header);

@@ -27,8 +27,8 @@ namespace {
 // Where each controller of this process lives: its folder in a v1 hierarchy, or the v2 one.
 struct Hierarchies
 {
-  std::map<std::string, fs::path> v1;   // controller -> this process's folder
-  std::optional<fs::path> v2;           // this process's cgroup2 folder
+  std::map<std::string, fs::path> v1;      // controller -> this process's folder
+  std::optional<fs::path> v2;              // this process's cgroup2 folder
   std::vector<std::string> v2_controllers; // what that folder's children may be given
 };
 
@@ -281,7 +281,9 @@ Cgroups::support()
 }
 
 Cgroups::Cgroups(Cgroups&& other) noexcept
-  : m_dirs(std::move(other.m_dirs)), m_memory(std::move(other.m_memory)), m_memory_v2(other.m_memory_v2),
+  : m_dirs(std::move(other.m_dirs)),
+    m_memory(std::move(other.m_memory)),
+    m_memory_v2(other.m_memory_v2),
     m_version(std::move(other.m_version))
 {
   other.m_dirs.clear();

@@ -54,8 +54,8 @@ constexpr std::uint64_t fs_refer = 1ULL << 13;      // ABI 2
 constexpr std::uint64_t fs_truncate = 1ULL << 14;   // ABI 3
 constexpr std::uint64_t fs_ioctl_dev = 1ULL << 15;  // ABI 5
 constexpr std::uint64_t file_rights = fs_execute | fs_write_file | fs_read_file | fs_truncate | fs_ioctl_dev;
-constexpr std::uint64_t net_bind_tcp = 1ULL << 0;       // ABI 4
-constexpr std::uint64_t net_connect_tcp = 1ULL << 1;    // ABI 4
+constexpr std::uint64_t net_bind_tcp = 1ULL << 0;        // ABI 4
+constexpr std::uint64_t net_connect_tcp = 1ULL << 1;     // ABI 4
 constexpr std::uint64_t scope_abstract_unix = 1ULL << 0; // ABI 6
 constexpr std::uint64_t scope_signal = 1ULL << 1;        // ABI 6
 
@@ -163,11 +163,11 @@ namespace {
 const char* const allowed_calls[] = {
   // files (what a path reaches is the mount view's and Landlock's business)
   "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2", "lseek",
-  "close", "close_range", "fstat", "stat", "lstat", "newfstatat", "statx", "fstatfs", "statfs", "access",
-  "faccessat", "faccessat2", "readlink", "readlinkat", "getcwd", "chdir", "fchdir", "getdents64", "open", "openat",
-  "fcntl", "dup", "dup2", "dup3", "flock", "fadvise64", "ftruncate", "fsync", "fdatasync", "rename",
-  "renameat", "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat", "umask", "pipe2", "poll", "ppoll", "select",
-  "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "eventfd2",
+  "close", "close_range", "fstat", "stat", "lstat", "newfstatat", "statx", "fstatfs", "statfs", "access", "faccessat",
+  "faccessat2", "readlink", "readlinkat", "getcwd", "chdir", "fchdir", "getdents64", "open", "openat", "fcntl", "dup",
+  "dup2", "dup3", "flock", "fadvise64", "ftruncate", "fsync", "fdatasync", "rename", "renameat", "renameat2", "unlink",
+  "unlinkat", "mkdir", "mkdirat", "umask", "pipe2", "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl",
+  "epoll_wait", "epoll_pwait", "eventfd2",
   // memory
   "mmap", "munmap", "mprotect", "mremap", "madvise", "brk", "msync", "mincore", "mlock", "munlock", "mbind",
   "set_mempolicy", "get_mempolicy", "membarrier",
@@ -176,11 +176,11 @@ const char* const allowed_calls[] = {
   "sched_getaffinity", "sched_setaffinity", "sched_getparam", "sched_getscheduler", "sched_get_priority_max",
   "sched_get_priority_min", "nanosleep", "clock_nanosleep", "clock_gettime", "clock_getres", "gettimeofday", "time",
   "getpid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups", "getpgrp",
-  "uname", "sysinfo", "getrlimit", "setrlimit", "getrusage", "times", "getrandom", "arch_prctl", "prctl",
-  "sigaltstack", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigtimedwait",
-  "restart_syscall", "exit", "exit_group"};
+  "uname", "sysinfo", "getrlimit", "setrlimit", "getrusage", "times", "getrandom", "arch_prctl", "prctl", "sigaltstack",
+  "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigtimedwait", "restart_syscall", "exit",
+  "exit_group"};
 
-std::array<std::string, 1024> g_denied_lines;    // the log line for each system call number
+std::array<std::string, 1024> g_denied_lines; // the log line for each system call number
 std::array<std::atomic<bool>, 1024> g_denied_seen{};
 
 // SIGSYS from SECCOMP_RET_TRAP: the call did not run; it returns -EPERM, logged once per call.
@@ -274,7 +274,8 @@ apply_seccomp(std::string& why)
       fmt::format("sandbox: denied system call {} ({}): it failed with EPERM", name != nullptr ? name : "?", nr));
     std::free(name); // NOLINT(cppcoreguidelines-no-malloc): libseccomp's allocation
   }
-  struct sigaction sa{};
+  struct sigaction sa
+  {};
   sa.sa_sigaction = on_denied;
   sa.sa_flags = SA_SIGINFO;
   ::sigemptyset(&sa.sa_mask);

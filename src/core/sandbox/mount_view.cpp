@@ -28,10 +28,17 @@ namespace {
 // of a merged /usr), the loader's cache, Debian's alternatives (libblas.so.3 is one), and the
 // CPU topology and description that OpenMP and LibTorch size their thread pools by (cpuinfo,
 // LibTorch's, refuses to start without /proc/cpuinfo).
-const char* const system_paths[] = {"/usr",         "/lib",           "/lib64",
-                                    "/lib32",       "/libx32",        "/bin",
-                                    "/sbin",        "/etc/ld.so.cache", "/etc/alternatives",
-                                    "/sys/devices/system/cpu", "/proc/cpuinfo"};
+const char* const system_paths[] = {"/usr",
+                                    "/lib",
+                                    "/lib64",
+                                    "/lib32",
+                                    "/libx32",
+                                    "/bin",
+                                    "/sbin",
+                                    "/etc/ld.so.cache",
+                                    "/etc/alternatives",
+                                    "/sys/devices/system/cpu",
+                                    "/proc/cpuinfo"};
 const char* const read_devices[] = {"/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"};
 
 // Folders named by /etc/ld.so.conf.d/*.conf (CUDA and vendor libraries are often found there) and
@@ -142,8 +149,7 @@ view_paths(const SandboxPolicy& policy)
   std::vector<ViewPath> out;
   for (auto& v : all) {
     const bool covered = std::any_of(out.begin(), out.end(), [&](const ViewPath& o) {
-      return !o.symlink_to && o.directory && inside(v.path, o.path) &&
-             (v.symlink_to || v.access == o.access);
+      return !o.symlink_to && o.directory && inside(v.path, o.path) && (v.symlink_to || v.access == o.access);
     });
     const bool same = std::any_of(out.begin(), out.end(), [&](const ViewPath& o) { return o.path == v.path; });
     if (!covered && !same) {
@@ -167,7 +173,8 @@ check(int rc, const std::string& what)
 void
 make_mount_point(const fs::path& path, bool directory)
 {
-  struct stat st{};
+  struct stat st
+  {};
   if (::lstat(path.c_str(), &st) == 0) {
     return;
   }
@@ -186,15 +193,15 @@ make_mount_point(const fs::path& path, bool directory)
 unsigned long
 kept_flags(const fs::path& path)
 {
-  struct statvfs s{};
+  struct statvfs s
+  {};
   if (::statvfs(path.c_str(), &s) != 0) {
     return MS_NOSUID | MS_NODEV;
   }
   unsigned long flags = 0;
   const std::pair<unsigned long, unsigned long> map[] = {
-    {ST_RDONLY, MS_RDONLY},   {ST_NOSUID, MS_NOSUID},         {ST_NODEV, MS_NODEV},
-    {ST_NOEXEC, MS_NOEXEC},   {ST_NOATIME, MS_NOATIME},       {ST_NODIRATIME, MS_NODIRATIME},
-    {ST_RELATIME, MS_RELATIME}};
+    {ST_RDONLY, MS_RDONLY},   {ST_NOSUID, MS_NOSUID},         {ST_NODEV, MS_NODEV},      {ST_NOEXEC, MS_NOEXEC},
+    {ST_NOATIME, MS_NOATIME}, {ST_NODIRATIME, MS_NODIRATIME}, {ST_RELATIME, MS_RELATIME}};
   for (const auto& [st, ms] : map) {
     if ((s.f_flag & st) != 0) {
       flags |= ms;
@@ -227,7 +234,8 @@ enter_mount_view(const fs::path& root, const std::vector<ViewPath>& paths, const
     if (v.access == ViewPath::Access::read) {
       flags |= MS_RDONLY;
     }
-    struct stat st{};
+    struct stat st
+    {};
     if (::stat(v.path.c_str(), &st) == 0 && !S_ISCHR(st.st_mode) && !S_ISBLK(st.st_mode)) {
       flags |= MS_NODEV;
     }

@@ -29,6 +29,13 @@ namespace fedl::core {
 
 using namespace sandbox_detail;
 
+namespace {
+
+// Without cgroups, the memory limit's floor is RLIMIT_DATA this much over it (enter_sandbox).
+constexpr std::uint64_t rlimit_data_slack = std::uint64_t{1} << 30;
+
+} // namespace
+
 std::string
 sandbox_level_name(SandboxLevel level)
 {
@@ -80,8 +87,8 @@ parse_memory_size(const std::string& text, const std::string& what)
   }
   const double bytes = value * scale;
   if (used == 0 || !std::isfinite(bytes) || bytes < 16.0 * 1024 * 1024 || bytes > 1e18) {
-    throw UsageError("{} {}: give a size of at least 16M, such as 512M or 2G (K, M, G and T are powers of 1024)",
-                     what, text);
+    throw UsageError("{} {}: give a size of at least 16M, such as 512M or 2G (K, M, G and T are powers of 1024)", what,
+                     text);
   }
   return static_cast<std::uint64_t>(bytes);
 }
@@ -128,8 +135,10 @@ SandboxReport::summary() const
   if (limits.pids) {
     l.push_back(fmt::format("pids {}", *limits.pids));
   }
-  if (!l.empty()) {
-    parts.push_back(fmt::format("{} ({})", cgroup.empty() ? "rlimits" : "cgroup " + cgroup, fmt::join(l, ", ")));
+  if (!cgroup.empty()) {
+    parts.push_back(fmt::format("cgroup {} ({})", cgroup, fmt::join(l, ", ")));
+  } else if (limits.memory_bytes) {
+    parts.push_back("rlimit data " + format_bytes(*limits.memory_bytes + rlimit_data_slack));
   }
   auto text = fmt::format("sandbox {}: {}", sandbox_level_name(level), fmt::join(parts, "; "));
   if (!missing.empty()) {
@@ -140,9 +149,9 @@ SandboxReport::summary() const
 
 namespace {
 
-constexpr std::pair<unsigned long, const char*> namespace_flags[] = {
-  {CLONE_NEWUSER, "user"}, {CLONE_NEWNS, "mount"}, {CLONE_NEWNET, "net"},
-  {CLONE_NEWPID, "pid"},   {CLONE_NEWIPC, "ipc"},  {CLONE_NEWUTS, "uts"}};
+constexpr std::pair<unsigned long, const char*> namespace_flags[] = {{CLONE_NEWUSER, "user"}, {CLONE_NEWNS, "mount"},
+                                                                     {CLONE_NEWNET, "net"},   {CLONE_NEWPID, "pid"},
+                                                                     {CLONE_NEWIPC, "ipc"},   {CLONE_NEWUTS, "uts"}};
 
 // fork(2) with namespaces: the raw system call, as fork() cannot take flags. The caller is
 // single-threaded, so no lock of the C library is held across it.
@@ -171,8 +180,8 @@ write_proc(pid_t pid, const char* file, const std::string& text)
 // after 5 s if it does not: as its PID namespace's init it ignores those it has no handler for),
 // and ends as it did.
 [[noreturn]] void
-wait_and_mirror(pid_t child, const sigset_t& stop_signals, std::optional<Cgroups>& cgroups,
-                const SandboxPolicy& policy, const fs::path& root)
+wait_and_mirror(pid_t child, const sigset_t& stop_signals, std::optional<Cgroups>& cgroups, const SandboxPolicy& policy,
+                const fs::path& root)
 {
   int status = 0;
   std::optional<std::chrono::steady_clock::time_point> kill_at;
@@ -349,8 +358,10 @@ enter_sandbox(const SandboxPolicy& policy)
   const rlimit no_core{0, 0};
   ::setrlimit(RLIMIT_CORE, &no_core);
   if (!cgroups && policy.limits.memory_bytes) {
-    // The floor: private writable memory (RLIMIT_DATA), which counts reservations, not use.
-    const rlimit data{*policy.limits.memory_bytes, *policy.limits.memory_bytes};
+    // The floor: private writable memory (RLIMIT_DATA). It counts what is reserved, not what is
+    // used, and OpenBLAS reserves 128 MiB per thread and spins for ever when that fails: hence 1
+    // GiB over the limit.
+    const rlimit data{*policy.limits.memory_bytes + rlimit_data_slack, *policy.limits.memory_bytes + rlimit_data_slack};
     ::setrlimit(RLIMIT_DATA, &data);
   }
   report.landlock_abi = apply_landlock(paths, why);

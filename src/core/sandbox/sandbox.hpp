@@ -66,9 +66,9 @@ struct SandboxReport
   std::vector<std::string> namespaces; // of user, mount, net, pid, ipc, uts
   int landlock_abi = 0;                // 0: no Landlock
   bool seccomp = false;
-  std::string cgroup;                  // "v2", "v1" or "" (rlimits only)
+  std::string cgroup; // "v2", "v1" or "" (rlimits only)
   SandboxLimits limits;
-  std::vector<std::string> missing;    // "layer: why", for each layer the host did not give
+  std::vector<std::string> missing; // "layer: why", for each layer the host did not give
 
   // Every layer on (what --sandbox strict demands).
   bool complete() const { return missing.empty() && level != SandboxLevel::off; }

@@ -76,6 +76,10 @@ _fedl()
     --seed) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --device) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --threads) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --sandbox) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "strict auto off" -- "$cur")); return; } ;;&
+    --memory-limit) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --cpu-limit) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --pids-limit) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --data) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --labels) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --label-column) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
@@ -102,6 +106,7 @@ _fedl()
     --secagg-neighbours) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --secagg-range) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --eval-data) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --require-sandbox) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "strict auto" -- "$cur")); return; } ;;&
     --target-accuracy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --metrics) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --seed) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -124,6 +129,10 @@ _fedl()
     --min-noise-multiplier) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --device) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --threads) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --sandbox) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -W "strict auto off" -- "$cur")); return; } ;;&
+    --memory-limit) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --cpu-limit) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --pids-limit) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --base) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --out) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --workspace) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
@@ -146,12 +155,12 @@ _fedl()
   case "$cmd" in
     "") words="init train eval serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
     "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --max-epochs --min-noise-multiplier --require-secure-aggregation --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --require-sandbox --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --max-epochs --min-noise-multiplier --require-secure-aggregation --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
-    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --help --json --quiet --verbose --log-format --version" ;;
+    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --host --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))

@@ -181,8 +181,7 @@ run_probe(const ProbeOptions& o)
   };
   try_open("read", "read a file outside its paths (" + o.secret.string() + ")", o.secret, O_RDONLY);
   try_open("shadow", "read /etc/shadow", "/etc/shadow", O_RDONLY);
-  try_open("write", "create a file outside its paths (" + o.write.string() + ")", o.write,
-           O_WRONLY | O_CREAT | O_EXCL);
+  try_open("write", "create a file outside its paths (" + o.write.string() + ")", o.write, O_WRONLY | O_CREAT | O_EXCL);
   try_open("environ", "read /proc/1/environ", "/proc/1/environ", O_RDONLY);
   result_of("ptrace", fmt::format("ptrace its parent (pid {})", o.parent),
             ::ptrace(PTRACE_ATTACH, static_cast<pid_t>(o.parent), nullptr, nullptr), "ptrace");
@@ -333,12 +332,12 @@ run_host_audit()
   core::atomic_write(dir / "secret.txt", "secret\n");
   const auto tcp = listen_loopback(SOCK_STREAM);
   const auto udp = listen_loopback(SOCK_DGRAM);
-  const auto run = run_probe_child({core::self_executable().string(), "--log-format", globals().log_format,
-                                    "__sandbox-probe", "--tcp", std::to_string(tcp.port), "--udp",
-                                    std::to_string(udp.port), "--allowed", (dir / "allowed.txt").string(), "--secret",
-                                    (dir / "secret.txt").string(), "--write", (dir / "written.txt").string(),
-                                    "--parent", std::to_string(::getpid())},
-                                   dir / "probe.log");
+  const auto run =
+    run_probe_child({core::self_executable().string(), "--log-format", globals().log_format, "__sandbox-probe", "--tcp",
+                     std::to_string(tcp.port), "--udp", std::to_string(udp.port), "--allowed",
+                     (dir / "allowed.txt").string(), "--secret", (dir / "secret.txt").string(), "--write",
+                     (dir / "written.txt").string(), "--parent", std::to_string(::getpid())},
+                    dir / "probe.log");
 
   json probes = json::array();
   bool memory_started = false;
@@ -395,11 +394,12 @@ run_host_audit()
   if (memory_started && find("memory") == nullptr) {
     // It ended while allocating: stopped at the limit (or by something else: say what).
     const bool at_limit = run.log.find("memory limit") != std::string::npos;
-    probes.push_back({{"probe", "memory"},
-                      {"what", "allocate twice the memory limit"},
-                      {"result", at_limit ? "denied" : "unknown"},
-                      {"how", at_limit ? fmt::format("stopped at the limit ({})", core::describe_wait_status(run.status))
-                                       : core::describe_wait_status(run.status)}});
+    probes.push_back(
+      {{"probe", "memory"},
+       {"what", "allocate twice the memory limit"},
+       {"result", at_limit ? "denied" : "unknown"},
+       {"how", at_limit ? fmt::format("stopped at the limit ({})", core::describe_wait_status(run.status))
+                        : core::describe_wait_status(run.status)}});
   }
   // Each denied system call the sandbox logged, by name.
   json logged = json::array();
@@ -418,10 +418,10 @@ run_host_audit()
   out["control_read_ok"] = control_ok;
 
   const auto& host = out["host"];
-  std::string text = fmt::format(
-    "host: {}; user namespaces {}; Landlock ABI {}; seccomp {}\n", host["kernel"].get<std::string>(),
-    host["user_namespaces"]["supported"].get<bool>() ? "yes" : "no", host["landlock_abi"].get<long>(),
-    host["seccomp"].get<bool>() ? "yes" : "no");
+  std::string text =
+    fmt::format("host: {}; user namespaces {}; Landlock ABI {}; seccomp {}\n", host["kernel"].get<std::string>(),
+                host["user_namespaces"]["supported"].get<bool>() ? "yes" : "no", host["landlock_abi"].get<long>(),
+                host["seccomp"].get<bool>() ? "yes" : "no");
   for (const auto& [controller, c] : host["cgroup"].items()) {
     text += fmt::format("cgroup {}: {}\n", controller,
                         c["usable"].get<bool>() ? c["version"].get<std::string>()
@@ -432,7 +432,8 @@ run_host_audit()
   for (const auto& b : out.value("backends", json::array())) {
     names.push_back(fmt::format("{} ({})", b["name"].get<std::string>(), fmt::join(b["devices"], ", ")));
   }
-  text += fmt::format("backends, loaded inside the sandbox: {}\n", names.empty() ? "none" : fmt::format("{}", fmt::join(names, "; ")));
+  text += fmt::format("backends, loaded inside the sandbox: {}\n",
+                      names.empty() ? "none" : fmt::format("{}", fmt::join(names, "; ")));
   for (const auto& p : probes) {
     text += fmt::format("  {:<8} {:<56} {}\n", p["result"].get<std::string>(), p["what"].get<std::string>(),
                         p["how"].get<std::string>());

@@ -146,3 +146,14 @@ peak_kib()
 {
   awk '/^VmHWM:/ {print $2}' "/proc/$1/status"
 }
+
+# trainer_of PID: the trainer child of a fedl join.
+trainer_of()
+{
+  # A sandboxed trainer is two processes: the one its site started, which only waits, and its
+  # child (the sandbox's PID 1), which trains.
+  local outer inner
+  outer=$(pgrep -P "$1" | head -1)
+  inner=$(pgrep -P "$outer" 2>/dev/null | head -1)
+  echo "${inner:-$outer}"
+}

@@ -137,6 +137,20 @@ apply_landlock(const std::vector<ViewPath>& paths, std::string& why)
   return static_cast<int>(abi);
 }
 
+std::vector<std::string>
+landlock_rights(int abi)
+{
+  std::vector<std::string> out;
+  const std::pair<int, const char*> by_abi[] = {{1, "files"}, {2, "refer"},        {3, "truncate"},
+                                                {4, "tcp"},   {5, "device ioctl"}, {6, "scopes"}};
+  for (const auto& [since, name] : by_abi) {
+    if (abi >= since) {
+      out.emplace_back(name);
+    }
+  }
+  return out;
+}
+
 void
 drop_privileges()
 {

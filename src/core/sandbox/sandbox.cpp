@@ -109,6 +109,7 @@ SandboxReport::to_json() const
   return {{"level", sandbox_level_name(level)},
           {"namespaces", namespaces},
           {"landlock_abi", landlock_abi},
+          {"landlock_rights", landlock_rights(landlock_abi)},
           {"seccomp", seccomp},
           {"cgroup", cgroup.empty() ? nlohmann::json(nullptr) : nlohmann::json(cgroup)},
           {"limits", limits_json},
@@ -123,7 +124,9 @@ SandboxReport::summary() const
   }
   std::vector<std::string> parts;
   parts.push_back(namespaces.empty() ? "no namespaces" : fmt::format("namespaces {}", fmt::join(namespaces, ",")));
-  parts.push_back(landlock_abi > 0 ? fmt::format("Landlock ABI {}", landlock_abi) : "no Landlock");
+  parts.push_back(landlock_abi > 0
+                    ? fmt::format("Landlock ABI {} ({})", landlock_abi, fmt::join(landlock_rights(landlock_abi), ", "))
+                    : "no Landlock");
   parts.emplace_back(seccomp ? "seccomp" : "no seccomp");
   std::vector<std::string> l;
   if (limits.memory_bytes) {

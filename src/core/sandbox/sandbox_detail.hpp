@@ -42,6 +42,10 @@ void enter_mount_view(const std::filesystem::path& root, const std::vector<ViewP
 // ABI knows, grants `paths` theirs. Returns the ABI enforced, or 0 with `why` if there is none.
 int apply_landlock(const std::vector<ViewPath>& paths, std::string& why);
 
+// The rights Landlock enforces at `abi`, by name ("read/write/exec files", "refer", "truncate",
+// "tcp bind/connect", "device ioctl", "signals and abstract sockets").
+std::vector<std::string> landlock_rights(int abi);
+
 // Drops every capability (bounding, ambient, effective, permitted, inheritable) and sets
 // no-new-privs. Throws Error.
 void drop_privileges();

@@ -191,17 +191,6 @@ test_bad_frames_drop_the_peer_and_the_federation_goes_on()
   [[ -z $(ls -A ws/state/incoming) ]] || fail "files left in ws/state/incoming: $(ls ws/state/incoming)"
 }
 
-# trainer_of PID: the trainer child of a fedl join.
-trainer_of()
-{
-  # A sandboxed trainer is two processes: the one its site started, which only waits, and its
-  # child (the sandbox's PID 1), which trains.
-  local outer inner
-  outer=$(pgrep -P "$1" | head -1)
-  inner=$(pgrep -P "$outer" 2>/dev/null | head -1)
-  echo "${inner:-$outer}"
-}
-
 # pending_round LOG: the round of the last task a site was given, if it has sent no update since.
 pending_round()
 {

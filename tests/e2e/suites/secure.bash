@@ -85,7 +85,7 @@ kill_after_masking()
   wait_for 60 eval "[[ \$(ledger 'len(R)') -ge 1 ]]" || { fail "no round completed"; tail serve.log; return; }
   local held=() t
   for k in 1 2 3 4; do
-    t=$(pgrep -P "${JOIN[site-$k]}" | head -1)
+    t=$(trainer_of "${JOIN[site-$k]}")
     [[ -n $t ]] || { fail "site-$k has no trainer"; return; }
     kill -STOP "$t"
     held+=("$t")
@@ -140,7 +140,7 @@ test_below_the_threshold_the_round_is_retried_with_fresh_keys()
   wait_for 60 eval "[[ \$(ledger 'len(R)') -ge 1 ]]" || { fail "no round completed"; tail serve.log; return; }
   local held=() t
   for k in 1 2; do
-    t=$(pgrep -P "${JOIN[site-$k]}" | head -1)
+    t=$(trainer_of "${JOIN[site-$k]}")
     kill -STOP "$t"
     held+=("$t")
   done

@@ -304,6 +304,120 @@ run_probe_child(const std::vector<std::string>& argv, const fs::path& log)
   return run;
 }
 
+// The probe's findings, with what is checked from outside.
+struct Findings
+{
+  json probes = json::array();
+  bool memory_started = false;
+  bool control_ok = false;
+
+  json* find(const std::string& name)
+  {
+    for (auto& p : probes) {
+      if (p["probe"] == name) {
+        return &p;
+      }
+    }
+    return nullptr;
+  }
+  // What the child said is overruled by what is seen from outside.
+  void overrule(const std::string& name, const std::string& what, const std::string& how)
+  {
+    if (auto* p = find(name)) {
+      (*p)["result"] = "allowed";
+      (*p)["how"] = how;
+    } else {
+      probes.push_back({{"probe", name}, {"what", what}, {"result", "allowed"}, {"how", how}});
+    }
+  }
+};
+
+Findings
+read_findings(const ProbeRun& run, json& out)
+{
+  Findings f;
+  for (const auto& line : run.lines) {
+    if (line.contains("sandbox")) {
+      out["sandbox"] = line["sandbox"];
+      out["sandbox"]["summary"] = line["summary"];
+    } else if (line.contains("backends")) {
+      out["backends"] = line["backends"];
+      out["backend_failures"] = line["backend_failures"];
+    } else if (line.contains("control")) {
+      f.control_ok = line["ok"].get<bool>();
+    } else if (line.contains("memory_start")) {
+      f.memory_started = true;
+    } else if (line.contains("probe")) {
+      f.probes.push_back(line);
+    }
+  }
+  if (!out.contains("sandbox")) {
+    throw core::Error("fedl audit --host: the probe could not start its sandbox ({}): {}",
+                      core::describe_wait_status(run.status), run.log);
+  }
+  return f;
+}
+
+void
+check_from_outside(Findings& f, const ProbeRun& run, const Listener& tcp, const Listener& udp, const fs::path& dir)
+{
+  if (core::UniqueFd c(::accept4(tcp.fd.get(), nullptr, nullptr, SOCK_CLOEXEC)); c) {
+    f.overrule("tcp", "TCP connect to 127.0.0.1", "the listener accepted a connection");
+  }
+  char byte = 0;
+  if (::recv(udp.fd.get(), &byte, 1, MSG_DONTWAIT) == 1) {
+    f.overrule("udp", "UDP datagram to 127.0.0.1", "the datagram arrived");
+  }
+  if (fs::exists(dir / "written.txt")) {
+    f.overrule("write", "create a file outside its paths", "the file exists");
+  }
+  if (WIFEXITED(run.status) && WEXITSTATUS(run.status) == exec_ran_status) {
+    f.overrule("exec", "execve /bin/sh", "the shell ran");
+  }
+  if (f.memory_started && f.find("memory") == nullptr) {
+    // It ended while allocating: stopped at the limit (or by something else: say what).
+    const bool at_limit = run.log.find("memory limit") != std::string::npos;
+    const auto how = core::describe_wait_status(run.status);
+    f.probes.push_back({{"probe", "memory"},
+                        {"what", "allocate twice the memory limit"},
+                        {"result", at_limit ? "denied" : "unknown"},
+                        {"how", at_limit ? fmt::format("stopped at the limit ({})", how) : how}});
+  }
+}
+
+std::string
+host_text(const json& out, std::size_t allowed)
+{
+  const auto& host = out["host"];
+  std::string text =
+    fmt::format("host: {}; user namespaces {}; Landlock ABI {}; seccomp {}\n", host["kernel"].get<std::string>(),
+                host["user_namespaces"]["supported"].get<bool>() ? "yes" : "no", host["landlock_abi"].get<long>(),
+                host["seccomp"].get<bool>() ? "yes" : "no");
+  for (const auto& [controller, c] : host["cgroup"].items()) {
+    text += fmt::format("cgroup {}: {}\n", controller,
+                        c["usable"].get<bool>() ? c["version"].get<std::string>()
+                                                : fmt::format("not usable ({})", c["why"].get<std::string>()));
+  }
+  text += out["sandbox"]["summary"].get<std::string>() + "\n";
+  std::vector<std::string> names;
+  for (const auto& b : out.value("backends", json::array())) {
+    names.push_back(fmt::format("{} ({})", b["name"].get<std::string>(), fmt::join(b["devices"], ", ")));
+  }
+  text += fmt::format("backends, loaded inside the sandbox: {}\n",
+                      names.empty() ? std::string("none") : fmt::format("{}", fmt::join(names, "; ")));
+  for (const auto& p : out["probes"]) {
+    text += fmt::format("  {:<8} {:<56} {}\n", p["result"].get<std::string>(), p["what"].get<std::string>(),
+                        p["how"].get<std::string>());
+  }
+  if (!out["control_read_ok"].get<bool>()) {
+    text += "the probe could not read the one file it was given: its results say nothing\n";
+  }
+  const auto total = out["probes"].size();
+  text += allowed == 0 ? fmt::format("all {} forbidden actions were denied\n", total)
+                       : fmt::format("{} of {} forbidden actions were allowed\n", allowed, total);
+  return text;
+}
+
 int
 run_host_audit()
 {
@@ -338,112 +452,24 @@ run_host_audit()
                      (dir / "allowed.txt").string(), "--secret", (dir / "secret.txt").string(), "--write",
                      (dir / "written.txt").string(), "--parent", std::to_string(::getpid())},
                     dir / "probe.log");
-
-  json probes = json::array();
-  bool memory_started = false;
-  bool control_ok = false;
-  for (const auto& line : run.lines) {
-    if (line.contains("sandbox")) {
-      out["sandbox"] = line["sandbox"];
-      out["sandbox"]["summary"] = line["summary"];
-    } else if (line.contains("backends")) {
-      out["backends"] = line["backends"];
-      out["backend_failures"] = line["backend_failures"];
-    } else if (line.contains("control")) {
-      control_ok = line["ok"].get<bool>();
-    } else if (line.contains("memory_start")) {
-      memory_started = true;
-    } else if (line.contains("probe")) {
-      probes.push_back(line);
-    }
-  }
-  if (!out.contains("sandbox")) {
-    throw core::Error("fedl audit --host: the probe could not start its sandbox ({}): {}",
-                      core::describe_wait_status(run.status), run.log);
-  }
-  const auto find = [&](const std::string& name) -> json* {
-    for (auto& p : probes) {
-      if (p["probe"] == name) {
-        return &p;
-      }
-    }
-    return nullptr;
-  };
-  // What the child claims is checked from outside where it can be.
-  const auto overrule = [&](const std::string& name, const std::string& what, const std::string& how) {
-    if (auto* p = find(name)) {
-      (*p)["result"] = "allowed";
-      (*p)["how"] = how;
-    } else {
-      probes.push_back({{"probe", name}, {"what", what}, {"result", "allowed"}, {"how", how}});
-    }
-  };
-  if (core::UniqueFd c(::accept4(tcp.fd.get(), nullptr, nullptr, SOCK_CLOEXEC)); c) {
-    overrule("tcp", "TCP connect to 127.0.0.1", "the listener accepted a connection");
-  }
-  char byte = 0;
-  if (::recv(udp.fd.get(), &byte, 1, MSG_DONTWAIT) == 1) {
-    overrule("udp", "UDP datagram to 127.0.0.1", "the datagram arrived");
-  }
-  if (fs::exists(dir / "written.txt")) {
-    overrule("write", "create a file outside its paths", "the file exists");
-  }
-  if (WIFEXITED(run.status) && WEXITSTATUS(run.status) == exec_ran_status) {
-    overrule("exec", "execve /bin/sh", "the shell ran");
-  }
-  if (memory_started && find("memory") == nullptr) {
-    // It ended while allocating: stopped at the limit (or by something else: say what).
-    const bool at_limit = run.log.find("memory limit") != std::string::npos;
-    probes.push_back(
-      {{"probe", "memory"},
-       {"what", "allocate twice the memory limit"},
-       {"result", at_limit ? "denied" : "unknown"},
-       {"how", at_limit ? fmt::format("stopped at the limit ({})", core::describe_wait_status(run.status))
-                        : core::describe_wait_status(run.status)}});
-  }
+  auto findings = read_findings(run, out);
+  check_from_outside(findings, run, tcp, udp, dir);
   // Each denied system call the sandbox logged, by name.
   json logged = json::array();
-  for (std::size_t at = run.log.find("denied system call "); at != std::string::npos;
-       at = run.log.find("denied system call ", at + 1)) {
-    const auto start = at + std::strlen("denied system call ");
+  constexpr std::string_view marker = "denied system call ";
+  for (auto at = run.log.find(marker); at != std::string::npos; at = run.log.find(marker, at + 1)) {
+    const auto start = at + marker.size();
     logged.push_back(run.log.substr(start, run.log.find(' ', start) - start));
   }
   out["logged_denials"] = logged;
-  out["probes"] = probes;
+  out["probes"] = findings.probes;
   std::size_t allowed = 0;
-  for (const auto& p : probes) {
+  for (const auto& p : findings.probes) {
     allowed += p["result"] != "denied" ? 1 : 0;
   }
-  out["all_denied"] = allowed == 0 && control_ok;
-  out["control_read_ok"] = control_ok;
-
-  const auto& host = out["host"];
-  std::string text =
-    fmt::format("host: {}; user namespaces {}; Landlock ABI {}; seccomp {}\n", host["kernel"].get<std::string>(),
-                host["user_namespaces"]["supported"].get<bool>() ? "yes" : "no", host["landlock_abi"].get<long>(),
-                host["seccomp"].get<bool>() ? "yes" : "no");
-  for (const auto& [controller, c] : host["cgroup"].items()) {
-    text += fmt::format("cgroup {}: {}\n", controller,
-                        c["usable"].get<bool>() ? c["version"].get<std::string>()
-                                                : fmt::format("not usable ({})", c["why"].get<std::string>()));
-  }
-  text += out["sandbox"]["summary"].get<std::string>() + "\n";
-  std::vector<std::string> names;
-  for (const auto& b : out.value("backends", json::array())) {
-    names.push_back(fmt::format("{} ({})", b["name"].get<std::string>(), fmt::join(b["devices"], ", ")));
-  }
-  text += fmt::format("backends, loaded inside the sandbox: {}\n",
-                      names.empty() ? "none" : fmt::format("{}", fmt::join(names, "; ")));
-  for (const auto& p : probes) {
-    text += fmt::format("  {:<8} {:<56} {}\n", p["result"].get<std::string>(), p["what"].get<std::string>(),
-                        p["how"].get<std::string>());
-  }
-  if (!control_ok) {
-    text += "the probe could not read the one file it was given: its results say nothing\n";
-  }
-  text += allowed == 0 ? fmt::format("all {} forbidden actions were denied\n", probes.size())
-                       : fmt::format("{} of {} forbidden actions were allowed\n", allowed, probes.size());
-  print_result(out, text);
+  out["all_denied"] = allowed == 0 && findings.control_ok;
+  out["control_read_ok"] = findings.control_ok;
+  print_result(out, host_text(out, allowed));
   return out["all_denied"].get<bool>() ? 0 : static_cast<int>(core::ExitCode::verify);
 }
 

@@ -37,6 +37,25 @@ struct TrainOptions
   SandboxFlags sandbox;
 };
 
+// Its inputs readable, the folders of its outputs writable, nothing else.
+void
+enter_train_sandbox(const TrainOptions& opt)
+{
+  auto policy = opt.sandbox.policy("fedl train");
+  policy.read = core::dataset_files(opt.data.to_options());
+  for (const auto& f : {opt.model.model, opt.model.torchscript}) {
+    if (f) {
+      policy.read.push_back(*f);
+    }
+  }
+  for (const auto& f : {opt.out, opt.save_model}) {
+    if (f) {
+      policy.write.push_back(std::filesystem::absolute(*f).parent_path());
+    }
+  }
+  enter_trainer_sandbox(std::move(policy));
+}
+
 int
 run_train(TrainOptions opt)
 {
@@ -54,19 +73,7 @@ run_train(TrainOptions opt)
   if (opt.identity) {
     identity = core::read_identity(*opt.identity / "client.crt", *opt.identity / "client.key");
   }
-  auto policy = opt.sandbox.policy("fedl train");
-  policy.read = core::dataset_files(opt.data.to_options());
-  for (const auto& f : {opt.model.model, opt.model.torchscript}) {
-    if (f) {
-      policy.read.push_back(*f);
-    }
-  }
-  for (const auto& f : {opt.out, opt.save_model}) {
-    if (f) {
-      policy.write.push_back(std::filesystem::absolute(*f).parent_path());
-    }
-  }
-  enter_trainer_sandbox(std::move(policy));
+  enter_train_sandbox(opt);
   const double started = uptime_seconds();
   const auto data = core::load_dataset(opt.data.to_options());
   FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), data.size(), data.shape_string());

@@ -225,98 +225,101 @@ wait_and_mirror(pid_t child, const sigset_t& stop_signals, std::optional<Cgroups
 
 } // namespace
 
-SandboxReport
-enter_sandbox(const SandboxPolicy& policy)
+namespace {
+
+// enter_sandbox's steps, in order: prepare (paths, cgroups, the new root's mount point), launch
+// (clone into the namespaces), then parent() in the parent and confine() in the child.
+class Entry
 {
-  SandboxReport report;
-  report.level = policy.level;
-  report.limits = policy.limits;
-  if (policy.level == SandboxLevel::off) {
-    return report;
+public:
+  explicit Entry(const SandboxPolicy& policy) : m_policy(policy)
+  {
+    m_report.level = policy.level;
+    m_report.limits = policy.limits;
   }
-  const auto lacking = [&](const std::string& why) {
-    if (policy.level == SandboxLevel::strict) {
-      throw Error("--sandbox strict: {}; fix the host, or run with --sandbox auto to go on without it", why);
+
+  void prepare()
+  {
+    m_paths = view_paths(m_policy);
+    std::error_code ec;
+    m_cwd = fs::current_path(ec);
+    std::string why;
+    if (auto made = Cgroups::make(m_policy.limits, why)) {
+      m_cgroups.emplace(std::move(*made));
+      m_report.cgroup = m_cgroups->version();
+    } else {
+      lacking("cgroup limits: " + why);
     }
-    report.missing.push_back(why);
-  };
-
-  const auto paths = view_paths(policy);
-  std::error_code ec;
-  const auto cwd = fs::current_path(ec);
-  std::string why;
-  auto cgroups = Cgroups::make(policy.limits, why);
-  if (cgroups) {
-    report.cgroup = cgroups->version();
-  } else {
-    lacking("cgroup limits: " + why);
+    // The new root's mount point: in the host's view an empty folder, removed at the end.
+    remove_stale_folders(fs::temp_directory_path());
+    auto root = (fs::temp_directory_path() / fmt::format("fedl-sandbox-{}-XXXXXX", ::getpid())).string();
+    if (::mkdtemp(root.data()) == nullptr) {
+      throw Error("sandbox: cannot make a folder in {}: {}", fs::temp_directory_path().string(), std::strerror(errno));
+    }
+    m_root = root;
   }
-  // The new root's mount point, in the host's view an empty folder removed at the end.
-  remove_stale_folders(fs::temp_directory_path());
-  auto root_template = (fs::temp_directory_path() / fmt::format("fedl-sandbox-{}-XXXXXX", ::getpid())).string();
-  if (::mkdtemp(root_template.data()) == nullptr) {
-    throw Error("sandbox: cannot make a folder in {}: {}", fs::temp_directory_path().string(), std::strerror(errno));
-  }
-  const fs::path root = root_template;
-
-  int go[2] = {-1, -1};
-  if (::pipe2(go, O_CLOEXEC) != 0) {
-    ::rmdir(root.c_str());
-    throw Error("sandbox: cannot make a pipe: {}", std::strerror(errno));
-  }
-  sigset_t stop_signals;
-  ::sigemptyset(&stop_signals);
-  for (const int s : {SIGCHLD, SIGINT, SIGTERM, SIGHUP, SIGQUIT}) {
-    ::sigaddset(&stop_signals, s);
-  }
-  sigset_t old_mask;
-  ::sigprocmask(SIG_BLOCK, &stop_signals, &old_mask);
 
   // All namespaces; without a user namespace where the host refuses one (a chroot, a sysctl) but
-  // this process may make the others itself (root); else none.
-  unsigned long flags = 0;
-  for (const auto& [flag, name] : namespace_flags) {
-    flags |= flag;
-  }
-  pid_t pid = clone_with(flags);
-  std::string clone_error;
-  if (pid < 0) {
-    clone_error = std::strerror(errno);
-    flags &= ~static_cast<unsigned long>(CLONE_NEWUSER);
-    pid = clone_with(flags);
-  }
-  if (pid < 0) {
-    flags = 0;
-    pid = clone_with(0);
-  }
-  if (pid < 0) {
-    const int saved = errno;
-    ::sigprocmask(SIG_SETMASK, &old_mask, nullptr);
-    ::rmdir(root.c_str());
-    throw Error("sandbox: cannot start the sandboxed process: {}", std::strerror(saved));
+  // this process may make the others itself (root); else none. Returns the pid, as fork() does.
+  pid_t launch()
+  {
+    int go[2] = {-1, -1};
+    if (::pipe2(go, O_CLOEXEC) != 0) {
+      ::rmdir(m_root.c_str());
+      throw Error("sandbox: cannot make a pipe: {}", std::strerror(errno));
+    }
+    m_go_read.reset(go[0]);
+    m_go_write.reset(go[1]);
+    ::sigemptyset(&m_stop_signals);
+    for (const int s : {SIGCHLD, SIGINT, SIGTERM, SIGHUP, SIGQUIT}) {
+      ::sigaddset(&m_stop_signals, s);
+    }
+    ::sigprocmask(SIG_BLOCK, &m_stop_signals, &m_old_mask);
+    for (const auto& [flag, name] : namespace_flags) {
+      m_flags |= flag;
+    }
+    pid_t pid = clone_with(m_flags);
+    if (pid < 0) {
+      m_clone_error = std::strerror(errno);
+      m_flags &= ~static_cast<unsigned long>(CLONE_NEWUSER);
+      pid = clone_with(m_flags);
+    }
+    if (pid < 0) {
+      m_flags = 0;
+      pid = clone_with(0);
+    }
+    if (pid < 0) {
+      const int saved = errno;
+      ::sigprocmask(SIG_SETMASK, &m_old_mask, nullptr);
+      ::rmdir(m_root.c_str());
+      throw Error("sandbox: cannot start the sandboxed process: {}", std::strerror(saved));
+    }
+    return pid;
   }
 
-  if (pid > 0) {
-    ::close(go[0]);
+  // Maps the child's user, puts it in its cgroups, lets it go, and waits for it.
+  [[noreturn]] void parent(pid_t child)
+  {
+    m_go_read.reset();
     try {
-      if ((flags & CLONE_NEWUSER) != 0) {
-        write_proc(pid, "setgroups", "deny");
-        write_proc(pid, "uid_map", fmt::format("{0} {0} 1\n", ::geteuid()));
-        write_proc(pid, "gid_map", fmt::format("{0} {0} 1\n", ::getegid()));
+      if ((m_flags & CLONE_NEWUSER) != 0) {
+        write_proc(child, "setgroups", "deny");
+        write_proc(child, "uid_map", fmt::format("{0} {0} 1\n", ::geteuid()));
+        write_proc(child, "gid_map", fmt::format("{0} {0} 1\n", ::getegid()));
       }
-      if (cgroups) {
-        cgroups->add(pid);
+      if (m_cgroups) {
+        m_cgroups->add(child);
       }
-    } catch (const Error& e) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-      ::rmdir(root.c_str());
+    } catch (const Error&) {
+      ::kill(child, SIGKILL);
+      ::waitpid(child, nullptr, 0);
+      ::rmdir(m_root.c_str());
       throw;
     }
-    if (::write(go[1], "1", 1) != 1) {
-      ::kill(pid, SIGKILL);
+    if (::write(m_go_write.get(), "1", 1) != 1) {
+      ::kill(child, SIGKILL);
     }
-    ::close(go[1]);
+    m_go_write.reset();
     // The child alone holds the pipes it talks on: their reader sees the end when it ends.
     const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
     if (null >= 0) {
@@ -324,58 +327,110 @@ enter_sandbox(const SandboxPolicy& policy)
       ::dup2(null, STDOUT_FILENO);
     }
     ::close_range(STDERR_FILENO + 1, ~0U, 0);
-    wait_and_mirror(pid, stop_signals, cgroups, policy, root);
+    wait_and_mirror(child, m_stop_signals, m_cgroups, m_policy, m_root);
   }
 
-  // The child: nothing of it runs until the parent has mapped its user and put it in its cgroups.
-  ::sigprocmask(SIG_SETMASK, &old_mask, nullptr);
-  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-  ::close(go[1]);
-  char byte = 0;
-  if (::read(go[0], &byte, 1) != 1) {
-    ::_exit(static_cast<int>(ExitCode::failure)); // the parent is gone
+  // The child: nothing of it runs until the parent has mapped its user and put it in its
+  // cgroups; then each layer, the namespaces' first.
+  SandboxReport confine()
+  {
+    ::sigprocmask(SIG_SETMASK, &m_old_mask, nullptr);
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    m_go_write.reset();
+    char byte = 0;
+    if (::read(m_go_read.get(), &byte, 1) != 1) {
+      ::_exit(static_cast<int>(ExitCode::failure)); // the parent is gone
+    }
+    m_go_read.reset();
+    if (m_cgroups) {
+      m_cgroups->forget(); // the parent removes them
+    }
+    for (const auto& [flag, name] : namespace_flags) {
+      if ((m_flags & flag) != 0) {
+        m_report.namespaces.emplace_back(name);
+      } else {
+        lacking(fmt::format("{} namespace: {}", name,
+                            m_clone_error.empty() ? std::string("not offered") : "clone: " + m_clone_error));
+      }
+    }
+    if ((m_flags & CLONE_NEWUTS) != 0) {
+      (void)::sethostname("fedl-sandbox", 12);
+    }
+    if ((m_flags & CLONE_NEWNS) != 0) {
+      try {
+        enter_mount_view(m_root, m_paths, m_cwd);
+      } catch (const std::exception& e) {
+        lacking(fmt::format("mount view: {}", e.what()));
+      }
+    }
+    drop_privileges();
+    set_rlimits();
+    std::string why;
+    m_report.landlock_abi = apply_landlock(m_paths, why);
+    if (m_report.landlock_abi == 0) {
+      lacking(why);
+    }
+    m_report.seccomp = apply_seccomp(why);
+    if (!m_report.seccomp) {
+      lacking(why);
+    }
+    return m_report;
   }
-  ::close(go[0]);
-  if (cgroups) {
-    cgroups->forget(); // the parent removes them
+
+private:
+  void lacking(const std::string& why)
+  {
+    if (m_policy.level == SandboxLevel::strict) {
+      throw Error("--sandbox strict: {}; fix the host, or run with --sandbox auto to go on without it", why);
+    }
+    m_report.missing.push_back(why);
   }
-  for (const auto& [flag, name] : namespace_flags) {
-    if ((flags & flag) != 0) {
-      report.namespaces.emplace_back(name);
-    } else {
-      lacking(fmt::format("{} namespace: {}", name,
-                          clone_error.empty() ? std::string("not offered") : "clone: " + clone_error));
+
+  void set_rlimits() const
+  {
+    const rlimit no_core{0, 0};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    if (!m_cgroups && m_policy.limits.memory_bytes) {
+      // The floor: private writable memory (RLIMIT_DATA). It counts what is reserved, not what
+      // is used, and OpenBLAS reserves 128 MiB per thread and spins for ever when that fails:
+      // hence 1 GiB over the limit.
+      const auto bytes = *m_policy.limits.memory_bytes + rlimit_data_slack;
+      const rlimit data{bytes, bytes};
+      ::setrlimit(RLIMIT_DATA, &data);
     }
   }
-  if ((flags & CLONE_NEWUTS) != 0) {
-    (void)::sethostname("fedl-sandbox", 12);
+
+  const SandboxPolicy& m_policy;
+  SandboxReport m_report;
+  std::vector<ViewPath> m_paths;
+  fs::path m_cwd;
+  std::optional<Cgroups> m_cgroups;
+  fs::path m_root;
+  UniqueFd m_go_read;
+  UniqueFd m_go_write;
+  sigset_t m_stop_signals{};
+  sigset_t m_old_mask{};
+  unsigned long m_flags = 0;
+  std::string m_clone_error;
+};
+
+} // namespace
+
+SandboxReport
+enter_sandbox(const SandboxPolicy& policy)
+{
+  if (policy.level == SandboxLevel::off) {
+    SandboxReport report;
+    report.limits = policy.limits;
+    return report;
   }
-  if ((flags & CLONE_NEWNS) != 0) {
-    try {
-      enter_mount_view(root, paths, cwd);
-    } catch (const std::exception& e) {
-      lacking(fmt::format("mount view: {}", e.what()));
-    }
+  Entry entry(policy);
+  entry.prepare();
+  const pid_t pid = entry.launch();
+  if (pid > 0) {
+    entry.parent(pid);
   }
-  drop_privileges();
-  const rlimit no_core{0, 0};
-  ::setrlimit(RLIMIT_CORE, &no_core);
-  if (!cgroups && policy.limits.memory_bytes) {
-    // The floor: private writable memory (RLIMIT_DATA). It counts what is reserved, not what is
-    // used, and OpenBLAS reserves 128 MiB per thread and spins for ever when that fails: hence 1
-    // GiB over the limit.
-    const rlimit data{*policy.limits.memory_bytes + rlimit_data_slack, *policy.limits.memory_bytes + rlimit_data_slack};
-    ::setrlimit(RLIMIT_DATA, &data);
-  }
-  report.landlock_abi = apply_landlock(paths, why);
-  if (report.landlock_abi == 0) {
-    lacking(why);
-  }
-  report.seccomp = apply_seccomp(why);
-  if (!report.seccomp) {
-    lacking(why);
-  }
-  return report;
+  return entry.confine();
 }
 
 nlohmann::json

@@ -112,6 +112,26 @@ add(std::vector<ViewPath>& out, const fs::path& given, ViewPath::Access access)
   out.push_back({real, access, fs::is_directory(real, ec), std::nullopt});
 }
 
+// A sanitizer build (make asan, make tsan) writes its reports to the folder of log_path in
+// ASAN_OPTIONS, TSAN_OPTIONS or UBSAN_OPTIONS: a sandboxed process may write there too.
+std::vector<fs::path>
+sanitizer_log_folders()
+{
+  std::vector<fs::path> out;
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  for (const char* name : {"ASAN_OPTIONS", "TSAN_OPTIONS", "UBSAN_OPTIONS"}) {
+    const char* options = std::getenv(name);
+    const std::string_view text = options != nullptr ? options : "";
+    const auto at = text.find("log_path=");
+    if (at != std::string_view::npos) {
+      const auto value = text.substr(at + 9, text.find(':', at) - at - 9);
+      out.push_back(fs::path(value).parent_path());
+    }
+  }
+#endif
+  return out;
+}
+
 } // namespace
 
 std::vector<ViewPath>
@@ -128,6 +148,9 @@ view_paths(const SandboxPolicy& policy)
     add(all, p, ViewPath::Access::read);
   }
   for (const auto& p : policy.write) {
+    add(all, p, ViewPath::Access::write);
+  }
+  for (const auto& p : sanitizer_log_folders()) {
     add(all, p, ViewPath::Access::write);
   }
   add(all, "/dev/null", ViewPath::Access::device);

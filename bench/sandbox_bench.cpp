@@ -32,10 +32,11 @@ one_start(const fedl::core::SandboxPolicy* policy)
   const pid_t pid = ::fork();
   if (pid == 0) {
     ::close(ready[0]);
+    ::dup2(ready[1], STDOUT_FILENO); // the sandbox keeps descriptors 0 to 2 only
     if (policy != nullptr) {
       (void)fedl::core::enter_sandbox(*policy); // the parent half never returns
     }
-    (void)!::write(ready[1], "1", 1);
+    (void)!::write(STDOUT_FILENO, "1", 1);
     ::_exit(0);
   }
   ::close(ready[1]);

@@ -14,7 +14,11 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <cerrno>
 #include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <map>
 #include <thread>
 #include <unistd.h>
 
@@ -37,23 +41,62 @@ struct TrainOptions
   SandboxFlags sandbox;
 };
 
-// Its inputs readable, the folders of its outputs writable, nothing else.
-void
+// Where train writes its outputs: their places, or under the sandbox, files in staging folders
+// beside them that the sandbox's parent moves into place once training has succeeded.
+struct OutputPaths
+{
+  std::optional<std::filesystem::path> out;
+  std::optional<std::filesystem::path> save_model;
+};
+
+// Its inputs readable; its outputs written in staging folders of their own, nothing else.
+OutputPaths
 enter_train_sandbox(const TrainOptions& opt)
 {
   auto policy = opt.sandbox.policy("fedl train");
+  OutputPaths paths{opt.out, opt.save_model};
+  if (policy.level == core::SandboxLevel::off) {
+    enter_trainer_sandbox(std::move(policy));
+    return paths;
+  }
   policy.read = core::dataset_files(opt.data.to_options());
   for (const auto& f : {opt.model.model, opt.model.torchscript}) {
     if (f) {
       policy.read.push_back(*f);
     }
   }
-  for (const auto& f : {opt.out, opt.save_model}) {
-    if (f) {
-      policy.write.push_back(std::filesystem::absolute(*f).parent_path());
+  std::map<std::filesystem::path, std::filesystem::path> staging_of; // output folder -> staging folder
+  for (auto* path : {&paths.out, &paths.save_model}) {
+    if (!*path) {
+      continue;
     }
+    const auto final_path = std::filesystem::absolute(**path);
+    const auto folder = final_path.parent_path();
+    auto& staging = staging_of[folder];
+    if (staging.empty()) {
+      auto name = (folder / ".fedl-train-XXXXXX").string();
+      if (::mkdtemp(name.data()) == nullptr) {
+        throw core::Error("cannot make a staging folder in {} for {}: {}", folder.string(), path->value().string(),
+                          std::strerror(errno));
+      }
+      staging = name;
+      policy.write.push_back(staging);
+      policy.staging.push_back(staging);
+    }
+    const auto staged = staging / final_path.filename();
+    policy.publish.emplace_back(staged, final_path);
+    *path = staged;
   }
-  enter_trainer_sandbox(std::move(policy));
+  try {
+    enter_trainer_sandbox(policy);
+  } catch (...) {
+    for (const auto& dir : policy.staging) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+    throw;
+  }
+  return paths;
 }
 
 int
@@ -73,7 +116,7 @@ run_train(TrainOptions opt)
   if (opt.identity) {
     identity = core::read_identity(*opt.identity / "client.crt", *opt.identity / "client.key");
   }
-  enter_train_sandbox(opt);
+  const auto write_to = enter_train_sandbox(opt);
   const double started = uptime_seconds();
   const auto data = core::load_dataset(opt.data.to_options());
   FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), data.size(), data.shape_string());
@@ -128,7 +171,7 @@ run_train(TrainOptions opt)
                         dp->epsilon, dp->delta, dp->sample_rate, dp->noise_multiplier, dp->max_grad_norm, dp->steps);
   }
   if (opt.save_model) {
-    core::write_safetensors(*opt.save_model, m.model.weights(), model_metadata(m, "model"));
+    core::write_safetensors(*write_to.save_model, m.model.weights(), model_metadata(m, "model"));
     j["model"] = opt.save_model->string();
     text += fmt::format("model: {}\n", opt.save_model->string());
   }
@@ -139,7 +182,7 @@ run_train(TrainOptions opt)
     if (identity) {
       j["site"] = core::sign_update(views, meta, *identity);
     }
-    core::write_safetensors(*opt.out, views, meta);
+    core::write_safetensors(*write_to.out, views, meta);
     j["update"] = opt.out->string();
     j["base_sha256"] = base->sha256;
     text += fmt::format("update: {} (base {})\n", opt.out->string(), base->sha256);

@@ -29,6 +29,7 @@ struct Hierarchies
 {
   std::map<std::string, fs::path> v1;      // controller -> this process's folder
   std::optional<fs::path> v2;              // this process's cgroup2 folder
+  fs::path v2_mount;                       // the cgroup2 mount point (the root cgroup)
   std::vector<std::string> v2_controllers; // what that folder's children may be given
 };
 
@@ -96,6 +97,7 @@ find_hierarchies()
     if (type == "cgroup2" && !h.v2 && path_of.count("") != 0) {
       if (auto dir = within(path_of[""])) {
         h.v2 = *dir;
+        h.v2_mount = point;
         h.v2_controllers = split(read_text(*dir / "cgroup.controllers"), ' ');
         for (auto& c : h.v2_controllers) {
           c.erase(c.find_last_not_of(" \n") + 1);
@@ -194,7 +196,15 @@ Cgroups::make(const SandboxLimits& limits, std::string& why)
       const auto controllers = split(read_text(*h.v2 / "cgroup.subtree_control"), ' ');
       for (const auto& c : v2_use) {
         if (std::find(controllers.begin(), controllers.end(), c) == controllers.end()) {
-          write_file(*h.v2 / "cgroup.subtree_control", "+" + c);
+          try {
+            write_file(*h.v2 / "cgroup.subtree_control", "+" + c);
+          } catch (const Error& e) {
+            // cgroup v2 lets a cgroup that holds processes (this one holds fedl) hand controllers
+            // to children only at the root: the host must delegate a cgroup of fedl's own.
+            throw Error("{} (run fedl in a cgroup delegated to it, such as systemd-run --user --scope -p "
+                        "Delegate=yes, whose controllers are enabled for its children)",
+                        e.what());
+          }
         }
       }
       if (::mkdir(dir.c_str(), 0755) != 0) {
@@ -269,12 +279,27 @@ Cgroups::support()
     const auto dir = v2 ? *h.v2 : v1 != h.v1.end() ? v1->second : fs::path();
     if (dir.empty()) {
       out[c] = {{"version", nullptr}, {"usable", false}, {"why", "no hierarchy of this process has it"}};
-    } else {
-      const bool usable = ::access(dir.c_str(), W_OK) == 0;
-      out[c] = {{"version", v2 ? "v2" : "v1"}, {"folder", dir.string()}, {"usable", usable}};
-      if (!usable) {
-        out[c]["why"] = fmt::format("{} is not writable by this user (not delegated)", dir.string());
+      continue;
+    }
+    std::string why;
+    if (::access(dir.c_str(), W_OK) != 0) {
+      why = fmt::format("{} is not writable by this user (not delegated)", dir.string());
+    } else if (v2 && dir != h.v2_mount) {
+      // Children get the controller only if it is on in subtree_control, which a cgroup that
+      // holds processes (this one holds fedl) cannot turn on, but at the root.
+      auto on = split(read_text(dir / "cgroup.subtree_control"), ' ');
+      for (auto& w : on) {
+        w.erase(w.find_last_not_of(" \n") + 1);
       }
+      if (std::find(on.begin(), on.end(), c) == on.end()) {
+        why = fmt::format("{} does not hand {} to its children (cgroup.subtree_control) and holds fedl: run fedl in "
+                          "a cgroup delegated to it",
+                          dir.string(), c);
+      }
+    }
+    out[c] = {{"version", v2 ? "v2" : "v1"}, {"folder", dir.string()}, {"usable", why.empty()}};
+    if (!why.empty()) {
+      out[c]["why"] = why;
     }
   }
   return out;

@@ -260,6 +260,15 @@ apply_seccomp(std::string& why)
     rc = ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOTTY), SCMP_SYS(ioctl), 1,
                             SCMP_A1_32(SCMP_CMP_MASKED_EQ, 0xFF00, 0x5400));
   }
+  // fcntl, but not F_SETOWN, F_SETSIG, F_SETLEASE or F_NOTIFY, which make the kernel signal a
+  // process of its choosing.
+  for (const int cmd : {F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_GETLK, F_SETLK, F_SETLKW,
+                        F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_GETPIPE_SZ, F_SETPIPE_SZ, F_ADD_SEALS, F_GET_SEALS}) {
+    if (rc == 0) {
+      rc = ::seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(fcntl), 1,
+                              SCMP_A1_32(SCMP_CMP_EQ, static_cast<scmp_datum_t>(cmd)));
+    }
+  }
   // Unix sockets fail too, without a log line: glibc's NSS tries nscd's through one whenever a
   // library looks a user up (glog does, as LibTorch loads).
   if (rc == 0) {

@@ -39,7 +39,7 @@ const char* const system_paths[] = {"/usr",
                                     "/etc/alternatives",
                                     "/sys/devices/system/cpu",
                                     "/proc/cpuinfo"};
-const char* const read_devices[] = {"/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"};
+const char* const devices[] = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"};
 
 // Folders named by /etc/ld.so.conf.d/*.conf (CUDA and vendor libraries are often found there) and
 // by LD_LIBRARY_PATH.
@@ -153,9 +153,8 @@ view_paths(const SandboxPolicy& policy)
   for (const auto& p : sanitizer_log_folders()) {
     add(all, p, ViewPath::Access::write);
   }
-  add(all, "/dev/null", ViewPath::Access::device);
-  for (const char* p : read_devices) {
-    add(all, p, ViewPath::Access::read);
+  for (const char* p : devices) {
+    add(all, p, ViewPath::Access::device);
   }
   // GPUs: NVIDIA's device nodes and the DRM render nodes, for the backends that drive them.
   std::error_code ec;
@@ -174,8 +173,13 @@ view_paths(const SandboxPolicy& policy)
     const bool covered = std::any_of(out.begin(), out.end(), [&](const ViewPath& o) {
       return !o.symlink_to && o.directory && inside(v.path, o.path) && (v.symlink_to || v.access == o.access);
     });
-    const bool same = std::any_of(out.begin(), out.end(), [&](const ViewPath& o) { return o.path == v.path; });
-    if (!covered && !same) {
+    const auto same = std::find_if(out.begin(), out.end(), [&](const ViewPath& o) { return o.path == v.path; });
+    if (same != out.end()) {
+      // Named twice (a write folder that is also a backend folder, say): the stronger access.
+      if (v.access != ViewPath::Access::read && !same->symlink_to) {
+        same->access = v.access;
+      }
+    } else if (!covered) {
       out.push_back(std::move(v));
     }
   }
@@ -257,9 +261,7 @@ enter_mount_view(const fs::path& root, const std::vector<ViewPath>& paths, const
     if (v.access == ViewPath::Access::read) {
       flags |= MS_RDONLY;
     }
-    struct stat st
-    {};
-    if (::stat(v.path.c_str(), &st) == 0 && !S_ISCHR(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    if (v.access != ViewPath::Access::device) {
       flags |= MS_NODEV;
     }
     check(::mount(nullptr, target.c_str(), nullptr, flags, nullptr), "remount " + v.path.string());

@@ -194,6 +194,29 @@ write_proc(pid_t pid, const char* file, const std::string& text)
   }
 }
 
+// Moves each staged output to its place (rename within its folder: all or nothing per file),
+// and syncs the folder. False, having said why, if one cannot be.
+bool
+publish(const SandboxPolicy& policy)
+{
+  for (const auto& [staged, final_path] : policy.publish) {
+    std::error_code ec;
+    if (!fs::exists(staged, ec)) {
+      continue; // not written (an option not given, a run that wrote nothing)
+    }
+    fs::rename(staged, final_path, ec);
+    if (ec) {
+      FEDL_LOG_ERROR("cannot move {} to {}: {}", staged.string(), final_path.string(), ec.message());
+      return false;
+    }
+    const auto folder = final_path.parent_path().empty() ? fs::path(".") : final_path.parent_path();
+    if (const UniqueFd dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)); dir) {
+      ::fsync(dir.get());
+    }
+  }
+  return true;
+}
+
 // The parent's part: waits for the child, passes on the signals that ask it to stop (SIGKILL
 // after 5 s if it does not: as its PID namespace's init it ignores those it has no handler for),
 // and ends as it did.
@@ -205,7 +228,11 @@ wait_and_mirror(pid_t child, const sigset_t& stop_signals, std::optional<Cgroups
   std::optional<std::chrono::steady_clock::time_point> kill_at;
   for (;;) {
     const pid_t r = ::waitpid(child, &status, WNOHANG);
-    if (r == child || (r < 0 && errno == ECHILD)) {
+    if (r == child) {
+      break;
+    }
+    if (r < 0 && errno == ECHILD) {
+      status = W_EXITCODE(static_cast<int>(ExitCode::failure), 0); // reaped elsewhere: no status to give
       break;
     }
     const timespec tick{0, 200'000'000};
@@ -221,13 +248,25 @@ wait_and_mirror(pid_t child, const sigset_t& stop_signals, std::optional<Cgroups
   (void)::rmdir(root.c_str());
   const bool memory_exceeded = cgroups && cgroups->memory_exceeded();
   cgroups.reset(); // _exit runs no destructor
+  int code = WIFEXITED(status) ? WEXITSTATUS(status) : static_cast<int>(ExitCode::failure);
   if (memory_exceeded) {
     FEDL_LOG_ERROR("{} went past its memory limit of {} and was stopped (raise it with --memory-limit)", policy.name,
                    format_bytes(policy.limits.memory_bytes.value_or(0)));
-    ::_exit(static_cast<int>(ExitCode::failure));
+    code = static_cast<int>(ExitCode::failure);
+  } else if (code == 0 && !publish(policy)) {
+    code = static_cast<int>(ExitCode::failure);
   }
-  if (WIFSIGNALED(status)) {
+  for (const auto& dir : policy.staging) {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+  if (WIFSIGNALED(status) && !memory_exceeded) {
+    // Ends as the child did, without a core dump of this process (which holds what the child
+    // must not: fedl train's key, say).
     const int sig = WTERMSIG(status);
+    const rlimit no_core{0, 0};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    ::prctl(PR_SET_DUMPABLE, 0);
     ::signal(sig, SIG_DFL);
     sigset_t one;
     ::sigemptyset(&one);
@@ -235,7 +274,7 @@ wait_and_mirror(pid_t child, const sigset_t& stop_signals, std::optional<Cgroups
     ::sigprocmask(SIG_UNBLOCK, &one, nullptr);
     ::raise(sig);
   }
-  ::_exit(WIFEXITED(status) ? WEXITSTATUS(status) : static_cast<int>(ExitCode::failure));
+  ::_exit(code);
 }
 
 } // namespace
@@ -285,11 +324,15 @@ public:
     }
     m_go_read.reset(go[0]);
     m_go_write.reset(go[1]);
+    // An ignored SIGCHLD (it survives exec) would reap the child before the parent could.
+    ::signal(SIGCHLD, SIG_DFL);
     ::sigemptyset(&m_stop_signals);
     for (const int s : {SIGCHLD, SIGINT, SIGTERM, SIGHUP, SIGQUIT}) {
       ::sigaddset(&m_stop_signals, s);
     }
-    ::sigprocmask(SIG_BLOCK, &m_stop_signals, &m_old_mask);
+    sigset_t blocked = m_stop_signals;
+    ::sigaddset(&blocked, SIGPIPE); // the go pipe's write fails with EPIPE if the child is gone
+    ::sigprocmask(SIG_BLOCK, &blocked, &m_old_mask);
     for (const auto& [flag, name] : namespace_flags) {
       m_flags |= flag;
     }
@@ -329,6 +372,7 @@ public:
       ::kill(child, SIGKILL);
       ::waitpid(child, nullptr, 0);
       ::rmdir(m_root.c_str());
+      ::sigprocmask(SIG_SETMASK, &m_old_mask, nullptr);
       throw;
     }
     if (::write(m_go_write.get(), "1", 1) != 1) {
@@ -353,10 +397,16 @@ public:
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     m_go_write.reset();
     char byte = 0;
-    if (::read(m_go_read.get(), &byte, 1) != 1) {
+    ssize_t n = 0;
+    while ((n = ::read(m_go_read.get(), &byte, 1)) < 0 && errno == EINTR) {
+    }
+    if (n != 1) {
       ::_exit(static_cast<int>(ExitCode::failure)); // the parent is gone
     }
     m_go_read.reset();
+    // Nothing it inherited beyond stdin, stdout and stderr (a socket a caller leaked, a folder
+    // outside the view).
+    ::close_range(STDERR_FILENO + 1, ~0U, 0);
 #if defined(__SANITIZE_ADDRESS__)
     g_sandboxed = true;
 #endif

@@ -10,8 +10,9 @@
 //               (each right as far as the kernel's Landlock ABI knows it)
 //   seccomp     an allow-list (libseccomp) with no-new-privs: a call outside it fails with EPERM
 //               and is logged by name once ("sandbox: denied system call socket")
-//   limits      memory, CPU and pids through cgroup v2 where the host delegates it, else v1,
-//               and rlimits as the floor; no capabilities
+//   limits      memory, CPU and pids through cgroup v2 where the host delegates it, else v1
+//               (memory has an rlimit as the floor); no capabilities, no core dumps, and no
+//               descriptor but 0, 1 and 2
 // The process forks once (the PID namespace's init): the parent only waits, forwards signals and
 // ends as its child ended, saying so when the child went past its memory limit.
 #pragma once
@@ -22,6 +23,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fedl::core {
@@ -55,6 +57,12 @@ struct SandboxPolicy
   SandboxLevel level = SandboxLevel::automatic;
   std::vector<std::filesystem::path> read;  // files and folders it may read (data, model, backends)
   std::vector<std::filesystem::path> write; // folders it may create and replace files in
+  // Its outputs, written into private staging folders (write folders of their own): once it has
+  // exited 0, the parent (outside) moves each staged file to its place; then it removes the
+  // staging folders, whatever happened. So a trainer can write its outputs and nothing beside
+  // them. (staged, final) pairs, each final in the folder that holds its staging folder.
+  std::vector<std::pair<std::filesystem::path, std::filesystem::path>> publish;
+  std::vector<std::filesystem::path> staging;
   SandboxLimits limits;
   std::string name = "fedl"; // for messages: "the trainer"
 };

@@ -151,15 +151,21 @@ test_without_the_sandbox_the_hostile_backend_gets_through()
   expect_in err "hostile: tcp connect: DONE"
   expect_in err "hostile: create $DROP: DONE"
   wait_for 5 grep -q "tcp connection" reached || fail "the listener saw no connection"
-  # With it: the same command is contained (its write folder is outputs/, not outside/).
+  # With it: the same command is contained; it may not even write beside its own output.
   rm -f "$DROP" "$DROP.sh" reached
   listen_bg || return
   # shellcheck disable=SC2046
-  env $(hostile_env "$DROP") FEDL_BACKEND_PATH="$HOSTILE_DIR" "$FEDL" train --device hostile \
+  env $(hostile_env "$PWD/outputs/beside") FEDL_BACKEND_PATH="$HOSTILE_DIR" "$FEDL" train --device hostile \
     --data ws/clients/site-3/data/train.csv --arch mlp:8 --out outputs/u.st >out 2>err
   expect_not_in err ": DONE"
   expect_in err "hostile: read $PWD/ws/clients/site-3/client.key: denied"
-  expect_no_file "$DROP"
+  expect_in err "hostile: create $PWD/outputs/beside: denied"
+  expect_no_file "$DROP" outputs/beside outputs/u.st
+  if compgen -G "outputs/.fedl-train-*" >/dev/null; then fail "a staging folder was left in outputs/"; fi
+  # An honest run writes its outputs there, moved into place from its staging folder.
+  fedl_expect 0 train --data ws/clients/site-3/data/train.csv --arch mlp:8 --out outputs/u.st --save-model outputs/m.st
+  [[ -s outputs/u.st && -s outputs/m.st ]] || fail "the outputs were not written"
+  if compgen -G "outputs/.fedl-train-*" >/dev/null; then fail "a staging folder was left in outputs/"; fi
 }
 
 # Memory past --memory-limit ends the task (the kernel stops the trainer, the site says why),

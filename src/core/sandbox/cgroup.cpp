@@ -160,74 +160,104 @@ remove_stale_folders(const fs::path& parent)
   }
 }
 
+namespace {
+
+// Turns `controllers` on for the children of the cgroup2 folder `dir`.
+void
+enable_v2(const fs::path& dir, const std::vector<std::string>& controllers)
+{
+  const auto on = split(read_text(dir / "cgroup.subtree_control"), ' ');
+  for (const auto& c : controllers) {
+    if (std::find(on.begin(), on.end(), c) != on.end()) {
+      continue;
+    }
+    try {
+      write_file(dir / "cgroup.subtree_control", "+" + c);
+    } catch (const Error& e) {
+      // cgroup v2 lets a cgroup that holds processes (this one holds fedl) hand controllers to
+      // children only at the root: the host must delegate a cgroup of fedl's own.
+      throw Error("{} (run fedl in a cgroup delegated to it, such as systemd-run --user --scope -p Delegate=yes, "
+                  "whose controllers are enabled for its children)",
+                  e.what());
+    }
+  }
+}
+
+// The limit of `controller` in the cgroup `dir`, as its version spells it.
+void
+set_limit(const fs::path& dir, const std::string& controller, const SandboxLimits& limits, bool v2)
+{
+  const auto quota = std::max<long>(1000, std::lround(limits.cpus.value_or(1) * 1e5)); // per 100 ms
+  if (controller == "memory") {
+    const auto bytes = std::to_string(*limits.memory_bytes);
+    write_file(dir / (v2 ? "memory.max" : "memory.limit_in_bytes"), bytes);
+    // Where swap is accounted, it counts too: the limit is on memory, not on RAM.
+    if (v2 && fs::exists(dir / "memory.swap.max")) {
+      write_file(dir / "memory.swap.max", "0");
+    } else if (!v2 && fs::exists(dir / "memory.memsw.limit_in_bytes")) {
+      write_file(dir / "memory.memsw.limit_in_bytes", bytes);
+    }
+  } else if (controller == "cpu") {
+    if (v2) {
+      write_file(dir / "cpu.max", fmt::format("{} 100000", quota));
+    } else {
+      write_file(dir / "cpu.cfs_period_us", "100000");
+      write_file(dir / "cpu.cfs_quota_us", std::to_string(quota));
+    }
+  } else {
+    write_file(dir / "pids.max", std::to_string(*limits.pids));
+  }
+}
+
+} // namespace
+
 std::optional<Cgroups>
 Cgroups::make(const SandboxLimits& limits, std::string& why)
 {
   std::vector<std::string> wanted;
-  if (limits.memory_bytes) {
-    wanted.emplace_back("memory");
+  for (const auto& [c, given] : {std::pair<const char*, bool>{"memory", limits.memory_bytes.has_value()},
+                                 {"cpu", limits.cpus.has_value()},
+                                 {"pids", limits.pids.has_value()}}) {
+    if (given) {
+      wanted.emplace_back(c);
+    }
   }
-  if (limits.cpus) {
-    wanted.emplace_back("cpu");
-  }
-  if (limits.pids) {
-    wanted.emplace_back("pids");
-  }
+  Cgroups made;
   if (wanted.empty()) {
-    return Cgroups{};
+    return made;
   }
   const auto h = find_hierarchies();
   const auto name = fmt::format("fedl-sandbox-{}", ::getpid());
-  Cgroups made;
+  const auto make_dir = [&](const fs::path& parent) {
+    remove_stale_folders(parent);
+    const auto dir = parent / name;
+    if (::mkdir(dir.c_str(), 0755) != 0) {
+      throw Error("cannot make the cgroup {}: {}", dir.string(), std::strerror(errno));
+    }
+    made.m_dirs.push_back(dir);
+    return dir;
+  };
   std::vector<std::string> versions;
   try {
-    // v2: one folder for every controller its parent lets children have.
+    // v2: one folder for every controller its parent may hand to children; v1 for the rest.
     std::vector<std::string> v2_use;
-    if (h.v2) {
-      for (const auto& c : wanted) {
-        if (std::find(h.v2_controllers.begin(), h.v2_controllers.end(), c) != h.v2_controllers.end()) {
-          v2_use.push_back(c);
-        }
+    for (const auto& c : wanted) {
+      if (h.v2 && std::find(h.v2_controllers.begin(), h.v2_controllers.end(), c) != h.v2_controllers.end()) {
+        v2_use.push_back(c);
       }
     }
     if (!v2_use.empty()) {
-      remove_stale_folders(*h.v2);
-      const auto dir = *h.v2 / name;
-      const auto controllers = split(read_text(*h.v2 / "cgroup.subtree_control"), ' ');
+      enable_v2(*h.v2, v2_use);
+      const auto dir = make_dir(*h.v2);
       for (const auto& c : v2_use) {
-        if (std::find(controllers.begin(), controllers.end(), c) == controllers.end()) {
-          try {
-            write_file(*h.v2 / "cgroup.subtree_control", "+" + c);
-          } catch (const Error& e) {
-            // cgroup v2 lets a cgroup that holds processes (this one holds fedl) hand controllers
-            // to children only at the root: the host must delegate a cgroup of fedl's own.
-            throw Error("{} (run fedl in a cgroup delegated to it, such as systemd-run --user --scope -p "
-                        "Delegate=yes, whose controllers are enabled for its children)",
-                        e.what());
-          }
-        }
+        set_limit(dir, c, limits, true);
       }
-      if (::mkdir(dir.c_str(), 0755) != 0) {
-        throw Error("cannot make the cgroup {}: {}", dir.string(), std::strerror(errno));
-      }
-      made.m_dirs.push_back(dir);
-      for (const auto& c : v2_use) {
-        if (c == "memory") {
-          write_file(dir / "memory.max", std::to_string(*limits.memory_bytes));
-          if (fs::exists(dir / "memory.swap.max")) {
-            write_file(dir / "memory.swap.max", "0");
-          }
-          made.m_memory = dir;
-          made.m_memory_v2 = true;
-        } else if (c == "cpu") {
-          write_file(dir / "cpu.max", fmt::format("{} 100000", std::max<long>(1000, std::lround(*limits.cpus * 1e5))));
-        } else {
-          write_file(dir / "pids.max", std::to_string(*limits.pids));
-        }
+      if (limits.memory_bytes && std::find(v2_use.begin(), v2_use.end(), "memory") != v2_use.end()) {
+        made.m_memory = dir;
+        made.m_memory_v2 = true;
       }
       versions.emplace_back("v2");
     }
-    bool v1 = false;
     for (const auto& c : wanted) {
       if (std::find(v2_use.begin(), v2_use.end(), c) != v2_use.end()) {
         continue;
@@ -236,29 +266,14 @@ Cgroups::make(const SandboxLimits& limits, std::string& why)
       if (at == h.v1.end()) {
         throw Error("this host offers no cgroup {} controller to this process", c);
       }
-      remove_stale_folders(at->second);
-      const auto dir = at->second / name;
-      if (::mkdir(dir.c_str(), 0755) != 0) {
-        throw Error("cannot make the cgroup {}: {}", dir.string(), std::strerror(errno));
-      }
-      made.m_dirs.push_back(dir);
+      const auto dir = make_dir(at->second);
+      set_limit(dir, c, limits, false);
       if (c == "memory") {
-        write_file(dir / "memory.limit_in_bytes", std::to_string(*limits.memory_bytes));
-        // Where swap is accounted, swap counts too: the limit is on memory, not on RAM.
-        if (fs::exists(dir / "memory.memsw.limit_in_bytes")) {
-          write_file(dir / "memory.memsw.limit_in_bytes", std::to_string(*limits.memory_bytes));
-        }
         made.m_memory = dir;
-      } else if (c == "cpu") {
-        write_file(dir / "cpu.cfs_period_us", "100000");
-        write_file(dir / "cpu.cfs_quota_us", std::to_string(std::max<long>(1000, std::lround(*limits.cpus * 1e5))));
-      } else {
-        write_file(dir / "pids.max", std::to_string(*limits.pids));
       }
-      v1 = true;
-    }
-    if (v1) {
-      versions.emplace_back("v1");
+      if (versions.empty() || versions.back() != "v1") {
+        versions.emplace_back("v1");
+      }
     }
   } catch (const Error& e) {
     why = e.what();

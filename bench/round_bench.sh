@@ -26,7 +26,7 @@
 #
 # Usage: bench/round_bench.sh [-n SITES] [-p PARAMS] [-r ROUNDS] [-w WARMUP] [-c PER_ROUND]
 #                             [-i TRAINER_IDLE] [-s SAMPLES] [-t PUSH_REPEAT] [-m MIN_AVAIL_MB]
-#                             [-j THREADS] [-f] [-S] [-T TIMEOUT] [-o RESULT.json] [-k]
+#                             [-j THREADS] [-f] [-S] [-O] [-T TIMEOUT] [-o RESULT.json] [-k]
 #   -n SITES        fedl join processes (default 10)
 #   -p PARAMS       model parameters (default 1000000)
 #   -r ROUNDS       rounds in all (default 12)
@@ -41,6 +41,8 @@
 #   -f              the joins start their trainers through one fork server (join --fork-server)
 #   -S              secure aggregation (fedl init --secure-aggregation): the coordinator sums
 #                   masked inputs; compare with a run without -S
+#   -O              the trainers without their sandbox (join --sandbox off; the default is auto),
+#                   to compare with a run without -O
 #   -T SEC          give up after this long (default 900)
 #   -o FILE         also write the figures as JSON
 #   -k              keep the temporary folder (workspace, logs)
@@ -57,12 +59,12 @@ PYTHON="${PYTHON:-/usr/bin/python3}"
 DIGITS_CSV="${DIGITS_CSV:-$root/data/digits.csv.gz}"
 
 n=10 params=1000000 rounds=12 warmup=2 per_round=0 idle=0 samples=4 push_repeat=15 min_avail=1500
-timeout=900 out_json="" keep=0 threads="" fork=0 secure=()
+timeout=900 out_json="" keep=0 threads="" fork=0 secure=() sandbox=()
 
 usage() { sed -n '3,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "round_bench: $*" >&2; exit 1; }
 
-while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:fSkh" o; do
+while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:fSOkh" o; do
   case "$o" in
     n) n="$OPTARG" ;;
     p) params="$OPTARG" ;;
@@ -76,6 +78,7 @@ while getopts ":n:p:r:w:c:i:s:t:m:j:T:o:fSkh" o; do
     j) threads="$OPTARG" ;;
     f) fork=1 ;;
     S) secure=(--secure-aggregation) ;;
+    O) sandbox=(--sandbox off) ;;
     T) timeout="$OPTARG" ;;
     o) out_json="$OPTARG" ;;
     k) keep=1 ;;
@@ -170,7 +173,7 @@ for ((i = 0; i < 300; i++)); do
   sleep 0.05
 done
 
-join_args=(--no-header --retry-max 1)
+join_args=(--no-header --retry-max 1 "${sandbox[@]}")
 [[ -n "$threads" ]] && join_args+=(--threads "$threads")
 ((fork)) && join_args+=(--fork-server "$tmp/fork.sock")
 [[ "$idle" != 0 ]] && join_args+=(--trainer-idle "$idle")

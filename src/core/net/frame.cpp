@@ -184,11 +184,8 @@ header_sandbox(const nlohmann::json& header, const char* key)
   if (!header.contains(key)) {
     return std::nullopt;
   }
-  const auto text = header_string(header, key);
-  for (const auto level : {SandboxLevel::off, SandboxLevel::automatic, SandboxLevel::strict}) {
-    if (text == sandbox_level_name(level)) {
-      return level;
-    }
+  if (const auto level = sandbox_level_named(header_string(header, key))) {
+    return level;
   }
   throw ProtocolError(fmt::format("frame header field {} is not off, auto or strict", key));
 }

@@ -65,13 +65,22 @@ sandbox_level_name(SandboxLevel level)
   return "auto";
 }
 
-SandboxLevel
-parse_sandbox_level(const std::string& text, const std::string& what)
+std::optional<SandboxLevel>
+sandbox_level_named(std::string_view text)
 {
   for (const auto level : {SandboxLevel::off, SandboxLevel::automatic, SandboxLevel::strict}) {
     if (text == sandbox_level_name(level)) {
       return level;
     }
+  }
+  return std::nullopt;
+}
+
+SandboxLevel
+parse_sandbox_level(const std::string& text, const std::string& what)
+{
+  if (const auto level = sandbox_level_named(text)) {
+    return *level;
   }
   throw UsageError("{}: {} is not a sandbox level: give strict, auto or off", what, text);
 }

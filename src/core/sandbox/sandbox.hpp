@@ -23,6 +23,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -38,7 +39,9 @@ enum class SandboxLevel
 };
 
 std::string sandbox_level_name(SandboxLevel level);
-// UsageError naming `what` unless `text` is off, auto or strict.
+// The level named `text` (off, auto, strict), if it names one.
+std::optional<SandboxLevel> sandbox_level_named(std::string_view text);
+// The same, or UsageError naming `what`.
 SandboxLevel parse_sandbox_level(const std::string& text, const std::string& what);
 
 struct SandboxLimits

@@ -40,8 +40,13 @@ namespace fedl::cmd {
 
 namespace {
 
-// The probe's limits: small, so that going past them is quick.
+// The probe's limits: small, so that going past them is quick (a sanitizer's shadow memory needs
+// more).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr const char* probe_memory = "1G";
+#else
 constexpr const char* probe_memory = "256M";
+#endif
 constexpr std::uint64_t probe_pids = 32;
 // What the probe exits with if `execve /bin/sh` ran the shell.
 constexpr int exec_ran_status = 97;
@@ -462,6 +467,17 @@ run_host_audit()
     logged.push_back(run.log.substr(start, run.log.find(' ', start) - start));
   }
   out["logged_denials"] = logged;
+  // A probe the child never got to (it ended early) is not a denial.
+  for (const char* name :
+       {"tcp", "udp", "read", "shadow", "write", "environ", "ptrace", "unshare", "fork", "pids", "exec", "memory"}) {
+    if (findings.find(name) == nullptr) {
+      findings.probes.push_back(
+        {{"probe", name},
+         {"what", name},
+         {"result", "not run"},
+         {"how", fmt::format("the probe ended first ({})", core::describe_wait_status(run.status))}});
+    }
+  }
   out["probes"] = findings.probes;
   std::size_t allowed = 0;
   for (const auto& p : findings.probes) {

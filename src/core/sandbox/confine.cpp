@@ -105,9 +105,12 @@ apply_landlock(const std::vector<ViewPath>& paths, std::string& why)
       continue;
     }
     std::uint64_t allowed = read;
+    const std::uint64_t write = fs_read_dir | fs_write_file | fs_make_reg | fs_remove_file | fs_truncate;
     if (v.access == ViewPath::Access::write) {
       // Make and replace files, not read them: a write folder may hold what it must not see.
-      allowed = fs_read_dir | fs_write_file | fs_make_reg | fs_remove_file | fs_truncate;
+      allowed = write;
+    } else if (v.access == ViewPath::Access::read_write) {
+      allowed |= write;
     } else if (v.access == ViewPath::Access::device) {
       allowed |= fs_write_file | fs_ioctl_dev;
     }

@@ -175,9 +175,11 @@ view_paths(const SandboxPolicy& policy)
     });
     const auto same = std::find_if(out.begin(), out.end(), [&](const ViewPath& o) { return o.path == v.path; });
     if (same != out.end()) {
-      // Named twice (a write folder that is also a backend folder, say): the stronger access.
-      if (v.access != ViewPath::Access::read && !same->symlink_to) {
-        same->access = v.access;
+      // Named twice (a write folder that is also a backend folder, say): both accesses.
+      if (v.access != same->access && !same->symlink_to && !v.symlink_to) {
+        same->access = v.access == ViewPath::Access::device || same->access == ViewPath::Access::device
+                         ? ViewPath::Access::device
+                         : ViewPath::Access::read_write;
       }
     } else if (!covered) {
       out.push_back(std::move(v));

@@ -18,8 +18,9 @@ struct ViewPath
   enum class Access
   {
     read,
-    write,  // a folder it may create and replace files in
-    device, // a device node it may read and write (and ioctl)
+    write,      // a folder it may create and replace files in, not read them
+    read_write, // both: a path named for each
+    device,     // a device node it may read and write (and ioctl)
   };
   std::filesystem::path path;
   Access access = Access::read;

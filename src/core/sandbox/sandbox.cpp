@@ -46,8 +46,14 @@ using namespace sandbox_detail;
 
 namespace {
 
-// Without cgroups, the memory limit's floor is RLIMIT_DATA this much over it (enter_sandbox).
+// Without cgroups, the memory limit's floor is RLIMIT_DATA this much over it (enter_sandbox);
+// not in a sanitizer build, whose shadow memory is reserved by the terabyte.
 constexpr std::uint64_t rlimit_data_slack = std::uint64_t{1} << 30;
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool rlimit_data_floor = false;
+#else
+constexpr bool rlimit_data_floor = true;
+#endif
 
 } // namespace
 
@@ -164,7 +170,7 @@ SandboxReport::summary() const
   }
   if (!cgroup.empty()) {
     parts.push_back(fmt::format("cgroup {} ({})", cgroup, fmt::join(l, ", ")));
-  } else if (limits.memory_bytes) {
+  } else if (limits.memory_bytes && rlimit_data_floor) {
     parts.push_back("rlimit data " + format_bytes(*limits.memory_bytes + rlimit_data_slack));
   }
   auto text = fmt::format("sandbox {}: {}", sandbox_level_name(level), fmt::join(parts, "; "));
@@ -467,7 +473,7 @@ private:
   {
     const rlimit no_core{0, 0};
     ::setrlimit(RLIMIT_CORE, &no_core);
-    if (!m_cgroups && m_policy.limits.memory_bytes) {
+    if (rlimit_data_floor && !m_cgroups && m_policy.limits.memory_bytes) {
       // The floor: private writable memory (RLIMIT_DATA). It counts what is reserved, not what
       // is used, and OpenBLAS reserves 128 MiB per thread and spins for ever when that fails:
       // hence 1 GiB over the limit.

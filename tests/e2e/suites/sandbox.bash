@@ -30,7 +30,7 @@ if h["landlock_abi"] < 1:
 if not h["seccomp"]:
     missing.append("seccomp")
 if missing:
-    print("this host does not offer " + ", ".join(missing) + " (a chroot has no user namespaces)" if any(m.startswith("user") for m in missing) else "this host does not offer " + ", ".join(missing)); sys.exit(1)
+    print("this host does not offer " + ", ".join(missing) + " (a chroot, for one, has no user namespaces)"); sys.exit(1)
 PY
 }
 

@@ -3,6 +3,7 @@
 
 #include "core/util/error.hpp"
 #include "core/util/log.hpp"
+#include "core/util/text.hpp"
 
 #include <dlfcn.h>
 #include <fmt/ranges.h>
@@ -98,14 +99,8 @@ search_path()
 {
   std::vector<fs::path> dirs;
   if (const char* env = std::getenv("FEDL_BACKEND_PATH"); env != nullptr) {
-    std::string_view rest(env);
-    while (!rest.empty()) {
-      const auto colon = rest.find(':');
-      const auto item = rest.substr(0, colon);
-      if (!item.empty()) {
-        dirs.emplace_back(item);
-      }
-      rest = colon == std::string_view::npos ? std::string_view{} : rest.substr(colon + 1);
+    for (const auto& item : core::split_text(env, ":")) {
+      dirs.emplace_back(item);
     }
   }
   const auto exe = executable_dir();

@@ -155,28 +155,23 @@ run_probe(const ProbeOptions& o)
     std::getline(in, text);
     emit({{"control", "read the one file it was given"}, {"ok", text == "allowed"}});
   }
-  {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    const auto what = fmt::format("TCP connect to 127.0.0.1:{}", o.tcp_port);
+  // TCP: a connection; UDP: a datagram.
+  const auto reach = [](const std::string& probe, int type, int port) {
+    const bool tcp = type == SOCK_STREAM;
+    const auto what = fmt::format("{} to 127.0.0.1:{}", tcp ? "TCP connect" : "UDP datagram", port);
+    const int fd = ::socket(AF_INET, type | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-      result_of("tcp", what, -1, "socket");
-    } else {
-      const auto a = loopback(o.tcp_port);
-      result_of("tcp", what, ::connect(fd, reinterpret_cast<const sockaddr*>(&a), sizeof a), "connect");
-      ::close(fd);
+      result_of(probe, what, -1, "socket");
+      return;
     }
-  }
-  {
-    const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    const auto what = fmt::format("UDP datagram to 127.0.0.1:{}", o.udp_port);
-    if (fd < 0) {
-      result_of("udp", what, -1, "socket");
-    } else {
-      const auto a = loopback(o.udp_port);
-      result_of("udp", what, ::sendto(fd, "x", 1, 0, reinterpret_cast<const sockaddr*>(&a), sizeof a), "sendto");
-      ::close(fd);
-    }
-  }
+    const auto a = loopback(port);
+    const auto* to = reinterpret_cast<const sockaddr*>(&a);
+    result_of(probe, what, tcp ? ::connect(fd, to, sizeof a) : ::sendto(fd, "x", 1, 0, to, sizeof a),
+              tcp ? "connect" : "sendto");
+    ::close(fd);
+  };
+  reach("tcp", SOCK_STREAM, o.tcp_port);
+  reach("udp", SOCK_DGRAM, o.udp_port);
   const auto try_open = [](const std::string& probe, const std::string& what, const fs::path& path, int flags) {
     const int fd = ::open(path.c_str(), flags | O_CLOEXEC, 0600);
     result_of(probe, what, fd, "open");

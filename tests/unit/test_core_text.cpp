@@ -67,3 +67,13 @@ TEST_CASE("text: JSON nesting is counted without parsing")
   CHECK(json_nesting(std::string(1000000, '[')) == 1000000);
   CHECK(json_nesting("]]]]{") == 1);
 }
+
+TEST_CASE("split_text: pieces between any separator, empty ones left out")
+{
+  using V = std::vector<std::string>;
+  CHECK(split_text("/a:/b::/c:", ":") == V{"/a", "/b", "/c"});
+  CHECK(split_text("memory pids\n", " \n") == V{"memory", "pids"});
+  CHECK(split_text("", ":").empty());
+  CHECK(split_text(":::", ":").empty());
+  CHECK(split_text("one", ",") == V{"one"});
+}

@@ -278,6 +278,13 @@ sibling_labels(const fs::path& data, const NameSwaps& swaps, const char* flag_hi
   throw UsageError("{}: cannot tell where its labels are; give them with {}", data.string(), flag_hint);
 }
 
+// IDX and NPY data's labels: --labels, or the file beside the data.
+fs::path
+labels_file(const DataOptions& opt, const NameSwaps& swaps)
+{
+  return opt.labels ? *opt.labels : sibling_labels(opt.path, swaps, "--labels");
+}
+
 void
 apply_limit(Dataset& ds, std::optional<std::size_t> limit)
 {
@@ -290,7 +297,7 @@ apply_limit(Dataset& ds, std::optional<std::size_t> limit)
 Dataset
 load_idx(const DataOptions& opt)
 {
-  const auto labels_path = opt.labels ? *opt.labels : sibling_labels(opt.path, idx_label_names, "--labels");
+  const auto labels_path = labels_file(opt, idx_label_names);
   const auto images = read_idx(opt.path);
   const auto labels = read_idx(labels_path);
   if (labels.dims.size() != 1) {
@@ -477,7 +484,7 @@ npy_value(const Npy& npy, std::size_t i)
 Dataset
 load_npy(const DataOptions& opt)
 {
-  const auto labels_path = opt.labels ? *opt.labels : sibling_labels(opt.path, npy_label_names, "--labels");
+  const auto labels_path = labels_file(opt, npy_label_names);
   const auto x = read_npy(opt.path);
   const auto y = read_npy(labels_path);
   if (x.shape.empty() || x.shape[0] == 0) {
@@ -600,20 +607,10 @@ std::vector<fs::path>
 dataset_files(const DataOptions& options)
 {
   std::vector<fs::path> files{options.path};
-  if (options.labels) {
-    files.push_back(*options.labels);
-    return files;
-  }
   try {
-    switch (detect_format(options.path)) {
-    case DataFormat::csv:
-      break;
-    case DataFormat::idx:
-      files.push_back(sibling_labels(options.path, idx_label_names, ""));
-      break;
-    case DataFormat::npy:
-      files.push_back(sibling_labels(options.path, npy_label_names, ""));
-      break;
+    const auto format = detect_format(options.path);
+    if (format != DataFormat::csv) {
+      files.push_back(labels_file(options, format == DataFormat::idx ? idx_label_names : npy_label_names));
     }
   } catch (const Error&) {
     // No labels file beside it: load_dataset says so, inside the sandbox as outside.

@@ -4,6 +4,8 @@
 #include "core/sandbox/sandbox_detail.hpp"
 
 #include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/util/text.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -12,6 +14,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstring>
+#include <fcntl.h>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -42,27 +45,13 @@ read_text(const fs::path& path)
   return s.str();
 }
 
-std::vector<std::string>
-split(const std::string& text, char sep)
-{
-  std::vector<std::string> out;
-  std::stringstream s(text);
-  std::string item;
-  while (std::getline(s, item, sep)) {
-    if (!item.empty()) {
-      out.push_back(item);
-    }
-  }
-  return out;
-}
-
 // /proc/self/mountinfo (proc(5)): mount root, mount point, then after " - " the type and the
 // super options (which name a v1 hierarchy's controllers).
 Hierarchies
 find_hierarchies()
 {
   std::map<std::string, std::string> path_of; // "memory" -> "/a/b" from /proc/self/cgroup; "" for v2
-  for (const auto& line : split(read_text("/proc/self/cgroup"), '\n')) {
+  for (const auto& line : split_text(read_text("/proc/self/cgroup"), "\n")) {
     const auto a = line.find(':');
     const auto b = line.find(':', a + 1);
     if (a == std::string::npos || b == std::string::npos) {
@@ -73,12 +62,12 @@ find_hierarchies()
     if (controllers.empty()) {
       path_of[""] = path;
     }
-    for (const auto& c : split(controllers, ',')) {
+    for (const auto& c : split_text(controllers, ",")) {
       path_of[c] = path;
     }
   }
   Hierarchies h;
-  for (const auto& line : split(read_text("/proc/self/mountinfo"), '\n')) {
+  for (const auto& line : split_text(read_text("/proc/self/mountinfo"), "\n")) {
     std::istringstream fields(line);
     std::string id, parent, dev, root, point;
     fields >> id >> parent >> dev >> root >> point;
@@ -98,13 +87,10 @@ find_hierarchies()
       if (auto dir = within(path_of[""])) {
         h.v2 = *dir;
         h.v2_mount = point;
-        h.v2_controllers = split(read_text(*dir / "cgroup.controllers"), ' ');
-        for (auto& c : h.v2_controllers) {
-          c.erase(c.find_last_not_of(" \n") + 1);
-        }
+        h.v2_controllers = split_text(read_text(*dir / "cgroup.controllers"), " \n");
       }
     } else if (type == "cgroup") {
-      for (const auto& c : split(options, ',')) {
+      for (const auto& c : split_text(options, ",")) {
         if (path_of.count(c) != 0 && h.v1.count(c) == 0) {
           if (auto dir = within(path_of[c])) {
             h.v1[c] = *dir;
@@ -116,18 +102,16 @@ find_hierarchies()
   return h;
 }
 
+} // namespace
+
 void
-write_file(const fs::path& path, const std::string& value)
+write_kernel_file(const fs::path& path, std::string_view text)
 {
-  std::ofstream out(path);
-  out << value;
-  out.flush();
-  if (!out) {
-    throw Error("cannot write {} to {}: {}", value, path.string(), std::strerror(errno));
+  const UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+  if (!fd || ::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
+    throw Error("cannot write {} to {}: {}", text, path.string(), std::strerror(errno));
   }
 }
-
-} // namespace
 
 std::string
 format_bytes(std::uint64_t bytes)
@@ -166,13 +150,13 @@ namespace {
 void
 enable_v2(const fs::path& dir, const std::vector<std::string>& controllers)
 {
-  const auto on = split(read_text(dir / "cgroup.subtree_control"), ' ');
+  const auto on = split_text(read_text(dir / "cgroup.subtree_control"), " \n");
   for (const auto& c : controllers) {
     if (std::find(on.begin(), on.end(), c) != on.end()) {
       continue;
     }
     try {
-      write_file(dir / "cgroup.subtree_control", "+" + c);
+      write_kernel_file(dir / "cgroup.subtree_control", "+" + c);
     } catch (const Error& e) {
       // cgroup v2 lets a cgroup that holds processes (this one holds fedl) hand controllers to
       // children only at the root: the host must delegate a cgroup of fedl's own.
@@ -190,22 +174,22 @@ set_limit(const fs::path& dir, const std::string& controller, const SandboxLimit
   const auto quota = std::max<long>(1000, std::lround(limits.cpus.value_or(1) * 1e5)); // per 100 ms
   if (controller == "memory") {
     const auto bytes = std::to_string(*limits.memory_bytes);
-    write_file(dir / (v2 ? "memory.max" : "memory.limit_in_bytes"), bytes);
+    write_kernel_file(dir / (v2 ? "memory.max" : "memory.limit_in_bytes"), bytes);
     // Where swap is accounted, it counts too: the limit is on memory, not on RAM.
     if (v2 && fs::exists(dir / "memory.swap.max")) {
-      write_file(dir / "memory.swap.max", "0");
+      write_kernel_file(dir / "memory.swap.max", "0");
     } else if (!v2 && fs::exists(dir / "memory.memsw.limit_in_bytes")) {
-      write_file(dir / "memory.memsw.limit_in_bytes", bytes);
+      write_kernel_file(dir / "memory.memsw.limit_in_bytes", bytes);
     }
   } else if (controller == "cpu") {
     if (v2) {
-      write_file(dir / "cpu.max", fmt::format("{} 100000", quota));
+      write_kernel_file(dir / "cpu.max", fmt::format("{} 100000", quota));
     } else {
-      write_file(dir / "cpu.cfs_period_us", "100000");
-      write_file(dir / "cpu.cfs_quota_us", std::to_string(quota));
+      write_kernel_file(dir / "cpu.cfs_period_us", "100000");
+      write_kernel_file(dir / "cpu.cfs_quota_us", std::to_string(quota));
     }
   } else {
-    write_file(dir / "pids.max", std::to_string(*limits.pids));
+    write_kernel_file(dir / "pids.max", std::to_string(*limits.pids));
   }
 }
 
@@ -302,10 +286,7 @@ Cgroups::support()
     } else if (v2 && dir != h.v2_mount) {
       // Children get the controller only if it is on in subtree_control, which a cgroup that
       // holds processes (this one holds fedl) cannot turn on, but at the root.
-      auto on = split(read_text(dir / "cgroup.subtree_control"), ' ');
-      for (auto& w : on) {
-        w.erase(w.find_last_not_of(" \n") + 1);
-      }
+      const auto on = split_text(read_text(dir / "cgroup.subtree_control"), " \n");
       if (std::find(on.begin(), on.end(), c) == on.end()) {
         why = fmt::format("{} does not hand {} to its children (cgroup.subtree_control) and holds fedl: run fedl in "
                           "a cgroup delegated to it",
@@ -340,7 +321,7 @@ void
 Cgroups::add(pid_t pid) const
 {
   for (const auto& dir : m_dirs) {
-    write_file(dir / "cgroup.procs", std::to_string(pid));
+    write_kernel_file(dir / "cgroup.procs", std::to_string(pid));
   }
 }
 

@@ -3,6 +3,7 @@
 #include "core/sandbox/sandbox_detail.hpp"
 
 #include "core/util/error.hpp"
+#include "core/util/text.hpp"
 
 #include <fmt/format.h>
 
@@ -63,14 +64,10 @@ library_folders()
     }
   }
   if (const char* env = std::getenv("LD_LIBRARY_PATH"); env != nullptr) {
-    std::string_view rest(env);
-    while (!rest.empty()) {
-      const auto colon = rest.find(':');
-      const auto item = rest.substr(0, colon);
-      if (!item.empty() && item[0] == '/') {
+    for (const auto& item : split_text(env, ":")) {
+      if (item[0] == '/') {
         out.emplace_back(item);
       }
-      rest = colon == std::string_view::npos ? std::string_view{} : rest.substr(colon + 1);
     }
   }
   return out;

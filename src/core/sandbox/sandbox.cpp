@@ -108,12 +108,15 @@ parse_memory_size(const std::string& text, const std::string& what)
   if (!unit.empty() && unit.back() == 'i') {
     unit.pop_back();
   }
-  const std::string units = "KMGT";
   double scale = 1;
-  if (unit.size() == 1 && units.find(static_cast<char>(std::toupper(unit[0]))) != std::string::npos) {
-    scale = std::pow(1024.0, 1 + static_cast<double>(units.find(static_cast<char>(std::toupper(unit[0])))));
-  } else if (!unit.empty()) {
-    used = 0;
+  if (!unit.empty()) {
+    const auto power = unit.size() == 1 ? std::string_view("KMGT").find(static_cast<char>(std::toupper(unit[0])))
+                                        : std::string_view::npos;
+    if (power == std::string_view::npos) {
+      used = 0;
+    } else {
+      scale = std::pow(1024.0, 1 + static_cast<double>(power));
+    }
   }
   const double bytes = value * scale;
   if (used == 0 || !std::isfinite(bytes) || bytes < 16.0 * 1024 * 1024 || bytes > 1e18) {
@@ -194,21 +197,6 @@ clone_with(unsigned long flags)
   return static_cast<pid_t>(::syscall(SYS_clone, flags | SIGCHLD, nullptr, nullptr, nullptr, nullptr));
 }
 
-void
-write_proc(pid_t pid, const char* file, const std::string& text)
-{
-  const auto path = fmt::format("/proc/{}/{}", pid, file);
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-  const bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
-  const int saved = errno;
-  if (fd >= 0) {
-    ::close(fd);
-  }
-  if (!ok) {
-    throw Error("sandbox: cannot write {}: {}", path, std::strerror(saved));
-  }
-}
-
 // Moves each staged output to its place (rename within its folder: all or nothing per file),
 // and syncs the folder. False, having said why, if one cannot be.
 bool
@@ -224,10 +212,7 @@ publish(const SandboxPolicy& policy)
       FEDL_LOG_ERROR("cannot move {} to {}: {}", staged.string(), final_path.string(), ec.message());
       return false;
     }
-    const auto folder = final_path.parent_path().empty() ? fs::path(".") : final_path.parent_path();
-    if (const UniqueFd dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)); dir) {
-      ::fsync(dir.get());
-    }
+    sync_folder(final_path.parent_path());
   }
   return true;
 }
@@ -291,10 +276,6 @@ wait_and_mirror(pid_t child, const sigset_t& stop_signals, std::optional<Cgroups
   }
   ::_exit(code);
 }
-
-} // namespace
-
-namespace {
 
 // enter_sandbox's steps, in order: prepare (paths, cgroups, the new root's mount point), launch
 // (clone into the namespaces), then parent() in the parent and confine() in the child.
@@ -374,14 +355,24 @@ public:
   [[noreturn]] void parent(pid_t child)
   {
     m_go_read.reset();
+    char go = '1'; // 'c': its cgroups could not take it
     try {
       if ((m_flags & CLONE_NEWUSER) != 0) {
-        write_proc(child, "setgroups", "deny");
-        write_proc(child, "uid_map", fmt::format("{0} {0} 1\n", ::geteuid()));
-        write_proc(child, "gid_map", fmt::format("{0} {0} 1\n", ::getegid()));
+        const fs::path proc = fmt::format("/proc/{}", child);
+        write_kernel_file(proc / "setgroups", "deny");
+        write_kernel_file(proc / "uid_map", fmt::format("{0} {0} 1\n", ::geteuid()));
+        write_kernel_file(proc / "gid_map", fmt::format("{0} {0} 1\n", ::getegid()));
       }
       if (m_cgroups) {
-        m_cgroups->add(child);
+        try {
+          m_cgroups->add(child);
+        } catch (const Error& e) {
+          if (m_policy.level == SandboxLevel::strict) {
+            throw;
+          }
+          FEDL_LOG_WARN("sandbox: {}", e.what());
+          go = 'c'; // the child goes on without them, and says so
+        }
       }
     } catch (const Error&) {
       ::kill(child, SIGKILL);
@@ -390,7 +381,7 @@ public:
       ::sigprocmask(SIG_SETMASK, &m_old_mask, nullptr);
       throw;
     }
-    if (::write(m_go_write.get(), "1", 1) != 1) {
+    if (::write(m_go_write.get(), &go, 1) != 1) {
       ::kill(child, SIGKILL);
     }
     m_go_write.reset();
@@ -419,6 +410,10 @@ public:
       ::_exit(static_cast<int>(ExitCode::failure)); // the parent is gone
     }
     m_go_read.reset();
+    if (byte == 'c') {
+      m_report.cgroup.clear();
+      lacking("cgroup limits: this process could not be put in its cgroups");
+    }
     // Nothing it inherited beyond stdin, stdout and stderr (a socket a caller leaked, a folder
     // outside the view).
     ::close_range(STDERR_FILENO + 1, ~0U, 0);

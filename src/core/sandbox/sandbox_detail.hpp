@@ -93,6 +93,9 @@ private:
 // "512 MiB"
 std::string format_bytes(std::uint64_t bytes);
 
+// Writes `text` to a kernel file (/proc, cgroupfs) in one write(2). Throws Error naming the file.
+void write_kernel_file(const std::filesystem::path& path, std::string_view text);
+
 // The folders a sandbox makes are named fedl-sandbox-PID[-...] after the process that removes
 // them when its child ends; one killed first (SIGKILL) cannot. This removes those in `parent`
 // whose process is gone (rmdir: only empty folders and cgroups without a process).

@@ -261,8 +261,13 @@ atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> p
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     fail("rename", errno);
   }
-  UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dfd.get() >= 0) {
+  sync_folder(dir);
+}
+
+void
+sync_folder(const fs::path& dir) noexcept
+{
+  if (const UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)); dfd) {
     ::fsync(dfd.get());
   }
 }

@@ -113,6 +113,9 @@ void atomic_write(const std::filesystem::path& path, std::span<const std::span<c
                   FileMode mode = FileMode::normal, Sha256* hash = nullptr);
 void atomic_write(const std::filesystem::path& path, std::string_view contents, FileMode mode = FileMode::normal);
 
+// fsyncs the folder `dir` (a rename or a new file in it made durable). Best effort: never throws.
+void sync_folder(const std::filesystem::path& dir) noexcept;
+
 // Appends `line` (one whole line, with its newline) to `path` (created 0644 if absent) and
 // fsyncs it; a write cut short is taken back (the file is truncated to its size before), so that
 // the file stays a sequence of whole lines. Throws Error naming the file.

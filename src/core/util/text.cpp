@@ -184,4 +184,18 @@ hex_decode(std::string_view text)
   return out;
 }
 
+std::vector<std::string>
+split_text(std::string_view text, std::string_view separators)
+{
+  std::vector<std::string> out;
+  while (!text.empty()) {
+    const auto end = text.find_first_of(separators);
+    if (end != 0) {
+      out.emplace_back(text.substr(0, end));
+    }
+    text = end == std::string_view::npos ? std::string_view{} : text.substr(end + 1);
+  }
+  return out;
+}
+
 } // namespace fedl::core

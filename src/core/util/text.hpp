@@ -31,6 +31,10 @@ std::string escape_controls(std::string_view s);
 // JSON parser builds a tree for it. Malformed text gets some count; the parser rejects it.
 std::size_t json_nesting(std::string_view text) noexcept;
 
+// The pieces of `text` between any of the `separators`, empty ones left out: a PATH-like list
+// (":"), a kernel file's words (" \n").
+std::vector<std::string> split_text(std::string_view text, std::string_view separators);
+
 // Bytes as lowercase hex, and back: nothing unless `text` is an even number of hex digits (either
 // case).
 std::string hex_encode(std::span<const std::byte> bytes);

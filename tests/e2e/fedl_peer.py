@@ -286,11 +286,13 @@ def crafted_update(model, base_sha256, site, cert_path, key_path, case):
     if case == "deep-header":
         nested = "[" * 1900000 + "]" * 1900000
         return st_build_raw('{"__metadata__":{"fedl.kind":"update"},"x":' + nested + "}")
+    if case == "padded":
+        return st_build(tensors, meta) + bytes(1 << 16)  # 64 KiB after the last tensor
     return st_build(tensors, meta)
 
 
 CASES = ["bad-cert-time", "huge-values", "nan-value", "many-samples", "big-kind", "utf8-kind", "deep-header", "deep-metrics",
-         "error-text", "twice", "bad-keys", "bad-shares"]
+         "error-text", "twice", "padded", "plain", "bad-keys", "bad-shares"]
 
 
 # ---- scenarios: each runs after a successful handshake

@@ -158,7 +158,7 @@ Coordinator::commit_on_round_thread(std::function<AttemptOutcome()> commit)
 void
 Coordinator::attempt_done(AttemptOutcome outcome, const std::string& failure)
 {
-  clean_incoming();
+  clean_incoming(true);
   if (m_secure && !outcome.retry.empty()) {
     // A site accused of sending shares that did not open sits out the rest of this round.
     for (const auto& site : m_secure->accused()) {
@@ -265,21 +265,38 @@ Coordinator::update_head()
 }
 
 void
-Coordinator::clean_incoming()
+Coordinator::clean_incoming(bool keep_slots)
 {
-  std::set<fs::path> in_use; // updates being received (none before the first connection)
+  std::set<fs::path> keep(m_free_slots.begin(), m_free_slots.end());
   if (m_pool) {
     for (const auto& [id, pooled] : m_pool->peers()) {
       if (const auto& p = static_cast<const Peer&>(*pooled); p.fd) {
-        in_use.insert(p.part);
+        keep.insert(p.part); // being received
       }
     }
   }
+  const auto dir = m_ws.state() / "incoming";
   std::error_code ec;
-  for (const auto& f : fs::directory_iterator(m_ws.state() / "incoming", ec)) {
-    if (in_use.count(f.path()) == 0) {
-      fs::remove(f.path(), ec);
+  std::vector<fs::path> others;
+  for (const auto& f : fs::directory_iterator(dir, ec)) {
+    if (keep.count(f.path()) == 0) {
+      others.push_back(f.path());
     }
+  }
+  // The attempt's update files (round-NNNNNN-SITE.safetensors, no longer mapped: its commit is
+  // over) become slots: as many as the attempt took, so no more disk than its commit needed.
+  for (const auto& path : others) {
+    const auto name = path.filename().string();
+    if (keep_slots && name.rfind("round-", 0) == 0 && name.size() > 12 &&
+        name.compare(name.size() - 12, 12, ".safetensors") == 0 && fs::is_regular_file(fs::symlink_status(path, ec))) {
+      auto slot = dir / fmt::format("slot-{}", m_slots_named++);
+      fs::rename(path, slot, ec);
+      if (!ec) {
+        m_free_slots.push_back(std::move(slot));
+        continue;
+      }
+    }
+    fs::remove(path, ec);
   }
 }
 
@@ -464,7 +481,7 @@ Coordinator::run()
     (void)::setrlimit(RLIMIT_NOFILE, &lim);
   }
   fs::create_directories(m_ws.state() / "incoming");
-  clean_incoming();
+  clean_incoming(false);
   load_tls();
   m_rounds.set_enrolled(m_trust->clients().size());
   listen_on(m_acceptor, m_s.listen, "--listen");
@@ -495,6 +512,8 @@ Coordinator::run()
   if (m_round_thread.joinable()) {
     m_round_thread.join();
   }
+  m_free_slots.clear(); // nothing is left for a next round
+  clean_incoming(false);
   if (!m_failure.empty()) {
     throw Error("{}", m_failure);
   }

@@ -129,12 +129,18 @@ private:
   void on_hello(const std::shared_ptr<Peer>& p, const json& header);
   void on_update(const std::shared_ptr<Peer>& p, const json& header);
   void discard_part(Peer& p);
+  // A file in state/incoming/ for the body of p's update: a slot kept from an earlier attempt
+  // if there is one (see clean_incoming), else a new file.
+  void open_part(Peer& p);
 
   void attempt_done(AttemptOutcome outcome, const std::string& failure);
   void stop_now();
   void wait_for_signal();
   std::string metrics_text() const;
-  void clean_incoming();
+  // Removes what state/incoming/ holds, except the bodies being received; after an attempt
+  // (`keep_slots`), the attempt's update files become slots that the next updates are written
+  // over, so that their page-cache pages are reused rather than allocated afresh every round.
+  void clean_incoming(bool keep_slots);
   // Signs the ledger's current head into m_head (keeps the previous one if it cannot be read).
   void update_head();
   json summary(const std::string& reason) const;
@@ -166,6 +172,10 @@ private:
   std::string m_model_sha;
   json m_head; // the ledger head, signed, that tasks and done frames carry
   std::uint64_t m_max_update = 0;
+  // Files in state/incoming/ free to take the next update bodies (clean_incoming), and the
+  // number of the next slot named.
+  std::vector<std::filesystem::path> m_free_slots;
+  std::uint64_t m_slots_named = 0;
 
   // Secure aggregation: the current attempt's, and the machine's close of it while its last
   // stages run.

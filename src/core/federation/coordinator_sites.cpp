@@ -12,6 +12,7 @@
 
 #include <cstring>
 #include <fcntl.h>
+#include <unistd.h>
 
 namespace fs = std::filesystem;
 
@@ -116,8 +117,7 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
     m_rounds.upload_lost(p->site, *refusal);
     return {};
   }
-  p->part = m_ws.state() / "incoming" / fmt::format("round-{:06}-{}.part", m_rounds.round(), p->site);
-  p->fd.reset(::open(p->part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  open_part(*p);
   if (!p->fd) {
     // The coordinator's problem (descriptors, disk), not the site's: this update is lost and the
     // site recorded as dropped; the round goes on with the others.
@@ -127,6 +127,25 @@ Coordinator::on_head(const std::shared_ptr<Peer>& p, const FramePrefix& prefix, 
   }
   p->digester = std::make_shared<UpdateDigester>();
   return {nullptr, p->fd.get(), [d = p->digester](std::span<const std::byte> bytes) { d->update(bytes); }};
+}
+
+void
+Coordinator::open_part(Peer& p)
+{
+  // A slot is written over from its start and cut to the body's length at its end (on_update):
+  // its pages are already in the page cache, and writing over them costs a copy where fresh
+  // ones cost an allocation and a zeroing each (measured: 10 bodies of 40 MB in 38 ms over a
+  // slot, 77-900 ms into new files on this VM).
+  while (!m_free_slots.empty()) {
+    p.part = std::move(m_free_slots.back());
+    m_free_slots.pop_back();
+    p.fd.reset(::open(p.part.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (p.fd) {
+      return;
+    }
+  }
+  p.part = m_ws.state() / "incoming" / fmt::format("slot-{}", m_slots_named++);
+  p.fd.reset(::open(p.part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
 }
 
 void
@@ -230,6 +249,15 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
 {
   if (!p->fd) {
     return; // dropped in on_head, already logged
+  }
+  // A slot may hold a longer body of an earlier round beyond this one's end.
+  const auto length = ::lseek(p->fd.get(), 0, SEEK_CUR);
+  if (length < 0 || ::ftruncate(p->fd.get(), length) != 0) {
+    const std::string why = std::strerror(errno);
+    discard_part(*p);
+    FEDL_LOG_ERROR("cannot store the update of {}: {}", p->site, why);
+    m_rounds.upload_lost(p->site, fmt::format("the coordinator could not store its update: {}", why));
+    return;
   }
   p->fd.reset();
   auto digest = std::exchange(p->digester, nullptr)->finish();

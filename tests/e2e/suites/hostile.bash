@@ -223,3 +223,34 @@ test_a_round_that_cannot_be_written_stops_the_coordinator_with_the_reason()
   grep -qE "incomplete|line [0-9]+: not valid JSON" serve.log ||
     fail "serve.log names neither an incomplete nor a garbled last line"
 }
+
+# The coordinator writes each update over the file of an earlier one (a slot, whose page-cache
+# pages are reused). A longer body left there must not follow the next, shorter update: the next
+# update would then be "corrupt" and its honest site rejected for another site's bytes.
+test_an_update_written_over_a_longer_one_is_cut_to_its_own_length()
+{
+  trap net_cleanup EXIT
+  net_init 3 2 || return
+  serve_bg --min-clients 1 --heartbeat 1
+  # site-3 alone: 64 KiB after its last tensor, rejected, and the attempt fails below quorum.
+  hostile padded
+  local round=$ROUND
+  wait_log serve.log "round $round attempt 1 is not counted" 30 || return
+  expect_in serve.log "bytes after the last tensor"
+  local slots
+  slots=(ws/state/incoming/slot-*)
+  [[ ${#slots[@]} == 1 && -f ${slots[0]} ]] || { fail "the failed attempt left no single slot: $(ls ws/state/incoming)"; return; }
+  local inode size
+  inode=$(stat -c %i "${slots[0]}")
+  size=$(stat -c %s "${slots[0]}")
+  # The retry: a well-formed update, shorter, written into that slot.
+  hostile plain
+  [[ $ROUND == "$round" ]] || fail "the retry is round $ROUND, not $round"
+  wait_log serve.log "round $round/2 done" 30 || return
+  expect_ledger "[p['site'] for b in R if b['round'] == $round for p in b['participants']] == ['site-3']" \
+    "round $round did not take site-3's well-formed update"
+  expect_ledger "all(b['rejected'] == [] for b in R)" "a committed round rejected an update"
+  slots=(ws/state/incoming/slot-*)
+  [[ $(stat -c %i "${slots[0]}") == "$inode" ]] || fail "the retry's update was not written into the slot"
+  check_py "$(stat -c %s "${slots[0]}") == $size - 65536" "the slot is $(stat -c %s "${slots[0]}") bytes, not $size - 65536"
+}

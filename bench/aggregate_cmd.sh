@@ -9,6 +9,8 @@
 #   fedl text   fedl -q aggregate --base B --out O U...          (nothing records the updates' hashes)
 #   fedl json   fedl -q --json aggregate --base B --out O U...   (the result lists each update's SHA-256)
 #   numpy       bench/aggregate_numpy.py --once memmap|fromfile --out O (the faster of the two)
+#   one         fedl text and NumPy (memmap) with the first update only: the cost of a run
+#               whatever N, so that the cost of each further update shows apart from it
 # and prints the median wall time of each and the ratios.
 #
 # Usage: bench/aggregate_cmd.sh [-n UPDATES] [-p PARAMS] [-r RUNS] [-k]
@@ -65,16 +67,21 @@ run() { # NAME COMMAND...: one timed run, its seconds appended to times[NAME]
   times[$name]+="$(echo "$end - $start" | bc) "
 }
 fedl_text() { run "fedl text" "$FEDL" -q aggregate --base "$tmp/in/base.safetensors" --out "$tmp/fedl.st" "${updates[@]}"; }
+# One update each: what a run costs whatever N (start-up, the base's and the result's SHA-256 and
+# fsync for fedl; the interpreter and `import numpy` for NumPy), so that the cost of each further
+# update shows apart from it.
+fedl_one() { run "fedl one" "$FEDL" -q aggregate --base "$tmp/in/base.safetensors" --out "$tmp/one.st" "${updates[0]}"; }
+numpy_one() { run "numpy one" "$PYTHON" "$here/aggregate_numpy.py" --dir "$tmp/in" --n 1 --once memmap --out "$tmp/np1.st"; }
 fedl_json() { run "fedl json" "$FEDL" -q --json aggregate --base "$tmp/in/base.safetensors" --out "$tmp/fedl.st" "${updates[@]}"; }
 numpy_run() { run "numpy $1" "$PYTHON" "$here/aggregate_numpy.py" --dir "$tmp/in" --n "$n" --once "$1" --out "$tmp/np.st"; }
 
-fedl_text; fedl_json; numpy_run memmap; numpy_run fromfile
+fedl_text; fedl_json; numpy_run memmap; numpy_run fromfile; fedl_one; numpy_one
 times=()
 for ((r = 0; r < runs; r++)); do
   if ((r % 2 == 0)); then
-    fedl_text; fedl_json; numpy_run memmap; numpy_run fromfile
+    fedl_text; fedl_json; numpy_run memmap; numpy_run fromfile; fedl_one; numpy_one
   else
-    numpy_run fromfile; numpy_run memmap; fedl_json; fedl_text
+    numpy_one; fedl_one; numpy_run fromfile; numpy_run memmap; fedl_json; fedl_text
   fi
 done
 # The two results agree (float32 sums in another order: to a few ulps).
@@ -95,10 +102,18 @@ mj=$(median "${times[fedl json]}")
 mm=$(median "${times[numpy memmap]}")
 mf=$(median "${times[numpy fromfile]}")
 np=$(echo "if ($mm < $mf) $mm else $mf" | bc -l)
+m1=$(median "${times[fedl one]}")
+n1=$(median "${times[numpy one]}")
 echo "fedl aggregate vs NumPy, whole processes: N = $n updates of P = $params float32 ($((params * 4 / 1000000)) MB each), $runs runs each, medians"
 printf '  %-52s %8.1f ms\n' "fedl aggregate (text result)" "$(echo "$mt * 1000" | bc -l)"
 printf '  %-52s %8.1f ms\n' "fedl --json aggregate (lists each update's SHA-256)" "$(echo "$mj * 1000" | bc -l)"
 printf '  %-52s %8.1f ms\n' "NumPy, np.memmap" "$(echo "$mm * 1000" | bc -l)"
 printf '  %-52s %8.1f ms\n' "NumPy, np.fromfile" "$(echo "$mf * 1000" | bc -l)"
 printf '  %-52s %8.2fx (text), %.2fx (--json)\n' "NumPy's faster / fedl" "$(echo "$np / $mt" | bc -l)" "$(echo "$np / $mj" | bc -l)"
+if ((n > 1)); then
+  printf '  %-52s %8.1f ms (fedl), %.1f ms (NumPy, np.memmap)\n' "one update only (the fixed cost)" \
+    "$(echo "$m1 * 1000" | bc -l)" "$(echo "$n1 * 1000" | bc -l)"
+  printf '  %-52s %8.2f ms (fedl), %.2f ms (NumPy): %.2fx\n' "each further update" "$(echo "($mt - $m1) * 1000 / ($n - 1)" | bc -l)" \
+    "$(echo "($mm - $n1) * 1000 / ($n - 1)" | bc -l)" "$(echo "($mm - $n1) / ($mt - $m1)" | bc -l)"
+fi
 echo "  load average: $(cut -d' ' -f1-3 /proc/loadavg)"

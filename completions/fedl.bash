@@ -7,7 +7,7 @@ _fedl()
   cmd=""
   for ((i = 1; i < COMP_CWORD; i++)); do
     case "${COMP_WORDS[i]}" in
-      init|train|eval|serve|join|aggregate|audit|completion) cmd="${COMP_WORDS[i]}"; break ;;
+      init|train|eval|inspect|serve|join|aggregate|audit|completion) cmd="${COMP_WORDS[i]}"; break ;;
     esac
   done
   case "$prev" in
@@ -127,6 +127,8 @@ _fedl()
     --delta) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --max-epochs) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --min-noise-multiplier) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --model-policy) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --pin-model) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --device) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --threads) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --sandbox) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -W "strict auto off" -- "$cur")); return; } ;;&
@@ -153,12 +155,13 @@ _fedl()
   esac
   local words
   case "$cmd" in
-    "") words="init train eval serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
+    "") words="init train eval inspect serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
     "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "inspect") words="--help --help --json --quiet --verbose --log-format --version" ;;
     "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --require-sandbox --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --max-epochs --min-noise-multiplier --require-secure-aggregation --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --host --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;

@@ -22,7 +22,7 @@ extern "C"
 {
 #endif
 
-#define FEDL_BACKEND_ABI_VERSION 2u
+#define FEDL_BACKEND_ABI_VERSION 3u
 
   enum fedl_status
   {
@@ -144,6 +144,13 @@ extern "C"
     int (*model_train)(fedl_model* model, const fedl_dataset* data, const fedl_train_config* config,
                        fedl_progress_fn progress, void* user, fedl_train_result* result);
     int (*model_evaluate)(fedl_model* model, const fedl_dataset* data, uint32_t batch_size, fedl_eval_result* result);
+
+    /* (ABI 3) Inspects the TorchScript module at `path` before anything of it runs, against the
+     * backend's operator allow-list: *report is JSON text (fedl-inspect(1): "verdict", "refused",
+     * "needs_dp_off", "operators", "methods", "parameters", "buffers", "allow_list_version"),
+     * valid until the next call on this thread. FEDL_STATUS_VERIFY if the file is not a module.
+     * NULL in a backend that cannot inspect: fedl then refuses TorchScript modules on it. */
+    int (*torchscript_inspect)(const char* path, const char** report);
   } fedl_backend_v1;
 
   /* The one symbol a backend exports. Returns NULL if it does not implement `abi_version`. */

@@ -262,6 +262,24 @@ Model::create(const Backend& backend, const std::string& device, const std::stri
   return Model(backend, handle);
 }
 
+std::string
+inspect_torchscript(const Backend& backend, const fs::path& path)
+{
+  if (backend.api->torchscript_inspect == nullptr) {
+    throw core::Error("the {} backend ({}) cannot inspect TorchScript modules, so fedl will not run {} on it",
+                      backend.api->name, backend.path.string(), path.string());
+  }
+  if (!fs::exists(path)) {
+    throw core::Error("cannot open {}: No such file or directory", path.string());
+  }
+  const char* report = nullptr;
+  const int rc = backend.api->torchscript_inspect(path.c_str(), &report);
+  if (rc != FEDL_STATUS_OK) {
+    throw core::Error(exit_code_of(rc), "{}", backend.api->last_error());
+  }
+  return report;
+}
+
 Model
 Model::load_torchscript(const Backend& backend, const std::string& device, const fs::path& path)
 {

@@ -47,6 +47,11 @@ bool backends_loaded() noexcept;
 // Error (exit 1) naming what to install if no backend loads at all.
 std::pair<const Backend*, std::string> resolve_device(const std::string& device);
 
+// The backend's report on the TorchScript module at `path` (fedl-inspect(1)), read before
+// anything of it runs. Throws Error if the backend cannot inspect modules, VerifyError (exit 3)
+// if the file is not one.
+std::string inspect_torchscript(const Backend& backend, const std::filesystem::path& path);
+
 // A model living in a backend. Every failure becomes a core::Error with the backend's message
 // and the matching exit code.
 class Model

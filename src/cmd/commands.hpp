@@ -29,6 +29,7 @@ Command add_train(CLI::App& parent);
 Command add_aggregate(CLI::App& parent);
 Command add_audit(CLI::App& parent);
 Command add_eval(CLI::App& parent);
+Command add_inspect(CLI::App& parent);
 Command add_completion(CLI::App& parent);
 Command add_doc(CLI::App& parent);
 Command add_worker(CLI::App& parent);

@@ -6,6 +6,7 @@
 
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
+#include "cmd/model_io.hpp"
 #include "core/config/config.hpp"
 #include "core/federation/serve_settings.hpp"
 #include "core/format/model_spec.hpp"
@@ -71,6 +72,8 @@ write_initial_model(const InitOptions& opt, core::FederationConfig& config, cons
     fs::copy_file(*opt.torchscript, dir / "model.pt");
     config.model.arch = "torchscript";
     config.model.torchscript = "model.pt";
+    // Inspected as every site will (a module they would refuse is refused here, at once).
+    (void)check_module(*backend, dir / "model.pt", ModulePolicy{});
     model.emplace(backends::Model::load_torchscript(*backend, device, dir / "model.pt"));
   } else {
     model.emplace(backends::Model::create(*backend, device, config.model.arch, config.model.input_shape,

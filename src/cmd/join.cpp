@@ -4,6 +4,7 @@
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
+#include "cmd/model_io.hpp"
 #include "core/federation/session.hpp"
 #include "core/net/child.hpp"
 #include "core/net/fork_server.hpp"
@@ -11,6 +12,7 @@
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
+#include "core/util/text.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -41,7 +43,36 @@ struct JoinOptions
   bool require_secure_aggregation = false;
   ComputeOptions compute;
   SandboxFlags sandbox;
+  std::optional<std::string> model_policy;
+  std::optional<std::string> pin_model;
 };
+
+// --model-policy and --pin-model: what this site accepts of a TorchScript module.
+ModulePolicy
+module_policy(const JoinOptions& opt)
+{
+  ModulePolicy p;
+  if (opt.model_policy) {
+    p.kind = ModulePolicy::parse(*opt.model_policy);
+  }
+  if (opt.pin_model) {
+    if (opt.model_policy && p.kind != ModulePolicy::Kind::pinned) {
+      throw core::UsageError("--pin-model pins the module: it goes with --model-policy pinned, not {}", p.name());
+    }
+    const auto& pin = *opt.pin_model;
+    if (pin.size() != 64 || pin.find_first_not_of("0123456789abcdef") != std::string::npos) {
+      throw core::UsageError("--pin-model must be a SHA-256 in 64 lowercase hex digits (fedl inspect prints it), not "
+                             "{}",
+                             core::quote_text(pin));
+    }
+    p.kind = ModulePolicy::Kind::pinned;
+    p.pin = pin;
+  } else if (p.kind == ModulePolicy::Kind::pinned) {
+    throw core::UsageError("--model-policy pinned needs --pin-model SHA256: the module to train (fedl inspect "
+                           "prints its SHA-256)");
+  }
+  return p;
+}
 
 int
 run_join(const JoinOptions& opt)
@@ -81,7 +112,13 @@ run_join(const JoinOptions& opt)
   s.retry_max = opt.retry_max;
   s.retry_for = opt.retry_for;
   s.trainer_idle = opt.trainer_idle;
-  // Checked here, at start, rather than by the trainer at the first task.
+  // Checked here, at start, rather than by the trainer at the first task: the policy's checks of
+  // the module file (strict, the pin; the trainer inspects the module itself, with the backend).
+  const auto policy = module_policy(opt);
+  if (fs::exists(opt.bundle / "model.pt")) {
+    policy.check_file(opt.bundle / "model.pt");
+  }
+  s.model_policy = policy.name();
   const auto sandbox = opt.sandbox.policy("the trainer");
   s.sandbox = sandbox.level;
   if (opt.fork_server) {
@@ -118,6 +155,10 @@ run_join(const JoinOptions& opt)
   s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
   if (fs::exists(opt.bundle / "model.pt")) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
+  }
+  s.trainer_argv.insert(s.trainer_argv.end(), {"--model-policy", policy.name()});
+  if (policy.pin) {
+    s.trainer_argv.insert(s.trainer_argv.end(), {"--pin-model", *policy.pin});
   }
   s.trainer_argv.insert(s.trainer_argv.end(), {"--device", opt.compute.device});
   const auto sandbox_args = opt.sandbox.to_args();
@@ -185,6 +226,15 @@ add_join(CLI::App& parent)
     ->type_name("S");
   app->add_flag("--require-secure-aggregation", opt->require_secure_aggregation,
                 "Refuse tasks that would send this site's update in clear (without secure aggregation)");
+  app
+    ->add_option("--model-policy", opt->model_policy,
+                 "What this site trains of a TorchScript module: strict (none: fedl's own architectures only), "
+                 "inspect (one that passes the operator allow-list; the default), pinned (only the one --pin-model "
+                 "names, inspected too)")
+    ->check(CLI::IsMember({"strict", "inspect", "pinned"}))
+    ->type_name("POLICY");
+  app->add_option("--pin-model", opt->pin_model, "Train only the TorchScript module of this SHA-256 (fedl inspect)")
+    ->type_name("SHA256");
   add_compute_options(*app, opt->compute);
   add_sandbox_options(*app, opt->sandbox);
   return {app, [opt] { return run_join(*opt); }};

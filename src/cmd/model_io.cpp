@@ -3,11 +3,18 @@
 
 #include "core/format/model_spec.hpp"
 #include "core/util/error.hpp"
+#include "core/util/file_io.hpp"
+#include "core/util/log.hpp"
+#include "core/util/text.hpp"
 
 #include <fmt/format.h>
 
 #include <charconv>
+#include <chrono>
 #include <cmath>
+#include <map>
+
+namespace fs = std::filesystem;
 
 namespace fedl::cmd {
 
@@ -64,6 +71,17 @@ check_fits(const OpenedModel& m, const core::Dataset& data)
   }
 }
 
+// "aten::copy_ in __torch__.Net.forward (net.py:12:8): why", for messages.
+std::string
+finding_text(const nlohmann::json& f)
+{
+  // The names and the source file are the module's author's words: one line, no controls.
+  auto safe = [](const std::string& s) { return core::escape_controls(core::valid_utf8(s, 300)); };
+  const auto source = f.value("source", "");
+  return fmt::format("{} in {}{}: {}", safe(f.value("operator", "?")), safe(f.value("method", "?")),
+                     source.empty() ? "" : " (" + safe(source) + ")", f.value("reason", "?"));
+}
+
 // The flags that name the model: exactly one way, and --classes only with --arch.
 void
 check_model_source(const ModelSource& src)
@@ -88,6 +106,79 @@ check_model_source(const ModelSource& src)
 
 } // namespace
 
+ModulePolicy::Kind
+ModulePolicy::parse(const std::string& name)
+{
+  if (name == "strict") {
+    return Kind::strict;
+  }
+  if (name == "inspect") {
+    return Kind::inspect;
+  }
+  if (name == "pinned") {
+    return Kind::pinned;
+  }
+  throw core::UsageError("--model-policy must be strict, inspect or pinned, not {}", core::quote_text(name));
+}
+
+std::string
+ModulePolicy::name() const
+{
+  switch (kind) {
+  case Kind::strict:
+    return "strict";
+  case Kind::pinned:
+    return "pinned";
+  default:
+    return "inspect";
+  }
+}
+
+void
+ModulePolicy::check_file(const fs::path& module) const
+{
+  if (kind == Kind::strict) {
+    throw core::VerifyError("{} is a TorchScript module, and --model-policy strict trains fedl's own architectures "
+                            "only; review it (fedl inspect {}) and use --model-policy inspect or pinned to train it",
+                            module.string(), module.string());
+  }
+  if (kind == Kind::pinned) {
+    const auto sha = core::file_sha256(module);
+    if (!pin || sha != *pin) {
+      throw core::VerifyError("{} is not the module pinned with --pin-model (its SHA-256 is {}, the pin {}): it was "
+                              "changed; review it with fedl inspect {} before pinning it again",
+                              module.string(), sha, pin.value_or("none"), module.string());
+    }
+  }
+}
+
+nlohmann::json
+check_module(const backends::Backend& backend, const fs::path& path, const ModulePolicy& policy)
+{
+  policy.check_file(path);
+  // Inspected once per content in this process (a trainer opens the module for every task).
+  static std::map<std::string, nlohmann::json> inspected;
+  const auto sha = core::file_sha256(path);
+  auto it = inspected.find(sha);
+  if (it == inspected.end()) {
+    const auto start = std::chrono::steady_clock::now();
+    it = inspected.emplace(sha, nlohmann::json::parse(backends::inspect_torchscript(backend, path))).first;
+    FEDL_LOG_DEBUG("{}: inspected in {:.1f} ms ({} methods)", path.string(),
+                   std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count(),
+                   it->second.at("methods").size());
+  }
+  const auto& report = it->second;
+  const auto& refused = report.at("refused");
+  if (!refused.empty()) {
+    throw core::VerifyError(
+      "{} is refused by fedl's TorchScript allow-list (version {}): {}{}", path.string(),
+      report.value("allow_list_version", 0), finding_text(refused.at(0)),
+      refused.size() > 1 ? fmt::format("; and {} more (fedl inspect {} lists them)", refused.size() - 1, path.string())
+                         : std::string());
+  }
+  return report;
+}
+
 OpenedModel
 open_model(const backends::Backend& backend, const std::string& device, const ModelSource& src,
            const core::Dataset& data, OpenedModel* previous)
@@ -102,8 +193,12 @@ open_model(const backends::Backend& backend, const std::string& device, const Mo
                         data.source.string(), classes - 1);
     }
     // Never reused: a fresh model's weights come from the seed, which `previous` has spent.
-    OpenedModel m{backends::Model::create(backend, device, spec.text, data.sample_shape, classes, src.seed), spec.text,
-                  data.sample_shape, classes, std::nullopt};
+    OpenedModel m{backends::Model::create(backend, device, spec.text, data.sample_shape, classes, src.seed),
+                  spec.text,
+                  data.sample_shape,
+                  classes,
+                  std::nullopt,
+                  {}};
     check_fits(m, data);
     return m;
   }
@@ -133,11 +228,19 @@ open_model(const backends::Backend& backend, const std::string& device, const Mo
   }
 
   if (src.torchscript) {
+    const auto report = check_module(backend, *src.torchscript, src.policy);
     // Never reused: the TorchScript executor optimises a graph after its first runs, and the
     // optimised graph rounds differently, so a module trained twice in one process would not
     // give the update that fedl train gives.
-    OpenedModel m{backends::Model::load_torchscript(backend, device, *src.torchscript), "torchscript",
-                  data.sample_shape, 0, std::nullopt};
+    OpenedModel m{backends::Model::load_torchscript(backend, device, *src.torchscript),
+                  "torchscript",
+                  data.sample_shape,
+                  0,
+                  std::nullopt,
+                  {}};
+    for (const auto& f : report.at("needs_dp_off")) {
+      m.needs_dp_off.push_back(finding_text(f));
+    }
     if (st != nullptr) {
       m.model.set_weights(*st, what);
       m.file_sha256 = sha256;
@@ -171,7 +274,11 @@ open_model(const backends::Backend& backend, const std::string& device, const Mo
                      previous->classes == classes;
   OpenedModel m{reuse ? std::move(previous->model)
                       : backends::Model::create(backend, device, arch, input_shape, classes, src.seed),
-                arch, input_shape, classes, sha256};
+                arch,
+                input_shape,
+                classes,
+                sha256,
+                {}};
   check_fits(m, data);
   m.model.set_weights(*st, what);
   return m;
@@ -237,6 +344,9 @@ train_model(OpenedModel& m, const core::Dataset& data, const TrainingSettings& s
 {
   if (settings.epochs == 0) {
     return {0.0, data.size(), 0, 0};
+  }
+  if (settings.dp && !m.needs_dp_off.empty()) {
+    throw core::VerifyError("the TorchScript module cannot train under DP-SGD: {}", m.needs_dp_off.front());
   }
   const auto result = m.model.train(data, train_config(settings, seed), progress);
   // The privacy accounted is only true if the backend really took every step with DP-SGD.

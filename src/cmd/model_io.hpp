@@ -12,6 +12,8 @@
 #include "core/format/tensor.hpp"
 #include "core/privacy/privacy.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -32,6 +34,34 @@ struct ModelBytes
   std::optional<std::string> sha256;
 };
 
+// What a site accepts of a TorchScript module (fedl-join(1) --model-policy; every other
+// command inspects): a module is always checked against the backend's operator allow-list
+// before anything of it runs (fedl-inspect(1)); strict refuses TorchScript altogether, pinned
+// takes only the module file whose SHA-256 is `pin`.
+struct ModulePolicy
+{
+  enum class Kind
+  {
+    strict,
+    inspect,
+    pinned
+  };
+  Kind kind = Kind::inspect;
+  std::optional<std::string> pin;
+
+  static Kind parse(const std::string& name); // UsageError if unknown
+  std::string name() const;
+  // Pure checks of the module file, which need no backend: strict and the pin. VerifyError.
+  void check_file(const std::filesystem::path& module) const;
+};
+
+// The inspection of the module at `path` under `policy`: check_file, then the backend's report,
+// which must find nothing to refuse (VerifyError, exit 3, naming the operator, the method and
+// where in the source). Returns the report. A process that loads the same module again (a
+// trainer, for every task) inspects it once.
+nlohmann::json check_module(const backends::Backend& backend, const std::filesystem::path& path,
+                            const ModulePolicy& policy);
+
 struct ModelSource
 {
   std::optional<std::filesystem::path> model;       // --model
@@ -40,6 +70,7 @@ struct ModelSource
   std::optional<std::filesystem::path> torchscript; // --torchscript
   std::optional<std::int64_t> classes;              // --classes (with --arch)
   std::uint64_t seed = 0;
+  ModulePolicy policy; // for --torchscript
 };
 
 struct OpenedModel
@@ -49,6 +80,9 @@ struct OpenedModel
   std::vector<std::int64_t> input_shape;
   std::int64_t classes = 0;               // 0: unknown (TorchScript without a model file)
   std::optional<std::string> file_sha256; // of the model file's bytes (--model or model_bytes)
+  // A TorchScript module's writes to its buffers' running statistics (BatchNorm), which it may
+  // make without DP-SGD only: the inspection's reasons, empty if none.
+  std::vector<std::string> needs_dp_off;
 };
 
 // Opens the model on `device` of `backend` and checks that `data` fits it (feature count,

@@ -52,6 +52,8 @@ struct WorkerOptions
   DataFlags data;
   ComputeOptions compute;
   std::optional<std::filesystem::path> torchscript;
+  std::string model_policy = "inspect";
+  std::optional<std::string> pin_model;
   std::uint64_t max_model_bytes = default_max_model_bytes;
   SandboxFlags sandbox;
   std::string role = "the trainer"; // or "the evaluator", for messages
@@ -241,6 +243,8 @@ private:
     ModelSource src;
     src.model_bytes = ModelBytes{bytes, std::move(what), std::move(sha256)};
     src.torchscript = m_opt.torchscript;
+    src.policy.kind = ModulePolicy::parse(m_opt.model_policy);
+    src.policy.pin = m_opt.pin_model;
     src.seed = seed;
     // The kept model is taken over or dropped whatever happens: after a failure half-way its
     // weights are in no known state.
@@ -313,6 +317,9 @@ add_worker(CLI::App& parent)
   add_compute_options(*app, opt->compute);
   add_sandbox_options(*app, opt->sandbox);
   app->add_option("--role", opt->role, "What it is, for messages")->capture_default_str();
+  app->add_option("--model-policy", opt->model_policy, "What it trains of a TorchScript module (fedl join's)")
+    ->capture_default_str();
+  app->add_option("--pin-model", opt->pin_model, "The SHA-256 of the only module it trains (fedl join's)");
   return {app, [opt] { return run_worker(*opt); }};
 }
 

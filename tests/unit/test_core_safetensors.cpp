@@ -132,4 +132,26 @@ TEST_CASE("core::safetensors refuses duplicate names and data that do not match 
   CHECK_FALSE(std::filesystem::exists(dir / "b"));
 }
 
+TEST_CASE("core::tensor_listing and listing_difference: what a trainer's update must hold of the model")
+{
+  const std::vector<float> w{1, 2, 3, 4};
+  auto listing = [&](std::vector<TensorView> tensors) {
+    Safetensors st;
+    st.tensors = std::move(tensors);
+    return tensor_listing(st);
+  };
+  const auto model = listing({{"fc.weight", DType::f32, {2, 2}, bytes_of(w)}, {"fc.bias", DType::f32, {2}, {}}});
+  CHECK(listing_difference(model, listing({{"fc.bias", DType::f32, {2}, {}}, {"fc.weight", DType::f32, {2, 2}, {}}}))
+          .empty());
+  CHECK(listing_difference(model, listing({{"fc.weight", DType::f32, {2, 2}, {}}})) == "tensor 'fc.bias' is missing");
+  CHECK(listing_difference(model, listing({{"fc.weight", DType::f32, {4}, {}}, {"fc.bias", DType::f32, {2}, {}}})) ==
+        "tensor 'fc.weight' has another dtype or shape");
+  CHECK(listing_difference(model, listing({{"fc.weight", DType::f64, {2, 2}, {}}, {"fc.bias", DType::f32, {2}, {}}})) ==
+        "tensor 'fc.weight' has another dtype or shape");
+  CHECK(listing_difference(model, listing({{"fc.weight", DType::f32, {2, 2}, {}},
+                                           {"fc.bias", DType::f32, {2}, {}},
+                                           {"stolen", DType::u8, {100}, {}}})) ==
+        "tensor 'stolen' is not one of the model's");
+}
+
 TEST_SUITE_END();

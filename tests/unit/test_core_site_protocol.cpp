@@ -39,20 +39,30 @@ TEST_CASE("site protocol: every message survives its encoder and decoder")
   with_setup.secure_aggregation = json{{"index", 2}};
   CHECK(Task::from_header(with_setup.to_header()).secure_aggregation == json{{"index", 2}});
 
-  const auto u = Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}, SandboxLevel::strict}.to_header());
+  const auto u = Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}, SandboxLevel::strict, "pinned"}.to_header());
   CHECK(u.round == 4);
   CHECK(u.task == 77);
   CHECK(u.attempt == 2);
   CHECK(u.metrics == json{{"loss", 0.5}});
   CHECK(u.sandbox == SandboxLevel::strict);
+  CHECK(u.model_policy == "pinned");
   // An older site says nothing of its sandbox; a word other than off, auto or strict is refused.
-  auto no_sandbox = Update{4, 77, 2, json::object(), std::nullopt}.to_header();
+  auto no_sandbox = Update{4, 77, 2, json::object(), std::nullopt, std::nullopt}.to_header();
   CHECK_FALSE(no_sandbox.contains("sandbox"));
   CHECK_FALSE(Update::from_header(no_sandbox).sandbox);
   no_sandbox["sandbox"] = "very";
   CHECK_THROWS_AS(Update::from_header(no_sandbox), ProtocolError);
   no_sandbox["sandbox"] = 2;
   CHECK_THROWS_AS(Update::from_header(no_sandbox), ProtocolError);
+  // The same for the site's TorchScript policy: nothing said, or strict, inspect or pinned.
+  auto policy = Update{4, 77, 2, json::object(), std::nullopt, std::nullopt}.to_header();
+  CHECK_FALSE(policy.contains("model_policy"));
+  CHECK_FALSE(Update::from_header(policy).model_policy);
+  policy["model_policy"] = "trusting";
+  CHECK_THROWS_WITH_AS(Update::from_header(policy), "frame header field model_policy is not strict, inspect or pinned",
+                       ProtocolError);
+  policy["model_policy"] = json::array();
+  CHECK_THROWS_AS(Update::from_header(policy), ProtocolError);
 
   const auto d = Done::from_header(Done{10, "rounds", nullptr}.to_header());
   CHECK(d.rounds == 10);

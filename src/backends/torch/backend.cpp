@@ -5,6 +5,7 @@
 #include "backends/backend.h"
 
 #include "backends/torch/dp_sgd.hpp"
+#include "backends/torch/inspect.hpp"
 #include "backends/torch/zoo.hpp"
 
 #include <torch/torch.h>
@@ -183,6 +184,23 @@ b_model_load_torchscript(const char* path, const char* device, fedl_model** out)
                                               "torch.jit.load can read: " + e.what_without_backtrace());
     }
     *out = m.release();
+  });
+}
+
+int
+b_torchscript_inspect(const char* path, const char** report)
+{
+  thread_local std::string text;
+  return guarded([&] {
+    try {
+      text = tb::inspect_torchscript(path);
+    } catch (const c10::Error& e) {
+      throw StatusError(FEDL_STATUS_VERIFY, std::string(path) + " is not a TorchScript module that " +
+                                              "torch.jit.load can read: " + e.what_without_backtrace());
+    } catch (const std::runtime_error& e) {
+      throw StatusError(FEDL_STATUS_VERIFY, e.what());
+    }
+    *report = text.c_str();
   });
 }
 
@@ -553,6 +571,7 @@ fedl_backend_entry(uint32_t abi_version)
     b_model_set_weights,
     b_model_train,
     b_model_evaluate,
+    b_torchscript_inspect,
   };
   return abi_version == FEDL_BACKEND_ABI_VERSION ? &table : nullptr;
 }

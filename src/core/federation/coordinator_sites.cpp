@@ -274,6 +274,9 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
   if (update.sandbox) {
     metrics["sandbox"] = sandbox_level_name(*update.sandbox); // recorded in the round's ledger entry
   }
+  if (update.model_policy) {
+    metrics["model_policy"] = *update.model_policy;
+  }
   m_rounds.upload_received(p->site, file, std::move(metrics), std::move(digest));
 }
 

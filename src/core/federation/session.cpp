@@ -383,7 +383,8 @@ Site::send_update(const SentUpdate& sent, std::uint64_t attempt)
   for (const auto* t : serialize_order(sent.update->parsed.tensors)) {
     parts.push_back(t->data);
   }
-  m_conn->send(FrameType::update, Update{sent.round, sent.task, attempt, sent.metrics, m_s.sandbox}.to_header(),
+  m_conn->send(FrameType::update,
+               Update{sent.round, sent.task, attempt, sent.metrics, m_s.sandbox, m_s.model_policy}.to_header(),
                std::move(parts), sent.update);
 }
 

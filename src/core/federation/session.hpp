@@ -39,6 +39,7 @@ struct JoinSettings
   std::optional<double> min_noise_multiplier;     // --min-noise-multiplier
   bool require_secure_aggregation = false;        // --require-secure-aggregation: no update in clear
   SandboxLevel sandbox = SandboxLevel::automatic; // --sandbox: told to the coordinator with each update
+  std::string model_policy = "inspect";           // --model-policy: told to the coordinator likewise
   // The site's own privacy budget (--max-epsilon, --delta): kept in bundle/privacy.jsonl; a task
   // whose DP-SGD would take the account past it is refused (the coordinator is told why) and
   // the site stops with exit 4.

@@ -185,6 +185,7 @@ Site::send_secure_input()
     SecAggInput input;
     input.task = s.task;
     input.sandbox = m_s.sandbox;
+    input.model_policy = m_s.model_policy;
     input.range = s.setup.range;
     input.max_samples = s.setup.max_samples;
     // The body: the masked words, little-endian (in place on a little-endian machine).

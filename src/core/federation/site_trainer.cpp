@@ -184,6 +184,7 @@ Site::trainer_loop()
         m_running_serial = job.serial;
         started = true;
       }
+      const auto tensors = tensor_listing(parse_safetensors(*job.model, "the task's model"));
       // An update is the model's size plus its metadata: the trainer cannot make this process
       // allocate more than that, whatever it claims.
       const auto max_update = job.model->size() + (std::uint64_t{4} << 20);
@@ -198,6 +199,14 @@ Site::trainer_loop()
         failure = Failure{e->cls, valid_utf8(e->message), false};
       } else {
         auto& [r, bytes] = std::get<0>(answer);
+        // The model's tensors exactly, nothing added or renamed: a module can send nothing but
+        // what training changed in its weights.
+        const auto why = listing_difference(tensors, tensor_listing(parse_safetensors(bytes, "the trainer's update")));
+        if (!why.empty()) {
+          throw Failure{ReasonClass::internal,
+                        "the trainer's update does not hold exactly the model's tensors (names, dtypes and shapes): " +
+                          why};
+        }
         result = r;
         body = std::move(bytes);
       }

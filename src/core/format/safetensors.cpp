@@ -275,6 +275,36 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path)
 {
 }
 
+TensorListing
+tensor_listing(const Safetensors& st)
+{
+  TensorListing out;
+  for (const auto& t : st.tensors) {
+    out[t.name] = {t.dtype, t.shape};
+  }
+  return out;
+}
+
+std::string
+listing_difference(const TensorListing& want, const TensorListing& got)
+{
+  for (const auto& [name, info] : want) {
+    const auto it = got.find(name);
+    if (it == got.end()) {
+      return fmt::format("tensor {} is missing", quote_text(name));
+    }
+    if (it->second != info) {
+      return fmt::format("tensor {} has another dtype or shape", quote_text(name));
+    }
+  }
+  for (const auto& entry : got) {
+    if (want.count(entry.first) == 0) {
+      return fmt::format("tensor {} is not one of the model's", quote_text(entry.first));
+    }
+  }
+  return "";
+}
+
 std::vector<const TensorView*>
 serialize_order(std::span<const TensorView> tensors)
 {

@@ -99,6 +99,14 @@ private:
 // The serialized header (size prefix and JSON, padded) for `tensors` in the order they will be
 // written. `serialize_order` returns that order: decreasing dtype size, then name.
 std::vector<const TensorView*> serialize_order(std::span<const TensorView> tensors);
+
+// Each tensor's dtype and shape by name: what a file holds, without its bytes (which a caller
+// may no longer have when it compares two files).
+using TensorListing = std::map<std::string, std::pair<DType, std::vector<std::int64_t>>>;
+TensorListing tensor_listing(const Safetensors& st);
+// The first tensor of `want` missing from `got` or different there, or of `got` not in `want`,
+// in words; "" if the two are the same.
+std::string listing_difference(const TensorListing& want, const TensorListing& got);
 std::string safetensors_header(std::span<const TensorView* const> ordered, const Metadata& metadata);
 
 // The whole file as it would be written, and its SHA-256, without writing it.

@@ -190,6 +190,19 @@ header_sandbox(const nlohmann::json& header, const char* key)
   throw ProtocolError(fmt::format("frame header field {} is not off, auto or strict", key));
 }
 
+std::optional<std::string>
+header_model_policy(const nlohmann::json& header, const char* key)
+{
+  if (!header.contains(key)) {
+    return std::nullopt;
+  }
+  auto policy = header_string(header, key);
+  if (policy != "strict" && policy != "inspect" && policy != "pinned") {
+    throw ProtocolError(fmt::format("frame header field {} is not strict, inspect or pinned", key));
+  }
+  return policy;
+}
+
 std::int64_t
 header_int(const nlohmann::json& header, const char* key, std::int64_t fallback)
 {

@@ -113,6 +113,9 @@ std::string header_string(const nlohmann::json& header, const char* key, const s
 bool header_bool(const nlohmann::json& header, const char* key, bool fallback = false);
 // A sandbox level (off, auto, strict), if the field is there.
 std::optional<SandboxLevel> header_sandbox(const nlohmann::json& header, const char* key);
+// A site's TorchScript policy (strict, inspect, pinned: fedl-join(1) --model-policy), if the field
+// is there.
+std::optional<std::string> header_model_policy(const nlohmann::json& header, const char* key);
 
 // The prefix and header of a frame, ready to be followed by `body_size` body bytes.
 std::string frame_head(FrameType type, const nlohmann::json& header, std::uint64_t body_size);

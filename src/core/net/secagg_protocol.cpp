@@ -278,6 +278,9 @@ SecAggInput::to_header() const
   if (sandbox) {
     h["sandbox"] = sandbox_level_name(*sandbox);
   }
+  if (model_policy) {
+    h["model_policy"] = *model_policy;
+  }
   return h;
 }
 
@@ -300,6 +303,7 @@ SecAggInput::from_header(const json& h)
   }
   in.signature = bounded_string(h, "signature", max_signature_bytes);
   in.sandbox = header_sandbox(h, "sandbox");
+  in.model_policy = header_model_policy(h, "model_policy");
   return in;
 }
 

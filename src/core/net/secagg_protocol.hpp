@@ -118,8 +118,9 @@ struct SecAggInput
   // Its DP-SGD report (fedl.dp's JSON text, as an update's metadata carries it), if it trained
   // with DP-SGD; at most 4 KiB.
   std::optional<std::string> dp;
-  std::string signature;               // over input_payload()
-  std::optional<SandboxLevel> sandbox; // how the site confined its trainer (not signed)
+  std::string signature;                   // over input_payload()
+  std::optional<SandboxLevel> sandbox;     // how the site confined its trainer
+  std::optional<std::string> model_policy; // what it accepts of TorchScript (--model-policy)
 
   nlohmann::json to_header() const;
   static SecAggInput from_header(const nlohmann::json& header);

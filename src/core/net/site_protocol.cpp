@@ -116,6 +116,9 @@ Update::to_header() const
   if (sandbox) {
     h["sandbox"] = sandbox_level_name(*sandbox);
   }
+  if (model_policy) {
+    h["model_policy"] = *model_policy;
+  }
   return h;
 }
 
@@ -130,6 +133,7 @@ Update::from_header(const json& h)
     u.metrics = std::move(metrics);
   }
   u.sandbox = header_sandbox(h, "sandbox");
+  u.model_policy = header_model_policy(h, "model_policy");
   return u;
 }
 

@@ -119,17 +119,17 @@ run_inspect(const InspectOptions& opt)
   j["file"] = opt.model.string();
   j["sha256"] = sha;
   const auto verdict = j.at("verdict").get<std::string>();
-  std::string text = fmt::format("{}: {}, SHA-256 {}\n", opt.model.string(),
-                                 verdict == "data" ? "a safetensors file (data: nothing of it runs)" : "a TorchScript module",
-                                 sha);
+  std::string text =
+    fmt::format("{}: {}, SHA-256 {}\n", opt.model.string(),
+                verdict == "data" ? "a safetensors file (data: nothing of it runs)" : "a TorchScript module", sha);
   if (verdict == "data") {
     for (const auto& [k, v] : j["metadata"].items()) {
       text += fmt::format("  {} = {}\n", safe(k), safe(v.get<std::string>()));
     }
     text += tensors_text("tensors", j["tensors"]);
   } else {
-    text += fmt::format("verdict: {} by fedl's allow-list (version {})\n", verdict,
-                        j.at("allow_list_version").get<int>());
+    text +=
+      fmt::format("verdict: {} by fedl's allow-list (version {})\n", verdict, j.at("allow_list_version").get<int>());
     text += findings_text("refused", j["refused"]);
     text += findings_text("only without DP-SGD", j["needs_dp_off"]);
     text += tensors_text("parameters", j["parameters"]);

@@ -248,7 +248,8 @@ TEST_CASE("the C table: bad DP settings are FEDL_STATUS_USAGE")
 {
   const auto* api = fedl_backend_entry(FEDL_BACKEND_ABI_VERSION);
   REQUIRE(api != nullptr);
-  CHECK(api->abi_version == 2u);
+  CHECK(api->abi_version == 3u);
+  CHECK((api->torchscript_inspect != nullptr));
   CHECK(fedl_backend_entry(1) == nullptr);
   const auto b = blobs(100);
   const auto data = b.data();

@@ -189,10 +189,42 @@ class SetState(nn.Module):
         return self.fc(x.flatten(1)) + self.secret * 0.0
 
 
+class Saves(nn.Module):
+    """Maps a file of the site's, shared, and writes its input there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        out = torch.from_file("/tmp/fedl-stolen", shared=True, size=64, dtype=torch.float32)
+        out.copy_(x.flatten(1)[0])
+        return self.fc(x.flatten(1)) + out.sum() * 0.0
+
+
+# An operator of a library's own namespace, registered here so that it can be scripted (fedl's
+# process has no such operator).
+_library = torch.library.Library("fedltest", "DEF")
+_library.define("steal(Tensor x) -> Tensor")
+_library.impl("steal", lambda x: x * 1, "CPU")
+
+
+class ForeignOp(nn.Module):
+    """Calls torch.ops of a namespace that is not PyTorch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.ops.fedltest.steal(x.flatten(1)))
+
+
 MODULES = {
     "residual": Residual, "conv": Conv, "embed": Embed,
     "file-read": FileRead, "row-copy": RowCopy, "other-method": OtherMethod, "hidden-submodule": HiddenSubmodule,
     "uninitialised": Uninitialised, "prints": Prints, "sets-buffer": SetsBuffer, "setstate": SetState,
+    "saves": Saves, "foreign-op": ForeignOp,
 }
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <map>
 #include <set>
@@ -159,13 +160,13 @@ public:
   {
     const auto type = m.type();
     for (auto* fn : type->methods()) {
-      walk_function(*fn, {}, m);
+      walk_function(*fn, {}, Self{m});
     }
     for (auto* fn : type->getForwardHooks()) {
-      walk_function(*fn, {}, m);
+      walk_function(*fn, {}, Self{m});
     }
     for (auto* fn : type->getForwardPreHooks()) {
-      walk_function(*fn, {}, m);
+      walk_function(*fn, {}, Self{m});
     }
     for (const auto& child : m.named_children()) {
       module_tree(child.value);
@@ -195,16 +196,21 @@ public:
   }
 
 private:
-  // Walks `fn` with its arguments' origins (after self); the largest origin of what it returns.
   // An argument as the caller knows it: what it is, and its name in messages.
   struct Arg
   {
     Origin origin;
     std::string name;
   };
+  // A method's first input: its object, and the module instance it is if the walk knows it.
+  struct Self
+  {
+    std::optional<torch::jit::Module> module;
+  };
 
-  Origin walk_function(torch::jit::Function& fn, const std::vector<Arg>& args,
-                       const std::optional<torch::jit::Module>& self)
+  // Walks `fn` with its arguments' origins (a method's after its object); the largest origin of
+  // what it returns.
+  Origin walk_function(torch::jit::Function& fn, const std::vector<Arg>& args, const std::optional<Self>& self)
   {
     if (!fn.isGraphFunction()) {
       return Origin::fresh; // a builtin: its schema is checked where it is called
@@ -213,8 +219,8 @@ private:
     for (const auto& a : args) {
       key += "," + std::to_string(static_cast<int>(a.origin)) + (a.origin == Origin::fresh ? "" : a.name);
     }
-    if (self) {
-      key += "@" + std::to_string(reinterpret_cast<std::uintptr_t>(self->_ivalue().get()));
+    if (self && self->module) {
+      key += "@" + std::to_string(reinterpret_cast<std::uintptr_t>(self->module->_ivalue().get()));
     }
     if (const auto it = m_done.find(key); it != m_done.end()) {
       return it->second;
@@ -229,7 +235,9 @@ private:
     const auto inputs = graph->inputs();
     for (std::size_t i = 0; i < inputs.size(); ++i) {
       if (i == 0 && self) {
-        f.modules.emplace(inputs[0], *self);
+        if (self->module) {
+          f.modules.emplace(inputs[0], *self->module);
+        }
       } else if (const std::size_t a = self ? i - 1 : i; a < args.size()) {
         f.set(inputs[i], args[a].origin, args[a].name);
       }
@@ -291,7 +299,9 @@ private:
     const auto& list = allow_list();
     const std::string ns = n->kind().ns().toUnqualString();
     if (ns != "aten" && ns != "prim") {
-      refuse(n, f, "an operator of the " + ns + " namespace: not one of PyTorch's own (a library's torch.ops or a custom class)");
+      refuse(n, f,
+             "an operator of the " + ns +
+               " namespace: not one of PyTorch's own (a library's torch.ops or a custom class)");
     } else if (const auto it = list.denied.find(op); it != list.denied.end()) {
       refuse(n, f, it->second);
     } else if (list.allowed.count(op) == 0) {
@@ -377,9 +387,9 @@ private:
     Origin back = Origin::fresh;
     if (n->kind() == c10::prim::CallMethod) {
       const auto type = n->input(0)->type()->expect<c10::ClassType>();
-      const auto self = f.modules.find(n->input(0));
+      const auto object = f.modules.find(n->input(0));
       back = walk_function(type->getMethod(n->s(c10::attr::name)), args,
-                           self == f.modules.end() ? std::nullopt : std::optional(self->second));
+                           Self{object == f.modules.end() ? std::nullopt : std::optional(object->second)});
     } else {
       auto* fn = n->input(0)->type()->expectRef<c10::FunctionType>().function();
       back = walk_function(*fn, args, std::nullopt);
@@ -462,9 +472,10 @@ private:
       }
       for (std::size_t i = 0; i < schema->arguments().size() && i < n->inputs().size(); ++i) {
         const auto* arg = schema->arguments()[i].alias_info();
-        const bool shares = arg != nullptr && (info->isWildcardBefore() || arg->isWildcardBefore() ||
-                                               std::any_of(info->beforeSets().begin(), info->beforeSets().end(),
-                                                           [&](const auto& s) { return arg->beforeSets().count(s) > 0; }));
+        const bool shares =
+          arg != nullptr && (info->isWildcardBefore() || arg->isWildcardBefore() ||
+                             std::any_of(info->beforeSets().begin(), info->beforeSets().end(),
+                                         [&](const auto& s) { return arg->beforeSets().count(s) > 0; }));
         if (shares || info->isWildcardBefore()) {
           f.set(out, f.of(n->input(i)), f.name_of(n->input(i)));
         }
@@ -487,13 +498,14 @@ private:
   std::vector<std::string> m_methods;
 };
 
-// The archive's code, read before torch.jit.load runs any of it: the record names that define
-// or call __setstate__ (which loading would run).
-std::vector<std::string>
-setstate_records(std::istream& archive)
+// The archive's code, read before torch.jit.load runs or compiles any of it: a definition or call
+// of __setstate__ (which loading would run), and operators of a namespace other than PyTorch's
+// own (torch.ops.NS.op, which the code spells ops.NS.op): each as a refusal.
+nlohmann::json
+archive_findings(std::istream& archive)
 {
   caffe2::serialize::PyTorchStreamReader reader(&archive);
-  std::vector<std::string> found;
+  auto found = nlohmann::json::array();
   for (const auto& name : reader.getAllRecords()) {
     if (name.rfind("code/", 0) != 0 || name.size() < 3 || name.compare(name.size() - 3, 3, ".py") != 0) {
       continue;
@@ -501,7 +513,29 @@ setstate_records(std::istream& archive)
     const auto [data, size] = reader.getRecord(name);
     const std::string_view text(static_cast<const char*>(data.get()), size);
     if (text.find("__setstate__") != std::string_view::npos) {
-      found.push_back(name);
+      found.push_back({{"operator", "__setstate__"},
+                       {"method", "the module's loading"},
+                       {"source", name},
+                       {"reason", "code that torch.jit.load would run while loading the module, before anything "
+                                  "of it can be checked"}});
+    }
+    std::set<std::string> spaces;
+    for (auto at = text.find("ops."); at != std::string_view::npos; at = text.find("ops.", at + 4)) {
+      if (at > 0 && (std::isalnum(static_cast<unsigned char>(text[at - 1])) != 0 || text[at - 1] == '_')) {
+        continue; // part of a longer name
+      }
+      auto end = at + 4;
+      while (end < text.size() && (std::isalnum(static_cast<unsigned char>(text[end])) != 0 || text[end] == '_')) {
+        ++end;
+      }
+      const std::string space(text.substr(at + 4, end - at - 4));
+      if (end < text.size() && text[end] == '.' && space != "aten" && space != "prim" && spaces.insert(space).second) {
+        found.push_back({{"operator", space + "::"},
+                         {"method", "the module's code"},
+                         {"source", name},
+                         {"reason", "an operator of the " + space + " namespace (torch.ops." + space +
+                                      "): not one of PyTorch's own (a library's, or a custom class)"}});
+      }
     }
   }
   return found;
@@ -570,21 +604,14 @@ inspect_torchscript(const std::string& path)
   nlohmann::json report;
   report["format"] = "torchscript";
   report["allow_list_version"] = allow_list().version;
-  const auto hooks = setstate_records(bytes);
-  if (!hooks.empty()) {
+  auto early = archive_findings(bytes);
+  if (!early.empty()) {
     report["verdict"] = "refused";
-    report["refused"] = nlohmann::json::array();
+    report["refused"] = std::move(early);
     for (const char* empty : {"needs_dp_off", "methods", "parameters", "buffers"}) {
       report[empty] = nlohmann::json::array();
     }
     report["operators"] = nlohmann::json::object();
-    for (const auto& name : hooks) {
-      report["refused"].push_back({{"operator", "__setstate__"},
-                                   {"method", "the module's loading"},
-                                   {"source", name},
-                                   {"reason", "code that torch.jit.load would run while loading the module, before "
-                                              "anything of it can be checked"}});
-    }
     return report.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   }
   bytes.clear();

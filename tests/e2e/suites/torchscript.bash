@@ -94,6 +94,7 @@ make_modules()
 test_benign_modules_pass_the_inspection_and_train()
 {
   make_modules m || return
+  digits_split
   local name
   for name in residual conv embed; do
     fedl_expect 0 --json inspect "m/$name.pt" || return
@@ -101,8 +102,11 @@ test_benign_modules_pass_the_inspection_and_train()
     if [[ $name != conv ]]; then
       [[ $(json_get out "j['needs_dp_off']") == "[]" ]] || fail "$name needs DP-SGD off: $(cat out)"
     fi
-    fedl_expect 0 -q train --data "$DATA/digits.csv.gz" --no-header --torchscript "m/$name.pt" --epochs 1 \
+    fedl_expect 0 -q train --data digits-train.csv --no-header --torchscript "m/$name.pt" --epochs 10 --lr 0.05 \
       --save-model "$name.st" || return
+    fedl_expect 0 --json eval --data digits-test.csv --no-header --torchscript "m/$name.pt" --model "$name.st" || return
+    echo "$name: accuracy $(json_get out "j['accuracy']") on the held-out digits"
+    check_py "$(json_get out "j['accuracy']") >= 0.8" "$name trained to $(json_get out "j['accuracy']") < 0.8"
   done
   fedl_expect 0 --json inspect m/conv.pt || return
   json_get out "[f['reason'] for f in j['needs_dp_off']]" | grep -q "running statistics" ||
@@ -121,7 +125,8 @@ test_hostile_modules_are_refused_before_they_run()
 {
   make_modules m || return
   local name want
-  for name in file-read row-copy other-method hidden-submodule uninitialised prints sets-buffer setstate; do
+  for name in file-read row-copy other-method hidden-submodule uninitialised prints sets-buffer setstate saves \
+    foreign-op; do
     case $name in
       file-read) want="aten::from_file in __torch__.FileRead.forward (" ;;
       row-copy) want="aten::copy_ in __torch__.RowCopy.forward (" ;;
@@ -131,6 +136,8 @@ test_hostile_modules_are_refused_before_they_run()
       prints) want="prim::Print in __torch__.Prints.forward (" ;;
       sets-buffer) want="prim::SetAttr in __torch__.SetsBuffer.forward" ;;
       setstate) want="__setstate__ in the module's loading" ;;
+      saves) want="aten::from_file in __torch__.Saves.forward (" ;;
+      foreign-op) want="fedltest:: in the module's code (code/__torch__.py): an operator of the fedltest namespace" ;;
     esac
     fedl_expect 3 train --data "$DATA/digits.csv.gz" --no-header --torchscript "m/$name.pt" --epochs 1 \
       --save-model "$name.st" || return
@@ -151,7 +158,7 @@ test_hostile_modules_are_refused_before_they_run()
   fedl_expect 3 train --data "$DATA/digits.csv.gz" --no-header --torchscript m/hidden-submodule.pt --save-model x.st
   expect_in err "writes the parameter lin.weight in place"
   fedl_expect 3 train --data "$DATA/digits.csv.gz" --no-header --torchscript m/file-read.pt --save-model x.st
-  expect_in err "reads a file into a tensor"
+  expect_in err "maps a file into a tensor"
   expect_in err "and 1 more (fedl inspect m/file-read.pt lists them)"
   # The operator is told at init, before any site is.
   fedl_expect 3 init ws --clients 2 --torchscript m/row-copy.pt --partition "$DATA/digits.csv.gz" --no-header \

@@ -173,6 +173,13 @@ Site::trainer_loop()
       if (job.claimed_base && *job.claimed_base != *task.base_sha256) {
         throw Failure{ReasonClass::bad_model, "the task's base_sha256 is not the SHA-256 of its model", true};
       }
+      // What the update must hold (see below), read before the model goes to the trainer.
+      TensorListing tensors;
+      try {
+        tensors = tensor_listing(parse_safetensors(*job.model, "the task's model"));
+      } catch (const VerifyError& e) {
+        throw Failure{ReasonClass::bad_model, e.what(), true};
+      }
       {
         // Busy from here to the reply: cancel_job() and stop_trainer() may kill it (it is not
         // reaped meanwhile, except by the client finding it dead, so the pid is ours).
@@ -184,7 +191,6 @@ Site::trainer_loop()
         m_running_serial = job.serial;
         started = true;
       }
-      const auto tensors = tensor_listing(parse_safetensors(*job.model, "the task's model"));
       // An update is the model's size plus its metadata: the trainer cannot make this process
       // allocate more than that, whatever it claims.
       const auto max_update = job.model->size() + (std::uint64_t{4} << 20);

@@ -38,6 +38,8 @@ test_secure_federation_learns_as_the_plain_one_and_audits()
   expect_in serve.log "secure aggregation over 5 sites, threshold 3, 4 neighbours each"
   local everyone="['site-1', 'site-2', 'site-3', 'site-4', 'site-5']"
   expect_ledger "all(sorted(b['secure_aggregation']['survivors']) == $everyone for b in R)" "a round without all five survivors"
+  expect_ledger "all(m['model_policy'] == 'inspect' for b in R for m in b['secure_aggregation']['masked_inputs'])" \
+    "a masked input without its site's model policy"
   expect_ledger "all(len(m['sha256']) == 64 for b in R for m in b['secure_aggregation']['masked_inputs'])" \
     "a masked input without its SHA-256"
   expect_ledger "all(sites(b) == $everyone for b in R)" "a round whose participants are not the survivors"

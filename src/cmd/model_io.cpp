@@ -135,7 +135,7 @@ ModulePolicy::name() const
 }
 
 void
-ModulePolicy::check_file(const fs::path& module) const
+ModulePolicy::check_file(const fs::path& module, const std::optional<std::string>& sha256) const
 {
   if (kind == Kind::strict) {
     throw core::VerifyError("{} is a TorchScript module, and --model-policy strict trains fedl's own architectures "
@@ -143,7 +143,7 @@ ModulePolicy::check_file(const fs::path& module) const
                             module.string(), module.string());
   }
   if (kind == Kind::pinned) {
-    const auto sha = core::file_sha256(module);
+    const auto sha = sha256 ? *sha256 : core::file_sha256(module);
     if (!pin || sha != *pin) {
       throw core::VerifyError("{} is not the module pinned with --pin-model (its SHA-256 is {}, the pin {}): it was "
                               "changed; review it with fedl inspect {} before pinning it again",
@@ -155,10 +155,10 @@ ModulePolicy::check_file(const fs::path& module) const
 nlohmann::json
 check_module(const backends::Backend& backend, const fs::path& path, const ModulePolicy& policy)
 {
-  policy.check_file(path);
   // Inspected once per content in this process (a trainer opens the module for every task).
   static std::map<std::string, nlohmann::json> inspected;
   const auto sha = core::file_sha256(path);
+  policy.check_file(path, sha);
   auto it = inspected.find(sha);
   if (it == inspected.end()) {
     const auto start = std::chrono::steady_clock::now();

@@ -52,7 +52,8 @@ struct ModulePolicy
   static Kind parse(const std::string& name); // UsageError if unknown
   std::string name() const;
   // Pure checks of the module file, which need no backend: strict and the pin. VerifyError.
-  void check_file(const std::filesystem::path& module) const;
+  // `sha256`: the file's, if the caller has it already.
+  void check_file(const std::filesystem::path& module, const std::optional<std::string>& sha256 = std::nullopt) const;
 };
 
 // The inspection of the module at `path` under `policy`: check_file, then the backend's report,

@@ -5,6 +5,7 @@
 
 #include "backends/loader.hpp"
 #include "cmd/common.hpp"
+#include "cmd/model_io.hpp"
 #include "core/format/safetensors.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
@@ -12,6 +13,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <array>
@@ -44,22 +46,12 @@ is_zip(const fs::path& path)
 }
 
 std::string
-shape_text(const nlohmann::json& shape)
-{
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    s += (i ? ", " : "") + std::to_string(shape[i].get<std::int64_t>());
-  }
-  return s + "]";
-}
-
-std::string
 tensors_text(const char* what, const nlohmann::json& list)
 {
   std::string s = fmt::format("{} ({}):\n", what, list.size());
   for (const auto& t : list) {
-    s += fmt::format("  {} {} {}\n", safe(t.at("name").get<std::string>()), shape_text(t.at("shape")),
-                     t.at("dtype").get<std::string>());
+    s += fmt::format("  {} [{}] {}\n", safe(t.at("name").get<std::string>()),
+                     fmt::join(t.at("shape").get<std::vector<std::int64_t>>(), ", "), t.at("dtype").get<std::string>());
   }
   return s;
 }
@@ -69,9 +61,7 @@ findings_text(const char* what, const nlohmann::json& list)
 {
   std::string s;
   for (const auto& f : list) {
-    const auto source = f.value("source", "");
-    s += fmt::format("  {}: {} in {}{}: {}\n", what, safe(f.value("operator", "")), safe(f.value("method", "")),
-                     source.empty() ? "" : " (" + safe(source) + ")", f.value("reason", ""));
+    s += fmt::format("  {}: {}\n", what, finding_text(f));
   }
   return s;
 }

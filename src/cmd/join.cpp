@@ -47,6 +47,16 @@ struct JoinOptions
   std::optional<std::string> pin_model;
 };
 
+std::vector<std::string>
+policy_names()
+{
+  std::vector<std::string> names;
+  for (const auto p : core::model_policies) {
+    names.emplace_back(core::model_policy_name(p));
+  }
+  return names;
+}
+
 // --model-policy and --pin-model: what this site accepts of a TorchScript module.
 ModulePolicy
 module_policy(const JoinOptions& opt)
@@ -56,18 +66,19 @@ module_policy(const JoinOptions& opt)
     p.kind = ModulePolicy::parse(*opt.model_policy);
   }
   if (opt.pin_model) {
-    if (opt.model_policy && p.kind != ModulePolicy::Kind::pinned) {
-      throw core::UsageError("--pin-model pins the module: it goes with --model-policy pinned, not {}", p.name());
+    if (opt.model_policy && p.kind != core::ModelPolicy::pinned) {
+      throw core::UsageError("--pin-model pins the module: it goes with --model-policy pinned, not {}",
+                             core::model_policy_name(p.kind));
     }
     const auto& pin = *opt.pin_model;
-    if (pin.size() != 64 || pin.find_first_not_of("0123456789abcdef") != std::string::npos) {
+    if (!core::is_sha256_hex(pin)) {
       throw core::UsageError("--pin-model must be a SHA-256 in 64 lowercase hex digits (fedl inspect prints it), not "
                              "{}",
                              core::quote_text(pin));
     }
-    p.kind = ModulePolicy::Kind::pinned;
+    p.kind = core::ModelPolicy::pinned;
     p.pin = pin;
-  } else if (p.kind == ModulePolicy::Kind::pinned) {
+  } else if (p.kind == core::ModelPolicy::pinned) {
     throw core::UsageError("--model-policy pinned needs --pin-model SHA256: the module to train (fedl inspect "
                            "prints its SHA-256)");
   }
@@ -118,7 +129,7 @@ run_join(const JoinOptions& opt)
   if (fs::exists(opt.bundle / "model.pt")) {
     policy.check_file(opt.bundle / "model.pt");
   }
-  s.model_policy = policy.name();
+  s.model_policy = policy.kind;
   const auto sandbox = opt.sandbox.policy("the trainer");
   s.sandbox = sandbox.level;
   if (opt.fork_server) {
@@ -156,7 +167,7 @@ run_join(const JoinOptions& opt)
   if (fs::exists(opt.bundle / "model.pt")) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
   }
-  s.trainer_argv.insert(s.trainer_argv.end(), {"--model-policy", policy.name()});
+  s.trainer_argv.insert(s.trainer_argv.end(), {"--model-policy", std::string(core::model_policy_name(policy.kind))});
   if (policy.pin) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--pin-model", *policy.pin});
   }
@@ -231,7 +242,7 @@ add_join(CLI::App& parent)
                  "What this site trains of a TorchScript module: strict (none: fedl's own architectures only), "
                  "inspect (one that passes the operator allow-list; the default), pinned (only the one --pin-model "
                  "names, inspected too)")
-    ->check(CLI::IsMember({"strict", "inspect", "pinned"}))
+    ->check(CLI::IsMember(policy_names()))
     ->type_name("POLICY");
   app->add_option("--pin-model", opt->pin_model, "Train only the TorchScript module of this SHA-256 (fedl inspect)")
     ->type_name("SHA256");

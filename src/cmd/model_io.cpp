@@ -71,17 +71,6 @@ check_fits(const OpenedModel& m, const core::Dataset& data)
   }
 }
 
-// "aten::copy_ in __torch__.Net.forward (net.py:12:8): why", for messages.
-std::string
-finding_text(const nlohmann::json& f)
-{
-  // The names and the source file are the module's author's words: one line, no controls.
-  auto safe = [](const std::string& s) { return core::escape_controls(core::valid_utf8(s, 300)); };
-  const auto source = f.value("source", "");
-  return fmt::format("{} in {}{}: {}", safe(f.value("operator", "?")), safe(f.value("method", "?")),
-                     source.empty() ? "" : " (" + safe(source) + ")", f.value("reason", "?"));
-}
-
 // The flags that name the model: exactly one way, and --classes only with --arch.
 void
 check_model_source(const ModelSource& src)
@@ -106,43 +95,34 @@ check_model_source(const ModelSource& src)
 
 } // namespace
 
-ModulePolicy::Kind
-ModulePolicy::parse(const std::string& name)
+std::string
+finding_text(const nlohmann::json& f)
 {
-  if (name == "strict") {
-    return Kind::strict;
-  }
-  if (name == "inspect") {
-    return Kind::inspect;
-  }
-  if (name == "pinned") {
-    return Kind::pinned;
-  }
-  throw core::UsageError("--model-policy must be strict, inspect or pinned, not {}", core::quote_text(name));
+  // The names and the source file are the module's author's words: one line, no controls.
+  auto safe = [](const std::string& s) { return core::escape_controls(core::valid_utf8(s, 300)); };
+  const auto source = f.value("source", "");
+  return fmt::format("{} in {}{}: {}", safe(f.value("operator", "?")), safe(f.value("method", "?")),
+                     source.empty() ? "" : " (" + safe(source) + ")", f.value("reason", "?"));
 }
 
-std::string
-ModulePolicy::name() const
+core::ModelPolicy
+ModulePolicy::parse(const std::string& name)
 {
-  switch (kind) {
-  case Kind::strict:
-    return "strict";
-  case Kind::pinned:
-    return "pinned";
-  default:
-    return "inspect";
+  if (const auto policy = core::model_policy_named(name)) {
+    return *policy;
   }
+  throw core::UsageError("--model-policy must be strict, inspect or pinned, not {}", core::quote_text(name));
 }
 
 void
 ModulePolicy::check_file(const fs::path& module, const std::optional<std::string>& sha256) const
 {
-  if (kind == Kind::strict) {
+  if (kind == core::ModelPolicy::strict) {
     throw core::VerifyError("{} is a TorchScript module, and --model-policy strict trains fedl's own architectures "
                             "only; review it (fedl inspect {}) and use --model-policy inspect or pinned to train it",
                             module.string(), module.string());
   }
-  if (kind == Kind::pinned) {
+  if (kind == core::ModelPolicy::pinned) {
     const auto sha = sha256 ? *sha256 : core::file_sha256(module);
     if (!pin || sha != *pin) {
       throw core::VerifyError("{} is not the module pinned with --pin-model (its SHA-256 is {}, the pin {}): it was "

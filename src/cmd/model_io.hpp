@@ -11,6 +11,7 @@
 #include "core/format/safetensors.hpp"
 #include "core/format/tensor.hpp"
 #include "core/privacy/privacy.hpp"
+#include "core/trust/model_policy.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -40,17 +41,10 @@ struct ModelBytes
 // takes only the module file whose SHA-256 is `pin`.
 struct ModulePolicy
 {
-  enum class Kind
-  {
-    strict,
-    inspect,
-    pinned
-  };
-  Kind kind = Kind::inspect;
+  core::ModelPolicy kind = core::ModelPolicy::inspect;
   std::optional<std::string> pin;
 
-  static Kind parse(const std::string& name); // UsageError if unknown
-  std::string name() const;
+  static core::ModelPolicy parse(const std::string& name); // UsageError if unknown
   // Pure checks of the module file, which need no backend: strict and the pin. VerifyError.
   // `sha256`: the file's, if the caller has it already.
   void check_file(const std::filesystem::path& module, const std::optional<std::string>& sha256 = std::nullopt) const;
@@ -62,6 +56,9 @@ struct ModulePolicy
 // trainer, for every task) inspects it once.
 nlohmann::json check_module(const backends::Backend& backend, const std::filesystem::path& path,
                             const ModulePolicy& policy);
+// One finding of the report ("refused" or "needs_dp_off"), on one line: "aten::copy_ in
+// __torch__.Net.forward (net.py:12:8): why", the module author's names escaped.
+std::string finding_text(const nlohmann::json& finding);
 
 struct ModelSource
 {

@@ -920,11 +920,19 @@ TEST_CASE("secagg: every stage's message survives the wire, and a malformed one 
   short_share["shares"][0]["sealed"] = std::string(short_share["shares"][0]["sealed"]).substr(0, 200);
   CHECK_THROWS_AS(SecAggShares::from_header(short_share, 4), ProtocolError);
 
-  SecAggInput input{
-    9, std::nullopt, 3, 0.5, 100, 2.5, std::string(R"({"steps":1})"), "sig", SandboxLevel::automatic, "inspect"};
+  SecAggInput input{9,
+                    std::nullopt,
+                    3,
+                    0.5,
+                    100,
+                    2.5,
+                    std::string(R"({"steps":1})"),
+                    "sig",
+                    SandboxLevel::automatic,
+                    ModelPolicy::inspect};
   const auto input_back = SecAggInput::from_header(over_the_wire(input.to_header()));
   CHECK(input_back.sandbox == SandboxLevel::automatic);
-  CHECK(input_back.model_policy == "inspect");
+  CHECK(input_back.model_policy == ModelPolicy::inspect);
   CHECK_FALSE(input_back.complaint);
   CHECK(input_back.clipped == 3);
   CHECK(input_back.range == 0.5);

@@ -39,13 +39,14 @@ TEST_CASE("site protocol: every message survives its encoder and decoder")
   with_setup.secure_aggregation = json{{"index", 2}};
   CHECK(Task::from_header(with_setup.to_header()).secure_aggregation == json{{"index", 2}});
 
-  const auto u = Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}, SandboxLevel::strict, "pinned"}.to_header());
+  const auto u =
+    Update::from_header(Update{4, 77, 2, json{{"loss", 0.5}}, SandboxLevel::strict, ModelPolicy::pinned}.to_header());
   CHECK(u.round == 4);
   CHECK(u.task == 77);
   CHECK(u.attempt == 2);
   CHECK(u.metrics == json{{"loss", 0.5}});
   CHECK(u.sandbox == SandboxLevel::strict);
-  CHECK(u.model_policy == "pinned");
+  CHECK(u.model_policy == ModelPolicy::pinned);
   // An older site says nothing of its sandbox; a word other than off, auto or strict is refused.
   auto no_sandbox = Update{4, 77, 2, json::object(), std::nullopt, std::nullopt}.to_header();
   CHECK_FALSE(no_sandbox.contains("sandbox"));

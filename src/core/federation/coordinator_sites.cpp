@@ -275,7 +275,7 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
     metrics["sandbox"] = sandbox_level_name(*update.sandbox); // recorded in the round's ledger entry
   }
   if (update.model_policy) {
-    metrics["model_policy"] = *update.model_policy;
+    metrics["model_policy"] = model_policy_name(*update.model_policy);
   }
   m_rounds.upload_received(p->site, file, std::move(metrics), std::move(digest));
 }

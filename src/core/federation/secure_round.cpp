@@ -261,7 +261,7 @@ SecureRound::input(const std::string& site, const SecAggInput& m, std::span<cons
     m_inputs.back()["sandbox"] = sandbox_level_name(*m.sandbox);
   }
   if (m.model_policy) {
-    m_inputs.back()["model_policy"] = *m.model_policy;
+    m_inputs.back()["model_policy"] = model_policy_name(*m.model_policy);
   }
   if (m.clip_norm) {
     m_inputs.back()["clip_norm"] = *m.clip_norm;

@@ -35,11 +35,11 @@ struct JoinSettings
   // task outside it, or outside the site's own tightening below, is refused before anything is
   // allocated or trained, and the coordinator is told only the reason class.
   std::optional<SiteContract> contract;
-  std::optional<std::uint32_t> max_epochs;        // --max-epochs
-  std::optional<double> min_noise_multiplier;     // --min-noise-multiplier
-  bool require_secure_aggregation = false;        // --require-secure-aggregation: no update in clear
-  SandboxLevel sandbox = SandboxLevel::automatic; // --sandbox: told to the coordinator with each update
-  std::string model_policy = "inspect";           // --model-policy: told to the coordinator likewise
+  std::optional<std::uint32_t> max_epochs;         // --max-epochs
+  std::optional<double> min_noise_multiplier;      // --min-noise-multiplier
+  bool require_secure_aggregation = false;         // --require-secure-aggregation: no update in clear
+  SandboxLevel sandbox = SandboxLevel::automatic;  // --sandbox: told to the coordinator with each update
+  ModelPolicy model_policy = ModelPolicy::inspect; // --model-policy: told to the coordinator likewise
   // The site's own privacy budget (--max-epsilon, --delta): kept in bundle/privacy.jsonl; a task
   // whose DP-SGD would take the account past it is refused (the coordinator is told why) and
   // the site stops with exit 4.

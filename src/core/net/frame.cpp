@@ -190,17 +190,16 @@ header_sandbox(const nlohmann::json& header, const char* key)
   throw ProtocolError(fmt::format("frame header field {} is not off, auto or strict", key));
 }
 
-std::optional<std::string>
+std::optional<ModelPolicy>
 header_model_policy(const nlohmann::json& header, const char* key)
 {
   if (!header.contains(key)) {
     return std::nullopt;
   }
-  auto policy = header_string(header, key);
-  if (policy != "strict" && policy != "inspect" && policy != "pinned") {
-    throw ProtocolError(fmt::format("frame header field {} is not strict, inspect or pinned", key));
+  if (const auto policy = model_policy_named(header_string(header, key))) {
+    return policy;
   }
-  return policy;
+  throw ProtocolError(fmt::format("frame header field {} is not strict, inspect or pinned", key));
 }
 
 std::int64_t

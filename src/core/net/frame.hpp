@@ -17,6 +17,7 @@
 #pragma once
 
 #include "core/sandbox/sandbox.hpp"
+#include "core/trust/model_policy.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -115,7 +116,7 @@ bool header_bool(const nlohmann::json& header, const char* key, bool fallback = 
 std::optional<SandboxLevel> header_sandbox(const nlohmann::json& header, const char* key);
 // A site's TorchScript policy (strict, inspect, pinned: fedl-join(1) --model-policy), if the field
 // is there.
-std::optional<std::string> header_model_policy(const nlohmann::json& header, const char* key);
+std::optional<ModelPolicy> header_model_policy(const nlohmann::json& header, const char* key);
 
 // The prefix and header of a frame, ready to be followed by `body_size` body bytes.
 std::string frame_head(FrameType type, const nlohmann::json& header, std::uint64_t body_size);

@@ -120,7 +120,7 @@ struct SecAggInput
   std::optional<std::string> dp;
   std::string signature;                   // over input_payload()
   std::optional<SandboxLevel> sandbox;     // how the site confined its trainer
-  std::optional<std::string> model_policy; // what it accepts of TorchScript (--model-policy)
+  std::optional<ModelPolicy> model_policy; // what it accepts of TorchScript (--model-policy)
 
   nlohmann::json to_header() const;
   static SecAggInput from_header(const nlohmann::json& header);

@@ -117,7 +117,7 @@ Update::to_header() const
     h["sandbox"] = sandbox_level_name(*sandbox);
   }
   if (model_policy) {
-    h["model_policy"] = *model_policy;
+    h["model_policy"] = model_policy_name(*model_policy);
   }
   return h;
 }

@@ -74,7 +74,7 @@ struct Update
   std::uint64_t attempt = 0;
   nlohmann::json metrics = nlohmann::json::object(); // the receiver bounds what it keeps
   std::optional<SandboxLevel> sandbox;               // how the site confined its trainer
-  std::optional<std::string> model_policy;           // what it accepts of TorchScript (--model-policy)
+  std::optional<ModelPolicy> model_policy;           // what it accepts of TorchScript (--model-policy)
 
   nlohmann::json to_header() const;
   static Update from_header(const nlohmann::json& header);

@@ -21,8 +21,7 @@ is_hex64(const nlohmann::json& j)
   if (!j.is_string()) {
     return false;
   }
-  const auto& s = j.get_ref<const std::string&>();
-  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
+  return is_sha256_hex(j.get_ref<const std::string&>());
 }
 
 } // namespace

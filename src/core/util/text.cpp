@@ -78,6 +78,12 @@ valid_utf8(std::string_view s, std::size_t max_bytes)
   return out;
 }
 
+bool
+is_sha256_hex(std::string_view s) noexcept
+{
+  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string_view::npos;
+}
+
 std::string
 quote_text(std::string_view s, std::size_t max_bytes)
 {

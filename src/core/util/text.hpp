@@ -18,6 +18,9 @@ namespace fedl::core {
 // ended with "…" when it is longer. Never throws for any bytes.
 std::string valid_utf8(std::string_view s, std::size_t max_bytes = std::string::npos);
 
+// Whether `s` is a SHA-256 as fedl writes one: 64 lowercase hex digits.
+bool is_sha256_hex(std::string_view s) noexcept;
+
 // valid_utf8(s, max_bytes) in single quotes: how messages quote a value a peer chose.
 std::string quote_text(std::string_view s, std::size_t max_bytes = 64);
 

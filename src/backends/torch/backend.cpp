@@ -171,6 +171,15 @@ b_model_create(const char* spec, int32_t ndim, const int64_t* shape, int64_t cla
   });
 }
 
+// What a file torch.jit.load cannot read is (exit 3), with PyTorch's reason.
+StatusError
+not_a_module(const char* path, const c10::Error& e)
+{
+  return StatusError(FEDL_STATUS_VERIFY,
+                     std::string(path) +
+                       " is not a TorchScript module that torch.jit.load can read: " + e.what_without_backtrace());
+}
+
 int
 b_model_load_torchscript(const char* path, const char* device, fedl_model** out)
 {
@@ -180,8 +189,7 @@ b_model_load_torchscript(const char* path, const char* device, fedl_model** out)
     try {
       m->model = tb::Model::load_torchscript(path, dev);
     } catch (const c10::Error& e) {
-      throw StatusError(FEDL_STATUS_VERIFY, std::string(path) + " is not a TorchScript module that " +
-                                              "torch.jit.load can read: " + e.what_without_backtrace());
+      throw not_a_module(path, e);
     }
     *out = m.release();
   });
@@ -195,8 +203,7 @@ b_torchscript_inspect(const char* path, const char** report)
     try {
       text = tb::inspect_torchscript(path);
     } catch (const c10::Error& e) {
-      throw StatusError(FEDL_STATUS_VERIFY, std::string(path) + " is not a TorchScript module that " +
-                                              "torch.jit.load can read: " + e.what_without_backtrace());
+      throw not_a_module(path, e);
     } catch (const std::runtime_error& e) {
       throw StatusError(FEDL_STATUS_VERIFY, e.what());
     }

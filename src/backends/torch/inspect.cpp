@@ -19,6 +19,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 #include <unordered_map>
 
 namespace fedl::backends::torch_backend {
@@ -82,8 +83,7 @@ allow_list()
 // What a value is, as far as a write to it matters: ordered, the larger wins where values mix.
 enum class Origin
 {
-  fresh,     // computed here, an input, a constant
-  counter,   // a tensor attribute that is not floating point: never part of an update
+  fresh,     // computed here, an input, a constant, an integer attribute (never part of an update)
   buffer,    // a floating-point buffer or tensor attribute: part of the update
   parameter, // a parameter: the update is made of them
 };
@@ -352,7 +352,8 @@ private:
     const auto& field = n->s(c10::attr::name);
     const auto type = object->type()->cast<c10::ClassType>();
     const auto owner = f.modules.find(object);
-    const std::string path = f.name_of(object) == "of the module" ? field : f.name_of(object) + "." + field;
+    const auto named = f.name.find(object);
+    const std::string path = named == f.name.end() ? field : named->second + "." + field;
     if (owner != f.modules.end() && out->type()->cast<c10::ClassType>() &&
         out->type()->expectRef<c10::ClassType>().is_module()) {
       f.modules.emplace(out, owner->second.attr(field).toModule());
@@ -364,16 +365,18 @@ private:
       return;
     }
     const auto slot = type->findAttributeSlot(field);
-    Origin o = Origin::buffer;
     if (slot && type->is_module() && type->is_parameter(*slot)) {
-      o = Origin::parameter;
-    } else if (owner != f.modules.end()) {
+      f.set(out, Origin::parameter, path);
+      return;
+    }
+    if (owner != f.modules.end()) {
+      // An integer buffer (a counter such as num_batches_tracked) never leaves in an update.
       const auto value = owner->second.attr(field);
       if (value.isTensor() && !value.toTensor().is_floating_point()) {
-        o = Origin::counter;
+        return;
       }
     }
-    f.set(out, o, path);
+    f.set(out, Origin::buffer, path);
   }
 
   // A call: the callee is walked with what its arguments are, and what it returns is what its
@@ -472,11 +475,13 @@ private:
       }
       for (std::size_t i = 0; i < schema->arguments().size() && i < n->inputs().size(); ++i) {
         const auto* arg = schema->arguments()[i].alias_info();
+        // A wildcard output may alias any input, annotated or not.
         const bool shares =
-          arg != nullptr && (info->isWildcardBefore() || arg->isWildcardBefore() ||
-                             std::any_of(info->beforeSets().begin(), info->beforeSets().end(),
-                                         [&](const auto& s) { return arg->beforeSets().count(s) > 0; }));
-        if (shares || info->isWildcardBefore()) {
+          info->isWildcardBefore() ||
+          (arg != nullptr &&
+           (arg->isWildcardBefore() || std::any_of(info->beforeSets().begin(), info->beforeSets().end(),
+                                                   [&](const auto& s) { return arg->beforeSets().count(s) > 0; })));
+        if (shares) {
           f.set(out, f.of(n->input(i)), f.name_of(n->input(i)));
         }
       }

@@ -325,6 +325,7 @@ Site::on_task(Job job, const Task& task)
     if (m_s.contract) {
       check_task_model(*m_s.contract, model);
     }
+    job.tensors = tensor_listing(model);
   } catch (const std::exception& e) {
     // About the coordinator's own task and this site's contract: the detail may go back.
     const std::string text = e.what();

@@ -57,7 +57,12 @@ struct Job
   TrainingConfig training;    // the task's settings, as checked against the contract
   std::optional<json> budget; // the site's --max-epsilon and spending, for the trainer to check
   bool secure = false;        // the task asked for secure aggregation: its update never leaves in clear
+  TensorListing tensors;      // the task model's: exactly what its update must hold
 };
+
+// The update holds exactly the model's tensors (names, dtypes, shapes), nothing added or
+// renamed: a module can send nothing but what training changed in its weights. Error if not.
+void check_update_tensors(const TensorListing& model, const Safetensors& update);
 
 // Why a job ended without an update: its class and the full text (which stays at the site).
 struct Failure
@@ -146,7 +151,8 @@ private:
   void trainer_loop();
   void stop_trainer();
   void give_back(std::shared_ptr<std::vector<std::byte>> model);
-  std::shared_ptr<SignedUpdate> sign(std::vector<std::byte> bytes);
+  // Parses the trainer's update, checks it against the task model's tensors, signs it.
+  std::shared_ptr<SignedUpdate> sign(std::vector<std::byte> bytes, const TensorListing& model);
   // --max-epsilon: what the site has spent (the larger of its account and the coordinator's
   // record), checked against the coordinator's report in the welcome frame.
   RdpAccount budget_spent() const;

@@ -159,6 +159,7 @@ Site::secure_trained(const Job& job, const TrainResult& result, const std::vecto
 {
   auto& s = *m_secure;
   const auto update = parse_safetensors(body, "the trainer's update");
+  check_update_tensors(job.tensors, update);
   s.encoded = secagg::encode(update.tensors, result.num_samples, s.setup.encoding(), s.setup.clip_norm);
   if (result.dp) {
     s.dp = result.dp->dump();

@@ -17,12 +17,21 @@
 
 namespace fedl::core::join_detail {
 
+void
+check_update_tensors(const TensorListing& model, const Safetensors& update)
+{
+  if (const auto why = listing_difference(model, tensor_listing(update)); !why.empty()) {
+    throw Error("the trainer's update does not hold exactly the model's tensors (names, dtypes and shapes): {}", why);
+  }
+}
+
 std::shared_ptr<SignedUpdate>
-Site::sign(std::vector<std::byte> bytes)
+Site::sign(std::vector<std::byte> bytes, const TensorListing& model)
 {
   auto u = std::make_shared<SignedUpdate>();
   u->bytes = std::move(bytes);
   u->parsed = parse_safetensors(u->bytes, "the trainer's update");
+  check_update_tensors(model, u->parsed);
   auto& meta = u->parsed.metadata;
   sign_update(u->parsed.tensors, meta, m_identity, m_update_signature);
   u->header = safetensors_header(serialize_order(u->parsed.tensors), meta);
@@ -106,7 +115,7 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
       }
       return; // an update asked for under secure aggregation leaves masked or not at all
     }
-    u = sign(std::move(body));
+    u = sign(std::move(body), job.tensors);
   } catch (const std::exception& e) {
     refuse(job.task, job.round, ReasonClass::internal, e.what(), false);
     return;
@@ -173,13 +182,6 @@ Site::trainer_loop()
       if (job.claimed_base && *job.claimed_base != *task.base_sha256) {
         throw Failure{ReasonClass::bad_model, "the task's base_sha256 is not the SHA-256 of its model", true};
       }
-      // What the update must hold (see below), read before the model goes to the trainer.
-      TensorListing tensors;
-      try {
-        tensors = tensor_listing(parse_safetensors(*job.model, "the task's model"));
-      } catch (const VerifyError& e) {
-        throw Failure{ReasonClass::bad_model, e.what(), true};
-      }
       {
         // Busy from here to the reply: cancel_job() and stop_trainer() may kill it (it is not
         // reaped meanwhile, except by the client finding it dead, so the pid is ours).
@@ -205,14 +207,6 @@ Site::trainer_loop()
         failure = Failure{e->cls, valid_utf8(e->message), false};
       } else {
         auto& [r, bytes] = std::get<0>(answer);
-        // The model's tensors exactly, nothing added or renamed: a module can send nothing but
-        // what training changed in its weights.
-        const auto why = listing_difference(tensors, tensor_listing(parse_safetensors(bytes, "the trainer's update")));
-        if (!why.empty()) {
-          throw Failure{ReasonClass::internal,
-                        "the trainer's update does not hold exactly the model's tensors (names, dtypes and shapes): " +
-                          why};
-        }
         result = r;
         body = std::move(bytes);
       }

@@ -11,6 +11,9 @@ find_package(Threads REQUIRED)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(SECCOMP REQUIRED IMPORTED_TARGET libseccomp)
 
+# The PLD accountant's FFT: KISS FFT's header-only C++ template (libkissfft-dev, BSD-3-Clause).
+find_path(KISSFFT_INCLUDE_DIR kissfft.hh PATH_SUFFIXES kissfft REQUIRED)
+
 find_path(ASIO_INCLUDE_DIR asio.hpp REQUIRED)
 add_library(fedl_asio INTERFACE)
 target_include_directories(fedl_asio SYSTEM INTERFACE ${ASIO_INCLUDE_DIR})

@@ -38,6 +38,7 @@ _fedl()
     --client-dp-noise-multiplier) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --max-epsilon) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --delta) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --accountant) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
     --secagg-threshold) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --secagg-neighbours) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --secagg-range) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
@@ -73,6 +74,7 @@ _fedl()
     --dp-noise-multiplier) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --dp-max-grad-norm) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --dp-delta) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --accountant) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
     --seed) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --device) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --threads) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
@@ -102,6 +104,7 @@ _fedl()
     --dp-noise-multiplier) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --max-epsilon) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --delta) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --accountant) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
     --secagg-threshold) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --secagg-neighbours) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --secagg-range) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -125,6 +128,7 @@ _fedl()
     --fork-server) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --max-epsilon) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --delta) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --accountant) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
     --max-epochs) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --min-noise-multiplier) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --model-policy) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
@@ -152,18 +156,19 @@ _fedl()
     --noise-multiplier) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --steps) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --delta) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
+    --accountant) [[ $cmd == "audit" || -z "audit" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
   esac
   local words
   case "$cmd" in
     "") words="init train eval inspect serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
-    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "train") words="--help --data --labels --label-column --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --accountant --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "inspect") words="--help --help --json --quiet --verbose --log-format --version" ;;
-    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --require-sandbox --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --require-sandbox --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
-    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --host --help --json --quiet --verbose --log-format --version" ;;
+    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --accountant --host --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))

@@ -6,7 +6,8 @@ set -eu
 
 # Build: compiler, CMake, and the libraries (all from Debian; nothing is downloaded elsewhere).
 build_pkgs="cmake ninja-build g++ make pkg-config libtorch-dev libcli11-dev nlohmann-json3-dev
-  libasio-dev libssl-dev libfmt-dev doctest-dev libexpected-dev libseccomp-dev libcap-dev zlib1g-dev"
+  libasio-dev libssl-dev libfmt-dev doctest-dev libexpected-dev libseccomp-dev libcap-dev zlib1g-dev
+  libkissfft-dev"
 # Run time: OpenBLAS instead of the reference BLAS (14x faster training, see docs/PERFORMANCE.md).
 run_pkgs="libopenblas0-openmp"
 # Tests, demo and benchmarks: the openssl CLI, man page lint, PyTorch, NumPy and mpmath as independent

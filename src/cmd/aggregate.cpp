@@ -95,6 +95,9 @@ run_aggregate(const AggregateOptions& opt)
   core::RoundSettings settings;
   settings.strategy = core::parse_strategy(opt.strategy.value_or(config ? config->strategy : "fedavg"));
   settings.options = server_options(opt, config ? &*config : nullptr);
+  if (config) {
+    settings.accountant = config->privacy.accountant;
+  }
 
   std::vector<core::RoundCandidate> candidates;
   for (const auto& path : opt.updates) {

@@ -3,7 +3,8 @@
 // mismatch is exit 3 naming the first broken entry or file; otherwise it prints the rounds,
 // their participants, rejected updates, strategy and privacy.
 // fedl audit --privacy-calc: no workspace; the (ε, δ) that DP-SGD with the given sampling rate,
-// noise multiplier and steps spends (core/math/accountant.hpp).
+// noise multiplier and steps spends, by the PLD accountant (core/math/pld.hpp) or RDP
+// (core/math/accountant.hpp).
 #include "cmd/commands.hpp"
 
 #include "cmd/common.hpp"
@@ -39,18 +40,41 @@ struct PrivacyCalc
   std::optional<double> noise_multiplier;
   std::optional<std::uint64_t> steps;
   std::optional<double> delta;
+  std::optional<std::string> accountant;
 };
 
 int
 run_privacy_calc(const PrivacyCalc& p)
 {
-  const auto spent = core::compute_epsilon(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.delta);
-  const nlohmann::json j = {{"epsilon", spent.epsilon},      {"delta", *p.delta},
-                            {"order", spent.order},          {"steps", *p.steps},
-                            {"sample_rate", *p.sample_rate}, {"noise_multiplier", *p.noise_multiplier}};
-  print_result(j, fmt::format("epsilon {:.4f} (delta {}, best order {}) for {} steps at sample rate {}, "
-                              "noise multiplier {}\n",
-                              spent.epsilon, *p.delta, spent.order, *p.steps, *p.sample_rate, *p.noise_multiplier));
+  const auto accountant = resolve_accountant(p.accountant).value_or(core::Accountant::pld_v1);
+  if (*p.steps == 0) {
+    throw core::UsageError("--steps 0: must be at least 1 (the number of noisy gradient steps)");
+  }
+  nlohmann::json j = {{"epsilon", 0.0},
+                      {"delta", *p.delta},
+                      {"accountant", core::accountant_name(accountant)},
+                      {"steps", *p.steps},
+                      {"sample_rate", *p.sample_rate},
+                      {"noise_multiplier", *p.noise_multiplier}};
+  const auto what =
+    fmt::format("for {} steps at sample rate {}, noise multiplier {}", *p.steps, *p.sample_rate, *p.noise_multiplier);
+  std::string text;
+  if (accountant == core::Accountant::pld_v1) {
+    const core::GaussianSteps part{*p.sample_rate, *p.noise_multiplier, *p.steps};
+    const auto spent = core::pld_epsilon({&part, 1}, *p.delta, /*with_lower=*/true);
+    j["epsilon"] = spent.epsilon;
+    j["epsilon_lower"] = spent.epsilon_lower;
+    j["grid"] = spent.grid;
+    text = fmt::format("epsilon {:.4f} (delta {}, PLD; the exact value is at least {:.4f}) {}\n", spent.epsilon,
+                       *p.delta, spent.epsilon_lower, what);
+  } else {
+    const auto spent = core::compute_epsilon(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.delta);
+    j["epsilon"] = spent.epsilon;
+    j["order"] = spent.order;
+    text =
+      fmt::format("epsilon {:.4f} (delta {}, RDP, best order {}) {}\n", spent.epsilon, *p.delta, spent.order, what);
+  }
+  print_result(j, text);
   return 0;
 }
 
@@ -69,7 +93,8 @@ dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witness
   const std::vector<std::pair<const char*, bool>> calc_flags = {{"--sample-rate", p.sample_rate.has_value()},
                                                                 {"--noise-multiplier", p.noise_multiplier.has_value()},
                                                                 {"--steps", p.steps.has_value()},
-                                                                {"--delta", p.delta.has_value()}};
+                                                                {"--delta", p.delta.has_value()},
+                                                                {"--accountant", p.accountant.has_value()}};
   if (!p.enabled) {
     for (const auto& [flag, given] : calc_flags) {
       if (given) {
@@ -92,7 +117,7 @@ dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witness
   }
   std::vector<std::string> missing;
   for (const auto& [flag, given] : calc_flags) {
-    if (!given) {
+    if (!given && std::string_view(flag) != "--accountant") {
       missing.emplace_back(flag);
     }
   }
@@ -131,6 +156,7 @@ add_audit(CLI::App& parent)
     ->type_name("S");
   app->add_option("--steps", calc->steps, "With --privacy-calc: number of noisy gradient steps")->type_name("T");
   app->add_option("--delta", calc->delta, "With --privacy-calc: the delta of (epsilon, delta)")->type_name("D");
+  add_accountant_option(*app, calc->accountant, "With --privacy-calc: the accountant");
   app->add_flag("--host", *host,
                 "Report the sandbox layers this host offers and test them: a sandboxed child attempts each forbidden "
                 "action (exit 3 if any is allowed)");

@@ -189,6 +189,23 @@ add_dp_sgd_options(CLI::App& app, DpSgdFlags& f)
   app.add_option("--dp-delta", f.delta, "DP-SGD: the delta that epsilon is reported at (default 1e-5)")->type_name("D");
 }
 
+void
+add_accountant_option(CLI::App& app, std::optional<std::string>& value, const std::string& help)
+{
+  with_choices(
+    app.add_option("--accountant", value, help + ": pld (privacy loss distributions, the tightest; default) or rdp"),
+    {"pld", "rdp"});
+}
+
+std::optional<core::Accountant>
+resolve_accountant(const std::optional<std::string>& value)
+{
+  if (!value) {
+    return std::nullopt;
+  }
+  return core::accountant_from_flag(*value, "--accountant");
+}
+
 std::optional<core::SecureAggregationConfig>
 SecureAggregationFlags::resolve(const std::optional<core::SecureAggregationConfig>& configured) const
 {

@@ -85,6 +85,11 @@ struct DpSgdFlags
 };
 void add_dp_sgd_options(CLI::App& app, DpSgdFlags& flags);
 
+// --accountant pld|rdp: how epsilon is computed (core/math/accountant.hpp); `help` says for what.
+void add_accountant_option(CLI::App& app, std::optional<std::string>& value, const std::string& help);
+// The option's accountant, none if not given; UsageError naming --accountant for another value.
+std::optional<core::Accountant> resolve_accountant(const std::optional<std::string>& value);
+
 // --secure-aggregation, --secagg-threshold, --secagg-neighbours, --secagg-range, --distributed-dp
 // (fedl init records them in fedl.json; fedl serve turns it on or sets values over fedl.json's).
 struct SecureAggregationFlags

@@ -53,6 +53,7 @@ struct InitOptions
   double holdout = 0.0;
   core::TrainingConfig training;         // the sites' local training, sent with each task
   DpSgdFlags dp;                         // ... and its DP-SGD
+  std::optional<std::string> accountant; // fedl.json privacy.accountant
   core::PrivacyConfig privacy;           // client-level DP and the federation's budget, for fedl serve
   SecureAggregationFlags secure;         // fedl.json secure_aggregation, for fedl serve
   std::optional<double> max_update_norm; // fedl.json limits
@@ -154,6 +155,7 @@ federation_config(const InitOptions& opt, const std::vector<std::string>& names,
   config.training.dp = opt.dp.resolve();
   config.min_clients = opt.min_clients.value_or(0);
   config.privacy = opt.privacy;
+  config.privacy.accountant = resolve_accountant(opt.accountant).value_or(config.privacy.accountant);
   core::check_privacy(config.privacy,
                       {"--client-dp-clip-norm", "--client-dp-noise-multiplier", "--max-epsilon", "--delta"});
   config.secure_aggregation = opt.secure.resolve(std::nullopt);
@@ -342,6 +344,9 @@ add_init(CLI::App& parent)
                  "The federation's budget on client-level epsilon, for fedl serve (fedl.json privacy)")
     ->type_name("E");
   app->add_option("--delta", opt->privacy.delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
+  add_accountant_option(
+    *app, opt->accountant,
+    "How the federation's ledger computes epsilon, client-level and each site's (fedl.json privacy)");
   add_secure_aggregation_options(*app, opt->secure);
   app
     ->add_option("--max-update-norm", opt->max_update_norm,

@@ -29,6 +29,7 @@ namespace {
 struct JoinOptions
 {
   fs::path bundle;
+  std::optional<std::string> accountant;
   DataFlags data;
   std::optional<std::string> server;
   std::optional<std::string> server_name;
@@ -143,6 +144,7 @@ run_join(const JoinOptions& opt)
       s.fork_server->start.push_back("--no-preload");
     }
   }
+  s.accountant = resolve_accountant(opt.accountant).value_or(s.accountant);
   if (opt.delta && !opt.max_epsilon) {
     throw core::UsageError("--delta is the delta of the site's budget: give --max-epsilon E too");
   }
@@ -226,6 +228,7 @@ add_join(CLI::App& parent)
                  "The site's own privacy budget: refuse (exit 4) any task whose DP-SGD would take it past this")
     ->type_name("E");
   app->add_option("--delta", opt->delta, "The delta of --max-epsilon (default 1e-5)")->type_name("D");
+  add_accountant_option(*app, opt->accountant, "How the site's own account (privacy.jsonl) computes epsilon");
   app
     ->add_option("--max-epochs", opt->max_epochs,
                  "Refuse tasks of more epochs than this (tightens the bundle's contract)")

@@ -40,6 +40,7 @@ struct ServeOptions
   std::optional<double> dp_clip_norm;
   std::optional<double> dp_noise_multiplier;
   std::optional<double> max_epsilon;
+  std::optional<std::string> accountant;
   std::optional<double> delta;
   SecureAggregationFlags secure;
   std::optional<fs::path> eval_data;
@@ -105,6 +106,7 @@ privacy_settings(const ServeOptions& opt, core::PrivacyConfig p)
   }
   p.max_epsilon = opt.max_epsilon.value_or(p.max_epsilon);
   p.delta = opt.delta.value_or(p.delta);
+  p.accountant = resolve_accountant(opt.accountant).value_or(p.accountant);
   // fedl.json's values were checked where it was read: what fails here came from a flag.
   core::check_privacy(p, {"--dp-clip-norm", "--dp-noise-multiplier", "--max-epsilon", "--delta"});
   return p;
@@ -148,6 +150,7 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
     s.require_sandbox = core::parse_sandbox_level(*opt.require_sandbox, "--require-sandbox");
   }
   s.seed = opt.seed.value_or(config.seed);
+  s.seeded_selection = opt.seed.has_value();
   s.heartbeat = opt.heartbeat;
   s.dead_after = 4 * opt.heartbeat;
   if (opt.metrics) {
@@ -299,6 +302,8 @@ add_serve(CLI::App& parent)
     ->type_name("E");
   app->add_option("--delta", opt->delta, "The delta of client-level epsilon (default 1e-5, or fedl.json)")
     ->type_name("D");
+  add_accountant_option(*app, opt->accountant,
+                        "How this serve's rounds compute epsilon (default: fedl.json's); a change is recorded");
   add_secure_aggregation_options(*app, opt->secure);
   app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
     ->type_name("PATH");
@@ -311,7 +316,10 @@ add_serve(CLI::App& parent)
     ->check(CLI::Range(0.0, 1.0))
     ->type_name("A");
   app->add_option("--metrics", opt->metrics, "Serve Prometheus metrics over HTTP here")->type_name("HOST:PORT");
-  app->add_option("--seed", opt->seed, "Seed for sampling sites and for the sites' training (default: fedl.json)")
+  app
+    ->add_option("--seed", opt->seed,
+                 "Seed for the sites' training (default: fedl.json's) and for sampling sites, then reproducible and "
+                 "accounted without amplification (default: sampled in secret)")
     ->type_name("S");
   app->add_option("--heartbeat", opt->heartbeat, "Seconds between heartbeats; a peer silent 4x as long is dropped")
     ->capture_default_str()

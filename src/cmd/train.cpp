@@ -38,6 +38,7 @@ struct TrainOptions
   std::optional<std::filesystem::path> identity;
   TrainingSettings training;
   DpSgdFlags dp;
+  std::optional<std::string> accountant;
   SandboxFlags sandbox;
 };
 
@@ -103,6 +104,13 @@ int
 run_train(TrainOptions opt)
 {
   opt.training.dp = opt.dp.resolve();
+  if (const auto accountant = resolve_accountant(opt.accountant)) {
+    if (!opt.training.dp) {
+      throw core::UsageError("--accountant says how DP-SGD's epsilon is computed: give --dp-noise-multiplier S and "
+                             "--dp-max-grad-norm C too");
+    }
+    opt.training.dp->accountant = *accountant;
+  }
   if (!opt.out && !opt.save_model) {
     throw core::UsageError("nothing to write: give --out UPDATE and/or --save-model FILE");
   }
@@ -230,6 +238,7 @@ add_train(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber);
   add_dp_sgd_options(*app, opt->dp);
+  add_accountant_option(*app, opt->accountant, "DP-SGD: how epsilon is computed");
   app->add_option("--seed", opt->model.seed, "Seed for initialisation and shuffling")->capture_default_str();
   add_compute_options(*app, opt->compute);
   add_sandbox_options(*app, opt->sandbox);

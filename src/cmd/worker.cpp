@@ -208,10 +208,11 @@ private:
                         "the task asks for training without DP-SGD, which this site's --max-epsilon {} does not allow",
                         max_epsilon);
     }
-    auto account = core::RdpAccount::from_json(b["spent"], "the task's budget");
-    const double before = account.epsilon(delta).epsilon;
+    const auto accountant = core::accountant_from_flag(b["accountant"].get<std::string>(), "the task's accountant");
+    auto account = core::PrivacyAccount::from_json(b["spent"], "the task's budget");
+    const double before = account.epsilon(delta, accountant).epsilon;
     dp->add_to(account);
-    const double after = account.epsilon(delta).epsilon;
+    const double after = account.epsilon(delta, accountant).epsilon;
     if (after > max_epsilon) {
       throw core::Error(
         core::ExitCode::budget,

@@ -74,7 +74,7 @@ check_dp_metadata(const core::Safetensors& st)
     return;
   }
   try {
-    const auto dp = core::DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp");
+    const auto dp = core::DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp", core::Accountant::pld_v1);
     FEDL_FUZZ_CHECK(dp.epsilon >= 0);
   } catch (const std::exception& e) {
     fuzz::refused(e);

@@ -131,7 +131,7 @@ site_welcome(const json& header)
     fuzz::refused(e);
     return;
   }
-  FEDL_FUZZ_CHECK(record.rdp.epsilon(site_delta).epsilon >= 0);
+  FEDL_FUZZ_CHECK(record.spent.epsilon(site_delta, core::Accountant::rdp_v2).epsilon >= 0);
 }
 
 void
@@ -174,7 +174,8 @@ site_trainer_reply(const json& header, bool is_update)
     }
     const auto result = core::TrainResult::from_header(header);
     if (result.dp) {
-      const auto report = core::DpSgdReport::from_json(*result.dp, "the trainer's DP-SGD report");
+      const auto report =
+        core::DpSgdReport::from_json(*result.dp, "the trainer's DP-SGD report", core::Accountant::rdp_v2);
       FEDL_FUZZ_CHECK(report.epsilon >= 0);
     }
   } catch (const std::exception& e) {

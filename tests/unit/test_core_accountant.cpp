@@ -6,8 +6,10 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using namespace fedl::core;
@@ -105,12 +107,43 @@ TEST_CASE("core::compute_epsilon matches TF Privacy 0.9.0's end-to-end vectors")
     {1024.0 / 100000000, 0.1, 976563, 1e-7, 5907982.3113984, 1.25}, // n 1e8, batch 1024, 10 epochs
   };
   for (const auto& v : vectors) {
-    const auto got = compute_epsilon(v.q, v.sigma, v.steps, v.delta);
+    const auto got = compute_epsilon(v.q, v.sigma, v.steps, v.delta, legacy_orders());
     MESSAGE("q ", v.q, " sigma ", v.sigma, " steps ", v.steps, " delta ", v.delta, ": expected epsilon ", v.epsilon,
             " at order ", v.order, ", got ", got.epsilon, " at order ", got.order);
     CHECK(std::abs(got.epsilon - v.epsilon) <= 1e-3 * v.epsilon);
     CHECK(got.order == v.order);
   }
+}
+
+TEST_CASE("core::default_orders: a grid at least as fine as Opacus's and TF Privacy's, so never looser")
+{
+  const auto fine = default_orders();
+  CHECK(std::is_sorted(fine.begin(), fine.end()));
+  const auto has = [&](double a) {
+    return std::any_of(fine.begin(), fine.end(), [&](double o) { return std::abs(o - a) < 1e-12; });
+  };
+  // Opacus's RDPAccountant.DEFAULT_ALPHAS: 1 + x / 10 for x in 1..99, then 12..63.
+  for (int x = 1; x < 100; ++x) {
+    CHECK(has(1 + x / 10.0));
+  }
+  for (int a = 12; a < 64; ++a) {
+    CHECK(has(a));
+  }
+  for (const double a : legacy_orders()) {
+    CHECK(has(a));
+  }
+  CHECK(has(1024));
+  // So on the same inputs the fine grid's epsilon is never above either list's.
+  for (const auto& [q, sigma, steps] : {std::tuple{0.01, 1.1, 1000}, std::tuple{0.004, 1.1, 15000},
+                                        std::tuple{1.0, 5.0, 50}, std::tuple{0.1, 0.8, 100}}) {
+    const auto fine_eps = compute_epsilon(q, sigma, steps, 1e-5).epsilon;
+    CHECK(fine_eps <= compute_epsilon(q, sigma, steps, 1e-5, legacy_orders()).epsilon);
+  }
+  // The table: Opacus's RDP accountant gives 1.7118 (q 0.01, sigma 1.1, 1000 steps) and
+  // 2.5029 (q 0.004, 15000 steps) at delta 1e-5; fedl's fine grid is at or below them.
+  CHECK(compute_epsilon(0.01, 1.1, 1000, 1e-5).epsilon <= 1.7118 + 1e-4);
+  CHECK(compute_epsilon(0.004, 1.1, 15000, 1e-5).epsilon <= 2.5029 + 1e-4);
+  CHECK(compute_epsilon(1.0, 5.0, 50, 1e-5).epsilon <= 7.0774 + 1e-4);
 }
 
 TEST_CASE("core::epsilon_from_rdp is Balle et al.'s Theorem 21, minimised and never negative")

@@ -17,33 +17,49 @@ using namespace fedl::core;
 using fedl::test::TempDir;
 using nlohmann::json;
 
-TEST_CASE("core::RdpAccount composes steps and rounds as compute_epsilon does")
+TEST_CASE("core::PrivacyAccount composes steps and rounds as the accountants do")
 {
-  RdpAccount a;
+  PrivacyAccount a;
   CHECK(a.empty());
-  CHECK(a.epsilon(1e-5).epsilon == 0.0);
+  CHECK(a.epsilon(1e-5, Accountant::pld_v1).epsilon == 0.0);
+  CHECK(a.epsilon(1e-5, Accountant::rdp_v2).epsilon == 0.0);
   a.add(0.01, 1.1, 600);
   a.add(0.01, 1.1, 400);
   const auto direct = compute_epsilon(0.01, 1.1, 1000, 1e-5);
-  CHECK(a.epsilon(1e-5).epsilon == doctest::Approx(direct.epsilon).epsilon(1e-12));
+  CHECK(a.epsilon(1e-5, Accountant::rdp_v2).epsilon == doctest::Approx(direct.epsilon).epsilon(1e-12));
+  const GaussianSteps part{0.01, 1.1, 1000};
+  CHECK(a.epsilon(1e-5, Accountant::pld_v1).epsilon == pld_epsilon({&part, 1}, 1e-5).epsilon);
+  CHECK(a.epsilon(1e-5, Accountant::rdp_v1).epsilon ==
+        doctest::Approx(compute_epsilon(0.01, 1.1, 1000, 1e-5, legacy_orders()).epsilon).epsilon(1e-12));
   // Round trip through JSON, and the larger of two accounts bounds both.
-  const auto back = RdpAccount::from_json(a.to_json(), "test");
-  CHECK(back.epsilon(1e-5).epsilon == a.epsilon(1e-5).epsilon);
-  RdpAccount small;
+  const auto back = PrivacyAccount::from_json(a.to_json(), "test");
+  CHECK(back.epsilon(1e-5, Accountant::pld_v1).epsilon == a.epsilon(1e-5, Accountant::pld_v1).epsilon);
+  PrivacyAccount small;
   small.add(0.01, 1.1, 10);
+  small.add(0.02, 2.0, 5);
   small.merge_max(a);
-  CHECK(small.epsilon(1e-5).epsilon == a.epsilon(1e-5).epsilon);
+  CHECK(small.parts().size() == 2);
+  CHECK(small.epsilon(1e-5, Accountant::pld_v1).epsilon > a.epsilon(1e-5, Accountant::pld_v1).epsilon);
   auto bad = a.to_json();
-  bad["orders"][0] = 1.3;
-  CHECK_THROWS_AS(RdpAccount::from_json(bad, "test"), Error);
+  bad["mechanisms"][0]["sample_rate"] = 1.5;
+  CHECK_THROWS_AS(PrivacyAccount::from_json(bad, "test"), Error);
   bad = a.to_json();
-  bad["rdp"][3] = -1;
-  CHECK_THROWS_AS(RdpAccount::from_json(bad, "test"), Error);
+  bad["mechanisms"][0]["steps"] = -1;
+  CHECK_THROWS_AS(PrivacyAccount::from_json(bad, "test"), Error);
+  CHECK_THROWS_WITH_AS(PrivacyAccount::from_json(json{{"orders", {2}}, {"rdp", {0.1}}}, "test"),
+                       doctest::Contains("not a privacy account"), Error);
+  // A peer cannot make an account that costs the PLD accountant thousands of spectra.
+  json many = json::array();
+  for (std::size_t i = 0; i <= PrivacyAccount::max_mechanisms; ++i) {
+    many.push_back({{"sample_rate", 0.5}, {"noise_multiplier", 1.0 + static_cast<double>(i)}, {"steps", 1U}});
+  }
+  CHECK_THROWS_WITH_AS(PrivacyAccount::from_json(json{{"mechanisms", many}}, "test"),
+                       doctest::Contains("more than the 64"), Error);
 }
 
 TEST_CASE("core::dp_sgd_report: q = batch / samples, refusing q > 1; DpSgdReport reads back and recomputes epsilon")
 {
-  const DpSgdConfig dp{1.1, 1.0, 1e-5};
+  const DpSgdConfig dp{1.1, 1.0, 1e-5, Accountant::rdp_v2};
   const auto r = dp_sgd_report(dp, 60000, 256, 60 * 235);
   CHECK(r.sample_rate == doctest::Approx(256.0 / 60000));
   CHECK(r.epsilon == doctest::Approx(compute_epsilon(256.0 / 60000, 1.1, 60 * 235, 1e-5).epsilon));
@@ -51,15 +67,15 @@ TEST_CASE("core::dp_sgd_report: q = batch / samples, refusing q > 1; DpSgdReport
   CHECK_THROWS_AS(dp_sgd_report(dp, 0, 1, 1), UsageError);
   auto j = r.to_json();
   j["epsilon"] = 0.001; // a claim: recomputed, not read
-  CHECK(DpSgdReport::from_json(j, "test").epsilon == doctest::Approx(r.epsilon));
+  CHECK(DpSgdReport::from_json(j, "test", Accountant::rdp_v2).epsilon == doctest::Approx(r.epsilon));
   for (const char* key : {"noise_multiplier", "max_grad_norm", "sample_rate", "delta"}) {
     auto k = r.to_json();
     k[key] = 0;
-    CHECK_THROWS_AS(DpSgdReport::from_json(k, "test"), VerifyError);
+    CHECK_THROWS_AS(DpSgdReport::from_json(k, "test", Accountant::rdp_v2), VerifyError);
   }
   auto q = r.to_json();
   q["sample_rate"] = 1.5;
-  CHECK_THROWS_AS(DpSgdReport::from_json(q, "test"), VerifyError);
+  CHECK_THROWS_AS(DpSgdReport::from_json(q, "test", Accountant::rdp_v2), VerifyError);
 }
 
 TEST_CASE("core::DpSgdReport::from_json names a deeply nested value without printing it")
@@ -68,45 +84,53 @@ TEST_CASE("core::DpSgdReport::from_json names a deeply nested value without prin
   // overflowed the stack of the coordinator's validation thread.
   const std::size_t depth = 200000;
   const auto deep = json::parse(std::string(depth, '[') + std::string(depth, ']'));
-  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(deep, "fedl.dp"),
+  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(deep, "fedl.dp", Accountant::pld_v1),
                        doctest::Contains("not a JSON object: (an array of 1 entries, some nested)"), VerifyError);
   auto report = json::parse(R"({"noise_multiplier": -1, "max_grad_norm": 1, "sample_rate": 0.5, "steps": 1,
                                  "delta": 1e-5})");
-  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(report, "fedl.dp"),
+  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(report, "fedl.dp", Accountant::pld_v1),
                        doctest::Contains("out of range: {\"delta\":1e-05,\"max_grad_norm\":1,"), VerifyError);
   // Parsed, not assigned: copying a json value recurses too.
   const auto nested = json::parse(R"({"noise_multiplier": -1, "max_grad_norm": 1, "sample_rate": 0.5, "steps": 1,
                                       "delta": 1e-5, "note": )" +
                                   std::string(depth, '[') + std::string(depth, ']') + "}");
-  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(nested, "fedl.dp"),
+  CHECK_THROWS_WITH_AS(DpSgdReport::from_json(nested, "fedl.dp", Accountant::pld_v1),
                        doctest::Contains("out of range: (an object of 6 entries, some nested)"), VerifyError);
 }
 
-TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and catches a wrong epsilon")
+namespace {
+
+void
+check_federation_privacy(Accountant accountant)
 {
   FederationPrivacy coordinator;
   const DpSgdConfig dp{1.0, 1.0, 1e-5};
   std::vector<json> bodies;
   for (int round = 1; round <= 3; ++round) {
-    const ClientDpRound client{0.5, 1.2, 0.5, 1e-5};
+    const ClientDpRound client{0.5, 1.2, 0.5, 1e-5, "secret"};
     const std::map<std::string, DpSgdReport> sites{{"site-1", dp_sgd_report(dp, 500, 50, 10)},
                                                    {"site-2", dp_sgd_report(dp, 1000, 50, 20)}};
-    json body = {{"round", round}, {"privacy", coordinator.record_round(client, sites, 20.0)}};
+    json body = {{"round", round}, {"privacy", coordinator.record_round(client, sites, 20.0, accountant)}};
     bodies.push_back(body);
   }
+  CHECK(bodies[0]["privacy"]["accountant"] == accountant_name(accountant));
+  CHECK(bodies[0]["privacy"]["client"]["selection"] == "secret");
+  CHECK_FALSE(bodies[0]["privacy"].contains("accountant_changed_from"));
+  CHECK(bodies[0]["privacy"]["client"].contains("order") == (accountant != Accountant::pld_v1));
   // Three client-level rounds at q = 0.5.
-  RdpAccount c;
+  PrivacyAccount c;
   c.add(0.5, 1.2, 3);
-  CHECK(bodies[2]["privacy"]["client"]["epsilon"].get<double>() == doctest::Approx(c.epsilon(1e-5).epsilon));
-  RdpAccount s1;
+  CHECK(bodies[2]["privacy"]["client"]["epsilon"].get<double>() == c.epsilon(1e-5, accountant).epsilon);
+  PrivacyAccount s1;
   s1.add(0.1, 1.0, 30);
-  CHECK(bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"].get<double>() ==
-        doctest::Approx(s1.epsilon(1e-5).epsilon));
+  CHECK(bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"].get<double>() == s1.epsilon(1e-5, accountant).epsilon);
 
   FederationPrivacy audit;
   for (const auto& b : bodies) {
     CHECK_NOTHROW(audit.replay(b, true));
   }
+  CHECK_NOTHROW(audit.finish_verify());
+  CHECK(audit.accountant() == accountant);
   CHECK(audit.site_report("site-2")["runs"] == 3);
   CHECK(audit.site_report("site-3").is_null());
 
@@ -115,11 +139,30 @@ TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and ca
     bodies[1]["privacy"]["client"]["epsilon"] = bodies[1]["privacy"]["client"]["epsilon"].get<double>() * 0.9;
     FederationPrivacy a;
     a.replay(bodies[0], true);
-    CHECK_THROWS_WITH_AS(a.replay(bodies[1], true), doctest::Contains("round 2: privacy.client"), VerifyError);
+    if (accountant == Accountant::pld_v1) { // round 2 is not one the replay recomputes: its last is
+      a.replay(bodies[1], true);
+      CHECK_THROWS_WITH_AS(a.finish_verify(), doctest::Contains("round 2: privacy.client"), VerifyError);
+    } else {
+      CHECK_THROWS_WITH_AS(a.replay(bodies[1], true), doctest::Contains("round 2: privacy.client"), VerifyError);
+    }
   }
-  SUBCASE("an altered site total")
+  SUBCASE("an altered site total: by PLD the third round is checked when the replay finishes")
   {
-    bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"] = 0.5;
+    bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"] =
+      bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"].get<double>() * 1.01;
+    FederationPrivacy a;
+    a.replay(bodies[0], true);
+    a.replay(bodies[1], true);
+    if (accountant == Accountant::pld_v1) {
+      a.replay(bodies[2], true);
+      CHECK_THROWS_WITH_AS(a.finish_verify(), doctest::Contains("sites.site-1"), VerifyError);
+    } else {
+      CHECK_THROWS_WITH_AS(a.replay(bodies[2], true), doctest::Contains("sites.site-1"), VerifyError);
+    }
+  }
+  SUBCASE("a total between recomputed rounds below what an earlier round spent")
+  {
+    bodies[2]["privacy"]["sites"]["site-1"]["total_epsilon"] = 0.01;
     FederationPrivacy a;
     a.replay(bodies[0], true);
     a.replay(bodies[1], true);
@@ -129,9 +172,36 @@ TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and ca
   {
     FederationPrivacy over;
     const ClientDpRound client{0.5, 0.5, 1.0, 1e-5};
-    json body = {{"round", 1}, {"privacy", over.record_round(client, {}, 1.0)}};
+    json body = {{"round", 1}, {"privacy", over.record_round(client, {}, 1.0, accountant)}};
     FederationPrivacy a;
     CHECK_THROWS_WITH_AS(a.replay(body, true), doctest::Contains("past the budget"), VerifyError);
+  }
+  SUBCASE("amplification by sampling claimed for a selection that was not secret")
+  {
+    for (const char* selection : {"seeded", "all"}) {
+      json body = bodies[0];
+      body["privacy"]["client"]["selection"] = selection;
+      FederationPrivacy a;
+      CHECK_THROWS_WITH_AS(a.replay(body, false), doctest::Contains("only a secret one amplifies"), VerifyError);
+    }
+    json body = bodies[0];
+    body["privacy"]["client"]["selection"] = "guessed";
+    FederationPrivacy a;
+    CHECK_THROWS_WITH_AS(a.replay(body, false), doctest::Contains("is not all, secret or seeded"), VerifyError);
+    // Before December 2026 no selection was recorded: still replayed as recorded.
+    body["privacy"]["client"].erase("selection");
+    CHECK_NOTHROW(a.replay(body, false));
+  }
+  SUBCASE("an accountant this fedl does not know, or a change that is not recorded")
+  {
+    FederationPrivacy a;
+    json body = bodies[0];
+    body["privacy"]["accountant"] = "pld-v9";
+    CHECK_THROWS_WITH_AS(a.replay(body, true), doctest::Contains("pld-v9"), VerifyError);
+    a.replay(bodies[0], true);
+    body = bodies[1];
+    body["privacy"]["accountant"] = accountant == Accountant::pld_v1 ? "rdp-v2" : "pld-v1";
+    CHECK_THROWS_WITH_AS(a.replay(body, false), doctest::Contains("does not record the change"), VerifyError);
   }
   SUBCASE("a round number that is not one: a VerifyError, not a json error or undefined behaviour")
   {
@@ -145,6 +215,45 @@ TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and ca
   }
 }
 
+} // namespace
+
+TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and catches a wrong epsilon: RDP")
+{
+  check_federation_privacy(Accountant::rdp_v2);
+}
+
+TEST_CASE("core::FederationPrivacy records rounds that replay and verify, and catches a wrong epsilon: PLD")
+{
+  check_federation_privacy(Accountant::pld_v1);
+}
+
+TEST_CASE("core::FederationPrivacy replays a ledger from before accountants were recorded (rdp-v1), then a switch")
+{
+  // Written by the fedl of November 2026: no "accountant", RDP at TF Privacy's orders.
+  PrivacyAccount legacy;
+  legacy.add(0.5, 1.2, 1);
+  const auto e1 = compute_epsilon(0.5, 1.2, 1, 1e-5, legacy_orders());
+  const json old = {{"round", 1},
+                    {"privacy",
+                     {{"client",
+                       {{"clip_norm", 0.5},
+                        {"noise_multiplier", 1.2},
+                        {"sample_rate", 0.5},
+                        {"delta", 1e-5},
+                        {"epsilon", e1.epsilon},
+                        {"order", e1.order}}}}}};
+  FederationPrivacy coordinator;
+  coordinator.replay(old, false);
+  CHECK(coordinator.accountant() == Accountant::rdp_v1);
+  const ClientDpRound client{0.5, 1.2, 0.5, 1e-5, "secret"};
+  const json next = {{"round", 2}, {"privacy", coordinator.record_round(client, {}, std::nullopt, Accountant::pld_v1)}};
+  CHECK(next["privacy"]["accountant_changed_from"] == "rdp-v1");
+  FederationPrivacy audit;
+  CHECK_NOTHROW(audit.replay(old, true));
+  CHECK_NOTHROW(audit.replay(next, true));
+  CHECK_NOTHROW(audit.finish_verify());
+}
+
 TEST_CASE("core::SiteAccount keeps a signed account that refuses alterations")
 {
   TempDir dir;
@@ -156,15 +265,17 @@ TEST_CASE("core::SiteAccount keeps a signed account that refuses alterations")
   {
     auto a = SiteAccount::open(path, site);
     CHECK_FALSE(a.existed());
-    a.append(dp_sgd_report(dp, 500, 50, 10), {{"round", 1}});
-    a.append(dp_sgd_report(dp, 500, 50, 10), {{"round", 2}});
+    a.append(dp_sgd_report(dp, 500, 50, 10), {{"round", 1}}, Accountant::rdp_v2);
+    a.append(dp_sgd_report(dp, 500, 50, 10), {{"round", 2}}, Accountant::pld_v1);
     CHECK(a.runs() == 2);
   }
   const auto a = SiteAccount::open(path, site);
   CHECK(a.existed());
   CHECK(a.runs() == 2);
-  CHECK(a.spent().epsilon(1e-5).epsilon == doctest::Approx(compute_epsilon(0.1, 1.0, 20, 1e-5).epsilon));
+  CHECK(a.spent().epsilon(1e-5, Accountant::rdp_v2).epsilon ==
+        doctest::Approx(compute_epsilon(0.1, 1.0, 20, 1e-5).epsilon));
   const auto text = fedl::test::read_file(path);
+  CHECK(text.find(R"("accountant":"pld-v1")") != std::string::npos);
 
   SUBCASE("a changed number")
   {

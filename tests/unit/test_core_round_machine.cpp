@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -305,6 +306,7 @@ TEST_CASE("round machine: clients_per_round samples the same sites for the same 
     Fixture f(4);
     f.s.clients_per_round = 2;
     f.s.seed = 42;
+    f.s.seeded_selection = true;
     for (const char* site : {"a", "b", "c", "d"}) {
       f.m.site_joined(site);
     }
@@ -392,7 +394,41 @@ TEST_CASE("round machine: a round that would pass the privacy budget is not star
   REQUIRE(g.host.closed.size() == 1);
   REQUIRE(g.host.closed[0].client_dp);
   CHECK(g.host.closed[0].client_dp->sample_rate == doctest::Approx(2.0 / 3));
+  CHECK(g.host.closed[0].client_dp->selection == "secret");
   CHECK(g.host.closed[0].asked == 2);
+
+  // A seeded selection (serve --seed) is public: accounted at rate 1, without amplification.
+  Fixture h(3);
+  h.s.privacy = g.s.privacy;
+  h.s.clients_per_round = 2;
+  h.s.seeded_selection = true;
+  for (const char* site : {"a", "b", "c"}) {
+    h.m.site_joined(site);
+  }
+  for (const auto& [site, task] : h.host.tasks) {
+    h.upload(site);
+  }
+  REQUIRE(h.host.closed.size() == 1);
+  REQUIRE(h.host.closed[0].client_dp);
+  CHECK(h.host.closed[0].client_dp->sample_rate == 1);
+  CHECK(h.host.closed[0].client_dp->selection == "seeded");
+}
+
+TEST_CASE("round machine: without a seed, who is asked is drawn in secret: it varies from attempt to attempt")
+{
+  // 20 fixtures of 2 of 6 sites: with a fixed seed all 20 would ask the same pair; drawn from the
+  // CSPRNG, 15 possible pairs make 20 identical draws a 1e-23 event.
+  std::set<std::vector<std::string>> seen;
+  for (int run = 0; run < 20; ++run) {
+    Fixture f(6);
+    f.s.clients_per_round = 2;
+    for (const char* site : {"a", "b", "c", "d", "e", "f"}) {
+      f.m.site_joined(site);
+    }
+    REQUIRE(f.host.tasks.size() == 2);
+    seen.insert(f.host.tasked());
+  }
+  CHECK(seen.size() > 1);
 }
 
 TEST_CASE("round machine: a stop asked for while a round is aggregated waits for it to be written")

@@ -30,7 +30,7 @@ TEST_CASE("trainer protocol: every message reads back as written")
   t.training.epochs = 3;
   t.training.dp = DpSgdConfig{1.1, 1.0, 1e-5};
   t.base_sha256 = std::string(64, 'a');
-  t.budget = json{{"max_epsilon", 3.0}, {"delta", 1e-5}, {"spent", json::object()}};
+  t.budget = json{{"max_epsilon", 3.0}, {"delta", 1e-5}, {"accountant", "pld"}, {"spent", json::object()}};
   // Through text, as over the pipe.
   const auto back = TrainTask::from_header(json::parse(t.to_header().dump()));
   CHECK(back.round == 7);

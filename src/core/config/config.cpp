@@ -239,7 +239,8 @@ to_json(const PrivacyConfig& p)
   return {{"clip_norm", p.clip_norm},
           {"noise_multiplier", p.noise_multiplier},
           {"max_epsilon", p.max_epsilon},
-          {"delta", p.delta}};
+          {"delta", p.delta},
+          {"accountant", accountant_flag(p.accountant)}};
 }
 
 nlohmann::json
@@ -467,7 +468,14 @@ config_from_json(const nlohmann::json& j, const std::string& what)
     r.get("noise_multiplier", c.privacy.noise_multiplier);
     r.get("max_epsilon", c.privacy.max_epsilon);
     r.get("delta", c.privacy.delta);
+    std::string accountant(accountant_flag(c.privacy.accountant));
+    r.get("accountant", accountant);
     r.finish();
+    try {
+      c.privacy.accountant = accountant_from_flag(accountant, "privacy.accountant");
+    } catch (const UsageError& e) {
+      throw UsageError("{}: {}", what, e.what());
+    }
     try {
       check_privacy(c.privacy);
     } catch (const UsageError& e) {

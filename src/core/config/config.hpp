@@ -3,6 +3,7 @@
 // name and wrong types with the path of the field, so a typo never passes silently.
 #pragma once
 
+#include "core/math/accountant.hpp"
 #include "core/math/aggregate.hpp"
 
 #include <nlohmann/json.hpp>
@@ -31,6 +32,8 @@ struct DpSgdConfig
   double noise_multiplier = 0;
   double max_grad_norm = 0;
   double delta = 1e-5;
+  // How this process reports ε (train --accountant, join --accountant); not part of a task.
+  Accountant accountant = Accountant::pld_v1;
 
   bool operator==(const DpSgdConfig&) const = default;
 };
@@ -60,6 +63,7 @@ struct PrivacyConfig
   double noise_multiplier = 0;
   double max_epsilon = 0;
   double delta = 1e-5;
+  Accountant accountant = Accountant::pld_v1; // fedl.json "accountant": "pld" or "rdp"
 
   bool operator==(const PrivacyConfig&) const = default;
 };

@@ -294,14 +294,23 @@ Auditor::check_witnesses(const std::vector<fs::path>& witnesses)
 void
 Auditor::summarize_privacy()
 {
+  try {
+    m_state.privacy.finish_verify();
+  } catch (const VerifyError& err) {
+    throw VerifyError("{}: {}", m_ws.ledger().string(), err.what());
+  }
   nlohmann::json out = nlohmann::json::object();
   if (!m_state.client_dp.is_null()) {
     const double delta = m_state.client_dp["client"].value("delta", 1e-5);
     const auto& privacy = m_state.privacy;
-    const auto spent = privacy.client().epsilon(delta);
-    out["client"] = {{"epsilon", spent.epsilon}, {"delta", delta}, {"rounds", privacy.client_rounds()}};
-    m_privacy += fmt::format("privacy: client-level epsilon {:.4g} at delta {:g} over {} rounds (recomputed)\n",
-                             spent.epsilon, delta, privacy.client_rounds());
+    const auto accountant = privacy.accountant().value_or(Accountant::rdp_v1);
+    const auto spent = privacy.client().epsilon(delta, accountant);
+    out["client"] = {{"epsilon", spent.epsilon},
+                     {"delta", delta},
+                     {"rounds", privacy.client_rounds()},
+                     {"accountant", accountant_name(accountant)}};
+    m_privacy += fmt::format("privacy: client-level epsilon {:.4g} at delta {:g} over {} rounds (recomputed, {})\n",
+                             spent.epsilon, delta, privacy.client_rounds(), accountant_name(accountant));
   }
   if (const auto& stop = m_state.budget_stop; !stop.is_null()) {
     out["stopped"] = stop;

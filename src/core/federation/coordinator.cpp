@@ -48,6 +48,7 @@ attempt_settings(const ServeSettings& s, const Evaluator& evaluate, const Attemp
   if (s.privacy.max_epsilon > 0) {
     settings.max_epsilon = s.privacy.max_epsilon;
   }
+  settings.accountant = s.privacy.accountant;
   return settings;
 }
 
@@ -406,6 +407,11 @@ Coordinator::resume(const LedgerState& state)
 {
   m_first_round = state.model.round + 1;
   check_not_weaker(state.client_dp, m_s.privacy, m_first_round - 1);
+  if (const auto last = state.privacy.accountant(); last && *last != m_s.privacy.accountant) {
+    FEDL_LOG_WARN("the rounds up to {} computed epsilon with {}; from round {} on it is {} (--accountant, fedl.json), "
+                  "over every round so far, and the ledger records the change",
+                  m_first_round - 1, accountant_name(*last), m_first_round, accountant_name(m_s.privacy.accountant));
+  }
   if (state.secure_round > 0) {
     check_secure_not_weaker(state.secure_settings, m_s.secure_aggregation, state.secure_round);
   }
@@ -429,9 +435,10 @@ Coordinator::check_budget_left(bool recorded)
   }
   // The smallest sampling rate a round can have: the quorum out of every enrolled site.
   const auto enrolled = std::max<std::size_t>(m_trust->clients().size(), 1);
-  const double q = std::min(1.0, std::max<double>(m_s.min_clients, 1) / static_cast<double>(enrolled));
+  const double q =
+    m_s.seeded_selection ? 1.0 : std::min(1.0, std::max<double>(m_s.min_clients, 1) / static_cast<double>(enrolled));
   const auto& privacy = m_rounds.privacy();
-  const double spent = privacy.client().epsilon(p.delta).epsilon;
+  const double spent = privacy.client().epsilon(p.delta, p.accountant).epsilon;
   const double next = m_rounds.projected_epsilon(q);
   if (next > p.max_epsilon) {
     if (!recorded) {

@@ -108,7 +108,9 @@ check_dp_report(const std::optional<std::string>& text, const std::optional<DpSg
 {
   if (text) {
     try {
-      dp = DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp");
+      // The ε parsed here is the run's by PLD; the round's record recomputes it by the federation's
+      // accountant.
+      dp = DpSgdReport::from_json(nlohmann::json::parse(*text), "fedl.dp", Accountant::pld_v1);
     } catch (const std::exception& e) {
       return fmt::format("its fedl.dp is not a DP-SGD report: {}", e.what());
     }

@@ -182,6 +182,8 @@ struct RoundSettings
   // the round's client-level DP (options.client_dp must match it) and the federation's budget.
   std::optional<ClientDpRound> client_dp;
   std::optional<double> max_epsilon;
+  // How the round's ε are computed (the ledger records it).
+  Accountant accountant = Accountant::pld_v1;
   // The fewest accepted updates a round is made of (fedl serve's --min-clients; at least 1).
   std::size_t quorum = 1;
 };

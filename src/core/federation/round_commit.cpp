@@ -269,7 +269,8 @@ round_entry(const ValidatedRound& validated, const RoundSettings& settings, cons
     body["evaluation"] = result.evaluation;
   }
   auto history = plan.privacy;
-  if (auto privacy = history.record_round(settings.client_dp, sites, settings.max_epsilon); !privacy.is_null()) {
+  if (auto privacy = history.record_round(settings.client_dp, sites, settings.max_epsilon, settings.accountant);
+      !privacy.is_null()) {
     body["privacy"] = std::move(privacy);
   }
   if (settings.extra.is_object()) {

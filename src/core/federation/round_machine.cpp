@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/round_machine.hpp"
 
+#include "core/util/error.hpp"
 #include "core/util/log.hpp"
+
+#include <openssl/rand.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -23,6 +26,17 @@ mix(std::uint64_t x)
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
   return x ^ (x >> 31);
+}
+
+// 64 bits from the OS's CSPRNG (OpenSSL's RAND_bytes, seeded by getrandom(2)).
+std::uint64_t
+secret_seed()
+{
+  std::uint64_t seed = 0;
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed) != 1) {
+    throw Error("no random bytes from the operating system to draw a round's participants");
+  }
+  return seed;
 }
 
 constexpr double finish_linger = 3; // seconds to let DONE frames reach the sites
@@ -53,7 +67,7 @@ RoundMachine::projected_epsilon(double q) const
 {
   auto next = m_privacy.client();
   next.add(q, m_s.privacy.noise_multiplier, 1);
-  return next.epsilon(m_s.privacy.delta).epsilon;
+  return next.epsilon(m_s.privacy.delta, m_s.privacy.accountant).epsilon;
 }
 
 std::vector<std::string>
@@ -262,30 +276,33 @@ RoundMachine::start()
   asked = std::clamp<std::size_t>(asked, std::min<std::size_t>(m_s.min_clients, connected), connected);
   m_client_dp.reset();
   if (privacy.noise_multiplier > 0) {
-    // Each site is in the round with probability asked / connected (the rate the accountant
-    // composes; a site not connected is in no round).
-    const double q = static_cast<double>(asked) / static_cast<double>(connected);
+    // A secret selection puts each site in the round with probability asked / connected (the rate
+    // the accountant composes; a site not connected is in no round); a seeded one is public.
+    const double q = m_s.seeded_selection ? 1.0 : static_cast<double>(asked) / static_cast<double>(connected);
     if (privacy.max_epsilon > 0) {
       const double next = projected_epsilon(q);
       if (next > privacy.max_epsilon) {
         FEDL_LOG_WARN("round {} would take the federation's epsilon to {:.4g} (delta {:g}), past --max-epsilon {:g}: "
                       "stopping",
                       m_round, next, privacy.delta, privacy.max_epsilon);
-        finish("privacy-budget", {{"epsilon", m_privacy.client().epsilon(privacy.delta).epsilon},
+        finish("privacy-budget", {{"epsilon", m_privacy.client().epsilon(privacy.delta, privacy.accountant).epsilon},
                                   {"next_round_epsilon", next},
                                   {"max_epsilon", privacy.max_epsilon},
                                   {"delta", privacy.delta}});
         return;
       }
     }
-    m_client_dp = ClientDpRound{privacy.clip_norm, privacy.noise_multiplier, q, privacy.delta};
+    m_client_dp = ClientDpRound{privacy.clip_norm, privacy.noise_multiplier, q, privacy.delta,
+                                asked == connected ? "all" : (m_s.seeded_selection ? "seeded" : "secret")};
   }
   ++m_attempt;
   m_host.attempt_started();
   m_task = m_task_rng() | 1;
   m_issued[m_task] = m_round;
   // Seeded: the same seed, round, attempt and connected sites choose the same participants.
-  std::mt19937_64 rng(mix(m_s.seed ^ mix(m_round ^ mix(m_attempt))));
+  // Otherwise a fresh 64-bit seed from the OS's CSPRNG per attempt: the sites see who is asked in
+  // each round, never anything that predicts the next.
+  std::mt19937_64 rng(m_s.seeded_selection ? mix(m_s.seed ^ mix(m_round ^ mix(m_attempt))) : secret_seed());
   std::shuffle(names.begin(), names.end(), rng);
   names.resize(asked);
   std::sort(names.begin(), names.end());

@@ -32,6 +32,7 @@ ServeSettings::to_json() const
                       {"server_optimizer", core::to_json(server.optimizer)},
                       {"training", core::to_json(training)},
                       {"seed", seed},
+                      {"selection", seeded_selection ? "seeded" : "secret"},
                       {"heartbeat", heartbeat}};
   if (server.clip_norm) {
     j["clip_norm"] = *server.clip_norm;

@@ -51,6 +51,10 @@ struct ServeSettings
   // says) are refused, the site dropped from the round.
   std::optional<SandboxLevel> require_sandbox;
   std::uint64_t seed = 0;
+  // serve --seed: participants drawn from the seed (reproducible, and known to every site, whose
+  // training seed derives from it), so client-level DP is accounted without amplification by
+  // sampling; otherwise they are drawn from the OS's CSPRNG, in secret.
+  bool seeded_selection = false;
   double heartbeat = 5;   // seconds between heartbeats on a quiet connection
   double dead_after = 20; // a peer silent this long is dropped
   double settle = 1;      // seconds to wait for more sites once a quorum is connected

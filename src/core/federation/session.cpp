@@ -334,7 +334,10 @@ Site::on_task(Job job, const Task& task)
     return;
   }
   if (m_s.max_epsilon) {
-    job.budget = json{{"max_epsilon", *m_s.max_epsilon}, {"delta", m_s.delta}, {"spent", budget_spent().to_json()}};
+    job.budget = json{{"max_epsilon", *m_s.max_epsilon},
+                      {"delta", m_s.delta},
+                      {"accountant", accountant_flag(m_s.accountant)},
+                      {"spent", budget_spent().to_json()}};
   }
   m_secure.reset();
   job.secure = !task.secure_aggregation.is_null();
@@ -526,7 +529,7 @@ Site::run()
     FEDL_LOG_WARN("{}; without --max-epsilon this site goes on, but keeps no account of its DP-SGD runs", e.what());
   }
   if (m_s.max_epsilon) {
-    const auto spent = m_account->spent().epsilon(m_s.delta).epsilon;
+    const auto spent = m_account->spent().epsilon(m_s.delta, m_s.accountant).epsilon;
     if (spent >= *m_s.max_epsilon) {
       throw Error(ExitCode::budget,
                   "site {} has spent its privacy budget: epsilon {:.4g} of --max-epsilon {:g} at delta {:g} ({} DP-SGD "

@@ -45,6 +45,8 @@ struct JoinSettings
   // the site stops with exit 4.
   std::optional<double> max_epsilon;
   double delta = 1e-5;
+  // How the site computes its ε (join --accountant); its privacy.jsonl records it with each run.
+  Accountant accountant = Accountant::pld_v1;
 };
 
 // Runs the site until the coordinator says the federation is finished (returns the summary),

@@ -155,7 +155,7 @@ private:
   std::shared_ptr<SignedUpdate> sign(std::vector<std::byte> bytes, const TensorListing& model);
   // --max-epsilon: what the site has spent (the larger of its account and the coordinator's
   // record), checked against the coordinator's report in the welcome frame.
-  RdpAccount budget_spent() const;
+  PrivacyAccount budget_spent() const;
   void check_coordinator_record(const json& report);
   // Keeps the coordinator's signed ledger head of a task or done frame as a receipt.
   void keep_receipt(const json& ledger_head);
@@ -203,7 +203,7 @@ private:
   // The site's own account of its DP-SGD runs, kept whether or not it has a budget (so that a
   // budget added later starts from the truth); none only if it could not be read without one.
   std::optional<SiteAccount> m_account;
-  RdpAccount m_coordinator_record; // what the coordinator's ledger says this site spent
+  PrivacyAccount m_coordinator_record; // what the coordinator's ledger says this site spent
   std::string m_ca_fingerprint;
   std::optional<ReceiptLog> m_receipts; // DIR/receipts.jsonl; none if it could not be read
   Cert m_ca;

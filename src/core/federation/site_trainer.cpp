@@ -81,14 +81,14 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
       metrics["loss"] = *result->loss;
     }
     if (m_account && result->dp) {
-      const auto report = DpSgdReport::from_json(*result->dp, "the trainer's DP-SGD report");
+      const auto report = DpSgdReport::from_json(*result->dp, "the trainer's DP-SGD report", m_s.accountant);
       if (m_s.max_epsilon) {
         // Checked again now, as one step with the append and the send: the budget the trainer
         // was given may predate an update sent since.
         auto after = budget_spent();
-        const double before = after.epsilon(m_s.delta).epsilon;
+        const double before = after.epsilon(m_s.delta, m_s.accountant).epsilon;
         report.add_to(after);
-        const double eps = after.epsilon(m_s.delta).epsilon;
+        const double eps = after.epsilon(m_s.delta, m_s.accountant).epsilon;
         if (eps > *m_s.max_epsilon) {
           FEDL_LOG_ERROR("round {}: not sending this update: it would take the site's epsilon from {:.4g} to {:.4g} "
                          "at delta {:g}, past its --max-epsilon {:g}",
@@ -100,11 +100,12 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
       // Written (and synced) before the update leaves: a crash from here on over-counts. A run of
       // no steps spent nothing and is not written.
       if (report.steps > 0) {
-        m_account->append(report, {{"round", job.round}, {"task", job.task}, {"server", m_s.server.to_string()}});
+        m_account->append(report, {{"round", job.round}, {"task", job.task}, {"server", m_s.server.to_string()}},
+                          m_s.accountant);
       }
       if (m_s.max_epsilon) {
         FEDL_LOG_INFO("round {}: privacy account: epsilon {:.4g} of {:g} at delta {:g}", job.round,
-                      budget_spent().epsilon(m_s.delta).epsilon, *m_s.max_epsilon, m_s.delta);
+                      budget_spent().epsilon(m_s.delta, m_s.accountant).epsilon, *m_s.max_epsilon, m_s.delta);
       }
     } else if (m_s.max_epsilon) {
       throw Error("the trainer sent no DP-SGD report for a task under this site's budget");
@@ -256,7 +257,7 @@ Site::stop_trainer()
   }
 }
 
-RdpAccount
+PrivacyAccount
 Site::budget_spent() const
 {
   auto spent = m_account->spent();
@@ -278,9 +279,9 @@ Site::check_coordinator_record(const json& report)
     FEDL_LOG_WARN("{}; ignoring it", e.what());
     return;
   }
-  const auto& record = spending.rdp;
+  const auto& record = spending.spent;
   const auto runs = spending.runs;
-  const double theirs = record.epsilon(m_s.delta).epsilon;
+  const double theirs = record.epsilon(m_s.delta, m_s.accountant).epsilon;
   if (!m_account->existed() || m_account->runs() < runs) {
     stop_after_telling(
       fmt::format("site {} refuses to train: {} {}, but the coordinator's ledger records {} DP-SGD runs of this site "
@@ -293,7 +294,7 @@ Site::check_coordinator_record(const json& report)
     return;
   }
   m_coordinator_record = record;
-  const double ours = m_account->spent().epsilon(m_s.delta).epsilon;
+  const double ours = m_account->spent().epsilon(m_s.delta, m_s.accountant).epsilon;
   if (theirs > ours) {
     FEDL_LOG_WARN("the coordinator's ledger says this site spent epsilon {:.4g}, more than its own account's {:.4g}; "
                   "counting the larger",

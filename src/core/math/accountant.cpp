@@ -10,7 +10,11 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <math.h> // lgamma_r (POSIX, not in <cmath>)
+#include <memory>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace fedl::core {
@@ -243,6 +247,25 @@ std::span<const double>
 default_orders()
 {
   static const std::vector<double> orders = [] {
+    std::vector<double> o;
+    for (int tenth = 11; tenth <= 109; ++tenth) {
+      o.push_back(tenth / 10.0);
+    }
+    o.insert(o.end(), {1.25, 1.75, 2.25});
+    for (int a = 11; a <= 64; ++a) {
+      o.push_back(a);
+    }
+    o.insert(o.end(), {128, 256, 512, 1024});
+    std::sort(o.begin(), o.end());
+    return o;
+  }();
+  return orders;
+}
+
+std::span<const double>
+legacy_orders()
+{
+  static const std::vector<double> orders = [] {
     std::vector<double> o = {1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 4.5};
     for (int a = 5; a <= 63; ++a) {
       o.push_back(a);
@@ -265,6 +288,126 @@ compute_epsilon(double q, double sigma, std::uint64_t steps, double delta, std::
   rdp.reserve(orders.size());
   for (const double a : orders) {
     rdp.push_back(static_cast<double>(steps) * rdp_sampled_gaussian(q, sigma, a)); // RDP composes by addition
+  }
+  return epsilon_from_rdp(orders, rdp, delta);
+}
+
+namespace {
+
+// One step's RDP at every order of `orders` for (q, σ): the fractional orders take a quadrature
+// each, and a ledger's replay asks for the same (q, σ) round after round.
+std::shared_ptr<const std::vector<double>>
+step_curve(double q, double sigma, std::span<const double> orders)
+{
+  using Key = std::tuple<double, double, const double*>;
+  static std::mutex mutex;
+  static std::map<Key, std::shared_ptr<const std::vector<double>>> cache;
+  const Key key{q, sigma, orders.data()};
+  {
+    const std::lock_guard lock(mutex);
+    if (const auto it = cache.find(key); it != cache.end()) {
+      return it->second;
+    }
+  }
+  auto curve = std::make_shared<std::vector<double>>();
+  for (const double a : orders) {
+    curve->push_back(rdp_sampled_gaussian(q, sigma, a));
+  }
+  const std::lock_guard lock(mutex);
+  if (cache.size() > 4096) {
+    cache.clear();
+  }
+  cache.emplace(key, curve);
+  return curve;
+}
+
+} // namespace
+
+std::string_view
+accountant_name(Accountant a)
+{
+  switch (a) {
+  case Accountant::rdp_v1:
+    return "rdp-v1";
+  case Accountant::rdp_v2:
+    return "rdp-v2";
+  case Accountant::pld_v1:
+    return "pld-v1";
+  }
+  return "?";
+}
+
+std::optional<Accountant>
+accountant_from_name(std::string_view name)
+{
+  for (const auto a : {Accountant::rdp_v1, Accountant::rdp_v2, Accountant::pld_v1}) {
+    if (name == accountant_name(a)) {
+      return a;
+    }
+  }
+  return std::nullopt;
+}
+
+Accountant
+accountant_from_flag(std::string_view value, std::string_view flag)
+{
+  if (value == "pld") {
+    return Accountant::pld_v1;
+  }
+  if (value == "rdp") {
+    return Accountant::rdp_v2;
+  }
+  throw UsageError("{} {}: must be pld (privacy loss distributions, the tightest) or rdp (Renyi DP, what most "
+                   "papers quote)",
+                   flag, value);
+}
+
+std::string_view
+accountant_flag(Accountant a)
+{
+  return a == Accountant::pld_v1 ? "pld" : "rdp";
+}
+
+PrivacySpent
+account_epsilon(Accountant a, std::span<const GaussianSteps> parts, double delta)
+{
+  check_delta(delta);
+  if (std::all_of(parts.begin(), parts.end(), [](const GaussianSteps& p) { return p.steps == 0; })) {
+    return {}; // nothing spent
+  }
+  if (a == Accountant::pld_v1) {
+    // Milliseconds each, and a ledger's replay asks again for the sites whose runs are alike.
+    using Key = std::pair<std::vector<std::tuple<double, double, std::uint64_t>>, double>;
+    static std::mutex mutex;
+    static std::map<Key, double> cache;
+    Key key{{}, delta};
+    for (const auto& p : parts) {
+      key.first.emplace_back(p.q, p.sigma, p.steps);
+    }
+    {
+      const std::lock_guard lock(mutex);
+      if (const auto it = cache.find(key); it != cache.end()) {
+        return {it->second, 0};
+      }
+    }
+    const double e = pld_epsilon(parts, delta).epsilon;
+    const std::lock_guard lock(mutex);
+    if (cache.size() > 4096) {
+      cache.clear();
+    }
+    cache.emplace(std::move(key), e);
+    return {e, 0};
+  }
+  const auto orders = a == Accountant::rdp_v1 ? legacy_orders() : default_orders();
+  std::vector<double> rdp(orders.size(), 0.0);
+  for (const auto& part : parts) {
+    if (part.steps == 0) {
+      continue;
+    }
+    const auto curve = step_curve(part.q, part.sigma, orders);
+    for (std::size_t i = 0; i < rdp.size(); ++i) {
+      rdp[i] += static_cast<double>(part.steps) * (*curve)[i]; // RDP composes by addition
+    }
   }
   return epsilon_from_rdp(orders, rdp, delta);
 }

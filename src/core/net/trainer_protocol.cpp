@@ -59,7 +59,7 @@ TrainTask::from_header(const json& h)
   if (const auto it = h.find("budget"); it != h.end()) {
     const auto& b = *it;
     if (!b.is_object() || !b.contains("max_epsilon") || !b["max_epsilon"].is_number() || !b.contains("delta") ||
-        !b["delta"].is_number() || !b.contains("spent")) {
+        !b["delta"].is_number() || !b.contains("spent") || !b.contains("accountant") || !b["accountant"].is_string()) {
       throw ProtocolError(fmt::format("TASK frame has a malformed budget: {}", b.dump()));
     }
     t.budget = b;

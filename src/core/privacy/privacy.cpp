@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <mutex>
 #include <utility>
@@ -22,39 +23,12 @@ namespace {
 
 using nlohmann::json;
 
-// One step's RDP curve for (q, σ): the fractional orders take a quadrature each, and a
-// federation's replay asks for the same (q, σ) round after round.
-std::vector<double>
-step_curve(double q, double sigma)
-{
-  static std::mutex mutex;
-  static std::map<std::pair<double, double>, std::vector<double>> cache;
-  {
-    const std::lock_guard lock(mutex);
-    if (const auto it = cache.find({q, sigma}); it != cache.end()) {
-      return it->second;
-    }
-  }
-  std::vector<double> curve;
-  for (const double a : default_orders()) {
-    curve.push_back(rdp_sampled_gaussian(q, sigma, a));
-  }
-  const std::lock_guard lock(mutex);
-  if (cache.size() > 4096) {
-    cache.clear();
-  }
-  cache.emplace(std::make_pair(q, sigma), curve);
-  return curve;
-}
-
-// A run's epsilon alone, through the cached step curve (an audit recomputes one per site and
-// round; compute_epsilon would integrate the fractional orders again every time).
+// A run's epsilon alone.
 double
-run_epsilon(const DpSgdReport& r)
+run_epsilon(const DpSgdReport& r, Accountant a)
 {
-  RdpAccount a;
-  r.add_to(a);
-  return a.epsilon(r.delta).epsilon;
+  const GaussianSteps part{r.sample_rate, r.noise_multiplier, r.steps};
+  return account_epsilon(a, {&part, 1}, r.delta).epsilon;
 }
 
 // A JSON value for a message: its text cut to 200 bytes, or only its type and size if it holds
@@ -97,65 +71,81 @@ count(const json& j, const char* key, const std::string& what)
 
 } // namespace
 
-RdpAccount::RdpAccount() : m_rdp(default_orders().size(), 0.0) {}
-
 void
-RdpAccount::add(double q, double sigma, std::uint64_t steps)
+PrivacyAccount::add(double q, double sigma, std::uint64_t steps)
 {
   if (steps == 0) {
     return;
   }
-  const auto curve = step_curve(q, sigma);
-  for (std::size_t i = 0; i < m_rdp.size(); ++i) {
-    m_rdp[i] += static_cast<double>(steps) * curve[i]; // RDP composes by addition
-  }
-  m_any = true;
+  m_steps[{q, sigma}] += steps;
 }
 
 void
-RdpAccount::merge_max(const RdpAccount& other)
+PrivacyAccount::merge_max(const PrivacyAccount& other)
 {
-  for (std::size_t i = 0; i < m_rdp.size(); ++i) {
-    m_rdp[i] = std::max(m_rdp[i], other.m_rdp[i]);
+  for (const auto& [key, steps] : other.m_steps) {
+    auto& mine = m_steps[key];
+    mine = std::max(mine, steps);
   }
-  m_any = m_any || other.m_any;
+}
+
+std::vector<GaussianSteps>
+PrivacyAccount::parts() const
+{
+  std::vector<GaussianSteps> out;
+  for (const auto& [key, steps] : m_steps) {
+    out.push_back({key.first, key.second, steps});
+  }
+  return out;
 }
 
 PrivacySpent
-RdpAccount::epsilon(double delta) const
+PrivacyAccount::epsilon(double delta, Accountant a) const
 {
-  if (!m_any) {
+  if (m_steps.empty()) {
     return {};
   }
-  return epsilon_from_rdp(default_orders(), m_rdp, delta);
+  const auto p = parts();
+  return account_epsilon(a, p, delta);
 }
 
 json
-RdpAccount::to_json() const
+PrivacyAccount::to_json() const
 {
-  return {{"orders", std::vector<double>(default_orders().begin(), default_orders().end())}, {"rdp", m_rdp}};
+  json mechanisms = json::array();
+  for (const auto& [key, steps] : m_steps) {
+    mechanisms.push_back({{"sample_rate", key.first}, {"noise_multiplier", key.second}, {"steps", steps}});
+  }
+  return {{"mechanisms", std::move(mechanisms)}};
 }
 
-RdpAccount
-RdpAccount::from_json(const json& j, const std::string& what)
+PrivacyAccount
+PrivacyAccount::from_json(const json& j, const std::string& what)
 {
-  const auto orders = default_orders();
-  if (!j.is_object() || !j.contains("orders") || !j.contains("rdp") || !j["orders"].is_array() ||
-      !j["rdp"].is_array() || j["orders"].size() != orders.size() || j["rdp"].size() != orders.size()) {
-    throw Error("{}: not an RDP account ({{\"orders\": [...], \"rdp\": [...]}} with {} orders)", what, orders.size());
+  const auto it = j.is_object() ? j.find("mechanisms") : j.end();
+  if (!j.is_object() || it == j.end() || !it->is_array()) {
+    throw Error("{}: not a privacy account ({{\"mechanisms\": [...]}}): {}", what, brief(j));
   }
-  RdpAccount a;
-  for (std::size_t i = 0; i < orders.size(); ++i) {
-    const auto& o = j["orders"][i];
-    const auto& r = j["rdp"][i];
-    if (!o.is_number() || o.get<double>() != orders[i]) {
-      throw Error("{}: order {} is not {}, the order this fedl accounts at", what, brief(o), orders[i]);
+  if (it->size() > 4 * max_mechanisms) {
+    throw Error("{}: {} mechanisms, more than the {} distinct ones an account may hold", what, it->size(),
+                max_mechanisms);
+  }
+  PrivacyAccount a;
+  for (const auto& m : *it) {
+    const auto w = what + ": mechanism";
+    if (!m.is_object()) {
+      throw Error("{}: not a JSON object: {}", w, brief(m));
     }
-    if (!r.is_number() || !(r.get<double>() >= 0) || !std::isfinite(r.get<double>())) {
-      throw Error("{}: RDP value {} is not a finite non-negative number", what, brief(r));
+    const double q = number(m, "sample_rate", w);
+    const double sigma = number(m, "noise_multiplier", w);
+    const auto steps = count(m, "steps", w);
+    if (!(q > 0 && q <= 1) || !(sigma > 0)) {
+      throw Error("{}: sample rate {} or noise multiplier {} out of range", w, q, sigma);
     }
-    a.m_rdp[i] = r.get<double>();
-    a.m_any = a.m_any || a.m_rdp[i] > 0;
+    a.add(q, sigma, steps);
+    if (a.m_steps.size() > max_mechanisms) {
+      throw Error("{}: more than the {} distinct mechanisms an account may hold", what, max_mechanisms);
+    }
   }
   return a;
 }
@@ -172,7 +162,7 @@ DpSgdReport::to_json() const
 }
 
 DpSgdReport
-DpSgdReport::from_json(const json& j, const std::string& what)
+DpSgdReport::from_json(const json& j, const std::string& what, Accountant accountant)
 {
   if (!j.is_object()) {
     throw VerifyError("{}: not a JSON object: {}", what, brief(j));
@@ -187,7 +177,7 @@ DpSgdReport::from_json(const json& j, const std::string& what)
       !(r.delta > 0 && r.delta < 1)) {
     throw VerifyError("{}: DP-SGD parameters out of range: {}", what, brief(j));
   }
-  r.epsilon = run_epsilon(r);
+  r.epsilon = run_epsilon(r, accountant);
   if (!std::isfinite(r.epsilon)) {
     throw VerifyError("{}: these DP-SGD parameters spend an infinite epsilon: {}", what, brief(j));
   }
@@ -209,8 +199,72 @@ dp_sgd_report(const DpSgdConfig& dp, std::uint64_t samples, std::uint32_t batch_
   r.sample_rate = static_cast<double>(batch_size) / static_cast<double>(samples);
   r.steps = steps;
   r.delta = dp.delta;
-  r.epsilon = run_epsilon(r);
+  r.epsilon = run_epsilon(r, dp.accountant);
   return r;
+}
+
+namespace {
+
+// 1, 8, 64, 512 ...: where a PLD account's recorded total is recomputed in the replay.
+bool
+power_of_eight(std::uint64_t n)
+{
+  return n != 0 && (n & (n - 1)) == 0 && std::countr_zero(n) % 3 == 0;
+}
+
+} // namespace
+
+void
+FederationPrivacy::verify_total(Account& account, double recorded, double delta, Accountant a,
+                                std::optional<double> max_epsilon, const std::string& what)
+{
+  if (a != Accountant::pld_v1 || power_of_eight(account.runs)) {
+    const auto e = account.spent.epsilon(delta, a).epsilon;
+    if (!same(recorded, e)) {
+      throw VerifyError("{}: records epsilon {} but its parameters and the rounds before give {} ({})", what, recorded,
+                        e, accountant_name(a));
+    }
+    if (max_epsilon && e > *max_epsilon * (1 + 1e-9)) {
+      throw VerifyError("{}: epsilon {} is past the budget of {} that the round records", what, e, *max_epsilon);
+    }
+    account.floor = e;
+    account.floor_delta = delta;
+    account.floor_accountant = a;
+    account.pending.reset();
+    return;
+  }
+  // Between recomputed rounds: at least what was spent by the last one, within the budget, and
+  // recomputed in finish_verify() if it is the account's last.
+  if (delta == account.floor_delta && a == account.floor_accountant && recorded < account.floor * (1 - 1e-9)) {
+    throw VerifyError("{}: records epsilon {}, less than the {} recomputed for an earlier round", what, recorded,
+                      account.floor);
+  }
+  if (max_epsilon && recorded > *max_epsilon * (1 + 1e-9)) {
+    throw VerifyError("{}: epsilon {} is past the budget of {} that the round records", what, recorded, *max_epsilon);
+  }
+  account.pending = Account::Pending{recorded, delta, a, max_epsilon, what};
+}
+
+void
+FederationPrivacy::finish_verify()
+{
+  const auto check = [](Account& account) {
+    if (const auto p = std::exchange(account.pending, std::nullopt)) {
+      const auto e = account.spent.epsilon(p->delta, p->accountant).epsilon;
+      if (!same(p->recorded, e)) {
+        throw VerifyError("{}: records epsilon {} but its parameters and the rounds before give {} ({})", p->what,
+                          p->recorded, e, accountant_name(p->accountant));
+      }
+      if (p->max_epsilon && e > *p->max_epsilon * (1 + 1e-9)) {
+        throw VerifyError("{}: epsilon {} is past the budget of {} that the round records", p->what, e,
+                          *p->max_epsilon);
+      }
+    }
+  };
+  check(m_client);
+  for (auto& [name, site] : m_sites) {
+    check(site);
+  }
 }
 
 void
@@ -229,6 +283,30 @@ FederationPrivacy::replay(const json& body, bool verify)
   if (!p.is_object()) {
     throw VerifyError("{}: not a JSON object", what);
   }
+  // Rounds before December 2026 name no accountant: they used RDP at the legacy orders.
+  auto accountant = Accountant::rdp_v1;
+  if (const auto a = p.find("accountant"); a != p.end()) {
+    const auto known = a->is_string() ? accountant_from_name(a->get<std::string>()) : std::nullopt;
+    if (!known) {
+      throw VerifyError("{}: accountant {} is not one this fedl knows (rdp-v1, rdp-v2, pld-v1): audit it with the "
+                        "fedl that wrote it",
+                        what, brief(*a));
+    }
+    accountant = *known;
+  }
+  if (m_accountant && *m_accountant != accountant) {
+    const auto from = p.find("accountant_changed_from");
+    if (from == p.end() || !from->is_string() || *from != accountant_name(*m_accountant)) {
+      throw VerifyError("{}: accounts with {} after rounds accounted with {}, and does not record the change "
+                        "(accountant_changed_from)",
+                        what, accountant_name(accountant), accountant_name(*m_accountant));
+    }
+  }
+  m_accountant = accountant;
+  std::optional<double> max_epsilon;
+  if (const auto m = p.find("max_epsilon"); m != p.end() && m->is_number()) {
+    max_epsilon = m->get<double>();
+  }
   if (const auto c = p.find("client"); c != p.end()) {
     const auto w = what + ".client";
     const double q = number(*c, "sample_rate", w);
@@ -237,16 +315,22 @@ FederationPrivacy::replay(const json& body, bool verify)
     if (!(q > 0 && q <= 1) || !(z > 0) || !(delta > 0 && delta < 1) || !(number(*c, "clip_norm", w) > 0)) {
       throw VerifyError("{}: parameters out of range: {}", w, brief(*c));
     }
-    m_client.add(q, z, 1);
-    ++m_client_rounds;
+    // Rounds before December 2026 record no selection (it was seeded, yet amplified: they still
+    // audit as they were recorded).
+    if (const auto sel = c->find("selection"); sel != c->end()) {
+      if (!sel->is_string() || (*sel != "all" && *sel != "secret" && *sel != "seeded")) {
+        throw VerifyError("{}: selection {} is not all, secret or seeded", w, brief(*sel));
+      }
+      if (*sel != "secret" && q != 1) {
+        throw VerifyError("{}: accounts sample rate {} for a selection that was not secret ({}): only a secret one "
+                          "amplifies privacy",
+                          w, q, sel->get<std::string>());
+      }
+    }
+    m_client.spent.add(q, z, 1);
+    ++m_client.runs;
     if (verify) {
-      const auto e = m_client.epsilon(delta).epsilon;
-      if (const double recorded = number(*c, "epsilon", w); !same(recorded, e)) {
-        throw VerifyError("{}: records epsilon {} but its parameters and the rounds before give {}", w, recorded, e);
-      }
-      if (const auto m = p.find("max_epsilon"); m != p.end() && m->is_number() && e > m->get<double>() * (1 + 1e-9)) {
-        throw VerifyError("{}: epsilon {} is past the budget of {} that the round records", w, e, m->get<double>());
-      }
+      verify_total(m_client, number(*c, "epsilon", w), delta, accountant, max_epsilon, w);
     }
   }
   if (const auto s = p.find("sites"); s != p.end()) {
@@ -255,19 +339,16 @@ FederationPrivacy::replay(const json& body, bool verify)
     }
     for (const auto& [name, j] : s->items()) {
       const auto w = fmt::format("{}.sites.{}", what, name);
-      const auto report = DpSgdReport::from_json(j, w);
+      const auto report = DpSgdReport::from_json(j, w, accountant);
       auto& site = m_sites[name];
-      report.add_to(site.rdp);
+      report.add_to(site.spent);
       ++site.runs;
       if (verify) {
         if (const double recorded = number(j, "epsilon", w); !same(recorded, report.epsilon)) {
           throw VerifyError("{}: records epsilon {} for the round but its parameters give {}", w, recorded,
                             report.epsilon);
         }
-        const auto total = site.rdp.epsilon(report.delta).epsilon;
-        if (const double recorded = number(j, "total_epsilon", w); !same(recorded, total)) {
-          throw VerifyError("{}: records a total epsilon of {} but its rounds give {}", w, recorded, total);
-        }
+        verify_total(site, number(j, "total_epsilon", w), report.delta, accountant, std::nullopt, w + " total");
       }
     }
   }
@@ -275,16 +356,20 @@ FederationPrivacy::replay(const json& body, bool verify)
 
 json
 FederationPrivacy::record_round(const std::optional<ClientDpRound>& client,
-                                const std::map<std::string, DpSgdReport>& sites, std::optional<double> max_epsilon)
+                                const std::map<std::string, DpSgdReport>& sites, std::optional<double> max_epsilon,
+                                Accountant accountant)
 {
   json p = json::object();
   if (client) {
-    m_client.add(client->sample_rate, client->noise_multiplier, 1);
-    ++m_client_rounds;
-    const auto spent = m_client.epsilon(client->delta);
+    m_client.spent.add(client->sample_rate, client->noise_multiplier, 1);
+    ++m_client.runs;
+    const auto spent = m_client.spent.epsilon(client->delta, accountant);
     p["client"] = {{"clip_norm", client->clip_norm},     {"noise_multiplier", client->noise_multiplier},
                    {"sample_rate", client->sample_rate}, {"delta", client->delta},
-                   {"epsilon", spent.epsilon},           {"order", spent.order}};
+                   {"epsilon", spent.epsilon},           {"selection", client->selection}};
+    if (accountant != Accountant::pld_v1) {
+      p["client"]["order"] = spent.order;
+    }
   }
   if (max_epsilon) {
     p["max_epsilon"] = *max_epsilon;
@@ -293,31 +378,40 @@ FederationPrivacy::record_round(const std::optional<ClientDpRound>& client,
     json s = json::object();
     for (const auto& [name, report] : sites) {
       auto& site = m_sites[name];
-      report.add_to(site.rdp);
+      report.add_to(site.spent);
       ++site.runs;
       auto j = report.to_json();
-      j["total_epsilon"] = site.rdp.epsilon(report.delta).epsilon;
+      j["epsilon"] = run_epsilon(report, accountant);
+      j["total_epsilon"] = site.spent.epsilon(report.delta, accountant).epsilon;
       s[name] = std::move(j);
     }
     p["sites"] = std::move(s);
   }
-  return p.empty() ? json(nullptr) : p;
+  if (p.empty()) {
+    return nullptr;
+  }
+  p["accountant"] = accountant_name(accountant);
+  if (m_accountant && *m_accountant != accountant) {
+    p["accountant_changed_from"] = accountant_name(*m_accountant);
+  }
+  m_accountant = accountant;
+  return p;
 }
 
 json
 FederationPrivacy::site_report(const std::string& name) const
 {
   const auto it = m_sites.find(name);
-  if (it == m_sites.end() || it->second.rdp.empty()) {
+  if (it == m_sites.end() || it->second.spent.empty()) {
     return nullptr;
   }
-  return SiteSpending{it->second.rdp, it->second.runs}.to_json();
+  return SiteSpending{it->second.spent, it->second.runs}.to_json();
 }
 
 json
 SiteSpending::to_json() const
 {
-  auto j = rdp.to_json();
+  auto j = spent.to_json();
   j["runs"] = runs;
   return j;
 }
@@ -326,7 +420,7 @@ SiteSpending
 SiteSpending::from_json(const json& j, const std::string& what)
 {
   SiteSpending s;
-  s.rdp = RdpAccount::from_json(j, what);
+  s.spent = PrivacyAccount::from_json(j, what);
   if (const auto it = j.find("runs"); it != j.end()) {
     if (!it->is_number_unsigned()) {
       throw Error("{}: \"runs\" is not a count of runs", what);
@@ -447,7 +541,15 @@ SiteAccount::open(const fs::path& path, const Identity& identity)
       throw why(fmt::format("{}: line {} is a \"{}\" entry, not \"spent\"", path.string(), e.line, e.kind));
     }
     try {
-      DpSgdReport::from_json(e.body.value("report", json()), fmt::format("{}: line {}", path.string(), e.line))
+      // Lines before December 2026 name no accountant; either way only the parameters count here.
+      const auto name = e.body.value("accountant", std::string(accountant_name(Accountant::rdp_v1)));
+      const auto accountant = accountant_from_name(name);
+      if (!accountant) {
+        throw VerifyError("{}: line {} records accountant \"{}\", which this fedl does not know", path.string(), e.line,
+                          valid_utf8(name, 40));
+      }
+      DpSgdReport::from_json(e.body.value("report", json()), fmt::format("{}: line {}", path.string(), e.line),
+                             *accountant)
         .add_to(a.m_spent);
     } catch (const Error& err) {
       throw why(err.what());
@@ -458,7 +560,7 @@ SiteAccount::open(const fs::path& path, const Identity& identity)
 }
 
 void
-SiteAccount::append(const DpSgdReport& report, const json& context)
+SiteAccount::append(const DpSgdReport& report, const json& context, Accountant accountant)
 {
   const Signer signer = [this](std::string_view payload) { return sign(m_identity->key, as_bytes(payload)); };
   if (!m_existed) {
@@ -468,9 +570,10 @@ SiteAccount::append(const DpSgdReport& report, const json& context)
   }
   json body = context;
   body["report"] = report.to_json();
-  RdpAccount next = m_spent;
+  PrivacyAccount next = m_spent;
   report.add_to(next);
-  body["total_epsilon"] = next.epsilon(report.delta).epsilon;
+  body["accountant"] = accountant_name(accountant);
+  body["total_epsilon"] = next.epsilon(report.delta, accountant).epsilon;
   append_ledger(m_path, "spent", body, signer);
   m_spent = std::move(next);
   ++m_runs;

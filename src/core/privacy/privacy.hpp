@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
-// Privacy accounting across rounds (core/math/accountant.hpp does one mechanism):
+// Privacy accounting across rounds (core/math/accountant.hpp and pld.hpp do the arithmetic):
 //
-//   RdpAccount         the Rényi DP curve of everything spent so far at default_orders(); RDP
-//                      composes by adding curves (Mironov 2017, Proposition 1), so a federation
-//                      or a site keeps one curve and converts it to (ε, δ) when asked.
+//   PrivacyAccount     everything spent so far, as the mechanisms composed: steps per (q, σ) of
+//                      the sampled Gaussian. Any accountant turns it into (ε, δ) when asked, so a
+//                      federation or a site keeps one and converts it with the accountant it uses.
 //   DpSgdReport        what a site says about one DP-SGD training run (q, σ, steps, δ, ε): the
 //                      update's fedl.dp metadata, signed with the update.
 //   FederationPrivacy  the federation's account, replayed from the ledger's "round" entries:
-//                      client-level DP (one Gaussian step per round at the client sampling rate)
-//                      and each site's sample-level DP-SGD runs. The coordinator records each
-//                      round with it, and `fedl audit` recomputes every recorded ε with it.
+//                      client-level DP (one Gaussian step per round at the client sampling rate,
+//                      or at rate 1 where the selection was not secret) and each site's
+//                      sample-level DP-SGD runs. The coordinator records each round with it, and
+//                      `fedl audit` recomputes every recorded ε with it, by the accountant that
+//                      each round records.
 //   SiteAccount        a site's own account, DIR/privacy.jsonl: the same JSON-lines format as the
 //                      ledger (hash-chained, signed with the site's key), so that an altered line
 //                      is detected; the site trusts it over nobody's word but its own, and takes
@@ -31,27 +33,30 @@
 
 namespace fedl::core {
 
-class RdpAccount
+class PrivacyAccount
 {
 public:
-  RdpAccount();
+  // At most this many distinct (q, σ) in an account a peer sends (from_json): each costs the PLD
+  // accountant a discretization and an FFT, tens of milliseconds. A site's runs have a few.
+  static constexpr std::size_t max_mechanisms = 64;
 
   // Adds `steps` steps of the sampled Gaussian mechanism (rate q, noise multiplier σ).
   void add(double q, double sigma, std::uint64_t steps);
-  // Makes each order's value the larger of this account's and `other`'s (both bound the loss).
-  void merge_max(const RdpAccount& other);
-  // ε at `delta` (0 for an empty account).
-  PrivacySpent epsilon(double delta) const;
-  bool empty() const noexcept { return !m_any; }
+  // Makes each mechanism's steps the larger of this account's and `other`'s: a composition that
+  // contains both, so its ε bounds either's.
+  void merge_max(const PrivacyAccount& other);
+  // ε at `delta` by accountant `a` (0 for an empty account).
+  PrivacySpent epsilon(double delta, Accountant a) const;
+  bool empty() const noexcept { return m_steps.empty(); }
+  std::vector<GaussianSteps> parts() const;
 
-  // {"orders": [...], "rdp": [...]}, and back: Error naming `what` unless the orders are
-  // default_orders() and every value is finite and not negative.
+  // {"mechanisms": [{"sample_rate", "noise_multiplier", "steps"}, ...]}, and back: Error naming
+  // `what` for anything else (values out of range, more than max_mechanisms distinct ones).
   nlohmann::json to_json() const;
-  static RdpAccount from_json(const nlohmann::json& j, const std::string& what);
+  static PrivacyAccount from_json(const nlohmann::json& j, const std::string& what);
 
 private:
-  std::vector<double> m_rdp;
-  bool m_any = false;
+  std::map<std::pair<double, double>, std::uint64_t> m_steps; // (q, σ) → steps
 };
 
 // One DP-SGD training run as the site reports it.
@@ -66,32 +71,37 @@ struct DpSgdReport
 
   nlohmann::json to_json() const;
   // Reads what to_json writes; Error naming `what` and the field for anything else (a value
-  // out of range included). `epsilon` is recomputed, not read.
-  static DpSgdReport from_json(const nlohmann::json& j, const std::string& what);
+  // out of range included). `epsilon` is recomputed by `accountant`, not read.
+  static DpSgdReport from_json(const nlohmann::json& j, const std::string& what, Accountant accountant);
   // The run's contribution to an account.
-  void add_to(RdpAccount& account) const { account.add(sample_rate, noise_multiplier, steps); }
+  void add_to(PrivacyAccount& account) const { account.add(sample_rate, noise_multiplier, steps); }
 };
 
 // The report of a run of `steps` steps with `dp` on `samples` examples in batches of
-// `batch_size`. UsageError (naming --batch-size) if batch_size > samples: the sampling rate
-// would exceed 1.
+// `batch_size`, its ε by dp.accountant. UsageError (naming --batch-size) if batch_size > samples:
+// the sampling rate would exceed 1.
 DpSgdReport dp_sgd_report(const DpSgdConfig& dp, std::uint64_t samples, std::uint32_t batch_size, std::uint64_t steps);
 
 // Client-level DP of one round (DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private
 // Recurrent Language Models"): one Gaussian mechanism at the rate sites were sampled.
+// Amplification by sampling assumes nobody can tell who was sampled: it is taken only for a
+// selection drawn in secret (from the OS's CSPRNG at the coordinator); a selection anyone with
+// the seed can repeat is accounted at rate 1.
 struct ClientDpRound
 {
   double clip_norm = 0;
   double noise_multiplier = 0;
-  double sample_rate = 1; // sites asked / sites connected
+  double sample_rate = 1; // the rate accounted: asked / connected for a secret selection, else 1
   double delta = 1e-5;
+  // "all" (every connected site asked), "secret" or "seeded" (serve --seed: reproducible).
+  std::string selection = "all";
 };
 
 // What the ledger says one site spent with DP-SGD, as the welcome frame carries it:
-// {"orders", "rdp", "runs"}.
+// {"mechanisms", "runs"}.
 struct SiteSpending
 {
-  RdpAccount rdp;
+  PrivacyAccount spent;
   std::uint64_t runs = 0; // DP-SGD runs
 
   nlohmann::json to_json() const;
@@ -103,33 +113,62 @@ struct SiteSpending
 class FederationPrivacy
 {
 public:
-  // Adds the "privacy" object of a round entry's body, if it has one. With `verify`, first
-  // checks that every ε it records equals the one recomputed from the recorded parameters and
-  // the rounds before (relative 1e-9), and throws VerifyError naming the round (and site) if not.
+  // Adds the "privacy" object of a round entry's body, if it has one. Its "accountant" says how
+  // its ε were computed (none: "rdp-v1"); VerifyError for a name this fedl does not know, or for
+  // a change of accountant that the round does not record ("accountant_changed_from").
+  // With `verify`, checks that every ε it records equals the one recomputed from the recorded
+  // parameters and the rounds before (relative 1e-9) and is within the budget it records, and
+  // throws VerifyError naming the round (and site) if not. By the PLD accountant, which costs
+  // milliseconds per ε, an account's ε is recomputed at its 1st, 8th, 64th, 512th ... round and,
+  // in finish_verify(), its last; the rounds between must not record less than the last
+  // recomputed value nor more than the budget.
   void replay(const nlohmann::json& round_body, bool verify);
+  // After the last replay(…, true): recomputes each account's last recorded ε that replay did
+  // not. VerifyError as replay's.
+  void finish_verify();
 
-  // The "privacy" object of a new round, with each ε the total after it, and adds the round.
-  // Null if there is nothing to record (no client-level DP, no site reports, no budget).
+  // The "privacy" object of a new round, with each ε the total after it by `accountant`, and
+  // adds the round. Null if there is nothing to record (no client-level DP, no site reports, no
+  // budget).
   nlohmann::json record_round(const std::optional<ClientDpRound>& client,
-                              const std::map<std::string, DpSgdReport>& sites, std::optional<double> max_epsilon);
+                              const std::map<std::string, DpSgdReport>& sites, std::optional<double> max_epsilon,
+                              Accountant accountant);
 
   // The federation's client-level account.
-  const RdpAccount& client() const noexcept { return m_client; }
+  const PrivacyAccount& client() const noexcept { return m_client.spent; }
+  // The accountant of the last round that recorded privacy (nullopt if none did).
+  std::optional<Accountant> accountant() const noexcept { return m_accountant; }
   // What the ledger says `site` spent, for the welcome frame (SiteSpending::to_json); null if it
   // spent nothing.
   nlohmann::json site_report(const std::string& name) const;
   // Rounds with client-level DP so far.
-  std::uint64_t client_rounds() const noexcept { return m_client_rounds; }
+  std::uint64_t client_rounds() const noexcept { return m_client.runs; }
 
 private:
-  RdpAccount m_client;
-  std::uint64_t m_client_rounds = 0;
-  struct Site
+  // One account and what verifying its recorded totals has established so far.
+  struct Account
   {
-    RdpAccount rdp;
+    PrivacyAccount spent;
     std::uint64_t runs = 0;
+    double floor = 0; // the last recomputed total, at floor_delta by floor_accountant
+    double floor_delta = 0;
+    Accountant floor_accountant = Accountant::rdp_v1;
+    struct Pending
+    {
+      double recorded;
+      double delta;
+      Accountant accountant;
+      std::optional<double> max_epsilon;
+      std::string what;
+    };
+    std::optional<Pending> pending; // the last recorded total, not yet recomputed
   };
-  std::map<std::string, Site> m_sites;
+  void verify_total(Account& account, double recorded, double delta, Accountant a, std::optional<double> max_epsilon,
+                    const std::string& what);
+
+  Account m_client;
+  std::map<std::string, Account> m_sites;
+  std::optional<Accountant> m_accountant;
 };
 
 // A restart of fedl serve must not quietly weaken what the rounds so far promised. `last_dp` is the
@@ -153,19 +192,20 @@ public:
   static SiteAccount open(const std::filesystem::path& path, const Identity& identity);
 
   bool existed() const noexcept { return m_existed; }
-  const RdpAccount& spent() const noexcept { return m_spent; }
+  const PrivacyAccount& spent() const noexcept { return m_spent; }
   std::uint64_t runs() const noexcept { return m_runs; }
 
   // Appends one run (a "spent" entry, signed, fsync'ed), creating the file with a "genesis"
   // entry that names the site first. Call it
   // before the update leaves the site: a crash then over-counts, never under-counts.
-  void append(const DpSgdReport& report, const nlohmann::json& context);
+  // Its "total_epsilon" is computed, and its "accountant" named, by `accountant`.
+  void append(const DpSgdReport& report, const nlohmann::json& context, Accountant accountant);
 
 private:
   SiteAccount(std::filesystem::path path, const Identity& identity) : m_path(std::move(path)), m_identity(&identity) {}
   std::filesystem::path m_path;
   const Identity* m_identity;
-  RdpAccount m_spent;
+  PrivacyAccount m_spent;
   std::uint64_t m_runs = 0;
   bool m_existed = false;
 };

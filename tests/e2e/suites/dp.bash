@@ -161,6 +161,65 @@ test_client_level_budget_stops_the_federation_with_exit_4_and_audit_recomputes()
     "[e for e in L if e['kind'] == 'round'][1]['body']['privacy']['client']['epsilon'] *= 0.5" || return
   fedl_expect 3 audit ws
   expect_in err "round 2: privacy.client: records epsilon"
+
+  # Each round names its accountant (PLD by default); one this fedl does not know is refused, and
+  # so is a change of accountant that the ledger does not record.
+  cp ledger.orig ws/ledger.jsonl
+  expect_ledger "all(b['privacy']['accountant'] == 'pld-v1' for b in R)" "rounds do not record the PLD accountant"
+  "$PY" "$FEDL_SOURCE_DIR/tests/e2e/resign_ledger.py" ws \
+    "[e for e in L if e['kind'] == 'round'][0]['body']['privacy']['accountant'] = 'pld-v9'" || return
+  fedl_expect 3 audit ws
+  expect_in err "round 1: privacy: accountant \"pld-v9\" is not one this fedl knows"
+  cp ledger.orig ws/ledger.jsonl
+  "$PY" "$FEDL_SOURCE_DIR/tests/e2e/resign_ledger.py" ws \
+    "[e for e in L if e['kind'] == 'round'][2]['body']['privacy']['accountant'] = 'rdp-v2'" || return
+  fedl_expect 3 audit ws
+  expect_in err "round 3: privacy: accounts with rdp-v2 after rounds accounted with pld-v1, and does not record the change"
+
+  # A ledger from before accountants were recorded: no "accountant", RDP at TF Privacy's orders
+  # (rdp-v1), as the fedl of November 2026 wrote it. It still audits clean, recomputed by RDP.
+  cp ledger.orig ws/ledger.jsonl
+  "$PY" "$FEDL_SOURCE_DIR/tests/e2e/resign_ledger.py" ws "$(cat <<'PYEOF'
+import math
+orders = [1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 4.5] + list(range(5, 64)) + [128, 256, 512]
+for n, e in enumerate([e for e in L if e['kind'] == 'round'], 1):
+    e['body']['privacy'].pop('max_epsilon')  # this budget sat between PLD's 3rd and 4th round
+    c = e['body']['privacy'].pop('accountant') and e['body']['privacy']['client']
+    # q = 1: RDP of order a is a / (2 sigma^2) per round (Balle et al. 2020's conversion).
+    c['epsilon'], c['order'] = min((n * a / (2 * 2.0 ** 2) - (math.log(1e-5) + math.log(a)) / (a - 1) + math.log((a - 1) / a), a) for a in orders)
+PYEOF
+)" || return
+  fedl_expect 0 audit ws || return
+  expect_in out "(recomputed, rdp-v1)"
+}
+
+test_a_change_of_accountant_is_recorded_and_audits()
+{
+  trap net_cleanup EXIT
+  net_init 2 1 --min-clients 2 --dp-noise-multiplier 1 --dp-max-grad-norm 1 || return
+  # Round 1 by RDP (serve --accountant rdp), site-1 keeping its own account by RDP too.
+  serve_bg --dp-clip-norm 1 --dp-noise-multiplier 2 --accountant rdp --round-timeout 60
+  join_bg site-1 --accountant rdp --max-epsilon 100
+  join_bg site-2
+  expect_exit "$SERVE" 120 0 "fedl serve (round 1)"
+  wait_exit "${JOIN[site-1]}" 30
+  wait_exit "${JOIN[site-2]}" 30
+  expect_ledger "R[0]['privacy']['accountant'] == 'rdp-v2' and 'order' in R[0]['privacy']['client']" \
+    "round 1 does not record rdp-v2"
+  grep -q '"accountant":"rdp-v2"' ws/clients/site-1/privacy.jsonl || fail "site-1's account does not record rdp-v2"
+  # Round 2 by fedl.json's accountant (PLD): the change is logged and recorded, and the audit
+  # recomputes each round by its own.
+  serve_bg --rounds 2 --dp-clip-norm 1 --dp-noise-multiplier 2 --round-timeout 60
+  join_bg site-1 --max-epsilon 100
+  join_bg site-2
+  expect_exit "$SERVE" 120 0 "fedl serve (round 2)"
+  expect_in serve.log "the rounds up to 1 computed epsilon with rdp-v2; from round 2 on it is pld-v1"
+  expect_ledger "R[1]['privacy']['accountant'] == 'pld-v1' and R[1]['privacy']['accountant_changed_from'] == 'rdp-v2'" \
+    "round 2 does not record the change"
+  expect_ledger "set(R[1]['privacy']['sites']) == {'site-1', 'site-2'}" "round 2 records no DP-SGD runs"
+  grep -q '"accountant":"pld-v1"' ws/clients/site-1/privacy.jsonl || fail "site-1's account does not record pld-v1"
+  fedl_expect 0 audit ws || return
+  expect_in out "(recomputed, pld-v1)"
 }
 
 test_the_budget_from_fedl_json_is_refused_at_start()
@@ -169,7 +228,7 @@ test_the_budget_from_fedl_json_is_refused_at_start()
   # epsilon stops fedl serve at once (exit 4), before it listens, and the ledger says so.
   fedl_expect 0 -q init ws --clients 2 --arch logreg --input-dim 64 --classes 10 --client-dp-clip-norm 1 \
     --client-dp-noise-multiplier 1 --max-epsilon 0.01 || return
-  [[ $(json_get ws/fedl.json "j['privacy']") == "{'clip_norm': 1.0, 'delta': 1e-05, 'max_epsilon': 0.01, 'noise_multiplier': 1.0}" ]] ||
+  [[ $(json_get ws/fedl.json "j['privacy']") == "{'accountant': 'pld', 'clip_norm': 1.0, 'delta': 1e-05, 'max_epsilon': 0.01, 'noise_multiplier': 1.0}" ]] ||
     fail "fedl.json privacy: $(cat ws/fedl.json)"
   fedl_expect 4 serve ws --listen 127.0.0.1:0
   expect_in err "would make it $("$PY" -c "print('%.4g' % $(calc 1 1 1))"), past --max-epsilon 0.01"

@@ -1,0 +1,632 @@
+// SPDX-License-Identifier: Apache-2.0
+// PLD accountant; see pld.hpp for the method and the papers.
+#include "core/math/pld.hpp"
+
+#include "core/util/error.hpp"
+
+#include <kissfft.hh>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <complex>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace fedl::core {
+
+namespace {
+
+constexpr double inf = std::numeric_limits<double>::infinity();
+constexpr double inv_sqrt2 = 0.70710678118654752440;
+
+double
+normal_cdf(double z)
+{
+  return 0.5 * std::erfc(-z * inv_sqrt2);
+}
+
+double
+normal_sf(double z)
+{
+  return 0.5 * std::erfc(z * inv_sqrt2);
+}
+
+// P(a < Z ≤ b) for a standard normal Z, without cancellation in either tail.
+double
+normal_mass(double a, double b)
+{
+  if (!(b > a)) {
+    return 0;
+  }
+  if (a >= 0) {
+    return normal_sf(a) - normal_sf(b);
+  }
+  if (b <= 0) {
+    return normal_cdf(b) - normal_cdf(a);
+  }
+  return 1 - normal_cdf(a) - normal_sf(b);
+}
+
+// log Φ(z), also where Φ(z) underflows (the asymptotic series of Mills' ratio below z = −30).
+double
+log_normal_cdf(double z)
+{
+  if (z > -30) {
+    return std::log(normal_cdf(z));
+  }
+  const double z2 = z * z;
+  return -z2 / 2 - std::log(-z) - 0.5 * std::log(2 * M_PI) + std::log1p(-1 / z2 + 3 / (z2 * z2) - 15 / (z2 * z2 * z2));
+}
+
+// One step of the Poisson-subsampled Gaussian in one neighbouring direction. With the mixture
+// ratio r(x) = (1−q) + q·e^((2x−1)/(2σ²)) (the density of (1−q)N(0,σ²) + qN(1,σ²) over N(0,σ²)):
+//   remove: X ~ P = the mixture, Q = N(0,σ²), L(x) =  log r(x), increasing in x;
+//   add:    X ~ P = N(0,σ²),     Q = the mixture, L(x) = −log r(x), decreasing in x.
+struct Step
+{
+  double q;
+  double sigma;
+  bool remove;
+
+  double loss(double x) const
+  {
+    const double e = (2 * x - 1) / (2 * sigma * sigma);
+    // log((1−q) + q·e^e) in log space: e can be in the hundreds.
+    const double a = std::log1p(-q); // −inf at q = 1
+    const double b = std::log(q) + e;
+    const double hi = std::max(a, b);
+    const double l = hi + std::log1p(std::exp(std::min(a, b) - hi));
+    return remove ? l : -l;
+  }
+
+  // The x where L(x) = l: −inf below L's range and +inf above it (or the reverse for add, so
+  // that the cell masses below come out 0 there).
+  double x_of(double l) const
+  {
+    const double lr = remove ? l : -l; // log r
+    // log(r − (1−q)) = log(e^lr − 1 + q)
+    double log_t = 0;
+    if (lr > 1) {
+      log_t = lr + std::log1p(-(1 - q) * std::exp(-lr));
+    } else {
+      const double t = std::expm1(lr) + q;
+      if (!(t > 0)) {
+        return -inf;
+      }
+      log_t = std::log(t);
+    }
+    return sigma * sigma * (log_t - std::log(q)) + 0.5;
+  }
+
+  // P- and Q-mass of the x-interval (lo, hi].
+  void interval_mass(double lo, double hi, double& p, double& qm) const
+  {
+    const double plain = normal_mass(lo / sigma, hi / sigma);
+    const double mixture = (1 - q) * plain + q * normal_mass((lo - 1) / sigma, (hi - 1) / sigma);
+    p = remove ? mixture : plain;
+    qm = remove ? plain : mixture;
+  }
+
+  // P- and Q-mass of L in (l0, l1].
+  void cell_mass(double l0, double l1, double& p, double& qm) const
+  {
+    const double x0 = x_of(l0);
+    const double x1 = x_of(l1);
+    if (remove) {
+      interval_mass(x0, x1, p, qm);
+    } else {
+      interval_mass(x1, x0, p, qm);
+    }
+  }
+
+  // P(L > l) and P(L ≤ l).
+  double p_above(double l) const
+  {
+    double p = 0;
+    double qm = 0;
+    const double x = x_of(l);
+    if (remove) {
+      interval_mass(x, inf, p, qm);
+    } else {
+      interval_mass(-inf, x, p, qm);
+    }
+    return p;
+  }
+  double p_below(double l) const
+  {
+    double p = 0;
+    double qm = 0;
+    const double x = x_of(l);
+    if (remove) {
+      interval_mass(-inf, x, p, qm);
+    } else {
+      interval_mass(x, inf, p, qm);
+    }
+    return p;
+  }
+
+  // The smallest and largest loss it can have (±inf where unbounded).
+  double loss_min() const { return remove ? (q < 1 ? std::log1p(-q) : -inf) : -inf; }
+  double loss_max() const { return remove ? inf : (q < 1 ? -std::log1p(-q) : inf); }
+};
+
+// The loss l where `above(l)` (decreasing in l) crosses `target`, by bisection between losses
+// at x = −1−60σ and 2+60σ (beyond which a Gaussian has no mass a double can hold).
+template <typename F>
+double
+loss_where(const Step& s, F&& mass, double target, bool upper)
+{
+  double a = std::max(s.loss_min(), std::min(s.loss(-1 - 60 * s.sigma), s.loss(2 + 60 * s.sigma)));
+  double b = std::min(s.loss_max(), std::max(s.loss(-1 - 60 * s.sigma), s.loss(2 + 60 * s.sigma)));
+  // upper: the smallest l with P(L > l) ≤ target; else the largest with P(L ≤ l) ≤ target.
+  for (int i = 0; i < 200 && b - a > 1e-12 * (1 + std::abs(a)); ++i) {
+    const double m = (a + b) / 2;
+    const bool within = mass(m) <= target;
+    ((within == upper) ? b : a) = m;
+  }
+  return upper ? b : a;
+}
+
+enum class Mode
+{
+  upper, // connect the dots: dominates
+  lower  // mean-preserving: the Hoeffding coupling
+};
+
+// One step's PMF on the grid k·h, k from `first`; `infinite` is the P-mass of loss +∞.
+struct Pmf
+{
+  std::int64_t first = 0;
+  std::vector<double> mass;
+  double infinite = 0;
+};
+
+// 4-point Gauss–Legendre on [−1, 1].
+constexpr std::array<double, 2> gl4_nodes = {0.3399810435848562648, 0.8611363115940525752};
+constexpr std::array<double, 2> gl4_weights = {0.6521451548625461426, 0.3478548451374538574};
+
+Pmf
+discretize(const Step& s, double h, double tail, Mode mode)
+{
+  // The grid cells (l_k, l_{k+1}] from `lo` to `hi` hold all but `tail` of the mass at each end.
+  const double l_min = s.loss_min();
+  const double l_max = s.loss_max();
+  const double cut_lo = std::isfinite(l_min) ? l_min : loss_where(s, [&](double l) { return s.p_below(l); }, tail, false);
+  const double cut_hi = std::isfinite(l_max) ? l_max : loss_where(s, [&](double l) { return s.p_above(l); }, tail, true);
+  const auto lo = static_cast<std::int64_t>(std::floor(cut_lo / h));
+  const auto hi = std::max(lo + 1, static_cast<std::int64_t>(std::ceil(cut_hi / h)));
+  if (hi - lo > (std::int64_t{1} << 24)) {
+    throw Error("the PLD accountant would need {} grid points for one step (q {}, sigma {}): too many", hi - lo, s.q,
+                s.sigma);
+  }
+  Pmf pmf;
+  pmf.first = lo;
+  pmf.mass.assign(static_cast<std::size_t>(hi - lo + 1), 0.0);
+  const auto grid = [&](std::int64_t k) { return static_cast<double>(k) * h; };
+  for (std::int64_t k = lo; k < hi; ++k) {
+    const double l0 = grid(k);
+    const double l1 = grid(k + 1);
+    double p = 0;
+    double qm = 0;
+    s.cell_mass(l0, l1, p, qm);
+    if (!(p > 0)) {
+      continue;
+    }
+    double up = 0; // the part that goes to l1
+    if (mode == Mode::upper) {
+      // Preserve P- and Q-mass: a + b = p, a·e^−l0 + b·e^−l1 = qm.
+      const double e0 = std::exp(-l0);
+      const double e1 = std::exp(-l1);
+      up = (p * e0 - qm) / (e0 - e1);
+    } else {
+      // Preserve the mean: b·h = ∫_cell (L − l0) dP = ∫_{l0}^{l1} P(t < L ≤ l1) dt.
+      double g = 0;
+      for (std::size_t i = 0; i < gl4_nodes.size(); ++i) {
+        for (const double sign : {-1.0, 1.0}) {
+          const double t = l0 + h / 2 * (1 + sign * gl4_nodes[i]);
+          double pt = 0;
+          double qt = 0;
+          s.cell_mass(t, l1, pt, qt);
+          g += gl4_weights[i] * pt;
+        }
+      }
+      up = g / 2; // (h/2)·Σ wᵢ f(tᵢ), over h
+    }
+    up = std::clamp(up, 0.0, p);
+    pmf.mass[static_cast<std::size_t>(k - lo)] += p - up;
+    pmf.mass[static_cast<std::size_t>(k - lo + 1)] += up;
+  }
+  // The tails beyond the cuts: upper mode counts the top as infinite loss and moves the bottom up
+  // to the first grid point (both only raise δ); lower mode drops them (both only lower δ).
+  const double below = std::isfinite(l_min) ? 0.0 : s.p_below(grid(lo));
+  const double above = std::isfinite(l_max) ? 0.0 : s.p_above(grid(hi));
+  if (mode == Mode::upper) {
+    pmf.mass.front() += below;
+    pmf.infinite = above;
+  }
+  return pmf;
+}
+
+// log Σ mass·e^(λ·l): the discrete PMF's log moment generating function (−inf if it is empty),
+// from `log_mass` (log of each mass, −inf for none).
+double
+log_mgf(const Pmf& pmf, const std::vector<double>& log_mass, double h, double lambda)
+{
+  const auto loss = [&](std::size_t i) { return static_cast<double>(pmf.first + static_cast<std::int64_t>(i)) * h; };
+  double top = -inf;
+  for (std::size_t i = 0; i < log_mass.size(); ++i) {
+    top = std::max(top, log_mass[i] + lambda * loss(i));
+  }
+  if (top == -inf) {
+    return -inf;
+  }
+  double sum = 0;
+  for (std::size_t i = 0; i < log_mass.size(); ++i) {
+    // Terms below e^−745 of the largest underflow to 0 and change nothing.
+    if (const double t = log_mass[i] + lambda * loss(i) - top; t > -745) {
+      sum += std::exp(t);
+    }
+  }
+  return top + std::log(sum);
+}
+
+constexpr std::array<double, 8> chernoff_lambdas = {0.25, 0.5, 1, 2, 4, 8, 16, 64};
+
+constexpr std::size_t fft_points = std::size_t{1} << 15;
+constexpr double step_tail = 1e-20; // each step's P-mass cut off at either end
+constexpr double tail_share = 1e-3; // of δ, for the wrap-around bounds and the coupling
+
+// PMFs are real, so their DFTs are Hermitian (X[N − k] = conj X[k]): bins 0 .. N/2 hold all of
+// one, and each transform is a complex FFT of half the length. The two FFTs of length N/2 are
+// made once (their twiddle factors are complex exponentials), and transform() is const, so
+// threads share them.
+constexpr std::size_t half_points = fft_points / 2;
+
+const kissfft<double>&
+half_fft(bool inverse)
+{
+  static const kissfft<double> forward(half_points, false);
+  static const kissfft<double> backward(half_points, true);
+  return inverse ? backward : forward;
+}
+
+// Bins 0 .. N/2 of the DFT of the N reals `x`.
+std::vector<std::complex<double>>
+real_dft(const std::vector<double>& x)
+{
+  std::vector<std::complex<double>> packed(half_points);
+  half_fft(false).transform_real(x.data(), packed.data()); // bin 0 packs (X[0], X[N/2])
+  std::vector<std::complex<double>> out(half_points + 1);
+  std::copy(packed.begin() + 1, packed.end(), out.begin() + 1);
+  out[0] = packed[0].real();
+  out[half_points] = packed[0].imag();
+  return out;
+}
+
+// The N reals whose DFT has bins 0 .. N/2 `bins`, times N: with M = N/2 and W = e^(−2πi/N), the
+// even and odd samples' M-point DFTs are E[k] = (X[k] + conj X[M − k]) / 2 and
+// O[k] = (X[k] − conj X[M − k]) / (2·W^k); one inverse FFT of length M of E + i·O gives the even
+// samples in its real parts and the odd in its imaginary parts.
+std::vector<double>
+real_inverse_dft(const std::vector<std::complex<double>>& bins)
+{
+  const double pi = std::acos(-1.0);
+  std::vector<std::complex<double>> z(half_points);
+  for (std::size_t k = 0; k < half_points; ++k) {
+    const auto a = bins[k];
+    const auto b = std::conj(bins[half_points - k]);
+    const auto w = std::polar(1.0, 2 * pi * static_cast<double>(k) / static_cast<double>(fft_points));
+    z[k] = (a + b) + std::complex<double>(0, 1) * w * (a - b); // 2·(E + i·O)
+  }
+  std::vector<std::complex<double>> v(half_points);
+  half_fft(true).transform(z.data(), v.data());
+  std::vector<double> out(fft_points);
+  for (std::size_t m = 0; m < half_points; ++m) {
+    out[2 * m] = v[m].real();
+    out[2 * m + 1] = v[m].imag();
+  }
+  return out;
+}
+
+// What composition needs of one step's discrete PMF: the log of its DFT (length fft_points), its
+// moment generating function at the Chernoff λs, and its infinite mass. Kept per (q, σ,
+// direction, mode, h): a ledger's accounts ask for the same mechanisms round after round.
+struct StepSpectrum
+{
+  std::vector<std::complex<double>> log_dft; // bins 0 .. N/2
+  std::array<double, chernoff_lambdas.size()> up{};
+  std::array<double, chernoff_lambdas.size()> down{};
+  double log_finite = 0; // log(1 − infinite mass)
+};
+
+std::shared_ptr<const StepSpectrum>
+step_spectrum(const Step& s, double h, Mode mode, bool with_dft)
+{
+  using Key = std::tuple<double, double, bool, bool, double, bool>;
+  static std::mutex mutex;
+  static std::map<Key, std::shared_ptr<const StepSpectrum>> cache;
+  const Key key{s.q, s.sigma, s.remove, mode == Mode::upper, h, with_dft};
+  {
+    const std::lock_guard lock(mutex);
+    if (const auto it = cache.find(key); it != cache.end()) {
+      return it->second;
+    }
+  }
+  const auto pmf = discretize(s, h, step_tail, mode);
+  auto out = std::make_shared<StepSpectrum>();
+  std::vector<double> log_mass(pmf.mass.size());
+  std::transform(pmf.mass.begin(), pmf.mass.end(), log_mass.begin(),
+                 [](double m) { return m > 0 ? std::log(m) : -inf; });
+  for (std::size_t i = 0; i < chernoff_lambdas.size(); ++i) {
+    out->up[i] = log_mgf(pmf, log_mass, h, chernoff_lambdas[i]);
+    out->down[i] = log_mgf(pmf, log_mass, h, -chernoff_lambdas[i]);
+  }
+  out->log_finite = std::log1p(-pmf.infinite);
+  if (with_dft) {
+    const auto n = static_cast<std::int64_t>(fft_points);
+    std::vector<double> buffer(fft_points);
+    for (std::size_t i = 0; i < pmf.mass.size(); ++i) {
+      const auto k = pmf.first + static_cast<std::int64_t>(i);
+      buffer[static_cast<std::size_t>(((k % n) + n) % n)] += pmf.mass[i];
+    }
+    out->log_dft = real_dft(buffer);
+    for (auto& z : out->log_dft) {
+      z = std::abs(z) > 0 ? std::log(z) : std::complex<double>(-inf, 0);
+    }
+  }
+  const std::lock_guard lock(mutex);
+  if (cache.size() >= 32) { // ~0.5 MiB each
+    cache.clear();
+  }
+  cache.emplace(key, out);
+  return out;
+}
+
+// The composition's Chernoff bounds: log P(L ≥ t) ≤ K(λ) − λt for λ > 0, log P(L ≤ t) ≤ K(−λ) + λt,
+// K being the sum over the parts of steps × each step's log MGF.
+struct Mgfs
+{
+  std::array<double, chernoff_lambdas.size()> up{};
+  std::array<double, chernoff_lambdas.size()> down{};
+
+  void add(const StepSpectrum& s, double steps)
+  {
+    for (std::size_t i = 0; i < up.size(); ++i) {
+      up[i] += steps * s.up[i];
+      down[i] += steps * s.down[i];
+    }
+  }
+  double log_above(double t) const
+  {
+    double best = 0;
+    for (std::size_t i = 0; i < up.size(); ++i) {
+      best = std::min(best, up[i] - chernoff_lambdas[i] * t);
+    }
+    return best;
+  }
+  double log_below(double t) const
+  {
+    double best = 0;
+    for (std::size_t i = 0; i < down.size(); ++i) {
+      best = std::min(best, down[i] + chernoff_lambdas[i] * t);
+    }
+    return best;
+  }
+  // The smallest t with P(L ≥ t) ≤ e^log_tail, and the largest with P(L ≤ t) ≤ e^log_tail.
+  double top(double log_tail) const
+  {
+    double t = inf;
+    for (std::size_t i = 0; i < up.size(); ++i) {
+      t = std::min(t, (up[i] - log_tail) / chernoff_lambdas[i]);
+    }
+    return t;
+  }
+  double bottom(double log_tail) const
+  {
+    double t = -inf;
+    for (std::size_t i = 0; i < down.size(); ++i) {
+      t = std::max(t, (log_tail - down[i]) / chernoff_lambdas[i]);
+    }
+    return t;
+  }
+};
+
+// The composed PMF on grid points first .. first + N − 1, the mass of loss +∞, and bounds on the
+// mass outside the window (which wrapped around into it).
+struct Composed
+{
+  std::int64_t first = 0;
+  std::vector<double> mass;
+  double infinite = 0;
+  double wrapped_from_above = 0; // ≥ P(L ≥ first + N): lost from the top
+  double wrapped_from_below = 0; // ≥ P(L < first): added at the top
+};
+
+Composed
+compose(std::span<const Step> steps, std::span<const GaussianSteps> parts, double h, Mode mode, double log_tail)
+{
+  const auto n = static_cast<std::int64_t>(fft_points);
+  std::vector<std::complex<double>> log_product(half_points + 1);
+  Mgfs mgfs;
+  double log_finite = 0;
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    if (parts[p].steps == 0) {
+      continue;
+    }
+    const auto s = step_spectrum(steps[p], h, mode, true);
+    const auto t = static_cast<double>(parts[p].steps);
+    for (std::size_t j = 0; j <= half_points; ++j) {
+      log_product[j] += t * s->log_dft[j];
+    }
+    mgfs.add(*s, t);
+    log_finite += t * s->log_finite;
+  }
+  Composed c;
+  // The window: N points centred between the Chernoff bounds' ends.
+  const double centre = (mgfs.top(log_tail) + mgfs.bottom(log_tail)) / 2;
+  c.first = static_cast<std::int64_t>(std::floor(centre / h)) - n / 2;
+  c.wrapped_from_above = std::exp(mgfs.log_above(static_cast<double>(c.first + n) * h));
+  c.wrapped_from_below = std::exp(mgfs.log_below((static_cast<double>(c.first) - 0.5) * h));
+  c.infinite = -std::expm1(log_finite);
+
+  std::vector<std::complex<double>> product(half_points + 1);
+  for (std::size_t j = 0; j <= half_points; ++j) {
+    product[j] = std::exp(log_product[j]);
+  }
+  const auto values = real_inverse_dft(product);
+  // The composed loss K·h sits at index K mod N; read it back as K in [first, first + N).
+  c.mass.assign(fft_points, 0.0);
+  const auto shift = ((c.first % n) + n) % n;
+  for (std::size_t i = 0; i < fft_points; ++i) {
+    const auto j = static_cast<std::size_t>((shift + static_cast<std::int64_t>(i)) % n);
+    c.mass[i] = std::max(0.0, values[j] / static_cast<double>(n));
+  }
+  return c;
+}
+
+double
+discrete_epsilon(const Composed& c, double h, double extra, double delta)
+{
+  const double target = delta - extra;
+  if (!(target > 0)) {
+    return inf;
+  }
+  double above = 0;      // Σ m over the grid points above the current one
+  double above_exp = 0;  // Σ m·e^−l over them
+  for (std::size_t i = c.mass.size(); i-- > 0;) {
+    const double l = static_cast<double>(c.first + static_cast<std::int64_t>(i)) * h;
+    // δ at ε = l counts only the points above l.
+    if (above - std::exp(l) * above_exp >= target) {
+      // The crossing lies in [l, next point): solve above − e^ε·above_exp = target.
+      return std::max(0.0, std::log((above - target) / above_exp));
+    }
+    above += c.mass[i];
+    above_exp += c.mass[i] * std::exp(-l);
+  }
+  return above_exp > 0 && above > target ? std::max(0.0, std::log((above - target) / above_exp)) : 0.0;
+}
+
+void
+check_delta(double delta)
+{
+  if (!(delta > 0 && delta < 1)) {
+    throw UsageError("--delta {}: must be in (0, 1) (typically below 1 / the number of samples)", delta);
+  }
+}
+
+void
+check_part(const GaussianSteps& part)
+{
+  if (!(part.q > 0 && part.q <= 1)) {
+    throw UsageError("--sample-rate {}: must be in (0, 1] (the batch size over the number of samples)", part.q);
+  }
+  if (!(part.sigma > 0) || !std::isfinite(part.sigma)) {
+    throw UsageError("--noise-multiplier {}: must be > 0 (the noise standard deviation over the clipping norm)",
+                     part.sigma);
+  }
+}
+
+} // namespace
+
+double
+analytic_gaussian_delta(double mu, double epsilon)
+{
+  // δ(ε) = Φ(μ/2 − ε/μ) − e^ε·Φ(−μ/2 − ε/μ)
+  const double a = normal_cdf(mu / 2 - epsilon / mu);
+  const double b = std::exp(epsilon + log_normal_cdf(-mu / 2 - epsilon / mu));
+  return std::max(0.0, a - b);
+}
+
+double
+analytic_gaussian_epsilon(double mu, double delta)
+{
+  check_delta(delta);
+  if (!(mu > 0) || !std::isfinite(mu)) {
+    throw UsageError("the analytic Gaussian needs a sensitivity over noise in (0, inf), not {}", mu);
+  }
+  if (analytic_gaussian_delta(mu, 0) <= delta) {
+    return 0;
+  }
+  double lo = 0;
+  double hi = 1;
+  while (analytic_gaussian_delta(mu, hi) > delta) {
+    lo = hi;
+    hi *= 2;
+  }
+  for (int i = 0; i < 200 && hi - lo > 1e-13 * hi; ++i) {
+    const double m = (lo + hi) / 2;
+    (analytic_gaussian_delta(mu, m) > delta ? lo : hi) = m;
+  }
+  return hi;
+}
+
+
+PldEpsilon
+pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
+{
+  check_delta(delta);
+  if (parts.empty()) {
+    throw UsageError("the PLD accountant needs at least one mechanism");
+  }
+  double total_steps = 0;
+  double mu2 = 0;
+  bool all_full = true;
+  for (const auto& part : parts) {
+    check_part(part);
+    total_steps += static_cast<double>(part.steps);
+    mu2 += static_cast<double>(part.steps) / (part.sigma * part.sigma);
+    all_full = all_full && (part.q == 1 || part.steps == 0);
+  }
+  if (total_steps == 0) {
+    return {};
+  }
+  if (all_full) {
+    const double eps = analytic_gaussian_epsilon(std::sqrt(mu2), delta);
+    return {eps, eps, 0, 0};
+  }
+  const double budget = tail_share * delta;
+  const double log_tail = std::log(budget / 2);
+  // The grid: the composed loss's width from the Chernoff bounds of a coarse discretization, then
+  // the power of two h that spreads the FFT's points over 1.25 times that width (a power of two,
+  // so that a ledger's rounds reuse the same steps' spectra).
+  constexpr double coarse = 1.0 / 64;
+  double width = 0;
+  for (const bool remove : {true, false}) {
+    Mgfs mgfs;
+    for (const auto& part : parts) {
+      mgfs.add(*step_spectrum({part.q, part.sigma, remove}, coarse, Mode::upper, false),
+               static_cast<double>(part.steps));
+    }
+    width = std::max(width, mgfs.top(log_tail) - mgfs.bottom(log_tail));
+  }
+  const double h = std::exp2(std::ceil(std::log2(std::max(width * 1.25 / static_cast<double>(fft_points), 0x1p-30))));
+  PldEpsilon out{0, 0, h, fft_points};
+  for (const bool remove : {true, false}) {
+    std::vector<Step> steps;
+    for (const auto& part : parts) {
+      steps.push_back({part.q, part.sigma, remove});
+    }
+    const auto upper = compose(steps, parts, h, Mode::upper, log_tail);
+    out.epsilon = std::max(out.epsilon, discrete_epsilon(upper, h, upper.infinite + upper.wrapped_from_above, delta));
+    if (with_lower) {
+      // ε_true(δ) ≥ ε_discrete(δ + δ' + wrapped) − η, with δ' = budget / 2 the coupling's failure.
+      const auto lower = compose(steps, parts, h, Mode::lower, log_tail);
+      const double eta = h * std::sqrt(total_steps * std::log(2 / budget) / 2);
+      const double e = discrete_epsilon(lower, h, -(budget / 2 + lower.wrapped_from_below), delta);
+      out.epsilon_lower = std::max(out.epsilon_lower, e - eta);
+    }
+  }
+  if (!std::isfinite(out.epsilon)) {
+    throw Error("the PLD accountant's truncated tails exceed delta {}: use a larger --delta or the RDP accountant",
+                delta);
+  }
+  out.epsilon_lower = with_lower ? std::clamp(out.epsilon_lower, 0.0, out.epsilon) : 0.0;
+  return out;
+}
+
+} // namespace fedl::core

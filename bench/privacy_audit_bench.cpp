@@ -27,7 +27,8 @@ using namespace fedl::core;
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-constexpr const char* k_usage = "usage: fedl_privacy_audit_bench [--rounds R] [--sites S] [--accountant pld|rdp|both]\n";
+constexpr const char* k_usage =
+  "usage: fedl_privacy_audit_bench [--rounds R] [--sites S] [--accountant pld|rdp|both]\n";
 
 double
 seconds_since(Clock::time_point t0)
@@ -87,8 +88,7 @@ run(std::size_t rounds, std::size_t sites, Accountant accountant)
   }
   audit.finish_verify();
   std::printf("  verify (as fedl audit, cold caches):  %.3f s\n", seconds_since(t0));
-  std::printf("  final client-level epsilon %.4f at delta 1e-5\n",
-              audit.client().epsilon(1e-5, accountant).epsilon);
+  std::printf("  final client-level epsilon %.4f at delta 1e-5\n", audit.client().epsilon(1e-5, accountant).epsilon);
 }
 
 } // namespace

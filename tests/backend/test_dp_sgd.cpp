@@ -151,6 +151,12 @@ TEST_CASE("the noise is N(0, (sigma C / B)^2) per element, reproducible with a f
   CHECK(std::abs(within1 - 0.6827) < 0.01);
   CHECK(std::abs(within2 - 0.9545) < 0.005);
 
+  // Snapped to the noise's grid before the division by the batch size (core/math/noise.hpp):
+  // every noisy sum is a whole multiple of it.
+  const double grid = fedl::core::noise_grid(1.3 * 0.7);
+  const auto cells = z * 64 / grid;
+  CHECK((cells - cells.round()).abs().max().item<double>() < 1e-3);
+
   CHECK(torch::equal(noise_of(42), z));
   CHECK(!torch::equal(noise_of(43), z));
   // Seed 0: from the OS, different every time.

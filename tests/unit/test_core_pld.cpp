@@ -35,11 +35,11 @@ TEST_CASE("core::pld_epsilon lies within an independent computation's bracket an
     double published;    // the tightest published numeric value (PRV/PLD), 0 if none
   };
   const std::vector<Row> rows = {
-    {0.01, 1.1, 1000, 1e-5, 1.514860, 1.515863, 1.515},       // h 1e-6
-    {0.004, 1.1, 15000, 1e-5, 2.293870, 2.296873, 2.295},     // h 2e-7
-    {1.0, 5.0, 50, 1e-5, 6.572718, 6.573226, 6.5730},         // h 1e-5; exact: analytic Gaussian
-    {0.1, 0.8, 100, 1e-6, 12.525230, 12.525447, 0},           // h 2e-6
-    {0.02, 2.0, 500, 1e-5, 0.920422, 0.921424, 0},            // h 2e-6
+    {0.01, 1.1, 1000, 1e-5, 1.514860, 1.515863, 1.515},   // h 1e-6
+    {0.004, 1.1, 15000, 1e-5, 2.293870, 2.296873, 2.295}, // h 2e-7
+    {1.0, 5.0, 50, 1e-5, 6.572718, 6.573226, 6.5730},     // h 1e-5; exact: analytic Gaussian
+    {0.1, 0.8, 100, 1e-6, 12.525230, 12.525447, 0},       // h 2e-6
+    {0.02, 2.0, 500, 1e-5, 0.920422, 0.921424, 0},        // h 2e-6
   };
   for (const auto& r : rows) {
     const GaussianSteps part{r.q, r.sigma, r.steps};
@@ -71,8 +71,8 @@ TEST_CASE("core::pld_epsilon at q = 1 is the analytic Gaussian")
   CHECK(std::abs(pld(1.0, 5.0, 50, 1e-5) - exact) <= 1e-6);
   // Parts at q = 1 with different sigma compose as one Gaussian: mu² adds.
   const std::vector<GaussianSteps> parts = {{1.0, 2.0, 3}, {1.0, 4.0, 10}};
-  CHECK(std::abs(pld_epsilon(parts, 1e-6).epsilon -
-                 analytic_gaussian_epsilon(std::sqrt(3.0 / 4 + 10.0 / 16), 1e-6)) <= 1e-6);
+  CHECK(std::abs(pld_epsilon(parts, 1e-6).epsilon - analytic_gaussian_epsilon(std::sqrt(3.0 / 4 + 10.0 / 16), 1e-6)) <=
+        1e-6);
   // A small delta: the second term of delta(eps) underflows a double without log space.
   CHECK(std::isfinite(analytic_gaussian_epsilon(50.0, 1e-12)));
   // Mixed with a subsampled part, the q = 1 part is discretized like any other; the result sits
@@ -131,6 +131,5 @@ TEST_CASE("core accountant names: what ledgers record and what the flags take")
   CHECK_FALSE(accountant_from_name("pld-v2"));
   CHECK(accountant_from_flag("pld", "--accountant") == Accountant::pld_v1);
   CHECK(accountant_from_flag("rdp", "--accountant") == Accountant::rdp_v2);
-  CHECK_THROWS_WITH_AS(accountant_from_flag("prv", "--accountant"), doctest::Contains("--accountant prv"),
-                       UsageError);
+  CHECK_THROWS_WITH_AS(accountant_from_flag("prv", "--accountant"), doctest::Contains("--accountant prv"), UsageError);
 }

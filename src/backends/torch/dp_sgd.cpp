@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numbers>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -276,33 +275,34 @@ clipped_sum(Model& model, const torch::Tensor& x, const torch::Tensor& y, double
 torch::Tensor
 gaussian(GaussianNoise& noise, int64_t n, double stddev)
 {
-  // Box-Muller on core's key stream, vectorized by LibTorch (core's scalar loop in double costs
-  // a few ms per 100k draws, more than the rest of an mlp's step): for u1 in (0, 1] and an angle
-  // t uniform in [0, 2 pi), sqrt(-2 ln u1) (cos t, sin t) are two independent standard normals.
-  // Per pair: 64 bits of key stream for u1, 32 for t.
+  // Box-Muller on core's key stream in double precision, as core does it (core/math/noise.hpp),
+  // the logarithms and sines vectorized by LibTorch: for u in (0, 1] and an angle t uniform in
+  // [0, 2 pi), sqrt(-2 ln u) (cos t, sin t) are two independent standard normals. Per pair: six
+  // 32-bit words of key stream, 128 bits for u and 64 for t.
   const int64_t pairs = (n + 1) / 2;
-  auto bits = torch::empty({3 * pairs}, torch::kInt32);
+  auto bits = torch::empty({6 * pairs}, torch::kInt32);
   noise.key_stream(
     std::span(reinterpret_cast<std::byte*>(bits.data_ptr<int32_t>()), static_cast<size_t>(bits.nbytes())));
-  auto radius = torch::empty({pairs}, torch::kFloat32);
-  auto angle = torch::empty({pairs}, torch::kFloat32);
-  float* __restrict r = radius.data_ptr<float>();
-  float* __restrict t = angle.data_ptr<float>();
-  // The key stream as three runs of 32-bit words: high and low halves of u1's 64 bits, then t's.
+  auto radius = torch::empty({pairs}, torch::kFloat64);
+  auto angle = torch::empty({pairs}, torch::kFloat64);
+  double* __restrict r = radius.data_ptr<double>();
+  double* __restrict t = angle.data_ptr<double>();
+  // The key stream as six runs of `pairs` words, so that the loop vectorizes.
   const auto* words = reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>());
-  const uint32_t* __restrict hi = words;
-  const uint32_t* __restrict lo = words + pairs;
-  const uint32_t* __restrict tw = words + 2 * pairs;
-  for (int64_t i = 0; i < pairs; ++i) {
-    // u1 = (hi 2^32 + lo + 1/2) / 2^64 in (0, 1], as a float: its exponent keeps the small
-    // values exact down to 2^-65, so the radius reaches sqrt(2 * 65 ln 2) = 9.5 sigma, where
-    // doubles of the form k / 2^53 would stop at 8.6 and 24-bit floats at 5.8. (Two 32-bit halves
-    // rather than one uint64_t: the compiler vectorises their conversion.)
-    r[i] = static_cast<float>((static_cast<double>(hi[i]) + (static_cast<double>(lo[i]) + 0.5) * 0x1p-32) * 0x1p-32);
-    t[i] = static_cast<float>(static_cast<double>(tw[i]) * (2.0 * std::numbers::pi * 0x1p-32));
-  }
+  const uint32_t* __restrict w0 = words;
+  const uint32_t* __restrict w1 = words + pairs;
+  const uint32_t* __restrict w2 = words + 2 * pairs;
+  const uint32_t* __restrict w3 = words + 3 * pairs;
+  const uint32_t* __restrict w4 = words + 4 * pairs;
+  const uint32_t* __restrict w5 = words + 5 * pairs;
+  at::parallel_for(0, pairs, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      r[i] = core::box_muller_u(w0[i], w1[i], w2[i], w3[i]);
+      t[i] = core::box_muller_angle(w4[i], w5[i]);
+    }
+  });
   radius.log_().mul_(-2.0).sqrt_().mul_(stddev);
-  auto out = torch::empty({2 * pairs}, torch::kFloat32);
+  auto out = torch::empty({2 * pairs}, torch::kFloat64);
   auto first = out.narrow(0, 0, pairs);
   auto second = out.narrow(0, pairs, pairs);
   at::mul_out(first, radius, angle.cos());
@@ -339,7 +339,24 @@ private_gradient(Model& model, const torch::Tensor& x, const torch::Tensor& y, c
     // which LibTorch refuses for views.
     torch::Tensor grad;
     if (z.defined()) {
-      grad = g + z.narrow(0, offset, p.numel()).view(p.sizes()).to(g.device(), g.scalar_type());
+      // The noisy sum in double, snapped to the noise's grid before anything else touches it
+      // (core/math/noise.hpp: no low-order bit of it depends on the sum's own), then the model's
+      // dtype.
+      const double grid = core::noise_grid(stddev);
+      if (g.device().is_cpu() && g.scalar_type() == torch::kFloat32 && g.is_contiguous()) {
+        // One pass, which the compiler vectorizes (LibTorch would make five).
+        grad = torch::empty_like(g);
+        const float* __restrict clipped = g.data_ptr<float>();
+        const double* __restrict noise_part = z.data_ptr<double>() + offset;
+        float* __restrict out = grad.data_ptr<float>();
+        for (int64_t j = 0; j < p.numel(); ++j) {
+          out[j] = static_cast<float>(core::snap_to_grid(static_cast<double>(clipped[j]) + noise_part[j], grid));
+        }
+      } else {
+        auto noisy = g.to(torch::kFloat64) + z.narrow(0, offset, p.numel()).view(p.sizes()).to(g.device());
+        noisy.div_(grid).round_().mul_(grid);
+        grad = noisy.to(g.scalar_type());
+      }
       offset += p.numel();
     } else {
       grad = g.clone();

@@ -53,7 +53,7 @@ ClippedSum clipped_sum(Model& model, const torch::Tensor& x, const torch::Tensor
 // LibTorch's generators, which are Mersenne twisters seeded with 32 bits: whoever sees the noised
 // update could search all 2^32 seeds, which a DP guarantee must not allow.
 using GaussianNoise = core::GaussianNoise;
-// `n` draws of N(0, stddev^2) from `noise`'s key stream, as a CPU float32 tensor.
+// `n` draws of N(0, stddev^2) from `noise`'s key stream, as a CPU float64 tensor.
 torch::Tensor gaussian(GaussianNoise& noise, int64_t n, double stddev);
 
 struct Settings
@@ -64,8 +64,9 @@ struct Settings
 };
 
 // Sets the gradient of every parameter that requires one to
-// (sum of clipped per-example gradients + N(0, (sigma C)^2 I)) / expected_batch. An empty batch
-// gets the noise alone. Returns the batch's sum of per-example losses (0 when empty).
+// (sum of clipped per-example gradients + N(0, (sigma C)^2 I)) / expected_batch, the noisy sum
+// computed in double and snapped to core::noise_grid(sigma C) first. An empty batch gets the
+// noise alone. Returns the batch's sum of per-example losses (0 when empty).
 double private_gradient(Model& model, const torch::Tensor& x, const torch::Tensor& y, const Settings& settings,
                         GaussianNoise& noise);
 

@@ -457,7 +457,6 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
     double* a = acc[t].data();
     auto& reader = readers[t];
     auto& noise = noises[t];
-    std::vector<double> draws(noise ? k_mean_block : 0);
     for_each_piece(plan, begin, end, k_mean_block, [&](const TensorPlan& tp, std::size_t off, std::size_t count) {
       const std::size_t es = dtype_size(tp.dtype);
       const std::size_t bytes = count * es;
@@ -490,10 +489,8 @@ mean_pass(const Pass& pass, std::span<const std::size_t> which, std::span<const 
         reader.consumed(which[k], p, bytes);
       }
       if (noise) {
-        noise->fill(std::span(draws.data(), count), step.noise_std);
-        for (std::size_t j = 0; j < count; ++j) {
-          a[j] += draws[j];
-        }
+        // The noisy sum, snapped to the noise's grid before the division (noise.hpp).
+        noise->add_snapped(std::span(a, count), step.noise_std);
       }
       if (tp.dtype == DType::f32) {
         apply_step<float>(step, tp, off, a, denominator, count);

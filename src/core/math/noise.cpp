@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numbers>
 #include <string>
 #include <vector>
 
@@ -54,23 +53,42 @@ void
 GaussianNoise::fill(std::span<double> out, double stddev)
 {
   // Box-Muller: for u in (0, 1] and an angle t uniform in [0, 2π), √(−2 ln u)·(cos t, sin t) are
-  // two independent standard normals. Per pair: 64 bits of key stream for u, 32 for t; u as
-  // (k + 1/2) / 2^64 keeps the tail exact out to √(2·64·ln 2) ≈ 9.4 standard deviations.
+  // two independent standard normals. Per pair: six words of key stream (box_muller_u/angle).
   constexpr std::size_t block = 4096; // pairs per key-stream request
-  std::vector<std::uint32_t> words(3 * block);
+  std::vector<std::uint32_t> words(6 * block);
   for (std::size_t begin = 0; begin < out.size(); begin += 2 * block) {
     const std::size_t pairs = std::min(block, (out.size() - begin + 1) / 2);
-    key_stream(std::as_writable_bytes(std::span(words.data(), 3 * pairs)));
+    key_stream(std::as_writable_bytes(std::span(words.data(), 6 * pairs)));
     for (std::size_t i = 0; i < pairs; ++i) {
-      const double u =
-        (static_cast<double>(words[3 * i]) + (static_cast<double>(words[3 * i + 1]) + 0.5) * 0x1p-32) * 0x1p-32;
-      const double t = static_cast<double>(words[3 * i + 2]) * (2.0 * std::numbers::pi * 0x1p-32);
+      const auto* w = &words[6 * i];
+      const double u = box_muller_u(w[0], w[1], w[2], w[3]);
+      const double t = box_muller_angle(w[4], w[5]);
       const double r = stddev * std::sqrt(-2.0 * std::log(u));
       out[begin + 2 * i] = r * std::cos(t);
       if (begin + 2 * i + 1 < out.size()) {
         out[begin + 2 * i + 1] = r * std::sin(t);
       }
     }
+  }
+}
+
+double
+noise_grid(double stddev)
+{
+  if (!(stddev > 0) || !std::isfinite(stddev)) {
+    throw UsageError("noise needs a positive standard deviation, not {}", stddev);
+  }
+  return std::exp2(std::floor(std::log2(stddev / 16)));
+}
+
+void
+GaussianNoise::add_snapped(std::span<double> values, double stddev)
+{
+  const double grid = noise_grid(stddev);
+  m_draws.resize(values.size());
+  fill(std::span(m_draws), stddev);
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    values[i] = snap_to_grid(values[i] + m_draws[i], grid);
   }
 }
 

@@ -157,7 +157,7 @@ struct Step
 
 // The loss l where `above(l)` (decreasing in l) crosses `target`, by bisection between losses
 // at x = −1−60σ and 2+60σ (beyond which a Gaussian has no mass a double can hold).
-template <typename F>
+template<typename F>
 double
 loss_where(const Step& s, F&& mass, double target, bool upper)
 {
@@ -196,8 +196,12 @@ discretize(const Step& s, double h, double tail, Mode mode)
   // The grid cells (l_k, l_{k+1}] from `lo` to `hi` hold all but `tail` of the mass at each end.
   const double l_min = s.loss_min();
   const double l_max = s.loss_max();
-  const double cut_lo = std::isfinite(l_min) ? l_min : loss_where(s, [&](double l) { return s.p_below(l); }, tail, false);
-  const double cut_hi = std::isfinite(l_max) ? l_max : loss_where(s, [&](double l) { return s.p_above(l); }, tail, true);
+  const double cut_lo = std::isfinite(l_min) ? l_min
+                                             : loss_where(
+                                                 s, [&](double l) { return s.p_below(l); }, tail, false);
+  const double cut_hi = std::isfinite(l_max) ? l_max
+                                             : loss_where(
+                                                 s, [&](double l) { return s.p_above(l); }, tail, true);
   const auto lo = static_cast<std::int64_t>(std::floor(cut_lo / h));
   const auto hi = std::max(lo + 1, static_cast<std::int64_t>(std::ceil(cut_hi / h)));
   if (hi - lo > (std::int64_t{1} << 24)) {
@@ -496,8 +500,8 @@ discrete_epsilon(const Composed& c, double h, double extra, double delta)
   if (!(target > 0)) {
     return inf;
   }
-  double above = 0;      // Σ m over the grid points above the current one
-  double above_exp = 0;  // Σ m·e^−l over them
+  double above = 0;     // Σ m over the grid points above the current one
+  double above_exp = 0; // Σ m·e^−l over them
   for (std::size_t i = c.mass.size(); i-- > 0;) {
     const double l = static_cast<double>(c.first + static_cast<std::int64_t>(i)) * h;
     // δ at ε = l counts only the points above l.
@@ -564,7 +568,6 @@ analytic_gaussian_epsilon(double mu, double delta)
   }
   return hi;
 }
-
 
 PldEpsilon
 pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)

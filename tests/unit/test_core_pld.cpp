@@ -112,6 +112,18 @@ TEST_CASE("core::pld_epsilon is monotone in steps, sigma and q, and composes par
   CHECK(pld_epsilon(none, 1e-5).epsilon == 0);
 }
 
+TEST_CASE("core::pld_epsilon with noise too small to discretize: an error, and RDP's bound in a ledger")
+{
+  // sigma 0.01: one step's loss reaches ~5600 with half its mass near 5000; the PLD cannot bound
+  // its tails within delta on 32768 points. --privacy-calc says so; a ledger's account, which
+  // must never fail a round, takes RDP's bound, also sound (and the audit recomputes the same).
+  CHECK_THROWS_WITH_AS(pld(0.5, 0.01, 1, 1e-5), doctest::Contains("the RDP accountant"), Error);
+  const GaussianSteps part{0.5, 0.01, 1};
+  const auto ledger = account_epsilon(Accountant::pld_v1, {&part, 1}, 1e-5);
+  CHECK(std::isfinite(ledger.epsilon));
+  CHECK(ledger.epsilon == account_epsilon(Accountant::rdp_v2, {&part, 1}, 1e-5).epsilon);
+}
+
 TEST_CASE("core::pld_epsilon names the flag for bad input")
 {
   CHECK_THROWS_WITH_AS(pld(0, 1.0, 10, 1e-5), doctest::Contains("--sample-rate"), UsageError);

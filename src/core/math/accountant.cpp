@@ -390,7 +390,17 @@ account_epsilon(Accountant a, std::span<const GaussianSteps> parts, double delta
         return {it->second, 0};
       }
     }
-    const double e = pld_epsilon(parts, delta).epsilon;
+    // Where the PLD accountant cannot discretize (noise so small that one step's loss spans more
+    // than 2^24 of its grid cells, or tails it cannot bound within delta), RDP's bound, also
+    // sound and as deterministic, so that the audit recomputes the same.
+    double e = 0;
+    try {
+      e = pld_epsilon(parts, delta).epsilon;
+    } catch (const UsageError&) {
+      throw;
+    } catch (const Error&) {
+      e = account_epsilon(Accountant::rdp_v2, parts, delta).epsilon;
+    }
     const std::lock_guard lock(mutex);
     if (cache.size() > 4096) {
       cache.clear();

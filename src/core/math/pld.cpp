@@ -227,6 +227,9 @@ discretize(const Step& s, double h, double tail, Mode mode)
       const double e0 = std::exp(-l0);
       const double e1 = std::exp(-l1);
       up = (p * e0 - qm) / (e0 - e1);
+      if (!std::isfinite(up) || std::abs(l0) > 700) {
+        up = p; // e^−l under- or overflows: all to the top end (rounding up bounds δ too)
+      }
     } else {
       // Preserve the mean: b·h = ∫_cell (L − l0) dP = ∫_{l0}^{l1} P(t < L ≤ l1) dt.
       double g = 0;
@@ -279,10 +282,9 @@ log_mgf(const Pmf& pmf, const std::vector<double>& log_mass, double h, double la
   return top + std::log(sum);
 }
 
-constexpr std::array<double, 8> chernoff_lambdas = {0.25, 0.5, 1, 2, 4, 8, 16, 64};
+constexpr std::array<double, 10> chernoff_lambdas = {1.0 / 64, 1.0 / 16, 0.25, 0.5, 1, 2, 4, 8, 16, 64};
 
 constexpr std::size_t fft_points = std::size_t{1} << 15;
-constexpr double step_tail = 1e-20; // each step's P-mass cut off at either end
 constexpr double tail_share = 1e-3; // of δ, for the wrap-around bounds and the coupling
 
 // PMFs are real, so their DFTs are Hermitian (X[N − k] = conj X[k]): bins 0 .. N/2 hold all of
@@ -349,19 +351,19 @@ struct StepSpectrum
 };
 
 std::shared_ptr<const StepSpectrum>
-step_spectrum(const Step& s, double h, Mode mode, bool with_dft)
+step_spectrum(const Step& s, double h, double tail, Mode mode, bool with_dft)
 {
-  using Key = std::tuple<double, double, bool, bool, double, bool>;
+  using Key = std::tuple<double, double, bool, bool, double, double, bool>;
   static std::mutex mutex;
   static std::map<Key, std::shared_ptr<const StepSpectrum>> cache;
-  const Key key{s.q, s.sigma, s.remove, mode == Mode::upper, h, with_dft};
+  const Key key{s.q, s.sigma, s.remove, mode == Mode::upper, h, tail, with_dft};
   {
     const std::lock_guard lock(mutex);
     if (const auto it = cache.find(key); it != cache.end()) {
       return it->second;
     }
   }
-  const auto pmf = discretize(s, h, step_tail, mode);
+  const auto pmf = discretize(s, h, tail, mode);
   auto out = std::make_shared<StepSpectrum>();
   std::vector<double> log_mass(pmf.mass.size());
   std::transform(pmf.mass.begin(), pmf.mass.end(), log_mass.begin(),
@@ -452,7 +454,8 @@ struct Composed
 };
 
 Composed
-compose(std::span<const Step> steps, std::span<const GaussianSteps> parts, double h, Mode mode, double log_tail)
+compose(std::span<const Step> steps, std::span<const GaussianSteps> parts, double h, double tail, Mode mode,
+        double log_tail)
 {
   const auto n = static_cast<std::int64_t>(fft_points);
   std::vector<std::complex<double>> log_product(half_points + 1);
@@ -462,7 +465,7 @@ compose(std::span<const Step> steps, std::span<const GaussianSteps> parts, doubl
     if (parts[p].steps == 0) {
       continue;
     }
-    const auto s = step_spectrum(steps[p], h, mode, true);
+    const auto s = step_spectrum(steps[p], h, tail, mode, true);
     const auto t = static_cast<double>(parts[p].steps);
     for (std::size_t j = 0; j <= half_points; ++j) {
       log_product[j] += t * s->log_dft[j];
@@ -594,16 +597,29 @@ pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
   }
   const double budget = tail_share * delta;
   const double log_tail = std::log(budget / 2);
+  // Each step's tails beyond the mass `tail` are cut (counted as infinite loss, or moved up): a
+  // power of ten, so that a ledger's rounds share it, with all steps' together ≤ budget / 4.
+  const double tail = std::pow(10.0, std::floor(std::log10(budget / 4 / total_steps)));
+  // A coarse grid for one step: 1/64, or coarser where the step's loss spans more than 4096 of
+  // those (small noise: its loss reaches thousands), so that no step costs more than ~2^16 cells.
+  const auto coarse_grid = [tail](const Step& s) {
+    const double lo = std::isfinite(s.loss_min()) ? s.loss_min()
+                                                  : loss_where(
+                                                      s, [&](double l) { return s.p_below(l); }, tail, false);
+    const double hi = std::isfinite(s.loss_max()) ? s.loss_max()
+                                                  : loss_where(
+                                                      s, [&](double l) { return s.p_above(l); }, tail, true);
+    return std::exp2(std::max(-6.0, std::ceil(std::log2((hi - lo) / 65536))));
+  };
   // The grid: the composed loss's width from the Chernoff bounds of a coarse discretization, then
   // the power of two h that spreads the FFT's points over 1.25 times that width (a power of two,
   // so that a ledger's rounds reuse the same steps' spectra).
-  constexpr double coarse = 1.0 / 64;
   double width = 0;
   for (const bool remove : {true, false}) {
     Mgfs mgfs;
     for (const auto& part : parts) {
-      mgfs.add(*step_spectrum({part.q, part.sigma, remove}, coarse, Mode::upper, false),
-               static_cast<double>(part.steps));
+      const Step step{part.q, part.sigma, remove};
+      mgfs.add(*step_spectrum(step, coarse_grid(step), tail, Mode::upper, false), static_cast<double>(part.steps));
     }
     width = std::max(width, mgfs.top(log_tail) - mgfs.bottom(log_tail));
   }
@@ -614,11 +630,11 @@ pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
     for (const auto& part : parts) {
       steps.push_back({part.q, part.sigma, remove});
     }
-    const auto upper = compose(steps, parts, h, Mode::upper, log_tail);
+    const auto upper = compose(steps, parts, h, tail, Mode::upper, log_tail);
     out.epsilon = std::max(out.epsilon, discrete_epsilon(upper, h, upper.infinite + upper.wrapped_from_above, delta));
     if (with_lower) {
       // ε_true(δ) ≥ ε_discrete(δ + δ' + wrapped) − η, with δ' = budget / 2 the coupling's failure.
-      const auto lower = compose(steps, parts, h, Mode::lower, log_tail);
+      const auto lower = compose(steps, parts, h, tail, Mode::lower, log_tail);
       const double eta = h * std::sqrt(total_steps * std::log(2 / budget) / 2);
       const double e = discrete_epsilon(lower, h, -(budget / 2 + lower.wrapped_from_below), delta);
       out.epsilon_lower = std::max(out.epsilon_lower, e - eta);

@@ -48,6 +48,11 @@ TEST_CASE("core::PrivacyAccount composes steps and rounds as the accountants do"
   CHECK_THROWS_AS(PrivacyAccount::from_json(bad, "test"), Error);
   CHECK_THROWS_WITH_AS(PrivacyAccount::from_json(json{{"orders", {2}}, {"rdp", {0.1}}}, "test"),
                        doctest::Contains("not a privacy account"), Error);
+  // Steps saturate rather than wrap around to fewer.
+  PrivacyAccount huge;
+  huge.add(0.5, 1.0, UINT64_MAX - 1);
+  huge.add(0.5, 1.0, 5);
+  CHECK(huge.parts().front().steps == UINT64_MAX);
   // A peer cannot make an account that costs the PLD accountant thousands of spectra.
   json many = json::array();
   for (std::size_t i = 0; i <= PrivacyAccount::max_mechanisms; ++i) {

@@ -4,16 +4,15 @@
 // 1 + 1e-12 (tiny q, large σ) to e^(10^7) (σ = 0.1, α = 512) within one default order list.
 #include "core/math/accountant.hpp"
 
+#include "core/util/bounded_cache.hpp"
 #include "core/util/error.hpp"
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
-#include <map>
 #include <math.h> // lgamma_r (POSIX, not in <cmath>)
 #include <memory>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -300,25 +299,14 @@ std::shared_ptr<const std::vector<double>>
 step_curve(double q, double sigma, std::span<const double> orders)
 {
   using Key = std::tuple<double, double, const double*>;
-  static std::mutex mutex;
-  static std::map<Key, std::shared_ptr<const std::vector<double>>> cache;
-  const Key key{q, sigma, orders.data()};
-  {
-    const std::lock_guard lock(mutex);
-    if (const auto it = cache.find(key); it != cache.end()) {
-      return it->second;
+  static BoundedCache<Key, std::shared_ptr<const std::vector<double>>> cache(4096);
+  return cache.get({q, sigma, orders.data()}, [&] {
+    auto curve = std::make_shared<std::vector<double>>();
+    for (const double a : orders) {
+      curve->push_back(rdp_sampled_gaussian(q, sigma, a));
     }
-  }
-  auto curve = std::make_shared<std::vector<double>>();
-  for (const double a : orders) {
-    curve->push_back(rdp_sampled_gaussian(q, sigma, a));
-  }
-  const std::lock_guard lock(mutex);
-  if (cache.size() > 4096) {
-    cache.clear();
-  }
-  cache.emplace(key, curve);
-  return curve;
+    return std::shared_ptr<const std::vector<double>>(std::move(curve));
+  });
 }
 
 } // namespace
@@ -378,34 +366,23 @@ account_epsilon(Accountant a, std::span<const GaussianSteps> parts, double delta
   if (a == Accountant::pld_v1) {
     // Milliseconds each, and a ledger's replay asks again for the sites whose runs are alike.
     using Key = std::pair<std::vector<std::tuple<double, double, std::uint64_t>>, double>;
-    static std::mutex mutex;
-    static std::map<Key, double> cache;
+    static BoundedCache<Key, double> cache(4096);
     Key key{{}, delta};
     for (const auto& p : parts) {
       key.first.emplace_back(p.q, p.sigma, p.steps);
     }
-    {
-      const std::lock_guard lock(mutex);
-      if (const auto it = cache.find(key); it != cache.end()) {
-        return {it->second, 0};
+    const double e = cache.get(key, [&] {
+      // Where the PLD accountant cannot discretize (noise so small that one step's loss spans
+      // more than 2^24 of its grid cells, or tails it cannot bound within delta), RDP's bound,
+      // also sound and as deterministic, so that the audit recomputes the same.
+      try {
+        return pld_epsilon(parts, delta).epsilon;
+      } catch (const UsageError&) {
+        throw;
+      } catch (const Error&) {
+        return account_epsilon(Accountant::rdp_v2, parts, delta).epsilon;
       }
-    }
-    // Where the PLD accountant cannot discretize (noise so small that one step's loss spans more
-    // than 2^24 of its grid cells, or tails it cannot bound within delta), RDP's bound, also
-    // sound and as deterministic, so that the audit recomputes the same.
-    double e = 0;
-    try {
-      e = pld_epsilon(parts, delta).epsilon;
-    } catch (const UsageError&) {
-      throw;
-    } catch (const Error&) {
-      e = account_epsilon(Accountant::rdp_v2, parts, delta).epsilon;
-    }
-    const std::lock_guard lock(mutex);
-    if (cache.size() > 4096) {
-      cache.clear();
-    }
-    cache.emplace(std::move(key), e);
+    });
     return {e, 0};
   }
   const auto orders = a == Accountant::rdp_v1 ? legacy_orders() : default_orders();

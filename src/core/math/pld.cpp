@@ -2,18 +2,18 @@
 // PLD accountant; see pld.hpp for the method and the papers.
 #include "core/math/pld.hpp"
 
+#include "core/util/bounded_cache.hpp"
 #include "core/util/error.hpp"
 
 #include <kissfft.hh>
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <complex>
 #include <limits>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -289,9 +289,11 @@ constexpr double tail_share = 1e-3; // of δ, for the wrap-around bounds and the
 
 // PMFs are real, so their DFTs are Hermitian (X[N − k] = conj X[k]): bins 0 .. N/2 hold all of
 // one, and each transform is a complex FFT of half the length. The two FFTs of length N/2 are
-// made once (their twiddle factors are complex exponentials), and transform() is const, so
-// threads share them.
+// made once (their twiddle factors are complex exponentials) and shared by threads: transform()
+// is const, and its one mutable member, a scratch buffer, serves only radices above 5, which a
+// power of two never has.
 constexpr std::size_t half_points = fft_points / 2;
+static_assert(std::has_single_bit(half_points), "KISS FFT's radix-2 and -4 butterflies only: no shared scratch");
 
 const kissfft<double>&
 half_fft(bool inverse)
@@ -354,43 +356,32 @@ std::shared_ptr<const StepSpectrum>
 step_spectrum(const Step& s, double h, double tail, Mode mode, bool with_dft)
 {
   using Key = std::tuple<double, double, bool, bool, double, double, bool>;
-  static std::mutex mutex;
-  static std::map<Key, std::shared_ptr<const StepSpectrum>> cache;
-  const Key key{s.q, s.sigma, s.remove, mode == Mode::upper, h, tail, with_dft};
-  {
-    const std::lock_guard lock(mutex);
-    if (const auto it = cache.find(key); it != cache.end()) {
-      return it->second;
+  static BoundedCache<Key, std::shared_ptr<const StepSpectrum>> cache(32); // ~0.25 MiB each
+  return cache.get({s.q, s.sigma, s.remove, mode == Mode::upper, h, tail, with_dft}, [&] {
+    const auto pmf = discretize(s, h, tail, mode);
+    auto out = std::make_shared<StepSpectrum>();
+    std::vector<double> log_mass(pmf.mass.size());
+    std::transform(pmf.mass.begin(), pmf.mass.end(), log_mass.begin(),
+                   [](double m) { return m > 0 ? std::log(m) : -inf; });
+    for (std::size_t i = 0; i < chernoff_lambdas.size(); ++i) {
+      out->up[i] = log_mgf(pmf, log_mass, h, chernoff_lambdas[i]);
+      out->down[i] = log_mgf(pmf, log_mass, h, -chernoff_lambdas[i]);
     }
-  }
-  const auto pmf = discretize(s, h, tail, mode);
-  auto out = std::make_shared<StepSpectrum>();
-  std::vector<double> log_mass(pmf.mass.size());
-  std::transform(pmf.mass.begin(), pmf.mass.end(), log_mass.begin(),
-                 [](double m) { return m > 0 ? std::log(m) : -inf; });
-  for (std::size_t i = 0; i < chernoff_lambdas.size(); ++i) {
-    out->up[i] = log_mgf(pmf, log_mass, h, chernoff_lambdas[i]);
-    out->down[i] = log_mgf(pmf, log_mass, h, -chernoff_lambdas[i]);
-  }
-  out->log_finite = std::log1p(-pmf.infinite);
-  if (with_dft) {
-    const auto n = static_cast<std::int64_t>(fft_points);
-    std::vector<double> buffer(fft_points);
-    for (std::size_t i = 0; i < pmf.mass.size(); ++i) {
-      const auto k = pmf.first + static_cast<std::int64_t>(i);
-      buffer[static_cast<std::size_t>(((k % n) + n) % n)] += pmf.mass[i];
+    out->log_finite = std::log1p(-pmf.infinite);
+    if (with_dft) {
+      const auto n = static_cast<std::int64_t>(fft_points);
+      std::vector<double> buffer(fft_points);
+      for (std::size_t i = 0; i < pmf.mass.size(); ++i) {
+        const auto k = pmf.first + static_cast<std::int64_t>(i);
+        buffer[static_cast<std::size_t>(((k % n) + n) % n)] += pmf.mass[i];
+      }
+      out->log_dft = real_dft(buffer);
+      for (auto& z : out->log_dft) {
+        z = std::abs(z) > 0 ? std::log(z) : std::complex<double>(-inf, 0);
+      }
     }
-    out->log_dft = real_dft(buffer);
-    for (auto& z : out->log_dft) {
-      z = std::abs(z) > 0 ? std::log(z) : std::complex<double>(-inf, 0);
-    }
-  }
-  const std::lock_guard lock(mutex);
-  if (cache.size() >= 32) { // ~0.5 MiB each
-    cache.clear();
-  }
-  cache.emplace(key, out);
-  return out;
+    return std::shared_ptr<const StepSpectrum>(std::move(out));
+  });
 }
 
 // The composition's Chernoff bounds: log P(L ≥ t) ≤ K(λ) − λt for λ > 0, log P(L ≤ t) ≤ K(−λ) + λt,

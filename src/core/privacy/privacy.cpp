@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdint>
 #include <mutex>
 #include <utility>
 
@@ -77,7 +78,9 @@ PrivacyAccount::add(double q, double sigma, std::uint64_t steps)
   if (steps == 0) {
     return;
   }
-  m_steps[{q, sigma}] += steps;
+  // Saturating: counts that a peer reports could otherwise wrap around to fewer steps.
+  auto& total = m_steps[{q, sigma}];
+  total = steps > UINT64_MAX - total ? UINT64_MAX : total + steps;
 }
 
 void
@@ -214,20 +217,32 @@ power_of_eight(std::uint64_t n)
 
 } // namespace
 
+namespace {
+
+// Recomputes an account's total and holds the recorded one to it and to the budget; the total.
+double
+check_recomputed(const PrivacyAccount& spent, double recorded, double delta, Accountant a,
+                 std::optional<double> max_epsilon, const std::string& what)
+{
+  const auto e = spent.epsilon(delta, a).epsilon;
+  if (!same(recorded, e)) {
+    throw VerifyError("{}: records epsilon {} but its parameters and the rounds before give {} ({})", what, recorded, e,
+                      accountant_name(a));
+  }
+  if (max_epsilon && e > *max_epsilon * (1 + 1e-9)) {
+    throw VerifyError("{}: epsilon {} is past the budget of {} that the round records", what, e, *max_epsilon);
+  }
+  return e;
+}
+
+} // namespace
+
 void
 FederationPrivacy::verify_total(Account& account, double recorded, double delta, Accountant a,
                                 std::optional<double> max_epsilon, const std::string& what)
 {
   if (a != Accountant::pld_v1 || power_of_eight(account.runs)) {
-    const auto e = account.spent.epsilon(delta, a).epsilon;
-    if (!same(recorded, e)) {
-      throw VerifyError("{}: records epsilon {} but its parameters and the rounds before give {} ({})", what, recorded,
-                        e, accountant_name(a));
-    }
-    if (max_epsilon && e > *max_epsilon * (1 + 1e-9)) {
-      throw VerifyError("{}: epsilon {} is past the budget of {} that the round records", what, e, *max_epsilon);
-    }
-    account.floor = e;
+    account.floor = check_recomputed(account.spent, recorded, delta, a, max_epsilon, what);
     account.floor_delta = delta;
     account.floor_accountant = a;
     account.pending.reset();
@@ -250,15 +265,7 @@ FederationPrivacy::finish_verify()
 {
   const auto check = [](Account& account) {
     if (const auto p = std::exchange(account.pending, std::nullopt)) {
-      const auto e = account.spent.epsilon(p->delta, p->accountant).epsilon;
-      if (!same(p->recorded, e)) {
-        throw VerifyError("{}: records epsilon {} but its parameters and the rounds before give {} ({})", p->what,
-                          p->recorded, e, accountant_name(p->accountant));
-      }
-      if (p->max_epsilon && e > *p->max_epsilon * (1 + 1e-9)) {
-        throw VerifyError("{}: epsilon {} is past the budget of {} that the round records", p->what, e,
-                          *p->max_epsilon);
-      }
+      check_recomputed(account.spent, p->recorded, p->delta, p->accountant, p->max_epsilon, p->what);
     }
   };
   check(m_client);

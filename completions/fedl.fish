@@ -178,6 +178,7 @@ complete -c fedl -n '__fish_seen_subcommand_from audit' -l sample-rate -x -d 'Wi
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l noise-multiplier -x -d 'With --privacy-calc: noise standard deviation over the clipping norm'
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l steps -x -d 'With --privacy-calc: number of noisy gradient steps'
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l delta -x -d 'With --privacy-calc: the delta of (epsilon, delta)'
+complete -c fedl -n '__fish_seen_subcommand_from audit' -l epsilon -x -d 'With --privacy-calc, instead of --delta: compute delta at this epsilon'
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l accountant -x -a 'pld rdp' -d 'With --privacy-calc: the accountant: pld (privacy loss distributions, the tightest; default) or rdp'
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l host -d 'Report the sandbox layers this host offers and test them: a sandboxed child attempts each forbidden action (exit 3 if any is allowed)'
 complete -c fedl -n '__fish_seen_subcommand_from completion' -s h -l help -d 'Print this help message and exit'

@@ -40,8 +40,38 @@ struct PrivacyCalc
   std::optional<double> noise_multiplier;
   std::optional<std::uint64_t> steps;
   std::optional<double> delta;
+  std::optional<double> epsilon;
   std::optional<std::string> accountant;
 };
+
+// --epsilon instead of --delta: the other conversion.
+int
+run_delta_calc(const PrivacyCalc& p, core::Accountant accountant)
+{
+  nlohmann::json j = {{"epsilon", *p.epsilon},
+                      {"delta", 0.0},
+                      {"accountant", core::accountant_name(accountant)},
+                      {"steps", *p.steps},
+                      {"sample_rate", *p.sample_rate},
+                      {"noise_multiplier", *p.noise_multiplier}};
+  const auto what =
+    fmt::format("for {} steps at sample rate {}, noise multiplier {}", *p.steps, *p.sample_rate, *p.noise_multiplier);
+  std::string text;
+  if (accountant == core::Accountant::pld_v1) {
+    const core::GaussianSteps part{*p.sample_rate, *p.noise_multiplier, *p.steps};
+    const auto spent = core::pld_delta({&part, 1}, *p.epsilon, /*with_lower=*/true);
+    j["delta"] = spent.delta;
+    j["delta_lower"] = spent.delta_lower;
+    j["grid"] = spent.grid;
+    text = fmt::format("delta {:.4g} (epsilon {}, PLD; the exact value is at least {:.4g}) {}\n", spent.delta,
+                       *p.epsilon, spent.delta_lower, what);
+  } else {
+    j["delta"] = core::compute_delta(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.epsilon);
+    text = fmt::format("delta {:.4g} (epsilon {}, RDP) {}\n", j["delta"].get<double>(), *p.epsilon, what);
+  }
+  print_result(j, text);
+  return 0;
+}
 
 int
 run_privacy_calc(const PrivacyCalc& p)
@@ -49,6 +79,9 @@ run_privacy_calc(const PrivacyCalc& p)
   const auto accountant = resolve_accountant(p.accountant).value_or(core::Accountant::pld_v1);
   if (*p.steps == 0) {
     throw core::UsageError("--steps 0: must be at least 1 (the number of noisy gradient steps)");
+  }
+  if (p.epsilon) {
+    return run_delta_calc(p, accountant);
   }
   nlohmann::json j = {{"epsilon", 0.0},
                       {"delta", *p.delta},
@@ -94,6 +127,7 @@ dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witness
                                                                 {"--noise-multiplier", p.noise_multiplier.has_value()},
                                                                 {"--steps", p.steps.has_value()},
                                                                 {"--delta", p.delta.has_value()},
+                                                                {"--epsilon", p.epsilon.has_value()},
                                                                 {"--accountant", p.accountant.has_value()}};
   if (!p.enabled) {
     for (const auto& [flag, given] : calc_flags) {
@@ -115,9 +149,15 @@ dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witness
     throw core::UsageError("--privacy-calc takes no workspace (got {}): drop it, or drop --privacy-calc to audit it",
                            ws->string());
   }
+  if (p.delta && p.epsilon) {
+    throw core::UsageError("--delta and --epsilon are the two ways to ask: give --delta D for epsilon, or --epsilon E "
+                           "for delta, not both");
+  }
   std::vector<std::string> missing;
   for (const auto& [flag, given] : calc_flags) {
-    if (!given && std::string_view(flag) != "--accountant") {
+    const std::string_view f = flag;
+    const bool optional = f == "--accountant" || f == "--epsilon" || (f == "--delta" && p.epsilon);
+    if (!given && !optional) {
       missing.emplace_back(flag);
     }
   }
@@ -156,6 +196,8 @@ add_audit(CLI::App& parent)
     ->type_name("S");
   app->add_option("--steps", calc->steps, "With --privacy-calc: number of noisy gradient steps")->type_name("T");
   app->add_option("--delta", calc->delta, "With --privacy-calc: the delta of (epsilon, delta)")->type_name("D");
+  app->add_option("--epsilon", calc->epsilon, "With --privacy-calc, instead of --delta: compute delta at this epsilon")
+    ->type_name("E");
   add_accountant_option(*app, calc->accountant, "With --privacy-calc: the accountant");
   app->add_flag("--host", *host,
                 "Report the sandbox layers this host offers and test them: a sandboxed child attempts each forbidden "

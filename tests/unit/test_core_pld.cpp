@@ -112,6 +112,33 @@ TEST_CASE("core::pld_epsilon is monotone in steps, sigma and q, and composes par
   CHECK(pld_epsilon(none, 1e-5).epsilon == 0);
 }
 
+TEST_CASE("core::pld_delta is the other conversion: delta at epsilon, consistent with pld_epsilon")
+{
+  // The analytic case round-trips exactly.
+  const GaussianSteps full{1.0, 5.0, 50};
+  const auto exact = pld_delta({&full, 1}, pld_epsilon({&full, 1}, 1e-5).epsilon);
+  CHECK(exact.delta == doctest::Approx(1e-5).epsilon(1e-9));
+  // Subsampled: delta at the epsilon computed for 1e-5 is 1e-5, within what the two grids (chosen
+  // for a tail budget of 1e-8 and 1e-12) differ by; the lower bound is below it; delta falls as
+  // epsilon grows.
+  const GaussianSteps part{0.01, 1.1, 1000};
+  const double eps = pld_epsilon({&part, 1}, 1e-5).epsilon;
+  const auto d = pld_delta({&part, 1}, eps, /*with_lower=*/true);
+  CHECK(d.delta == doctest::Approx(1e-5).epsilon(0.05));
+  CHECK(d.delta_lower <= d.delta);
+  CHECK(d.delta_lower > 0);
+  double last = 1;
+  for (const double e : {0.0, 0.5, 1.0, 1.5, 2.0, 3.0}) {
+    const double x = pld_delta({&part, 1}, e).delta;
+    CHECK(x <= last);
+    last = x;
+  }
+  CHECK_THROWS_WITH_AS(pld_delta({&part, 1}, -1), doctest::Contains("--epsilon -1"), UsageError);
+  // RDP's conversion solved for delta: at RDP's own epsilon it gives the delta back.
+  const auto rdp = compute_epsilon(0.01, 1.1, 1000, 1e-5);
+  CHECK(compute_delta(0.01, 1.1, 1000, rdp.epsilon) == doctest::Approx(1e-5).epsilon(1e-9));
+}
+
 TEST_CASE("core::pld_epsilon with noise too small to discretize: an error, and RDP's bound in a ledger")
 {
   // sigma 0.01: one step's loss reaches ~5600 with half its mass near 5000; the PLD cannot bound

@@ -242,6 +242,27 @@ epsilon_from_rdp(std::span<const double> orders, std::span<const double> rdp, do
   return best;
 }
 
+double
+delta_from_rdp(std::span<const double> orders, std::span<const double> rdp, double epsilon)
+{
+  if (!(epsilon >= 0) || !std::isfinite(epsilon)) {
+    throw UsageError("--epsilon {}: must be a finite number >= 0", epsilon);
+  }
+  if (orders.empty() || orders.size() != rdp.size()) {
+    throw UsageError("RDP accounting needs one RDP value per order ({} orders, {} values)", orders.size(), rdp.size());
+  }
+  // Balle et al. 2020, Theorem 21, solved for δ:
+  // log δ = (α − 1)(R − ε + log((α − 1)/α)) − log α.
+  double best = 0; // log δ; δ ≤ 1 always
+  for (std::size_t i = 0; i < orders.size(); ++i) {
+    const double a = orders[i];
+    check_order(a);
+    const double log_delta = (a - 1) * (rdp[i] - epsilon + std::log((a - 1) / a)) - std::log(a);
+    best = std::min(best, log_delta);
+  }
+  return std::exp(best);
+}
+
 std::span<const double>
 default_orders()
 {
@@ -259,6 +280,22 @@ default_orders()
     return o;
   }();
   return orders;
+}
+
+double
+compute_delta(double q, double sigma, std::uint64_t steps, double epsilon)
+{
+  check_rate_and_noise(q, sigma);
+  if (steps == 0) {
+    throw UsageError("--steps 0: must be at least 1 (the number of noisy gradient steps)");
+  }
+  const auto orders = default_orders();
+  std::vector<double> rdp;
+  rdp.reserve(orders.size());
+  for (const double a : orders) {
+    rdp.push_back(static_cast<double>(steps) * rdp_sampled_gaussian(q, sigma, a));
+  }
+  return delta_from_rdp(orders, rdp, epsilon);
 }
 
 std::span<const double>

@@ -34,6 +34,10 @@ struct PrivacySpent
 // over the orders. `delta` in (0, 1); the spans must have the same non-zero length, orders > 1.
 PrivacySpent epsilon_from_rdp(std::span<const double> orders, std::span<const double> rdp, double delta);
 
+// δ at `epsilon` (≥ 0) from the total RDP, the inverse of epsilon_from_rdp's conversion (the
+// same theorem solved for δ), minimised over the orders and at most 1.
+double delta_from_rdp(std::span<const double> orders, std::span<const double> rdp, double epsilon);
+
 // The orders fedl evaluates RDP at (accountant "rdp-v2"): 1.1 to 10.9 in steps of 0.1 with TF
 // Privacy's 1.25, 1.75 and 2.25, then 11 ... 64, 128, 256, 512, 1024: every order of Opacus's
 // and TF Privacy's default lists, so fedl's RDP bound is never looser than theirs on the same
@@ -48,6 +52,8 @@ std::span<const double> legacy_orders();
 // --steps, --delta).
 PrivacySpent compute_epsilon(double q, double sigma, std::uint64_t steps, double delta,
                              std::span<const double> orders = default_orders());
+// δ at `epsilon` for the same, at default_orders().
+double compute_delta(double q, double sigma, std::uint64_t steps, double epsilon);
 
 // How an (ε, δ) is computed from a composition of sampled Gaussian mechanisms; ledgers and a
 // site's privacy.jsonl record it by name ("pld-v1"), so that an audit recomputes with the one

@@ -563,37 +563,44 @@ analytic_gaussian_epsilon(double mu, double delta)
   return hi;
 }
 
-PldEpsilon
-pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
+namespace {
+
+// What a composition needs before it can be evaluated: its checks, the analytic case, the grid.
+struct Plan
 {
-  check_delta(delta);
+  double total_steps = 0;
+  double mu2 = 0;       // Σ steps / σ², for the analytic Gaussian
+  bool all_full = true; // every step at q = 1: analytic
+  double budget = 0;    // the δ the tails, the wrap-around and the coupling may use together
+  double log_tail = 0;  // log of the mass each end of the window may leave out
+  double tail = 0;      // each step's mass cut at either end
+  double h = 0;         // the grid
+};
+
+Plan
+plan(std::span<const GaussianSteps> parts, double budget)
+{
   if (parts.empty()) {
     throw UsageError("the PLD accountant needs at least one mechanism");
   }
-  double total_steps = 0;
-  double mu2 = 0;
-  bool all_full = true;
+  Plan p;
   for (const auto& part : parts) {
     check_part(part);
-    total_steps += static_cast<double>(part.steps);
-    mu2 += static_cast<double>(part.steps) / (part.sigma * part.sigma);
-    all_full = all_full && (part.q == 1 || part.steps == 0);
+    p.total_steps += static_cast<double>(part.steps);
+    p.mu2 += static_cast<double>(part.steps) / (part.sigma * part.sigma);
+    p.all_full = p.all_full && (part.q == 1 || part.steps == 0);
   }
-  if (total_steps == 0) {
-    return {};
+  if (p.total_steps == 0 || p.all_full) {
+    return p;
   }
-  if (all_full) {
-    const double eps = analytic_gaussian_epsilon(std::sqrt(mu2), delta);
-    return {eps, eps, 0, 0};
-  }
-  const double budget = tail_share * delta;
-  const double log_tail = std::log(budget / 2);
+  p.budget = budget;
+  p.log_tail = std::log(budget / 2);
   // Each step's tails beyond the mass `tail` are cut (counted as infinite loss, or moved up): a
   // power of ten, so that a ledger's rounds share it, with all steps' together ≤ budget / 4.
-  const double tail = std::pow(10.0, std::floor(std::log10(budget / 4 / total_steps)));
+  p.tail = std::pow(10.0, std::floor(std::log10(budget / 4 / p.total_steps)));
   // A coarse grid for one step: 1/64, or coarser where the step's loss spans more than 4096 of
   // those (small noise: its loss reaches thousands), so that no step costs more than ~2^16 cells.
-  const auto coarse_grid = [tail](const Step& s) {
+  const auto coarse_grid = [tail = p.tail](const Step& s) {
     const double lo = std::isfinite(s.loss_min()) ? s.loss_min()
                                                   : loss_where(
                                                       s, [&](double l) { return s.p_below(l); }, tail, false);
@@ -610,24 +617,62 @@ pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
     Mgfs mgfs;
     for (const auto& part : parts) {
       const Step step{part.q, part.sigma, remove};
-      mgfs.add(*step_spectrum(step, coarse_grid(step), tail, Mode::upper, false), static_cast<double>(part.steps));
+      mgfs.add(*step_spectrum(step, coarse_grid(step), p.tail, Mode::upper, false), static_cast<double>(part.steps));
     }
-    width = std::max(width, mgfs.top(log_tail) - mgfs.bottom(log_tail));
+    width = std::max(width, mgfs.top(p.log_tail) - mgfs.bottom(p.log_tail));
   }
-  const double h = std::exp2(std::ceil(std::log2(std::max(width * 1.25 / static_cast<double>(fft_points), 0x1p-30))));
-  PldEpsilon out{0, 0, h, fft_points};
-  for (const bool remove : {true, false}) {
-    std::vector<Step> steps;
-    for (const auto& part : parts) {
-      steps.push_back({part.q, part.sigma, remove});
+  p.h = std::exp2(std::ceil(std::log2(std::max(width * 1.25 / static_cast<double>(fft_points), 0x1p-30))));
+  return p;
+}
+
+// The composition in one direction (remove or add) and mode.
+Composed
+compose_direction(std::span<const GaussianSteps> parts, const Plan& p, bool remove, Mode mode)
+{
+  std::vector<Step> steps;
+  for (const auto& part : parts) {
+    steps.push_back({part.q, part.sigma, remove});
+  }
+  return compose(steps, parts, p.h, p.tail, mode, p.log_tail);
+}
+
+// δ at ε of a discrete composed PMF: Σ_{l > ε} m_l (1 − e^(ε − l)).
+double
+discrete_delta(const Composed& c, double h, double epsilon)
+{
+  double delta = 0;
+  for (std::size_t i = 0; i < c.mass.size(); ++i) {
+    const double l = static_cast<double>(c.first + static_cast<std::int64_t>(i)) * h;
+    if (l > epsilon) {
+      delta += c.mass[i] * -std::expm1(epsilon - l);
     }
-    const auto upper = compose(steps, parts, h, tail, Mode::upper, log_tail);
-    out.epsilon = std::max(out.epsilon, discrete_epsilon(upper, h, upper.infinite + upper.wrapped_from_above, delta));
+  }
+  return delta;
+}
+
+} // namespace
+
+PldEpsilon
+pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
+{
+  check_delta(delta);
+  const auto p = plan(parts, tail_share * delta);
+  if (p.total_steps == 0) {
+    return {};
+  }
+  if (p.all_full) {
+    const double eps = analytic_gaussian_epsilon(std::sqrt(p.mu2), delta);
+    return {eps, eps, 0, 0};
+  }
+  PldEpsilon out{0, 0, p.h, fft_points};
+  for (const bool remove : {true, false}) {
+    const auto upper = compose_direction(parts, p, remove, Mode::upper);
+    out.epsilon = std::max(out.epsilon, discrete_epsilon(upper, p.h, upper.infinite + upper.wrapped_from_above, delta));
     if (with_lower) {
       // ε_true(δ) ≥ ε_discrete(δ + δ' + wrapped) − η, with δ' = budget / 2 the coupling's failure.
-      const auto lower = compose(steps, parts, h, tail, Mode::lower, log_tail);
-      const double eta = h * std::sqrt(total_steps * std::log(2 / budget) / 2);
-      const double e = discrete_epsilon(lower, h, -(budget / 2 + lower.wrapped_from_below), delta);
+      const auto lower = compose_direction(parts, p, remove, Mode::lower);
+      const double eta = p.h * std::sqrt(p.total_steps * std::log(2 / p.budget) / 2);
+      const double e = discrete_epsilon(lower, p.h, -(p.budget / 2 + lower.wrapped_from_below), delta);
       out.epsilon_lower = std::max(out.epsilon_lower, e - eta);
     }
   }
@@ -636,6 +681,39 @@ pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
                 delta);
   }
   out.epsilon_lower = with_lower ? std::clamp(out.epsilon_lower, 0.0, out.epsilon) : 0.0;
+  return out;
+}
+
+PldDelta
+pld_delta(std::span<const GaussianSteps> parts, double epsilon, bool with_lower)
+{
+  if (!(epsilon >= 0) || !std::isfinite(epsilon)) {
+    throw UsageError("--epsilon {}: must be a finite number >= 0", epsilon);
+  }
+  // The tails and the wrap-around may add this much to δ: below any δ worth asking about.
+  constexpr double budget = 1e-12;
+  const auto p = plan(parts, budget);
+  if (p.total_steps == 0) {
+    return {};
+  }
+  if (p.all_full) {
+    const double d = analytic_gaussian_delta(std::sqrt(p.mu2), epsilon);
+    return {d, d, 0, 0};
+  }
+  PldDelta out{0, 0, p.h, fft_points};
+  for (const bool remove : {true, false}) {
+    const auto upper = compose_direction(parts, p, remove, Mode::upper);
+    out.delta = std::max(out.delta, discrete_delta(upper, p.h, epsilon) + upper.infinite + upper.wrapped_from_above);
+    if (with_lower) {
+      // δ_true(ε) ≥ δ_discrete(ε + η) − δ' − wrapped (the coupling, as in pld_epsilon).
+      const auto lower = compose_direction(parts, p, remove, Mode::lower);
+      const double eta = p.h * std::sqrt(p.total_steps * std::log(2 / p.budget) / 2);
+      out.delta_lower =
+        std::max(out.delta_lower, discrete_delta(lower, p.h, epsilon + eta) - p.budget / 2 - lower.wrapped_from_below);
+    }
+  }
+  out.delta = std::min(out.delta, 1.0);
+  out.delta_lower = with_lower ? std::clamp(out.delta_lower, 0.0, out.delta) : 0.0;
   return out;
 }
 

@@ -60,6 +60,19 @@ struct PldEpsilon
 // for values out of range. Thread-safe; one step's spectrum is cached per (q, σ, grid).
 PldEpsilon pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower = false);
 
+struct PldDelta
+{
+  double delta = 0;       // a sound upper bound on δ(ε) of the composition
+  double delta_lower = 0; // a lower bound on the same exact δ(ε)
+  double grid = 0;
+  std::size_t points = 0;
+};
+
+// δ at `epsilon` (≥ 0) of the composition of every part, the other conversion; the tails and the
+// FFT's wrap-around may add up to 1e-12 to it. UsageError naming the flag for values out of
+// range.
+PldDelta pld_delta(std::span<const GaussianSteps> parts, double epsilon, bool with_lower = false);
+
 // The analytic Gaussian mechanism of sensitivity over noise `mu` (> 0): δ at ε, and the ε at δ
 // (bisection to 1e-12 relative).
 double analytic_gaussian_delta(double mu, double epsilon);

@@ -11,7 +11,7 @@
 
 namespace fedl::core {
 
-template <typename Key, typename Value>
+template<typename Key, typename Value>
 class BoundedCache
 {
 public:
@@ -19,7 +19,7 @@ public:
 
   // The value kept for `key`, or `make()`'s, computed outside the lock (two threads may both
   // compute it; either result is the same) and kept. If make() throws, nothing is kept.
-  template <typename Make>
+  template<typename Make>
   Value get(const Key& key, Make&& make)
   {
     {

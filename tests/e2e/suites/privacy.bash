@@ -26,6 +26,18 @@ test_text_output()
   expect_in out "epsilon 1.5154 (delta 1e-05, PLD; the exact value is at least 1.49"
 }
 
+test_delta_at_an_epsilon()
+{
+  # The other conversion: delta at the epsilon the first bracket's setting gives for 1e-5.
+  fedl_expect 0 --json audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1.1 --steps 1000 --epsilon 1.5154 ||
+    return
+  check_py "abs($(json_get out "j['delta']") - 1e-5) < 5e-7 and $(json_get out "j['delta_lower']") <= $(json_get out "j['delta']")" \
+    "delta: $(cat out)"
+  fedl_expect 0 audit --privacy-calc --sample-rate 1 --noise-multiplier 5 --steps 50 --epsilon 6.57297 --accountant rdp ||
+    return
+  expect_in out "(epsilon 6.57297, RDP) for 50 steps"
+}
+
 test_pld_is_the_default_and_within_the_independent_brackets()
 {
   # pld_reference.py's brackets (h 1e-6, 2e-7, 1e-5, 2e-6, 2e-6); published PLD/PRV values
@@ -90,4 +102,8 @@ test_bad_input_exits_2()
   expect_in err "--accountant: prv not in {pld,rdp}"
   fedl_expect 2 audit ws --accountant rdp
   expect_in err "--accountant is only for --privacy-calc"
+  fedl_expect 2 audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1 --steps 10 --delta 1e-5 --epsilon 1
+  expect_in err "--delta and --epsilon are the two ways to ask"
+  fedl_expect 2 audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1 --steps 10 --epsilon -1
+  expect_in err "--epsilon -1: must be a finite number >= 0"
 }

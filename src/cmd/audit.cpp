@@ -44,35 +44,7 @@ struct PrivacyCalc
   std::optional<std::string> accountant;
 };
 
-// --epsilon instead of --delta: the other conversion.
-int
-run_delta_calc(const PrivacyCalc& p, core::Accountant accountant)
-{
-  nlohmann::json j = {{"epsilon", *p.epsilon},
-                      {"delta", 0.0},
-                      {"accountant", core::accountant_name(accountant)},
-                      {"steps", *p.steps},
-                      {"sample_rate", *p.sample_rate},
-                      {"noise_multiplier", *p.noise_multiplier}};
-  const auto what =
-    fmt::format("for {} steps at sample rate {}, noise multiplier {}", *p.steps, *p.sample_rate, *p.noise_multiplier);
-  std::string text;
-  if (accountant == core::Accountant::pld_v1) {
-    const core::GaussianSteps part{*p.sample_rate, *p.noise_multiplier, *p.steps};
-    const auto spent = core::pld_delta({&part, 1}, *p.epsilon, /*with_lower=*/true);
-    j["delta"] = spent.delta;
-    j["delta_lower"] = spent.delta_lower;
-    j["grid"] = spent.grid;
-    text = fmt::format("delta {:.4g} (epsilon {}, PLD; the exact value is at least {:.4g}) {}\n", spent.delta,
-                       *p.epsilon, spent.delta_lower, what);
-  } else {
-    j["delta"] = core::compute_delta(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.epsilon);
-    text = fmt::format("delta {:.4g} (epsilon {}, RDP) {}\n", j["delta"].get<double>(), *p.epsilon, what);
-  }
-  print_result(j, text);
-  return 0;
-}
-
+// ε at --delta, or with --epsilon the other conversion, δ at it.
 int
 run_privacy_calc(const PrivacyCalc& p)
 {
@@ -80,32 +52,44 @@ run_privacy_calc(const PrivacyCalc& p)
   if (*p.steps == 0) {
     throw core::UsageError("--steps 0: must be at least 1 (the number of noisy gradient steps)");
   }
-  if (p.epsilon) {
-    return run_delta_calc(p, accountant);
-  }
-  nlohmann::json j = {{"epsilon", 0.0},
-                      {"delta", *p.delta},
-                      {"accountant", core::accountant_name(accountant)},
+  nlohmann::json j = {{"accountant", core::accountant_name(accountant)},
                       {"steps", *p.steps},
                       {"sample_rate", *p.sample_rate},
                       {"noise_multiplier", *p.noise_multiplier}};
   const auto what =
     fmt::format("for {} steps at sample rate {}, noise multiplier {}", *p.steps, *p.sample_rate, *p.noise_multiplier);
+  const core::GaussianSteps part{*p.sample_rate, *p.noise_multiplier, *p.steps};
+  const bool pld = accountant == core::Accountant::pld_v1;
   std::string text;
-  if (accountant == core::Accountant::pld_v1) {
-    const core::GaussianSteps part{*p.sample_rate, *p.noise_multiplier, *p.steps};
-    const auto spent = core::pld_epsilon({&part, 1}, *p.delta, /*with_lower=*/true);
-    j["epsilon"] = spent.epsilon;
-    j["epsilon_lower"] = spent.epsilon_lower;
-    j["grid"] = spent.grid;
-    text = fmt::format("epsilon {:.4f} (delta {}, PLD; the exact value is at least {:.4f}) {}\n", spent.epsilon,
-                       *p.delta, spent.epsilon_lower, what);
+  if (p.epsilon) {
+    j["epsilon"] = *p.epsilon;
+    if (pld) {
+      const auto spent = core::pld_delta({&part, 1}, *p.epsilon, /*with_lower=*/true);
+      j["delta"] = spent.delta;
+      j["delta_lower"] = spent.delta_lower;
+      j["grid"] = spent.grid;
+      text = fmt::format("delta {:.4g} (epsilon {}, PLD; the exact value is at least {:.4g}) {}\n", spent.delta,
+                         *p.epsilon, spent.delta_lower, what);
+    } else {
+      j["delta"] = core::compute_delta(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.epsilon);
+      text = fmt::format("delta {:.4g} (epsilon {}, RDP) {}\n", j["delta"].get<double>(), *p.epsilon, what);
+    }
   } else {
-    const auto spent = core::compute_epsilon(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.delta);
-    j["epsilon"] = spent.epsilon;
-    j["order"] = spent.order;
-    text =
-      fmt::format("epsilon {:.4f} (delta {}, RDP, best order {}) {}\n", spent.epsilon, *p.delta, spent.order, what);
+    j["delta"] = *p.delta;
+    if (pld) {
+      const auto spent = core::pld_epsilon({&part, 1}, *p.delta, /*with_lower=*/true);
+      j["epsilon"] = spent.epsilon;
+      j["epsilon_lower"] = spent.epsilon_lower;
+      j["grid"] = spent.grid;
+      text = fmt::format("epsilon {:.4f} (delta {}, PLD; the exact value is at least {:.4f}) {}\n", spent.epsilon,
+                         *p.delta, spent.epsilon_lower, what);
+    } else {
+      const auto spent = core::compute_epsilon(*p.sample_rate, *p.noise_multiplier, *p.steps, *p.delta);
+      j["epsilon"] = spent.epsilon;
+      j["order"] = spent.order;
+      text =
+        fmt::format("epsilon {:.4f} (delta {}, RDP, best order {}) {}\n", spent.epsilon, *p.delta, spent.order, what);
+    }
   }
   print_result(j, text);
   return 0;

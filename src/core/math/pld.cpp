@@ -2,6 +2,8 @@
 // PLD accountant; see pld.hpp for the method and the papers.
 #include "core/math/pld.hpp"
 
+#include "core/math/pld_step.hpp"
+
 #include "core/util/bounded_cache.hpp"
 #include "core/util/error.hpp"
 
@@ -21,244 +23,7 @@ namespace fedl::core {
 
 namespace {
 
-constexpr double inf = std::numeric_limits<double>::infinity();
-constexpr double inv_sqrt2 = 0.70710678118654752440;
-
-double
-normal_cdf(double z)
-{
-  return 0.5 * std::erfc(-z * inv_sqrt2);
-}
-
-double
-normal_sf(double z)
-{
-  return 0.5 * std::erfc(z * inv_sqrt2);
-}
-
-// P(a < Z ≤ b) for a standard normal Z, without cancellation in either tail.
-double
-normal_mass(double a, double b)
-{
-  if (!(b > a)) {
-    return 0;
-  }
-  if (a >= 0) {
-    return normal_sf(a) - normal_sf(b);
-  }
-  if (b <= 0) {
-    return normal_cdf(b) - normal_cdf(a);
-  }
-  return 1 - normal_cdf(a) - normal_sf(b);
-}
-
-// log Φ(z), also where Φ(z) underflows (the asymptotic series of Mills' ratio below z = −30).
-double
-log_normal_cdf(double z)
-{
-  if (z > -30) {
-    return std::log(normal_cdf(z));
-  }
-  const double z2 = z * z;
-  return -z2 / 2 - std::log(-z) - 0.5 * std::log(2 * M_PI) + std::log1p(-1 / z2 + 3 / (z2 * z2) - 15 / (z2 * z2 * z2));
-}
-
-// One step of the Poisson-subsampled Gaussian in one neighbouring direction. With the mixture
-// ratio r(x) = (1−q) + q·e^((2x−1)/(2σ²)) (the density of (1−q)N(0,σ²) + qN(1,σ²) over N(0,σ²)):
-//   remove: X ~ P = the mixture, Q = N(0,σ²), L(x) =  log r(x), increasing in x;
-//   add:    X ~ P = N(0,σ²),     Q = the mixture, L(x) = −log r(x), decreasing in x.
-struct Step
-{
-  double q;
-  double sigma;
-  bool remove;
-
-  double loss(double x) const
-  {
-    const double e = (2 * x - 1) / (2 * sigma * sigma);
-    // log((1−q) + q·e^e) in log space: e can be in the hundreds.
-    const double a = std::log1p(-q); // −inf at q = 1
-    const double b = std::log(q) + e;
-    const double hi = std::max(a, b);
-    const double l = hi + std::log1p(std::exp(std::min(a, b) - hi));
-    return remove ? l : -l;
-  }
-
-  // The x where L(x) = l: −inf below L's range and +inf above it (or the reverse for add, so
-  // that the cell masses below come out 0 there).
-  double x_of(double l) const
-  {
-    const double lr = remove ? l : -l; // log r
-    // log(r − (1−q)) = log(e^lr − 1 + q)
-    double log_t = 0;
-    if (lr > 1) {
-      log_t = lr + std::log1p(-(1 - q) * std::exp(-lr));
-    } else {
-      const double t = std::expm1(lr) + q;
-      if (!(t > 0)) {
-        return -inf;
-      }
-      log_t = std::log(t);
-    }
-    return sigma * sigma * (log_t - std::log(q)) + 0.5;
-  }
-
-  // P- and Q-mass of the x-interval (lo, hi].
-  void interval_mass(double lo, double hi, double& p, double& qm) const
-  {
-    const double plain = normal_mass(lo / sigma, hi / sigma);
-    const double mixture = (1 - q) * plain + q * normal_mass((lo - 1) / sigma, (hi - 1) / sigma);
-    p = remove ? mixture : plain;
-    qm = remove ? plain : mixture;
-  }
-
-  // P- and Q-mass of L in (l0, l1].
-  void cell_mass(double l0, double l1, double& p, double& qm) const
-  {
-    const double x0 = x_of(l0);
-    const double x1 = x_of(l1);
-    if (remove) {
-      interval_mass(x0, x1, p, qm);
-    } else {
-      interval_mass(x1, x0, p, qm);
-    }
-  }
-
-  // P(L > l) and P(L ≤ l).
-  double p_above(double l) const
-  {
-    double p = 0;
-    double qm = 0;
-    const double x = x_of(l);
-    if (remove) {
-      interval_mass(x, inf, p, qm);
-    } else {
-      interval_mass(-inf, x, p, qm);
-    }
-    return p;
-  }
-  double p_below(double l) const
-  {
-    double p = 0;
-    double qm = 0;
-    const double x = x_of(l);
-    if (remove) {
-      interval_mass(-inf, x, p, qm);
-    } else {
-      interval_mass(x, inf, p, qm);
-    }
-    return p;
-  }
-
-  // The smallest and largest loss it can have (±inf where unbounded).
-  double loss_min() const { return remove ? (q < 1 ? std::log1p(-q) : -inf) : -inf; }
-  double loss_max() const { return remove ? inf : (q < 1 ? -std::log1p(-q) : inf); }
-};
-
-// The loss l where `above(l)` (decreasing in l) crosses `target`, by bisection between losses
-// at x = −1−60σ and 2+60σ (beyond which a Gaussian has no mass a double can hold).
-template<typename F>
-double
-loss_where(const Step& s, F&& mass, double target, bool upper)
-{
-  double a = std::max(s.loss_min(), std::min(s.loss(-1 - 60 * s.sigma), s.loss(2 + 60 * s.sigma)));
-  double b = std::min(s.loss_max(), std::max(s.loss(-1 - 60 * s.sigma), s.loss(2 + 60 * s.sigma)));
-  // upper: the smallest l with P(L > l) ≤ target; else the largest with P(L ≤ l) ≤ target.
-  for (int i = 0; i < 200 && b - a > 1e-12 * (1 + std::abs(a)); ++i) {
-    const double m = (a + b) / 2;
-    const bool within = mass(m) <= target;
-    ((within == upper) ? b : a) = m;
-  }
-  return upper ? b : a;
-}
-
-enum class Mode
-{
-  upper, // connect the dots: dominates
-  lower  // mean-preserving: the Hoeffding coupling
-};
-
-// One step's PMF on the grid k·h, k from `first`; `infinite` is the P-mass of loss +∞.
-struct Pmf
-{
-  std::int64_t first = 0;
-  std::vector<double> mass;
-  double infinite = 0;
-};
-
-// 4-point Gauss–Legendre on [−1, 1].
-constexpr std::array<double, 2> gl4_nodes = {0.3399810435848562648, 0.8611363115940525752};
-constexpr std::array<double, 2> gl4_weights = {0.6521451548625461426, 0.3478548451374538574};
-
-Pmf
-discretize(const Step& s, double h, double tail, Mode mode)
-{
-  // The grid cells (l_k, l_{k+1}] from `lo` to `hi` hold all but `tail` of the mass at each end.
-  const double l_min = s.loss_min();
-  const double l_max = s.loss_max();
-  const double cut_lo = std::isfinite(l_min) ? l_min
-                                             : loss_where(
-                                                 s, [&](double l) { return s.p_below(l); }, tail, false);
-  const double cut_hi = std::isfinite(l_max) ? l_max
-                                             : loss_where(
-                                                 s, [&](double l) { return s.p_above(l); }, tail, true);
-  const auto lo = static_cast<std::int64_t>(std::floor(cut_lo / h));
-  const auto hi = std::max(lo + 1, static_cast<std::int64_t>(std::ceil(cut_hi / h)));
-  if (hi - lo > (std::int64_t{1} << 24)) {
-    throw Error("the PLD accountant would need {} grid points for one step (q {}, sigma {}): too many", hi - lo, s.q,
-                s.sigma);
-  }
-  Pmf pmf;
-  pmf.first = lo;
-  pmf.mass.assign(static_cast<std::size_t>(hi - lo + 1), 0.0);
-  const auto grid = [&](std::int64_t k) { return static_cast<double>(k) * h; };
-  for (std::int64_t k = lo; k < hi; ++k) {
-    const double l0 = grid(k);
-    const double l1 = grid(k + 1);
-    double p = 0;
-    double qm = 0;
-    s.cell_mass(l0, l1, p, qm);
-    if (!(p > 0)) {
-      continue;
-    }
-    double up = 0; // the part that goes to l1
-    if (mode == Mode::upper) {
-      // Preserve P- and Q-mass: a + b = p, a·e^−l0 + b·e^−l1 = qm.
-      const double e0 = std::exp(-l0);
-      const double e1 = std::exp(-l1);
-      up = (p * e0 - qm) / (e0 - e1);
-      if (!std::isfinite(up) || std::abs(l0) > 700) {
-        up = p; // e^−l under- or overflows: all to the top end (rounding up bounds δ too)
-      }
-    } else {
-      // Preserve the mean: b·h = ∫_cell (L − l0) dP = ∫_{l0}^{l1} P(t < L ≤ l1) dt.
-      double g = 0;
-      for (std::size_t i = 0; i < gl4_nodes.size(); ++i) {
-        for (const double sign : {-1.0, 1.0}) {
-          const double t = l0 + h / 2 * (1 + sign * gl4_nodes[i]);
-          double pt = 0;
-          double qt = 0;
-          s.cell_mass(t, l1, pt, qt);
-          g += gl4_weights[i] * pt;
-        }
-      }
-      up = g / 2; // (h/2)·Σ wᵢ f(tᵢ), over h
-    }
-    up = std::clamp(up, 0.0, p);
-    pmf.mass[static_cast<std::size_t>(k - lo)] += p - up;
-    pmf.mass[static_cast<std::size_t>(k - lo + 1)] += up;
-  }
-  // The tails beyond the cuts: upper mode counts the top as infinite loss and moves the bottom up
-  // to the first grid point (both only raise δ); lower mode drops them (both only lower δ).
-  const double below = std::isfinite(l_min) ? 0.0 : s.p_below(grid(lo));
-  const double above = std::isfinite(l_max) ? 0.0 : s.p_above(grid(hi));
-  if (mode == Mode::upper) {
-    pmf.mass.front() += below;
-    pmf.infinite = above;
-  }
-  return pmf;
-}
-
+using namespace pld_detail;
 // log Σ mass·e^(λ·l): the discrete PMF's log moment generating function (−inf if it is empty),
 // from `log_mass` (log of each mass, −inf for none).
 double
@@ -510,14 +275,6 @@ discrete_epsilon(const Composed& c, double h, double extra, double delta)
 }
 
 void
-check_delta(double delta)
-{
-  if (!(delta > 0 && delta < 1)) {
-    throw UsageError("--delta {}: must be in (0, 1) (typically below 1 / the number of samples)", delta);
-  }
-}
-
-void
 check_part(const GaussianSteps& part)
 {
   if (!(part.q > 0 && part.q <= 1)) {
@@ -531,38 +288,6 @@ check_part(const GaussianSteps& part)
 
 } // namespace
 
-double
-analytic_gaussian_delta(double mu, double epsilon)
-{
-  // δ(ε) = Φ(μ/2 − ε/μ) − e^ε·Φ(−μ/2 − ε/μ)
-  const double a = normal_cdf(mu / 2 - epsilon / mu);
-  const double b = std::exp(epsilon + log_normal_cdf(-mu / 2 - epsilon / mu));
-  return std::max(0.0, a - b);
-}
-
-double
-analytic_gaussian_epsilon(double mu, double delta)
-{
-  check_delta(delta);
-  if (!(mu > 0) || !std::isfinite(mu)) {
-    throw UsageError("the analytic Gaussian needs a sensitivity over noise in (0, inf), not {}", mu);
-  }
-  if (analytic_gaussian_delta(mu, 0) <= delta) {
-    return 0;
-  }
-  double lo = 0;
-  double hi = 1;
-  while (analytic_gaussian_delta(mu, hi) > delta) {
-    lo = hi;
-    hi *= 2;
-  }
-  for (int i = 0; i < 200 && hi - lo > 1e-13 * hi; ++i) {
-    const double m = (lo + hi) / 2;
-    (analytic_gaussian_delta(mu, m) > delta ? lo : hi) = m;
-  }
-  return hi;
-}
-
 namespace {
 
 // What a composition needs before it can be evaluated: its checks, the analytic case, the grid.
@@ -575,6 +300,10 @@ struct Plan
   double log_tail = 0;  // log of the mass each end of the window may leave out
   double tail = 0;      // each step's mass cut at either end
   double h = 0;         // the grid
+
+  // The coupling's shift: the composed discrete loss is within η of the true one except with
+  // probability budget / 2 (Hoeffding, T steps of at most h each).
+  double eta() const { return h * std::sqrt(total_steps * std::log(2 / budget) / 2); }
 };
 
 Plan
@@ -601,12 +330,7 @@ plan(std::span<const GaussianSteps> parts, double budget)
   // A coarse grid for one step: 1/64, or coarser where the step's loss spans more than 4096 of
   // those (small noise: its loss reaches thousands), so that no step costs more than ~2^16 cells.
   const auto coarse_grid = [tail = p.tail](const Step& s) {
-    const double lo = std::isfinite(s.loss_min()) ? s.loss_min()
-                                                  : loss_where(
-                                                      s, [&](double l) { return s.p_below(l); }, tail, false);
-    const double hi = std::isfinite(s.loss_max()) ? s.loss_max()
-                                                  : loss_where(
-                                                      s, [&](double l) { return s.p_above(l); }, tail, true);
+    const auto [lo, hi] = s.cuts(tail);
     return std::exp2(std::max(-6.0, std::ceil(std::log2((hi - lo) / 65536))));
   };
   // The grid: the composed loss's width from the Chernoff bounds of a coarse discretization, then
@@ -625,15 +349,25 @@ plan(std::span<const GaussianSteps> parts, double budget)
   return p;
 }
 
-// The composition in one direction (remove or add) and mode.
-Composed
-compose_direction(std::span<const GaussianSteps> parts, const Plan& p, bool remove, Mode mode)
+// Composes `parts` in each neighbouring direction (remove, then add) and hands `use` the upper
+// composition and, with `with_lower`, the lower one (else null).
+template<typename Use>
+void
+each_direction(std::span<const GaussianSteps> parts, const Plan& p, bool with_lower, Use&& use)
 {
-  std::vector<Step> steps;
-  for (const auto& part : parts) {
-    steps.push_back({part.q, part.sigma, remove});
+  for (const bool remove : {true, false}) {
+    std::vector<Step> steps;
+    for (const auto& part : parts) {
+      steps.push_back({part.q, part.sigma, remove});
+    }
+    const auto upper = compose(steps, parts, p.h, p.tail, Mode::upper, p.log_tail);
+    if (with_lower) {
+      const auto lower = compose(steps, parts, p.h, p.tail, Mode::lower, p.log_tail);
+      use(upper, &lower);
+    } else {
+      use(upper, nullptr);
+    }
   }
-  return compose(steps, parts, p.h, p.tail, mode, p.log_tail);
 }
 
 // δ at ε of a discrete composed PMF: Σ_{l > ε} m_l (1 − e^(ε − l)).
@@ -662,20 +396,17 @@ pld_epsilon(std::span<const GaussianSteps> parts, double delta, bool with_lower)
   }
   if (p.all_full) {
     const double eps = analytic_gaussian_epsilon(std::sqrt(p.mu2), delta);
-    return {eps, eps, 0, 0};
+    return {eps, eps, 0};
   }
-  PldEpsilon out{0, 0, p.h, fft_points};
-  for (const bool remove : {true, false}) {
-    const auto upper = compose_direction(parts, p, remove, Mode::upper);
+  PldEpsilon out{0, 0, p.h};
+  each_direction(parts, p, with_lower, [&](const Composed& upper, const Composed* lower) {
     out.epsilon = std::max(out.epsilon, discrete_epsilon(upper, p.h, upper.infinite + upper.wrapped_from_above, delta));
-    if (with_lower) {
+    if (lower) {
       // ε_true(δ) ≥ ε_discrete(δ + δ' + wrapped) − η, with δ' = budget / 2 the coupling's failure.
-      const auto lower = compose_direction(parts, p, remove, Mode::lower);
-      const double eta = p.h * std::sqrt(p.total_steps * std::log(2 / p.budget) / 2);
-      const double e = discrete_epsilon(lower, p.h, -(p.budget / 2 + lower.wrapped_from_below), delta);
-      out.epsilon_lower = std::max(out.epsilon_lower, e - eta);
+      const double e = discrete_epsilon(*lower, p.h, -(p.budget / 2 + lower->wrapped_from_below), delta);
+      out.epsilon_lower = std::max(out.epsilon_lower, e - p.eta());
     }
-  }
+  });
   if (!std::isfinite(out.epsilon)) {
     throw Error("the PLD accountant's truncated tails exceed delta {}: use a larger --delta or the RDP accountant",
                 delta);
@@ -698,20 +429,17 @@ pld_delta(std::span<const GaussianSteps> parts, double epsilon, bool with_lower)
   }
   if (p.all_full) {
     const double d = analytic_gaussian_delta(std::sqrt(p.mu2), epsilon);
-    return {d, d, 0, 0};
+    return {d, d, 0};
   }
-  PldDelta out{0, 0, p.h, fft_points};
-  for (const bool remove : {true, false}) {
-    const auto upper = compose_direction(parts, p, remove, Mode::upper);
+  PldDelta out{0, 0, p.h};
+  each_direction(parts, p, with_lower, [&](const Composed& upper, const Composed* lower) {
     out.delta = std::max(out.delta, discrete_delta(upper, p.h, epsilon) + upper.infinite + upper.wrapped_from_above);
-    if (with_lower) {
+    if (lower) {
       // δ_true(ε) ≥ δ_discrete(ε + η) − δ' − wrapped (the coupling, as in pld_epsilon).
-      const auto lower = compose_direction(parts, p, remove, Mode::lower);
-      const double eta = p.h * std::sqrt(p.total_steps * std::log(2 / p.budget) / 2);
-      out.delta_lower =
-        std::max(out.delta_lower, discrete_delta(lower, p.h, epsilon + eta) - p.budget / 2 - lower.wrapped_from_below);
+      out.delta_lower = std::max(out.delta_lower, discrete_delta(*lower, p.h, epsilon + p.eta()) - p.budget / 2 -
+                                                    lower->wrapped_from_below);
     }
-  }
+  });
   out.delta = std::min(out.delta, 1.0);
   out.delta_lower = with_lower ? std::clamp(out.delta_lower, 0.0, out.delta) : 0.0;
   return out;

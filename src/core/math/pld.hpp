@@ -52,7 +52,6 @@ struct PldEpsilon
   double epsilon = 0;       // a sound upper bound on ε(δ) of the composition
   double epsilon_lower = 0; // a lower bound on the same exact ε(δ): epsilon − this bounds the error
   double grid = 0;          // the discretization interval h (0: analytic)
-  std::size_t points = 0;   // the FFT length (0: analytic)
 };
 
 // ε at `delta` in (0, 1) of the composition of every part (at least one; parts with 0 steps add
@@ -65,7 +64,6 @@ struct PldDelta
   double delta = 0;       // a sound upper bound on δ(ε) of the composition
   double delta_lower = 0; // a lower bound on the same exact δ(ε)
   double grid = 0;
-  std::size_t points = 0;
 };
 
 // δ at `epsilon` (≥ 0) of the composition of every part, the other conversion; the tails and the

@@ -159,6 +159,15 @@ TEST_CASE("the noise is N(0, (sigma C / B)^2) per element, reproducible with a f
 
   CHECK(torch::equal(noise_of(42), z));
   CHECK(!torch::equal(noise_of(43), z));
+  // The pieces are drawn on several threads, each from its own child generator: a fixed seed
+  // gives the same noise on any number of threads.
+  const auto threads = torch::get_num_threads();
+  for (const int t : {1, 2, 3}) {
+    torch::set_num_threads(t);
+    CAPTURE(t);
+    CHECK(torch::equal(noise_of(42), z));
+  }
+  torch::set_num_threads(threads);
   // Seed 0: from the OS, different every time.
   CHECK(!torch::equal(noise_of(0), noise_of(0)));
 

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
+#include <latch>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -275,40 +277,49 @@ clipped_sum(Model& model, const torch::Tensor& x, const torch::Tensor& y, double
 torch::Tensor
 gaussian(GaussianNoise& noise, int64_t n, double stddev)
 {
-  // Box-Muller on core's key stream in double precision, as core does it (core/math/noise.hpp),
-  // the logarithms and sines vectorized by LibTorch: for u in (0, 1] and an angle t uniform in
-  // [0, 2 pi), sqrt(-2 ln u) (cos t, sin t) are two independent standard normals. Per pair: six
-  // 32-bit words of key stream, 128 bits for u and 64 for t.
-  const int64_t pairs = (n + 1) / 2;
-  auto bits = torch::empty({6 * pairs}, torch::kInt32);
-  noise.key_stream(
-    std::span(reinterpret_cast<std::byte*>(bits.data_ptr<int32_t>()), static_cast<size_t>(bits.nbytes())));
-  auto radius = torch::empty({pairs}, torch::kFloat64);
-  auto angle = torch::empty({pairs}, torch::kFloat64);
-  double* __restrict r = radius.data_ptr<double>();
-  double* __restrict t = angle.data_ptr<double>();
-  // The key stream as six runs of `pairs` words, so that the loop vectorizes.
-  const auto* words = reinterpret_cast<const uint32_t*>(bits.data_ptr<int32_t>());
-  const uint32_t* __restrict w0 = words;
-  const uint32_t* __restrict w1 = words + pairs;
-  const uint32_t* __restrict w2 = words + 2 * pairs;
-  const uint32_t* __restrict w3 = words + 3 * pairs;
-  const uint32_t* __restrict w4 = words + 4 * pairs;
-  const uint32_t* __restrict w5 = words + 5 * pairs;
-  at::parallel_for(0, pairs, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      r[i] = core::box_muller_u(w0[i], w1[i], w2[i], w3[i]);
-      t[i] = core::box_muller_angle(w4[i], w5[i]);
-    }
-  });
-  radius.log_().mul_(-2.0).sqrt_().mul_(stddev);
-  auto out = torch::empty({2 * pairs}, torch::kFloat64);
-  auto first = out.narrow(0, 0, pairs);
-  auto second = out.narrow(0, pairs, pairs);
-  at::mul_out(first, radius, angle.cos());
-  at::mul_out(second, radius, angle.sin());
-  return out.narrow(0, 0, n);
+  auto out = torch::empty({n}, torch::kFloat64);
+  noise.fill(std::span(out.data_ptr<double>(), static_cast<size_t>(n)), stddev);
+  return out;
 }
+
+namespace {
+
+// Runs work(part) for each part in [0, parts): part 0 on this thread, the others on LibTorch's
+// inter-op pool, and returns when all have, rethrowing the first failure. Not at::parallel_for:
+// its parallel path is inline in ATen's headers behind _OPENMP, so in code built without OpenMP
+// (this backend: linking a second OpenMP runtime beside an upstream LibTorch's bundled one would
+// give two thread pools) it runs everything on the calling thread.
+template<class Work>
+void
+run_parts(size_t parts, const Work& work)
+{
+  std::vector<std::exception_ptr> failed(parts);
+  std::latch done(static_cast<std::ptrdiff_t>(parts));
+  auto one = [&](size_t part) {
+    try {
+      work(part);
+    } catch (...) {
+      failed[part] = std::current_exception();
+    }
+    done.count_down();
+  };
+  for (size_t part = 1; part < parts; ++part) {
+    try {
+      at::launch([&one, part] { one(part); });
+    } catch (...) {
+      one(part); // no task for the pool (out of memory or threads): this thread does it
+    }
+  }
+  one(0);
+  done.wait(); // the tasks refer to this frame: never leave before they end
+  for (const auto& e : failed) {
+    if (e) {
+      std::rethrow_exception(e);
+    }
+  }
+}
+
+} // namespace
 
 double
 private_gradient(Model& model, const torch::Tensor& x, const torch::Tensor& y, const Settings& settings,
@@ -316,53 +327,76 @@ private_gradient(Model& model, const torch::Tensor& x, const torch::Tensor& y, c
 {
   auto sum = clipped_sum(model, x, y, settings.max_grad_norm);
   const auto params = model.parameters();
-  int64_t total = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (sum.grads[i].defined()) {
-      total += params[i].numel();
-    }
-  }
   const double stddev = settings.noise_multiplier * settings.max_grad_norm;
-  torch::Tensor z;
-  if (stddev > 0 && total > 0) {
-    z = gaussian(noise, total, stddev);
-  }
   torch::NoGradGuard no_grad;
-  int64_t offset = 0;
+  // Each gradient: (clipped sum + noise) / expected batch, the noisy sum in double and snapped to
+  // the noise's grid before anything else touches it (core/math/noise.hpp: no low-order bit of it
+  // depends on the sum's own). A new tensor, never a view of the sums: Optimizer::zero_grad()
+  // detaches grads in place, which LibTorch refuses for views.
+  //
+  // On the CPU in float: one pass over pieces of at most k_noise_piece values, each piece with its
+  // own child generator (so a fixed seed draws the same noise on any number of threads), the
+  // pieces shared among LibTorch's threads. Elsewhere: LibTorch's operations on drawn noise.
+  constexpr int64_t k_noise_piece = 16384;
+  struct Piece
+  {
+    const float* in;
+    float* out;
+    int64_t count;
+  };
+  std::vector<Piece> pieces;
+  int64_t total = 0;
+  std::vector<torch::Tensor> grads(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& g = sum.grads[i];
     if (!g.defined()) {
       continue;
     }
-    const auto& p = params[i];
-    // A new tensor, never a view of the sums: Optimizer::zero_grad() detaches grads in place,
-    // which LibTorch refuses for views.
-    torch::Tensor grad;
-    if (z.defined()) {
-      // The noisy sum in double, snapped to the noise's grid before anything else touches it
-      // (core/math/noise.hpp: no low-order bit of it depends on the sum's own), then the model's
-      // dtype.
-      const double grid = core::noise_grid(stddev);
-      if (g.device().is_cpu() && g.scalar_type() == torch::kFloat32 && g.is_contiguous()) {
-        // One pass, which the compiler vectorizes (LibTorch would make five).
-        grad = torch::empty_like(g);
-        const float* __restrict clipped = g.data_ptr<float>();
-        const double* __restrict noise_part = z.data_ptr<double>() + offset;
-        float* __restrict out = grad.data_ptr<float>();
-        for (int64_t j = 0; j < p.numel(); ++j) {
-          out[j] = static_cast<float>(core::snap_to_grid(static_cast<double>(clipped[j]) + noise_part[j], grid));
-        }
-      } else {
-        auto noisy = g.to(torch::kFloat64) + z.narrow(0, offset, p.numel()).view(p.sizes()).to(g.device());
-        noisy.div_(grid).round_().mul_(grid);
-        grad = noisy.to(g.scalar_type());
+    if (!(stddev > 0)) {
+      grads[i] = g / settings.expected_batch;
+    } else if (g.device().is_cpu() && g.scalar_type() == torch::kFloat32 && g.is_contiguous()) {
+      grads[i] = torch::empty_like(g);
+      for (int64_t begin = 0; begin < g.numel(); begin += k_noise_piece) {
+        const auto count = std::min(k_noise_piece, g.numel() - begin);
+        pieces.push_back({g.data_ptr<float>() + begin, grads[i].data_ptr<float>() + begin, count});
+        total += count;
       }
-      offset += p.numel();
     } else {
-      grad = g.clone();
+      const double grid = core::noise_grid(stddev);
+      auto noisy = g.to(torch::kFloat64) + gaussian(noise, g.numel(), stddev).view(g.sizes()).to(g.device());
+      noisy.div_(grid).round_().mul_(grid).div_(settings.expected_batch);
+      grads[i] = noisy.to(g.scalar_type());
     }
-    grad.div_(settings.expected_batch);
-    p.mutable_grad() = grad;
+  }
+  if (!pieces.empty()) {
+    std::vector<GaussianNoise> children;
+    children.reserve(pieces.size());
+    for (size_t k = 0; k < pieces.size(); ++k) {
+      children.push_back(noise.child());
+    }
+    // Consecutive runs of pieces with about equal numbers of values, one per thread: part p
+    // starts at the first piece whose middle lies past p/parts of the values.
+    const auto parts = std::min(pieces.size(), static_cast<size_t>(std::max(1, at::get_num_threads())));
+    std::vector<size_t> first(parts + 1, pieces.size());
+    int64_t seen = 0;
+    for (size_t k = 0, part = 0; k < pieces.size(); seen += pieces[k++].count) {
+      const auto middle = 2 * seen + pieces[k].count;
+      while (part < parts && middle * static_cast<int64_t>(parts) > 2 * total * static_cast<int64_t>(part)) {
+        first[part++] = k;
+      }
+    }
+    run_parts(parts, [&](size_t part) {
+      for (size_t k = first[part]; k < first[part + 1]; ++k) {
+        const auto n = static_cast<size_t>(pieces[k].count);
+        children[k].add_snapped(std::span(pieces[k].in, n), std::span(pieces[k].out, n), stddev,
+                                1 / settings.expected_batch);
+      }
+    });
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (grads[i].defined()) {
+      params[i].mutable_grad() = grads[i];
+    }
   }
   return sum.loss_sum;
 }

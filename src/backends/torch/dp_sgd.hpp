@@ -49,7 +49,7 @@ ClippedSum clipped_sum_per_example(Model& model, const torch::Tensor& x, const t
 // clipped_sum_vectorized where it covers the model, else clipped_sum_per_example.
 ClippedSum clipped_sum(Model& model, const torch::Tensor& x, const torch::Tensor& y, double max_grad_norm);
 
-// The noise: core's GaussianNoise (AES-256-CTR key stream from getrandom(), Box-Muller), not
+// The noise: core's GaussianNoise (AES-256-CTR key stream from getrandom(), ziggurat), not
 // LibTorch's generators, which are Mersenne twisters seeded with 32 bits: whoever sees the noised
 // update could search all 2^32 seeds, which a DP guarantee must not allow.
 using GaussianNoise = core::GaussianNoise;

@@ -1,8 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 // Gaussian noise for differential privacy, from a cryptographic key stream: AES-256-CTR keyed
 // from getrandom(2) (or, for tests, from SHA-256 of a fixed seed), turned into normals by the
-// Box-Muller transform (Box and Muller 1958) in double precision: 128 bits of key stream for
-// the radius, 64 for the angle. Nobody who sees some of the noise, or who chose the training
+// ziggurat method (Marsaglia and Tsang, "The Ziggurat Method for Generating Random Variables",
+// Journal of Statistical Software 5(8), 2000) with 256 layers, one 64-bit word of key stream per
+// candidate: 8 bits choose the layer, 1 the sign and 53 the position in the layer (disjoint bits,
+// as Doornik 2005 showed the original's shared ones must be). About 98.5% of candidates are
+// accepted by one comparison; the rest take the exact wedge test or Marsaglia's exact tail
+// (1964), from fresh words (128 bits for each tail uniform, so the tail keeps 53 significant bits
+// out to 17 standard deviations). Nobody who sees some of the noise, or who chose the training
 // seed, can predict the rest.
 //
 // Against the attack on floating-point noise (Mironov 2012, "On Significance of the Least
@@ -14,21 +19,21 @@
 // touches it. Rounding after the noise is post-processing of the Gaussian mechanism, so the
 // accounting is unchanged (no sensitivity is added, unlike rounding the input), and it costs
 // Λ²/12 ≤ stddev²/3072 of extra variance (0.03%). What the floating-point arithmetic still leaves
-// is far below the grid: the sample's own granularity (53 bits of its value) and the rounding of
-// the double sum (2^-53 of |x| + |noise|, with |x| bounded by the clipped contributions) move the
-// probability of a grid cell by ~2^-40 of itself, against the attack's use of every last bit.
-// The exact alternative, a discrete Gaussian sampled by rejection (DiscreteGaussianNoise below),
-// costs ~10 times as much per value: secure aggregation's distributed DP uses it on integers.
+// is far below the grid: within a layer the sample is uniform on 2^53 equally spaced points
+// (≤ 3.92·stddev·2^-53 apart, so a grid cell holds at least 2^46 of them), the tables are exact
+// to ~2e-13 and the wedge's density to a few ulps, and the double sum rounds by 2^-53 of
+// |x| + |noise| (|x| bounded by the clipped contributions): together they move the probability of
+// a grid cell by ~2^-40 of itself, against the attack's use of every last bit. The exact
+// alternative, a discrete Gaussian sampled by rejection (DiscreteGaussianNoise below), costs ~10
+// times as much per value: secure aggregation's distributed DP uses it on integers.
 #pragma once
 
 #include "core/util/key_stream.hpp"
 
-#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <span>
-#include <vector>
 
 namespace fedl::core {
 
@@ -43,54 +48,41 @@ public:
   // values[i] ← round((values[i] + N(0, stddev²)) / Λ)·Λ with Λ = noise_grid(stddev): the noisy
   // values, snapped (see above).
   void add_snapped(std::span<double> values, double stddev);
-  // The raw key stream (uniform bytes), for a caller that vectorizes Box-Muller itself, as the
-  // torch backend does: per normal pair, 128 bits for the radius and 64 for the angle.
+  // The same for values kept in float, then scaled: out[i] ← float(round((in[i] + N(0, stddev²)) /
+  // Λ)·Λ·scale), the sum, the snapping and the scaling in double. `in` and `out` have the same
+  // size and may be the same.
+  void add_snapped(std::span<const float> in, std::span<float> out, double stddev, double scale = 1);
+  // Raw bytes of the key stream (uniform), for other secrets drawn beside the noise.
   void key_stream(std::span<std::byte> out) { m_stream.fill(out); }
+  // An independent generator keyed by the next 32 bytes of this one's key stream (a tree of
+  // AES-CTR streams, each key a secret of its parent's), for drawing in parallel: one child per
+  // fixed piece of the work keeps a fixed seed's noise the same whatever the number of threads.
+  GaussianNoise child();
 
 private:
+  explicit GaussianNoise(const KeyStream::Key& key);
+  // Calls put(i, draw) for i in [0, n), each draw from N(0, stddev²).
+  template<class Put>
+  void draw(std::size_t n, double stddev, Put put);
+  // A candidate's magnitude when the one comparison did not accept it (layer `layer`, position
+  // `x`): the wedge test, the tail, or fresh candidates until one is accepted.
+  double magnitude_after_reject(unsigned layer, double x);
+  std::uint64_t spare_word();
+  double spare_uniform();      // in (0, 1), 53 bits
+  double spare_uniform_fine(); // in (0, 1], 128 bits
+
   KeyStream m_stream;
-  std::vector<double> m_draws;
+  std::array<std::uint64_t, 64> m_spare{}; // words for the rejected candidates
+  std::size_t m_spare_used = 64;
 };
+
+// The ziggurat tables' closure, for the tests: the top layer's area over the common area v,
+// minus 1 (zero up to rounding when r and the tables are right).
+double ziggurat_closure();
 
 // The grid a noisy value of noise standard deviation `stddev` (> 0) is snapped to: the largest
 // power of two ≤ stddev / 16.
 double noise_grid(double stddev);
-
-// `v` rounded to the nearest multiple of `grid` (a power of two), ties to even. By adding and
-// taking off 1.5·2^52 (in double, the default rounding mode), which compilers vectorize where
-// std::nearbyint is a call; exact for |v / grid| < 2^51, and beyond, where no noisy value of
-// fedl's comes near, still a multiple of the grid.
-inline double
-snap_to_grid(double v, double grid)
-{
-  constexpr double magic = 0x1.8p52;
-  const double cells = v / grid; // exact: grid is a power of two
-  return ((cells + magic) - magic) * grid;
-}
-
-// Box-Muller's inputs from 32-bit words of key stream: u in (0, 1] from four (128 bits, so that
-// u keeps 53 significant bits down to 2^-75, and the radius √(−2 ln u) its precision out to 9.6
-// standard deviations), the angle in [0, 2π) from two. In doubles from 32-bit halves, which
-// compilers vectorize (a 64-bit unsigned conversion they do not). Shared with the torch backend.
-inline double
-word_to_double(std::uint32_t w)
-{
-  // Through int32, whose conversion baseline x86-64 vectorizes (unsigned needs AVX-512): exact.
-  return static_cast<double>(static_cast<std::int32_t>(w ^ 0x80000000U)) + 0x1p31;
-}
-inline double
-box_muller_u(std::uint32_t w0, std::uint32_t w1, std::uint32_t w2, std::uint32_t w3)
-{
-  const double hi = word_to_double(w0) * 0x1p32 + word_to_double(w1);
-  const double lo = word_to_double(w2) * 0x1p32 + word_to_double(w3);
-  // hi rounds up to 2^64 for its last 2^10 values: keep u ≤ 1.
-  return std::min(1.0, (hi + (lo + 0.5) * 0x1p-64) * 0x1p-64);
-}
-inline double
-box_muller_angle(std::uint32_t w4, std::uint32_t w5)
-{
-  return (word_to_double(w4) * 0x1p32 + word_to_double(w5)) * (2.0 * 3.14159265358979323846 * 0x1p-64);
-}
 
 // The discrete Gaussian N_Z(0, σ²) (P(x) ∝ exp(−x²/(2σ²)) over the integers), sampled as Canonne,
 // Kamath and Steinke give it ("The Discrete Gaussian for Differential Privacy", NeurIPS 2020,

@@ -28,7 +28,6 @@ normal_sf(double z)
   return 0.5 * std::erfc(z * inv_sqrt2);
 }
 
-
 // log Φ(z), also where Φ(z) underflows (the asymptotic series of Mills' ratio below z = −30).
 double
 log_normal_cdf(double z)

@@ -265,7 +265,11 @@ add_data_format_options(CLI::App& app, DataFlags& f)
                 "CSV label column, by header name or 0-based index "
                 "(default: the last)")
     ->type_name("NAME|INDEX");
-  app.add_flag("--no-header", f.no_header, "The CSV file has no header row");
+  auto* header = app.add_flag_callback(
+    "--header", [&f] { f.header = true; }, "The CSV file's first row is a header");
+  auto* no_header = app.add_flag_callback(
+    "--no-header", [&f] { f.header = false; }, "The CSV file has no header row");
+  header->excludes(no_header);
   app.add_option("--limit-samples", f.limit, "Use only the first N samples")
     ->check(CLI::PositiveNumber)
     ->type_name("N");
@@ -274,7 +278,7 @@ add_data_format_options(CLI::App& app, DataFlags& f)
 core::DataOptions
 DataFlags::to_options() const
 {
-  return {data, labels, label_column, !no_header, limit};
+  return {data, labels, label_column, header, limit};
 }
 
 void
@@ -310,13 +314,43 @@ DataFlags::to_args() const
   if (label_column) {
     args.insert(args.end(), {"--label-column", *label_column});
   }
-  if (no_header) {
-    args.push_back("--no-header");
+  if (header) {
+    args.emplace_back(*header ? "--header" : "--no-header");
   }
   if (limit) {
     args.insert(args.end(), {"--limit-samples", std::to_string(*limit)});
   }
   return args;
+}
+
+DataFlags
+DataFlags::with_contract(const std::optional<core::DataContract>& contract, const std::string& where) const
+{
+  if (!contract || contract->format != core::DataFormat::csv) {
+    return *this;
+  }
+  DataFlags out = *this;
+  if (header && *header != contract->header) {
+    throw core::UsageError("{}: the federation's data {} header row ({}), so {} contradicts it: drop the option{}",
+                           data.string(), contract->header ? "has a" : "has no", where,
+                           *header ? "--header" : "--no-header",
+                           contract->header ? "" : " (and remove the header row)");
+  }
+  out.header = contract->header;
+  if (label_column && label_column != contract->label_column) {
+    throw core::UsageError("--label-column {}: the federation's data has its label in {} ({}): drop the option",
+                           *label_column,
+                           contract->label_column ? "column " + *contract->label_column : "the last column", where);
+  }
+  out.label_column = contract->label_column;
+  return out;
+}
+
+void
+check_data_file(const DataFlags& flags, const std::optional<core::DataContract>& contract,
+                const std::vector<std::int64_t>& shape, std::int64_t classes)
+{
+  core::check_data_contract(core::load_dataset(flags.to_options()), contract, shape, classes);
 }
 
 } // namespace fedl::cmd

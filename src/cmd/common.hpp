@@ -113,17 +113,25 @@ struct DataFlags
   std::filesystem::path data;
   std::optional<std::filesystem::path> labels;
   std::optional<std::string> label_column;
-  bool no_header = false;
+  std::optional<bool> header; // --header / --no-header; none: expected, but not all numbers
   std::optional<std::size_t> limit;
 
   core::DataOptions to_options() const;
   // The same flags as command-line arguments, for a child process (fedl __worker).
   std::vector<std::string> to_args() const;
+  // These flags completed by the federation's data contract (from `where`, e.g. join.json): the
+  // header and the label column are the contract's unless given, and a flag that contradicts the
+  // contract is a UsageError that says so.
+  DataFlags with_contract(const std::optional<core::DataContract>& contract, const std::string& where) const;
 };
 // --data (required) and the format options below.
 void add_data_options(CLI::App& app, DataFlags& flags);
-// --labels, --label-column, --no-header, --limit-samples.
+// --labels, --label-column, --header, --no-header, --limit-samples.
 void add_data_format_options(CLI::App& app, DataFlags& flags);
+// Loads the data `flags` name and checks it against the contract, the model's sample shape and its
+// classes (core::check_data_contract): UsageError (exit 2) naming what differs.
+void check_data_file(const DataFlags& flags, const std::optional<core::DataContract>& contract,
+                     const std::vector<std::int64_t>& shape, std::int64_t classes);
 
 // Prints `result` as one JSON document with --json, else `text` (if not empty), on stdout.
 void print_result(const nlohmann::json& result, const std::string& text);

@@ -166,6 +166,8 @@ federation_config(const InitOptions& opt, const std::vector<std::string>& names,
   if (!opt.partition.data.empty()) {
     core::require_partitionable(opt.partition.data);
     data = core::load_dataset(opt.partition.to_options());
+    // How every site's data and the evaluator's must be laid out, as this data set is.
+    config.data = core::DataContract::of(*data, opt.partition.to_options());
   }
   config.limits.max_update_norm = opt.max_update_norm.value_or(config.limits.max_update_norm);
   // No site of a partitioned data set can honestly train on more samples than the whole of it.

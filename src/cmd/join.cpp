@@ -109,7 +109,16 @@ run_join(const JoinOptions& opt)
                   (opt.bundle / "join.json").string());
   }
   if (!fs::exists(opt.data.data)) {
-    throw core::UsageError("--data {}: no such file", opt.data.data.string());
+    throw core::Error("--data {}: no such file", opt.data.data.string());
+  }
+  // The site's data against the federation's contract, before connecting: a site that cannot
+  // train on it would fail every task.
+  auto data = opt.data;
+  if (contract) {
+    const auto where = (opt.bundle / "join.json").string();
+    data = opt.data.with_contract(contract->data, where);
+    check_data_file(data, contract->data, core::parse_shape(contract->input_shape, where + " input_shape"),
+                    contract->classes);
   }
   s.bundle = opt.bundle;
   s.max_epochs = opt.max_epochs;
@@ -164,7 +173,7 @@ run_join(const JoinOptions& opt)
   if (globals().quiet) {
     s.trainer_argv.push_back("--quiet");
   }
-  const auto data_args = opt.data.to_args();
+  const auto data_args = data.to_args();
   s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
   if (fs::exists(opt.bundle / "model.pt")) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});

@@ -44,6 +44,7 @@ struct ServeOptions
   std::optional<double> delta;
   SecureAggregationFlags secure;
   std::optional<fs::path> eval_data;
+  DataFlags eval_format; // how --eval-data is laid out, where fedl.json has no data contract
   std::optional<double> target_accuracy;
   std::optional<std::string> require_sandbox;
   std::optional<std::string> metrics;
@@ -169,7 +170,7 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
     throw core::UsageError("--target-accuracy needs evaluation data: give --eval-data PATH (or init with --holdout)");
   }
   if (s.eval_data && !fs::exists(*s.eval_data)) {
-    throw core::UsageError("--eval-data {}: no such file", s.eval_data->string());
+    throw core::Error("--eval-data {}: no such file", s.eval_data->string());
   }
 
   return s;
@@ -178,20 +179,15 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
 // The evaluator child: fedl __worker on the held-out data, with this workspace's model.
 std::vector<std::string>
 evaluator_argv(const ServeOptions& opt, const core::Workspace& ws, const core::FederationConfig& config,
-               const fs::path& eval_data)
+               const DataFlags& eval_data)
 {
   // The evaluator gets this workspace's own models: as large as the model file may grow.
   const auto model_bytes = fs::file_size(ws.model(0)) * 2 + (std::uint64_t{4} << 20);
-  std::vector<std::string> argv{core::self_executable().string(),
-                                "__worker",
-                                "--data",
-                                eval_data.string(),
-                                "--log-format",
-                                globals().log_format,
-                                "--max-model-bytes",
-                                std::to_string(model_bytes),
-                                "--role",
-                                "the evaluator"};
+  std::vector<std::string> argv{
+    core::self_executable().string(), "__worker", "--log-format", globals().log_format, "--max-model-bytes",
+    std::to_string(model_bytes),      "--role",   "the evaluator"};
+  const auto data_args = eval_data.to_args();
+  argv.insert(argv.end(), data_args.begin(), data_args.end());
   if (config.model.torchscript) {
     argv.insert(argv.end(), {"--torchscript", (ws.root() / *config.model.torchscript).string()});
   }
@@ -241,7 +237,13 @@ run_serve(const ServeOptions& opt)
   std::optional<ChildEvaluator> evaluator;
   core::Evaluator evaluate;
   if (s.eval_data) {
-    evaluator.emplace(evaluator_argv(opt, ws, config, *s.eval_data));
+    // Read as fedl.json's data contract says the federation's data is laid out, and checked
+    // against it before round 1: a coordinator whose every evaluation fails would run blind.
+    auto flags = opt.eval_format;
+    flags.data = *s.eval_data;
+    flags = flags.with_contract(config.data, ws.config().string());
+    check_data_file(flags, config.data, config.model.input_shape, config.model.classes);
+    evaluator.emplace(evaluator_argv(opt, ws, config, flags));
     evaluate = [&evaluator](const fs::path& model) { return (*evaluator)(model); };
   }
   const auto summary = core::run_coordinator(ws, s, evaluate);
@@ -307,6 +309,7 @@ add_serve(CLI::App& parent)
   add_secure_aggregation_options(*app, opt->secure);
   app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
     ->type_name("PATH");
+  add_data_format_options(*app, opt->eval_format);
   with_choices(
     app->add_option("--require-sandbox", opt->require_sandbox,
                     "Refuse updates from sites whose trainer ran with a weaker --sandbox (as each site says)"),

@@ -49,6 +49,19 @@ TEST_CASE("core::config round-trips through JSON")
   CHECK(config_text(c).back() == '\n');
 }
 
+TEST_CASE("core::config: the data contract is written only when known, and read back")
+{
+  auto c = sample();
+  CHECK_FALSE(to_json(c).contains("data"));
+  CHECK_FALSE(config_from_json(to_json(c), "fedl.json").data);
+  c.data = DataContract{DataFormat::csv, false, "0", {}};
+  const auto back = config_from_json(to_json(c), "fedl.json");
+  CHECK(back.data == c.data);
+  auto j = to_json(c);
+  j["data"]["delimiter"] = ";";
+  CHECK_THROWS_WITH_AS(config_from_json(j, "fedl.json"), doctest::Contains("unknown key data.'delimiter'"), UsageError);
+}
+
 TEST_CASE("core::config: secure_aggregation is written only when on, read back, and checked")
 {
   auto c = sample();

@@ -71,6 +71,19 @@ TEST_CASE("contract: cut from the config and the first model, and read back from
   const auto back = SiteContract::from_json(c.to_json(), "join.json");
   CHECK(back.to_json() == c.to_json());
   CHECK(back.tensors == c.tensors);
+  CHECK_FALSE(c.data);
+  CHECK_FALSE(c.to_json().contains("data"));
+
+  // The federation's data contract travels in the site's.
+  auto with_data = config();
+  with_data.data = DataContract{DataFormat::csv, true, "y", {"a", "b", "c", "y"}};
+  const auto cd = make_contract(with_data, m.st, std::nullopt);
+  REQUIRE(cd.data);
+  CHECK(*cd.data == *with_data.data);
+  CHECK(SiteContract::from_json(cd.to_json(), "join.json").data == cd.data);
+  auto bad = cd.to_json();
+  bad["data"]["format"] = "xml";
+  CHECK_THROWS_WITH_AS(SiteContract::from_json(bad, "join.json"), doctest::Contains("data.format"), UsageError);
 
   auto j = c.to_json();
   j["surprise"] = 1;

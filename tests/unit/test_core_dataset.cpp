@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "core/format/data_contract.hpp"
 #include "core/format/dataset.hpp"
 #include "core/util/error.hpp"
 #include "testutil.hpp"
@@ -104,6 +105,95 @@ TEST_CASE("core::load_dataset: --no-header, index column, limit")
   const auto ds = load_dataset(opt);
   CHECK(ds.labels == std::vector<std::int64_t>{0, 1});
   CHECK(ds.features == std::vector<float>{1, 2, 3, 4});
+}
+
+TEST_CASE("core::load_dataset: a first row of numbers only is a header only when the options say so")
+{
+  TempDir dir;
+  write_file(dir / "d.csv", "5.1,3.5,0\n4.9,3.0,1\n");
+  const auto message = error_of(at(dir / "d.csv"));
+  CHECK(message.find("line 1 is all numbers, so it may be data rather than a header: give --no-header") !=
+        std::string::npos);
+  CHECK_THROWS_AS(load_dataset(at(dir / "d.csv")), UsageError);
+  DataOptions yes = at(dir / "d.csv");
+  yes.header = true;
+  const auto ds = load_dataset(yes);
+  CHECK(ds.size() == 1);
+  CHECK(ds.columns == std::vector<std::string>{"5.1", "3.5", "0"});
+  DataOptions no = at(dir / "d.csv");
+  no.header = false;
+  CHECK(load_dataset(no).size() == 2);
+  CHECK(load_dataset(no).columns.empty());
+  // One name among the numbers makes it a header.
+  write_file(dir / "e.csv", "1,2,label\n4.9,3.0,1\n");
+  CHECK(load_dataset(at(dir / "e.csv")).columns == std::vector<std::string>{"1", "2", "label"});
+}
+
+namespace {
+
+std::string
+contract_error(const Dataset& ds, const std::optional<DataContract>& c, std::vector<std::int64_t> shape,
+               std::int64_t classes)
+{
+  try {
+    check_data_contract(ds, c, shape, classes);
+  } catch (const UsageError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+} // namespace
+
+TEST_CASE("core::DataContract: recorded from a data set, through JSON, and what it refuses")
+{
+  TempDir dir;
+  write_file(dir / "d.csv", "a,b,c,label\n1,2,3,0\n4,5,6,2\n");
+  DataOptions opt = at(dir / "d.csv");
+  opt.label_column = "label";
+  const auto ds = load_dataset(opt);
+  const auto c = DataContract::of(ds, opt);
+  CHECK(c.format == DataFormat::csv);
+  CHECK(c.header);
+  CHECK(c.label_column == "label");
+  CHECK(c.columns == std::vector<std::string>{"a", "b", "c", "label"});
+  CHECK(DataContract::from_json(c.to_json(), "x") == c);
+  CHECK(contract_error(ds, c, {3}, 3) == "(no error)");
+  CHECK(contract_error(ds, c, {1, 3}, 3) == "(no error)"); // the model reshapes the 3 values
+  CHECK(contract_error(ds, std::nullopt, {3}, 3) == "(no error)");
+
+  const auto file = (dir / "d.csv").string();
+  CHECK(contract_error(ds, c, {4}, 3) ==
+        file + ": samples of shape 3 where the federation's model takes 4 (the number of feature columns: is the "
+               "label column right?)");
+  CHECK(contract_error(ds, std::nullopt, {3}, 2) ==
+        file + ": line 3: label 2, where the federation's model has 2 classes (0 to 1)");
+  auto moved = c;
+  std::swap(moved.columns[0], moved.columns[1]);
+  CHECK(contract_error(ds, moved, {3}, 3)
+          .find("the columns are in another order: column 1 is 'a' where the "
+                "federation's data has 'b'") != std::string::npos);
+  auto renamed = c;
+  renamed.columns[2] = "z";
+  CHECK(contract_error(ds, renamed, {3}, 3).find("no column 'z', which the federation's data has") !=
+        std::string::npos);
+  auto fewer = c;
+  fewer.columns.erase(fewer.columns.begin() + 2);
+  CHECK(contract_error(ds, fewer, {3}, 3).find("column 'c' is not one of the federation's") != std::string::npos);
+  auto idx = c;
+  idx.format = DataFormat::idx;
+  CHECK(contract_error(ds, idx, {3}, 3).find("csv data, where the federation's is idx") != std::string::npos);
+
+  // From JSON: strict.
+  CHECK(DataContract::from_json({{"format", "idx"}}, "x").format == DataFormat::idx);
+  CHECK_THROWS_AS(DataContract::from_json({{"format", "parquet"}}, "x"), UsageError);
+  CHECK_THROWS_AS(DataContract::from_json({{"format", "csv"}, {"headers", true}}, "x"), UsageError);
+  CHECK_THROWS_AS(DataContract::from_json({{"format", "csv"}, {"header", "yes"}}, "x"), UsageError);
+  CHECK_THROWS_AS(DataContract::from_json({{"format", "csv"}, {"label_column", 3}}, "x"), UsageError);
+  CHECK_THROWS_AS(DataContract::from_json({{"format", "csv"}, {"columns", {"a", 1}}}, "x"), UsageError);
+  CHECK_THROWS_AS(DataContract::from_json({{"format", "csv"}, {"header", false}, {"columns", {"a", "b"}}}, "x"),
+                  UsageError);
+  CHECK_THROWS_AS(DataContract::from_json(nlohmann::json::array(), "x"), UsageError);
 }
 
 TEST_CASE("core::load_dataset names the line and column of bad cells")

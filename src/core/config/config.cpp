@@ -307,6 +307,9 @@ to_json(const FederationConfig& c)
   if (c.secure_aggregation) {
     j["secure_aggregation"] = to_json(*c.secure_aggregation);
   }
+  if (c.data) {
+    j["data"] = c.data->to_json();
+  }
   return j;
 }
 
@@ -495,6 +498,9 @@ config_from_json(const nlohmann::json& j, const std::string& what)
   }
   if (const auto* a = top.find("secure_aggregation")) {
     c.secure_aggregation = secure_aggregation_from_json(*a, what);
+  }
+  if (const auto* d = top.find("data")) {
+    c.data = DataContract::from_json(*d, what);
   }
   top.get("seed", c.seed);
   if (const auto* p = top.find("pki")) {

@@ -3,6 +3,7 @@
 // name and wrong types with the path of the field, so a typo never passes silently.
 #pragma once
 
+#include "core/format/data_contract.hpp"
 #include "core/math/accountant.hpp"
 #include "core/math/aggregate.hpp"
 
@@ -149,6 +150,9 @@ struct FederationConfig
   PrivacyConfig privacy;
   LimitsConfig limits;
   std::optional<SecureAggregationConfig> secure_aggregation;
+  // How the federation's data is laid out (fedl init --partition records it); none in workspaces
+  // made without data, or by an older fedl.
+  std::optional<DataContract> data;
   std::uint64_t seed = 0;
   std::uint32_t valid_days = 365;
 };

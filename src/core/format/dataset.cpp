@@ -127,6 +127,15 @@ resolve_label_column(const std::optional<std::string>& spec, const std::vector<s
   return static_cast<std::size_t>(it - header.begin());
 }
 
+// A cell that parses as a number in full.
+bool
+is_number(std::string_view cell)
+{
+  double v = 0;
+  const auto [p, ec] = std::from_chars(cell.data(), cell.data() + cell.size(), v);
+  return ec == std::errc{} && p == cell.data() + cell.size() && !cell.empty();
+}
+
 Dataset
 load_csv(const DataOptions& opt)
 {
@@ -149,8 +158,14 @@ load_csv(const DataOptions& opt)
         throw Error("{}: line {}: expected at least 2 comma-separated columns (features and a label)",
                     opt.path.string(), number);
       }
-      if (opt.header) {
+      if (opt.header.value_or(true)) {
+        if (!opt.header && std::all_of(cells.begin(), cells.end(), is_number)) {
+          throw UsageError("{}: line {} is all numbers, so it may be data rather than a header: give --no-header if "
+                           "the file has no header row, or --header if this row is one",
+                           opt.path.string(), number);
+        }
         header = cells;
+        ds.columns.assign(cells.begin(), cells.end());
         label_col = resolve_label_column(opt.label_column, header, columns, opt.path);
         return true;
       }
@@ -169,7 +184,7 @@ load_csv(const DataOptions& opt)
       const auto [p, ec] = std::from_chars(cell.data(), cell.data() + cell.size(), v);
       if (ec != std::errc{} || p != cell.data() + cell.size() || cell.empty()) {
         throw Error("{}: line {}, column {}: '{}' is not a number{}", opt.path.string(), number, c + 1, cell,
-                    number == 1 && !opt.header ? " (if this row is a header, drop --no-header)" : "");
+                    number == 1 && opt.header == false ? " (if this row is a header, drop --no-header)" : "");
       }
       if (!fits_float(v)) {
         throw Error("{}: line {}, column {}: {} is not a finite number in the range of a 32-bit float",

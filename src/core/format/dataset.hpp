@@ -27,8 +27,10 @@ struct DataOptions
   std::filesystem::path path;
   std::optional<std::filesystem::path> labels; // IDX and NPY: the labels file, else found beside
   std::optional<std::string> label_column;     // CSV: a header name or a 0-based index
-  bool header = true;                          // CSV: the first row names the columns
-  std::optional<std::size_t> limit;            // keep only the first N samples
+  // CSV: whether the first row names the columns. None: it should, and a first row of numbers
+  // only is refused as ambiguous (it may be data) rather than silently dropped.
+  std::optional<bool> header;
+  std::optional<std::size_t> limit; // keep only the first N samples
 };
 
 struct Dataset
@@ -39,6 +41,7 @@ struct Dataset
   DataFormat format = DataFormat::csv;
   std::filesystem::path source;
   std::vector<std::uint32_t> lines; // CSV: the file line of each sample (1-based)
+  std::vector<std::string> columns; // CSV with a header: every column's name, in file order
 
   std::size_t size() const noexcept { return labels.size(); }
   std::size_t sample_numel() const noexcept;
@@ -61,7 +64,8 @@ std::vector<std::filesystem::path> dataset_files(const DataOptions& options);
 // Loads the data set. Throws Error (exit 1) naming the file and place for unreadable files and
 // bad content (a non-numeric or NaN cell names its line and column; a negative label), and
 // VerifyError (exit 3) for a corrupt gzip stream or a truncated IDX or NPY file; UsageError
-// for an unknown label column.
+// for an unknown label column, and for a CSV whose header row is all numbers when the options
+// do not say whether it has one.
 Dataset load_dataset(const DataOptions& options);
 
 // Parses "64" or "1,28,28" (positive integers). Throws UsageError naming `what`.

@@ -106,7 +106,8 @@ require_partitionable(const fs::path& path)
   }
 }
 
-SubsetWriter::SubsetWriter(const Dataset& data, const DataOptions& options) : m_data(&data), m_header(options.header)
+SubsetWriter::SubsetWriter(const Dataset& data, const DataOptions& options)
+  : m_data(&data), m_header(options.header.value_or(true))
 {
   require_partitionable(options.path);
   const auto format = detect_format(options.path);

@@ -156,6 +156,9 @@ SiteContract::to_json() const
                {"max_grad_norm", min_dp->max_grad_norm},
                {"max_delta", min_dp->delta}};
   }
+  if (data) {
+    j["data"] = data->to_json();
+  }
   return j;
 }
 
@@ -166,8 +169,8 @@ SiteContract::from_json(const json& j, const std::string& what)
     throw UsageError("{}: contract is not a JSON object", what);
   }
   for (const auto& [k, v] : j.items()) {
-    static const std::vector<std::string> known{"arch",       "input_shape",    "classes", "tensors",
-                                                "max_epochs", "max_batch_size", "dp",      "torchscript_sha256"};
+    static const std::vector<std::string> known{
+      "arch", "input_shape", "classes", "tensors", "max_epochs", "max_batch_size", "dp", "data", "torchscript_sha256"};
     if (std::find(known.begin(), known.end(), k) == known.end()) {
       throw UsageError("{}: unknown key contract.{} (this fedl knows {})", what, quote_text(k), fmt::join(known, ", "));
     }
@@ -216,6 +219,9 @@ SiteContract::from_json(const json& j, const std::string& what)
              {"contract.dp.min_noise_multiplier", "contract.dp.max_grad_norm", "contract.dp.max_delta"});
     c.min_dp = dp;
   }
+  if (const auto it = j.find("data"); it != j.end()) {
+    c.data = DataContract::from_json(*it, what + ": contract");
+  }
   return c;
 }
 
@@ -231,6 +237,7 @@ make_contract(const FederationConfig& config, const Safetensors& initial, std::o
   c.max_epochs = config.training.epochs;
   c.max_batch_size = config.training.batch_size;
   c.min_dp = config.training.dp;
+  c.data = config.data;
   return c;
 }
 

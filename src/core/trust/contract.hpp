@@ -60,6 +60,9 @@ struct SiteContract
   // The weakest DP-SGD accepted: noise_multiplier at least, max_grad_norm and delta at most.
   // None: the site trains with or without DP-SGD.
   std::optional<DpSgdConfig> min_dp;
+  // How the site's data must be laid out (fedl join checks it at start); none in bundles of
+  // workspaces made without data, or by an older fedl.
+  std::optional<DataContract> data;
 
   // The largest model file a task may carry: its tensors' bytes, the size prefix, and room for
   // a header (names, shapes and fedl metadata) far larger than fedl ever writes.

@@ -140,11 +140,11 @@ test_without_the_sandbox_the_hostile_backend_gets_through()
   DROP=$PWD/outside/dropped
   mkdir -p outside outputs
   listen_bg || return
-  "$FEDL" -q init ws --clients 3 --arch mlp:8 --partition "$DATA/iris.csv" --split iid --seed 1 \
+  "$FEDL" -q init ws --clients 3 --arch mlp:8 --partition "$DATA/iris.csv" --no-header --split iid --seed 1 \
     --listen 127.0.0.1:1 >init.log 2>&1 || { fail "fedl init failed"; cat init.log; return; }
   # shellcheck disable=SC2046
   env $(hostile_env "$DROP") FEDL_BACKEND_PATH="$HOSTILE_DIR" "$FEDL" train --sandbox off --device hostile \
-    --data ws/clients/site-3/data/train.csv --arch mlp:8 --out outputs/u.st >out 2>err
+    --data ws/clients/site-3/data/train.csv --no-header --arch mlp:8 --out outputs/u.st >out 2>err
   expect_in err "sandbox off: fedl train runs with all of this user's access"
   expect_in err "hostile: read $PWD/ws/clients/site-1/data/train.csv: DONE"
   expect_in err "hostile: read $PWD/ws/clients/site-3/client.key: DONE"
@@ -156,14 +156,14 @@ test_without_the_sandbox_the_hostile_backend_gets_through()
   listen_bg || return
   # shellcheck disable=SC2046
   env $(hostile_env "$PWD/outputs/beside") FEDL_BACKEND_PATH="$HOSTILE_DIR" "$FEDL" train --device hostile \
-    --data ws/clients/site-3/data/train.csv --arch mlp:8 --out outputs/u.st >out 2>err
+    --data ws/clients/site-3/data/train.csv --no-header --arch mlp:8 --out outputs/u.st >out 2>err
   expect_not_in err ": DONE"
   expect_in err "hostile: read $PWD/ws/clients/site-3/client.key: denied"
   expect_in err "hostile: create $PWD/outputs/beside: denied"
   expect_no_file "$DROP" outputs/beside outputs/u.st
   if compgen -G "outputs/.fedl-train-*" >/dev/null; then fail "a staging folder was left in outputs/"; fi
   # An honest run writes its outputs there, moved into place from its staging folder.
-  fedl_expect 0 train --data ws/clients/site-3/data/train.csv --arch mlp:8 --out outputs/u.st --save-model outputs/m.st
+  fedl_expect 0 train --data ws/clients/site-3/data/train.csv --no-header --arch mlp:8 --out outputs/u.st --save-model outputs/m.st
   [[ -s outputs/u.st && -s outputs/m.st ]] || fail "the outputs were not written"
   if compgen -G "outputs/.fedl-train-*" >/dev/null; then fail "a staging folder was left in outputs/"; fi
 }
@@ -221,12 +221,12 @@ test_audit_host_finds_every_probe_denied()
 # write to unless the host delegates them); auto goes on and says which layer is off; off says so.
 test_strict_refuses_a_missing_layer_and_auto_names_it()
 {
-  "$FEDL" -q init ws --clients 1 --arch mlp:8 --partition "$DATA/iris.csv" --split iid --seed 1 \
+  "$FEDL" -q init ws --clients 1 --arch mlp:8 --partition "$DATA/iris.csv" --no-header --split iid --seed 1 \
     --listen 127.0.0.1:1 >init.log 2>&1 || { fail "fedl init failed"; cat init.log; return; }
   # Readable and writable by nobody, whom the first two runs are.
   cp ws/clients/site-1/data/train.csv data.csv
   mkdir -m 777 outputs
-  local train=(train --data data.csv --arch mlp:8 --out outputs/u.st)
+  local train=(train --data data.csv --no-header --arch mlp:8 --out outputs/u.st)
   # (A sanitizer build's log_path is root's: nobody's reports go to stderr, which the sanitizer
   # run searches too.)
   local nobody=(env -u ASAN_OPTIONS -u TSAN_OPTIONS -u UBSAN_OPTIONS setpriv --reuid 65534 --regid 65534

@@ -115,10 +115,20 @@ test_tasks_outside_the_bundle_contract_are_refused_before_anything_is_allocated(
 test_error_reports_tell_the_coordinator_a_class_and_nothing_of_the_data()
 {
   trap net_cleanup EXIT
-  # The model has 3 classes; the site's labels go to 9: the trainer fails on a row's label.
+  # The model has 3 classes; the site's labels go to 9: refused at start, before connecting.
   site_ws --arch logreg --classes 3 --epochs 1 || return
-  coordinator labels || return
+  timeout 20 "$FEDL" join ws/clients/site-1 --data digits-train.csv --no-header --server 127.0.0.1:1 >out 2>err
+  local rc=$?
+  [[ $rc == 2 ]] || { fail "join on labels past the classes: exit $rc, expected 2"; cat err; }
+  expect_in err "digits-train.csv: line 4: label 3, where the federation's model has 3 classes"
+  # Data that fits at start and is replaced while the site runs: the trainer fails on a row's
+  # label at the task.
+  mv digits-train.csv digits-all.csv
+  awk -F, '$NF < 3' digits-all.csv >digits-train.csv
+  coordinator labels --settle 2 || return
   site
+  wait_log site.log "connected to" 20 || return
+  cp digits-all.csv digits-new.csv && mv digits-new.csv digits-train.csv
   finish_coordinator
   report labels "cls(300) == ['data-mismatch']" "the failure was not classed data-mismatch"
   # Before: ".../site-1.csv: line 4: label 3 is outside the model's 3 classes".

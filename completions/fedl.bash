@@ -115,6 +115,7 @@ _fedl()
     --require-sandbox) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "strict auto" -- "$cur")); return; } ;;&
     --target-accuracy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --metrics) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --max-site-failures) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --seed) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --heartbeat) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --device) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -126,6 +127,7 @@ _fedl()
     --server) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --server-name) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --retry-max) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --max-failures) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --retry-for) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --trainer-idle) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --fork-server) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
@@ -169,8 +171,8 @@ _fedl()
     "train") words="--help --data --labels --label-column --header --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --accountant --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --header --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "inspect") words="--help --help --json --quiet --verbose --log-format --version" ;;
-    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --require-sandbox --target-accuracy --metrics --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --header --no-header --limit-samples --server --server-name --retry-max --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --require-sandbox --target-accuracy --metrics --max-site-failures --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --header --no-header --limit-samples --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --epsilon --accountant --host --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;

@@ -35,6 +35,7 @@ struct JoinOptions
   std::optional<std::string> server_name;
   double retry_max = 30;
   double retry_for = 0;
+  std::uint32_t max_failures = 3;
   double trainer_idle = 0;
   std::optional<fs::path> fork_server;
   std::optional<double> max_epsilon;
@@ -132,6 +133,7 @@ run_join(const JoinOptions& opt)
   s.server_name = opt.server_name.value_or(j["server_name"].get<std::string>());
   s.retry_max = opt.retry_max;
   s.retry_for = opt.retry_for;
+  s.max_failures = opt.max_failures;
   s.trainer_idle = opt.trainer_idle;
   // Checked here, at start, rather than by the trainer at the first task: the policy's checks of
   // the module file (strict, the pin; the trainer inspects the module itself, with the backend).
@@ -189,10 +191,10 @@ run_join(const JoinOptions& opt)
     s.trainer_argv.insert(s.trainer_argv.end(), {"--threads", std::to_string(opt.compute.threads)});
   }
   const auto summary = core::run_site(s);
-  print_result(summary,
-               fmt::format("site {}: {} after round {}, trained {} rounds\n", summary["site"].get<std::string>(),
-                           summary["reason"].get<std::string>() == "done" ? "federation finished" : "stopped",
-                           summary["last_round"].get<std::uint64_t>(), summary["rounds_trained"].get<std::uint64_t>()));
+  print_result(summary, fmt::format("site {}: {} after round {}, trained {}\n", summary["site"].get<std::string>(),
+                                    summary["reason"].get<std::string>() == "done" ? "federation finished" : "stopped",
+                                    summary["last_round"].get<std::uint64_t>(),
+                                    core::count_of(summary["rounds_trained"].get<std::uint64_t>(), "round")));
   return summary.value("interrupted", false) ? static_cast<int>(core::ExitCode::interrupted) : 0;
 }
 
@@ -217,6 +219,11 @@ add_join(CLI::App& parent)
     ->capture_default_str()
     ->check(CLI::Range(0.1, 86400.0))
     ->type_name("SEC");
+  app
+    ->add_option("--max-failures", opt->max_failures,
+                 "Stop (exit 1) once the trainer has failed this many tasks in a row the same way (0: never)")
+    ->capture_default_str()
+    ->type_name("N");
   app->add_option("--retry-for", opt->retry_for, "Give up (exit 1) after this long without the coordinator (0: never)")
     ->capture_default_str()
     ->check(CLI::NonNegativeNumber)

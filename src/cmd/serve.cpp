@@ -12,6 +12,7 @@
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
+#include "core/util/text.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -46,6 +47,7 @@ struct ServeOptions
   std::optional<fs::path> eval_data;
   DataFlags eval_format; // how --eval-data is laid out, where fedl.json has no data contract
   std::optional<double> target_accuracy;
+  std::uint32_t max_site_failures = 3;
   std::optional<std::string> require_sandbox;
   std::optional<std::string> metrics;
   std::optional<std::uint64_t> seed;
@@ -153,6 +155,7 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
   s.seed = opt.seed.value_or(config.seed);
   s.seeded_selection = opt.seed.has_value();
   s.heartbeat = opt.heartbeat;
+  s.max_site_failures = opt.max_site_failures;
   s.dead_after = 4 * opt.heartbeat;
   if (opt.metrics) {
     s.metrics = core::parse_host_port(*opt.metrics, "--metrics");
@@ -214,13 +217,15 @@ summary_text(const nlohmann::json& summary)
     text = fmt::format("stopped after round {}: the privacy budget allows no further round; latest model {}{}\n",
                        summary["rounds_completed"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
   } else if (reason == "already-complete") {
-    text = fmt::format("the federation is already complete: {} rounds, latest model {}{}\n",
-                       summary["rounds_completed"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
+    text = fmt::format("the federation is already complete: {}, latest model {}{}\n",
+                       core::count_of(summary["rounds_completed"].get<std::uint64_t>(), "round"),
+                       summary["model"].get<std::string>(), acc);
   } else {
-    text = fmt::format("{} after round {}: ran {} rounds ({} retried), latest model {}{}\n",
-                       reason == "interrupted" ? "stopped" : "finished",
-                       summary["rounds_completed"].get<std::uint64_t>(), summary["rounds_run"].get<std::uint64_t>(),
-                       summary["retries"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
+    text =
+      fmt::format("{} after round {}: ran {} ({} retried), latest model {}{}\n",
+                  reason == "interrupted" ? "stopped" : "finished", summary["rounds_completed"].get<std::uint64_t>(),
+                  core::count_of(summary["rounds_run"].get<std::uint64_t>(), "round"),
+                  summary["retries"].get<std::uint64_t>(), summary["model"].get<std::string>(), acc);
   }
   return text;
 }
@@ -319,6 +324,11 @@ add_serve(CLI::App& parent)
     ->check(CLI::Range(0.0, 1.0))
     ->type_name("A");
   app->add_option("--metrics", opt->metrics, "Serve Prometheus metrics over HTTP here")->type_name("HOST:PORT");
+  app
+    ->add_option("--max-site-failures", opt->max_site_failures,
+                 "A site whose tasks fail this many times in a row sits out the rest of the run (0: never)")
+    ->capture_default_str()
+    ->type_name("N");
   app
     ->add_option("--seed", opt->seed,
                  "Seed for the sites' training (default: fedl.json's) and for sampling sites, then reproducible and "

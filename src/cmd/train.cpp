@@ -9,6 +9,7 @@
 #include "core/trust/update.hpp"
 #include "core/util/error.hpp"
 #include "core/util/log.hpp"
+#include "core/util/text.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -170,8 +171,9 @@ run_train(TrainOptions opt)
   if (first_batch >= 0) {
     j["first_batch_seconds"] = first_batch;
   }
-  std::string text = fmt::format("trained {} for {} epochs on {} samples ({}): loss {:.4f}, {:.1f} s\n", m.arch, epochs,
-                                 data.size(), device, result.loss, train_seconds);
+  std::string text =
+    fmt::format("trained {} for {} on {} ({}): loss {:.4f}, {:.1f} s\n", m.arch, core::count_of(epochs, "epoch"),
+                core::count_of(data.size(), "sample"), device, result.loss, train_seconds);
   if (dp) {
     j["dp"] = dp->to_json();
     text += fmt::format("DP-SGD: epsilon {:.4g} at delta {:g} (sample rate {:.4g}, noise multiplier {:g}, clip {:g}, "

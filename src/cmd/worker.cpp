@@ -25,6 +25,7 @@
 #include "core/trust/contract.hpp"
 #include "core/util/error.hpp"
 #include "core/util/log.hpp"
+#include "core/util/text.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -179,8 +180,9 @@ private:
     for (const auto* t : order) {
       body.push_back(t->data);
     }
-    FEDL_LOG_INFO("round {}: trained {} for {} epochs on {} samples: loss {:.4f}, {:.1f} s", round, m.arch,
-                  settings.epochs, m_data.size(), result.loss, seconds);
+    FEDL_LOG_INFO("round {}: trained {} for {} on {}: loss {:.4f}, {:.1f} s", round, m.arch,
+                  core::count_of(settings.epochs, "epoch"), core::count_of(m_data.size(), "sample"), result.loss,
+                  seconds);
     m_model.emplace(std::move(m));
     core::TrainResult done{round, m_data.size(), result.steps, seconds, std::nullopt, std::nullopt};
     if (dp) {

@@ -277,6 +277,82 @@ TEST_CASE("round machine: a participant that reconnects within the grace gets it
   CHECK(f.host.discarded.empty());
 }
 
+TEST_CASE("round machine: a site that fails --max-site-failures tasks in a row sits out until it connects anew")
+{
+  Fixture f(3);
+  f.s.max_site_failures = 2;
+  f.s.rounds = 10;
+  f.m.site_joined("a");
+  f.m.site_joined("b");
+  f.m.site_joined("c");
+  REQUIRE(f.m.phase() == RoundMachine::Phase::running);
+  // Round 1: c fails. An update resets nothing of c's.
+  f.m.site_error("c", f.m.task(), "internal: the site could not train");
+  f.upload("a");
+  f.upload("b");
+  REQUIRE(f.host.closed.size() == 1);
+  CHECK_FALSE(f.host.closed[0].extra.contains("benched"));
+  f.m.attempt_committed(committed_body(2));
+  // Round 2: c fails again: benched, and recorded in this attempt's entry only.
+  REQUIRE(f.m.phase() == RoundMachine::Phase::running);
+  CHECK(f.m.participants() == std::vector<std::string>{"a", "b", "c"});
+  f.m.site_error("c", f.m.task(), "internal: the site could not train");
+  f.upload("a");
+  f.upload("b");
+  REQUIRE(f.host.closed.size() == 2);
+  REQUIRE(f.host.closed[1].extra.contains("benched"));
+  CHECK(f.host.closed[1].extra["benched"] ==
+        json::array({{{"site", "c"}, {"failures", 2}, {"reason", "internal: the site could not train"}}}));
+  CHECK(f.m.eligible() == 2);
+  f.m.attempt_committed(committed_body(2));
+  // Round 3 asks a and b only, and its entry has no "benched".
+  REQUIRE(f.m.phase() == RoundMachine::Phase::running);
+  CHECK(f.m.participants() == std::vector<std::string>{"a", "b"});
+  f.upload("a");
+  f.upload("b");
+  CHECK_FALSE(f.host.closed[2].extra.contains("benched"));
+  f.m.attempt_committed(committed_body(2));
+  // c restarts (fixed): it is asked again, its count from zero.
+  f.m.site_left("c", "connection closed");
+  f.m.site_joined("c");
+  CHECK(f.m.eligible() == 3);
+  f.m.site_error("c", f.m.task(), "internal: the site could not train");
+  f.upload("a");
+  f.upload("b");
+  CHECK_FALSE(f.host.closed[3].extra.contains("benched"));
+  CHECK(f.host.failures.empty());
+
+  // Failures with an update between them are not in a row.
+  Fixture g(3);
+  g.s.max_site_failures = 2;
+  g.s.rounds = 10;
+  for (const char* s : {"a", "b", "c"}) {
+    g.m.site_joined(s);
+  }
+  g.m.site_error("c", g.m.task(), "x");
+  g.upload("a");
+  g.upload("b");
+  g.m.attempt_committed(committed_body(2));
+  g.upload("c");
+  g.upload("a");
+  g.upload("b");
+  g.m.attempt_committed(committed_body(3));
+  g.m.site_error("c", g.m.task(), "x");
+  g.upload("a");
+  g.upload("b");
+  CHECK(g.m.eligible() == 3);
+
+  // Too few left for a quorum: the coordinator stops, naming the sites.
+  Fixture h(2);
+  h.s.max_site_failures = 1;
+  h.m.site_joined("a");
+  h.m.site_joined("b");
+  h.m.site_error("b", h.m.task(), "data-mismatch: the task's model does not fit the site's data");
+  REQUIRE(h.host.failures.size() == 1);
+  CHECK(h.host.failures[0] == "1 of the 2 sites failed 1 task in a row each (b), which leaves 1 for rounds that need "
+                              "--min-clients 2: fix the sites (their logs say why) and start again");
+}
+
 TEST_CASE("round machine: a site's error for the current task drops it; one for another task does not")
 {
   Fixture f;

@@ -9,6 +9,7 @@
 #include "core/util/clock.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
+#include "core/util/text.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -184,10 +185,10 @@ Auditor::audit_round(const LedgerEntry& e)
   const std::string accuracy =
     m_state.accuracy ? fmt::format(", accuracy {:.2f}%", *m_state.accuracy * 100) : std::string();
   const auto secure = audit_secure_aggregation(e, sites);
-  m_text +=
-    fmt::format("round {:>4}: {} ({} participants: {}){}{}{}{}\n", r, e.body.value("strategy", "?"), sites.size(),
-                fmt::join(sites, ", "), rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
-                round_privacy_text(e.body), secure.text);
+  m_text += fmt::format("round {:>4}: {} ({}: {}){}{}{}{}\n", r, e.body.value("strategy", "?"),
+                        count_of(sites.size(), "participant"), fmt::join(sites, ", "),
+                        rej.empty() ? "" : fmt::format(", {} rejected", rej.size()), accuracy,
+                        round_privacy_text(e.body), secure.text);
   for (const auto& x : rej) {
     m_text += fmt::format("            rejected {}: {}\n", x.value("file", "?"), x.value("reason", "?"));
   }

@@ -3,6 +3,7 @@
 
 #include "core/util/error.hpp"
 #include "core/util/log.hpp"
+#include "core/util/text.hpp"
 
 #include <openssl/rand.h>
 
@@ -84,6 +85,10 @@ void
 RoundMachine::site_joined(const std::string& site)
 {
   m_connected.insert(site);
+  if (m_benched.erase(site) > 0) {
+    m_site_failures.erase(site);
+    FEDL_LOG_INFO("site {} connected anew: rounds may ask it again", site);
+  }
   // A site that reconnects during a round it was asked to train gets its task again.
   if (m_phase == Phase::running) {
     if (const auto it = m_participants.find(site);
@@ -131,12 +136,36 @@ RoundMachine::site_removed(const std::string& site, const std::string& why)
 void
 RoundMachine::site_error(const std::string& site, std::uint64_t task, const std::string& message)
 {
-  if (const auto it = m_participants.find(site);
-      it != m_participants.end() && it->second.state == Participant::State::pending && task == m_task) {
-    it->second.state = Participant::State::dropped;
-    it->second.note = message;
-    check_complete();
+  const auto it = m_participants.find(site);
+  if (it == m_participants.end() || it->second.state != Participant::State::pending || task != m_task) {
+    return;
   }
+  it->second.state = Participant::State::dropped;
+  it->second.note = message;
+  const auto failures = ++m_site_failures[site];
+  if (m_s.max_site_failures > 0 && failures >= m_s.max_site_failures && m_benched.insert(site).second) {
+    FEDL_LOG_WARN("round {}: site {} failed {} in a row (the last: {}); it sits out the rest of this run "
+                  "unless it connects anew (--max-site-failures)",
+                  m_round, site, count_of(failures, "task"), message);
+    m_benched_now.push_back({{"site", site}, {"failures", failures}, {"reason", message}});
+    const auto enrolled = std::max(m_enrolled, m_connected.size());
+    const auto left = enrolled - std::min(enrolled, m_benched.size());
+    if (left < m_s.min_clients) {
+      m_host.fail(fmt::format("{} of the {} failed {} in a row each ({}), which leaves {} for rounds that need "
+                              "--min-clients {}: fix the sites (their logs say why) and start again",
+                              m_benched.size(), count_of(enrolled, "site"), count_of(m_s.max_site_failures, "task"),
+                              fmt::join(m_benched, ", "), left, m_s.min_clients));
+      return;
+    }
+  }
+  check_complete();
+}
+
+std::size_t
+RoundMachine::eligible() const
+{
+  return static_cast<std::size_t>(
+    std::count_if(m_connected.begin(), m_connected.end(), [&](const auto& s) { return m_benched.count(s) == 0; }));
 }
 
 std::optional<UploadRefusal>
@@ -198,6 +227,7 @@ RoundMachine::upload_received(const std::string& site, const std::filesystem::pa
     return; // check_upload took it, and the attempt closed while it arrived
   }
   it->second.state = Participant::State::received;
+  m_site_failures.erase(site);
   it->second.file = file;
   it->second.digest = std::move(digest);
   it->second.metrics = std::move(metrics);
@@ -227,19 +257,25 @@ RoundMachine::maybe_start()
   if (now < m_not_before) {
     return;
   }
-  if (m_connected.size() < m_s.min_clients) {
+  if (eligible() < m_s.min_clients) {
     m_quorum_since.reset();
     if (m_s.wait_timeout > 0 && now - m_waiting_since > m_s.wait_timeout) {
-      m_host.fail(fmt::format("only {} of the {} sites that round {} needs connected within --wait-timeout {} s",
-                              m_connected.size(), m_s.min_clients, m_round, m_s.wait_timeout));
+      m_host.fail(fmt::format(
+        "only {} of the {} sites that round {} needs connected within --wait-timeout {} s{}", eligible(),
+        m_s.min_clients, m_round, m_s.wait_timeout,
+        m_benched.empty() ? ""
+                          : fmt::format(" ({} more sit out: --max-site-failures)", m_connected.size() - eligible())));
     }
     return;
   }
   if (!m_quorum_since) {
     m_quorum_since = now;
   }
-  // Give sites that are connecting at the same moment a chance to be in this round.
-  if (m_connected.size() < m_enrolled && now - *m_quorum_since < m_s.settle) {
+  // Give sites that are connecting at the same moment a chance to be in this round (not those
+  // benched, connected or not).
+  const auto absent_benched = static_cast<std::size_t>(
+    std::count_if(m_benched.begin(), m_benched.end(), [&](const auto& s) { return m_connected.count(s) == 0; }));
+  if (m_connected.size() + absent_benched < m_enrolled && now - *m_quorum_since < m_s.settle) {
     return;
   }
   start();
@@ -249,12 +285,18 @@ void
 RoundMachine::start()
 {
   m_host.refresh_trust();
-  if (m_connected.size() < m_s.min_clients) {
+  if (eligible() < m_s.min_clients) {
     return;
   }
   const auto& privacy = m_s.privacy;
-  std::vector<std::string> names;
+  std::vector<std::string> eligible_names;
   for (const auto& name : m_connected) {
+    if (m_benched.count(name) == 0) {
+      eligible_names.push_back(name);
+    }
+  }
+  std::vector<std::string> names;
+  for (const auto& name : eligible_names) {
     if (m_excluded.count(name) == 0) {
       names.push_back(name);
     }
@@ -264,7 +306,7 @@ RoundMachine::start()
                   "asking them again",
                   m_round, m_excluded.size(), m_s.min_clients);
     m_excluded.clear();
-    names.assign(m_connected.begin(), m_connected.end());
+    names = eligible_names;
   }
   const std::size_t connected = names.size();
   std::size_t asked = connected;
@@ -381,6 +423,9 @@ RoundMachine::close(const std::string& why)
   m_phase = Phase::aggregating;
   a.extra = {{"attempt", m_attempt}, {"asked", m_participants.size()}, {"late", late},
              {"dropped", dropped},   {"site_metrics", site_metrics},   {"seconds", m_now() - m_round_started}};
+  if (!m_benched_now.empty()) {
+    a.extra["benched"] = std::exchange(m_benched_now, json::array());
+  }
   m_host.close_attempt(std::move(a));
 }
 

@@ -133,7 +133,9 @@ public:
   void site_left(const std::string& site, const std::string& reason);
   // Revoked or removed from fedl.json while connected: out of the quorum and of this round.
   void site_removed(const std::string& site, const std::string& why);
-  // A site reported an error for `task`: it is dropped from the attempt if that is the current one.
+  // A site reported an error for `task`: it is dropped from the attempt if that is the current one,
+  // and after ServeSettings::max_site_failures such errors in a row it sits out the rest of the run
+  // (recorded in the attempt's ledger entry as "benched") until it connects anew.
   void site_error(const std::string& site, std::uint64_t task, const std::string& message);
 
   // `site` sits out the rest of the current round (its next attempts), unless that would leave
@@ -173,6 +175,8 @@ public:
   const std::string& reason() const noexcept { return m_reason; } // why the federation finished
   double finish_at() const noexcept { return m_finish_at; }       // when to stop after finishing
   std::size_t connected() const noexcept { return m_connected.size(); }
+  // The connected sites that are not benched (site_error): those a round may ask.
+  std::size_t eligible() const;
   const RoundStats& stats() const noexcept { return m_stats; }
   const FederationPrivacy& privacy() const noexcept { return m_privacy; }
   // The participants of the current attempt (empty while waiting).
@@ -208,7 +212,10 @@ private:
 
   Phase m_phase = Phase::waiting;
   std::set<std::string> m_connected;
-  std::set<std::string> m_excluded; // for the rest of this round
+  std::set<std::string> m_excluded;                       // for the rest of this round
+  std::map<std::string, std::uint32_t> m_site_failures;   // error reports in a row, by site
+  std::set<std::string> m_benched;                        // for the rest of this run (site_error)
+  nlohmann::json m_benched_now = nlohmann::json::array(); // for the current attempt's entry
   std::size_t m_enrolled = 0;
   std::uint64_t m_round = 1; // the round being run (or the next one)
   std::uint32_t m_attempt = 0;

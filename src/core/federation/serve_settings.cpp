@@ -33,7 +33,8 @@ ServeSettings::to_json() const
                       {"training", core::to_json(training)},
                       {"seed", seed},
                       {"selection", seeded_selection ? "seeded" : "secret"},
-                      {"heartbeat", heartbeat}};
+                      {"heartbeat", heartbeat},
+                      {"max_site_failures", max_site_failures}};
   if (server.clip_norm) {
     j["clip_norm"] = *server.clip_norm;
   }

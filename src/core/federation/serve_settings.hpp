@@ -58,6 +58,9 @@ struct ServeSettings
   double heartbeat = 5;   // seconds between heartbeats on a quiet connection
   double dead_after = 20; // a peer silent this long is dropped
   double settle = 1;      // seconds to wait for more sites once a quorum is connected
+  // A site whose tasks failed this many times in a row (error reports, not silence) sits out the
+  // rest of this run, until it connects anew; 0: never.
+  std::uint32_t max_site_failures = 3;
 
   // The effective settings, as the ledger records them.
   nlohmann::json to_json() const;

@@ -29,6 +29,9 @@ struct JoinSettings
   double retry_max = 30;                    // cap of the reconnect delay
   double retry_for = 0;                     // give up after this long without a connection; 0: never
   double trainer_idle = 0;                  // stop the trainer after this long without a task; 0: keep it
+  // Stop (exit 1) once the trainer has failed this many tasks in a row with the same error (bad
+  // data, a device that is not there): retrying would fail the same way. 0: never.
+  std::uint32_t max_failures = 3;
   // The largest task body accepted (the contract's max_model_bytes when there is one).
   std::uint64_t max_model_bytes = std::uint64_t{16} << 30;
   // The bundle's contract (join.json, signed by the CA); none for a bundle of an older fedl. A

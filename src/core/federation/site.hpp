@@ -163,6 +163,9 @@ private:
   void stop_after_telling(const std::string& message, ExitCode code, const json& extra);
   // Refuses `job` for the site's budget (the coordinator learns the class only) and stops, exit 4.
   void stop_for_budget(const Job& job);
+  // The trainer failed `job` (class and the site's own words): refused, and counted towards
+  // JoinSettings::max_failures failures in a row with the same words, at which the site stops.
+  void trainer_failed(const Job& job, ReasonClass cls, const std::string& detail, bool tell_detail);
 
   const JoinSettings& m_s;
   asio::io_context m_io;
@@ -199,6 +202,8 @@ private:
   std::string m_reason;
   std::string m_fatal;
   ExitCode m_fatal_code = ExitCode::failure;
+  std::uint32_t m_failed_in_a_row = 0; // tasks the trainer failed in a row with m_last_failure
+  std::string m_last_failure;
   bool m_stop_when_closed = false;
   // The site's own account of its DP-SGD runs, kept whether or not it has a budget (so that a
   // budget added later starts from the truth); none only if it could not be read without one.

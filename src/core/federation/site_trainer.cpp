@@ -71,10 +71,11 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
     if (failure || !result) {
       // The trainer's words may quote the site's data (a label, a path): they stay here, unless
       // the failure is about the task alone.
-      refuse(job.task, job.round, failure ? failure->cls : ReasonClass::internal,
-             failure ? failure->text : std::string("the trainer did not answer"), failure && failure->tell);
+      trainer_failed(job, failure ? failure->cls : ReasonClass::internal,
+                     failure ? failure->text : std::string("the trainer did not answer"), failure && failure->tell);
       return;
     }
+    m_failed_in_a_row = 0;
     metrics = {{"num_samples", result->num_samples}, {"steps", result->steps}, {"seconds", result->seconds}};
     // Absent under DP-SGD: the trainer keeps the loss of private data to itself.
     if (result->loss) {
@@ -300,6 +301,27 @@ Site::check_coordinator_record(const json& report)
                   "counting the larger",
                   theirs, ours);
   }
+}
+
+void
+Site::trainer_failed(const Job& job, ReasonClass cls, const std::string& detail, bool tell_detail)
+{
+  m_failed_in_a_row = detail == m_last_failure ? m_failed_in_a_row + 1 : 1;
+  m_last_failure = detail;
+  if (m_s.max_failures == 0 || m_failed_in_a_row < m_s.max_failures) {
+    refuse(job.task, job.round, cls, detail, tell_detail);
+    return;
+  }
+  // The same failure every time: another task would fail again. The coordinator learns the class
+  // (and the detail only where it is about the task alone); this site's log and exit say it all.
+  FEDL_LOG_ERROR("round {}: the trainer failed {} in a row: {}", job.round, count_of(m_failed_in_a_row, "task"),
+                 detail);
+  const auto said = tell_detail ? detail : std::string(reason_class_text(cls));
+  stop_after_telling(fmt::format("site {} stops: its trainer failed {} in a row the same way ({}: {})", m_site,
+                                 count_of(m_failed_in_a_row, "task"), reason_class_name(cls), said),
+                     ExitCode::failure, {{"task", job.task}, {"round", job.round}, {"class", reason_class_name(cls)}});
+  m_fatal = fmt::format("the trainer failed {} in a row the same way, so the site stops (--max-failures {}): {}",
+                        count_of(m_failed_in_a_row, "task"), m_s.max_failures, detail);
 }
 
 void

@@ -38,9 +38,9 @@ struct DataContract
 std::string_view data_format_name(DataFormat f) noexcept;
 
 // Throws UsageError naming `data`'s file and the first difference from the contract (if there is
-// one: older workspaces have none) and from the model's sample shape and classes: the file's format, a header row or its absence, a column
-// renamed, moved, missing or added (by name and position), the number of values in a sample (the
-// model reshapes them), a label past the classes.
+// one: older workspaces have none) and from the model's sample shape and classes: the file's
+// format, a header row or its absence, a column renamed, moved, missing or added (by name and
+// position), the number of values in a sample (the model reshapes them), a label past the classes.
 void check_data_contract(const Dataset& data, const std::optional<DataContract>& contract,
                          const std::vector<std::int64_t>& shape, std::int64_t classes);
 

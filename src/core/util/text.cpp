@@ -204,4 +204,10 @@ split_text(std::string_view text, std::string_view separators)
   return out;
 }
 
+std::string
+count_of(std::uint64_t n, std::string_view noun)
+{
+  return fmt::format("{} {}{}", n, noun, n == 1 ? "" : "s");
+}
+
 } // namespace fedl::core

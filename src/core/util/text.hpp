@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <span>
 #include <string>
@@ -23,6 +24,9 @@ bool is_sha256_hex(std::string_view s) noexcept;
 
 // valid_utf8(s, max_bytes) in single quotes: how messages quote a value a peer chose.
 std::string quote_text(std::string_view s, std::size_t max_bytes = 64);
+
+// "1 task", "3 tasks": a count and a noun that takes an s in the plural.
+std::string count_of(std::uint64_t n, std::string_view noun);
 
 // For one-line text logs: C0 controls, DEL and the C1 controls U+0080..U+009F written as \n, \r,
 // \t or \xHH, and a backslash doubled, so that peer text cannot start a line of its own or

@@ -152,6 +152,9 @@ test_a_first_row_of_numbers_is_not_taken_for_a_header()
   [[ $(json_get out "j['samples']") == 150 ]] || fail "train --no-header: $(cat out)"
   fedl_expect 0 --json train --data "$DATA/iris.csv" --header --arch logreg --epochs 1 --save-model m.st || return
   [[ $(json_get out "j['samples']") == 149 ]] || fail "train --header: $(cat out)"
+  # (and a count of one is singular: it said "1 epochs")
+  fedl_expect 0 train --data "$DATA/iris.csv" --no-header --arch logreg --epochs 1 --save-model m.st || return
+  expect_in out "trained logreg for 1 epoch on 150 samples"
   fedl_expect 2 train --data "$DATA/iris.csv" --header --no-header --arch logreg --save-model m.st
   fedl_expect 2 eval --model m.st --data "$DATA/iris.csv" || return
   expect_in err "give --no-header if the file has no header row, or --header if this row is one"

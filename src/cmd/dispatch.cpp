@@ -130,7 +130,17 @@ fedl::cmd::run_fedl(int argc, char** argv)
       if (e.get_exit_code() == 0) {
         return app.exit(e); // --help
       }
-      fmt::print(stderr, "fedl: error: {}\n", e.what());
+      if (globals.version) {
+        return print_version(); // `fedl train --version`: the version, not train's missing options
+      }
+      // CLI11 checks required options before unknown ones: `--dat x` would be "--data is
+      // required". The unknown words come first, since they are the mistake.
+      const auto unknown = app.remaining(true);
+      if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr && !unknown.empty()) {
+        fmt::print(stderr, "fedl: error: unknown option or argument: {}\n", fmt::join(unknown, " "));
+      } else {
+        fmt::print(stderr, "fedl: error: {}\n", e.what());
+      }
       const auto* sub = app.get_subcommands().empty() ? &app : app.get_subcommands().front();
       fmt::print(stderr, "Run 'fedl {}--help' for usage.\n", sub == &app ? "" : sub->get_name() + " ");
       return static_cast<int>(ExitCode::usage);

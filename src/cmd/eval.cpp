@@ -29,6 +29,7 @@ struct EvalOptions
 int
 run_eval(const EvalOptions& opt)
 {
+  check_model_source(opt.model);
   const auto data = core::load_dataset(opt.data.to_options());
   const auto [backend, device] = open_backend(opt.compute);
   auto m = open_model(*backend, device, opt.model, data);

@@ -71,7 +71,8 @@ check_fits(const OpenedModel& m, const core::Dataset& data)
   }
 }
 
-// The flags that name the model: exactly one way, and --classes only with --arch.
+} // namespace
+
 void
 check_model_source(const ModelSource& src)
 {
@@ -92,8 +93,6 @@ check_model_source(const ModelSource& src)
     throw core::UsageError("--torchscript and --arch both name the model; give one");
   }
 }
-
-} // namespace
 
 std::string
 finding_text(const nlohmann::json& f)

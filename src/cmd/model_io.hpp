@@ -71,6 +71,11 @@ struct ModelSource
   ModulePolicy policy; // for --torchscript
 };
 
+// The flags that name the model: exactly one way, and --classes only with --arch (UsageError).
+// open_model checks them too; a command calls this first so that a conflict is reported before
+// the data loads.
+void check_model_source(const ModelSource& src);
+
 struct OpenedModel
 {
   backends::Model model;

@@ -115,6 +115,7 @@ run_train(TrainOptions opt)
   if (!opt.out && !opt.save_model) {
     throw core::UsageError("nothing to write: give --out UPDATE and/or --save-model FILE");
   }
+  check_model_source(opt.model);
   if (opt.identity && !opt.out) {
     throw core::UsageError("--identity signs an update: give --out UPDATE too");
   }

@@ -47,6 +47,24 @@ test_usage_errors_exit_2()
   fedl_expect 2 --log-format xml train --help
   fedl_expect 2 train --data "$DATA/iris.csv" --no-header --arch logreg --model m.st --save-model x.st
   fedl_expect 2
+  # A misspelt option is named, not taken for a missing one ("--data is required").
+  fedl_expect 2 train --dat x.csv --arch logreg --save-model x.st || return
+  expect_in err "unknown option or argument: --dat x.csv"
+  expect_not_in err "is required"
+  # Options that conflict are refused before the data loads.
+  fedl_expect 2 train --data "$DATA/iris.csv" --no-header --torchscript m.pt --arch logreg --save-model x.st || return
+  expect_in err "--torchscript and --arch both name the model"
+  expect_not_in err "samples of shape"
+  fedl_expect 2 eval --data "$DATA/iris.csv" --no-header --model m.st --arch logreg || return
+  expect_not_in err "samples of shape"
+}
+
+test_version_after_a_command_prints_the_version()
+{
+  fedl_expect 0 --version || return
+  cp out top.txt
+  fedl_expect 0 train --version || return
+  cmp -s out top.txt || fail "fedl train --version printed something else than fedl --version: $(cat out err)"
 }
 
 test_global_options_before_or_after_the_command()

@@ -150,6 +150,9 @@ test_a_first_row_of_numbers_is_not_taken_for_a_header()
   expect_no_file m.st
   fedl_expect 0 --json train --data "$DATA/iris.csv" --no-header --arch logreg --epochs 1 --save-model m.st || return
   [[ $(json_get out "j['samples']") == 150 ]] || fail "train --no-header: $(cat out)"
+  # The times are from the process's start: the first batch, then the training, within the total.
+  [[ $(json_get out "j['first_batch_seconds'] <= j['total_seconds'] and j['seconds'] <= j['total_seconds']") == True ]] ||
+    fail "train --json times: $(cat out)"
   fedl_expect 0 --json train --data "$DATA/iris.csv" --header --arch logreg --epochs 1 --save-model m.st || return
   [[ $(json_get out "j['samples']") == 149 ]] || fail "train --header: $(cat out)"
   # (and a count of one is singular: it said "1 epochs")

@@ -388,7 +388,8 @@ Coordinator::summary(const std::string& reason) const
   const auto& st = m_rounds.stats();
   json j = {{"rounds_completed", m_rounds.round() - 1},
             {"rounds_run", st.rounds_done},
-            {"first_round", m_first_round},
+            // The round this run started at; none for a federation that was already complete.
+            {"first_round", reason == "already-complete" ? json(nullptr) : json(m_first_round)},
             {"reason", reason},
             {"interrupted", reason == "interrupted"},
             {"retries", st.retries},

@@ -34,6 +34,11 @@ test_federation_of_four_sites_reaches_93_percent_and_audits()
     "a participant without a v2 signature and its digest"
   expect_ledger "[e['body']['round'] for e in L if e['kind'] == 'finished'] == [15]" "no finished entry for round 15"
   expect_in site-1.out "federation finished after round 15, trained 15 rounds"
+  # Served again, the finished workspace has nothing to do, and says so: no round run, none
+  # started at (it said first_round 16).
+  fedl_expect 0 --json serve ws --threads 1 || return
+  [[ $(json_get out "j['reason'], j['rounds_run'], j['first_round'], j['rounds_completed']") == \
+    "('already-complete', 0, None, 15)" ]] || fail "serve on a finished workspace: $(cat out)"
 }
 
 test_handshake_refusals_leave_the_federation_running()

@@ -285,7 +285,12 @@ void
 print_result(const nlohmann::json& result, const std::string& text)
 {
   if (globals().json) {
-    fmt::print("{}\n", result.dump(2));
+    // Every document says which version of fedl's JSON output it is (fedl(1) OUTPUT).
+    auto versioned = result;
+    if (versioned.is_object()) {
+      versioned["schema"] = json_schema_version;
+    }
+    fmt::print("{}\n", versioned.dump(2));
   } else if (!text.empty()) {
     fmt::print("{}", text);
   }

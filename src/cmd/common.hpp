@@ -133,7 +133,11 @@ void add_data_format_options(CLI::App& app, DataFlags& flags);
 void check_data_file(const DataFlags& flags, const std::optional<core::DataContract>& contract,
                      const std::vector<std::int64_t>& shape, std::int64_t classes);
 
-// Prints `result` as one JSON document with --json, else `text` (if not empty), on stdout.
+// The version of fedl's --json documents, their "schema" field: raised when a field is removed,
+// renamed or changes meaning (new fields do not raise it).
+inline constexpr int json_schema_version = 1;
+// Prints `result` as one JSON document with --json (with "schema"), else `text` (if not empty),
+// on stdout.
 void print_result(const nlohmann::json& result, const std::string& text);
 
 // Seconds since the process started (main's first line).

@@ -74,7 +74,7 @@ test_global_options_before_or_after_the_command()
   mv out before.json
   fedl_expect 0 eval --model iris.st --data "$DATA/iris.csv" --no-header --json || return
   cmp -s before.json out || fail "--json before and after the command differ"
-  [[ $(json_get out "sorted(j.keys())") == "['accuracy', 'loss', 'samples']" ]] || fail "eval --json keys: $(cat out)"
+  [[ $(json_get out "sorted(j.keys())") == "['accuracy', 'loss', 'samples', 'schema']" ]] || fail "eval --json keys: $(cat out)"
 }
 
 test_quiet_and_json_logs()
@@ -121,4 +121,21 @@ test_completion_scripts_load()
   fedl_expect 0 completion fish && expect_in out "complete -c fedl"
   fedl_expect 0 completion zsh && expect_in out "#compdef fedl"
   fedl_expect 2 completion tcsh
+}
+
+test_every_json_document_says_its_schema()
+{
+  schema_of() { json_get out "j.get('schema')"; }
+  fedl_expect 0 --json train --data "$DATA/iris.csv" --no-header --arch logreg --epochs 1 --save-model m.st || return
+  [[ $(schema_of) == 1 ]] || fail "train --json: $(cat out)"
+  fedl_expect 0 --json eval --data "$DATA/iris.csv" --no-header --model m.st || return
+  [[ $(schema_of) == 1 ]] || fail "eval --json: $(cat out)"
+  fedl_expect 0 --json inspect m.st || return
+  [[ $(schema_of) == 1 ]] || fail "inspect --json: $(cat out)"
+  fedl_expect 0 --json init ws --clients 2 --arch logreg --input-dim 4 --classes 3 --listen 127.0.0.1:1 || return
+  [[ $(schema_of) == 1 ]] || fail "init --json: $(cat out)"
+  fedl_expect 0 --json audit ws || return
+  [[ $(schema_of) == 1 ]] || fail "audit --json: $(cat out)"
+  fedl_expect 0 --json audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1.1 --steps 100 --delta 1e-5 || return
+  [[ $(schema_of) == 1 ]] || fail "audit --privacy-calc --json: $(cat out)"
 }

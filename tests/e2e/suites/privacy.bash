@@ -9,7 +9,7 @@ test_tf_privacy_vector_json()
   # TF Privacy 0.9.0 compute_dp_sgd_privacy_test.py: n 60000, batch 150, sigma 1.3, 15 epochs.
   fedl_expect 0 --json audit --privacy-calc --sample-rate 0.0025 --noise-multiplier 1.3 --steps 6000 \
     --delta 1e-5 --accountant rdp || return
-  [[ $(json_get out "sorted(j.keys())") == "['accountant', 'delta', 'epsilon', 'noise_multiplier', 'order', 'sample_rate', 'steps']" ]] ||
+  [[ $(json_get out "sorted(j.keys())") == "['accountant', 'delta', 'epsilon', 'noise_multiplier', 'order', 'sample_rate', 'schema', 'steps']" ]] ||
     fail "keys: $(cat out)"
   # The fine order grid (rdp-v2) finds the same best order as TF Privacy's list here.
   check_py "abs($(json_get out "j['epsilon']") - 0.7242234026109595) <= 1e-3 * 0.7242234026109595" \

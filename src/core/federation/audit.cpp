@@ -157,6 +157,40 @@ Auditor::walk()
   }
 }
 
+// A round's figures for --json, as its entry recorded them (null, or empty, where an older fedl
+// or the round's settings recorded none): the evaluation's accuracy and loss, the client-level
+// epsilon after it and each site's total, each site's report, the round's seconds, who was asked,
+// dropped or late.
+void
+add_round_metrics(const nlohmann::json& body, nlohmann::json& row)
+{
+  const auto get = [&body](const char* key, nlohmann::json fallback) {
+    const auto it = body.find(key);
+    return it == body.end() ? fallback : *it;
+  };
+  const auto number = [](const nlohmann::json& obj, const char* key) {
+    return obj.is_object() && obj.contains(key) && obj[key].is_number() ? obj[key] : nlohmann::json(nullptr);
+  };
+  const auto evaluation = get("evaluation", nullptr);
+  row["accuracy"] = number(evaluation, "accuracy");
+  row["loss"] = number(evaluation, "loss");
+  const auto privacy = get("privacy", nullptr);
+  row["epsilon"] =
+    privacy.is_object() ? number(privacy.value("client", nlohmann::json(nullptr)), "epsilon") : nlohmann::json(nullptr);
+  nlohmann::json sites = nlohmann::json::object();
+  if (privacy.is_object() && privacy.contains("sites") && privacy["sites"].is_object()) {
+    for (const auto& [name, r] : privacy["sites"].items()) {
+      sites[name] = number(r, "total_epsilon");
+    }
+  }
+  row["site_epsilon"] = sites;
+  row["site_metrics"] = get("site_metrics", nlohmann::json::object());
+  row["seconds"] = number(body, "seconds");
+  row["asked"] = get("asked", nullptr);
+  row["dropped"] = get("dropped", nlohmann::json::array());
+  row["late"] = get("late", nlohmann::json::array());
+}
+
 // A round entry: the next number, from the model before it, to a model file that matches.
 void
 Auditor::audit_round(const LedgerEntry& e)
@@ -199,6 +233,7 @@ Auditor::audit_round(const LedgerEntry& e)
                       {"rejected", rej},
                       {"model", m_model},
                       {"time", e.time}});
+  add_round_metrics(e.body, m_rounds.back());
   if (!secure.summary.is_null()) {
     m_rounds.back()["secure_aggregation"] = secure.summary;
   }
@@ -343,8 +378,8 @@ Auditor::run(const std::vector<fs::path>& witnesses)
   auto text = fmt::format("ledger: {} entries, chain and signatures verified; CA {}\n", m_entries.size(),
                           ca_fingerprint.get<std::string>().substr(0, 16)) +
               m_text + m_privacy + m_witness +
-              fmt::format("{} rounds, latest model {}, {} rejected updates; every model file matches the ledger\n",
-                          m_rounds.size(), m_model, m_rejected);
+              fmt::format("{}, latest model {}, {}; every model file matches the ledger\n",
+                          count_of(m_rounds.size(), "round"), m_model, count_of(m_rejected, "rejected update"));
   return {std::move(m_result), std::move(text)};
 }
 

@@ -139,6 +139,12 @@ test_client_level_budget_stops_the_federation_with_exit_4_and_audit_recomputes()
   fedl_expect 0 audit ws || return
   expect_in out "client-level epsilon"
   expect_in out "stopped after round 3"
+  # --json has every round's figures that the text shows: accuracy, loss, epsilon (it had none).
+  fedl_expect 0 --json audit ws || return
+  check_py "abs($(json_get out "j['rounds'][2]['epsilon']") - $e3) < 1e-9" "round 3's epsilon in audit --json"
+  check_py "all(0 < r['accuracy'] <= 1 and r['loss'] > 0 and r['seconds'] > 0 and r['asked'] == 2 for r in $(json_get out "j['rounds']"))" \
+    "rounds in audit --json: $(json_get out "j['rounds']")"
+  check_py "$(json_get out "sorted(j['rounds'][0]['site_metrics'])") == ['site-1', 'site-2']" "site_metrics in audit --json"
 
   # Started again without client-level DP, or with less noise: refused, the rounds so far had it.
   fedl_expect 2 serve ws --threads 1

@@ -174,7 +174,7 @@ _fedl()
     "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --require-sandbox --target-accuracy --metrics --max-site-failures --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
     "join") words="--help --data --labels --label-column --header --no-header --limit-samples --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
-    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --epsilon --accountant --host --help --json --quiet --verbose --log-format --version" ;;
+    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --epsilon --accountant --host --csv --help --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))

@@ -192,4 +192,5 @@ complete -c fedl -n '__fish_seen_subcommand_from audit' -l delta -x -d 'With --p
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l epsilon -x -d 'With --privacy-calc, instead of --delta: compute delta at this epsilon'
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l accountant -x -a 'pld rdp' -d 'With --privacy-calc: the accountant: pld (privacy loss distributions, the tightest; default) or rdp'
 complete -c fedl -n '__fish_seen_subcommand_from audit' -l host -d 'Report the sandbox layers this host offers and test them: a sandboxed child attempts each forbidden action (exit 3 if any is allowed)'
+complete -c fedl -n '__fish_seen_subcommand_from audit' -l csv -d 'Print the rounds\' figures (accuracy, loss, epsilon, ...) as CSV, one row per round'
 complete -c fedl -n '__fish_seen_subcommand_from completion' -s h -l help -d 'Print this help message and exit'

@@ -25,10 +25,57 @@ namespace fedl::cmd {
 
 namespace {
 
-int
-run_audit(const fs::path& root, const std::vector<fs::path>& witnesses)
+// A CSV cell (RFC 4180): quoted when it holds a comma, a quote or a line break; null is empty.
+std::string
+csv_cell(const nlohmann::json& v)
 {
+  if (v.is_null()) {
+    return {};
+  }
+  auto text = v.is_string() ? v.get<std::string>() : v.dump();
+  if (text.find_first_of(",\"\r\n") == std::string::npos) {
+    return text;
+  }
+  std::string quoted = "\"";
+  for (const char c : text) {
+    quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
+  }
+  return quoted + "\"";
+}
+
+// One row per round, for a spreadsheet: the figures of audit --json's rounds.
+std::string
+rounds_csv(const nlohmann::json& rounds)
+{
+  std::string out = "round,time,strategy,participants,sites,asked,rejected,accuracy,loss,epsilon,seconds,model\n";
+  for (const auto& r : rounds) {
+    std::string sites;
+    for (const auto& s : r.at("participants")) {
+      sites += (sites.empty() ? "" : ";") + s.get<std::string>();
+    }
+    const std::vector<nlohmann::json> row{
+      r.at("round"), r.at("time"),    r.at("strategy"),        r.at("participants").size(),
+      sites,         r.at("asked"),   r.at("rejected").size(), r.at("accuracy"),
+      r.at("loss"),  r.at("epsilon"), r.at("seconds"),         r.at("model")};
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      out += (i > 0 ? "," : "") + csv_cell(row[i]);
+    }
+    out += "\n";
+  }
+  return out;
+}
+
+int
+run_audit(const fs::path& root, const std::vector<fs::path>& witnesses, bool csv)
+{
+  if (csv && globals().json) {
+    throw core::UsageError("--csv and --json are two forms of the same rounds: give one");
+  }
   const auto audit = core::audit_workspace(core::Workspace(root), witnesses);
+  if (csv) {
+    fmt::print("{}", rounds_csv(audit.result.at("rounds")));
+    return 0;
+  }
   print_result(audit.result, audit.text);
   return 0;
 }
@@ -98,8 +145,12 @@ run_privacy_calc(const PrivacyCalc& p)
 // The workspace is optional to CLI11 because --privacy-calc needs none; the two modes' flags
 // are checked here so that each mistake gets a message saying what to add or drop.
 int
-dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witnesses, const PrivacyCalc& p, bool host)
+dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witnesses, const PrivacyCalc& p, bool host,
+         bool csv)
 {
+  if (csv && (host || p.enabled)) {
+    throw core::UsageError("--csv lists a workspace's rounds: give WS, without --host or --privacy-calc");
+  }
   if (host) {
     if (ws || !witnesses.empty() || p.enabled) {
       throw core::UsageError(
@@ -124,7 +175,7 @@ dispatch(const std::optional<fs::path>& ws, const std::vector<fs::path>& witness
     if (!ws) {
       throw core::UsageError("fedl audit needs a workspace folder WS (or --privacy-calc to compute epsilon)");
     }
-    return run_audit(*ws, witnesses);
+    return run_audit(*ws, witnesses, csv);
   }
   if (!witnesses.empty()) {
     throw core::UsageError("--witness is for auditing a workspace, not for --privacy-calc");
@@ -186,7 +237,9 @@ add_audit(CLI::App& parent)
   app->add_flag("--host", *host,
                 "Report the sandbox layers this host offers and test them: a sandboxed child attempts each forbidden "
                 "action (exit 3 if any is allowed)");
-  return {app, [ws, witnesses, calc, host] { return dispatch(*ws, *witnesses, *calc, *host); }};
+  auto csv = std::make_shared<bool>(false);
+  app->add_flag("--csv", *csv, "Print the rounds' figures (accuracy, loss, epsilon, ...) as CSV, one row per round");
+  return {app, [ws, witnesses, calc, host, csv] { return dispatch(*ws, *witnesses, *calc, *host, *csv); }};
 }
 
 } // namespace fedl::cmd

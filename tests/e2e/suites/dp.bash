@@ -145,6 +145,19 @@ test_client_level_budget_stops_the_federation_with_exit_4_and_audit_recomputes()
   check_py "all(0 < r['accuracy'] <= 1 and r['loss'] > 0 and r['seconds'] > 0 and r['asked'] == 2 for r in $(json_get out "j['rounds']"))" \
     "rounds in audit --json: $(json_get out "j['rounds']")"
   check_py "$(json_get out "sorted(j['rounds'][0]['site_metrics'])") == ['site-1', 'site-2']" "site_metrics in audit --json"
+  # ... and as CSV for a spreadsheet, the same figures.
+  cp out audit.json
+  fedl_expect 0 audit ws --csv || return
+  "$PY" - out audit.json <<'PY' || fail "audit --csv: $(cat out)"
+import csv, json, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+j = json.load(open(sys.argv[2]))
+assert [int(r["round"]) for r in rows] == [1, 2, 3], rows
+for r, g in zip(rows, j["rounds"]):
+    assert abs(float(r["epsilon"]) - g["epsilon"]) < 1e-9 and abs(float(r["accuracy"]) - g["accuracy"]) < 1e-12, (r, g)
+    assert r["sites"] == "site-1;site-2" and r["participants"] == "2" and r["asked"] == "2", r
+PY
+  fedl_expect 2 --json audit ws --csv
 
   # Started again without client-level DP, or with less noise: refused, the rounds so far had it.
   fedl_expect 2 serve ws --threads 1

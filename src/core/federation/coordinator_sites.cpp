@@ -190,7 +190,12 @@ Coordinator::on_frame(const std::shared_ptr<Peer>& p, FrameType type, json& head
     // A site's words go into the log and the ledger: cut to a sane length.
     const auto report = ErrorReport::from_header(header);
     const auto message = valid_utf8(report.message, max_error_text);
-    FEDL_LOG_WARN("site {} reports: {}", p->site, message);
+    FEDL_LOG_WARN_FIELDS(nlohmann::json({{"event", "site-error"},
+                                         {"site", p->site},
+                                         {"task", report.task.value_or(0)},
+                                         {"class", report.reason_class.empty() ? nlohmann::json(nullptr)
+                                                                               : nlohmann::json(report.reason_class)}}),
+                         "site {} reports: {}", p->site, message);
     m_rounds.site_error(p->site, report.task.value_or(0), message);
     if (m_secure && report.task == m_secure->task()) {
       m_secure->gone(p->site, message, FramedConnection::now());

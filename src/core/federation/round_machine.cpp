@@ -144,9 +144,10 @@ RoundMachine::site_error(const std::string& site, std::uint64_t task, const std:
   it->second.note = message;
   const auto failures = ++m_site_failures[site];
   if (m_s.max_site_failures > 0 && failures >= m_s.max_site_failures && m_benched.insert(site).second) {
-    FEDL_LOG_WARN("round {}: site {} failed {} in a row (the last: {}); it sits out the rest of this run "
-                  "unless it connects anew (--max-site-failures)",
-                  m_round, site, count_of(failures, "task"), message);
+    FEDL_LOG_WARN_FIELDS(json({{"event", "site-benched"}, {"round", m_round}, {"site", site}, {"failures", failures}}),
+                         "round {}: site {} failed {} in a row (the last: {}); it sits out the rest of this run "
+                         "unless it connects anew (--max-site-failures)",
+                         m_round, site, count_of(failures, "task"), message);
     m_benched_now.push_back({{"site", site}, {"failures", failures}, {"reason", message}});
     const auto enrolled = std::max(m_enrolled, m_connected.size());
     const auto left = enrolled - std::min(enrolled, m_benched.size());
@@ -355,8 +356,15 @@ RoundMachine::start()
   m_phase = Phase::running;
   m_round_started = m_now();
   m_deadline = m_round_started + m_s.round_timeout;
-  FEDL_LOG_INFO("round {}/{}{}: training on {} of {} sites: {}", m_round, m_s.rounds,
-                m_attempt > 1 ? fmt::format(" (attempt {})", m_attempt) : "", asked, connected, fmt::join(names, ", "));
+  FEDL_LOG_INFO_FIELDS(json({{"event", "round-start"},
+                             {"round", m_round},
+                             {"attempt", m_attempt},
+                             {"asked", asked},
+                             {"connected", connected},
+                             {"sites", names}}),
+                       "round {}/{}{}: training on {} of {} sites: {}", m_round, m_s.rounds,
+                       m_attempt > 1 ? fmt::format(" (attempt {})", m_attempt) : "", asked, connected,
+                       fmt::join(names, ", "));
   for (const auto& name : names) {
     send_task(name);
   }
@@ -459,15 +467,27 @@ RoundMachine::attempt_committed(const json& body)
   m_stats.updates_accepted += body.at("participants").size();
   m_stats.rejected["invalid"] += body.at("rejected").size();
   std::string text;
+  json fields = {{"event", "round-done"},
+                 {"round", m_round},
+                 {"rounds", m_s.rounds},
+                 {"updates", body.at("participants").size()},
+                 {"rejected", body.at("rejected").size()},
+                 {"seconds", seconds}};
   if (body.contains("evaluation") && body["evaluation"].contains("accuracy")) {
     m_stats.accuracy = body["evaluation"]["accuracy"].get<double>();
     text = fmt::format(", accuracy {:.2f}%", *m_stats.accuracy * 100);
+    fields["accuracy"] = *m_stats.accuracy;
+    fields["loss"] = body["evaluation"].value("loss", json(nullptr));
   }
   m_privacy.replay(body, /*verify=*/false);
   text += round_privacy_text(body);
-  FEDL_LOG_INFO("round {}/{} done: {} updates{}{}, {:.2f} s", m_round, m_s.rounds, body.at("participants").size(),
-                body.at("rejected").empty() ? "" : fmt::format(" ({} rejected)", body.at("rejected").size()), text,
-                seconds);
+  if (const auto p = body.find("privacy"); p != body.end() && p->contains("client")) {
+    fields["epsilon"] = (*p)["client"].value("epsilon", json(nullptr));
+  }
+  FEDL_LOG_INFO_FIELDS(fields, "round {}/{} done: {}{}{}, {:.2f} s", m_round, m_s.rounds,
+                       count_of(body.at("participants").size(), "update"),
+                       body.at("rejected").empty() ? "" : fmt::format(" ({} rejected)", body.at("rejected").size()),
+                       text, seconds);
   ++m_round;
   m_attempt = 0;
   m_failed_in_a_row = 0;

@@ -131,9 +131,14 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
   m_last_sent = SentUpdate{job.task, job.round, metrics, u};
   send_update(*m_last_sent, job.attempt);
   count_trained(job.round);
-  FEDL_LOG_INFO("round {}: update sent ({}{} samples, {:.1f} s)", job.round,
-                metrics.contains("loss") ? fmt::format("loss {:.4f}, ", metrics["loss"].get<double>()) : std::string(),
-                metrics["num_samples"].get<std::uint64_t>(), metrics["seconds"].get<double>());
+  auto fields = metrics;
+  fields["event"] = "update-sent";
+  fields["round"] = job.round;
+  fields["site"] = m_site;
+  FEDL_LOG_INFO_FIELDS(
+    fields, "round {}: update sent ({}{}, {:.1f} s)", job.round,
+    metrics.contains("loss") ? fmt::format("loss {:.4f}, ", metrics["loss"].get<double>()) : std::string(),
+    count_of(metrics["num_samples"].get<std::uint64_t>(), "sample"), metrics["seconds"].get<double>());
 }
 
 // A task's update has left (in clear or masked): no task of an earlier round is taken any more.

@@ -57,10 +57,17 @@ enabled(Level lvl) noexcept
 namespace {
 
 std::string
-format_line(Level lvl, std::string_view message, bool with_time)
+format_line(Level lvl, std::string_view message, bool with_time, const nlohmann::json* fields = nullptr)
 {
   if (g_format == Format::json) {
     nlohmann::json j = {{"level", level_name(lvl)}, {"msg", message}};
+    if (fields != nullptr && fields->is_object()) {
+      for (const auto& [k, v] : fields->items()) {
+        if (k != "level" && k != "msg" && k != "time") {
+          j[k] = v;
+        }
+      }
+    }
     if (with_time) {
       j["time"] = utc_now();
     }
@@ -85,6 +92,14 @@ void
 write(Level lvl, std::string_view message)
 {
   const auto line = format_line(lvl, message, true);
+  const std::lock_guard lock(g_mutex);
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+void
+write(Level lvl, std::string_view message, const nlohmann::json& fields)
+{
+  const auto line = format_line(lvl, message, true, &fields);
   const std::lock_guard lock(g_mutex);
   std::fwrite(line.data(), 1, line.size(), stderr);
 }

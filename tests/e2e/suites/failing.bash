@@ -46,13 +46,28 @@ test_serve_benches_a_site_that_keeps_failing_and_records_it()
 {
   trap net_cleanup EXIT
   net_init 3 4 || return
-  serve_bg --min-clients 2 --max-site-failures 2
-  join_bg site-1
+  # JSON logs on both sides: the events carry their figures as fields.
+  serve_bg --min-clients 2 --max-site-failures 2 --log-format json
+  join_bg site-1 --log-format json
   join_bg site-2
   join_bg site-3 --device cuda --max-failures 0
   expect_exit "$SERVE" 120 0 "fedl serve"
   expect_in serve.log "site site-3 failed 2 tasks in a row"
   expect_in serve.log "it sits out the rest of this run"
+  "$PY" - serve.log site-1.log <<'PY' || fail "structured log fields"
+import json, sys
+serve = [json.loads(l) for l in open(sys.argv[1])]
+site = [json.loads(l) for l in open(sys.argv[2])]
+ev = lambda lines, name: [l for l in lines if l.get("event") == name]
+assert [(b["site"], b["failures"]) for b in ev(serve, "site-benched")] == [("site-3", 2)], ev(serve, "site-benched")
+done = ev(serve, "round-done")
+assert [d["round"] for d in done] == [1, 2, 3, 4], done
+assert all(0 < d["accuracy"] <= 1 and d["loss"] > 0 and d["updates"] == 2 for d in done), done
+assert all(s["asked"] in (2, 3) and "site-1" in s["sites"] for s in ev(serve, "round-start")), ev(serve, "round-start")
+assert any(e["site"] == "site-3" and e["class"] for e in ev(serve, "site-error")), ev(serve, "site-error")
+sent = ev(site, "update-sent")
+assert [s["round"] for s in sent] == [1, 2, 3, 4] and all(s["num_samples"] > 0 and s["site"] == "site-1" for s in sent), sent
+PY
   expect_rounds 4
   attempts_json >attempts.json
   # Benched once, in the entry of the attempt where its second failure came; after it, every

@@ -112,8 +112,9 @@ run_aggregate(const AggregateOptions& opt)
     throw core::VerifyError("{} (give --on-bad-update skip to leave bad updates out)", e.what());
   }
 
+  // As serve and audit name a workspace's models: relative to the workspace, beside it.
   nlohmann::json j = {{"model", r.model.string()},
-                      {"sha256", r.sha256},
+                      {"model_sha256", r.sha256},
                       {"strategy", r.strategy},
                       {"participants", r.participants},
                       {"rejected", r.rejected}};
@@ -122,6 +123,8 @@ run_aggregate(const AggregateOptions& opt)
   }
   if (plan.workspace) {
     j["round"] = r.round;
+    j["workspace"] = opt.workspace->string();
+    j["model"] = core::Workspace::model_name(r.round);
   }
   print_result(j, fmt::format("{}{} from {} updates ({} left out) with {}: {}\n",
                               plan.workspace ? fmt::format("round {}: ", r.round) : "", r.model.string(),

@@ -233,9 +233,11 @@ run_create(const InitOptions& opt)
     }
   });
 
+  // The model relative to the workspace, as serve, audit and aggregate name a workspace's models.
   nlohmann::json j = {{"workspace", opt.ws.string()},
                       {"clients", names},
-                      {"model", (opt.ws / core::Workspace::model_name(0)).string()},
+                      {"model", core::Workspace::model_name(0)},
+                      {"model_sha256", genesis["model"]["sha256"]},
                       {"arch", config.model.arch},
                       {"ca_fingerprint", genesis["ca_fingerprint"]}};
   if (data) {

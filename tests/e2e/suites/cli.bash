@@ -134,6 +134,9 @@ test_every_json_document_says_its_schema()
   [[ $(schema_of) == 1 ]] || fail "inspect --json: $(cat out)"
   fedl_expect 0 --json init ws --clients 2 --arch logreg --input-dim 4 --classes 3 --listen 127.0.0.1:1 || return
   [[ $(schema_of) == 1 ]] || fail "init --json: $(cat out)"
+  [[ $(json_get out "j['model'], j['model_sha256']") == \
+    "('models/global-000000.safetensors', '$(sha256sum ws/models/global-000000.safetensors | cut -d' ' -f1)')" ]] ||
+    fail "init --json model: $(cat out)"
   fedl_expect 0 --json audit ws || return
   [[ $(schema_of) == 1 ]] || fail "audit --json: $(cat out)"
   fedl_expect 0 --json audit --privacy-calc --sample-rate 0.01 --noise-multiplier 1.1 --steps 100 --delta 1e-5 || return

@@ -143,7 +143,11 @@ test_aggregate_rounds_chain_in_the_workspace()
   fedl_expect 3 aggregate --workspace ws a.st b.st && expect_in err "base"
   site_update site-1 c.st ws/models/global-000001.safetensors || { fail "training failed"; return; }
   fedl_expect 0 --json aggregate --workspace ws --strategy fedadam c.st || return
-  [[ $(json_get out "j['model']") == ws/models/global-000002.safetensors ]] || fail "round 2 model path: $(cat out)"
+  # The model relative to the workspace and its hash as model_sha256, as serve and audit name them.
+  [[ $(json_get out "j['workspace'], j['model']") == "('ws', 'models/global-000002.safetensors')" ]] ||
+    fail "round 2 model path: $(cat out)"
+  [[ $(json_get out "j['model_sha256']") == "$(sha256sum ws/models/global-000002.safetensors | cut -d' ' -f1)" ]] ||
+    fail "round 2 model_sha256: $(cat out)"
   ls ws/state/server-000002.safetensors >/dev/null || fail "no server optimizer state for fedadam"
   fedl_expect 0 audit ws && expect_in out "2 rounds"
 }

@@ -14,14 +14,14 @@ _fedl()
     --log-format) [[ $cmd == "" || -z "" ]] && { COMPREPLY=($(compgen -W "text json" -- "$cur")); return; } ;;&
     --clients) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --client) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
-    --arch) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --arch) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -W "logreg mlp:64 mlp:128 mlp:128,64 cnn" -- "$cur")); return; } ;;&
     --torchscript) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --input-dim) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --classes) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --server-name) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --listen) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --rounds) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
-    --strategy) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --strategy) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -W "fedavg fedavgm fedadam fedyogi fedadagrad median trimmed-mean:0.1 krum:1 multi-krum:1,2" -- "$cur")); return; } ;;&
     --seed) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --valid-days) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --min-clients) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
@@ -50,16 +50,16 @@ _fedl()
     --labels) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --label-column) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --limit-samples) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
-    --split) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --split) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -W "iid dirichlet:0.5 shards:2" -- "$cur")); return; } ;;&
     --holdout) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
-    --device) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
+    --device) [[ $cmd == "init" || -z "init" ]] && { COMPREPLY=($(compgen -W "auto cpu cuda cuda:0" -- "$cur")); return; } ;;&
     --threads) [[ $cmd == "init" || -z "init" ]] && { return; } ;;&
     --data) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --labels) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --label-column) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --limit-samples) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --model) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
-    --arch) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --arch) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "logreg mlp:64 mlp:128 mlp:128,64 cnn" -- "$cur")); return; } ;;&
     --torchscript) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --classes) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --out) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
@@ -76,7 +76,7 @@ _fedl()
     --dp-delta) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --accountant) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
     --seed) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
-    --device) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
+    --device) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "auto cpu cuda cuda:0" -- "$cur")); return; } ;;&
     --threads) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
     --sandbox) [[ $cmd == "train" || -z "train" ]] && { COMPREPLY=($(compgen -W "strict auto off" -- "$cur")); return; } ;;&
     --memory-limit) [[ $cmd == "train" || -z "train" ]] && { return; } ;;&
@@ -89,7 +89,7 @@ _fedl()
     --model) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --torchscript) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --batch-size|-b) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
-    --device) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
+    --device) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -W "auto cpu cuda cuda:0" -- "$cur")); return; } ;;&
     --threads) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
     --listen) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --rounds) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -98,7 +98,7 @@ _fedl()
     --fraction) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --round-timeout) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --wait-timeout) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
-    --strategy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --strategy) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "fedavg fedavgm fedadam fedyogi fedadagrad median trimmed-mean:0.1 krum:1 multi-krum:1,2" -- "$cur")); return; } ;;&
     --clip-norm) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --dp-clip-norm) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --dp-noise-multiplier) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -118,7 +118,7 @@ _fedl()
     --max-site-failures) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --seed) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --heartbeat) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
-    --device) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --device) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "auto cpu cuda cuda:0" -- "$cur")); return; } ;;&
     --threads) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --data) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --labels) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
@@ -138,7 +138,7 @@ _fedl()
     --min-noise-multiplier) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --model-policy) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --pin-model) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
-    --device) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
+    --device) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -W "auto cpu cuda cuda:0" -- "$cur")); return; } ;;&
     --threads) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --sandbox) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -W "strict auto off" -- "$cur")); return; } ;;&
     --memory-limit) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
@@ -147,7 +147,7 @@ _fedl()
     --base) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --out) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --workspace) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
-    --strategy) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
+    --strategy) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -W "fedavg fedavgm fedadam fedyogi fedadagrad median trimmed-mean:0.1 krum:1 multi-krum:1,2" -- "$cur")); return; } ;;&
     --state) [[ $cmd == "aggregate" || -z "aggregate" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --clip-norm) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
     --server-lr) [[ $cmd == "aggregate" || -z "aggregate" ]] && { return; } ;;&
@@ -167,15 +167,15 @@ _fedl()
   local words
   case "$cmd" in
     "") words="init train eval inspect serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
-    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --header --no-header --limit-samples --split --holdout --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "train") words="--help --data --labels --label-column --header --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --accountant --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
-    "eval") words="--help --data --labels --label-column --header --no-header --limit-samples --model --torchscript --batch-size --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "inspect") words="--help --help --json --quiet --verbose --log-format --version" ;;
-    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --require-sandbox --target-accuracy --metrics --max-site-failures --seed --heartbeat --device --threads --help --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --header --no-header --limit-samples --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --help --json --quiet --verbose --log-format --version" ;;
-    "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --help --json --quiet --verbose --log-format --version" ;;
-    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --epsilon --accountant --host --csv --help --json --quiet --verbose --log-format --version" ;;
-    "completion") words="--help --help --json --quiet --verbose --log-format --version" ;;
+    "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --header --no-header --limit-samples --split --holdout --device --threads --json --quiet --verbose --log-format --version" ;;
+    "train") words="--help --data --labels --label-column --header --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --accountant --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
+    "eval") words="--help --data --labels --label-column --header --no-header --limit-samples --model --torchscript --batch-size --device --threads --json --quiet --verbose --log-format --version" ;;
+    "inspect") words="--help --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --require-sandbox --target-accuracy --metrics --max-site-failures --seed --heartbeat --device --threads --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --header --no-header --limit-samples --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
+    "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --json --quiet --verbose --log-format --version" ;;
+    "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --epsilon --accountant --host --csv --json --quiet --verbose --log-format --version" ;;
+    "completion") words="--help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))
 }

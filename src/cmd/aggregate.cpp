@@ -147,9 +147,10 @@ add_aggregate(CLI::App& parent)
   app->add_option("--out", opt->out, "Where to write the new model (not with --workspace)")->type_name("FILE");
   app->add_option("--workspace", opt->workspace, "Aggregate a round of this workspace: signed updates, ledger entry")
     ->type_name("DIR");
-  app
-    ->add_option("--strategy", opt->strategy,
-                 "fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean:BETA, krum:F, multi-krum:F,M")
+  with_suggestions(app->add_option("--strategy", opt->strategy,
+                                   "fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean:BETA, krum:F, "
+                                   "multi-krum:F,M"),
+                   strategy_suggestions())
     ->type_name("S");
   app->add_option("--state", opt->state, "Server optimizer state file, read and rewritten (not with --workspace)")
     ->type_name("FILE");

@@ -43,6 +43,20 @@ choices_of(const CLI::Option* option)
   return it == choice_registry().end() ? none : it->second;
 }
 
+CLI::Option*
+with_suggestions(CLI::Option* option, std::vector<std::string> values)
+{
+  choice_registry()[option] = std::move(values);
+  return option;
+}
+
+std::vector<std::string>
+strategy_suggestions()
+{
+  return {"fedavg", "fedavgm",          "fedadam", "fedyogi",       "fedadagrad",
+          "median", "trimmed-mean:0.1", "krum:1",  "multi-krum:1,2"};
+}
+
 GlobalOptions&
 globals()
 {
@@ -63,7 +77,8 @@ add_global_options(CLI::App& app, GlobalOptions& o)
 void
 add_compute_options(CLI::App& app, ComputeOptions& o)
 {
-  app.add_option("--device", o.device, "Compute device: auto, cpu, cuda, cuda:N or a backend name")
+  with_suggestions(app.add_option("--device", o.device, "Compute device: auto, cpu, cuda, cuda:N or a backend name"),
+                   {"auto", "cpu", "cuda", "cuda:0"})
     ->capture_default_str();
   app.add_option("--threads", o.threads, "CPU threads for compute (default: the number of cores)")
     ->check(CLI::Range(1U, 1024U));

@@ -34,8 +34,13 @@ struct GlobalOptions
 
 // Adds CLI::IsMember(`choices`) to `option` and records the choices for completions.
 CLI::Option* with_choices(CLI::Option* option, std::vector<std::string> choices);
-// The choices recorded for `option` (empty if none).
+// The choices recorded for `option` (empty if none): with_choices's, else with_suggestions's.
 const std::vector<std::string>& choices_of(const CLI::Option* option);
+// Records values that completions offer for `option` without restricting it to them (an
+// architecture, a split, a strategy, a device: forms with parameters the shell cannot list).
+CLI::Option* with_suggestions(CLI::Option* option, std::vector<std::string> values);
+// The strategies completions offer: fedavg ... multi-krum, those with parameters in an example form.
+std::vector<std::string> strategy_suggestions();
 
 // The process's global options, filled in by main's parse.
 GlobalOptions& globals();

@@ -147,7 +147,16 @@ bash(const std::vector<CommandDoc>& cmds)
         }
       }
     }
-    s += fmt::format("    \"{}\") words=\"{}{}\" ;;\n", c.name, words, global_words);
+    // The root's options, less those the command has too (--help): each word once.
+    std::string globals_here;
+    for (const auto& o : cmds.front().options) {
+      for (const auto& l : o.longs) {
+        if ((" " + words + " ").find(" --" + l + " ") == std::string::npos) {
+          globals_here += " --" + l;
+        }
+      }
+    }
+    s += fmt::format("    \"{}\") words=\"{}{}\" ;;\n", c.name, words, c.name.empty() ? global_words : globals_here);
   }
   s += "  esac\n"
        "  COMPREPLY=($(compgen -W \"$words\" -- \"$cur\"))\n"
@@ -258,9 +267,20 @@ fish(const std::vector<CommandDoc>& cmds)
                        fish_escape(c.help));
     }
   }
+  // A root option that every command has too (--help) is offered by the root before a command
+  // only, so that it is listed once after one.
+  const auto every_command_has = [&cmds](const OptionDoc& root_option) {
+    return std::all_of(cmds.begin() + 1, cmds.end(), [&](const CommandDoc& c) {
+      return std::any_of(c.options.begin(), c.options.end(),
+                         [&](const OptionDoc& o) { return o.longs == root_option.longs; });
+    });
+  };
   for (const auto& c : cmds) {
-    const std::string cond = c.name.empty() ? "" : fmt::format(" -n '__fish_seen_subcommand_from {}'", c.name);
     for (const auto& o : c.options) {
+      std::string cond = c.name.empty() ? "" : fmt::format(" -n '__fish_seen_subcommand_from {}'", c.name);
+      if (c.name.empty() && cmds.size() > 1 && every_command_has(o)) {
+        cond = fmt::format(" -n 'not __fish_seen_subcommand_from {}'", names);
+      }
       std::string line = "complete -c fedl" + cond;
       for (const auto& sh : o.shorts) {
         line += " -s " + sh;

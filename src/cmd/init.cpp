@@ -291,7 +291,9 @@ add_init(CLI::App& parent)
   app->add_option("--client", opt->client_names, "A site by name (repeat for each site)")
     ->type_name("NAME")
     ->excludes(clients);
-  app->add_option("--arch", opt->arch, "Zoo model: logreg, mlp:H1[,H2...], cnn")->type_name("SPEC");
+  with_suggestions(app->add_option("--arch", opt->arch, "Zoo model: logreg, mlp:H1[,H2...], cnn"),
+                   {"logreg", "mlp:64", "mlp:128", "mlp:128,64", "cnn"})
+    ->type_name("SPEC");
   app->add_option("--torchscript", opt->torchscript, "A TorchScript module (torch.jit.save) as the model")
     ->type_name("FILE")
     ->check(CLI::ExistingFile);
@@ -309,7 +311,8 @@ add_init(CLI::App& parent)
     ->capture_default_str()
     ->type_name("HOST:PORT");
   app->add_option("--rounds", opt->rounds, "Rounds to run")->capture_default_str()->check(CLI::Range(1U, 1000000U));
-  app->add_option("--strategy", opt->strategy, "Aggregation strategy (see fedl-aggregate(1))")
+  with_suggestions(app->add_option("--strategy", opt->strategy, "Aggregation strategy (see fedl-aggregate(1))"),
+                   strategy_suggestions())
     ->capture_default_str()
     ->type_name("S");
   app->add_option("--seed", opt->seed, "Seed for the initial model and the partition")->capture_default_str();
@@ -367,7 +370,8 @@ add_init(CLI::App& parent)
   app->add_option("--partition", opt->partition.data, "Split this data set into per-site shards (CSV or IDX)")
     ->type_name("PATH");
   add_data_format_options(*app, opt->partition);
-  app->add_option("--split", opt->split, "How --partition splits: iid, dirichlet:ALPHA or shards:K")
+  with_suggestions(app->add_option("--split", opt->split, "How --partition splits: iid, dirichlet:ALPHA or shards:K"),
+                   {"iid", "dirichlet:0.5", "shards:2"})
     ->capture_default_str()
     ->type_name("S");
   app->add_option("--holdout", opt->holdout, "Fraction of --partition kept as a test set in WS/data/")

@@ -290,7 +290,9 @@ add_serve(CLI::App& parent)
   app->add_option("--wait-timeout", opt->wait_timeout, "Give up (exit 1) if no quorum connects in this time (0: wait)")
     ->check(CLI::NonNegativeNumber)
     ->type_name("SEC");
-  app->add_option("--strategy", opt->strategy, "Aggregation strategy (as fedl aggregate; default: fedl.json)")
+  with_suggestions(
+    app->add_option("--strategy", opt->strategy, "Aggregation strategy (as fedl aggregate; default: fedl.json)"),
+    strategy_suggestions())
     ->type_name("S");
   app->add_option("--clip-norm", opt->clip_norm, "Scale each update down to this L2 norm first")
     ->check(CLI::PositiveNumber)

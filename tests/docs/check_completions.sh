@@ -21,8 +21,15 @@ out=$(bash -c '
   COMP_WORDS=(fedl train --optim); COMP_CWORD=2; _fedl; echo "${COMPREPLY[*]}"
   COMP_WORDS=(fedl train --optimizer ""); COMP_CWORD=3; _fedl; echo "${COMPREPLY[*]}"
   COMP_WORDS=(fedl tr); COMP_CWORD=1; _fedl; echo "${COMPREPLY[*]}"
+  COMP_WORDS=(fedl train --arch m); COMP_CWORD=3; _fedl; echo "${COMPREPLY[*]}"
+  COMP_WORDS=(fedl serve --strategy fedad); COMP_CWORD=3; _fedl; echo "${COMPREPLY[*]}"
+  COMP_WORDS=(fedl init --split d); COMP_CWORD=3; _fedl; echo "${COMPREPLY[*]}"
+  COMP_WORDS=(fedl join --device c); COMP_CWORD=3; _fedl; echo "${COMPREPLY[*]}"
+  COMP_WORDS=(fedl train --h); COMP_CWORD=2; _fedl; echo "${COMPREPLY[*]}"
 ' _ "$dir/fedl.bash")
-expected=$'--optimizer\nsgd adam\ntrain'
+# Values offered for options that take forms with parameters; --help once after a command.
+expected=$'--optimizer\nsgd adam\ntrain\nmlp:64 mlp:128 mlp:128,64\nfedadam fedadagrad\ndirichlet:0.5\ncpu cuda cuda:0\n--help --header'
+
 if [[ $out != "$expected" ]]; then
   echo "FAIL: bash completion gave:"; echo "$out"; echo "expected:"; echo "$expected"; rc=1
 else

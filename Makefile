@@ -68,7 +68,8 @@ fuzz:
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_BUILD=build-fuzz JOBS=$(JOBS) scripts/fuzz.sh $(FUZZ_TARGETS)
 
 # fedl's main job on a built-in default: a networked federation on bundled real data
-# (examples/networked/run: init, serve and 4 x join over mTLS on 127.0.0.1, 15 rounds, audit).
+# (examples/networked/run: init, serve and 4 x join over mTLS on 127.0.0.1, 15 rounds, audit;
+# it keeps the workspace and the logs, and says where).
 # examples/offline-rounds/run does the same with train and aggregate in a shell loop.
 # SECURE=1: with secure aggregation (the coordinator learns only each round's sum).
 demo: build

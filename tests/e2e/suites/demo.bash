@@ -6,7 +6,9 @@
 # run_demo [ARGS...]: the example, 15 rounds over 4 sites, into ws/; its final accuracy in ACC.
 run_demo()
 {
-  timeout 300 "$FEDL_SOURCE_DIR/examples/networked/run" -r 15 -k 4 -s dirichlet:0.5 -w "$PWD/ws" "$@" >run.log 2>&1 ||
+  # TMPDIR here: the example keeps its logs (and says where), in this test's folder.
+  TMPDIR=$PWD timeout 300 "$FEDL_SOURCE_DIR/examples/networked/run" -r 15 -k 4 -s dirichlet:0.5 -w "$PWD/ws" "$@" \
+    >run.log 2>&1 ||
     { fail "the example failed"; cat run.log; return 1; }
   cat run.log
   expect_in run.log "15 rounds, latest model models/global-000015.safetensors"
@@ -21,6 +23,13 @@ test_networked_demo_reaches_88_percent_with_dp_sgd_in_15_rounds_and_audits()
   check_py "$ACC >= 0.88" "final accuracy $ACC is below 0.88"
   expect_in run.log "round 15/15 done: 4 updates"
   expect_in run.log "site epsilon up to"
+  # Kept afterwards, and said where (it deleted them): the summary and the sites' logs.
+  local kept
+  kept=$(sed -n "s/^== kept: the workspace .*; the coordinator's summary and the sites' logs in //p" run.log)
+  [[ -n $kept && -s $kept/serve.json && -e $kept/site-4.log ]] ||
+    fail "the example did not keep its logs where it says: '$kept'"
+  fedl_expect 0 audit ws --csv || return
+  [[ $(grep -c . out) == 16 ]] || fail "audit --csv on the demo's workspace: $(cat out)"
   "$FEDL" audit ws >audit.log 2>&1 || fail "fedl audit failed on the demo's workspace"
   # Every round ran once, with all four sites, each evaluated by the coordinator.
   "$PY" - ws/ledger.jsonl <<'PY' || fail "the ledger does not record 15 rounds of 4 sites each"

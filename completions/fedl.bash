@@ -164,6 +164,15 @@ _fedl()
     --epsilon) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --accountant) [[ $cmd == "audit" || -z "audit" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
   esac
+  if [[ -n $cmd && $cur != -* ]]; then
+    case "$cmd" in
+      init) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+      serve) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+      join) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+      audit) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+      completion) COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
+    esac
+  fi
   local words
   case "$cmd" in
     "") words="init train eval inspect serve join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;

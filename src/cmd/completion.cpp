@@ -10,6 +10,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,6 +34,7 @@ struct CommandDoc
   std::string name;
   std::string help;
   std::vector<OptionDoc> options;
+  std::optional<OptionDoc> positional; // the first positional argument, if any
 };
 
 OptionDoc
@@ -65,9 +68,32 @@ std::vector<CommandDoc>
 tree(const CLI::App& root)
 {
   std::vector<CommandDoc> out;
-  out.push_back({"", root.get_description(), options_of(root)});
+  out.push_back({"", root.get_description(), options_of(root), std::nullopt});
   for (const auto* sub : root.get_subcommands([](const CLI::App* a) { return !a->get_group().empty(); })) {
-    out.push_back({sub->get_name(), sub->get_description(), options_of(*sub)});
+    std::optional<OptionDoc> positional;
+    for (const auto* o : sub->get_options()) {
+      if (o->get_lnames().empty() && o->get_snames().empty() && !positional) {
+        positional = describe(o);
+      }
+    }
+    out.push_back({sub->get_name(), sub->get_description(), options_of(*sub), positional});
+  }
+  return out;
+}
+
+// A positional argument that names a folder (a workspace, a bundle): completed with directories.
+bool
+is_directory(const OptionDoc& o)
+{
+  return o.value_name == "WS" || o.value_name == "DIR";
+}
+
+std::string
+joined(const std::vector<std::string>& words)
+{
+  std::string out;
+  for (const auto& w : words) {
+    out += (out.empty() ? "" : " ") + w;
   }
   return out;
 }
@@ -128,6 +154,21 @@ bash(const std::vector<CommandDoc>& cmds)
     }
   }
   s += "  esac\n";
+  // A command's positional argument: its choices, or directories for a folder (else the shell's
+  // default, files).
+  s += "  if [[ -n $cmd && $cur != -* ]]; then\n    case \"$cmd\" in\n";
+  for (const auto& c : cmds) {
+    if (!c.positional) {
+      continue;
+    }
+    if (!c.positional->choices.empty()) {
+      s += fmt::format("      {}) COMPREPLY=($(compgen -W \"{}\" -- \"$cur\")); return ;;\n", c.name,
+                       joined(c.positional->choices));
+    } else if (is_directory(*c.positional)) {
+      s += fmt::format("      {}) COMPREPLY=($(compgen -d -- \"$cur\")); return ;;\n", c.name);
+    }
+  }
+  s += "    esac\n  fi\n";
   s += "  local words\n  case \"$cmd\" in\n";
   std::string global_words;
   for (const auto& o : cmds.front().options) {
@@ -229,8 +270,21 @@ zsh(const std::vector<CommandDoc>& cmds)
     if (c.name.empty()) {
       continue;
     }
-    s += fmt::format("        {})\n          _arguments \\\n{}{}            '*:file:_files' ;;\n", c.name,
-                     zsh_specs(c.options), zsh_specs(cmds.front().options));
+    // The root's options, less those the command has too (--help): each once.
+    std::vector<OptionDoc> globals_here;
+    for (const auto& g : cmds.front().options) {
+      if (std::none_of(c.options.begin(), c.options.end(), [&](const OptionDoc& o) { return o.longs == g.longs; })) {
+        globals_here.push_back(g);
+      }
+    }
+    std::string rest = "'*:file:_files'";
+    if (c.positional && !c.positional->choices.empty()) {
+      rest = fmt::format("'1:{}:({})'", zsh_escape(c.positional->value_name), joined(c.positional->choices));
+    } else if (c.positional && is_directory(*c.positional)) {
+      rest = fmt::format("'1:{}:_files -/'", zsh_escape(c.positional->value_name));
+    }
+    s += fmt::format("        {})\n          _arguments \\\n{}{}            {} ;;\n", c.name, zsh_specs(c.options),
+                     zsh_specs(globals_here), rest);
   }
   s += "      esac ;;\n  esac\n}\n\n_fedl \"$@\"\n";
   // zsh_specs lines are indented for the top-level call; the nested ones read fine as they are.
@@ -265,6 +319,15 @@ fish(const std::vector<CommandDoc>& cmds)
     if (!c.name.empty()) {
       s += fmt::format("complete -c fedl -n 'not __fish_seen_subcommand_from {}' -a {} -d '{}'\n", names, c.name,
                        fish_escape(c.help));
+    }
+  }
+  for (const auto& c : cmds) {
+    if (c.positional && !c.positional->choices.empty()) {
+      s += fmt::format("complete -c fedl -n '__fish_seen_subcommand_from {}' -a '{}'\n", c.name,
+                       joined(c.positional->choices));
+    } else if (c.positional && is_directory(*c.positional)) {
+      s += fmt::format("complete -c fedl -n '__fish_seen_subcommand_from {}' -a '(__fish_complete_directories)'\n",
+                       c.name);
     }
   }
   // A root option that every command has too (--help) is offered by the root before a command

@@ -26,9 +26,13 @@ out=$(bash -c '
   COMP_WORDS=(fedl init --split d); COMP_CWORD=3; _fedl; echo "${COMPREPLY[*]}"
   COMP_WORDS=(fedl join --device c); COMP_CWORD=3; _fedl; echo "${COMPREPLY[*]}"
   COMP_WORDS=(fedl train --h); COMP_CWORD=2; _fedl; echo "${COMPREPLY[*]}"
+  COMP_WORDS=(fedl completion ""); COMP_CWORD=2; _fedl; echo "${COMPREPLY[*]}"
+  cd "$(mktemp -d)" && mkdir wsdir && touch afile && trap "rm -rf \"$PWD\"" EXIT
+  COMP_WORDS=(fedl serve ""); COMP_CWORD=2; _fedl; echo "${COMPREPLY[*]}"
 ' _ "$dir/fedl.bash")
-# Values offered for options that take forms with parameters; --help once after a command.
-expected=$'--optimizer\nsgd adam\ntrain\nmlp:64 mlp:128 mlp:128,64\nfedadam fedadagrad\ndirichlet:0.5\ncpu cuda cuda:0\n--help --header'
+# Values offered for options that take forms with parameters; --help once after a command; the
+# shells of `fedl completion`; only folders for a workspace.
+expected=$'--optimizer\nsgd adam\ntrain\nmlp:64 mlp:128 mlp:128,64\nfedadam fedadagrad\ndirichlet:0.5\ncpu cuda cuda:0\n--help --header\nbash zsh fish\nwsdir'
 
 if [[ $out != "$expected" ]]; then
   echo "FAIL: bash completion gave:"; echo "$out"; echo "expected:"; echo "$expected"; rc=1

@@ -140,17 +140,13 @@ GaussianNoise::child()
 std::uint64_t
 GaussianNoise::spare_word()
 {
-  if (m_spare_used == m_spare.size()) {
-    m_stream.fill(std::as_writable_bytes(std::span(m_spare)));
-    m_spare_used = 0;
-  }
-  return m_spare[m_spare_used++];
+  return m_spare.next(m_stream);
 }
 
 double
 GaussianNoise::spare_uniform()
 {
-  return (static_cast<double>(static_cast<std::int64_t>(spare_word() >> 11)) + 0.5) * 0x1p-53;
+  return position(spare_word()) + 0x1p-54; // the middle of its cell: never 0
 }
 
 double
@@ -258,11 +254,7 @@ DiscreteGaussianNoise::DiscreteGaussianNoise(std::uint64_t seed) : m_stream(nois
 std::uint64_t
 DiscreteGaussianNoise::next()
 {
-  if (m_used == m_buffer.size()) {
-    m_stream.fill(std::as_writable_bytes(std::span(m_buffer)));
-    m_used = 0;
-  }
-  return m_buffer[m_used++];
+  return m_buffer.next(m_stream);
 }
 
 double

@@ -37,6 +37,23 @@
 
 namespace fedl::core {
 
+// 64-bit words of a key stream, drawn N at a time (the samplers' occasional draws).
+template<std::size_t N>
+struct WordBuffer
+{
+  std::array<std::uint64_t, N> words{};
+  std::size_t used = N;
+
+  std::uint64_t next(KeyStream& stream)
+  {
+    if (used == N) {
+      stream.fill(std::as_writable_bytes(std::span(words)));
+      used = 0;
+    }
+    return words[used++];
+  }
+};
+
 class GaussianNoise
 {
 public:
@@ -72,8 +89,7 @@ private:
   double spare_uniform_fine(); // in (0, 1], 128 bits
 
   KeyStream m_stream;
-  std::array<std::uint64_t, 64> m_spare{}; // words for the rejected candidates
-  std::size_t m_spare_used = 64;
+  WordBuffer<64> m_spare; // words for the rejected candidates
 };
 
 // The ziggurat tables' closure, for the tests: the top layer's area over the common area v,
@@ -109,8 +125,7 @@ private:
   std::int64_t discrete_laplace(std::uint64_t t);
 
   KeyStream m_stream;
-  std::array<std::uint64_t, 512> m_buffer{};
-  std::size_t m_used = 512;
+  WordBuffer<512> m_buffer;
 };
 
 } // namespace fedl::core

@@ -139,11 +139,7 @@ bash(const std::vector<CommandDoc>& cmds)
       }
       std::string action;
       if (!o.choices.empty()) {
-        std::string words;
-        for (const auto& ch : o.choices) {
-          words += (words.empty() ? "" : " ") + ch;
-        }
-        action = fmt::format("COMPREPLY=($(compgen -W \"{}\" -- \"$cur\")); return", words);
+        action = fmt::format("COMPREPLY=($(compgen -W \"{}\" -- \"$cur\")); return", joined(o.choices));
       } else if (is_path(o)) {
         action = "COMPREPLY=($(compgen -f -- \"$cur\")); return";
       } else {
@@ -235,11 +231,7 @@ zsh_specs(const std::vector<OptionDoc>& options)
     std::string action;
     if (o.takes_value) {
       if (!o.choices.empty()) {
-        std::string words;
-        for (const auto& ch : o.choices) {
-          words += (words.empty() ? "" : " ") + ch;
-        }
-        action = fmt::format(":{}:({})", zsh_escape(o.value_name), words);
+        action = fmt::format(":{}:({})", zsh_escape(o.value_name), joined(o.choices));
       } else if (is_path(o)) {
         action = fmt::format(":{}:_files", zsh_escape(o.value_name));
       } else {
@@ -353,11 +345,7 @@ fish(const std::vector<CommandDoc>& cmds)
       }
       if (o.takes_value) {
         if (!o.choices.empty()) {
-          std::string words;
-          for (const auto& ch : o.choices) {
-            words += (words.empty() ? "" : " ") + ch;
-          }
-          line += fmt::format(" -x -a '{}'", words);
+          line += fmt::format(" -x -a '{}'", joined(o.choices));
         } else if (is_path(o)) {
           line += " -r -F";
         } else {

@@ -175,8 +175,8 @@ add_round_metrics(const nlohmann::json& body, nlohmann::json& row)
   row["accuracy"] = number(evaluation, "accuracy");
   row["loss"] = number(evaluation, "loss");
   const auto privacy = get("privacy", nullptr);
-  row["epsilon"] =
-    privacy.is_object() ? number(privacy.value("client", nlohmann::json(nullptr)), "epsilon") : nlohmann::json(nullptr);
+  const auto epsilon = round_client_epsilon(body);
+  row["epsilon"] = epsilon ? nlohmann::json(*epsilon) : nlohmann::json(nullptr);
   nlohmann::json sites = nlohmann::json::object();
   if (privacy.is_object() && privacy.contains("sites") && privacy["sites"].is_object()) {
     for (const auto& [name, r] : privacy["sites"].items()) {

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 
 namespace fedl::core {
 
@@ -162,11 +163,13 @@ RoundMachine::site_error(const std::string& site, std::uint64_t task, const std:
   check_complete();
 }
 
-std::size_t
-RoundMachine::eligible() const
+std::vector<std::string>
+RoundMachine::eligible_sites() const
 {
-  return static_cast<std::size_t>(
-    std::count_if(m_connected.begin(), m_connected.end(), [&](const auto& s) { return m_benched.count(s) == 0; }));
+  std::vector<std::string> out;
+  std::copy_if(m_connected.begin(), m_connected.end(), std::back_inserter(out),
+               [&](const auto& s) { return m_benched.count(s) == 0; });
+  return out;
 }
 
 std::optional<UploadRefusal>
@@ -290,12 +293,7 @@ RoundMachine::start()
     return;
   }
   const auto& privacy = m_s.privacy;
-  std::vector<std::string> eligible_names;
-  for (const auto& name : m_connected) {
-    if (m_benched.count(name) == 0) {
-      eligible_names.push_back(name);
-    }
-  }
+  const auto eligible_names = eligible_sites();
   std::vector<std::string> names;
   for (const auto& name : eligible_names) {
     if (m_excluded.count(name) == 0) {
@@ -481,8 +479,8 @@ RoundMachine::attempt_committed(const json& body)
   }
   m_privacy.replay(body, /*verify=*/false);
   text += round_privacy_text(body);
-  if (const auto p = body.find("privacy"); p != body.end() && p->contains("client")) {
-    fields["epsilon"] = (*p)["client"].value("epsilon", json(nullptr));
+  if (const auto epsilon = round_client_epsilon(body)) {
+    fields["epsilon"] = *epsilon;
   }
   FEDL_LOG_INFO_FIELDS(fields, "round {}/{} done: {}{}{}, {:.2f} s", m_round, m_s.rounds,
                        count_of(body.at("participants").size(), "update"),

@@ -176,7 +176,8 @@ public:
   double finish_at() const noexcept { return m_finish_at; }       // when to stop after finishing
   std::size_t connected() const noexcept { return m_connected.size(); }
   // The connected sites that are not benched (site_error): those a round may ask.
-  std::size_t eligible() const;
+  std::vector<std::string> eligible_sites() const;
+  std::size_t eligible() const { return eligible_sites().size(); }
   const RoundStats& stats() const noexcept { return m_stats; }
   const FederationPrivacy& privacy() const noexcept { return m_privacy; }
   // The participants of the current attempt (empty while waiting).

@@ -461,6 +461,20 @@ check_not_weaker(const json& last_dp, const PrivacyConfig& now, std::uint64_t ro
   }
 }
 
+std::optional<double>
+round_client_epsilon(const json& body)
+{
+  const auto it = body.find("privacy");
+  if (it == body.end() || !it->is_object()) {
+    return std::nullopt;
+  }
+  const auto c = it->find("client");
+  if (c == it->end() || !c->is_object() || !c->contains("epsilon") || !(*c)["epsilon"].is_number()) {
+    return std::nullopt;
+  }
+  return (*c)["epsilon"].get<double>();
+}
+
 std::string
 round_privacy_text(const json& body)
 {
@@ -469,8 +483,8 @@ round_privacy_text(const json& body)
     return {};
   }
   std::string t;
-  if (const auto c = it->find("client"); c != it->end() && c->is_object()) {
-    t += fmt::format(", epsilon {:.4g}", c->value("epsilon", 0.0));
+  if (const auto epsilon = round_client_epsilon(body)) {
+    t += fmt::format(", epsilon {:.4g}", *epsilon);
     if (const auto m = it->find("max_epsilon"); m != it->end() && m->is_number()) {
       t += fmt::format(" of {:g}", m->get<double>());
     }

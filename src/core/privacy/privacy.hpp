@@ -181,6 +181,8 @@ void check_not_weaker(const nlohmann::json& last_dp, const PrivacyConfig& now, s
 // client-level total after the round) and ", site epsilon up to S" (the largest site total), from
 // a round entry's body; empty without "privacy".
 std::string round_privacy_text(const nlohmann::json& round_body);
+// A round entry's client-level epsilon (privacy.client.epsilon), if it records one.
+std::optional<double> round_client_epsilon(const nlohmann::json& round_body);
 
 // A site's own account of its sample-level spending (DIR/privacy.jsonl).
 class SiteAccount

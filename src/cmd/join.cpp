@@ -35,7 +35,7 @@ struct JoinOptions
   std::optional<std::string> server_name;
   double retry_max = 30;
   double retry_for = 0;
-  std::uint32_t max_failures = 3;
+  std::uint32_t max_failures = core::JoinSettings{}.max_failures;
   double trainer_idle = 0;
   std::optional<fs::path> fork_server;
   std::optional<double> max_epsilon;

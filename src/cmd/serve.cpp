@@ -7,6 +7,7 @@
 #include "cmd/common.hpp"
 #include "core/federation/coordinator.hpp"
 #include "core/federation/round.hpp"
+#include "core/federation/serve_settings.hpp"
 #include "core/net/child.hpp"
 #include "core/net/trainer_protocol.hpp"
 #include "core/util/error.hpp"
@@ -47,7 +48,7 @@ struct ServeOptions
   std::optional<fs::path> eval_data;
   DataFlags eval_format; // how --eval-data is laid out, where fedl.json has no data contract
   std::optional<double> target_accuracy;
-  std::uint32_t max_site_failures = 3;
+  std::uint32_t max_site_failures = core::ServeSettings{}.max_site_failures;
   std::optional<std::string> require_sandbox;
   std::optional<std::string> metrics;
   std::optional<std::uint64_t> seed;

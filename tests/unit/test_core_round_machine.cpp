@@ -559,3 +559,44 @@ TEST_CASE("round machine: a site excluded sits out the round's next attempts, un
   f.at(40);
   CHECK(f.host.tasked() == std::vector<std::string>{"a", "b", "c"});
 }
+
+TEST_CASE("round machine: status() shows the round, its deadline, who reported, and the rounds done")
+{
+  Fixture f(3);
+  f.m.site_joined("a");
+  auto st = f.m.status();
+  CHECK(st["state"] == "waiting");
+  CHECK(st["round"] == 1);
+  CHECK(st["rounds"] == 3);
+  CHECK(st["participants"].empty());
+  CHECK(st["deadline_seconds"].is_null());
+  f.m.site_joined("b");
+  f.m.site_joined("c");
+  f.at(10);
+  f.upload("a");
+  f.m.site_error("c", f.m.task(), "data: no rows");
+  st = f.m.status();
+  CHECK(st["state"] == "running");
+  CHECK(st["attempt"] == 1);
+  CHECK(st["deadline_seconds"].get<double>() == doctest::Approx(50));
+  CHECK(st["participants"] == json::parse(R"([{"site": "a", "state": "reported"}, {"site": "b", "state": "training"},
+    {"site": "c", "state": "dropped", "why": "data: no rows"}])"));
+  f.m.site_left("b", "eof");
+  CHECK(f.m.status()["participants"][1]["state"] == "disconnected");
+  f.m.site_joined("b");
+  f.upload("b");
+  REQUIRE(f.m.phase() == RoundMachine::Phase::aggregating);
+  CHECK(f.m.status()["state"] == "aggregating");
+  auto body = committed_body(2, 0.75);
+  f.t = 12;
+  f.m.attempt_committed(body);
+  st = f.m.status();
+  CHECK(st["round"] == 2);
+  CHECK(st["accuracy"] == 0.75);
+  CHECK(st["epsilon"].is_null()); // no client-level DP
+  REQUIRE(st["recent"].size() == 1);
+  CHECK(st["recent"][0]["round"] == 1);
+  CHECK(st["recent"][0]["updates"] == 2);
+  CHECK(st["recent"][0]["accuracy"] == 0.75);
+  CHECK(st["recent"][0]["seconds"].get<double>() == doctest::Approx(12)); // from the tasks at 0
+}

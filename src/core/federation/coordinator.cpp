@@ -9,6 +9,7 @@
 #include "core/net/site_protocol.hpp"
 #include "core/trust/receipt.hpp"
 #include "core/trust/server_trust.hpp"
+#include "core/util/clock.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
 #include "core/util/log.hpp"
@@ -316,6 +317,7 @@ Coordinator::on_tick()
     check_secure();
   }
   m_rounds.tick();
+  refresh_status(now);
   if (m_rounds.phase() == Phase::finishing) {
     bool drained = true;
     for (const auto& [name, p] : m_sites) {
@@ -335,51 +337,6 @@ Coordinator::on_tick()
       on_tick();
     }
   });
-}
-
-std::string
-Coordinator::metrics_text() const
-{
-  const auto in = m_pool->bytes_in();
-  const auto out = m_pool->bytes_out();
-  const auto& st = m_rounds.stats();
-  std::string t;
-  const auto metric = [&](const char* name, const char* type, const char* help, const std::string& samples) {
-    t += fmt::format("# HELP {} {}\n# TYPE {} {}\n{}", name, help, name, type, samples);
-  };
-  metric("fedl_round", "gauge", "The round being run (or next to run).",
-         fmt::format("fedl_round {}\n", m_rounds.round()));
-  metric("fedl_rounds_completed_total", "counter", "Rounds completed by this coordinator process.",
-         fmt::format("fedl_rounds_completed_total {}\n", st.rounds_done));
-  metric("fedl_rounds_retried_total", "counter", "Round attempts that missed the quorum and were run again.",
-         fmt::format("fedl_rounds_retried_total {}\n", st.retries));
-  metric("fedl_connected_sites", "gauge", "Sites connected and admitted.",
-         fmt::format("fedl_connected_sites {}\n", m_sites.size()));
-  metric("fedl_round_duration_seconds", "summary", "Duration of completed rounds, from tasks sent to ledger entry.",
-         fmt::format("fedl_round_duration_seconds_sum {}\nfedl_round_duration_seconds_count {}\n", st.round_seconds_sum,
-                     st.rounds_done));
-  metric("fedl_last_round_duration_seconds", "gauge", "Duration of the last completed round.",
-         fmt::format("fedl_last_round_duration_seconds {}\n", st.last_round_seconds));
-  metric("fedl_received_bytes_total", "counter", "Bytes received from sites (TLS payload).",
-         fmt::format("fedl_received_bytes_total {}\n", in));
-  metric("fedl_sent_bytes_total", "counter", "Bytes sent to sites (TLS payload).",
-         fmt::format("fedl_sent_bytes_total {}\n", out));
-  metric("fedl_updates_accepted_total", "counter", "Updates aggregated.",
-         fmt::format("fedl_updates_accepted_total {}\n", st.updates_accepted));
-  std::string rejected;
-  for (const char* reason : {"invalid", "late", "unexpected"}) {
-    const auto it = st.rejected.find(reason);
-    rejected += fmt::format("fedl_updates_rejected_total{{reason=\"{}\"}} {}\n", reason,
-                            it == st.rejected.end() ? 0 : it->second);
-  }
-  metric("fedl_updates_rejected_total", "counter", "Updates left out, by reason.", rejected);
-  metric("fedl_connections_refused_total", "counter", "Connections refused at the TLS handshake or at hello.",
-         fmt::format("fedl_connections_refused_total {}\n", m_pool->refused()));
-  if (st.accuracy) {
-    metric("fedl_accuracy", "gauge", "Test accuracy of the latest global model.",
-           fmt::format("fedl_accuracy {}\n", *st.accuracy));
-  }
-  return t;
 }
 
 json
@@ -466,6 +423,7 @@ json
 Coordinator::run()
 {
   m_started = FramedConnection::now();
+  m_started_utc = utc_now();
   bool budget_stop_recorded = false;
   {
     // One entry at a time: a coordinator that resumes a long federation must not hold the parsed
@@ -522,10 +480,15 @@ Coordinator::run()
   }
   m_free_slots.clear(); // nothing is left for a next round
   clean_incoming(false);
+  const auto reason = m_rounds.stop_requested() ? std::string("interrupted") : m_rounds.reason();
+  write_status(m_rounds.status(),
+               m_failure.empty()
+                 ? json{{"state", reason == "interrupted" ? "interrupted" : "finished"}, {"reason", reason}}
+                 : json{{"state", "failed"}, {"error", m_failure}});
   if (!m_failure.empty()) {
     throw Error("{}", m_failure);
   }
-  return summary(m_rounds.stop_requested() ? "interrupted" : m_rounds.reason());
+  return summary(reason);
 }
 
 } // namespace serve_detail

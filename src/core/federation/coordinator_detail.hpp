@@ -137,6 +137,11 @@ private:
   void stop_now();
   void wait_for_signal();
   std::string metrics_text() const;
+  // Writes the status file (WS/state/status.json) from the machine's `round` status, the sites
+  // and, at the end, `end` (state, reason or error); a failure to write is logged once.
+  void write_status(nlohmann::json round, const nlohmann::json& end = nullptr);
+  // Once per tick: the status file, when the round's status changed or a second passed.
+  void refresh_status(double now);
   // Removes what state/incoming/ holds, except the bodies being received; after an attempt
   // (`keep_slots`), the attempt's update files become slots that the next updates are written
   // over, so that their page-cache pages are reused rather than allocated afresh every round.
@@ -187,6 +192,13 @@ private:
   std::uint64_t m_first_round = 0;
   std::string m_failure;
   double m_started = 0;
+  std::string m_started_utc;
+
+  // The status file: the round status last written (less its countdown), when, and whether the
+  // last write failed (logged once).
+  json m_status_round;
+  double m_status_written = 0;
+  bool m_status_failed = false;
 };
 
 } // namespace fedl::core::serve_detail

@@ -11,6 +11,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <iterator>
 
@@ -41,7 +42,8 @@ secret_seed()
   return seed;
 }
 
-constexpr double finish_linger = 3; // seconds to let DONE frames reach the sites
+constexpr double finish_linger = 3;       // seconds to let DONE frames reach the sites
+constexpr std::size_t recent_rounds = 10; // kept for status()
 
 } // namespace
 
@@ -80,6 +82,50 @@ RoundMachine::participants() const
     names.push_back(name);
   }
   return names;
+}
+
+json
+RoundMachine::status() const
+{
+  static constexpr std::array<const char*, 5> phases = {"waiting", "running", "aggregating", "finishing", "stopped"};
+  json j = {{"state", phases.at(static_cast<std::size_t>(m_phase))},
+            {"round", std::min<std::uint64_t>(m_round, m_s.rounds)},
+            {"rounds", m_s.rounds},
+            {"attempt", m_attempt},
+            {"quorum", m_s.min_clients},
+            {"deadline_seconds", m_phase == Phase::running ? json(std::max(0.0, m_deadline - m_now())) : json(nullptr)},
+            {"accuracy", m_stats.accuracy ? json(*m_stats.accuracy) : json(nullptr)},
+            {"recent", json::array()},
+            {"participants", json::array()},
+            {"benched", std::vector<std::string>(m_benched.begin(), m_benched.end())}};
+  if (m_phase == Phase::finishing || m_phase == Phase::stopped) {
+    j["round"] = m_round - 1;
+  }
+  for (const auto& r : m_recent) {
+    j["recent"].push_back(r);
+  }
+  // The client-level epsilon the last round recorded (this process's rounds only: the ledger has
+  // the earlier ones).
+  const auto last_epsilon =
+    std::find_if(m_recent.rbegin(), m_recent.rend(), [](const json& r) { return !r["epsilon"].is_null(); });
+  j["epsilon"] = last_epsilon == m_recent.rend() ? json(nullptr) : (*last_epsilon)["epsilon"];
+  for (const auto& [name, part] : m_participants) {
+    json p = {{"site", name}};
+    switch (part.state) {
+    case Participant::State::pending:
+      p["state"] = part.disconnected_at ? "disconnected" : "training";
+      break;
+    case Participant::State::received:
+      p["state"] = "reported";
+      break;
+    case Participant::State::dropped:
+      p["state"] = "dropped";
+      p["why"] = part.note;
+      break;
+    }
+    j["participants"].push_back(std::move(p));
+  }
+  return j;
 }
 
 void
@@ -481,6 +527,15 @@ RoundMachine::attempt_committed(const json& body)
   text += round_privacy_text(body);
   if (const auto epsilon = round_client_epsilon(body)) {
     fields["epsilon"] = *epsilon;
+  }
+  m_recent.push_back({{"round", m_round},
+                      {"accuracy", fields.value("accuracy", json(nullptr))},
+                      {"loss", fields.value("loss", json(nullptr))},
+                      {"epsilon", fields.value("epsilon", json(nullptr))},
+                      {"seconds", seconds},
+                      {"updates", fields["updates"]}});
+  if (m_recent.size() > recent_rounds) {
+    m_recent.pop_front();
   }
   FEDL_LOG_INFO_FIELDS(fields, "round {}/{} done: {}{}{}, {:.2f} s", m_round, m_s.rounds,
                        count_of(body.at("participants").size(), "update"),

@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <optional>
@@ -182,6 +183,11 @@ public:
   const FederationPrivacy& privacy() const noexcept { return m_privacy; }
   // The participants of the current attempt (empty while waiting).
   std::vector<std::string> participants() const;
+  // The round as `fedl status` shows it (core/federation/status.hpp): state, round, rounds,
+  // attempt, deadline_seconds (left, while running), participants (site, state: training,
+  // reported or dropped, why), benched, recent (the last rounds this process ran: accuracy, loss,
+  // epsilon, seconds, updates), accuracy, epsilon.
+  nlohmann::json status() const;
 
 private:
   struct Participant
@@ -241,6 +247,7 @@ private:
   bool m_stop_requested = false;
   std::string m_reason;
   RoundStats m_stats;
+  std::deque<nlohmann::json> m_recent; // status(): the last rounds committed, newest last
 };
 
 } // namespace fedl::core

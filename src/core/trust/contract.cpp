@@ -128,15 +128,15 @@ reason_class_from_name(std::string_view name) noexcept
 std::uint64_t
 SiteContract::max_model_bytes() const
 {
-  std::uint64_t data = 0;
+  std::uint64_t payload = 0;
   for (const auto& t : tensors) {
     std::uint64_t n = dtype_size(t.dtype);
     for (const auto d : t.shape) {
       n *= static_cast<std::uint64_t>(d);
     }
-    data += n;
+    payload += n;
   }
-  return 8 + header_allowance + header_allowance_per_tensor * tensors.size() + data;
+  return 8 + header_allowance + header_allowance_per_tensor * tensors.size() + payload;
 }
 
 json

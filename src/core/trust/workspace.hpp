@@ -35,6 +35,8 @@ public:
   std::filesystem::path models() const { return m_root / "models"; }
   std::filesystem::path state() const { return m_root / "state"; }
   std::filesystem::path data() const { return m_root / "data"; }
+  // What a running coordinator shows (fedl status; core/federation/status.hpp).
+  std::filesystem::path status_file() const { return state() / "status.json"; }
   // models/global-NNNNNN.safetensors, relative to the root (as the ledger records it).
   static std::string model_name(std::uint64_t round);
   std::filesystem::path model(std::uint64_t round) const { return m_root / model_name(round); }

@@ -245,7 +245,8 @@ atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> p
       }
     }
   }
-  if (::fsync(fd.get()) != 0) {
+  const bool durable = mode != FileMode::transient;
+  if (durable && ::fsync(fd.get()) != 0) {
     fail("fsync", errno);
   }
   if (::close(fd.release()) != 0) {
@@ -261,7 +262,9 @@ atomic_write(const fs::path& path, std::span<const std::span<const std::byte>> p
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     fail("rename", errno);
   }
-  sync_folder(dir);
+  if (durable) {
+    sync_folder(dir);
+  }
 }
 
 void

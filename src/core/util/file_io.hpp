@@ -80,7 +80,11 @@ private:
 enum class FileMode
 {
   normal,
-  secret
+  secret,
+  // A file that says how things are now, not a record (fedl serve's status): replaced whole by
+  // rename, without fsync, so that writing it never waits for the disk; after a crash of the
+  // machine it may be old or empty.
+  transient
 };
 
 // A SHA-256 computed piece by piece (OpenSSL's EVP): for bytes that pass by once, as they

@@ -30,6 +30,10 @@ test_networked_demo_reaches_88_percent_with_dp_sgd_in_15_rounds_and_audits()
     fail "the example did not keep its logs where it says: '$kept'"
   fedl_expect 0 audit ws --csv || return
   [[ $(grep -c . out) == 16 ]] || fail "audit --csv on the demo's workspace: $(cat out)"
+  # The commands it points at work on what it kept.
+  expect_in run.log "follow it from another terminal: $FEDL status $PWD/ws --watch"
+  fedl_expect 0 status ws || return
+  expect_in out "finished after round 15 of 15 (rounds)"
   "$FEDL" audit ws >audit.log 2>&1 || fail "fedl audit failed on the demo's workspace"
   # Every round ran once, with all four sites, each evaluated by the coordinator.
   "$PY" - ws/ledger.jsonl <<'PY' || fail "the ledger does not record 15 rounds of 4 sites each"

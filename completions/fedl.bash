@@ -7,7 +7,7 @@ _fedl()
   cmd=""
   for ((i = 1; i < COMP_CWORD; i++)); do
     case "${COMP_WORDS[i]}" in
-      init|train|eval|inspect|serve|status|join|aggregate|audit|completion) cmd="${COMP_WORDS[i]}"; break ;;
+      init|train|eval|inspect|serve|status|join|aggregate|audit|report|completion) cmd="${COMP_WORDS[i]}"; break ;;
     esac
   done
   case "$prev" in
@@ -164,6 +164,7 @@ _fedl()
     --delta) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --epsilon) [[ $cmd == "audit" || -z "audit" ]] && { return; } ;;&
     --accountant) [[ $cmd == "audit" || -z "audit" ]] && { COMPREPLY=($(compgen -W "pld rdp" -- "$cur")); return; } ;;&
+    --output|-o) [[ $cmd == "report" || -z "report" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
   esac
   if [[ -n $cmd && $cur != -* ]]; then
     case "$cmd" in
@@ -176,7 +177,7 @@ _fedl()
   fi
   local words
   case "$cmd" in
-    "") words="init train eval inspect serve status join aggregate audit completion --help --json --quiet --verbose --log-format --version" ;;
+    "") words="init train eval inspect serve status join aggregate audit report completion --help --json --quiet --verbose --log-format --version" ;;
     "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --header --no-header --limit-samples --split --holdout --device --threads --json --quiet --verbose --log-format --version" ;;
     "train") words="--help --data --labels --label-column --header --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --accountant --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
     "eval") words="--help --data --labels --label-column --header --no-header --limit-samples --model --torchscript --batch-size --device --threads --json --quiet --verbose --log-format --version" ;;
@@ -186,6 +187,7 @@ _fedl()
     "join") words="--help --data --labels --label-column --header --no-header --limit-samples --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --epsilon --accountant --host --csv --json --quiet --verbose --log-format --version" ;;
+    "report") words="--help --output --json --quiet --verbose --log-format --version" ;;
     "completion") words="--help --json --quiet --verbose --log-format --version" ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))

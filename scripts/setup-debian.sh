@@ -11,8 +11,10 @@ build_pkgs="cmake ninja-build g++ make pkg-config libtorch-dev libcli11-dev nloh
 # Run time: OpenBLAS instead of the reference BLAS (14x faster training, see docs/PERFORMANCE.md).
 run_pkgs="libopenblas0-openmp"
 # Tests, demo and benchmarks: the openssl CLI, man page lint, PyTorch, NumPy and mpmath as independent
-# references, the full Fashion-MNIST, and GNU time for peak memory.
-test_pkgs="openssl mandoc python3 python3-torch python3-numpy python3-mpmath dataset-fashion-mnist time"
+# references, the full Fashion-MNIST, GNU time for peak memory, and a headless browser (with a
+# font) that renders fedl report's page.
+test_pkgs="openssl mandoc python3 python3-torch python3-numpy python3-mpmath dataset-fashion-mnist time
+  chromium fonts-dejavu-core"
 
 # What one make target needs besides, given as arguments (make fuzz: clang and its libFuzzer).
 extra_pkgs="$*"

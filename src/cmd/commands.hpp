@@ -36,6 +36,7 @@ Command add_worker(CLI::App& parent);
 Command add_fork_server(CLI::App& parent);
 Command add_serve(CLI::App& parent);
 Command add_status(CLI::App& parent);
+Command add_report(CLI::App& parent);
 Command add_join(CLI::App& parent);
 Command add_sandbox_probe(CLI::App& parent);
 // fedl audit --host (host_audit.cpp).

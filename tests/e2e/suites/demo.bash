@@ -34,6 +34,8 @@ test_networked_demo_reaches_88_percent_with_dp_sgd_in_15_rounds_and_audits()
   expect_in run.log "follow it from another terminal: $FEDL status $PWD/ws --watch"
   fedl_expect 0 status ws || return
   expect_in out "finished after round 15 of 15 (rounds)"
+  [[ -s $kept/report.html ]] || fail "no report.html where the example says"
+  expect_in "$kept/report.html" 'class="verified ok"'
   "$FEDL" audit ws >audit.log 2>&1 || fail "fedl audit failed on the demo's workspace"
   # Every round ran once, with all four sites, each evaluated by the coordinator.
   "$PY" - ws/ledger.jsonl <<'PY' || fail "the ledger does not record 15 rounds of 4 sites each"

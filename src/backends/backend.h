@@ -22,7 +22,7 @@ extern "C"
 {
 #endif
 
-#define FEDL_BACKEND_ABI_VERSION 3u
+#define FEDL_BACKEND_ABI_VERSION 4u
 
   enum fedl_status
   {
@@ -151,6 +151,14 @@ extern "C"
      * valid until the next call on this thread. FEDL_STATUS_VERIFY if the file is not a module.
      * NULL in a backend that cannot inspect: fedl then refuses TorchScript modules on it. */
     int (*torchscript_inspect)(const char* path, const char** report);
+
+    /* (ABI 4) The class probabilities (the softmax of the model's outputs, in evaluation mode) of
+     * samples [first, first + count) of `data`, a row of `classes` floats per sample, into
+     * `probabilities`. The outputs must have exactly `classes` columns (FEDL_STATUS_DATA if
+     * not). fedl computes every metric beyond accuracy and loss from these (fedl eval
+     * --metrics-set). NULL in a backend that cannot: fedl then offers accuracy and loss only. */
+    int (*model_predict)(fedl_model* model, const fedl_dataset* data, uint64_t first, uint64_t count, int64_t classes,
+                         float* probabilities);
   } fedl_backend_v1;
 
   /* The one symbol a backend exports. Returns NULL if it does not implement `abi_version`. */

@@ -356,4 +356,18 @@ Model::evaluate(const core::Dataset& data, std::uint32_t batch_size)
   return result;
 }
 
+void
+Model::predict(const core::Dataset& data, std::uint64_t first, std::int64_t classes, std::span<float> out)
+{
+  if (!can_predict()) {
+    throw core::Error("the {} backend ({}) gives no class probabilities: only accuracy and loss can be measured "
+                      "with it (--metrics-set basic)",
+                      m_backend->api->name, m_backend->path.string());
+  }
+  const auto c_data = as_c_dataset(data);
+  check(m_backend->api->model_predict(m_handle, &c_data, first, out.size() / static_cast<std::size_t>(classes), classes,
+                                      out.data()),
+        fmt::format("predicting on {}: ", data.source.string()));
+}
+
 } // namespace fedl::backends

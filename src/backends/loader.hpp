@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,12 @@ public:
                                       double loss, bool epoch_done)>;
   fedl_train_result train(const core::Dataset& data, const fedl_train_config& config, const Progress& progress);
   fedl_eval_result evaluate(const core::Dataset& data, std::uint32_t batch_size);
+  // Whether the backend gives class probabilities (predict), which metrics beyond accuracy and
+  // loss need.
+  bool can_predict() const noexcept { return m_backend->api->model_predict != nullptr; }
+  // The class probabilities of samples [first, first + out.size() / classes) of `data`, row by
+  // row. Throws Error if the backend cannot (can_predict) or the outputs have another width.
+  void predict(const core::Dataset& data, std::uint64_t first, std::int64_t classes, std::span<float> out);
 
 private:
   void check(int status, const std::string& context) const;

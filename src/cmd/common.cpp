@@ -221,6 +221,17 @@ resolve_accountant(const std::optional<std::string>& value)
   return core::accountant_from_flag(*value, "--accountant");
 }
 
+void
+add_metrics_set_option(CLI::App& app, std::string& value, const std::string& what)
+{
+  with_choices(app
+                 .add_option("--metrics-set", value,
+                             what + ": basic (accuracy, loss) or classification (and per-class precision, recall, "
+                                    "F1, macro F1; for two classes sensitivity, specificity, ROC AUC)")
+                 ->capture_default_str(),
+               {"basic", "classification"});
+}
+
 std::optional<core::SecureAggregationConfig>
 SecureAggregationFlags::resolve(const std::optional<core::SecureAggregationConfig>& configured) const
 {

@@ -94,6 +94,8 @@ void add_dp_sgd_options(CLI::App& app, DpSgdFlags& flags);
 void add_accountant_option(CLI::App& app, std::optional<std::string>& value, const std::string& help);
 // The option's accountant, none if not given; UsageError naming --accountant for another value.
 std::optional<core::Accountant> resolve_accountant(const std::optional<std::string>& value);
+// --metrics-set basic|classification (core/math/metrics.hpp), into `value`.
+void add_metrics_set_option(CLI::App& app, std::string& value, const std::string& what);
 
 // --secure-aggregation, --secagg-threshold, --secagg-neighbours, --secagg-range, --distributed-dp
 // (fedl init records them in fedl.json; fedl serve turns it on or sets values over fedl.json's).

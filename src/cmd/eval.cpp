@@ -24,6 +24,7 @@ struct EvalOptions
   ComputeOptions compute;
   ModelSource model;
   std::uint32_t batch_size = default_eval_batch_size;
+  std::string metrics_set = "basic";
 };
 
 int
@@ -33,9 +34,8 @@ run_eval(const EvalOptions& opt)
   const auto data = core::load_dataset(opt.data.to_options());
   const auto [backend, device] = open_backend(opt.compute);
   auto m = open_model(*backend, device, opt.model, data);
-  const auto r = m.model.evaluate(data, opt.batch_size);
-  nlohmann::json j = {{"accuracy", r.accuracy}, {"loss", r.loss}, {"samples", r.samples}};
-  print_result(j, fmt::format("accuracy {:.4f}  loss {:.4f}  samples {}\n", r.accuracy, r.loss, r.samples));
+  const auto j = evaluate_metrics(m, data, opt.batch_size, *core::parse_metrics_set(opt.metrics_set));
+  print_result(j, metrics_text(j));
   return 0;
 }
 
@@ -45,7 +45,8 @@ Command
 add_eval(CLI::App& parent)
 {
   auto opt = std::make_shared<EvalOptions>();
-  auto* app = parent.add_subcommand("eval", "Evaluate a model on a data file: accuracy, loss, samples");
+  auto* app = parent.add_subcommand(
+    "eval", "Evaluate a model on a data file: accuracy, loss, samples; per-class metrics, F1, ROC AUC");
   add_data_options(*app, opt->data);
   app->add_option("--model", opt->model.model, "Model file (safetensors written by fedl)")
     ->required()
@@ -55,6 +56,7 @@ add_eval(CLI::App& parent)
   app->add_option("-b,--batch-size", opt->batch_size, "Samples per forward pass")
     ->capture_default_str()
     ->check(CLI::Range(1U, 1U << 24));
+  add_metrics_set_option(*app, opt->metrics_set, "What to measure");
   add_compute_options(*app, opt->compute);
   return {app, [opt] { return run_eval(*opt); }};
 }

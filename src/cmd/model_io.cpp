@@ -356,4 +356,62 @@ make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, s
   return u;
 }
 
+core::ClassificationCounts
+classification_counts(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size)
+{
+  if (m.classes <= 0) {
+    throw core::UsageError("the model's class count is unknown, so its classification metrics cannot be computed");
+  }
+  core::ClassificationCounts counts(m.classes);
+  const auto classes = static_cast<std::size_t>(m.classes);
+  const std::size_t batch = std::max<std::size_t>(batch_size, 1);
+  std::vector<float> probabilities;
+  for (std::size_t first = 0; first < data.size(); first += batch) {
+    const auto n = std::min(batch, data.size() - first);
+    probabilities.resize(n * classes);
+    m.model.predict(data, first, m.classes, probabilities);
+    counts.add(probabilities, std::span(data.labels).subspan(first, n));
+  }
+  return counts;
+}
+
+nlohmann::json
+evaluate_metrics(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size, core::MetricsSet set)
+{
+  const auto r = m.model.evaluate(data, batch_size);
+  nlohmann::json j = {{"accuracy", r.accuracy}, {"loss", r.loss}, {"samples", r.samples}};
+  if (set == core::MetricsSet::classification) {
+    j.update(classification_counts(m, data, batch_size).metrics());
+  }
+  return j;
+}
+
+std::string
+metrics_text(const nlohmann::json& j)
+{
+  const auto value = [](const nlohmann::json& v, const char* fmt_spec) {
+    return v.is_number() ? fmt::format(fmt::runtime(fmt_spec), v.get<double>()) : std::string("-");
+  };
+  std::string t = fmt::format("accuracy {:.4f}  loss {:.4f}  samples {}", j.at("accuracy").get<double>(),
+                              j.at("loss").get<double>(), j.at("samples").get<std::uint64_t>());
+  if (j.contains("macro_f1")) {
+    t +=
+      fmt::format("  macro F1 {}  weighted F1 {}", value(j["macro_f1"], "{:.4f}"), value(j["weighted_f1"], "{:.4f}"));
+  }
+  if (j.contains("roc_auc")) {
+    t += fmt::format("  ROC AUC {}  sensitivity {}  specificity {}", value(j["roc_auc"], "{:.4f}"),
+                     value(j["sensitivity"], "{:.4f}"), value(j["specificity"], "{:.4f}"));
+  }
+  t += "\n";
+  if (j.contains("per_class")) {
+    t += fmt::format("{:>8} {:>10} {:>10} {:>10} {:>10}\n", "class", "precision", "recall", "F1", "support");
+    for (const auto& c : j["per_class"]) {
+      t += fmt::format("{:>8} {:>10} {:>10} {:>10} {:>10}\n", c.at("class").get<std::int64_t>(),
+                       value(c["precision"], "{:.4f}"), value(c["recall"], "{:.4f}"), value(c["f1"], "{:.4f}"),
+                       c.at("support").get<std::uint64_t>());
+    }
+  }
+  return t;
+}
+
 } // namespace fedl::cmd

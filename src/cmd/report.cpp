@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // fedl report: one self-contained HTML page of a federation's verified history
 // (core/federation/report.hpp; man fedl-report).
+#include "core/federation/report.hpp"
 #include "cmd/commands.hpp"
 #include "cmd/common.hpp"
 #include "core/federation/audit.hpp"
-#include "core/federation/report.hpp"
 #include "core/util/clock.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
@@ -45,8 +45,9 @@ run_report(const ReportOptions& opt)
                                  {"verified", verified},
                                  {"rounds", rounds},
                                  {"error", verified ? nlohmann::json(nullptr) : nlohmann::json(in.failure)}};
-  print_result(result, verified ? fmt::format("wrote {}: {} rounds, ledger verified\n", output.string(), rounds)
-                                : fmt::format("wrote {}: the ledger does not verify ({})\n", output.string(), in.failure));
+  print_result(result, verified
+                         ? fmt::format("wrote {}: {} rounds, ledger verified\n", output.string(), rounds)
+                         : fmt::format("wrote {}: the ledger does not verify ({})\n", output.string(), in.failure));
   return verified ? 0 : static_cast<int>(core::ExitCode::verify);
 }
 

@@ -46,6 +46,8 @@ struct ServeOptions
   std::optional<double> delta;
   SecureAggregationFlags secure;
   std::optional<fs::path> eval_data;
+  std::string metrics_set = "basic";
+  std::optional<std::string> best_metric;
   DataFlags eval_format; // how --eval-data is laid out, where fedl.json has no data contract
   std::optional<double> target_accuracy;
   std::uint32_t max_site_failures = core::ServeSettings{}.max_site_failures;
@@ -68,6 +70,10 @@ default_eval_data(const core::Workspace& ws)
   return std::nullopt;
 }
 
+// The most classes whose figures a round entry lists one by one (--metrics-set classification):
+// past it, only the means.
+constexpr std::int64_t max_ledger_classes = 100;
+
 // Evaluates each new model in a long-lived `fedl __worker` child, started at the first round.
 // A failed evaluation is logged and recorded, never fatal to the federation.
 class ChildEvaluator
@@ -84,7 +90,13 @@ public:
       if (const auto* e = std::get_if<core::ChildError>(&answer)) {
         throw core::Error("{}", e->message);
       }
-      return std::get<core::EvalResult>(answer).to_header();
+      const auto& result = std::get<core::EvalResult>(answer);
+      nlohmann::json j = {
+        {"accuracy", result.accuracy}, {"loss", result.loss}, {"samples", result.samples}, {"seconds", result.seconds}};
+      if (result.classification) {
+        j.update(result.classification->metrics(max_ledger_classes));
+      }
+      return j;
     } catch (const std::exception& e) {
       FEDL_LOG_WARN("evaluating {} failed: {}", model.string(), e.what());
       m_trainer.kill();
@@ -176,6 +188,19 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
   if (s.eval_data && !fs::exists(*s.eval_data)) {
     throw core::Error("--eval-data {}: no such file", s.eval_data->string());
   }
+  if (opt.best_metric && !s.eval_data) {
+    throw core::UsageError("--best-metric picks the best model by its evaluation, but there is no evaluation data: "
+                           "give --eval-data PATH (or init with --holdout)");
+  }
+  if (s.eval_data) {
+    s.best_metric = core::parse_best_metric(opt.best_metric.value_or("accuracy"));
+    if (!s.best_metric) {
+      throw core::UsageError("--best-metric {}: not a metric (one of {})", *opt.best_metric, core::best_metric_names());
+    }
+    if (s.best_metric->name != "accuracy" && s.best_metric->name != "loss" && opt.metrics_set == "basic") {
+      throw core::UsageError("--best-metric {} is measured with --metrics-set classification", s.best_metric->name);
+    }
+  }
 
   return s;
 }
@@ -198,7 +223,7 @@ evaluator_argv(const ServeOptions& opt, const core::Workspace& ws, const core::F
   if (globals().quiet) {
     argv.push_back("--quiet");
   }
-  argv.insert(argv.end(), {"--device", opt.compute.device});
+  argv.insert(argv.end(), {"--device", opt.compute.device, "--metrics-set", opt.metrics_set});
   if (opt.compute.threads > 0) {
     argv.insert(argv.end(), {"--threads", std::to_string(opt.compute.threads)});
   }
@@ -251,6 +276,10 @@ run_serve(const ServeOptions& opt)
     check_data_file(flags, config.data, config.model.input_shape, config.model.classes);
     evaluator.emplace(evaluator_argv(opt, ws, config, flags));
     evaluate = [&evaluator](const fs::path& model) { return (*evaluator)(model); };
+  } else if (opt.metrics_set != "basic") {
+    throw core::UsageError("--metrics-set {} measures the evaluation of each model, but there is no evaluation data: "
+                           "give --eval-data (or fedl init --holdout)",
+                           opt.metrics_set);
   }
   const auto summary = core::run_coordinator(ws, s, evaluate);
   print_result(summary, summary_text(summary));
@@ -318,6 +347,10 @@ add_serve(CLI::App& parent)
   app->add_option("--eval-data", opt->eval_data, "Evaluate each new model on this data (default: WS/data/test.*)")
     ->type_name("PATH");
   add_data_format_options(*app, opt->eval_format);
+  add_metrics_set_option(*app, opt->metrics_set, "What each evaluation measures, in the ledger");
+  with_choices(app->add_option("--best-metric", opt->best_metric,
+                               "The evaluation metric that picks models/best.safetensors (default accuracy)"),
+               {"accuracy", "loss", "macro_f1", "weighted_f1", "roc_auc"});
   with_choices(
     app->add_option("--require-sandbox", opt->require_sandbox,
                     "Refuse updates from sites whose trainer ran with a weaker --sandbox (as each site says)"),

@@ -58,6 +58,7 @@ struct WorkerOptions
   std::uint64_t max_model_bytes = default_max_model_bytes;
   SandboxFlags sandbox;
   std::string role = "the trainer"; // or "the evaluator", for messages
+  std::string metrics_set = "basic";
 };
 
 // The parent stopped reading: nothing more can be said to it.
@@ -229,10 +230,14 @@ private:
     auto m = open(frame.body, "the model to evaluate", 0);
     const auto t0 = uptime_seconds();
     const auto r = m.model.evaluate(m_data, default_eval_batch_size);
-    const double seconds = uptime_seconds() - t0;
+    core::EvalResult result{r.accuracy, r.loss, r.samples, 0, std::nullopt};
+    if (m_opt.metrics_set == "classification") {
+      result.classification = classification_counts(m, m_data, default_eval_batch_size);
+    }
+    result.seconds = uptime_seconds() - t0;
     FEDL_LOG_INFO("evaluated {} on {} samples: accuracy {:.4f}, loss {:.4f}", m.arch, r.samples, r.accuracy, r.loss);
     m_model.emplace(std::move(m));
-    reply(core::FrameType::result, core::EvalResult{r.accuracy, r.loss, r.samples, seconds}.to_header());
+    reply(core::FrameType::result, result.to_header());
   }
 
   // Opens the model in `bytes` on the backend (loaded on first use), reusing the last model.
@@ -323,6 +328,7 @@ add_worker(CLI::App& parent)
   app->add_option("--model-policy", opt->model_policy, "What it trains of a TorchScript module (fedl join's)")
     ->capture_default_str();
   app->add_option("--pin-model", opt->pin_model, "The SHA-256 of the only module it trains (fedl join's)");
+  add_metrics_set_option(*app, opt->metrics_set, "What an evaluation measures");
   return {app, [opt] { return run_worker(*opt); }};
 }
 

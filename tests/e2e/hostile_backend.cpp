@@ -213,6 +213,7 @@ fedl_backend_entry(uint32_t abi_version)
                                      nullptr,
                                      nullptr,
                                      nullptr,
+                                     nullptr,
                                      nullptr};
   return abi_version == FEDL_BACKEND_ABI_VERSION ? &table : nullptr;
 }

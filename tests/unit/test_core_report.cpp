@@ -40,8 +40,11 @@ audit_of(std::size_t rounds, double accuracy_step)
                     {"seconds", 2.0},
                     {"time", "2026-12-06T06:09:02.259Z"}});
   }
-  return {{"entries", rounds + 2}, {"rounds", rows}, {"latest_model", "models/global-000001.safetensors"},
-          {"ca_fingerprint", "ab"}, {"rejected_updates", 0}};
+  return {{"entries", rounds + 2},
+          {"rounds", rows},
+          {"latest_model", "models/global-000001.safetensors"},
+          {"ca_fingerprint", "ab"},
+          {"rejected_updates", 0}};
 }
 
 } // namespace

@@ -47,10 +47,22 @@ TEST_CASE("trainer protocol: every message reads back as written")
   CHECK(rb.loss == 0.25);
   CHECK_FALSE(rb.dp);
 
-  const EvalResult e{0.9, 0.3, 358, 0.01};
-  const auto eb = EvalResult::from_header(json::parse(e.to_header().dump()));
+  EvalResult e{0.9, 0.3, 358, 0.01, std::nullopt};
+  auto eb = EvalResult::from_header(json::parse(e.to_header().dump()));
   CHECK(eb.accuracy == 0.9);
   CHECK(eb.samples == 358);
+  CHECK_FALSE(eb.classification);
+  // With classification counts: checked against the samples on receipt.
+  ClassificationCounts counts(2);
+  counts.add(std::vector<float>{0.9F, 0.1F, 0.3F, 0.7F}, std::vector<std::int64_t>{0, 1});
+  e.samples = 2;
+  e.classification = counts;
+  eb = EvalResult::from_header(json::parse(e.to_header().dump()));
+  REQUIRE(eb.classification);
+  CHECK(eb.classification->metrics() == counts.metrics());
+  auto h = e.to_header();
+  h["samples"] = 3;
+  CHECK_THROWS_WITH(EvalResult::from_header(json::parse(h.dump())), doctest::Contains("do not add up"));
 
   const ChildError c{"line 4: label 3", 2, ReasonClass::data_mismatch};
   const auto cb = ChildError::from_header(json::parse(c.to_header().dump()));

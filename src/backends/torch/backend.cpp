@@ -535,6 +535,32 @@ b_model_evaluate(fedl_model* m, const fedl_dataset* data, uint32_t batch_size, f
   });
 }
 
+int
+b_model_predict(fedl_model* m, const fedl_dataset* data, uint64_t first, uint64_t count, int64_t classes,
+                float* probabilities)
+{
+  return guarded([&] {
+    if (first > data->count || count > data->count - first) {
+      throw StatusError(FEDL_STATUS_USAGE, "samples " + std::to_string(first) + " to " + std::to_string(first + count) +
+                                             " are past the data's " + std::to_string(data->count));
+    }
+    auto& model = *m->model;
+    torch::NoGradGuard no_grad;
+    model.train_mode(false);
+    const auto x = features_tensor(*data)
+                     .slice(0, static_cast<int64_t>(first), static_cast<int64_t>(first + count))
+                     .to(model.device());
+    const auto logits = model.forward(x);
+    if (logits.dim() != 2 || logits.size(1) != classes) {
+      throw StatusError(FEDL_STATUS_DATA, "the model's output is [" + std::to_string(logits.size(0)) + ", " +
+                                            std::to_string(logits.dim() > 1 ? logits.size(1) : 0) + "] where [batch, " +
+                                            std::to_string(classes) + "] class scores were expected");
+    }
+    const auto p = torch::softmax(logits.to(torch::kFloat32), 1).to(torch::kCPU).contiguous();
+    std::memcpy(probabilities, p.data_ptr<float>(), static_cast<size_t>(p.numel()) * sizeof(float));
+  });
+}
+
 std::string
 runtime_name()
 {
@@ -579,6 +605,7 @@ fedl_backend_entry(uint32_t abi_version)
     b_model_train,
     b_model_evaluate,
     b_torchscript_inspect,
+    b_model_predict,
   };
   return abi_version == FEDL_BACKEND_ABI_VERSION ? &table : nullptr;
 }

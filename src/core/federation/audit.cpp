@@ -72,6 +72,7 @@ private:
   void check_identity();
   void walk();
   void audit_round(const LedgerEntry& e);
+  void audit_best(const LedgerEntry& e, std::uint64_t round);
   struct SecureSummary
   {
     std::string text;
@@ -92,6 +93,9 @@ private:
   std::string m_model;                         // the latest model file, relative to the workspace
   std::string m_model_sha;
   std::set<std::string> m_recorded_models;
+  std::optional<BestModel> m_best; // as the last round entry records it
+  std::string m_best_model;        // the model file of the last best any round recorded, and its hash
+  std::string m_best_sha;
   std::uint64_t m_expected_round = 1;
   std::size_t m_rejected = 0;
   nlohmann::json m_rounds = nlohmann::json::array();
@@ -234,9 +238,41 @@ Auditor::audit_round(const LedgerEntry& e)
                       {"model", m_model},
                       {"time", e.time}});
   add_round_metrics(e.body, m_rounds.back());
+  audit_best(e, r);
   if (!secure.summary.is_null()) {
     m_rounds.back()["secure_aggregation"] = secure.summary;
   }
+}
+
+// A round's "best": the one the evaluations so far make best by its metric (the earlier best, or
+// this round if it beats it), as the coordinator computes it (next_best).
+void
+Auditor::audit_best(const LedgerEntry& e, std::uint64_t round)
+{
+  const auto it = e.body.find("best");
+  if (it == e.body.end()) {
+    m_best.reset(); // a coordinator without evaluation data: the next one starts afresh
+    return;
+  }
+  const auto best = BestModel::from_json(*it);
+  if (!best) {
+    throw VerifyError("{}: line {}: round {}'s best is not {{round, metric, value}} of a known metric ({})",
+                      m_ws.ledger().string(), e.line, round, best_metric_names());
+  }
+  const auto expected =
+    next_best(m_best, *parse_best_metric(best->metric), round, e.body.value("evaluation", nlohmann::json()));
+  if (!expected || expected->round != best->round || expected->value != best->value) {
+    throw VerifyError("{}: line {}: round {} records round {} as the best by {} ({}), but the evaluations say {}",
+                      m_ws.ledger().string(), e.line, round, best->round, best->metric, best->value,
+                      expected ? fmt::format("round {} ({})", expected->round, expected->value)
+                               : std::string("there is none"));
+  }
+  if (best->round == round) {
+    m_best_model = m_model;
+    m_best_sha = m_model_sha;
+  }
+  m_best = best;
+  m_rounds.back()["best"] = best->to_json();
 }
 
 // A round's "secure_aggregation" record, if it has one: its survivors are the round's
@@ -300,6 +336,16 @@ Auditor::check_files() const
   std::error_code ec;
   for (const auto& f : fs::directory_iterator(m_ws.models(), ec)) {
     const auto rel = "models/" + f.path().filename().string();
+    if (f.path() == m_ws.best_model()) {
+      if (m_best_sha.empty()) {
+        throw VerifyError("{} exists but no round records a best model", f.path().string());
+      }
+      if (const auto actual = file_sha256(f.path()); actual != m_best_sha) {
+        throw VerifyError("{} is not the best model the ledger records ({}, SHA-256 {}): it has SHA-256 {}",
+                          f.path().string(), m_best_model, m_best_sha, actual);
+      }
+      continue;
+    }
     if (m_recorded_models.count(rel) == 0) {
       throw VerifyError("{} is not recorded in the ledger: the ledger was truncated, or a round was "
                         "interrupted (run its fedl aggregate again)",
@@ -373,6 +419,14 @@ Auditor::run(const std::vector<fs::path>& witnesses)
               {"latest_model", m_model},
               {"rejected_updates", m_rejected},
               {"ca_fingerprint", ca_fingerprint}};
+  if (m_best) {
+    auto best = m_best->to_json();
+    best["model"] = m_ws.model_name(m_best->round);
+    best["file"] = fs::exists(m_ws.best_model()) ? nlohmann::json("models/best.safetensors") : nlohmann::json(nullptr);
+    m_result["best"] = std::move(best);
+    m_text += fmt::format("best model: round {} by {} {:.6g}{}\n", m_best->round, m_best->metric, m_best->value,
+                          fs::exists(m_ws.best_model()) ? " (models/best.safetensors)" : "");
+  }
   check_witnesses(witnesses);
   summarize_privacy();
   auto text = fmt::format("ledger: {} entries, chain and signatures verified; CA {}\n", m_entries.size(),

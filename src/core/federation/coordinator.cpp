@@ -28,6 +28,7 @@
 #include <map>
 #include <set>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <thread>
 #include <unistd.h>
 
@@ -41,6 +42,7 @@ RoundSettings
 attempt_settings(const ServeSettings& s, const Evaluator& evaluate, const AttemptClose& a)
 {
   RoundSettings settings{s.strategy, s.server, evaluate, a.extra, a.client_dp, std::nullopt};
+  settings.best_metric = s.best_metric;
   if (a.client_dp) {
     settings.options.client_dp =
       ServerOptions::ClientDp{a.client_dp->noise_multiplier * a.client_dp->clip_norm, double(a.asked), 0};
@@ -380,6 +382,16 @@ Coordinator::resume(const LedgerState& state)
                       (m_ws.root() / state.model.file).string(), m_ws.root().string());
   }
   m_rounds.resume(m_first_round, state.privacy, state.accuracy);
+  // A crash between a round's entry and its link leaves models/best.safetensors behind the ledger.
+  if (state.best) {
+    struct stat best
+    {
+    }, model{};
+    if (::stat(m_ws.best_model().c_str(), &best) != 0 || ::stat(m_ws.model(state.best->round).c_str(), &model) != 0 ||
+        best.st_ino != model.st_ino || best.st_size != model.st_size) {
+      link_best_model(m_ws, state.best->round);
+    }
+  }
 }
 
 // With a budget: stops (exit 4) if not even the smallest round fits in what is left, recording

@@ -22,6 +22,7 @@ LedgerState::apply(const LedgerEntry& e, bool verify)
     return;
   }
   accuracy.reset();
+  best = BestModel::from_json(e.body.value("best", nlohmann::json()));
   if (const auto ev = e.body.find("evaluation");
       ev != e.body.end() && ev->is_object() && ev->contains("accuracy") && (*ev)["accuracy"].is_number()) {
     accuracy = (*ev)["accuracy"].get<double>();

@@ -5,6 +5,7 @@
 // the coordinator's resume and the audit.
 #pragma once
 
+#include "core/federation/best_model.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/ledger.hpp"
 #include "core/trust/workspace.hpp"
@@ -21,6 +22,7 @@ struct LedgerState
   LatestModel model;              // the genesis model or the last round's
   FederationPrivacy privacy;      // every round's privacy, composed
   std::optional<double> accuracy; // the last round's evaluation accuracy, if it recorded one
+  std::optional<BestModel> best;  // the last round's "best", if it recorded one
   // The "privacy" object of the last round that had client-level DP; null if none had.
   nlohmann::json client_dp;
   // The last round that ran with secure aggregation (0: none did).

@@ -200,8 +200,7 @@ axes(const Axis& axis, const Format& format, const std::string& y_title,
                      left, left + plot_w, y, y, left - 6, y + 4, html(format.tick(t)));
   }
   for (const auto& [x, r] : x_labels) {
-    s += fmt::format(R"(<text class="tick" x="{:.1f}" y="{}" text-anchor="middle">{}</text>)", x, top + plot_h + 16,
-                     r);
+    s += fmt::format(R"(<text class="tick" x="{:.1f}" y="{}" text-anchor="middle">{}</text>)", x, top + plot_h + 16, r);
   }
   s += fmt::format(R"(<text class="axis" x="{}" y="{}" text-anchor="middle">round</text>)"
                    R"~(<text class="axis" x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>)~"
@@ -277,8 +276,8 @@ line_chart(const std::string& id, const std::string& label, const std::string& y
 // rounds' hover texts.
 std::string
 bar_chart(const std::string& id, const std::string& label, const std::string& y_title, const Rounds& rounds,
-          const std::vector<Series>& series, const std::map<std::uint64_t, std::string>& notes,
-          const Format& format, const char* what)
+          const std::vector<Series>& series, const std::map<std::uint64_t, std::string>& notes, const Format& format,
+          const char* what)
 {
   std::map<std::uint64_t, double> totals;
   for (const auto& s : series) {
@@ -372,7 +371,8 @@ report_html(const ReportInput& in)
   std::string page = fmt::format(
     "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
     "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\n"
-    "<meta name=\"generator\" content=\"fedl {}\">\n<title>fedl report: {}</title>\n<style>{}</style>\n</head>\n<body>\n"
+    "<meta name=\"generator\" content=\"fedl {}\">\n<title>fedl report: "
+    "{}</title>\n<style>{}</style>\n</head>\n<body>\n"
     "<h1>Federation report: {}</h1>\n<p class=\"note\">Written by fedl {} at {} from the workspace's ledger.</p>\n",
     html(in.version), html(in.workspace), style, html(in.workspace), html(in.version), html(in.generated));
   if (in.audit.is_null()) {
@@ -428,9 +428,9 @@ report_html(const ReportInput& in)
     dropped.points.emplace_back(r, n("dropped"));
     late.points.emplace_back(r, n("late"));
     const auto asked = number(row, "asked");
-    participation_notes[r] = fmt::format("{} updates, {} rejected, {} dropped, {} late{}", n("participants"),
-                                         n("rejected"), n("dropped"), n("late"),
-                                         asked ? fmt::format(" ({} asked)", *asked) : std::string());
+    participation_notes[r] =
+      fmt::format("{} updates, {} rejected, {} dropped, {} late{}", n("participants"), n("rejected"), n("dropped"),
+                  n("late"), asked ? fmt::format(" ({} asked)", *asked) : std::string());
   }
 
   // The summary.
@@ -448,8 +448,8 @@ report_html(const ReportInput& in)
   if (a.contains("privacy") && a["privacy"].contains("client")) {
     const auto& c = a["privacy"]["client"];
     line("client-level epsilon",
-         fmt::format("{} at delta {} ({})", html(plain(c.value("epsilon", 0.0))), html(fmt::format("{:g}", c.value("delta", 0.0))),
-                     html(c.value("accountant", ""))));
+         fmt::format("{} at delta {} ({})", html(plain(c.value("epsilon", 0.0))),
+                     html(fmt::format("{:g}", c.value("delta", 0.0))), html(c.value("accountant", ""))));
   }
   double most = 0;
   std::string most_site;
@@ -491,12 +491,10 @@ report_html(const ReportInput& in)
                      "an epsilon (no differential privacy)");
   page += "<h2>Participation</h2>\n";
   page += bar_chart("chart-participation", "updates, rejected, dropped and late per round", "sites", rounds,
-                    {updates, rejected, dropped, late}, participation_notes, as_count,
-                    "a participant");
+                    {updates, rejected, dropped, late}, participation_notes, as_count, "a participant");
   page += "<h2>Round durations</h2>\n";
-  page += bar_chart(
-    "chart-seconds", "seconds per round, from tasks sent to ledger entry", "seconds", rounds, {seconds}, {}, as_seconds,
-    "its duration (rounds written by fedl aggregate have none)");
+  page += bar_chart("chart-seconds", "seconds per round, from tasks sent to ledger entry", "seconds", rounds, {seconds},
+                    {}, as_seconds, "its duration (rounds written by fedl aggregate have none)");
 
   // Every round.
   page += "<h2>Rounds</h2>\n<table id=\"rounds\">\n<tr><th>round</th><th>time (UTC)</th><th>strategy</th>"

@@ -148,6 +148,7 @@ plan_workspace_round(const Workspace& ws, LedgerState* ledger)
   const auto& latest = state.model;
   RoundPlan plan;
   plan.privacy = std::move(state.privacy);
+  plan.best = state.best;
   const auto config = load_config(ws.config());
   plan.required_dp = config.training.dp;
   plan.limits = config.limits;

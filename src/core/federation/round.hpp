@@ -56,6 +56,8 @@ struct RoundPlan
   // noise or a larger clip norm, is rejected).
   FederationPrivacy privacy;
   std::optional<DpSgdConfig> required_dp;
+  // In a workspace: the best model before this round (the ledger's last "best"), if any.
+  std::optional<BestModel> best;
   // In a workspace: fedl.json's limits on one update (its norm, its sample count); an update past
   // them is rejected. Outside a workspace: none.
   std::optional<LimitsConfig> limits;
@@ -186,6 +188,9 @@ struct RoundSettings
   Accountant accountant = Accountant::pld_v1;
   // The fewest accepted updates a round is made of (fedl serve's --min-clients; at least 1).
   std::size_t quorum = 1;
+  // With an evaluation: the metric that picks the best model (recorded as "best", and
+  // models/best.safetensors linked to it).
+  std::optional<BestMetric> best_metric = std::nullopt;
 };
 
 // Thrown by commit_round, which then wrote nothing, when the updates whose values were not fit

@@ -39,8 +39,8 @@ digest_again(const AcceptedUpdate& c)
 
 // The keys of a round entry's body that caller-supplied fields must not replace: an auditor
 // relies on them meaning what commit_round wrote.
-constexpr const char* reserved_body_keys[] = {"round",        "strategy", "options",    "base",    "model",
-                                              "participants", "rejected", "evaluation", "privacy", "limits"};
+constexpr const char* reserved_body_keys[] = {"round",    "strategy",   "options", "base",   "model", "participants",
+                                              "rejected", "evaluation", "privacy", "limits", "best"};
 
 // Whether every value of a float tensor is finite (other dtypes have no NaN).
 bool
@@ -298,8 +298,23 @@ finish_round(const ValidatedRound& validated, const RoundSettings& settings,
   }
   const auto& ws = *plan.workspace;
   auto body = round_entry(validated, settings, result, sites);
+  std::optional<BestModel> best;
+  if (settings.best_metric) {
+    best = next_best(plan.best, *settings.best_metric, plan.round, result.evaluation);
+    if (best) {
+      body["best"] = best->to_json();
+    }
+  }
   append_signed(ws, "round", body);
   result.ledger_body = std::move(body);
+  if (best && best->round == plan.round) {
+    try {
+      link_best_model(ws, plan.round);
+    } catch (const Error& e) {
+      // The ledger says which model is best; the coordinator links it again when it resumes.
+      FEDL_LOG_WARN("{}", e.what());
+    }
+  }
   // The state two rounds back can no longer be needed for a re-run.
   if (plan.round >= 2) {
     std::error_code ec;

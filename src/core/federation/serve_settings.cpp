@@ -47,6 +47,9 @@ ServeSettings::to_json() const
   if (eval_data) {
     j["eval_data"] = eval_data->string();
   }
+  if (best_metric) {
+    j["best_metric"] = best_metric->name;
+  }
   if (require_sandbox) {
     j["require_sandbox"] = sandbox_level_name(*require_sandbox);
   }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "core/config/config.hpp"
+#include "core/federation/best_model.hpp"
 #include "core/math/aggregate.hpp"
 #include "core/net/tls.hpp"
 #include "core/sandbox/sandbox.hpp"
@@ -45,6 +46,8 @@ struct ServeSettings
   // site's weight is 1 (a site with n samples weighs min(n, this) / this).
   std::uint64_t max_num_samples = LimitsConfig::default_max_num_samples;
   std::optional<std::filesystem::path> eval_data;
+  // With eval_data: the metric that picks models/best.safetensors (core/federation/best_model.hpp).
+  std::optional<BestMetric> best_metric;
   std::optional<double> target_accuracy;
   std::optional<HostPort> metrics;
   // --require-sandbox: updates from sites whose trainer ran with a weaker --sandbox (as the site

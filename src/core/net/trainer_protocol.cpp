@@ -102,7 +102,11 @@ TrainResult::from_header(const json& h)
 json
 EvalResult::to_header() const
 {
-  return {{"accuracy", accuracy}, {"loss", loss}, {"samples", samples}, {"seconds", seconds}};
+  json h = {{"accuracy", accuracy}, {"loss", loss}, {"samples", samples}, {"seconds", seconds}};
+  if (classification) {
+    h["classification"] = classification->to_counts();
+  }
+  return h;
 }
 
 EvalResult
@@ -113,6 +117,9 @@ EvalResult::from_header(const json& h)
   r.loss = required_number(h, "loss", FrameType::result);
   r.samples = required_uint(h, "samples", FrameType::result);
   r.seconds = header_number(h, "seconds", 0.0);
+  if (const auto it = h.find("classification"); it != h.end()) {
+    r.classification = ClassificationCounts::from_counts(*it, r.samples, "the evaluator's result");
+  }
   return r;
 }
 

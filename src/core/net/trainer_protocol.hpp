@@ -13,6 +13,7 @@
 #pragma once
 
 #include "core/config/config.hpp"
+#include "core/math/metrics.hpp"
 #include "core/net/child.hpp"
 #include "core/net/frame.hpp"
 #include "core/trust/contract.hpp"
@@ -62,6 +63,8 @@ struct EvalResult
   double loss = 0;
   std::uint64_t samples = 0;
   double seconds = 0;
+  // With --metrics-set classification: the confusion matrix (and ROC AUC), checked on receipt.
+  std::optional<ClassificationCounts> classification;
 
   nlohmann::json to_header() const;
   static EvalResult from_header(const nlohmann::json& header);

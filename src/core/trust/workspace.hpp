@@ -35,6 +35,8 @@ public:
   std::filesystem::path models() const { return m_root / "models"; }
   std::filesystem::path state() const { return m_root / "state"; }
   std::filesystem::path data() const { return m_root / "data"; }
+  // The best model so far, a hard link to one of models/ (core/federation/best_model.hpp).
+  std::filesystem::path best_model() const { return models() / "best.safetensors"; }
   // What a running coordinator shows (fedl status; core/federation/status.hpp).
   std::filesystem::path status_file() const { return state() / "status.json"; }
   // models/global-NNNNNN.safetensors, relative to the root (as the ledger records it).

@@ -1,0 +1,110 @@
+// SPDX-License-Identifier: Apache-2.0
+// Classification metrics against scikit-learn's documented examples (f1_score, roc_auc_score),
+// the counts that cross from the evaluator's child checked, and the limits.
+#include "core/math/metrics.hpp"
+#include "core/util/error.hpp"
+
+#include <doctest/doctest.h>
+
+#include <vector>
+
+using namespace fedl::core;
+using json = nlohmann::json;
+
+namespace {
+
+// One-hot-ish probabilities that predict `predicted` for each sample.
+std::vector<float>
+predicting(const std::vector<std::int64_t>& predicted, std::int64_t classes)
+{
+  std::vector<float> p;
+  for (const auto k : predicted) {
+    for (std::int64_t c = 0; c < classes; ++c) {
+      p.push_back(c == k ? 0.8F : 0.2F / static_cast<float>(classes - 1));
+    }
+  }
+  return p;
+}
+
+} // namespace
+
+TEST_CASE("metrics: ROC AUC as scikit-learn's roc_auc_score example, ties counting one half")
+{
+  // roc_auc_score([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+  CHECK(*roc_auc({{0.1F, false}, {0.4F, false}, {0.35F, true}, {0.8F, true}}) == doctest::Approx(0.75));
+  CHECK(*roc_auc({{0.5F, false}, {0.5F, true}}) == doctest::Approx(0.5));
+  CHECK(*roc_auc({{0.9F, true}, {0.1F, false}, {0.2F, false}}) == doctest::Approx(1.0));
+  CHECK(*roc_auc({{0.9F, false}, {0.1F, true}}) == doctest::Approx(0.0));
+  CHECK_FALSE(roc_auc({{0.1F, true}, {0.2F, true}}));
+  CHECK_FALSE(roc_auc({}));
+}
+
+TEST_CASE("metrics: precision, recall and F1 as scikit-learn's f1_score example")
+{
+  // y_true = [0, 1, 2, 0, 1, 2], y_pred = [0, 2, 1, 0, 0, 1]: F1 per class [0.8, 0, 0], macro and
+  // weighted 0.2667; precision [2/3, 0, 0], recall [1, 0, 0].
+  ClassificationCounts c(3);
+  const std::vector<std::int64_t> labels = {0, 1, 2, 0, 1, 2};
+  const auto probs = predicting({0, 2, 1, 0, 0, 1}, 3);
+  c.add(probs, labels);
+  const auto m = c.metrics();
+  CHECK(m["macro_f1"].get<double>() == doctest::Approx(0.26666666));
+  CHECK(m["weighted_f1"].get<double>() == doctest::Approx(0.26666666));
+  REQUIRE(m["per_class"].size() == 3);
+  CHECK(m["per_class"][0]["f1"].get<double>() == doctest::Approx(0.8));
+  CHECK(m["per_class"][0]["precision"].get<double>() == doctest::Approx(2.0 / 3));
+  CHECK(m["per_class"][0]["recall"].get<double>() == doctest::Approx(1.0));
+  CHECK(m["per_class"][1]["f1"] == 0.0);
+  CHECK(m["per_class"][2]["support"] == 2);
+  CHECK_FALSE(m.contains("roc_auc")); // three classes
+  CHECK(c.to_counts()["confusion"] == json({2, 0, 0, 1, 0, 1, 0, 2, 0}));
+}
+
+TEST_CASE("metrics: two classes add sensitivity, specificity and ROC AUC; undefined ratios are null")
+{
+  ClassificationCounts c(2);
+  // Probabilities of class 1: 0.1, 0.4, 0.35, 0.8 for labels 0, 0, 1, 1 (the AUC example).
+  const std::vector<float> probs = {0.9F, 0.1F, 0.6F, 0.4F, 0.65F, 0.35F, 0.2F, 0.8F};
+  c.add(probs, std::vector<std::int64_t>{0, 0, 1, 1});
+  auto m = c.metrics();
+  CHECK(m["roc_auc"].get<double>() == doctest::Approx(0.75));
+  CHECK(m["sensitivity"].get<double>() == doctest::Approx(0.5)); // 1 of 2 positives predicted
+  CHECK(m["specificity"].get<double>() == doctest::Approx(1.0));
+  // Only negatives, all predicted negative: no recall for class 1, no AUC; class 1 in neither
+  // labels nor predictions has no F1 and is left out of the macro mean.
+  ClassificationCounts n(2);
+  n.add(std::vector<float>{0.9F, 0.1F}, std::vector<std::int64_t>{0});
+  m = n.metrics();
+  CHECK(m["sensitivity"].is_null());
+  CHECK(m["roc_auc"].is_null());
+  CHECK(m["per_class"][1]["f1"].is_null());
+  CHECK(m["macro_f1"] == 1.0);
+}
+
+TEST_CASE("metrics: the counts from the evaluator's child are checked before use")
+{
+  ClassificationCounts c(2);
+  c.add(std::vector<float>{0.9F, 0.1F, 0.3F, 0.7F}, std::vector<std::int64_t>{0, 1});
+  const auto counts = c.to_counts();
+  const auto back = ClassificationCounts::from_counts(counts, 2, "the evaluator");
+  CHECK(back.metrics() == c.metrics());
+  const auto refused = [](json j, std::uint64_t samples) {
+    CHECK_THROWS_AS(ClassificationCounts::from_counts(j, samples, "the evaluator"), Error);
+  };
+  refused(counts, 3); // do not add up
+  auto j = counts;
+  j["classes"] = 100000;
+  refused(j, 2);
+  j = counts;
+  j["confusion"] = {1, 1, 0};
+  refused(j, 2);
+  j = counts;
+  j["confusion"][0] = -1;
+  refused(j, 2);
+  j = counts;
+  j["roc_auc"] = 1.5;
+  refused(j, 2);
+  refused(json::array(), 2);
+  CHECK_THROWS_AS(ClassificationCounts(1), UsageError);
+  CHECK_THROWS_AS(ClassificationCounts(max_metric_classes + 1), UsageError);
+}

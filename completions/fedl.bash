@@ -89,6 +89,7 @@ _fedl()
     --model) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --torchscript) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --batch-size|-b) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
+    --metrics-set) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -W "basic classification" -- "$cur")); return; } ;;&
     --device) [[ $cmd == "eval" || -z "eval" ]] && { COMPREPLY=($(compgen -W "auto cpu cuda cuda:0" -- "$cur")); return; } ;;&
     --threads) [[ $cmd == "eval" || -z "eval" ]] && { return; } ;;&
     --listen) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -112,6 +113,8 @@ _fedl()
     --labels) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
     --label-column) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --limit-samples) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
+    --metrics-set) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "basic classification" -- "$cur")); return; } ;;&
+    --best-metric) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "accuracy loss macro_f1 weighted_f1 roc_auc" -- "$cur")); return; } ;;&
     --require-sandbox) [[ $cmd == "serve" || -z "serve" ]] && { COMPREPLY=($(compgen -W "strict auto" -- "$cur")); return; } ;;&
     --target-accuracy) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
     --metrics) [[ $cmd == "serve" || -z "serve" ]] && { return; } ;;&
@@ -180,9 +183,9 @@ _fedl()
     "") words="init train eval inspect serve status join aggregate audit report completion --help --json --quiet --verbose --log-format --version" ;;
     "init") words="--help --clients --client --arch --torchscript --input-dim --classes --server-name --listen --rounds --strategy --seed --valid-days --min-clients --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --client-dp-clip-norm --client-dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --max-update-norm --max-num-samples --force --add-client --revoke --partition --labels --label-column --header --no-header --limit-samples --split --holdout --device --threads --json --quiet --verbose --log-format --version" ;;
     "train") words="--help --data --labels --label-column --header --no-header --limit-samples --model --arch --torchscript --classes --out --save-model --identity --epochs --batch-size --lr --optimizer --momentum --prox-mu --dp-noise-multiplier --dp-max-grad-norm --dp-delta --accountant --seed --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
-    "eval") words="--help --data --labels --label-column --header --no-header --limit-samples --model --torchscript --batch-size --device --threads --json --quiet --verbose --log-format --version" ;;
+    "eval") words="--help --data --labels --label-column --header --no-header --limit-samples --model --torchscript --batch-size --metrics-set --device --threads --json --quiet --verbose --log-format --version" ;;
     "inspect") words="--help --json --quiet --verbose --log-format --version" ;;
-    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --require-sandbox --target-accuracy --metrics --max-site-failures --seed --heartbeat --device --threads --json --quiet --verbose --log-format --version" ;;
+    "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --metrics-set --best-metric --require-sandbox --target-accuracy --metrics --max-site-failures --seed --heartbeat --device --threads --json --quiet --verbose --log-format --version" ;;
     "status") words="--help --watch --interval --json --quiet --verbose --log-format --version" ;;
     "join") words="--help --data --labels --label-column --header --no-header --limit-samples --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --json --quiet --verbose --log-format --version" ;;

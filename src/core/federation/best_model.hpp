@@ -40,8 +40,8 @@ struct BestModel
 
 // The best after round `round` evaluated as `evaluation`: that round, if its `metric` value beats
 // `prior` (a prior by another metric does not count), else `prior`; nullopt if neither exists.
-std::optional<BestModel> next_best(const std::optional<BestModel>& prior, const BestMetric& metric,
-                                   std::uint64_t round, const nlohmann::json& evaluation);
+std::optional<BestModel> next_best(const std::optional<BestModel>& prior, const BestMetric& metric, std::uint64_t round,
+                                   const nlohmann::json& evaluation);
 
 // Points models/best.safetensors at round `round`'s model: a hard link made beside it and
 // renamed into place (a copy where the file system has no hard links). Throws Error naming the

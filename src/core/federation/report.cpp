@@ -445,6 +445,12 @@ report_html(const ReportInput& in)
   if (best) {
     line("best accuracy", fmt::format("{} (round {})", html(percent(best->first)), best->second));
   }
+  if (const auto b = a.find("best"); b != a.end() && b->is_object()) {
+    line("best model",
+         fmt::format("round {} by {} {} (<code>{}</code>)", b->value("round", 0), html(b->value("metric", "")),
+                     html(plain(b->value("value", 0.0))),
+                     html((*b)["file"].is_string() ? (*b)["file"].get<std::string>() : b->value("model", ""))));
+  }
   if (a.contains("privacy") && a["privacy"].contains("client")) {
     const auto& c = a["privacy"]["client"];
     line("client-level epsilon",

@@ -124,6 +124,8 @@ test_the_report_of_a_federation_renders_every_round_in_a_real_browser()
   expect_not_in report.html "http:"
   expect_not_in report.html "https:"
   expect_not_in report.html "<script"
+  # The best model (serve --best-metric, accuracy by default) in the summary.
+  expect_in report.html "best model</td><td>round "
 
   browse report.html report
   if console_messages report; then fail "console messages while rendering the report"; fi

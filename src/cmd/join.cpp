@@ -31,6 +31,7 @@ struct JoinOptions
   fs::path bundle;
   std::optional<std::string> accountant;
   DataFlags data;
+  std::optional<fs::path> eval_data;
   std::optional<std::string> server;
   std::optional<std::string> server_name;
   double retry_max = 30;
@@ -114,12 +115,20 @@ run_join(const JoinOptions& opt)
   }
   // The site's data against the federation's contract, before connecting: a site that cannot
   // train on it would fail every task.
+  if (opt.eval_data && !fs::exists(*opt.eval_data)) {
+    throw core::Error("--eval-data {}: no such file", opt.eval_data->string());
+  }
   auto data = opt.data;
   if (contract) {
     const auto where = (opt.bundle / "join.json").string();
     data = opt.data.with_contract(contract->data, where);
-    check_data_file(data, contract->data, core::parse_shape(contract->input_shape, where + " input_shape"),
-                    contract->classes);
+    const auto shape = core::parse_shape(contract->input_shape, where + " input_shape");
+    check_data_file(data, contract->data, shape, contract->classes);
+    if (opt.eval_data) {
+      auto eval = data;
+      eval.data = *opt.eval_data;
+      check_data_file(eval, contract->data, shape, contract->classes);
+    }
   }
   s.bundle = opt.bundle;
   s.max_epochs = opt.max_epochs;
@@ -177,6 +186,9 @@ run_join(const JoinOptions& opt)
   }
   const auto data_args = data.to_args();
   s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
+  if (opt.eval_data) {
+    s.trainer_argv.insert(s.trainer_argv.end(), {"--eval-data", opt.eval_data->string()});
+  }
   if (fs::exists(opt.bundle / "model.pt")) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
   }
@@ -209,6 +221,11 @@ add_join(CLI::App& parent)
     ->required()
     ->type_name("DIR");
   add_data_options(*app, opt->data);
+  app
+    ->add_option("--eval-data", opt->eval_data,
+                 "Evaluate each task's global model on this validation data and report accuracy and loss with the "
+                 "update (federated evaluation; laid out as --data)")
+    ->type_name("PATH");
   app->add_option("--server", opt->server, "Coordinator address (default: the bundle's join.json)")
     ->type_name("HOST:PORT");
   app

@@ -59,6 +59,15 @@ struct WorkerOptions
   SandboxFlags sandbox;
   std::string role = "the trainer"; // or "the evaluator", for messages
   std::string metrics_set = "basic";
+  // fedl join --eval-data: each task's model is evaluated on it before training, laid out as
+  // --data is.
+  std::optional<std::filesystem::path> eval_data;
+  core::DataOptions eval_options() const
+  {
+    auto flags = data;
+    flags.data = *eval_data;
+    return flags.to_options();
+  }
 };
 
 // The parent stopped reading: nothing more can be said to it.
@@ -74,6 +83,10 @@ public:
     : m_opt(opt), m_out(out_fd), m_data(core::load_dataset(opt.data.to_options()))
   {
     FEDL_LOG_INFO("{}: {} samples of shape {}", opt.data.data.string(), m_data.size(), m_data.shape_string());
+    if (opt.eval_data) {
+      m_eval = core::load_dataset(opt.eval_options());
+      FEDL_LOG_INFO("{}: {} samples to evaluate each task's model on", opt.eval_data->string(), m_eval->size());
+    }
   }
 
   int serve()
@@ -161,6 +174,15 @@ private:
     m_step = core::ReasonClass::data_mismatch;
     auto m = open(frame.body, fmt::format("the round {} model", round), seed, task.base_sha256);
     m_base = update_base(m, std::move(m_base));
+    // The global model as it came, on the site's validation data: the federated evaluation.
+    std::optional<core::EvalResult> evaluation;
+    if (m_eval) {
+      const auto e0 = uptime_seconds();
+      const auto r = m.model.evaluate(*m_eval, default_eval_batch_size);
+      evaluation = core::EvalResult{r.accuracy, r.loss, r.samples, uptime_seconds() - e0, std::nullopt};
+      FEDL_LOG_INFO("round {}: the global model on {} validation samples: accuracy {:.4f}, loss {:.4f}", round,
+                    r.samples, r.accuracy, r.loss);
+    }
     const auto t0 = uptime_seconds();
     const auto result = train_model(
       m, m_data, settings, seed, [&](std::uint32_t epoch, std::uint64_t, std::uint64_t, double loss, bool end) {
@@ -185,7 +207,7 @@ private:
                   core::count_of(settings.epochs, "epoch"), core::count_of(m_data.size(), "sample"), result.loss,
                   seconds);
     m_model.emplace(std::move(m));
-    core::TrainResult done{round, m_data.size(), result.steps, seconds, std::nullopt, std::nullopt};
+    core::TrainResult done{round, m_data.size(), result.steps, seconds, std::nullopt, std::nullopt, evaluation};
     if (dp) {
       done.dp = dp->to_json(); // and no loss: it was computed on the private data without noise
     } else {
@@ -272,6 +294,7 @@ private:
   const WorkerOptions& m_opt;
   int m_out;
   core::Dataset m_data;
+  std::optional<core::Dataset> m_eval; // --eval-data
   const backends::Backend* m_backend = nullptr;
   std::string m_device;
   std::optional<OpenedModel> m_model;
@@ -289,6 +312,10 @@ run_worker(const WorkerOptions& opt)
   // First of all: the data, the backends, each model and module are opened inside it.
   auto policy = opt.sandbox.policy(opt.role);
   policy.read = core::dataset_files(opt.data.to_options());
+  if (opt.eval_data) {
+    const auto files = core::dataset_files(opt.eval_options());
+    policy.read.insert(policy.read.end(), files.begin(), files.end());
+  }
   if (opt.torchscript) {
     policy.read.push_back(*opt.torchscript);
   }
@@ -329,6 +356,8 @@ add_worker(CLI::App& parent)
     ->capture_default_str();
   app->add_option("--pin-model", opt->pin_model, "The SHA-256 of the only module it trains (fedl join's)");
   add_metrics_set_option(*app, opt->metrics_set, "What an evaluation measures");
+  app->add_option("--eval-data", opt->eval_data, "Evaluate each task's model on this data before training")
+    ->type_name("PATH");
   return {app, [opt] { return run_worker(*opt); }};
 }
 

@@ -108,3 +108,30 @@ TEST_CASE("metrics: the counts from the evaluator's child are checked before use
   CHECK_THROWS_AS(ClassificationCounts(1), UsageError);
   CHECK_THROWS_AS(ClassificationCounts(max_metric_classes + 1), UsageError);
 }
+
+TEST_CASE("metrics: the sites' evaluations pool as sample-weighted means; out-of-range ones are left out")
+{
+  const auto site = [](double a, double l, json n) {
+    return json{{"eval_accuracy", a}, {"eval_loss", l}, {"eval_samples", n}, {"loss", 9.0}};
+  };
+  json m = {{"a", site(0.5, 1.0, 10U)}, {"b", site(1.0, 0.25, 30U)}, {"c", {{"loss", 0.1}}}};
+  auto p = pool_site_evaluations(m, 1000);
+  CHECK(p["accuracy"].get<double>() == doctest::Approx((0.5 * 10 + 1.0 * 30) / 40));
+  CHECK(p["loss"].get<double>() == doctest::Approx((1.0 * 10 + 0.25 * 30) / 40));
+  CHECK(p["samples"] == 40);
+  CHECK(p["sites"] == 2);
+  // A hostile site's figures out of range do not count: accuracy above 1, a negative or
+  // infinite loss, zero, negative or too many samples.
+  m["d"] = site(1.5, 0.1, 10U);
+  m["e"] = site(0.5, -1, 10U);
+  m["f"] = site(0.5, INFINITY, 10U);
+  m["g"] = site(0.5, 0.1, 0U);
+  m["h"] = site(0.5, 0.1, -5);
+  m["i"] = site(0.5, 0.1, 5000U);
+  m["j"] = site(0.5, 0.1, "10");
+  p = pool_site_evaluations(m, 1000);
+  CHECK(p["sites"] == 2);
+  CHECK(p["samples"] == 40);
+  CHECK(pool_site_evaluations(json::object(), 1000).is_null());
+  CHECK(pool_site_evaluations(json::array(), 1000).is_null());
+}

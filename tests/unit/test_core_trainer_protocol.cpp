@@ -40,12 +40,19 @@ TEST_CASE("trainer protocol: every message reads back as written")
   CHECK(back.base_sha256 == t.base_sha256);
   CHECK(back.budget == t.budget);
 
-  const TrainResult r{7, 100, 4, 0.5, 0.25, std::nullopt};
-  const auto rb = TrainResult::from_header(json::parse(r.to_header().dump()));
+  TrainResult r{7, 100, 4, 0.5, 0.25, std::nullopt, std::nullopt};
+  auto rb = TrainResult::from_header(json::parse(r.to_header().dump()));
   CHECK(rb.num_samples == 100);
   CHECK(rb.steps == 4);
   CHECK(rb.loss == 0.25);
   CHECK_FALSE(rb.dp);
+  CHECK_FALSE(rb.evaluation);
+  // With the site's evaluation of the global model (join --eval-data).
+  r.evaluation = EvalResult{0.75, 0.5, 40, 0.01, std::nullopt};
+  rb = TrainResult::from_header(json::parse(r.to_header().dump()));
+  REQUIRE(rb.evaluation);
+  CHECK(rb.evaluation->accuracy == 0.75);
+  CHECK(rb.evaluation->samples == 40);
 
   EvalResult e{0.9, 0.3, 358, 0.01, std::nullopt};
   auto eb = EvalResult::from_header(json::parse(e.to_header().dump()));

@@ -193,6 +193,7 @@ add_round_metrics(const nlohmann::json& body, nlohmann::json& row)
   row["asked"] = get("asked", nullptr);
   row["dropped"] = get("dropped", nlohmann::json::array());
   row["late"] = get("late", nlohmann::json::array());
+  row["federated_evaluation"] = get("federated_evaluation", nullptr);
 }
 
 // A round entry: the next number, from the model before it, to a model file that matches.

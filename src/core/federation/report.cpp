@@ -391,6 +391,8 @@ report_html(const ReportInput& in)
 
   Rounds rounds;
   Series accuracy{"accuracy", {}}, loss{"loss", {}}, client{"client-level", {}}, seconds{"seconds", {}};
+  // The sites' own evaluations (join --eval-data), at the round whose model they evaluated.
+  Series site_accuracy{"at the sites", {}}, site_loss{"at the sites", {}};
   Series updates{"updates", {}}, rejected{"rejected", {}}, dropped{"dropped", {}}, late{"late", {}};
   std::map<std::string, Series> sites;
   std::map<std::uint64_t, std::string> participation_notes;
@@ -406,6 +408,18 @@ report_html(const ReportInput& in)
     }
     if (const auto v = number(row, "loss")) {
       loss.points.emplace_back(r, *v);
+    }
+    if (const auto f = row.find("federated_evaluation"); f != row.end() && f->is_object()) {
+      const auto model_round = number(*f, "model_round");
+      if (model_round && *model_round >= 1) {
+        const auto at = static_cast<std::uint64_t>(*model_round);
+        if (const auto v = number(*f, "accuracy")) {
+          site_accuracy.points.emplace_back(at, *v);
+        }
+        if (const auto v = number(*f, "loss")) {
+          site_loss.points.emplace_back(at, *v);
+        }
+      }
     }
     if (const auto v = number(row, "epsilon")) {
       client.points.emplace_back(r, *v);
@@ -473,9 +487,17 @@ report_html(const ReportInput& in)
 
   // The charts.
   page += "<h2>Accuracy and loss of the global model</h2>\n";
-  page += line_chart("chart-accuracy", "test accuracy per round", "accuracy", rounds, {accuracy}, as_percent,
-                     "an accuracy (no evaluation data)");
-  page += line_chart("chart-loss", "test loss per round", "loss", rounds, {loss}, as_plain, "a loss");
+  const auto with_sites = [](Series coordinator, Series at_sites) {
+    std::vector<Series> out{std::move(coordinator)};
+    if (!at_sites.points.empty()) {
+      out.push_back(std::move(at_sites));
+    }
+    return out;
+  };
+  page += line_chart("chart-accuracy", "test accuracy per round", "accuracy", rounds,
+                     with_sites(accuracy, site_accuracy), as_percent, "an accuracy (no evaluation data)");
+  page +=
+    line_chart("chart-loss", "test loss per round", "loss", rounds, with_sites(loss, site_loss), as_plain, "a loss");
   page += "<h2>Privacy: epsilon spent after each round</h2>\n";
   std::vector<Series> privacy;
   if (!client.points.empty()) {

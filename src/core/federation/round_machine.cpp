@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/federation/round_machine.hpp"
 
+#include "core/math/metrics.hpp"
 #include "core/util/error.hpp"
 #include "core/util/log.hpp"
 #include "core/util/text.hpp"
@@ -477,6 +478,12 @@ RoundMachine::close(const std::string& why)
              {"dropped", dropped},   {"site_metrics", site_metrics},   {"seconds", m_now() - m_round_started}};
   if (!m_benched_now.empty()) {
     a.extra["benched"] = std::exchange(m_benched_now, json::array());
+  }
+  // The sites' evaluations of the model they were sent (join --eval-data): that of the round
+  // before, pooled.
+  if (auto pooled = pool_site_evaluations(site_metrics, m_s.max_num_samples); !pooled.is_null()) {
+    pooled["model_round"] = m_round - 1;
+    a.extra["federated_evaluation"] = std::move(pooled);
   }
   m_host.close_attempt(std::move(a));
 }

@@ -81,6 +81,13 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
     if (result->loss) {
       metrics["loss"] = *result->loss;
     }
+    // The global model on the site's validation data (join --eval-data), pooled by the
+    // coordinator. Figures of data that is not trained on, which the site chose to report.
+    if (result->evaluation) {
+      metrics["eval_accuracy"] = result->evaluation->accuracy;
+      metrics["eval_loss"] = result->evaluation->loss;
+      metrics["eval_samples"] = result->evaluation->samples;
+    }
     if (m_account && result->dp) {
       const auto report = DpSgdReport::from_json(*result->dp, "the trainer's DP-SGD report", m_s.accountant);
       if (m_s.max_epsilon) {

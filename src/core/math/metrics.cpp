@@ -185,4 +185,36 @@ ClassificationCounts::metrics(std::int64_t per_class_limit) const
   return out;
 }
 
+json
+pool_site_evaluations(const json& site_metrics, std::uint64_t max_samples)
+{
+  double accuracy = 0, loss = 0;
+  std::uint64_t samples = 0, sites = 0;
+  if (!site_metrics.is_object()) {
+    return nullptr;
+  }
+  for (const auto& [site, m] : site_metrics.items()) {
+    if (!m.is_object() || !m.contains("eval_samples") || !m["eval_samples"].is_number_unsigned() ||
+        !m.contains("eval_accuracy") || !m["eval_accuracy"].is_number() || !m.contains("eval_loss") ||
+        !m["eval_loss"].is_number()) {
+      continue;
+    }
+    const auto n = m["eval_samples"].get<std::uint64_t>();
+    const auto a = m["eval_accuracy"].get<double>();
+    const auto l = m["eval_loss"].get<double>();
+    if (n == 0 || n > max_samples || !(a >= 0 && a <= 1) || !(l >= 0) || !std::isfinite(l)) {
+      continue;
+    }
+    accuracy += a * static_cast<double>(n);
+    loss += l * static_cast<double>(n);
+    samples += n;
+    ++sites;
+  }
+  if (sites == 0) {
+    return nullptr;
+  }
+  const auto total = static_cast<double>(samples);
+  return {{"accuracy", accuracy / total}, {"loss", loss / total}, {"samples", samples}, {"sites", sites}};
+}
+
 } // namespace fedl::core

@@ -71,4 +71,12 @@ private:
   std::optional<double> m_auc;                  // from_counts: as received
 };
 
+// The sites' evaluations of one global model on their own data (fedl join --eval-data), pooled:
+// accuracy and loss as means weighted by each site's samples, which is exact (both are means
+// over samples). `site_metrics` is {site: {"eval_accuracy", "eval_loss", "eval_samples", ...}};
+// a site without them, or with a value out of range (accuracy outside [0, 1], a negative or
+// non-finite loss, samples not a positive integer of at most `max_samples`), is left out.
+// Returns {"accuracy", "loss", "samples", "sites"}, or null if no site's evaluation counts.
+nlohmann::json pool_site_evaluations(const nlohmann::json& site_metrics, std::uint64_t max_samples);
+
 } // namespace fedl::core

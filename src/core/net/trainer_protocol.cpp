@@ -79,6 +79,9 @@ TrainResult::to_header() const
   if (dp) {
     h["dp"] = *dp;
   }
+  if (evaluation) {
+    h["evaluation"] = evaluation->to_header();
+  }
   return h;
 }
 
@@ -95,6 +98,9 @@ TrainResult::from_header(const json& h)
   }
   if (const auto it = h.find("dp"); it != h.end()) {
     r.dp = *it;
+  }
+  if (const auto it = h.find("evaluation"); it != h.end()) {
+    r.evaluation = EvalResult::from_header(*it);
   }
   return r;
 }

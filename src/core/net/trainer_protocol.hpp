@@ -44,19 +44,6 @@ struct TrainTask
   static TrainTask from_header(const nlohmann::json& header);
 };
 
-struct TrainResult
-{
-  std::uint64_t round = 0;
-  std::uint64_t num_samples = 0;
-  std::uint64_t steps = 0;
-  double seconds = 0;
-  std::optional<double> loss;       // absent under DP-SGD (computed on private data, no noise)
-  std::optional<nlohmann::json> dp; // DpSgdReport::to_json of the run, under DP-SGD
-
-  nlohmann::json to_header() const;
-  static TrainResult from_header(const nlohmann::json& header);
-};
-
 struct EvalResult
 {
   double accuracy = 0;
@@ -68,6 +55,22 @@ struct EvalResult
 
   nlohmann::json to_header() const;
   static EvalResult from_header(const nlohmann::json& header);
+};
+
+struct TrainResult
+{
+  std::uint64_t round = 0;
+  std::uint64_t num_samples = 0;
+  std::uint64_t steps = 0;
+  double seconds = 0;
+  std::optional<double> loss;       // absent under DP-SGD (computed on private data, no noise)
+  std::optional<nlohmann::json> dp; // DpSgdReport::to_json of the run, under DP-SGD
+  // fedl join --eval-data: the task's model (the global model, before training) on the site's
+  // validation data.
+  std::optional<EvalResult> evaluation;
+
+  nlohmann::json to_header() const;
+  static TrainResult from_header(const nlohmann::json& header);
 };
 
 // A task that failed: the worker's message (which may quote the site's data: it stays at the

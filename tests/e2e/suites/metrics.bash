@@ -114,3 +114,47 @@ PY
   expect_in err "round 4 records round"
   expect_in err "but the evaluations say"
 }
+
+test_sites_evaluate_the_global_model_on_their_own_data_and_the_coordinator_pools_it()
+{
+  trap net_cleanup EXIT
+  net_init 2 3 || return
+  # Validation data that does not fit the contract is refused before the site connects.
+  fedl_expect 2 join ws/clients/site-1 --data ws/clients/site-1/data/train.csv --eval-data "$DATA/iris.csv" \
+    --no-header --retry-max 1 || return
+  expect_in err "iris.csv"
+  # site-1 validates on the coordinator's own held-out set, so its figure for a model must be
+  # the coordinator's for the same model; site-2 on 50 rows of its own.
+  tail -50 ws/clients/site-2/data/train.csv >site-2-val.csv
+  serve_bg --min-clients 2
+  join_bg site-1 --eval-data ws/data/test.csv
+  join_bg site-2 --eval-data site-2-val.csv
+  expect_exit "$SERVE" 120 0 "fedl serve"
+  expect_rounds 3
+  expect_in site-1.log "the global model on 359 validation samples"
+  "$PY" - ws/ledger.jsonl <<'PY' || fail "the federated evaluation"
+import json, sys
+R = [json.loads(l)["body"] for l in open(sys.argv[1]) if json.loads(l)["kind"] == "round"]
+for r in R:
+    f, m = r["federated_evaluation"], r["site_metrics"]
+    assert f["model_round"] == r["round"] - 1 and f["sites"] == 2 and f["samples"] == 359 + 50, f
+    assert m["site-1"]["eval_samples"] == 359 and m["site-2"]["eval_samples"] == 50, m
+    acc = sum(m[s]["eval_accuracy"] * m[s]["eval_samples"] for s in m) / f["samples"]
+    loss = sum(m[s]["eval_loss"] * m[s]["eval_samples"] for s in m) / f["samples"]
+    assert abs(f["accuracy"] - acc) < 1e-12 and abs(f["loss"] - loss) < 1e-12, (f, acc, loss)
+# The same model on the same data at the site and at the coordinator: the same figures.
+for before, r in zip(R, R[1:]):
+    ev, site = before["evaluation"], r["site_metrics"]["site-1"]
+    assert ev["accuracy"] == site["eval_accuracy"], (ev, site)
+    assert abs(ev["loss"] - site["eval_loss"]) < 1e-6, (ev, site)
+print("federated accuracy by round:", [round(r["federated_evaluation"]["accuracy"], 4) for r in R])
+PY
+  fedl_expect 0 --json audit ws || return
+  check_py "$(json_get out "[r['federated_evaluation']['model_round'] for r in j['rounds']] == [0, 1, 2]")" \
+    "audit --json: $(json_get out "[r.get('federated_evaluation') for r in j['rounds']]")"
+  # The report draws them beside the coordinator's: rounds 1 and 2 (the initial model is not
+  # on the rounds' axis).
+  fedl_expect 0 report ws -o report.html || return
+  [[ $(grep -c 'class="point" data-series="at the sites"' report.html) == 4 ]] ||
+    fail "report: $(grep -c 'data-series="at the sites"' report.html) points at the sites"
+}

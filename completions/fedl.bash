@@ -129,6 +129,7 @@ _fedl()
     --label-column) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --limit-samples) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --eval-data) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -f -- "$cur")); return; } ;;&
+    --metrics-set) [[ $cmd == "join" || -z "join" ]] && { COMPREPLY=($(compgen -W "basic classification" -- "$cur")); return; } ;;&
     --server) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --server-name) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
     --retry-max) [[ $cmd == "join" || -z "join" ]] && { return; } ;;&
@@ -188,7 +189,7 @@ _fedl()
     "inspect") words="--help --json --quiet --verbose --log-format --version" ;;
     "serve") words="--help --listen --rounds --min-clients --clients-per-round --fraction --round-timeout --wait-timeout --strategy --clip-norm --dp-clip-norm --dp-noise-multiplier --max-epsilon --delta --accountant --secure-aggregation --secagg-threshold --secagg-neighbours --secagg-range --distributed-dp --eval-data --labels --label-column --header --no-header --limit-samples --metrics-set --best-metric --require-sandbox --target-accuracy --metrics --max-site-failures --seed --heartbeat --device --threads --json --quiet --verbose --log-format --version" ;;
     "status") words="--help --watch --interval --json --quiet --verbose --log-format --version" ;;
-    "join") words="--help --data --labels --label-column --header --no-header --limit-samples --eval-data --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
+    "join") words="--help --data --labels --label-column --header --no-header --limit-samples --eval-data --metrics-set --server --server-name --retry-max --max-failures --retry-for --trainer-idle --fork-server --max-epsilon --delta --accountant --max-epochs --min-noise-multiplier --require-secure-aggregation --model-policy --pin-model --device --threads --sandbox --memory-limit --cpu-limit --pids-limit --json --quiet --verbose --log-format --version" ;;
     "aggregate") words="--help --base --out --workspace --strategy --state --clip-norm --server-lr --server-momentum --beta1 --beta2 --tau --on-bad-update --json --quiet --verbose --log-format --version" ;;
     "audit") words="--help --witness --privacy-calc --sample-rate --noise-multiplier --steps --delta --epsilon --accountant --host --csv --json --quiet --verbose --log-format --version" ;;
     "report") words="--help --output --json --quiet --verbose --log-format --version" ;;

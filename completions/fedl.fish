@@ -162,6 +162,7 @@ complete -c fedl -n '__fish_seen_subcommand_from join' -l header -d 'The CSV fil
 complete -c fedl -n '__fish_seen_subcommand_from join' -l no-header -d 'The CSV file has no header row'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l limit-samples -x -d 'Use only the first N samples'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l eval-data -r -F -d 'Evaluate each task\'s global model on this validation data and report accuracy and loss with the update (federated evaluation; laid out as --data)'
+complete -c fedl -n '__fish_seen_subcommand_from join' -l metrics-set -x -a 'basic classification' -d 'What --eval-data measures and the update reports: basic (accuracy, loss) or classification (and per-class precision, recall, F1, macro F1; for two classes sensitivity, specificity, ROC AUC)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l server -x -d 'Coordinator address (default: the bundle\'s join.json)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l server-name -x -d 'Name the coordinator\'s certificate must carry (default: join.json)'
 complete -c fedl -n '__fish_seen_subcommand_from join' -l retry-max -x -d 'Longest wait between reconnection attempts, seconds'

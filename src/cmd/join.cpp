@@ -32,6 +32,7 @@ struct JoinOptions
   std::optional<std::string> accountant;
   DataFlags data;
   std::optional<fs::path> eval_data;
+  std::string metrics_set = "basic";
   std::optional<std::string> server;
   std::optional<std::string> server_name;
   double retry_max = 30;
@@ -118,6 +119,17 @@ run_join(const JoinOptions& opt)
   if (opt.eval_data && !fs::exists(*opt.eval_data)) {
     throw core::Error("--eval-data {}: no such file", opt.eval_data->string());
   }
+  if (opt.metrics_set != "basic") {
+    if (!opt.eval_data) {
+      throw core::UsageError("--metrics-set {} measures the evaluation of each task's model: give --eval-data PATH",
+                             opt.metrics_set);
+    }
+    if (contract && contract->classes > core::max_site_eval_classes) {
+      throw core::UsageError("--metrics-set {} sends a confusion matrix with each update, for at most {} classes; "
+                             "this model has {}",
+                             opt.metrics_set, core::max_site_eval_classes, contract->classes);
+    }
+  }
   auto data = opt.data;
   if (contract) {
     const auto where = (opt.bundle / "join.json").string();
@@ -187,7 +199,8 @@ run_join(const JoinOptions& opt)
   const auto data_args = data.to_args();
   s.trainer_argv.insert(s.trainer_argv.end(), data_args.begin(), data_args.end());
   if (opt.eval_data) {
-    s.trainer_argv.insert(s.trainer_argv.end(), {"--eval-data", opt.eval_data->string()});
+    s.trainer_argv.insert(s.trainer_argv.end(),
+                          {"--eval-data", opt.eval_data->string(), "--metrics-set", opt.metrics_set});
   }
   if (fs::exists(opt.bundle / "model.pt")) {
     s.trainer_argv.insert(s.trainer_argv.end(), {"--torchscript", (opt.bundle / "model.pt").string()});
@@ -226,6 +239,7 @@ add_join(CLI::App& parent)
                  "Evaluate each task's global model on this validation data and report accuracy and loss with the "
                  "update (federated evaluation; laid out as --data)")
     ->type_name("PATH");
+  add_metrics_set_option(*app, opt->metrics_set, "What --eval-data measures and the update reports");
   app->add_option("--server", opt->server, "Coordinator address (default: the bundle's join.json)")
     ->type_name("HOST:PORT");
   app

@@ -179,7 +179,11 @@ private:
     if (m_eval) {
       const auto e0 = uptime_seconds();
       const auto r = m.model.evaluate(*m_eval, default_eval_batch_size);
-      evaluation = core::EvalResult{r.accuracy, r.loss, r.samples, uptime_seconds() - e0, std::nullopt};
+      evaluation = core::EvalResult{r.accuracy, r.loss, r.samples, 0, std::nullopt};
+      if (m_opt.metrics_set == "classification") {
+        evaluation->classification = classification_counts(m, *m_eval, default_eval_batch_size);
+      }
+      evaluation->seconds = uptime_seconds() - e0;
       FEDL_LOG_INFO("round {}: the global model on {} validation samples: accuracy {:.4f}, loss {:.4f}", round,
                     r.samples, r.accuracy, r.loss);
     }

@@ -263,8 +263,9 @@ TEST_CASE("the C table: bad DP settings are FEDL_STATUS_USAGE")
 {
   const auto* api = fedl_backend_entry(FEDL_BACKEND_ABI_VERSION);
   REQUIRE(api != nullptr);
-  CHECK(api->abi_version == 3u);
+  CHECK(api->abi_version == 4u);
   CHECK((api->torchscript_inspect != nullptr));
+  CHECK((api->model_predict != nullptr));
   CHECK(fedl_backend_entry(1) == nullptr);
   const auto b = blobs(100);
   const auto data = b.data();
@@ -296,6 +297,22 @@ TEST_CASE("the C table: bad DP settings are FEDL_STATUS_USAGE")
   ok.epochs = 1;
   CHECK(api->model_train(m, &data, &ok, nullptr, nullptr, &r) == FEDL_STATUS_OK);
   CHECK(r.steps == 1);
+  // model_predict (ABI 4): class probabilities, in pieces, that agree with model_evaluate.
+  std::vector<float> p(100 * 2, -1.0F);
+  REQUIRE(api->model_predict(m, &data, 0, 60, 2, p.data()) == FEDL_STATUS_OK);
+  REQUIRE(api->model_predict(m, &data, 60, 40, 2, p.data() + 120) == FEDL_STATUS_OK);
+  fedl_eval_result e{};
+  REQUIRE(api->model_evaluate(m, &data, 64, &e) == FEDL_STATUS_OK);
+  std::size_t correct = 0;
+  for (std::size_t i = 0; i < 100; ++i) {
+    CHECK(p[2 * i] + p[2 * i + 1] == doctest::Approx(1.0).epsilon(1e-6));
+    CHECK(p[2 * i] >= 0.0F);
+    correct += (p[2 * i + 1] > p[2 * i] ? 1 : 0) == b.y[i] ? 1 : 0;
+  }
+  CHECK(static_cast<double>(correct) / 100 == doctest::Approx(e.accuracy));
+  CHECK(api->model_predict(m, &data, 0, 10, 3, p.data()) == FEDL_STATUS_DATA); // another width
+  CHECK(std::string(api->last_error()).find("class scores") != std::string::npos);
+  CHECK(api->model_predict(m, &data, 90, 20, 2, p.data()) == FEDL_STATUS_USAGE); // past the data
   api->model_free(m);
 }
 

@@ -135,3 +135,40 @@ TEST_CASE("metrics: the sites' evaluations pool as sample-weighted means; out-of
   CHECK(pool_site_evaluations(json::object(), 1000).is_null());
   CHECK(pool_site_evaluations(json::array(), 1000).is_null());
 }
+
+TEST_CASE("metrics: the sites' confusion matrices pool exactly; counts that do not add up are left out")
+{
+  // Two sites of the f1_score example split in halves: the pool is the whole example.
+  ClassificationCounts first(3), second(3), whole(3);
+  const std::vector<std::int64_t> labels = {0, 1, 2, 0, 1, 2};
+  const auto probs = predicting({0, 2, 1, 0, 0, 1}, 3);
+  first.add(std::span(probs).first(9), std::span(labels).first(3));
+  second.add(std::span(probs).subspan(9), std::span(labels).subspan(3));
+  whole.add(probs, labels);
+  const auto site = [](const ClassificationCounts& c, double accuracy) {
+    return json{{"eval_accuracy", accuracy},
+                {"eval_loss", 1.0},
+                {"eval_samples", c.samples()},
+                {"eval_classes", c.classes()},
+                {"eval_confusion", c.to_counts()["confusion"]}};
+  };
+  json m = {{"a", site(first, 2.0 / 3)}, {"b", site(second, 0.0)}};
+  auto p = pool_site_evaluations(m, 1000);
+  CHECK(p["classification_sites"] == 2);
+  CHECK(p["macro_f1"].get<double>() == doctest::Approx(0.26666666));
+  CHECK(p["per_class"] == whole.metrics()["per_class"]);
+  CHECK_FALSE(p.contains("roc_auc"));
+  // A site whose counts do not add up to its samples still counts for accuracy and loss.
+  m["c"] = site(first, 0.5);
+  m["c"]["eval_samples"] = 4U;
+  p = pool_site_evaluations(m, 1000);
+  CHECK(p["sites"] == 3);
+  CHECK(p["classification_sites"] == 2);
+  CHECK_THROWS_AS(first.merge(ClassificationCounts(2)), Error);
+  // Two classes: each site's AUC stays its own; the pool has none.
+  ClassificationCounts two(2);
+  two.add(std::vector<float>{0.9F, 0.1F, 0.3F, 0.7F}, std::vector<std::int64_t>{0, 1});
+  two.merge(two);
+  CHECK(two.samples() == 4);
+  CHECK(two.metrics()["roc_auc"].is_null());
+}

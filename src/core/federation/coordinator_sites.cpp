@@ -2,6 +2,7 @@
 // The coordinator's side of each site's connection: a TLS connection from the pool, its hello,
 // its uploads into state/incoming/, its error reports and its end (coordinator_detail.hpp).
 #include "core/federation/coordinator_detail.hpp"
+#include "core/math/metrics.hpp"
 
 #include "core/net/site_protocol.hpp"
 #include "core/util/error.hpp"
@@ -276,6 +277,23 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
   FEDL_LOG_DEBUG("round {}: update from {} ({} bytes)", m_rounds.round(), p->site, fs::file_size(file, ec));
   const auto update = Update::from_header(header);
   auto metrics = bounded_metrics(update.metrics);
+  // A site's confusion matrix of its evaluation (join --metrics-set classification): kept only
+  // if its counts fit the class count it names and add up to its samples.
+  if (const auto it = update.metrics.find("eval_confusion"); it != update.metrics.end()) {
+    try {
+      const auto classes = metrics.value("eval_classes", json());
+      const auto samples = metrics.value("eval_samples", json());
+      if (!classes.is_number_integer() || classes.get<std::int64_t>() > max_site_eval_classes ||
+          !samples.is_number_unsigned()) {
+        throw Error("it names no class count of at most {} or no sample count", max_site_eval_classes);
+      }
+      (void)ClassificationCounts::from_counts({{"classes", classes}, {"confusion", *it}}, samples.get<std::uint64_t>(),
+                                              "its evaluation");
+      metrics["eval_confusion"] = *it;
+    } catch (const Error& e) {
+      FEDL_LOG_WARN("round {}: site {}'s confusion matrix is left out: {}", m_rounds.round(), p->site, e.what());
+    }
+  }
   if (update.sandbox) {
     metrics["sandbox"] = sandbox_level_name(*update.sandbox); // recorded in the round's ledger entry
   }

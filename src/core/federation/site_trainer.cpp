@@ -87,6 +87,14 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
       metrics["eval_accuracy"] = result->evaluation->accuracy;
       metrics["eval_loss"] = result->evaluation->loss;
       metrics["eval_samples"] = result->evaluation->samples;
+      if (const auto& c = result->evaluation->classification) {
+        const auto counts = c->to_counts();
+        metrics["eval_classes"] = c->classes();
+        metrics["eval_confusion"] = counts["confusion"];
+        if (counts["roc_auc"].is_number()) {
+          metrics["eval_roc_auc"] = counts["roc_auc"];
+        }
+      }
     }
     if (m_account && result->dp) {
       const auto report = DpSgdReport::from_json(*result->dp, "the trainer's DP-SGD report", m_s.accountant);

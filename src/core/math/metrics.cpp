@@ -87,6 +87,20 @@ ClassificationCounts::add(std::span<const float> probabilities, std::span<const 
   m_samples += labels.size();
 }
 
+void
+ClassificationCounts::merge(const ClassificationCounts& other)
+{
+  if (other.m_classes != m_classes) {
+    throw Error("cannot pool the counts of {} classes with those of {}", other.m_classes, m_classes);
+  }
+  for (std::size_t k = 0; k < m_confusion.size(); ++k) {
+    m_confusion[k] += other.m_confusion[k];
+  }
+  m_samples += other.m_samples;
+  m_scores.clear();
+  m_auc.reset();
+}
+
 json
 ClassificationCounts::to_counts() const
 {
@@ -189,7 +203,8 @@ json
 pool_site_evaluations(const json& site_metrics, std::uint64_t max_samples)
 {
   double accuracy = 0, loss = 0;
-  std::uint64_t samples = 0, sites = 0;
+  std::uint64_t samples = 0, sites = 0, classified = 0;
+  std::optional<ClassificationCounts> pooled;
   if (!site_metrics.is_object()) {
     return nullptr;
   }
@@ -209,12 +224,32 @@ pool_site_evaluations(const json& site_metrics, std::uint64_t max_samples)
     loss += l * static_cast<double>(n);
     samples += n;
     ++sites;
+    if (m.contains("eval_confusion") && m.contains("eval_classes") && m["eval_classes"].is_number_integer()) {
+      try {
+        const auto counts = ClassificationCounts::from_counts(
+          {{"classes", m["eval_classes"]}, {"confusion", m["eval_confusion"]}}, n, site);
+        if (!pooled) {
+          pooled = counts;
+        } else {
+          pooled->merge(counts);
+        }
+        ++classified;
+      } catch (const Error&) {
+        // Counts that do not add up, or of another class count: left out of the pool.
+      }
+    }
   }
   if (sites == 0) {
     return nullptr;
   }
   const auto total = static_cast<double>(samples);
-  return {{"accuracy", accuracy / total}, {"loss", loss / total}, {"samples", samples}, {"sites", sites}};
+  json out = {{"accuracy", accuracy / total}, {"loss", loss / total}, {"samples", samples}, {"sites", sites}};
+  if (pooled) {
+    out.update(pooled->metrics());
+    out.erase("roc_auc"); // each site's is in its metrics (eval_roc_auc); AUCs do not pool
+    out["classification_sites"] = classified;
+  }
+  return out;
 }
 
 } // namespace fedl::core

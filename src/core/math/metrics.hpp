@@ -34,6 +34,9 @@ const char* metrics_set_name(MetricsSet set) noexcept;
 // The most classes whose confusion matrix (classes^2 counts) is kept and sent; past it, a metrics
 // set beyond basic is refused.
 inline constexpr std::int64_t max_metric_classes = 1000;
+// The most classes whose confusion matrix a site sends with its update (fedl join --metrics-set
+// classification): it must fit a frame header with room to spare.
+inline constexpr std::int64_t max_site_eval_classes = 32;
 
 // The area under the ROC curve of (score, positive) pairs; nullopt if either class is absent.
 std::optional<double> roc_auc(std::vector<std::pair<float, bool>> scores);
@@ -46,6 +49,10 @@ public:
 
   // Adds n samples: `probabilities` n rows of classes, `labels` n labels below classes.
   void add(std::span<const float> probabilities, std::span<const std::int64_t> labels);
+
+  // Adds another's counts (same classes; Error otherwise). The ROC AUC does not pool (it needs
+  // every sample's score): the sum has none.
+  void merge(const ClassificationCounts& other);
 
   std::int64_t classes() const noexcept { return m_classes; }
   std::uint64_t samples() const noexcept { return m_samples; }
@@ -77,6 +84,9 @@ private:
 // a site without them, or with a value out of range (accuracy outside [0, 1], a negative or
 // non-finite loss, samples not a positive integer of at most `max_samples`), is left out.
 // Returns {"accuracy", "loss", "samples", "sites"}, or null if no site's evaluation counts.
+// Sites that also sent "eval_classes" and "eval_confusion" (join --metrics-set classification)
+// have their confusion matrices summed, which pools exactly: the result adds the metrics of
+// ClassificationCounts::metrics but the ROC AUC, and "classification_sites" (how many).
 nlohmann::json pool_site_evaluations(const nlohmann::json& site_metrics, std::uint64_t max_samples);
 
 } // namespace fedl::core

@@ -152,11 +152,12 @@ test_site_receipts_catch_a_rolled_back_or_rewritten_ledger()
   fedl_expect 0 audit ws "${witness[@]}" --json
   expect_in out '"witnesses"'
 
-  # Rolled back: the last round, its model and the end of the ledger removed. The hash chain of
-  # what is left is intact, so audit alone passes; the receipts do not.
+  # Rolled back: the last round, its model and the end of the ledger removed (and the best
+  # model's link, which may name it). The hash chain of what is left is intact, so audit alone
+  # passes; the receipts do not.
   cp -a ws ws.orig
   head -n -2 ws.orig/ledger.jsonl >ws/ledger.jsonl
-  rm ws/models/global-000004.safetensors
+  rm ws/models/global-000004.safetensors ws/models/best.safetensors
   fedl_expect 0 audit ws
   fedl_expect 3 audit ws "${witness[@]}"
   expect_in err "entries were removed from the end of the ledger"

@@ -123,12 +123,14 @@ test_sites_evaluate_the_global_model_on_their_own_data_and_the_coordinator_pools
   fedl_expect 2 join ws/clients/site-1 --data ws/clients/site-1/data/train.csv --eval-data "$DATA/iris.csv" \
     --no-header --retry-max 1 || return
   expect_in err "iris.csv"
+  fedl_expect 2 join ws/clients/site-1 --data ws/clients/site-1/data/train.csv --metrics-set classification || return
+  expect_in err "give --eval-data"
   # site-1 validates on the coordinator's own held-out set, so its figure for a model must be
   # the coordinator's for the same model; site-2 on 50 rows of its own.
   tail -50 ws/clients/site-2/data/train.csv >site-2-val.csv
-  serve_bg --min-clients 2
-  join_bg site-1 --eval-data ws/data/test.csv
-  join_bg site-2 --eval-data site-2-val.csv
+  serve_bg --min-clients 2 --metrics-set classification
+  join_bg site-1 --eval-data ws/data/test.csv --metrics-set classification
+  join_bg site-2 --eval-data site-2-val.csv --metrics-set classification
   expect_exit "$SERVE" 120 0 "fedl serve"
   expect_rounds 3
   expect_in site-1.log "the global model on 359 validation samples"
@@ -142,11 +144,21 @@ for r in R:
     acc = sum(m[s]["eval_accuracy"] * m[s]["eval_samples"] for s in m) / f["samples"]
     loss = sum(m[s]["eval_loss"] * m[s]["eval_samples"] for s in m) / f["samples"]
     assert abs(f["accuracy"] - acc) < 1e-12 and abs(f["loss"] - loss) < 1e-12, (f, acc, loss)
+    # The confusion matrices summed give the pooled per-class figures.
+    conf = [sum(m[s]["eval_confusion"][k] for s in m) for k in range(100)]
+    for c in range(10):
+        tp, row, col = conf[c * 11], sum(conf[c * 10:c * 10 + 10]), sum(conf[c::10])
+        assert f["per_class"][c]["support"] == row, (c, f["per_class"][c])
+        assert abs(f["per_class"][c]["f1"] - (2 * tp / (row + col) if row + col else 0)) < 1e-12, f["per_class"][c]
+    assert f["classification_sites"] == 2 and "roc_auc" not in f and 0 < f["macro_f1"] <= 1, f
 # The same model on the same data at the site and at the coordinator: the same figures.
 for before, r in zip(R, R[1:]):
     ev, site = before["evaluation"], r["site_metrics"]["site-1"]
     assert ev["accuracy"] == site["eval_accuracy"], (ev, site)
     assert abs(ev["loss"] - site["eval_loss"]) < 1e-6, (ev, site)
+    conf = site["eval_confusion"]
+    assert [c["support"] for c in ev["per_class"]] == [sum(conf[k * 10:k * 10 + 10]) for k in range(10)], ev
+    assert [c["recall"] for c in ev["per_class"]] == [conf[k * 11] / sum(conf[k * 10:k * 10 + 10]) for k in range(10)]
 print("federated accuracy by round:", [round(r["federated_evaluation"]["accuracy"], 4) for r in R])
 PY
   fedl_expect 0 --json audit ws || return

@@ -89,6 +89,44 @@ module_policy(const JoinOptions& opt)
   return p;
 }
 
+// The site's data (and validation data) against the federation's contract, before connecting: a
+// site that cannot train on it would fail every task. The data flags as the contract completes
+// them.
+DataFlags
+checked_data(const JoinOptions& opt, const std::optional<core::SiteContract>& contract)
+{
+  if (!fs::exists(opt.data.data)) {
+    throw core::Error("--data {}: no such file", opt.data.data.string());
+  }
+  if (opt.eval_data && !fs::exists(*opt.eval_data)) {
+    throw core::Error("--eval-data {}: no such file", opt.eval_data->string());
+  }
+  if (opt.metrics_set != "basic") {
+    if (!opt.eval_data) {
+      throw core::UsageError("--metrics-set {} measures the evaluation of each task's model: give --eval-data PATH",
+                             opt.metrics_set);
+    }
+    if (contract && contract->classes > core::max_site_eval_classes) {
+      throw core::UsageError("--metrics-set {} sends a confusion matrix with each update, for at most {} classes; "
+                             "this model has {}",
+                             opt.metrics_set, core::max_site_eval_classes, contract->classes);
+    }
+  }
+  if (!contract) {
+    return opt.data;
+  }
+  const auto where = (opt.bundle / "join.json").string();
+  auto data = opt.data.with_contract(contract->data, where);
+  const auto shape = core::parse_shape(contract->input_shape, where + " input_shape");
+  check_data_file(data, contract->data, shape, contract->classes);
+  if (opt.eval_data) {
+    auto eval = data;
+    eval.data = *opt.eval_data;
+    check_data_file(eval, contract->data, shape, contract->classes);
+  }
+  return data;
+}
+
 int
 run_join(const JoinOptions& opt)
 {
@@ -111,37 +149,7 @@ run_join(const JoinOptions& opt)
                   "(ask the operator for a new bundle)",
                   (opt.bundle / "join.json").string());
   }
-  if (!fs::exists(opt.data.data)) {
-    throw core::Error("--data {}: no such file", opt.data.data.string());
-  }
-  // The site's data against the federation's contract, before connecting: a site that cannot
-  // train on it would fail every task.
-  if (opt.eval_data && !fs::exists(*opt.eval_data)) {
-    throw core::Error("--eval-data {}: no such file", opt.eval_data->string());
-  }
-  if (opt.metrics_set != "basic") {
-    if (!opt.eval_data) {
-      throw core::UsageError("--metrics-set {} measures the evaluation of each task's model: give --eval-data PATH",
-                             opt.metrics_set);
-    }
-    if (contract && contract->classes > core::max_site_eval_classes) {
-      throw core::UsageError("--metrics-set {} sends a confusion matrix with each update, for at most {} classes; "
-                             "this model has {}",
-                             opt.metrics_set, core::max_site_eval_classes, contract->classes);
-    }
-  }
-  auto data = opt.data;
-  if (contract) {
-    const auto where = (opt.bundle / "join.json").string();
-    data = opt.data.with_contract(contract->data, where);
-    const auto shape = core::parse_shape(contract->input_shape, where + " input_shape");
-    check_data_file(data, contract->data, shape, contract->classes);
-    if (opt.eval_data) {
-      auto eval = data;
-      eval.data = *opt.eval_data;
-      check_data_file(eval, contract->data, shape, contract->classes);
-    }
-  }
+  const auto data = checked_data(opt, contract);
   s.bundle = opt.bundle;
   s.max_epochs = opt.max_epochs;
   if (opt.min_noise_multiplier && !(*opt.min_noise_multiplier > 0 && std::isfinite(*opt.min_noise_multiplier))) {

@@ -181,6 +181,7 @@ serve_settings(const ServeOptions& opt, const core::Workspace& ws, const core::F
                            s.clients_per_round, s.min_clients);
   }
   s.check_secure_aggregation(config.clients.size());
+  s.classes = config.model.classes;
   s.eval_data = opt.eval_data ? opt.eval_data : default_eval_data(ws);
   if (opt.target_accuracy && !s.eval_data) {
     throw core::UsageError("--target-accuracy needs evaluation data: give --eval-data PATH (or init with --holdout)");

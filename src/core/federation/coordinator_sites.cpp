@@ -283,9 +283,9 @@ Coordinator::on_update(const std::shared_ptr<Peer>& p, const json& header)
     try {
       const auto classes = metrics.value("eval_classes", json());
       const auto samples = metrics.value("eval_samples", json());
-      if (!classes.is_number_integer() || classes.get<std::int64_t>() > max_site_eval_classes ||
-          !samples.is_number_unsigned()) {
-        throw Error("it names no class count of at most {} or no sample count", max_site_eval_classes);
+      if (!classes.is_number_integer() || classes.get<std::int64_t>() != m_s.classes ||
+          classes.get<std::int64_t>() > max_site_eval_classes || !samples.is_number_unsigned()) {
+        throw Error("it is not for the model's {} classes, or names no sample count", m_s.classes);
       }
       (void)ClassificationCounts::from_counts({{"classes", classes}, {"confusion", *it}}, samples.get<std::uint64_t>(),
                                               "its evaluation");

@@ -363,6 +363,172 @@ round_cell(const std::optional<double>& v, const std::function<std::string(doubl
   return v ? html(format(*v)) : std::string("&ndash;");
 }
 
+// Every figure of the rounds, as the charts draw them.
+struct History
+{
+  Rounds rounds;
+  Series accuracy{"accuracy", {}}, loss{"loss", {}}, client{"client-level", {}}, seconds{"seconds", {}};
+  // The sites' own evaluations (join --eval-data), at the round whose model they evaluated.
+  Series site_accuracy{"at the sites", {}}, site_loss{"at the sites", {}};
+  Series updates{"updates", {}}, rejected{"rejected", {}}, dropped{"dropped", {}}, late{"late", {}};
+  std::map<std::string, Series> sites; // each site's epsilon
+  std::map<std::uint64_t, std::string> participation_notes;
+  std::optional<std::pair<double, std::uint64_t>> best; // accuracy, round
+};
+
+void
+add_row(History& h, const json& row)
+{
+  const auto r = row.at("round").get<std::uint64_t>();
+  h.rounds.all.push_back(r);
+  if (const auto v = number(row, "accuracy")) {
+    h.accuracy.points.emplace_back(r, *v);
+    if (!h.best || *v > h.best->first) {
+      h.best = {*v, r};
+    }
+  }
+  if (const auto v = number(row, "loss")) {
+    h.loss.points.emplace_back(r, *v);
+  }
+  if (const auto f = row.find("federated_evaluation"); f != row.end() && f->is_object()) {
+    const auto model_round = number(*f, "model_round");
+    if (model_round && *model_round >= 1) {
+      const auto at = static_cast<std::uint64_t>(*model_round);
+      if (const auto v = number(*f, "accuracy")) {
+        h.site_accuracy.points.emplace_back(at, *v);
+      }
+      if (const auto v = number(*f, "loss")) {
+        h.site_loss.points.emplace_back(at, *v);
+      }
+    }
+  }
+  if (const auto v = number(row, "epsilon")) {
+    h.client.points.emplace_back(r, *v);
+  }
+  if (const auto v = number(row, "seconds")) {
+    h.seconds.points.emplace_back(r, *v);
+  }
+  if (row.contains("site_epsilon") && row["site_epsilon"].is_object()) {
+    for (const auto& [site, e] : row["site_epsilon"].items()) {
+      if (e.is_number()) {
+        auto& s = h.sites[site];
+        s.name = site;
+        s.points.emplace_back(r, e.get<double>());
+      }
+    }
+  }
+  const auto n = [&](const char* key) { return static_cast<double>(size_of(row, key)); };
+  h.updates.points.emplace_back(r, n("participants"));
+  h.rejected.points.emplace_back(r, n("rejected"));
+  h.dropped.points.emplace_back(r, n("dropped"));
+  h.late.points.emplace_back(r, n("late"));
+  const auto asked = number(row, "asked");
+  h.participation_notes[r] =
+    fmt::format("{} updates, {} rejected, {} dropped, {} late{}", n("participants"), n("rejected"), n("dropped"),
+                n("late"), asked ? fmt::format(" ({} asked)", *asked) : std::string());
+}
+
+std::string
+summary_html(const json& a, const History& h)
+{
+  const auto& rows = a.at("rounds");
+  const auto latest = rows.empty() ? json::object() : rows.back();
+  std::string page = "<table class=\"summary\" id=\"summary\">\n";
+  const auto line = [&page](const std::string& k, const std::string& v) {
+    page += fmt::format("<tr><td>{}</td><td>{}</td></tr>\n", k, v);
+  };
+  line("rounds", fmt::format("{}", rows.size()));
+  line("latest model", fmt::format("<code>{}</code>", html(a.value("latest_model", ""))));
+  line("latest accuracy", round_cell(number(latest, "accuracy"), percent));
+  if (h.best) {
+    line("best accuracy", fmt::format("{} (round {})", html(percent(h.best->first)), h.best->second));
+  }
+  if (const auto b = a.find("best"); b != a.end() && b->is_object()) {
+    line("best model",
+         fmt::format("round {} by {} {} (<code>{}</code>)", b->value("round", 0), html(b->value("metric", "")),
+                     html(plain(b->value("value", 0.0))),
+                     html((*b)["file"].is_string() ? (*b)["file"].get<std::string>() : b->value("model", ""))));
+  }
+  if (a.contains("privacy") && a["privacy"].contains("client")) {
+    const auto& c = a["privacy"]["client"];
+    line("client-level epsilon",
+         fmt::format("{} at delta {} ({})", html(plain(c.value("epsilon", 0.0))),
+                     html(fmt::format("{:g}", c.value("delta", 0.0))), html(c.value("accountant", ""))));
+  }
+  const Series* most = nullptr;
+  for (const auto& [name, s] : h.sites) {
+    if (!s.points.empty() && (most == nullptr || s.points.back().second > most->points.back().second)) {
+      most = &s;
+    }
+  }
+  if (most != nullptr) {
+    line("largest site epsilon", fmt::format("{} ({})", html(plain(most->points.back().second)), html(most->name)));
+  }
+  line("rejected updates", fmt::format("{}", a.value("rejected_updates", 0)));
+  return page + "</table>\n";
+}
+
+std::string
+charts_html(History h)
+{
+  const auto with_sites = [](Series coordinator, Series at_sites) {
+    std::vector<Series> out{std::move(coordinator)};
+    if (!at_sites.points.empty()) {
+      out.push_back(std::move(at_sites));
+    }
+    return out;
+  };
+  std::string page = "<h2>Accuracy and loss of the global model</h2>\n";
+  page += line_chart("chart-accuracy", "test accuracy per round", "accuracy", h.rounds,
+                     with_sites(h.accuracy, h.site_accuracy), as_percent, "an accuracy (no evaluation data)");
+  page += line_chart("chart-loss", "test loss per round", "loss", h.rounds, with_sites(h.loss, h.site_loss), as_plain,
+                     "a loss");
+  page += "<h2>Privacy: epsilon spent after each round</h2>\n";
+  std::vector<Series> privacy;
+  if (!h.client.points.empty()) {
+    privacy.push_back(h.client);
+  }
+  std::vector<Series> by_spent;
+  for (auto& [name, s] : h.sites) {
+    by_spent.push_back(std::move(s));
+  }
+  std::stable_sort(by_spent.begin(), by_spent.end(),
+                   [](const Series& x, const Series& y) { return x.points.back().second > y.points.back().second; });
+  if (by_spent.size() > report_max_site_series) {
+    page += fmt::format("<p class=\"note\">The {} sites that spent the most of {}.</p>\n", report_max_site_series,
+                        by_spent.size());
+    by_spent.resize(report_max_site_series);
+  }
+  privacy.insert(privacy.end(), by_spent.begin(), by_spent.end());
+  page += line_chart("chart-epsilon", "epsilon per round", "epsilon", h.rounds, privacy, as_plain,
+                     "an epsilon (no differential privacy)");
+  page += "<h2>Participation</h2>\n";
+  page += bar_chart("chart-participation", "updates, rejected, dropped and late per round", "sites", h.rounds,
+                    {h.updates, h.rejected, h.dropped, h.late}, h.participation_notes, as_count, "a participant");
+  page += "<h2>Round durations</h2>\n";
+  page += bar_chart("chart-seconds", "seconds per round, from tasks sent to ledger entry", "seconds", h.rounds,
+                    {h.seconds}, {}, as_seconds, "its duration (rounds written by fedl aggregate have none)");
+  return page;
+}
+
+std::string
+rounds_html(const json& rows)
+{
+  std::string page = "<h2>Rounds</h2>\n<table id=\"rounds\">\n<tr><th>round</th><th>time (UTC)</th><th>strategy</th>"
+                     "<th>updates</th><th>rejected</th><th>dropped</th><th>late</th><th>accuracy</th><th>loss</th>"
+                     "<th>epsilon</th><th>seconds</th></tr>\n";
+  for (const auto& row : rows) {
+    page += fmt::format("<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                        "<td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                        row.at("round").get<std::uint64_t>(), html(short_time(row.value("time", ""))),
+                        html(row.value("strategy", "")), size_of(row, "participants"), size_of(row, "rejected"),
+                        size_of(row, "dropped"), size_of(row, "late"), round_cell(number(row, "accuracy"), percent),
+                        round_cell(number(row, "loss"), plain), round_cell(number(row, "epsilon"), plain),
+                        round_cell(number(row, "seconds"), [](double v) { return fmt::format("{:.2f}", v); }));
+  }
+  return page + "</table>\n";
+}
+
 } // namespace
 
 std::string
@@ -382,162 +548,19 @@ report_html(const ReportInput& in)
     return page + "</body>\n</html>\n";
   }
   const auto& a = in.audit;
-  const auto& rows = a.at("rounds");
   page += fmt::format("<p class=\"verified ok\" id=\"verification\"><strong>Verified</strong> by <code>fedl "
                       "audit</code>: {} ledger entries, their hash chain and signatures, the certificates, "
                       "<code>fedl.json</code> and every model file; every recorded epsilon recomputed. "
                       "CA fingerprint <code>{}</code>.</p>\n",
                       a.value("entries", 0), html(a.value("ca_fingerprint", "")));
-
-  Rounds rounds;
-  Series accuracy{"accuracy", {}}, loss{"loss", {}}, client{"client-level", {}}, seconds{"seconds", {}};
-  // The sites' own evaluations (join --eval-data), at the round whose model they evaluated.
-  Series site_accuracy{"at the sites", {}}, site_loss{"at the sites", {}};
-  Series updates{"updates", {}}, rejected{"rejected", {}}, dropped{"dropped", {}}, late{"late", {}};
-  std::map<std::string, Series> sites;
-  std::map<std::uint64_t, std::string> participation_notes;
-  std::optional<std::pair<double, std::uint64_t>> best;
-  for (const auto& row : rows) {
-    const auto r = row.at("round").get<std::uint64_t>();
-    rounds.all.push_back(r);
-    if (const auto v = number(row, "accuracy")) {
-      accuracy.points.emplace_back(r, *v);
-      if (!best || *v > best->first) {
-        best = {*v, r};
-      }
-    }
-    if (const auto v = number(row, "loss")) {
-      loss.points.emplace_back(r, *v);
-    }
-    if (const auto f = row.find("federated_evaluation"); f != row.end() && f->is_object()) {
-      const auto model_round = number(*f, "model_round");
-      if (model_round && *model_round >= 1) {
-        const auto at = static_cast<std::uint64_t>(*model_round);
-        if (const auto v = number(*f, "accuracy")) {
-          site_accuracy.points.emplace_back(at, *v);
-        }
-        if (const auto v = number(*f, "loss")) {
-          site_loss.points.emplace_back(at, *v);
-        }
-      }
-    }
-    if (const auto v = number(row, "epsilon")) {
-      client.points.emplace_back(r, *v);
-    }
-    if (const auto v = number(row, "seconds")) {
-      seconds.points.emplace_back(r, *v);
-    }
-    if (row.contains("site_epsilon") && row["site_epsilon"].is_object()) {
-      for (const auto& [site, e] : row["site_epsilon"].items()) {
-        if (e.is_number()) {
-          auto& s = sites[site];
-          s.name = site;
-          s.points.emplace_back(r, e.get<double>());
-        }
-      }
-    }
-    const auto n = [&](const char* key) { return static_cast<double>(size_of(row, key)); };
-    updates.points.emplace_back(r, n("participants"));
-    rejected.points.emplace_back(r, n("rejected"));
-    dropped.points.emplace_back(r, n("dropped"));
-    late.points.emplace_back(r, n("late"));
-    const auto asked = number(row, "asked");
-    participation_notes[r] =
-      fmt::format("{} updates, {} rejected, {} dropped, {} late{}", n("participants"), n("rejected"), n("dropped"),
-                  n("late"), asked ? fmt::format(" ({} asked)", *asked) : std::string());
+  History h;
+  for (const auto& row : a.at("rounds")) {
+    add_row(h, row);
   }
-
-  // The summary.
-  const auto latest = rows.empty() ? json::object() : rows.back();
-  page += "<table class=\"summary\" id=\"summary\">\n";
-  const auto line = [&page](const std::string& k, const std::string& v) {
-    page += fmt::format("<tr><td>{}</td><td>{}</td></tr>\n", k, v);
-  };
-  line("rounds", fmt::format("{}", rows.size()));
-  line("latest model", fmt::format("<code>{}</code>", html(a.value("latest_model", ""))));
-  line("latest accuracy", round_cell(number(latest, "accuracy"), percent));
-  if (best) {
-    line("best accuracy", fmt::format("{} (round {})", html(percent(best->first)), best->second));
-  }
-  if (const auto b = a.find("best"); b != a.end() && b->is_object()) {
-    line("best model",
-         fmt::format("round {} by {} {} (<code>{}</code>)", b->value("round", 0), html(b->value("metric", "")),
-                     html(plain(b->value("value", 0.0))),
-                     html((*b)["file"].is_string() ? (*b)["file"].get<std::string>() : b->value("model", ""))));
-  }
-  if (a.contains("privacy") && a["privacy"].contains("client")) {
-    const auto& c = a["privacy"]["client"];
-    line("client-level epsilon",
-         fmt::format("{} at delta {} ({})", html(plain(c.value("epsilon", 0.0))),
-                     html(fmt::format("{:g}", c.value("delta", 0.0))), html(c.value("accountant", ""))));
-  }
-  double most = 0;
-  std::string most_site;
-  for (const auto& [name, s] : sites) {
-    if (!s.points.empty() && s.points.back().second > most) {
-      most = s.points.back().second;
-      most_site = name;
-    }
-  }
-  if (!most_site.empty()) {
-    line("largest site epsilon", fmt::format("{} ({})", html(plain(most)), html(most_site)));
-  }
-  line("rejected updates", fmt::format("{}", a.value("rejected_updates", 0)));
-  page += "</table>\n";
-
-  // The charts.
-  page += "<h2>Accuracy and loss of the global model</h2>\n";
-  const auto with_sites = [](Series coordinator, Series at_sites) {
-    std::vector<Series> out{std::move(coordinator)};
-    if (!at_sites.points.empty()) {
-      out.push_back(std::move(at_sites));
-    }
-    return out;
-  };
-  page += line_chart("chart-accuracy", "test accuracy per round", "accuracy", rounds,
-                     with_sites(accuracy, site_accuracy), as_percent, "an accuracy (no evaluation data)");
-  page +=
-    line_chart("chart-loss", "test loss per round", "loss", rounds, with_sites(loss, site_loss), as_plain, "a loss");
-  page += "<h2>Privacy: epsilon spent after each round</h2>\n";
-  std::vector<Series> privacy;
-  if (!client.points.empty()) {
-    privacy.push_back(client);
-  }
-  std::vector<Series> by_spent;
-  for (auto& [name, s] : sites) {
-    by_spent.push_back(std::move(s));
-  }
-  std::stable_sort(by_spent.begin(), by_spent.end(),
-                   [](const Series& x, const Series& y) { return x.points.back().second > y.points.back().second; });
-  if (by_spent.size() > report_max_site_series) {
-    page += fmt::format("<p class=\"note\">The {} sites that spent the most of {}.</p>\n", report_max_site_series,
-                        by_spent.size());
-    by_spent.resize(report_max_site_series);
-  }
-  privacy.insert(privacy.end(), by_spent.begin(), by_spent.end());
-  page += line_chart("chart-epsilon", "epsilon per round", "epsilon", rounds, privacy, as_plain,
-                     "an epsilon (no differential privacy)");
-  page += "<h2>Participation</h2>\n";
-  page += bar_chart("chart-participation", "updates, rejected, dropped and late per round", "sites", rounds,
-                    {updates, rejected, dropped, late}, participation_notes, as_count, "a participant");
-  page += "<h2>Round durations</h2>\n";
-  page += bar_chart("chart-seconds", "seconds per round, from tasks sent to ledger entry", "seconds", rounds, {seconds},
-                    {}, as_seconds, "its duration (rounds written by fedl aggregate have none)");
-
-  // Every round.
-  page += "<h2>Rounds</h2>\n<table id=\"rounds\">\n<tr><th>round</th><th>time (UTC)</th><th>strategy</th>"
-          "<th>updates</th><th>rejected</th><th>dropped</th><th>late</th><th>accuracy</th><th>loss</th>"
-          "<th>epsilon</th><th>seconds</th></tr>\n";
-  for (const auto& row : rows) {
-    page += fmt::format("<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
-                        "<td>{}</td><td>{}</td><td>{}</td></tr>\n",
-                        row.at("round").get<std::uint64_t>(), html(short_time(row.value("time", ""))),
-                        html(row.value("strategy", "")), size_of(row, "participants"), size_of(row, "rejected"),
-                        size_of(row, "dropped"), size_of(row, "late"), round_cell(number(row, "accuracy"), percent),
-                        round_cell(number(row, "loss"), plain), round_cell(number(row, "epsilon"), plain),
-                        round_cell(number(row, "seconds"), [](double v) { return fmt::format("{:.2f}", v); }));
-  }
-  return page + "</table>\n</body>\n</html>\n";
+  page += summary_html(a, h);
+  page += charts_html(std::move(h));
+  page += rounds_html(a.at("rounds"));
+  return page + "</body>\n</html>\n";
 }
 
 } // namespace fedl::core

@@ -46,6 +46,8 @@ struct ServeSettings
   // site's weight is 1 (a site with n samples weighs min(n, this) / this).
   std::uint64_t max_num_samples = LimitsConfig::default_max_num_samples;
   std::optional<std::filesystem::path> eval_data;
+  // The model's classes (fedl.json): a site's confusion matrix of another size is left out.
+  std::int64_t classes = 0;
   // With eval_data: the metric that picks models/best.safetensors (core/federation/best_model.hpp).
   std::optional<BestMetric> best_metric;
   std::optional<double> target_accuracy;

@@ -38,6 +38,37 @@ Site::sign(std::vector<std::byte> bytes, const TensorListing& model)
   return u;
 }
 
+namespace {
+
+// What an update tells the coordinator of its training run (and of the site's evaluation).
+json
+update_metrics(const TrainResult& result)
+{
+  json metrics = {{"num_samples", result.num_samples}, {"steps", result.steps}, {"seconds", result.seconds}};
+  // Absent under DP-SGD: the trainer keeps the loss of private data to itself.
+  if (result.loss) {
+    metrics["loss"] = *result.loss;
+  }
+  // The global model on the site's validation data (join --eval-data), pooled by the
+  // coordinator. Figures of data that is not trained on, which the site chose to report.
+  if (result.evaluation) {
+    metrics["eval_accuracy"] = result.evaluation->accuracy;
+    metrics["eval_loss"] = result.evaluation->loss;
+    metrics["eval_samples"] = result.evaluation->samples;
+    if (const auto& c = result.evaluation->classification) {
+      const auto counts = c->to_counts();
+      metrics["eval_classes"] = c->classes();
+      metrics["eval_confusion"] = counts["confusion"];
+      if (counts["roc_auc"].is_number()) {
+        metrics["eval_roc_auc"] = counts["roc_auc"];
+      }
+    }
+  }
+  return metrics;
+}
+
+} // namespace
+
 void
 Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<std::byte> body,
                  const std::optional<Failure>& failure)
@@ -76,26 +107,7 @@ Site::on_trained(const Job& job, std::optional<TrainResult> result, std::vector<
       return;
     }
     m_failed_in_a_row = 0;
-    metrics = {{"num_samples", result->num_samples}, {"steps", result->steps}, {"seconds", result->seconds}};
-    // Absent under DP-SGD: the trainer keeps the loss of private data to itself.
-    if (result->loss) {
-      metrics["loss"] = *result->loss;
-    }
-    // The global model on the site's validation data (join --eval-data), pooled by the
-    // coordinator. Figures of data that is not trained on, which the site chose to report.
-    if (result->evaluation) {
-      metrics["eval_accuracy"] = result->evaluation->accuracy;
-      metrics["eval_loss"] = result->evaluation->loss;
-      metrics["eval_samples"] = result->evaluation->samples;
-      if (const auto& c = result->evaluation->classification) {
-        const auto counts = c->to_counts();
-        metrics["eval_classes"] = c->classes();
-        metrics["eval_confusion"] = counts["confusion"];
-        if (counts["roc_auc"].is_number()) {
-          metrics["eval_roc_auc"] = counts["roc_auc"];
-        }
-      }
-    }
+    metrics = update_metrics(*result);
     if (m_account && result->dp) {
       const auto report = DpSgdReport::from_json(*result->dp, "the trainer's DP-SGD report", m_s.accountant);
       if (m_s.max_epsilon) {

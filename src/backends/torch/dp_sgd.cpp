@@ -6,6 +6,7 @@
 #include "backends/torch/dp_sgd.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <exception>
 #include <latch>
@@ -87,6 +88,75 @@ poisson_sample(int64_t n, double q, at::Generator& gen)
   return torch::tensor(picked, torch::kInt64);
 }
 
+bool
+is_cpu_float_matrix(const torch::Tensor& t)
+{
+  return t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 2 && t.is_contiguous();
+}
+
+// Adds each example's |a_i|^2 |g_i|^2 (+ |g_i|^2 with a bias) to sq[i], in double: a [B, in] and
+// g [B, out] contiguous float on the CPU.
+void
+add_linear_norms(const torch::Tensor& a, const torch::Tensor& g, bool bias, std::vector<double>& sq)
+{
+  const auto batch = a.size(0);
+  sq.resize(static_cast<size_t>(batch), 0.0);
+  const auto in = a.size(1);
+  const auto out = g.size(1);
+  const float* pa = a.data_ptr<float>();
+  const float* pg = g.data_ptr<float>();
+  // Four sums in turn: independent chains the CPU can overlap (one chain waits out each add's
+  // latency; without -ffast-math the compiler may not reorder them itself).
+  const auto squares = [](const float* row, int64_t n) {
+    std::array<double, 4> s{};
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+      for (int64_t j = 0; j < 4; ++j) {
+        s[static_cast<size_t>(j)] += static_cast<double>(row[k + j]) * row[k + j];
+      }
+    }
+    for (; k < n; ++k) {
+      s[0] += static_cast<double>(row[k]) * row[k];
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
+  };
+  for (int64_t i = 0; i < batch; ++i) {
+    const double g2 = squares(pg + i * out, out);
+    sq[static_cast<size_t>(i)] += squares(pa + i * in, in) * g2 + (bias ? g2 : 0.0);
+  }
+}
+
+// A Linear layer's clipped sum: each example's output gradient g_i scaled by its clip factor s_i
+// in one pass (with the bias's sum, in double, when `bias_grad` is given), then
+// weight_grad = (s g)^T a in one GEMM.
+void
+scale_linear(const torch::Tensor& g, const torch::Tensor& scale, torch::Tensor* bias_grad, const torch::Tensor& bias,
+             const torch::Tensor& a, torch::Tensor& weight_grad)
+{
+  const auto batch = g.size(0);
+  const auto out = g.size(1);
+  auto gs = torch::empty_like(g);
+  const float* pg = g.data_ptr<float>();
+  const float* ps = scale.data_ptr<float>();
+  float* po = gs.data_ptr<float>();
+  std::vector<double> bsum(bias_grad != nullptr ? static_cast<size_t>(out) : 0, 0.0);
+  for (int64_t i = 0; i < batch; ++i) {
+    const float s = ps[i];
+    for (int64_t k = 0; k < out; ++k) {
+      po[i * out + k] = pg[i * out + k] * s;
+    }
+    if (bias_grad != nullptr) {
+      for (int64_t k = 0; k < out; ++k) {
+        bsum[static_cast<size_t>(k)] += po[i * out + k];
+      }
+    }
+  }
+  weight_grad = gs.t().mm(a);
+  if (bias_grad != nullptr) {
+    *bias_grad = torch::from_blob(bsum.data(), {out}, torch::kFloat64).to(torch::kFloat32).view(bias.sizes());
+  }
+}
+
 std::optional<ClippedSum>
 clipped_sum_vectorized(Model& model, const torch::Tensor& x, const torch::Tensor& y, double max_grad_norm)
 {
@@ -158,16 +228,24 @@ clipped_sum_vectorized(Model& model, const torch::Tensor& x, const torch::Tensor
   std::vector<Pending> pending(tape.layers.size());
   torch::Tensor sq; // [B] squared per-example norms, summed over layers
   auto add = [&sq](const torch::Tensor& t) { sq = sq.defined() ? sq.add_(t) : t; };
+  // The Linear layers' share on the CPU, in one pass over their rows rather than four LibTorch
+  // operations per layer, whose dispatch costs as much as the arithmetic for small layers
+  // (docs/PERFORMANCE.md: 7% off the mlp's DP-SGD time with scale_linear below).
+  std::vector<double> linear_sq;
   for (size_t l = 0; l < tape.layers.size(); ++l) {
     const auto& layer = tape.layers[l];
     const auto& g = out_grads[l];
     auto& p = pending[l];
     if (!layer.conv) {
       // grad W_i = g_i a_i^T, so |grad W_i|^2 = |g_i|^2 |a_i|^2 without forming it; grad b_i = g_i.
-      const auto g2 = g.square().sum(1);
-      add(layer.input.square().sum(1) * g2);
-      if (layer.bias.defined()) {
-        add(g2);
+      if (is_cpu_float_matrix(layer.input) && is_cpu_float_matrix(g)) {
+        add_linear_norms(layer.input, g, layer.bias.defined(), linear_sq);
+      } else {
+        const auto g2 = g.square().sum(1);
+        add(layer.input.square().sum(1) * g2);
+        if (layer.bias.defined()) {
+          add(g2);
+        }
       }
       p.a = layer.input;
       p.g = g;
@@ -197,14 +275,35 @@ clipped_sum_vectorized(Model& model, const torch::Tensor& x, const torch::Tensor
     }
   }
   ClippedSum out;
-  const auto norms = sq.sqrt();
-  const auto scale = clip_factors(norms, max_grad_norm);
+  torch::Tensor scale;
+  if (!sq.defined() && !linear_sq.empty()) {
+    // Every layer's share came from the fused pass: the norms and clip factors from it too.
+    out.norms = torch::empty({batch}, torch::kFloat64);
+    scale = torch::empty({batch}, torch::kFloat32);
+    auto* n = out.norms.data_ptr<double>();
+    auto* f = scale.data_ptr<float>();
+    for (int64_t i = 0; i < batch; ++i) {
+      n[i] = std::sqrt(linear_sq[static_cast<size_t>(i)]);
+      f[i] = static_cast<float>(std::min(1.0, max_grad_norm / (n[i] + 1e-6)));
+    }
+  } else {
+    if (!linear_sq.empty()) {
+      add(torch::from_blob(linear_sq.data(), {batch}, torch::kFloat64).to(torch::kFloat32));
+    }
+    const auto norms = sq.sqrt();
+    scale = clip_factors(norms, max_grad_norm).contiguous();
+    out.norms = norms.to(torch::kCPU, torch::kFloat64);
+  }
   out.grads.resize(params.size());
   for (size_t l = 0; l < tape.layers.size(); ++l) {
     const auto& layer = tape.layers[l];
     const auto& p = pending[l];
     const auto& slot = slots[l];
     if (!layer.conv) {
+      if (is_cpu_float_matrix(p.g) && scale.is_cpu() && scale.scalar_type() == torch::kFloat32) {
+        scale_linear(p.g, scale, slot.bias ? &out.grads[*slot.bias] : nullptr, layer.bias, p.a, out.grads[slot.weight]);
+        continue;
+      }
       const auto gs = p.g * scale.unsqueeze(1);
       out.grads[slot.weight] = gs.t().mm(p.a);
       if (slot.bias) {
@@ -221,7 +320,6 @@ clipped_sum_vectorized(Model& model, const torch::Tensor& x, const torch::Tensor
       }
     }
   }
-  out.norms = norms.to(torch::kCPU, torch::kFloat64);
   out.loss_sum = loss.item<double>();
   return out;
 }

@@ -292,7 +292,7 @@ def crafted_update(model, base_sha256, site, cert_path, key_path, case):
 
 
 CASES = ["bad-cert-time", "huge-values", "nan-value", "many-samples", "big-kind", "utf8-kind", "deep-header", "deep-metrics",
-         "error-text", "twice", "padded", "plain", "bad-keys", "bad-shares"]
+         "error-text", "twice", "padded", "plain", "eval-metrics", "bad-keys", "bad-shares"]
 
 
 # ---- scenarios: each runs after a successful handshake
@@ -414,6 +414,12 @@ def scenario_hostile(p):
     p.report["ledger_head"] = task.get("ledger_head")
     head = {"round": task["round"], "task": task["task"], "attempt": task.get("attempt", 1)}
     metrics = {"num_samples": 100, "loss": 0.0, "steps": 1, "seconds": 0.0}
+    if case == "eval-metrics":
+        # A well-formed update whose federated evaluation lies: an accuracy of 5, a negative loss,
+        # 10^15 samples, and a confusion matrix of another class count whose counts add up to
+        # nothing it claims (join --eval-data --metrics-set classification sends these).
+        metrics.update({"eval_accuracy": 5.0, "eval_loss": -1.0, "eval_samples": 10 ** 15, "eval_classes": 2,
+                        "eval_confusion": [10 ** 15] * 4})
     if case == "error-text":
         # A line break followed by a forged log line, then 499 bytes in all and characters of two
         # bytes: the coordinator's 500-byte cut falls inside one.

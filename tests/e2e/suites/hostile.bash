@@ -56,6 +56,18 @@ test_hostile_updates_and_reports_are_rejected_and_the_federation_goes_on()
   hostile many-samples
   rejected_for "$ROUND" "fedl.num_samples 9007199254740992 is over the federation's limit"
 
+  # Federated evaluation figures out of range, and a confusion matrix for another class count:
+  # the update counts, its figures do not (no pooled evaluation from them, no matrix kept).
+  hostile eval-metrics
+  wait_log serve.log "site site-3's confusion matrix is left out" 30
+  wait_for 30 eval "[[ \$(ledger \"any(b['round'] == $ROUND for b in R)\") == True ]]" ||
+    fail "round $ROUND is not in the ledger"
+  expect_ledger "[b for b in R if b['round'] == $ROUND][0]['site_metrics']['site-3']['eval_accuracy'] == 5.0" \
+    "round $ROUND did not keep site-3's reported figures as sent"
+  expect_ledger "all('eval_confusion' not in b['site_metrics'].get('site-3', {}) for b in R)" \
+    "a ledger entry kept site-3's bad confusion matrix"
+  expect_ledger "all('federated_evaluation' not in b for b in R)" "site-3's figures were pooled"
+
   # A 4 MiB fedl.kind was quoted whole into the ledger and the log.
   hostile big-kind
   rejected_for "$ROUND" "fedl.kind is 'xxxx"

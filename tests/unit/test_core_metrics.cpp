@@ -106,6 +106,9 @@ TEST_CASE("metrics: the counts from the evaluator's child are checked before use
   refused(j, 2);
   refused(json::array(), 2);
   CHECK_THROWS_AS(ClassificationCounts(1), UsageError);
+  ClassificationCounts nan(2);
+  CHECK_THROWS_WITH(nan.add(std::vector<float>{NAN, 0.5F}, std::vector<std::int64_t>{0}),
+                    doctest::Contains("not finite"));
   CHECK_THROWS_AS(ClassificationCounts(max_metric_classes + 1), UsageError);
 }
 

@@ -77,6 +77,10 @@ ClassificationCounts::add(std::span<const float> probabilities, std::span<const 
   const auto c = static_cast<std::size_t>(m_classes);
   for (std::size_t i = 0; i < labels.size(); ++i) {
     const auto row = probabilities.subspan(i * c, c);
+    // A NaN would make the prediction arbitrary and the AUC's sort undefined.
+    if (!std::all_of(row.begin(), row.end(), [](float p) { return std::isfinite(p); })) {
+      throw Error("the model gave class probabilities that are not finite numbers (NaN or infinity)");
+    }
     const auto predicted = static_cast<std::size_t>(std::max_element(row.begin(), row.end()) - row.begin());
     const auto label = static_cast<std::size_t>(labels[i]);
     ++m_confusion.at(label * c + predicted);

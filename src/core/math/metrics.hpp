@@ -47,7 +47,8 @@ public:
   // UsageError if classes is not in [2, max_metric_classes].
   explicit ClassificationCounts(std::int64_t classes);
 
-  // Adds n samples: `probabilities` n rows of classes, `labels` n labels below classes.
+  // Adds n samples: `probabilities` n rows of classes, `labels` n labels below classes. Error if a
+  // probability is not finite (a model that output NaN).
   void add(std::span<const float> probabilities, std::span<const std::int64_t> labels);
 
   // Adds another's counts (same classes; Error otherwise). The ROC AUC does not pool (it needs

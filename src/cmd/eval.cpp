@@ -34,7 +34,7 @@ run_eval(const EvalOptions& opt)
   const auto data = core::load_dataset(opt.data.to_options());
   const auto [backend, device] = open_backend(opt.compute);
   auto m = open_model(*backend, device, opt.model, data);
-  const auto j = evaluate_metrics(m, data, opt.batch_size, *core::parse_metrics_set(opt.metrics_set));
+  const auto j = evaluate_model(m, data, opt.batch_size, *core::parse_metrics_set(opt.metrics_set)).summary();
   print_result(j, metrics_text(j));
   return 0;
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "cmd/model_io.hpp"
 
+#include "cmd/common.hpp"
 #include "core/format/model_spec.hpp"
 #include "core/util/error.hpp"
 #include "core/util/file_io.hpp"
@@ -356,6 +357,8 @@ make_update(OpenedModel& m, const UpdateBase& base, std::uint64_t num_samples, s
   return u;
 }
 
+namespace {
+
 core::ClassificationCounts
 classification_counts(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size)
 {
@@ -375,15 +378,19 @@ classification_counts(OpenedModel& m, const core::Dataset& data, std::uint32_t b
   return counts;
 }
 
-nlohmann::json
-evaluate_metrics(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size, core::MetricsSet set)
+} // namespace
+
+core::EvalResult
+evaluate_model(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size, core::MetricsSet set)
 {
+  const auto t0 = uptime_seconds();
   const auto r = m.model.evaluate(data, batch_size);
-  nlohmann::json j = {{"accuracy", r.accuracy}, {"loss", r.loss}, {"samples", r.samples}};
+  core::EvalResult result{r.accuracy, r.loss, r.samples, 0, std::nullopt};
   if (set == core::MetricsSet::classification) {
-    j.update(classification_counts(m, data, batch_size).metrics());
+    result.classification = classification_counts(m, data, batch_size);
   }
-  return j;
+  result.seconds = uptime_seconds() - t0;
+  return result;
 }
 
 std::string

@@ -11,6 +11,7 @@
 #include "core/format/safetensors.hpp"
 #include "core/format/tensor.hpp"
 #include "core/math/metrics.hpp"
+#include "core/net/trainer_protocol.hpp"
 #include "core/privacy/privacy.hpp"
 #include "core/trust/model_policy.hpp"
 
@@ -112,16 +113,15 @@ fedl_train_config train_config(const TrainingSettings& settings, std::uint64_t s
 // Forward passes per batch when evaluating (fedl eval's default --batch-size).
 inline constexpr std::uint32_t default_eval_batch_size = 1024;
 
-// The confusion matrix (and for two classes the ROC AUC) of `m` on `data`, from its class
-// probabilities, `batch_size` samples at a time: a second pass over the data beside
-// Model::evaluate. Throws UsageError if the model's class count is unknown or out of range, Error
-// if the backend gives no probabilities.
-core::ClassificationCounts classification_counts(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size);
-// Accuracy, loss and samples of `m` on `data`, and with `set` classification the metrics of
-// classification_counts (core::ClassificationCounts::metrics), as fedl eval --json writes them.
-nlohmann::json evaluate_metrics(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size,
+// `m` on `data`, `batch_size` samples at a time (fedl eval, serve's evaluator, a site's
+// --eval-data): accuracy, loss, samples, the seconds it took and, with `set` classification, the
+// confusion matrix (and for two classes the ROC AUC) from the model's class probabilities, a
+// second pass over the data. Throws UsageError if the model's class count is unknown or out of
+// range, Error if the backend gives no probabilities.
+core::EvalResult evaluate_model(OpenedModel& m, const core::Dataset& data, std::uint32_t batch_size,
                                 core::MetricsSet set);
-// The text of evaluate_metrics's result for a person, one line, then a line per class.
+// The text of an evaluation's summary (core::EvalResult::summary) for a person: one line, then a
+// line per class.
 std::string metrics_text(const nlohmann::json& metrics);
 
 // The weights an update is taken against: a copy of the model's weights before training, and the

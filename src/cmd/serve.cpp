@@ -91,11 +91,8 @@ public:
         throw core::Error("{}", e->message);
       }
       const auto& result = std::get<core::EvalResult>(answer);
-      nlohmann::json j = {
-        {"accuracy", result.accuracy}, {"loss", result.loss}, {"samples", result.samples}, {"seconds", result.seconds}};
-      if (result.classification) {
-        j.update(result.classification->metrics(max_ledger_classes));
-      }
+      auto j = result.summary(max_ledger_classes);
+      j["seconds"] = result.seconds;
       return j;
     } catch (const std::exception& e) {
       FEDL_LOG_WARN("evaluating {} failed: {}", model.string(), e.what());

@@ -177,15 +177,9 @@ private:
     // The global model as it came, on the site's validation data: the federated evaluation.
     std::optional<core::EvalResult> evaluation;
     if (m_eval) {
-      const auto e0 = uptime_seconds();
-      const auto r = m.model.evaluate(*m_eval, default_eval_batch_size);
-      evaluation = core::EvalResult{r.accuracy, r.loss, r.samples, 0, std::nullopt};
-      if (m_opt.metrics_set == "classification") {
-        evaluation->classification = classification_counts(m, *m_eval, default_eval_batch_size);
-      }
-      evaluation->seconds = uptime_seconds() - e0;
+      evaluation = evaluate_model(m, *m_eval, default_eval_batch_size, m_metrics_set);
       FEDL_LOG_INFO("round {}: the global model on {} validation samples: accuracy {:.4f}, loss {:.4f}", round,
-                    r.samples, r.accuracy, r.loss);
+                    evaluation->samples, evaluation->accuracy, evaluation->loss);
     }
     const auto t0 = uptime_seconds();
     const auto result = train_model(
@@ -254,14 +248,9 @@ private:
   void evaluate(const core::Frame& frame)
   {
     auto m = open(frame.body, "the model to evaluate", 0);
-    const auto t0 = uptime_seconds();
-    const auto r = m.model.evaluate(m_data, default_eval_batch_size);
-    core::EvalResult result{r.accuracy, r.loss, r.samples, 0, std::nullopt};
-    if (m_opt.metrics_set == "classification") {
-      result.classification = classification_counts(m, m_data, default_eval_batch_size);
-    }
-    result.seconds = uptime_seconds() - t0;
-    FEDL_LOG_INFO("evaluated {} on {} samples: accuracy {:.4f}, loss {:.4f}", m.arch, r.samples, r.accuracy, r.loss);
+    const auto result = evaluate_model(m, m_data, default_eval_batch_size, m_metrics_set);
+    FEDL_LOG_INFO("evaluated {} on {} samples: accuracy {:.4f}, loss {:.4f}", m.arch, result.samples, result.accuracy,
+                  result.loss);
     m_model.emplace(std::move(m));
     reply(core::FrameType::result, result.to_header());
   }
@@ -299,6 +288,7 @@ private:
   int m_out;
   core::Dataset m_data;
   std::optional<core::Dataset> m_eval; // --eval-data
+  core::MetricsSet m_metrics_set = *core::parse_metrics_set(m_opt.metrics_set);
   const backends::Backend* m_backend = nullptr;
   std::string m_device;
   std::optional<OpenedModel> m_model;

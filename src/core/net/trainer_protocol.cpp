@@ -115,6 +115,16 @@ EvalResult::to_header() const
   return h;
 }
 
+json
+EvalResult::summary(std::int64_t per_class_limit) const
+{
+  json j = {{"accuracy", accuracy}, {"loss", loss}, {"samples", samples}};
+  if (classification) {
+    j.update(classification->metrics(per_class_limit));
+  }
+  return j;
+}
+
 EvalResult
 EvalResult::from_header(const json& h)
 {

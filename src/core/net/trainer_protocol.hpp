@@ -55,6 +55,10 @@ struct EvalResult
 
   nlohmann::json to_header() const;
   static EvalResult from_header(const nlohmann::json& header);
+  // What fedl eval --json and a round entry's evaluation show: accuracy, loss, samples and, with
+  // classification counts, their metrics (ClassificationCounts::metrics, classes listed one by
+  // one up to `per_class_limit`).
+  nlohmann::json summary(std::int64_t per_class_limit = max_metric_classes) const;
 };
 
 struct TrainResult

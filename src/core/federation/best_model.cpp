@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -87,6 +88,18 @@ link_best_model(const Workspace& ws, std::uint64_t round)
     throw Error("cannot write {}: {}", target.string(), std::strerror(err));
   }
   sync_folder(target.parent_path());
+}
+
+void
+relink_best_model(const Workspace& ws, std::uint64_t round)
+{
+  struct stat best
+  {
+  }, model{};
+  if (::stat(ws.best_model().c_str(), &best) != 0 || ::stat(ws.model(round).c_str(), &model) != 0 ||
+      best.st_ino != model.st_ino || best.st_size != model.st_size) {
+    link_best_model(ws, round);
+  }
 }
 
 } // namespace fedl::core

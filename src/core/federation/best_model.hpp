@@ -47,5 +47,8 @@ std::optional<BestModel> next_best(const std::optional<BestModel>& prior, const 
 // renamed into place (a copy where the file system has no hard links). Throws Error naming the
 // file.
 void link_best_model(const Workspace& ws, std::uint64_t round);
+// The same unless models/best.safetensors already is that model (the same file, or a copy of its
+// size where the file system has no hard links).
+void relink_best_model(const Workspace& ws, std::uint64_t round);
 
 } // namespace fedl::core

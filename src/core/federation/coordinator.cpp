@@ -28,7 +28,6 @@
 #include <map>
 #include <set>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <thread>
 #include <unistd.h>
 
@@ -384,13 +383,7 @@ Coordinator::resume(const LedgerState& state)
   m_rounds.resume(m_first_round, state.privacy, state.accuracy);
   // A crash between a round's entry and its link leaves models/best.safetensors behind the ledger.
   if (state.best) {
-    struct stat best
-    {
-    }, model{};
-    if (::stat(m_ws.best_model().c_str(), &best) != 0 || ::stat(m_ws.model(state.best->round).c_str(), &model) != 0 ||
-        best.st_ino != model.st_ino || best.st_size != model.st_size) {
-      link_best_model(m_ws, state.best->round);
-    }
+    relink_best_model(m_ws, state.best->round);
   }
 }
 

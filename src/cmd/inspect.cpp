@@ -30,13 +30,6 @@ struct InspectOptions
   fs::path model;
 };
 
-// A name or text that the module's author chose, for a terminal.
-std::string
-safe(const std::string& s)
-{
-  return core::escape_controls(core::valid_utf8(s, 300));
-}
-
 bool
 is_zip(const fs::path& path)
 {
@@ -50,7 +43,7 @@ tensors_text(const char* what, const nlohmann::json& list)
 {
   std::string s = fmt::format("{} ({}):\n", what, list.size());
   for (const auto& t : list) {
-    s += fmt::format("  {} [{}] {}\n", safe(t.at("name").get<std::string>()),
+    s += fmt::format("  {} [{}] {}\n", core::terminal_text(t.at("name").get<std::string>()),
                      fmt::join(t.at("shape").get<std::vector<std::int64_t>>(), ", "), t.at("dtype").get<std::string>());
   }
   return s;
@@ -114,7 +107,7 @@ run_inspect(const InspectOptions& opt)
                 verdict == "data" ? "a safetensors file (data: nothing of it runs)" : "a TorchScript module", sha);
   if (verdict == "data") {
     for (const auto& [k, v] : j["metadata"].items()) {
-      text += fmt::format("  {} = {}\n", safe(k), safe(v.get<std::string>()));
+      text += fmt::format("  {} = {}\n", core::terminal_text(k), core::terminal_text(v.get<std::string>()));
     }
     text += tensors_text("tensors", j["tensors"]);
   } else {
@@ -128,12 +121,12 @@ run_inspect(const InspectOptions& opt)
     std::string ops;
     for (const auto& [op, count] : j["operators"].items()) {
       nodes += count.get<std::size_t>();
-      ops += fmt::format("  {} {}\n", safe(op), count.get<std::size_t>());
+      ops += fmt::format("  {} {}\n", core::terminal_text(op), count.get<std::size_t>());
     }
     text += fmt::format("operators ({} kinds, {} nodes):\n{}", j["operators"].size(), nodes, ops);
     text += fmt::format("methods ({}):\n", j["methods"].size());
     for (const auto& m : j["methods"]) {
-      text += fmt::format("  {}\n", safe(m.get<std::string>()));
+      text += fmt::format("  {}\n", core::terminal_text(m.get<std::string>()));
     }
   }
   print_result(j, text);

@@ -99,10 +99,10 @@ std::string
 finding_text(const nlohmann::json& f)
 {
   // The names and the source file are the module's author's words: one line, no controls.
-  auto safe = [](const std::string& s) { return core::escape_controls(core::valid_utf8(s, 300)); };
   const auto source = f.value("source", "");
-  return fmt::format("{} in {}{}: {}", safe(f.value("operator", "?")), safe(f.value("method", "?")),
-                     source.empty() ? "" : " (" + safe(source) + ")", f.value("reason", "?"));
+  return fmt::format("{} in {}{}: {}", core::terminal_text(f.value("operator", "?")),
+                     core::terminal_text(f.value("method", "?")),
+                     source.empty() ? "" : " (" + core::terminal_text(source) + ")", f.value("reason", "?"));
 }
 
 core::ModelPolicy

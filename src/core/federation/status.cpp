@@ -45,7 +45,7 @@ std::string
 safe(const json& j, const char* key)
 {
   const auto it = j.find(key);
-  return it != j.end() && it->is_string() ? escape_controls(valid_utf8(it->get<std::string>(), 300)) : std::string();
+  return it != j.end() && it->is_string() ? terminal_text(it->get<std::string>()) : std::string();
 }
 
 double

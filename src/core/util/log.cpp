@@ -88,20 +88,27 @@ line_without_time(Level lvl, std::string_view message)
   return format_line(lvl, message, false);
 }
 
+namespace {
+
+void
+put(const std::string& line)
+{
+  const std::lock_guard lock(g_mutex);
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+} // namespace
+
 void
 write(Level lvl, std::string_view message)
 {
-  const auto line = format_line(lvl, message, true);
-  const std::lock_guard lock(g_mutex);
-  std::fwrite(line.data(), 1, line.size(), stderr);
+  put(format_line(lvl, message, true));
 }
 
 void
 write(Level lvl, std::string_view message, const nlohmann::json& fields)
 {
-  const auto line = format_line(lvl, message, true, &fields);
-  const std::lock_guard lock(g_mutex);
-  std::fwrite(line.data(), 1, line.size(), stderr);
+  put(format_line(lvl, message, true, &fields));
 }
 
 } // namespace fedl::core::log

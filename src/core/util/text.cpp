@@ -91,6 +91,12 @@ quote_text(std::string_view s, std::size_t max_bytes)
 }
 
 std::string
+terminal_text(std::string_view s, std::size_t max_bytes)
+{
+  return escape_controls(valid_utf8(s, max_bytes));
+}
+
+std::string
 escape_controls(std::string_view s)
 {
   std::string out;

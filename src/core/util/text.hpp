@@ -33,6 +33,10 @@ std::string count_of(std::uint64_t n, std::string_view noun);
 // drive the terminal. Expects valid UTF-8 (valid_utf8 first).
 std::string escape_controls(std::string_view s);
 
+// Text someone else chose (a module's author, a status file), for one line of a terminal:
+// escape_controls(valid_utf8(s, max_bytes)).
+std::string terminal_text(std::string_view s, std::size_t max_bytes = 300);
+
 // The deepest nesting of arrays and objects in JSON text (strings and their escapes skipped),
 // counted without parsing or allocating: callers refuse text deeper than they need before a
 // JSON parser builds a tree for it. Malformed text gets some count; the parser rejects it.

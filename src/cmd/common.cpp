@@ -51,6 +51,12 @@ with_suggestions(CLI::Option* option, std::vector<std::string> values)
 }
 
 std::vector<std::string>
+arch_suggestions()
+{
+  return {"logreg", "mlp:64", "mlp:128", "mlp:128,64", "cnn"};
+}
+
+std::vector<std::string>
 strategy_suggestions()
 {
   return {"fedavg", "fedavgm",          "fedadam", "fedyogi",       "fedadagrad",

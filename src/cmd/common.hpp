@@ -41,6 +41,8 @@ const std::vector<std::string>& choices_of(const CLI::Option* option);
 CLI::Option* with_suggestions(CLI::Option* option, std::vector<std::string> values);
 // The strategies completions offer: fedavg ... multi-krum, those with parameters in an example form.
 std::vector<std::string> strategy_suggestions();
+// The zoo architectures completions offer (--arch), in an example form.
+std::vector<std::string> arch_suggestions();
 
 // The process's global options, filled in by main's parse.
 GlobalOptions& globals();

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -86,6 +87,21 @@ bool
 is_directory(const OptionDoc& o)
 {
   return o.value_name == "WS" || o.value_name == "DIR";
+}
+
+// The root's options that a command's completion offers beside its own: those it does not have
+// too (every command has --help), so that each is offered once; all of them for the root.
+std::vector<OptionDoc>
+root_options_for(const CommandDoc& c, const CommandDoc& root)
+{
+  if (&c == &root) {
+    return root.options;
+  }
+  std::vector<OptionDoc> out;
+  std::copy_if(root.options.begin(), root.options.end(), std::back_inserter(out), [&](const OptionDoc& g) {
+    return std::none_of(c.options.begin(), c.options.end(), [&](const OptionDoc& o) { return o.longs == g.longs; });
+  });
+  return out;
 }
 
 std::string
@@ -166,12 +182,6 @@ bash(const std::vector<CommandDoc>& cmds)
   }
   s += "    esac\n  fi\n";
   s += "  local words\n  case \"$cmd\" in\n";
-  std::string global_words;
-  for (const auto& o : cmds.front().options) {
-    for (const auto& l : o.longs) {
-      global_words += " --" + l;
-    }
-  }
   for (const auto& c : cmds) {
     std::string words;
     if (c.name.empty()) {
@@ -184,16 +194,12 @@ bash(const std::vector<CommandDoc>& cmds)
         }
       }
     }
-    // The root's options, less those the command has too (--help): each word once.
-    std::string globals_here;
-    for (const auto& o : cmds.front().options) {
+    for (const auto& o : root_options_for(c, cmds.front())) {
       for (const auto& l : o.longs) {
-        if ((" " + words + " ").find(" --" + l + " ") == std::string::npos) {
-          globals_here += " --" + l;
-        }
+        words += " --" + l;
       }
     }
-    s += fmt::format("    \"{}\") words=\"{}{}\" ;;\n", c.name, words, c.name.empty() ? global_words : globals_here);
+    s += fmt::format("    \"{}\") words=\"{}\" ;;\n", c.name, words);
   }
   s += "  esac\n"
        "  COMPREPLY=($(compgen -W \"$words\" -- \"$cur\"))\n"
@@ -262,13 +268,6 @@ zsh(const std::vector<CommandDoc>& cmds)
     if (c.name.empty()) {
       continue;
     }
-    // The root's options, less those the command has too (--help): each once.
-    std::vector<OptionDoc> globals_here;
-    for (const auto& g : cmds.front().options) {
-      if (std::none_of(c.options.begin(), c.options.end(), [&](const OptionDoc& o) { return o.longs == g.longs; })) {
-        globals_here.push_back(g);
-      }
-    }
     std::string rest = "'*:file:_files'";
     if (c.positional && !c.positional->choices.empty()) {
       rest = fmt::format("'1:{}:({})'", zsh_escape(c.positional->value_name), joined(c.positional->choices));
@@ -276,7 +275,7 @@ zsh(const std::vector<CommandDoc>& cmds)
       rest = fmt::format("'1:{}:_files -/'", zsh_escape(c.positional->value_name));
     }
     s += fmt::format("        {})\n          _arguments \\\n{}{}            {} ;;\n", c.name, zsh_specs(c.options),
-                     zsh_specs(globals_here), rest);
+                     zsh_specs(root_options_for(c, cmds.front())), rest);
   }
   s += "      esac ;;\n  esac\n}\n\n_fedl \"$@\"\n";
   // zsh_specs lines are indented for the top-level call; the nested ones read fine as they are.

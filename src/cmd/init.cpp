@@ -291,8 +291,7 @@ add_init(CLI::App& parent)
   app->add_option("--client", opt->client_names, "A site by name (repeat for each site)")
     ->type_name("NAME")
     ->excludes(clients);
-  with_suggestions(app->add_option("--arch", opt->arch, "Zoo model: logreg, mlp:H1[,H2...], cnn"),
-                   {"logreg", "mlp:64", "mlp:128", "mlp:128,64", "cnn"})
+  with_suggestions(app->add_option("--arch", opt->arch, "Zoo model: logreg, mlp:H1[,H2...], cnn"), arch_suggestions())
     ->type_name("SPEC");
   app->add_option("--torchscript", opt->torchscript, "A TorchScript module (torch.jit.save) as the model")
     ->type_name("FILE")

@@ -216,7 +216,7 @@ add_train(CLI::App& parent)
     app->add_option("--model", opt->model.model, "Starting model (safetensors written by fedl)")->type_name("FILE");
   auto* arch = with_suggestions(app->add_option("--arch", opt->model.arch,
                                                 "Start from a fresh zoo model: logreg, mlp:H1[,H2...], cnn"),
-                                {"logreg", "mlp:64", "mlp:128", "mlp:128,64", "cnn"})
+                                arch_suggestions())
                  ->type_name("SPEC");
   app->add_option("--torchscript", opt->model.torchscript, "A TorchScript module (torch.jit.save) to train")
     ->type_name("FILE");

@@ -219,6 +219,15 @@ legend_entry(std::size_t k, const std::string& name, const char* colour)
                      left + plot_w + 14, y - 10, colour, left + plot_w + 32, y, html(name, 40));
 }
 
+// Where a chart would be: what no round recorded.
+std::string
+empty_chart(const std::string& id, const char* what)
+{
+  return fmt::format(R"(<p class="empty" id="{}">No round recorded {}.</p>)"
+                     "\n",
+                     id, what);
+}
+
 struct Series
 {
   std::string name;
@@ -240,9 +249,7 @@ line_chart(const std::string& id, const std::string& label, const std::string& y
     }
   }
   if (points == 0) {
-    return fmt::format(R"(<p class="empty" id="{}">No round recorded {}.</p>)"
-                       "\n",
-                       id, what);
+    return empty_chart(id, what);
   }
   const Axis axis(min, max);
   std::vector<std::pair<double, std::uint64_t>> labels;
@@ -286,9 +293,7 @@ bar_chart(const std::string& id, const std::string& label, const std::string& y_
     }
   }
   if (totals.empty()) {
-    return fmt::format(R"(<p class="empty" id="{}">No round recorded {}.</p>)"
-                       "\n",
-                       id, what);
+    return empty_chart(id, what);
   }
   double max = 0;
   for (const auto& [r, t] : totals) {
